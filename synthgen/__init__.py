@@ -1,0 +1,43 @@
+"""synthgen: fast, reproducible synthetic tumors for abdominal CT.
+
+Plan, then render: :func:`plan` samples every random choice of a sample into a small,
+JSON-serialisable :class:`Plan`; :func:`render` applies it deterministically;
+:func:`synthesize` does both. Presets for pancreas, liver, kidney, colon, esophagus and
+uterus (plus ``liver-classic``, the published recipe) live in :mod:`synthgen.presets`.
+"""
+
+from __future__ import annotations
+
+from .api import SynthesisResult, Synthesizer, synthesize
+from .planning import Plan, TumorPlan
+from .planning import make_plan as plan
+from .presets import Preset, PresetError, list_presets, load_preset
+from .rendering import RenderResult, TumorRecord, render
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Plan",
+    "Preset",
+    "PresetError",
+    "RenderResult",
+    "SynthesisResult",
+    "Synthesizer",
+    "TumorPlan",
+    "TumorRecord",
+    "__version__",
+    "list_presets",
+    "load_preset",
+    "plan",
+    "render",
+    "synthesize",
+]
+
+
+def __getattr__(name: str):
+    # `synthgen.phantom` is imported on first use (it is not needed to synthesize).
+    if name == "phantom":
+        import importlib
+
+        return importlib.import_module(".phantom", __name__)
+    raise AttributeError(f"module 'synthgen' has no attribute {name!r}")

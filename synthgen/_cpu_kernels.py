@@ -1,0 +1,469 @@
+"""Numba CPU kernels of the render (the CUDA C kernels mirror these one for one).
+
+Imported lazily by the CPU backend so that ``import synthgen`` stays cheap. Each kernel works
+on one tumor's box; ``parallel=True`` spreads the outer axis over the cores.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+if "NUMBA_CACHE_DIR" not in os.environ:  # the install may be read-only (site-packages, wheels)
+    _pkg = os.path.dirname(os.path.abspath(__file__))
+    if not os.access(_pkg, os.W_OK):
+        os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "synthgen-numba")
+
+import numba as nb
+
+__all__ = [
+    "apply_delta",
+    "band_contract3",
+    "binomial_inverse_cdf",
+    "blend_tumor",
+    "mask_bbox",
+    "masked_diff",
+    "shape_mask",
+    "toeplitz_contract3",
+]
+
+_OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
+
+
+@nb.njit(parallel=True, **_OPTS)
+def shape_mask(t2, w0, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
+    """Deformed-ellipsoid test for every voxel of a box.
+
+    Args:
+        t2: ``(3, g, ny, nz)`` float32, control displacements already contracted along axes
+            1 and 2 with their B-spline weights (mm).
+        w0: ``(nx, g)`` float32 B-spline weights along axis 0.
+        pos0, pos1, pos2: voxel positions relative to the tumor centre along each axis (mm).
+        m: ``(3, 3)`` float64, maps a displaced position (mm) to unit-sphere coordinates
+            (``diag(1/r) @ R.T``).
+        organ: ``(nx, ny, nz)`` bool organ mask of the box (used when ``clip``).
+        image: ``(nx, ny, nz)`` image of the box: only voxels with ``tlo <= I <= thi`` (the
+            tissue window) can become tumor.
+        clip: intersect with the organ.
+        out: ``(nx, ny, nz)`` bool, written everywhere.
+    """
+    nx, ny, nz = out.shape
+    g = w0.shape[1]
+    for i in nb.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                d0 = 0.0
+                d1 = 0.0
+                d2 = 0.0
+                for a in range(g):
+                    w = w0[i, a]
+                    d0 += w * t2[0, a, j, k]
+                    d1 += w * t2[1, a, j, k]
+                    d2 += w * t2[2, a, j, k]
+                p0 = pos0[i] + d0
+                p1 = pos1[j] + d1
+                p2 = pos2[k] + d2
+                q0 = m[0, 0] * p0 + m[0, 1] * p1 + m[0, 2] * p2
+                q1 = m[1, 0] * p0 + m[1, 1] * p1 + m[1, 2] * p2
+                q2 = m[2, 0] * p0 + m[2, 1] * p1 + m[2, 2] * p2
+                inside = q0 * q0 + q1 * q1 + q2 * q2 <= 1.0
+                if inside and clip:
+                    inside = organ[i, j, k]
+                if inside:
+                    v = image[i, j, k]
+                    inside = v >= tlo and v <= thi
+                out[i, j, k] = inside
+
+
+@nb.njit(parallel=True, **_OPTS)
+def band_contract3(core, s0, w0, s1, w1, s2, w2):
+    """Separable banded contraction ``out[i,j,k] = sum core[a,b,c] W0[i,a] W1[j,b] W2[k,c]``.
+
+    Each ``W`` is given in band form: row ``o`` has weights ``w[o, t]`` at columns
+    ``s[o] + t``. Serves both the texture's Gaussian lattice sums and the mask blur (a
+    Gaussian kernel with zero padding is a band matrix). float32 in, float32 out.
+    """
+    na, nb_, _nc = core.shape
+    n0, k0 = w0.shape
+    n1, k1 = w1.shape
+    n2, k2 = w2.shape
+    x1 = np.empty((na, nb_, n2), dtype=np.float32)
+    for a in nb.prange(na):
+        for b in range(nb_):
+            for o in range(n2):
+                acc = np.float32(0.0)
+                base = s2[o]
+                for t in range(k2):
+                    acc += w2[o, t] * core[a, b, base + t]
+                x1[a, b, o] = acc
+    x2 = np.zeros((na, n1, n2), dtype=np.float32)
+    for a in nb.prange(na):
+        for o in range(n1):
+            base = s1[o]
+            for t in range(k1):
+                wt = w1[o, t]
+                if wt == 0.0:
+                    continue
+                for c in range(n2):
+                    x2[a, o, c] += wt * x1[a, base + t, c]
+    out = np.zeros((n0, n1, n2), dtype=np.float32)
+    for o in nb.prange(n0):
+        base = s0[o]
+        for t in range(k0):
+            wt = w0[o, t]
+            if wt == 0.0:
+                continue
+            for b in range(n1):
+                for c in range(n2):
+                    out[o, b, c] += wt * x2[base + t, b, c]
+    return out
+
+
+@nb.njit(parallel=True, **_OPTS)
+def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
+    """Separable correlation with one kernel per axis and zero padding.
+
+    ``out[i,j,l] = sum_tuv k0[t] k1[u] k2[v] core[i+off0+t, j+off1+u, l+off2+v]`` for an
+    output of shape ``(n0, n1, n2)``; indices outside ``core`` read as zero. This is the mask
+    blur (``off = -radius``) and the texture's block-to-grid smoothing (same lattice
+    spacing), and every pass runs over a contiguous axis so it vectorises.
+    """
+    na, nb_, nc = core.shape
+    r0, r1, r2 = k0.shape[0], k1.shape[0], k2.shape[0]
+    flat_core = core.reshape(na, nb_ * nc)
+    y0 = np.zeros((n0, nb_ * nc), dtype=np.float32)
+    for i in nb.prange(n0):
+        dst = y0[i]
+        for t in range(r0):
+            ii = i + off0 + t
+            if ii < 0 or ii >= na:
+                continue
+            _axpy(dst, k0[t], flat_core[ii])
+    y0 = y0.reshape(n0, nb_, nc)
+    y1 = np.zeros((n0, n1, nc), dtype=np.float32)
+    for i in nb.prange(n0):
+        for j in range(n1):
+            dst = y1[i, j]
+            for u in range(r1):
+                jj = j + off1 + u
+                if jj < 0 or jj >= nb_:
+                    continue
+                _axpy(dst, k1[u], y0[i, jj])
+    out = np.zeros((n0, n1, n2), dtype=np.float32)
+    lo_pad = max(0, -off2)
+    buf_len = lo_pad + max(nc, n2 + off2 + r2) + 1
+    for i in nb.prange(n0):
+        buf = np.zeros(buf_len, dtype=np.float32)
+        for j in range(n1):
+            buf[lo_pad : lo_pad + nc] = y1[i, j]
+            dst = out[i, j]
+            for v in range(r2):
+                base = lo_pad + off2 + v
+                _axpy(dst, k2[v], buf[base : base + n2])
+    return out
+
+
+@nb.njit(inline="always", **_OPTS)
+def _axpy(dst, w, src):
+    for q in range(dst.shape[0]):
+        dst[q] += w * src[q]
+
+
+@nb.njit(parallel=True, **_OPTS)
+def binomial_inverse_cdf(u, n, p, out):
+    """``out[c] = F^-1(u[c])`` for Binomial(``n``, ``p[c]``): one uniform per draw, exact.
+
+    All arrays are flat and contiguous; ``n`` is a scalar number of trials.
+    """
+    flat_u = u
+    flat_p = p
+    flat_o = out
+    nn = n
+    for c in nb.prange(flat_u.shape[0]):
+        pp = min(max(flat_p[c], 0.0), 1.0)
+        if pp <= 0.0:
+            flat_o[c] = 0.0
+            continue
+        if pp >= 1.0:
+            flat_o[c] = nn
+            continue
+        pmf = (1.0 - pp) ** nn
+        cdf = pmf
+        k = 0
+        ratio = pp / (1.0 - pp)
+        while flat_u[c] >= cdf and k < nn:
+            pmf *= (nn - k) / (k + 1.0) * ratio
+            k += 1
+            cdf += pmf
+        flat_o[c] = k
+
+
+@nb.njit(parallel=True, **_OPTS)
+def blend_tumor(
+    orig, organ, tlo, thi, blur, tgrid, i0, f0, i1, f1, i2, f2, contrast, organ_hu, clipped, delta
+):
+    """Merge one tumor's darkening ``T * B * D`` into the cluster's ``delta`` (max |delta|).
+
+    ``T`` is the texture grid ``tgrid`` interpolated trilinearly (per-axis base index ``i*``
+    and fraction ``f*`` of every voxel). Inside the organ (and the tissue window) the
+    published formula ``I' = I - T*B*D`` holds. Outside the organ an unclipped (exophytic)
+    tumor replaces tissue with tumor tissue of intensity ``organ_hu - T*D`` weighted by ``B``.
+    """
+    nx, ny, nz = orig.shape
+    for i in nb.prange(nx):
+        a0 = i0[i]
+        u0 = f0[i]
+        for j in range(ny):
+            a1 = i1[j]
+            u1 = f1[j]
+            for k in range(nz):
+                b = blur[i, j, k]
+                v = orig[i, j, k]
+                if b <= 0.0 or v < tlo or v > thi:
+                    continue
+                inside = organ[i, j, k]
+                if not inside and clipped:
+                    continue
+                a2 = i2[k]
+                u2 = f2[k]
+                c00 = tgrid[a0, a1, a2] * (1 - u2) + tgrid[a0, a1, a2 + 1] * u2
+                c01 = tgrid[a0, a1 + 1, a2] * (1 - u2) + tgrid[a0, a1 + 1, a2 + 1] * u2
+                c10 = tgrid[a0 + 1, a1, a2] * (1 - u2) + tgrid[a0 + 1, a1, a2 + 1] * u2
+                c11 = tgrid[a0 + 1, a1 + 1, a2] * (1 - u2) + tgrid[a0 + 1, a1 + 1, a2 + 1] * u2
+                c0 = c00 * (1 - u1) + c01 * u1
+                c1 = c10 * (1 - u1) + c11 * u1
+                td = (c0 * (1 - u0) + c1 * u0) * contrast
+                if inside:
+                    d = td * b
+                else:
+                    d = b * (v - organ_hu + td)
+                if abs(d) > abs(delta[i, j, k]):
+                    delta[i, j, k] = d
+
+
+@nb.njit(parallel=True, **_OPTS)
+def _bbox_words(words, nz):
+    """Bounding box of non-zero bytes of a mask viewed as uint64 words along the last axis."""
+    nx, ny, nw = words.shape
+    cnt = np.zeros(nx, dtype=np.int64)
+    lo1 = np.full(nx, ny, dtype=np.int64)
+    hi1 = np.full(nx, -1, dtype=np.int64)
+    lo2 = np.full(nx, nz, dtype=np.int64)
+    hi2 = np.full(nx, -1, dtype=np.int64)
+    for i in nb.prange(nx):
+        c = 0
+        for j in range(ny):
+            first = -1
+            last = -1
+            for w in range(nw):
+                v = words[i, j, w]
+                if v != 0:
+                    if first < 0:
+                        first = w
+                    last = w
+                    # bytes are 0 or 1: their sum is the top byte of v * 0x0101..01
+                    c += (v * np.uint64(0x0101010101010101)) >> np.uint64(56)
+            if first < 0:
+                continue
+            if j < lo1[i]:
+                lo1[i] = j
+            hi1[i] = j
+            # byte positions inside the first and last words (little endian)
+            v = words[i, j, first]
+            b = 0
+            while (v >> np.uint64(8 * b)) & np.uint64(0xFF) == 0:
+                b += 1
+            lo2[i] = min(lo2[i], first * 8 + b)
+            v = words[i, j, last]
+            b = 7
+            while (v >> np.uint64(8 * b)) & np.uint64(0xFF) == 0:
+                b -= 1
+            hi2[i] = max(hi2[i], last * 8 + b)
+        cnt[i] = c
+    return cnt, lo1, hi1, lo2, hi2
+
+
+def bbox_of_bool(mask: np.ndarray):
+    """``(lo0, hi0, lo1, hi1, lo2, hi2, count)`` of a C-contiguous bool mask whose last axis
+    is a multiple of 8 (scanned 8 voxels per word); ``None`` if it does not qualify."""
+    if mask.dtype != np.bool_ or not mask.flags.c_contiguous or mask.shape[2] % 8:
+        return None
+    words = mask.view(np.uint8).reshape(mask.shape[0], mask.shape[1], -1).view(np.uint64)
+    rows, lo1, hi1, lo2, hi2 = _bbox_words(words, mask.shape[2])
+    hit = np.flatnonzero(rows)
+    if hit.size == 0:
+        return (0, -1, 0, -1, 0, -1, 0)
+    sl = (slice(hit[0], hit[-1] + 1),)
+    count = int(rows.sum())
+    return (
+        int(hit[0]),
+        int(hit[-1]),
+        int(lo1[sl].min()),
+        int(hi1[sl].max()),
+        int(lo2[sl].min()),
+        int(hi2[sl].max()),
+        count,
+    )
+
+
+@nb.njit(parallel=True, **_OPTS)
+def mask_bbox(mask):
+    """Bounding box and voxel count of ``mask > 0.5`` in one parallel pass.
+
+    Returns ``(lo0, hi0, lo1, hi1, lo2, hi2, count)`` with inclusive ``hi``; ``count == 0``
+    when the mask is empty.
+    """
+    nx, ny, nz = mask.shape
+    cnt = np.zeros(nx, dtype=np.int64)
+    lo1 = np.full(nx, ny, dtype=np.int64)
+    hi1 = np.full(nx, -1, dtype=np.int64)
+    lo2 = np.full(nx, nz, dtype=np.int64)
+    hi2 = np.full(nx, -1, dtype=np.int64)
+    for i in nb.prange(nx):
+        c = 0
+        a1, b1, a2, b2 = ny, -1, nz, -1
+        for j in range(ny):
+            for k in range(nz):
+                if mask[i, j, k] > 0.5:
+                    c += 1
+                    if j < a1:
+                        a1 = j
+                    if j > b1:
+                        b1 = j
+                    if k < a2:
+                        a2 = k
+                    if k > b2:
+                        b2 = k
+        cnt[i] = c
+        lo1[i], hi1[i], lo2[i], hi2[i] = a1, b1, a2, b2
+    total = 0
+    lo0, hi0 = nx, -1
+    r1lo, r1hi, r2lo, r2hi = ny, -1, nz, -1
+    for i in range(nx):
+        if cnt[i] > 0:
+            total += cnt[i]
+            if i < lo0:
+                lo0 = i
+            hi0 = i
+            r1lo = min(r1lo, lo1[i])
+            r1hi = max(r1hi, hi1[i])
+            r2lo = min(r2lo, lo2[i])
+            r2hi = max(r2hi, hi2[i])
+    return lo0, hi0, r1lo, r1hi, r2lo, r2hi, total
+
+
+@nb.njit(parallel=True, **_OPTS)
+def apply_delta(target, orig, delta, cmin, cmax, lo, hi, round_int):
+    """Write ``orig - delta`` into ``target`` where ``delta != 0``.
+
+    A darkened voxel never goes below ``cmin`` (a brightened one above ``cmax``) unless it
+    already was; integer outputs are rounded half to even; everything is clipped to
+    ``[lo, hi]``. Voxels with ``delta == 0`` are not written.
+    """
+    nx, ny, nz = delta.shape
+    for i in nb.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                d = delta[i, j, k]
+                if d == 0.0:
+                    continue
+                o = orig[i, j, k]
+                v = o - d
+                if d > 0.0:
+                    v = max(v, min(o, cmin))
+                else:
+                    v = min(v, max(o, cmax))
+                if round_int:
+                    v = np.rint(v)
+                target[i, j, k] = min(max(v, lo), hi)
+
+
+@nb.njit(**_OPTS)
+def masked_diff(orig, target, mask):
+    """``(count, sum(orig - target))`` over the voxels of ``mask``."""
+    n = 0
+    acc = 0.0
+    nx, ny, nz = mask.shape
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                if mask[i, j, k]:
+                    n += 1
+                    acc += float(orig[i, j, k]) - float(target[i, j, k])
+    return n, acc
+
+
+@nb.njit(inline="always", **_OPTS)
+def _mix32(x):
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+@nb.njit(inline="always", **_OPTS)
+def _uniform(k0, k1, idx):
+    h = _mix32(_mix32(idx + k0) ^ k1)
+    return np.float32(h >> np.uint32(8)) * np.float32(1.0 / 16777216.0)
+
+
+@nb.njit(inline="always", **_OPTS)
+def _lattice_index(i, j, k):
+    return (
+        (np.uint32(i + 512) << np.uint32(20))
+        | (np.uint32(j + 512) << np.uint32(10))
+        | np.uint32(k + 512)
+    )
+
+
+@nb.njit(parallel=True, **_OPTS)
+def lattice_uniform(k0, k1, a0, n0, a1, n1, a2, n2, shift):
+    """Counter-based uniforms (minus ``shift``) on lattice points ``a + (0..n-1)`` per axis."""
+    out = np.empty((n0, n1, n2), dtype=np.float32)
+    key0 = np.uint32(k0)
+    key1 = np.uint32(k1)
+    for i in nb.prange(n0):
+        for j in range(n1):
+            for k in range(n2):
+                out[i, j, k] = _uniform(key0, key1, _lattice_index(a0 + i, a1 + j, a2 + k)) - shift
+    return out
+
+
+@nb.njit(parallel=True, **_OPTS)
+def block_sums(z, norm0, norm1, norm2, zscale, base, scale, k0, k1, b0, b1, b2, n_cells):
+    """Bernoulli block fractions ``S / n`` from the smoothed noise ``z`` at block centres.
+
+    ``p = base + scale * clip(0.5 + zscale * z / (norm0 norm1 norm2), 0, 1)``, then
+    ``S ~ Binomial(n_cells, p)`` by inverse CDF of one counter-based uniform per block (key
+    ``k0, k1``; block ``(i, j, k)`` has lattice index ``(b0 + i, b1 + j, b2 + k)``).
+    """
+    nx, ny, nz = z.shape
+    out = np.empty((nx, ny, nz), dtype=np.float32)
+    key0 = np.uint32(k0)
+    key1 = np.uint32(k1)
+    inv_n = 1.0 / n_cells
+    for i in nb.prange(nx):
+        for j in range(ny):
+            nij = norm0[i] * norm1[j]
+            for k in range(nz):
+                x = 0.5 + zscale * z[i, j, k] / (nij * norm2[k])
+                x = min(max(x, 0.0), 1.0)
+                p = base + scale * x
+                u = _uniform(key0, key1, _lattice_index(b0 + i, b1 + j, b2 + k))
+                s = 0
+                if p >= 1.0:
+                    s = n_cells
+                elif p > 0.0:
+                    pmf = (1.0 - p) ** n_cells
+                    cdf = pmf
+                    ratio = p / (1.0 - p)
+                    while u >= cdf and s < n_cells:
+                        pmf *= (n_cells - s) / (s + 1.0) * ratio
+                        s += 1
+                        cdf += pmf
+                out[i, j, k] = s * inv_n
+    return out

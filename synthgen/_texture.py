@@ -1,0 +1,195 @@
+"""The published smoothed-Bernoulli texture, generated fresh for each tumor in its own box.
+
+REFERENCE section 2: uniform noise, Gaussian-smoothed (sigma_a); min-max rescaled to a
+probability field ``scale * x + base``; Bernoulli draws; Gaussian-smoothed again (sigma_b);
+rescaled so that the mean of values above ``threshold`` is ``u0``; clipped to ``[0, 1]``.
+
+How it is made cheap without changing the statistics (all positions in mm, relative to the
+tumor centre, so the texture does not depend on the voxel grid or on the scan size):
+
+* The sigma_a field is smoothed noise: noise on a lattice of spacing ``sigma_a / 2`` summed
+  with Gaussian weights has the same Gaussian autocorrelation as voxel noise filtered with
+  sigma_a. It is standardised exactly (the weights' norm is separable), and the published
+  min-max is replaced by its expectation over the published 420x300x320 bank: ``+-range_sd``
+  standard deviations map to ``[base, base + scale]``. No reduction, no dependence on the box.
+* The Bernoulli draws of 1 mm^3 cells are aggregated per block of ``h^3`` cells
+  (``h = max(1, floor(sigma_b / 2))`` mm): the block sum is drawn exactly as
+  ``Binomial(h^3, p)`` by inverse CDF from one counter-based uniform, and the sigma_b
+  smoothing is a separable Gaussian sum from block centres to voxels (one contraction per
+  axis, BLAS). The variance and autocorrelation of the smoothed field are those of voxel-level
+  Bernoulli noise smoothed with sigma_b.
+* The final rescale is the published one, measured over the tumor's box.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._geometry import gaussian_matrix, lattice_range, to_band
+from ._hash import stream_key
+
+__all__ = [
+    "STREAM_BERNOULLI",
+    "STREAM_NOISE",
+    "interp_coords",
+    "lattice_index",
+    "sample_trilinear",
+    "texture_box",
+    "texture_grid",
+]
+
+STREAM_NOISE = 1
+STREAM_BERNOULLI = 2
+_OFF = 512
+
+
+def lattice_index(i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Pack signed lattice coordinates (|c| < 512) into the 30-bit counter of the hash."""
+    for c in (i, j, k):
+        if c.size and (c.min() < -_OFF or c.max() >= _OFF):
+            raise ValueError("texture lattice exceeds +-512 cells; tumor box too large")
+    ii = (i.astype(np.uint32) + _OFF)[:, None, None] << np.uint32(20)
+    jj = (j.astype(np.uint32) + _OFF)[None, :, None] << np.uint32(10)
+    kk = (k.astype(np.uint32) + _OFF)[None, None, :]
+    return (ii | jj | kk).astype(np.uint32)
+
+
+def contract_dense(core: np.ndarray, m0: np.ndarray, m1: np.ndarray, m2: np.ndarray):
+    """Reference: ``out[i,j,k] = sum_abc core[a,b,c] m0[i,a] m1[j,b] m2[k,c]`` (float64)."""
+    return np.einsum("abc,ia,jb,kc->ijk", core, m0, m1, m2, optimize=True)
+
+
+def block_size_mm(sigma_b: float) -> int:
+    """Edge of a Bernoulli block in mm (integer, so a block holds a whole number of cells)."""
+    return max(1, math.floor(sigma_b / 2.0))
+
+
+def block_fractions(
+    seed: int,
+    params: Mapping[str, float],
+    blocks: tuple[np.ndarray, np.ndarray, np.ndarray],
+    k=None,
+) -> np.ndarray:
+    """Bernoulli success fraction ``S / h^3`` of every block (float32).
+
+    The probability field is ``base + scale * clip(0.5 + z / (2 range_sd), 0, 1)`` with ``z``
+    the standardised sigma_a noise at the block centres.
+    """
+    if k is None:
+        from . import _cpu_kernels as k
+    sa = float(params["sigma_a_mm"])
+    h_b = block_size_mm(float(params["sigma_b_mm"]))
+    h_a = sa / 2.0
+    centres = [b * float(h_b) for b in blocks]
+    lat = [lattice_range(c[0], c[-1], h_a, 4.0 * sa) for c in centres]
+    key = stream_key(seed, STREAM_NOISE)
+    _check_lattice(lat)
+    noise = k.lattice_uniform(
+        key[0], key[1], lat[0][0], lat[0].size, lat[1][0], lat[1].size, lat[2][0], lat[2].size,
+        np.float32(0.5),
+    )  # fmt: skip
+    g = [gaussian_matrix(c, la * h_a, sa) for c, la in zip(centres, lat, strict=True)]
+    b = [to_band(m) for m in g]
+    z = k.band_contract3(noise, b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1])
+    norm = [np.sqrt((m * m).sum(axis=1)) for m in g]
+    kb = stream_key(seed, STREAM_BERNOULLI)
+    _check_lattice(blocks)
+    # uniform noise has variance 1/12: z * sqrt(12) / norm is standard normal
+    return k.block_sums(
+        z, norm[0], norm[1], norm[2],
+        math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
+        float(params["base"]), float(params["scale"]),
+        kb[0], kb[1], blocks[0][0], blocks[1][0], blocks[2][0], h_b**3,
+    )  # fmt: skip
+
+
+def _check_lattice(lat) -> None:
+    for c in lat:
+        if c[0] < -_OFF or c[-1] >= _OFF:
+            raise ValueError("texture lattice exceeds +-512 cells; tumor box too large")
+
+
+def texture_grid(
+    seed: int,
+    params: Mapping[str, float],
+    lo_mm: tuple[float, float, float],
+    hi_mm: tuple[float, float, float],
+    k=None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Texture on the block-centre grid covering ``[lo_mm, hi_mm]`` (relative to the centre).
+
+    The field is smooth at the scale of ``sigma_b`` (>= 4 mm in the published recipe), so it is
+    evaluated once per block (``h`` mm apart) and interpolated trilinearly to the voxels by the
+    blend kernel; see :func:`sample_trilinear` for the reference.
+
+    Args:
+        seed: The tumor's seed (from the plan).
+        params: ``sigma_a_mm``, ``sigma_b_mm``, ``scale``, ``base``, ``u0``, ``threshold``,
+            ``range_sd`` (one draw of the preset's texture recipe).
+        lo_mm, hi_mm: Corners of the region to cover, mm relative to the tumor centre.
+        k: Kernel module (the numba CPU kernels by default).
+
+    Returns:
+        ``(grid, origin_mm, step_mm)``: float32 texture values in ``[0, 1]`` (mean about
+        0.5) at positions ``origin_mm + step_mm * index`` along each axis.
+    """
+    if k is None:
+        from . import _cpu_kernels as k
+    sb = float(params["sigma_b_mm"])
+    h_b = block_size_mm(sb)
+    out_idx = [lattice_range(lo_mm[a], hi_mm[a], h_b, float(h_b)) for a in range(3)]
+    blocks = tuple(lattice_range(o[0] * h_b, o[-1] * h_b, h_b, 3.0 * sb) for o in out_idx)
+    s = block_fractions(seed, params, blocks, k)
+    # Block sums -> grid: one Gaussian kernel per axis (same lattice), normalised.
+    r = math.floor(3.0 * sb / h_b)
+    kern = np.exp(-0.5 * ((np.arange(-r, r + 1) * h_b) / sb) ** 2)
+    kern = (kern / kern.sum()).astype(np.float32)
+    offs = [int(o[0] - r - b[0]) for o, b in zip(out_idx, blocks, strict=True)]
+    t = k.toeplitz_contract3(
+        s,
+        offs[0], kern, len(out_idx[0]),
+        offs[1], kern, len(out_idx[1]),
+        offs[2], kern, len(out_idx[2]),
+    )  # fmt: skip
+    thr = float(params["threshold"])
+    above = t[t > thr]
+    mean = float(above.mean()) if above.size else float(t.mean())
+    if mean > 0:
+        t *= np.float32(float(params["u0"]) / mean)
+    np.clip(t, 0.0, 1.0, out=t)
+    origin = np.array([o[0] * float(h_b) for o in out_idx])
+    return t, origin, float(h_b)
+
+
+def interp_coords(pos_mm: np.ndarray, origin_mm: float, step_mm: float, n: int):
+    """Integer base index and fraction of each position on a grid axis (for trilinear)."""
+    u = (np.asarray(pos_mm, dtype=np.float64) - origin_mm) / step_mm
+    i0 = np.clip(np.floor(u).astype(np.int64), 0, max(n - 2, 0))
+    f = np.clip(u - i0, 0.0, 1.0).astype(np.float32)
+    return i0, f
+
+
+def sample_trilinear(grid: np.ndarray, origin_mm, step_mm: float, pos) -> np.ndarray:
+    """Reference trilinear interpolation of a texture grid at the voxels of a box."""
+    out = np.zeros(tuple(len(p) for p in pos), dtype=np.float64)
+    idx = [interp_coords(pos[a], origin_mm[a], step_mm, grid.shape[a]) for a in range(3)]
+    for c0 in (0, 1):
+        w0 = idx[0][1] if c0 else 1 - idx[0][1]
+        for c1 in (0, 1):
+            w1 = idx[1][1] if c1 else 1 - idx[1][1]
+            for c2 in (0, 1):
+                w2 = idx[2][1] if c2 else 1 - idx[2][1]
+                v = grid[np.ix_(idx[0][0] + c0, idx[1][0] + c1, idx[2][0] + c2)]
+                out += v * w0[:, None, None] * w1[None, :, None] * w2[None, None, :]
+    return out.astype(np.float32)
+
+
+def texture_box(seed: int, params: Mapping[str, float], pos) -> np.ndarray:
+    """Texture at the voxels of a box (positions in mm per axis): grid + trilinear."""
+    lo = tuple(float(p[0]) for p in pos)
+    hi = tuple(float(p[-1]) for p in pos)
+    grid, origin, step = texture_grid(seed, params, lo, hi)
+    return sample_trilinear(grid, origin, step, pos)

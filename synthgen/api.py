@@ -1,0 +1,132 @@
+"""The one-call API: ``synthesize`` and the reusable ``Synthesizer``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .planning import Plan, make_plan
+from .presets import Preset, load_preset
+from .rendering import RenderResult, render
+
+__all__ = ["SynthesisResult", "Synthesizer", "synthesize"]
+
+SynthesisResult = RenderResult
+
+
+def synthesize(
+    image: np.ndarray,
+    organ_mask: np.ndarray,
+    *,
+    organ: str | Path | Preset,
+    spacing: Sequence[float] | None = None,
+    seed: int,
+    size: str | None = None,
+    device: str = "cpu",
+    out: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+) -> SynthesisResult:
+    """Implant synthetic tumors into one CT scan.
+
+    Args:
+        image: 3-D CT in HU, any numeric dtype (int16 stays int16: rounded and clipped to
+            [-1024, 3071]).
+        organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5).
+        organ: Organ name (``"liver"``: its default preset), preset name
+            (``"liver-classic"``), path to a preset TOML file, or a ``Preset``.
+        spacing: Voxel size in mm per array axis (e.g. ``(0.7, 0.7, 5.0)``); read from
+            ``affine`` when omitted.
+        seed: Seed of this sample; the same seed gives identical bytes.
+        size: Size class to force (``"tiny"``, ``"small"``, ``"medium"``, ``"large"``,
+            ``"mix"`` where defined); ``None`` draws one from the preset's mix.
+        device: ``"cpu"`` or ``"auto"``.
+        out: Render into this caller-owned array, which already holds the image (it may be
+            ``image`` itself for in-place use): only the tumors' boxes are touched, no
+            full-volume copy is made.
+        affine: Optional voxel-to-world affine (spacing, cranio-caudal axis, world mm).
+
+    Returns:
+        A result with ``.image``, ``.tumor_mask`` (bool), ``.label`` (uint8: 0 background,
+        1 organ, 2 tumor), ``.plan`` and ``.tumors`` (one record per tumor).
+
+    Raises:
+        ValueError: Non-3-D or mismatched arrays, empty or too small organ, NaN/inf in the
+            image, non-positive spacing, unknown organ or preset, invalid preset file.
+    """
+    p = make_plan(
+        image, organ_mask, organ=organ, seed=seed, spacing=spacing, affine=affine, size=size
+    )
+    return render(p, image, organ_mask, out=out, device=device, affine=affine)
+
+
+class Synthesizer:
+    """A preset and settings held for repeated calls (a loader, a batch).
+
+    Args:
+        organ: Organ name, preset name, preset path or ``Preset``; loaded and validated once.
+        spacing: Default voxel size (mm) for calls that give none.
+        size: Default size class (``None``: the preset's mix).
+        device: ``"cpu"`` or ``"auto"``.
+
+    Example:
+        >>> syn = Synthesizer("liver-classic", spacing=(1.0, 1.0, 1.0))  # doctest: +SKIP
+        >>> res = syn(ct, liver_mask, seed=7)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        organ: str | Path | Preset,
+        *,
+        spacing: Sequence[float] | None = None,
+        size: str | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.preset = load_preset(organ)
+        self.spacing = spacing
+        self.size = size
+        self.device = device
+        if size is not None:
+            self.preset.size_class(size)
+
+    def plan(
+        self,
+        image: np.ndarray,
+        organ_mask: np.ndarray,
+        *,
+        seed: int,
+        spacing: Sequence[float] | None = None,
+        affine: np.ndarray | None = None,
+        size: str | None = None,
+    ) -> Plan:
+        """Sample a plan with this synthesizer's preset (see :func:`synthgen.plan`)."""
+        return make_plan(
+            image,
+            organ_mask,
+            organ=self.preset,
+            seed=seed,
+            spacing=spacing if spacing is not None else self.spacing,
+            affine=affine,
+            size=size if size is not None else self.size,
+        )
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        organ_mask: np.ndarray,
+        *,
+        seed: int,
+        spacing: Sequence[float] | None = None,
+        affine: np.ndarray | None = None,
+        size: str | None = None,
+        out: np.ndarray | None = None,
+    ) -> SynthesisResult:
+        """Synthesize one sample (see :func:`synthesize`)."""
+        p = self.plan(image, organ_mask, seed=seed, spacing=spacing, affine=affine, size=size)
+        return render(p, image, organ_mask, out=out, device=self.device, affine=affine)
+
+    def __repr__(self) -> str:
+        return (
+            f"Synthesizer(preset={self.preset.name!r}, size={self.size!r}, device={self.device!r})"
+        )

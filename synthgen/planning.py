@@ -1,0 +1,454 @@
+"""Plan: every random choice of one sample, drawn on the host into a small JSON document.
+
+``plan()`` reads the organ mask (bounding box, candidate slices) and, for relative contrast or
+tissue windows, a strided sample of the image; it draws everything from one local
+``numpy.random.Generator`` seeded by ``seed``. Rendering a :class:`Plan` is deterministic and
+needs nothing else: a manifest entry (the plan's JSON) reproduces a sample exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._hash import derive_seed
+from .presets import Preset, SizeClass, load_preset, preset_from_dict
+
+__all__ = ["PLAN_VERSION", "Plan", "TumorPlan", "make_plan", "resolve_spacing"]
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class TumorPlan:
+    """One tumor, fully specified. Lengths in mm, positions in voxels of the scan.
+
+    Attributes:
+        index: Position of the tumor in the plan (part of its seed).
+        size_class: Name of the size class it was drawn from.
+        center_vox: Centre, voxel indices (i, j, k).
+        radii_mm: Semi-axes of the ellipsoid, mm.
+        rotation: Row-major 3x3 rotation; its columns are the ellipsoid axes in the scan's
+            voxel-axis frame (identity for the axis-aligned published recipe).
+        control_extent_mm: Half-size of the cube the B-spline control grid spans, per axis.
+        displacement_mm: ``(3, g, g, g)`` control-point displacements, mm.
+        elastic_sigma_mm: Standard deviation they were drawn with.
+        blur_sigma_mm: Edge blur of the mask, mm.
+        contrast_hu: ``D`` of ``I' = I - T * B * D`` (negative: hyperdense).
+        clip_to_organ: Intersect the mask with the organ (False: exophytic growth).
+        texture: One draw of the texture recipe (sigma_a_mm, sigma_b_mm, scale, base, u0,
+            threshold, range_sd).
+        seed: 63-bit seed of the counter-based noise of this tumor.
+    """
+
+    index: int
+    size_class: str
+    center_vox: tuple[int, int, int]
+    radii_mm: tuple[float, float, float]
+    rotation: tuple[float, ...]
+    control_extent_mm: tuple[float, float, float]
+    displacement_mm: list
+    elastic_sigma_mm: float
+    blur_sigma_mm: float
+    contrast_hu: float
+    clip_to_organ: bool
+    texture: dict[str, float]
+    seed: int
+
+    @property
+    def rotation_matrix(self) -> np.ndarray:
+        return np.asarray(self.rotation, dtype=np.float64).reshape(3, 3)
+
+    @property
+    def displacement(self) -> np.ndarray:
+        return np.asarray(self.displacement_mm, dtype=np.float64)
+
+
+@dataclass
+class Plan:
+    """Everything needed to render one sample (JSON round-trip with :meth:`to_json`).
+
+    Attributes:
+        seed: The sample's seed.
+        preset: The preset, in file schema (so a plan stays valid if the file changes).
+        size_class: The class drawn or forced for this sample.
+        shape: Shape of the scan the plan is for.
+        spacing: Voxel size, mm.
+        organ_hu: Median organ intensity measured on the scan (HU), if it was needed.
+        organ_bbox: The organ's bounding box, ``[[start, stop], ...]`` per axis.
+        tumors: The tumors.
+        version: Plan format version.
+    """
+
+    seed: int
+    preset: dict[str, Any]
+    size_class: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    organ_hu: float | None
+    organ_bbox: list[list[int]] | None = None
+    tumors: list[TumorPlan] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    @property
+    def preset_name(self) -> str:
+        return str(self.preset["name"])
+
+    @property
+    def organ(self) -> str:
+        return str(self.preset["organ"])
+
+    def get_preset(self) -> Preset:
+        """The preset object of this plan."""
+        return preset_from_dict(self.preset, source=f"plan preset {self.preset_name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        """JSON text; floats are written exactly (``repr``), so the round trip is lossless."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"unsupported plan version {d.get('version')!r}")
+        tumors = []
+        for t in d["tumors"]:
+            t = dict(t)
+            for k in ("center_vox", "radii_mm", "rotation", "control_extent_mm"):
+                t[k] = tuple(t[k])
+            tumors.append(TumorPlan(**t))
+        return cls(
+            seed=int(d["seed"]),
+            preset=d["preset"],
+            size_class=d["size_class"],
+            shape=tuple(d["shape"]),
+            spacing=tuple(float(s) for s in d["spacing"]),
+            organ_hu=d["organ_hu"],
+            organ_bbox=d.get("organ_bbox"),
+            tumors=tumors,
+            version=d["version"],
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes | Path) -> Plan:
+        """Parse a plan from JSON text or a path to a JSON file."""
+        if isinstance(text, Path):
+            text = text.read_text(encoding="utf-8")
+        return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------------------
+# input checks shared by plan() and render()
+# --------------------------------------------------------------------------------------
+
+
+def resolve_spacing(
+    spacing: Sequence[float] | None, affine: np.ndarray | None
+) -> tuple[float, float, float]:
+    """Voxel size in mm from ``spacing`` or, failing that, from the affine's column norms."""
+    if spacing is None:
+        if affine is None:
+            raise ValueError("give the voxel spacing in mm (spacing=...) or an affine")
+        a = np.asarray(affine, dtype=np.float64)
+        if a.shape != (4, 4):
+            raise ValueError(f"affine must be 4x4, got shape {a.shape}")
+        spacing = np.linalg.norm(a[:3, :3], axis=0)
+    sp = np.asarray(spacing, dtype=np.float64).ravel()
+    if sp.shape != (3,):
+        raise ValueError(f"spacing must have 3 values (mm per voxel axis), got {sp.tolist()}")
+    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be positive and finite, got {sp.tolist()}")
+    return (float(sp[0]), float(sp[1]), float(sp[2]))
+
+
+def craniocaudal_axis(affine: np.ndarray | None) -> int:
+    """The voxel axis most aligned with the patient's superior-inferior axis (2 if unknown)."""
+    if affine is None:
+        return 2
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return int(np.argmax(np.abs(a[2, :]) / np.linalg.norm(a, axis=0)))
+
+
+def check_arrays(image: Any, organ_mask: Any) -> None:
+    """Raise ``ValueError`` for non-3-D or mismatched image/mask (cheap, no data pass)."""
+    for name, arr in (("image", image), ("organ_mask", organ_mask)):
+        if not hasattr(arr, "shape") or not hasattr(arr, "dtype"):
+            raise ValueError(f"{name} must be an array, got {type(arr).__name__}")
+        if len(arr.shape) != 3:
+            raise ValueError(f"{name} must be 3-D, got shape {tuple(arr.shape)}")
+    if tuple(image.shape) != tuple(organ_mask.shape):
+        raise ValueError(
+            f"shape mismatch: image {tuple(image.shape)} vs organ_mask {tuple(organ_mask.shape)}"
+        )
+    if image.dtype.kind not in "iuf":
+        raise ValueError(f"image must be numeric (int or float HU), got dtype {image.dtype}")
+
+
+def organ_bbox(organ_mask: np.ndarray) -> tuple[tuple[slice, slice, slice], int]:
+    """Bounding box (slices) and voxel count of ``organ_mask > 0.5``; ValueError if empty."""
+    from ._cpu_kernels import bbox_of_bool, mask_bbox
+
+    m = organ_mask
+    res = bbox_of_bool(m)
+    if res is None:
+        res = mask_bbox(m.view(np.uint8) if m.dtype == np.bool_ else m)
+    lo0, hi0, lo1, hi1, lo2, hi2, count = res
+    if count == 0:
+        raise ValueError("organ mask is empty (no voxel > 0.5): nothing to implant a tumor in")
+    return (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1)), int(count)
+
+
+def _binary(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype == np.bool_ else a > 0.5
+
+
+# --------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------
+
+
+def _uniform(rng: np.random.Generator, lo: float, hi: float, integer: bool) -> float:
+    if integer:
+        return float(rng.integers(math.ceil(lo), math.floor(hi) + 1))
+    return float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q = rng.standard_normal(4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def _measure_organ_hu(image, organ_mask, bbox, count) -> float:
+    """Median HU of the organ from a strided sample of about 20,000 of its voxels."""
+    step = max(1, round((count / 20000.0) ** (1.0 / 3.0)))
+    sl = tuple(slice(s.start, s.stop, step) for s in bbox)
+    m = _binary(organ_mask[sl])
+    vals = np.asarray(image[sl])[m]
+    if vals.size == 0:
+        vals = np.asarray(image[bbox])[_binary(organ_mask[bbox])]
+    return float(np.median(vals))
+
+
+class _Placer:
+    """Draws tumor centres following the preset's placement rules."""
+
+    def __init__(self, image, organ_mask, preset: Preset, spacing, bbox, axis):
+        self.image = image
+        self.mask = organ_mask
+        self.p = preset.placement
+        self.spacing = spacing
+        self.bbox = bbox
+        self.axis = axis
+        self.inplane = [a for a in range(3) if a != axis]
+        self._eroded: dict[int, np.ndarray] = {}
+
+    def _candidates(self, z: int) -> np.ndarray:
+        """Flat indices (within the in-plane bbox) of candidate voxels of slice ``z``."""
+        if z in self._eroded:
+            return self._eroded[z]
+        sl = list(self.bbox)
+        sl[self.axis] = z
+        m = _binary(np.asarray(self.mask[tuple(sl)]))
+        if self.p.erosion_mm > 0:
+            from scipy.ndimage import binary_erosion
+
+            r = [round(self.p.erosion_mm / self.spacing[a]) for a in self.inplane]
+            if any(r):
+                m = binary_erosion(m, structure=np.ones((2 * r[0] + 1, 2 * r[1] + 1), bool))
+        if self.p.tissue_hu is not None:
+            img = np.asarray(self.image[tuple(sl)])
+            m = m & (img >= self.p.tissue_hu[0]) & (img <= self.p.tissue_hu[1])
+        idx = np.flatnonzero(m)
+        self._eroded[z] = idx
+        return idx
+
+    def _to_vox(self, z: int, flat: int) -> tuple[int, int, int]:
+        shp = [self.bbox[a].stop - self.bbox[a].start for a in self.inplane]
+        u, v = divmod(int(flat), shp[1])
+        c = [0, 0, 0]
+        c[self.axis] = z
+        c[self.inplane[0]] = self.bbox[self.inplane[0]].start + u
+        c[self.inplane[1]] = self.bbox[self.inplane[1]].start + v
+        return (int(c[0]), int(c[1]), int(c[2]))
+
+    def draw(self, rng: np.random.Generator, at_center: bool) -> tuple[int, int, int]:
+        if at_center:
+            return tuple(int((s.start + s.stop - 1) // 2) for s in self.bbox)  # type: ignore[return-value]
+        zlo, zhi = self.bbox[self.axis].start, self.bbox[self.axis].stop - 1
+        for w in (self.p.z_window, *self.p.widen):
+            for _ in range(8):
+                z = round(zlo + rng.uniform(w[0], w[1]) * (zhi - zlo))
+                cand = self._candidates(z)
+                if cand.size:
+                    return self._to_vox(z, cand[rng.integers(cand.size)])
+        # Last resort: every slice of the organ, in a random order.
+        for z in rng.permutation(np.arange(zlo, zhi + 1)):
+            cand = self._candidates(int(z))
+            if cand.size:
+                return self._to_vox(int(z), cand[rng.integers(cand.size)])
+        raise ValueError(
+            "organ too small for its placement rules: no voxel is left after "
+            f"{self.p.erosion_mm} mm erosion"
+            + (f" within the tissue window {self.p.tissue_hu} HU" if self.p.tissue_hu else "")
+        )
+
+
+def _class_counts(
+    preset: Preset, size: str, rng: np.random.Generator
+) -> list[tuple[SizeClass, int]]:
+    c = preset.size_class(size)
+    if c.composite:
+        assert c.components is not None
+        return [
+            (preset.classes[name], int(rng.integers(lo, hi + 1)))
+            for name, (lo, hi) in c.components.items()
+        ]
+    return [(c, int(rng.integers(c.count[0], c.count[1] + 1)))]
+
+
+def make_plan(
+    image: np.ndarray,
+    organ_mask: np.ndarray,
+    *,
+    organ: str | Path | Preset,
+    seed: int,
+    spacing: Sequence[float] | None = None,
+    affine: np.ndarray | None = None,
+    size: str | None = None,
+) -> Plan:
+    """Sample every random choice of one sample into a :class:`Plan`.
+
+    Args:
+        image: 3-D CT in HU (any numeric dtype; any array exposing ``shape``/indexing).
+        organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5).
+        organ: Organ name (its default preset), preset name, preset file path or
+            :class:`~synthgen.presets.Preset`.
+        seed: Seed of this sample (any non-negative int); nothing global is used.
+        spacing: Voxel size in mm per array axis; read from ``affine`` when omitted.
+        affine: Optional 4x4 voxel-to-world affine: gives the spacing and the
+            cranio-caudal axis (axis 2 is assumed without it).
+        size: Size class to force (``"tiny"``, ``"large"``, ``"mix"``...); ``None`` draws one
+            from the preset's mix.
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: Bad shapes, spacing, organ or preset; empty organ; organ too small.
+    """
+    preset = load_preset(organ)
+    check_arrays(image, organ_mask)
+    sp = resolve_spacing(spacing, affine)
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    rng = np.random.default_rng(int(seed))
+    names = list(preset.mix)
+    if size is None:
+        w = np.array([preset.mix[n] for n in names], dtype=np.float64)
+        size = names[int(rng.choice(len(names), p=w / w.sum()))]
+    else:
+        preset.size_class(size)  # validates the name
+
+    bbox, count = organ_bbox(organ_mask)
+    sub_img = np.asarray(image[bbox])
+    if sub_img.dtype.kind == "f" and not np.all(np.isfinite(sub_img)):
+        raise ValueError("image contains NaN or inf inside the organ's bounding box")
+
+    voxel_mm3 = sp[0] * sp[1] * sp[2]
+    plan_classes = _class_counts(preset, size, rng)
+    smallest = min(c.radius_mm[0] for c, n in plan_classes if n > 0) if plan_classes else 1.0
+    if count * voxel_mm3 < (4.0 / 3.0) * math.pi * smallest**3:
+        raise ValueError(
+            f"organ too small for class {size!r}: organ volume {count * voxel_mm3:.0f} mm^3 is "
+            f"below the smallest tumor of the class ({smallest:g} mm radius)"
+        )
+
+    need_hu = preset.contrast.mode == "relative" or any(
+        c.exophytic_probability > 0 or not preset.shape.clip_to_organ for c, _ in plan_classes
+    )
+    organ_hu = _measure_organ_hu(image, organ_mask, bbox, count) if need_hu else None
+    axis = craniocaudal_axis(affine)
+    placer = _Placer(image, organ_mask, preset, sp, bbox, axis)
+    g = preset.shape.control_points
+    tumors: list[TumorPlan] = []
+    for cls, n in plan_classes:
+        for _ in range(n):
+            idx = len(tumors)
+            radii = tuple(_uniform(rng, *cls.radius_mm, cls.radius_integer) for _ in range(3))
+            sigma = _uniform(rng, *cls.elastic_sigma_mm, cls.elastic_sigma_integer)
+            rot = _random_rotation(rng) if preset.shape.rotate else np.eye(3)
+            bound = np.sqrt(((rot * np.asarray(radii)[None, :]) ** 2).sum(axis=1))
+            extent = tuple(float(b + 3.0 * sigma) for b in bound)
+            disp = (
+                rng.normal(0.0, sigma, size=(3, g, g, g)) if sigma > 0 else np.zeros((3, g, g, g))
+            )
+            blur = _uniform(rng, *preset.blend.sigma_mm, False)
+            centre = placer.draw(rng, cls.at_organ_center)
+            clip = preset.shape.clip_to_organ and not (rng.random() < cls.exophytic_probability)
+            contrast = _draw_contrast(preset, rng, organ_hu)
+            tx = preset.texture
+            texture = {
+                "sigma_a_mm": float(tx.sigma_a_mm[int(rng.integers(len(tx.sigma_a_mm)))]),
+                "sigma_b_mm": float(tx.sigma_b_mm[int(rng.integers(len(tx.sigma_b_mm)))]),
+                "scale": float(rng.uniform(*tx.scale)),
+                "base": float(rng.uniform(*tx.base)),
+                "u0": float(rng.uniform(*tx.u0)),
+                "threshold": tx.threshold,
+                "range_sd": tx.range_sd,
+            }
+            tumors.append(
+                TumorPlan(
+                    index=idx,
+                    size_class=cls.name,
+                    center_vox=centre,
+                    radii_mm=radii,  # type: ignore[arg-type]
+                    rotation=tuple(float(x) for x in rot.ravel()),
+                    control_extent_mm=extent,  # type: ignore[arg-type]
+                    displacement_mm=disp.tolist(),
+                    elastic_sigma_mm=float(sigma),
+                    blur_sigma_mm=float(blur),
+                    contrast_hu=float(contrast),
+                    clip_to_organ=bool(clip),
+                    texture=texture,
+                    seed=derive_seed(int(seed), idx),
+                )
+            )
+    return Plan(
+        seed=int(seed),
+        preset=preset.to_dict(),
+        size_class=size,
+        shape=tuple(int(s) for s in image.shape),  # type: ignore[arg-type]
+        spacing=sp,
+        organ_hu=organ_hu,
+        organ_bbox=[[s.start, s.stop] for s in bbox],
+        tumors=tumors,
+    )
+
+
+def _draw_contrast(preset: Preset, rng: np.random.Generator, organ_hu: float | None) -> float:
+    c = preset.contrast
+    if c.mode == "absolute":
+        d = float(rng.uniform(*c.delta_hu))
+    else:
+        assert organ_hu is not None
+        f = float(rng.uniform(*c.fraction))
+        d = float(np.clip(f * (organ_hu - c.reference_hu), *c.delta_hu))
+    if c.hyperdense_probability > 0 and rng.random() < c.hyperdense_probability:
+        d = -d
+    return d

@@ -1,0 +1,496 @@
+"""Organ presets: every number of a tumor recipe, stored as TOML data and validated on load.
+
+A preset says what tumors to draw for one organ: size classes (radii in mm, counts, elastic
+deformation), the class mix used when no class is forced, the texture recipe (scales in mm),
+the edge blur (mm), the contrast (absolute HU or relative to the organ's measured intensity,
+hypodense or hyperdense) and placement and clipping rules. The built-in presets live next to
+this file (``<name>.toml``); a user's own file is loaded with :func:`load_preset` by path.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "BlendParams",
+    "ContrastParams",
+    "PlacementParams",
+    "Preset",
+    "PresetError",
+    "ShapeParams",
+    "SizeClass",
+    "TextureParams",
+    "default_preset_for",
+    "list_presets",
+    "load_preset",
+    "preset_from_dict",
+    "preset_path",
+]
+
+_DIR = Path(__file__).resolve().parent
+ORGANS = ("liver", "pancreas", "kidney", "colon", "esophagus", "uterus")
+
+
+class PresetError(ValueError):
+    """A preset file is missing, malformed or inconsistent (the message names file and key)."""
+
+
+@dataclass(frozen=True)
+class SizeClass:
+    """One tumor size class.
+
+    Attributes:
+        name: Class name (``tiny``, ``small``, ...).
+        count: Inclusive range of the number of tumors drawn for one sample.
+        radius_mm: Inclusive range of each semi-axis (drawn independently per axis), mm.
+        radius_integer: Draw integer radii (the published recipe does).
+        elastic_sigma_mm: Range of the standard deviation of the control-point
+            displacements, mm.
+        elastic_sigma_integer: Draw an integer sigma (the published recipe does for
+            small/medium/large).
+        at_organ_center: Place these tumors at the organ bounding-box centre.
+        exophytic_probability: Probability that a tumor is not clipped to the organ.
+        components: For a composite class (``mix``): class name -> count range; the
+            component classes' own ``count`` is then ignored.
+    """
+
+    name: str
+    count: tuple[int, int] = (1, 1)
+    radius_mm: tuple[float, float] = (1.0, 1.0)
+    radius_integer: bool = False
+    elastic_sigma_mm: tuple[float, float] = (0.0, 0.0)
+    elastic_sigma_integer: bool = False
+    at_organ_center: bool = False
+    exophytic_probability: float = 0.0
+    components: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def composite(self) -> bool:
+        return self.components is not None
+
+
+@dataclass(frozen=True)
+class TextureParams:
+    """The smoothed-Bernoulli texture recipe (REFERENCE section 2), scales in mm."""
+
+    sigma_a_mm: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0, 15.0)
+    sigma_b_mm: tuple[float, ...] = (4.0, 7.0)
+    scale: tuple[float, float] = (0.19, 0.21)
+    base: tuple[float, float] = (0.04, 0.06)
+    u0: tuple[float, float] = (0.5, 0.55)
+    threshold: float = 0.12
+    range_sd: float = 4.5
+
+
+@dataclass(frozen=True)
+class ContrastParams:
+    """Tumor contrast ``D`` of the blend ``I' = I - T * B * D`` (HU).
+
+    ``mode="absolute"`` draws ``D`` uniformly in ``delta_hu``. ``mode="relative"`` draws
+    ``D = f * (organ_hu - reference_hu)`` with ``f`` uniform in ``fraction`` and ``organ_hu``
+    the organ's median measured on the scan, then clamps ``|D|`` to ``delta_hu``. A tumor is
+    hyperdense (``D < 0``) with probability ``hyperdense_probability``. Altered voxels never
+    go below ``min_hu`` or above ``max_hu`` unless they already were.
+    """
+
+    mode: str = "absolute"
+    delta_hu: tuple[float, float] = (65.0, 145.0)
+    fraction: tuple[float, float] = (0.5, 1.0)
+    reference_hu: float = 0.0
+    hyperdense_probability: float = 0.0
+    min_hu: float = -1024.0
+    max_hu: float = 3071.0
+
+
+@dataclass(frozen=True)
+class BlendParams:
+    """Edge blur of the tumor mask before blending: Gaussian sigma range in mm."""
+
+    sigma_mm: tuple[float, float] = (1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class PlacementParams:
+    """Where tumor centres go and what a tumor may cover.
+
+    Attributes:
+        z_window: Fraction of the organ's cranio-caudal extent the centre is drawn in.
+        widen: Wider windows tried in turn when no candidate voxel is found.
+        erosion_mm: In-plane erosion of the organ slice before drawing the centre, mm
+            (the published 5x5 square at 1 mm is 2 mm).
+        tissue_hu: Optional ``[low, high]`` HU window: only voxels inside it can be tumor
+            centres, tumor voxels or blended voxels (hollow organs: never blend into gas).
+    """
+
+    z_window: tuple[float, float] = (0.3, 0.7)
+    widen: tuple[tuple[float, float], ...] = ((0.2, 0.8), (0.1, 0.9), (0.0, 1.0))
+    erosion_mm: float = 2.0
+    tissue_hu: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ShapeParams:
+    """Shape of a tumor: ellipsoid, optionally rotated, warped by a 3-D B-spline field.
+
+    ``control_points`` control points per axis span the tumor's box; ``clip_to_organ``
+    intersects the mask with the organ (classes may override with an exophytic probability).
+    """
+
+    control_points: int = 3
+    rotate: bool = False
+    clip_to_organ: bool = True
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A validated organ preset. Build with :func:`load_preset`."""
+
+    name: str
+    organ: str
+    description: str
+    classes: dict[str, SizeClass]
+    mix: dict[str, float]
+    texture: TextureParams = field(default_factory=TextureParams)
+    contrast: ContrastParams = field(default_factory=ContrastParams)
+    blend: BlendParams = field(default_factory=BlendParams)
+    placement: PlacementParams = field(default_factory=PlacementParams)
+    shape: ShapeParams = field(default_factory=ShapeParams)
+    sources: tuple[str, ...] = ()
+    path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dictionary in the file schema (round-trips through
+        :func:`preset_from_dict`; recorded in plans and manifests)."""
+        d = asdict(self)
+        d.pop("path", None)
+        d["sources"] = list(self.sources)
+        classes = {}
+        for name, c in d["classes"].items():
+            c.pop("name")
+            if c["components"] is None:
+                c.pop("components")
+                classes[name] = c
+            else:
+                classes[name] = {"components": c["components"]}
+        d["classes"] = classes
+        if d["placement"]["tissue_hu"] is None:
+            d["placement"].pop("tissue_hu")
+        return d
+
+    def size_class(self, name: str) -> SizeClass:
+        """The class ``name``; raises ``ValueError`` listing the valid names."""
+        try:
+            return self.classes[name]
+        except KeyError:
+            raise ValueError(
+                f"preset {self.name!r} has no size class {name!r}; valid: {', '.join(self.classes)}"
+            ) from None
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, msg: str) -> PresetError:
+        return PresetError(f"{self.source}: [{key}] {msg}")
+
+
+def _take(ctx: _Ctx, table: dict[str, Any], key: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ctx.fail(key, f"must be a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ctx.fail(key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    return table
+
+
+def _num(ctx: _Ctx, key: str, v: Any, *, lo: float | None = None, hi: float | None = None):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ctx.fail(key, f"must be a finite number, got {v!r}")
+    if lo is not None and v < lo:
+        raise ctx.fail(key, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ctx.fail(key, f"must be <= {hi}, got {v}")
+    return float(v)
+
+
+def _range(ctx: _Ctx, key: str, v: Any, *, lo: float | None = None, hi: float | None = None):
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ctx.fail(key, f"must be a [low, high] pair, got {v!r}")
+    a, b = (_num(ctx, key, x, lo=lo, hi=hi) for x in v)
+    if a > b:
+        raise ctx.fail(key, f"low {a} is above high {b}")
+    return (a, b)
+
+
+def _int_range(ctx: _Ctx, key: str, v: Any, *, lo: int = 0) -> tuple[int, int]:
+    a, b = _range(ctx, key, v, lo=lo)
+    if a != int(a) or b != int(b):
+        raise ctx.fail(key, f"must be integers, got {v!r}")
+    return (int(a), int(b))
+
+
+def _choices(ctx: _Ctx, key: str, v: Any, *, lo: float) -> tuple[float, ...]:
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ctx.fail(key, f"must be a non-empty list of numbers, got {v!r}")
+    return tuple(_num(ctx, key, x, lo=lo) for x in v)
+
+
+def _bool(ctx: _Ctx, key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ctx.fail(key, f"must be true or false, got {v!r}")
+    return v
+
+
+_CLASS_KEYS = {
+    "count",
+    "radius_mm",
+    "radius_integer",
+    "elastic_sigma_mm",
+    "elastic_sigma_integer",
+    "at_organ_center",
+    "exophytic_probability",
+    "components",
+}
+
+
+def _parse_class(ctx: _Ctx, name: str, t: dict[str, Any]) -> SizeClass:
+    key = f"classes.{name}"
+    _take(ctx, t, key, _CLASS_KEYS)
+    if "components" in t:
+        comps = _take(ctx, t["components"], key + ".components", set(t["components"]))
+        if not comps:
+            raise ctx.fail(key + ".components", "must name at least one class")
+        parsed = {c: _int_range(ctx, f"{key}.components.{c}", r) for c, r in comps.items()}
+        extra = sorted(set(t) - {"components"})
+        if extra:
+            raise ctx.fail(key, f"a composite class takes only 'components', also got {extra}")
+        return SizeClass(name=name, components=parsed)
+    for req in ("count", "radius_mm"):
+        if req not in t:
+            raise ctx.fail(key, f"missing required key {req!r}")
+    count = _int_range(ctx, key + ".count", t["count"], lo=1)
+    radius = _range(ctx, key + ".radius_mm", t["radius_mm"], lo=0.5, hi=500)
+    sigma = _range(ctx, key + ".elastic_sigma_mm", t.get("elastic_sigma_mm", [0, 0]), lo=0)
+    return SizeClass(
+        name=name,
+        count=count,
+        radius_mm=radius,
+        radius_integer=_bool(ctx, key + ".radius_integer", t.get("radius_integer", False)),
+        elastic_sigma_mm=sigma,
+        elastic_sigma_integer=_bool(
+            ctx, key + ".elastic_sigma_integer", t.get("elastic_sigma_integer", False)
+        ),
+        at_organ_center=_bool(ctx, key + ".at_organ_center", t.get("at_organ_center", False)),
+        exophytic_probability=_num(
+            ctx, key + ".exophytic_probability", t.get("exophytic_probability", 0.0), lo=0, hi=1
+        ),
+    )
+
+
+def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
+    ctx = _Ctx(source)
+    top = {
+        "name",
+        "organ",
+        "description",
+        "sources",
+        "classes",
+        "mix",
+        "texture",
+        "contrast",
+        "blend",
+        "placement",
+        "shape",
+    }
+    _take(ctx, data, "top level", top)
+    for req in ("name", "organ", "classes", "mix"):
+        if req not in data:
+            raise ctx.fail("top level", f"missing required key {req!r}")
+    name, organ = data["name"], data["organ"]
+    if not isinstance(name, str) or not name:
+        raise ctx.fail("name", "must be a non-empty string")
+    if organ not in ORGANS:
+        raise ctx.fail("organ", f"unknown organ {organ!r}; valid: {', '.join(ORGANS)}")
+    sources = data.get("sources", [])
+    if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+        raise ctx.fail("sources", "must be a list of strings")
+
+    classes_t = _take(ctx, data["classes"], "classes", set(data["classes"]))
+    if not classes_t:
+        raise ctx.fail("classes", "must define at least one size class")
+    classes = {n: _parse_class(ctx, n, t) for n, t in classes_t.items()}
+    for c in classes.values():
+        for comp in c.components or {}:
+            if comp not in classes or classes[comp].composite:
+                raise ctx.fail(
+                    f"classes.{c.name}.components",
+                    f"{comp!r} is not a plain size class of this preset",
+                )
+
+    mix_t = _take(ctx, data["mix"], "mix", set(classes))
+    mix = {n: _num(ctx, f"mix.{n}", w, lo=0) for n, w in mix_t.items()}
+    if sum(mix.values()) <= 0:
+        raise ctx.fail("mix", "weights must not all be zero")
+
+    tx = _take(ctx, data.get("texture", {}), "texture", set(TextureParams.__dataclass_fields__))
+    d = TextureParams()
+    texture = TextureParams(
+        sigma_a_mm=_choices(ctx, "texture.sigma_a_mm", tx.get("sigma_a_mm", d.sigma_a_mm), lo=0.5),
+        sigma_b_mm=_choices(ctx, "texture.sigma_b_mm", tx.get("sigma_b_mm", d.sigma_b_mm), lo=0.5),
+        scale=_range(ctx, "texture.scale", tx.get("scale", d.scale), lo=0, hi=1),
+        base=_range(ctx, "texture.base", tx.get("base", d.base), lo=0, hi=1),
+        u0=_range(ctx, "texture.u0", tx.get("u0", d.u0), lo=0.01, hi=1),
+        threshold=_num(ctx, "texture.threshold", tx.get("threshold", d.threshold), lo=0, hi=1),
+        range_sd=_num(ctx, "texture.range_sd", tx.get("range_sd", d.range_sd), lo=0.5),
+    )
+    if texture.base[1] + texture.scale[1] > 1:
+        raise ctx.fail("texture", "base + scale must stay a probability (<= 1)")
+
+    ct = _take(ctx, data.get("contrast", {}), "contrast", set(ContrastParams.__dataclass_fields__))
+    dc = ContrastParams()
+    mode = ct.get("mode", dc.mode)
+    if mode not in ("absolute", "relative"):
+        raise ctx.fail("contrast.mode", f"must be 'absolute' or 'relative', got {mode!r}")
+    contrast = ContrastParams(
+        mode=mode,
+        delta_hu=_range(ctx, "contrast.delta_hu", ct.get("delta_hu", dc.delta_hu), lo=0, hi=2000),
+        fraction=_range(ctx, "contrast.fraction", ct.get("fraction", dc.fraction), lo=0, hi=10),
+        reference_hu=_num(ctx, "contrast.reference_hu", ct.get("reference_hu", dc.reference_hu)),
+        hyperdense_probability=_num(
+            ctx,
+            "contrast.hyperdense_probability",
+            ct.get("hyperdense_probability", dc.hyperdense_probability),
+            lo=0,
+            hi=1,
+        ),
+        min_hu=_num(ctx, "contrast.min_hu", ct.get("min_hu", dc.min_hu)),
+        max_hu=_num(ctx, "contrast.max_hu", ct.get("max_hu", dc.max_hu)),
+    )
+    if contrast.min_hu >= contrast.max_hu:
+        raise ctx.fail("contrast", "min_hu must be below max_hu")
+
+    bl = _take(ctx, data.get("blend", {}), "blend", {"sigma_mm"})
+    blend = BlendParams(sigma_mm=_range(ctx, "blend.sigma_mm", bl.get("sigma_mm", (1, 2)), lo=0))
+
+    pl = _take(
+        ctx, data.get("placement", {}), "placement", set(PlacementParams.__dataclass_fields__)
+    )
+    dp = PlacementParams()
+    widen = pl.get("widen", dp.widen)
+    if not isinstance(widen, (list, tuple)):
+        raise ctx.fail("placement.widen", "must be a list of [low, high] pairs")
+    tissue = pl.get("tissue_hu")
+    placement = PlacementParams(
+        z_window=_range(ctx, "placement.z_window", pl.get("z_window", dp.z_window), lo=0, hi=1),
+        widen=tuple(_range(ctx, "placement.widen", w, lo=0, hi=1) for w in widen),
+        erosion_mm=_num(ctx, "placement.erosion_mm", pl.get("erosion_mm", dp.erosion_mm), lo=0),
+        tissue_hu=None if tissue is None else _range(ctx, "placement.tissue_hu", tissue),
+    )
+
+    sh = _take(ctx, data.get("shape", {}), "shape", set(ShapeParams.__dataclass_fields__))
+    ds = ShapeParams()
+    cp = sh.get("control_points", ds.control_points)
+    if isinstance(cp, bool) or not isinstance(cp, int) or not 2 <= cp <= 8:
+        raise ctx.fail("shape.control_points", f"must be an integer in [2, 8], got {cp!r}")
+    shape = ShapeParams(
+        control_points=cp,
+        rotate=_bool(ctx, "shape.rotate", sh.get("rotate", ds.rotate)),
+        clip_to_organ=_bool(ctx, "shape.clip_to_organ", sh.get("clip_to_organ", True)),
+    )
+    desc = data.get("description", "")
+    if not isinstance(desc, str):
+        raise ctx.fail("description", "must be a string")
+    return Preset(
+        name=name,
+        organ=organ,
+        description=desc,
+        classes=classes,
+        mix=mix,
+        texture=texture,
+        contrast=contrast,
+        blend=blend,
+        placement=placement,
+        shape=shape,
+        sources=tuple(sources),
+        path=path,
+    )
+
+
+def list_presets() -> list[str]:
+    """Names of the built-in presets, sorted."""
+    return sorted(p.stem for p in _DIR.glob("*.toml"))
+
+
+def default_preset_for(organ: str) -> str:
+    """The built-in preset used when only an organ name is given (same name as the organ)."""
+    if organ not in ORGANS:
+        raise ValueError(f"unknown organ {organ!r}; valid organs: {', '.join(ORGANS)}")
+    return organ
+
+
+def preset_path(name: str) -> Path:
+    """Path of the built-in preset ``name`` (raises ``ValueError`` when there is none)."""
+    p = _DIR / f"{name}.toml"
+    if not p.is_file():
+        raise ValueError(
+            f"unknown organ or preset {name!r}; built-in presets: {', '.join(list_presets())} "
+            "(or give a path to a .toml preset file)"
+        )
+    return p
+
+
+_CACHE: dict[str, Preset] = {}
+
+
+def load_preset(spec: str | Path | Preset) -> Preset:
+    """Load a preset by organ name, preset name or file path.
+
+    Args:
+        spec: An organ (``"liver"`` means its default preset), a built-in preset name
+            (``"liver-classic"``), a path to a TOML file, or a :class:`Preset` (returned as is).
+
+    Returns:
+        The validated :class:`Preset`.
+
+    Raises:
+        ValueError: Unknown name, missing file, or (as :class:`PresetError`) an invalid file,
+            with the file and the offending key in the message.
+    """
+    if isinstance(spec, Preset):
+        return spec
+    s = str(spec)
+    looks_like_path = isinstance(spec, Path) or s.endswith(".toml") or "/" in s or "\\" in s
+    path = Path(s) if looks_like_path else preset_path(s)
+    key = str(path.resolve()) if path.exists() else s
+    if not looks_like_path and key in _CACHE:
+        return _CACHE[key]
+    if not path.is_file():
+        raise ValueError(f"preset file {s!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PresetError(f"{path}: not valid TOML: {e}") from None
+    preset = _parse(data, str(path), str(path))
+    if not looks_like_path:
+        _CACHE[key] = preset
+    return preset
+
+
+def preset_from_dict(data: dict[str, Any], source: str = "<dict>") -> Preset:
+    """Validate a preset given as a dictionary (as stored in a plan)."""
+    return _parse(data, source, None)
