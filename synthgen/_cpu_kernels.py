@@ -77,6 +77,12 @@ def shape_mask(t2, w0, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
                 out[i, j, k] = inside
 
 
+@nb.njit(inline="always", **_OPTS)
+def _axpy(dst, w, src):
+    for q in range(dst.shape[0]):
+        dst[q] += w * src[q]
+
+
 @nb.njit(parallel=True, **_OPTS)
 def band_contract3(core, s0, w0, s1, w1, s2, w2):
     """Separable banded contraction ``out[i,j,k] = sum core[a,b,c] W0[i,a] W1[j,b] W2[k,c]``.
@@ -92,33 +98,29 @@ def band_contract3(core, s0, w0, s1, w1, s2, w2):
     x1 = np.empty((na, nb_, n2), dtype=np.float32)
     for a in nb.prange(na):
         for b in range(nb_):
+            row = core[a, b]
+            dst = x1[a, b]
             for o in range(n2):
                 acc = np.float32(0.0)
                 base = s2[o]
                 for t in range(k2):
-                    acc += w2[o, t] * core[a, b, base + t]
-                x1[a, b, o] = acc
+                    acc += w2[o, t] * row[base + t]
+                dst[o] = acc
     x2 = np.zeros((na, n1, n2), dtype=np.float32)
     for a in nb.prange(na):
         for o in range(n1):
             base = s1[o]
+            dst = x2[a, o]
             for t in range(k1):
-                wt = w1[o, t]
-                if wt == 0.0:
-                    continue
-                for c in range(n2):
-                    x2[a, o, c] += wt * x1[a, base + t, c]
-    out = np.zeros((n0, n1, n2), dtype=np.float32)
+                _axpy(dst, w1[o, t], x1[a, base + t])
+    flat2 = x2.reshape(na, n1 * n2)
+    out = np.zeros((n0, n1 * n2), dtype=np.float32)
     for o in nb.prange(n0):
         base = s0[o]
+        dst = out[o]
         for t in range(k0):
-            wt = w0[o, t]
-            if wt == 0.0:
-                continue
-            for b in range(n1):
-                for c in range(n2):
-                    out[o, b, c] += wt * x2[base + t, b, c]
-    return out
+            _axpy(dst, w0[o, t], flat2[base + t])
+    return out.reshape(n0, n1, n2)
 
 
 @nb.njit(parallel=True, **_OPTS)
@@ -163,12 +165,6 @@ def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
                 base = lo_pad + off2 + v
                 _axpy(dst, k2[v], buf[base : base + n2])
     return out
-
-
-@nb.njit(inline="always", **_OPTS)
-def _axpy(dst, w, src):
-    for q in range(dst.shape[0]):
-        dst[q] += w * src[q]
 
 
 @nb.njit(parallel=True, **_OPTS)

@@ -82,7 +82,8 @@ def block_fractions(
         from . import _cpu_kernels as k
     sa = float(params["sigma_a_mm"])
     h_b = block_size_mm(float(params["sigma_b_mm"]))
-    h_a = sa / 2.0
+    # noise lattice: sigma_a / 2 apart, never finer than the blocks it is evaluated at
+    h_a = max(sa / 2.0, float(h_b))
     centres = [b * float(h_b) for b in blocks]
     lat = [lattice_range(c[0], c[-1], h_a, 4.0 * sa) for c in centres]
     key = stream_key(seed, STREAM_NOISE)

@@ -256,27 +256,52 @@ class _Placer:
         self.bbox = bbox
         self.axis = axis
         self.inplane = [a for a in range(3) if a != axis]
-        self._eroded: dict[int, np.ndarray] = {}
+        self.radius = tuple(int(round(self.p.erosion_mm / spacing[a])) for a in self.inplane)
+        self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _candidates(self, z: int) -> np.ndarray:
-        """Flat indices (within the in-plane bbox) of candidate voxels of slice ``z``."""
-        if z in self._eroded:
-            return self._eroded[z]
+    def _slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Organ mask of slice ``z`` (in-plane bbox) and the flat indices of its candidates
+        (organ voxels, within the tissue window if the preset has one)."""
+        if z in self._slices:
+            return self._slices[z]
         sl = list(self.bbox)
         sl[self.axis] = z
         m = _binary(np.asarray(self.mask[tuple(sl)]))
-        if self.p.erosion_mm > 0:
-            from scipy.ndimage import binary_erosion
-
-            r = [round(self.p.erosion_mm / self.spacing[a]) for a in self.inplane]
-            if any(r):
-                m = binary_erosion(m, structure=np.ones((2 * r[0] + 1, 2 * r[1] + 1), bool))
+        cand = m
         if self.p.tissue_hu is not None:
             img = np.asarray(self.image[tuple(sl)])
-            m = m & (img >= self.p.tissue_hu[0]) & (img <= self.p.tissue_hu[1])
-        idx = np.flatnonzero(m)
-        self._eroded[z] = idx
-        return idx
+            cand = m & (img >= self.p.tissue_hu[0]) & (img <= self.p.tissue_hu[1])
+        self._slices[z] = (m, np.flatnonzero(cand))
+        return self._slices[z]
+
+    def _eroded_ok(self, m: np.ndarray, u: int, v: int) -> bool:
+        """Whether the erosion square around ``(u, v)`` lies inside the organ slice."""
+        r0, r1 = self.radius
+        if u - r0 < 0 or v - r1 < 0 or u + r0 >= m.shape[0] or v + r1 >= m.shape[1]:
+            return False
+        return bool(m[u - r0 : u + r0 + 1, v - r1 : v + r1 + 1].all())
+
+    def _draw_in_slice(self, rng: np.random.Generator, z: int) -> tuple[int, int, int] | None:
+        """A uniform voxel of the eroded slice ``z`` (rejection sampling, exact), or None."""
+        m, cand = self._slice(z)
+        if cand.size == 0:
+            return None
+        if not any(self.radius):
+            return self._to_vox(z, cand[rng.integers(cand.size)])
+        for _ in range(32):
+            f = int(cand[rng.integers(cand.size)])
+            u, v = divmod(f, m.shape[1])
+            if self._eroded_ok(m, u, v):
+                return self._to_vox(z, f)
+        # Mostly boundary: enumerate the eroded set once and draw from it.
+        from scipy.ndimage import binary_erosion
+
+        r0, r1 = self.radius
+        er = binary_erosion(m, structure=np.ones((2 * r0 + 1, 2 * r1 + 1), bool))
+        ok = cand[er.ravel()[cand]]
+        if ok.size == 0:
+            return None
+        return self._to_vox(z, ok[rng.integers(ok.size)])
 
     def _to_vox(self, z: int, flat: int) -> tuple[int, int, int]:
         shp = [self.bbox[a].stop - self.bbox[a].start for a in self.inplane]
@@ -293,15 +318,15 @@ class _Placer:
         zlo, zhi = self.bbox[self.axis].start, self.bbox[self.axis].stop - 1
         for w in (self.p.z_window, *self.p.widen):
             for _ in range(8):
-                z = round(zlo + rng.uniform(w[0], w[1]) * (zhi - zlo))
-                cand = self._candidates(z)
-                if cand.size:
-                    return self._to_vox(z, cand[rng.integers(cand.size)])
+                z = int(round(zlo + rng.uniform(w[0], w[1]) * (zhi - zlo)))
+                c = self._draw_in_slice(rng, z)
+                if c is not None:
+                    return c
         # Last resort: every slice of the organ, in a random order.
         for z in rng.permutation(np.arange(zlo, zhi + 1)):
-            cand = self._candidates(int(z))
-            if cand.size:
-                return self._to_vox(int(z), cand[rng.integers(cand.size)])
+            c = self._draw_in_slice(rng, int(z))
+            if c is not None:
+                return c
         raise ValueError(
             "organ too small for its placement rules: no voxel is left after "
             f"{self.p.erosion_mm} mm erosion"
@@ -431,7 +456,7 @@ def make_plan(
             )
     return Plan(
         seed=int(seed),
-        preset=preset.to_dict(),
+        preset=preset._schema_dict,
         size_class=size,
         shape=tuple(int(s) for s in image.shape),  # type: ignore[arg-type]
         spacing=sp,

@@ -9,6 +9,8 @@ this file (``<name>.toml``); a user's own file is loaded with :func:`load_preset
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -169,7 +171,11 @@ class Preset:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dictionary in the file schema (round-trips through
-        :func:`preset_from_dict`; recorded in plans and manifests)."""
+        :func:`preset_from_dict`; recorded in plans and manifests). A fresh copy."""
+        return copy.deepcopy(self._schema_dict)
+
+    @functools.cached_property
+    def _schema_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path", None)
         d["sources"] = list(self.sources)
@@ -491,6 +497,20 @@ def load_preset(spec: str | Path | Preset) -> Preset:
     return preset
 
 
+_FROM_DICT: dict[int, tuple[dict[str, Any], Preset]] = {}
+
+
 def preset_from_dict(data: dict[str, Any], source: str = "<dict>") -> Preset:
-    """Validate a preset given as a dictionary (as stored in a plan)."""
-    return _parse(data, source, None)
+    """Validate a preset given as a dictionary (as stored in a plan).
+
+    The result is remembered for the same dictionary object while it is unchanged, so
+    rendering many plans that share one preset dictionary validates it once.
+    """
+    hit = _FROM_DICT.get(id(data))
+    if hit is not None and hit[0] is data and hit[1]._schema_dict == data:
+        return hit[1]
+    preset = _parse(data, source, None)
+    if len(_FROM_DICT) > 64:
+        _FROM_DICT.clear()
+    _FROM_DICT[id(data)] = (data, preset)
+    return preset
