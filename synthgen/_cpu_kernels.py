@@ -21,6 +21,7 @@ import numba as nb
 __all__ = [
     "apply_delta",
     "band_contract3",
+    "bspline_matrix",
     "binomial_inverse_cdf",
     "blend_tumor",
     "mask_bbox",
@@ -33,13 +34,12 @@ _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"
 
 
 @nb.njit(parallel=True, **_OPTS)
-def shape_mask(t2, w0, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
-    """Deformed-ellipsoid test for every voxel of a box.
+def shape_mask(ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
+    """Deformed-ellipsoid test for every voxel of a box (B-spline displacement fused in).
 
     Args:
-        t2: ``(3, g, ny, nz)`` float32, control displacements already contracted along axes
-            1 and 2 with their B-spline weights (mm).
-        w0: ``(nx, g)`` float32 B-spline weights along axis 0.
+        ctrl: ``(3, g0, g1, g2)`` float32 control displacements (mm).
+        w0, w1, w2: ``(n, g)`` float32 B-spline weights of the voxels along each axis.
         pos0, pos1, pos2: voxel positions relative to the tumor centre along each axis (mm).
         m: ``(3, 3)`` float64, maps a displaced position (mm) to unit-sphere coordinates
             (``diag(1/r) @ R.T``).
@@ -48,20 +48,33 @@ def shape_mask(t2, w0, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
             tissue window) can become tumor.
         clip: intersect with the organ.
         out: ``(nx, ny, nz)`` bool, written everywhere.
+
+    A voxel ``x`` is tumor when ``|m (x + d(x))| <= 1`` with
+    ``d(x) = sum_abe ctrl[:, a, b, e] w0[i, a] w1[j, b] w2[k, e]``: the ellipsoid pulled back
+    through the displacement, as ``elasticdeform`` resamples an image (``out(x) = in(x + d)``).
     """
     nx, ny, nz = out.shape
-    g = w0.shape[1]
+    g0, g1, g2 = ctrl.shape[1], ctrl.shape[2], ctrl.shape[3]
     for i in nb.prange(nx):
+        row = np.empty((3, g2), dtype=np.float32)
         for j in range(ny):
+            for c in range(3):
+                for e in range(g2):
+                    acc = np.float32(0.0)
+                    for a in range(g0):
+                        wa = w0[i, a]
+                        for b in range(g1):
+                            acc += ctrl[c, a, b, e] * wa * w1[j, b]
+                    row[c, e] = acc
             for k in range(nz):
-                d0 = 0.0
-                d1 = 0.0
-                d2 = 0.0
-                for a in range(g):
-                    w = w0[i, a]
-                    d0 += w * t2[0, a, j, k]
-                    d1 += w * t2[1, a, j, k]
-                    d2 += w * t2[2, a, j, k]
+                d0 = np.float32(0.0)
+                d1 = np.float32(0.0)
+                d2 = np.float32(0.0)
+                for e in range(g2):
+                    w = w2[k, e]
+                    d0 += w * row[0, e]
+                    d1 += w * row[1, e]
+                    d2 += w * row[2, e]
                 p0 = pos0[i] + d0
                 p1 = pos1[j] + d1
                 p2 = pos2[k] + d2
@@ -75,6 +88,38 @@ def shape_mask(t2, w0, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
                     v = image[i, j, k]
                     inside = v >= tlo and v <= thi
                 out[i, j, k] = inside
+
+
+@nb.njit(**_OPTS)
+def bspline_matrix(t, prefilter):
+    """Cubic B-spline weights of positions ``t`` (control-index units, clamped to
+    ``[0, g - 1]``) on ``g`` control points with mirror boundaries, times ``prefilter``
+    (``g x g``; the interpolating spline). Mirrors ``_geometry.bspline_weights``."""
+    g = prefilter.shape[0]
+    n = t.shape[0]
+    raw = np.zeros((n, g))
+    period = 2 * (g - 1)
+    for r in range(n):
+        x = min(max(t[r], 0.0), g - 1.0)
+        base = int(np.floor(x))
+        for off in range(-1, 3):
+            j = base + off
+            ax = abs(x - j)
+            if ax < 1.0:
+                b = 2.0 / 3.0 - ax * ax + 0.5 * ax * ax * ax
+            elif ax < 2.0:
+                c = 2.0 - ax
+                b = c * c * c / 6.0
+            else:
+                continue
+            if g == 1:
+                jj = 0
+            else:
+                jj = abs(j) % period
+                if jj >= g:
+                    jj = period - jj
+            raw[r, jj] += b
+    return (raw @ prefilter).astype(np.float32)
 
 
 @nb.njit(inline="always", **_OPTS)
@@ -391,25 +436,28 @@ def masked_diff(orig, target, mask):
     return n, acc
 
 
+# numba evaluates uint32 expressions in 64 bits: every step is cast back to uint32 so the
+# hash wraps exactly like the NumPy reference (synthgen._hash) and the CUDA C kernels.
 @nb.njit(inline="always", **_OPTS)
 def _mix32(x):
-    x ^= x >> np.uint32(16)
-    x *= np.uint32(0x7FEB352D)
-    x ^= x >> np.uint32(15)
-    x *= np.uint32(0x846CA68B)
-    x ^= x >> np.uint32(16)
+    x = np.uint32(x)
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    x = np.uint32(x ^ (x >> np.uint32(16)))
     return x
 
 
 @nb.njit(inline="always", **_OPTS)
 def _uniform(k0, k1, idx):
-    h = _mix32(_mix32(idx + k0) ^ k1)
+    h = _mix32(np.uint32(_mix32(np.uint32(idx + k0)) ^ k1))
     return np.float32(h >> np.uint32(8)) * np.float32(1.0 / 16777216.0)
 
 
 @nb.njit(inline="always", **_OPTS)
 def _lattice_index(i, j, k):
-    return (
+    return np.uint32(
         (np.uint32(i + 512) << np.uint32(20))
         | (np.uint32(j + 512) << np.uint32(10))
         | np.uint32(k + 512)

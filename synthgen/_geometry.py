@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "blur_band",
+    "prefilter",
     "bspline_weights",
     "dense_displacement",
     "gaussian_kernel1d",
@@ -51,6 +52,13 @@ def _mirror(j, g: int):
     period = 2 * (g - 1)
     j = np.abs(j) % period
     return np.where(j >= g, period - j, j)
+
+
+def prefilter(g: int) -> np.ndarray:
+    """The (cached, read-only) interpolation prefilter of ``g`` control points."""
+    p = _prefilter_matrix(g)
+    p.flags.writeable = False
+    return p
 
 
 def bspline_weights(t: np.ndarray, g: int, *, prefilter: bool = True) -> np.ndarray:

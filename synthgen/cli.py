@@ -73,9 +73,7 @@ def demo(
             raise typer.BadParameter(f"unknown organ {o!r}; valid: {', '.join(DEMO_ORGANS)}")
     t0 = time.perf_counter()
     ph = make_phantom(shp, sp, seed=seed)  # type: ignore[arg-type]
-    console.print(
-        f"phantom {shp} at {sp} mm built in {time.perf_counter() - t0:.2f} s -> {out}"
-    )
+    console.print(f"phantom {shp} at {sp} mm built in {time.perf_counter() - t0:.2f} s -> {out}")
     save_nifti(out / "phantom_ct.nii.gz", ph.image, ph.affine)
     table = Table(title="synthgen demo (phantom)")
     for col in ("organ", "preset", "class", "tumors", "volume mL", "contrast HU", "time ms"):
@@ -178,7 +176,9 @@ def info() -> None:
     table.add_column("item")
     table.add_column("value")
     table.add_row("python", platform.python_version())
-    table.add_row("numpy / scipy / numba", f"{numpy.__version__} / {scipy.__version__} / {numba.__version__}")
+    table.add_row(
+        "numpy / scipy / numba", f"{numpy.__version__} / {scipy.__version__} / {numba.__version__}"
+    )
     table.add_row("backends", "cpu (numba, %d threads)" % numba.config.NUMBA_NUM_THREADS)
     table.add_row("presets", ", ".join(synthgen.list_presets()))
     console.print(table)

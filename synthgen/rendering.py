@@ -10,18 +10,20 @@ Nothing scales with the scan except the optional copy of the output.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._geometry import bspline_weights, gaussian_kernel1d
+from ._geometry import gaussian_kernel1d, prefilter
 from ._texture import interp_coords, texture_grid
 from .planning import Plan, TumorPlan, _binary, check_arrays
 
-__all__ = ["HU_MAX", "HU_MIN", "RenderResult", "TumorRecord", "render"]
+__all__ = ["HU_MAX", "HU_MIN", "RenderResult", "TumorRecord", "render", "set_num_threads"]
 
 HU_MIN = -1024.0
 HU_MAX = 3071.0
@@ -111,16 +113,16 @@ def _bound_mm(t: TumorPlan) -> np.ndarray:
 
 def _shape_inputs(t: TumorPlan, pos: Sequence[np.ndarray]):
     """Arguments of the fused shape kernel for voxel positions ``pos`` (mm from the centre)."""
+    from ._cpu_kernels import bspline_matrix
+
     disp = t.displacement
-    g = disp.shape[1]
     ext = t.control_extent_mm
-    w = [
-        bspline_weights((pos[a] + ext[a]) / (2.0 * ext[a]) * (g - 1), g).astype(np.float32)
-        for a in range(3)
-    ]
-    t2 = np.einsum("cabe,jb,ke->cajk", disp, w[1], w[2], optimize=True).astype(np.float32)
+    w = []
+    for a in range(3):
+        g = disp.shape[a + 1]
+        w.append(bspline_matrix((pos[a] + ext[a]) * ((g - 1) / (2.0 * ext[a])), prefilter(g)))
     m = np.ascontiguousarray((t.rotation_matrix / np.asarray(t.radii_mm)[None, :]).T)
-    return t2, w[0], [p.astype(np.float32) for p in pos], m
+    return disp.astype(np.float32), w, [p.astype(np.float32) for p in pos], m
 
 
 COARSE_STEP_MM = 3.0
@@ -158,15 +160,13 @@ def tumor_box(
     step = [max(1, int(COARSE_STEP_MM / spacing[a])) for a in range(3)]
     idx = [np.arange(lo[a], hi[a], step[a]) for a in range(3)]
     pos = [(idx[a] - t.center_vox[a]) * spacing[a] for a in range(3)]
-    t2, w0, pos32, m = _shape_inputs(t, pos)
+    ctrl, w, pos32, m = _shape_inputs(t, pos)
     shp = tuple(len(i) for i in idx)
     ones = np.ones((1, 1, 1), dtype=np.bool_)
     zero = np.zeros((1, 1, 1), dtype=np.float32)
     coarse = np.empty(shp, dtype=np.bool_)
     bcast = [np.broadcast_to(a, shp) for a in (ones, zero)]
-    k.shape_mask(
-        t2, w0, pos32[0], pos32[1], pos32[2], m, bcast[0], bcast[1], -np.inf, np.inf, False, coarse
-    )
+    k.shape_mask(ctrl, *w, *pos32, m, bcast[0], bcast[1], -np.inf, np.inf, False, coarse)
     pad_mm = BLUR_TRUNCATE * t.blur_sigma_mm
     out = []
     for a in range(3):
@@ -227,11 +227,9 @@ def _render_tumor(
     pos = [(np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * spacing[a] for a in range(3)]
     tlo, thi = np.float32(tissue[0]), np.float32(tissue[1])
     # Shape: B-spline displacement + ellipsoid test, fused.
-    t2, w0, pos32, m = _shape_inputs(t, pos)
+    ctrl, w, pos32, m = _shape_inputs(t, pos)
     mask = np.empty(orig.shape, dtype=np.bool_)
-    k.shape_mask(
-        t2, w0, pos32[0], pos32[1], pos32[2], m, organ, orig, tlo, thi, t.clip_to_organ, mask
-    )
+    k.shape_mask(ctrl, *w, *pos32, m, organ, orig, tlo, thi, t.clip_to_organ, mask)
     if not mask.any():
         return mask
     # Edge blur B of the mask (separable, zero padded, scipy-normalised kernel).
@@ -268,6 +266,43 @@ def _render_tumor(
         delta,
     )
     return mask
+
+
+# Boxes smaller than this run their kernels on one thread: waking a thread team costs more
+# than it saves there, and under contention (data-loader workers) it can stall for a whole
+# scheduler quantum.
+PARALLEL_MIN_VOXELS = 200_000
+_NUM_THREADS: int | None = None
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads the CPU kernels may use for large tumor boxes (``None``: numba's default,
+    the number of cores; ``1`` in data-loader workers). Also read from
+    ``SYNTHGEN_NUM_THREADS``."""
+    global _NUM_THREADS
+    if n is not None and int(n) < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _NUM_THREADS = None if n is None else int(n)
+
+
+@contextlib.contextmanager
+def _threads_for(voxels: int):
+    import numba
+
+    limit = _NUM_THREADS
+    if limit is None:
+        env = os.environ.get("SYNTHGEN_NUM_THREADS")
+        limit = int(env) if env else numba.config.NUMBA_NUM_THREADS
+    want = 1 if voxels < PARALLEL_MIN_VOXELS else min(limit, numba.config.NUMBA_NUM_THREADS)
+    before = numba.get_num_threads()
+    if want == before:
+        yield
+        return
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
@@ -350,9 +385,11 @@ def render(
             sub = tuple(
                 slice(b[a].start - crop[a].start, b[a].stop - crop[a].start) for a in range(3)
             )
-            m = _render_tumor(
-                plan.tumors[i], b, sp, orig32[sub], organ[sub], tissue_win, organ_hu, delta[sub], k
-            )
+            with _threads_for(math.prod(s.stop - s.start for s in b)):
+                m = _render_tumor(
+                    plan.tumors[i], b, sp, orig32[sub], organ[sub], tissue_win, organ_hu,
+                    delta[sub], k,
+                )  # fmt: skip
             local[i] = (sub, m)
         view = target[crop]
         k.apply_delta(view, orig, delta, cmin, cmax, lo_out, hi_out, target.dtype.kind in "iu")

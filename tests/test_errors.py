@@ -1,0 +1,216 @@
+"""Bad inputs raise ValueError with a message that says what is wrong."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import synthgen
+from synthgen import Plan, PresetError
+
+SP = (2.5, 2.5, 3.0)
+
+
+@pytest.fixture(scope="module")
+def scan(small_phantom):
+    return small_phantom.image, small_phantom.mask("liver")
+
+
+def _synth(image, mask, **kw):
+    args = {"organ": "liver-classic", "spacing": SP, "seed": 0}
+    args.update(kw)
+    return synthgen.synthesize(image, mask, **args)
+
+
+def test_shape_mismatch(scan) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match=r"shape mismatch.*\(160, 128, 112\).*\(160, 128, 111\)"):
+        _synth(img, m[:, :, :-1])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        synthgen.plan(img[1:], m, organ="liver", seed=0, spacing=SP)
+
+
+def test_empty_organ_mask(scan) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match="organ mask is empty"):
+        _synth(img, np.zeros_like(m))
+    # numbers are binarised at > 0.5: a mask of 0.4 is empty too
+    with pytest.raises(ValueError, match="organ mask is empty"):
+        _synth(img, np.where(m, 0.4, 0.0).astype(np.float32))
+
+
+def test_organ_too_small_for_class(scan) -> None:
+    img, _ = scan
+    tiny = np.zeros(img.shape, dtype=bool)
+    tiny[80, 60, 50:53] = True  # 3 voxels, 56 mm^3
+    with pytest.raises(ValueError, match=r"organ too small for class 'large'.*24 mm radius"):
+        _synth(img, tiny, size="large")
+    with pytest.raises(ValueError, match="organ too small"):
+        _synth(img, tiny, size="tiny")  # 3 mm radius: 113 mm^3 > 56 mm^3
+
+
+def test_small_organ_still_takes_small_tumors(scan) -> None:
+    img, _ = scan
+    organ = np.zeros(img.shape, dtype=bool)
+    organ[78:83, 58:63, 48:53] = True  # 5^3 voxels = 2.3 mL
+    res = _synth(img, organ, size="tiny")
+    assert res.tumor_mask.any()
+    assert not (res.tumor_mask & ~organ).any()
+    with pytest.raises(ValueError, match="organ too small for class 'large'"):
+        _synth(img, organ, size="large")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_inside_organ_bbox(scan, bad: float) -> None:
+    img, m = scan
+    f = img.astype(np.float32)
+    idx = np.argwhere(m)
+    f[tuple(idx[len(idx) // 2])] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _synth(f, m)
+    # also when the bad voxel is in the bounding box but outside the organ itself
+    lo = idx.min(axis=0)
+    g = img.astype(np.float64)
+    assert not m[tuple(lo)]
+    g[tuple(lo)] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _synth(g, m)
+
+
+def test_nan_far_from_organ_is_tolerated(scan) -> None:
+    img, m = scan
+    f = img.astype(np.float32)
+    f[0, 0, 0] = np.nan  # air corner, far outside the liver's bounding box
+    res = _synth(f, m, size="small")
+    assert np.isnan(res.image[0, 0, 0])
+    assert np.isfinite(res.image[m]).all()
+
+
+@pytest.mark.parametrize("ndim", [2, 4])
+def test_non_3d_arrays(scan, ndim: int) -> None:
+    img, m = scan
+    if ndim == 2:
+        a, b = img[:, :, 50], m[:, :, 50]
+    else:
+        a, b = img[None], m[None]
+    with pytest.raises(ValueError, match=re.escape(f"image must be 3-D, got shape {a.shape}")):
+        _synth(a, b)
+    with pytest.raises(ValueError, match="organ_mask must be 3-D"):
+        _synth(img, b)
+
+
+def test_not_an_array(scan) -> None:
+    _, m = scan
+    with pytest.raises(ValueError, match="image must be an array, got list"):
+        _synth([[[0.0]]], m)
+    cube = np.ones((4, 4, 4), dtype=bool)
+    with pytest.raises(ValueError, match="image must be numeric"):
+        _synth(np.full((4, 4, 4), "a"), cube)
+
+
+@pytest.mark.parametrize(
+    "spacing",
+    [(1.0, 0.0, 1.0), (1.0, -2.5, 3.0), (np.nan, 1.0, 1.0), (1.0, 1.0, np.inf)],
+)
+def test_non_positive_or_nan_spacing(scan, spacing) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match="spacing must be positive and finite"):
+        _synth(img, m, spacing=spacing)
+
+
+def test_spacing_needs_three_values(scan) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match="spacing must have 3 values"):
+        _synth(img, m, spacing=(1.0, 1.0))
+
+
+def test_no_spacing_and_no_affine(scan) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match=r"spacing=\.\.\.\) or an affine"):
+        _synth(img, m, spacing=None)
+    with pytest.raises(ValueError, match=r"affine must be 4x4"):
+        _synth(img, m, spacing=None, affine=np.eye(3))
+    # a singular affine gives a zero spacing
+    aff = np.diag([2.5, 0.0, 3.0, 1.0])
+    with pytest.raises(ValueError, match="spacing must be positive"):
+        _synth(img, m, spacing=None, affine=aff)
+
+
+@pytest.mark.parametrize("organ", ["lung", "liver-modern"])
+def test_unknown_organ_or_preset(scan, organ: str) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match=f"unknown organ or preset '{organ}'") as info:
+        _synth(img, m, organ=organ)
+    assert "liver-classic" in str(info.value) and "pancreas" in str(info.value)
+    with pytest.raises(ValueError, match="unknown organ or preset"):
+        synthgen.Synthesizer(organ)
+
+
+def test_invalid_preset_file(scan, tmp_path: Path) -> None:
+    img, m = scan
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        'name = "bad"\norgan = "liver"\n[classes.tiny]\ncount = [3, 1]\nradius_mm = [1, 2]\n'
+        "[mix]\ntiny = 1\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(PresetError, match=r"bad\.toml: \[classes\.tiny\.count\] low 3\.0"):
+        _synth(img, m, organ=path)
+
+
+@pytest.mark.parametrize("size", ["huge", "Tiny", ""])
+def test_unknown_size_class(scan, size: str) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match=f"no size class '{size}'; valid: tiny, small"):
+        _synth(img, m, size=size)
+    with pytest.raises(ValueError, match="no size class"):
+        synthgen.Synthesizer("liver", size=size)
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**40), 1.5, "7", None])
+def test_bad_seed(scan, seed) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        _synth(img, m, seed=seed)
+
+
+def test_numpy_integer_seed_is_accepted(scan) -> None:
+    img, m = scan
+    a = synthgen.plan(img, m, organ="liver", seed=np.int64(5), spacing=SP)
+    b = synthgen.plan(img, m, organ="liver", seed=5, spacing=SP)
+    assert a.to_json() == b.to_json()
+
+
+def test_render_plan_for_another_shape(scan) -> None:
+    img, m = scan
+    plan = synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=SP, size="small")
+    with pytest.raises(ValueError, match=r"plan is for shape \(160, 128, 112\), image is"):
+        synthgen.render(plan, img[:, :, :100], m[:, :, :100])
+    with pytest.raises(ValueError, match=r"plan is for shape"):
+        synthgen.render(plan, img.transpose(1, 0, 2), m.transpose(1, 0, 2))
+
+
+def test_render_bad_out(scan) -> None:
+    img, m = scan
+    plan = synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=SP, size="small")
+    with pytest.raises(ValueError, match="out has dtype float32, image has int16"):
+        synthgen.render(plan, img, m, out=img.astype(np.float32))
+    with pytest.raises(ValueError, match="out must be a NumPy array with the image's shape"):
+        synthgen.render(plan, img, m, out=np.zeros((3, 3, 3), np.int16))
+
+
+def test_unknown_device(scan) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match="device 'cuda' is not available"):
+        _synth(img, m, device="cuda")
+
+
+def test_unsupported_plan_version(scan) -> None:
+    img, m = scan
+    d = synthgen.plan(img, m, organ="liver", seed=0, spacing=SP).to_dict()
+    d["version"] = 99
+    with pytest.raises(ValueError, match="unsupported plan version 99"):
+        Plan.from_dict(d)
