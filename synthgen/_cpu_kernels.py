@@ -1,7 +1,9 @@
 """Numba CPU kernels of the render (the CUDA C kernels mirror these one for one).
 
 Imported lazily by the CPU backend so that ``import synthgen`` stays cheap. Each kernel works
-on one tumor's box; ``parallel=True`` spreads the outer axis over the cores.
+on one tumor's box, single-threaded and without the GIL (``nogil``): the renderer runs
+independent groups of tumors on a thread pool instead. That keeps small boxes free of
+thread-team overhead, never oversubscribes cores in data-loader workers, and is fork-safe.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ __all__ = [
 _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def shape_mask(ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
     """Deformed-ellipsoid test for every voxel of a box (B-spline displacement fused in).
 
@@ -55,8 +57,19 @@ def shape_mask(ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, cl
     """
     nx, ny, nz = out.shape
     g0, g1, g2 = ctrl.shape[1], ctrl.shape[2], ctrl.shape[3]
-    for i in nb.prange(nx):
-        row = np.empty((3, g2), dtype=np.float32)
+    # q = m (x + d(x)) is affine in the axis-2 quantities (pos2[k], w2[k, :]) for fixed (i, j):
+    # q_c = a_c + m_c2 pos2[k] + sum_e b_ce w2[k, e]; the inner loop is branch-free FMAs.
+    m02 = np.float32(m[0, 2])
+    m12 = np.float32(m[1, 2])
+    m22 = np.float32(m[2, 2])
+    noclip = not clip
+    w2t = np.ascontiguousarray(w2.T)
+    qa = np.empty(nz, dtype=np.float32)
+    qb = np.empty(nz, dtype=np.float32)
+    qc = np.empty(nz, dtype=np.float32)
+    row = np.empty((3, g2), dtype=np.float32)
+    bm = np.empty((3, g2), dtype=np.float32)
+    for i in range(nx):
         for j in range(ny):
             for c in range(3):
                 for e in range(g2):
@@ -66,28 +79,36 @@ def shape_mask(ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, cl
                         for b in range(g1):
                             acc += ctrl[c, a, b, e] * wa * w1[j, b]
                     row[c, e] = acc
-            for k in range(nz):
-                d0 = np.float32(0.0)
-                d1 = np.float32(0.0)
-                d2 = np.float32(0.0)
+            for c in range(3):
                 for e in range(g2):
-                    w = w2[k, e]
-                    d0 += w * row[0, e]
-                    d1 += w * row[1, e]
-                    d2 += w * row[2, e]
-                p0 = pos0[i] + d0
-                p1 = pos1[j] + d1
-                p2 = pos2[k] + d2
-                q0 = m[0, 0] * p0 + m[0, 1] * p1 + m[0, 2] * p2
-                q1 = m[1, 0] * p0 + m[1, 1] * p1 + m[1, 2] * p2
-                q2 = m[2, 0] * p0 + m[2, 1] * p1 + m[2, 2] * p2
-                inside = q0 * q0 + q1 * q1 + q2 * q2 <= 1.0
-                if inside and clip:
-                    inside = organ[i, j, k]
-                if inside:
-                    v = image[i, j, k]
-                    inside = v >= tlo and v <= thi
-                out[i, j, k] = inside
+                    bm[c, e] = m[c, 0] * row[0, e] + m[c, 1] * row[1, e] + m[c, 2] * row[2, e]
+            a0 = np.float32(m[0, 0] * pos0[i] + m[0, 1] * pos1[j])
+            a1 = np.float32(m[1, 0] * pos0[i] + m[1, 1] * pos1[j])
+            a2 = np.float32(m[2, 0] * pos0[i] + m[2, 1] * pos1[j])
+            for k in range(nz):
+                qa[k] = a0 + m02 * pos2[k]
+                qb[k] = a1 + m12 * pos2[k]
+                qc[k] = a2 + m22 * pos2[k]
+            for e in range(g2):
+                b0 = bm[0, e]
+                b1 = bm[1, e]
+                b2 = bm[2, e]
+                we = w2t[e]
+                for k in range(nz):
+                    qa[k] += b0 * we[k]
+                    qb[k] += b1 * we[k]
+                    qc[k] += b2 * we[k]
+            img_row = image[i, j]
+            org_row = organ[i, j]
+            out_row = out[i, j]
+            for k in range(nz):
+                v = img_row[k]
+                out_row[k] = (
+                    (qa[k] * qa[k] + qb[k] * qb[k] + qc[k] * qc[k] <= 1.0)
+                    & (noclip | org_row[k])
+                    & (v >= tlo)
+                    & (v <= thi)
+                )
 
 
 @nb.njit(**_OPTS)
@@ -128,7 +149,7 @@ def _axpy(dst, w, src):
         dst[q] += w * src[q]
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def band_contract3(core, s0, w0, s1, w1, s2, w2):
     """Separable banded contraction ``out[i,j,k] = sum core[a,b,c] W0[i,a] W1[j,b] W2[k,c]``.
 
@@ -141,7 +162,7 @@ def band_contract3(core, s0, w0, s1, w1, s2, w2):
     n1, k1 = w1.shape
     n2, k2 = w2.shape
     x1 = np.empty((na, nb_, n2), dtype=np.float32)
-    for a in nb.prange(na):
+    for a in range(na):
         for b in range(nb_):
             row = core[a, b]
             dst = x1[a, b]
@@ -152,7 +173,7 @@ def band_contract3(core, s0, w0, s1, w1, s2, w2):
                     acc += w2[o, t] * row[base + t]
                 dst[o] = acc
     x2 = np.zeros((na, n1, n2), dtype=np.float32)
-    for a in nb.prange(na):
+    for a in range(na):
         for o in range(n1):
             base = s1[o]
             dst = x2[a, o]
@@ -160,7 +181,7 @@ def band_contract3(core, s0, w0, s1, w1, s2, w2):
                 _axpy(dst, w1[o, t], x1[a, base + t])
     flat2 = x2.reshape(na, n1 * n2)
     out = np.zeros((n0, n1 * n2), dtype=np.float32)
-    for o in nb.prange(n0):
+    for o in range(n0):
         base = s0[o]
         dst = out[o]
         for t in range(k0):
@@ -168,7 +189,7 @@ def band_contract3(core, s0, w0, s1, w1, s2, w2):
     return out.reshape(n0, n1, n2)
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
     """Separable correlation with one kernel per axis and zero padding.
 
@@ -181,7 +202,7 @@ def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
     r0, r1, r2 = k0.shape[0], k1.shape[0], k2.shape[0]
     flat_core = core.reshape(na, nb_ * nc)
     y0 = np.zeros((n0, nb_ * nc), dtype=np.float32)
-    for i in nb.prange(n0):
+    for i in range(n0):
         dst = y0[i]
         for t in range(r0):
             ii = i + off0 + t
@@ -190,7 +211,7 @@ def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
             _axpy(dst, k0[t], flat_core[ii])
     y0 = y0.reshape(n0, nb_, nc)
     y1 = np.zeros((n0, n1, nc), dtype=np.float32)
-    for i in nb.prange(n0):
+    for i in range(n0):
         for j in range(n1):
             dst = y1[i, j]
             for u in range(r1):
@@ -201,7 +222,7 @@ def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
     out = np.zeros((n0, n1, n2), dtype=np.float32)
     lo_pad = max(0, -off2)
     buf_len = lo_pad + max(nc, n2 + off2 + r2) + 1
-    for i in nb.prange(n0):
+    for i in range(n0):
         buf = np.zeros(buf_len, dtype=np.float32)
         for j in range(n1):
             buf[lo_pad : lo_pad + nc] = y1[i, j]
@@ -212,7 +233,7 @@ def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
     return out
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def binomial_inverse_cdf(u, n, p, out):
     """``out[c] = F^-1(u[c])`` for Binomial(``n``, ``p[c]``): one uniform per draw, exact.
 
@@ -222,7 +243,7 @@ def binomial_inverse_cdf(u, n, p, out):
     flat_p = p
     flat_o = out
     nn = n
-    for c in nb.prange(flat_u.shape[0]):
+    for c in range(flat_u.shape[0]):
         pp = min(max(flat_p[c], 0.0), 1.0)
         if pp <= 0.0:
             flat_o[c] = 0.0
@@ -241,7 +262,7 @@ def binomial_inverse_cdf(u, n, p, out):
         flat_o[c] = k
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def blend_tumor(
     orig, organ, tlo, thi, blur, tgrid, i0, f0, i1, f1, i2, f2, contrast, organ_hu, clipped, delta
 ):
@@ -253,7 +274,7 @@ def blend_tumor(
     tumor replaces tissue with tumor tissue of intensity ``organ_hu - T*D`` weighted by ``B``.
     """
     nx, ny, nz = orig.shape
-    for i in nb.prange(nx):
+    for i in range(nx):
         a0 = i0[i]
         u0 = f0[i]
         for j in range(ny):
@@ -284,7 +305,7 @@ def blend_tumor(
                     delta[i, j, k] = d
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def _bbox_words(words, nz):
     """Bounding box of non-zero bytes of a mask viewed as uint64 words along the last axis."""
     nx, ny, nw = words.shape
@@ -293,7 +314,7 @@ def _bbox_words(words, nz):
     hi1 = np.full(nx, -1, dtype=np.int64)
     lo2 = np.full(nx, nz, dtype=np.int64)
     hi2 = np.full(nx, -1, dtype=np.int64)
-    for i in nb.prange(nx):
+    for i in range(nx):
         c = 0
         for j in range(ny):
             first = -1
@@ -349,7 +370,7 @@ def bbox_of_bool(mask: np.ndarray):
     )
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def mask_bbox(mask):
     """Bounding box and voxel count of ``mask > 0.5`` in one parallel pass.
 
@@ -362,7 +383,7 @@ def mask_bbox(mask):
     hi1 = np.full(nx, -1, dtype=np.int64)
     lo2 = np.full(nx, nz, dtype=np.int64)
     hi2 = np.full(nx, -1, dtype=np.int64)
-    for i in nb.prange(nx):
+    for i in range(nx):
         c = 0
         a1, b1, a2, b2 = ny, -1, nz, -1
         for j in range(ny):
@@ -395,7 +416,7 @@ def mask_bbox(mask):
     return lo0, hi0, r1lo, r1hi, r2lo, r2hi, total
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def apply_delta(target, orig, delta, cmin, cmax, lo, hi, round_int):
     """Write ``orig - delta`` into ``target`` where ``delta != 0``.
 
@@ -404,7 +425,7 @@ def apply_delta(target, orig, delta, cmin, cmax, lo, hi, round_int):
     ``[lo, hi]``. Voxels with ``delta == 0`` are not written.
     """
     nx, ny, nz = delta.shape
-    for i in nb.prange(nx):
+    for i in range(nx):
         for j in range(ny):
             for k in range(nz):
                 d = delta[i, j, k]
@@ -464,50 +485,46 @@ def _lattice_index(i, j, k):
     )
 
 
-@nb.njit(parallel=True, **_OPTS)
+@nb.njit(**_OPTS)
 def lattice_uniform(k0, k1, a0, n0, a1, n1, a2, n2, shift):
     """Counter-based uniforms (minus ``shift``) on lattice points ``a + (0..n-1)`` per axis."""
     out = np.empty((n0, n1, n2), dtype=np.float32)
     key0 = np.uint32(k0)
     key1 = np.uint32(k1)
-    for i in nb.prange(n0):
+    for i in range(n0):
         for j in range(n1):
             for k in range(n2):
                 out[i, j, k] = _uniform(key0, key1, _lattice_index(a0 + i, a1 + j, a2 + k)) - shift
     return out
 
 
-@nb.njit(parallel=True, **_OPTS)
-def block_sums(z, norm0, norm1, norm2, zscale, base, scale, k0, k1, b0, b1, b2, n_cells):
+@nb.njit(**_OPTS)
+def block_sums(
+    z, inv_norm0, inv_norm1, inv_norm2, zscale, base, scale, k0, k1, b0, b1, b2, n_cells
+):
     """Bernoulli block fractions ``S / n`` from the smoothed noise ``z`` at block centres.
 
-    ``p = base + scale * clip(0.5 + zscale * z / (norm0 norm1 norm2), 0, 1)``, then
-    ``S ~ Binomial(n_cells, p)`` by inverse CDF of one counter-based uniform per block (key
-    ``k0, k1``; block ``(i, j, k)`` has lattice index ``(b0 + i, b1 + j, b2 + k)``).
+    ``p = base + scale * clip(0.5 + zscale * z * inv_norm0 inv_norm1 inv_norm2, 0, 1)``; the
+    fraction of ``n`` Bernoulli(p) cells is drawn with its exact mean ``p`` and variance
+    ``p (1 - p) / n`` from one counter-based uniform (key ``k0, k1``; block ``(i, j, k)`` has
+    lattice index ``(b0 + i, b1 + j, b2 + k)``). The sigma_b smoothing that follows averages
+    hundreds of blocks, so only these two moments reach the texture (its distribution is
+    Gaussian by the central limit theorem whatever the per-block law).
     """
     nx, ny, nz = z.shape
     out = np.empty((nx, ny, nz), dtype=np.float32)
     key0 = np.uint32(k0)
     key1 = np.uint32(k1)
     inv_n = 1.0 / n_cells
-    for i in nb.prange(nx):
+    sqrt12 = np.sqrt(12.0)
+    for i in range(nx):
         for j in range(ny):
-            nij = norm0[i] * norm1[j]
+            nij = zscale * inv_norm0[i] * inv_norm1[j]
             for k in range(nz):
-                x = 0.5 + zscale * z[i, j, k] / (nij * norm2[k])
+                x = 0.5 + nij * z[i, j, k] * inv_norm2[k]
                 x = min(max(x, 0.0), 1.0)
                 p = base + scale * x
                 u = _uniform(key0, key1, _lattice_index(b0 + i, b1 + j, b2 + k))
-                s = 0
-                if p >= 1.0:
-                    s = n_cells
-                elif p > 0.0:
-                    pmf = (1.0 - p) ** n_cells
-                    cdf = pmf
-                    ratio = p / (1.0 - p)
-                    while u >= cdf and s < n_cells:
-                        pmf *= (n_cells - s) / (s + 1.0) * ratio
-                        s += 1
-                        cdf += pmf
-                out[i, j, k] = s * inv_n
+                sd = np.sqrt(max(p * (1.0 - p), 0.0) * inv_n)
+                out[i, j, k] = p + sd * sqrt12 * (u - 0.5)
     return out

@@ -7,17 +7,19 @@ rescaled so that the mean of values above ``threshold`` is ``u0``; clipped to ``
 How it is made cheap without changing the statistics (all positions in mm, relative to the
 tumor centre, so the texture does not depend on the voxel grid or on the scan size):
 
-* The sigma_a field is smoothed noise: noise on a lattice of spacing ``sigma_a / 2`` summed
+* The sigma_a field is smoothed noise: noise on a lattice of spacing ``sigma_a`` summed
   with Gaussian weights has the same Gaussian autocorrelation as voxel noise filtered with
   sigma_a. It is standardised exactly (the weights' norm is separable), and the published
   min-max is replaced by its expectation over the published 420x300x320 bank: ``+-range_sd``
   standard deviations map to ``[base, base + scale]``. No reduction, no dependence on the box.
 * The Bernoulli draws of 1 mm^3 cells are aggregated per block of ``h^3`` cells
-  (``h = max(1, floor(sigma_b / 2))`` mm): the block sum is drawn exactly as
-  ``Binomial(h^3, p)`` by inverse CDF from one counter-based uniform, and the sigma_b
-  smoothing is a separable Gaussian sum from block centres to voxels (one contraction per
-  axis, BLAS). The variance and autocorrelation of the smoothed field are those of voxel-level
-  Bernoulli noise smoothed with sigma_b.
+  (``h = max(1, floor(sigma_b / 2))`` mm): the block's success fraction gets the exact mean
+  ``p`` and variance ``p (1 - p) / h^3`` of ``h^3`` Bernoulli draws, from one counter-based
+  uniform. The sigma_b smoothing is a separable Gaussian sum from block centres to a grid
+  ``h`` mm apart, interpolated trilinearly to the voxels. Since that smoothing averages
+  hundreds of blocks, the field has the mean, variance and autocorrelation of voxel-level
+  Bernoulli noise smoothed with sigma_b (and is Gaussian by the central limit theorem, as the
+  published field is).
 * The final rescale is the published one, measured over the tumor's box.
 """
 
@@ -82,25 +84,27 @@ def block_fractions(
         from . import _cpu_kernels as k
     sa = float(params["sigma_a_mm"])
     h_b = block_size_mm(float(params["sigma_b_mm"]))
-    # noise lattice: sigma_a / 2 apart, never finer than the blocks it is evaluated at
-    h_a = max(sa / 2.0, float(h_b))
+    # Noise lattice sigma_a apart (never finer than the blocks), Gaussian truncated at 3 sigma:
+    # the normalised lattice sum then has the Gaussian autocorrelation of voxel noise to
+    # within ~1e-4 (Poisson summation), at a few lattice points per axis.
+    h_a = max(sa, float(h_b))
     centres = [b * float(h_b) for b in blocks]
-    lat = [lattice_range(c[0], c[-1], h_a, 4.0 * sa) for c in centres]
+    lat = [lattice_range(c[0], c[-1], h_a, 3.0 * sa) for c in centres]
     key = stream_key(seed, STREAM_NOISE)
     _check_lattice(lat)
     noise = k.lattice_uniform(
         key[0], key[1], lat[0][0], lat[0].size, lat[1][0], lat[1].size, lat[2][0], lat[2].size,
         np.float32(0.5),
     )  # fmt: skip
-    g = [gaussian_matrix(c, la * h_a, sa) for c, la in zip(centres, lat, strict=True)]
+    g = [gaussian_matrix(c, la * h_a, sa, truncate=3.0) for c, la in zip(centres, lat, strict=True)]
     b = [to_band(m) for m in g]
     z = k.band_contract3(noise, b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1])
-    norm = [np.sqrt((m * m).sum(axis=1)) for m in g]
+    inv_norm = [1.0 / np.sqrt((m * m).sum(axis=1)) for m in g]
     kb = stream_key(seed, STREAM_BERNOULLI)
     _check_lattice(blocks)
     # uniform noise has variance 1/12: z * sqrt(12) / norm is standard normal
     return k.block_sums(
-        z, norm[0], norm[1], norm[2],
+        z, inv_norm[0], inv_norm[1], inv_norm[2],
         math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
         float(params["base"]), float(params["scale"]),
         kb[0], kb[1], blocks[0][0], blocks[1][0], blocks[2][0], h_b**3,

@@ -10,7 +10,7 @@ Nothing scales with the scan except the optional copy of the output.
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import math
 import os
 from collections.abc import Sequence
@@ -268,41 +268,57 @@ def _render_tumor(
     return mask
 
 
-# Boxes smaller than this run their kernels on one thread: waking a thread team costs more
-# than it saves there, and under contention (data-loader workers) it can stall for a whole
-# scheduler quantum.
-PARALLEL_MIN_VOXELS = 200_000
 _NUM_THREADS: int | None = None
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 
 
 def set_num_threads(n: int | None) -> None:
-    """Threads the CPU kernels may use for large tumor boxes (``None``: numba's default,
-    the number of cores; ``1`` in data-loader workers). Also read from
-    ``SYNTHGEN_NUM_THREADS``."""
+    """Threads a render may use to run independent groups of tumors concurrently.
+
+    ``None`` (default) uses ``SYNTHGEN_NUM_THREADS`` or the number of CPUs; use ``1`` in
+    data-loader workers. The kernels release the GIL, so threads scale on the tumor work.
+    """
     global _NUM_THREADS
     if n is not None and int(n) < 1:
         raise ValueError(f"number of threads must be >= 1, got {n}")
     _NUM_THREADS = None if n is None else int(n)
 
 
-@contextlib.contextmanager
-def _threads_for(voxels: int):
-    import numba
-
-    limit = _NUM_THREADS
-    if limit is None:
-        env = os.environ.get("SYNTHGEN_NUM_THREADS")
-        limit = int(env) if env else numba.config.NUMBA_NUM_THREADS
-    want = 1 if voxels < PARALLEL_MIN_VOXELS else min(limit, numba.config.NUMBA_NUM_THREADS)
-    before = numba.get_num_threads()
-    if want == before:
-        yield
-        return
-    numba.set_num_threads(want)
+def _threads() -> int:
+    if _NUM_THREADS is not None:
+        return _NUM_THREADS
+    env = os.environ.get("SYNTHGEN_NUM_THREADS")
+    if env:
+        return max(1, int(env))
     try:
-        yield
-    finally:
-        numba.set_num_threads(before)
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _drop_pool() -> None:
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+if hasattr(os, "register_at_fork"):  # a forked child must not reuse the parent's threads
+    os.register_at_fork(after_in_child=_drop_pool)
+
+
+def _map(fn, items):
+    """``list(map(fn, items))``, on the shared thread pool when there is work for it."""
+    global _POOL, _POOL_SIZE
+    items = list(items)
+    n = min(_threads(), len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    if _POOL is None or _POOL_SIZE < n:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="synthgen")
+        _POOL_SIZE = n
+    return list(_POOL.map(fn, items))
 
 
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
@@ -367,13 +383,14 @@ def render(
     lo_out, hi_out = _output_range(target.dtype)
     work_dtype = np.float64 if target.dtype == np.float64 else np.float32
 
-    boxes = [tumor_box(t, sp, plan.shape, plan.organ_bbox) for t in plan.tumors]
+    boxes = _map(lambda t: tumor_box(t, sp, plan.shape, plan.organ_bbox), plan.tumors)
     live = [i for i, b in enumerate(boxes) if b is not None]
-    masks: dict[int, tuple[tuple[slice, slice, slice], np.ndarray]] = {}
-    stats: dict[int, tuple[int, float]] = {}
     tissue_win = tissue if tissue is not None else (-np.inf, np.inf)
-    for group in _clusters([boxes[i] for i in live]):
-        ids = [live[g] for g in group]
+    is_int = target.dtype.kind in "iu"
+
+    def run_cluster(ids: list[int]):
+        # Clusters have disjoint tumor boxes and only write where their delta is non-zero
+        # (inside their own boxes), so they can run concurrently in any order.
         crop = _union([boxes[i] for i in ids])
         orig = np.array(target[crop], dtype=work_dtype, copy=True)
         orig32 = orig if work_dtype == np.float32 else orig.astype(np.float32)
@@ -385,19 +402,27 @@ def render(
             sub = tuple(
                 slice(b[a].start - crop[a].start, b[a].stop - crop[a].start) for a in range(3)
             )
-            with _threads_for(math.prod(s.stop - s.start for s in b)):
-                m = _render_tumor(
-                    plan.tumors[i], b, sp, orig32[sub], organ[sub], tissue_win, organ_hu,
-                    delta[sub], k,
-                )  # fmt: skip
+            m = _render_tumor(
+                plan.tumors[i], b, sp, orig32[sub], organ[sub], tissue_win, organ_hu, delta[sub], k
+            )
             local[i] = (sub, m)
         view = target[crop]
-        k.apply_delta(view, orig, delta, cmin, cmax, lo_out, hi_out, target.dtype.kind in "iu")
-        for i in ids:
-            sub, m = local[i]
-            masks[i] = (boxes[i], m)
+        k.apply_delta(view, orig, delta, cmin, cmax, lo_out, hi_out, is_int)
+        out = {}
+        for i, (sub, m) in local.items():
             n, acc = k.masked_diff(orig[sub], view[sub], m)
-            stats[i] = (int(n), acc / n if n else 0.0)
+            out[i] = (m, int(n), acc / n if n else 0.0)
+        return out
+
+    clusters = [[live[g] for g in group] for group in _clusters([boxes[i] for i in live])]
+    # largest clusters first, so the pool finishes evenly
+    clusters.sort(key=lambda ids: -sum(math.prod(s.stop - s.start for s in boxes[i]) for i in ids))
+    masks: dict[int, tuple[tuple[slice, slice, slice], np.ndarray]] = {}
+    stats: dict[int, tuple[int, float]] = {}
+    for res in _map(run_cluster, clusters):
+        for i, (m, n, mc) in res.items():
+            masks[i] = (boxes[i], m)
+            stats[i] = (n, mc)
 
     voxel_mm3 = sp[0] * sp[1] * sp[2]
     records = []
