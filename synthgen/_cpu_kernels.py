@@ -23,11 +23,11 @@ import numba as nb
 __all__ = [
     "apply_delta",
     "band_contract3",
-    "bspline_matrix",
-    "binomial_inverse_cdf",
     "blend_tumor",
+    "bspline_matrix",
     "mask_bbox",
     "masked_diff",
+    "merge_strongest",
     "shape_mask",
     "toeplitz_contract3",
 ]
@@ -234,35 +234,6 @@ def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
 
 
 @nb.njit(**_OPTS)
-def binomial_inverse_cdf(u, n, p, out):
-    """``out[c] = F^-1(u[c])`` for Binomial(``n``, ``p[c]``): one uniform per draw, exact.
-
-    All arrays are flat and contiguous; ``n`` is a scalar number of trials.
-    """
-    flat_u = u
-    flat_p = p
-    flat_o = out
-    nn = n
-    for c in range(flat_u.shape[0]):
-        pp = min(max(flat_p[c], 0.0), 1.0)
-        if pp <= 0.0:
-            flat_o[c] = 0.0
-            continue
-        if pp >= 1.0:
-            flat_o[c] = nn
-            continue
-        pmf = (1.0 - pp) ** nn
-        cdf = pmf
-        k = 0
-        ratio = pp / (1.0 - pp)
-        while flat_u[c] >= cdf and k < nn:
-            pmf *= (nn - k) / (k + 1.0) * ratio
-            k += 1
-            cdf += pmf
-        flat_o[c] = k
-
-
-@nb.njit(**_OPTS)
 def blend_tumor(
     orig, organ, tlo, thi, blur, tgrid, i0, f0, i1, f1, i2, f2, contrast, organ_hu, clipped, delta
 ):
@@ -352,8 +323,12 @@ def bbox_of_bool(mask: np.ndarray):
     is a multiple of 8 (scanned 8 voxels per word); ``None`` if it does not qualify."""
     if mask.dtype != np.bool_ or not mask.flags.c_contiguous or mask.shape[2] % 8:
         return None
+    from ._pool import map_threads
+
     words = mask.view(np.uint8).reshape(mask.shape[0], mask.shape[1], -1).view(np.uint64)
-    rows, lo1, hi1, lo2, hi2 = _bbox_words(words, mask.shape[2])
+    half = (mask.shape[0] + 1) // 2
+    parts = map_threads(lambda w: _bbox_words(w, mask.shape[2]), [words[:half], words[half:]])
+    rows, lo1, hi1, lo2, hi2 = (np.concatenate(x) for x in zip(*parts, strict=True))
     hit = np.flatnonzero(rows)
     if hit.size == 0:
         return (0, -1, 0, -1, 0, -1, 0)
@@ -528,3 +503,15 @@ def block_sums(
                 sd = np.sqrt(max(p * (1.0 - p), 0.0) * inv_n)
                 out[i, j, k] = p + sd * sqrt12 * (u - 0.5)
     return out
+
+
+@nb.njit(**_OPTS)
+def merge_strongest(dst, src):
+    """``dst = src`` wherever ``|src| > |dst|`` (overlapping tumors: strongest change wins)."""
+    nx, ny, nz = dst.shape
+    for i in range(nx):
+        for j in range(ny):
+            for k in range(nz):
+                v = src[i, j, k]
+                if abs(v) > abs(dst[i, j, k]):
+                    dst[i, j, k] = v

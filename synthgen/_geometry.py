@@ -15,11 +15,12 @@ import numpy as np
 
 __all__ = [
     "blur_band",
-    "prefilter",
     "bspline_weights",
     "dense_displacement",
+    "gaussian_band",
     "gaussian_kernel1d",
     "gaussian_matrix",
+    "prefilter",
     "to_band",
 ]
 
@@ -183,6 +184,22 @@ def blur_band(n: int, sigma_vox: float, truncate: float = 3.0):
         a, b = max(0, o - r), min(n, o + r + 1)
         m[o, a:b] = k[a - o + r : b - o + r]
     return to_band(m)
+
+
+def gaussian_band(
+    out_pos: np.ndarray, lat0: int, n_lat: int, step: float, sigma: float, truncate: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Band form (see :func:`to_band`) of ``gaussian_matrix(out_pos, (lat0 + arange(n_lat)) *
+    step, sigma, truncate=truncate)``, built directly (no dense matrix)."""
+    out_pos = np.asarray(out_pos, dtype=np.float64)
+    kk = min(n_lat, math.floor(2.0 * truncate * sigma / step) + 2)
+    first = np.ceil((out_pos - truncate * sigma) / step - 1e-9).astype(np.int64) - lat0
+    start = np.clip(first, 0, n_lat - kk)
+    cols = lat0 + start[:, None] + np.arange(kk)[None, :]
+    d = (out_pos[:, None] - cols * step) / sigma
+    w = np.exp(-0.5 * d * d)
+    w[np.abs(d) > truncate] = 0.0
+    return start, w.astype(np.float32)
 
 
 def lattice_range(lo: float, hi: float, step: float, margin: float) -> np.ndarray:

@@ -179,7 +179,7 @@ def info() -> None:
     table.add_row(
         "numpy / scipy / numba", f"{numpy.__version__} / {scipy.__version__} / {numba.__version__}"
     )
-    table.add_row("backends", "cpu (numba, %d threads)" % numba.config.NUMBA_NUM_THREADS)
+    table.add_row("backends", "cpu (numba kernels on a thread pool)")
     table.add_row("presets", ", ".join(synthgen.list_presets()))
     console.print(table)
 

@@ -256,7 +256,7 @@ class _Placer:
         self.bbox = bbox
         self.axis = axis
         self.inplane = [a for a in range(3) if a != axis]
-        self.radius = tuple(int(round(self.p.erosion_mm / spacing[a])) for a in self.inplane)
+        self.radius = tuple(round(self.p.erosion_mm / spacing[a]) for a in self.inplane)
         self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
@@ -318,7 +318,7 @@ class _Placer:
         zlo, zhi = self.bbox[self.axis].start, self.bbox[self.axis].stop - 1
         for w in (self.p.z_window, *self.p.widen):
             for _ in range(8):
-                z = int(round(zlo + rng.uniform(w[0], w[1]) * (zhi - zlo)))
+                z = round(zlo + rng.uniform(w[0], w[1]) * (zhi - zlo))
                 c = self._draw_in_slice(rng, z)
                 if c is not None:
                     return c

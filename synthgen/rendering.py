@@ -10,9 +10,7 @@ Nothing scales with the scan except the optional copy of the output.
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from ._geometry import gaussian_kernel1d, prefilter
+from ._pool import map_threads as _map
+from ._pool import set_num_threads
 from ._texture import interp_coords, texture_grid
 from .planning import Plan, TumorPlan, _binary, check_arrays
 
@@ -206,6 +206,10 @@ def _clusters(boxes: list[tuple[slice, slice, slice]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _volume(box: tuple[slice, slice, slice]) -> int:
+    return math.prod(s.stop - s.start for s in box)
+
+
 def _union(boxes: list[tuple[slice, slice, slice]]) -> tuple[slice, slice, slice]:
     return tuple(  # type: ignore[return-value]
         slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3)
@@ -266,59 +270,6 @@ def _render_tumor(
         delta,
     )
     return mask
-
-
-_NUM_THREADS: int | None = None
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-
-
-def set_num_threads(n: int | None) -> None:
-    """Threads a render may use to run independent groups of tumors concurrently.
-
-    ``None`` (default) uses ``SYNTHGEN_NUM_THREADS`` or the number of CPUs; use ``1`` in
-    data-loader workers. The kernels release the GIL, so threads scale on the tumor work.
-    """
-    global _NUM_THREADS
-    if n is not None and int(n) < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
-    _NUM_THREADS = None if n is None else int(n)
-
-
-def _threads() -> int:
-    if _NUM_THREADS is not None:
-        return _NUM_THREADS
-    env = os.environ.get("SYNTHGEN_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _drop_pool() -> None:
-    global _POOL, _POOL_SIZE
-    _POOL, _POOL_SIZE = None, 0
-
-
-if hasattr(os, "register_at_fork"):  # a forked child must not reuse the parent's threads
-    os.register_at_fork(after_in_child=_drop_pool)
-
-
-def _map(fn, items):
-    """``list(map(fn, items))``, on the shared thread pool when there is work for it."""
-    global _POOL, _POOL_SIZE
-    items = list(items)
-    n = min(_threads(), len(items))
-    if n <= 1:
-        return [fn(x) for x in items]
-    if _POOL is None or _POOL_SIZE < n:
-        if _POOL is not None:
-            _POOL.shutdown(wait=False)
-        _POOL = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="synthgen")
-        _POOL_SIZE = n
-    return list(_POOL.map(fn, items))
 
 
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
@@ -388,35 +339,50 @@ def render(
     tissue_win = tissue if tissue is not None else (-np.inf, np.inf)
     is_int = target.dtype.kind in "iu"
 
-    def run_cluster(ids: list[int]):
-        # Clusters have disjoint tumor boxes and only write where their delta is non-zero
-        # (inside their own boxes), so they can run concurrently in any order.
-        crop = _union([boxes[i] for i in ids])
-        orig = np.array(target[crop], dtype=work_dtype, copy=True)
+    def run_tumor(i: int):
+        # Phase 1, one task per tumor: everything is read from the untouched target and
+        # rendered into the tumor's own buffers.
+        b = boxes[i]
+        orig = np.array(target[b], dtype=work_dtype, copy=True)
         orig32 = orig if work_dtype == np.float32 else orig.astype(np.float32)
-        organ = np.ascontiguousarray(_binary(np.asarray(organ_mask[crop])))
+        organ = np.ascontiguousarray(_binary(np.asarray(organ_mask[b])))
         delta = np.zeros(orig.shape, dtype=np.float32)
-        local = {}
-        for i in ids:
-            b = boxes[i]
-            sub = tuple(
-                slice(b[a].start - crop[a].start, b[a].stop - crop[a].start) for a in range(3)
-            )
-            m = _render_tumor(
-                plan.tumors[i], b, sp, orig32[sub], organ[sub], tissue_win, organ_hu, delta[sub], k
-            )
-            local[i] = (sub, m)
-        view = target[crop]
-        k.apply_delta(view, orig, delta, cmin, cmax, lo_out, hi_out, is_int)
+        m = _render_tumor(plan.tumors[i], b, sp, orig32, organ, tissue_win, organ_hu, delta, k)
+        return orig, delta, m
+
+    def run_cluster(ids: list[int]):
+        # Phase 2, one task per group of overlapping tumors: merge their darkening (strongest
+        # wins) and write each box. Writes are idempotent (computed from the copies of the
+        # original), and groups have disjoint boxes, so groups run concurrently.
+        if len(ids) == 1:
+            deltas = {ids[0]: rendered[ids[0]][1]}
+        else:
+            crop = _union([boxes[i] for i in ids])
+            merged = np.zeros(tuple(s.stop - s.start for s in crop), dtype=np.float32)
+            subs = {
+                i: tuple(
+                    slice(boxes[i][a].start - crop[a].start, boxes[i][a].stop - crop[a].start)
+                    for a in range(3)
+                )
+                for i in ids
+            }
+            for i in ids:
+                k.merge_strongest(merged[subs[i]], rendered[i][1])
+            deltas = {i: merged[subs[i]] for i in ids}
         out = {}
-        for i, (sub, m) in local.items():
-            n, acc = k.masked_diff(orig[sub], view[sub], m)
+        for i in ids:
+            orig, _, m = rendered[i]
+            view = target[boxes[i]]
+            k.apply_delta(view, orig, deltas[i], cmin, cmax, lo_out, hi_out, is_int)
+        for i in ids:
+            orig, _, m = rendered[i]
+            n, acc = k.masked_diff(orig, target[boxes[i]], m)
             out[i] = (m, int(n), acc / n if n else 0.0)
         return out
 
+    order = sorted(live, key=lambda i: -_volume(boxes[i]))  # big first: the pool ends evenly
+    rendered = dict(zip(order, _map(run_tumor, order), strict=True))
     clusters = [[live[g] for g in group] for group in _clusters([boxes[i] for i in live])]
-    # largest clusters first, so the pool finishes evenly
-    clusters.sort(key=lambda ids: -sum(math.prod(s.stop - s.start for s in boxes[i]) for i in ids))
     masks: dict[int, tuple[tuple[slice, slice, slice], np.ndarray]] = {}
     stats: dict[int, tuple[int, float]] = {}
     for res in _map(run_cluster, clusters):

@@ -1,0 +1,64 @@
+"""The shared thread pool that runs independent tumor work concurrently.
+
+Kernels release the GIL (numba ``nogil``), so threads scale on the per-tumor work without the
+cost and fork-unsafety of numba thread teams.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+__all__ = ["map_threads", "set_num_threads"]
+
+_NUM_THREADS: int | None = None
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads a render may use to run independent groups of tumors concurrently.
+
+    ``None`` (default) uses ``SYNTHGEN_NUM_THREADS`` or the number of CPUs; use ``1`` in
+    data-loader workers. The kernels release the GIL, so threads scale on the tumor work.
+    """
+    global _NUM_THREADS
+    if n is not None and int(n) < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _NUM_THREADS = None if n is None else int(n)
+
+
+def _threads() -> int:
+    if _NUM_THREADS is not None:
+        return _NUM_THREADS
+    env = os.environ.get("SYNTHGEN_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _drop_pool() -> None:
+    global _POOL, _POOL_SIZE
+    _POOL, _POOL_SIZE = None, 0
+
+
+if hasattr(os, "register_at_fork"):  # a forked child must not reuse the parent's threads
+    os.register_at_fork(after_in_child=_drop_pool)
+
+
+def map_threads(fn, items):
+    """``list(map(fn, items))``, on the shared thread pool when there is work for it."""
+    global _POOL, _POOL_SIZE
+    items = list(items)
+    n = min(_threads(), len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    if _POOL is None or _POOL_SIZE < n:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="synthgen")
+        _POOL_SIZE = n
+    return list(_POOL.map(fn, items))
