@@ -125,16 +125,18 @@ def _yes(ok: bool) -> str:
 
 @contextmanager
 def _numba_threads(n: int | None) -> Iterator[int]:
-    """Run the block with ``n`` numba threads (``None``: leave the default); yields the count."""
-    import numba
+    """Run the block with ``n`` synthgen render threads (``None``: the default); yields the
+    count in effect."""
+    import synthgen
+    from synthgen import _pool
 
-    old = numba.get_num_threads()
+    old = _pool._NUM_THREADS
     if n is not None:
-        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        synthgen.set_num_threads(n)
     try:
-        yield numba.get_num_threads()
+        yield _pool._threads()
     finally:
-        numba.set_num_threads(old)
+        synthgen.set_num_threads(old)
 
 
 def _time_synthesize(
@@ -312,8 +314,8 @@ def part_a(cfg: dict[str, int], seeds: _Seeds) -> tuple[list[dict], dict]:
             f"buffer, new seed every call, median/p90 of {cfg['a_n']} calls after "
             f"{cfg['a_warmup']} warm-up calls per class and thread setting; only the result's "
             f"boxes are copied back between calls (untimed). Buffer equal to the input after "
-            f"the run: {_yes(restored)}. Default numba threads: {threads}; '1 thread': "
-            "`numba.set_num_threads(1)` (as in a data-loader worker). Process CPU / wall "
+            f"the run: {_yes(restored)}. Default render threads: {threads}; '1 thread': "
+            "`synthgen.set_num_threads(1)` (as in a data-loader worker). Process CPU / wall "
             "(default threads, median): "
             + ", ".join(f"{c} {v:.2f}" for c, v in cpu_ratio.items())
             + ".",

@@ -12,6 +12,7 @@ from .api import SynthesisResult, Synthesizer, synthesize
 from .planning import Plan, TumorPlan
 from .planning import make_plan as plan
 from .presets import Preset, PresetError, list_presets, load_preset
+from ._pool import set_num_threads
 from .rendering import RenderResult, TumorRecord, render
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "load_preset",
     "plan",
     "render",
+    "set_num_threads",
     "synthesize",
 ]
 

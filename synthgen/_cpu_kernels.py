@@ -323,12 +323,8 @@ def bbox_of_bool(mask: np.ndarray):
     is a multiple of 8 (scanned 8 voxels per word); ``None`` if it does not qualify."""
     if mask.dtype != np.bool_ or not mask.flags.c_contiguous or mask.shape[2] % 8:
         return None
-    from ._pool import map_threads
-
     words = mask.view(np.uint8).reshape(mask.shape[0], mask.shape[1], -1).view(np.uint64)
-    half = (mask.shape[0] + 1) // 2
-    parts = map_threads(lambda w: _bbox_words(w, mask.shape[2]), [words[:half], words[half:]])
-    rows, lo1, hi1, lo2, hi2 = (np.concatenate(x) for x in zip(*parts, strict=True))
+    rows, lo1, hi1, lo2, hi2 = _bbox_words(words, mask.shape[2])
     hit = np.flatnonzero(rows)
     if hit.size == 0:
         return (0, -1, 0, -1, 0, -1, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 
 __all__ = ["map_threads", "set_num_threads"]
 
@@ -49,16 +50,46 @@ if hasattr(os, "register_at_fork"):  # a forked child must not reuse the parent'
     os.register_at_fork(after_in_child=_drop_pool)
 
 
-def map_threads(fn, items):
-    """``list(map(fn, items))``, on the shared thread pool when there is work for it."""
+# Below this much work (voxels) per call the Python glue between kernels dominates and two
+# threads mostly trade the GIL back and forth: run serially.
+MIN_PARALLEL_WORK = 400_000
+
+
+def map_threads(fn, items, work: int | None = None):
+    """``list(map(fn, items))``, on the shared thread pool when there is enough work.
+
+    Args:
+        fn: Function of one item (its heavy parts must release the GIL).
+        items: The items.
+        work: Total work in voxels; below ``MIN_PARALLEL_WORK`` the map runs serially.
+    """
     global _POOL, _POOL_SIZE
     items = list(items)
     n = min(_threads(), len(items))
-    if n <= 1:
+    if n <= 1 or (work is not None and work < MIN_PARALLEL_WORK):
         return [fn(x) for x in items]
-    if _POOL is None or _POOL_SIZE < n:
+    if _POOL is None or _POOL_SIZE < n - 1:
         if _POOL is not None:
             _POOL.shutdown(wait=False)
-        _POOL = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="synthgen")
-        _POOL_SIZE = n
-    return list(_POOL.map(fn, items))
+        _POOL = concurrent.futures.ThreadPoolExecutor(n - 1, thread_name_prefix="synthgen")
+        _POOL_SIZE = n - 1
+    # The calling thread works too; every thread takes the next item until none is left.
+    results: list = [None] * len(items)
+    order = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                i = next(order, None)
+            if i is None:
+                return
+            results[i] = fn(items[i])
+
+    helpers = [_POOL.submit(drain) for _ in range(n - 1)]
+    try:
+        drain()
+    finally:
+        for h in helpers:
+            h.result()
+    return results

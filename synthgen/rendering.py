@@ -334,7 +334,7 @@ def render(
     lo_out, hi_out = _output_range(target.dtype)
     work_dtype = np.float64 if target.dtype == np.float64 else np.float32
 
-    boxes = _map(lambda t: tumor_box(t, sp, plan.shape, plan.organ_bbox), plan.tumors)
+    boxes = [tumor_box(t, sp, plan.shape, plan.organ_bbox) for t in plan.tumors]
     live = [i for i, b in enumerate(boxes) if b is not None]
     tissue_win = tissue if tissue is not None else (-np.inf, np.inf)
     is_int = target.dtype.kind in "iu"
@@ -381,11 +381,12 @@ def render(
         return out
 
     order = sorted(live, key=lambda i: -_volume(boxes[i]))  # big first: the pool ends evenly
-    rendered = dict(zip(order, _map(run_tumor, order), strict=True))
+    work = sum(_volume(boxes[i]) for i in live)
+    rendered = dict(zip(order, _map(run_tumor, order, work), strict=True))
     clusters = [[live[g] for g in group] for group in _clusters([boxes[i] for i in live])]
     masks: dict[int, tuple[tuple[slice, slice, slice], np.ndarray]] = {}
     stats: dict[int, tuple[int, float]] = {}
-    for res in _map(run_cluster, clusters):
+    for res in _map(run_cluster, clusters, work):
         for i, (m, n, mc) in res.items():
             masks[i] = (boxes[i], m)
             stats[i] = (n, mc)
