@@ -8,11 +8,11 @@ uterus (plus ``liver-classic``, the published recipe) live in :mod:`synthgen.pre
 
 from __future__ import annotations
 
+from ._pool import set_num_threads
 from .api import SynthesisResult, Synthesizer, synthesize
 from .planning import Plan, TumorPlan
 from .planning import make_plan as plan
 from .presets import Preset, PresetError, list_presets, load_preset
-from ._pool import set_num_threads
 from .rendering import RenderResult, TumorRecord, render
 
 __version__ = "0.1.0"

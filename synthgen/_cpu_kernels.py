@@ -25,6 +25,8 @@ __all__ = [
     "band_contract3",
     "blend_tumor",
     "bspline_matrix",
+    "gaussian_band_nb",
+    "interp_coords_nb",
     "mask_bbox",
     "masked_diff",
     "merge_strongest",
@@ -511,3 +513,37 @@ def merge_strongest(dst, src):
                 v = src[i, j, k]
                 if abs(v) > abs(dst[i, j, k]):
                     dst[i, j, k] = v
+
+
+@nb.njit(**_OPTS)
+def gaussian_band_nb(out_pos, lat0, n_lat, step, sigma, truncate):
+    """Band form of Gaussian lattice weights (see ``_geometry.gaussian_band``, the reference)."""
+    n = out_pos.shape[0]
+    kk = min(n_lat, int(np.floor(2.0 * truncate * sigma / step)) + 2)
+    start = np.empty(n, dtype=np.int64)
+    w = np.zeros((n, kk), dtype=np.float32)
+    for o in range(n):
+        first = int(np.ceil((out_pos[o] - truncate * sigma) / step - 1e-9)) - lat0
+        st = min(max(first, 0), n_lat - kk)
+        start[o] = st
+        for t in range(kk):
+            d = (out_pos[o] - (lat0 + st + t) * step) / sigma
+            if abs(d) <= truncate:
+                w[o, t] = np.exp(-0.5 * d * d)
+    return start, w
+
+
+@nb.njit(**_OPTS)
+def interp_coords_nb(pos, origin, step, n):
+    """Trilinear base index and fraction of positions on a grid axis (see
+    ``_texture.interp_coords``, the reference)."""
+    m = pos.shape[0]
+    i0 = np.empty(m, dtype=np.int64)
+    f = np.empty(m, dtype=np.float32)
+    top = max(n - 2, 0)
+    for q in range(m):
+        u = (pos[q] - origin) / step
+        b = min(max(int(np.floor(u)), 0), top)
+        i0[q] = b
+        f[q] = min(max(u - b, 0.0), 1.0)
+    return i0, f

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._geometry import gaussian_band, lattice_range
+from ._geometry import lattice_range
 from ._hash import stream_key
 
 __all__ = [
@@ -96,7 +96,10 @@ def block_fractions(
         key[0], key[1], lat[0][0], lat[0].size, lat[1][0], lat[1].size, lat[2][0], lat[2].size,
         np.float32(0.5),
     )  # fmt: skip
-    b = [gaussian_band(c, la[0], la.size, h_a, sa, 3.0) for c, la in zip(centres, lat, strict=True)]
+    b = [
+        k.gaussian_band_nb(c, la[0], la.size, h_a, sa, 3.0)
+        for c, la in zip(centres, lat, strict=True)
+    ]
     z = k.band_contract3(noise, b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1])
     inv_norm = [1.0 / np.sqrt((w.astype(np.float64) ** 2).sum(axis=1)) for _, w in b]
     kb = stream_key(seed, STREAM_BERNOULLI)

@@ -20,7 +20,7 @@ import numpy as np
 from ._geometry import gaussian_kernel1d, prefilter
 from ._pool import map_threads as _map
 from ._pool import set_num_threads
-from ._texture import interp_coords, texture_grid
+from ._texture import texture_grid
 from .planning import Plan, TumorPlan, _binary, check_arrays
 
 __all__ = ["HU_MAX", "HU_MIN", "RenderResult", "TumorRecord", "render", "set_num_threads"]
@@ -250,7 +250,7 @@ def _render_tumor(
     lo = tuple(float(p[0]) for p in pos)
     hi = tuple(float(p[-1]) for p in pos)
     tgrid, origin, step = texture_grid(t.seed, t.texture, lo, hi, k)
-    ic = [interp_coords(pos[a], origin[a], step, tgrid.shape[a]) for a in range(3)]
+    ic = [k.interp_coords_nb(pos[a], origin[a], step, tgrid.shape[a]) for a in range(3)]
     k.blend_tumor(
         orig,
         organ,

@@ -338,3 +338,22 @@ def test_toeplitz_contract3_general_offsets_match_dense() -> None:
     )
     ref = contract_dense(core.astype(np.float64), *mats)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_numba_band_and_interp_helpers_match_references() -> None:
+    from synthgen._geometry import gaussian_band
+    from synthgen._texture import interp_coords
+
+    rng = np.random.default_rng(11)
+    for sigma, step in ((3.0, 2.0), (15.0, 15.0), (4.0, 2.0), (7.0, 3.0)):
+        pos = np.sort(rng.uniform(-60.0, 60.0, size=41))
+        lat0, n_lat = -int(90 / step), int(180 / step)
+        s_ref, w_ref = gaussian_band(pos, lat0, n_lat, step, sigma, 3.0)
+        s_nb, w_nb = kern.gaussian_band_nb(pos, lat0, n_lat, step, sigma, 3.0)
+        np.testing.assert_array_equal(s_nb, s_ref)
+        np.testing.assert_allclose(w_nb, w_ref, atol=1e-6)
+    pos = np.linspace(-20.3, 31.7, 57)
+    i_ref, f_ref = interp_coords(pos, -22.0, 2.0, 30)
+    i_nb, f_nb = kern.interp_coords_nb(pos, -22.0, 2.0, 30)
+    np.testing.assert_array_equal(i_nb, i_ref)
+    np.testing.assert_allclose(f_nb, f_ref, atol=1e-6)
