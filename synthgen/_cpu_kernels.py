@@ -247,35 +247,49 @@ def blend_tumor(
     tumor replaces tissue with tumor tissue of intensity ``organ_hu - T*D`` weighted by ``B``.
     """
     nx, ny, nz = orig.shape
+    gz = tgrid.shape[2]
+    row = np.zeros(gz, dtype=np.float32)
+    c_lo = i2[0] if nz else 0
+    c_hi = min(gz, i2[nz - 1] + 2) if nz else 0
     for i in range(nx):
         a0 = i0[i]
         u0 = f0[i]
         for j in range(ny):
             a1 = i1[j]
             u1 = f1[j]
+            # bilinear in (i, j) once per row of the grid, then linear along k per voxel
+            w00 = np.float32((1.0 - u0) * (1.0 - u1))
+            w01 = np.float32((1.0 - u0) * u1)
+            w10 = np.float32(u0 * (1.0 - u1))
+            w11 = np.float32(u0 * u1)
+            for c in range(c_lo, c_hi):
+                row[c] = (
+                    w00 * tgrid[a0, a1, c]
+                    + w01 * tgrid[a0, a1 + 1, c]
+                    + w10 * tgrid[a0 + 1, a1, c]
+                    + w11 * tgrid[a0 + 1, a1 + 1, c]
+                )
+            brow = blur[i, j]
+            orow = orig[i, j]
+            grow = organ[i, j]
+            drow = delta[i, j]
             for k in range(nz):
-                b = blur[i, j, k]
-                v = orig[i, j, k]
+                b = brow[k]
+                v = orow[k]
                 if b <= 0.0 or v < tlo or v > thi:
                     continue
-                inside = organ[i, j, k]
+                inside = grow[k]
                 if not inside and clipped:
                     continue
                 a2 = i2[k]
                 u2 = f2[k]
-                c00 = tgrid[a0, a1, a2] * (1 - u2) + tgrid[a0, a1, a2 + 1] * u2
-                c01 = tgrid[a0, a1 + 1, a2] * (1 - u2) + tgrid[a0, a1 + 1, a2 + 1] * u2
-                c10 = tgrid[a0 + 1, a1, a2] * (1 - u2) + tgrid[a0 + 1, a1, a2 + 1] * u2
-                c11 = tgrid[a0 + 1, a1 + 1, a2] * (1 - u2) + tgrid[a0 + 1, a1 + 1, a2 + 1] * u2
-                c0 = c00 * (1 - u1) + c01 * u1
-                c1 = c10 * (1 - u1) + c11 * u1
-                td = (c0 * (1 - u0) + c1 * u0) * contrast
+                td = (row[a2] + (row[a2 + 1] - row[a2]) * u2) * contrast
                 if inside:
                     d = td * b
                 else:
                     d = b * (v - organ_hu + td)
-                if abs(d) > abs(delta[i, j, k]):
-                    delta[i, j, k] = d
+                if abs(d) > abs(drow[k]):
+                    drow[k] = d
 
 
 @nb.njit(**_OPTS)
