@@ -220,22 +220,46 @@ def _render_tumor(
     t: TumorPlan,
     box: tuple[slice, slice, slice],
     spacing: Sequence[float],
-    orig: np.ndarray,
-    organ: np.ndarray,
+    target: np.ndarray,
+    organ_mask: Any,
+    work_dtype: type,
     tissue: tuple[float, float],
     organ_hu: float,
-    delta: np.ndarray,
     k,
-) -> np.ndarray:
-    """Render one tumor into ``delta`` (a view of its box); returns its boolean mask."""
+):
+    """Render one tumor from the untouched scan into buffers of its own.
+
+    The shape is evaluated on ``box`` (the conservative box of :func:`tumor_box`); the box is
+    then shrunk to the mask's exact extent plus the blur's reach before the blur, texture and
+    blend passes. Returns ``(box, orig, delta, mask)`` on the shrunk box, or ``None`` when
+    the tumor has no voxel (clipped away, outside the tissue window).
+    """
+    orig = np.array(target[box], dtype=work_dtype, copy=True)
+    orig32 = orig if work_dtype == np.float32 else orig.astype(np.float32)
+    organ = np.ascontiguousarray(_binary(np.asarray(organ_mask[box])))
     pos = [(np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * spacing[a] for a in range(3)]
     tlo, thi = np.float32(tissue[0]), np.float32(tissue[1])
     # Shape: B-spline displacement + ellipsoid test, fused.
     ctrl, w, pos32, m = _shape_inputs(t, pos)
     mask = np.empty(orig.shape, dtype=np.bool_)
-    k.shape_mask(ctrl, *w, *pos32, m, organ, orig, tlo, thi, t.clip_to_organ, mask)
-    if not mask.any():
-        return mask
+    k.shape_mask(ctrl, *w, *pos32, m, organ, orig32, tlo, thi, t.clip_to_organ, mask)
+    lo0, hi0, lo1, hi1, lo2, hi2, count = k.mask_bbox(mask.view(np.uint8))
+    if count == 0:
+        return None
+    # Shrink to the mask's extent plus the blur's reach.
+    tight = []
+    for a, (lo, hi) in enumerate(((lo0, hi0), (lo1, hi1), (lo2, hi2))):
+        pad = math.ceil(BLUR_TRUNCATE * t.blur_sigma_mm / spacing[a]) + 1
+        tight.append(slice(max(0, lo - pad), min(orig.shape[a], hi + pad + 1)))
+    sub = tuple(tight)
+    new_box = tuple(
+        slice(box[a].start + sub[a].start, box[a].start + sub[a].stop) for a in range(3)
+    )
+    orig = np.ascontiguousarray(orig[sub])
+    orig32 = orig if work_dtype == np.float32 else orig.astype(np.float32)
+    organ = np.ascontiguousarray(organ[sub])
+    mask = np.ascontiguousarray(mask[sub])
+    pos = [p[s] for p, s in zip(pos, sub, strict=True)]
     # Edge blur B of the mask (separable, zero padded, scipy-normalised kernel).
     kern = [
         gaussian_kernel1d(t.blur_sigma_mm / spacing[a], BLUR_TRUNCATE).astype(np.float32)
@@ -251,8 +275,9 @@ def _render_tumor(
     hi = tuple(float(p[-1]) for p in pos)
     tgrid, origin, step = texture_grid(t.seed, t.texture, lo, hi, k)
     ic = [k.interp_coords_nb(pos[a], origin[a], step, tgrid.shape[a]) for a in range(3)]
+    delta = np.zeros(n, dtype=np.float32)
     k.blend_tumor(
-        orig,
+        orig32,
         organ,
         tlo,
         thi,
@@ -269,7 +294,7 @@ def _render_tumor(
         bool(t.clip_to_organ),
         delta,
     )
-    return mask
+    return new_box, orig, delta, mask
 
 
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
@@ -334,28 +359,31 @@ def render(
     lo_out, hi_out = _output_range(target.dtype)
     work_dtype = np.float64 if target.dtype == np.float64 else np.float32
 
-    boxes = [tumor_box(t, sp, plan.shape, plan.organ_bbox) for t in plan.tumors]
-    live = [i for i, b in enumerate(boxes) if b is not None]
+    coarse = [tumor_box(t, sp, plan.shape, plan.organ_bbox) for t in plan.tumors]
+    live = [i for i, b in enumerate(coarse) if b is not None]
     tissue_win = tissue if tissue is not None else (-np.inf, np.inf)
     is_int = target.dtype.kind in "iu"
 
     def run_tumor(i: int):
         # Phase 1, one task per tumor: everything is read from the untouched target and
         # rendered into the tumor's own buffers.
-        b = boxes[i]
-        orig = np.array(target[b], dtype=work_dtype, copy=True)
-        orig32 = orig if work_dtype == np.float32 else orig.astype(np.float32)
-        organ = np.ascontiguousarray(_binary(np.asarray(organ_mask[b])))
-        delta = np.zeros(orig.shape, dtype=np.float32)
-        m = _render_tumor(plan.tumors[i], b, sp, orig32, organ, tissue_win, organ_hu, delta, k)
-        return orig, delta, m
+        return _render_tumor(
+            plan.tumors[i], coarse[i], sp, target, organ_mask, work_dtype, tissue_win, organ_hu, k
+        )
+
+    order = sorted(live, key=lambda i: -_volume(coarse[i]))  # big first: the pool ends evenly
+    work = sum(_volume(coarse[i]) for i in live)
+    rendered = {
+        i: r for i, r in zip(order, _map(run_tumor, order, work), strict=True) if r is not None
+    }
+    boxes = {i: r[0] for i, r in rendered.items()}
 
     def run_cluster(ids: list[int]):
         # Phase 2, one task per group of overlapping tumors: merge their darkening (strongest
         # wins) and write each box. Writes are idempotent (computed from the copies of the
         # original), and groups have disjoint boxes, so groups run concurrently.
         if len(ids) == 1:
-            deltas = {ids[0]: rendered[ids[0]][1]}
+            deltas = {ids[0]: rendered[ids[0]][2]}
         else:
             crop = _union([boxes[i] for i in ids])
             merged = np.zeros(tuple(s.stop - s.start for s in crop), dtype=np.float32)
@@ -367,23 +395,21 @@ def render(
                 for i in ids
             }
             for i in ids:
-                k.merge_strongest(merged[subs[i]], rendered[i][1])
+                k.merge_strongest(merged[subs[i]], rendered[i][2])
             deltas = {i: merged[subs[i]] for i in ids}
         out = {}
         for i in ids:
-            orig, _, m = rendered[i]
-            view = target[boxes[i]]
-            k.apply_delta(view, orig, deltas[i], cmin, cmax, lo_out, hi_out, is_int)
+            k.apply_delta(
+                target[boxes[i]], rendered[i][1], deltas[i], cmin, cmax, lo_out, hi_out, is_int
+            )
         for i in ids:
-            orig, _, m = rendered[i]
+            _, orig, _, m = rendered[i]
             n, acc = k.masked_diff(orig, target[boxes[i]], m)
             out[i] = (m, int(n), acc / n if n else 0.0)
         return out
 
-    order = sorted(live, key=lambda i: -_volume(boxes[i]))  # big first: the pool ends evenly
-    work = sum(_volume(boxes[i]) for i in live)
-    rendered = dict(zip(order, _map(run_tumor, order, work), strict=True))
-    clusters = [[live[g] for g in group] for group in _clusters([boxes[i] for i in live])]
+    ids_live = sorted(rendered)
+    clusters = [[ids_live[g] for g in grp] for grp in _clusters([boxes[i] for i in ids_live])]
     masks: dict[int, tuple[tuple[slice, slice, slice], np.ndarray]] = {}
     stats: dict[int, tuple[int, float]] = {}
     for res in _map(run_cluster, clusters, work):
@@ -401,7 +427,7 @@ def render(
             center_mm = tuple(float(x) for x in cmm[:3])
         else:
             center_mm = tuple(float(x) for x in cv * np.asarray(sp))
-        b = boxes[i]
+        b = boxes.get(i)
         records.append(
             TumorRecord(
                 index=t.index,
