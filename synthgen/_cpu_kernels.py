@@ -28,7 +28,6 @@ __all__ = [
     "gaussian_band_nb",
     "interp_coords_nb",
     "mask_bbox",
-    "masked_diff",
     "merge_strongest",
     "shape_mask",
     "toeplitz_contract3",
@@ -404,48 +403,45 @@ def mask_bbox(mask):
 
 
 @nb.njit(**_OPTS)
-def apply_delta(target, orig, delta, cmin, cmax, lo, hi, round_int):
-    """Write ``orig - delta`` into ``target`` where ``delta != 0``.
+def apply_delta(target, orig, delta, mask, cmin, cmax, lo, hi, round_int):
+    """Write ``orig - delta`` into ``target`` where ``delta != 0``; measure the tumor.
 
     A darkened voxel never goes below ``cmin`` (a brightened one above ``cmax``) unless it
     already was; integer outputs are rounded half to even; everything is clipped to
     ``[lo, hi]``. Voxels with ``delta == 0`` are not written.
+
+    Returns:
+        ``(count, sum of orig - written)`` over the voxels of ``mask`` (the tumor's label).
     """
     nx, ny, nz = delta.shape
-    for i in range(nx):
-        for j in range(ny):
-            for k in range(nz):
-                d = delta[i, j, k]
-                if d == 0.0:
-                    continue
-                o = orig[i, j, k]
-                v = o - d
-                if d > 0.0:
-                    v = max(v, min(o, cmin))
-                else:
-                    v = min(v, max(o, cmax))
-                if round_int:
-                    v = np.rint(v)
-                target[i, j, k] = min(max(v, lo), hi)
-
-
-@nb.njit(**_OPTS)
-def masked_diff(orig, target, mask):
-    """``(count, sum(orig - target))`` over the voxels of ``mask``."""
     n = 0
     acc = 0.0
-    nx, ny, nz = mask.shape
     for i in range(nx):
         for j in range(ny):
+            trow = target[i, j]
+            orow = orig[i, j]
+            drow = delta[i, j]
+            mrow = mask[i, j]
             for k in range(nz):
-                if mask[i, j, k]:
+                d = drow[k]
+                o = orow[k]
+                w = o
+                if d != 0.0:
+                    v = o - d
+                    if d > 0.0:
+                        v = max(v, min(o, cmin))
+                    else:
+                        v = min(v, max(o, cmax))
+                    if round_int:
+                        v = np.rint(v)
+                    trow[k] = min(max(v, lo), hi)
+                    w = trow[k]
+                if mrow[k]:
                     n += 1
-                    acc += float(orig[i, j, k]) - float(target[i, j, k])
+                    acc += float(o) - float(w)
     return n, acc
 
 
-# numba evaluates uint32 expressions in 64 bits: every step is cast back to uint32 so the
-# hash wraps exactly like the NumPy reference (synthgen._hash) and the CUDA C kernels.
 @nb.njit(inline="always", **_OPTS)
 def _mix32(x):
     x = np.uint32(x)

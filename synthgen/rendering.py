@@ -125,7 +125,7 @@ def _shape_inputs(t: TumorPlan, pos: Sequence[np.ndarray]):
     return disp.astype(np.float32), w, [p.astype(np.float32) for p in pos], m
 
 
-COARSE_STEP_MM = 3.0
+COARSE_STEP_MM = 4.0
 
 
 def tumor_box(
@@ -139,7 +139,7 @@ def tumor_box(
     A conservative box first: the mask lies within ``radius bound + max |displacement|`` of
     the centre (the interpolating cubic spline overshoots its control values by at most
     1.6x), intersected with the organ's bounding box for a clipped tumor. The shape is then
-    evaluated on a 3 mm grid inside it and the box shrunk to the hull of the inside points
+    evaluated on a 4 mm grid inside it and the box shrunk to the hull of the inside points
     plus two grid steps, plus ``3 sigma`` of blur. ``None`` when the tumor misses the scan.
     """
     from . import _cpu_kernels as k
@@ -210,9 +210,17 @@ def _volume(box: tuple[slice, slice, slice]) -> int:
     return math.prod(s.stop - s.start for s in box)
 
 
-def _union(boxes: list[tuple[slice, slice, slice]]) -> tuple[slice, slice, slice]:
-    return tuple(  # type: ignore[return-value]
-        slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3)
+def _overlap(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...] | None:
+    lo = [max(a[d].start, b[d].start) for d in range(3)]
+    hi = [min(a[d].stop, b[d].stop) for d in range(3)]
+    if any(h <= s for s, h in zip(lo, hi, strict=True)):
+        return None
+    return tuple(slice(s, h) for s, h in zip(lo, hi, strict=True))
+
+
+def _rel(inner: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(
+        slice(inner[d].start - outer[d].start, inner[d].stop - outer[d].start) for d in range(3)
     )
 
 
@@ -382,29 +390,25 @@ def render(
         # Phase 2, one task per group of overlapping tumors: merge their darkening (strongest
         # wins) and write each box. Writes are idempotent (computed from the copies of the
         # original), and groups have disjoint boxes, so groups run concurrently.
-        if len(ids) == 1:
-            deltas = {ids[0]: rendered[ids[0]][2]}
-        else:
-            crop = _union([boxes[i] for i in ids])
-            merged = np.zeros(tuple(s.stop - s.start for s in crop), dtype=np.float32)
-            subs = {
-                i: tuple(
-                    slice(boxes[i][a].start - crop[a].start, boxes[i][a].stop - crop[a].start)
-                    for a in range(3)
-                )
-                for i in ids
-            }
-            for i in ids:
-                k.merge_strongest(merged[subs[i]], rendered[i][2])
-            deltas = {i: merged[subs[i]] for i in ids}
+        # Each box gets the strongest change among the tumors overlapping it (pairwise over
+        # the overlaps only; no buffer of the group's union).
+        deltas = {i: rendered[i][2] for i in ids}
+        for i in ids:
+            for j in ids:
+                if j == i:
+                    continue
+                ov = _overlap(boxes[i], boxes[j])
+                if ov is None:
+                    continue
+                if deltas[i] is rendered[i][2]:
+                    deltas[i] = rendered[i][2].copy()
+                k.merge_strongest(deltas[i][_rel(ov, boxes[i])], rendered[j][2][_rel(ov, boxes[j])])
         out = {}
         for i in ids:
-            k.apply_delta(
-                target[boxes[i]], rendered[i][1], deltas[i], cmin, cmax, lo_out, hi_out, is_int
-            )
-        for i in ids:
             _, orig, _, m = rendered[i]
-            n, acc = k.masked_diff(orig, target[boxes[i]], m)
+            n, acc = k.apply_delta(
+                target[boxes[i]], orig, deltas[i], m, cmin, cmax, lo_out, hi_out, is_int
+            )
             out[i] = (m, int(n), acc / n if n else 0.0)
         return out
 
