@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._pool import set_num_threads
 from .api import SynthesisResult, Synthesizer, synthesize
-from .planning import Plan, TumorPlan
+from .planning import OrganIndex, Plan, TumorPlan, index_organ
 from .planning import make_plan as plan
 from .presets import Preset, PresetError, list_presets, load_preset
 from .rendering import RenderResult, TumorRecord, render
@@ -18,6 +18,7 @@ from .rendering import RenderResult, TumorRecord, render
 __version__ = "0.1.0"
 
 __all__ = [
+    "OrganIndex",
     "Plan",
     "Preset",
     "PresetError",
@@ -27,6 +28,7 @@ __all__ = [
     "TumorPlan",
     "TumorRecord",
     "__version__",
+    "index_organ",
     "list_presets",
     "load_preset",
     "plan",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .planning import Plan, make_plan
+from .planning import OrganIndex, Plan, make_plan
 from .presets import Preset, load_preset
 from .rendering import RenderResult, render
 
@@ -27,6 +27,7 @@ def synthesize(
     device: str = "cpu",
     out: np.ndarray | None = None,
     affine: np.ndarray | None = None,
+    organ_index: OrganIndex | None = None,
 ) -> SynthesisResult:
     """Implant synthetic tumors into one CT scan.
 
@@ -46,6 +47,8 @@ def synthesize(
             ``image`` itself for in-place use): only the tumors' boxes are touched, no
             full-volume copy is made.
         affine: Optional voxel-to-world affine (spacing, cranio-caudal axis, world mm).
+        organ_index: ``synthgen.index_organ(organ_mask)``, computed once for many samples
+            from an unchanging mask: the per-sample cost then no longer grows with the scan.
 
     Returns:
         A result with ``.image``, ``.tumor_mask`` (bool), ``.label`` (uint8: 0 background,
@@ -56,7 +59,14 @@ def synthesize(
             image, non-positive spacing, unknown organ or preset, invalid preset file.
     """
     p = make_plan(
-        image, organ_mask, organ=organ, seed=seed, spacing=spacing, affine=affine, size=size
+        image,
+        organ_mask,
+        organ=organ,
+        seed=seed,
+        spacing=spacing,
+        affine=affine,
+        size=size,
+        organ_index=organ_index,
     )
     return render(p, image, organ_mask, out=out, device=device, affine=affine)
 
@@ -99,6 +109,7 @@ class Synthesizer:
         spacing: Sequence[float] | None = None,
         affine: np.ndarray | None = None,
         size: str | None = None,
+        organ_index: OrganIndex | None = None,
     ) -> Plan:
         """Sample a plan with this synthesizer's preset (see :func:`synthgen.plan`)."""
         return make_plan(
@@ -109,6 +120,7 @@ class Synthesizer:
             spacing=spacing if spacing is not None else self.spacing,
             affine=affine,
             size=size if size is not None else self.size,
+            organ_index=organ_index,
         )
 
     def __call__(
@@ -121,9 +133,18 @@ class Synthesizer:
         affine: np.ndarray | None = None,
         size: str | None = None,
         out: np.ndarray | None = None,
+        organ_index: OrganIndex | None = None,
     ) -> SynthesisResult:
         """Synthesize one sample (see :func:`synthesize`)."""
-        p = self.plan(image, organ_mask, seed=seed, spacing=spacing, affine=affine, size=size)
+        p = self.plan(
+            image,
+            organ_mask,
+            seed=seed,
+            spacing=spacing,
+            affine=affine,
+            size=size,
+            organ_index=organ_index,
+        )
         return render(p, image, organ_mask, out=out, device=self.device, affine=affine)
 
     def __repr__(self) -> str:

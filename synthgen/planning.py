@@ -20,7 +20,15 @@ import numpy as np
 from ._hash import derive_seed
 from .presets import Preset, SizeClass, load_preset, preset_from_dict
 
-__all__ = ["PLAN_VERSION", "Plan", "TumorPlan", "make_plan", "resolve_spacing"]
+__all__ = [
+    "PLAN_VERSION",
+    "OrganIndex",
+    "Plan",
+    "TumorPlan",
+    "index_organ",
+    "make_plan",
+    "resolve_spacing",
+]
 
 PLAN_VERSION = 1
 
@@ -206,6 +214,34 @@ def organ_bbox(organ_mask: np.ndarray) -> tuple[tuple[slice, slice, slice], int]
     return (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1)), int(count)
 
 
+@dataclass(frozen=True)
+class OrganIndex:
+    """What planning needs to know about an organ mask, computed once per scan.
+
+    Planning reads the whole mask to find the organ's bounding box: the one cost of a sample
+    that grows with the scan. Code that draws many samples from one unchanging mask (a batch
+    of N per case, a loader revisiting a case) can index it once with :func:`index_organ`
+    and pass ``organ_index=`` to :func:`make_plan` / :func:`synthgen.synthesize`.
+
+    Attributes:
+        bbox: The organ's bounding box, one slice per axis.
+        count: Number of organ voxels.
+        shape: Shape of the mask it was computed from.
+    """
+
+    bbox: tuple[slice, slice, slice]
+    count: int
+    shape: tuple[int, int, int]
+
+
+def index_organ(organ_mask: np.ndarray) -> OrganIndex:
+    """Index an organ mask once (see :class:`OrganIndex`); ``ValueError`` if it is empty."""
+    if not hasattr(organ_mask, "shape") or len(organ_mask.shape) != 3:
+        raise ValueError("organ_mask must be a 3-D array")
+    bbox, count = organ_bbox(organ_mask)
+    return OrganIndex(bbox=bbox, count=count, shape=tuple(int(n) for n in organ_mask.shape))
+
+
 def _binary(a: np.ndarray) -> np.ndarray:
     return a if a.dtype == np.bool_ else a > 0.5
 
@@ -356,6 +392,7 @@ def make_plan(
     spacing: Sequence[float] | None = None,
     affine: np.ndarray | None = None,
     size: str | None = None,
+    organ_index: OrganIndex | None = None,
 ) -> Plan:
     """Sample every random choice of one sample into a :class:`Plan`.
 
@@ -370,6 +407,8 @@ def make_plan(
             cranio-caudal axis (axis 2 is assumed without it).
         size: Size class to force (``"tiny"``, ``"large"``, ``"mix"``...); ``None`` draws one
             from the preset's mix.
+        organ_index: The mask's :class:`OrganIndex` from :func:`index_organ`, to skip the
+            whole-mask scan when sampling repeatedly from an unchanging mask.
 
     Returns:
         The plan.
@@ -390,7 +429,14 @@ def make_plan(
     else:
         preset.size_class(size)  # validates the name
 
-    bbox, count = organ_bbox(organ_mask)
+    if organ_index is None:
+        bbox, count = organ_bbox(organ_mask)
+    else:
+        if tuple(organ_index.shape) != tuple(organ_mask.shape):
+            raise ValueError(
+                f"organ_index is for shape {organ_index.shape}, mask is {tuple(organ_mask.shape)}"
+            )
+        bbox, count = organ_index.bbox, organ_index.count
     sub_img = np.asarray(image[bbox])
     if sub_img.dtype.kind == "f" and not np.all(np.isfinite(sub_img)):
         raise ValueError("image contains NaN or inf inside the organ's bounding box")

@@ -589,3 +589,21 @@ def test_synthesizer_matches_synthesize(small_phantom, masks):
     work = img.copy()
     e = syn(work, m, seed=4, out=work)
     assert e.image is work and work.tobytes() == b.image.tobytes()
+
+
+def test_organ_index_gives_identical_samples(small_phantom) -> None:
+    img, liver = small_phantom.image, small_phantom.mask("liver")
+    idx = synthgen.index_organ(liver)
+    assert idx.count == int(liver.sum())
+    a = synthgen.synthesize(img, liver, organ="liver", affine=small_phantom.affine, seed=5)
+    b = synthgen.synthesize(
+        img, liver, organ="liver", affine=small_phantom.affine, seed=5, organ_index=idx
+    )
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.plan.to_json() == b.plan.to_json()
+    with pytest.raises(ValueError, match="organ_index is for shape"):
+        synthgen.synthesize(
+            img[:-1], liver[:-1], organ="liver", spacing=(1, 1, 1), seed=5, organ_index=idx
+        )
+    with pytest.raises(ValueError, match="empty"):
+        synthgen.index_organ(np.zeros((4, 4, 8), bool))
