@@ -50,9 +50,11 @@ if hasattr(os, "register_at_fork"):  # a forked child must not reuse the parent'
     os.register_at_fork(after_in_child=_drop_pool)
 
 
-# Below this much work (voxels) per call the Python glue between kernels dominates and two
-# threads mostly trade the GIL back and forth: run serially.
+# With little work (voxels), or many small items, the Python glue between kernels dominates
+# and threads mostly trade the GIL back and forth: run serially then.
 MIN_PARALLEL_WORK = 400_000
+MIN_PARALLEL_ITEM = 100_000
+ALWAYS_PARALLEL_WORK = 2_000_000
 
 
 def map_threads(fn, items, work: int | None = None):
@@ -61,12 +63,17 @@ def map_threads(fn, items, work: int | None = None):
     Args:
         fn: Function of one item (its heavy parts must release the GIL).
         items: The items.
-        work: Total work in voxels; below ``MIN_PARALLEL_WORK`` the map runs serially.
+        work: Total work in voxels. The map runs serially below ``MIN_PARALLEL_WORK``, and
+            below ``ALWAYS_PARALLEL_WORK`` when items average under ``MIN_PARALLEL_ITEM``.
     """
     global _POOL, _POOL_SIZE
     items = list(items)
     n = min(_threads(), len(items))
-    if n <= 1 or (work is not None and work < MIN_PARALLEL_WORK):
+    if work is not None and items:
+        small_items = work / len(items) < MIN_PARALLEL_ITEM and work < ALWAYS_PARALLEL_WORK
+        if work < MIN_PARALLEL_WORK or small_items:
+            n = 1
+    if n <= 1:
         return [fn(x) for x in items]
     if _POOL is None or _POOL_SIZE < n - 1:
         if _POOL is not None:
