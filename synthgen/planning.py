@@ -419,7 +419,7 @@ def make_plan(
     preset = load_preset(organ)
     check_arrays(image, organ_mask)
     sp = resolve_spacing(spacing, affine)
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(int(seed))
     names = list(preset.mix)

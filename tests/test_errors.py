@@ -214,3 +214,14 @@ def test_unsupported_plan_version(scan) -> None:
     d["version"] = 99
     with pytest.raises(ValueError, match="unsupported plan version 99"):
         Plan.from_dict(d)
+
+
+def test_boolean_seed_is_rejected(small_phantom) -> None:
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        synthgen.synthesize(
+            small_phantom.image,
+            small_phantom.mask("liver"),
+            organ="liver",
+            affine=small_phantom.affine,
+            seed=True,
+        )
