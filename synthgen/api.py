@@ -58,17 +58,16 @@ def synthesize(
         ValueError: Non-3-D or mismatched arrays, empty or too small organ, NaN/inf in the
             image, non-positive spacing, unknown organ or preset, invalid preset file.
     """
-    p = make_plan(
+    return Synthesizer(organ, device=device)(
         image,
         organ_mask,
-        organ=organ,
         seed=seed,
         spacing=spacing,
         affine=affine,
         size=size,
+        out=out,
         organ_index=organ_index,
     )
-    return render(p, image, organ_mask, out=out, device=device, affine=affine)
 
 
 class Synthesizer:
