@@ -1,11 +1,12 @@
 """Render a plan: deterministic, local to each tumor's box, on the CPU backend.
 
-For every tumor (in its own padded box): the deformed-ellipsoid mask (B-spline displacement
-and ellipsoid test fused in one pass), the edge-blurred mask ``B`` (separable Gaussian), the
-texture ``T`` (:mod:`synthgen._texture`), and the blend ``I' = I - T * B * D`` inside the organ.
-Tumors whose boxes overlap are rendered together into the union of their boxes and merged
-(union of masks, strongest darkening wins), so the result does not depend on tumor order.
-Nothing scales with the scan except the optional copy of the output.
+For every tumor, in its own box: the deformed-ellipsoid mask (B-spline displacement and
+ellipsoid test fused in one pass), the edge-blurred mask ``B`` (separable Gaussian), the
+texture ``T`` (:mod:`synthgen._texture`) and the blend ``I' = I - T * B * D`` inside the organ,
+all into buffers of the tumor's own (phase 1, tumors concurrently). Then each group of
+overlapping tumors merges its changes (union of masks, strongest change wins) and writes its
+boxes (phase 2), so the result does not depend on tumor order or thread count. Nothing
+scales with the scan except the optional copy of the output.
 """
 
 from __future__ import annotations
