@@ -169,16 +169,15 @@ def tumor_box(
     bcast = [np.broadcast_to(a, shp) for a in (ones, zero)]
     k.shape_mask(ctrl, *w, *pos32, m, bcast[0], bcast[1], -np.inf, np.inf, False, coarse)
     pad_mm = BLUR_TRUNCATE * t.blur_sigma_mm
+    hit = k.mask_bbox(coarse.view(np.uint8))
     out = []
     for a in range(3):
-        other = tuple(b for b in range(3) if b != a)
-        hit = np.flatnonzero(coarse.any(axis=other))
-        if hit.size == 0:  # thinner than the coarse grid: keep the conservative box
+        if hit[6] == 0:  # thinner than the coarse grid: keep the conservative box
             c_lo, c_hi = lo[a], hi[a]
         else:
             pad = 2 * step[a] + math.ceil(pad_mm / spacing[a]) + 1
-            c_lo = max(lo[a] if organ_bbox is None else 0, int(idx[a][hit[0]]) - pad)
-            c_hi = min(int(shape[a]), int(idx[a][hit[-1]]) + pad + 1)
+            c_lo = int(idx[a][hit[2 * a]]) - pad
+            c_hi = int(idx[a][hit[2 * a + 1]]) + pad + 1
         out.append(slice(max(0, c_lo), min(int(shape[a]), c_hi)))
     return tuple(out)  # type: ignore[return-value]
 
