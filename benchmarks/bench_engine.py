@@ -44,10 +44,10 @@ if __package__ in (None, ""):  # run by path: make `benchmarks` and `synthgen` i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as C
+from synthgen.presets import ORGANS
 
 NAME = "bench_engine"
 CLASSES = ("tiny", "small", "medium", "large", "mix")
-ORGANS = ("liver", "pancreas", "kidney", "colon", "esophagus", "uterus")
 
 # Published figures (shared/REFERENCE.md section 2: median ms per call of the published CPU
 # code on the same benchmark phantom, two runs where a range is given). NOT measured here.

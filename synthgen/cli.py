@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from synthgen.presets import LESION_NAMES
+from synthgen.presets import ORGANS as DEMO_ORGANS
+
 app = typer.Typer(
     name="synthgen",
     help="Fast, reproducible synthetic tumors for abdominal CT.",
@@ -21,16 +24,6 @@ app = typer.Typer(
 presets_app = typer.Typer(help="List, show and export organ presets.", no_args_is_help=True)
 app.add_typer(presets_app, name="presets")
 console = Console()
-
-DEMO_ORGANS = ("liver", "pancreas", "kidney", "colon", "esophagus", "uterus")
-LESION_NAMES = {
-    "liver": "liver_lesion",
-    "pancreas": "pancreatic_lesion",
-    "kidney": "kidney_lesion",
-    "colon": "colon_lesion",
-    "esophagus": "esophagus_tumor",
-    "uterus": "endometrioma_tumor",
-}
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:

@@ -23,6 +23,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "LESION_NAMES",
+    "ORGANS",
     "BlendParams",
     "ContrastParams",
     "PlacementParams",
@@ -40,6 +42,15 @@ __all__ = [
 
 _DIR = Path(__file__).resolve().parent
 ORGANS = ("liver", "pancreas", "kidney", "colon", "esophagus", "uterus")
+# AbdomenAtlas 2.0 names of each organ's lesion mask (REFERENCE section 4).
+LESION_NAMES = {
+    "liver": "liver_lesion",
+    "pancreas": "pancreatic_lesion",
+    "kidney": "kidney_lesion",
+    "colon": "colon_lesion",
+    "esophagus": "esophagus_tumor",
+    "uterus": "endometrioma_tumor",
+}
 
 
 class PresetError(ValueError):
