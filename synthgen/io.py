@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -61,23 +62,10 @@ def save_nifti(
         img.set_qform(affine, int(header["qform_code"]) or 1)
     img.header["scl_slope"] = np.nan
     img.header["scl_inter"] = np.nan
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.name.endswith(".gz"):
-            import gzip
-
-            with gzip.GzipFile(tmp, "wb", compresslevel=compresslevel, mtime=0) as gz:
-                gz.write(img.to_bytes())
-        else:
-            Path(tmp).write_bytes(img.to_bytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = img.to_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, compresslevel=compresslevel, mtime=0)
+    atomic_write_bytes(path, data)
 
 
 def load_nifti(path: str | Path, *, dtype: Any = None) -> tuple[np.ndarray, np.ndarray, Any]:
