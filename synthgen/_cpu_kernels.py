@@ -23,6 +23,7 @@ import numba as nb
 __all__ = [
     "apply_delta",
     "band_contract3",
+    "bbox",
     "blend_tumor",
     "bspline_matrix",
     "gaussian_band_nb",
@@ -333,11 +334,14 @@ def _bbox_words(words, nz):
     return cnt, lo1, hi1, lo2, hi2
 
 
-def bbox_of_bool(mask: np.ndarray):
-    """``(lo0, hi0, lo1, hi1, lo2, hi2, count)`` of a C-contiguous bool mask whose last axis
-    is a multiple of 8 (scanned 8 voxels per word); ``None`` if it does not qualify."""
+def bbox(mask: np.ndarray):
+    """``(lo0, hi0, lo1, hi1, lo2, hi2, count)`` of ``mask > 0.5`` (inclusive ``hi``).
+
+    A C-contiguous bool mask whose last axis is a multiple of 8 is scanned 8 voxels per word;
+    anything else voxel by voxel (:func:`mask_bbox`).
+    """
     if mask.dtype != np.bool_ or not mask.flags.c_contiguous or mask.shape[2] % 8:
-        return None
+        return mask_bbox(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
     words = mask.view(np.uint8).reshape(mask.shape[0], mask.shape[1], -1).view(np.uint64)
     rows, lo1, hi1, lo2, hi2 = _bbox_words(words, mask.shape[2])
     hit = np.flatnonzero(rows)

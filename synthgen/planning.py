@@ -202,13 +202,9 @@ def check_arrays(image: Any, organ_mask: Any) -> None:
 
 def organ_bbox(organ_mask: np.ndarray) -> tuple[tuple[slice, slice, slice], int]:
     """Bounding box (slices) and voxel count of ``organ_mask > 0.5``; ValueError if empty."""
-    from ._cpu_kernels import bbox_of_bool, mask_bbox
+    from ._cpu_kernels import bbox
 
-    m = organ_mask
-    res = bbox_of_bool(m)
-    if res is None:
-        res = mask_bbox(m.view(np.uint8) if m.dtype == np.bool_ else m)
-    lo0, hi0, lo1, hi1, lo2, hi2, count = res
+    lo0, hi0, lo1, hi1, lo2, hi2, count = bbox(organ_mask)
     if count == 0:
         raise ValueError("organ mask is empty (no voxel > 0.5): nothing to implant a tumor in")
     return (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1)), int(count)

@@ -169,7 +169,7 @@ def tumor_box(
     bcast = [np.broadcast_to(a, shp) for a in (ones, zero)]
     k.shape_mask(ctrl, *w, *pos32, m, bcast[0], bcast[1], -np.inf, np.inf, False, coarse)
     pad_mm = BLUR_TRUNCATE * t.blur_sigma_mm
-    hit = k.mask_bbox(coarse.view(np.uint8))
+    hit = k.bbox(coarse)
     out = []
     for a in range(3):
         if hit[6] == 0:  # thinner than the coarse grid: keep the conservative box
@@ -251,7 +251,7 @@ def _render_tumor(
     ctrl, w, pos32, m = _shape_inputs(t, pos)
     mask = np.empty(orig.shape, dtype=np.bool_)
     k.shape_mask(ctrl, *w, *pos32, m, organ, orig32, tlo, thi, t.clip_to_organ, mask)
-    lo0, hi0, lo1, hi1, lo2, hi2, count = k.mask_bbox(mask.view(np.uint8))
+    lo0, hi0, lo1, hi1, lo2, hi2, count = k.bbox(mask)
     if count == 0:
         return None
     # Shrink to the mask's extent plus the blur's reach.
