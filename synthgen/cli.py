@@ -109,6 +109,336 @@ def demo(
     console.print(f"wrote {len(organ_list)} image/label pairs under {out}/")
 
 
+_DEVICE_HELP = "Backend: auto (follows the data), cpu, cuda or cuda:N."
+
+
+def _organ_list(text: str) -> list[str]:
+    organs = [o.strip() for o in text.split(",") if o.strip()]
+    for o in organs:
+        if o not in DEMO_ORGANS:
+            raise typer.BadParameter(f"unknown organ {o!r}; valid: {', '.join(DEMO_ORGANS)}")
+    if not organs:
+        raise typer.BadParameter("give at least one organ")
+    return organs
+
+
+def _preset_map(specs: list[str] | None, organs: list[str]) -> dict[str, str]:
+    """``--preset FILE`` (one organ) or ``--preset ORGAN=NAME_OR_FILE`` (repeatable)."""
+    from synthgen.presets import load_preset
+
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        organ, sep, value = spec.partition("=")
+        if not sep:
+            if len(organs) != 1:
+                raise typer.BadParameter("with several organs use --preset ORGAN=FILE")
+            organ, value = organs[0], spec
+        if organ not in organs:
+            raise typer.BadParameter(f"--preset {spec}: {organ!r} is not one of --organ")
+        try:
+            p = load_preset(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        if p.organ != organ:
+            raise typer.BadParameter(f"--preset {spec}: preset {p.name!r} is for {p.organ}")
+        path = Path(value)
+        out[organ] = str(path.resolve()) if path.is_file() else value
+    return out
+
+
+def _check_device(device: str) -> str:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise typer.BadParameter(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        console.print(
+            f"[red]error:[/red] --device {device}: this build of synthgen has the CPU backend "
+            "only (the CUDA backend is not installed); use --device cpu or auto"
+        )
+        raise typer.Exit(2)
+    return "cpu"
+
+
+def _run_batch(cases, opts, out: Path, *, source: str, **kw) -> None:
+    """Run a batch with a progress bar, print the summary, exit non-zero on failures."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from synthgen.batch import run_batch
+
+    progress = Progress(
+        TextColumn("[bold]{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    t0 = time.perf_counter()
+    tasks: dict[str, object] = {}
+    left: dict[str, int] = {}
+    count = [0]
+
+    def on_start(todo: list, skipped: int) -> None:
+        left.update({c.case_id: len(s) for c, s in todo})
+        if skipped:
+            console.print(f"resume: {skipped} samples already done, {sum(left.values())} to do")
+        tasks["cases"] = progress.add_task("cases", total=len(left), rate="")
+        tasks["samples"] = progress.add_task("samples", total=sum(left.values()), rate="")
+
+    def on_record(rec: dict) -> None:
+        count[0] += 1
+        rate = count[0] / max(time.perf_counter() - t0, 1e-9)
+        progress.update(tasks["samples"], advance=1, rate=f"{rate:.2f}/s")
+        left[rec["case"]] -= 1
+        if left[rec["case"]] == 0:
+            progress.update(tasks["cases"], advance=1)
+        if rec["status"] != "done":
+            progress.console.print(f"[red]failed[/red] {rec['sample']}: {rec['error']}")
+
+    with progress:
+        try:
+            report = run_batch(
+                cases, opts, out, on_start=on_start, on_record=on_record, source=source, **kw
+            )
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+    _summary(report, out)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _summary(report, out: Path) -> None:
+    table = Table(title=f"synthgen batch -> {out}")
+    table.add_column("samples")
+    table.add_column("count", justify="right")
+    table.add_row("in this shard", str(report.total))
+    table.add_row("written now", str(report.done))
+    table.add_row("already done (resume)", str(report.skipped))
+    table.add_row("failed", f"[red]{len(report.failed)}[/red]" if report.failed else "0")
+    rate = report.done / report.wall_s if report.wall_s > 0 else 0.0
+    table.add_row("wall time", f"{report.wall_s:.1f} s ({rate:.2f} samples/s)")
+    console.print(table)
+    if report.failed:
+        fail = Table(title="failed samples (see the manifest for details)")
+        fail.add_column("sample")
+        fail.add_column("reason")
+        for rec in report.failed[:50]:
+            fail.add_row(rec["sample"], rec["error"])
+        if len(report.failed) > 50:
+            fail.add_row("...", f"{len(report.failed) - 50} more")
+        console.print(fail)
+    console.print(f"manifest: {report.manifest}")
+
+
+@app.command()
+def synth(
+    ct: Annotated[Path, typer.Argument(help="CT image (NIfTI, HU).")],
+    mask: Annotated[Path, typer.Option("--mask", "-m", help="Organ mask or label map (NIfTI).")],
+    organ: Annotated[str, typer.Option("--organ", help="Organ: " + ", ".join(DEMO_ORGANS))],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    label_id: Annotated[
+        int | None,
+        typer.Option("--label-id", help="Organ id in a label map (default: mask > 0.5)."),
+    ] = None,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples to write.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same bytes.")] = 0,
+    size: Annotated[str | None, typer.Option(help="Force a size class (e.g. small).")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Preset name or TOML file (default: the organ's).")
+    ] = None,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
+    compression: Annotated[int, typer.Option(min=0, max=9, help="gzip level.")] = 1,
+    preview: Annotated[bool, typer.Option(help="Also write preview.png per sample.")] = False,
+) -> None:
+    """Implant tumors into one scan: N samples, each OUT/<case>_sNNN/ with ct.nii.gz,
+    label.nii.gz (0/1/2), segmentations/<organ>.nii.gz and <lesion>.nii.gz, tumors.json.
+
+    The mask may be on another grid than the CT (it is resampled by affine, nearest) and may be
+    a label map (pick the organ with --label-id).
+
+    Example: synthgen synth ct.nii.gz --mask liver.nii.gz --organ liver --out out --n 4
+    """
+    from synthgen.batch import BatchOptions
+    from synthgen.layouts import Case, MaskSource, _stem
+
+    organs = _organ_list(organ)
+    if len(organs) != 1:
+        raise typer.BadParameter("synth takes one organ; use batch with a CSV for several")
+    dev = _check_device(device)
+    presets = _preset_map([preset] if preset else None, organs)
+    case = Case(
+        _stem(ct) if ct.name.endswith((".nii", ".nii.gz")) else ct.stem,
+        ct,
+        {organs[0]: (MaskSource(mask, None if label_id is None else (label_id,)),)},
+    )
+    try:
+        opts = BatchOptions(
+            organs=tuple(organs),
+            per_case=n,
+            seed=seed,
+            size=size,
+            presets=presets,
+            device=dev,
+            compresslevel=compression,
+            preview=preview,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _run_batch([case], opts, out, source=str(ct))
+
+
+@app.command()
+def batch(
+    input: Annotated[
+        Path, typer.Argument(help="Dataset folder (AbdomenAtlas 1.x/2.0, MSD, nnU-Net) or CSV.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    organ: Annotated[
+        str, typer.Option("--organ", help="Organ(s), comma-separated: " + ", ".join(DEMO_ORGANS))
+    ],
+    per_case: Annotated[int, typer.Option(min=1, help="Samples per case.")] = 1,
+    seed: Annotated[int, typer.Option(help="Global seed (samples derive theirs from it).")] = 0,
+    fmt: Annotated[
+        str, typer.Option("--format", help="atlas (a folder per sample) or nnunet (raw dataset).")
+    ] = "atlas",
+    layout: Annotated[
+        str | None,
+        typer.Option(help="Force the input layout: atlas1, atlas2, msd, nnunet or csv."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Local worker processes.")] = 1,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="I/N: do the I-th of N slices (default: SLURM array variables)."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler address (tcp://host:8786), or 'local'."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the batch in OUT.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="List what would be done; write nothing.")] = False,
+    size: Annotated[str | None, typer.Option(help="Force a size class.")] = None,
+    preset: Annotated[
+        list[str] | None,
+        typer.Option(help="ORGAN=NAME_OR_FILE (repeatable), or FILE for a single organ."),
+    ] = None,
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
+    compression: Annotated[int, typer.Option(min=0, max=9, help="gzip level.")] = 1,
+    preview: Annotated[bool, typer.Option(help="Also write a preview PNG per sample.")] = False,
+) -> None:
+    """Synthesize tumors over a whole dataset, resumably, on local processes or a cluster.
+
+    The layout is detected (AbdomenAtlas 1.x BDMAP_*/ct.nii.gz + segmentations/, AbdomenAtlas
+    2.0 ct/ + label/, MSD or nnU-Net imagesTr/ + labelsTr/ + dataset.json, or a CSV of
+    ct,mask,organ[,label_id]). Each sample's seed derives from (--seed, case id, sample
+    index), so the bytes do not depend on --workers, --shard or the scheduler. OUT/manifest*.jsonl
+    records every sample; --resume skips finished ones and redoes partial ones. Bad cases are
+    reported with a reason and the batch goes on; the exit code is 1 if any sample failed.
+
+    Examples:
+
+      synthgen batch AbdomenAtlas1.1 --out synth --organ liver,pancreas --per-case 2
+
+      synthgen batch Task03_Liver --out Dataset501_SynthLiver --organ liver --format nnunet
+
+      sbatch --array=0-15 --wrap "synthgen batch data --out synth --organ kidney"
+    """
+    from synthgen.batch import BatchOptions, parse_shard, prepare
+    from synthgen.layouts import discover
+
+    organs = _organ_list(organ)
+    dev = _check_device(device)
+    presets = _preset_map(preset, organs)
+    try:
+        opts = BatchOptions(
+            organs=tuple(organs),
+            per_case=per_case,
+            seed=seed,
+            format=fmt,
+            size=size,
+            presets=presets,
+            device=dev,
+            compresslevel=compression,
+            preview=preview,
+        )
+        if size is not None:
+            from synthgen.presets import load_preset
+
+            for o in organs:
+                load_preset(presets.get(o, o)).size_class(size)
+        shard_in = parse_shard(shard)
+        found_layout, cases = discover(input, organs, layout)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"{input}: {found_layout} layout, {len(cases)} cases"
+        + (f"; shard {shard_in[0]}/{shard_in[1]}" if shard_in[1] > 1 else "")
+    )
+    if dry_run:
+        try:
+            todo, total, skipped = prepare(cases, opts, out, shard=shard_in, resume=resume)
+        except ValueError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        table = Table(title=f"dry run: {sum(len(s) for _, s in todo)} samples to write")
+        for col in ("case", "ct", "organs found", "missing", "samples"):
+            table.add_column(col)
+        for case, samples in todo:
+            table.add_row(
+                case.case_id,
+                str(case.ct),
+                ", ".join(case.organs),
+                "; ".join(f"{o}: {r}" for o, r in case.missing.items()),
+                ", ".join(s.sample_id for s in samples),
+            )
+        console.print(table)
+        console.print(f"{total} samples in this shard, {skipped} already done")
+        return
+    _run_batch(
+        cases,
+        opts,
+        out,
+        source=str(input),
+        workers=workers,
+        shard=shard_in,
+        scheduler=scheduler,
+        resume=resume,
+    )
+
+
+@app.command()
+def preview(
+    sample_dir: Annotated[
+        Path, typer.Argument(help="A sample folder (ct.nii.gz, label.nii.gz, tumors.json).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="PNG to write (default: SAMPLE_DIR/preview.png)."),
+    ] = None,
+    max_tumors: Annotated[int, typer.Option(min=1, help="Rows (tumors) at most.")] = 6,
+) -> None:
+    """Axial, coronal and sagittal slices through each tumor's centre (abdomen window, organ
+    and tumor contours, physical aspect ratio) as one PNG."""
+    from synthgen.preview import write_preview
+
+    try:
+        path = write_preview(sample_dir, out, max_tumors=max_tumors)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {path}")
+
+
 @presets_app.command("list")
 def presets_list() -> None:
     """List the built-in presets."""

@@ -1,0 +1,702 @@
+"""Dataset batch synthesis: cases in, training-ready samples out, nothing lost if it stops.
+
+The unit of work is a case (one CT and its masks, loaded once); each case yields
+``per_case`` samples. Every sample is a pure function of (case, sample index, options): its
+seed derives from (global seed, case id, sample index), so the output bytes are the same for
+any number of workers, any sharding, a Dask cluster or a resumed run.
+
+A sample is written completely into ``OUT/.partial/<run tag>/<sample>/`` and then moved into
+place (a folder rename for ``atlas``, file renames for ``nnunet``); only then does the manifest
+(``OUT/manifest*.jsonl``, one JSON object per line, appended and fsynced) record it as done.
+``resume`` skips samples recorded done whose files exist and redoes everything else. A case
+that cannot be used (unreadable, truncated, NaN, organ missing or empty or too small, mask grid
+that cannot be mapped) is recorded as failed with a one-line reason and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .layouts import Case, load_mask, load_mask_file
+from .presets import LESION_NAMES, ORGANS
+
+__all__ = [
+    "FORMATS",
+    "BatchOptions",
+    "Sample",
+    "dataset_json",
+    "load_case",
+    "read_manifest",
+    "run_case",
+    "run_cases",
+    "sample_seed",
+    "samples_for",
+]
+
+FORMATS = ("atlas", "nnunet")
+MANIFEST_GLOB = "manifest*.jsonl"
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Everything that decides the bytes of a sample (plus how to write them).
+
+    Attributes:
+        organs: Organs to implant tumors in, in order (each sample gets tumors in every
+            organ the case has).
+        per_case: Samples per case.
+        seed: Global seed.
+        format: ``"atlas"`` (one folder per sample) or ``"nnunet"`` (a raw dataset).
+        size: Size class to force, or ``None`` for each preset's mix.
+        presets: Organ -> preset name or TOML path (default: the organ's own preset).
+        device: ``"cpu"`` or ``"auto"``.
+        compresslevel: gzip level of the ``.nii.gz`` outputs (1 is nibabel's default).
+        preview: Also write a PNG preview of each sample.
+    """
+
+    organs: tuple[str, ...]
+    per_case: int = 1
+    seed: int = 0
+    format: str = "atlas"
+    size: str | None = None
+    presets: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"
+    compresslevel: int = 1
+    preview: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; valid: {', '.join(FORMATS)}")
+        if self.per_case < 1:
+            raise ValueError(f"per_case must be >= 1, got {self.per_case}")
+        if not 0 <= self.compresslevel <= 9:
+            raise ValueError(f"compression level must be 0-9, got {self.compresslevel}")
+        for o in self.organs:
+            if o not in ORGANS:
+                raise ValueError(f"unknown organ {o!r}; valid: {', '.join(ORGANS)}")
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share with the run it continues."""
+        return {
+            "organs": list(self.organs),
+            "seed": self.seed,
+            "format": self.format,
+            "size": self.size,
+            "presets": dict(sorted(self.presets.items())),
+        }
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One output sample: case, index and derived seed."""
+
+    case_id: str
+    index: int
+    seed: int
+
+    @property
+    def sample_id(self) -> str:
+        return f"{self.case_id}_s{self.index:03d}"
+
+
+def sample_seed(seed: int, case_id: str, index: int) -> int:
+    """63-bit seed of sample ``index`` of ``case_id`` (stable across runs and platforms)."""
+    h = hashlib.blake2b(f"{int(seed)}\0{case_id}\0{int(index)}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def samples_for(case: Case, opts: BatchOptions) -> list[Sample]:
+    return [
+        Sample(case.case_id, k, sample_seed(opts.seed, case.case_id, k))
+        for k in range(opts.per_case)
+    ]
+
+
+def _organ_seed(seed: int, organ: str) -> int:
+    from ._hash import derive_seed
+
+    return derive_seed(seed, ORGANS.index(organ))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _short(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if isinstance(e, ValueError) else f"{type(e).__name__}: {msg}"
+
+
+# --------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCase:
+    """A case in memory: the CT (file order), its geometry, and per-organ regions."""
+
+    case: Case
+    image: np.ndarray
+    affine: np.ndarray
+    header: Any
+    organs: dict[str, np.ndarray]  # organ region (organ mask | existing lesions), bool
+    lesions: dict[str, np.ndarray | None]
+    verbatim: dict[str, Path]  # organ -> input mask file that can be copied as is
+    skipped: dict[str, str]  # organ -> reason it cannot be used in this case
+
+
+def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
+    """Load a case's CT and organ regions; raises ``ValueError`` when the CT is unusable.
+
+    An organ that is missing, unreadable, empty or too small goes to ``skipped`` with its
+    reason instead of failing the case, so the case's other organs still get tumors.
+    """
+    from .io import load_nifti
+
+    image, affine, header = load_nifti(case.ct)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{case.ct}: image holds NaN or inf values")
+    organs: dict[str, np.ndarray] = {}
+    lesions: dict[str, np.ndarray | None] = {}
+    verbatim: dict[str, Path] = {}
+    skipped: dict[str, str] = dict(case.missing)
+    for organ in opts.organs:
+        if organ not in case.organs:
+            skipped.setdefault(organ, f"no {organ} mask")
+            continue
+        try:
+            srcs = case.organs[organ]
+            region, plain = load_mask_file(srcs[0], image.shape, affine)
+            for src in srcs[1:]:
+                region |= load_mask_file(src, image.shape, affine)[0]
+            les = None
+            if case.lesions.get(organ):
+                les = load_mask(case.lesions[organ], image.shape, affine)
+                region |= les
+            if not region.any():
+                names = ", ".join(str(s.path) for s in case.organs[organ])
+                raise ValueError(f"{names}: {organ} mask is empty (structure absent)")
+        except ValueError as e:
+            skipped[organ] = _short(e)
+            continue
+        organs[organ], lesions[organ] = region, les
+        if plain and len(srcs) == 1 and les is None:
+            verbatim[organ] = srcs[0].path
+    return LoadedCase(case, image, affine, header, organs, lesions, verbatim, skipped)
+
+
+# --------------------------------------------------------------------------------------
+# one sample
+# --------------------------------------------------------------------------------------
+
+
+def _label_values(opts: BatchOptions) -> dict[str, tuple[int, int]]:
+    """Organ -> (organ label, lesion label) in ``label.nii.gz`` / ``labelsTr``."""
+    if opts.format == "atlas" or len(opts.organs) == 1:
+        return {o: (1, 2) for o in opts.organs}
+    return {o: (2 * i + 1, 2 * i + 2) for i, o in enumerate(opts.organs)}
+
+
+def dataset_json(opts: BatchOptions, num_training: int, name: str = "synthgen") -> dict[str, Any]:
+    """nnU-Net v2 ``dataset.json`` of a batch written with ``format="nnunet"``."""
+    labels: dict[str, int] = {"background": 0}
+    for organ, (lo, le) in _label_values(opts).items():
+        labels[organ] = lo
+        labels[LESION_NAMES[organ]] = le
+    return {
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": int(num_training),
+        "file_ending": ".nii.gz",
+        "name": name,
+        "description": "Synthetic tumors implanted with synthgen "
+        f"(organs: {', '.join(opts.organs)}; seed {opts.seed})",
+    }
+
+
+def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
+    """Render one sample; returns (image, label, per-organ tumor masks, organ records)."""
+    from .api import Synthesizer
+
+    if not lc.organs:
+        reasons = "; ".join(f"{o}: {r}" for o, r in lc.skipped.items())
+        raise ValueError(f"no usable organ ({reasons})")
+    image = lc.image.copy(order="K")
+    label = np.zeros(image.shape, dtype=np.uint8, order="F")
+    values = _label_values(opts)
+    tumors: dict[str, np.ndarray] = {}
+    records = []
+    for organ in opts.organs:
+        region = lc.organs.get(organ)
+        if region is None:
+            continue
+        syn = Synthesizer(opts.presets.get(organ, organ), size=opts.size, device=opts.device)
+        seed = _organ_seed(sample.seed, organ)
+        res = syn(image, region, seed=seed, affine=lc.affine, out=image)
+        tm = np.zeros(image.shape, dtype=bool, order="F")
+        res.write_tumor_mask(tm)
+        if lc.lesions.get(organ) is not None:
+            tm |= lc.lesions[organ]
+        tumors[organ] = tm
+        lo, le = values[organ]
+        label[region & (label == 0)] = lo
+        label[tm] = le
+        records.append(
+            {
+                "organ": organ,
+                "preset": res.plan.preset_name,
+                "seed": seed,
+                "plan": res.plan.to_dict(),
+                "tumors": [t.to_dict() for t in res.tumors],
+            }
+        )
+    return image, label, tumors, records
+
+
+def _write_sample(
+    lc: LoadedCase, sample: Sample, opts: BatchOptions, out: Path, tag: str, arrays
+) -> list[str]:
+    """Write a sample into the partial folder, then move it into place; returns its files."""
+    from .io import atomic_write_bytes, save_json, save_nifti
+
+    image, label, tumors, records = arrays
+    sid = sample.sample_id
+    part = out / ".partial" / tag / sid
+    if part.exists():
+        shutil.rmtree(part)
+    part.mkdir(parents=True)
+    hdr, aff, lvl = lc.header, lc.affine, opts.compresslevel
+    meta = {
+        "sample": sid,
+        "case": lc.case.case_id,
+        "seed": sample.seed,
+        "organs": records,
+        "skipped_organs": lc.skipped,
+    }
+    if opts.format == "atlas":
+        save_nifti(part / "ct.nii.gz", image, aff, header=hdr, compresslevel=lvl)
+        save_nifti(part / "label.nii.gz", label, aff, header=hdr, compresslevel=lvl)
+        seg = part / "segmentations"
+        for organ, tm in tumors.items():
+            if organ in lc.verbatim:
+                atomic_write_bytes(seg / f"{organ}.nii.gz", lc.verbatim[organ].read_bytes())
+            else:
+                reg = lc.organs[organ].view(np.uint8)
+                save_nifti(seg / f"{organ}.nii.gz", reg, aff, header=hdr, compresslevel=lvl)
+            les = tm.view(np.uint8)
+            save_nifti(
+                seg / f"{LESION_NAMES[organ]}.nii.gz", les, aff, header=hdr, compresslevel=lvl
+            )
+        save_json(part / "tumors.json", meta)
+        if opts.preview:
+            _preview(part / "preview.png", image, label, aff, records, sid)
+        final = out / sid
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(part, final)
+        return sorted(str(p.relative_to(out)) for p in final.rglob("*") if p.is_file())
+    # nnU-Net raw: imagesTr / labelsTr, plus the plans beside them.
+    files = {
+        part / f"{sid}_0000.nii.gz": out / "imagesTr" / f"{sid}_0000.nii.gz",
+        part / f"{sid}.nii.gz": out / "labelsTr" / f"{sid}.nii.gz",
+        part / f"{sid}.json": out / "synthgen_tumors" / f"{sid}.json",
+    }
+    src = iter(files)
+    save_nifti(next(src), image, aff, header=hdr, compresslevel=lvl)
+    save_nifti(next(src), label, aff, header=hdr, compresslevel=lvl)
+    save_json(next(src), meta)
+    if opts.preview:
+        prev = part / f"{sid}.png"
+        _preview(prev, image, label, aff, records, sid)
+        files[prev] = out / "previews" / f"{sid}.png"
+    for a, b in files.items():
+        b.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(a, b)
+    part.rmdir()
+    return sorted(str(b.relative_to(out)) for b in files.values())
+
+
+def _preview(path: Path, image, label, affine, records, title: str) -> None:
+    from .preview import preview_arrays
+
+    centers = [t["center_vox"] for r in records for t in r["tumors"]]
+    preview_arrays(image, label, affine, centers, path, title=title)
+
+
+def _record(sample: Sample, case: Case, status: str, t0: float, **kw: Any) -> dict[str, Any]:
+    rec = {
+        "sample": sample.sample_id,
+        "case": case.case_id,
+        "index": sample.index,
+        "seed": sample.seed,
+        "status": status,
+        "inputs": case.to_dict(),
+        "time": _now(),
+        "elapsed_s": round(time.perf_counter() - t0, 3),
+    }
+    rec.update(kw)
+    return rec
+
+
+def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[str, Any]]:
+    for sample in samples:
+        t0 = time.perf_counter()
+        if isinstance(lc_or_err, BaseException):
+            yield _record(sample, case, "failed", t0, error=_short(lc_or_err))
+            continue
+        try:
+            arrays = _synthesize(lc_or_err, sample, opts)
+            files = _write_sample(lc_or_err, sample, opts, out, tag, arrays)
+        except (ValueError, OSError) as e:
+            yield _record(sample, case, "failed", t0, error=_short(e))
+            continue
+        organs = [
+            {k: r[k] for k in ("organ", "preset", "seed", "plan", "tumors")} for r in arrays[3]
+        ]
+        yield _record(
+            sample, case, "done", t0, outputs=files, organs=organs, skipped_organs=lc_or_err.skipped
+        )
+
+
+def _load_or_error(case: Case, opts: BatchOptions):
+    try:
+        return load_case(case, opts)
+    except (ValueError, OSError, MemoryError) as e:
+        return e
+
+
+def run_case(
+    case: Case, samples: Sequence[Sample], opts: BatchOptions, out: str | Path, tag: str
+) -> list[dict[str, Any]]:
+    """Load one case and write its samples; returns one manifest record per sample.
+
+    This is the function workers and Dask run; it never raises for a bad case.
+    """
+    out = Path(out)
+    return list(_process(_load_or_error(case, opts), case, samples, opts, out, tag))
+
+
+def run_cases(
+    work: Iterable[tuple[Case, Sequence[Sample]]], opts: BatchOptions, out: str | Path, tag: str
+) -> Iterator[dict[str, Any]]:
+    """``run_case`` over many cases in this process, loading the next case while the current
+    one is synthesized and written (gzip I/O dominates; the decoders release the GIL)."""
+    out = Path(out)
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    items = list(work)
+
+    def loader() -> None:
+        for case, samples in items:
+            if stop.is_set():
+                return
+            q.put((case, samples, _load_or_error(case, opts)))
+        q.put(None)
+
+    th = threading.Thread(target=loader, name="synthgen-loader", daemon=True)
+    th.start()
+    try:
+        while (item := q.get()) is not None:
+            case, samples, lc = item
+            yield from _process(lc, case, samples, opts, out, tag)
+    finally:
+        stop.set()
+        while th.is_alive():  # unblock a loader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.05)
+
+
+# --------------------------------------------------------------------------------------
+# manifest
+# --------------------------------------------------------------------------------------
+
+
+def read_manifest(out: str | Path) -> dict[str, dict[str, Any]]:
+    """Latest record per sample over every ``manifest*.jsonl`` in ``out``.
+
+    A torn last line (a run killed while appending) is ignored.
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(out).glob(MANIFEST_GLOB)):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "sample" in rec:
+                prev = latest.get(rec["sample"])
+                if prev is None or prev.get("status") != "done" or rec.get("status") == "done":
+                    latest[rec["sample"]] = rec
+    return latest
+
+
+class Manifest:
+    """Append-only JSON-lines writer (one line per record, flushed and fsynced)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def is_done(rec: dict[str, Any] | None, out: Path) -> bool:
+    """Whether a manifest record is a finished sample whose files all exist."""
+    if not rec or rec.get("status") != "done":
+        return False
+    return all((out / f).is_file() for f in rec.get("outputs", []))
+
+
+def _options_dict(opts: BatchOptions) -> dict[str, Any]:
+    return asdict(opts)
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------------------
+# the batch driver
+# --------------------------------------------------------------------------------------
+
+
+def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``; without it, the SLURM array variables, else ``(0, 1)``."""
+    env = os.environ if env is None else env
+    if text:
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    elif "SLURM_ARRAY_TASK_ID" in env and (
+        "SLURM_ARRAY_TASK_COUNT" in env or "SLURM_ARRAY_TASK_MAX" in env
+    ):
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        if "SLURM_ARRAY_TASK_COUNT" in env:
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+        else:
+            n = int(env["SLURM_ARRAY_TASK_MAX"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")) + 1
+    else:
+        return 0, 1
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= I < N")
+    return i, n
+
+
+@dataclass
+class BatchReport:
+    """What a batch run did."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0  # already done by an earlier run (resume)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+    manifest: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["SYNTHGEN_NUM_THREADS"] = str(threads)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any]]:
+    if scheduler:
+        try:
+            from distributed import Client, as_completed
+        except ImportError:
+            raise ValueError(
+                "--scheduler needs dask distributed: pip install 'synthgen[dask]'"
+            ) from None
+        if scheduler == "local":
+            from distributed import LocalCluster
+
+            cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1)
+            client = Client(cluster)
+        else:
+            cluster, client = None, Client(scheduler)
+        try:
+            futs = [client.submit(run_case, c, s, opts, str(out), tag, pure=False) for c, s in todo]
+            for fut in as_completed(futs):
+                yield from fut.result()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return
+    if workers <= 1:
+        yield from run_cases(todo, opts, out, tag)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, _cpu_count() // workers)
+    ctx = mp.get_context("spawn")  # never fork a process that holds threads
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+    ) as ex:
+        pending = set()
+        it = iter(todo)
+        try:
+            while True:
+                while len(pending) < 2 * workers:  # bounded: results stream back as they finish
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
+                    pending.add(ex.submit(run_case, nxt[0], nxt[1], opts, str(out), tag))
+                if not pending:
+                    break
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    yield from f.result()
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+
+
+def prepare(
+    cases: Sequence[Case], opts: BatchOptions, out: Path, *, shard=(0, 1), resume=False
+) -> tuple[list[tuple[Case, list[Sample]]], int, int]:
+    """Work of this run: ``(todo, total samples of the shard, samples already done)``.
+
+    Raises:
+        ValueError: ``out`` holds a batch and ``resume`` is off, or the batch there was made
+            with other options.
+    """
+    i, n = shard
+    mine = [c for k, c in enumerate(sorted(cases, key=lambda c: c.case_id)) if k % n == i]
+    previous = read_manifest(out) if out.exists() else {}
+    cfg_path = out / "batch.json"
+    if cfg_path.is_file() and previous:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if cfg.get("options") != opts.identity():
+            raise ValueError(
+                f"{out} holds a batch made with other options ({cfg.get('options')}); "
+                "use the same --organ/--seed/--format/--size/--preset, or another --out"
+            )
+    work = [(c, samples_for(c, opts)) for c in mine]
+    if not resume:
+        ndone = sum(1 for _, ss in work for s in ss if s.sample_id in previous)
+        if ndone:
+            raise ValueError(
+                f"{out} already holds {ndone} samples of this run: pass --resume to continue "
+                "the batch, or choose another --out"
+            )
+    todo, total, skipped = [], 0, 0
+    for case, samples in work:
+        total += len(samples)
+        left = [s for s in samples if not (resume and is_done(previous.get(s.sample_id), out))]
+        skipped += len(samples) - len(left)
+        if left:
+            todo.append((case, left))
+    return todo, total, skipped
+
+
+def run_batch(
+    cases: Sequence[Case],
+    opts: BatchOptions,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    scheduler: str | None = None,
+    resume: bool = False,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[list, int], None] | None = None,
+    source: str | None = None,
+) -> BatchReport:
+    """Synthesize ``opts.per_case`` samples for each case of this shard into ``out``.
+
+    Args:
+        cases: From :func:`synthgen.layouts.discover`.
+        opts: What to synthesize and how to write it.
+        out: Output folder (created).
+        workers: Local processes (1: in this process, loading overlapped with writing).
+        shard: ``(I, N)``: this run takes the cases whose sorted position is I mod N.
+        scheduler: Dask scheduler address (``"local"`` starts a LocalCluster).
+        resume: Continue the batch in ``out``: skip finished samples, redo the rest.
+        on_record: Called with each manifest record as it is written (progress).
+        on_start: Called once with the work list ``[(case, samples), ...]`` and the number
+            of samples already done.
+        source: Input dataset, recorded in ``batch.json``.
+
+    Returns:
+        A :class:`BatchReport`; failed samples are listed there, never raised.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    todo, total, skipped = prepare(cases, opts, out, shard=shard, resume=resume)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "batch.json").is_file() or not read_manifest(out):
+        from . import __version__
+        from .io import save_json
+
+        save_json(
+            out / "batch.json",
+            {"synthgen": __version__, "input": source, "options": opts.identity()},
+        )
+    tag = "main" if shard[1] == 1 else f"shard-{shard[0]}-of-{shard[1]}"
+    partial = out / ".partial" / tag
+    if partial.exists():  # what a killed run of this shard left behind
+        shutil.rmtree(partial)
+    name = "manifest.jsonl" if shard[1] == 1 else f"manifest-{tag}.jsonl"
+    report = BatchReport(total=total, skipped=skipped, manifest=out / name)
+    if on_start is not None:
+        on_start(todo, skipped)
+    manifest = Manifest(out / name)
+    try:
+        for rec in _execute(todo, opts, out, tag, workers, scheduler):
+            manifest.write(rec)
+            if rec["status"] == "done":
+                report.done += 1
+            else:
+                report.failed.append(rec)
+            if on_record is not None:
+                on_record(rec)
+    finally:
+        manifest.close()
+        for d in (partial, out / ".partial"):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    if opts.format == "nnunet":
+        from .io import save_json
+
+        done = [r for r in read_manifest(out).values() if is_done(r, out)]
+        save_json(out / "dataset.json", dataset_json(opts, len(done)))
+    report.wall_s = time.perf_counter() - t0
+    return report

@@ -1,0 +1,478 @@
+"""Dataset layouts: find the CT scans and organ masks of a dataset, whatever its shape.
+
+Supported (detected from the folder's contents, or named explicitly):
+
+``atlas1``
+    AbdomenAtlas 1.0/1.1: ``BDMAP_*/ct.nii.gz`` + ``BDMAP_*/segmentations/<structure>.nii.gz``.
+``atlas2``
+    AbdomenAtlas 2.0: ``ct/BDMAP_*/ct.nii.gz`` + ``label/BDMAP_*/segmentations/*.nii.gz``.
+``msd``
+    Medical Segmentation Decathlon: ``imagesTr/``, ``labelsTr/`` and a ``dataset.json`` whose
+    ``labels`` map id -> name.
+``nnunet``
+    nnU-Net v2 raw: ``imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz`` and a
+    ``dataset.json`` whose ``labels`` map name -> id.
+``csv``
+    A CSV file with the columns ``ct,mask,organ[,label_id]`` (paths relative to the file);
+    several rows with the same ``ct`` make one case with several organs.
+
+Discovery reads folder listings and JSON only, never an image. macOS ``._*`` files are
+ignored. A case that lacks a requested organ is still listed (its samples then fail with a
+clear reason), so nothing is silently skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .presets import LESION_NAMES, ORGANS
+
+__all__ = [
+    "LAYOUTS",
+    "Case",
+    "LayoutError",
+    "MaskSource",
+    "detect_layout",
+    "discover",
+    "load_mask",
+    "load_mask_file",
+]
+
+LAYOUTS = ("atlas1", "atlas2", "msd", "nnunet", "csv")
+
+# Structure files (AbdomenAtlas) that make up each organ; the first set found is used.
+_ATLAS_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "liver": (("liver",),),
+    "pancreas": (("pancreas",),),
+    "kidney": (("kidney_left", "kidney_right"), ("kidney",)),
+    "colon": (("colon",),),
+    "esophagus": (("esophagus",),),
+    "uterus": (("uterus",),),
+}
+# Label names (MSD / nnU-Net dataset.json, normalised) that mean each organ.
+_ORGAN_NAMES: dict[str, set[str]] = {
+    "liver": {"liver"},
+    "pancreas": {"pancreas"},
+    "kidney": {"kidney", "kidneys", "kidney_left", "kidney_right", "left_kidney", "right_kidney"},
+    "colon": {"colon"},
+    "esophagus": {"esophagus", "oesophagus"},
+    "uterus": {"uterus"},
+}
+_GENERIC_LESION = re.compile(r"(cancer|tumou?r|lesion|metasta|mass|cyst|carcinoma|neoplasm)")
+
+
+class LayoutError(ValueError):
+    """The input is not a dataset synthgen can read (message says what was expected)."""
+
+
+@dataclass(frozen=True)
+class MaskSource:
+    """One mask file, binarised at > 0.5 or, when ``label_ids`` is set, at those label ids."""
+
+    path: Path
+    label_ids: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "label_ids": self.label_ids}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One CT scan and where its organ masks are.
+
+    Attributes:
+        case_id: Unique, file-name-safe identifier (seeds derive from it).
+        ct: Path of the CT image.
+        organs: Organ name -> the mask files whose union is the organ.
+        lesions: Organ name -> masks of lesions already in the scan (kept as tumor label).
+        missing: Organ name -> why it has no mask in this case.
+    """
+
+    case_id: str
+    ct: Path
+    organs: dict[str, tuple[MaskSource, ...]] = field(default_factory=dict)
+    lesions: dict[str, tuple[MaskSource, ...]] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "ct": str(self.ct),
+            "organs": {o: [s.to_dict() for s in v] for o, v in self.organs.items()},
+            "lesions": {o: [s.to_dict() for s in v] for o, v in self.lesions.items()},
+            "missing": dict(self.missing),
+        }
+
+
+def _nii(p: Path) -> bool:
+    return not p.name.startswith("._") and (p.name.endswith(".nii.gz") or p.name.endswith(".nii"))
+
+
+def _stem(p: Path) -> str:
+    n = p.name
+    return n[: -len(".nii.gz")] if n.endswith(".nii.gz") else n[: -len(".nii")]
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for ext in (".nii.gz", ".nii"):
+        p = folder / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _check_organs(organs: Sequence[str]) -> list[str]:
+    out = []
+    for o in organs:
+        if o not in ORGANS:
+            raise LayoutError(f"unknown organ {o!r}; valid: {', '.join(ORGANS)}")
+        if o not in out:
+            out.append(o)
+    if not out:
+        raise LayoutError("no organ given")
+    return out
+
+
+def detect_layout(path: str | Path) -> str:
+    """Name the layout of ``path`` (one of :data:`LAYOUTS`); ``LayoutError`` if none fits."""
+    root = Path(path)
+    if root.is_file():
+        if root.suffix.lower() == ".csv":
+            return "csv"
+        raise LayoutError(f"{root}: a file input must be a .csv of ct,mask,organ[,label_id]")
+    if not root.is_dir():
+        raise LayoutError(f"{root}: no such file or folder")
+    ds = root / "dataset.json"
+    if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
+        meta = _read_json(ds) if ds.is_file() else {}
+        if "channel_names" in meta or "file_ending" in meta:
+            return "nnunet"
+        if meta:
+            return "msd"
+        raise LayoutError(f"{root}: imagesTr/labelsTr found but no dataset.json to name labels")
+    if (root / "ct").is_dir() and (root / "label").is_dir():
+        return "atlas2"
+    for sub in sorted(root.iterdir()):
+        if sub.is_dir() and _find(sub, "ct") and (sub / "segmentations").is_dir():
+            return "atlas1"
+    raise LayoutError(
+        f"{root}: not a dataset synthgen knows (expected AbdomenAtlas CASE/ct.nii.gz + "
+        "CASE/segmentations/, AbdomenAtlas 2.0 ct/ + label/, MSD or nnU-Net imagesTr/ + "
+        "labelsTr/ + dataset.json, or a .csv)"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LayoutError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _atlas_case(case_id: str, ct: Path, segdir: Path, organs: list[str]) -> Case:
+    found: dict[str, tuple[MaskSource, ...]] = {}
+    lesions: dict[str, tuple[MaskSource, ...]] = {}
+    missing: dict[str, str] = {}
+    for organ in organs:
+        for names in _ATLAS_FILES[organ]:
+            paths = [_find(segdir, n) for n in names]
+            if all(p is not None for p in paths):
+                found[organ] = tuple(MaskSource(p) for p in paths if p is not None)
+                break
+        else:
+            want = " or ".join("+".join(n) for n in _ATLAS_FILES[organ])
+            missing[organ] = f"no {want} mask in {segdir}"
+        lesion = _find(segdir, LESION_NAMES[organ])
+        if lesion is not None:
+            lesions[organ] = (MaskSource(lesion),)
+    return Case(case_id, ct, found, lesions, missing)
+
+
+def _discover_atlas1(root: Path, organs: list[str]) -> list[Case]:
+    cases = []
+    for sub in sorted(root.iterdir()):
+        if not sub.is_dir() or sub.name.startswith("."):
+            continue
+        ct = _find(sub, "ct")
+        if ct is not None:
+            cases.append(_atlas_case(sub.name, ct, sub / "segmentations", organs))
+    return cases
+
+
+def _discover_atlas2(root: Path, organs: list[str]) -> list[Case]:
+    cases = []
+    for sub in sorted((root / "ct").iterdir()):
+        ct = _find(sub, "ct") if sub.is_dir() else None
+        if ct is not None:
+            segdir = root / "label" / sub.name / "segmentations"
+            cases.append(_atlas_case(sub.name, ct, segdir, organs))
+    return cases
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_")
+
+
+def _label_map(meta: dict[str, Any], path: Path, name_to_id: bool) -> dict[str, tuple[int, ...]]:
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise LayoutError(f"{path}: dataset.json has no 'labels' mapping")
+    out: dict[str, tuple[int, ...]] = {}
+    try:
+        for k, v in labels.items():
+            name, ids = (k, v) if name_to_id else (v, k)
+            ids = tuple(int(i) for i in ids) if isinstance(ids, list) else (int(ids),)
+            out[_norm(name)] = out.get(_norm(name), ()) + ids
+    except (TypeError, ValueError):
+        raise LayoutError(f"{path}: dataset.json 'labels' must map names and integer ids") from None
+    return out
+
+
+def _label_ids(labels: dict[str, tuple[int, ...]], organs: list[str], where: Path):
+    """Organ -> ids and organ -> lesion ids from a dataset's label names."""
+    organ_ids: dict[str, tuple[int, ...]] = {}
+    lesion_ids: dict[str, tuple[int, ...]] = {}
+    present = {o for o in ORGANS if any(n in _ORGAN_NAMES[o] for n in labels)}
+    for organ in organs:
+        ids = tuple(sorted(i for n, v in labels.items() if n in _ORGAN_NAMES[organ] for i in v))
+        if ids:
+            organ_ids[organ] = ids
+        names = _ORGAN_NAMES[organ]
+        own = {_norm(LESION_NAMES[organ]), *(f"{n}_lesion" for n in names)}
+        les = set()
+        for n, v in labels.items():
+            if n in names:
+                continue
+            lesion_like = _GENERIC_LESION.search(n) is not None
+            specific = n in own or (lesion_like and any(n.startswith(f"{o}_") for o in names))
+            generic = lesion_like and present == {organ}
+            if specific or generic:
+                les.update(i for i in v if i != 0)
+        if les:
+            lesion_ids[organ] = tuple(sorted(les))
+    return organ_ids, lesion_ids
+
+
+def _labelled_case(
+    case_id: str,
+    ct: Path,
+    label: Path | None,
+    organ_ids: dict[str, tuple[int, ...]],
+    lesion_ids: dict[str, tuple[int, ...]],
+    organs: list[str],
+    ds: Path,
+) -> Case:
+    found, lesions, missing = {}, {}, {}
+    for organ in organs:
+        if label is None:
+            missing[organ] = f"no label file for {ct.name}"
+        elif organ not in organ_ids:
+            missing[organ] = f"{ds} has no label named like {organ!r}"
+        else:
+            found[organ] = (MaskSource(label, organ_ids[organ]),)
+            if organ in lesion_ids:
+                lesions[organ] = (MaskSource(label, lesion_ids[organ]),)
+    return Case(case_id, ct, found, lesions, missing)
+
+
+def _discover_msd(root: Path, organs: list[str]) -> list[Case]:
+    ds = root / "dataset.json"
+    meta = _read_json(ds)
+    organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=False), organs, ds)
+    pairs: list[tuple[Path, Path | None]] = []
+    training = meta.get("training")
+    if isinstance(training, list) and training:
+        for entry in training:
+            img = root / str(entry.get("image", "")).lstrip("./")
+            lab = entry.get("label")
+            if _nii(img):
+                pairs.append((img, root / str(lab).lstrip("./") if lab else None))
+    else:
+        for img in sorted((root / "imagesTr").iterdir()):
+            if _nii(img):
+                pairs.append((img, _find(root / "labelsTr", _stem(img))))
+    cases = []
+    for img, lab in sorted(pairs):
+        lab = lab if lab is not None and lab.is_file() else None
+        cases.append(_labelled_case(_stem(img), img, lab, organ_ids, lesion_ids, organs, ds))
+    return cases
+
+
+def _discover_nnunet(root: Path, organs: list[str]) -> list[Case]:
+    ds = root / "dataset.json"
+    meta = _read_json(ds)
+    organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=True), organs, ds)
+    ending = str(meta.get("file_ending", ".nii.gz"))
+    cases = []
+    for img in sorted((root / "imagesTr").iterdir()):
+        name = img.name
+        if name.startswith("._") or not name.endswith(f"_0000{ending}"):
+            continue
+        cid = name[: -len(f"_0000{ending}")]
+        lab = root / "labelsTr" / f"{cid}{ending}"
+        cases.append(
+            _labelled_case(
+                cid, img, lab if lab.is_file() else None, organ_ids, lesion_ids, organs, ds
+            )
+        )
+    return cases
+
+
+def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except OSError as e:
+        raise LayoutError(f"{path}: cannot read ({e})") from None
+    rows = [r for r in rows if r and any(c.strip() for c in r)]
+    if rows and [c.strip().lower() for c in rows[0][:3]] == ["ct", "mask", "organ"]:
+        rows = rows[1:]
+    by_ct: dict[Path, dict[str, Any]] = {}
+    for n, row in enumerate(rows, start=1):
+        if len(row) < 3:
+            raise LayoutError(f"{path}: row {n} needs ct,mask,organ[,label_id], got {row}")
+        ct, mask, organ = (Path(c.strip()) for c in row[:3])
+        organ_name = str(organ)
+        if organ_name not in ORGANS:
+            raise LayoutError(f"{path}: row {n}: unknown organ {organ_name!r}")
+        ids = None
+        if len(row) > 3 and row[3].strip():
+            try:
+                ids = tuple(int(v) for v in re.split(r"[;| ]+", row[3].strip()))
+            except ValueError:
+                raise LayoutError(f"{path}: row {n}: label_id {row[3]!r} is not an int") from None
+        ct = ct if ct.is_absolute() else path.parent / ct
+        mask = mask if mask.is_absolute() else path.parent / mask
+        entry = by_ct.setdefault(ct, {})
+        entry.setdefault(organ_name, []).append(MaskSource(mask, ids))
+    cases, used = [], set()
+    for ct, masks in by_ct.items():
+        cid = re.sub(r"_0000$", "", _stem(ct)) or "case"
+        if cid in used:  # the same file name in several folders
+            cid = f"{ct.parent.name}_{cid}"
+        while cid in used:
+            cid += "_"
+        used.add(cid)
+        want = organs if organs else list(masks)
+        found = {o: tuple(masks[o]) for o in want if o in masks}
+        missing = {o: f"no {o} row for {ct} in {path}" for o in want if o not in masks}
+        cases.append(Case(cid, ct, found, {}, missing))
+    return cases
+
+
+def discover(
+    path: str | Path, organs: Sequence[str] | None = None, layout: str | None = None
+) -> tuple[str, list[Case]]:
+    """List the cases of a dataset.
+
+    Args:
+        path: Dataset folder or CSV file.
+        organs: Organs wanted (``None`` only for CSV: the organs its rows name).
+        layout: Force a layout (one of :data:`LAYOUTS`); detected when ``None``.
+
+    Returns:
+        ``(layout, cases)`` with cases sorted by id.
+
+    Raises:
+        LayoutError: Unknown layout, unreadable dataset.json or CSV, unknown organ, duplicate
+            case ids, or no case at all.
+    """
+    root = Path(path)
+    layout = layout or detect_layout(root)
+    if layout not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    if layout == "csv":
+        cases = _discover_csv(root, _check_organs(organs) if organs else None)
+    else:
+        wanted = _check_organs(organs or [])
+        cases = {
+            "atlas1": _discover_atlas1,
+            "atlas2": _discover_atlas2,
+            "msd": _discover_msd,
+            "nnunet": _discover_nnunet,
+        }[layout](root, wanted)
+    if not cases:
+        raise LayoutError(f"{root}: no CT scans found in the {layout} layout")
+    ids = [c.case_id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise LayoutError(f"{root}: duplicate case ids {dup[:5]}")
+    return layout, sorted(cases, key=lambda c: c.case_id)
+
+
+def _same_grid(shape_a, aff_a, shape_b, aff_b) -> bool:
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(aff_a, aff_b, atol=1e-3, rtol=0)
+
+
+def load_mask(
+    sources: Sequence[MaskSource], shape: tuple[int, ...], affine: np.ndarray
+) -> np.ndarray:
+    """Union of ``sources`` as a bool mask on the CT grid ``(shape, affine)``.
+
+    Masks on another grid (cropped, offset, other spacing or orientation) are resampled by
+    affine with nearest neighbour. Binary masks are binarised at > 0.5 (masks stored as
+    1.0000000591 exist); label maps are compared with their ids.
+
+    Raises:
+        ValueError: Unreadable file, non-3-D mask, singular affine, or a mask with voxels
+            none of which lands on the CT grid (message names the file).
+    """
+
+    out = np.zeros(shape, dtype=bool, order="F")
+    for src in sources:
+        out |= load_mask_file(src, shape, affine)[0]
+    return out
+
+
+def load_mask_file(
+    src: MaskSource, shape: tuple[int, ...], affine: np.ndarray
+) -> tuple[np.ndarray, bool]:
+    """One mask on the CT grid (see :func:`load_mask`), and whether the file already is a
+    0/1 uint8 gzipped mask on that grid (so a copy of its bytes is a valid output)."""
+    from scipy import ndimage
+
+    from .io import load_nifti
+
+    data, aff, _ = load_nifti(src.path)
+    if src.label_ids is None:
+        m = data > 0.5
+    elif len(src.label_ids) == 1:
+        m = data == src.label_ids[0]
+    else:
+        m = np.isin(data, src.label_ids)
+    if _same_grid(m.shape, aff, shape, affine):
+        plain = (
+            src.label_ids is None
+            and data.dtype == np.uint8
+            and src.path.name.endswith(".nii.gz")
+            and int(data.max(initial=0)) <= 1
+        )
+        return m, plain
+    if not m.any():
+        return np.zeros(shape, dtype=bool, order="F"), False
+    try:
+        vox = np.linalg.solve(np.asarray(aff, np.float64), np.asarray(affine, np.float64))
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{src.path}: singular affine, cannot map it to the CT") from None
+    r = ndimage.affine_transform(
+        m.view(np.uint8),
+        vox[:3, :3],
+        offset=vox[:3, 3],
+        output_shape=tuple(shape),
+        order=0,
+        mode="constant",
+        cval=0,
+    )
+    if not r.any():
+        raise ValueError(
+            f"{src.path}: mask grid {m.shape} does not overlap the CT grid {tuple(shape)} "
+            "after resampling by affine (wrong file or broken affine)"
+        )
+    return np.asfortranarray(r.astype(bool)), False
