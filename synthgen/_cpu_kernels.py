@@ -338,8 +338,12 @@ def bbox(mask: np.ndarray):
     """``(lo0, hi0, lo1, hi1, lo2, hi2, count)`` of ``mask > 0.5`` (inclusive ``hi``).
 
     A C-contiguous bool mask whose last axis is a multiple of 8 is scanned 8 voxels per word;
-    anything else voxel by voxel (:func:`mask_bbox`).
+    anything else voxel by voxel (:func:`mask_bbox`). A Fortran-ordered mask (as NIfTI files
+    load) is scanned through its transpose, in memory order.
     """
+    if mask.flags.f_contiguous and not mask.flags.c_contiguous:
+        lo2, hi2, lo1, hi1, lo0, hi0, count = bbox(mask.T)
+        return (lo0, hi0, lo1, hi1, lo2, hi2, count)
     if mask.dtype != np.bool_ or not mask.flags.c_contiguous or mask.shape[2] % 8:
         return mask_bbox(mask.view(np.uint8) if mask.dtype == np.bool_ else mask)
     words = mask.view(np.uint8).reshape(mask.shape[0], mask.shape[1], -1).view(np.uint64)
