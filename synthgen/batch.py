@@ -154,6 +154,7 @@ class LoadedCase:
     affine: np.ndarray
     header: Any
     organs: dict[str, np.ndarray]  # organ region (organ mask | existing lesions), bool
+    indexes: dict[str, Any]  # organ -> OrganIndex (the region's bbox, scanned once)
     lesions: dict[str, np.ndarray | None]
     verbatim: dict[str, Path]  # organ -> input mask file that can be copied as is
     skipped: dict[str, str]  # organ -> reason it cannot be used in this case
@@ -170,7 +171,10 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     image, affine, header = load_nifti(case.ct)
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError(f"{case.ct}: image holds NaN or inf values")
+    from .planning import index_organ
+
     organs: dict[str, np.ndarray] = {}
+    indexes: dict[str, Any] = {}
     lesions: dict[str, np.ndarray | None] = {}
     verbatim: dict[str, Path] = {}
     skipped: dict[str, str] = dict(case.missing)
@@ -194,9 +198,10 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             skipped[organ] = _short(e)
             continue
         organs[organ], lesions[organ] = region, les
+        indexes[organ] = index_organ(region)
         if plain and len(srcs) == 1 and les is None:
             verbatim[organ] = srcs[0].path
-    return LoadedCase(case, image, affine, header, organs, lesions, verbatim, skipped)
+    return LoadedCase(case, image, affine, header, organs, indexes, lesions, verbatim, skipped)
 
 
 # --------------------------------------------------------------------------------------
@@ -236,7 +241,7 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         reasons = "; ".join(f"{o}: {r}" for o, r in lc.skipped.items())
         raise ValueError(f"no usable organ ({reasons})")
     image = lc.image.copy(order="K")
-    label = np.zeros(image.shape, dtype=np.uint8, order="F")
+    label: np.ndarray | None = None
     values = _label_values(opts)
     tumors: dict[str, np.ndarray] = {}
     records = []
@@ -246,15 +251,22 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
             continue
         syn = Synthesizer(opts.presets.get(organ, organ), size=opts.size, device=opts.device)
         seed = _organ_seed(sample.seed, organ)
-        res = syn(image, region, seed=seed, affine=lc.affine, out=image)
+        res = syn(
+            image, region, seed=seed, affine=lc.affine, out=image, organ_index=lc.indexes[organ]
+        )
+        lo, le = values[organ]
+        if label is None:  # first organ: the region itself (one pass, no mask indexing)
+            label = region.view(np.uint8) * np.uint8(lo)
+        else:
+            np.copyto(label, np.uint8(lo), where=region & (label == 0))
         tm = np.zeros(image.shape, dtype=bool, order="F")
-        res.write_tumor_mask(tm)
+        for sl, m in res.boxes:  # tumor boxes only
+            tm[sl] |= m
+            label[sl][m] = le
         if lc.lesions.get(organ) is not None:
             tm |= lc.lesions[organ]
+            label[lc.lesions[organ]] = le
         tumors[organ] = tm
-        lo, le = values[organ]
-        label[region & (label == 0)] = lo
-        label[tm] = le
         records.append(
             {
                 "organ": organ,

@@ -223,7 +223,8 @@ def _read_image(path: Path) -> Any:
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
-            raw = zlib.decompress(raw, wbits=47)
+            size = int.from_bytes(raw[-4:], "little")  # ISIZE: the output size, mod 2^32
+            raw = zlib.decompress(raw, wbits=47, bufsize=max(size, 1 << 16))
         except zlib.error as e:
             raise ValueError(f"{path}: truncated or corrupt gzip data ({e})") from None
     if len(raw) < 348:
