@@ -47,12 +47,14 @@ def demo(
         str, typer.Option(help="Comma-separated organs (default: all six).")
     ] = ",".join(DEMO_ORGANS),
     size: Annotated[str | None, typer.Option(help="Force a size class.")] = None,
+    preview: Annotated[bool, typer.Option(help="Write preview.png per organ.")] = True,
 ) -> None:
     """Synthesize tumors into the built-in phantom for every organ and write NIfTI pairs.
 
     For each organ, OUT/<organ>/ gets ct.nii.gz (int16 HU), label.nii.gz (0 background,
-    1 organ, 2 tumor), segmentations/<lesion>.nii.gz and tumors.json (plan and per-tumor
-    statistics); OUT/phantom_ct.nii.gz is the untouched phantom.
+    1 organ, 2 tumor), segmentations/<lesion>.nii.gz, tumors.json (plan and per-tumor
+    statistics) and preview.png (slices through each tumor); OUT/phantom_ct.nii.gz is the
+    untouched phantom.
     """
     import synthgen
     from synthgen.io import save_json, save_nifti
@@ -91,6 +93,12 @@ def demo(
             d / "tumors.json",
             {"plan": res.plan.to_dict(), "tumors": [t.to_dict() for t in res.tumors]},
         )
+        if preview:
+            from synthgen.preview import preview_arrays
+
+            centers = [t.center_vox for t in res.tumors]
+            title = f"{organ}: {res.plan.preset_name} ({res.plan.size_class}), seed {seed + n}"
+            preview_arrays(res.image, res.label, ph.affine, centers, d / "preview.png", title=title)
         vol = sum(t.volume_mm3 for t in res.tumors) / 1000.0
         vox = sum(t.voxels for t in res.tumors)
         contrast = (
@@ -107,6 +115,8 @@ def demo(
         )
     console.print(table)
     console.print(f"wrote {len(organ_list)} image/label pairs under {out}/")
+    if preview:
+        console.print(f"previews: {out}/<organ>/preview.png")
 
 
 _DEVICE_HELP = "Backend: auto (follows the data), cpu, cuda or cuda:N."
