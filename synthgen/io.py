@@ -159,8 +159,9 @@ def nifti_bytes(
     """``(header_block, voxel_bytes)`` of a single-file NIfTI-1 image (no copy when the array
     is Fortran-contiguous, as loaded).
 
-    The reference ``header`` keeps its sform/qform codes, voxel units, intent and
-    description; float data of an input stored as scaled integers is stored back as that
+    With a reference ``header`` whose geometry is ``affine``, its sform and qform and their
+    codes are kept as they are (a missing qform stays missing); otherwise the sform holds
+    ``affine`` and no qform is written. Voxel units, intent and description are kept; float data of an input stored as scaled integers is stored back as that
     integer type with the same slope and intercept.
     """
     array, slope, inter = _disk_dtype(np.asarray(array), header)
@@ -173,11 +174,17 @@ def nifti_bytes(
             hdr = hdr.as_byteswapped(nib.volumeutils.native_code)
     hdr.set_data_shape(array.shape)
     hdr.set_data_dtype(array.dtype)
-    scode = qcode = 0
-    if header is not None:
-        scode, qcode = int(header["sform_code"]), int(header["qform_code"])
-    hdr.set_sform(affine, scode or 1)
-    hdr.set_qform(affine, qcode or 1)
+    best = header.get_best_affine() if isinstance(header, nib.Nifti1Header) else None
+    if best is None or not np.allclose(best, affine, rtol=0, atol=1e-6):
+        # New geometry (or none to keep): the sform carries it exactly; a qform cannot hold
+        # shear, so it is dropped rather than left contradicting the sform.
+        hdr.set_sform(affine, int(header["sform_code"]) if best is not None else 2)
+        if int(hdr["sform_code"]) == 0:
+            hdr.set_sform(affine, 2)
+        hdr.set_qform(None, 0)
+        zooms = nib.affines.voxel_sizes(np.asarray(affine, dtype=np.float64))
+        hdr.set_zooms(tuple(zooms[: array.ndim]) + (1.0,) * max(0, array.ndim - 3))
+    # else: the input's sform and qform (and their codes) are kept exactly as they were
     hdr["scl_slope"], hdr["scl_inter"] = slope, inter
     hdr["magic"] = b"n+1"
     hdr["vox_offset"] = 352

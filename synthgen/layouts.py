@@ -440,7 +440,7 @@ def load_mask_file(
 
     from .io import load_nifti
 
-    data, aff, _ = load_nifti(src.path)
+    data, aff, hdr = load_nifti(src.path)
     if src.label_ids is None:
         m = data > 0.5
     elif len(src.label_ids) == 1:
@@ -452,6 +452,7 @@ def load_mask_file(
             src.label_ids is None
             and data.dtype == np.uint8
             and src.path.name.endswith(".nii.gz")
+            and tuple(hdr.get_data_shape()) == tuple(shape)
             and int(data.max(initial=0)) <= 1
         )
         return m, plain
