@@ -1,0 +1,866 @@
+"""Dataset layouts (detection, discovery, mask-loading pitfalls) and the CLI end to end.
+
+The datasets are the small phantoms of ``tests/_datasets.py`` (80 x 64 x 56 at 5 x 5 x 6 mm)
+written as AbdomenAtlas 1.x / 2.0, MSD, nnU-Net v2 raw and CSV; the real-data tests use the
+TotalSegmentator example (``totalseg`` fixture, marked ``network``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from _datasets import SHAPE, cancer_blob, label_map, phantom, save, write_dataset
+from typer.testing import CliRunner
+
+from synthgen.batch import read_manifest
+from synthgen.cli import app
+from synthgen.layouts import (
+    LAYOUTS,
+    LayoutError,
+    MaskSource,
+    detect_layout,
+    discover,
+    load_mask,
+    load_mask_file,
+)
+from synthgen.presets import LESION_NAMES, ORGANS
+
+runner = CliRunner()
+PNG = b"\x89PNG\r\n\x1a\n"
+CASE_IDS = {
+    "atlas1": ["BDMAP_00000000", "BDMAP_00000001"],
+    "atlas2": ["BDMAP_00000000", "BDMAP_00000001"],
+    "msd": ["liver_0", "liver_1"],
+    "nnunet": ["abd_000", "abd_001"],
+    "csv": ["scan0", "scan1"],
+}
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def cli(*args: object, code: int | None = 0):
+    """Run the CLI on a wide console (rich wraps and truncates at 80 columns)."""
+    res = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
+    if code is not None:
+        assert res.exit_code == code, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
+    return res
+
+
+def flat(text: str) -> str:
+    """Output without whitespace and box drawing (typer's error panel wraps at 80 columns)."""
+    return re.sub(r"[\s\u2500-\u257f]+", "", text)
+
+
+def arr(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    """Every layout with 2 cases (read-only: tests that change a dataset write their own)."""
+    root = tmp_path_factory.mktemp("datasets")
+    return {layout: write_dataset(root / layout, layout, 2) for layout in LAYOUTS}
+
+
+def check_atlas_sample(
+    sample: Path, ct_in: Path, organs: tuple[str, ...] = ("liver",), contained: bool = True
+) -> dict:
+    """The checks every atlas-format sample passes; returns its tumors.json."""
+    src = nib.load(ct_in)
+    ct = nib.load(sample / "ct.nii.gz")
+    assert ct.shape == src.shape
+    np.testing.assert_allclose(ct.affine, src.affine, atol=1e-5)
+    assert int(ct.header["sform_code"]) == int(src.header["sform_code"])
+    np.testing.assert_allclose(ct.header.get_qform(), src.affine, atol=1e-4)
+    np.testing.assert_allclose(ct.header.get_zooms(), src.header.get_zooms())
+    assert ct.get_data_dtype() == np.int16
+    image = np.asarray(ct.dataobj)
+    assert image.dtype == np.int16
+    lab_img = nib.load(sample / "label.nii.gz")
+    assert lab_img.get_data_dtype() == np.uint8 and lab_img.shape == src.shape
+    np.testing.assert_allclose(lab_img.affine, src.affine, atol=1e-5)
+    lab = np.asarray(lab_img.dataobj)
+    assert set(np.unique(lab).tolist()) <= {0, 1, 2}
+    assert (lab == 2).any() and (lab == 1).any()
+    region = np.zeros(src.shape, bool)
+    lesions = np.zeros(src.shape, bool)
+    for organ in organs:
+        seg = nib.load(sample / "segmentations" / f"{organ}.nii.gz")
+        les = nib.load(sample / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz")
+        for m in (seg, les):
+            assert m.get_data_dtype() == np.uint8 and m.shape == src.shape
+            np.testing.assert_allclose(m.affine, src.affine, atol=1e-5)
+        region |= np.asarray(seg.dataobj) > 0
+        lesions |= np.asarray(les.dataobj) > 0
+    np.testing.assert_array_equal(lab == 2, lesions)
+    np.testing.assert_array_equal(lab > 0, region | lesions)
+    changed = image != np.asarray(src.dataobj)
+    assert changed.any(), "no voxel of the CT changed"
+    if contained:  # clipped (liver) tumors never touch voxels outside the organ
+        assert not (changed & (lab == 0)).any()
+    meta = json.loads((sample / "tumors.json").read_text())
+    assert meta["sample"] == sample.name
+    assert [r["organ"] for r in meta["organs"]] == list(organs)
+    for r in meta["organs"]:
+        assert r["tumors"] and len(r["tumors"]) == len(r["plan"]["tumors"])
+        assert tuple(r["plan"]["shape"]) == src.shape
+        np.testing.assert_allclose(r["plan"]["spacing"], src.header.get_zooms())
+    return meta
+
+
+def check_nnunet_output(out: Path, n_labels: int) -> dict:
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["channel_names"] == {"0": "CT"}
+    labels = ds["labels"]
+    assert len(labels) == n_labels
+    assert labels["background"] == 0
+    assert all(type(v) is int for v in labels.values())
+    assert sorted(labels.values()) == list(range(n_labels))
+    assert ds["file_ending"] == ".nii.gz"
+    label_files = sorted((out / "labelsTr").iterdir())
+    assert label_files and ds["numTraining"] == len(label_files)
+    assert len(list((out / "imagesTr").iterdir())) == len(label_files)
+    for lab in label_files:
+        assert lab.name.endswith(".nii.gz")
+        case = lab.name[: -len(".nii.gz")]
+        img = out / "imagesTr" / f"{case}_0000.nii.gz"
+        assert img.is_file(), img
+        ct, lb = nib.load(img), nib.load(lab)
+        assert ct.get_data_dtype() == np.int16 and lb.get_data_dtype() == np.uint8
+        assert ct.shape == lb.shape
+        np.testing.assert_allclose(ct.affine, lb.affine)
+        assert set(np.unique(np.asarray(lb.dataobj)).tolist()) <= set(labels.values())
+    return ds
+
+
+# --------------------------------------------------------------------------------------
+# 1. detect_layout
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_detect_layout_names_each_layout(datasets, layout) -> None:
+    assert detect_layout(datasets[layout]) == layout
+    assert detect_layout(str(datasets[layout])) == layout
+
+
+def test_detect_layout_rejects_what_is_no_dataset(tmp_path: Path) -> None:
+    (tmp_path / "junk" / "sub").mkdir(parents=True)
+    (tmp_path / "junk" / "notes.txt").write_text("no scans here")
+    with pytest.raises(LayoutError) as ei:
+        detect_layout(tmp_path / "junk")
+    msg = str(ei.value)
+    assert str(tmp_path / "junk") in msg
+    for expected in ("AbdomenAtlas", "ct.nii.gz", "segmentations", "ct/", "label/"):
+        assert expected in msg, expected
+    for expected in ("MSD", "nnU-Net", "imagesTr", "labelsTr", "dataset.json", ".csv"):
+        assert expected in msg, expected
+    with pytest.raises(LayoutError, match="no such file or folder"):
+        detect_layout(tmp_path / "nowhere")
+    (tmp_path / "list.txt").write_text("ct,mask,organ\n")
+    with pytest.raises(LayoutError, match=r"must be a \.csv"):
+        detect_layout(tmp_path / "list.txt")
+    (tmp_path / "raw" / "imagesTr").mkdir(parents=True)
+    (tmp_path / "raw" / "labelsTr").mkdir()
+    with pytest.raises(LayoutError, match=r"no dataset\.json"):
+        detect_layout(tmp_path / "raw")
+    res = cli("batch", tmp_path / "junk", "--out", tmp_path / "o", "--organ", "liver", code=2)
+    assert "not a dataset synthgen knows" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_layout_override_on_the_command_line(tmp_path: Path) -> None:
+    # An nnU-Net dataset.json without channel_names/file_ending looks like MSD ...
+    root = write_dataset(tmp_path / "ds", "nnunet", 2)
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["channel_names"], meta["file_ending"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert detect_layout(root) == "msd"
+    out = tmp_path / "out"
+    res = cli("batch", root, "--out", out, "--organ", "liver", "--dry-run", code=2)
+    assert "labels" in res.output
+    # ... and --layout nnunet reads it.
+    res = cli("batch", root, "--out", out, "--organ", "liver", "--layout", "nnunet", "--dry-run")
+    assert "nnunet layout, 2 cases" in res.output
+    res = cli("batch", root, "--out", out, "--organ", "liver", "--layout", "nnunet")
+    assert sorted(p.name for p in out.glob("*_s000")) == ["abd_000_s000", "abd_001_s000"]
+    # A CSV with another extension is not detected, but --layout csv reads it.
+    src = write_dataset(tmp_path / "c", "csv", 1)
+    txt = src.with_suffix(".txt")
+    shutil.copy(src, txt)
+    cli("batch", txt, "--out", tmp_path / "o2", "--organ", "liver", "--dry-run", code=2)
+    res = cli(
+        "batch", txt, "--out", tmp_path / "o2", "--organ", "liver", "--layout", "csv", "--dry-run"
+    )
+    assert "csv layout, 1 cases" in res.output and "scan0_s000" in res.output
+    res = cli(
+        "batch", txt, "--out", tmp_path / "o2", "--organ", "liver", "--layout", "bogus", code=2
+    )
+    assert "unknown layout 'bogus'" in res.output
+    assert all(name in res.output for name in LAYOUTS)
+
+
+# --------------------------------------------------------------------------------------
+# 2. discover
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["atlas1", "atlas2"])
+def test_discover_atlas_kidney_is_the_union_of_both_files(datasets, layout) -> None:
+    root = datasets[layout]
+    found, cases = discover(root, ["liver", "kidney"])
+    assert found == layout
+    assert [c.case_id for c in cases] == CASE_IDS[layout]
+    for k, case in enumerate(cases):
+        ctdir = root / case.case_id if layout == "atlas1" else root / "ct" / case.case_id
+        segdir = (root if layout == "atlas1" else root / "label") / case.case_id / "segmentations"
+        assert case.ct == ctdir / "ct.nii.gz"
+        assert case.organs["liver"] == (MaskSource(segdir / "liver.nii.gz"),)
+        assert case.organs["kidney"] == (
+            MaskSource(segdir / "kidney_left.nii.gz"),
+            MaskSource(segdir / "kidney_right.nii.gz"),
+        )
+        assert case.lesions == {} and case.missing == {}
+        ph = phantom(k)
+        got = load_mask(case.organs["kidney"], SHAPE, ph.affine)
+        assert ph.mask("kidney_left").any() and ph.mask("kidney_right").any()
+        np.testing.assert_array_equal(got, ph.mask("kidney"))
+
+
+def test_discover_atlas_lesions_fallbacks_and_missing(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "a2", "atlas2", 2)
+    seg0 = root / "label" / "BDMAP_00000000" / "segmentations"
+    save(seg0 / "liver_lesion.nii.gz", cancer_blob(phantom(0)).astype(np.uint8), phantom(0).affine)
+    for side in ("kidney_left", "kidney_right"):  # only a combined kidney file left
+        (seg0 / f"{side}.nii.gz").unlink()
+    save(seg0 / "kidney.nii.gz", phantom(0).mask("kidney").astype(np.uint8), phantom(0).affine)
+    shutil.rmtree(root / "label" / "BDMAP_00000001")  # no labels at all for case 1
+    _, (c0, c1) = discover(root, ["liver", "kidney", "liver"])
+    assert list(c0.organs) == ["liver", "kidney"]
+    assert c0.organs["kidney"] == (MaskSource(seg0 / "kidney.nii.gz"),)
+    assert c0.lesions == {"liver": (MaskSource(seg0 / "liver_lesion.nii.gz"),)}
+    assert c1.organs == {} and set(c1.missing) == {"liver", "kidney"}
+    assert "BDMAP_00000001" in c1.missing["liver"]
+    assert "kidney_left+kidney_right" in c1.missing["kidney"]
+    with pytest.raises(LayoutError, match="unknown organ 'spleen'"):
+        discover(root, ["spleen"])
+
+
+def test_discover_msd_ids_cancer_label_and_macos_files(datasets, tmp_path: Path) -> None:
+    root = datasets["msd"]
+    assert sorted(p.name for p in (root / "imagesTr").iterdir())[0].startswith("._")
+    found, cases = discover(root, ["liver", "pancreas"])
+    assert found == "msd"
+    assert [c.case_id for c in cases] == CASE_IDS["msd"]
+    for k, case in enumerate(cases):
+        lab = root / "labelsTr" / f"liver_{k}.nii.gz"
+        assert case.ct == root / "imagesTr" / f"liver_{k}.nii.gz"
+        assert case.organs == {"liver": (MaskSource(lab, (1,)),)}
+        assert case.lesions == {"liver": (MaskSource(lab, (2,)),)}
+        assert list(case.missing) == ["pancreas"]
+        ph = phantom(k)
+        les = load_mask(case.lesions["liver"], SHAPE, ph.affine)
+        assert les.any()
+        np.testing.assert_array_equal(les, cancer_blob(ph))
+    # Without a "training" list the folders are listed: ._* files must not become cases.
+    copy = tmp_path / "msd"
+    shutil.copytree(root, copy)
+    meta = json.loads((copy / "dataset.json").read_text())
+    del meta["training"]
+    (copy / "dataset.json").write_text(json.dumps(meta))
+    _, cases = discover(copy, ["liver"])
+    assert [c.case_id for c in cases] == CASE_IDS["msd"]
+    assert all(c.organs["liver"][0].path.name == f"{c.case_id}.nii.gz" for c in cases)
+    # Task07-like pancreas: the generic "cancer" label belongs to the only organ named.
+    meta["labels"] = {"0": "background", "1": "pancreas", "2": "cancer"}
+    (copy / "dataset.json").write_text(json.dumps(meta))
+    _, cases = discover(copy, ["pancreas"])
+    assert cases[0].organs["pancreas"][0].label_ids == (1,)
+    assert cases[0].lesions["pancreas"][0].label_ids == (2,)
+    # With two organs named a generic "tumor" is ambiguous: attached to neither.
+    meta["labels"] = {"0": "background", "1": "liver", "2": "pancreas", "3": "tumor"}
+    (copy / "dataset.json").write_text(json.dumps(meta))
+    _, cases = discover(copy, ["liver", "pancreas"])
+    assert cases[0].lesions == {}
+    assert cases[0].organs["pancreas"][0].label_ids == (2,)
+
+
+def test_discover_nnunet_name_to_id_missing_organ_and_macos_files(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "nn", "nnunet", 2)
+    (root / "imagesTr" / "._abd_000_0000.nii.gz").write_bytes(b"\0\5\26\7macOS junk")
+    (root / "labelsTr" / "._abd_000.nii.gz").write_bytes(b"\0\5\26\7macOS junk")
+    found, cases = discover(root, ["liver", "pancreas", "kidney", "uterus"])
+    assert found == "nnunet"
+    assert [c.case_id for c in cases] == CASE_IDS["nnunet"]
+    for case in cases:
+        lab = root / "labelsTr" / f"{case.case_id}.nii.gz"
+        assert case.ct == root / "imagesTr" / f"{case.case_id}_0000.nii.gz"
+        assert case.organs == {
+            "liver": (MaskSource(lab, (1,)),),
+            "pancreas": (MaskSource(lab, (2,)),),
+            "kidney": (MaskSource(lab, (3, 4)),),
+        }
+        assert case.lesions == {}
+        assert list(case.missing) == ["uterus"]
+        assert "uterus" in case.missing["uterus"] and "dataset.json" in case.missing["uterus"]
+    ph = phantom(1)
+    np.testing.assert_array_equal(
+        load_mask(cases[1].organs["kidney"], SHAPE, ph.affine), ph.mask("kidney")
+    )
+    # a case without label file is listed with a reason, not dropped
+    (root / "labelsTr" / "abd_001.nii.gz").unlink()
+    _, cases = discover(root, ["liver"])
+    assert cases[1].organs == {} and "abd_001_0000.nii.gz" in cases[1].missing["liver"]
+    # the dry run shows what is missing
+    res = cli("batch", root, "--out", tmp_path / "o", "--organ", "liver,uterus", "--dry-run")
+    assert "uterus: " in res.output and "has no label named like 'uterus'" in res.output
+
+
+def test_discover_csv_merges_rows_and_resolves_paths(datasets, tmp_path, monkeypatch) -> None:
+    path = datasets["csv"]
+    root = path.parent
+    found, cases = discover(path)
+    assert found == "csv"
+    assert [c.case_id for c in cases] == CASE_IDS["csv"]  # 4 rows, 2 scans
+    for k, case in enumerate(cases):
+        assert case.ct == root / "scans" / f"scan{k}.nii.gz"
+        lab = root / "masks" / f"scan{k}_labels.nii.gz"
+        assert case.organs == {
+            "liver": (MaskSource(lab, (1,)),),
+            "pancreas": (MaskSource(lab, (2,)),),
+        }
+        assert case.missing == {}
+    _, cases = discover(path, ["liver", "kidney"])
+    assert list(cases[0].organs) == ["liver"] and list(cases[0].missing) == ["kidney"]
+    # Relative paths are relative to the CSV's folder, not to the working directory.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    rel = Path("..") / "data" / "cases.csv"
+    shutil.copytree(root, tmp_path / "data")
+    _, cases = discover(rel)
+    for case in cases:
+        assert case.ct.is_file()
+        assert case.ct.resolve() == (tmp_path / "data" / "scans" / f"{case.case_id}.nii.gz")
+        assert all(s.path.is_file() for s in case.organs["liver"])
+    # absolute paths, "2;3" label ids, the same CT under two spellings, _0000 suffix
+    ph = phantom(0)
+    ct = save(tmp_path / "abs" / "img_0000.nii.gz", ph.image, ph.affine)
+    labels = label_map(ph, {"liver": 5, "kidney_right": 2, "kidney_left": 3})
+    seg = save(tmp_path / "abs" / "seg.nii.gz", labels, ph.affine)
+    sheet = tmp_path / "abs" / "list.csv"
+    sheet.write_text(f"{ct},{seg},liver,5\n./img_0000.nii.gz,seg.nii.gz,kidney,2;3\n")
+    _, (case,) = discover(sheet)
+    assert case.case_id == "img"
+    assert case.organs == {
+        "liver": (MaskSource(seg, (5,)),),
+        "kidney": (MaskSource(tmp_path / "abs" / "seg.nii.gz", (2, 3)),),
+    }
+    np.testing.assert_array_equal(
+        load_mask(case.organs["kidney"], SHAPE, ph.affine), ph.mask("kidney")
+    )
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("ct,mask,organ\na.nii.gz,m.nii.gz,liver\nb.nii.gz,m.nii.gz,brain\n",
+         "row 2: unknown organ 'brain'"),
+        ("a.nii.gz,m.nii.gz,liver\nb.nii.gz,m.nii.gz\n", "row 2 needs ct,mask,organ"),
+        ("ct,mask,organ,label_id\na.nii.gz,m.nii.gz,liver,1\nb.nii.gz,m.nii.gz,liver,one\n",
+         "row 2: label_id 'one' is not an int"),
+    ],
+)  # fmt: skip
+def test_bad_csv_rows_are_named(tmp_path: Path, rows: str, message: str) -> None:
+    """Rows are counted from the first data row (the header is not a row)."""
+    sheet = tmp_path / "cases.csv"
+    sheet.write_text(rows)
+    with pytest.raises(LayoutError, match=re.escape(message)) as ei:
+        discover(sheet, ["liver"])
+    assert str(sheet) in str(ei.value)
+    res = cli("batch", sheet, "--out", tmp_path / "o", "--organ", "liver", code=2)
+    assert flat(message) in flat(res.output)
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------
+# 3. load_mask pitfalls
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def liver_scan():
+    ph = phantom(0)
+    return ph.affine, ph.mask("liver")
+
+
+def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.argwhere(mask)
+    return idx.min(axis=0), idx.max(axis=0) + 1
+
+
+def test_same_grid_uint8_mask_is_plain(tmp_path, liver_scan) -> None:
+    affine, liver = liver_scan
+    p = save(tmp_path / "liver.nii.gz", liver.astype(np.uint8), affine)
+    m, plain = load_mask_file(MaskSource(p), SHAPE, affine)
+    assert plain
+    np.testing.assert_array_equal(m, liver)
+    m, plain = load_mask_file(MaskSource(p, (1,)), SHAPE, affine)  # label ids: not a copy
+    assert not plain
+    np.testing.assert_array_equal(m, liver)
+
+
+@pytest.mark.parametrize("how", ["crop", "pad"])
+def test_cropped_offset_mask_maps_back_exactly(tmp_path, liver_scan, how) -> None:
+    """A mask cropped to its bounding box, or padded 4 voxels beyond the CT on every side,
+    with the affine translated accordingly, lands on the original voxels."""
+    affine, liver = liver_scan
+    if how == "crop":
+        lo, hi = _bbox(liver)
+        crop = liver[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    else:
+        lo = np.array([-4, -4, -4])
+        crop = np.pad(liver, 4)
+    assert crop.shape != SHAPE and crop.sum() == liver.sum()
+    aff = affine.copy()
+    aff[:3, 3] = (affine @ np.append(lo, 1.0))[:3]
+    p = save(tmp_path / "crop.nii.gz", crop.astype(np.uint8), aff)
+    m, plain = load_mask_file(MaskSource(p), SHAPE, affine)
+    assert not plain
+    assert m.shape == SHAPE and m.dtype == bool
+    np.testing.assert_array_equal(m, liver)
+
+
+def test_float_masks_binarise_above_half(tmp_path, liver_scan) -> None:
+    affine, liver = liver_scan
+    noise = np.where(liver, 0.0, 0.5)  # exactly 0.5 is not organ
+    cases = [
+        (np.float32, np.nextafter(np.float32(1), np.float32(2))),
+        (np.float64, 1.0000000591),
+        (np.float32, np.float32(0.9999999)),
+    ]
+    for dtype, one in cases:
+        data = (liver * one + noise).astype(dtype)
+        assert data.dtype == dtype and data.max() != 1.0
+        p = save(tmp_path / f"f_{np.dtype(dtype).name}.nii.gz", data, affine)
+        m = load_mask([MaskSource(p)], SHAPE, affine)
+        np.testing.assert_array_equal(m, liver)
+    # a float label map with exact ids
+    lab = np.where(liver, 5.0, 0.0).astype(np.float32)
+    p = save(tmp_path / "labels_f.nii.gz", lab, affine)
+    np.testing.assert_array_equal(load_mask([MaskSource(p, (5,))], SHAPE, affine), liver)
+    assert not load_mask([MaskSource(p, (1,))], SHAPE, affine).any()
+
+
+@pytest.mark.parametrize("codes", [("L", "A", "S"), ("P", "S", "L"), ("I", "R", "P")])
+def test_mask_in_another_orientation_maps_back_exactly(tmp_path, liver_scan, codes) -> None:
+    affine, liver = liver_scan
+    img = nib.Nifti1Image(liver.astype(np.uint8), affine)
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(codes)
+    )
+    other = img.as_reoriented(ornt)
+    assert nib.aff2axcodes(other.affine) == codes
+    data = np.asarray(other.dataobj)
+    assert data.shape != SHAPE or not np.array_equal(data, liver)
+    p = tmp_path / "reoriented.nii.gz"
+    nib.save(other, p)
+    m, plain = load_mask_file(MaskSource(p), SHAPE, affine)
+    assert not plain
+    np.testing.assert_array_equal(m, liver)
+
+
+def test_mask_outside_the_ct_raises_naming_the_file(tmp_path, liver_scan) -> None:
+    affine, liver = liver_scan
+    far = affine.copy()
+    far[:3, 3] += 1000.0
+    p = save(tmp_path / "far_away.nii.gz", liver.astype(np.uint8), far)
+    with pytest.raises(ValueError, match=r"far_away\.nii\.gz.*does not overlap"):
+        load_mask([MaskSource(p)], SHAPE, affine)
+    # an empty mask on another grid is just empty (an absent structure), not an error
+    empty = save(tmp_path / "empty.nii.gz", np.zeros((5, 5, 5), np.uint8), far)
+    assert not load_mask([MaskSource(empty)], SHAPE, affine).any()
+    with pytest.raises(ValueError, match=r"missing\.nii\.gz: file not found"):
+        load_mask([MaskSource(tmp_path / "missing.nii.gz")], SHAPE, affine)
+
+
+def test_batch_resamples_a_cropped_mask_onto_the_ct(tmp_path) -> None:
+    """An AbdomenAtlas case whose liver mask is cropped: the output mask is on the CT grid."""
+    root = write_dataset(tmp_path / "a1", "atlas1", 1)
+    ph = phantom(0)
+    liver = ph.mask("liver")
+    lo, hi = _bbox(liver)
+    aff = ph.affine.copy()
+    aff[:3, 3] = (ph.affine @ np.append(lo, 1.0))[:3]
+    crop = liver[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float32) * 1.0000001
+    save(root / "BDMAP_00000000" / "segmentations" / "liver.nii.gz", crop, aff)
+    out = tmp_path / "out"
+    cli("batch", root, "--out", out, "--organ", "liver")
+    sample = out / "BDMAP_00000000_s000"
+    check_atlas_sample(sample, root / "BDMAP_00000000" / "ct.nii.gz")
+    np.testing.assert_array_equal(arr(sample / "segmentations" / "liver.nii.gz") > 0, liver)
+
+
+# --------------------------------------------------------------------------------------
+# 4. batch end to end, every input layout
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_batch_end_to_end_atlas_output(datasets, tmp_path, layout) -> None:
+    out = tmp_path / "out"
+    res = cli("batch", datasets[layout], "--out", out, "--organ", "liver", "--seed", "7")
+    assert f"{layout} layout, 2 cases" in res.output
+    manifest = read_manifest(out)
+    ids = [f"{c}_s000" for c in CASE_IDS[layout]]
+    assert sorted(manifest) == ids
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ids
+    for k, sid in enumerate(ids):
+        rec = manifest[sid]
+        assert rec["status"] == "done", rec
+        sample = out / sid
+        assert sorted(rec["outputs"]) == sorted(
+            str(p.relative_to(out)) for p in sample.rglob("*") if p.is_file()
+        )
+        meta = check_atlas_sample(sample, Path(rec["inputs"]["ct"]))
+        assert meta["case"] == CASE_IDS[layout][k]
+        lab = arr(sample / "label.nii.gz")
+        liver = phantom(k).mask("liver")
+        if layout == "msd":  # the existing cancer stays tumor
+            cancer = cancer_blob(phantom(k))
+            assert cancer.any() and (lab[cancer] == 2).all()
+            np.testing.assert_array_equal(lab > 0, liver)
+        else:
+            np.testing.assert_array_equal(arr(sample / "segmentations" / "liver.nii.gz") > 0, liver)
+
+
+def test_batch_keeps_a_zero_qform_code(datasets, tmp_path) -> None:
+    src = nib.load(datasets["atlas1"] / "BDMAP_00000000" / "ct.nii.gz")
+    assert int(src.header["sform_code"]) == 2 and int(src.header["qform_code"]) == 0
+    out = tmp_path / "out"
+    cli("batch", datasets["atlas1"], "--out", out, "--organ", "liver")
+    for name in ("ct.nii.gz", "label.nii.gz"):
+        hdr = nib.load(out / "BDMAP_00000000_s000" / name).header
+        assert int(hdr["sform_code"]) == 2
+        assert int(hdr["qform_code"]) == 0
+
+
+def test_batch_atlas_kidney_union_and_existing_lesion(tmp_path) -> None:
+    root = write_dataset(tmp_path / "a2", "atlas2", 1)
+    ph = phantom(0)
+    cancer = cancer_blob(ph)
+    seg = root / "label" / "BDMAP_00000000" / "segmentations"
+    save(seg / "liver_lesion.nii.gz", cancer.astype(np.uint8), ph.affine)
+    out = tmp_path / "out"
+    cli("batch", root, "--out", out, "--organ", "liver,kidney")
+    sample = out / "BDMAP_00000000_s000"
+    check_atlas_sample(
+        sample, root / "ct" / "BDMAP_00000000" / "ct.nii.gz", ("liver", "kidney"), contained=False
+    )
+    np.testing.assert_array_equal(
+        arr(sample / "segmentations" / "kidney.nii.gz") > 0, ph.mask("kidney")
+    )
+    assert (arr(sample / "label.nii.gz")[cancer] == 2).all()
+    assert (arr(sample / "segmentations" / "liver_lesion.nii.gz")[cancer] == 1).all()
+
+
+def test_batch_output_masks_are_3d_for_a_4d_input_mask(tmp_path) -> None:
+    root = write_dataset(tmp_path / "a1", "atlas1", 1)
+    ph = phantom(0)
+    seg = root / "BDMAP_00000000" / "segmentations" / "liver.nii.gz"
+    save(seg, ph.mask("liver").astype(np.uint8)[..., None], ph.affine)
+    assert nib.load(seg).shape == (*SHAPE, 1)
+    out = tmp_path / "out"
+    cli("batch", root, "--out", out, "--organ", "liver")
+    mask = nib.load(out / "BDMAP_00000000_s000" / "segmentations" / "liver.nii.gz")
+    assert mask.shape == SHAPE
+
+
+def test_sheared_ct_gets_no_contradicting_qform(tmp_path) -> None:
+    ph = phantom(0)
+    aff = ph.affine.copy()
+    aff[0, 2] = 1.0  # 1 mm of x per slice: a tilted gantry
+    img = nib.Nifti1Image(ph.image, aff)
+    img.set_sform(aff, 1)
+    img.set_qform(None, 0)
+    nib.save(img, tmp_path / "tilt.nii.gz")
+    mask = save(tmp_path / "liver.nii.gz", ph.mask("liver").astype(np.uint8), aff)
+    out = tmp_path / "out"
+    cli("synth", tmp_path / "tilt.nii.gz", "--mask", mask, "--organ", "liver", "--out", out)
+    for name in ("ct.nii.gz", "label.nii.gz"):
+        hdr = nib.load(out / "tilt_s000" / name).header
+        sform, scode = hdr.get_sform(coded=True)
+        assert scode == 1
+        np.testing.assert_allclose(sform, aff, atol=1e-5)
+        qform, qcode = hdr.get_qform(coded=True)
+        assert qcode == 0 or np.allclose(qform, aff, atol=1e-3), (qcode, qform)
+
+
+def test_batch_nnunet_output_from_msd(datasets, tmp_path) -> None:
+    out = tmp_path / "Dataset501_Synth"
+    cli("batch", datasets["msd"], "--out", out, "--organ", "liver", "--format", "nnunet")
+    ds = check_nnunet_output(out, 3)
+    assert ds["labels"] == {"background": 0, "liver": 1, "liver_lesion": 2}
+    assert ds["numTraining"] == 2
+    for k in range(2):
+        lab = arr(out / "labelsTr" / f"liver_{k}_s000.nii.gz")
+        assert (lab == 2).any()
+        assert (lab[cancer_blob(phantom(k))] == 2).all()
+        src = nib.load(datasets["msd"] / "imagesTr" / f"liver_{k}.nii.gz")
+        ct = nib.load(out / "imagesTr" / f"liver_{k}_s000_0000.nii.gz")
+        assert ct.shape == src.shape and ct.get_data_dtype() == np.int16
+        np.testing.assert_allclose(ct.affine, src.affine)
+        plan = json.loads((out / "synthgen_tumors" / f"liver_{k}_s000.json").read_text())
+        assert plan["organs"][0]["organ"] == "liver" and plan["organs"][0]["tumors"]
+
+
+def test_batch_nnunet_multi_organ_labels(datasets, tmp_path) -> None:
+    out = tmp_path / "out"
+    cli(
+        "batch", datasets["nnunet"], "--out", out, "--organ", "liver,pancreas", "--format", "nnunet"
+    )
+    ds = check_nnunet_output(out, 5)
+    assert ds["labels"] == {
+        "background": 0,
+        "liver": 1,
+        "liver_lesion": 2,
+        "pancreas": 3,
+        "pancreatic_lesion": 4,
+    }
+    for k in range(2):
+        lab = arr(out / "labelsTr" / f"abd_{k:03d}_s000.nii.gz")
+        ph = phantom(k)
+        assert set(np.unique(lab).tolist()) == {0, 1, 2, 3, 4}
+        assert set(np.unique(lab[ph.mask("liver")]).tolist()) == {1, 2}
+        assert set(np.unique(lab[ph.mask("pancreas")]).tolist()) == {3, 4}
+
+
+# --------------------------------------------------------------------------------------
+# 5. synth
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scan_files(tmp_path_factory):
+    """A phantom CT with scanner sform/qform codes, its liver mask and a label map."""
+    d = tmp_path_factory.mktemp("scan")
+    ph = phantom(1)
+    img = nib.Nifti1Image(ph.image, ph.affine)
+    img.set_sform(ph.affine, 1)
+    img.set_qform(ph.affine, 1)
+    nib.save(img, d / "scan.nii.gz")
+    mask = save(d / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
+    labels = save(d / "labels.nii.gz", label_map(ph, {"pancreas": 1, "liver": 7}), ph.affine)
+    return ph, d / "scan.nii.gz", mask, labels
+
+
+def test_synth_writes_distinct_reproducible_samples(scan_files, tmp_path) -> None:
+    ph, ct, mask, _ = scan_files
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / name
+        cli("synth", ct, "--mask", mask, "--organ", "liver", "--out", out, "--n", 2, "--seed", seed)
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["scan_s000", "scan_s001"]
+        runs[name] = out
+    for sid in ("scan_s000", "scan_s001"):
+        meta = check_atlas_sample(runs["a"] / sid, ct)
+        assert meta["case"] == "scan"
+        hdr = nib.load(runs["a"] / sid / "ct.nii.gz").header
+        assert int(hdr["sform_code"]) == 1 and int(hdr["qform_code"]) == 1
+        np.testing.assert_array_equal(
+            arr(runs["a"] / sid / "segmentations" / "liver.nii.gz") > 0, ph.mask("liver")
+        )
+    a0, a1 = (runs["a"] / s / "ct.nii.gz" for s in ("scan_s000", "scan_s001"))
+    assert not np.array_equal(arr(a0), arr(a1)), "two samples of one scan are identical"
+    files = sorted(
+        str(p.relative_to(runs["a"]))
+        for p in runs["a"].rglob("*")
+        if p.is_file() and p.parent != runs["a"]
+    )
+    assert "scan_s000/ct.nii.gz" in files and "scan_s001/tumors.json" in files
+    for f in files:  # same seed, separate folders: the same bytes
+        assert (runs["a"] / f).read_bytes() == (runs["b"] / f).read_bytes(), f
+    assert (runs["a"] / "scan_s000" / "ct.nii.gz").read_bytes() != (
+        runs["c"] / "scan_s000" / "ct.nii.gz"
+    ).read_bytes()
+
+
+def test_synth_label_id_picks_the_organ_in_a_label_map(scan_files, tmp_path) -> None:
+    _, ct, _, labels = scan_files
+    out = tmp_path / "out"
+    cli("synth", ct, "--mask", labels, "--label-id", 7, "--organ", "liver", "--out", out)
+    sample = out / "scan_s000"
+    check_atlas_sample(sample, ct)
+    liver = arr(labels) == 7
+    np.testing.assert_array_equal(arr(sample / "segmentations" / "liver.nii.gz") > 0, liver)
+    np.testing.assert_array_equal(arr(sample / "label.nii.gz") > 0, liver)
+    # an id that is not in the map: the sample fails with a reason, exit code 1
+    res = cli(
+        "synth",
+        ct,
+        "--mask",
+        labels,
+        "--label-id",
+        9,
+        "--organ",
+        "liver",
+        "--out",
+        tmp_path / "bad",
+        code=1,
+    )
+    assert "empty" in res.output
+    assert read_manifest(tmp_path / "bad")["scan_s000"]["status"] == "failed"
+
+
+# --------------------------------------------------------------------------------------
+# 6. dry run and previews
+# --------------------------------------------------------------------------------------
+
+
+def test_dry_run_writes_nothing_and_lists_the_cases(datasets, tmp_path) -> None:
+    out = tmp_path / "never"
+    res = cli(
+        "batch", datasets["atlas1"], "--out", out, "--organ", "liver", "--per-case", 2, "--dry-run"
+    )
+    assert not out.exists()
+    for case in CASE_IDS["atlas1"]:
+        assert case in res.output
+        assert f"{case}_s000" in res.output and f"{case}_s001" in res.output
+    assert "4 samples in this shard" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_preview_files_and_command(tmp_path) -> None:
+    root = write_dataset(tmp_path / "a1", "atlas1", 1)
+    out = tmp_path / "out"
+    cli("batch", root, "--out", out, "--organ", "liver", "--preview")
+    sample = out / "BDMAP_00000000_s000"
+    png = sample / "preview.png"
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 1000
+    assert "preview.png" in " ".join(read_manifest(out)["BDMAP_00000000_s000"]["outputs"])
+    res = cli("preview", sample, "-o", tmp_path / "x.png")
+    assert (tmp_path / "x.png").read_bytes()[:8] == PNG
+    assert str(tmp_path / "x.png") in flat(res.output)
+    missing = tmp_path / "no_such_sample"
+    res = cli("preview", missing, "-o", tmp_path / "y.png", code=2)
+    assert str(missing) in flat(res.output)
+    assert not (tmp_path / "y.png").exists()
+
+
+# --------------------------------------------------------------------------------------
+# 7. the real CT
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def real_files(totalseg, tmp_path):
+    ct = tmp_path / "in" / "example_ct.nii.gz"
+    seg = tmp_path / "in" / "example_seg.nii.gz"
+    save(ct, np.array(totalseg.image), totalseg.affine)
+    save(seg, np.array(totalseg.labels), totalseg.affine)
+    return ct, seg
+
+
+@pytest.mark.network
+def test_synth_on_the_real_ct(totalseg, real_files, tmp_path) -> None:
+    ct, seg = real_files
+    out = tmp_path / "out"
+    cli("synth", ct, "--mask", seg, "--label-id", 5, "--organ", "liver", "--out", out)
+    sample = out / "example_ct_s000"
+    check_atlas_sample(sample, ct)
+    np.testing.assert_array_equal(
+        arr(sample / "segmentations" / "liver.nii.gz") > 0, totalseg.mask(5)
+    )
+
+
+@pytest.mark.network
+def test_batch_csv_on_the_real_ct(totalseg, real_files, tmp_path) -> None:
+    ct, seg = real_files
+    sheet = tmp_path / "in" / "cases.csv"
+    with open(sheet, "w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["ct", "mask", "organ", "label_id"],
+                [ct.name, seg.name, "liver", "5"],
+                [ct.name, seg.name, "kidney", "2;3"],
+                [ct.name, seg.name, "pancreas", "7"],
+            ]
+        )
+    out = tmp_path / "out"
+    organs = ("liver", "kidney", "pancreas")
+    cli("batch", sheet, "--out", out, "--organ", ",".join(organs), "--seed", 3)
+    sample = out / "example_ct_s000"
+    meta = check_atlas_sample(sample, ct, organs, contained=False)
+    assert meta["skipped_organs"] == {}
+    for organ, ids in (("liver", (5,)), ("kidney", (2, 3)), ("pancreas", (7,))):
+        np.testing.assert_array_equal(
+            arr(sample / "segmentations" / f"{organ}.nii.gz") > 0, totalseg.mask(*ids)
+        )
+    assert int(totalseg.mask(7).sum()) == 644
+    # nnU-Net format from the same CSV: one label pair per organ
+    nn = tmp_path / "nn"
+    cli("batch", sheet, "--out", nn, "--organ", ",".join(organs), "--seed", 3, "--format", "nnunet")
+    ds = check_nnunet_output(nn, 7)
+    assert [ds["labels"][LESION_NAMES[o]] for o in organs] == [2, 4, 6]
+    lab = arr(nn / "labelsTr" / "example_ct_s000.nii.gz")
+    assert (lab == 2).any() and (lab == 4).any()
+
+
+# --------------------------------------------------------------------------------------
+# 8. error messages
+# --------------------------------------------------------------------------------------
+
+
+def test_unknown_organ_lists_the_valid_ones(datasets, scan_files, tmp_path) -> None:
+    _, ct, mask, _ = scan_files
+    for args in (
+        ["batch", datasets["atlas1"], "--out", tmp_path / "o", "--organ", "liver,brain"],
+        ["synth", ct, "--mask", mask, "--organ", "brain", "--out", tmp_path / "o"],
+    ):
+        res = cli(*args, code=2)
+        text = flat(res.output)
+        assert "unknownorgan'brain'" in text
+        assert "valid:" + ",".join(ORGANS) in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_device_is_refused_clearly(datasets, scan_files, tmp_path) -> None:
+    _, ct, mask, _ = scan_files
+    for args in (
+        ["batch", datasets["atlas1"], "--out", tmp_path / "o", "--organ", "liver"],
+        ["synth", ct, "--mask", mask, "--organ", "liver", "--out", tmp_path / "o"],
+    ):
+        for device in ("cuda", "cuda:1"):
+            res = cli(*args, "--device", device, code=2)
+            assert f"--device {device}" in res.output
+            assert "CPU backend only" in res.output and "--device cpu" in res.output
+        res = cli(*args, "--device", "tpu", code=2)
+        assert flat("--device must be auto, cpu, cuda or cuda:N, got 'tpu'") in flat(res.output)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_format_fails(datasets, tmp_path) -> None:
+    res = cli(
+        "batch",
+        datasets["atlas1"],
+        "--out",
+        tmp_path / "o",
+        "--organ",
+        "liver",
+        "--format",
+        "foo",
+        code=None,
+    )
+    assert res.exit_code != 0
+    assert "unknown format 'foo'" in res.output and "atlas, nnunet" in res.output
+    assert not (tmp_path / "o").exists()
