@@ -194,7 +194,7 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             if not region.any():
                 names = ", ".join(str(s.path) for s in case.organs[organ])
                 raise ValueError(f"{names}: {organ} mask is empty (structure absent)")
-        except ValueError as e:
+        except Exception as e:
             skipped[organ] = _short(e)
             continue
         organs[organ], lesions[organ] = region, les
@@ -234,26 +234,32 @@ def dataset_json(opts: BatchOptions, num_training: int, name: str = "synthgen") 
 
 
 def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
-    """Render one sample; returns (image, label, per-organ tumor masks, organ records)."""
+    """Render one sample; returns (image, label, per-organ tumor masks, organ records,
+    skipped organs). An organ the preset cannot use (too small for its tumors) is skipped
+    with its reason; the sample fails only when no organ is left."""
     from .api import Synthesizer
+    from .rendering import render
 
-    if not lc.organs:
-        reasons = "; ".join(f"{o}: {r}" for o, r in lc.skipped.items())
-        raise ValueError(f"no usable organ ({reasons})")
     image = lc.image.copy(order="K")
     label: np.ndarray | None = None
     values = _label_values(opts)
     tumors: dict[str, np.ndarray] = {}
     records = []
+    skipped = dict(lc.skipped)
     for organ in opts.organs:
         region = lc.organs.get(organ)
         if region is None:
             continue
         syn = Synthesizer(opts.presets.get(organ, organ), size=opts.size, device=opts.device)
         seed = _organ_seed(sample.seed, organ)
-        res = syn(
-            image, region, seed=seed, affine=lc.affine, out=image, organ_index=lc.indexes[organ]
-        )
+        try:
+            plan = syn.plan(
+                image, region, seed=seed, affine=lc.affine, organ_index=lc.indexes[organ]
+            )
+        except ValueError as e:
+            skipped[organ] = _short(e)
+            continue
+        res = render(plan, image, region, out=image, device=opts.device, affine=lc.affine)
         lo, le = values[organ]
         if label is None:  # first organ: the region itself (one pass, no mask indexing)
             label = region.view(np.uint8) * np.uint8(lo)
@@ -276,28 +282,41 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
                 "tumors": [t.to_dict() for t in res.tumors],
             }
         )
-    return image, label, tumors, records
+    if not records:
+        reasons = "; ".join(f"{o}: {r}" for o, r in skipped.items())
+        raise ValueError(f"no usable organ ({reasons})")
+    return image, label, tumors, records, skipped
 
 
 def _write_sample(
     lc: LoadedCase, sample: Sample, opts: BatchOptions, out: Path, tag: str, arrays
 ) -> list[str]:
     """Write a sample into the partial folder, then move it into place; returns its files."""
-    from .io import atomic_write_bytes, save_json, save_nifti
 
-    image, label, tumors, records = arrays
     sid = sample.sample_id
     part = out / ".partial" / tag / sid
     if part.exists():
         shutil.rmtree(part)
     part.mkdir(parents=True)
+    try:
+        return _write_files(lc, sample, opts, out, part, arrays)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)  # a failed write leaves nothing behind
+        raise
+
+
+def _write_files(lc: LoadedCase, sample: Sample, opts: BatchOptions, out: Path, part: Path, arrays):
+    from .io import atomic_write_bytes, save_json, save_nifti
+
+    image, label, tumors, records, skipped = arrays
+    sid = sample.sample_id
     hdr, aff, lvl = lc.header, lc.affine, opts.compresslevel
     meta = {
         "sample": sid,
         "case": lc.case.case_id,
         "seed": sample.seed,
         "organs": records,
-        "skipped_organs": lc.skipped,
+        "skipped_organs": skipped,
     }
     if opts.format == "atlas":
         save_nifti(part / "ct.nii.gz", image, aff, header=hdr, compresslevel=lvl)
@@ -373,21 +392,21 @@ def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[st
         try:
             arrays = _synthesize(lc_or_err, sample, opts)
             files = _write_sample(lc_or_err, sample, opts, out, tag, arrays)
-        except (ValueError, OSError) as e:
+        except Exception as e:  # recorded with its type; the batch goes on
             yield _record(sample, case, "failed", t0, error=_short(e))
             continue
         organs = [
             {k: r[k] for k in ("organ", "preset", "seed", "plan", "tumors")} for r in arrays[3]
         ]
         yield _record(
-            sample, case, "done", t0, outputs=files, organs=organs, skipped_organs=lc_or_err.skipped
+            sample, case, "done", t0, outputs=files, organs=organs, skipped_organs=arrays[4]
         )
 
 
 def _load_or_error(case: Case, opts: BatchOptions):
     try:
         return load_case(case, opts)
-    except (ValueError, OSError, MemoryError) as e:
+    except Exception as e:  # any bad input becomes this case's error, never the batch's
         return e
 
 
@@ -458,13 +477,22 @@ def read_manifest(out: str | Path) -> dict[str, dict[str, Any]]:
     return latest
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 class Manifest:
     """Append-only JSON-lines writer (one line per record, flushed and fsynced)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
         self._f = open(path, "a", encoding="utf-8")
+        if torn:  # a run killed mid-append left half a line: end it, keep it unparseable
+            self._f.write("\n")
 
     def write(self, rec: dict[str, Any]) -> None:
         self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -505,11 +533,13 @@ def parse_shard(text: str | None, env: dict[str, str] | None = None) -> tuple[in
     elif "SLURM_ARRAY_TASK_ID" in env and (
         "SLURM_ARRAY_TASK_COUNT" in env or "SLURM_ARRAY_TASK_MAX" in env
     ):
-        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", "1")) or 1  # --array=0-15:4
+        i = (int(env["SLURM_ARRAY_TASK_ID"]) - lo) // step
         if "SLURM_ARRAY_TASK_COUNT" in env:
             n = int(env["SLURM_ARRAY_TASK_COUNT"])
         else:
-            n = int(env["SLURM_ARRAY_TASK_MAX"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")) + 1
+            n = (int(env["SLURM_ARRAY_TASK_MAX"]) - lo) // step + 1
     else:
         return 0, 1
     if n < 1 or not 0 <= i < n:

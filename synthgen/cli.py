@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape as esc
 from rich.table import Table
 
 from synthgen.presets import LESION_NAMES
@@ -68,7 +69,9 @@ def demo(
             raise typer.BadParameter(f"unknown organ {o!r}; valid: {', '.join(DEMO_ORGANS)}")
     t0 = time.perf_counter()
     ph = make_phantom(shp, sp, seed=seed)  # type: ignore[arg-type]
-    console.print(f"phantom {shp} at {sp} mm built in {time.perf_counter() - t0:.2f} s -> {out}")
+    console.print(
+        f"phantom {shp} at {sp} mm built in {time.perf_counter() - t0:.2f} s -> {esc(str(out))}"
+    )
     save_nifti(out / "phantom_ct.nii.gz", ph.image, ph.affine)
     table = Table(title="synthgen demo (phantom)")
     for col in ("organ", "preset", "class", "tumors", "volume mL", "contrast HU", "time ms"):
@@ -114,9 +117,9 @@ def demo(
             f"{ms:.0f}",
         )
     console.print(table)
-    console.print(f"wrote {len(organ_list)} image/label pairs under {out}/")
+    console.print(f"wrote {len(organ_list)} image/label pairs under {esc(str(out))}/")
     if preview:
-        console.print(f"previews: {out}/<organ>/preview.png")
+        console.print(f"previews: {esc(str(out))}/<organ>/preview.png")
 
 
 _DEVICE_HELP = "Backend: auto (follows the data), cpu, cuda or cuda:N."
@@ -212,7 +215,7 @@ def _run_batch(cases, opts, out: Path, *, source: str, **kw) -> None:
         if left[rec["case"]] == 0:
             progress.update(tasks["cases"], advance=1)
         if rec["status"] != "done":
-            progress.console.print(f"[red]failed[/red] {rec['sample']}: {rec['error']}")
+            progress.console.print(f"[red]failed[/red] {esc(rec['sample'])}: {esc(rec['error'])}")
 
     with progress:
         try:
@@ -220,7 +223,7 @@ def _run_batch(cases, opts, out: Path, *, source: str, **kw) -> None:
                 cases, opts, out, on_start=on_start, on_record=on_record, source=source, **kw
             )
         except ValueError as e:
-            console.print(f"[red]error:[/red] {e}")
+            console.print(f"[red]error:[/red] {esc(str(e))}")
             raise typer.Exit(2) from None
     _summary(report, out)
     if not report.ok:
@@ -228,7 +231,7 @@ def _run_batch(cases, opts, out: Path, *, source: str, **kw) -> None:
 
 
 def _summary(report, out: Path) -> None:
-    table = Table(title=f"synthgen batch -> {out}")
+    table = Table(title=f"synthgen batch -> {esc(str(out))}")
     table.add_column("samples")
     table.add_column("count", justify="right")
     table.add_row("in this shard", str(report.total))
@@ -243,11 +246,11 @@ def _summary(report, out: Path) -> None:
         fail.add_column("sample")
         fail.add_column("reason")
         for rec in report.failed[:50]:
-            fail.add_row(rec["sample"], rec["error"])
+            fail.add_row(esc(rec["sample"]), esc(rec["error"]))
         if len(report.failed) > 50:
             fail.add_row("...", f"{len(report.failed) - 50} more")
         console.print(fail)
-    console.print(f"manifest: {report.manifest}")
+    console.print(f"manifest: {esc(str(report.manifest))}")
 
 
 @app.command()
@@ -388,28 +391,28 @@ def batch(
         shard_in = parse_shard(shard)
         found_layout, cases = discover(input, organs, layout)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
     console.print(
-        f"{input}: {found_layout} layout, {len(cases)} cases"
+        f"{esc(str(input))}: {found_layout} layout, {len(cases)} cases"
         + (f"; shard {shard_in[0]}/{shard_in[1]}" if shard_in[1] > 1 else "")
     )
     if dry_run:
         try:
             todo, total, skipped = prepare(cases, opts, out, shard=shard_in, resume=resume)
         except ValueError as e:
-            console.print(f"[red]error:[/red] {e}")
+            console.print(f"[red]error:[/red] {esc(str(e))}")
             raise typer.Exit(2) from None
         table = Table(title=f"dry run: {sum(len(s) for _, s in todo)} samples to write")
         for col in ("case", "ct", "organs found", "missing", "samples"):
             table.add_column(col)
         for case, samples in todo:
             table.add_row(
-                case.case_id,
-                str(case.ct),
+                esc(case.case_id),
+                esc(str(case.ct)),
                 ", ".join(case.organs),
-                "; ".join(f"{o}: {r}" for o, r in case.missing.items()),
-                ", ".join(s.sample_id for s in samples),
+                esc("; ".join(f"{o}: {r}" for o, r in case.missing.items())),
+                esc(", ".join(s.sample_id for s in samples)),
             )
         console.print(table)
         console.print(f"{total} samples in this shard, {skipped} already done")
@@ -444,9 +447,9 @@ def preview(
     try:
         path = write_preview(sample_dir, out, max_tumors=max_tumors)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
-    console.print(f"wrote {path}")
+    console.print(f"wrote {esc(str(path))}")
 
 
 @presets_app.command("list")
@@ -471,7 +474,7 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name or file."
     try:
         p = load_preset(name)
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
     console.print_json(json.dumps(p.to_dict()))
 
@@ -487,13 +490,13 @@ def presets_export(
     try:
         text = preset_path(name).read_text(encoding="utf-8")
     except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
     if out is None:
         typer.echo(text, nl=False)
     else:
         out.write_text(text, encoding="utf-8")
-        console.print(f"wrote {out}")
+        console.print(f"wrote {esc(str(out))}")
 
 
 @app.command()

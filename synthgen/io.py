@@ -161,8 +161,9 @@ def nifti_bytes(
 
     With a reference ``header`` whose geometry is ``affine``, its sform and qform and their
     codes are kept as they are (a missing qform stays missing); otherwise the sform holds
-    ``affine`` and no qform is written. Voxel units, intent and description are kept; float data of an input stored as scaled integers is stored back as that
-    integer type with the same slope and intercept.
+    ``affine`` and no qform is written. Voxel units, intent and description are kept; float
+    data of an input stored as scaled integers is stored back as that integer type with the
+    same slope and intercept.
     """
     array, slope, inter = _disk_dtype(np.asarray(array), header)
     if array.dtype.byteorder == ">" or array.dtype == np.bool_:
@@ -273,9 +274,15 @@ def load_nifti(path: str | Path, *, dtype: Any = None) -> tuple[np.ndarray, np.n
         raise ValueError(f"{path}: cannot read NIfTI ({e})") from None
     except Exception as e:  # nibabel raises many types for corrupt files
         raise ValueError(f"{path}: cannot read NIfTI ({type(e).__name__}: {e})") from None
+    header = img.header
+    if dtype is None and not (img.dataobj.slope == 1 and img.dataobj.inter == 0):
+        # nibabel moves the scaling into the data proxy and blanks it in the header; put it
+        # back, so that saving with this header stores the data as it was stored.
+        header = header.copy()
+        header.set_slope_inter(float(img.dataobj.slope), float(img.dataobj.inter))
     data = np.squeeze(data) if data.ndim > 3 else data
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D image, got shape {data.shape}")
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("="))
-    return data, img.affine, img.header
+    return data, img.affine, header

@@ -441,6 +441,8 @@ def load_mask_file(
     from .io import load_nifti
 
     data, aff, hdr = load_nifti(src.path)
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"{src.path}: mask has dtype {data.dtype}, not numbers")
     if src.label_ids is None:
         m = data > 0.5
     elif len(src.label_ids) == 1:

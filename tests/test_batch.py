@@ -1,0 +1,906 @@
+"""Dataset batches: byte-identical outputs for any workers/shards/scheduler, kill and resume,
+bad inputs, the manifest, NIfTI I/O and options.
+
+Small AbdomenAtlas 1.x phantom datasets (``tests/_datasets.py``, 80 x 64 x 56 voxels) keep
+each batch well under a second per sample.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from _datasets import write_dataset
+from typer.testing import CliRunner
+
+import synthgen
+import synthgen.cli as cli
+import synthgen.io as sio
+from synthgen.batch import (
+    BatchOptions,
+    is_done,
+    parse_shard,
+    prepare,
+    read_manifest,
+    run_batch,
+    sample_seed,
+)
+from synthgen.cli import app
+from synthgen.io import gzip_chunks, load_nifti, save_nifti
+from synthgen.layouts import discover
+from synthgen.presets import LESION_NAMES
+
+runner = CliRunner()
+TWO_ORGANS = "liver,kidney"
+RECORD_KEYS = {"sample", "case", "seed", "status", "inputs", "time", "elapsed_s"}
+
+
+# --------------------------------------------------------------------------------------
+# helpers and fixtures
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rich wraps tables at 80 columns when not on a terminal: keep sample ids on one line."""
+    monkeypatch.setattr(cli.console, "_width", 250)
+
+
+def batch(*args: object):
+    return runner.invoke(app, ["batch", *(str(a) for a in args)])
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """Relative path -> bytes of every output file (the manifests and batch.json excepted)."""
+    files = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        top = len(rel.parts) == 1
+        if not p.is_file() or (top and (p.match("manifest*.jsonl") or p.name == "batch.json")):
+            continue
+        files[rel.as_posix()] = p.read_bytes()
+    return files
+
+
+def assert_same_outputs(got: Path, want: Path) -> None:
+    a, b = outputs(got), outputs(want)
+    assert sorted(a) == sorted(b), "the sets of output files differ"
+    differ = [k for k in a if a[k] != b[k]]
+    assert not differ, f"bytes differ: {differ}"
+
+
+def assert_clean(out: Path) -> None:
+    """Nothing half-written: no file under .partial, no temporary file anywhere."""
+    left = [p for p in (out / ".partial").rglob("*") if p.is_file()]
+    assert not left, f"partial files left: {left}"
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+
+
+def manifest_lines(out: Path) -> list[dict]:
+    """Every parseable record of every manifest (a torn line is skipped)."""
+    recs = []
+    for path in sorted(out.glob("manifest*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                pass
+    return recs
+
+
+def sample_ids(n_cases: int, per_case: int) -> list[str]:
+    return [f"BDMAP_{k:08d}_s{i:03d}" for k in range(n_cases) for i in range(per_case)]
+
+
+@pytest.fixture(scope="module")
+def ds4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("ds4"), "atlas1", 4)
+
+
+@pytest.fixture(scope="module")
+def ds6(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("ds6"), "atlas1", 6)
+
+
+@pytest.fixture(scope="module")
+def ref4(ds4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Reference: liver + kidney, 2 samples per case, one worker."""
+    out = tmp_path_factory.mktemp("ref4") / "out"
+    res = batch(ds4, "--out", out, "--organ", TWO_ORGANS, "--per-case", 2, "--workers", 1)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def liver_ref(ds6: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Reference: liver only, 6 cases x 2 samples, uninterrupted."""
+    out = tmp_path_factory.mktemp("liver_ref") / "out"
+    res = batch(ds6, "--out", out, "--organ", "liver", "--per-case", 2)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+# --------------------------------------------------------------------------------------
+# 1. the same bytes for any workers, shards or scheduler
+# --------------------------------------------------------------------------------------
+
+
+def test_reference_batch_is_complete(ref4: Path) -> None:
+    files = outputs(ref4)
+    for sid in sample_ids(4, 2):
+        want = {"ct.nii.gz", "label.nii.gz", "tumors.json"}
+        for organ in ("liver", "kidney"):
+            want |= {f"segmentations/{organ}.nii.gz", f"segmentations/{LESION_NAMES[organ]}.nii.gz"}
+        assert {f"{sid}/{w}" for w in want} <= set(files), sid
+    assert len(files) == 8 * 7
+    # samples differ from each other (each has its own seed)
+    cts = {files[f"{sid}/ct.nii.gz"] for sid in sample_ids(4, 2)}
+    assert len(cts) == 8
+    recs = read_manifest(ref4)
+    assert sorted(recs) == sample_ids(4, 2)
+    assert all(is_done(r, ref4) for r in recs.values())
+    assert_clean(ref4)
+    assert not (ref4 / ".partial").exists()
+
+
+def _input_masks(ds: Path, case: str) -> dict[str, np.ndarray]:
+    seg = ds / case / "segmentations"
+    kidney = load_nifti(seg / "kidney_left.nii.gz")[0] | load_nifti(seg / "kidney_right.nii.gz")[0]
+    return {"liver": load_nifti(seg / "liver.nii.gz")[0] > 0, "kidney": kidney > 0}
+
+
+def test_reference_labels_match_the_masks(ds4: Path, ref4: Path) -> None:
+    for sid in sample_ids(4, 2)[::3]:
+        d = ref4 / sid
+        masks = _input_masks(ds4, sid.rsplit("_s", 1)[0])
+        label = load_nifti(d / "label.nii.gz")[0]
+        assert label.dtype == np.uint8
+        seg = {n: load_nifti(d / "segmentations" / f"{n}.nii.gz")[0] > 0 for n in masks}
+        tumor = {
+            n: load_nifti(d / "segmentations" / f"{LESION_NAMES[n]}.nii.gz")[0] > 0 for n in masks
+        }
+        for n in masks:
+            np.testing.assert_array_equal(seg[n], masks[n])
+            assert tumor[n].any(), (sid, n)
+        any_tumor = tumor["liver"] | tumor["kidney"]
+        np.testing.assert_array_equal(label == 2, any_tumor)
+        np.testing.assert_array_equal(label == 1, (masks["liver"] | masks["kidney"]) & ~any_tumor)
+        assert set(np.unique(label)) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("mode", ["workers2", "shards", "dask"])
+def test_outputs_byte_identical(mode: str, ds4: Path, ref4: Path, tmp_path: Path, request) -> None:
+    out = tmp_path / "out"
+    base = [ds4, "--out", out, "--organ", TWO_ORGANS, "--per-case", 2]
+    if mode == "workers2":
+        runs = [["--workers", 2]]
+    elif mode == "shards":  # one after the other into the same folder, no --resume needed
+        runs = [["--shard", "0/2"], ["--shard", "1/2"]]
+    else:
+        cluster = request.getfixturevalue("dask_cluster")
+        runs = [["--scheduler", cluster.scheduler_address]]
+    for extra in runs:
+        res = batch(*base, *extra)
+        assert res.exit_code == 0, res.output
+    assert_same_outputs(out, ref4)
+    assert_clean(out)
+    recs = read_manifest(out)
+    assert sorted(recs) == sample_ids(4, 2)
+    assert all(is_done(r, out) for r in recs.values())
+    if mode == "shards":
+        names = sorted(p.name for p in out.glob("manifest*.jsonl"))
+        assert names == ["manifest-shard-0-of-2.jsonl", "manifest-shard-1-of-2.jsonl"]
+        shard0 = [json.loads(x)["case"] for x in (out / names[0]).read_text().splitlines()]
+        assert sorted(set(shard0)) == ["BDMAP_00000000", "BDMAP_00000002"]
+
+
+def test_sample_seed_is_stable_and_distinct() -> None:
+    s = sample_seed(0, "BDMAP_00000000", 0)
+    assert s == sample_seed(0, "BDMAP_00000000", 0)
+    assert 0 <= s < 2**63
+    others = {
+        sample_seed(1, "BDMAP_00000000", 0),
+        sample_seed(0, "BDMAP_00000001", 0),
+        sample_seed(0, "BDMAP_00000000", 1),
+    }
+    assert s not in others and len(others) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "want"),
+    [
+        ("0/1", {}, (0, 1)),
+        ("3/4", {}, (3, 4)),
+        ("1/2", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "8"}, (1, 2)),
+        (None, {}, (0, 1)),
+        (None, {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}, (3, 4)),
+        (None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"}, (0, 1)),
+        (
+            None,
+            {
+                "SLURM_ARRAY_TASK_ID": "4",
+                "SLURM_ARRAY_TASK_COUNT": "4",
+                "SLURM_ARRAY_TASK_MIN": "1",
+            },
+            (3, 4),
+        ),
+        (
+            None,
+            {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_MAX": "5"},
+            (3, 4),
+        ),
+        (None, {"SLURM_ARRAY_TASK_ID": "7"}, (0, 1)),  # not an array job's full set
+    ],
+)
+def test_parse_shard(text, env, want) -> None:
+    assert parse_shard(text, env=env) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        ("2/2", {}),
+        ("-1/2", {}),
+        ("0/0", {}),
+        ("1/-1", {}),
+        ("a/b", {}),
+        ("1", {}),
+        ("1/2/3", {}),
+        ("1.5/2", {}),
+        (None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4"}),
+        (
+            None,
+            {
+                "SLURM_ARRAY_TASK_ID": "0",
+                "SLURM_ARRAY_TASK_COUNT": "4",
+                "SLURM_ARRAY_TASK_MIN": "1",
+            },
+        ),
+        (None, {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"}),
+    ],
+)
+def test_parse_shard_rejects_invalid(text, env) -> None:
+    with pytest.raises(ValueError):
+        parse_shard(text, env=env)
+
+
+def test_cli_takes_shard_from_slurm_env(
+    ds4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    out = tmp_path / "out"
+    res = batch(ds4, "--out", out, "--organ", "liver", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "shard 1/2" in res.output
+    assert "BDMAP_00000001_s000" in res.output and "BDMAP_00000003_s000" in res.output
+    assert "BDMAP_00000000_s000" not in res.output and "BDMAP_00000002_s000" not in res.output
+    assert not out.exists(), "--dry-run wrote something"
+    res = batch(ds4, "--out", out, "--organ", "liver")
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in out.glob("manifest*.jsonl")] == ["manifest-shard-1-of-2.jsonl"]
+    assert sorted(read_manifest(out)) == ["BDMAP_00000001_s000", "BDMAP_00000003_s000"]
+    # an explicit --shard wins over the environment; a bad one is a usage error
+    res = batch(ds4, "--out", out, "--organ", "liver", "--shard", "0/2", "--dry-run")
+    assert res.exit_code == 0 and "BDMAP_00000000_s000" in res.output
+    assert "BDMAP_00000001_s000" not in res.output
+    for bad in ("2/2", "x"):
+        res = batch(ds4, "--out", tmp_path / "other", "--organ", "liver", "--shard", bad)
+        assert res.exit_code == 2 and "shard" in res.output, res.output
+
+
+def test_prepare_splits_cases_without_overlap(ds4: Path, tmp_path: Path) -> None:
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",), per_case=2)
+    seen: list[str] = []
+    for i in range(3):
+        todo, total, skipped = prepare(cases, opts, tmp_path / "none", shard=(i, 3))
+        seen += [s.sample_id for _, ss in todo for s in ss]
+        assert total == sum(len(ss) for _, ss in todo) and skipped == 0
+    assert sorted(seen) == sample_ids(4, 2)
+
+
+def test_nnunet_format_over_two_shards(ds4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for shard in ("0/2", "1/2"):
+        res = batch(
+            ds4, "--out", out, "--organ", TWO_ORGANS, "--format", "nnunet", "--shard", shard
+        )
+        assert res.exit_code == 0, res.output
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["numTraining"] == 4
+    want = {"background": 0, "liver": 1, LESION_NAMES["liver"]: 2}
+    want |= {"kidney": 3, LESION_NAMES["kidney"]: 4}
+    assert meta["labels"] == want
+    ids = [f"BDMAP_{k:08d}_s000" for k in range(4)]
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == [f"{i}_0000.nii.gz" for i in ids]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == [f"{i}.nii.gz" for i in ids]
+    assert sorted(p.name for p in (out / "synthgen_tumors").iterdir()) == [f"{i}.json" for i in ids]
+    assert all(is_done(r, out) for r in read_manifest(out).values())
+    assert_clean(out)
+    seen: set[int] = set()
+    for sid in ids:
+        masks = _input_masks(ds4, sid.rsplit("_s", 1)[0])
+        label = load_nifti(out / "labelsTr" / f"{sid}.nii.gz")[0]
+        tumor = (label == 2) | (label == 4)
+        np.testing.assert_array_equal(label == 1, masks["liver"] & ~tumor)
+        np.testing.assert_array_equal(label == 3, masks["kidney"] & ~masks["liver"] & ~tumor)
+        assert not (label[~(masks["liver"] | masks["kidney"])] % 2).any()  # no organ label outside
+        seen |= set(np.unique(label).tolist())
+    assert seen == {0, 1, 2, 3, 4}
+
+
+# --------------------------------------------------------------------------------------
+# 2. kill and resume
+# --------------------------------------------------------------------------------------
+
+
+def _done_count(manifest: Path) -> int:
+    try:
+        return manifest.read_text(encoding="utf-8").count('"status":"done"')
+    except FileNotFoundError:
+        return 0
+
+
+def test_kill_and_resume_gives_the_uninterrupted_bytes(
+    ds6: Path, liver_ref: Path, tmp_path: Path
+) -> None:
+    cmd = [sys.executable, "-m", "synthgen.cli", "batch", str(ds6), "--organ", "liver"]
+    cmd += ["--per-case", "2"]
+    total = 12
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen(
+            [*cmd, "--out", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ),
+        )
+        killed = False
+        deadline = time.monotonic() + 180
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if _done_count(out / "manifest.jsonl") >= 1:
+                    proc.kill()  # SIGKILL
+                    killed = True
+                    break
+                time.sleep(0.002)
+        finally:
+            if proc.poll() is None and not killed:
+                proc.kill()
+            proc.wait(60)
+        done_before = {s for s, r in read_manifest(out).items() if r["status"] == "done"}
+        if killed and proc.returncode == -9 and 0 < len(done_before) < total:
+            break
+    else:
+        pytest.fail("the batch finished each time before it could be killed")
+
+    res = batch(ds6, "--out", out, "--organ", "liver", "--per-case", 2, "--resume")
+    assert res.exit_code == 0, res.output
+    m = re.search(r"resume: (\d+) samples already done", res.output)
+    assert m, res.output
+    assert int(m.group(1)) == len(done_before) > 0
+    # the samples done before the kill were not redone: one done record each
+    counts: dict[str, int] = {}
+    for rec in manifest_lines(out):
+        if rec["status"] == "done":
+            counts[rec["sample"]] = counts.get(rec["sample"], 0) + 1
+    assert sorted(counts) == sample_ids(6, 2)
+    assert all(counts[s] == 1 for s in done_before), counts
+    assert_same_outputs(out, liver_ref)
+    assert_clean(out)
+    recs = read_manifest(out)
+    assert sorted(recs) == sample_ids(6, 2) and all(is_done(r, out) for r in recs.values())
+
+
+def test_resume_redoes_deleted_samples_and_refuses_misuse(
+    ds6: Path, liver_ref: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(liver_ref, out)
+    victim = "BDMAP_00000002_s001"
+    shutil.rmtree(out / victim)
+    base = [ds6, "--out", out, "--organ", "liver", "--per-case", 2]
+    manifest = (out / "manifest.jsonl").read_bytes()
+
+    res = batch(*base)  # no --resume: refused
+    assert res.exit_code == 2, res.output
+    assert "--resume" in res.output
+    res = batch(*base, "--resume", "--seed", 1)  # other options: refused
+    assert res.exit_code == 2, res.output
+    assert "other options" in res.output
+    res = batch(*base, "--seed", 1)
+    assert res.exit_code == 2, res.output
+    assert (out / "manifest.jsonl").read_bytes() == manifest and not (out / victim).exists()
+
+    res = batch(*base, "--resume", "--dry-run")
+    assert res.exit_code == 0 and "dry run: 1 samples to write" in res.output, res.output
+    assert not (out / victim).exists()
+
+    res = batch(*base, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "resume: 11 samples already done, 1 to do" in res.output
+    new = (out / "manifest.jsonl").read_bytes()[len(manifest) :].decode().splitlines()
+    assert [json.loads(x)["sample"] for x in new] == [victim]
+    assert_same_outputs(out, liver_ref)
+    assert_clean(out)
+
+
+# --------------------------------------------------------------------------------------
+# 3. bad inputs: recorded as failed with a one-line reason, the batch goes on
+# --------------------------------------------------------------------------------------
+
+BAD_CASES = {
+    "BDMAP_random": ("BDMAP_random/ct.nii.gz", "cannot read"),
+    "BDMAP_truncated": ("BDMAP_truncated/ct.nii.gz", "truncated"),
+    "BDMAP_farmask": ("BDMAP_farmask/segmentations/liver.nii.gz", "does not overlap"),
+    "BDMAP_empty": ("BDMAP_empty/segmentations/liver.nii.gz", "empty"),
+    "BDMAP_tiny": ("too small",),
+    "BDMAP_nan": ("BDMAP_nan/ct.nii.gz", "NaN"),
+}
+
+
+def _nib_save(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+@pytest.fixture(scope="module")
+def bad_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = write_dataset(tmp_path_factory.mktemp("bad"), "atlas1", 7)
+    names = ["BDMAP_good", *BAD_CASES]
+    for k, name in enumerate(names):
+        (root / f"BDMAP_{k:08d}").rename(root / name)
+    rng = np.random.default_rng(0)
+    (root / "BDMAP_random" / "ct.nii.gz").write_bytes(b"junk" + rng.bytes(20000))
+    ct = root / "BDMAP_truncated" / "ct.nii.gz"
+    raw = ct.read_bytes()
+    ct.write_bytes(raw[: len(raw) // 2])
+
+    liver = nib.load(root / "BDMAP_farmask" / "segmentations" / "liver.nii.gz")
+    mask = np.asarray(liver.dataobj)
+    far = liver.affine.copy()
+    far[:3, 3] += 10_000.0  # 10 m away: lands outside the CT
+    _nib_save(root / "BDMAP_farmask" / "segmentations" / "liver.nii.gz", mask, far)
+    _nib_save(
+        root / "BDMAP_empty" / "segmentations" / "liver.nii.gz", np.zeros_like(mask), liver.affine
+    )
+    tiny = np.zeros_like(mask)
+    i, j, k = np.argwhere(mask)[np.count_nonzero(mask) // 2]
+    tiny[i, j, k] = tiny[i + 1, j, k] = 1
+    _nib_save(root / "BDMAP_tiny" / "segmentations" / "liver.nii.gz", tiny, liver.affine)
+    img = nib.load(root / "BDMAP_nan" / "ct.nii.gz")
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[10, 10, 10] = np.nan
+    _nib_save(root / "BDMAP_nan" / "ct.nii.gz", data, img.affine)
+    return root
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_inputs_fail_alone(bad_ds: Path, tmp_path: Path, workers: int) -> None:
+    out = tmp_path / "out"
+    res = batch(bad_ds, "--out", out, "--organ", "liver", "--workers", workers)
+    assert res.exit_code == 1, res.output
+    recs = read_manifest(out)
+    assert sorted(recs) == sorted(f"{c}_s000" for c in ["BDMAP_good", *BAD_CASES])
+    good = recs["BDMAP_good_s000"]
+    assert good["status"] == "done" and is_done(good, out)
+    table = res.output.split("failed samples", 1)[1]  # the summary's table of failures
+    for case, needles in BAD_CASES.items():
+        rec = recs[f"{case}_s000"]
+        assert rec["status"] == "failed", rec
+        err = rec["error"]
+        assert "\n" not in err and "\r" not in err, err
+        for needle in needles:
+            assert needle in err, (case, err)
+        assert "outputs" not in rec
+        assert f"{case}_s000" in table
+        assert not (out / f"{case}_s000").exists()
+    assert re.search(r"failed\s*│\s*6\b", res.output), res.output
+    assert re.search(r"written now\s*│\s*1\b", res.output), res.output
+    assert_clean(out)
+
+
+# --------------------------------------------------------------------------------------
+# 4. the manifest
+# --------------------------------------------------------------------------------------
+
+
+def _check_records(out: Path, organs: list[str]) -> list[dict]:
+    text = (out / "manifest.jsonl").read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    recs = [json.loads(line) for line in text.splitlines()]  # every line is valid JSON
+    for rec in recs:
+        assert RECORD_KEYS <= set(rec), rec.keys()
+        assert rec["status"] == "done"
+        case, index = rec["sample"].rsplit("_s", 1)
+        assert rec["case"] == case and rec["seed"] == sample_seed(0, case, int(index))
+        assert rec["inputs"]["case_id"] == case and Path(rec["inputs"]["ct"]).is_file()
+        assert isinstance(rec["elapsed_s"], float | int) and rec["elapsed_s"] >= 0
+        assert rec["outputs"]
+        for f in rec["outputs"]:
+            assert not Path(f).is_absolute() and (out / f).is_file(), f
+        assert [o["organ"] for o in rec["organs"]] == organs
+        for o in rec["organs"]:
+            assert o["plan"]["tumors"] and o["tumors"]
+            assert len(o["tumors"]) == len(o["plan"]["tumors"])
+    return recs
+
+
+def test_manifest_records_two_organs(ref4: Path) -> None:
+    recs = _check_records(ref4, ["liver", "kidney"])
+    assert sorted(r["sample"] for r in recs) == sample_ids(4, 2)
+    info = json.loads((ref4 / recs[0]["sample"] / "tumors.json").read_text())
+    assert info["organs"] == recs[0]["organs"]
+
+
+def test_manifest_plan_reproduces_the_output(liver_ref: Path) -> None:
+    recs = _check_records(liver_ref, ["liver"])
+    assert len(recs) == 12
+    for rec in recs[::3]:
+        organ = rec["organs"][0]
+        plan = synthgen.Plan.from_dict(organ["plan"])
+        ct, affine, _ = load_nifti(rec["inputs"]["ct"])
+        liver = load_nifti(rec["inputs"]["organs"]["liver"][0]["path"])[0] > 0.5
+        res = synthgen.render(plan, ct, liver, affine=affine)
+        sid = rec["sample"]
+        out_ct = load_nifti(liver_ref / sid / "ct.nii.gz")[0]
+        out_tm = load_nifti(liver_ref / sid / "segmentations" / "liver_lesion.nii.gz")[0] > 0
+        np.testing.assert_array_equal(res.tumor_mask, out_tm)
+        assert res.tumor_mask.any()
+        np.testing.assert_array_equal(res.image[out_tm], out_ct[out_tm])
+        np.testing.assert_array_equal(res.image, out_ct)
+        assert (out_ct[out_tm] != ct[out_tm]).any(), "the tumors changed nothing"
+        rerendered = json.loads(json.dumps([t.to_dict() for t in res.tumors]))
+        assert rerendered == organ["tumors"]
+
+
+# --------------------------------------------------------------------------------------
+# 5. NIfTI I/O
+# --------------------------------------------------------------------------------------
+
+
+def test_gzip_chunks_decompress_to_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 40, size=(9 << 20) + 123, dtype=np.uint8)
+    mid = rng.integers(-300, 300, size=(2 << 20) + 7, dtype=np.int16)  # 4 MiB + 14 bytes
+    small = b"NIfTI header" * 30
+    parts = [memoryview(small), memoryview(big), memoryview(b""), memoryview(mid), b"tail"]
+    want = small + big.tobytes() + mid.tobytes() + b"tail"
+    results = {}
+    for threads in ("1", "4"):
+        monkeypatch.setenv("SYNTHGEN_IO_THREADS", threads)
+        for level in (0, 1):
+            data = b"".join(gzip_chunks(parts, level))
+            assert gzip.decompress(data) == want
+            results[threads, level] = data
+    assert results["1", 1] == results["4", 1] and results["1", 0] == results["4", 0]
+    for level in (1, 6, 9):
+        assert gzip.decompress(b"".join(gzip_chunks([memoryview(small)], level))) == small
+    assert gzip.decompress(b"".join(gzip_chunks([]))) == b""
+    assert gzip.decompress(b"".join(gzip_chunks([memoryview(b"")]))) == b""
+
+
+def test_save_nifti_bytes_do_not_depend_on_io_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(2)
+    data = np.asfortranarray(rng.integers(-1000, 1000, size=(192, 160, 80), dtype=np.int16))
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    threads_used: list[str] = []
+    real = sio._deflate
+
+    def spy(*args):
+        threads_used.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(sio, "_deflate", spy)
+    blobs = {}
+    for n in ("1", "4", "3"):
+        monkeypatch.setenv("SYNTHGEN_IO_THREADS", n)
+        threads_used.clear()
+        save_nifti(tmp_path / f"t{n}.nii.gz", data, affine)
+        blobs[n] = (tmp_path / f"t{n}.nii.gz").read_bytes()
+        ex = sio._executor()
+        if n == "1":
+            assert ex is None
+            assert not any(t.startswith("synthgen-gzip") for t in threads_used)
+        else:
+            assert ex is not None and ex._max_workers == int(n)  # rebuilt for the new count
+            assert any(t.startswith("synthgen-gzip") for t in threads_used)
+        assert len(threads_used) >= 3  # several 4 MiB chunks
+    assert blobs["1"] == blobs["4"] == blobs["3"]
+    np.testing.assert_array_equal(load_nifti(tmp_path / "t4.nii.gz")[0], data)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_round_trip_keeps_order_affine_and_codes(tmp_path: Path, suffix: str) -> None:
+    rng = np.random.default_rng(3)
+    data = np.asfortranarray(rng.integers(-1024, 3000, size=(13, 11, 7), dtype=np.int16))
+    affine = np.array(
+        [[0, -0.75, 0, 30.0], [0.75, 0, 0, -12.0], [0, 0, 2.5, 7.0], [0, 0, 0, 1]], dtype=float
+    )
+    ref = nib.Nifti1Image(data, affine)
+    ref.set_sform(affine, 4)
+    ref.set_qform(affine, 2)
+    f_path, c_path = tmp_path / f"f{suffix}", tmp_path / f"c{suffix}"
+    save_nifti(f_path, data, affine, header=ref.header)
+    save_nifti(c_path, np.ascontiguousarray(data), affine, header=ref.header)
+    assert f_path.read_bytes() == c_path.read_bytes()
+    arr, aff, hdr = load_nifti(f_path)
+    assert arr.flags.f_contiguous and arr.dtype == np.int16
+    np.testing.assert_array_equal(arr, data)
+    np.testing.assert_allclose(aff, affine, atol=1e-6)
+    assert int(hdr["sform_code"]) == 4 and int(hdr["qform_code"]) == 2
+    img = nib.load(f_path)  # nibabel agrees
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+    # a re-save of what was loaded gives the same bytes (no transpose anywhere)
+    save_nifti(tmp_path / f"again{suffix}", arr, aff, header=hdr)
+    assert (tmp_path / f"again{suffix}").read_bytes() == f_path.read_bytes()
+    # bool is stored as uint8
+    save_nifti(tmp_path / f"b{suffix}", data > 0, affine)
+    b = load_nifti(tmp_path / f"b{suffix}")[0]
+    assert b.dtype == np.uint8
+    np.testing.assert_array_equal(b, data > 0)
+
+
+def write_scaled(path: Path, raw: np.ndarray, affine: np.ndarray, slope: float, inter: float):
+    """A NIfTI-1 file of ``raw`` (integers) with scl_slope/scl_inter, as scanners write them
+    (nibabel's own writer picks its scaling from the data, so the bytes are put together here)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(raw.dtype)
+    hdr.set_data_shape(raw.shape)
+    hdr.set_slope_inter(slope, inter)
+    hdr.set_sform(affine, 1)
+    hdr.set_qform(affine, 1)
+    hdr["vox_offset"] = 352
+    bio = io.BytesIO()
+    hdr.write_to(bio)
+    data = bio.getvalue().ljust(352, b"\0") + raw.tobytes(order="F")
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return hdr
+
+
+def test_scaled_int16_loads_as_float_and_a_scaled_header_is_honoured(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    raw = np.asfortranarray(rng.integers(-2000, 6000, size=(10, 9, 8), dtype=np.int16))
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    hdr = write_scaled(tmp_path / "scaled.nii", raw, affine, 0.5, -1024.0)
+    data, aff, _ = load_nifti(tmp_path / "scaled.nii")
+    assert data.dtype == np.float32
+    np.testing.assert_array_equal(data, raw * 0.5 - 1024.0)
+    # a header that carries the scaling: float data goes back to int16 with it
+    dst = tmp_path / "out.nii.gz"
+    save_nifti(dst, data + 10.0, aff, header=hdr)
+    img = nib.load(dst)
+    assert img.get_data_dtype() == np.int16
+    assert (img.dataobj.slope, img.dataobj.inter) == (0.5, -1024.0)  # the file's scl_*
+    np.testing.assert_array_equal(np.asarray(img.dataobj.get_unscaled()), raw + 20)
+
+
+def test_scaled_int16_input_is_written_back_scaled(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    raw = np.asfortranarray(rng.integers(-2000, 6000, size=(10, 9, 8), dtype=np.int16))
+    write_scaled(tmp_path / "scaled.nii.gz", raw, np.diag([0.7, 0.7, 3.0, 1.0]), 0.5, -1024.0)
+    data, aff, header = load_nifti(tmp_path / "scaled.nii.gz")
+    edited = data + 10.0  # 20 raw steps
+    dst = tmp_path / "out.nii.gz"
+    save_nifti(dst, edited, aff, header=header)
+    img = nib.load(dst)
+    assert img.get_data_dtype() == np.int16
+    assert (img.dataobj.slope, img.dataobj.inter) == (0.5, -1024.0)  # the file's scl_*
+    np.testing.assert_array_equal(np.asarray(img.dataobj.get_unscaled()), raw + 20)
+    np.testing.assert_array_equal(load_nifti(dst)[0], edited)
+
+
+def test_batch_keeps_hu_of_a_uint16_ct_with_intercept(ds4: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    shutil.copytree(ds4 / "BDMAP_00000000", root / "BDMAP_00000000")
+    ct_path = root / "BDMAP_00000000" / "ct.nii.gz"
+    img = nib.load(ct_path)
+    hu = np.asarray(img.dataobj).astype(np.int32)
+    assert hu.min() < -500  # air is there
+    write_scaled(ct_path, np.asfortranarray(hu + 1024).astype(np.uint16), img.affine, 1.0, -1024.0)
+    np.testing.assert_array_equal(load_nifti(ct_path)[0], hu)
+    _, cases = discover(root, ["liver"])
+    out = tmp_path / "out"
+    report = run_batch(cases, BatchOptions(organs=("liver",)), out)
+    assert report.ok, report.failed
+    got = load_nifti(out / "BDMAP_00000000_s000" / "ct.nii.gz")[0]
+    tumor = load_nifti(out / "BDMAP_00000000_s000" / "segmentations" / "liver_lesion.nii.gz")[0]
+    outside = tumor == 0
+    np.testing.assert_array_equal(got[outside], hu[outside])
+
+
+def test_failed_write_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(parts, level=1):
+        yield b"\x1f\x8b\x08\x00" + b"\0" * 100
+        raise RuntimeError("disk died mid-write")
+
+    monkeypatch.setattr(sio, "gzip_chunks", broken)
+    target = tmp_path / "x.nii.gz"
+    with pytest.raises(RuntimeError, match="mid-write"):
+        save_nifti(target, np.zeros((4, 4, 4), np.int16), np.eye(4))
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"previous version")
+    with pytest.raises(RuntimeError, match="mid-write"):
+        save_nifti(target, np.zeros((4, 4, 4), np.int16), np.eye(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+    assert target.read_bytes() == b"previous version"
+
+
+# --------------------------------------------------------------------------------------
+# 6. options
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"format": "nifti"}, "unknown format"),
+        ({"organs": ("spleen",)}, "unknown organ"),
+        ({"organs": ("liver", "spleen")}, "unknown organ"),
+        ({"per_case": 0}, "per_case"),
+        ({"per_case": -3}, "per_case"),
+        ({"compresslevel": 10}, "compression"),
+        ({"compresslevel": -1}, "compression"),
+    ],
+)
+def test_batch_options_reject(kw: dict, match: str) -> None:
+    args = {"organs": ("liver",), **kw}
+    with pytest.raises(ValueError, match=match):
+        BatchOptions(**args)
+
+
+def test_cli_rejects_bad_options(ds4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for extra in (
+        ["--format", "nifti"],
+        ["--per-case", "0"],
+        ["--compression", "10"],
+        ["--organ", "spleen"],
+    ):
+        args = [ds4, "--out", out, "--organ", "liver", *extra]
+        res = batch(*args)
+        assert res.exit_code == 2, (extra, res.output)
+    assert not out.exists()
+
+
+def test_compression_level_changes_sizes_not_voxels(ds4: Path, ref4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = batch(ds4, "--out", out, "--organ", TWO_ORGANS, "--per-case", 2, "--compression", 0)
+    assert res.exit_code == 0, res.output
+    got, want = outputs(out), outputs(ref4)
+    assert sorted(got) == sorted(want)
+    for rel in got:
+        if not rel.endswith(".nii.gz"):
+            assert got[rel] == want[rel], rel
+            continue
+        a, b = nib.load(out / rel), nib.load(ref4 / rel)
+        np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        assert a.get_data_dtype() == b.get_data_dtype()
+        np.testing.assert_array_equal(a.affine, b.affine)
+        if rel.endswith("segmentations/liver.nii.gz"):  # the input mask, copied as is
+            continue
+        assert len(got[rel]) > len(want[rel]), rel
+        assert len(got[rel]) >= np.asarray(a.dataobj).nbytes, rel  # stored, not deflated
+
+
+# --------------------------------------------------------------------------------------
+# regressions of bugs found by these tests (fixed)
+# --------------------------------------------------------------------------------------
+
+
+def test_record_after_a_torn_manifest_line_is_kept(ds4: Path, tmp_path: Path) -> None:
+    _, cases = discover(ds4, ["liver"])
+    cases = cases[:2]
+    opts = BatchOptions(organs=("liver",))
+    out = tmp_path / "out"
+    run_batch(cases, opts, out)
+    m = out / "manifest.jsonl"
+    first, second = m.read_text().splitlines(keepends=True)
+    m.write_text(first + second[: len(second) // 2])  # killed while writing the 2nd record
+    assert set(read_manifest(out)) == {"BDMAP_00000000_s000"}
+    report = run_batch(cases, opts, out, resume=True)
+    assert report.done == 1 and report.skipped == 1
+    recs = read_manifest(out)
+    assert sorted(recs) == ["BDMAP_00000000_s000", "BDMAP_00000001_s000"]
+    assert all(is_done(r, out) for r in recs.values())
+
+
+def test_too_small_organ_is_skipped_not_fatal(bad_ds: Path, tmp_path: Path) -> None:
+    _, cases = discover(bad_ds, ["liver", "kidney"])
+    tiny = [c for c in cases if c.case_id == "BDMAP_tiny"]
+    report = run_batch(tiny, BatchOptions(organs=("liver", "kidney")), tmp_path / "out")
+    rec = read_manifest(tmp_path / "out")["BDMAP_tiny_s000"]
+    assert report.ok, rec.get("error")
+    assert [o["organ"] for o in rec["organs"]] == ["kidney"]
+    assert "too small" in rec["skipped_organs"]["liver"]
+
+
+def test_failed_write_leaves_no_partial_folder(
+    ds4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sio.save_nifti
+
+    def disk_full(path, *args, **kw):
+        if Path(path).name == "label.nii.gz" and "BDMAP_00000001" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(sio, "save_nifti", disk_full)
+    _, cases = discover(ds4, ["liver"])
+    out = tmp_path / "out"
+    report = run_batch(cases[:2], BatchOptions(organs=("liver",)), out)
+    assert [r["sample"] for r in report.failed] == ["BDMAP_00000001_s000"]
+    assert "No space left" in report.failed[0]["error"]
+    assert_clean(out)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_unusable_mask_dtype_fails_the_case_not_the_batch(ds4: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    shutil.copytree(ds4, root)
+    seg = root / "BDMAP_00000000" / "segmentations" / "liver.nii.gz"
+    img = nib.load(seg)
+    rgb = np.zeros(img.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = np.asarray(img.dataobj)
+    _nib_save(seg, rgb, img.affine)
+    _, cases = discover(root, ["liver"])
+    result: dict = {}
+
+    def go() -> None:
+        try:
+            result["report"] = run_batch(cases[:2], BatchOptions(organs=("liver",)), root / "out")
+        except BaseException as e:
+            result["error"] = e
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    th.join(8)
+    assert not th.is_alive(), "run_batch hangs"
+    assert "error" not in result, repr(result.get("error"))
+    report = result["report"]
+    assert report.done == 1
+    assert [r["sample"] for r in report.failed] == ["BDMAP_00000000_s000"]
+    assert "liver.nii.gz" in report.failed[0]["error"]
+
+
+def test_summary_shows_sample_ids_with_brackets_verbatim(bad_ds: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    shutil.copytree(bad_ds / "BDMAP_empty", root / "BDMAP_[x]")
+    res = batch(root, "--out", tmp_path / "out", "--organ", "liver")
+    assert res.exit_code == 1, res.output
+    assert "BDMAP_[x]_s000" in read_manifest(tmp_path / "out")
+    table = res.output.split("failed samples", 1)[1]
+    assert "BDMAP_[x]_s000" in table
+    assert "BDMAP_[x]/segmentations/liver.nii.gz" in table
