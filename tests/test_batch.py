@@ -255,6 +255,16 @@ def test_sample_seed_is_stable_and_distinct() -> None:
             (3, 4),
         ),
         (None, {"SLURM_ARRAY_TASK_ID": "7"}, (0, 1)),  # not an array job's full set
+        (  # --array=0-15:4 runs tasks 0, 4, 8, 12
+            None,
+            {
+                "SLURM_ARRAY_TASK_ID": "8",
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_ARRAY_TASK_MAX": "12",
+                "SLURM_ARRAY_TASK_STEP": "4",
+            },
+            (2, 4),
+        ),
     ],
 )
 def test_parse_shard(text, env, want) -> None:
