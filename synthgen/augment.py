@@ -1,0 +1,115 @@
+"""Tumor synthesis as a training-time augmentation on one image and its label map.
+
+:func:`implant_tumors` is the shared core of the framework adapters (``synthgen.torch``,
+``synthgen.monai``, ``synthgen.nnunet``, ``synthgen.stream``): given a 3-D image, a 3-D
+integer label map and the ids that make up the organ, it plans and renders one sample and
+writes the tumor label into a copy of the label map. A patch that holds too little of the
+organ for the preset is returned unchanged (``plan is None``) instead of raising: during
+training that is a normal event, not an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .api import Synthesizer
+from .rendering import render
+
+__all__ = ["Implanted", "affine_for", "implant_tumors", "organ_mask_of"]
+
+
+@dataclass
+class Implanted:
+    """Result of :func:`implant_tumors`.
+
+    Attributes:
+        image: The image with tumors (a new array; the input is not modified), same dtype.
+        label: The label map with ``tumor_label`` on tumor voxels (a new array), same dtype.
+        plan: The rendered plan, or ``None`` when nothing was implanted.
+        reason: Why nothing was implanted (``None`` when ``plan`` is set).
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    plan: Any
+    reason: str | None = None
+
+
+def organ_mask_of(label: np.ndarray, organ_labels: Sequence[int]) -> np.ndarray:
+    """Boolean organ mask: voxels of ``label`` equal to one of ``organ_labels``."""
+    ids = [int(i) for i in organ_labels]
+    if len(ids) == 1:
+        return label == ids[0]
+    return np.isin(label, ids)
+
+
+def affine_for(spacing: Sequence[float], craniocaudal_axis: int = 2) -> np.ndarray:
+    """A voxel-to-world affine with ``spacing`` (mm) whose ``craniocaudal_axis`` is world z.
+
+    For arrays that come without an affine (nnU-Net patches, NumPy arrays): the engine reads
+    the spacing and the cranio-caudal axis (where tumors are placed by slice) from it.
+    """
+    sp = [float(s) for s in spacing]
+    if len(sp) != 3 or min(sp) <= 0:
+        raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing}")
+    if craniocaudal_axis not in (0, 1, 2):
+        raise ValueError(f"craniocaudal_axis must be 0, 1 or 2, got {craniocaudal_axis}")
+    others = [a for a in range(3) if a != craniocaudal_axis]
+    aff = np.zeros((4, 4))
+    aff[3, 3] = 1.0
+    aff[0, others[0]] = sp[others[0]]
+    aff[1, others[1]] = sp[others[1]]
+    aff[2, craniocaudal_axis] = sp[craniocaudal_axis]
+    return aff
+
+
+def implant_tumors(
+    image: np.ndarray,
+    label: np.ndarray,
+    *,
+    synthesizer: Synthesizer,
+    organ_labels: Sequence[int],
+    tumor_label: int,
+    seed: int,
+    affine: np.ndarray,
+    min_organ_voxels: int = 64,
+    organ_mask: np.ndarray | None = None,
+) -> Implanted:
+    """Implant one sample of tumors into copies of ``image`` and ``label``.
+
+    Args:
+        image: 3-D image in HU (any numeric dtype).
+        label: 3-D integer label map on the same grid.
+        synthesizer: Preset and settings (``synthgen.Synthesizer``).
+        organ_labels: Label ids that together are the organ.
+        tumor_label: Id written on tumor voxels.
+        seed: Seed of this sample (the same seed gives the same tumors).
+        affine: Voxel-to-world affine (spacing and cranio-caudal axis); see
+            :func:`affine_for` for arrays without one.
+        min_organ_voxels: Below this many organ voxels nothing is implanted.
+        organ_mask: The organ mask when the caller has it already (else computed).
+
+    Returns:
+        An :class:`Implanted`; ``plan`` is ``None`` (and the arrays are unchanged copies)
+        when the organ is absent or too small for the preset.
+    """
+    if image.shape != label.shape or image.ndim != 3:
+        raise ValueError(f"image {image.shape} and label {label.shape} must be the same 3-D grid")
+    organ = organ_mask_of(label, organ_labels) if organ_mask is None else organ_mask
+    out_image = image.copy(order="K")
+    out_label = label.copy(order="K")
+    count = int(np.count_nonzero(organ))
+    if count < min_organ_voxels:
+        return Implanted(out_image, out_label, None, f"organ has {count} voxels")
+    try:
+        plan = synthesizer.plan(out_image, organ, seed=seed, affine=affine)
+    except ValueError as e:  # too small for the preset's tumors: a normal patch
+        return Implanted(out_image, out_label, None, str(e))
+    res = render(plan, out_image, organ, out=out_image, device=synthesizer.device, affine=affine)
+    for sl, m in res.boxes:
+        out_label[sl][m] = tumor_label
+    return Implanted(out_image, out_label, res.plan)
