@@ -452,6 +452,79 @@ def preview(
     console.print(f"wrote {esc(str(path))}")
 
 
+@app.command()
+def stream(
+    input: Annotated[Path, typer.Argument(help="Dataset folder or CSV (as for batch).")],
+    organ: Annotated[str, typer.Option("--organ", help="One organ: " + ", ".join(DEMO_ORGANS))],
+    address: Annotated[
+        str, typer.Option(help="unix:/path/to.sock or host:port to serve on.")
+    ] = "unix:/tmp/synthgen-stream.sock",
+    authkey: Annotated[
+        str | None,
+        typer.Option(help="Shared key (default: $SYNTHGEN_STREAM_KEY or a built-in one)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Producer processes.")] = 2,
+    queue_size: Annotated[int, typer.Option(min=1, help="Samples kept ready.")] = 8,
+    patch_size: Annotated[
+        str | None, typer.Option(help="Emit patches X,Y,Z (voxels) around tumors.")
+    ] = None,
+    per_case: Annotated[int, typer.Option(min=1, help="Samples per case per epoch.")] = 1,
+    epochs: Annotated[int, typer.Option(min=0, help="Passes over the cases (0: forever).")] = 0,
+    seed: Annotated[int, typer.Option(help="Global seed.")] = 0,
+    prob: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share with tumors.")] = 1.0,
+    size: Annotated[str | None, typer.Option(help="Force a size class.")] = None,
+    layout: Annotated[str | None, typer.Option(help="Force the input layout.")] = None,
+    accept_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the consumer to connect.")
+    ] = 600.0,
+) -> None:
+    """Serve synthesized samples to a training process on this machine.
+
+    The training process reads them with ``synthgen.stream.connect(ADDRESS)`` (an iterable of
+    dicts of NumPy arrays). Samples are made ahead by worker processes into a bounded queue;
+    the consumer pulls them one by one. When the consumer goes away, this process stops; when
+    this process dies, the consumer gets a StreamError.
+    """
+    import os
+
+    from synthgen.layouts import discover
+    from synthgen.stream import DEFAULT_AUTHKEY, Producer, serve
+
+    organs = _organ_list(organ)
+    if len(organs) != 1:
+        raise typer.BadParameter("stream takes one organ")
+    key = (authkey or os.environ.get("SYNTHGEN_STREAM_KEY") or "").encode() or DEFAULT_AUTHKEY
+    try:
+        _, cases = discover(input, organs, layout)
+        prod = Producer(
+            cases,
+            organs[0],
+            seed=seed,
+            workers=workers,
+            queue_size=queue_size,
+            epochs=epochs or None,
+            samples_per_case=per_case,
+            prob=prob,
+            patch_size=None
+            if patch_size is None
+            else tuple(int(v) for v in _floats(patch_size, 3, "--patch-size")),
+            size=size,
+        )
+        sent = serve(
+            prod,
+            address,
+            authkey=key,
+            accept_timeout=accept_timeout,
+            on_listen=lambda a: console.print(
+                f"serving {len(cases)} cases ({organs[0]}) on {esc(str(a))}; waiting for a consumer"
+            ),
+        )
+    except (ValueError, TimeoutError) as e:
+        console.print(f"[red]error:[/red] {esc(str(e))}")
+        raise typer.Exit(2) from None
+    console.print(f"stream ended: {sent} samples sent")
+
+
 @presets_app.command("list")
 def presets_list() -> None:
     """List the built-in presets."""

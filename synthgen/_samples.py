@@ -1,0 +1,270 @@
+"""On-the-fly samples: cases (files or arrays) -> deterministic synthesized samples.
+
+Shared by ``synthgen.torch`` and ``synthgen.stream``. A :class:`SampleMaker` is a small,
+picklable description (case sources, preset, seed, options); ``make(epoch, position)`` is a
+pure function of its arguments, so any worker in any process produces the same sample for the
+same (seed, epoch, position), and no global random state is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CaseSource", "SampleMaker", "as_sources", "crop_patch"]
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """One case: an image and a label map (or organ mask), as paths or arrays.
+
+    Attributes:
+        case_id: Identifier (part of every sample's seed).
+        image: CT in HU: a NIfTI path or a 3-D array.
+        label: Label map or organ mask: a NIfTI path, a 3-D array, or for a
+            :class:`synthgen.layouts.Case` the case itself (its masks are combined).
+        organ_labels: Ids of the organ in ``label``.
+        affine: Voxel-to-world affine for arrays (read from the file for paths).
+        organ: For a ``layouts.Case``: which of its organs.
+    """
+
+    case_id: str
+    image: Any
+    label: Any
+    organ_labels: tuple[int, ...] = (1,)
+    affine: Any = None
+    organ: str | None = None
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(image, label, affine)`` as arrays on one grid (files are read each call)."""
+        from .io import load_nifti
+        from .layouts import Case, load_mask
+
+        if isinstance(self.image, (str, Path)):
+            image, affine, _ = load_nifti(self.image)
+        else:
+            image, affine = np.asarray(self.image), self.affine
+        if affine is None:
+            raise ValueError(f"case {self.case_id}: arrays need an affine (or a spacing)")
+        if isinstance(self.label, Case):
+            case, organ = self.label, self.organ
+            if organ not in case.organs:
+                raise ValueError(f"case {self.case_id}: {case.missing.get(organ, 'no mask')}")
+            label = load_mask(case.organs[organ], image.shape, affine).view(np.uint8)
+            if case.lesions.get(organ):
+                les = load_mask(case.lesions[organ], image.shape, affine)
+                label = label.copy()
+                label[les] = 2
+        elif isinstance(self.label, (str, Path)):
+            label, laff, _ = load_nifti(self.label)
+            if label.shape != image.shape or not np.allclose(laff, affine, atol=1e-3):
+                raise ValueError(
+                    f"{self.label}: label grid {label.shape} differs from the image "
+                    f"{image.shape}; resample it first (synthgen batch does that)"
+                )
+        else:
+            label = np.asarray(self.label)
+        if label.shape != image.shape:
+            raise ValueError(f"case {self.case_id}: label {label.shape} vs image {image.shape}")
+        return image, label, np.asarray(affine, dtype=np.float64)
+
+
+def _case_id(x: Any, k: int) -> str:
+    if isinstance(x, (str, Path)):
+        name = Path(x).name
+        for ext in (".nii.gz", ".nii"):
+            if name.endswith(ext):
+                return name[: -len(ext)]
+        return name
+    return f"case{k:05d}"
+
+
+def as_sources(cases: Iterable[Any], organ: str) -> list[CaseSource]:
+    """Normalise cases given as :class:`synthgen.layouts.Case`, ``CaseSource``, dicts
+    (``{"image", "label", "organ_labels"?, "affine"?, "id"?}``) or ``(image, label[, affine])``
+    tuples; images and labels may be paths or arrays."""
+    from .layouts import Case
+
+    out: list[CaseSource] = []
+    for k, c in enumerate(cases):
+        if isinstance(c, CaseSource):
+            out.append(c)
+        elif isinstance(c, Case):
+            out.append(CaseSource(c.case_id, c.ct, c, (1,), None, organ))
+        elif isinstance(c, dict):
+            ids = c.get("organ_labels", c.get("organ_label", 1))
+            ids = tuple(int(i) for i in np.atleast_1d(ids))
+            cid = str(c.get("id", _case_id(c["image"], k)))
+            out.append(CaseSource(cid, c["image"], c["label"], ids, c.get("affine")))
+        elif isinstance(c, (tuple, list)) and len(c) in (2, 3):
+            aff = c[2] if len(c) == 3 else None
+            out.append(CaseSource(_case_id(c[0], k), c[0], c[1], (1,), aff))
+        else:
+            raise ValueError(
+                f"case {k}: expected a layouts.Case, a dict with image/label, or an "
+                f"(image, label[, affine]) tuple, got {type(c).__name__}"
+            )
+    ids = [s.case_id for s in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError("case ids must be unique (give dicts an 'id')")
+    if not out:
+        raise ValueError("no cases given")
+    return out
+
+
+def _seed(*parts: Any) -> int:
+    h = hashlib.blake2b("\0".join(str(p) for p in parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def crop_patch(
+    arrays: Sequence[np.ndarray], center: Sequence[int], size: Sequence[int], fill: Sequence[Any]
+) -> tuple[list[np.ndarray], tuple[int, int, int]]:
+    """Crop ``size`` voxels centred on ``center`` from each array, padding with ``fill``.
+
+    Returns the patches and the patch origin (voxel index of its first voxel, may be < 0).
+    """
+    shape = arrays[0].shape
+    lo = [int(c) - int(s) // 2 for c, s in zip(center, size, strict=True)]
+    src = tuple(slice(max(0, a), min(n, a + s)) for a, s, n in zip(lo, size, shape, strict=True))
+    dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, lo, strict=True))
+    out = []
+    for arr, f in zip(arrays, fill, strict=True):
+        p = np.full(tuple(int(s) for s in size), f, dtype=arr.dtype)
+        p[dst] = arr[src]
+        out.append(p)
+    return out, (lo[0], lo[1], lo[2])
+
+
+@dataclass(frozen=True)
+class SampleMaker:
+    """Everything that decides a sample; ``make(epoch, position)`` renders it.
+
+    Attributes:
+        sources: The cases.
+        organ: Organ name, preset name or preset path.
+        seed: Global seed.
+        samples_per_case: Samples of each case per epoch.
+        prob: Probability that a sample gets tumors (decided by its own seed).
+        tumor_label: Label id written on tumor voxels.
+        size: Size class to force (``None``: the preset's mix).
+        patch_size: Crop a patch of this many voxels around a tumor (or, without tumors,
+            an organ voxel); ``None`` returns whole volumes.
+        shuffle: Visit the epoch's samples in a seeded random order.
+        min_organ_voxels: Below this many organ voxels nothing is implanted.
+        synthesize: ``False`` makes the same samples without tumors (a plain loader).
+    """
+
+    sources: tuple[CaseSource, ...]
+    organ: str
+    seed: int = 0
+    samples_per_case: int = 1
+    prob: float = 1.0
+    tumor_label: int = 2
+    size: str | None = None
+    patch_size: tuple[int, int, int] | None = None
+    shuffle: bool = True
+    min_organ_voxels: int = 64
+    synthesize: bool = True
+
+    def __post_init__(self) -> None:
+        from .presets import load_preset
+
+        load_preset(self.organ)  # fail early, in the parent process
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {self.prob}")
+        if self.samples_per_case < 1:
+            raise ValueError("samples_per_case must be >= 1")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
+
+    def __len__(self) -> int:
+        return len(self.sources) * self.samples_per_case
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Item of each position in ``epoch`` (a seeded permutation when shuffling)."""
+        n = len(self)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.seed >> 32, epoch]).permutation(
+            n
+        )
+
+    def sample_seed(self, epoch: int, item: int) -> int:
+        case = self.sources[item // self.samples_per_case]
+        return _seed(self.seed, case.case_id, epoch, item % self.samples_per_case)
+
+    def make(self, epoch: int, position: int) -> dict[str, Any]:
+        """Sample at ``position`` of ``epoch`` as NumPy arrays (channel-first ``(1, ...)``).
+
+        Keys: ``image``, ``label``, ``case``, ``epoch``, ``position``, ``seed``, ``plan``
+        (JSON string, ``""`` when no tumor was implanted), ``origin`` (patch origin, voxels),
+        ``spacing`` (mm).
+        """
+        from .api import Synthesizer
+        from .augment import implant_tumors, organ_mask_of
+        from .planning import resolve_spacing
+
+        item = int(self.order(epoch)[position])
+        src = self.sources[item // self.samples_per_case]
+        seed = self.sample_seed(epoch, item)
+        rng = np.random.default_rng(seed)
+        image, label, affine = src.load()
+        organ = organ_mask_of(label, src.organ_labels)
+        fire = self.synthesize and rng.random() < self.prob
+        plan = None
+        if fire:
+            res = implant_tumors(
+                image,
+                label,
+                synthesizer=Synthesizer(self.organ, size=self.size),
+                organ_labels=src.organ_labels,
+                tumor_label=self.tumor_label,
+                seed=seed,
+                affine=affine,
+                min_organ_voxels=self.min_organ_voxels,
+                organ_mask=organ,
+            )
+            image, label, plan = res.image, res.label, res.plan
+        origin = (0, 0, 0)
+        if self.patch_size is not None:
+            center = self._patch_center(rng, plan, organ, image.shape)
+            fill = (min(-1024, int(image.min())) if image.dtype.kind in "iu" else -1024.0, 0)
+            (image, label), origin = crop_patch([image, label], center, self.patch_size, fill)
+        return {
+            "image": np.ascontiguousarray(image)[None],
+            "label": np.ascontiguousarray(label)[None],
+            "case": src.case_id,
+            "epoch": int(epoch),
+            "position": int(position),
+            "seed": int(seed),
+            "plan": plan.to_json() if plan is not None else "",
+            "origin": np.asarray(origin, dtype=np.int64),
+            "spacing": np.asarray(resolve_spacing(None, affine), dtype=np.float64),
+        }
+
+    def _patch_center(self, rng, plan, organ, shape) -> tuple[int, int, int]:
+        if plan is not None and plan.tumors:
+            t = plan.tumors[int(rng.integers(len(plan.tumors)))]
+            jitter = [int(rng.integers(-(s // 4), s // 4 + 1)) for s in self.patch_size]
+            return tuple(int(c) + j for c, j in zip(t.center_vox, jitter, strict=True))
+        idx = np.flatnonzero(organ.ravel(order="K")) if organ.any() else None
+        if idx is None:
+            return tuple(int(rng.integers(n)) for n in shape)
+        flat = int(idx[int(rng.integers(idx.size))])
+        order = "F" if organ.flags.f_contiguous and not organ.flags.c_contiguous else "C"
+        return tuple(int(v) for v in np.unravel_index(flat, shape, order=order))
+
+
+def plan_of(sample: dict[str, Any]) -> Any:
+    """The :class:`synthgen.Plan` of a sample (``None`` if it got no tumor)."""
+    from .planning import Plan
+
+    text = sample.get("plan")
+    return Plan.from_dict(json.loads(text)) if text else None

@@ -1,0 +1,357 @@
+"""A bounded, streaming queue of synthesized samples, in process or across processes.
+
+:class:`Producer` keeps up to ``queue_size`` samples ready, made by background worker
+processes (``spawn``: nothing is forked from a process that may hold threads or CUDA).
+Back-pressure is the bounded queue: workers block when the consumer is slower. Leaving the
+loop, ``close()``, a ``with`` block, garbage collection or interpreter exit stops and joins
+the workers; an exception in a worker is raised in the consumer with the worker's
+traceback, and a worker that dies (killed, out of memory) raises there too.
+
+:func:`serve` publishes a producer on a local socket (``multiprocessing.connection``, the
+standard library's authenticated message channel; a Unix socket path or ``host:port``) and
+:func:`connect` consumes it from another process: ``synthgen stream INPUT --organ liver
+--address unix:/tmp/sg.sock`` in one terminal, ``for s in synthgen.stream.connect(
+"unix:/tmp/sg.sock"): ...`` in the training process. Every sample is requested by the
+consumer, so a slow consumer holds the producer back; a consumer that goes away ends
+``serve`` (the ``synthgen stream`` process exits) and a producer that goes away raises
+:class:`StreamError` in the consumer.
+
+Samples are dicts of NumPy arrays (see ``synthgen._samples.SampleMaker.make``): channel-first
+``image`` (HU) and ``label``, ``case``, ``epoch``, ``position``, ``seed``, ``plan`` (JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from ._samples import SampleMaker, as_sources
+
+__all__ = ["DEFAULT_AUTHKEY", "Producer", "StreamError", "connect", "parse_address", "serve"]
+
+DEFAULT_AUTHKEY = b"synthgen-stream"
+_POLL_S = 0.2
+
+
+class StreamError(RuntimeError):
+    """The producer side failed (a worker raised or died, or the connection was lost)."""
+
+
+def _worker(maker: SampleMaker, wid: int, nworkers: int, epochs, out_q, stop) -> None:
+    """Make the samples at positions ``wid, wid + nworkers, ...`` of each epoch."""
+    os.environ.setdefault("SYNTHGEN_NUM_THREADS", "1")
+    try:
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            for position in range(wid, len(maker), nworkers):
+                if stop.is_set():
+                    out_q.cancel_join_thread()  # exit without flushing to a gone consumer
+                    return
+                item = ("item", (epoch, position), maker.make(epoch, position))
+                while not stop.is_set():
+                    try:
+                        out_q.put(item, timeout=_POLL_S)
+                        break
+                    except queue.Full:
+                        continue
+            epoch += 1
+        out_q.put(("done", wid, None))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            out_q.put(("error", wid, traceback.format_exc()), timeout=5)
+
+
+def _shutdown(stop, procs, out_q) -> None:
+    """Stop the workers: signal, drain the queue so none blocks on it, then join (or kill)."""
+    stop.set()
+    deadline = time.monotonic() + 5.0
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            while True:
+                out_q.get_nowait()
+        for p in procs:
+            p.join(timeout=0.05)
+    for p in procs:
+        if p.is_alive():  # stuck in a long sample: it holds nothing worth waiting for
+            p.terminate()
+            p.join(timeout=1.0)
+    with contextlib.suppress(Exception):
+        out_q.close()
+        out_q.cancel_join_thread()
+
+
+class Producer:
+    """Iterate over synthesized samples made by background processes.
+
+    Args:
+        cases: As for :class:`synthgen.torch.SyntheticTumorDataset` (``layouts.Case``
+            objects, dicts or ``(image, label[, affine])`` tuples of paths or arrays).
+        organ: Organ name, preset name or preset path.
+        seed: Global seed (a sample's content depends on (seed, case, epoch, index) only).
+        workers: Worker processes.
+        queue_size: Samples kept ready at most (back-pressure beyond it).
+        epochs: Passes over the cases; ``None`` streams forever.
+        samples_per_case: Samples per case per epoch.
+        prob: Probability that a sample gets tumors.
+        patch_size: Emit patches of this many voxels around a tumor (or an organ voxel).
+        size: Size class to force.
+        ordered: Yield in (epoch, position) order (buffers out-of-order samples); otherwise
+            samples come as they are ready.
+        device: ``"cpu"`` (the CPU engine in worker processes).
+
+    Example:
+        >>> with Producer(cases, "liver", patch_size=(96, 96, 96)) as prod:  # doctest: +SKIP
+        ...     for sample in prod:
+        ...         train_step(sample["image"], sample["label"])
+    """
+
+    def __init__(
+        self,
+        cases: Iterable[Any],
+        organ: str,
+        *,
+        seed: int = 0,
+        workers: int = 2,
+        queue_size: int = 8,
+        epochs: int | None = 1,
+        samples_per_case: int = 1,
+        prob: float = 1.0,
+        patch_size: Sequence[int] | None = None,
+        size: str | None = None,
+        ordered: bool = False,
+        device: str = "cpu",
+    ) -> None:
+        if device not in ("cpu", "auto"):
+            raise ValueError(
+                f"device {device!r}: this version of synthgen has the CPU backend only"
+            )
+        if workers < 1 or queue_size < 1:
+            raise ValueError("workers and queue_size must be >= 1")
+        if epochs is not None and epochs < 1:
+            raise ValueError("epochs must be >= 1 or None (forever)")
+        self.maker = SampleMaker(
+            tuple(as_sources(cases, organ)),
+            organ,
+            seed=int(seed),
+            samples_per_case=int(samples_per_case),
+            prob=float(prob),
+            size=size,
+            patch_size=None if patch_size is None else tuple(int(s) for s in patch_size),
+        )
+        self.workers, self.queue_size, self.epochs, self.ordered = (
+            int(workers),
+            int(queue_size),
+            epochs,
+            ordered,
+        )
+        self._procs: list[Any] = []
+        self._started = False
+        self._closed = False
+        self._finalizer: Any = None
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._q = ctx.Queue(self.queue_size)
+        self._stop = ctx.Event()
+        n = min(self.workers, len(self.maker))
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(self.maker, w, n, self.epochs, self._q, self._stop),
+                name=f"synthgen-producer-{w}",
+                daemon=True,
+            )
+            for w in range(n)
+        ]
+        for p in self._procs:
+            p.start()
+        self._finalizer = weakref.finalize(self, _shutdown, self._stop, self._procs, self._q)
+        self._started = True
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise StreamError("this Producer is closed")
+        if self._started:
+            raise StreamError("a Producer can be iterated once; make a new one")
+        self._start()
+        try:
+            yield from self._drain()
+        finally:
+            self.close()
+
+    def _drain(self) -> Iterator[dict[str, Any]]:
+        running = set(range(len(self._procs)))
+        pending: dict[tuple[int, int], dict[str, Any]] = {}
+        nxt = (0, 0)
+        n = len(self.maker)
+        while running or pending:
+            if self.ordered and nxt in pending:
+                yield pending.pop(nxt)
+                nxt = (nxt[0], nxt[1] + 1) if nxt[1] + 1 < n else (nxt[0] + 1, 0)
+                continue
+            if not running:  # only out-of-order leftovers: cannot happen without a gap
+                raise StreamError(f"samples missing from the stream (waiting for {nxt})")
+            try:
+                kind, key, payload = self._q.get(timeout=_POLL_S)
+            except queue.Empty:
+                for w in list(running):
+                    p = self._procs[w]
+                    if not p.is_alive():
+                        raise StreamError(
+                            f"producer worker {w} died (exit code {p.exitcode}) without a "
+                            "Python error: killed, or out of memory?"
+                        ) from None
+                continue
+            if kind == "error":
+                raise StreamError(f"producer worker {key} failed:\n{payload}")
+            if kind == "done":
+                running.discard(key)
+            elif self.ordered:
+                pending[key] = payload
+            else:
+                yield payload
+
+    def close(self) -> None:
+        """Stop the workers and release the queue (idempotent)."""
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer()
+
+    @property
+    def alive_workers(self) -> int:
+        return sum(p.is_alive() for p in self._procs)
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        if self.epochs is None:
+            raise TypeError("an endless Producer (epochs=None) has no length")
+        return len(self.maker) * self.epochs
+
+
+# --------------------------------------------------------------------------------------
+# across processes
+# --------------------------------------------------------------------------------------
+
+
+def parse_address(address: str) -> tuple[Any, str]:
+    """``"unix:/path"`` -> (path, "AF_UNIX"); ``"host:port"`` -> ((host, port), "AF_INET")."""
+    if address.startswith("unix:"):
+        return address[5:], "AF_UNIX"
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must be unix:/path/to.sock or host:port, got {address!r}")
+    return (host or "127.0.0.1", int(port)), "AF_INET"
+
+
+def serve(
+    producer: Iterable[dict[str, Any]],
+    address: str,
+    *,
+    authkey: bytes = DEFAULT_AUTHKEY,
+    accept_timeout: float | None = None,
+    on_listen: Any = None,
+) -> int:
+    """Send ``producer``'s samples to one consumer that connects to ``address``.
+
+    Each sample is sent when the consumer asks for it. Returns the number of samples sent
+    when the stream ends or the consumer goes away (which also closes the producer).
+
+    Raises:
+        TimeoutError: No consumer connected within ``accept_timeout`` seconds.
+    """
+    from multiprocessing.connection import Listener
+
+    addr, family = parse_address(address)
+    if family == "AF_UNIX" and os.path.exists(addr):
+        os.unlink(addr)  # a stale socket of a previous run
+    sent = 0
+    with Listener(addr, family=family, authkey=authkey) as listener:
+        if on_listen is not None:
+            on_listen(listener.address)
+        if accept_timeout is not None:
+            timer = threading.Timer(accept_timeout, listener.close)
+            timer.daemon = True
+            timer.start()
+        try:
+            conn = listener.accept()
+        except OSError:
+            raise TimeoutError(
+                f"no consumer connected to {address} in {accept_timeout} s"
+            ) from None
+        if accept_timeout is not None:
+            timer.cancel()
+        it = iter(producer)
+        try:
+            with conn:
+                while True:
+                    msg = conn.recv()  # EOFError: the consumer went away
+                    if msg != "next":
+                        break
+                    try:
+                        sample = next(it)
+                    except StopIteration:
+                        conn.send(("end", None))
+                        break
+                    except Exception as e:
+                        conn.send(("error", f"{type(e).__name__}: {e}"))
+                        raise
+                    conn.send(("item", sample))
+                    sent += 1
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            pass  # consumer gone: stop producing
+        finally:
+            close = getattr(producer, "close", None)
+            if close is not None:
+                close()
+    return sent
+
+
+def connect(
+    address: str, *, authkey: bytes = DEFAULT_AUTHKEY, timeout: float | None = 600.0
+) -> Iterator[dict[str, Any]]:
+    """Iterate over the samples a :func:`serve` (``synthgen stream``) process publishes.
+
+    Args:
+        address: ``unix:/path/to.sock`` or ``host:port``.
+        authkey: The producer's key (``--authkey``).
+        timeout: Seconds to wait for one sample before raising ``StreamError``.
+
+    Raises:
+        StreamError: The producer failed, went away, or sent nothing for ``timeout`` s.
+    """
+    from multiprocessing.connection import Client
+
+    addr, family = parse_address(address)
+    try:
+        conn = Client(addr, family=family, authkey=authkey)
+    except (OSError, EOFError) as e:
+        raise StreamError(f"cannot connect to a synthgen stream at {address}: {e}") from None
+    with conn:
+        while True:
+            try:
+                conn.send("next")
+                if timeout is not None and not conn.poll(timeout):
+                    raise StreamError(f"the producer at {address} sent nothing for {timeout} s")
+                kind, payload = conn.recv()
+            except (EOFError, BrokenPipeError, ConnectionResetError) as e:
+                raise StreamError(
+                    f"the synthgen stream at {address} went away ({type(e).__name__})"
+                ) from None
+            if kind == "end":
+                return
+            if kind == "error":
+                raise StreamError(f"the producer at {address} failed: {payload}")
+            yield payload

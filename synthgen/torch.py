@@ -1,0 +1,286 @@
+"""PyTorch datasets that synthesize tumors on the fly.
+
+* :class:`SyntheticTumorDataset`: an ``IterableDataset`` over cases (file paths or arrays)
+  yielding dicts of tensors plus the plan.
+* :class:`TumorSynthesisWrapper`: wraps an existing map-style dataset of image/label dicts.
+
+Seeding: every sample's seed is a pure function of (``seed``, case, epoch, sample index), so
+a run is reproducible for a given (seed, epoch) whatever ``num_workers`` is, every worker
+draws different tumors (they make different samples), and neither the global NumPy RNG nor
+torch's RNG is read. Call ``set_epoch(e)`` before each epoch: the epoch lives in shared
+memory, so ``persistent_workers=True`` workers see it too. Nothing here touches CUDA, and
+everything pickles (``spawn`` and ``forkserver`` workers work).
+
+Example:
+    >>> from torch.utils.data import DataLoader  # doctest: +SKIP
+    >>> ds = SyntheticTumorDataset(cases, organ="liver", seed=0, patch_size=(96, 96, 96))
+    >>> loader = DataLoader(ds, batch_size=2, num_workers=2)
+    >>> for epoch in range(100):
+    ...     ds.set_epoch(epoch)
+    ...     for batch in loader:  # batch["image"]: (2, 1, 96, 96, 96), batch["plan"]: JSON
+    ...         ...
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ._samples import SampleMaker, _seed, as_sources, plan_of
+
+__all__ = ["SyntheticTumorDataset", "TumorSynthesisWrapper", "plan_of"]
+
+
+class _SharedEpoch:
+    """An epoch counter in shared memory when handed to worker processes at their start.
+
+    Pickled for a process being started (DataLoader workers, fork or spawn) it travels as
+    shared memory, so ``set_epoch`` in the parent reaches persistent workers; pickled in any
+    other situation (``copy.deepcopy``, a queue) it travels as its current value.
+    """
+
+    def __init__(self, value: int = 0) -> None:
+        self._v = mp.get_context().RawValue("q", int(value))
+
+    @property
+    def value(self) -> int:
+        return int(self._v.value)
+
+    @value.setter
+    def value(self, v: int) -> None:
+        self._v.value = int(v)
+
+    def __getstate__(self) -> dict[str, Any]:
+        from multiprocessing.context import get_spawning_popen
+
+        if get_spawning_popen() is not None:
+            return {"shared": self._v}
+        return {"value": self.value}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "shared" in state:
+            self._v = state["shared"]
+        else:
+            self._v = mp.get_context().RawValue("q", int(state["value"]))
+
+
+def _in_worker() -> tuple[int, int]:
+    info = get_worker_info()
+    if info is None:
+        return 0, 1
+    from . import set_num_threads
+
+    set_num_threads(1)  # one process per core already: no thread pool inside workers
+    return info.id, info.num_workers
+
+
+def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+    out = dict(sample)
+    for k in ("image", "label", "origin", "spacing"):
+        out[k] = torch.from_numpy(np.ascontiguousarray(sample[k]))
+    return out
+
+
+class SyntheticTumorDataset(IterableDataset):
+    """Cases in, synthesized samples out, sharded across DataLoader workers.
+
+    Args:
+        cases: :class:`synthgen.layouts.Case` objects (``synthgen.layouts.discover``), dicts
+            ``{"image", "label", "organ_labels"?, "affine"?, "id"?}`` or ``(image, label[,
+            affine])`` tuples; images and labels may be NIfTI paths or 3-D arrays (arrays
+            need an affine for the spacing, mm).
+        organ: Organ name, preset name or preset TOML path.
+        seed: Global seed.
+        samples_per_case: Samples per case per epoch.
+        prob: Probability that a sample gets tumors.
+        tumor_label: Label id of tumor voxels.
+        size: Size class to force.
+        patch_size: Return patches of this many voxels around a tumor (or an organ voxel
+            when the sample has none); ``None`` returns whole volumes.
+        shuffle: Seeded random order within an epoch.
+        dtype: Convert images to this NumPy dtype (e.g. ``np.float32``); default: keep.
+        synthesize: ``False`` gives the same loader without tumors (a baseline).
+
+    Yields:
+        ``{"image": (1, X, Y, Z) tensor (HU), "label": (1, X, Y, Z) tensor, "case": str,
+        "epoch": int, "position": int, "seed": int, "plan": JSON str ("" without tumors),
+        "origin": (3,) int64 patch origin, "spacing": (3,) float64 mm}``.
+    """
+
+    def __init__(
+        self,
+        cases: Iterable[Any],
+        organ: str,
+        *,
+        seed: int = 0,
+        samples_per_case: int = 1,
+        prob: float = 1.0,
+        tumor_label: int = 2,
+        size: str | None = None,
+        patch_size: Sequence[int] | None = None,
+        shuffle: bool = True,
+        dtype: Any = None,
+        synthesize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.maker = SampleMaker(
+            tuple(as_sources(cases, organ)),
+            organ,
+            seed=int(seed),
+            samples_per_case=int(samples_per_case),
+            prob=float(prob),
+            tumor_label=int(tumor_label),
+            size=size,
+            patch_size=None if patch_size is None else tuple(int(s) for s in patch_size),
+            shuffle=shuffle,
+            synthesize=synthesize,
+        )
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self._epoch = _SharedEpoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (new tumors for each; the same epoch gives the same samples)."""
+        self._epoch.value = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    def __len__(self) -> int:
+        return len(self.maker)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, nworkers = _in_worker()
+        epoch = self.epoch
+        for position in range(worker, len(self.maker), nworkers):
+            s = self.maker.make(epoch, position)
+            if self.dtype is not None:
+                s["image"] = s["image"].astype(self.dtype)
+            yield _to_tensors(s)
+
+    def __repr__(self) -> str:
+        m = self.maker
+        return (
+            f"SyntheticTumorDataset(cases={len(m.sources)}, organ={m.organ!r}, seed={m.seed}, "
+            f"samples_per_case={m.samples_per_case}, prob={m.prob}, patch_size={m.patch_size})"
+        )
+
+
+def _to_numpy(x: Any) -> tuple[np.ndarray, Any]:
+    if isinstance(x, torch.Tensor):
+        if x.is_cuda:
+            raise ValueError(
+                "TumorSynthesisWrapper got a CUDA tensor: move data to the GPU after the "
+                "loader (the CPU engine runs in the workers)"
+            )
+        return x.detach().numpy(), x
+    return np.asarray(x), x
+
+
+def _like(arr: np.ndarray, ref: Any) -> Any:
+    if isinstance(ref, torch.Tensor):
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
+    return arr.astype(np.asarray(ref).dtype, copy=False)
+
+
+class TumorSynthesisWrapper(Dataset):
+    """Add tumors to the items of a map-style dataset of ``{image, label, ...}`` dicts.
+
+    Item ``i`` of epoch ``e`` gets the seed ``f(seed, e, i)``: reproducible for (seed, epoch)
+    with any worker count. Channel-first ``(1, X, Y, Z)`` or plain ``(X, Y, Z)`` arrays or
+    CPU tensors, in HU, before intensity normalisation.
+
+    Args:
+        dataset: The map-style dataset.
+        organ: Organ name, preset name or preset path.
+        image_key: Key of the image in an item.
+        label_key: Key of the label map.
+        organ_labels: Label ids of the organ.
+        tumor_label: Label id written on tumor voxels.
+        prob: Probability that an item gets tumors.
+        seed: Global seed.
+        spacing: Voxel size (mm) when items carry no affine.
+        affine_key: Key of a 4x4 affine in the items (used before ``spacing``).
+        size: Size class to force.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        organ: str,
+        *,
+        image_key: str = "image",
+        label_key: str = "label",
+        organ_labels: int | Sequence[int] = 1,
+        tumor_label: int = 2,
+        prob: float = 1.0,
+        seed: int = 0,
+        spacing: Sequence[float] | None = None,
+        affine_key: str | None = "affine",
+        size: str | None = None,
+    ) -> None:
+        from .api import Synthesizer
+
+        self.dataset = dataset
+        self.synthesizer = Synthesizer(organ, size=size)
+        self.image_key, self.label_key, self.affine_key = image_key, label_key, affine_key
+        self.organ_labels = tuple(int(i) for i in np.atleast_1d(organ_labels))
+        self.tumor_label = int(tumor_label)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        self.prob, self.seed, self.spacing = float(prob), int(seed), spacing
+        self._epoch = _SharedEpoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _affine(self, item: dict[str, Any]) -> np.ndarray:
+        from .augment import affine_for
+
+        if self.affine_key and item.get(self.affine_key) is not None:
+            a = item[self.affine_key]
+            return np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, np.float64)
+        if self.spacing is not None:
+            return affine_for(self.spacing)
+        raise ValueError(
+            f"items have no {self.affine_key!r} affine: give TumorSynthesisWrapper(spacing=...)"
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from .augment import implant_tumors
+
+        _in_worker()
+        item = dict(self.dataset[index])
+        seed = _seed(self.seed, "item", self._epoch.value, int(index))
+        if np.random.default_rng(seed).random() >= self.prob:
+            item["plan"] = ""
+            return item
+        img, img_ref = _to_numpy(item[self.image_key])
+        lab, lab_ref = _to_numpy(item[self.label_key])
+        chan = img.ndim == 4
+        res = implant_tumors(
+            img[0] if chan else img,
+            lab[0] if chan else lab,
+            synthesizer=self.synthesizer,
+            organ_labels=self.organ_labels,
+            tumor_label=self.tumor_label,
+            seed=seed,
+            affine=self._affine(item),
+        )
+        if chan:  # other channels are kept as they are
+            new_img, new_lab = img.copy(), lab.copy()
+            new_img[0], new_lab[0] = res.image, res.label
+        else:
+            new_img, new_lab = res.image, res.label
+        item[self.image_key] = _like(new_img, img_ref)
+        item[self.label_key] = _like(new_lab, lab_ref)
+        item["plan"] = res.plan.to_json() if res.plan is not None else ""
+        return item
