@@ -234,7 +234,7 @@ class SampleMaker:
             image, label, plan = res.image, res.label, res.plan
         origin = (0, 0, 0)
         if self.patch_size is not None:
-            center = self._patch_center(rng, plan, organ, image.shape)
+            center = self._patch_center(rng, plan, organ)
             fill = (min(-1024, int(image.min())) if image.dtype.kind in "iu" else -1024.0, 0)
             (image, label), origin = crop_patch([image, label], center, self.patch_size, fill)
         return {
@@ -249,17 +249,31 @@ class SampleMaker:
             "spacing": np.asarray(resolve_spacing(None, affine), dtype=np.float64),
         }
 
-    def _patch_center(self, rng, plan, organ, shape) -> tuple[int, int, int]:
+    def _patch_center(self, rng, plan, organ) -> tuple[int, int, int]:
         if plan is not None and plan.tumors:
             t = plan.tumors[int(rng.integers(len(plan.tumors)))]
             jitter = [int(rng.integers(-(s // 4), s // 4 + 1)) for s in self.patch_size]
             return tuple(int(c) + j for c, j in zip(t.center_vox, jitter, strict=True))
-        idx = np.flatnonzero(organ.ravel(order="K")) if organ.any() else None
-        if idx is None:
-            return tuple(int(rng.integers(n)) for n in shape)
-        flat = int(idx[int(rng.integers(idx.size))])
-        order = "F" if organ.flags.f_contiguous and not organ.flags.c_contiguous else "C"
-        return tuple(int(v) for v in np.unravel_index(flat, shape, order=order))
+        return _random_voxel(rng, organ)
+
+
+def _random_voxel(rng: np.random.Generator, mask: np.ndarray) -> tuple[int, int, int]:
+    """A uniformly drawn voxel of ``mask`` (rejection inside its bounding box), or a random
+    voxel of the volume when the mask is empty."""
+    from ._cpu_kernels import bbox
+
+    lo0, hi0, lo1, hi1, lo2, hi2, count = bbox(mask)
+    if count == 0:
+        return tuple(int(rng.integers(n)) for n in mask.shape)
+    lo = np.array([lo0, lo1, lo2])
+    hi = np.array([hi0, hi1, hi2]) + 1
+    for _ in range(64):  # an organ fills a fair share of its box: a few rounds suffice
+        pts = rng.integers(lo, hi, size=(64, 3))
+        hit = mask[pts[:, 0], pts[:, 1], pts[:, 2]]
+        if hit.any():
+            return tuple(int(v) for v in pts[int(np.argmax(hit))])
+    idx = np.argwhere(mask[lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1])
+    return tuple(int(v) for v in idx[int(rng.integers(len(idx)))] + lo)
 
 
 def plan_of(sample: dict[str, Any]) -> Any:
