@@ -405,6 +405,9 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         if not self._do_transform or len(present) != 2:
             for key in present:
                 d[key] = convert_to_tensor(d[key], track_meta=get_track_meta())
+            img = d.get(self.keys[0])
+            if isinstance(img, MetaTensor):  # the key on every sample, so batches keep it
+                img.meta = {**img.meta, PLAN_META_KEY: ""}
             return d
         img_key, label_key = present
         d[img_key], d[label_key] = self.synthesis._implant(d[img_key], d[label_key], self._seed)
