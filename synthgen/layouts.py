@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .presets import LESION_NAMES, ORGANS
+from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS
 
 __all__ = [
     "LAYOUTS",
@@ -56,15 +56,6 @@ _ATLAS_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
     "colon": (("colon",),),
     "esophagus": (("esophagus",),),
     "uterus": (("uterus",),),
-}
-# Label names (MSD / nnU-Net dataset.json, normalised) that mean each organ.
-_ORGAN_NAMES: dict[str, set[str]] = {
-    "liver": {"liver"},
-    "pancreas": {"pancreas"},
-    "kidney": {"kidney", "kidneys", "kidney_left", "kidney_right", "left_kidney", "right_kidney"},
-    "colon": {"colon"},
-    "esophagus": {"esophagus", "oesophagus"},
-    "uterus": {"uterus"},
 }
 _GENERIC_LESION = re.compile(r"(cancer|tumou?r|lesion|metasta|mass|cyst|carcinoma|neoplasm)")
 
@@ -240,12 +231,12 @@ def _label_ids(labels: dict[str, tuple[int, ...]], organs: list[str], where: Pat
     """Organ -> ids and organ -> lesion ids from a dataset's label names."""
     organ_ids: dict[str, tuple[int, ...]] = {}
     lesion_ids: dict[str, tuple[int, ...]] = {}
-    present = {o for o in ORGANS if any(n in _ORGAN_NAMES[o] for n in labels)}
+    present = {o for o in ORGANS if any(n in ORGAN_LABEL_NAMES[o] for n in labels)}
     for organ in organs:
-        ids = tuple(sorted(i for n, v in labels.items() if n in _ORGAN_NAMES[organ] for i in v))
+        names = ORGAN_LABEL_NAMES[organ]
+        ids = tuple(sorted(i for n, v in labels.items() if n in names for i in v))
         if ids:
             organ_ids[organ] = ids
-        names = _ORGAN_NAMES[organ]
         own = {_norm(LESION_NAMES[organ]), *(f"{n}_lesion" for n in names)}
         les = set()
         for n, v in labels.items():

@@ -25,6 +25,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "LESION_NAMES",
     "ORGANS",
+    "ORGAN_LABEL_NAMES",
     "BlendParams",
     "ContrastParams",
     "PlacementParams",
@@ -50,6 +51,16 @@ LESION_NAMES = {
     "colon": "colon_lesion",
     "esophagus": "esophagus_tumor",
     "uterus": "endometrioma_tumor",
+}
+# Label names (lower case, words joined by "_") that mean each organ in a label table such
+# as an MSD or nnU-Net dataset.json.
+ORGAN_LABEL_NAMES: dict[str, tuple[str, ...]] = {
+    "liver": ("liver",),
+    "pancreas": ("pancreas",),
+    "kidney": ("kidney", "kidneys", "kidney_left", "kidney_right", "left_kidney", "right_kidney"),
+    "colon": ("colon",),
+    "esophagus": ("esophagus", "oesophagus"),
+    "uterus": ("uterus",),
 }
 
 
