@@ -589,6 +589,13 @@ def info() -> None:
         "numpy / scipy / numba", f"{numpy.__version__} / {scipy.__version__} / {numba.__version__}"
     )
     table.add_row("backends", "cpu (numba kernels on a thread pool)")
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("nibabel", "torch", "monai", "batchgeneratorsv2", "dask", "distributed"):
+        try:
+            table.add_row(dist, version(dist))
+        except PackageNotFoundError:
+            table.add_row(dist, "[dim]not installed[/dim]")
     table.add_row("presets", ", ".join(synthgen.list_presets()))
     console.print(table)
 
