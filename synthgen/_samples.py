@@ -192,9 +192,9 @@ class SampleMaker:
         n = len(self)
         if not self.shuffle:
             return np.arange(n)
-        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.seed >> 32, epoch]).permutation(
-            n
-        )
+        s = self.seed & 0xFFFFFFFFFFFFFFFF  # any int seed, negative included
+        key = [s & 0xFFFFFFFF, s >> 32, int(epoch) & 0xFFFFFFFFFFFFFFFF]
+        return np.random.default_rng(key).permutation(n)
 
     def sample_seed(self, epoch: int, item: int) -> int:
         case = self.sources[item // self.samples_per_case]
@@ -235,7 +235,7 @@ class SampleMaker:
         origin = (0, 0, 0)
         if self.patch_size is not None:
             center = self._patch_center(rng, plan, organ)
-            fill = (min(-1024, int(image.min())) if image.dtype.kind in "iu" else -1024.0, 0)
+            fill = (_air(image), 0)
             (image, label), origin = crop_patch([image, label], center, self.patch_size, fill)
         return {
             "image": np.ascontiguousarray(image)[None],
@@ -274,6 +274,16 @@ def _random_voxel(rng: np.random.Generator, mask: np.ndarray) -> tuple[int, int,
             return tuple(int(v) for v in pts[int(np.argmax(hit))])
     idx = np.argwhere(mask[lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1])
     return tuple(int(v) for v in idx[int(rng.integers(len(idx)))] + lo)
+
+
+def _air(image: np.ndarray) -> Any:
+    """Padding value of an image: -1024 HU, or the lowest value the dtype and data allow."""
+    lo = image.min() if image.size else 0
+    if image.dtype.kind == "f":
+        return min(-1024.0, float(lo))
+    if image.dtype.kind == "u":
+        return lo  # stored without the intercept: its darkest voxel stands for air
+    return max(np.iinfo(image.dtype).min, min(-1024, int(lo)))
 
 
 def plan_of(sample: dict[str, Any]) -> Any:

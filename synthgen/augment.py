@@ -28,7 +28,8 @@ class Implanted:
 
     Attributes:
         image: The image with tumors (a new array; the input is not modified), same dtype.
-        label: The label map with ``tumor_label`` on tumor voxels (a new array), same dtype.
+        label: The label map with ``tumor_label`` on tumor voxels (a new array), same dtype
+            (uint8 for a boolean mask).
         plan: The rendered plan, or ``None`` when nothing was implanted.
         reason: Why nothing was implanted (``None`` when ``plan`` is set).
     """
@@ -101,7 +102,8 @@ def implant_tumors(
         raise ValueError(f"image {image.shape} and label {label.shape} must be the same 3-D grid")
     organ = organ_mask_of(label, organ_labels) if organ_mask is None else organ_mask
     out_image = image.copy(order="K")
-    out_label = label.copy(order="K")
+    # A boolean organ mask cannot hold a tumor id: the label becomes uint8 (0/1/tumor).
+    out_label = label.astype(np.uint8) if label.dtype == np.bool_ else label.copy(order="K")
     count = int(np.count_nonzero(organ))
     if count < min_organ_voxels:
         return Implanted(out_image, out_label, None, f"organ has {count} voxels")

@@ -26,6 +26,8 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -45,20 +47,52 @@ class StreamError(RuntimeError):
     """The producer side failed (a worker raised or died, or the connection was lost)."""
 
 
-def _worker(maker: SampleMaker, wid: int, nworkers: int, epochs, out_q, stop) -> None:
-    """Make the samples at positions ``wid, wid + nworkers, ...`` of each epoch."""
+def _save_sample(spool: str, key: tuple[int, int], sample: dict[str, Any]) -> str:
+    """Write a sample to the spool folder (temporary name, then rename); returns its path."""
+    import pickle
+
+    path = os.path.join(spool, f"{key[0]}-{key[1]}.pkl")
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(sample, f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return path
+
+
+def _load_sample(path: str) -> dict[str, Any]:
+    import pickle
+
+    with open(path, "rb") as f:
+        sample = pickle.load(f)
+    os.unlink(path)
+    return sample
+
+
+def _worker(maker: SampleMaker, wid: int, nworkers: int, epochs, out_q, stop, spool) -> None:
+    """Make the samples at positions ``wid, wid + nworkers, ...`` of each epoch.
+
+    Samples go to files in ``spool``; the queue carries only their small, fixed-size
+    messages, which a pipe writes atomically: a worker killed at any moment cannot leave a
+    half-written message that would block the consumer.
+    """
     os.environ.setdefault("SYNTHGEN_NUM_THREADS", "1")
+    parent = mp.parent_process()
+
+    def go_on() -> bool:
+        return not stop.is_set() and (parent is None or parent.is_alive())
+
     try:
         epoch = 0
         while epochs is None or epoch < epochs:
             for position in range(wid, len(maker), nworkers):
-                if stop.is_set():
+                if not go_on():
                     out_q.cancel_join_thread()  # exit without flushing to a gone consumer
                     return
-                item = ("item", (epoch, position), maker.make(epoch, position))
-                while not stop.is_set():
+                sample = maker.make(epoch, position)
+                msg = ("item", (epoch, position), _save_sample(spool, (epoch, position), sample))
+                while go_on():
                     try:
-                        out_q.put(item, timeout=_POLL_S)
+                        out_q.put(msg, timeout=_POLL_S)
                         break
                     except queue.Full:
                         continue
@@ -66,10 +100,11 @@ def _worker(maker: SampleMaker, wid: int, nworkers: int, epochs, out_q, stop) ->
         out_q.put(("done", wid, None))
     except BaseException:
         with contextlib.suppress(Exception):
-            out_q.put(("error", wid, traceback.format_exc()), timeout=5)
+            tb = traceback.format_exc()
+            out_q.put(("error", wid, _save_sample(spool, (-1, wid), {"traceback": tb})), 5)
 
 
-def _shutdown(stop, procs, out_q) -> None:
+def _shutdown(stop, procs, out_q, spool) -> None:
     """Stop the workers: signal, drain the queue so none blocks on it, then join (or kill)."""
     stop.set()
     deadline = time.monotonic() + 5.0
@@ -86,6 +121,7 @@ def _shutdown(stop, procs, out_q) -> None:
     with contextlib.suppress(Exception):
         out_q.close()
         out_q.cancel_join_thread()
+    shutil.rmtree(spool, ignore_errors=True)
 
 
 class Producer:
@@ -159,13 +195,15 @@ class Producer:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        self._spool = tempfile.mkdtemp(prefix="synthgen-stream-", dir=shm)
         self._q = ctx.Queue(self.queue_size)
         self._stop = ctx.Event()
         n = min(self.workers, len(self.maker))
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(self.maker, w, n, self.epochs, self._q, self._stop),
+                args=(self.maker, w, n, self.epochs, self._q, self._stop, self._spool),
                 name=f"synthgen-producer-{w}",
                 daemon=True,
             )
@@ -173,7 +211,9 @@ class Producer:
         ]
         for p in self._procs:
             p.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._stop, self._procs, self._q)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._stop, self._procs, self._q, self._spool
+        )
         self._started = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -187,37 +227,49 @@ class Producer:
         finally:
             self.close()
 
+    def _check_workers(self, running: set[int]) -> None:
+        """Raise if a worker that has not finished died (exit code 0 is a normal exit)."""
+        for w in running:
+            p = self._procs[w]
+            if not p.is_alive() and p.exitcode not in (0, None):
+                raise StreamError(
+                    f"producer worker {w} died (exit code {p.exitcode}) without a Python "
+                    "error: killed, or out of memory?"
+                )
+
     def _drain(self) -> Iterator[dict[str, Any]]:
         running = set(range(len(self._procs)))
         pending: dict[tuple[int, int], dict[str, Any]] = {}
         nxt = (0, 0)
         n = len(self.maker)
+        checked = time.monotonic()
         while running or pending:
+            if self._closed:
+                return
             if self.ordered and nxt in pending:
                 yield pending.pop(nxt)
                 nxt = (nxt[0], nxt[1] + 1) if nxt[1] + 1 < n else (nxt[0] + 1, 0)
                 continue
             if not running:  # only out-of-order leftovers: cannot happen without a gap
                 raise StreamError(f"samples missing from the stream (waiting for {nxt})")
+            if time.monotonic() - checked > _POLL_S:  # also while samples keep coming
+                self._check_workers(running)
+                checked = time.monotonic()
             try:
                 kind, key, payload = self._q.get(timeout=_POLL_S)
             except queue.Empty:
-                for w in list(running):
-                    p = self._procs[w]
-                    if not p.is_alive():
-                        raise StreamError(
-                            f"producer worker {w} died (exit code {p.exitcode}) without a "
-                            "Python error: killed, or out of memory?"
-                        ) from None
+                self._check_workers(running)
+                checked = time.monotonic()
                 continue
             if kind == "error":
-                raise StreamError(f"producer worker {key} failed:\n{payload}")
+                tb = _load_sample(payload)["traceback"]
+                raise StreamError(f"producer worker {key} failed:\n{tb}")
             if kind == "done":
                 running.discard(key)
             elif self.ordered:
-                pending[key] = payload
+                pending[key] = _load_sample(payload)
             else:
-                yield payload
+                yield _load_sample(payload)
 
     def close(self) -> None:
         """Stop the workers and release the queue (idempotent)."""
@@ -272,7 +324,7 @@ def serve(
     Raises:
         TimeoutError: No consumer connected within ``accept_timeout`` seconds.
     """
-    from multiprocessing.connection import Listener
+    from multiprocessing.connection import Client, Listener
 
     addr, family = parse_address(address)
     if family == "AF_UNIX" and os.path.exists(addr):
@@ -281,18 +333,27 @@ def serve(
     with Listener(addr, family=family, authkey=authkey) as listener:
         if on_listen is not None:
             on_listen(listener.address)
+        timed_out = threading.Event()
+        timer = None
         if accept_timeout is not None:
-            timer = threading.Timer(accept_timeout, listener.close)
+            # Closing a listener does not wake a blocked accept() on Linux: connect to it.
+            def wake() -> None:
+                timed_out.set()
+                with contextlib.suppress(Exception):
+                    Client(listener.address, family=family, authkey=authkey).close()
+
+            timer = threading.Timer(accept_timeout, wake)
             timer.daemon = True
             timer.start()
-        try:
-            conn = listener.accept()
-        except OSError:
-            raise TimeoutError(
-                f"no consumer connected to {address} in {accept_timeout} s"
-            ) from None
-        if accept_timeout is not None:
+        conn = listener.accept()
+        if timer is not None:
             timer.cancel()
+        if timed_out.is_set():
+            conn.close()
+            close = getattr(producer, "close", None)
+            if close is not None:
+                close()
+            raise TimeoutError(f"no consumer connected to {address} in {accept_timeout} s")
         it = iter(producer)
         try:
             with conn:
@@ -346,9 +407,9 @@ def connect(
                 if timeout is not None and not conn.poll(timeout):
                     raise StreamError(f"the producer at {address} sent nothing for {timeout} s")
                 kind, payload = conn.recv()
-            except (EOFError, BrokenPipeError, ConnectionResetError) as e:
+            except (EOFError, OSError) as e:  # OSError: end of file inside a message
                 raise StreamError(
-                    f"the synthgen stream at {address} went away ({type(e).__name__})"
+                    f"the synthgen stream at {address} went away ({type(e).__name__}: {e})"
                 ) from None
             if kind == "end":
                 return

@@ -1,0 +1,680 @@
+"""synthgen.stream: the Producer (spawned workers, bounded queue) and serve/connect.
+
+Every sample is made, ordered and unordered streams agree, a slow consumer holds the workers
+back, every way of leaving a stream stops the workers, worker errors and deaths reach the
+consumer, and ``synthgen stream`` serves another process, which survives either side dying.
+
+Producer workers are spawned processes that re-import this module: it must stay cheap and
+import-safe, and its helpers (``CountingSource``) live at module level so that they pickle.
+Every wait on a process has a timeout and every process started is killed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _datasets import write_dataset
+
+from synthgen._samples import CaseSource
+from synthgen.layouts import discover
+from synthgen.stream import DEFAULT_AUTHKEY, Producer, StreamError, connect, parse_address
+
+REPO = Path(__file__).resolve().parents[1]
+N_CASES = 3
+PATCH = (32, 32, 32)
+SMALL = (16, 16, 16)  # samples of ~15 kB: a queue of 2 never fills a 64 kB pipe
+
+
+# --------------------------------------------------------------------------------------
+# helpers (module level: spawned workers unpickle them)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CountingSource(CaseSource):
+    """A case that appends a line to ``log`` each time a worker loads it (one per sample)."""
+
+    log: str = ""
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return super().load()
+
+
+def digest(a: Any) -> str:
+    return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def content(s: dict[str, Any]) -> tuple:
+    return (
+        s["case"],
+        int(s["epoch"]),
+        int(s["position"]),
+        int(s["seed"]),
+        digest(s["image"]),
+        digest(s["label"]),
+        s["plan"],
+    )
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def pid_running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(d))
+    return out
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """Producer workers of process ``pid`` (not its resource tracker)."""
+    return [c for c in children_of(pid) if "spawn_main" in cmdline(c)]
+
+
+def kill_pids(pids: list[int], marker: str = "python") -> None:
+    """SIGKILL the processes we started (checking the command line against pid reuse)."""
+    for pid in pids:
+        if pid_running(pid) and marker in cmdline(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def env_with_repo() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def start_stream(root: Path, sock: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "synthgen.cli", "stream", str(root), "--organ", "liver"]
+    cmd += ["--address", f"unix:{sock}", *args]
+    return subprocess.Popen(
+        cmd, env=env_with_repo(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def wait_for_socket(proc: subprocess.Popen, sock: Path, timeout: float = 60.0) -> None:
+    ok = wait_until(lambda: sock.exists() or proc.poll() is not None, timeout)
+    if not ok or not sock.exists():
+        out = proc.stdout.read() if proc.poll() is not None and proc.stdout else ""
+        raise AssertionError(f"stream did not listen (rc {proc.poll()}): {out}")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def consume(it: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    return [next(it) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    root = write_dataset(tmp_path_factory.mktemp("streamds") / "atlas", "atlas1", N_CASES)
+    _, cases = discover(root, ["liver"])
+    assert len(cases) == N_CASES
+    return root, cases
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short folder for Unix sockets (their paths are limited to ~107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="sgs-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Producer: contents and order
+# --------------------------------------------------------------------------------------
+
+
+def test_ordered_and_unordered_streams_agree(dataset: tuple[Path, list]) -> None:
+    _, cases = dataset
+    kw: dict[str, Any] = {"patch_size": PATCH, "samples_per_case": 2, "seed": 4}
+    n = N_CASES * 2
+    p = Producer(cases, "liver", workers=2, **kw)
+    assert len(p) == n
+    unordered = list(p)
+    assert len(unordered) == n
+    assert p.alive_workers == 0
+    with pytest.raises(StreamError):  # a Producer is iterated once
+        next(iter(p))
+    s = unordered[0]
+    assert isinstance(s["image"], np.ndarray) and s["image"].shape == (1, *PATCH)
+    assert s["label"].shape == (1, *PATCH) and s["label"].dtype == np.uint8
+    assert all(x["plan"] and (x["label"] == 2).any() for x in unordered)
+    assert sorted(int(x["position"]) for x in unordered) == list(range(n))
+    assert {x["case"] for x in unordered} == {c.case_id for c in cases}
+    assert len({int(x["seed"]) for x in unordered}) == n
+
+    ordered = list(Producer(cases, "liver", workers=2, ordered=True, **kw))
+    assert [int(x["position"]) for x in ordered] == list(range(n))
+    single = list(Producer(cases, "liver", workers=1, ordered=True, **kw))
+    assert [content(x) for x in ordered] == [content(x) for x in single]
+    assert {content(x) for x in unordered} == {content(x) for x in ordered}
+
+
+def test_producer_validates_arguments(dataset: tuple[Path, list]) -> None:
+    _, cases = dataset
+    for bad in ({"workers": 0}, {"queue_size": 0}, {"epochs": 0}, {"device": "cuda"}):
+        with pytest.raises(ValueError):
+            Producer(cases, "liver", **bad)
+    with pytest.raises(TypeError):
+        len(Producer(cases, "liver", epochs=None))
+    assert len(Producer(cases, "liver", epochs=3, samples_per_case=2)) == N_CASES * 6
+    closed = Producer(cases, "liver")
+    closed.close()
+    with pytest.raises(StreamError, match="closed"):
+        next(iter(closed))
+    assert closed.alive_workers == 0
+
+
+# --------------------------------------------------------------------------------------
+# back-pressure
+# --------------------------------------------------------------------------------------
+
+
+def test_slow_consumer_holds_workers_back(dataset: tuple[Path, list], tmp_path: Path) -> None:
+    _, cases = dataset
+    log = tmp_path / "loads.log"
+    log.touch()
+    sources = [CountingSource(c.case_id, c.ct, c, (1,), None, "liver", str(log)) for c in cases]
+    workers, queue_size = 2, 1
+    p = Producer(
+        sources,
+        "liver",
+        workers=workers,
+        queue_size=queue_size,
+        epochs=None,
+        patch_size=SMALL,
+        prob=0.0,  # ~15 ms a sample: unchecked workers would make hundreds in a second
+    )
+
+    def made() -> int:
+        return len(log.read_text().splitlines())
+
+    # at most: consumed + queue_size in the queue + one finished sample per blocked worker
+    slack = queue_size + workers + 1
+    try:
+        it = iter(p)
+        consumed = len(consume(it, 1))
+        time.sleep(1.2)
+        assert made() <= consumed + slack, f"{made()} samples made for {consumed} consumed"
+        assert p._q.qsize() <= queue_size
+        consumed += len(consume(it, 8))  # production resumes as the consumer reads
+        time.sleep(0.8)
+        assert consumed < made() <= consumed + slack
+        assert p.alive_workers == workers
+    finally:
+        p.close()
+    assert p.alive_workers == 0
+
+
+# --------------------------------------------------------------------------------------
+# shutdown
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["break", "close", "with", "gc"])
+def test_leaving_the_stream_stops_the_workers(dataset: tuple[Path, list], how: str) -> None:
+    _, cases = dataset
+    kw: dict[str, Any] = {"workers": 2, "epochs": None, "patch_size": SMALL, "prob": 0.0}
+    p = Producer(cases, "liver", **kw)
+    pids: list[int] = []
+    try:
+        t0 = time.monotonic()
+        if how == "break":
+            for k, _ in enumerate(p):
+                if k == 0:
+                    pids = [q.pid for q in p._procs]
+                    assert p.alive_workers == 2
+                if k == 2:
+                    break
+        elif how == "close":
+            it = iter(p)
+            consume(it, 3)
+            pids = [q.pid for q in p._procs]
+            t0 = time.monotonic()
+            p.close()
+            p.close()  # idempotent
+        elif how == "with":
+            with p as prod:
+                for k, _ in enumerate(prod):
+                    if k == 0:
+                        pids = [q.pid for q in p._procs]
+                    if k == 2:
+                        t0 = time.monotonic()
+                        break
+            assert p._closed
+        else:  # an abandoned iterator: the generator and the Producer are collected
+            it = iter(p)
+            consume(it, 3)
+            pids = [q.pid for q in p._procs]
+            procs = p._procs
+            del it
+            p = None  # type: ignore[assignment]
+            t0 = time.monotonic()
+            gc.collect()
+            assert wait_until(lambda: not any(q.is_alive() for q in procs), 8)
+        assert len(pids) == 2
+        if p is not None:
+            assert wait_until(lambda: p.alive_workers == 0, 8)
+        assert wait_until(lambda: not any(pid_running(x) for x in pids), 8)
+        assert time.monotonic() - t0 < 8
+    finally:
+        if p is not None:
+            p.close()
+        kill_pids(pids, "spawn_main")
+
+
+# --------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------
+
+
+def test_corrupt_case_raises_stream_error_with_traceback(
+    dataset: tuple[Path, list], tmp_path: Path
+) -> None:
+    root, _ = dataset
+    copy = tmp_path / "ds"
+    shutil.copytree(root, copy)
+    bad = copy / "BDMAP_00000001" / "ct.nii.gz"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    _, cases = discover(copy, ["liver"])
+    p = Producer(cases, "liver", workers=2, patch_size=SMALL, ordered=True)
+    with pytest.raises(StreamError) as ei:
+        for _ in p:
+            pass
+    msg = str(ei.value)
+    assert "failed" in msg and "Traceback" in msg
+    assert str(bad) in msg
+    assert wait_until(lambda: p.alive_workers == 0, 8)
+
+
+def test_killed_worker_raises_stream_error(dataset: tuple[Path, list]) -> None:
+    _, cases = dataset
+    # a finite epoch (the surviving worker finishes, then the dead one is noticed) and
+    # messages small enough that a kill never lands in the middle of one
+    p = Producer(
+        cases,
+        "liver",
+        workers=2,
+        queue_size=2,
+        samples_per_case=20,
+        patch_size=SMALL,
+        prob=0.0,
+    )
+    pids: list[int] = []
+    got = 0
+    try:
+        with pytest.raises(StreamError, match="died") as ei:
+            for _ in p:
+                got += 1
+                if got == 1:
+                    # kill while the workers idle on a full queue, not inside a message
+                    assert wait_until(lambda: p._q.qsize() == 2, 30)
+                    time.sleep(0.3)
+                    pids = [q.pid for q in p._procs]
+                    os.kill(pids[0], signal.SIGKILL)
+                assert got < len(p), "the stream ended although a worker was killed"
+        assert "worker 0" in str(ei.value)
+        assert wait_until(lambda: p.alive_workers == 0, 8)
+    finally:
+        p.close()
+        kill_pids(pids, "spawn_main")
+
+
+# --------------------------------------------------------------------------------------
+# across processes: synthgen stream + connect
+# --------------------------------------------------------------------------------------
+
+
+def test_parse_address() -> None:
+    assert parse_address("unix:/x") == ("/x", "AF_UNIX")
+    assert parse_address("127.0.0.1:5000") == (("127.0.0.1", 5000), "AF_INET")
+    assert parse_address(":5000") == (("127.0.0.1", 5000), "AF_INET")
+    assert parse_address("localhost:80") == (("localhost", 80), "AF_INET")
+    for bad in ("nonsense", "host:", "host:port", ""):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+def test_connect_to_nothing_raises(short_tmp: Path) -> None:
+    with pytest.raises(StreamError, match="cannot connect"):
+        next(iter(connect(f"unix:{short_tmp / 'none.sock'}")))
+    with pytest.raises(StreamError, match="cannot connect"):
+        list(connect("127.0.0.1:1"))
+
+
+def test_cli_stream_serves_every_sample(dataset: tuple[Path, list], short_tmp: Path) -> None:
+    root, cases = dataset
+    sock = short_tmp / "s.sock"
+    proc = start_stream(root, sock, "--patch-size", "32,32,32", "--epochs", "1", "--workers", "1")
+    try:
+        wait_for_socket(proc, sock)
+        samples = list(connect(f"unix:{sock}", timeout=60))
+        rc = proc.wait(timeout=30)
+        out = proc.stdout.read() if proc.stdout else ""
+    finally:
+        stop_process(proc)
+    assert rc == 0, out
+    assert f"stream ended: {N_CASES} samples sent" in out
+    assert len(samples) == N_CASES
+    assert sorted(int(s["position"]) for s in samples) == list(range(N_CASES))
+    assert {s["case"] for s in samples} == {c.case_id for c in cases}
+    assert all(s["image"].shape == (1, *PATCH) and s["plan"] for s in samples)
+
+
+_CONSUMER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from synthgen.stream import connect
+    it = connect(sys.argv[1], timeout=60)
+    next(it)
+    next(it)
+    print("READ 2", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_cli_stream_exits_when_its_consumer_dies(
+    dataset: tuple[Path, list], short_tmp: Path
+) -> None:
+    root, _ = dataset
+    sock = short_tmp / "s.sock"
+    proc = start_stream(
+        root, sock, "--patch-size", "16,16,16", "--epochs", "0", "--workers", "2", "--prob", "0"
+    )
+    workers: list[int] = []
+    try:
+        wait_for_socket(proc, sock)
+        consumer = subprocess.run(
+            [sys.executable, "-c", _CONSUMER, f"unix:{sock}"],
+            env=env_with_repo(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "READ 2" in consumer.stdout, consumer.stderr
+        assert consumer.returncode == -signal.SIGKILL
+        workers = spawned_workers(proc.pid)
+        t0 = time.monotonic()
+        rc = proc.wait(timeout=20)
+        elapsed = time.monotonic() - t0
+        out = proc.stdout.read() if proc.stdout else ""
+    finally:
+        stop_process(proc)
+        kill_pids(workers, "spawn_main")
+    assert rc == 0, out
+    assert "stream ended: 2 samples sent" in out
+    assert elapsed < 10
+    assert wait_until(lambda: not any(pid_running(w) for w in workers), 5)
+
+
+@pytest.fixture(scope="module")
+def killed_stream(dataset: tuple[Path, list]) -> dict[str, Any]:
+    """``synthgen stream`` SIGKILLed while a consumer iterates: what the consumer saw, and
+    which of the stream's workers were still running 3 s later."""
+    root, _ = dataset
+    d = Path(tempfile.mkdtemp(prefix="sgs-", dir="/tmp"))
+    sock = d / "s.sock"
+    proc = start_stream(
+        root, sock, "--patch-size", "16,16,16", "--epochs", "0", "--workers", "2", "--prob", "0"
+    )
+    children: list[int] = []
+    workers: list[int] = []
+    try:
+        wait_for_socket(proc, sock)
+        it = connect(f"unix:{sock}", timeout=30)
+        consume(it, 2)
+        assert wait_until(lambda: len(spawned_workers(proc.pid)) == 2, 10)
+        children = children_of(proc.pid)  # workers and the resource tracker
+        workers = spawned_workers(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        error: BaseException | None = None
+        t0 = time.monotonic()
+        try:
+            consume(it, 5)
+        except Exception as e:
+            error = e
+        elapsed = time.monotonic() - t0
+        wait_until(lambda: not any(pid_running(w) for w in workers), 3)
+        leftover = [w for w in workers if pid_running(w)]
+        return {"error": error, "elapsed": elapsed, "workers": workers, "leftover": leftover}
+    finally:
+        stop_process(proc)
+        kill_pids(workers, "spawn_main")
+        kill_pids(children, "python")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_consumer_raises_when_the_stream_process_dies(killed_stream: dict[str, Any]) -> None:
+    assert isinstance(killed_stream["error"], StreamError), killed_stream["error"]
+    assert "went away" in str(killed_stream["error"])
+    assert killed_stream["elapsed"] < 5
+    assert len(killed_stream["workers"]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# regressions of bugs found by these tests (fixed)
+# --------------------------------------------------------------------------------------
+
+
+def _serve_half_a_message(listener: Any) -> None:
+    """A producer that dies in the middle of sending a sample."""
+    with listener.accept() as conn:
+        assert conn.recv() == "next"
+        os.write(conn.fileno(), struct.pack("!i", 1000) + b"partial")
+
+
+def test_connect_producer_dies_mid_message(short_tmp: Path) -> None:
+    from multiprocessing.connection import Listener
+
+    sock = short_tmp / "half.sock"
+    listener = Listener(str(sock), family="AF_UNIX", authkey=DEFAULT_AUTHKEY)
+    server = threading.Thread(target=_serve_half_a_message, args=(listener,), daemon=True)
+    server.start()
+    try:
+        with pytest.raises(StreamError):
+            next(iter(connect(f"unix:{sock}", timeout=10)))
+    finally:
+        server.join(10)
+        listener.close()
+
+
+def test_workers_exit_when_the_stream_process_dies(killed_stream: dict[str, Any]) -> None:
+    assert killed_stream["leftover"] == [], "orphaned producer workers still running 3 s later"
+
+
+def test_accept_timeout_without_consumer(dataset: tuple[Path, list], short_tmp: Path) -> None:
+    root, _ = dataset
+    sock = short_tmp / "s.sock"
+    proc = start_stream(root, sock, "--accept-timeout", "0.5", "--workers", "1")
+    try:
+        try:
+            rc = proc.wait(timeout=4)
+        except subprocess.TimeoutExpired:
+            rc = None
+        out = proc.stdout.read() if rc is not None and proc.stdout else ""
+    finally:
+        stop_process(proc)
+    assert rc == 2, "still waiting for a consumer long after --accept-timeout 0.5"
+    assert "no consumer connected" in out
+
+
+def test_next_after_close(dataset: tuple[Path, list]) -> None:
+    _, cases = dataset
+    p = Producer(cases, "liver", workers=1, epochs=None, patch_size=SMALL, prob=0.0)
+    try:
+        it = iter(p)
+        consume(it, 1)
+        p.close()
+        assert p.alive_workers == 0
+        with pytest.raises((StopIteration, StreamError)):
+            next(it)
+    finally:
+        p.close()
+
+
+def test_dead_worker_is_reported_to_a_slow_consumer(dataset: tuple[Path, list]) -> None:
+    _, cases = dataset
+    p = Producer(
+        cases,
+        "liver",
+        workers=2,
+        queue_size=2,
+        epochs=None,
+        samples_per_case=2,
+        patch_size=SMALL,
+        prob=0.0,
+    )
+    pids: list[int] = []
+    try:
+        it = iter(p)
+        seen: set[int] = set()
+        while len(seen) < 2:  # both workers are up (worker w makes positions w, w + 2, ...)
+            seen.add(int(next(it)["position"]) % 2)
+        time.sleep(0.5)  # the queue fills up
+        pids = [q.pid for q in p._procs]
+        os.kill(pids[0], signal.SIGKILL)
+        with pytest.raises(StreamError, match="died"):
+            for _ in range(12):
+                time.sleep(0.15)  # slower than the surviving worker (~15 ms a sample)
+                next(it)
+    finally:
+        p.close()
+        kill_pids(pids, "spawn_main")
+
+
+_KILL_MID_MESSAGE = textwrap.dedent(
+    """
+    import array, fcntl, os, signal, sys, termios, threading, time
+    from synthgen.layouts import discover
+    from synthgen.stream import Producer, StreamError
+
+    def in_pipe(fd):
+        n = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, n)
+        return n[0]
+
+    def main():
+        _, cases = discover(sys.argv[1], ["liver"])
+        # ~100 kB samples: bigger than a pipe, so a worker blocks inside a message
+        p = Producer(cases, "liver", workers=2, queue_size=4, epochs=None,
+                     patch_size=(32, 32, 32))
+        it = iter(p)
+        seen = set()
+        while len(seen) < 2:  # both workers are up (worker w makes positions w, w + 2, ...)
+            seen.add(next(it)["position"] % 2)
+        # the consumer is busy: wait until a worker is blocked inside a message (a sample is
+        # bigger than the pipe, so anything in it is an unfinished message)
+        reader = p._q._reader.fileno()
+        deadline = time.monotonic() + 20
+        while in_pipe(reader) < 32768 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("IN PIPE", in_pipe(reader), flush=True)
+        for q in p._procs:
+            os.kill(q.pid, signal.SIGKILL)
+        for q in p._procs:  # dead and reaped: nothing more can reach the pipe
+            q.join(10)
+        result = []
+
+        def read():
+            try:
+                for _ in range(10):
+                    next(it)
+                result.append("no error")
+            except StreamError as e:
+                result.append("StreamError " + str(e).splitlines()[0])
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(3)
+        print("RESULT", result[0] if result else "hang", flush=True)
+        os._exit(0)
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def test_workers_killed_mid_message_raise(dataset: tuple[Path, list], tmp_path: Path) -> None:
+    root, _ = dataset
+    script = tmp_path / "kill_mid_message.py"
+    script.write_text(_KILL_MID_MESSAGE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(root)],
+        env=env_with_repo(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        stop_process(proc)
+    assert "RESULT" in out, out
+    assert "RESULT StreamError" in out and "died" in out, out

@@ -1,0 +1,550 @@
+"""synthgen.torch: SyntheticTumorDataset and TumorSynthesisWrapper under real DataLoaders.
+
+Seeding (distinct tumors per worker, the same stream for any worker count, epochs and global
+seeds), the shared-memory epoch reaching persistent spawn/forkserver workers, independence
+from the global NumPy/torch RNGs, collation, plans that re-render the samples, the plain
+loader (``synthesize=False``, ``prob=0``), pickling, no CUDA, and the map-style wrapper.
+
+Small AbdomenAtlas 1.x phantoms (``tests/_datasets.py``, 80 x 64 x 56 voxels) and 32^3
+patches keep every loader run well under a second of synthesis; the cost is worker start-up.
+Helpers live at module level so that spawn/forkserver workers can unpickle them.
+"""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import nibabel as nib
+from _datasets import write_dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+import synthgen
+from synthgen.augment import affine_for
+from synthgen.layouts import discover
+from synthgen.torch import SyntheticTumorDataset, TumorSynthesisWrapper, plan_of
+
+PATCH = (32, 32, 32)
+N_CASES = 4
+PER_CASE = 2
+N = N_CASES * PER_CASE
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# helpers (module level: they must pickle into spawn/forkserver workers)
+# --------------------------------------------------------------------------------------
+
+
+def tag_worker(sample: dict[str, Any]) -> dict[str, Any]:
+    """collate_fn for ``batch_size=None``: runs in the worker, records which one made it."""
+    info = get_worker_info()
+    out = dict(sample)
+    out["worker"] = -1 if info is None else info.id
+    out["pid"] = os.getpid()
+    return out
+
+
+def digest(a: Any) -> str:
+    arr = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    h = hashlib.sha1(str(arr.dtype).encode() + str(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def key(s: dict[str, Any]) -> tuple:
+    """Everything that identifies a sample's content."""
+    return (
+        s["case"],
+        int(s["position"]),
+        int(s["seed"]),
+        digest(s["image"]),
+        digest(s["label"]),
+        s["plan"],
+    )
+
+
+def keys(ds: Any, **loader_kw: Any) -> list[tuple]:
+    loader = DataLoader(ds, batch_size=None, **loader_kw)
+    return [key(s) for s in loader]
+
+
+def make_ds(cases: list, **kw: Any) -> SyntheticTumorDataset:
+    kw.setdefault("samples_per_case", PER_CASE)
+    kw.setdefault("patch_size", PATCH)
+    return SyntheticTumorDataset(cases, "liver", **kw)
+
+
+def read_case(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, liver mask, affine) straight from the files."""
+    ct = nib.load(str(case.ct))
+    image = np.asarray(ct.dataobj)
+    liver = np.asarray(nib.load(str(case.organs["liver"][0].path)).dataobj) > 0.5
+    return image, liver, np.asarray(ct.affine, dtype=np.float64)
+
+
+class DictDataset(Dataset):
+    """A map-style dataset of ``{"image": (C,X,Y,Z) float32 tensor, "label": (1,X,Y,Z) uint8
+    tensor, "affine": 4x4 ndarray | None}`` items, returned as they are stored."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+# --------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory: pytest.TempPathFactory) -> list:
+    root = write_dataset(tmp_path_factory.mktemp("torchds") / "atlas", "atlas1", N_CASES)
+    _, found = discover(root, ["liver"])
+    assert len(found) == N_CASES
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference(cases: list) -> Any:
+    """``reference(epoch, seed=0)``: the single-process (num_workers=0) keys, cached."""
+    cache: dict[tuple[int, int], list[tuple]] = {}
+
+    def get(epoch: int, seed: int = 0) -> list[tuple]:
+        if (epoch, seed) not in cache:
+            ds = make_ds(cases, seed=seed)
+            ds.set_epoch(epoch)
+            cache[(epoch, seed)] = keys(ds, num_workers=0)
+        return cache[(epoch, seed)]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def dict_items(cases: list) -> list[dict[str, Any]]:
+    items = []
+    for c in cases[:3]:
+        image, liver, affine = read_case(c)
+        items.append(
+            {
+                "image": torch.from_numpy(image.astype(np.float32))[None],
+                "label": torch.from_numpy(liver.astype(np.uint8))[None],
+                "affine": affine,
+            }
+        )
+    return items
+
+
+# --------------------------------------------------------------------------------------
+# SyntheticTumorDataset
+# --------------------------------------------------------------------------------------
+
+
+def test_reference_stream_is_sane(cases: list, reference: Any) -> None:
+    ref = reference(0)
+    assert len(ref) == N
+    assert sorted(k[1] for k in ref) == list(range(N))
+    assert {k[0] for k in ref} == {c.case_id for c in cases}
+    assert len({k[2] for k in ref}) == N, "duplicated seeds within an epoch"
+    assert all(k[5] for k in ref), "prob=1: every sample has a plan"
+    assert len({k[3] for k in ref}) == N, "two samples with the same image"
+
+
+def test_two_workers_distinct_tumors_same_stream(cases: list, reference: Any) -> None:
+    ds = make_ds(cases, seed=0)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=tag_worker)
+    runs = []
+    for _ in range(2):  # two runs with the same seed (fresh workers each time)
+        out = list(loader)
+        assert len(out) == N
+        assert {s["worker"] for s in out} == {0, 1}
+        assert len({s["pid"] for s in out} - {os.getpid()}) == 2
+        by_worker = {w: [s for s in out if s["worker"] == w] for w in (0, 1)}
+        for w, ss in by_worker.items():  # sharded by position
+            assert sorted(int(s["position"]) for s in ss) == list(range(w, N, 2))
+        seeds = [{int(s["seed"]) for s in by_worker[w]} for w in (0, 1)]
+        assert not seeds[0] & seeds[1]
+        plans = [{s["plan"] for s in by_worker[w]} for w in (0, 1)]
+        assert not plans[0] & plans[1]
+        assert len({int(s["seed"]) for s in out}) == N
+        runs.append([key(s) for s in out])
+    assert set(runs[0]) == set(runs[1]) == set(reference(0))
+    # DataLoader interleaves iterable workers round-robin: the very same order as in-process
+    assert runs[0] == reference(0)
+    # a fresh dataset object with the same seed: same stream
+    assert set(keys(make_ds(cases, seed=0), num_workers=2)) == set(reference(0))
+
+
+def test_epoch_and_seed_change_samples(cases: list, reference: Any) -> None:
+    e0, e1, s1 = reference(0), reference(1), reference(0, seed=1)
+    for other in (e1, s1):
+        assert not {k[2] for k in e0} & {k[2] for k in other}  # no seed in common
+        assert not {k[3] for k in e0} & {k[3] for k in other}  # nor an image
+        assert sorted(k[0] for k in other) == sorted(k[0] for k in e0)  # same cases
+    ds = make_ds(cases, seed=0)
+    ds.set_epoch(1)
+    assert ds.epoch == 1
+    assert keys(ds) == e1
+    ds.set_epoch(0)  # back to an earlier epoch: the same samples again
+    assert keys(ds) == e0
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_persistent_workers_see_set_epoch(cases: list, reference: Any, context: str) -> None:
+    ds = make_ds(cases, seed=0)
+    loader = DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context=context,
+        collate_fn=tag_worker,
+    )
+    try:
+        ds.set_epoch(0)
+        first = list(loader)
+        ds.set_epoch(1)
+        second = list(loader)
+        ds.set_epoch(0)
+        third = list(loader)
+    finally:
+        it = loader._iterator
+        if it is not None:
+            it._shutdown_workers()
+    pids = [{s["pid"] for s in run} for run in (first, second, third)]
+    assert pids[0] == pids[1] == pids[2], "workers were not persistent"
+    assert os.getpid() not in pids[0] and len(pids[0]) == 2
+    assert {int(s["epoch"]) for s in first} == {0}
+    assert {int(s["epoch"]) for s in second} == {1}, "set_epoch did not reach the workers"
+    assert [key(s) for s in first] == reference(0)
+    assert [key(s) for s in second] == reference(1)
+    assert [key(s) for s in third] == reference(0)
+
+
+def test_global_rngs_are_neither_read_nor_advanced(cases: list, reference: Any) -> None:
+    saved = (np.random.get_state(), torch.get_rng_state(), random.getstate())  # noqa: NPY002
+    try:
+        ds = make_ds(cases, seed=0)
+        runs = []
+        for g in (1, 12345):
+            np.random.seed(g)  # noqa: NPY002
+            torch.manual_seed(g)
+            random.seed(g)
+            np_state = np.random.get_state()  # noqa: NPY002
+            torch_state = torch.get_rng_state().clone()
+            py_state = random.getstate()
+            # iterate the dataset itself: a DataLoader draws its base seed from torch's RNG
+            runs.append([key(s) for s in ds])
+            after = np.random.get_state()  # noqa: NPY002
+            assert np.array_equal(np_state[1], after[1]) and np_state[2] == after[2]
+            assert torch.equal(torch_state, torch.get_rng_state())
+            assert py_state == random.getstate()
+        assert runs[0] == runs[1] == reference(0)
+        np.random.seed(99)  # noqa: NPY002
+        torch.manual_seed(99)
+        assert keys(ds, num_workers=0) == reference(0)
+    finally:
+        np.random.set_state(saved[0])  # noqa: NPY002
+        torch.set_rng_state(saved[1])
+        random.setstate(saved[2])
+
+
+def test_batches_collate_and_plans_rerender(cases: list) -> None:
+    ds = make_ds(cases, seed=0)
+    batches = list(DataLoader(ds, batch_size=2, num_workers=0))
+    assert len(batches) == N // 2
+    by_id = {c.case_id: c for c in cases}
+    full = {cid: read_case(c) for cid, c in by_id.items()}
+    for b in batches:
+        assert b["image"].shape == (2, 1, *PATCH) and b["image"].dtype == torch.int16
+        assert b["label"].shape == (2, 1, *PATCH) and b["label"].dtype == torch.uint8
+        assert b["origin"].shape == (2, 3) and b["origin"].dtype == torch.int64
+        assert b["spacing"].shape == (2, 3) and b["spacing"].dtype == torch.float64
+        assert b["seed"].shape == (2,)
+        assert isinstance(b["plan"], list) and len(b["plan"]) == 2
+        assert isinstance(b["case"], list) and len(b["case"]) == 2
+        for j in range(2):
+            text = b["plan"][j]
+            assert isinstance(text, str)
+            plan = plan_of({"plan": text})
+            assert isinstance(plan, synthgen.Plan)
+            assert plan.to_json() == text  # lossless round trip
+            assert json.loads(text) == json.loads(synthgen.Plan.from_json(text).to_json())
+            # the patch is the plan rendered into the case, cropped at ``origin``
+            image, liver, affine = full[b["case"][j]]
+            np.testing.assert_allclose(b["spacing"][j].numpy(), np.abs(np.diag(affine)[:3]))
+            assert tuple(plan.shape) == image.shape
+            res = synthgen.render(plan, image, liver, affine=affine)
+            fill = min(-1024, int(image.min()))
+            pad = max(PATCH)
+            vol = np.pad(res.image, pad, constant_values=fill)
+            lab = np.pad(res.label, pad, constant_values=0)
+            o = b["origin"][j].numpy() + pad
+            sl = tuple(slice(int(a), int(a) + s) for a, s in zip(o, PATCH, strict=True))
+            assert np.array_equal(b["image"][j, 0].numpy(), vol[sl])
+            assert np.array_equal(b["label"][j, 0].numpy(), lab[sl])
+            assert (b["label"][j] == 2).any(), "the patch is centred near a tumor"
+    assert plan_of({"plan": ""}) is None
+
+
+def test_full_volume_sample_is_the_rendered_plan(cases: list) -> None:
+    ds = make_ds(cases[:2], seed=3, samples_per_case=1, patch_size=None)
+    out = list(ds)
+    assert len(out) == 2
+    for s in out:
+        image, liver, affine = read_case(next(c for c in cases if c.case_id == s["case"]))
+        assert s["image"].shape == (1, *image.shape)
+        assert tuple(s["origin"].tolist()) == (0, 0, 0)
+        plan = plan_of(s)
+        assert isinstance(plan, synthgen.Plan) and plan.tumors
+        assert plan.seed == int(s["seed"])
+        res = synthgen.render(plan, image, liver, affine=affine)
+        assert np.array_equal(s["image"][0].numpy(), res.image)
+        assert np.array_equal(s["label"][0].numpy(), res.label)
+        assert not np.array_equal(res.image, image)
+        tumor = s["label"][0].numpy() == 2
+        assert tumor.any() and not (tumor & ~liver).any(), "tumor voxels outside the organ"
+
+
+def test_plain_loader_synthesize_false_and_prob_zero(cases: list, reference: Any) -> None:
+    order = [(k[0], k[1], k[2]) for k in reference(0)]
+    files = {c.case_id: read_case(c) for c in cases}
+    for kw in ({"synthesize": False}, {"prob": 0.0}):
+        ds = make_ds(cases, seed=0, patch_size=None, **kw)
+        out = list(ds)
+        assert [(s["case"], int(s["position"]), int(s["seed"])) for s in out] == order
+        for s in out:
+            image, liver, _ = files[s["case"]]
+            assert s["plan"] == "" and plan_of(s) is None
+            assert s["image"].dtype == torch.int16
+            assert np.array_equal(s["image"][0].numpy(), image)
+            assert np.array_equal(s["label"][0].numpy(), liver.astype(np.uint8))
+            assert not (s["label"] == 2).any()
+    # patches without tumors are centred on an organ voxel, and untouched crops
+    for s in make_ds(cases, seed=0, synthesize=False):
+        assert s["plan"] == "" and not (s["label"] == 2).any()
+        assert int(s["label"][0, 16, 16, 16]) == 1
+        image = files[s["case"]][0]
+        o = s["origin"].numpy()
+        assert o.min() >= -16 and (o + 16 < np.array(image.shape)).all()
+    # dtype conversion
+    ds = make_ds(cases[:1], seed=0, patch_size=None, samples_per_case=1, dtype=np.float32)
+    (s,) = list(ds)
+    assert s["image"].dtype == torch.float32 and s["label"].dtype == torch.uint8
+    (ref,) = list(make_ds(cases[:1], seed=0, patch_size=None, samples_per_case=1))
+    assert np.array_equal(s["image"].numpy(), ref["image"].numpy().astype(np.float32))
+    assert np.array_equal(s["label"].numpy(), ref["label"].numpy())
+
+
+def test_dataset_pickles_with_its_epoch(cases: list, reference: Any) -> None:
+    ds = make_ds(cases, seed=0)
+    ds.set_epoch(1)
+    for clone in (pickle.loads(pickle.dumps(ds)), copy.deepcopy(ds)):
+        assert isinstance(clone, SyntheticTumorDataset)
+        assert clone.epoch == 1 and len(clone) == N
+        assert keys(clone) == reference(1)
+        clone.set_epoch(7)  # an independent copy, not an alias of the parent's counter
+        assert ds.epoch == 1
+    assert "SyntheticTumorDataset(cases=4" in repr(ds)
+
+
+def test_no_cuda_initialisation(cases: list) -> None:
+    code = (
+        "import sys, torch\n"
+        "import synthgen.torch as st\n"
+        "from synthgen.layouts import discover\n"
+        "_, cases = discover(sys.argv[1], ['liver'])\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "ds = st.SyntheticTumorDataset(cases[:1], 'liver', patch_size=(16, 16, 16))\n"
+        "n = sum(1 for _ in ds)\n"
+        "w = st.TumorSynthesisWrapper([{'image': torch.zeros(8, 8, 8),\n"
+        "    'label': torch.zeros(8, 8, 8, dtype=torch.uint8)}], 'liver', spacing=(1, 1, 1))\n"
+        "w[0]\n"
+        "print('RESULT', n, torch.cuda.is_initialized())\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(cases[0].ct.parent.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "RESULT 1 False" in r.stdout
+    # and in this process too (nothing above touched CUDA)
+    assert not torch.cuda.is_initialized()
+
+
+# --------------------------------------------------------------------------------------
+# regressions of bugs found by these tests (fixed)
+# --------------------------------------------------------------------------------------
+
+
+def test_bool_organ_mask_label_gets_tumor_label(cases: list) -> None:
+    image, liver, affine = read_case(cases[0])
+    ds = SyntheticTumorDataset([(image, liver, affine)], "liver", seed=0)
+    (s,) = list(ds)
+    assert s["plan"] != ""
+    assert (s["label"] == 2).any()
+
+
+def test_patch_centre_is_organ_for_any_memory_layout() -> None:
+    """Samples without tumors are centred on an organ voxel, whatever the label's memory
+    layout, for compact organs (rejection in the box) and sparse ones (the fallback)."""
+    shape = (80, 64, 56)
+    image = np.zeros(shape, np.int16)
+    compact = np.zeros(shape, np.uint8)
+    compact[10:13, 40:43, 5:8] = 1
+    sparse = np.zeros(shape, np.uint8)
+    sparse[0, 0, 0] = sparse[79, 63, 55] = 1  # 2 voxels in a box of the whole volume
+    for lab in (compact, sparse):
+        # same values, axes 0 and 1 swapped in memory (e.g. a transposed load)
+        lab_t = np.ascontiguousarray(lab.transpose(1, 0, 2)).transpose(1, 0, 2)
+        assert not lab_t.flags.c_contiguous and not lab_t.flags.f_contiguous
+        for arr in (lab, np.asfortranarray(lab), lab_t):
+            ds = SyntheticTumorDataset(
+                [(image, arr, affine_for((1.0, 1.0, 1.0)))],
+                "liver",
+                synthesize=False,
+                samples_per_case=3,
+                patch_size=(9, 9, 9),
+            )
+            for s in ds:
+                assert int(s["label"][0, 4, 4, 4]) == 1
+                assert s["image"].shape == (1, 9, 9, 9)
+    # no organ at all: a patch anywhere, still full-size
+    empty = SyntheticTumorDataset(
+        [(image, np.zeros(shape, np.uint8), affine_for((1.0, 1.0, 1.0)))],
+        "liver",
+        patch_size=(9, 9, 9),
+    )
+    (s,) = list(empty)
+    assert s["plan"] == "" and s["image"].shape == (1, 9, 9, 9)
+
+
+def test_negative_seed(cases: list) -> None:
+    ds = make_ds(cases[:1], seed=-1, samples_per_case=1)
+    assert len(list(ds)) == 1
+
+
+def test_unsigned_image_patches(cases: list) -> None:
+    image, liver, affine = read_case(cases[0])
+    img_u16 = (image.astype(np.int32) + 1024).clip(0).astype(np.uint16)
+    ds = SyntheticTumorDataset(
+        [(img_u16, liver.astype(np.uint8), affine)], "liver", patch_size=PATCH
+    )
+    (s,) = list(ds)
+    assert s["image"].dtype == torch.uint16 and s["image"].shape == (1, *PATCH)
+
+
+# --------------------------------------------------------------------------------------
+# TumorSynthesisWrapper
+# --------------------------------------------------------------------------------------
+
+
+def wrapper_key(item: dict[str, Any]) -> tuple:
+    return (digest(item["image"]), digest(item["label"]), item["plan"])
+
+
+def test_wrapper_outputs(dict_items: list) -> None:
+    before = [{k: v.clone() for k, v in it.items() if torch.is_tensor(v)} for it in dict_items]
+    base = DictDataset(dict_items)
+    w = TumorSynthesisWrapper(base, "liver", seed=0)
+    assert len(w) == len(base)
+    for i in range(len(w)):
+        out = w[i]
+        src = dict_items[i]
+        assert isinstance(out["image"], torch.Tensor) and out["image"].dtype == torch.float32
+        assert isinstance(out["label"], torch.Tensor) and out["label"].dtype == torch.uint8
+        assert out["image"].shape == src["image"].shape
+        assert out["label"].shape == src["label"].shape
+        assert isinstance(out["affine"], np.ndarray) and np.array_equal(
+            out["affine"], src["affine"]
+        )
+        assert isinstance(plan_of(out), synthgen.Plan)
+        tumor = out["label"] == 2
+        assert tumor.any(), "label gains 2s"
+        assert not (tumor & (src["label"] != 1)).any(), "2s only inside the organ"
+        assert torch.equal(out["label"][~tumor], src["label"][~tumor])
+        changed = out["image"] != src["image"]
+        assert changed.any()
+        assert not (changed & (src["label"] == 0)).any(), "image changed outside the organ"
+        assert wrapper_key(w[i]) == wrapper_key(out), "same (seed, epoch, index): same item"
+    for it, b in zip(dict_items, before, strict=True):  # inputs untouched
+        for k, v in b.items():
+            assert torch.equal(it[k], v), k
+    w.set_epoch(1)
+    e1 = [wrapper_key(w[i]) for i in range(len(w))]
+    w.set_epoch(0)
+    e0 = [wrapper_key(w[i]) for i in range(len(w))]
+    assert all(a[2] != b[2] and a[0] != b[0] for a, b in zip(e0, e1, strict=True))
+    other = TumorSynthesisWrapper(base, "liver", seed=1)
+    assert all(wrapper_key(other[i]) != e0[i] for i in range(len(w)))
+    # prob=0: nothing implanted
+    none = TumorSynthesisWrapper(base, "liver", seed=0, prob=0.0)
+    out = none[0]
+    assert out["plan"] == "" and torch.equal(out["image"], dict_items[0]["image"])
+
+
+def test_wrapper_reproducible_across_workers(dict_items: list) -> None:
+    w = TumorSynthesisWrapper(DictDataset(dict_items), "liver", seed=5)
+    w.set_epoch(2)
+    direct = [wrapper_key(w[i]) for i in range(len(w))]
+    single = [wrapper_key(s) for s in DataLoader(w, batch_size=None, num_workers=0)]
+    multi = [
+        wrapper_key(s)
+        for s in DataLoader(w, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    ]
+    assert single == multi == direct
+    w.set_epoch(3)
+    assert [wrapper_key(s) for s in DataLoader(w, batch_size=None)] != direct
+
+
+def test_wrapper_needs_an_affine_or_spacing(dict_items: list) -> None:
+    items = [{k: v for k, v in it.items() if k != "affine"} for it in dict_items[:1]]
+    with pytest.raises(ValueError, match="spacing"):
+        TumorSynthesisWrapper(DictDataset(items), "liver")[0]
+    items_none = [dict(items[0], affine=None)]
+    with pytest.raises(ValueError, match="spacing"):
+        TumorSynthesisWrapper(DictDataset(items_none), "liver")[0]
+    sp = np.abs(np.diag(dict_items[0]["affine"])[:3])
+    out = TumorSynthesisWrapper(DictDataset(items), "liver", spacing=tuple(sp))[0]
+    assert (out["label"] == 2).any()
+    with pytest.raises(ValueError, match="prob"):
+        TumorSynthesisWrapper(DictDataset(items), "liver", prob=1.5)
+
+
+def test_wrapper_multichannel_keeps_other_channels(dict_items: list) -> None:
+    src = dict_items[0]
+    extra = torch.linspace(-5.0, 5.0, src["image"].numel()).reshape(src["image"].shape)
+    image = torch.cat([src["image"], extra], dim=0)  # (2, X, Y, Z)
+    item = {"image": image, "label": src["label"], "affine": src["affine"]}
+    out = TumorSynthesisWrapper(DictDataset([item]), "liver", seed=0)[0]
+    assert out["image"].shape == image.shape and out["image"].dtype == torch.float32
+    assert not out["image"].is_cuda
+    assert torch.equal(out["image"][1], extra[0]), "channel 1 must be untouched"
+    assert not torch.equal(out["image"][0], src["image"][0])
+    assert (out["label"] == 2).any()
+    single = TumorSynthesisWrapper(DictDataset([dict(src)]), "liver", seed=0)[0]
+    assert torch.equal(out["image"][:1], single["image"])  # channel 0 as for one channel
+    assert torch.equal(image[1], extra[0])  # the input was not modified
