@@ -628,12 +628,14 @@ _KILL_MID_MESSAGE = textwrap.dedent(
         seen = set()
         while len(seen) < 2:  # both workers are up (worker w makes positions w, w + 2, ...)
             seen.add(next(it)["position"] % 2)
-        # the consumer is busy: wait until a worker is blocked inside a message (a sample is
-        # bigger than the pipe, so anything in it is an unfinished message)
+        # the consumer is busy: wait until the queue is full and the workers are blocked on
+        # it (sending; before samples went through a spool folder, a worker killed there
+        # left half a message in the pipe and the consumer hung)
         reader = p._q._reader.fileno()
         deadline = time.monotonic() + 20
-        while in_pipe(reader) < 32768 and time.monotonic() < deadline:
+        while p._q.qsize() < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(0.3)
         print("IN PIPE", in_pipe(reader), flush=True)
         for q in p._procs:
             os.kill(q.pid, signal.SIGKILL)
