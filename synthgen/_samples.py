@@ -41,6 +41,13 @@ class CaseSource:
     affine: Any = None
     organ: str | None = None
 
+    @property
+    def owns_arrays(self) -> bool:
+        """Whether :meth:`load` returns fresh arrays (read from files) a sample may modify."""
+        from .layouts import Case
+
+        return isinstance(self.image, (str, Path)) and isinstance(self.label, (str, Path, Case))
+
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image, label, affine)`` as arrays on one grid (files are read each call)."""
         from .io import load_nifti
@@ -230,6 +237,7 @@ class SampleMaker:
                 affine=affine,
                 min_organ_voxels=self.min_organ_voxels,
                 organ_mask=organ,
+                copy=not src.owns_arrays,  # a freshly read case is ours to modify
             )
             image, label, plan = res.image, res.label, res.plan
         origin = (0, 0, 0)

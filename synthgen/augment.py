@@ -27,9 +27,9 @@ class Implanted:
     """Result of :func:`implant_tumors`.
 
     Attributes:
-        image: The image with tumors (a new array; the input is not modified), same dtype.
-        label: The label map with ``tumor_label`` on tumor voxels (a new array), same dtype
-            (uint8 for a boolean mask).
+        image: The image with tumors, same dtype (a new array unless ``copy=False``).
+        label: The label map with ``tumor_label`` on tumor voxels, same dtype (uint8 for a
+            boolean mask; a new array unless ``copy=False``).
         plan: The rendered plan, or ``None`` when nothing was implanted.
         reason: Why nothing was implanted (``None`` when ``plan`` is set).
     """
@@ -79,6 +79,7 @@ def implant_tumors(
     affine: np.ndarray,
     min_organ_voxels: int = 64,
     organ_mask: np.ndarray | None = None,
+    copy: bool = True,
 ) -> Implanted:
     """Implant one sample of tumors into copies of ``image`` and ``label``.
 
@@ -93,6 +94,8 @@ def implant_tumors(
             :func:`affine_for` for arrays without one.
         min_organ_voxels: Below this many organ voxels nothing is implanted.
         organ_mask: The organ mask when the caller has it already (else computed).
+        copy: ``False`` renders into ``image`` and ``label`` themselves (for arrays the
+            caller owns, such as a freshly loaded case): no full-volume copies.
 
     Returns:
         An :class:`Implanted`; ``plan`` is ``None`` (and the arrays are unchanged copies)
@@ -101,9 +104,12 @@ def implant_tumors(
     if image.shape != label.shape or image.ndim != 3:
         raise ValueError(f"image {image.shape} and label {label.shape} must be the same 3-D grid")
     organ = organ_mask_of(label, organ_labels) if organ_mask is None else organ_mask
-    out_image = image.copy(order="K")
+    out_image = image.copy(order="K") if copy else image
     # A boolean organ mask cannot hold a tumor id: the label becomes uint8 (0/1/tumor).
-    out_label = label.astype(np.uint8) if label.dtype == np.bool_ else label.copy(order="K")
+    if label.dtype == np.bool_:
+        out_label = label.astype(np.uint8)
+    else:
+        out_label = label.copy(order="K") if copy else label
     count = int(np.count_nonzero(organ))
     if count < min_organ_voxels:
         return Implanted(out_image, out_label, None, f"organ has {count} voxels")

@@ -121,7 +121,9 @@ class Plan:
 
     def to_json(self, indent: int | None = None) -> str:
         """JSON text; floats are written exactly (``repr``), so the round trip is lossless."""
-        return json.dumps(self.to_dict(), indent=indent)
+        # The same document as to_dict(), without asdict's deep copy of every nested list.
+        doc = {**self.__dict__, "tumors": [t.__dict__ for t in self.tumors]}
+        return json.dumps(doc, indent=indent)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
