@@ -165,6 +165,42 @@ def reset_peak_rss() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------ datasets
+
+
+def bench_data_root() -> Path:
+    """Where benchmark datasets are cached (``SYNTHGEN_BENCH_DATA`` or ``bench-data/``)."""
+    return Path(os.environ.get("SYNTHGEN_BENCH_DATA", ROOT / "bench-data"))
+
+
+def phantom_dataset(
+    root: Path, n: int, shape: Sequence[int], spacing: Sequence[float], seed0: int = 0
+) -> Path:
+    """At least ``n`` phantom cases (int16 CT + liver mask, AbdomenAtlas layout, nibabel's
+    default gzip level) in ``root``, written once: each case appears by a folder rename."""
+    import shutil
+
+    import nibabel as nib
+
+    from synthgen.phantom import make_phantom
+
+    for k in range(n):
+        case = root / f"PHANTOM_{k:04d}"
+        if (case / "segmentations" / "liver.nii.gz").is_file():
+            continue
+        ph = make_phantom(tuple(shape), tuple(spacing), seed=seed0 + k)
+        tmp = root / f".{case.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "segmentations").mkdir(parents=True)
+        ct = np.asfortranarray(ph.image)  # as a scanner's NIfTI stores it
+        nib.save(nib.Nifti1Image(ct, ph.affine), str(tmp / "ct.nii.gz"))
+        liver = np.asfortranarray(ph.mask("liver").astype(np.uint8))
+        nib.save(nib.Nifti1Image(liver, ph.affine), str(tmp / "segmentations" / "liver.nii.gz"))
+        shutil.rmtree(case, ignore_errors=True)
+        tmp.rename(case)
+    return root
+
+
 # ------------------------------------------------------------------------------ children
 
 

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -59,32 +58,12 @@ print(time.perf_counter() - t0)
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("SYNTHGEN_BENCH_DATA", C.ROOT / "bench-data")) / "batch-512"
+    return C.bench_data_root() / "batch-512"
 
 
 def make_dataset(n: int) -> Path:
     """The cached phantom dataset with at least ``n`` cases; returns its folder."""
-    import nibabel as nib
-    import numpy as np
-
-    from synthgen.phantom import make_phantom
-
-    root = data_dir()
-    for k in range(n):
-        case = root / f"PHANTOM_{k:04d}"
-        if (case / "segmentations" / "liver.nii.gz").is_file():
-            continue
-        ph = make_phantom(SHAPE, SPACING, seed=k)
-        tmp = root / f".{case.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "segmentations").mkdir(parents=True)
-        ct = np.asfortranarray(ph.image)  # as a scanner's NIfTI stores it
-        nib.save(nib.Nifti1Image(ct, ph.affine), str(tmp / "ct.nii.gz"))
-        liver = np.asfortranarray(ph.mask("liver").astype(np.uint8))
-        nib.save(nib.Nifti1Image(liver, ph.affine), str(tmp / "segmentations" / "liver.nii.gz"))
-        shutil.rmtree(case, ignore_errors=True)
-        tmp.rename(case)
-    return root
+    return C.phantom_dataset(data_dir(), n, SHAPE, SPACING, seed0=0)
 
 
 def _subset(root: Path, n: int, where: Path) -> Path:

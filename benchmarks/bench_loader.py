@@ -18,8 +18,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,31 +36,12 @@ TARGET = 0.8
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("SYNTHGEN_BENCH_DATA", C.ROOT / "bench-data")) / "loader-256"
+    return C.bench_data_root() / "loader-256"
 
 
 def make_dataset(n: int) -> Path:
-    import nibabel as nib
-    import numpy as np
-
-    from synthgen.phantom import make_phantom
-
-    root = data_dir()
-    for k in range(n):
-        case = root / f"PHANTOM_{k:04d}"
-        if (case / "segmentations" / "liver.nii.gz").is_file():
-            continue
-        ph = make_phantom(SHAPE, SPACING, seed=100 + k)
-        tmp = root / f".{case.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "segmentations").mkdir(parents=True)
-        img = nib.Nifti1Image(np.asfortranarray(ph.image), ph.affine)
-        nib.save(img, str(tmp / "ct.nii.gz"))
-        liver = nib.Nifti1Image(np.asfortranarray(ph.mask("liver").astype(np.uint8)), ph.affine)
-        nib.save(liver, str(tmp / "segmentations" / "liver.nii.gz"))
-        shutil.rmtree(case, ignore_errors=True)
-        tmp.rename(case)
-    return root
+    """The cached phantom dataset with at least ``n`` cases; returns its folder."""
+    return C.phantom_dataset(data_dir(), n, SHAPE, SPACING, seed0=100)
 
 
 def _loader(cases, synthesize: bool, workers: int):

@@ -149,6 +149,13 @@ def _affine_of(img: Any, label: Any, spacing: tuple[float, float, float] | None)
     return affine_for(spacing)
 
 
+def _draw_seed(R: np.random.RandomState) -> int:
+    """A 63-bit sample seed from MONAI's per-transform ``RandomState``."""
+    hi = int(R.randint(0, 2**31))
+    lo = int(R.randint(0, 2**32, dtype=np.int64))
+    return (hi << 32) | lo
+
+
 class RandTumorSynthesis(RandomizableTransform):
     """Randomly implant synthetic tumors into a CT image and its label map (MONAI array form).
 
@@ -209,9 +216,7 @@ class RandTumorSynthesis(RandomizableTransform):
         super().randomize(None)
         if not self._do_transform:
             return
-        hi = int(self.R.randint(0, 2**31))
-        lo = int(self.R.randint(0, 2**32, dtype=np.int64))
-        self._seed = (hi << 32) | lo
+        self._seed = _draw_seed(self.R)
 
     def __call__(
         self, img: NdarrayOrTensor, label: NdarrayOrTensor, randomize: bool = True
@@ -386,9 +391,7 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
         super().randomize(None)
         if not self._do_transform:
             return
-        hi = int(self.R.randint(0, 2**31))
-        lo = int(self.R.randint(0, 2**32, dtype=np.int64))
-        self._seed = (hi << 32) | lo
+        self._seed = _draw_seed(self.R)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, Any]:
         """Implant tumors into ``data[keys[0]]`` and ``data[keys[1]]`` (see the class doc).
