@@ -289,8 +289,11 @@ def synth(
         raise typer.BadParameter("synth takes one organ; use batch with a CSV for several")
     dev = _check_device(device)
     presets = _preset_map([preset] if preset else None, organs)
+    name = _stem(ct) if ct.name.endswith((".nii", ".nii.gz")) else ct.stem
+    if name == "ct" and ct.resolve().parent.name:  # BDMAP_x/ct.nii.gz: the case's folder
+        name = ct.resolve().parent.name
     case = Case(
-        _stem(ct) if ct.name.endswith((".nii", ".nii.gz")) else ct.stem,
+        name,
         ct,
         {organs[0]: (MaskSource(mask, None if label_id is None else (label_id,)),)},
     )

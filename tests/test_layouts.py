@@ -864,3 +864,13 @@ def test_unknown_format_fails(datasets, tmp_path) -> None:
     assert res.exit_code != 0
     assert "unknown format 'foo'" in res.output and "atlas, nnunet" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_synth_names_a_ct_file_after_its_case_folder(scan_files, tmp_path) -> None:
+    _, ct, mask, _ = scan_files
+    case = tmp_path / "BDMAP_00000042"
+    case.mkdir()
+    (case / "ct.nii.gz").write_bytes(ct.read_bytes())
+    out = tmp_path / "out"
+    cli("synth", case / "ct.nii.gz", "--mask", mask, "--organ", "liver", "--out", out)
+    assert [p.name for p in out.iterdir() if p.is_dir()] == ["BDMAP_00000042_s000"]
