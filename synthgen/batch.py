@@ -167,11 +167,11 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     reason instead of failing the case, so the case's other organs still get tumors.
     """
     from .io import load_nifti
+    from .planning import index_organ
 
     image, affine, header = load_nifti(case.ct)
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError(f"{case.ct}: image holds NaN or inf values")
-    from .planning import index_organ
 
     organs: dict[str, np.ndarray] = {}
     indexes: dict[str, Any] = {}
@@ -191,14 +191,16 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             if case.lesions.get(organ):
                 les = load_mask(case.lesions[organ], image.shape, affine)
                 region |= les
-            if not region.any():
-                names = ", ".join(str(s.path) for s in case.organs[organ])
-                raise ValueError(f"{names}: {organ} mask is empty (structure absent)")
+            index = index_organ(region)  # one scan: bounding box and voxel count
+        except ValueError as e:
+            names = ", ".join(str(s.path) for s in case.organs[organ])
+            msg = _short(e)
+            skipped[organ] = msg if msg.startswith(names) else f"{names}: {organ}: {msg}"
+            continue
         except Exception as e:
             skipped[organ] = _short(e)
             continue
-        organs[organ], lesions[organ] = region, les
-        indexes[organ] = index_organ(region)
+        organs[organ], lesions[organ], indexes[organ] = region, les, index
         if plain and len(srcs) == 1 and les is None:
             verbatim[organ] = srcs[0].path
     return LoadedCase(case, image, affine, header, organs, indexes, lesions, verbatim, skipped)
