@@ -193,7 +193,7 @@ def test_reference_labels_match_the_masks(ds4: Path, ref4: Path) -> None:
         assert set(np.unique(label)) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("mode", ["workers2", "shards", "dask"])
+@pytest.mark.parametrize("mode", ["workers2", "shards", "dask", "dask-local"])
 def test_outputs_byte_identical(mode: str, ds4: Path, ref4: Path, tmp_path: Path, request) -> None:
     out = tmp_path / "out"
     base = [ds4, "--out", out, "--organ", TWO_ORGANS, "--per-case", 2]
@@ -201,6 +201,8 @@ def test_outputs_byte_identical(mode: str, ds4: Path, ref4: Path, tmp_path: Path
         runs = [["--workers", 2]]
     elif mode == "shards":  # one after the other into the same folder, no --resume needed
         runs = [["--shard", "0/2"], ["--shard", "1/2"]]
+    elif mode == "dask-local":  # synthgen starts (and stops) its own LocalCluster
+        runs = [["--scheduler", "local", "--workers", 1]]
     else:
         cluster = request.getfixturevalue("dask_cluster")
         runs = [["--scheduler", cluster.scheduler_address]]
