@@ -1,0 +1,59 @@
+"""A minimal ctypes binding of NVRTC, the compiler CuPy uses at run time (no GPU needed).
+
+Finds ``libnvrtc`` from the ``nvidia-cuda-nvrtc-cu12`` wheel (``nvidia/cuda_nvrtc/lib``), the
+CUDA 13 wheels (``nvidia/cu13/lib``) or ``$CUDA_HOME/lib64``, and compiles a CUDA C source to
+PTX for one virtual architecture; an error raises with NVRTC's log, which names the file and
+line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+from pathlib import Path
+
+
+def find_libnvrtc() -> str | None:
+    roots = [Path(p) / "nvidia" for p in sys.path if p and Path(p, "nvidia").is_dir()]
+    pats = [str(r / sub / "libnvrtc.so*") for r in roots for sub in ("cuda_nvrtc/lib", "cu13/lib")]
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        pats.append(str(Path(home) / "lib64" / "libnvrtc.so*"))
+    for pat in pats:
+        for path in sorted(glob.glob(pat)):
+            if "builtins" not in path and ".alt." not in path:
+                return path
+    return None
+
+
+class NVRTCError(RuntimeError):
+    pass
+
+
+def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
+    """PTX of ``source`` for ``arch`` (e.g. ``"compute_80"``); raises NVRTCError with the log."""
+    lib = ctypes.CDLL(find_libnvrtc() or "libnvrtc.so")
+    prog = ctypes.c_void_p()
+    src = source.read_text().encode()
+    rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, str(source).encode(), 0, None, None)
+    if rc != 0:
+        raise NVRTCError(f"{source}: nvrtcCreateProgram failed ({rc})")
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++14"]
+    opts += [f"--include-path={d}".encode() for d in include_dirs]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    try:
+        rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if rc != 0:
+            raise NVRTCError(log.value.decode(errors="replace"))
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))

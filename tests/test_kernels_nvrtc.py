@@ -1,0 +1,43 @@
+"""Every CUDA C kernel in kernels/ compiles to PTX with NVRTC for sm_80 and sm_90.
+
+NVRTC is the compiler CuPy uses at run time; the ``nvidia-cuda-nvrtc-cu12`` wheel (a test
+extra) brings it without the CUDA toolkit or a GPU. A compile error fails with NVRTC's log,
+which names the kernel's file and line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _nvrtc import NVRTCError, compile_to_ptx, find_libnvrtc
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+SOURCES = sorted(KERNELS.glob("*.cu"))
+
+pytestmark = pytest.mark.skipif(
+    find_libnvrtc() is None, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)"
+)
+
+
+def test_there_are_kernels() -> None:
+    assert SOURCES, f"no .cu files in {KERNELS}"
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
+def test_kernel_compiles(source: Path, arch: str) -> None:
+    try:
+        ptx = compile_to_ptx(source, arch, [KERNELS])
+    except NVRTCError as e:
+        pytest.fail(f"{source.name} does not compile for {arch}:\n{e}")
+    assert ".entry" in ptx and f".target sm_{arch.split('_')[1]}" in ptx
+
+
+def test_a_compile_error_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.cu"
+    bad.write_text(
+        '#include "hash.cuh"\nextern "C" __global__ void f(float* o) {\n  o[0] = x;\n}\n'
+    )
+    with pytest.raises(NVRTCError, match=r"broken\.cu\(3\)"):
+        compile_to_ptx(bad, "compute_80", [KERNELS])
