@@ -456,6 +456,64 @@ def preview(
 
 
 @app.command()
+def qa(
+    sample_root: Annotated[
+        Path, typer.Argument(help="A sample folder, or a batch/demo output folder holding them.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Report folder (default: SAMPLE_ROOT/qa)."),
+    ] = None,
+    montage_max: Annotated[int, typer.Option(min=1, help="Samples in the montage at most.")] = 12,
+) -> None:
+    """Measure the tumors in synthesized samples (size, contrast, halo, inside share,
+    impossible values) against the presets' intended ranges; writes report.md, qa.json,
+    histograms and a montage. Exit code 1 when an impossible value is found."""
+    from synthgen.qa import qa_report
+
+    try:
+        summary = qa_report(sample_root, out, montage_max=montage_max)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {esc(str(e))}")
+        raise typer.Exit(2) from None
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100.0 * v:.0f}%"
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    table = Table(title=f"synthgen qa: {summary['n_samples']} samples")
+    cols = ("organ", "samples", "tumors", "median diam mm", "median contrast HU")
+    cols += ("diam in range", "contrast in range", "count in range", "CT out of range")
+    for col in (*cols, "tumor gas voxels"):
+        table.add_column(col, justify="left" if col == "organ" else "right")
+    for organ, o in summary["organs"].items():
+        q = o["quantiles"]
+        table.add_row(
+            organ,
+            str(o["samples"]),
+            str(o["tumors"]),
+            num(q["diameter_mm"]["median"]),
+            num(q["contrast_hu"]["median"]),
+            pct(o["share_diameter_in_range"]),
+            pct(o["share_contrast_in_range"]),
+            pct(o["share_count_in_range"]),
+            str(o["impossible"]["ct_out_of_range"]),
+            str(o["impossible"]["tumor_gas_voxels"]),
+        )
+    console.print(table)
+    console.print(f"report: {esc(summary['report'])}")
+    if summary["has_impossible"]:
+        imp = summary["impossible"]
+        console.print(
+            f"[red]impossible values:[/red] {imp['ct_out_of_range']} CT voxels out of range, "
+            f"{imp['tumor_gas_voxels']} tumor voxels below -200 HU"
+        )
+        raise typer.Exit(1)
+
+
+@app.command()
 def stream(
     input: Annotated[Path, typer.Argument(help="Dataset folder or CSV (as for batch).")],
     organ: Annotated[str, typer.Option("--organ", help="One organ: " + ", ".join(DEMO_ORGANS))],

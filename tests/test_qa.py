@@ -1,0 +1,166 @@
+"""``synthgen qa``: measurements checked against an independent recomputation on a small batch.
+
+The batch is two phantom cases of ``tests/_datasets.py`` (80 x 64 x 56 at 5 x 5 x 6 mm) with
+liver and kidney tumors, two samples per case.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from _datasets import write_dataset
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from synthgen.cli import app
+from synthgen.presets import LESION_NAMES
+from synthgen.qa import QUANTITIES, qa_report
+
+runner = CliRunner()
+ORGANS = ("liver", "kidney")
+
+
+def cli(*args: object, code: int | None = 0):
+    res = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
+    if code is not None:
+        assert res.exit_code == code, f"exit {res.exit_code}\n{res.output}\n{res.exception!r}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def batch_out(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("qa")
+    ds = write_dataset(root / "ds", "atlas1", 2)
+    out = root / "out"
+    cli("batch", ds, "--out", out, "--organ", ",".join(ORGANS), "--per-case", 2, "--device", "cpu")
+    return out
+
+
+def _samples(out: Path) -> list[Path]:
+    return sorted(p.parent for p in out.glob("*/tumors.json"))
+
+
+def test_qa_report_matches_independent_measurement(batch_out: Path, tmp_path: Path) -> None:
+    qa_dir = tmp_path / "qa"
+    res = cli("qa", batch_out, "-o", qa_dir)
+    assert "liver" in res.output and "kidney" in res.output
+    assert "report.md" in res.output
+    for name in ("report.md", "qa.json", "montage.png"):
+        assert (qa_dir / name).is_file(), name
+    import matplotlib.image as mpimg
+
+    for q in QUANTITIES:
+        img = mpimg.imread(qa_dir / f"hist_{q}.png")
+        assert img.ndim == 3 and img.shape[0] > 100
+    assert mpimg.imread(qa_dir / "montage.png").shape[0] > 100
+    report = (qa_dir / "report.md").read_text()
+    assert "| liver |" in report and "hist_diameter_mm.png" in report
+
+    doc = json.loads((qa_dir / "qa.json").read_text())
+    samples = {s["sample"]: s for s in doc["samples"]}
+    dirs = _samples(batch_out)
+    assert sorted(samples) == [d.name for d in dirs] and len(dirs) == 4
+    n_total = 0
+    for d in dirs:
+        s = samples[d.name]
+        assert s["ct_out_of_range"] == 0 and s["tumor_gas_voxels"] == 0
+        img = nib.load(str(d / "ct.nii.gz"))
+        vox_mm3 = abs(np.linalg.det(img.affine[:3, :3]))
+        assert vox_mm3 == pytest.approx(150.0)
+        ct = np.asarray(img.dataobj, dtype=np.float64)
+        for organ in ORGANS:
+            les = np.asarray(
+                nib.load(str(d / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz")).dataobj
+            )
+            comps, n = ndimage.label(les != 0)
+            o = s["organs"][organ]
+            assert o["n_tumors"] == n
+            n_total += n
+            expect = sorted(np.bincount(comps.ravel())[1:].tolist())
+            got = sorted(t["voxels"] for t in o["tumors"])
+            assert got == expect
+            for t in o["tumors"]:
+                assert t["volume_mm3"] == pytest.approx(t["voxels"] * vox_mm3)
+                d_eq = (6 * t["volume_mm3"] / np.pi) ** (1 / 3)
+                assert t["diameter_mm"] == pytest.approx(d_eq)
+                m = comps == t["component"]
+                assert t["mean_hu"] == pytest.approx(ct[m].mean())
+                assert t["gas_voxels"] == 0
+                if organ == "liver":
+                    assert t["inside_share"] == 1.0
+                assert 0.0 <= t["inside_share"] <= 1.0
+    summary = doc["summary"]
+    assert summary["n_tumors"] == n_total and summary["n_samples"] == 4
+    assert summary["has_impossible"] is False
+    liver = summary["organs"]["liver"]
+    assert liver["quantiles"]["inside_share"]["min"] == 1.0
+    assert liver["samples"] == 4
+    assert 0.0 <= liver["share_diameter_in_range"] <= 1.0
+    assert liver["intended"]["diameter_mm"] == [5.0, 90.0]  # liver radii 2.5 .. 45 mm
+
+
+def test_qa_flags_impossible_values(batch_out: Path, tmp_path: Path) -> None:
+    src = _samples(batch_out)[0]
+    root = tmp_path / "bad"
+    d = root / src.name
+    shutil.copytree(src, d)
+    img = nib.load(str(d / "ct.nii.gz"))
+    ct = np.asarray(img.dataobj).astype(np.int16)
+    les = np.asarray(nib.load(str(d / "segmentations" / "liver_lesion.nii.gz")).dataobj) != 0
+    tumor_vox = tuple(np.argwhere(les)[0])
+    outside = tuple(np.argwhere(~les)[0])
+    ct[outside] = -3000
+    ct[tumor_vox] = -500
+    nib.save(nib.Nifti1Image(ct, img.affine), str(d / "ct.nii.gz"))
+
+    res = cli("qa", root, code=1)
+    assert "impossible" in res.output
+    summary = qa_report(root, tmp_path / "qa2")
+    assert summary["impossible"] == {"ct_out_of_range": 1, "tumor_gas_voxels": 1}
+    assert summary["has_impossible"] is True
+    assert (root / "qa" / "report.md").is_file()  # the CLI's default output folder
+
+
+def test_qa_single_sample_and_bad_input(batch_out: Path, tmp_path: Path) -> None:
+    one = _samples(batch_out)[0]
+    summary = qa_report(one, tmp_path / "one", montage_max=1)
+    assert summary["n_samples"] == 1
+    res = cli("qa", tmp_path / "missing", code=2)
+    assert "missing" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = cli("qa", empty, code=2)
+    assert "no sample folder" in res.output
+    with pytest.raises(ValueError, match="no sample folder"):
+        qa_report(empty)
+
+
+def test_qa_reads_demo_folders(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    cli(
+        "demo",
+        "--out",
+        out,
+        "--shape",
+        "80,64,56",
+        "--spacing",
+        "5,5,6",
+        "--organs",
+        "liver,kidney",
+        "--no-preview",
+    )
+    summary = qa_report(out)
+    assert summary["n_samples"] == 2
+    assert set(summary["organs"]) == {"liver", "kidney"}
+    doc = json.loads((out / "qa" / "qa.json").read_text())
+    for s in doc["samples"]:
+        organ = Path(s["path"]).name
+        les = nib.load(str(out / organ / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz"))
+        _, n = ndimage.label(np.asarray(les.dataobj) != 0)
+        assert s["organs"][organ]["n_tumors"] == n
+        assert s["organs"][organ]["planned_tumors"] >= 1
