@@ -40,7 +40,8 @@ def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, str(source).encode(), 0, None, None)
     if rc != 0:
         raise NVRTCError(f"{source}: nvrtcCreateProgram failed ({rc})")
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++14"]
+    # --fmad=false: no FMA contraction, so the kernels round as the CPU path does.
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++14", b"--fmad=false"]
     opts += [f"--include-path={d}".encode() for d in include_dirs]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     try:

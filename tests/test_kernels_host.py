@@ -23,6 +23,23 @@ KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
 _WRAPPER = r"""
 #include "hash.cuh"
+#include "shape.cuh"
+extern "C" void sg_host_shape_mask(const float* ctrl, int g0, int g1, int g2,
+                                   const float* w0, const float* w1, const float* w2,
+                                   const float* pos0, const float* pos1, const float* pos2,
+                                   const double* m, const unsigned char* organ,
+                                   const float* image, float tlo, float thi, int clip,
+                                   int nx, int ny, int nz, unsigned char* out) {
+    long long t = 0;
+    for (int i = 0; i < nx; ++i)
+        for (int j = 0; j < ny; ++j)
+            for (int k = 0; k < nz; ++k, ++t) {
+                float q2 = sg_shape_q2(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1,
+                                       w2 + k * g2, pos0[i], pos1[j], pos2[k], m);
+                float v = image[t];
+                out[t] = (q2 <= 1.0f) && (!clip || organ[t]) && v >= tlo && v <= thi;
+            }
+}
 extern "C" void sg_host_mix32(const sg_u32* x, sg_u32* out, long long n) {
     for (long long t = 0; t < n; ++t) out[t] = sg_mix32(x[t]);
 }
@@ -55,6 +72,12 @@ def host_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     dll.sg_host_mix32.argtypes = [u32p, u32p, ctypes.c_longlong]
     dll.sg_host_lattice_uniform.argtypes = [f32p, ctypes.c_uint32, ctypes.c_uint32]
     dll.sg_host_lattice_uniform.argtypes += [ctypes.c_int] * 6 + [ctypes.c_float]
+    u8p = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
+    f64p = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
+    dll.sg_host_shape_mask.argtypes = (
+        [f32p] + [ctypes.c_int] * 3 + [f32p] * 6 + [f64p, u8p, f32p]
+        + [ctypes.c_float] * 2 + [ctypes.c_int] * 4 + [u8p]
+    )  # fmt: skip
     return dll
 
 
@@ -77,3 +100,39 @@ def test_lattice_uniform_matches_numba_and_numpy(host_lib: ctypes.CDLL, seed: in
     ii, jj, kk = np.meshgrid(*(np.arange(s) + o for o, s in zip(a, n, strict=True)), indexing="ij")
     idx = ((ii + 512) << 20) | ((jj + 512) << 10) | (kk + 512)
     np.testing.assert_array_equal(out, uniform_from_index((k0, k1), idx) - np.float32(0.5))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_shape_mask_matches_numba(host_lib: ctypes.CDLL, seed: int) -> None:
+    """The fused B-spline + ellipsoid test of kernels/shape.cuh gives the numba kernel's mask
+    (the same operations in the same order; the GPU kernel compiles with --fmad=false)."""
+    from synthgen.phantom import make_phantom
+    from synthgen.planning import make_plan
+    from synthgen.rendering import _shape_inputs, tumor_box
+
+    ph = make_phantom((96, 80, 64), (4.0, 4.0, 5.0), seed=0)
+    liver = ph.mask("liver")
+    plan = make_plan(ph.image, liver, organ="liver", affine=ph.affine, seed=seed, size="large")
+    for t in plan.tumors:
+        box = tumor_box(t, plan.spacing, plan.shape)
+        pos = [
+            (np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * plan.spacing[a]
+            for a in range(3)
+        ]
+        ctrl, w, pos32, m = _shape_inputs(t, pos)
+        organ = np.ascontiguousarray(liver[box])
+        image = np.ascontiguousarray(ph.image[box], dtype=np.float32)
+        ref = np.empty(organ.shape, dtype=np.bool_)
+        k.shape_mask(
+            ctrl, *w, *pos32, m, organ, image, np.float32(-100), np.float32(300), True, ref
+        )
+        out = np.full(organ.shape, 7, dtype=np.uint8)  # poisoned: every element is written
+        g = ctrl.shape[1:]
+        host_lib.sg_host_shape_mask(
+            np.ascontiguousarray(ctrl), *g, *(np.ascontiguousarray(x) for x in w),
+            *(np.ascontiguousarray(p) for p in pos32), np.ascontiguousarray(m, np.float64),
+            organ.view(np.uint8), image, -100.0, 300.0, 1, *organ.shape, out,
+        )  # fmt: skip
+        assert set(np.unique(out)) <= {0, 1}
+        assert ref.any()
+        np.testing.assert_array_equal(out.view(np.bool_), ref)
