@@ -25,6 +25,34 @@ _WRAPPER = r"""
 #include "hash.cuh"
 #include "shape.cuh"
 #include "blend.cuh"
+#include "texture.cuh"
+extern "C" void sg_host_band_axis(const float* in, float* out, int n0, int n1, int n2,
+                                  int axis, const long long* s, const float* w, int m, int K) {
+    int o0 = axis == 0 ? m : n0, o1 = axis == 1 ? m : n1, o2 = axis == 2 ? m : n2;
+    long long t = 0;
+    for (int a = 0; a < o0; ++a)
+        for (int b = 0; b < o1; ++b)
+            for (int c = 0; c < o2; ++c, ++t) {
+                if (axis == 2)
+                    out[t] = sg_band_point(in + ((long long)a * n1 + b) * n2, 1, s, w, K, c);
+                else if (axis == 1)
+                    out[t] = sg_band_point(in + (long long)a * n1 * n2 + c, n2, s, w, K, b);
+                else
+                    out[t] = sg_band_point(in + (long long)b * n2 + c, (long long)n1 * n2, s, w,
+                                           K, a);
+            }
+}
+extern "C" void sg_host_block_sums(const float* z, const double* in0, const double* in1,
+                                   const double* in2, double zscale, double base, double scale,
+                                   sg_u32 k0, sg_u32 k1, int b0, int b1, int b2,
+                                   double n_cells, int nx, int ny, int nz, float* out) {
+    long long t = 0;
+    for (int i = 0; i < nx; ++i)
+        for (int j = 0; j < ny; ++j)
+            for (int k = 0; k < nz; ++k, ++t)
+                out[t] = sg_block_fraction(z[t], zscale * in0[i] * in1[j], in2[k], base, scale,
+                                           k0, k1, b0 + i, b1 + j, b2 + k, 1.0 / n_cells);
+}
 extern "C" void sg_host_blend(const float* orig, const unsigned char* organ, float tlo,
                               float thi, const float* blur, const float* tgrid, int gy, int gz,
                               const long long* i0, const float* f0, const long long* i1,
@@ -114,6 +142,13 @@ def host_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     )  # fmt: skip
     dll.sg_host_apply.argtypes = (
         [f32p, f32p, f32p, u8p] + [ctypes.c_float] * 4 + [ctypes.c_int, ctypes.c_longlong, f64p]
+    )  # fmt: skip
+    dll.sg_host_band_axis.argtypes = (
+        [f32p, f32p] + [ctypes.c_int] * 4 + [i64p, f32p, ctypes.c_int, ctypes.c_int]
+    )  # fmt: skip
+    dll.sg_host_block_sums.argtypes = (
+        [f32p, f64p, f64p, f64p] + [ctypes.c_double] * 3 + [ctypes.c_uint32] * 2
+        + [ctypes.c_int] * 3 + [ctypes.c_double] + [ctypes.c_int] * 3 + [f32p]
     )  # fmt: skip
     return dll
 
@@ -215,3 +250,37 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
     )  # fmt: skip
     np.testing.assert_array_equal(host_out, target)
     assert stats[0] == cnt and stats[1] == acc  # sequential sums: bit for bit (GPU atomics: ~1e-12)
+
+
+def _band(rng: np.random.Generator, m: int, n: int, k_: int) -> tuple[np.ndarray, np.ndarray]:
+    s = rng.integers(0, n - k_ + 1, size=m).astype(np.int64)
+    return s, rng.normal(size=(m, k_)).astype(np.float32)
+
+
+def test_band_contraction_matches_numba(host_lib: ctypes.CDLL) -> None:
+    """Three sg_band_axis passes (axis 2, 1, 0) are band_contract3, bit for bit."""
+    rng = np.random.default_rng(11)
+    core = rng.normal(size=(9, 8, 7)).astype(np.float32)
+    (s0, w0), (s1, w1), (s2, w2) = _band(rng, 6, 9, 4), _band(rng, 5, 8, 3), _band(rng, 10, 7, 5)
+    ref = k.band_contract3(core, s0, w0, s1, w1, s2, w2)
+    x = core
+    for axis, (s, w) in ((2, (s2, w2)), (1, (s1, w1)), (0, (s0, w0))):
+        shape = list(x.shape)
+        shape[axis] = w.shape[0]
+        y = np.full(shape, np.nan, dtype=np.float32)  # poisoned: every element is written
+        host_lib.sg_host_band_axis(x, y, *x.shape, axis, s, w, *w.shape)
+        x = y
+    np.testing.assert_array_equal(x, ref)
+
+
+def test_block_sums_match_numba(host_lib: ctypes.CDLL) -> None:
+    rng = np.random.default_rng(12)
+    n = (7, 6, 5)
+    z = rng.normal(size=n).astype(np.float32)
+    inv = [rng.uniform(0.5, 2.0, m) for m in n]
+    k0, k1 = stream_key(99, 4)
+    args = (0.3, 0.2, 0.5, k0, k1, -3, 4, 10, 64.0)
+    ref = k.block_sums(z, *inv, *args)
+    out = np.full(n, np.nan, dtype=np.float32)
+    host_lib.sg_host_block_sums(z, *inv, *args, *n, out)
+    np.testing.assert_array_equal(out, ref)
