@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["derive_seed", "mix32", "stream_key", "uniform_from_index"]
+__all__ = ["derive_seed", "mix32", "seed_of", "stream_key", "uniform_from_index"]
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -47,6 +47,15 @@ def derive_seed(seed: int, index: int) -> int:
     a = _mix32_int(lo ^ _mix32_int(hi ^ _mix32_int((index * _GOLDEN + 1) & _M32)))
     b = _mix32_int(hi ^ _mix32_int(lo ^ _mix32_int((index * _GOLDEN + 2) & _M32)))
     return ((a << 32) | b) & ((1 << 63) - 1)
+
+
+def seed_of(*parts: object) -> int:
+    """A 63-bit seed from any labels (global seed, case id, epoch, index...): blake2b of
+    their text joined by NUL, so it is the same on every platform, run and process."""
+    import hashlib
+
+    h = hashlib.blake2b("\0".join(str(p) for p in parts).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
 def stream_key(seed: int, stream: int) -> tuple[int, int]:

@@ -8,7 +8,6 @@ same (seed, epoch, position), and no global random state is ever read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._hash import seed_of
 
 __all__ = ["CaseSource", "SampleMaker", "as_sources", "crop_patch"]
 
@@ -83,12 +84,11 @@ class CaseSource:
 
 
 def _case_id(x: Any, k: int) -> str:
+    from .layouts import _stem
+
     if isinstance(x, (str, Path)):
-        name = Path(x).name
-        for ext in (".nii.gz", ".nii"):
-            if name.endswith(ext):
-                return name[: -len(ext)]
-        return name
+        p = Path(x)
+        return _stem(p) if p.name.endswith((".nii.gz", ".nii")) else p.name
     return f"case{k:05d}"
 
 
@@ -123,11 +123,6 @@ def as_sources(cases: Iterable[Any], organ: str) -> list[CaseSource]:
     if not out:
         raise ValueError("no cases given")
     return out
-
-
-def _seed(*parts: Any) -> int:
-    h = hashlib.blake2b("\0".join(str(p) for p in parts).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
 def crop_patch(
@@ -205,7 +200,7 @@ class SampleMaker:
 
     def sample_seed(self, epoch: int, item: int) -> int:
         case = self.sources[item // self.samples_per_case]
-        return _seed(self.seed, case.case_id, epoch, item % self.samples_per_case)
+        return seed_of(self.seed, case.case_id, epoch, item % self.samples_per_case)
 
     def make(self, epoch: int, position: int) -> dict[str, Any]:
         """Sample at ``position`` of ``epoch`` as NumPy arrays (channel-first ``(1, ...)``).

@@ -16,7 +16,6 @@ that cannot be mapped) is recorded as failed with a one-line reason and the batc
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import queue
@@ -114,8 +113,9 @@ class Sample:
 
 def sample_seed(seed: int, case_id: str, index: int) -> int:
     """63-bit seed of sample ``index`` of ``case_id`` (stable across runs and platforms)."""
-    h = hashlib.blake2b(f"{int(seed)}\0{case_id}\0{int(index)}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+    from ._hash import seed_of
+
+    return seed_of(int(seed), case_id, int(index))
 
 
 def samples_for(case: Case, opts: BatchOptions) -> list[Sample]:

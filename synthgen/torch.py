@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ._samples import SampleMaker, _seed, as_sources, plan_of
+from ._hash import seed_of
+from ._samples import SampleMaker, as_sources, plan_of
 
 __all__ = ["SyntheticTumorDataset", "TumorSynthesisWrapper", "plan_of"]
 
@@ -259,7 +260,7 @@ class TumorSynthesisWrapper(Dataset):
 
         _in_worker()
         item = dict(self.dataset[index])
-        seed = _seed(self.seed, "item", self._epoch.value, int(index))
+        seed = seed_of(self.seed, "item", self._epoch.value, int(index))
         if np.random.default_rng(seed).random() >= self.prob:
             item["plan"] = ""
             return item
