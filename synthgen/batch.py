@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -510,13 +510,6 @@ def is_done(rec: dict[str, Any] | None, out: Path) -> bool:
     if not rec or rec.get("status") != "done":
         return False
     return all((out / f).is_file() for f in rec.get("outputs", []))
-
-
-def _options_dict(opts: BatchOptions) -> dict[str, Any]:
-    return asdict(opts)
-
-
-Progress = Callable[[dict[str, Any]], None]
 
 
 # --------------------------------------------------------------------------------------
