@@ -149,14 +149,22 @@ def _affine_of(img: Any, label: Any, spacing: tuple[float, float, float] | None)
     return affine_for(spacing)
 
 
-def _draw_seed(R: np.random.RandomState) -> int:
-    """A 63-bit sample seed from MONAI's per-transform ``RandomState``."""
-    hi = int(R.randint(0, 2**31))
-    lo = int(R.randint(0, 2**32, dtype=np.int64))
-    return (hi << 32) | lo
+class _SeededRandomizable(RandomizableTransform):
+    """``randomize`` draws whether to fire and, if so, a 63-bit sample seed, from ``self.R``."""
+
+    _seed: int = 0
+
+    def randomize(self, data: Any = None) -> None:
+        """Draw whether to fire and, if so, the sample seed (63 bits), all from ``self.R``."""
+        super().randomize(None)
+        if not self._do_transform:
+            return
+        hi = int(self.R.randint(0, 2**31))
+        lo = int(self.R.randint(0, 2**32, dtype=np.int64))
+        self._seed = (hi << 32) | lo
 
 
-class RandTumorSynthesis(RandomizableTransform):
+class RandTumorSynthesis(_SeededRandomizable):
     """Randomly implant synthetic tumors into a CT image and its label map (MONAI array form).
 
     The organ is the set of label voxels equal to ``organ_label`` (or to any of several ids);
@@ -210,13 +218,6 @@ class RandTumorSynthesis(RandomizableTransform):
             sp = np.diag(affine_for(spacing))[:3]  # validates: 3 positive numbers
             self.spacing = (float(sp[0]), float(sp[1]), float(sp[2]))
         self._seed = 0
-
-    def randomize(self, data: Any = None) -> None:
-        """Draw whether to fire and, if so, the sample seed (63 bits), all from ``self.R``."""
-        super().randomize(None)
-        if not self._do_transform:
-            return
-        self._seed = _draw_seed(self.R)
 
     def __call__(
         self, img: NdarrayOrTensor, label: NdarrayOrTensor, randomize: bool = True
@@ -327,7 +328,7 @@ class RandTumorSynthesis(RandomizableTransform):
         )
 
 
-class RandTumorSynthesisd(RandomizableTransform, MapTransform):
+class RandTumorSynthesisd(_SeededRandomizable, MapTransform):
     """Dictionary version of :class:`RandTumorSynthesis`: tumors into ``keys[0]`` and ``keys[1]``.
 
     ``d[keys[0]]`` is the channel-first image ``(C, X, Y, Z)`` in HU, ``d[keys[1]]`` its label
@@ -385,13 +386,6 @@ class RandTumorSynthesisd(RandomizableTransform, MapTransform):
             spacing=spacing,
         )
         self._seed = 0
-
-    def randomize(self, data: Any = None) -> None:
-        """Draw whether to fire and, if so, the sample seed (63 bits), all from ``self.R``."""
-        super().randomize(None)
-        if not self._do_transform:
-            return
-        self._seed = _draw_seed(self.R)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, Any]:
         """Implant tumors into ``data[keys[0]]`` and ``data[keys[1]]`` (see the class doc).

@@ -58,6 +58,7 @@ import numpy as np
 
 from .io import atomic_write_bytes, load_nifti, save_json
 from .presets import LESION_NAMES, ORGANS
+from .preview import _ORGAN_COLOUR, _TUMOR_COLOUR, _contour
 
 __all__ = ["CT_RANGE", "GAS_HU", "QUANTITIES", "find_samples", "qa_report"]
 
@@ -66,8 +67,6 @@ GAS_HU = -200.0
 _MARGIN_MM = 15.0
 _MIN_REF_VOXELS = 20
 _WINDOW = (40.0, 400.0)
-_ORGAN_COLOUR = "#00e5ff"
-_TUMOR_COLOUR = "red"
 # quantity -> (axis label, per-tumor key or None for the per-sample count)
 QUANTITIES: dict[str, str] = {
     "diameter_mm": "equivalent diameter, mm",
@@ -568,16 +567,8 @@ def _montage(samples: list[dict[str, Any]], montage_max: int) -> bytes:
             extent=ext,
             origin="upper",
         )
-        for m, colour in ((om, _ORGAN_COLOUR), (tm, _TUMOR_COLOUR)):
-            if min(m.shape) >= 2 and m.any() and not m.all():
-                ax.contour(
-                    m.astype(np.float32),
-                    levels=[0.5],
-                    colors=[colour],
-                    linewidths=0.9,
-                    origin="upper",
-                    extent=ext,
-                )
+        _contour(ax, om, _ORGAN_COLOUR, ext)
+        _contour(ax, tm, _TUMOR_COLOUR, ext)
         # zoom on the tumor: display x grows to patient left, y to anterior (top)
         cx = (nx - 1 - x + 0.5) * sx
         cy = (y + 0.5) * sy
