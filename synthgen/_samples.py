@@ -179,12 +179,24 @@ class SampleMaker:
         from .presets import load_preset
 
         load_preset(self.organ)  # fail early, in the parent process
+        for name, kind in (("seed", int), ("samples_per_case", int), ("prob", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "tumor_label", int(self.tumor_label))
         if not 0.0 <= self.prob <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {self.prob}")
         if self.samples_per_case < 1:
             raise ValueError("samples_per_case must be >= 1")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             raise ValueError(f"patch_size must be 3 positive ints, got {self.patch_size}")
+
+    @classmethod
+    def build(
+        cls, cases: Iterable[Any], organ: str, *, patch_size: Sequence[int] | None = None, **kw: Any
+    ) -> SampleMaker:
+        """A maker over ``cases`` in any form :func:`as_sources` takes (the constructor of
+        ``synthgen.torch.SyntheticTumorDataset`` and ``synthgen.stream.Producer``)."""
+        patch = None if patch_size is None else tuple(int(s) for s in patch_size)
+        return cls(tuple(as_sources(cases, organ)), organ, patch_size=patch, **kw)
 
     def __len__(self) -> int:
         return len(self.sources) * self.samples_per_case
@@ -209,7 +221,7 @@ class SampleMaker:
         (JSON string, ``""`` when no tumor was implanted), ``origin`` (patch origin, voxels),
         ``spacing`` (mm).
         """
-        from .api import Synthesizer
+        from .api import shared_synthesizer
         from .augment import implant_tumors, organ_mask_of
         from .planning import resolve_spacing
 
@@ -225,7 +237,7 @@ class SampleMaker:
             res = implant_tumors(
                 image,
                 label,
-                synthesizer=Synthesizer(self.organ, size=self.size),
+                synthesizer=shared_synthesizer(self.organ, self.size),
                 organ_labels=src.organ_labels,
                 tumor_label=self.tumor_label,
                 seed=seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -150,3 +151,13 @@ class Synthesizer:
         return (
             f"Synthesizer(preset={self.preset.name!r}, size={self.size!r}, device={self.device!r})"
         )
+
+
+@functools.lru_cache(maxsize=64)
+def shared_synthesizer(spec: str, size: str | None = None, device: str = "cpu") -> Synthesizer:
+    """One :class:`Synthesizer` per (preset, size, device) in this process.
+
+    For code that draws many samples (a batch, a loader worker): a preset given as a TOML
+    path is read and validated once, not once per sample.
+    """
+    return Synthesizer(spec, size=size, device=device)

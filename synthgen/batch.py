@@ -239,7 +239,7 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     """Render one sample; returns (image, label, per-organ tumor masks, organ records,
     skipped organs). An organ the preset cannot use (too small for its tumors) is skipped
     with its reason; the sample fails only when no organ is left."""
-    from .api import Synthesizer
+    from .api import shared_synthesizer
     from .rendering import render
 
     image = lc.image.copy(order="K")
@@ -252,7 +252,7 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         region = lc.organs.get(organ)
         if region is None:
             continue
-        syn = Synthesizer(opts.presets.get(organ, organ), size=opts.size, device=opts.device)
+        syn = shared_synthesizer(opts.presets.get(organ, organ), opts.size, opts.device)
         seed = _organ_seed(sample.seed, organ)
         try:
             plan = syn.plan(

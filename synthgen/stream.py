@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ._samples import SampleMaker, as_sources
+from ._samples import SampleMaker
 
 __all__ = ["DEFAULT_AUTHKEY", "Producer", "StreamError", "connect", "parse_address", "serve"]
 
@@ -173,14 +173,14 @@ class Producer:
             raise ValueError("workers and queue_size must be >= 1")
         if epochs is not None and epochs < 1:
             raise ValueError("epochs must be >= 1 or None (forever)")
-        self.maker = SampleMaker(
-            tuple(as_sources(cases, organ)),
+        self.maker = SampleMaker.build(
+            cases,
             organ,
-            seed=int(seed),
-            samples_per_case=int(samples_per_case),
-            prob=float(prob),
+            seed=seed,
+            samples_per_case=samples_per_case,
+            prob=prob,
             size=size,
-            patch_size=None if patch_size is None else tuple(int(s) for s in patch_size),
+            patch_size=patch_size,
         )
         self.workers, self.queue_size, self.epochs, self.ordered = (
             int(workers),

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ._hash import seed_of
-from ._samples import SampleMaker, as_sources, plan_of
+from ._samples import SampleMaker, plan_of
 
 __all__ = ["SyntheticTumorDataset", "TumorSynthesisWrapper", "plan_of"]
 
@@ -129,15 +129,15 @@ class SyntheticTumorDataset(IterableDataset):
         synthesize: bool = True,
     ) -> None:
         super().__init__()
-        self.maker = SampleMaker(
-            tuple(as_sources(cases, organ)),
+        self.maker = SampleMaker.build(
+            cases,
             organ,
-            seed=int(seed),
-            samples_per_case=int(samples_per_case),
-            prob=float(prob),
-            tumor_label=int(tumor_label),
+            seed=seed,
+            samples_per_case=samples_per_case,
+            prob=prob,
+            tumor_label=tumor_label,
             size=size,
-            patch_size=None if patch_size is None else tuple(int(s) for s in patch_size),
+            patch_size=patch_size,
             shuffle=shuffle,
             synthesize=synthesize,
         )
