@@ -17,9 +17,8 @@ extern "C" __global__ void sg_blend_tumor(
     long long total = (long long)nx * ny * nz;
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
-        int k = (int)(t % nz);
-        int j = (int)((t / nz) % ny);
-        int i = (int)(t / ((long long)ny * nz));
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
         float b = blur[t];
         float v = orig[t];
         if (b <= 0.0f || v < tlo || v > thi) continue;

@@ -38,3 +38,11 @@ SG_FN float sg_uniform(sg_u32 k0, sg_u32 k1, sg_u32 index) {
 SG_FN sg_u32 sg_lattice_index(int i, int j, int k) {
     return ((sg_u32)(i + 512) << 20) | ((sg_u32)(j + 512) << 10) | (sg_u32)(k + 512);
 }
+
+// Voxel (i, j, k) of flat index t in a C-ordered (n0, n1, n2) array: the grid-stride loops of
+// every kernel walk flat indices.
+SG_FN void sg_unravel3(long long t, int n1, int n2, int* i, int* j, int* k) {
+    *k = (int)(t % n2);
+    *j = (int)((t / n2) % n1);
+    *i = (int)(t / ((long long)n1 * n2));
+}

@@ -13,9 +13,8 @@ extern "C" __global__ void sg_lattice_uniform(
     long long total = (long long)n0 * n1 * n2;
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
-        int k = (int)(t % n2);
-        int j = (int)((t / n2) % n1);
-        int i = (int)(t / ((long long)n1 * n2));
+        int i, j, k;
+        sg_unravel3(t, n1, n2, &i, &j, &k);
         out[t] = sg_uniform(k0, k1, sg_lattice_index(a0 + i, a1 + j, a2 + k)) - shift;
     }
 }

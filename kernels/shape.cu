@@ -15,9 +15,8 @@ extern "C" __global__ void sg_shape_mask(
     long long total = (long long)nx * ny * nz;
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
-        int k = (int)(t % nz);
-        int j = (int)((t / nz) % ny);
-        int i = (int)(t / ((long long)ny * nz));
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
         float q2 = sg_shape_q2(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1, w2 + k * g2,
                                pos0[i], pos1[j], pos2[k], m);
         float v = image[t];

@@ -12,9 +12,8 @@ extern "C" __global__ void sg_band_axis(
     long long total = (long long)o0 * o1 * o2;
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
-        int c = (int)(t % o2);
-        int b = (int)((t / o2) % o1);
-        int a = (int)(t / ((long long)o1 * o2));
+        int a, b, c;
+        sg_unravel3(t, o1, o2, &a, &b, &c);
         long long stride;
         const float* in0;
         int o;
@@ -39,9 +38,8 @@ extern "C" __global__ void sg_block_sums(
     double inv_n = 1.0 / n_cells;
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total;
          t += (long long)blockDim.x * gridDim.x) {
-        int k = (int)(t % nz);
-        int j = (int)((t / nz) % ny);
-        int i = (int)(t / ((long long)ny * nz));
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
         double nij = zscale * inv_norm0[i] * inv_norm1[j];
         out[t] = sg_block_fraction(z[t], nij, inv_norm2[k], base, scale, k0, k1, b0 + i,
                                    b1 + j, b2 + k, inv_n);
