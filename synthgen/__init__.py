@@ -8,16 +8,18 @@ uterus (plus ``liver-classic``, the published recipe) live in :mod:`synthgen.pre
 
 from __future__ import annotations
 
+from ._device import DeviceError
 from ._pool import set_num_threads
 from .api import SynthesisResult, Synthesizer, synthesize
 from .planning import OrganIndex, Plan, TumorPlan, index_organ
 from .planning import make_plan as plan
 from .presets import Preset, PresetError, list_presets, load_preset
-from .rendering import RenderResult, TumorRecord, render
+from .rendering import RenderResult, TumorRecord, render, render_batch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeviceError",
     "OrganIndex",
     "Plan",
     "Preset",
@@ -33,6 +35,7 @@ __all__ = [
     "load_preset",
     "plan",
     "render",
+    "render_batch",
     "set_num_threads",
     "synthesize",
 ]

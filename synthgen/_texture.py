@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,11 +37,13 @@ from ._hash import stream_key
 __all__ = [
     "STREAM_BERNOULLI",
     "STREAM_NOISE",
+    "TextureRecipe",
     "interp_coords",
     "lattice_index",
     "sample_trilinear",
     "texture_box",
     "texture_grid",
+    "texture_recipe",
 ]
 
 STREAM_NOISE = 1
@@ -69,47 +72,116 @@ def block_size_mm(sigma_b: float) -> int:
     return max(1, math.floor(sigma_b / 2.0))
 
 
-def block_fractions(
+@dataclass(frozen=True)
+class TextureRecipe:
+    """Every host-side number of one tumor's texture grid; a backend executes it.
+
+    The per-element work (lattice noise, banded Gaussian sums, Bernoulli block fractions, the
+    block-to-grid smoothing, the final rescale) runs on the CPU kernels
+    (:func:`run_recipe`) or on the GPU (``synthgen._cuda``) from these same arrays, so the
+    two backends cannot drift apart.
+
+    Attributes:
+        noise_key, bern_key: Counter-hash keys of the sigma_a noise and the Bernoulli draws.
+        lattice: ``(start, size)`` of the sigma_a noise lattice per axis.
+        bands: Band form ``(start, weights)`` of the lattice-to-block-centre sums per axis.
+        inv_norm: ``1 / ||row||`` of each band row per axis (float64).
+        zscale, base, scale: The probability field ``base + scale * clip(0.5 + zscale z)``.
+        blocks0: First block index per axis; ``n_cells``: cells per block.
+        kern, offs, out_shape: The block-to-grid smoothing (one kernel, offsets per axis).
+        threshold, u0: The published final rescale.
+        origin, step: Grid positions ``origin + step * index`` (mm from the centre).
+    """
+
+    noise_key: tuple[int, int]
+    bern_key: tuple[int, int]
+    lattice: tuple[tuple[int, int], ...]
+    bands: tuple[tuple[np.ndarray, np.ndarray], ...]
+    inv_norm: tuple[np.ndarray, ...]
+    zscale: float
+    base: float
+    scale: float
+    blocks0: tuple[int, int, int]
+    block_shape: tuple[int, int, int]
+    n_cells: float
+    kern: np.ndarray
+    offs: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    threshold: float
+    u0: float
+    origin: np.ndarray
+    step: float
+
+
+def texture_recipe(
     seed: int,
     params: Mapping[str, float],
-    blocks: tuple[np.ndarray, np.ndarray, np.ndarray],
-    k=None,
-) -> np.ndarray:
-    """Bernoulli success fraction ``S / h^3`` of every block (float32).
+    lo_mm: tuple[float, float, float],
+    hi_mm: tuple[float, float, float],
+) -> TextureRecipe:
+    """The host-side part of :func:`texture_grid` (see there), for any backend."""
+    from ._cpu_kernels import gaussian_band_nb
 
-    The probability field is ``base + scale * clip(0.5 + z / (2 range_sd), 0, 1)`` with ``z``
-    the standardised sigma_a noise at the block centres.
-    """
-    if k is None:
-        from . import _cpu_kernels as k
+    sb = float(params["sigma_b_mm"])
+    h_b = block_size_mm(sb)
+    out_idx = [lattice_range(lo_mm[a], hi_mm[a], h_b, float(h_b)) for a in range(3)]
+    blocks = tuple(lattice_range(o[0] * h_b, o[-1] * h_b, h_b, 3.0 * sb) for o in out_idx)
+    # The Bernoulli probability field: the block fractions ``S / h^3`` with
+    # ``p = base + scale * clip(0.5 + z / (2 range_sd), 0, 1)``, ``z`` the standardised
+    # sigma_a noise at the block centres.
     sa = float(params["sigma_a_mm"])
-    h_b = block_size_mm(float(params["sigma_b_mm"]))
     # Noise lattice sigma_a apart (never finer than the blocks), Gaussian truncated at 3 sigma:
     # the normalised lattice sum then has the Gaussian autocorrelation of voxel noise to
     # within ~1e-4 (Poisson summation), at a few lattice points per axis.
     h_a = max(sa, float(h_b))
     centres = [b * float(h_b) for b in blocks]
     lat = [lattice_range(c[0], c[-1], h_a, 3.0 * sa) for c in centres]
-    key = stream_key(seed, STREAM_NOISE)
     _check_lattice(lat)
-    noise = k.lattice_uniform(
-        key[0], key[1], lat[0][0], lat[0].size, lat[1][0], lat[1].size, lat[2][0], lat[2].size,
-        np.float32(0.5),
-    )  # fmt: skip
-    b = [
-        k.gaussian_band_nb(c, la[0], la.size, h_a, sa, 3.0)
-        for c, la in zip(centres, lat, strict=True)
-    ]
-    z = k.band_contract3(noise, b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1])
-    inv_norm = [1.0 / np.sqrt((w.astype(np.float64) ** 2).sum(axis=1)) for _, w in b]
-    kb = stream_key(seed, STREAM_BERNOULLI)
     _check_lattice(blocks)
-    # uniform noise has variance 1/12: z * sqrt(12) / norm is standard normal
+    bands = tuple(
+        gaussian_band_nb(c, la[0], la.size, h_a, sa, 3.0)
+        for c, la in zip(centres, lat, strict=True)
+    )
+    inv_norm = tuple(1.0 / np.sqrt((w.astype(np.float64) ** 2).sum(axis=1)) for _, w in bands)
+    # Block sums -> grid: one Gaussian kernel per axis (same lattice), normalised.
+    r = math.floor(3.0 * sb / h_b)
+    kern = np.exp(-0.5 * ((np.arange(-r, r + 1) * h_b) / sb) ** 2)
+    kern = (kern / kern.sum()).astype(np.float32)
+    return TextureRecipe(
+        noise_key=stream_key(seed, STREAM_NOISE),
+        bern_key=stream_key(seed, STREAM_BERNOULLI),
+        lattice=tuple((int(la[0]), int(la.size)) for la in lat),
+        bands=bands,
+        inv_norm=inv_norm,
+        # uniform noise has variance 1/12: z * sqrt(12) / norm is standard normal
+        zscale=math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
+        base=float(params["base"]),
+        scale=float(params["scale"]),
+        blocks0=tuple(int(b[0]) for b in blocks),  # type: ignore[arg-type]
+        block_shape=tuple(int(b.size) for b in blocks),  # type: ignore[arg-type]
+        n_cells=float(h_b**3),
+        kern=kern,
+        offs=tuple(int(o[0] - r - b[0]) for o, b in zip(out_idx, blocks, strict=True)),  # type: ignore[arg-type]
+        out_shape=tuple(len(o) for o in out_idx),  # type: ignore[arg-type]
+        threshold=float(params["threshold"]),
+        u0=float(params["u0"]),
+        origin=np.array([o[0] * float(h_b) for o in out_idx]),
+        step=float(h_b),
+    )
+
+
+def block_fractions(rc: TextureRecipe, k=None) -> np.ndarray:
+    """Bernoulli success fraction ``S / h^3`` of every block (float32), on the CPU kernels."""
+    if k is None:
+        from . import _cpu_kernels as k
+    (a0, n0), (a1, n1), (a2, n2) = rc.lattice
+    noise = k.lattice_uniform(rc.noise_key[0], rc.noise_key[1], a0, n0, a1, n1, a2, n2,
+                              np.float32(0.5))  # fmt: skip
+    b = rc.bands
+    z = k.band_contract3(noise, b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1])
     return k.block_sums(
-        z, inv_norm[0], inv_norm[1], inv_norm[2],
-        math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
-        float(params["base"]), float(params["scale"]),
-        kb[0], kb[1], blocks[0][0], blocks[1][0], blocks[2][0], h_b**3,
+        z, rc.inv_norm[0], rc.inv_norm[1], rc.inv_norm[2], rc.zscale, rc.base, rc.scale,
+        rc.bern_key[0], rc.bern_key[1], *rc.blocks0, rc.n_cells,
     )  # fmt: skip
 
 
@@ -117,6 +189,23 @@ def _check_lattice(lat) -> None:
     for c in lat:
         if c[0] < -_OFF or c[-1] >= _OFF:
             raise ValueError("texture lattice exceeds +-512 cells; tumor box too large")
+
+
+def run_recipe(rc: TextureRecipe, k=None) -> np.ndarray:
+    """Execute a :class:`TextureRecipe` on the CPU kernels: the texture grid (float32)."""
+    if k is None:
+        from . import _cpu_kernels as k
+    s = block_fractions(rc, k)
+    n = rc.out_shape
+    t = k.toeplitz_contract3(
+        s, rc.offs[0], rc.kern, n[0], rc.offs[1], rc.kern, n[1], rc.offs[2], rc.kern, n[2]
+    )
+    above = t[t > rc.threshold]
+    mean = float(above.mean()) if above.size else float(t.mean())
+    if mean > 0:
+        t *= np.float32(rc.u0 / mean)
+    np.clip(t, 0.0, 1.0, out=t)
+    return t
 
 
 def texture_grid(
@@ -143,32 +232,8 @@ def texture_grid(
         ``(grid, origin_mm, step_mm)``: float32 texture values in ``[0, 1]`` (mean about
         0.5) at positions ``origin_mm + step_mm * index`` along each axis.
     """
-    if k is None:
-        from . import _cpu_kernels as k
-    sb = float(params["sigma_b_mm"])
-    h_b = block_size_mm(sb)
-    out_idx = [lattice_range(lo_mm[a], hi_mm[a], h_b, float(h_b)) for a in range(3)]
-    blocks = tuple(lattice_range(o[0] * h_b, o[-1] * h_b, h_b, 3.0 * sb) for o in out_idx)
-    s = block_fractions(seed, params, blocks, k)
-    # Block sums -> grid: one Gaussian kernel per axis (same lattice), normalised.
-    r = math.floor(3.0 * sb / h_b)
-    kern = np.exp(-0.5 * ((np.arange(-r, r + 1) * h_b) / sb) ** 2)
-    kern = (kern / kern.sum()).astype(np.float32)
-    offs = [int(o[0] - r - b[0]) for o, b in zip(out_idx, blocks, strict=True)]
-    t = k.toeplitz_contract3(
-        s,
-        offs[0], kern, len(out_idx[0]),
-        offs[1], kern, len(out_idx[1]),
-        offs[2], kern, len(out_idx[2]),
-    )  # fmt: skip
-    thr = float(params["threshold"])
-    above = t[t > thr]
-    mean = float(above.mean()) if above.size else float(t.mean())
-    if mean > 0:
-        t *= np.float32(float(params["u0"]) / mean)
-    np.clip(t, 0.0, 1.0, out=t)
-    origin = np.array([o[0] * float(h_b) for o in out_idx])
-    return t, origin, float(h_b)
+    rc = texture_recipe(seed, params, lo_mm, hi_mm)
+    return run_recipe(rc, k), rc.origin, rc.step
 
 
 def interp_coords(pos_mm: np.ndarray, origin_mm: float, step_mm: float, n: int):

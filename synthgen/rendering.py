@@ -24,7 +24,15 @@ from ._pool import set_num_threads
 from ._texture import texture_grid
 from .planning import Plan, TumorPlan, _binary, check_arrays
 
-__all__ = ["HU_MAX", "HU_MIN", "RenderResult", "TumorRecord", "render", "set_num_threads"]
+__all__ = [
+    "HU_MAX",
+    "HU_MIN",
+    "RenderResult",
+    "TumorRecord",
+    "render",
+    "render_batch",
+    "set_num_threads",
+]
 
 HU_MIN = -1024.0
 HU_MAX = 3071.0
@@ -72,38 +80,58 @@ class RenderResult:
     """What a render produced.
 
     The full-volume ``tumor_mask`` and ``label`` are built on first access from the per-tumor
-    boxes, so rendering in place (``out=``) allocates nothing of the scan's size.
+    boxes, so rendering in place (``out=``) allocates nothing of the scan's size. They live
+    where the image lives: NumPy for NumPy images, CuPy for CuPy images, torch CUDA tensors
+    for torch CUDA tensors (shared through DLPack, no copy).
     """
 
-    image: np.ndarray
+    image: Any
     plan: Plan
     tumors: list[TumorRecord]
     organ_mask: Any
-    boxes: list[tuple[tuple[slice, slice, slice], np.ndarray]] = field(repr=False)
-    _tumor_mask: np.ndarray | None = field(default=None, repr=False)
-    _label: np.ndarray | None = field(default=None, repr=False)
+    boxes: list[tuple[tuple[slice, slice, slice], Any]] = field(repr=False)
+    wrap: Any = field(default=None, repr=False)
+    _tumor_mask: Any = field(default=None, repr=False)
+    _label: Any = field(default=None, repr=False)
 
-    def write_tumor_mask(self, out: np.ndarray) -> np.ndarray:
+    def _xp(self):
+        from ._device import array_kind
+
+        if (
+            any(array_kind(m) == "cupy" for _, m in self.boxes)
+            or array_kind(self.organ_mask) == "cupy"
+        ):
+            import cupy
+
+            return cupy
+        return np
+
+    def write_tumor_mask(self, out: Any) -> Any:
         """OR the tumor voxels into a caller-owned boolean array (boxes only)."""
         for sl, m in self.boxes:
-            out[sl] |= m
+            out[sl] |= m.astype(bool, copy=False)
         return out
 
     @property
-    def tumor_mask(self) -> np.ndarray:
+    def tumor_mask(self) -> Any:
         """Boolean mask of all tumor voxels (full volume, built once)."""
         if self._tumor_mask is None:
-            self._tumor_mask = self.write_tumor_mask(np.zeros(self.plan.shape, dtype=bool))
+            xp = self._xp()
+            m = self.write_tumor_mask(xp.zeros(self.plan.shape, dtype=bool))
+            self._tumor_mask = self.wrap(m) if self.wrap is not None else m
         return self._tumor_mask
 
     @property
-    def label(self) -> np.ndarray:
+    def label(self) -> Any:
         """uint8 label map: 0 background, 1 organ, 2 tumor (full volume, built once)."""
         if self._label is None:
-            lab = _binary(np.asarray(self.organ_mask)).astype(np.uint8)
+            xp = self._xp()
+            organ = xp.asarray(self.organ_mask)
+            lab = (organ if organ.dtype == bool else organ > 0.5).astype(xp.uint8)
             for sl, m in self.boxes:
-                lab[sl][m] = 2
-            self._label = lab
+                box = lab[sl]
+                box[m.astype(bool, copy=False)] = 2
+            self._label = self.wrap(lab) if self.wrap is not None else lab
         return self._label
 
 
@@ -305,6 +333,89 @@ def _render_tumor(
     return new_box, orig, delta, mask
 
 
+def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
+    if len(image.shape) != 3 or tuple(image.shape) != tuple(organ_mask.shape):
+        raise ValueError(
+            f"image {tuple(image.shape)} and organ_mask {tuple(organ_mask.shape)} must be 3-D "
+            "arrays of one shape"
+        )
+    if tuple(image.shape) != tuple(plan.shape):
+        raise ValueError(f"plan is for shape {tuple(plan.shape)}, image is {tuple(image.shape)}")
+    if out is not None:
+        if tuple(out.shape) != tuple(image.shape):
+            raise ValueError("out must have the image's shape")
+        if str(out.dtype) != str(image.dtype):
+            raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
+
+
+def render_batch(
+    plans: Sequence[Plan],
+    images: Any,
+    organ_masks: Any,
+    *,
+    outs: Sequence[Any] | None = None,
+    device: str = "auto",
+    affines: Sequence[np.ndarray | None] | None = None,
+    stream: Any = None,
+) -> list[RenderResult]:
+    """Render many plans at once: for one scan (pass one image and mask) or many.
+
+    On a GPU every kernel of every tumor of every plan is launched back to back, the small
+    plan data is uploaded in two copies and the host waits twice in all (not once per tumor
+    or per plan), optionally on the caller's stream (a CuPy stream, a ``torch.cuda.Stream``
+    or a raw ``cudaStream_t``). On the CPU it renders the plans one after another.
+
+    Args:
+        plans: The plans.
+        images: One image for all plans, or one per plan (NumPy, CuPy or torch).
+        organ_masks: One organ mask for all plans, or one per plan.
+        outs: One caller-owned output per plan holding its image (rendered in place; may be
+            the image itself when a single plan uses it); ``None``: a copy per plan.
+        device: As for :func:`render`.
+        affines: Optional affine per plan (world-mm centres in the records).
+        stream: GPU stream to work on.
+
+    Returns:
+        One :class:`RenderResult` per plan, in order.
+    """
+    n = len(plans)
+
+    def per_plan(x, name):
+        if isinstance(x, (list, tuple)):
+            if len(x) != n:
+                raise ValueError(f"{name}: {len(x)} given for {n} plans")
+            return list(x)
+        return [x] * n
+
+    images = per_plan(images, "images")
+    organ_masks = per_plan(organ_masks, "organ_masks")
+    outs = per_plan(outs, "outs") if outs is not None else [None] * n
+    affines = per_plan(affines, "affines") if affines is not None else [None] * n
+    if n == 0:
+        return []
+    from ._device import resolve_device
+
+    where = resolve_device(device, *images, *organ_masks, *[o for o in outs if o is not None])
+    if where.kind == "cpu":
+        return [
+            render(p, im, om, out=o, device="cpu", affine=a)
+            for p, im, om, o, a in zip(plans, images, organ_masks, outs, affines, strict=True)
+        ]
+    from ._cuda import render_on_gpu
+
+    for p, im, om, o in zip(plans, images, organ_masks, outs, strict=True):
+        _check_job(p, im, om, o)
+    return render_on_gpu(
+        plans,
+        images,
+        organ_masks,
+        device_id=where.index,
+        outs=outs,
+        affines=affines,
+        stream=stream,
+    )
+
+
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
     lo, hi = HU_MIN, HU_MAX
     if dtype.kind in "iu":
@@ -331,7 +442,10 @@ def render(
         out: Caller-owned array of the image's shape and dtype that already holds the image
             (it may be ``image`` itself): only the tumors' boxes are read and written.
             Without it a copy of ``image`` is made and returned.
-        device: ``"cpu"`` (``"auto"`` picks it for NumPy arrays).
+        device: ``"auto"`` follows the data (CuPy arrays and torch CUDA tensors render on
+            their GPU, in place through DLPack; NumPy arrays on the CPU), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"`` (NumPy data then stays on the host and only the
+            tumors' boxes travel to the GPU and back).
         affine: Optional voxel-to-world affine, only used to report centres in world mm.
 
     Returns:
@@ -339,12 +453,32 @@ def render(
 
     Raises:
         ValueError: Shapes or spacing that do not match the plan, or a bad ``out``.
+        synthgen.DeviceError: ``cuda`` asked for where CuPy, a driver or the GPU is missing.
     """
-    if device not in ("cpu", "auto"):
-        raise ValueError(
-            f"device {device!r} is not available in this version of synthgen (CPU backend "
-            "only); use device='cpu'"
+    from ._device import array_kind, resolve_device
+
+    where = resolve_device(device, image, organ_mask, *([out] if out is not None else []))
+    if where.kind == "cuda":
+        from ._cuda import render_on_gpu
+
+        _check_job(plan, image, organ_mask, out)
+        return render_on_gpu(
+            [plan], [image], [organ_mask], device_id=where.index, outs=[out], affines=[affine]
+        )[0]
+    if array_kind(image) == "torch-cpu":  # CPU tensors: NumPy views, results as tensors
+        import torch
+
+        res = render(
+            plan,
+            image.numpy(),
+            organ_mask.numpy() if array_kind(organ_mask) == "torch-cpu" else organ_mask,
+            out=out.numpy() if out is not None else None,
+            device="cpu",
+            affine=affine,
         )
+        res.image = out if out is not None else torch.from_numpy(res.image)
+        res.wrap = torch.from_numpy
+        return res
     check_arrays(image, organ_mask)
     if tuple(image.shape) != tuple(plan.shape):
         raise ValueError(f"plan is for shape {tuple(plan.shape)}, image is {tuple(image.shape)}")
@@ -421,6 +555,21 @@ def render(
             masks[i] = (boxes[i], m)
             stats[i] = (n, mc)
 
+    return assemble(plan, target, organ_mask, stats, masks, affine)
+
+
+def assemble(
+    plan: Plan,
+    image: Any,
+    organ_mask: Any,
+    stats: dict[int, tuple[int, float]],
+    masks: dict[int, tuple[tuple[slice, slice, slice], Any]],
+    affine: np.ndarray | None,
+    wrap=None,
+) -> RenderResult:
+    """The :class:`RenderResult` of a render: per-tumor records from ``stats`` (voxel count,
+    mean change) and ``masks`` (box, mask on that box), on any backend."""
+    sp = plan.spacing
     voxel_mm3 = sp[0] * sp[1] * sp[2]
     records = []
     for i, t in enumerate(plan.tumors):
@@ -431,7 +580,7 @@ def render(
             center_mm = tuple(float(x) for x in cmm[:3])
         else:
             center_mm = tuple(float(x) for x in cv * np.asarray(sp))
-        b = boxes.get(i)
+        b = masks[i][0] if i in masks else None
         records.append(
             TumorRecord(
                 index=t.index,
@@ -448,9 +597,10 @@ def render(
             )
         )
     return RenderResult(
-        image=target,
+        image=image,
         plan=plan,
         tumors=records,
         organ_mask=organ_mask,
         boxes=[masks[i] for i in sorted(masks)],
+        wrap=wrap,
     )

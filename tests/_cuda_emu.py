@@ -1,0 +1,151 @@
+"""Run the CUDA backend's driver without a GPU: the kernels of kernels/ compiled for the host.
+
+Each ``.cu`` file is compiled by the host C++ compiler with a small prelude that makes a
+``__global__`` function an ordinary ``extern "C"`` function running its grid-stride loop on
+one "thread" (``blockIdx = 0``, ``blockDim = gridDim = 1``) and gives the atomics their
+sequential meaning. :class:`HostBackend` then offers what ``synthgen._cuda`` needs of a
+backend (``xp``, ``launch``, ``upload``, ``download``, ``on_device``, ``context``) with NumPy
+as ``xp``, so the very driver that runs on a GPU runs in CI on the same CUDA C sources.
+
+Every launch is checked against the kernel's C signature, parsed from the source: each
+pointer argument must be a C-contiguous array of the pointed-to type and each scalar a NumPy
+scalar of the parameter's exact type (CuPy passes a scalar by its NumPy type, so a mismatch
+there would silently corrupt a GPU launch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+
+PRELUDE = r"""
+#pragma once
+#include <math.h>
+#define __global__
+struct sg_dim3 { unsigned int x, y, z; };
+static const sg_dim3 blockIdx = {0, 0, 0};
+static const sg_dim3 threadIdx = {0, 0, 0};
+static const sg_dim3 blockDim = {1, 1, 1};
+static const sg_dim3 gridDim = {1, 1, 1};
+static inline double atomicAdd(double* a, double v) { double o = *a; *a = o + v; return o; }
+static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
+static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
+static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
+"""
+
+_SIG = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+
+_POINTEE = {
+    "float": np.float32,
+    "double": np.float64,
+    "unsigned char": np.uint8,
+    "long long": np.int64,
+    "int": np.int32,
+    "unsigned int": np.uint32,
+}
+_SCALAR = {
+    "float": (np.float32, ctypes.c_float),
+    "double": (np.float64, ctypes.c_double),
+    "int": (np.int32, ctypes.c_int),
+    "unsigned int": (np.uint32, ctypes.c_uint),
+    "long long": (np.int64, ctypes.c_longlong),
+}
+
+
+def _param_type(decl: str) -> tuple[str, bool]:
+    """``("float", True)`` for ``const float* __restrict__ x``."""
+    d = decl.replace("__restrict__", " ").replace("const", " ")
+    ptr = "*" in d
+    words = d.replace("*", " ").split()[:-1]  # drop the parameter's name
+    return " ".join(words), ptr
+
+
+def signatures(source: str) -> dict[str, list[tuple[str, bool]]]:
+    return {
+        name: [_param_type(p) for p in params.split(",")] for name, params in _SIG.findall(source)
+    }
+
+
+class DeviceArray(np.ndarray):
+    """A NumPy array the stand-in treats as GPU-resident (a CuPy array's role)."""
+
+
+def to_device(a: np.ndarray) -> DeviceArray:
+    return np.array(a, copy=True).view(DeviceArray)
+
+
+class HostBackend:
+    """The stand-in for ``synthgen._cuda.CupyBackend`` (see the module docstring)."""
+
+    xp = np
+
+    def __init__(self, build_dir: Path) -> None:
+        cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+        if cxx is None:
+            raise RuntimeError("no host C++ compiler")
+        prelude = build_dir / "sg_host_prelude.h"
+        prelude.write_text(PRELUDE)
+        self.sigs: dict[str, list[tuple[str, bool]]] = {}
+        self.fns: dict[str, ctypes._CFuncPtr] = {}
+        self.launches: list[str] = []
+        for src in sorted(KERNELS.glob("*.cu")):
+            lib = build_dir / f"lib{src.stem}.so"
+            subprocess.run(
+                [cxx, "-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off",
+                 "-include", str(prelude), f"-I{KERNELS}", "-x", "c++", str(src), "-o", str(lib)],
+                check=True, capture_output=True, text=True,
+            )  # fmt: skip
+            dll = ctypes.CDLL(str(lib))
+            for name, params in signatures(src.read_text()).items():
+                self.sigs[name] = params
+                fn = getattr(dll, name)
+                fn.restype = None
+                fn.argtypes = [ctypes.c_void_p if ptr else _SCALAR[t][1] for t, ptr in params]
+                self.fns[name] = fn
+
+    def launch(self, name: str, total: int, *args) -> None:
+        params = self.sigs[name]
+        if len(args) != len(params):
+            raise TypeError(f"{name}: {len(args)} arguments for {len(params)} parameters")
+        conv = []
+        for k, (a, (t, ptr)) in enumerate(zip(args, params, strict=True)):
+            if ptr:
+                if not isinstance(a, np.ndarray) or a.dtype != _POINTEE[t]:
+                    raise TypeError(
+                        f"{name} argument {k}: expected {t}* array, got "
+                        f"{getattr(a, 'dtype', type(a).__name__)}"
+                    )
+                if not a.flags.c_contiguous:
+                    raise TypeError(f"{name} argument {k}: array is not C-contiguous")
+                conv.append(a.ctypes.data)
+            else:
+                want = _SCALAR[t][0]
+                if type(a) is not want:
+                    raise TypeError(
+                        f"{name} argument {k}: expected a NumPy {np.dtype(want)} scalar for "
+                        f"C {t}, got {type(a).__name__}"
+                    )
+                conv.append(a.item())
+        self.launches.append(name)
+        if total > 0:
+            self.fns[name](*conv)
+
+    def upload(self, host: np.ndarray) -> DeviceArray:
+        return to_device(host)
+
+    def download(self, dev) -> np.ndarray:
+        return np.array(dev, copy=True).view(np.ndarray)
+
+    def on_device(self, a) -> bool:
+        return isinstance(a, DeviceArray)
+
+    def context(self, stream, arrays):
+        return contextlib.nullcontext()
