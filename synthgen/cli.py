@@ -122,7 +122,10 @@ def demo(
         console.print(f"previews: {esc(str(out))}/<organ>/preview.png")
 
 
-_DEVICE_HELP = "Backend: auto (follows the data), cpu, cuda or cuda:N."
+_DEVICE_HELP = (
+    "Backend: auto (the CPU for files), cpu, cuda or cuda:N (a GPU through CuPy; only the "
+    "tumor boxes travel)."
+)
 
 
 def _organ_list(text: str) -> list[str]:
@@ -160,15 +163,24 @@ def _preset_map(specs: list[str] | None, organs: list[str]) -> dict[str, str]:
 
 
 def _check_device(device: str) -> str:
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise typer.BadParameter(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda"):
-        console.print(
-            f"[red]error:[/red] --device {device}: this build of synthgen has the CPU backend "
-            "only (the CUDA backend is not installed); use --device cpu or auto"
-        )
-        raise typer.Exit(2)
-    return "cpu"
+    """Validate ``--device`` and, for ``cuda``, that a GPU is usable (exit 2 saying what is
+    missing, before any file is read)."""
+    from ._device import DeviceError, parse_device, resolve_device
+
+    try:
+        parse_device(device)
+    except ValueError:
+        raise typer.BadParameter(
+            f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+        ) from None
+    try:
+        where = resolve_device(device)
+    except DeviceError as e:
+        console.print(f"[red]error:[/red] --device {esc(device)}: {esc(str(e))}")
+        raise typer.Exit(2) from None
+    # NumPy data from files: "auto" renders on the CPU, "cuda[:N]" on that GPU (only the
+    # tumors' boxes travel).
+    return str(where)
 
 
 def _run_batch(cases, opts, out: Path, *, source: str, **kw) -> None:
@@ -649,10 +661,25 @@ def info() -> None:
     table.add_row(
         "numpy / scipy / numba", f"{numpy.__version__} / {scipy.__version__} / {numba.__version__}"
     )
-    table.add_row("backends", "cpu (numba kernels on a thread pool)")
+    table.add_row("cpu backend", "available (numba kernels on a thread pool)")
+    from ._device import gpu_report
+
+    status, gpus = gpu_report()
+    table.add_row("cuda backend", esc(status))
+    for line in gpus:
+        table.add_row("", esc(line))
     from importlib.metadata import PackageNotFoundError, version
 
-    for dist in ("nibabel", "torch", "monai", "batchgeneratorsv2", "dask", "distributed"):
+    for dist in (
+        "nibabel",
+        "cupy-cuda12x",
+        "cupy-cuda13x",
+        "torch",
+        "monai",
+        "batchgeneratorsv2",
+        "dask",
+        "distributed",
+    ):
         try:
             table.add_row(dist, version(dist))
         except PackageNotFoundError:

@@ -54,10 +54,10 @@ def emu(tmp_path_factory) -> HostBackend:
 
 
 @pytest.fixture(params=["emu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def backend(request, emu):
+def backend(request):
     """``(backend, to_device)``: the host stand-in, or CuPy on GPU 0."""
     if request.param == "emu":
-        return emu, to_device
+        return request.getfixturevalue("emu"), to_device
     return _gpu_backend()
 
 
@@ -361,6 +361,30 @@ def test_kernel_shape_blend_apply_match_the_cpu(backend, small_phantom, organ_ma
     np.testing.assert_array_equal(be.download(tgt), tgt_ref)
     st = be.download(stats)
     assert st[0] == n_ref and abs(st[1] - acc_ref) <= 1e-6 * max(1.0, abs(acc_ref))
+
+
+@pytest.mark.gpu
+def test_torch_cuda_tensors_render_in_place_through_dlpack(small_phantom, organ_masks):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU for torch")
+    _gpu_backend()
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver-classic", 21, "mix")
+    img = torch.from_numpy(ph.image.copy()).cuda()
+    m = torch.from_numpy(mask).cuda()
+    ptr = img.data_ptr()
+    res = synthgen.render(plan, img, m, out=img)  # device="auto": follows the tensors
+    assert res.image is img and img.data_ptr() == ptr
+    ref = synthgen.render(plan, ph.image, mask)
+    got = img.cpu().numpy()
+    assert np.abs(got.astype(float) - ref.image).max() <= 1.0
+    assert isinstance(res.label, torch.Tensor) and res.label.is_cuda
+    n = int(ref.tumor_mask.sum())
+    assert np.count_nonzero((res.label.cpu().numpy() == 2) != (ref.label == 2)) <= 0.001 * n
+    tm = res.tumor_mask
+    assert tm.dtype == torch.bool and abs(int(tm.sum()) - n) <= 0.001 * n
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,312 @@
+"""The GPU check of issue 3: the GPU tests, then the GPU benchmark, one table.
+
+Run from the repository root with the GPU machine's own python3 (CuPy, NumPy, SciPy, numba,
+PyTorch, pytest; no nibabel, nothing installed)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py [--quick] [--json FILE]
+
+What it measures, on ``liver-classic`` and the 1 mm benchmark phantom (320x320x224, 1.6 L
+liver), with the image resident on the GPU and rendered in place:
+
+* per size class: GPU ms per sample (render of one plan, host preparation and both
+  synchronisations included; planning is host work and reported on its own), CPU ms per
+  sample on the same machine (the numba path, every core), their ratio, and samples/s in
+  batched mode (``render_batch`` of many plans into as many device images);
+* the achieved bandwidth of the fused kernels (blend, write-back, shape test, box reduction)
+  on a 192^3 box against a measured device-to-device copy.
+
+``--emulate`` runs the same script without a GPU on the host stand-in of the test suite
+(the CUDA C compiled for the CPU): a smoke test of the script, its numbers mean nothing.
+The whole check is sized to finish in well under 6 minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "synthgen-numba"))
+
+import synthgen  # noqa: E402
+from synthgen import _cuda  # noqa: E402
+from synthgen.phantom import benchmark_phantom  # noqa: E402
+
+CLASSES = ("tiny", "small", "medium", "large", "mix")
+# Targets of issue 3 (goals, not measurements).
+TARGET_MIX_MS = 2.0
+TARGET_BATCHED_SPS = 1000.0  # tiny and small
+TARGET_SPEEDUP = 20.0
+TARGET_BW_FRACTION = 0.5
+
+
+def run_tests(emulate: bool) -> tuple[str, int]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           "tests/test_cuda_backend.py", "tests/test_kernels_nvrtc.py"]  # fmt: skip
+    if not emulate:
+        cmd[5:5] = ["-m", "gpu or not gpu", "-rs"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    tail = [ln for ln in p.stdout.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+    print(p.stdout[-4000:], p.stderr[-2000:], sep="\n")
+    print(f"tests: {tail[0]} ({time.perf_counter() - t0:.0f} s)")
+    return tail[0], p.returncode
+
+
+class Gpu:
+    def __init__(self, emulate: bool) -> None:
+        self.emulate = emulate
+        if emulate:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from _cuda_emu import HostBackend
+
+            self.be = HostBackend(Path(tempfile.mkdtemp()))
+        else:
+            self.be = _cuda.CupyBackend(0)
+            self.be.compile_all()
+
+    def sync(self) -> None:
+        if not self.emulate:
+            self.be.xp.cuda.get_current_stream().synchronize()
+
+    def timer(self):
+        """``(start, stop)``: stop returns ms since start (CUDA events on a GPU)."""
+        if self.emulate:
+            t0 = time.perf_counter()
+            return None, lambda: (time.perf_counter() - t0) * 1e3
+        cp = self.be.xp
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+
+        def stop() -> float:
+            b.record()
+            b.synchronize()
+            return cp.cuda.get_elapsed_time(a, b)
+
+        return a, stop
+
+
+def _median_ms(fn, n: int) -> float:
+    ts = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def bench_classes(g: Gpu, quick: bool) -> list[dict]:
+    be = g.be
+    ph = benchmark_phantom()
+    img_h = np.ascontiguousarray(ph.image)
+    mask_h = np.ascontiguousarray(ph.mask("liver"))
+    idx = synthgen.index_organ(mask_h)
+    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
+    img_d, mask_d = be.upload(img_h), be.upload(mask_h)
+    n_gpu = 3 if g.emulate else (10 if quick else 40)
+    n_cpu = 2 if g.emulate else (3 if quick else 8)
+    rows = []
+    seed = 1_000_000
+    for cls in CLASSES:
+        n_plans = max(n_gpu, 64 if cls in ("tiny", "small") else 16)
+        if g.emulate:
+            n_plans = 4
+        t0 = time.perf_counter()
+        plans = [
+            syn.plan(img_h, mask_h, seed=seed + i, size=cls, organ_index=idx)
+            for i in range(n_plans)
+        ]
+        plan_ms = (time.perf_counter() - t0) * 1e3 / n_plans
+        seed += n_plans
+        work_d = img_d.copy()
+
+        def one(i, work_d=work_d, plans=plans):
+            _cuda.render_on_gpu(
+                [plans[i % len(plans)]], [work_d], [mask_d], device_id=0, outs=[work_d], be=be
+            )
+            g.sync()
+
+        one(0)  # warm-up (kernel modules loaded, allocator pools filled)
+        gpu_ms = _median_ms(one, n_gpu)
+        work_h = img_h.copy()
+
+        def cpu(i, work_h=work_h, plans=plans):
+            synthgen.render(plans[i % len(plans)], work_h, mask_h, out=work_h, device="cpu")
+
+        cpu(0)
+        cpu_ms = _median_ms(cpu, n_cpu)
+        # batched: every plan into its own device image, one call
+        outs = [img_d.copy() for _ in plans]
+        g.sync()
+        reps = 1 if g.emulate else 3
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            _cuda.render_on_gpu(
+                plans, [img_d] * len(plans), [mask_d] * len(plans), device_id=0, outs=outs, be=be
+            )
+            g.sync()
+            best = min(best, time.perf_counter() - t0)
+        del outs
+        rows.append(
+            {
+                "class": cls,
+                "tumors_per_sample": statistics.mean(len(p.tumors) for p in plans),
+                "plan_ms": plan_ms,
+                "gpu_ms": gpu_ms,
+                "cpu_ms": cpu_ms,
+                "speedup": cpu_ms / gpu_ms,
+                "batched_sps": len(plans) / best,
+                "batch": len(plans),
+            }
+        )
+        print(f"  {cls}: {rows[-1]}")
+    return rows
+
+
+def bench_bandwidth(g: Gpu) -> list[dict]:
+    be = g.be
+    xp = be.xp
+    n = (48, 48, 48) if g.emulate else (192, 192, 192)
+    size = int(np.prod(n))
+    rng = np.random.default_rng(0)
+    orig = be.upload(rng.normal(80, 20, n).astype(np.float32))
+    organ = be.upload((rng.random(n) < 0.9).astype(np.uint8))
+    blur = be.upload(rng.random(n).astype(np.float32))
+    mask = be.upload((rng.random(n) < 0.5).astype(np.uint8))
+    delta = be.upload(rng.normal(0, 10, n).astype(np.float32))
+    out = orig.copy()
+    grid = be.upload(rng.random((40, 40, 40)).astype(np.float32))
+    ic = []
+    for a in range(3):
+        pos = np.arange(n[a], dtype=np.float64)
+        i0, f0 = synthgen._cpu_kernels.interp_coords_nb(pos, 0.0, n[a] / 38.0, 40)
+        ic += [be.upload(i0), be.upload(f0)]
+    g3 = 5
+    ctrl = be.upload(rng.normal(0, 2, (3, g3, g3, g3)).astype(np.float32))
+    w = [be.upload(rng.random((n[a], g3)).astype(np.float32) / g3) for a in range(3)]
+    pos = [be.upload(np.linspace(-60, 60, n[a]).astype(np.float32)) for a in range(3)]
+    m = be.upload(np.eye(3) / 50.0)
+    stats = xp.zeros(2, dtype=xp.float64)
+    bbox = be.upload(np.array([n[0], -1, n[1], -1, n[2], -1, 0], np.int32))
+    i32 = [np.int32(v) for v in n]
+    kernels = {
+        # name: (launch, bytes moved per voxel)
+        "sg_blend_tumor (fused blend)": (
+            lambda: be.launch("sg_blend_tumor", size, orig, organ, np.float32(-100),
+                              np.float32(300), blur, grid, np.int32(40), np.int32(40), *ic,
+                              np.float32(40), np.float32(100), np.int32(1), *i32, delta),
+            4 + 1 + 4 + 4 + 4,
+        ),
+        "sg_apply_delta (write-back)": (
+            lambda: be.launch("sg_apply_delta", size, out, orig, delta, mask, np.float32(-10),
+                              np.float32(400), np.float32(-1024), np.float32(3071), np.int32(1),
+                              np.int64(size), stats),
+            4 + 4 + 1 + 4,
+        ),
+        "sg_shape_mask (fused shape)": (
+            lambda: be.launch("sg_shape_mask", size, ctrl, np.int32(g3), np.int32(g3),
+                              np.int32(g3), *w, *pos, m, organ, orig, np.float32(-1e9),
+                              np.float32(1e9), np.int32(1), *i32, mask),
+            1 + 4 + 1,
+        ),
+        "sg_mask_bbox (box reduction)": (
+            lambda: be.launch("sg_mask_bbox", size, mask, *i32, bbox),
+            1,
+        ),
+    }  # fmt: skip
+    reps = 1 if g.emulate else 20
+    # the reference: a device-to-device copy of 1 GiB (bytes read + written)
+    nbytes = (16 << 20) if g.emulate else (1 << 30)
+    a = xp.zeros(nbytes // 4, dtype=xp.float32)
+    b = xp.empty_like(a)
+    b[...] = a
+    _, stop = g.timer()
+    for _ in range(reps):
+        b[...] = a
+    copy_gbs = 2 * nbytes * reps / (stop() * 1e-3) / 1e9
+    del a, b
+    rows = [{"kernel": "device copy (reference)", "gb_s": copy_gbs, "fraction": 1.0}]
+    for name, (fn, per_voxel) in kernels.items():
+        fn()
+        _, stop = g.timer()
+        for _ in range(reps):
+            fn()
+        ms = stop() / reps
+        gbs = size * per_voxel / (ms * 1e-3) / 1e9
+        rows.append({"kernel": name, "ms": ms, "gb_s": gbs, "fraction": gbs / copy_gbs})
+        print(f"  {rows[-1]}")
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--emulate", action="store_true", help="no GPU: smoke-test the script")
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    t_all = time.perf_counter()
+    test_line, rc = ("skipped", 0) if args.skip_tests else run_tests(args.emulate)
+    g = Gpu(args.emulate)
+    if not args.emulate:
+        from synthgen._device import gpu_report
+
+        print(gpu_report())
+    print("benchmark: size classes")
+    rows = bench_classes(g, args.quick)
+    print("benchmark: fused kernel bandwidth")
+    bw = bench_bandwidth(g)
+    print()
+    print(f"## GPU check ({'EMULATED, numbers meaningless' if args.emulate else 'GPU'})")
+    print(f"tests: {test_line}")
+    print()
+    print("| class | tumors | plan ms (host) | GPU ms/sample | CPU ms/sample | CPU/GPU | "
+          "batched samples/s (batch) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['class']} | {r['tumors_per_sample']:.1f} | {r['plan_ms']:.2f} | "
+              f"{r['gpu_ms']:.2f} | {r['cpu_ms']:.1f} | {r['speedup']:.1f}x | "
+              f"{r['batched_sps']:.0f} ({r['batch']}) |")  # fmt: skip
+    print()
+    print("| kernel | ms | GB/s | of copy |")
+    print("|---|---|---|---|")
+    for r in bw:
+        ms = f"{r['ms']:.3f}" if "ms" in r else "-"
+        print(f"| {r['kernel']} | {ms} | {r['gb_s']:.0f} | {100 * r['fraction']:.0f}% |")
+    by = {r["class"]: r for r in rows}
+    fused = [r for r in bw if r["kernel"].startswith(("sg_blend", "sg_apply"))]
+    checks = [
+        (f"mix <= {TARGET_MIX_MS} ms/sample", by["mix"]["gpu_ms"] <= TARGET_MIX_MS),
+        (
+            f"tiny and small >= {TARGET_BATCHED_SPS:.0f} samples/s batched",
+            min(by["tiny"]["batched_sps"], by["small"]["batched_sps"]) >= TARGET_BATCHED_SPS,
+        ),
+        (f"every class >= {TARGET_SPEEDUP:.0f}x the CPU", min(r["speedup"] for r in rows) >= 20),
+        (
+            f"fused blend/write-back >= {100 * TARGET_BW_FRACTION:.0f}% of copy bandwidth",
+            min(r["fraction"] for r in fused) >= TARGET_BW_FRACTION,
+        ),
+    ]
+    print()
+    for what, ok in checks:
+        print(f"target {what}: {'met' if ok else 'NOT met'}")
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"tests": test_line, "classes": rows, "bandwidth": bw},
+                                        indent=1))  # fmt: skip
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
