@@ -708,3 +708,46 @@ def render_on_gpu(
             res.image = outs[i] if outs[i] is not None else _to_torch(res.image)
             res.wrap = _to_torch
     return results
+
+
+class DeviceView:
+    """Host reads of a GPU array, region by region, for planning (which reads the organ's
+    box, a strided sample and a few slices: never the whole scan)."""
+
+    def __init__(self, a, be) -> None:
+        self.a = _as_cupy(a)
+        self._be = be
+        self.shape = tuple(int(n) for n in self.a.shape)
+        self.dtype = np.dtype(str(self.a.dtype))
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self._be.download(self.a[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._be.download(self.a)
+        return out if dtype is None else out.astype(dtype)
+
+
+def host_views(be, image, organ_mask, organ_index=None):
+    """``(image_view, mask_view, organ_index)`` for planning on GPU-resident data: the organ's
+    bounding box and voxel count are reduced on the device (one small copy back)."""
+    from .planning import OrganIndex
+
+    img, org = DeviceView(image, be), DeviceView(organ_mask, be)
+    if organ_index is None:
+        xp = be.xp
+        m = org.a if org.a.dtype == xp.bool_ else org.a > 0.5
+        proj = [m.any(axis=(1, 2)), m.any(axis=(0, 2)), m.any(axis=(0, 1))]
+        host = be.download(xp.concatenate([*(p.astype(xp.int64) for p in proj),
+                                           m.sum(dtype=xp.int64).reshape(1)]))  # fmt: skip
+        count = int(host[-1])
+        if count == 0:
+            raise ValueError("organ mask is empty (no voxel > 0.5): nothing to implant a tumor in")
+        bbox, start = [], 0
+        for n in org.shape:
+            hit = np.flatnonzero(host[start : start + n])
+            bbox.append(slice(int(hit[0]), int(hit[-1]) + 1))
+            start += n
+        organ_index = OrganIndex(bbox=tuple(bbox), count=count, shape=org.shape)  # type: ignore[arg-type]
+    return img, org, organ_index
