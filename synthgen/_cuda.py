@@ -283,7 +283,9 @@ def _phase_a(be, jobs: Sequence[Job]) -> None:
         plan = job.plan
         sp = plan.spacing
         for i, t in enumerate(plan.tumors):
-            box = tumor_box(t, sp, plan.shape, plan.organ_bbox)
+            # Device data: the shape kernel runs on the conservative box (cheap on a GPU) and
+            # the host skips the coarse pass; host data: the coarse box, fewer bytes to move.
+            box = tumor_box(t, sp, plan.shape, plan.organ_bbox, coarse=not job.target_on_device)
             if box is None:
                 continue
             pos = [

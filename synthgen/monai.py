@@ -115,8 +115,10 @@ def _host_view(x: Any, name: str) -> np.ndarray:
         if t.device.type != "cpu":
             _warn_once(
                 "device",
-                f"synthgen has no GPU backend yet: {name} on {t.device} is copied to the host, "
-                "synthesized on the CPU and copied back (this warning is shown once)",
+                f"RandTumorSynthesis works on host arrays: {name} on {t.device} is copied to "
+                "the host, synthesized on the CPU and copied back (for GPU-resident data call "
+                "synthgen.synthesize or render_batch on the CUDA tensors; this warning is "
+                "shown once)",
             )
             t = t.cpu()
         if t.dtype.is_complex:

@@ -162,6 +162,7 @@ def tumor_box(
     spacing: Sequence[float],
     shape: Sequence[int],
     organ_bbox: Sequence[Sequence[int]] | None = None,
+    coarse: bool = True,
 ) -> tuple[slice, slice, slice] | None:
     """The voxel box a tumor can touch (mask, blur and blend), clipped to the scan.
 
@@ -169,7 +170,8 @@ def tumor_box(
     the centre (the interpolating cubic spline overshoots its control values by at most
     1.6x), intersected with the organ's bounding box for a clipped tumor. The shape is then
     evaluated on a 4 mm grid inside it and the box shrunk to the hull of the inside points
-    plus two grid steps, plus ``3 sigma`` of blur. ``None`` when the tumor misses the scan.
+    plus two grid steps, plus ``3 sigma`` of blur (``coarse=False`` skips that host pass and
+    returns the conservative box). ``None`` when the tumor misses the scan.
     """
     from . import _cpu_kernels as k
 
@@ -185,6 +187,13 @@ def tumor_box(
         hi.append(min(int(shape[a]), a_hi))
         if hi[a] <= lo[a]:
             return None
+    pad_mm = BLUR_TRUNCATE * t.blur_sigma_mm
+    if not coarse:  # the GPU evaluates the shape on the conservative box: no host pass
+        out = []
+        for a in range(3):
+            pad = math.ceil(pad_mm / spacing[a]) + 1
+            out.append(slice(max(0, lo[a] - pad), min(int(shape[a]), hi[a] + pad)))
+        return tuple(out)  # type: ignore[return-value]
     # Coarse pass: where is the shape really?
     step = [max(1, int(COARSE_STEP_MM / spacing[a])) for a in range(3)]
     idx = [np.arange(lo[a], hi[a], step[a]) for a in range(3)]
@@ -193,11 +202,10 @@ def tumor_box(
     shp = tuple(len(i) for i in idx)
     ones = np.ones((1, 1, 1), dtype=np.bool_)
     zero = np.zeros((1, 1, 1), dtype=np.float32)
-    coarse = np.empty(shp, dtype=np.bool_)
+    grid = np.empty(shp, dtype=np.bool_)
     bcast = [np.broadcast_to(a, shp) for a in (ones, zero)]
-    k.shape_mask(ctrl, *w, *pos32, m, bcast[0], bcast[1], -np.inf, np.inf, False, coarse)
-    pad_mm = BLUR_TRUNCATE * t.blur_sigma_mm
-    hit = k.bbox(coarse)
+    k.shape_mask(ctrl, *w, *pos32, m, bcast[0], bcast[1], -np.inf, np.inf, False, grid)
+    hit = k.bbox(grid)
     out = []
     for a in range(3):
         if hit[6] == 0:  # thinner than the coarse grid: keep the conservative box
