@@ -25,10 +25,12 @@ def synthesize(
     spacing: Sequence[float] | None = None,
     seed: int,
     size: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     out: np.ndarray | None = None,
     affine: np.ndarray | None = None,
     organ_index: OrganIndex | None = None,
+    vessel_mask: np.ndarray | None = None,
+    lesion_mask: np.ndarray | None = None,
 ) -> SynthesisResult:
     """Implant synthetic tumors into one CT scan.
 
@@ -43,13 +45,20 @@ def synthesize(
         seed: Seed of this sample; the same seed gives identical bytes.
         size: Size class to force (``"tiny"``, ``"small"``, ``"medium"``, ``"large"``,
             ``"mix"`` where defined); ``None`` draws one from the preset's mix.
-        device: ``"cpu"`` or ``"auto"``.
+        device: ``"auto"`` (follows the data: CuPy arrays and torch CUDA tensors on their
+            GPU, NumPy on the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: Render into this caller-owned array, which already holds the image (it may be
             ``image`` itself for in-place use): only the tumors' boxes are touched, no
             full-volume copy is made.
         affine: Optional voxel-to-world affine (spacing, cranio-caudal axis, world mm).
         organ_index: ``synthgen.index_organ(organ_mask)``, computed once for many samples
             from an unchanging mask: the per-sample cost then no longer grows with the scan.
+        vessel_mask: Optional vessel mask on the same grid: tumors keep the preset's
+            ``[placement] vessel_clearance_mm`` from it (without it, from bright voxels in
+            and at the organ; an all-False mask avoids nothing). Only the organ's bounding
+            box plus the clearance is read.
+        lesion_mask: Optional mask of lesions already in the scan: tumors keep the preset's
+            ``gap_mm`` from them.
 
     Returns:
         A result with ``.image``, ``.tumor_mask`` (bool), ``.label`` (uint8: 0 background,
@@ -68,6 +77,8 @@ def synthesize(
         size=size,
         out=out,
         organ_index=organ_index,
+        vessel_mask=vessel_mask,
+        lesion_mask=lesion_mask,
     )
 
 
@@ -78,7 +89,7 @@ class Synthesizer:
         organ: Organ name, preset name, preset path or ``Preset``; loaded and validated once.
         spacing: Default voxel size (mm) for calls that give none.
         size: Default size class (``None``: the preset's mix).
-        device: ``"cpu"`` or ``"auto"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (see :func:`synthesize`).
 
     Example:
         >>> syn = Synthesizer("liver-classic", spacing=(1.0, 1.0, 1.0))  # doctest: +SKIP
@@ -91,7 +102,7 @@ class Synthesizer:
         *,
         spacing: Sequence[float] | None = None,
         size: str | None = None,
-        device: str = "cpu",
+        device: str = "auto",
     ) -> None:
         self.preset = load_preset(organ)
         self.spacing = spacing
@@ -110,8 +121,11 @@ class Synthesizer:
         affine: np.ndarray | None = None,
         size: str | None = None,
         organ_index: OrganIndex | None = None,
+        vessel_mask: np.ndarray | None = None,
+        lesion_mask: np.ndarray | None = None,
     ) -> Plan:
-        """Sample a plan with this synthesizer's preset (see :func:`synthgen.plan`)."""
+        """Sample a plan with this synthesizer's preset (see :func:`synthgen.plan`; the
+        optional ``vessel_mask`` and ``lesion_mask`` are kept clear of)."""
         return make_plan(
             image,
             organ_mask,
@@ -121,6 +135,8 @@ class Synthesizer:
             affine=affine,
             size=size if size is not None else self.size,
             organ_index=organ_index,
+            vessel_mask=vessel_mask,
+            lesion_mask=lesion_mask,
         )
 
     def __call__(
@@ -134,16 +150,31 @@ class Synthesizer:
         size: str | None = None,
         out: np.ndarray | None = None,
         organ_index: OrganIndex | None = None,
+        vessel_mask: np.ndarray | None = None,
+        lesion_mask: np.ndarray | None = None,
     ) -> SynthesisResult:
         """Synthesize one sample (see :func:`synthesize`)."""
+        plan_image, plan_mask = image, organ_mask
+        from ._device import resolve_device
+
+        where = resolve_device(self.device, image, organ_mask)
+        if where.kind == "cuda" and self.device != "cpu":
+            from ._cuda import backend, host_views
+
+            be = backend(where.index)
+            if be.on_device(image) or be.on_device(organ_mask):
+                # planning reads the organ's box and a few slices from the GPU, no more
+                plan_image, plan_mask, organ_index = host_views(be, image, organ_mask, organ_index)
         p = self.plan(
-            image,
-            organ_mask,
+            plan_image,
+            plan_mask,
             seed=seed,
             spacing=spacing,
             affine=affine,
             size=size,
             organ_index=organ_index,
+            vessel_mask=vessel_mask,
+            lesion_mask=lesion_mask,
         )
         return render(p, image, organ_mask, out=out, device=self.device, affine=affine)
 
@@ -154,7 +185,7 @@ class Synthesizer:
 
 
 @functools.lru_cache(maxsize=64)
-def shared_synthesizer(spec: str, size: str | None = None, device: str = "cpu") -> Synthesizer:
+def shared_synthesizer(spec: str, size: str | None = None, device: str = "auto") -> Synthesizer:
     """One :class:`Synthesizer` per (preset, size, device) in this process.
 
     For code that draws many samples (a batch, a loader worker): a preset given as a TOML

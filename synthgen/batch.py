@@ -158,6 +158,7 @@ class LoadedCase:
     lesions: dict[str, np.ndarray | None]
     verbatim: dict[str, Path]  # organ -> input mask file that can be copied as is
     skipped: dict[str, str]  # organ -> reason it cannot be used in this case
+    vessels: np.ndarray | None = None  # union of the case's vessel masks, kept clear of
 
 
 def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
@@ -203,7 +204,15 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
         organs[organ], lesions[organ], indexes[organ] = region, les, index
         if plain and len(srcs) == 1 and les is None:
             verbatim[organ] = srcs[0].path
-    return LoadedCase(case, image, affine, header, organs, indexes, lesions, verbatim, skipped)
+    vessels = None
+    if case.vessels and organs:
+        try:
+            vessels = load_mask(case.vessels, image.shape, affine)
+        except ValueError:  # an unusable vessel mask only loses vessel avoidance
+            vessels = None
+    return LoadedCase(
+        case, image, affine, header, organs, indexes, lesions, verbatim, skipped, vessels
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -256,7 +265,13 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         seed = _organ_seed(sample.seed, organ)
         try:
             plan = syn.plan(
-                image, region, seed=seed, affine=lc.affine, organ_index=lc.indexes[organ]
+                image,
+                region,
+                seed=seed,
+                affine=lc.affine,
+                organ_index=lc.indexes[organ],
+                vessel_mask=lc.vessels,
+                lesion_mask=lc.lesions.get(organ),
             )
         except ValueError as e:
             skipped[organ] = _short(e)

@@ -37,6 +37,7 @@ from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS
 
 __all__ = [
     "LAYOUTS",
+    "VESSEL_NAMES",
     "Case",
     "LayoutError",
     "MaskSource",
@@ -57,6 +58,8 @@ _ATLAS_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
     "esophagus": (("esophagus",),),
     "uterus": (("uterus",),),
 }
+# AbdomenAtlas vessel masks: tumors keep the preset's vessel clearance from their union.
+VESSEL_NAMES = ("hepatic_vessel", "portal_vein_and_splenic_vein", "aorta", "postcava")
 _GENERIC_LESION = re.compile(r"(cancer|tumou?r|lesion|metasta|mass|cyst|carcinoma|neoplasm)")
 
 
@@ -85,6 +88,7 @@ class Case:
         organs: Organ name -> the mask files whose union is the organ.
         lesions: Organ name -> masks of lesions already in the scan (kept as tumor label).
         missing: Organ name -> why it has no mask in this case.
+        vessels: Vessel masks (AbdomenAtlas :data:`VESSEL_NAMES`) that tumors keep clear of.
     """
 
     case_id: str
@@ -92,6 +96,7 @@ class Case:
     organs: dict[str, tuple[MaskSource, ...]] = field(default_factory=dict)
     lesions: dict[str, tuple[MaskSource, ...]] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    vessels: tuple[MaskSource, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +105,7 @@ class Case:
             "organs": {o: [s.to_dict() for s in v] for o, v in self.organs.items()},
             "lesions": {o: [s.to_dict() for s in v] for o, v in self.lesions.items()},
             "missing": dict(self.missing),
+            "vessels": [s.to_dict() for s in self.vessels],
         }
 
 
@@ -184,7 +190,8 @@ def _atlas_case(case_id: str, ct: Path, segdir: Path, organs: list[str]) -> Case
         lesion = _find(segdir, LESION_NAMES[organ])
         if lesion is not None:
             lesions[organ] = (MaskSource(lesion),)
-    return Case(case_id, ct, found, lesions, missing)
+    vessels = tuple(MaskSource(p) for n in VESSEL_NAMES if (p := _find(segdir, n)) is not None)
+    return Case(case_id, ct, found, lesions, missing, vessels)
 
 
 def _discover_atlas1(root: Path, organs: list[str]) -> list[Case]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._hash import derive_seed
+from ._placement import Constraints
 from .presets import Preset, SizeClass, load_preset, preset_from_dict
 
 __all__ = [
@@ -230,6 +231,8 @@ class OrganIndex:
     bbox: tuple[slice, slice, slice]
     count: int
     shape: tuple[int, int, int]
+    #: Per-scan results planning may reuse (the bright-voxel vessel fallback).
+    cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
 
 def index_organ(organ_mask: np.ndarray) -> OrganIndex:
@@ -346,9 +349,23 @@ class _Placer:
         c[self.inplane[1]] = self.bbox[self.inplane[1]].start + v
         return (int(c[0]), int(c[1]), int(c[2]))
 
+    def center(self) -> tuple[int, int, int]:
+        """The organ voxel nearest (in mm) to the centre of the organ's bounding box: the box
+        centre itself for a compact organ, a voxel of the organ for a curved one (a
+        pancreas, whose box centre often lies outside it)."""
+        c = [int((s.start + s.stop - 1) // 2) for s in self.bbox]
+        if bool(
+            _binary(np.asarray(self.mask[c[0] : c[0] + 1, c[1] : c[1] + 1, c[2] : c[2] + 1])).any()
+        ):
+            return (c[0], c[1], c[2])
+        idx = np.argwhere(_binary(np.asarray(self.mask[self.bbox])))
+        rel = (idx + [s.start for s in self.bbox] - c) * np.asarray(self.spacing)
+        best = idx[int(np.argmin((rel**2).sum(axis=1)))]
+        return tuple(int(b + s.start) for b, s in zip(best, self.bbox, strict=True))  # type: ignore[return-value]
+
     def draw(self, rng: np.random.Generator, at_center: bool) -> tuple[int, int, int]:
         if at_center:
-            return tuple(int((s.start + s.stop - 1) // 2) for s in self.bbox)  # type: ignore[return-value]
+            return self.center()
         zlo, zhi = self.bbox[self.axis].start, self.bbox[self.axis].stop - 1
         for w in (self.p.z_window, *self.p.widen):
             for _ in range(8):
@@ -391,8 +408,19 @@ def make_plan(
     affine: np.ndarray | None = None,
     size: str | None = None,
     organ_index: OrganIndex | None = None,
+    vessel_mask: np.ndarray | None = None,
+    lesion_mask: np.ndarray | None = None,
 ) -> Plan:
     """Sample every random choice of one sample into a :class:`Plan`.
+
+    Placement is anatomy-aware when the preset asks for it (``[placement]`` keys
+    ``vessel_clearance_mm``, ``gap_mm``, ``confluence``): each tumor's undeformed ellipsoid
+    keeps ``vessel_clearance_mm`` from the vessels and ``gap_mm`` from existing lesions, and
+    the tumors' bounding spheres stay ``gap_mm`` apart unless ``confluence``. Centres are
+    rejection-sampled (a bounded number of draws); when none fits, the clearances are halved,
+    then dropped, then only the centre must stay clear, and only then a ``ValueError`` is
+    raised. Classes placed at the organ centre keep that centre. Only the organ's bounding
+    box plus the clearance is read from the masks.
 
     Args:
         image: 3-D CT in HU (any numeric dtype; any array exposing ``shape``/indexing).
@@ -407,12 +435,21 @@ def make_plan(
             from the preset's mix.
         organ_index: The mask's :class:`OrganIndex` from :func:`index_organ`, to skip the
             whole-mask scan when sampling repeatedly from an unchanging mask.
+        vessel_mask: Optional vessel mask on the same grid (bool, or numbers binarised at
+            > 0.5), e.g. the union of AbdomenAtlas ``hepatic_vessel``,
+            ``portal_vein_and_splenic_vein``, ``aorta`` and ``postcava``. Without it, a preset
+            with ``vessel_clearance_mm > 0`` avoids bright voxels in and at the organ (brighter
+            than the organ median by more than max(3 robust SD, 30 HU)); pass an all-False
+            mask to avoid nothing.
+        lesion_mask: Optional mask of lesions already in the scan (same grid): tumors keep
+            ``gap_mm`` from them whatever the preset.
 
     Returns:
         The plan.
 
     Raises:
-        ValueError: Bad shapes, spacing, organ or preset; empty organ; organ too small.
+        ValueError: Bad shapes, spacing, organ or preset; empty organ; organ too small;
+            no tumor position left clear of the vessels, lesions or other tumors.
     """
     preset = load_preset(organ)
     check_arrays(image, organ_mask)
@@ -454,6 +491,19 @@ def make_plan(
     organ_hu = _measure_organ_hu(image, organ_mask, bbox, count) if need_hu else None
     axis = craniocaudal_axis(affine)
     placer = _Placer(image, organ_mask, preset, sp, bbox, axis)
+    pp = preset.placement
+    keep_clear = Constraints(
+        image,
+        organ_mask,
+        bbox,
+        sp,
+        vessel_clearance_mm=pp.vessel_clearance_mm,
+        gap_mm=pp.gap_mm,
+        confluence=pp.confluence,
+        vessel_mask=vessel_mask,
+        lesion_mask=lesion_mask,
+        cache=organ_index.cache if organ_index is not None else None,
+    )
     g = preset.shape.control_points
     tumors: list[TumorPlan] = []
     for cls, n in plan_classes:
@@ -468,7 +518,15 @@ def make_plan(
                 rng.normal(0.0, sigma, size=(3, g, g, g)) if sigma > 0 else np.zeros((3, g, g, g))
             )
             blur = _uniform(rng, *preset.blend.sigma_mm, False)
-            centre = placer.draw(rng, cls.at_organ_center)
+            centre = keep_clear.place(
+                lambda gen, at=cls.at_organ_center: placer.draw(gen, at),
+                rng,
+                (int(seed), idx, 0x706C6163),  # retries: their own stream ("plac")
+                radii,
+                rot,
+                fixed=cls.at_organ_center,
+                label=f"{cls.name} tumor {idx}",
+            )
             clip = preset.shape.clip_to_organ and not (rng.random() < cls.exophytic_probability)
             contrast = _draw_contrast(preset, rng, organ_hu)
             tx = preset.texture

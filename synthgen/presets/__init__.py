@@ -26,6 +26,7 @@ __all__ = [
     "LESION_NAMES",
     "ORGANS",
     "ORGAN_LABEL_NAMES",
+    "VESSEL_CLEARANCE_MM",
     "BlendParams",
     "ContrastParams",
     "PlacementParams",
@@ -52,6 +53,12 @@ LESION_NAMES = {
     "esophagus": "esophagus_tumor",
     "uterus": "endometrioma_tumor",
 }
+# Default [placement] vessel_clearance_mm of a preset that does not set it (mm; 0 = off).
+# Liver 3 mm: about twice the edge blur sigma (1-2 mm), so the blurred tumor edge does not
+# darken a vessel and a rim of parenchyma stays visible at usual CT resolution. Pancreas and
+# kidney 2 mm: thin organ / renal sinus, where real tumors often abut vessels. Hollow organs
+# and uterus 0: bright voxels there are oral contrast or enhancing wall, not vessels.
+VESSEL_CLEARANCE_MM = {"liver": 3.0, "pancreas": 2.0, "kidney": 2.0}
 # Label names (lower case, words joined by "_") that mean each organ in a label table such
 # as an MSD or nnU-Net dataset.json.
 ORGAN_LABEL_NAMES: dict[str, tuple[str, ...]] = {
@@ -153,12 +160,22 @@ class PlacementParams:
             (the published 5x5 square at 1 mm is 2 mm).
         tissue_hu: Optional ``[low, high]`` HU window: only voxels inside it can be tumor
             centres, tumor voxels or blended voxels (hollow organs: never blend into gas).
+        vessel_clearance_mm: Minimum distance in mm between a tumor's (undeformed) ellipsoid
+            and the vessels: the ``vessel_mask`` given to planning or, without one, bright
+            voxels in and at the organ. 0 disables. When the key is absent the organ's
+            default applies (:data:`VESSEL_CLEARANCE_MM`).
+        gap_mm: Minimum gap in mm between the bounding spheres of two tumors of one sample
+            (unless ``confluence``) and between a tumor's ellipsoid and an existing lesion.
+        confluence: Let the tumors of one sample overlap and merge (the published recipe).
     """
 
     z_window: tuple[float, float] = (0.3, 0.7)
     widen: tuple[tuple[float, float], ...] = ((0.2, 0.8), (0.1, 0.9), (0.0, 1.0))
     erosion_mm: float = 2.0
     tissue_hu: tuple[float, float] | None = None
+    vessel_clearance_mm: float = 0.0
+    gap_mm: float = 2.0
+    confluence: bool = False
 
 
 @dataclass(frozen=True)
@@ -428,6 +445,15 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
         widen=tuple(_range(ctx, "placement.widen", w, lo=0, hi=1) for w in widen),
         erosion_mm=_num(ctx, "placement.erosion_mm", pl.get("erosion_mm", dp.erosion_mm), lo=0),
         tissue_hu=None if tissue is None else _range(ctx, "placement.tissue_hu", tissue),
+        vessel_clearance_mm=_num(
+            ctx,
+            "placement.vessel_clearance_mm",
+            pl.get("vessel_clearance_mm", VESSEL_CLEARANCE_MM.get(organ, 0.0)),
+            lo=0,
+            hi=50,
+        ),
+        gap_mm=_num(ctx, "placement.gap_mm", pl.get("gap_mm", dp.gap_mm), lo=0, hi=50),
+        confluence=_bool(ctx, "placement.confluence", pl.get("confluence", dp.confluence)),
     )
 
     sh = _take(ctx, data.get("shape", {}), "shape", set(ShapeParams.__dataclass_fields__))
