@@ -52,7 +52,8 @@ TARGET_BW_FRACTION = 0.5
 
 def run_tests(emulate: bool) -> tuple[str, int]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           "tests/test_cuda_backend.py", "tests/test_kernels_nvrtc.py"]  # fmt: skip
+           "tests/test_cuda_backend.py", "tests/test_torch_batch.py",
+           "tests/test_kernels_nvrtc.py"]  # fmt: skip
     if not emulate:
         cmd[5:5] = ["-m", "gpu or not gpu", "-rs"]
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ._hash import seed_of
 from ._samples import SampleMaker, plan_of
 
-__all__ = ["SyntheticTumorDataset", "TumorSynthesisWrapper", "plan_of"]
+__all__ = ["BatchTumorSynthesis", "SyntheticTumorDataset", "TumorSynthesisWrapper", "plan_of"]
 
 
 class _SharedEpoch:
@@ -285,3 +285,132 @@ class TumorSynthesisWrapper(Dataset):
         item[self.label_key] = _like(new_lab, lab_ref)
         item["plan"] = res.plan.to_json() if res.plan is not None else ""
         return item
+
+
+class BatchTumorSynthesis:
+    """Implant tumors into a collated batch where it lives: on the GPU, after the loader.
+
+    For training loops that move each batch to the GPU: call it on the batch's ``image``
+    ``(B, C, X, Y, Z)`` (HU, before intensity normalisation; tumors go into channel 0) and
+    ``label`` ``(B, 1, X, Y, Z)``. Sample ``b`` of step ``s`` fires with probability ``prob``
+    and gets the plan seeded by ``(seed, s, b)``; every plan of the batch renders in one
+    :func:`synthgen.render_batch` call (on a GPU: the kernels of all tumors back to back, the
+    host waits twice per batch), in place, through DLPack (no copies). Planning reads the
+    organ's box and a few slices back from the GPU. CPU tensors take the CPU engine, with the
+    same results. Needs CuPy for CUDA tensors (``pip install "synthgen[cuda12]"``).
+
+    Args:
+        organ: Organ name, preset name or preset path.
+        organ_labels: Label ids of the organ.
+        tumor_label: Label id written on tumor voxels.
+        spacing: Voxel size (mm) of the batch's grid (axis 2 cranio-caudal), or give
+            ``affine=`` per call.
+        prob: Probability that a sample gets tumors.
+        seed: Global seed.
+        size: Size class to force.
+        min_organ_voxels: Below this many organ voxels a sample is left alone.
+
+    Example:
+        >>> synth = BatchTumorSynthesis("liver", spacing=(1.5, 1.5, 2.0))  # doctest: +SKIP
+        >>> for step, batch in enumerate(loader):
+        ...     img, lab = batch["image"].cuda(), batch["label"].cuda()
+        ...     plans = synth(img, lab, step=step)  # in place; plans[b] is None if not fired
+    """
+
+    def __init__(
+        self,
+        organ: str,
+        *,
+        organ_labels: int | Sequence[int] = 1,
+        tumor_label: int = 2,
+        spacing: Sequence[float] | None = None,
+        prob: float = 1.0,
+        seed: int = 0,
+        size: str | None = None,
+        min_organ_voxels: int = 64,
+    ) -> None:
+        from .api import Synthesizer
+
+        self.synthesizer = Synthesizer(organ, size=size)
+        self.organ_labels = tuple(int(i) for i in np.atleast_1d(organ_labels))
+        self.tumor_label = int(tumor_label)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
+        self.prob, self.seed, self.spacing = float(prob), int(seed), spacing
+        self.min_organ_voxels = int(min_organ_voxels)
+        self.step = 0
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        label: torch.Tensor,
+        *,
+        step: int | None = None,
+        affine: np.ndarray | None = None,
+    ) -> list[Any]:
+        """Implant in place; returns one :class:`~synthgen.Plan` (or ``None``) per sample."""
+        from .augment import affine_for
+        from .rendering import render_batch
+
+        if image.ndim != 5 or label.ndim != 5 or label.shape[1] != 1:
+            raise ValueError(
+                "expected image (B, C, X, Y, Z) and label (B, 1, X, Y, Z), got "
+                f"{tuple(image.shape)} and {tuple(label.shape)}"
+            )
+        if image.shape[0] != label.shape[0] or image.shape[2:] != label.shape[2:]:
+            raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ")
+        if image.device != label.device:
+            raise ValueError(f"image on {image.device}, label on {label.device}")
+        step = self.step if step is None else int(step)
+        self.step = step + 1
+        if affine is None:
+            if self.spacing is None:
+                raise ValueError("give BatchTumorSynthesis(spacing=...) or affine=")
+            affine = affine_for(self.spacing)
+        ids = torch.tensor(self.organ_labels, device=label.device)
+        plans: list[Any] = []
+        jobs = []
+        for b in range(image.shape[0]):
+            seed = seed_of(self.seed, "batch", step, b)
+            plan = None
+            if np.random.default_rng(seed).random() < self.prob:
+                organ = torch.isin(label[b, 0], ids)
+                if int(organ.sum()) >= self.min_organ_voxels:
+                    plan = self._plan(image[b, 0], organ, seed, affine)
+                    if plan is not None:
+                        jobs.append((b, plan, organ))
+            plans.append(plan)
+        if jobs:
+            targets = [image[b, 0] for b, _, _ in jobs]
+            results = render_batch(
+                [p for _, p, _ in jobs],
+                targets,
+                [o for _, _, o in jobs],
+                outs=targets,
+                affines=[affine] * len(jobs),
+            )
+            for (b, _, _), res in zip(jobs, results, strict=True):
+                lab = label[b, 0]
+                for sl, m in res.boxes:
+                    mt = torch.from_numpy(m) if isinstance(m, np.ndarray) else torch.from_dlpack(m)
+                    lab[sl][mt.to(torch.bool)] = self.tumor_label
+        return plans
+
+    def _plan(self, image0: torch.Tensor, organ: torch.Tensor, seed: int, affine):
+        if image0.is_cuda:
+            from ._cuda import backend, host_views
+
+            be = backend(image0.device.index or 0)
+            img_v, org_v, index = host_views(be, image0, organ)
+        else:
+            img_v, org_v, index = image0.numpy(), organ.numpy(), None
+        try:
+            return self.synthesizer.plan(img_v, org_v, seed=seed, affine=affine, organ_index=index)
+        except ValueError:  # organ too small for the preset's tumors: leave the sample alone
+            return None
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchTumorSynthesis(preset={self.synthesizer.preset.name!r}, prob={self.prob}, "
+            f"seed={self.seed})"
+        )

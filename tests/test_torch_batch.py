@@ -1,0 +1,103 @@
+"""BatchTumorSynthesis: tumors into a collated batch in place (CPU tensors here; the same
+code on CUDA tensors renders on the GPU, ``@pytest.mark.gpu``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import synthgen  # noqa: E402
+from synthgen._hash import seed_of  # noqa: E402
+from synthgen.augment import affine_for  # noqa: E402
+from synthgen.torch import BatchTumorSynthesis  # noqa: E402
+
+SP = (2.5, 2.5, 3.0)
+
+
+@pytest.fixture(scope="module")
+def batch(small_phantom):
+    """Three liver crops of the phantom, as a (B, 1, X, Y, Z) batch."""
+    ph = small_phantom
+    liver = ph.mask("liver")
+    idx = np.argwhere(liver)
+    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    img = ph.image[sl].astype(np.int16)
+    lab = liver[sl].astype(np.uint8)
+    imgs = np.stack([img, img, img])[:, None]
+    labs = np.stack([lab, lab, lab])[:, None]
+    return imgs, labs
+
+
+def _expected(img, lab, seed):
+    res = synthgen.synthesize(img, lab == 1, organ="liver", seed=seed, affine=affine_for(SP))
+    out_lab = lab.copy()
+    out_lab[res.tumor_mask] = 2
+    return res.image, out_lab, res.plan
+
+
+def test_batch_matches_one_sample_at_a_time(batch):
+    imgs, labs = batch
+    synth = BatchTumorSynthesis("liver", spacing=SP, seed=5)
+    img_t, lab_t = torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy())
+    plans = synth(img_t, lab_t, step=3)
+    assert len(plans) == 3 and all(p is not None for p in plans)
+    assert len({p.to_json() for p in plans}) == 3, "every sample of the batch differs"
+    for b in range(3):
+        e_img, e_lab, e_plan = _expected(imgs[b, 0], labs[b, 0], seed_of(5, "batch", 3, b))
+        assert plans[b].to_json() == e_plan.to_json()
+        np.testing.assert_array_equal(img_t[b, 0].numpy(), e_img)
+        np.testing.assert_array_equal(lab_t[b, 0].numpy(), e_lab)
+        assert (lab_t[b, 0].numpy() == 2).any()
+
+
+def test_steps_advance_and_replay(batch):
+    imgs, labs = batch
+    synth = BatchTumorSynthesis("liver", spacing=SP, seed=1)
+    a = synth(torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()))
+    b = synth(torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()))
+    assert synth.step == 2 and a[0].to_json() != b[0].to_json()
+    again = BatchTumorSynthesis("liver", spacing=SP, seed=1)(
+        torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()), step=1
+    )
+    assert [p.to_json() for p in again] == [p.to_json() for p in b]
+
+
+def test_prob_zero_and_missing_organ_leave_samples_alone(batch):
+    imgs, labs = batch
+    img_t, lab_t = torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy())
+    assert BatchTumorSynthesis("liver", spacing=SP, prob=0.0)(img_t, lab_t) == [None] * 3
+    np.testing.assert_array_equal(img_t.numpy(), imgs)
+    lab_t[1] = 0  # no organ in sample 1
+    plans = BatchTumorSynthesis("liver", spacing=SP)(img_t, lab_t)
+    assert plans[1] is None and plans[0] is not None
+    np.testing.assert_array_equal(img_t[1].numpy(), imgs[1])
+
+
+def test_bad_shapes_are_refused(batch):
+    imgs, labs = batch
+    synth = BatchTumorSynthesis("liver", spacing=SP)
+    with pytest.raises(ValueError, match=r"\(B, C, X, Y, Z\)"):
+        synth(torch.from_numpy(imgs[:, 0].copy()), torch.from_numpy(labs.copy()))
+    with pytest.raises(ValueError, match="spacing"):
+        BatchTumorSynthesis("liver")(torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()))
+
+
+@pytest.mark.gpu
+def test_cuda_batch_renders_on_the_gpu_like_the_cpu(batch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU for torch")
+    pytest.importorskip("cupy")
+    imgs, labs = batch
+    synth = BatchTumorSynthesis("liver", spacing=SP, seed=5)
+    img_t, lab_t = torch.from_numpy(imgs.copy()).cuda(), torch.from_numpy(labs.copy()).cuda()
+    plans = synth(img_t, lab_t, step=3)
+    for b in range(3):
+        e_img, e_lab, e_plan = _expected(imgs[b, 0], labs[b, 0], seed_of(5, "batch", 3, b))
+        assert plans[b].to_json() == e_plan.to_json()
+        got = img_t[b, 0].cpu().numpy()
+        assert np.abs(got.astype(float) - e_img).max() <= 1.0
+        n = int((e_lab == 2).sum())
+        assert np.count_nonzero((lab_t[b, 0].cpu().numpy() == 2) != (e_lab == 2)) <= 0.001 * n
