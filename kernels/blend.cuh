@@ -4,6 +4,10 @@
 #pragma once
 #include "hash.cuh"
 
+#ifndef __CUDACC__
+#include <math.h>
+#endif
+
 // Texture T at a voxel: bilinear in (i, j) on the grid rows a0/a0+1, a1/a1+1 at columns c
 // and c+1, then linear along k: as the CPU kernel, which builds the bilinear row once per
 // (i, j). tgrid is (gx, gy, gz) float32, C order.
@@ -31,6 +35,60 @@ SG_FN float sg_blend_delta(float v, int inside, float b, float tex, float tlo, f
     if (!inside && clipped) return 0.0f;
     float td = tex * contrast;
     return inside ? td * b : b * (v - organ_hu + td);
+}
+
+SG_FN float sg_clamp01(float x) {
+    x = x > 0.0f ? x : 0.0f;
+    return x < 1.0f ? x : 1.0f;
+}
+
+// Counter-hash noise of lattice point (gi, gj, gk) (voxels from the tumor centre): sw x white
+// (Irwin-Hall sum of 4 uniforms, unit variance) plus sc x correlated (2x2x2 box mean of a
+// second white lattice, unit variance, lag-1 correlation 0.5 per axis). keys: white k0, k1,
+// correlated k0, k1. The twin of synthgen._cpu_kernels._noise_at.
+SG_FN float sg_noise_at(const sg_u32* keys, int gi, int gj, int gk, float sw, float sc) {
+    float n = 0.0f;
+    if (sw != 0.0f) {
+        sg_u32 idx = sg_lattice_index(gi, gj, gk);
+        sg_u32 k0 = keys[0], k1 = keys[1];
+        float s = sg_uniform(k0, k1, idx) + sg_uniform(k0, k1 ^ 0x85EBCA6Bu, idx) +
+                  sg_uniform(k0, k1 ^ 0xC2B2AE35u, idx) + sg_uniform(k0, k1 ^ 0x27D4EB2Fu, idx);
+        n = sw * ((s - 2.0f) * 1.7320508075688772f);
+    }
+    if (sc != 0.0f) {
+        float s = 0.0f;
+        for (int a = 0; a < 2; ++a)
+            for (int b = 0; b < 2; ++b)
+                for (int c = 0; c < 2; ++c)
+                    s = s + sg_uniform(keys[2], keys[3], sg_lattice_index(gi + a, gj + b, gk + c));
+        n = n + sc * ((s - 4.0f) * 1.224744871391589f);
+    }
+    return n;
+}
+
+// The change of one voxel under the appearance modes (the twin of
+// synthgen._cpu_kernels._appear_delta; layout of app and keys: synthgen._appearance). Called
+// where sg_blend_delta would not return early. q2: the squared normalised radius from the
+// shape pass; td = T * D.
+SG_FN float sg_appear_delta(float v, int inside, float b, float td, float q2, float organ_hu,
+                            const float* app, const sg_u32* keys, int gi, int gj, int gk) {
+    float q = sqrtf(q2);
+    if (app[2] != 0.0f) td = td - app[2] * sg_clamp01((q - app[0]) * app[1]);  // rim
+    float w = 0.0f;
+    if (app[4] > 0.0f) w = sg_clamp01((app[3] - q) * app[4] + 0.5f);  // necrotic core
+    float n = 0.0f;
+    if (!inside || w > 0.0f) n = sg_noise_at(keys, gi, gj, gk, app[11], app[12]);
+    float d = inside ? td * b : b * (v - organ_hu + td - n);
+    if (w > 0.0f) {
+        float dn = b * (v - (app[5] + n));
+        d = d + w * (dn - d);
+    }
+    if (app[7] > 0.0f && q < app[10]) {  // calcification specks
+        sg_u32 idx = sg_lattice_index(gi, gj, gk);
+        if (sg_uniform(keys[4], keys[5], idx) < app[7])
+            d = v - (app[8] + app[9] * sg_uniform(keys[6], keys[7], idx));
+    }
+    return d;
 }
 
 // The value written for input o and merged change d (d != 0): a darkened voxel never goes

@@ -2,19 +2,21 @@
 
 Plan, then render: :func:`plan` samples every random choice of a sample into a small,
 JSON-serialisable :class:`Plan`; :func:`render` applies it deterministically;
-:func:`synthesize` does both. Presets for pancreas, liver, kidney, colon, esophagus and
-uterus (plus ``liver-classic``, the published recipe) live in :mod:`synthgen.presets`.
+:func:`synthesize` does both; presets that enable ``[mass_effect]`` first warp the scan and its
+labels around large tumors (:mod:`synthgen.mass_effect`), replayed from the plan too. Presets
+for pancreas, liver, kidney, colon, esophagus and uterus (plus ``liver-classic``, the
+published recipe) live in :mod:`synthgen.presets`.
 """
 
 from __future__ import annotations
 
 from ._device import DeviceError
 from ._pool import set_num_threads
-from .api import SynthesisResult, Synthesizer, synthesize
+from .api import SynthesisResult, Synthesizer, render, render_batch, synthesize
 from .planning import OrganIndex, Plan, TumorPlan, index_organ
 from .planning import make_plan as plan
 from .presets import Preset, PresetError, list_presets, load_preset
-from .rendering import RenderResult, TumorRecord, render, render_batch
+from .rendering import RenderResult, TumorRecord
 
 __version__ = "0.1.0"
 

@@ -38,7 +38,9 @@ _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"
 
 
 @nb.njit(**_OPTS)
-def shape_mask(ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out):
+def shape_mask(
+    ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, clip, out, q2out=None
+):
     """Deformed-ellipsoid test for every voxel of a box (B-spline displacement fused in).
 
     Args:
@@ -52,6 +54,8 @@ def shape_mask(ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, cl
             tissue window) can become tumor.
         clip: intersect with the organ.
         out: ``(nx, ny, nz)`` bool, written everywhere.
+        q2out: optional ``(nx, ny, nz)`` float32, receives ``|m (x + d(x))|^2`` of every voxel
+            (the squared normalised radius the appearance modes of the blend read).
 
     A voxel ``x`` is tumor when ``|m (x + d(x))| <= 1`` with
     ``d(x) = sum_abe ctrl[:, a, b, e] w0[i, a] w1[j, b] w2[k, e]``: the ellipsoid pulled back
@@ -111,6 +115,10 @@ def shape_mask(ctrl, w0, w1, w2, pos0, pos1, pos2, m, organ, image, tlo, thi, cl
                     & (v >= tlo)
                     & (v <= thi)
                 )
+            if q2out is not None:
+                q_row = q2out[i, j]
+                for k in range(nz):
+                    q_row[k] = qa[k] * qa[k] + qb[k] * qb[k] + qc[k] * qc[k]
 
 
 @nb.njit(**_OPTS)
@@ -235,9 +243,92 @@ def toeplitz_contract3(core, off0, k0, n0, off1, k1, n1, off2, k2, n2):
     return out
 
 
+@nb.njit(inline="always", **_OPTS)
+def _clamp01(x):
+    return min(max(x, np.float32(0.0)), np.float32(1.0))
+
+
+@nb.njit(inline="always", **_OPTS)
+def _noise_at(keys, gi, gj, gk, sw, sc):
+    """Counter-hash noise of voxel ``(gi, gj, gk)`` (lattice units from the tumor centre):
+    ``sw`` x white (Irwin-Hall sum of 4 uniforms, unit variance) plus ``sc`` x correlated (the
+    2x2x2 box mean of a second white lattice, unit variance, lag-1 correlation 0.5 per axis).
+    Mirrors ``sg_noise_at`` of kernels/blend.cuh."""
+    n = np.float32(0.0)
+    if sw != 0.0:
+        idx = _lattice_index(gi, gj, gk)
+        k0 = keys[0]
+        k1 = keys[1]
+        s = (
+            _uniform(k0, k1, idx)
+            + _uniform(k0, np.uint32(k1 ^ np.uint32(0x85EBCA6B)), idx)
+            + _uniform(k0, np.uint32(k1 ^ np.uint32(0xC2B2AE35)), idx)
+            + _uniform(k0, np.uint32(k1 ^ np.uint32(0x27D4EB2F)), idx)
+        )
+        n = sw * ((s - np.float32(2.0)) * np.float32(1.7320508075688772))
+    if sc != 0.0:
+        c0 = keys[2]
+        c1 = keys[3]
+        s = np.float32(0.0)
+        for a in range(2):
+            for b in range(2):
+                for c in range(2):
+                    s = s + _uniform(c0, c1, _lattice_index(gi + a, gj + b, gk + c))
+        n = n + sc * ((s - np.float32(4.0)) * np.float32(1.224744871391589))
+    return n
+
+
+@nb.njit(inline="always", **_OPTS)
+def _appear_delta(v, inside, b, td, q2, organ_hu, app, keys, gi, gj, gk):
+    """The change of one voxel under the appearance modes (``app``/``keys``: see
+    ``synthgen._appearance``); mirrors ``sg_appear_delta`` of kernels/blend.cuh."""
+    q = np.sqrt(q2)
+    if app[2] != 0.0:  # rim: the shell q >= 1 - width is brighter than the core by app[2]
+        td = td - app[2] * _clamp01((q - app[0]) * app[1])
+    w = np.float32(0.0)
+    if app[4] > 0.0:  # necrotic core: weight 1 inside, soft edge around q = app[3]
+        w = _clamp01((app[3] - q) * app[4] + np.float32(0.5))
+    n = np.float32(0.0)
+    if not inside or w > 0.0:  # replaced tissue carries the scan's noise
+        n = _noise_at(keys, gi, gj, gk, app[11], app[12])
+    if inside:
+        d = td * b
+    else:
+        d = b * (v - organ_hu + td - n)
+    if w > 0.0:
+        dn = b * (v - (app[5] + n))
+        d = d + w * (dn - d)
+    if app[7] > 0.0 and q < app[10]:  # calcification specks: sparse voxels replaced
+        idx = _lattice_index(gi, gj, gk)
+        if _uniform(keys[4], keys[5], idx) < app[7]:
+            d = v - (app[8] + app[9] * _uniform(keys[6], keys[7], idx))
+    return d
+
+
 @nb.njit(**_OPTS)
 def blend_tumor(
-    orig, organ, tlo, thi, blur, tgrid, i0, f0, i1, f1, i2, f2, contrast, organ_hu, clipped, delta
+    orig,
+    organ,
+    tlo,
+    thi,
+    blur,
+    tgrid,
+    i0,
+    f0,
+    i1,
+    f1,
+    i2,
+    f2,
+    contrast,
+    organ_hu,
+    clipped,
+    delta,
+    q2=None,
+    app=None,
+    keys=None,
+    off0=0,
+    off1=0,
+    off2=0,
 ):
     """Merge one tumor's darkening ``T * B * D`` into the cluster's ``delta`` (max |delta|).
 
@@ -245,6 +336,12 @@ def blend_tumor(
     and fraction ``f*`` of every voxel). Inside the organ (and the tissue window) the
     published formula ``I' = I - T*B*D`` holds. Outside the organ an unclipped (exophytic)
     tumor replaces tissue with tumor tissue of intensity ``organ_hu - T*D`` weighted by ``B``.
+
+    With ``app`` (float32 parameters) and ``keys`` (uint32 hash keys) of
+    :func:`synthgen._appearance.blend_params`, the appearance modes apply (rim, necrotic
+    core, calcification specks, noise where tissue is replaced); they read ``q2`` (the
+    squared normalised radius from :func:`shape_mask`) and the box's lattice offset
+    ``off*`` from the tumor centre. Without ``app`` the published blend runs unchanged.
     """
     nx, ny, nz = orig.shape
     gz = tgrid.shape[2]
@@ -284,10 +381,16 @@ def blend_tumor(
                 a2 = i2[k]
                 u2 = f2[k]
                 td = (row[a2] + (row[a2 + 1] - row[a2]) * u2) * contrast
-                if inside:
-                    d = td * b
+                if app is None:
+                    if inside:
+                        d = td * b
+                    else:
+                        d = b * (v - organ_hu + td)
                 else:
-                    d = b * (v - organ_hu + td)
+                    d = _appear_delta(
+                        v, inside, b, td, q2[i, j, k], organ_hu, app, keys,
+                        off0 + i, off1 + j, off2 + k,
+                    )  # fmt: skip
                 if abs(d) > abs(drow[k]):
                     drow[k] = d
 

@@ -206,18 +206,13 @@ class Constraints:
                 vm, what = _binary(vessel_mask[region]), "the vessel mask"
             else:
                 # The fallback costs a component labelling of the organ's box: computed once per
-                # scan when the caller passes an OrganIndex (batch, loaders), whose cache keys
-                # it by the region and a fingerprint of the image.
-                key = None
-                if cache is not None:
-                    sub = np.ascontiguousarray(np.asarray(image[region])[::7, ::7, ::7])
-                    key = ("bright", tuple((r.start, r.stop) for r in region), tuple(self.sp),
-                           str(sub.dtype), hash(sub.tobytes()))  # fmt: skip
-                vm = cache.get(key) if key is not None else None
+                # scan when the caller passes an OrganIndex (batch, loaders): ``cache`` is that
+                # scan's entry of its cache (see planning._scan_cache).
+                key = ("bright", tuple((r.start, r.stop) for r in region), tuple(self.sp))
+                vm = cache.get(key) if cache is not None else None
                 if vm is None:
                     vm = bright_vessels(image, organ_mask, region, spacing)
-                    if key is not None:
-                        cache.clear()  # one scan at a time
+                    if cache is not None:
                         cache[key] = vm
                 what = "bright (vessel-like) voxels at the organ"
             if vm.any():

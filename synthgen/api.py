@@ -10,9 +10,11 @@ import numpy as np
 
 from .planning import OrganIndex, Plan, make_plan
 from .presets import Preset, load_preset
-from .rendering import RenderResult, render
+from .rendering import RenderResult
+from .rendering import render as _render
+from .rendering import render_batch as _render_batch
 
-__all__ = ["SynthesisResult", "Synthesizer", "synthesize"]
+__all__ = ["SynthesisResult", "Synthesizer", "render", "render_batch", "synthesize"]
 
 SynthesisResult = RenderResult
 
@@ -62,7 +64,10 @@ def synthesize(
 
     Returns:
         A result with ``.image``, ``.tumor_mask`` (bool), ``.label`` (uint8: 0 background,
-        1 organ, 2 tumor), ``.plan`` and ``.tumors`` (one record per tumor).
+        1 organ, 2 tumor), ``.plan`` and ``.tumors`` (one record per tumor). When the preset
+        enables ``[mass_effect]``, large tumors first push the surrounding tissue (the image
+        and the organ mask are warped alike, see :mod:`synthgen.mass_effect`): then
+        ``.organ_mask`` is the warped mask and ``.label`` is built from it.
 
     Raises:
         ValueError: Non-3-D or mismatched arrays, empty or too small organ, NaN/inf in the
@@ -182,6 +187,72 @@ class Synthesizer:
         return (
             f"Synthesizer(preset={self.preset.name!r}, size={self.size!r}, device={self.device!r})"
         )
+
+
+def render(
+    plan: Plan,
+    image: np.ndarray,
+    organ_mask: np.ndarray,
+    *,
+    out: np.ndarray | None = None,
+    device: str = "cpu",
+    affine: np.ndarray | None = None,
+) -> RenderResult:
+    """Apply a plan to a scan, deterministically, with its preset's mass effect.
+
+    :func:`synthgen.rendering.render` (same arguments and result) preceded, when the plan's
+    preset enables ``[mass_effect]``, by the warp of the image (into ``out`` or a copy) and
+    of the organ mask (a copy; the result's ``organ_mask`` and ``label`` use it). The
+    settings travel in ``plan.preset``, so a stored plan replays the warped sample bit for
+    bit. To warp other label maps along, use :func:`synthgen.mass_effect.render_plan`.
+    """
+    if not plan.get_preset().mass_effect.enabled:
+        return _render(plan, image, organ_mask, out=out, device=device, affine=affine)
+    from .mass_effect import render_plan
+
+    return render_plan(plan, image, organ_mask, out=out, device=device, affine=affine).result
+
+
+def render_batch(
+    plans: Sequence[Plan],
+    images,
+    organ_masks,
+    *,
+    outs=None,
+    device: str = "auto",
+    affines=None,
+    stream=None,
+) -> list[RenderResult]:
+    """:func:`synthgen.rendering.render_batch` with each plan's mass effect (see
+    :func:`render`): plans whose tumors push tissue get their image (into its ``out`` or a
+    copy) and organ mask (a copy) warped first; the others are rendered as given."""
+    from .mass_effect import prepare_render
+
+    n = len(plans)
+
+    def per_plan(x):
+        return list(x) if isinstance(x, (list, tuple)) else [x] * n
+
+    plans_r, ims, oms = list(plans), per_plan(images), per_plan(organ_masks)
+    os_ = per_plan(outs) if outs is not None else [None] * n
+    warped = False
+    for i, p in enumerate(plans):
+        if len(ims) != n or len(oms) != n or len(os_) != n:
+            break  # rendering.render_batch reports the mismatch
+        if not p.get_preset().mass_effect.enabled:
+            continue
+        prep = prepare_render(p, ims[i], oms[i], out=os_[i])
+        if prep.fields:
+            plans_r[i], ims[i], oms[i], os_[i] = prep.plan, prep.image, prep.organ_mask, prep.image
+            warped = True
+    if not warped:
+        return _render_batch(
+            plans, images, organ_masks, outs=outs, device=device, affines=affines, stream=stream
+        )
+    res = _render_batch(plans_r, ims, oms, outs=os_, device=device, affines=affines, stream=stream)
+    for r, p in zip(res, plans, strict=True):
+        r.plan = p
+    return res
 
 
 @functools.lru_cache(maxsize=64)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .api import Synthesizer
-from .rendering import render
+from .mass_effect import render_plan
 
 __all__ = ["Implanted", "affine_for", "implant_tumors", "organ_mask_of"]
 
@@ -117,7 +117,17 @@ def implant_tumors(
         plan = synthesizer.plan(out_image, organ, seed=seed, affine=affine)
     except ValueError as e:  # too small for the preset's tumors: a normal patch
         return Implanted(out_image, out_label, None, str(e))
-    res = render(plan, out_image, organ, out=out_image, device=synthesizer.device, affine=affine)
+    # The preset's mass effect (if any) warps the image and the whole label map alike first.
+    res = render_plan(
+        plan,
+        out_image,
+        organ,
+        labels=[out_label],
+        labels_inplace=True,
+        out=out_image,
+        device=synthesizer.device,
+        affine=affine,
+    ).result
     for sl, m in res.boxes:
         out_label[sl][m] = tumor_label
     return Implanted(out_image, out_label, res.plan)

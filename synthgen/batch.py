@@ -64,6 +64,10 @@ class BatchOptions:
         device: ``"cpu"`` or ``"auto"``.
         compresslevel: gzip level of the ``.nii.gz`` outputs (1 is nibabel's default).
         preview: Also write a PNG preview of each sample.
+        mass_effect: ``None``: each preset's ``[mass_effect]`` decides; ``True``/``False``:
+            turn it on (with the preset's settings) or off for every organ. Every written
+            label map (organ and other segmentations, lesion masks, ``label``) is warped
+            with the image.
     """
 
     organs: tuple[str, ...]
@@ -75,6 +79,7 @@ class BatchOptions:
     device: str = "cpu"
     compresslevel: int = 1
     preview: bool = False
+    mass_effect: bool | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -89,13 +94,16 @@ class BatchOptions:
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues."""
-        return {
+        ident: dict[str, Any] = {
             "organs": list(self.organs),
             "seed": self.seed,
             "format": self.format,
             "size": self.size,
             "presets": dict(sorted(self.presets.items())),
         }
+        if self.mass_effect is not None:  # (absent: batches made before the option match)
+            ident["mass_effect"] = self.mass_effect
+        return ident
 
 
 @dataclass(frozen=True)
@@ -244,12 +252,40 @@ def dataset_json(opts: BatchOptions, num_training: int, name: str = "synthgen") 
     }
 
 
+_OVERRIDES: dict[tuple, Any] = {}
+
+
+def _synthesizer(opts: BatchOptions, organ: str):
+    """The organ's shared synthesizer, its preset's ``[mass_effect]`` switched on or off
+    when ``opts.mass_effect`` says so (the switch lands in the preset the plans record, so
+    they replay)."""
+    import dataclasses
+
+    from .api import Synthesizer, shared_synthesizer
+
+    syn = shared_synthesizer(opts.presets.get(organ, organ), opts.size, opts.device)
+    want = opts.mass_effect
+    if want is None or syn.preset.mass_effect.enabled == want:
+        return syn
+    key = (opts.presets.get(organ, organ), opts.size, opts.device, want)
+    if key not in _OVERRIDES:
+        me = dataclasses.replace(syn.preset.mass_effect, enabled=want)
+        preset = dataclasses.replace(syn.preset, mass_effect=me)
+        _OVERRIDES[key] = Synthesizer(preset, size=opts.size, device=opts.device)
+    return _OVERRIDES[key]
+
+
 def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     """Render one sample; returns (image, label, per-organ tumor masks, organ records,
-    skipped organs). An organ the preset cannot use (too small for its tumors) is skipped
-    with its reason; the sample fails only when no organ is left."""
-    from .api import shared_synthesizer
-    from .rendering import render
+    skipped organs, organ regions as written). An organ the preset cannot use (too small
+    for its tumors) is skipped with its reason; the sample fails only when no organ is left.
+
+    With mass effect, each organ's large tumors first push the tissue: the image and every
+    map of the sample (all organ regions, existing lesions, tumor masks and label so far,
+    vessels for the organs still to plan) are warped by the same fields, so all labels stay
+    aligned with the image. The case's own arrays are copied before they are warped."""
+    from .mass_effect import plan_fields, render_plan
+    from .planning import index_organ
 
     image = lc.image.copy(order="K")
     label: np.ndarray | None = None
@@ -257,11 +293,15 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     tumors: dict[str, np.ndarray] = {}
     records = []
     skipped = dict(lc.skipped)
-    for organ in opts.organs:
-        region = lc.organs.get(organ)
+    regions = dict(lc.organs)  # organ -> region of this sample (warped copies once moved)
+    lesions = dict(lc.lesions)
+    vessels = lc.vessels
+    moved: set[str] = set()  # organs whose region this sample warped
+    for n_organ, organ in enumerate(opts.organs):
+        region = regions.get(organ)
         if region is None:
             continue
-        syn = shared_synthesizer(opts.presets.get(organ, organ), opts.size, opts.device)
+        syn = _synthesizer(opts, organ)
         seed = _organ_seed(sample.seed, organ)
         try:
             plan = syn.plan(
@@ -269,14 +309,54 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
                 region,
                 seed=seed,
                 affine=lc.affine,
-                organ_index=lc.indexes[organ],
-                vessel_mask=lc.vessels,
-                lesion_mask=lc.lesions.get(organ),
+                organ_index=index_organ(region) if organ in moved else lc.indexes[organ],
+                vessel_mask=vessels,
+                lesion_mask=lesions.get(organ),
             )
         except ValueError as e:
             skipped[organ] = _short(e)
             continue
-        res = render(plan, image, region, out=image, device=opts.device, affine=lc.affine)
+        maps: dict[tuple[str, str], np.ndarray] = {}
+        if plan_fields(plan):  # something will move: every map of the sample moves along
+            for o, r in regions.items():
+                if o != organ:
+                    maps["organ", o] = r if o in moved else r.copy(order="K")
+            for o, m in lesions.items():
+                if m is not None:
+                    maps["lesion", o] = m if o in moved else m.copy(order="K")
+            for o, m in tumors.items():
+                maps["tumor", o] = m
+            if label is not None:
+                maps["label", ""] = label
+            later = [o for o in opts.organs[n_organ + 1 :] if o in regions]
+            if vessels is not None and later:
+                maps["vessels", ""] = vessels if "vessels" in moved else vessels.copy(order="K")
+        out = render_plan(
+            plan,
+            image,
+            region,
+            labels=maps,
+            out=image,
+            device=opts.device,
+            affine=lc.affine,
+            labels_inplace=True,
+        )
+        res = out.result
+        if out.fields:
+            moved.update(regions)
+            moved.add("vessels")
+            region = regions[organ] = res.organ_mask
+            for (kind, o), m in out.labels.items():
+                if kind == "organ":
+                    regions[o] = m
+                elif kind == "lesion":
+                    lesions[o] = m
+                elif kind == "tumor":
+                    tumors[o] = m
+                elif kind == "label":
+                    label = m
+                else:
+                    vessels = m
         lo, le = values[organ]
         if label is None:  # first organ: the region itself (one pass, no mask indexing)
             label = region.view(np.uint8) * np.uint8(lo)
@@ -286,9 +366,9 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         for sl, m in res.boxes:  # tumor boxes only
             tm[sl] |= m
             label[sl][m] = le
-        if lc.lesions.get(organ) is not None:
-            tm |= lc.lesions[organ]
-            label[lc.lesions[organ]] = le
+        if lesions.get(organ) is not None:
+            tm |= lesions[organ]
+            label[lesions[organ]] = le
         tumors[organ] = tm
         records.append(
             {
@@ -302,7 +382,8 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     if not records:
         reasons = "; ".join(f"{o}: {r}" for o, r in skipped.items())
         raise ValueError(f"no usable organ ({reasons})")
-    return image, label, tumors, records, skipped
+    written = {o: (r, o in moved) for o, r in regions.items()}
+    return image, label, tumors, records, skipped, written
 
 
 def _write_sample(
@@ -325,7 +406,7 @@ def _write_sample(
 def _write_files(lc: LoadedCase, sample: Sample, opts: BatchOptions, out: Path, part: Path, arrays):
     from .io import atomic_write_bytes, save_json, save_nifti
 
-    image, label, tumors, records, skipped = arrays
+    image, label, tumors, records, skipped, regions = arrays
     sid = sample.sample_id
     hdr, aff, lvl = lc.header, lc.affine, opts.compresslevel
     meta = {
@@ -340,10 +421,11 @@ def _write_files(lc: LoadedCase, sample: Sample, opts: BatchOptions, out: Path, 
         save_nifti(part / "label.nii.gz", label, aff, header=hdr, compresslevel=lvl)
         seg = part / "segmentations"
         for organ, tm in tumors.items():
-            if organ in lc.verbatim:
+            region, warped = regions[organ]
+            if organ in lc.verbatim and not warped:
                 atomic_write_bytes(seg / f"{organ}.nii.gz", lc.verbatim[organ].read_bytes())
             else:
-                reg = lc.organs[organ].view(np.uint8)
+                reg = region.view(np.uint8)
                 save_nifti(seg / f"{organ}.nii.gz", reg, aff, header=hdr, compresslevel=lvl)
             les = tm.view(np.uint8)
             save_nifti(

@@ -284,6 +284,13 @@ def synth(
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
     compression: Annotated[int, typer.Option(min=0, max=9, help="gzip level.")] = 1,
     preview: Annotated[bool, typer.Option(help="Also write preview.png per sample.")] = False,
+    mass_effect: Annotated[
+        bool | None,
+        typer.Option(
+            "--mass-effect/--no-mass-effect",
+            help="Large tumors push the tissue (default: the preset's [mass_effect]).",
+        ),
+    ] = None,
 ) -> None:
     """Implant tumors into one scan: N samples, each OUT/<case>_sNNN/ with ct.nii.gz,
     label.nii.gz (0/1/2), segmentations/<organ>.nii.gz and <lesion>.nii.gz, tumors.json.
@@ -319,6 +326,7 @@ def synth(
             device=dev,
             compresslevel=compression,
             preview=preview,
+            mass_effect=mass_effect,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -362,6 +370,14 @@ def batch(
     device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "auto",
     compression: Annotated[int, typer.Option(min=0, max=9, help="gzip level.")] = 1,
     preview: Annotated[bool, typer.Option(help="Also write a preview PNG per sample.")] = False,
+    mass_effect: Annotated[
+        bool | None,
+        typer.Option(
+            "--mass-effect/--no-mass-effect",
+            help="Large tumors push the tissue (image and every label map warped alike); "
+            "default: each preset's [mass_effect] section.",
+        ),
+    ] = None,
 ) -> None:
     """Synthesize tumors over a whole dataset, resumably, on local processes or a cluster.
 
@@ -397,6 +413,7 @@ def batch(
             device=dev,
             compresslevel=compression,
             preview=preview,
+            mass_effect=mass_effect,
         )
         if size is not None:
             from synthgen.presets import load_preset

@@ -76,9 +76,13 @@ __all__ = [
     "MassEffectField",
     "MassEffectResult",
     "MassEffectSample",
+    "PreparedRender",
     "apply_mass_effect",
     "benchmark",
     "mass_effect_fields",
+    "plan_fields",
+    "prepare_render",
+    "render_plan",
     "source_voxels",
     "synthesize_with_mass_effect",
 ]
@@ -213,6 +217,8 @@ def mass_effect_fields(
     reach = float(reach)
     out = []
     for n, t in enumerate(_tumor_list(tumors)):
+        if getattr(t, "kind", "ellipsoid") != "ellipsoid":
+            continue  # a hollow-organ wall tumor grows into the lumen: it pushes nothing
         radii = np.asarray(t.radii_mm, dtype=np.float64)
         if radii.shape != (3,) or np.any(radii <= 0) or not np.all(np.isfinite(radii)):
             raise ValueError(f"tumor {n}: radii_mm must be 3 positive values, got {radii}")
@@ -648,15 +654,76 @@ def apply_mass_effect(
     else:
         img = np.array(image_arr, copy=True, order="K")
         out_labs = [np.array(lab, copy=True, order="K") for lab in labs]
-    if fields:
-        # Walk memory in order: a Fortran-ordered scan is processed through its transpose.
-        fortran = img.flags.f_contiguous and not img.flags.c_contiguous
-        perm = (2, 1, 0) if fortran else (0, 1, 2)
-        img_p = img.transpose(perm)
-        labs_p = [lab.transpose(perm) for lab in out_labs]
-        for group in _clusters(fields):
-            _apply_group(group, img_p, labs_p, perm)
+    _warp_inplace(img, out_labs, fields)
     return MassEffectResult(image=img, labels=rebuild(out_labs), fields=fields)
+
+
+def _warp_inplace(img: np.ndarray, labs: list[np.ndarray], fields: list[MassEffectField]):
+    """Apply ``fields`` to a NumPy image and label maps in place (their boxes only)."""
+    if not fields:
+        return
+    # Walk memory in order: a Fortran-ordered scan is processed through its transpose.
+    fortran = img.flags.f_contiguous and not img.flags.c_contiguous
+    perm = (2, 1, 0) if fortran else (0, 1, 2)
+    img_p = img.transpose(perm)
+    labs_p = [lab.transpose(perm) for lab in labs]
+    for group in _clusters(fields):
+        _apply_group(group, img_p, labs_p, perm)
+
+
+def _shifted(f: MassEffectField, start: Sequence[int]) -> MassEffectField:
+    """``f`` in the coordinates of a box starting at ``start``."""
+    return dataclasses.replace(
+        f,
+        center_vox=tuple(float(c - s) for c, s in zip(f.center_vox, start, strict=True)),
+        box=tuple(slice(b.start - s, b.stop - s) for b, s in zip(f.box, start, strict=True)),
+    )
+
+
+def _to_host(a: Any) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return np.array(a, copy=True, order="C")
+    if hasattr(a, "detach"):  # torch
+        return np.ascontiguousarray(a.detach().cpu().numpy())
+    return np.ascontiguousarray(a.get())  # CuPy
+
+
+def _put(a: Any, box: tuple[slice, ...], host: np.ndarray) -> None:
+    if isinstance(a, np.ndarray):
+        a[box] = host
+    elif hasattr(a, "detach"):  # torch
+        import torch
+
+        a[box] = torch.as_tensor(host).to(a.device)
+    else:  # CuPy
+        import cupy
+
+        a[box] = cupy.asarray(host)
+
+
+def _warp_any(img: Any, labs: list[Any], fields: list[MassEffectField]) -> None:
+    """:func:`_warp_inplace` for arrays anywhere (NumPy, CuPy, torch): NumPy in place;
+    other arrays one group box at a time through the host (the warp is a CPU kernel)."""
+    if not fields:
+        return
+    if isinstance(img, np.ndarray) and all(isinstance(lab, np.ndarray) for lab in labs):
+        _warp_inplace(img, labs, fields)
+        return
+    for group in _clusters(fields):
+        bb = _bbox(group)
+        start = [b.start for b in bb]
+        h_img = _to_host(img[bb])
+        h_labs = [_to_host(lab[bb]) for lab in labs]
+        _warp_inplace(h_img, h_labs, [_shifted(f, start) for f in group])
+        _put(img, bb, h_img)
+        for lab, h in zip(labs, h_labs, strict=True):
+            _put(lab, bb, h)
+
+
+def _copy(a: Any) -> Any:
+    if isinstance(a, np.ndarray):
+        return np.array(a, copy=True, order="K")
+    return a.clone() if hasattr(a, "clone") else a.copy()
 
 
 # --------------------------------------------------------------------------------------
@@ -703,6 +770,120 @@ def _grown_bbox(bbox, fields: list[MassEffectField]):
             lo[a] = min(lo[a], f.box[a].start)
             hi[a] = max(hi[a], f.box[a].stop)
     return [[lo[a], hi[a]] for a in range(3)]
+
+
+def plan_fields(plan: Any, settings: Any = None) -> list[MassEffectField]:
+    """The fields a plan's preset asks for (``[mass_effect]``; ``[]`` when it is off).
+
+    Args:
+        plan: A :class:`synthgen.Plan`; its preset (``plan.preset``, carried in the plan's
+            JSON) holds the settings, so a stored plan replays the same warp.
+        settings: A :class:`synthgen.presets.MassEffectParams` overriding the plan's
+            (``synthgen batch --mass-effect``); ``None``: the plan's own.
+    """
+    me = plan.get_preset().mass_effect if settings is None else settings
+    if not me.enabled or not plan.tumors:
+        return []
+    return mass_effect_fields(
+        plan,
+        plan.spacing,
+        plan.shape,
+        strength=me.strength,
+        min_radius_mm=me.min_radius_mm,
+        ramp_mm=me.ramp_mm,
+        reach=me.reach,
+    )
+
+
+@dataclass
+class PreparedRender:
+    """A scan warped for a plan, ready to render (see :func:`prepare_render`).
+
+    Attributes:
+        plan: The plan to render: the given one, with the organ's bounding box grown by the
+            fields' boxes when something moved (the organ may now reach beyond it).
+        image: The image to render into (warped; ``out`` itself when given).
+        organ_mask: The organ mask to render with (a warped copy when something moved).
+        labels: The other label maps, warped (same container kind as given).
+        fields: The fields applied (``[]``: nothing moved, arrays are the inputs).
+    """
+
+    plan: Any
+    image: Any
+    organ_mask: Any
+    labels: Any
+    fields: list[MassEffectField]
+
+
+def prepare_render(
+    plan: Any,
+    image: Any,
+    organ_mask: Any,
+    *,
+    labels: Any = None,
+    out: Any = None,
+    labels_inplace: bool = False,
+    settings: Any = None,
+) -> PreparedRender:
+    """Warp a scan and its labels as ``plan``'s preset asks, before rendering it.
+
+    The image is warped into ``out`` (which holds the image, as for
+    :func:`synthgen.render`) or into a copy; the organ mask into a copy (never the input);
+    ``labels`` into copies, or in place with ``labels_inplace``. Only the fields' boxes are
+    computed; NumPy arrays are warped in place, GPU arrays (CuPy, torch CUDA) box by box
+    through the host. Nothing is copied when no tumor pushes.
+    """
+    fields = plan_fields(plan, settings)
+    labs, rebuild = _label_list(labels)
+    if not fields:
+        return PreparedRender(plan, image if out is None else out, organ_mask, labels, [])
+    target = _copy(image) if out is None else out
+    organ_w = _copy(organ_mask)
+    labs_w = labs if labels_inplace else [_copy(lab) for lab in labs]
+    _warp_any(target, [organ_w, *labs_w], fields)
+    plan_r = dataclasses.replace(plan, organ_bbox=_grown_bbox(plan.organ_bbox, fields))
+    return PreparedRender(plan_r, target, organ_w, rebuild(labs_w), fields)
+
+
+def render_plan(
+    plan: Any,
+    image: Any,
+    organ_mask: Any,
+    *,
+    labels: Any = None,
+    out: Any = None,
+    device: str = "auto",
+    affine: np.ndarray | None = None,
+    labels_inplace: bool = False,
+    settings: Any = None,
+) -> MassEffectSample:
+    """Render a plan with its preset's mass effect: warp the scan and labels, then render.
+
+    ``synthgen.render`` and ``synthgen.synthesize`` call this; it is the one to use for
+    other label maps that must follow the warp (``labels``: a mapping, sequence or one
+    array; see :func:`prepare_render`). The result's ``organ_mask`` (and so its ``label``)
+    is the warped organ mask and its ``plan`` the plan as given. Without mass effect this is
+    :func:`synthgen.rendering.render` and ``labels`` come back as given.
+    """
+    from .rendering import render
+
+    prep = prepare_render(
+        plan,
+        image,
+        organ_mask,
+        labels=labels,
+        out=out,
+        labels_inplace=labels_inplace,
+        settings=settings,
+    )
+    if not prep.fields:
+        res = render(plan, image, organ_mask, out=out, device=device, affine=affine)
+        return MassEffectSample(result=res, labels=labels, fields=[])
+    res = render(
+        prep.plan, prep.image, prep.organ_mask, out=prep.image, device=device, affine=affine
+    )
+    res.plan = plan
+    return MassEffectSample(result=res, labels=prep.labels, fields=prep.fields)
 
 
 def synthesize_with_mass_effect(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ._appearance import draw_appearance
 from ._hash import derive_seed
 from ._placement import Constraints
 from .presets import Preset, SizeClass, load_preset, preset_from_dict
@@ -54,6 +55,21 @@ class TumorPlan:
         texture: One draw of the texture recipe (sigma_a_mm, sigma_b_mm, scale, base, u0,
             threshold, range_sd).
         seed: 63-bit seed of the counter-based noise of this tumor.
+        kind: ``"ellipsoid"`` (the recipe above) or ``"wall"``: a hollow-organ wall tumor
+            (:mod:`synthgen._hollow`; the shape fields then hold ``radii_mm`` = the segment's
+            half-length three times, the local frame (axis, normal, axis x normal) as
+            ``rotation``, no displacement, ``contrast_hu`` 0).
+        wall: For a wall tumor, its numbers (JSON): ``mode`` (annular, eccentric,
+            polypoid), ``center_vox`` (float voxels, on the local lumen axis), ``axis`` and
+            ``normal`` (unit vectors in the mm frame of the voxel axes), ``half_length_mm``,
+            ``shoulder_mm``, ``thickness_mm``, ``arc_deg``, ``height_mm`` (polyp),
+            ``radius_mm`` (local lumen radius at planning), ``reach_mm``, ``tissue_hu``,
+            ``texture_gain_hu``, ``irregularity``, ``noise_hu``, ``normal_angle``.
+        appearance: Appearance modes beyond hypo/hyperdense (``None``: the published
+            blend), see :mod:`synthgen._appearance`: ``rim_boost_hu``, ``rim_width_mm``
+            (rim-enhancing capsule); ``necrosis_fraction``, ``necrosis_edge_mm``,
+            ``necrosis_hu`` (necrotic core); ``calcification_density``,
+            ``calcification_hu_min``, ``calcification_hu_max`` (specks).
     """
 
     index: int
@@ -69,6 +85,9 @@ class TumorPlan:
     clip_to_organ: bool
     texture: dict[str, float]
     seed: int
+    kind: str = "ellipsoid"
+    wall: dict[str, Any] | None = None
+    appearance: dict[str, float] | None = None
 
     @property
     def rotation_matrix(self) -> np.ndarray:
@@ -91,6 +110,10 @@ class Plan:
         spacing: Voxel size, mm.
         organ_hu: Median organ intensity measured on the scan (HU), if it was needed.
         organ_bbox: The organ's bounding box, ``[[start, stop], ...]`` per axis.
+        organ_noise_hu: The scan's noise SD measured in the organ (HU), when the preset
+            matches noise (``[appearance] noise_match``); tissue a tumor replaces gets it.
+        organ_noise_grain: Correlated share of that noise's variance (0 white, 1 as
+            correlated as the render's 2x2x2 noise model).
         tumors: The tumors.
         version: Plan format version.
     """
@@ -102,6 +125,8 @@ class Plan:
     spacing: tuple[float, float, float]
     organ_hu: float | None
     organ_bbox: list[list[int]] | None = None
+    organ_noise_hu: float | None = None
+    organ_noise_grain: float | None = None
     tumors: list[TumorPlan] = field(default_factory=list)
     version: int = PLAN_VERSION
 
@@ -144,6 +169,8 @@ class Plan:
             spacing=tuple(float(s) for s in d["spacing"]),
             organ_hu=d["organ_hu"],
             organ_bbox=d.get("organ_bbox"),
+            organ_noise_hu=d.get("organ_noise_hu"),
+            organ_noise_grain=d.get("organ_noise_grain"),
             tumors=tumors,
             version=d["version"],
         )
@@ -252,6 +279,25 @@ def _binary(a: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
+def _scan_cache(organ_index: OrganIndex | None, image, bbox) -> dict | None:
+    """This scan's entry of ``organ_index.cache`` (``None`` without an index).
+
+    What planning derives from the image and the mask (slice candidates, the bright-voxel
+    vessel fallback) is kept there for the next plan of the same scan. The entry is keyed by
+    a fingerprint of the image inside the organ's box (a strided sample), so an index reused
+    with another image starts afresh; one scan is kept at a time.
+    """
+    if organ_index is None:
+        return None
+    sub = np.ascontiguousarray(np.asarray(image[tuple(slice(b.start, b.stop, 7) for b in bbox)]))
+    key = (tuple(image.shape), str(sub.dtype), hash(sub.tobytes()))
+    entry = organ_index.cache.get(key)
+    if entry is None:
+        organ_index.cache.clear()
+        entry = organ_index.cache[key] = {}
+    return entry
+
+
 def _uniform(rng: np.random.Generator, lo: float, hi: float, integer: bool) -> float:
     if integer:
         return float(rng.integers(math.ceil(lo), math.floor(hi) + 1))
@@ -285,7 +331,7 @@ def _measure_organ_hu(image, organ_mask, bbox, count) -> float:
 class _Placer:
     """Draws tumor centres following the preset's placement rules."""
 
-    def __init__(self, image, organ_mask, preset: Preset, spacing, bbox, axis):
+    def __init__(self, image, organ_mask, preset: Preset, spacing, bbox, axis, cache=None):
         self.image = image
         self.mask = organ_mask
         self.p = preset.placement
@@ -294,7 +340,11 @@ class _Placer:
         self.axis = axis
         self.inplane = [a for a in range(3) if a != axis]
         self.radius = tuple(round(self.p.erosion_mm / spacing[a]) for a in self.inplane)
-        self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Candidates per slice; shared by every plan of a scan through its OrganIndex.
+        key = ("slices", axis, self.p.tissue_hu, tuple((b.start, b.stop) for b in bbox))
+        self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = (
+            cache.setdefault(key, {}) if cache is not None else {}
+        )
 
     def _slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         """Organ mask of slice ``z`` (in-plane bbox) and the flat indices of its candidates
@@ -488,9 +538,22 @@ def make_plan(
     need_hu = preset.contrast.mode == "relative" or any(
         c.exophytic_probability > 0 or not preset.shape.clip_to_organ for c, _ in plan_classes
     )
-    organ_hu = _measure_organ_hu(image, organ_mask, bbox, count) if need_hu else None
+    scan_cache = _scan_cache(organ_index, image, bbox)
+    cache = scan_cache if scan_cache is not None else {}
+    organ_hu = None
+    if need_hu:  # per scan: measured once when an OrganIndex carries the cache
+        organ_hu = cache.get("organ_hu")
+        if organ_hu is None:
+            organ_hu = cache["organ_hu"] = _measure_organ_hu(image, organ_mask, bbox, count)
+    noise_hu = noise_grain = None
+    if preset.appearance.noise_match:
+        from ._appearance import measure_noise
+
+        if "noise" not in cache:
+            cache["noise"] = measure_noise(image, organ_mask, bbox, count)
+        noise_hu, noise_grain = cache["noise"]
     axis = craniocaudal_axis(affine)
-    placer = _Placer(image, organ_mask, preset, sp, bbox, axis)
+    placer = _Placer(image, organ_mask, preset, sp, bbox, axis, scan_cache)
     pp = preset.placement
     keep_clear = Constraints(
         image,
@@ -502,13 +565,20 @@ def make_plan(
         confluence=pp.confluence,
         vessel_mask=vessel_mask,
         lesion_mask=lesion_mask,
-        cache=organ_index.cache if organ_index is not None else None,
+        cache=scan_cache,
     )
     g = preset.shape.control_points
     tumors: list[TumorPlan] = []
     for cls, n in plan_classes:
         for _ in range(n):
             idx = len(tumors)
+            if preset.wall is not None:  # hollow organ: a thickened wall segment
+                tumors.append(
+                    _wall_tumor(
+                        preset, cls, rng, idx, int(seed), image, organ_mask, sp, placer, keep_clear
+                    )
+                )
+                continue
             radii = tuple(_uniform(rng, *cls.radius_mm, cls.radius_integer) for _ in range(3))
             sigma = _uniform(rng, *cls.elastic_sigma_mm, cls.elastic_sigma_integer)
             rot = _random_rotation(rng) if preset.shape.rotate else np.eye(3)
@@ -554,6 +624,9 @@ def make_plan(
                     clip_to_organ=bool(clip),
                     texture=texture,
                     seed=derive_seed(int(seed), idx),
+                    appearance=draw_appearance(
+                        preset.appearance, int(seed), idx, radii, contrast
+                    ),
                 )
             )
     return Plan(
@@ -564,7 +637,61 @@ def make_plan(
         spacing=sp,
         organ_hu=organ_hu,
         organ_bbox=[[s.start, s.stop] for s in bbox],
+        organ_noise_hu=noise_hu,
+        organ_noise_grain=noise_grain,
         tumors=tumors,
+    )
+
+
+def _wall_tumor(preset, cls, rng, idx, seed, image, organ_mask, sp, placer, keep_clear):
+    """A hollow-organ wall tumor (see :mod:`synthgen._hollow`): the random numbers first,
+    then a wall voxel by the placement rules, then the local lumen geometry around it."""
+    from ._hollow import draw_wall, locate_wall
+
+    wp = preset.wall
+    half = _uniform(rng, *cls.radius_mm, cls.radius_integer)
+    thick = cls.wall_thickness_mm if cls.wall_thickness_mm is not None else wp.thickness_mm
+    draws = draw_wall(rng, wp, half, thick)
+    blur = _uniform(rng, *preset.blend.sigma_mm, False)
+    tx = preset.texture
+    texture = {
+        "sigma_a_mm": float(tx.sigma_a_mm[int(rng.integers(len(tx.sigma_a_mm)))]),
+        "sigma_b_mm": float(tx.sigma_b_mm[int(rng.integers(len(tx.sigma_b_mm)))]),
+        "scale": float(rng.uniform(*tx.scale)),
+        "base": float(rng.uniform(*tx.base)),
+        "u0": float(rng.uniform(*tx.u0)),
+        "threshold": tx.threshold,
+        "range_sd": tx.range_sd,
+    }
+    radii = (half, half, half)
+    p0 = keep_clear.place(
+        lambda gen: placer.draw(gen, False),
+        rng,
+        (seed, idx, 0x706C6163),
+        radii,
+        np.eye(3),
+        label=f"{cls.name} wall tumor {idx}",
+    )
+    wall = locate_wall(image, organ_mask, p0, sp, draws)
+    axis = np.asarray(wall["axis"])
+    normal = np.asarray(wall["normal"])
+    rot = np.stack([axis, normal, np.cross(axis, normal)], axis=1)
+    return TumorPlan(
+        index=idx,
+        size_class=cls.name,
+        center_vox=tuple(round(v) for v in wall["center_vox"]),  # type: ignore[arg-type]
+        radii_mm=radii,
+        rotation=tuple(float(x) for x in rot.ravel()),
+        control_extent_mm=(half, half, half),
+        displacement_mm=[],
+        elastic_sigma_mm=0.0,
+        blur_sigma_mm=float(blur),
+        contrast_hu=0.0,
+        clip_to_organ=True,
+        texture=texture,
+        seed=derive_seed(seed, idx),
+        kind="wall",
+        wall=wall,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ._appearance import blend_params
 from ._geometry import gaussian_kernel1d, prefilter
 from ._pool import map_threads as _map
 from ._pool import set_num_threads
@@ -171,10 +172,15 @@ def tumor_box(
     1.6x), intersected with the organ's bounding box for a clipped tumor. The shape is then
     evaluated on a 4 mm grid inside it and the box shrunk to the hull of the inside points
     plus two grid steps, plus ``3 sigma`` of blur (``coarse=False`` skips that host pass and
-    returns the conservative box). ``None`` when the tumor misses the scan.
+    returns the conservative box). ``None`` when the tumor misses the scan. A hollow-organ
+    wall tumor (``t.kind == "wall"``) has its own box (:func:`synthgen._hollow.wall_box`).
     """
     from . import _cpu_kernels as k
 
+    if t.kind != "ellipsoid":
+        from ._hollow import wall_box
+
+        return wall_box(t, spacing, shape, organ_bbox)
     dmax = 1.6 * float(np.abs(t.displacement).max()) if t.displacement.size else 0.0
     ext = _bound_mm(t) + dmax
     lo, hi = [], []
@@ -270,14 +276,20 @@ def _render_tumor(
     tissue: tuple[float, float],
     organ_hu: float,
     k,
+    noise: tuple[float | None, float | None] = (None, None),
 ):
     """Render one tumor from the untouched scan into buffers of its own.
 
     The shape is evaluated on ``box`` (the conservative box of :func:`tumor_box`); the box is
     then shrunk to the mask's exact extent plus the blur's reach before the blur, texture and
     blend passes. Returns ``(box, orig, delta, mask)`` on the shrunk box, or ``None`` when
-    the tumor has no voxel (clipped away, outside the tissue window).
+    the tumor has no voxel (clipped away, outside the tissue window). A wall tumor of a
+    hollow organ is rendered by :func:`synthgen._hollow.render_wall` (same return value).
     """
+    if t.kind != "ellipsoid":
+        from ._hollow import render_wall
+
+        return render_wall(t, box, spacing, target, organ_mask, work_dtype)
     orig = np.array(target[box], dtype=work_dtype, copy=True)
     orig32 = orig if work_dtype == np.float32 else orig.astype(np.float32)
     organ = np.ascontiguousarray(_binary(np.asarray(organ_mask[box])))
@@ -286,7 +298,12 @@ def _render_tumor(
     # Shape: B-spline displacement + ellipsoid test, fused.
     ctrl, w, pos32, m = _shape_inputs(t, pos)
     mask = np.empty(orig.shape, dtype=np.bool_)
-    k.shape_mask(ctrl, *w, *pos32, m, organ, orig32, tlo, thi, t.clip_to_organ, mask)
+    app = blend_params(t, *noise)  # appearance modes (None: the published blend)
+    if app is None:
+        k.shape_mask(ctrl, *w, *pos32, m, organ, orig32, tlo, thi, t.clip_to_organ, mask)
+    else:
+        q2 = np.empty(orig.shape, dtype=np.float32)
+        k.shape_mask(ctrl, *w, *pos32, m, organ, orig32, tlo, thi, t.clip_to_organ, mask, q2)
     lo0, hi0, lo1, hi1, lo2, hi2, count = k.bbox(mask)
     if count == 0:
         return None
@@ -304,6 +321,10 @@ def _render_tumor(
     organ = np.ascontiguousarray(organ[sub])
     mask = np.ascontiguousarray(mask[sub])
     pos = [p[s] for p, s in zip(pos, sub, strict=True)]
+    extra = ()
+    if app is not None:
+        off = [int(new_box[a].start - t.center_vox[a]) for a in range(3)]
+        extra = (np.ascontiguousarray(q2[sub]), app[0], app[1], *off)
     # Edge blur B of the mask (separable, zero padded, scipy-normalised kernel).
     kern = [
         gaussian_kernel1d(t.blur_sigma_mm / spacing[a], BLUR_TRUNCATE).astype(np.float32)
@@ -337,6 +358,7 @@ def _render_tumor(
         np.float32(organ_hu),
         bool(t.clip_to_organ),
         delta,
+        *extra,
     )
     return new_box, orig, delta, mask
 
@@ -518,8 +540,9 @@ def render(
         # Phase 1, one task per tumor: everything is read from the untouched target and
         # rendered into the tumor's own buffers.
         return _render_tumor(
-            plan.tumors[i], coarse[i], sp, target, organ_mask, work_dtype, tissue_win, organ_hu, k
-        )
+            plan.tumors[i], coarse[i], sp, target, organ_mask, work_dtype, tissue_win, organ_hu, k,
+            (plan.organ_noise_hu, plan.organ_noise_grain),
+        )  # fmt: skip
 
     order = sorted(live, key=lambda i: -_volume(coarse[i]))  # big first: the pool ends evenly
     work = sum(_volume(coarse[i]) for i in live)

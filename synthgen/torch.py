@@ -350,6 +350,7 @@ class BatchTumorSynthesis:
     ) -> list[Any]:
         """Implant in place; returns one :class:`~synthgen.Plan` (or ``None``) per sample."""
         from .augment import affine_for
+        from .mass_effect import prepare_render
         from .rendering import render_batch
 
         if image.ndim != 5 or label.ndim != 5 or label.shape[1] != 1:
@@ -381,15 +382,23 @@ class BatchTumorSynthesis:
                         jobs.append((b, plan, organ))
             plans.append(plan)
         if jobs:
-            targets = [image[b, 0] for b, _, _ in jobs]
+            # The preset's mass effect (if any) warps image and label map alike, per sample
+            # (GPU data box by box through the host); then one batched render.
+            preps = [
+                prepare_render(
+                    p, image[b, 0], o, labels=[label[b, 0]], out=image[b, 0], labels_inplace=True
+                )
+                for b, p, o in jobs
+            ]
             results = render_batch(
-                [p for _, p, _ in jobs],
-                targets,
-                [o for _, _, o in jobs],
-                outs=targets,
+                [q.plan for q in preps],
+                [q.image for q in preps],
+                [q.organ_mask for q in preps],
+                outs=[q.image for q in preps],
                 affines=[affine] * len(jobs),
             )
-            for (b, _, _), res in zip(jobs, results, strict=True):
+            for (b, p, _), res in zip(jobs, results, strict=True):
+                res.plan = p
                 lab = label[b, 0]
                 for sl, m in res.boxes:
                     mt = torch.from_numpy(m) if isinstance(m, np.ndarray) else torch.from_dlpack(m)

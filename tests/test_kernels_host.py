@@ -58,7 +58,8 @@ extern "C" void sg_host_blend(const float* orig, const unsigned char* organ, flo
                               const long long* i0, const float* f0, const long long* i1,
                               const float* f1, const long long* i2, const float* f2,
                               float contrast, float organ_hu, int clipped, int nx, int ny,
-                              int nz, float* delta) {
+                              int nz, float* delta, const float* q2, const float* app,
+                              const sg_u32* keys, int off0, int off1, int off2, int app_on) {
     long long t = 0;
     for (int i = 0; i < nx; ++i)
         for (int j = 0; j < ny; ++j)
@@ -67,8 +68,15 @@ extern "C" void sg_host_blend(const float* orig, const unsigned char* organ, flo
                 if (b <= 0.0f || v < tlo || v > thi) continue;
                 float tex = sg_texture_at(tgrid, gy, gz, (int)i0[i], f0[i], (int)i1[j], f1[j],
                                           (int)i2[k], f2[k]);
-                float d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, contrast, organ_hu,
-                                         clipped);
+                float d;
+                if (app_on) {
+                    if (!organ[t] && clipped) continue;
+                    d = sg_appear_delta(v, organ[t], b, tex * contrast, q2[t], organ_hu, app,
+                                        keys, off0 + i, off1 + j, off2 + k);
+                } else {
+                    d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, contrast, organ_hu,
+                                       clipped);
+                }
                 if (__builtin_fabsf(d) > __builtin_fabsf(delta[t])) delta[t] = d;
             }
 }
@@ -86,7 +94,7 @@ extern "C" void sg_host_shape_mask(const float* ctrl, int g0, int g1, int g2,
                                    const float* pos0, const float* pos1, const float* pos2,
                                    const double* m, const unsigned char* organ,
                                    const float* image, float tlo, float thi, int clip,
-                                   int nx, int ny, int nz, unsigned char* out) {
+                                   int nx, int ny, int nz, unsigned char* out, float* q2out) {
     long long t = 0;
     for (int i = 0; i < nx; ++i)
         for (int j = 0; j < ny; ++j)
@@ -95,6 +103,7 @@ extern "C" void sg_host_shape_mask(const float* ctrl, int g0, int g1, int g2,
                                        w2 + k * g2, pos0[i], pos1[j], pos2[k], m);
                 float v = image[t];
                 out[t] = (q2 <= 1.0f) && (!clip || organ[t]) && v >= tlo && v <= thi;
+                q2out[t] = q2;
             }
 }
 extern "C" void sg_host_mix32(const sg_u32* x, sg_u32* out, long long n) {
@@ -133,12 +142,13 @@ def host_lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     f64p = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
     dll.sg_host_shape_mask.argtypes = (
         [f32p] + [ctypes.c_int] * 3 + [f32p] * 6 + [f64p, u8p, f32p]
-        + [ctypes.c_float] * 2 + [ctypes.c_int] * 4 + [u8p]
+        + [ctypes.c_float] * 2 + [ctypes.c_int] * 4 + [u8p, f32p]
     )  # fmt: skip
     i64p = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
     dll.sg_host_blend.argtypes = (
         [f32p, u8p, ctypes.c_float, ctypes.c_float, f32p, f32p, ctypes.c_int, ctypes.c_int]
         + [i64p, f32p] * 3 + [ctypes.c_float, ctypes.c_float] + [ctypes.c_int] * 4 + [f32p]
+        + [f32p, f32p, u32p] + [ctypes.c_int] * 4
     )  # fmt: skip
     dll.sg_host_apply.argtypes = (
         [f32p, f32p, f32p, u8p] + [ctypes.c_float] * 4 + [ctypes.c_int, ctypes.c_longlong, f64p]
@@ -195,19 +205,27 @@ def test_shape_mask_matches_numba(host_lib: ctypes.CDLL, seed: int) -> None:
         organ = np.ascontiguousarray(liver[box])
         image = np.ascontiguousarray(ph.image[box], dtype=np.float32)
         ref = np.empty(organ.shape, dtype=np.bool_)
+        q2_ref = np.empty(organ.shape, dtype=np.float32)
         k.shape_mask(
-            ctrl, *w, *pos32, m, organ, image, np.float32(-100), np.float32(300), True, ref
+            ctrl, *w, *pos32, m, organ, image, np.float32(-100), np.float32(300), True, ref, q2_ref
         )
+        alone = np.empty(organ.shape, dtype=np.bool_)  # the mask does not depend on q2out
+        k.shape_mask(
+            ctrl, *w, *pos32, m, organ, image, np.float32(-100), np.float32(300), True, alone
+        )
+        np.testing.assert_array_equal(alone, ref)
         out = np.full(organ.shape, 7, dtype=np.uint8)  # poisoned: every element is written
+        q2 = np.full(organ.shape, np.nan, dtype=np.float32)
         g = ctrl.shape[1:]
         host_lib.sg_host_shape_mask(
             np.ascontiguousarray(ctrl), *g, *(np.ascontiguousarray(x) for x in w),
             *(np.ascontiguousarray(p) for p in pos32), np.ascontiguousarray(m, np.float64),
-            organ.view(np.uint8), image, -100.0, 300.0, 1, *organ.shape, out,
+            organ.view(np.uint8), image, -100.0, 300.0, 1, *organ.shape, out, q2,
         )  # fmt: skip
         assert set(np.unique(out)) <= {0, 1}
         assert ref.any()
         np.testing.assert_array_equal(out.view(np.bool_), ref)
+        np.testing.assert_array_equal(q2, q2_ref)  # the squared normalised radius, bit for bit
 
 
 @pytest.mark.parametrize("clipped", [True, False])
@@ -231,10 +249,11 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
         clipped, ref,
     )  # fmt: skip
     out = prior.copy()
+    none_f, none_u = np.zeros(1, np.float32), np.zeros(1, np.uint32)
     host_lib.sg_host_blend(
         orig, organ.view(np.uint8), tlo, thi, blur, tgrid, tgrid.shape[1], tgrid.shape[2],
         *(np.ascontiguousarray(x) for c in ic for x in c), contrast, organ_hu, int(clipped),
-        *n, out,
+        *n, out, none_f, none_f, none_u, 0, 0, 0, 0,
     )  # fmt: skip
     assert (ref != prior).any()
     np.testing.assert_array_equal(out, ref)
@@ -250,6 +269,53 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
     )  # fmt: skip
     np.testing.assert_array_equal(host_out, target)
     assert stats[0] == cnt and stats[1] == acc  # sequential sums: bit for bit (GPU atomics: ~1e-12)
+
+
+@pytest.mark.parametrize("clipped", [True, False])
+@pytest.mark.parametrize("modes", ["all", "rim", "necrosis", "specks", "noise"])
+def test_appearance_blend_matches_numba(host_lib: ctypes.CDLL, clipped: bool, modes: str) -> None:
+    """sg_appear_delta (rim, necrotic core, specks, counter-hash noise) is the numba
+    _appear_delta, bit for bit, on random voxels, radii and parameters."""
+    rng = np.random.default_rng(21 + clipped)
+    n = (15, 12, 13)
+    orig = rng.uniform(-200, 300, n).astype(np.float32)
+    organ = rng.random(n) < 0.6
+    blur = np.where(rng.random(n) < 0.1, 0, rng.random(n)).astype(np.float32)
+    tgrid = rng.random((6, 5, 4)).astype(np.float32)
+    q2 = rng.uniform(0, 1.4, n).astype(np.float32)
+    ic = [
+        k.interp_coords_nb(np.linspace(-20, 20, m).astype(np.float32), -25.0, 10.0, tgrid.shape[a])
+        for a, m in enumerate(n)
+    ]
+    app = np.zeros(13, np.float32)
+    if modes in ("all", "rim"):
+        app[:3] = (0.75, 1 / 0.125, 35.0)
+    if modes in ("all", "necrosis"):
+        app[3:6] = (0.45, 1 / 0.2, 14.0)
+    if modes in ("all", "specks"):
+        app[7:11] = (0.08, 150.0, 450.0, 0.9)
+    if modes in ("all", "noise", "necrosis"):
+        app[11:13] = (7.3, 4.1)
+    keys = np.array([stream_key(77, s)[i] for s in (3, 4, 5, 6) for i in (0, 1)], np.uint32)
+    off = (-7, 3, -500)  # the lattice wraps past -512 alike on both sides
+    args = (np.float32(-150), np.float32(250), blur, tgrid)
+    c = (np.float32(40), np.float32(60))
+    prior = np.where(rng.random(n) < 0.3, rng.normal(0, 20, n), 0).astype(np.float32)
+    ref = prior.copy()
+    k.blend_tumor(orig, organ, *args, *ic[0], *ic[1], *ic[2], *c, clipped, ref, q2, app, keys, *off)
+    plain = prior.copy()
+    k.blend_tumor(orig, organ, *args, *ic[0], *ic[1], *ic[2], *c, clipped, plain)
+    out = prior.copy()
+    host_lib.sg_host_blend(
+        orig, organ.view(np.uint8), *args, tgrid.shape[1], tgrid.shape[2],
+        *(np.ascontiguousarray(x) for cc in ic for x in cc), *c, int(clipped), *n, out,
+        q2, app, keys, *off, 1,
+    )  # fmt: skip
+    np.testing.assert_array_equal(out, ref)
+    if modes == "noise" and clipped:
+        np.testing.assert_array_equal(ref, plain)  # noise only where tissue is replaced
+    else:
+        assert (ref != plain).sum() > 20, modes
 
 
 def _band(rng: np.random.Generator, m: int, n: int, k_: int) -> tuple[np.ndarray, np.ndarray]:

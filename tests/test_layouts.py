@@ -519,7 +519,9 @@ def test_batch_resamples_a_cropped_mask_onto_the_ct(tmp_path) -> None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batch_end_to_end_atlas_output(datasets, tmp_path, layout) -> None:
     out = tmp_path / "out"
-    res = cli("batch", datasets[layout], "--out", out, "--organ", "liver", "--seed", "7")
+    # --no-mass-effect: the checks below hold the input organ fixed (the warp has its tests)
+    res = cli("batch", datasets[layout], "--out", out, "--organ", "liver", "--seed", "7",
+              "--no-mass-effect")  # fmt: skip
     assert f"{layout} layout, 2 cases" in res.output
     manifest = read_manifest(out)
     ids = [f"{c}_s000" for c in CASE_IDS[layout]]
@@ -608,7 +610,8 @@ def test_sheared_ct_gets_no_contradicting_qform(tmp_path) -> None:
 
 def test_batch_nnunet_output_from_msd(datasets, tmp_path) -> None:
     out = tmp_path / "Dataset501_Synth"
-    cli("batch", datasets["msd"], "--out", out, "--organ", "liver", "--format", "nnunet")
+    cli("batch", datasets["msd"], "--out", out, "--organ", "liver", "--format", "nnunet",
+        "--no-mass-effect")  # fmt: skip
     ds = check_nnunet_output(out, 3)
     assert ds["labels"] == {"background": 0, "liver": 1, "liver_lesion": 2}
     assert ds["numTraining"] == 2
@@ -626,9 +629,8 @@ def test_batch_nnunet_output_from_msd(datasets, tmp_path) -> None:
 
 def test_batch_nnunet_multi_organ_labels(datasets, tmp_path) -> None:
     out = tmp_path / "out"
-    cli(
-        "batch", datasets["nnunet"], "--out", out, "--organ", "liver,pancreas", "--format", "nnunet"
-    )
+    cli("batch", datasets["nnunet"], "--out", out, "--organ", "liver,pancreas", "--format",
+        "nnunet", "--no-mass-effect")  # fmt: skip
     ds = check_nnunet_output(out, 5)
     assert ds["labels"] == {
         "background": 0,
@@ -669,7 +671,8 @@ def test_synth_writes_distinct_reproducible_samples(scan_files, tmp_path) -> Non
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         out = tmp_path / name
-        cli("synth", ct, "--mask", mask, "--organ", "liver", "--out", out, "--n", 2, "--seed", seed)
+        cli("synth", ct, "--mask", mask, "--organ", "liver", "--out", out, "--n", 2, "--seed", seed,
+            "--no-mass-effect")  # fmt: skip
         assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["scan_s000", "scan_s001"]
         runs[name] = out
     for sid in ("scan_s000", "scan_s001"):
@@ -698,7 +701,8 @@ def test_synth_writes_distinct_reproducible_samples(scan_files, tmp_path) -> Non
 def test_synth_label_id_picks_the_organ_in_a_label_map(scan_files, tmp_path) -> None:
     _, ct, _, labels = scan_files
     out = tmp_path / "out"
-    cli("synth", ct, "--mask", labels, "--label-id", 7, "--organ", "liver", "--out", out)
+    cli("synth", ct, "--mask", labels, "--label-id", 7, "--organ", "liver", "--out", out,
+        "--no-mass-effect")  # fmt: skip
     sample = out / "scan_s000"
     check_atlas_sample(sample, ct)
     liver = arr(labels) == 7
@@ -798,7 +802,7 @@ def test_batch_csv_on_the_real_ct(totalseg, real_files, tmp_path) -> None:
         )
     out = tmp_path / "out"
     organs = ("liver", "kidney", "pancreas")
-    cli("batch", sheet, "--out", out, "--organ", ",".join(organs), "--seed", 3)
+    cli("batch", sheet, "--out", out, "--organ", ",".join(organs), "--seed", 3, "--no-mass-effect")
     sample = out / "example_ct_s000"
     meta = check_atlas_sample(sample, ct, organs, contained=False)
     assert meta["skipped_organs"] == {}

@@ -20,6 +20,7 @@ from scipy import ndimage  # noqa: E402
 
 from synthgen.phantom import make_phantom  # noqa: E402
 from synthgen.planning import Plan  # noqa: E402
+from synthgen.presets import without_extras  # noqa: E402
 
 smonai = pytest.importorskip("synthgen.monai")
 RandTumorSynthesis = smonai.RandTumorSynthesis
@@ -30,6 +31,9 @@ SPACING = (4.0, 4.0, 5.0)
 FINE_SHAPE = (192, 160, 128)
 FINE_SPACING = (2.0, 2.0, 2.5)
 LIVER = 1
+# The liver preset without its realism extras: these tests check the adapters on the plain
+# recipe (only tumor voxels relabelled, tumors inside the input organ).
+PLAIN = without_extras("liver")
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +87,11 @@ def test_input_types(scan, kind, form):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="synthgen has no GPU backend")
         if form == "array":
-            t = RandTumorSynthesis("liver", organ_label=LIVER, tumor_label=2, spacing=spacing)
+            t = RandTumorSynthesis(PLAIN, organ_label=LIVER, tumor_label=2, spacing=spacing)
             t.set_random_state(seed=3)
             img_out, lab_out = t(img_in, lab_in)
         else:
-            t = RandTumorSynthesisd(keys=("image", "label"), organ="liver", spacing=spacing)
+            t = RandTumorSynthesisd(keys=("image", "label"), organ=PLAIN, spacing=spacing)
             t.set_random_state(seed=3)
             d = t({"image": img_in, "label": lab_in, "id": "case0"})
             img_out, lab_out = d["image"], d["label"]

@@ -27,19 +27,23 @@ __all__ = [
     "ORGANS",
     "ORGAN_LABEL_NAMES",
     "VESSEL_CLEARANCE_MM",
+    "AppearanceParams",
     "BlendParams",
     "ContrastParams",
+    "MassEffectParams",
     "PlacementParams",
     "Preset",
     "PresetError",
     "ShapeParams",
     "SizeClass",
     "TextureParams",
+    "WallParams",
     "default_preset_for",
     "list_presets",
     "load_preset",
     "preset_from_dict",
     "preset_path",
+    "without_extras",
 ]
 
 _DIR = Path(__file__).resolve().parent
@@ -92,6 +96,8 @@ class SizeClass:
         exophytic_probability: Probability that a tumor is not clipped to the organ.
         components: For a composite class (``mix``): class name -> count range; the
             component classes' own ``count`` is then ignored.
+        wall_thickness_mm: Wall tumors only (a preset with ``[wall]``): this class's range
+            of the wall thickness to reach, mm, instead of ``[wall] thickness_mm``.
     """
 
     name: str
@@ -103,6 +109,7 @@ class SizeClass:
     at_organ_center: bool = False
     exophytic_probability: float = 0.0
     components: dict[str, tuple[int, int]] | None = None
+    wall_thickness_mm: tuple[float, float] | None = None
 
     @property
     def composite(self) -> bool:
@@ -192,6 +199,104 @@ class ShapeParams:
 
 
 @dataclass(frozen=True)
+class AppearanceParams:
+    """Appearance modes beyond hypo/hyperdense and noise matching (``[appearance]``; see
+    :mod:`synthgen._appearance`). Absent section: none of them (the published blend).
+
+    Each mode is drawn per tumor with its probability when the tumor's equivalent radius
+    (geometric mean of the semi-axes) reaches the mode's ``*_min_radius_mm``; its numbers are
+    drawn uniformly in the ranges.
+
+    Attributes:
+        noise_match: Measure the scan's noise in the organ at plan time and give tissue the
+            tumor replaces (exophytic part, necrotic core) that noise level.
+        rim_probability: Odds of a rim-enhancing capsule.
+        rim_min_radius_mm: Smallest tumor with a rim, mm.
+        rim_width_mm: Width of the bright shell inside the boundary, mm.
+        rim_boost_hu: How much brighter the shell is than the core, HU.
+        necrosis_probability: Odds of a necrotic core.
+        necrosis_min_radius_mm: Smallest tumor with a necrotic core, mm.
+        necrosis_fraction: Core radius as a fraction of the tumor's (normalised radius).
+        necrosis_edge_mm: Width of the core's soft edge, mm.
+        necrosis_hu: Intensity of the core (near fluid), HU.
+        calcification_probability: Odds of calcification specks.
+        calcification_min_radius_mm: Smallest tumor with specks, mm.
+        calcification_density: Fraction of the tumor's voxels that are specks.
+        calcification_hu: HU range of a speck (each speck uniform in it).
+    """
+
+    noise_match: bool = False
+    rim_probability: float = 0.0
+    rim_min_radius_mm: float = 5.0
+    rim_width_mm: tuple[float, float] = (1.5, 3.0)
+    rim_boost_hu: tuple[float, float] = (20.0, 50.0)
+    necrosis_probability: float = 0.0
+    necrosis_min_radius_mm: float = 10.0
+    necrosis_fraction: tuple[float, float] = (0.3, 0.6)
+    necrosis_edge_mm: tuple[float, float] = (2.0, 4.0)
+    necrosis_hu: tuple[float, float] = (10.0, 20.0)
+    calcification_probability: float = 0.0
+    calcification_min_radius_mm: float = 5.0
+    calcification_density: tuple[float, float] = (0.003, 0.015)
+    calcification_hu: tuple[float, float] = (150.0, 600.0)
+
+
+@dataclass(frozen=True)
+class MassEffectParams:
+    """Mass effect: large tumors push the surrounding tissue (and every label map) outward.
+
+    Applied by :mod:`synthgen.mass_effect` before rendering, from the plan's tumors and these
+    settings (a plan carries its preset, so a plan replays the warp). Absent section: off.
+
+    Attributes:
+        enabled: Warp image and labels around qualifying tumors.
+        strength: Displacement at the tumor surface as a fraction of its radius (0-0.5).
+        min_radius_mm: Equivalent radius (geometric mean of the semi-axes, mm) from which a
+            tumor pushes tissue.
+        ramp_mm: The strength ramps from 0 at ``min_radius_mm`` to full over this many mm.
+        reach: Support of the push, in tumor radii (nothing moves beyond it; cost ~reach^3).
+    """
+
+    enabled: bool = False
+    strength: float = 0.25
+    min_radius_mm: float = 20.0
+    ramp_mm: float = 5.0
+    reach: float = 1.5
+
+
+@dataclass(frozen=True)
+class WallParams:
+    """Hollow organs: tumors as thickened wall segments (see :mod:`synthgen._hollow`).
+
+    With this table every tumor of the preset is a wall tumor: the size class's radius draw is
+    the half-length of the segment along the organ's centreline (mm) and, for a polyp, its
+    base radius.
+
+    Attributes:
+        modes: Weights of ``annular``, ``eccentric`` and ``polypoid`` tumors.
+        thickness_mm: Wall thickness to reach at the segment's middle, from the organ's outer
+            boundary inward, mm (a class may override it with ``wall_thickness_mm``).
+        shoulder: Length of each tapering shoulder as a fraction of the half-length.
+        arc_deg: Angular extent of an eccentric thickening, degrees.
+        polyp_height: Height of a polyp from the outer wall, as a multiple of its base radius.
+        tissue_hu: Intensity of the tumor tissue, HU.
+        texture_gain_hu: HU per unit of the texture field (mean about 0.5).
+        irregularity: Relative modulation of the thickness by the texture (lobulation).
+    """
+
+    modes: dict[str, float] = field(
+        default_factory=lambda: {"annular": 1.0, "eccentric": 1.0, "polypoid": 1.0}
+    )
+    thickness_mm: tuple[float, float] = (8.0, 20.0)
+    shoulder: tuple[float, float] = (0.2, 0.5)
+    arc_deg: tuple[float, float] = (90.0, 270.0)
+    polyp_height: tuple[float, float] = (1.0, 2.0)
+    tissue_hu: tuple[float, float] = (45.0, 90.0)
+    texture_gain_hu: tuple[float, float] = (100.0, 200.0)
+    irregularity: tuple[float, float] = (0.05, 0.2)
+
+
+@dataclass(frozen=True)
 class Preset:
     """A validated organ preset. Build with :func:`load_preset`."""
 
@@ -205,8 +310,11 @@ class Preset:
     blend: BlendParams = field(default_factory=BlendParams)
     placement: PlacementParams = field(default_factory=PlacementParams)
     shape: ShapeParams = field(default_factory=ShapeParams)
+    mass_effect: MassEffectParams = field(default_factory=MassEffectParams)
     sources: tuple[str, ...] = ()
     path: str | None = None
+    wall: WallParams | None = None
+    appearance: AppearanceParams = field(default_factory=AppearanceParams)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dictionary in the file schema (round-trips through
@@ -221,6 +329,8 @@ class Preset:
         classes = {}
         for name, c in d["classes"].items():
             c.pop("name")
+            if c.get("wall_thickness_mm") is None:
+                c.pop("wall_thickness_mm", None)
             if c["components"] is None:
                 c.pop("components")
                 classes[name] = c
@@ -229,6 +339,10 @@ class Preset:
         d["classes"] = classes
         if d["placement"]["tissue_hu"] is None:
             d["placement"].pop("tissue_hu")
+        if d.get("wall") is None:
+            d.pop("wall", None)
+        if self.appearance == AppearanceParams():  # no [appearance]: plans as before
+            d.pop("appearance", None)
         return d
 
     def size_class(self, name: str) -> SizeClass:
@@ -310,6 +424,7 @@ _CLASS_KEYS = {
     "at_organ_center",
     "exophytic_probability",
     "components",
+    "wall_thickness_mm",
 }
 
 
@@ -331,6 +446,7 @@ def _parse_class(ctx: _Ctx, name: str, t: dict[str, Any]) -> SizeClass:
     count = _int_range(ctx, key + ".count", t["count"], lo=1)
     radius = _range(ctx, key + ".radius_mm", t["radius_mm"], lo=0.5, hi=500)
     sigma = _range(ctx, key + ".elastic_sigma_mm", t.get("elastic_sigma_mm", [0, 0]), lo=0)
+    wall_t = t.get("wall_thickness_mm")
     return SizeClass(
         name=name,
         count=count,
@@ -344,6 +460,85 @@ def _parse_class(ctx: _Ctx, name: str, t: dict[str, Any]) -> SizeClass:
         exophytic_probability=_num(
             ctx, key + ".exophytic_probability", t.get("exophytic_probability", 0.0), lo=0, hi=1
         ),
+        wall_thickness_mm=None
+        if wall_t is None
+        else _range(ctx, key + ".wall_thickness_mm", wall_t, lo=0.5, hi=100),
+    )
+
+
+def _parse_wall(ctx: _Ctx, t: Any) -> WallParams:
+    wl = _take(ctx, t, "wall", set(WallParams.__dataclass_fields__))
+    d = WallParams()
+    modes_t = _take(
+        ctx, wl.get("modes", d.modes), "wall.modes", {"annular", "eccentric", "polypoid"}
+    )
+    modes = {n: _num(ctx, f"wall.modes.{n}", v, lo=0) for n, v in modes_t.items()}
+    if sum(modes.values()) <= 0:
+        raise ctx.fail("wall.modes", "weights must not all be zero")
+
+    def rng(key: str, lo: float, hi: float) -> tuple[float, float]:
+        return _range(ctx, f"wall.{key}", wl.get(key, getattr(d, key)), lo=lo, hi=hi)
+
+    return WallParams(
+        modes=modes,
+        thickness_mm=rng("thickness_mm", 0.5, 100),
+        shoulder=rng("shoulder", 0, 1),
+        arc_deg=rng("arc_deg", 10, 359),
+        polyp_height=rng("polyp_height", 0.1, 5),
+        tissue_hu=rng("tissue_hu", -100, 400),
+        texture_gain_hu=rng("texture_gain_hu", 0, 1000),
+        irregularity=rng("irregularity", 0, 0.9),
+    )
+
+
+def _parse_mass_effect(ctx: _Ctx, t: Any) -> MassEffectParams:
+    from ..mass_effect import MAX_STRENGTH, REACH_RANGE
+
+    me = _take(ctx, t, "mass_effect", set(MassEffectParams.__dataclass_fields__))
+    d = MassEffectParams()
+    return MassEffectParams(
+        enabled=_bool(ctx, "mass_effect.enabled", me.get("enabled", d.enabled)),
+        strength=_num(
+            ctx, "mass_effect.strength", me.get("strength", d.strength), lo=0, hi=MAX_STRENGTH
+        ),
+        min_radius_mm=_num(
+            ctx, "mass_effect.min_radius_mm", me.get("min_radius_mm", d.min_radius_mm), lo=0
+        ),
+        ramp_mm=_num(ctx, "mass_effect.ramp_mm", me.get("ramp_mm", d.ramp_mm), lo=0),
+        reach=_num(
+            ctx, "mass_effect.reach", me.get("reach", d.reach), lo=REACH_RANGE[0], hi=REACH_RANGE[1]
+        ),
+    )
+
+
+def _parse_appearance(ctx: _Ctx, t: Any) -> AppearanceParams:
+    ap = _take(ctx, t, "appearance", set(AppearanceParams.__dataclass_fields__))
+    d = AppearanceParams()
+
+    def prob(key: str) -> float:
+        return _num(ctx, f"appearance.{key}", ap.get(key, getattr(d, key)), lo=0, hi=1)
+
+    def mm(key: str) -> float:
+        return _num(ctx, f"appearance.{key}", ap.get(key, getattr(d, key)), lo=0, hi=500)
+
+    def rng(key: str, lo: float, hi: float) -> tuple[float, float]:
+        return _range(ctx, f"appearance.{key}", ap.get(key, getattr(d, key)), lo=lo, hi=hi)
+
+    return AppearanceParams(
+        noise_match=_bool(ctx, "appearance.noise_match", ap.get("noise_match", d.noise_match)),
+        rim_probability=prob("rim_probability"),
+        rim_min_radius_mm=mm("rim_min_radius_mm"),
+        rim_width_mm=rng("rim_width_mm", 0.1, 50),
+        rim_boost_hu=rng("rim_boost_hu", -500, 500),
+        necrosis_probability=prob("necrosis_probability"),
+        necrosis_min_radius_mm=mm("necrosis_min_radius_mm"),
+        necrosis_fraction=rng("necrosis_fraction", 0.01, 0.95),
+        necrosis_edge_mm=rng("necrosis_edge_mm", 0.1, 50),
+        necrosis_hu=rng("necrosis_hu", -200, 200),
+        calcification_probability=prob("calcification_probability"),
+        calcification_min_radius_mm=mm("calcification_min_radius_mm"),
+        calcification_density=rng("calcification_density", 0, 0.5),
+        calcification_hu=rng("calcification_hu", -1024, 3071),
     )
 
 
@@ -361,6 +556,9 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
         "blend",
         "placement",
         "shape",
+        "mass_effect",
+        "wall",
+        "appearance",
     }
     _take(ctx, data, "top level", top)
     for req in ("name", "organ", "classes", "mix"):
@@ -466,6 +664,7 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
         rotate=_bool(ctx, "shape.rotate", sh.get("rotate", ds.rotate)),
         clip_to_organ=_bool(ctx, "shape.clip_to_organ", sh.get("clip_to_organ", True)),
     )
+    mass_effect = _parse_mass_effect(ctx, data.get("mass_effect", {}))
     desc = data.get("description", "")
     if not isinstance(desc, str):
         raise ctx.fail("description", "must be a string")
@@ -480,8 +679,11 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
         blend=blend,
         placement=placement,
         shape=shape,
+        mass_effect=mass_effect,
         sources=tuple(sources),
         path=path,
+        wall=None if data.get("wall") is None else _parse_wall(ctx, data["wall"]),
+        appearance=_parse_appearance(ctx, data.get("appearance", {})),
     )
 
 
@@ -546,6 +748,30 @@ def load_preset(spec: str | Path | Preset) -> Preset:
 
 
 _FROM_DICT: dict[int, tuple[dict[str, Any], Preset]] = {}
+
+
+EXTRAS = ("vessels", "mass_effect", "appearance")
+
+
+def without_extras(spec: str | Path | Preset, keep: tuple[str, ...] = ()) -> Preset:
+    """The preset with its realism extras off: the published recipe's steps with the organ's
+    numbers (no vessel avoidance, no ``[mass_effect]``, no ``[appearance]`` modes).
+
+    Args:
+        spec: Preset (name, path or object).
+        keep: Extras left on, among :data:`EXTRAS`.
+    """
+    bad = set(keep) - set(EXTRAS)
+    if bad:
+        raise ValueError(f"unknown extras {sorted(bad)}; known: {', '.join(EXTRAS)}")
+    d = copy.deepcopy(load_preset(spec).to_dict())
+    d["name"] = f"{d['name']}-plain"
+    if "vessels" not in keep:
+        d.setdefault("placement", {})["vessel_clearance_mm"] = 0.0
+    for section in ("mass_effect", "appearance"):
+        if section not in keep:
+            d.pop(section, None)
+    return preset_from_dict(d, source=f"{d['name']} (without extras)")
 
 
 def preset_from_dict(data: dict[str, Any], source: str = "<dict>") -> Preset:

@@ -1,0 +1,404 @@
+"""Hollow organs (colon, esophagus): tumors as thickened wall segments, never gas made darker.
+
+A hollow-organ mask covers the wall *and* the lumen (gas, fluid, stool; REFERENCE section 3),
+so the ellipsoid recipe ``I' = I - T * B * D`` would subtract HU from gas. A preset with a
+``[wall]`` table draws wall tumors instead (``TumorPlan.kind == "wall"``; the numbers live in
+``TumorPlan.wall``), in three modes:
+
+* ``annular``: the wall thickens around the whole circumference ("apple core");
+* ``eccentric``: the wall thickens over an arc of ``arc_deg`` degrees centred on ``normal``;
+* ``polypoid``: a half-ellipsoid mass sits on the wall at ``normal`` and reaches into the lumen.
+
+**Planning** (host, local to a box around one organ voxel; never a full-volume pass). A wall
+voxel ``p0`` is drawn with the preset's placement rules. In a box of half-size ``h`` (40 mm,
+grown to three local radii for a wide colon) the organ's connected component through ``p0``
+and its Euclidean distance transform (EDT, mm) give the local radius ``R`` (largest EDT
+within ``h / 2`` of ``p0``); the principal direction of the component's core (EDT >= R / 2)
+is the local lumen axis ``axis``; the centroid of the cross-section through ``p0`` is the
+centre ``center_vox`` (voxel units, float). ``reach_mm`` bounds the render region: the
+component's largest distance from the axis over the segment, plus a voxel and a half.
+
+**Geometry** (mm, in the frame of the scan's voxel axes scaled by the spacing). For a voxel
+``x`` with axial coordinate ``s = (x - c) . axis``, the planned thickness is
+``T(s) = thickness_mm * taper(s) * (1 + irregularity * u(x))``: ``taper`` is 1 on the central
+part of the segment (``|s| <= half_length_mm - shoulder_mm``) and falls to 0 at
+``|s| = half_length_mm`` along a raised cosine (the tapering shoulders); ``u`` in [-1, 1] is the
+tumor's texture field, centred and scaled (a lobulated inner surface). "Outer wall" voxels are
+organ voxels with a face neighbour outside the organ (annular: all of them; eccentric: those
+within ``arc_deg / 2`` of ``normal`` around the axis). The wall tumor is the organ voxels of
+the component whose distance to the outer wall is at most ``T(s)``: the wall grows *inward*,
+replacing lumen gas, fluid or stool, from the organ's outer boundary up to ``thickness_mm``
+(capped by the lumen: a thickness above the local radius closes the lumen). A polyp is the
+organ voxels inside the ellipsoid centred on the outer wall point in direction ``normal``
+(semi-axes ``half_length_mm`` along the axis and around it, ``height_mm`` towards the axis).
+
+**Appearance.** Inside the region the image becomes enhancing soft tissue:
+``V = tissue_hu + texture_gain_hu * (tex - 0.5) + noise`` where ``tex`` is the tumor's
+published texture (:mod:`synthgen._texture`, mean about 0.5) and ``noise`` white Gaussian noise
+of ``noise_hu`` (the scan's own noise, measured at planning as the robust SD of the 3x3x3
+high-pass of soft-tissue voxels around the tumor). The edge towards the lumen and the shoulders
+blend over the edge blur ``blur_sigma_mm``: weight ``w = clip(0.5 + (T(s) - d) / (2 sigma), 0,
+1) * clip(T(s) / sigma, 0, 1)`` with ``d`` the distance to the outer wall; the output is
+``I + w (V - I)``, i.e. ``delta = w (I - V)`` for the shared write-back of
+:mod:`synthgen.rendering` (strongest change wins where tumors overlap). Outside the organ
+component nothing changes (the outer boundary is the organ's own).
+
+**Label.** The thickened wall: every voxel with ``w >= 0.5`` whose written value is at least
+-150 HU, i.e. the original wall under the segment plus the tissue that replaced lumen
+content. A blended voxel below that (the partial-volume fringe facing gas) is left out of the
+label, so the label never holds a voxel below -200 HU (the QA ``gas_voxels`` check).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "LABEL_MIN_HU",
+    "WALL_MODES",
+    "draw_wall",
+    "locate_wall",
+    "render_wall",
+    "wall_box",
+]
+
+WALL_MODES = ("annular", "eccentric", "polypoid")
+#: Written value a voxel needs to be labelled tumor (HU): 50 HU of margin above the QA's gas
+#: threshold of -200 HU.
+LABEL_MIN_HU = -150.0
+#: Half-size of the planning box around the drawn wall voxel, mm (grown for wide lumens).
+PLAN_BOX_MM = 40.0
+PLAN_BOX_MAX_MM = 120.0
+#: Soft-tissue window of the noise measurement, HU.
+NOISE_WINDOW_HU = (-150.0, 250.0)
+
+
+# --------------------------------------------------------------------------------------
+# planning
+# --------------------------------------------------------------------------------------
+
+
+def draw_wall(rng: np.random.Generator, wall: Any, half_length_mm: float, thickness_mm) -> dict:
+    """Every random number of one wall tumor except its position (drawn from ``rng``).
+
+    Args:
+        rng: The plan's generator.
+        wall: The preset's :class:`~synthgen.presets.WallParams`.
+        half_length_mm: Half-length of the segment (the size class's radius draw), mm.
+        thickness_mm: ``[low, high]`` of the wall thickness to reach, mm.
+    """
+    names = list(wall.modes)
+    w = np.array([wall.modes[n] for n in names], dtype=np.float64)
+    mode = names[int(rng.choice(len(names), p=w / w.sum()))]
+    d = {
+        "mode": mode,
+        "half_length_mm": float(half_length_mm),
+        "thickness_mm": float(rng.uniform(*thickness_mm)),
+        "shoulder_mm": float(rng.uniform(*wall.shoulder)) * float(half_length_mm),
+        "arc_deg": 360.0 if mode == "annular" else float(rng.uniform(*wall.arc_deg)),
+        "normal_angle": float(rng.uniform(0.0, 2.0 * math.pi)),
+        "height_mm": float(rng.uniform(*wall.polyp_height)) * float(half_length_mm),
+        "tissue_hu": float(rng.uniform(*wall.tissue_hu)),
+        "texture_gain_hu": float(rng.uniform(*wall.texture_gain_hu)),
+        "irregularity": float(rng.uniform(*wall.irregularity)),
+    }
+    return d
+
+
+def _box_around(c, half_mm: float, sp, shape) -> tuple[slice, slice, slice]:
+    out = []
+    for a in range(3):
+        r = math.ceil(half_mm / sp[a])
+        ca = round(float(c[a]))
+        out.append(slice(max(0, ca - r), min(int(shape[a]), ca + r + 1)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _coords_mm(box, sp, origin) -> list[np.ndarray]:
+    """Per-axis mm offsets of the box's voxels from ``origin`` (voxel units), broadcastable."""
+    out = []
+    for a in range(3):
+        v = (np.arange(box[a].start, box[a].stop) - float(origin[a])) * sp[a]
+        shp = [1, 1, 1]
+        shp[a] = v.size
+        out.append(v.reshape(shp))
+    return out
+
+
+def _component(m: np.ndarray, seed_idx) -> np.ndarray:
+    """The 26-connected component of ``m`` through ``seed_idx`` (or the nearest ``m`` voxel)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return m
+    s = tuple(int(np.clip(seed_idx[a], 0, m.shape[a] - 1)) for a in range(3))
+    k = lab[s]
+    if k == 0:
+        idx = np.argwhere(m)
+        k = lab[tuple(idx[int(np.argmin(((idx - np.asarray(s)) ** 2).sum(axis=1)))])]
+    return lab == k
+
+
+def _frame(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Unit vector perpendicular to ``axis`` at ``angle`` (a fixed basis per axis)."""
+    e = np.zeros(3)
+    e[int(np.argmin(np.abs(axis)))] = 1.0
+    u1 = e - (e @ axis) * axis
+    u1 /= np.linalg.norm(u1)
+    u2 = np.cross(axis, u1)
+    return math.cos(angle) * u1 + math.sin(angle) * u2
+
+
+def locate_wall(
+    image: Any,
+    organ_mask: Any,
+    p0: Sequence[int],
+    spacing: Sequence[float],
+    draws: dict,
+) -> dict:
+    """Local lumen axis, centre and reach around the wall voxel ``p0`` (see the module doc).
+
+    Reads only a box of at most ``2 * PLAN_BOX_MAX_MM`` around ``p0``. Returns the wall dict
+    of the plan (``draws`` plus ``center_vox``, ``axis``, ``normal``, ``radius_mm``,
+    ``reach_mm``, ``noise_hu``).
+    """
+    from scipy import ndimage
+
+    sp = np.asarray(spacing, dtype=np.float64)
+    shape = organ_mask.shape
+    h = PLAN_BOX_MM
+    for _ in range(3):
+        box = _box_around(p0, h, sp, shape)
+        org = np.asarray(organ_mask[box])
+        org = org if org.dtype == np.bool_ else org > 0.5
+        local = [int(p0[a]) - box[a].start for a in range(3)]
+        comp = _component(org, local)
+        edt = ndimage.distance_transform_edt(comp, sampling=sp)
+        x = _coords_mm(box, sp, p0)
+        d2 = x[0] ** 2 + x[1] ** 2 + x[2] ** 2
+        near = comp & (d2 <= (0.5 * h) ** 2)
+        radius = float(edt[near].max()) if near.any() else float(sp.max())
+        if radius <= 0.35 * h or h >= PLAN_BOX_MAX_MM:
+            break
+        h = min(PLAN_BOX_MAX_MM, max(3.0 * radius, 1.5 * h))
+    # Axis: principal direction of the component's core (the thick part around the
+    # centreline), within the box's ball.
+    core = comp & (edt >= 0.5 * radius) & (d2 <= h * h)
+    if core.sum() < 10:
+        core = comp
+    idx = np.argwhere(core).astype(np.float64)
+    pts = (idx + [b.start for b in box]) * sp
+    cov = np.cov((pts - pts.mean(axis=0)).T) if len(pts) > 1 else np.eye(3)
+    evals, evecs = np.linalg.eigh(cov)
+    axis = evecs[:, int(np.argmax(evals))]
+    axis = axis / np.linalg.norm(axis)
+    if axis[int(np.argmax(np.abs(axis)))] < 0:
+        axis = -axis
+    # Centre: centroid of the cross-section through p0.
+    s0 = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
+    slab = comp & (np.abs(s0) <= 0.75 * sp.max()) & (d2 <= (3.0 * radius + sp.max()) ** 2)
+    if not slab.any():
+        slab = comp & (d2 <= (radius + sp.max()) ** 2)
+    cidx = np.argwhere(slab).astype(np.float64)
+    centre = cidx.mean(axis=0) + [b.start for b in box]
+    # Reach: the component's largest distance from the axis over the segment.
+    xc = _coords_mm(box, sp, centre)
+    s = xc[0] * axis[0] + xc[1] * axis[1] + xc[2] * axis[2]
+    rho2 = xc[0] ** 2 + xc[1] ** 2 + xc[2] ** 2 - s * s
+    half = draws["half_length_mm"] + draws["thickness_mm"]
+    seg = comp & (np.abs(s) <= half) & (rho2 <= (3.0 * radius + sp.max()) ** 2)
+    reach = float(np.sqrt(rho2[seg].max())) if seg.any() else radius
+    # capped at twice the inscribed radius: a flexure's other limb is not this segment
+    reach = min(reach, 2.0 * radius) + 1.5 * float(sp.max())
+    reach = min(reach, h)
+    # The scan's noise: robust SD of the 3x3x3 high-pass over soft tissue (x sqrt(27/26):
+    # exact for white noise).
+    img = np.asarray(image[box], dtype=np.float32)
+    lo, hi = NOISE_WINDOW_HU
+    soft = (img >= lo) & (img <= hi)
+    soft = ndimage.binary_erosion(soft, structure=np.ones((3, 3, 3), bool))
+    noise = 0.0
+    if soft.sum() >= 50:
+        res = (img - ndimage.uniform_filter(img, size=3, mode="nearest"))[soft]
+        mad = float(np.median(np.abs(res - np.median(res))))
+        noise = float(min(1.4826 * mad * math.sqrt(27.0 / 26.0), 50.0))
+    normal = _frame(axis, draws["normal_angle"])
+    out = dict(draws)
+    out.update(
+        center_vox=[float(v) for v in centre],
+        axis=[float(v) for v in axis],
+        normal=[float(v) for v in normal],
+        radius_mm=radius,
+        reach_mm=float(reach),
+        noise_hu=noise,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------
+
+
+def wall_box(
+    t: Any,
+    spacing: Sequence[float],
+    shape: Sequence[int],
+    organ_bbox: Sequence[Sequence[int]] | None = None,
+) -> tuple[slice, slice, slice] | None:
+    """The voxel box a wall tumor reads and can touch (its cylinder, clipped to the organ's
+    bounding box grown by one voxel and to the scan); ``None`` when it misses the scan."""
+    w = t.wall
+    axis = np.asarray(w["axis"], dtype=np.float64)
+    c = w["center_vox"]
+    half_ax = w["half_length_mm"] + max(w["thickness_mm"], w.get("height_mm", 0.0))
+    out = []
+    for a in range(3):
+        ext = abs(axis[a]) * half_ax + math.sqrt(max(0.0, 1.0 - axis[a] ** 2)) * w["reach_mm"]
+        r = math.ceil(ext / spacing[a]) + 2
+        lo, hi = math.floor(c[a]) - r, math.ceil(c[a]) + r + 1
+        if organ_bbox is not None:
+            lo, hi = max(lo, organ_bbox[a][0] - 1), min(hi, organ_bbox[a][1] + 1)
+        lo, hi = max(0, lo), min(int(shape[a]), hi)
+        if hi <= lo:
+            return None
+        out.append(slice(lo, hi))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _taper(s: np.ndarray, half: float, shoulder: float) -> np.ndarray:
+    a = np.abs(s)
+    flat = max(0.0, half - shoulder)
+    if shoulder <= 0:
+        return (a <= half).astype(np.float32)
+    u = np.clip((a - flat) / shoulder, 0.0, 1.0)
+    return (0.5 * (1.0 + np.cos(np.pi * u))).astype(np.float32)
+
+
+def _outer_wall(comp: np.ndarray, organ: np.ndarray) -> np.ndarray:
+    """Voxels of ``comp`` with a face neighbour outside the organ (the box's faces are not
+    walls: the organ may continue beyond them)."""
+    pad = np.pad(organ, 1, mode="edge")
+    n = organ.shape
+    inner = np.ones(n, dtype=bool)
+    for a in range(3):
+        for d in (0, 2):
+            sl = [slice(1, 1 + n[0]), slice(1, 1 + n[1]), slice(1, 1 + n[2])]
+            sl[a] = slice(d, d + n[a])
+            inner &= pad[tuple(sl)]
+    return comp & ~inner
+
+
+def render_wall(
+    t: Any,
+    box: tuple[slice, slice, slice],
+    spacing: Sequence[float],
+    target: Any,
+    organ_mask: Any,
+    work_dtype: type = np.float32,
+):
+    """Render one wall tumor from the untouched scan (see the module docstring).
+
+    Args:
+        t: The :class:`~synthgen.planning.TumorPlan` (``kind == "wall"``).
+        box: Its box from :func:`wall_box`.
+        spacing: Voxel size, mm.
+        target: The scan (only ``target[box]`` is read; a host array or anything
+            ``np.asarray`` accepts).
+        organ_mask: The organ mask (``organ_mask[box]`` is read).
+        work_dtype: dtype of the returned copy of the original (float32, float64 for a
+            float64 scan).
+
+    Returns:
+        ``(box, orig, delta, mask)`` shrunk to the changed voxels, as the ellipsoid renderer
+        returns them (``delta`` float32, ``orig - delta`` is the new value; ``mask`` the
+        label), or ``None`` when the tumor changes nothing.
+    """
+    from scipy import ndimage
+
+    from ._texture import texture_box
+
+    w = t.wall
+    sp = np.asarray(spacing, dtype=np.float64)
+    orig = np.array(np.asarray(target[box]), dtype=work_dtype, copy=True)
+    org = np.asarray(organ_mask[box])
+    org = np.ascontiguousarray(org if org.dtype == np.bool_ else org > 0.5)
+    c = np.asarray(w["center_vox"], dtype=np.float64)
+    axis = np.asarray(w["axis"], dtype=np.float64)
+    normal = np.asarray(w["normal"], dtype=np.float64)
+    x = _coords_mm(box, sp, c)
+    s = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
+    px = [x[a] - s * axis[a] for a in range(3)]
+    rho = np.sqrt(px[0] ** 2 + px[1] ** 2 + px[2] ** 2)
+    half = float(w["half_length_mm"])
+    thick = float(w["thickness_mm"])
+    mode = w["mode"]
+    reach = float(w["reach_mm"])
+    axial = max(half, 0.0) + max(thick, float(w.get("height_mm", 0.0))) + float(sp.max())
+    cyl = org & (np.abs(s) <= axial) & (rho <= reach)
+    if not cyl.any():
+        return None
+    seed = [(c[a] - box[a].start) for a in range(3)]
+    comp = _component(cyl, [round(v) for v in seed])
+    wall = _outer_wall(comp, org)
+    # Texture (published recipe, positions relative to the centre) and the irregularity field.
+    pos = [(np.arange(box[a].start, box[a].stop) - c[a]) * sp[a] for a in range(3)]
+    tex = texture_box(t.seed, t.texture, pos)
+    u = np.clip((tex - 0.5) / 0.1, -1.0, 1.0)
+    sigma = max(float(t.blur_sigma_mm), 1e-3)
+    if mode == "polypoid":
+        # The outer wall point in direction ``normal`` at s = 0.
+        cosang = (px[0] * normal[0] + px[1] * normal[1] + px[2] * normal[2]) / np.maximum(rho, 1e-6)
+        near = wall & (np.abs(s) <= 1.5 * sp.max()) & (cosang >= math.cos(math.radians(25.0)))
+        r_w = float(np.median(rho[near])) if near.any() else float(w["radius_mm"])
+        q = c * sp + r_w * normal  # mm, absolute voxel frame
+        y = _coords_mm(box, sp, q / sp)
+        yn = y[0] * normal[0] + y[1] * normal[1] + y[2] * normal[2]
+        rb = max(half, 1e-3)
+        hgt = max(float(w["height_mm"]), 1e-3) * (1.0 + float(w["irregularity"]) * u)
+        rr2 = (y[0] ** 2 + y[1] ** 2 + y[2] ** 2 - yn * yn) / (rb * rb) + (yn / hgt) ** 2
+        depth = (1.0 - np.sqrt(rr2)) * np.minimum(rb, hgt)  # ~ mm inside the polyp
+        weight = np.clip(0.5 + depth / (2.0 * sigma), 0.0, 1.0)
+    else:
+        if mode == "eccentric":
+            cosang = (px[0] * normal[0] + px[1] * normal[1] + px[2] * normal[2]) / np.maximum(
+                rho, 1e-6
+            )
+            wall = wall & (cosang >= math.cos(math.radians(0.5 * float(w["arc_deg"]))))
+        if not wall.any():
+            return None
+        dist = ndimage.distance_transform_edt(~wall, sampling=sp)
+        teff = thick * _taper(s, half, float(w["shoulder_mm"])) * (1.0 + w["irregularity"] * u)
+        weight = np.clip(0.5 + (teff - dist) / (2.0 * sigma), 0.0, 1.0)
+        weight *= np.clip(teff / sigma, 0.0, 1.0)
+    weight = np.where(comp, weight, 0.0).astype(np.float32)
+    # The tissue: enhancing soft tissue + texture + the scan's noise.
+    rng = np.random.default_rng([int(t.seed) & 0xFFFFFFFF, int(t.seed) >> 32, 0x77616C6C])
+    value = float(w["tissue_hu"]) + float(w["texture_gain_hu"]) * (tex - 0.5)
+    if w.get("noise_hu", 0.0) > 0:
+        value = value + float(w["noise_hu"]) * rng.standard_normal(orig.shape)
+    o32 = orig.astype(np.float32, copy=False)
+    delta = (weight * (o32 - value.astype(np.float32))).astype(np.float32)
+    new = o32 - delta
+    mask = (weight >= 0.5) & (new >= LABEL_MIN_HU) & comp
+    changed = delta != 0
+    if not changed.any():
+        return None
+    from ._cpu_kernels import bbox as _bbox
+
+    lo0, hi0, lo1, hi1, lo2, hi2, _ = _bbox(changed)
+    sub = (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1))
+    new_box = tuple(
+        slice(box[a].start + sub[a].start, box[a].start + sub[a].stop) for a in range(3)
+    )
+    return (
+        new_box,
+        np.ascontiguousarray(orig[sub]),
+        np.ascontiguousarray(delta[sub]),
+        np.ascontiguousarray(mask[sub]),
+    )
