@@ -31,7 +31,8 @@ PRELUDE = r"""
 #include <math.h>
 #define __global__
 struct sg_dim3 { unsigned int x, y, z; };
-static const sg_dim3 blockIdx = {0, 0, 0};
+static sg_dim3 blockIdx = {0, 0, 0};
+extern "C" void sg_emu_set_block_y(unsigned int y) { blockIdx.y = y; }
 static const sg_dim3 threadIdx = {0, 0, 0};
 static const sg_dim3 blockDim = {1, 1, 1};
 static const sg_dim3 gridDim = {1, 1, 1};
@@ -96,6 +97,8 @@ class HostBackend:
         self.sigs: dict[str, list[tuple[str, bool]]] = {}
         self.fns: dict[str, ctypes._CFuncPtr] = {}
         self.launches: list[str] = []
+        self._set_y: dict[str, ctypes._CFuncPtr] = {}
+        self._file: dict[str, str] = {}
         for src in sorted(KERNELS.glob("*.cu")):
             lib = build_dir / f"lib{src.stem}.so"
             subprocess.run(
@@ -104,8 +107,10 @@ class HostBackend:
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             dll = ctypes.CDLL(str(lib))
+            self._set_y[src.stem] = dll.sg_emu_set_block_y
             for name, params in signatures(src.read_text()).items():
                 self.sigs[name] = params
+                self._file[name] = src.stem
                 fn = getattr(dll, name)
                 fn.restype = None
                 fn.argtypes = [ctypes.c_void_p if ptr else _SCALAR[t][1] for t, ptr in params]
@@ -137,6 +142,24 @@ class HostBackend:
         self.launches.append(name)
         if total > 0:
             self.fns[name](*conv)
+
+    def launch2d(self, name: str, n_seg: int, max_total: int, *args) -> None:
+        """A segmented launch: ``blockIdx.y`` runs over the segments, one after another."""
+        set_y = self._set_y[self._file[name]]
+        for y in range(n_seg):
+            set_y(y)
+            self.launch(name, max_total, *args)
+        set_y(0)
+        self.launches[-n_seg:] = [name]
+
+    def ptr(self, a) -> int:
+        return int(a.ctypes.data)
+
+    def alloc(self, nbytes: int) -> DeviceArray:
+        return np.zeros(nbytes, dtype=np.uint8).view(DeviceArray)
+
+    def copy_in(self, dev, host: np.ndarray) -> None:
+        dev[...] = host
 
     def upload(self, host: np.ndarray) -> DeviceArray:
         return to_device(host)

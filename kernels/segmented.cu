@@ -1,0 +1,356 @@
+// Segmented kernels: every tumor of a batch in one launch per step.
+//
+// A batch of tumors (of one or many plans and scans) is a list of segments. Launches use a 2-D
+// grid: blockIdx.y is the segment, and the blocks along x walk the segment's elements with a
+// grid-stride loop. Everything a segment needs is in one row of an int64 table T (sizes,
+// buffer addresses, table addresses: device addresses stored as integers), a float32 table
+// TF and a float64 table TD; column numbers are the SG_* constants of segmented.cuh, which the
+// Python driver reads from that header. The arithmetic is the per-tumor kernels' (the same
+// device functions), so results are the CPU path's.
+#include "segmented.cuh"
+#include "shape.cuh"
+#include "texture.cuh"
+#include "blend.cuh"
+
+#define SG_SEG_LOOP(total)                                                                    \
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (total);         \
+         t += (long long)blockDim.x * gridDim.x)
+
+// Phase A: gather each tumor's box of the image and organ mask (any dtype, any strides) into
+// float32 / uint8 buffers and evaluate the fused deformed-ellipsoid test there.
+extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
+                                        const float* __restrict__ TF, int FF)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    const float* rf = TF + (long long)blockIdx.y * FF;
+    int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1], n2 = (int)r[SG_N2];
+    const float* ctrl = (const float*)r[SG_CTRL];
+    int g0 = (int)r[SG_G0], g1 = (int)r[SG_G1], g2 = (int)r[SG_G2];
+    const float* w0 = (const float*)r[SG_W0];
+    const float* w1 = (const float*)r[SG_W1];
+    const float* w2 = (const float*)r[SG_W2];
+    const float* p0 = (const float*)r[SG_P0];
+    const float* p1 = (const float*)r[SG_P1];
+    const float* p2 = (const float*)r[SG_P2];
+    const double* m = (const double*)r[SG_M];
+    const void* img = (const void*)r[SG_IMG];
+    const void* org = (const void*)r[SG_ORG];
+    float* orig = (float*)r[SG_ORIG];
+    unsigned char* organ = (unsigned char*)r[SG_ORGAN];
+    unsigned char* mask = (unsigned char*)r[SG_MASK];
+    float tlo = rf[SG_F_TLO], thi = rf[SG_F_THI];
+    int clip = (int)r[SG_CLIP];
+    float* q2out = (float*)r[SG_Q2];
+    long long total = (long long)n0 * n1 * n2;
+    SG_SEG_LOOP(total) {
+        int i, j, k;
+        sg_unravel3(t, n1, n2, &i, &j, &k);
+        long long gi = r[SG_IS0] * (r[SG_O0] + i) + r[SG_IS1] * (r[SG_O1] + j) +
+                       r[SG_IS2] * (r[SG_O2] + k);
+        long long go = r[SG_OS0] * (r[SG_O0] + i) + r[SG_OS1] * (r[SG_O1] + j) +
+                       r[SG_OS2] * (r[SG_O2] + k);
+        float v = sg_load_f32(img, (int)r[SG_IMG_CODE], gi);
+        unsigned char o = sg_load_bin(org, (int)r[SG_ORG_CODE], go);
+        orig[t] = v;
+        organ[t] = o;
+        float q2 = sg_shape_q2(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1, w2 + k * g2, p0[i],
+                               p1[j], p2[k], m);
+        mask[t] = (unsigned char)((q2 <= 1.0f) && (!clip || o) && v >= tlo && v <= thi);
+        if (q2out) q2out[t] = q2;  // the appearance modes of the blend read it
+    }
+}
+
+// Bounding box and voxel count of each segment's mask: out row s = (lo0, hi0, lo1, hi1,
+// lo2, hi2, count), initialised by the caller to (n0, -1, n1, -1, n2, -1, 0).
+extern "C" __global__ void sg_seg_bbox(const long long* __restrict__ T, int F,
+                                       int* __restrict__ out)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1], n2 = (int)r[SG_N2];
+    const unsigned char* mask = (const unsigned char*)r[SG_MASK];
+    int* o = out + 7 * (long long)blockIdx.y;
+    int lo0 = n0, hi0 = -1, lo1 = n1, hi1 = -1, lo2 = n2, hi2 = -1, count = 0;
+    long long total = (long long)n0 * n1 * n2;
+    SG_SEG_LOOP(total) {
+        if (!mask[t]) continue;
+        int i, j, k;
+        sg_unravel3(t, n1, n2, &i, &j, &k);
+        lo0 = i < lo0 ? i : lo0; hi0 = i > hi0 ? i : hi0;
+        lo1 = j < lo1 ? j : lo1; hi1 = j > hi1 ? j : hi1;
+        lo2 = k < lo2 ? k : lo2; hi2 = k > hi2 ? k : hi2;
+        ++count;
+    }
+    if (count == 0) return;
+    atomicMin(&o[0], lo0); atomicMax(&o[1], hi0);
+    atomicMin(&o[2], lo1); atomicMax(&o[3], hi1);
+    atomicMin(&o[4], lo2); atomicMax(&o[5], hi2);
+    atomicAdd(&o[6], count);
+}
+
+// Phase B, step 1: the tight box (a sub-box of the phase-A box) of orig, organ and mask into
+// contiguous buffers, and the mask as float32 (the blur's input).
+extern "C" __global__ void sg_seg_gather(const long long* __restrict__ T, int F)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    const float* q2 = (const float*)r[SG_Q2];
+    float* tq2 = (float*)r[SG_TQ2];
+    int m0 = (int)r[SG_TN0], m1 = (int)r[SG_TN1], m2 = (int)r[SG_TN2];
+    int N1 = (int)r[SG_N1], N2 = (int)r[SG_N2];
+    const float* orig = (const float*)r[SG_ORIG];
+    const unsigned char* organ = (const unsigned char*)r[SG_ORGAN];
+    const unsigned char* mask = (const unsigned char*)r[SG_MASK];
+    float* torig = (float*)r[SG_TORIG];
+    unsigned char* torgan = (unsigned char*)r[SG_TORGAN];
+    unsigned char* tmask = (unsigned char*)r[SG_TMASK];
+    float* maskf = (float*)r[SG_MASKF];
+    long long total = (long long)m0 * m1 * m2;
+    SG_SEG_LOOP(total) {
+        int i, j, k;
+        sg_unravel3(t, m1, m2, &i, &j, &k);
+        long long s = ((long long)(r[SG_U0] + i) * N1 + (r[SG_U1] + j)) * N2 + (r[SG_U2] + k);
+        torig[t] = orig[s];
+        torgan[t] = organ[s];
+        tmask[t] = mask[s];
+        maskf[t] = (float)mask[s];
+        if (tq2) tq2[t] = q2[s];
+    }
+}
+
+// One banded contraction pass along `axis` for every segment: the input (d0, d1, d2) at
+// address column c_in, its sizes at columns c_dim.. c_dim+2, the band (start int64 rows,
+// float32 weights (m, K)) at c_s / c_w with m at c_m and K at c_k; the output at c_out.
+extern "C" __global__ void sg_seg_band(const long long* __restrict__ T, int F, int axis,
+                                       int c_in, int c_dim, int c_s, int c_w, int c_m, int c_k,
+                                       int c_out)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    int n0 = (int)r[c_dim], n1 = (int)r[c_dim + 1], n2 = (int)r[c_dim + 2];
+    int m = (int)r[c_m], K = (int)r[c_k];
+    const float* in = (const float*)r[c_in];
+    float* out = (float*)r[c_out];
+    const long long* s = (const long long*)r[c_s];
+    const float* w = (const float*)r[c_w];
+    int o0 = axis == 0 ? m : n0, o1 = axis == 1 ? m : n1, o2 = axis == 2 ? m : n2;
+    long long total = (long long)o0 * o1 * o2;
+    SG_SEG_LOOP(total) {
+        int a, b, c;
+        sg_unravel3(t, o1, o2, &a, &b, &c);
+        long long stride;
+        const float* in0;
+        int o;
+        if (axis == 2) {
+            stride = 1; o = c; in0 = in + ((long long)a * n1 + b) * n2;
+        } else if (axis == 1) {
+            stride = n2; o = b; in0 = in + (long long)a * n1 * n2 + c;
+        } else {
+            stride = (long long)n1 * n2; o = a; in0 = in + (long long)b * n2 + c;
+        }
+        out[t] = sg_band_point(in0, stride, s, w, K, o);
+    }
+}
+
+// Lattice noise of every segment's texture (as sg_lattice_uniform).
+extern "C" __global__ void sg_seg_lattice(const long long* __restrict__ T, int F)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    int n0 = (int)r[SG_LN0], n1 = (int)r[SG_LN1], n2 = (int)r[SG_LN2];
+    int a0 = (int)r[SG_LA0], a1 = (int)r[SG_LA1], a2 = (int)r[SG_LA2];
+    sg_u32 k0 = (sg_u32)r[SG_NK0], k1 = (sg_u32)r[SG_NK1];
+    float* out = (float*)r[SG_NOISE];
+    long long total = (long long)n0 * n1 * n2;
+    SG_SEG_LOOP(total) {
+        int i, j, k;
+        sg_unravel3(t, n1, n2, &i, &j, &k);
+        out[t] = sg_uniform(k0, k1, sg_lattice_index(a0 + i, a1 + j, a2 + k)) - 0.5f;
+    }
+}
+
+// Bernoulli block fractions of every segment (as sg_block_sums).
+extern "C" __global__ void sg_seg_blocks(const long long* __restrict__ T, int F,
+                                         const double* __restrict__ TD, int FD)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    const double* rd = TD + (long long)blockIdx.y * FD;
+    int nx = (int)r[SG_B0], ny = (int)r[SG_B1], nz = (int)r[SG_B2];
+    const float* z = (const float*)r[SG_Z0];
+    const double* in0 = (const double*)r[SG_INV0];
+    const double* in1 = (const double*)r[SG_INV1];
+    const double* in2 = (const double*)r[SG_INV2];
+    float* out = (float*)r[SG_FRAC];
+    double inv_n = 1.0 / rd[SG_D_NCELLS];
+    long long total = (long long)nx * ny * nz;
+    SG_SEG_LOOP(total) {
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
+        double nij = rd[SG_D_ZSCALE] * in0[i] * in1[j];
+        out[t] = sg_block_fraction(z[t], nij, in2[k], rd[SG_D_BASE], rd[SG_D_SCALE],
+                                   (sg_u32)r[SG_BK0], (sg_u32)r[SG_BK1], (int)r[SG_BLK0] + i,
+                                   (int)r[SG_BLK1] + j, (int)r[SG_BLK2] + k, inv_n);
+    }
+}
+
+// The published rescale, measured per segment: stats row s += (sum of g over g > threshold,
+// their count, sum of all g); then g = clip(g * u0 / mean, 0, 1) (mean of all when none is
+// above; unchanged when the mean is not positive).
+extern "C" __global__ void sg_seg_tex_stats(const long long* __restrict__ T, int F,
+                                            const double* __restrict__ TD, int FD,
+                                            double* __restrict__ stats)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    const double* rd = TD + (long long)blockIdx.y * FD;
+    const float* g = (const float*)r[SG_GRID];
+    float thr = (float)rd[SG_D_THR];
+    long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
+    double above = 0.0, all = 0.0, cnt = 0.0;
+    SG_SEG_LOOP(total) {
+        float v = g[t];
+        all += (double)v;
+        if (v > thr) { above += (double)v; cnt += 1.0; }
+    }
+    double* o = stats + 3 * (long long)blockIdx.y;
+    atomicAdd(&o[0], above);
+    atomicAdd(&o[1], cnt);
+    atomicAdd(&o[2], all);
+}
+
+extern "C" __global__ void sg_seg_tex_scale(const long long* __restrict__ T, int F,
+                                            const double* __restrict__ TD, int FD,
+                                            const double* __restrict__ stats)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    const double* rd = TD + (long long)blockIdx.y * FD;
+    float* g = (float*)r[SG_GRID];
+    long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
+    const double* o = stats + 3 * (long long)blockIdx.y;
+    double mean = o[1] > 0.0 ? o[0] / o[1] : o[2] / (double)total;
+    float fac = mean > 0.0 ? (float)(rd[SG_D_U0] / mean) : 1.0f;
+    SG_SEG_LOOP(total) {
+        float v = g[t] * fac;
+        v = v > 0.0f ? v : 0.0f;
+        g[t] = v < 1.0f ? v : 1.0f;
+    }
+}
+
+// The fused blend of every segment into its own (zeroed) change buffer (as sg_blend_tumor).
+extern "C" __global__ void sg_seg_blend(const long long* __restrict__ T, int F,
+                                        const float* __restrict__ TF, int FF)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    const float* rf = TF + (long long)blockIdx.y * FF;
+    int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
+    const float* orig = (const float*)r[SG_TORIG];
+    const unsigned char* organ = (const unsigned char*)r[SG_TORGAN];
+    const float* blur = (const float*)r[SG_BLUR];
+    const float* tgrid = (const float*)r[SG_GRID];
+    int gy = (int)r[SG_G_1], gz = (int)r[SG_G_2];
+    const long long* i0 = (const long long*)r[SG_II0];
+    const long long* i1 = (const long long*)r[SG_II1];
+    const long long* i2 = (const long long*)r[SG_II2];
+    const float* f0 = (const float*)r[SG_IF0];
+    const float* f1 = (const float*)r[SG_IF1];
+    const float* f2 = (const float*)r[SG_IF2];
+    float* delta = (float*)r[SG_DELTA];
+    float tlo = rf[SG_F_TLO], thi = rf[SG_F_THI];
+    const float* tq2 = (const float*)r[SG_TQ2];
+    const float* app = (const float*)r[SG_APP];
+    const sg_u32* keys = (const sg_u32*)r[SG_KEYS];
+    long long total = (long long)nx * ny * nz;
+    SG_SEG_LOOP(total) {
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
+        float b = blur[t];
+        float v = orig[t];
+        if (b <= 0.0f || v < tlo || v > thi) continue;
+        float tex = sg_texture_at(tgrid, gy, gz, (int)i0[i], f0[i], (int)i1[j], f1[j],
+                                  (int)i2[k], f2[k]);
+        float d;
+        if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
+            int inside = organ[t];
+            if (!inside && r[SG_CLIP]) continue;
+            d = sg_appear_delta(v, inside, b, tex * rf[SG_F_CONTRAST], tq2[t],
+                                rf[SG_F_ORGAN_HU], app, keys, (int)r[SG_OFF0] + i,
+                                (int)r[SG_OFF1] + j, (int)r[SG_OFF2] + k);
+        } else {
+            d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, rf[SG_F_CONTRAST],
+                               rf[SG_F_ORGAN_HU], (int)r[SG_CLIP]);
+        }
+        if (fabsf(d) > fabsf(delta[t])) delta[t] = d;
+    }
+}
+
+// Overlapping tumors: each voxel of segment i takes the strongest change among i and its
+// partners (the segments listed at SG_PART, in ascending order, whose tight boxes overlap
+// i's), read from the unmerged buffers, as the CPU's pairwise merge does.
+extern "C" __global__ void sg_seg_merge(const long long* __restrict__ T, int F)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
+    const float* delta = (const float*)r[SG_DELTA];
+    float* merged = (float*)r[SG_MERGED];
+    const long long* part = (const long long*)r[SG_PART];
+    int np = (int)r[SG_NPART];
+    long long total = (long long)nx * ny * nz;
+    SG_SEG_LOOP(total) {
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
+        float v = delta[t];
+        long long x = r[SG_TO0] + i, y = r[SG_TO1] + j, z = r[SG_TO2] + k;
+        for (int p = 0; p < np; ++p) {
+            const long long* q = T + part[p] * F;
+            long long a = x - q[SG_TO0], b = y - q[SG_TO1], c = z - q[SG_TO2];
+            if (a < 0 || b < 0 || c < 0 || a >= q[SG_TN0] || b >= q[SG_TN1] || c >= q[SG_TN2])
+                continue;
+            float w = ((const float*)q[SG_DELTA])[(a * q[SG_TN1] + b) * q[SG_TN2] + c];
+            if (fabsf(w) > fabsf(v)) v = w;
+        }
+        merged[t] = v;
+    }
+}
+
+// Write-back: input - change into the image (any dtype, any strides) where the change is not
+// zero, or into a float32 buffer for host-resident images; per-segment tumor statistics
+// (voxels, summed change) into stats row s.
+extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
+                                        const float* __restrict__ TF, int FF,
+                                        double* __restrict__ stats)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    const float* rf = TF + (long long)blockIdx.y * FF;
+    int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
+    const float* orig = (const float*)r[SG_TORIG];
+    const float* merged = (const float*)r[SG_MERGED];
+    const unsigned char* mask = (const unsigned char*)r[SG_TMASK];
+    void* dst = (void*)r[SG_DST];
+    int code = (int)r[SG_DST_CODE];
+    int round_int = (int)r[SG_ROUND];
+    long long total = (long long)nx * ny * nz;
+    double n = 0.0, acc = 0.0;
+    SG_SEG_LOOP(total) {
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
+        float o = orig[t];
+        float d = merged[t];
+        float w = o;
+        if (d != 0.0f) {
+            w = sg_apply(o, d, rf[SG_F_CMIN], rf[SG_F_CMAX], rf[SG_F_LO], rf[SG_F_HI],
+                         round_int);
+            long long gi = r[SG_DS0] * (r[SG_DO0] + i) + r[SG_DS1] * (r[SG_DO1] + j) +
+                           r[SG_DS2] * (r[SG_DO2] + k);
+            sg_store_f32(dst, code, gi, w);
+        }
+        if (mask[t]) {
+            n += 1.0;
+            acc += (double)(o - w);
+        }
+    }
+    double* s = stats + 2 * (long long)blockIdx.y;
+    atomicAdd(&s[0], n);
+    atomicAdd(&s[1], acc);
+}

@@ -1,0 +1,229 @@
+// Column numbers of the segment tables of segmented.cu (the Python driver parses the
+// "#define SG_<NAME> <number>" lines of this file), and typed loads/stores of image voxels.
+#pragma once
+#include "hash.cuh"
+
+// ---- int64 table T: sizes, indices, addresses ------------------------------------------
+// phase A: the conservative box (dims, origin in the image), the image and the organ mask
+// (address, dtype code, strides in elements), the shape inputs, the phase-A buffers
+#define SG_N0 0
+#define SG_N1 1
+#define SG_N2 2
+#define SG_O0 3
+#define SG_O1 4
+#define SG_O2 5
+#define SG_IMG 6
+#define SG_IMG_CODE 7
+#define SG_IS0 8
+#define SG_IS1 9
+#define SG_IS2 10
+#define SG_ORG 11
+#define SG_ORG_CODE 12
+#define SG_OS0 13
+#define SG_OS1 14
+#define SG_OS2 15
+#define SG_CTRL 16
+#define SG_G0 17
+#define SG_G1 18
+#define SG_G2 19
+#define SG_W0 20
+#define SG_W1 21
+#define SG_W2 22
+#define SG_P0 23
+#define SG_P1 24
+#define SG_P2 25
+#define SG_M 26
+#define SG_ORIG 27
+#define SG_ORGAN 28
+#define SG_MASK 29
+#define SG_CLIP 30
+// phase B: the tight box (origin in the phase-A box, dims, origin in the image), buffers
+#define SG_U0 31
+#define SG_U1 32
+#define SG_U2 33
+#define SG_TN0 34
+#define SG_TN1 35
+#define SG_TN2 36
+#define SG_TO0 37
+#define SG_TO1 38
+#define SG_TO2 39
+#define SG_TORIG 40
+#define SG_TORGAN 41
+#define SG_TMASK 42
+#define SG_MASKF 43
+// the blur: three band passes MASKF -> BX0 -> BX1 -> BLUR
+#define SG_BS0 44
+#define SG_BS1 45
+#define SG_BS2 46
+#define SG_BW0 47
+#define SG_BW1 48
+#define SG_BW2 49
+#define SG_BKK0 50
+#define SG_BKK1 51
+#define SG_BKK2 52
+#define SG_BX0 53
+#define SG_BX1 54
+#define SG_BLUR 55
+// the texture: lattice noise, band sums (axis 2, 1, 0), block fractions, grid (axis 0, 1, 2)
+#define SG_LA0 56
+#define SG_LA1 57
+#define SG_LA2 58
+#define SG_LN0 59
+#define SG_LN1 60
+#define SG_LN2 61
+#define SG_NK0 62
+#define SG_NK1 63
+#define SG_NOISE 64
+#define SG_LS0 65
+#define SG_LS1 66
+#define SG_LS2 67
+#define SG_LW0 68
+#define SG_LW1 69
+#define SG_LW2 70
+#define SG_LK0 71
+#define SG_LK1 72
+#define SG_LK2 73
+#define SG_ZD1 74  // dims after the axis-2 pass: (LN0, LN1, B2): 74, 75, 76
+#define SG_ZD2 77  // after the axis-1 pass: (LN0, B1, B2): 77, 78, 79
+#define SG_ZA 80
+#define SG_ZB 81
+#define SG_Z0 82
+#define SG_B0 83
+#define SG_B1 84
+#define SG_B2 85
+#define SG_INV0 86
+#define SG_INV1 87
+#define SG_INV2 88
+#define SG_BK0 89
+#define SG_BK1 90
+#define SG_BLK0 91
+#define SG_BLK1 92
+#define SG_BLK2 93
+#define SG_FRAC 94
+#define SG_GS0 95
+#define SG_GS1 96
+#define SG_GS2 97
+#define SG_GW0 98
+#define SG_GW1 99
+#define SG_GW2 100
+#define SG_GK0 101
+#define SG_GK1 102
+#define SG_GK2 103
+#define SG_GD1 104  // dims after the axis-0 pass: (G0, B1, B2): 104, 105, 106
+#define SG_GD2 107  // after the axis-1 pass: (G0, G1, B2): 107, 108, 109
+#define SG_GA 110
+#define SG_GB 111
+#define SG_GRID 112
+#define SG_G_0 113
+#define SG_G_1 114
+#define SG_G_2 115
+#define SG_II0 116
+#define SG_II1 117
+#define SG_II2 118
+#define SG_IF0 119
+#define SG_IF1 120
+#define SG_IF2 121
+// blend, merge, write-back
+#define SG_DELTA 122
+#define SG_MERGED 123
+#define SG_PART 124
+#define SG_NPART 125
+#define SG_DST 126
+#define SG_DST_CODE 127
+#define SG_DS0 128
+#define SG_DS1 129
+#define SG_DS2 130
+#define SG_DO0 131
+#define SG_DO1 132
+#define SG_DO2 133
+#define SG_ROUND 134
+// appearance modes (0 where a tumor has none): the shape pass's q^2 (phase-A box, tight
+// box), the parameters and hash keys of synthgen._appearance.blend_params, and the tight
+// box's lattice offset from the tumor centre
+#define SG_Q2 135
+#define SG_TQ2 136
+#define SG_APP 137
+#define SG_KEYS 138
+#define SG_OFF0 139
+#define SG_OFF1 140
+#define SG_OFF2 141
+// 1: a tumor rendered on the host (a hollow-organ wall tumor) that only joins the merge and
+// the write-back
+#define SG_KIND 142
+#define SG_T_WIDTH 143
+
+// ---- float32 table TF ------------------------------------------------------------------
+#define SG_F_TLO 0
+#define SG_F_THI 1
+#define SG_F_CONTRAST 2
+#define SG_F_ORGAN_HU 3
+#define SG_F_CMIN 4
+#define SG_F_CMAX 5
+#define SG_F_LO 6
+#define SG_F_HI 7
+#define SG_F_WIDTH 8
+
+// ---- float64 table TD ------------------------------------------------------------------
+#define SG_D_ZSCALE 0
+#define SG_D_BASE 1
+#define SG_D_SCALE 2
+#define SG_D_NCELLS 3
+#define SG_D_THR 4
+#define SG_D_U0 5
+#define SG_D_WIDTH 6
+
+// ---- dtype codes of image and mask voxels ------------------------------------------------
+#define SG_CODE_F32 0
+#define SG_CODE_F64 1
+#define SG_CODE_I16 2
+#define SG_CODE_U8 3
+#define SG_CODE_I32 4
+#define SG_CODE_U16 5
+#define SG_CODE_I8 6
+#define SG_CODE_I64 7
+#define SG_CODE_U32 8
+
+// A voxel as float32 (as NumPy's astype(float32) rounds).
+SG_FN float sg_load_f32(const void* p, int code, long long i) {
+    switch (code) {
+        case SG_CODE_F32: return ((const float*)p)[i];
+        case SG_CODE_F64: return (float)((const double*)p)[i];
+        case SG_CODE_I16: return (float)((const short*)p)[i];
+        case SG_CODE_U8: return (float)((const unsigned char*)p)[i];
+        case SG_CODE_I32: return (float)((const int*)p)[i];
+        case SG_CODE_U16: return (float)((const unsigned short*)p)[i];
+        case SG_CODE_I8: return (float)((const signed char*)p)[i];
+        case SG_CODE_I64: return (float)((const long long*)p)[i];
+        default: return (float)((const sg_u32*)p)[i];
+    }
+}
+
+// A mask voxel binarised as synthgen does (bool as is, numbers > 0.5).
+SG_FN unsigned char sg_load_bin(const void* p, int code, long long i) {
+    switch (code) {
+        case SG_CODE_F32: return ((const float*)p)[i] > 0.5f;
+        case SG_CODE_F64: return ((const double*)p)[i] > 0.5;
+        case SG_CODE_I16: return ((const short*)p)[i] > 0;
+        case SG_CODE_U8: return ((const unsigned char*)p)[i] > 0;
+        case SG_CODE_I32: return ((const int*)p)[i] > 0;
+        case SG_CODE_U16: return ((const unsigned short*)p)[i] > 0;
+        case SG_CODE_I8: return ((const signed char*)p)[i] > 0;
+        case SG_CODE_I64: return ((const long long*)p)[i] > 0;
+        default: return ((const sg_u32*)p)[i] > 0;
+    }
+}
+
+// Store a written value (already rounded and clipped to the dtype's range for integers).
+SG_FN void sg_store_f32(void* p, int code, long long i, float v) {
+    switch (code) {
+        case SG_CODE_F32: ((float*)p)[i] = v; break;
+        case SG_CODE_F64: ((double*)p)[i] = (double)v; break;
+        case SG_CODE_I16: ((short*)p)[i] = (short)v; break;
+        case SG_CODE_U8: ((unsigned char*)p)[i] = (unsigned char)v; break;
+        case SG_CODE_I32: ((int*)p)[i] = (int)v; break;
+        case SG_CODE_U16: ((unsigned short*)p)[i] = (unsigned short)v; break;
+        case SG_CODE_I8: ((signed char*)p)[i] = (signed char)v; break;
+        case SG_CODE_I64: ((long long*)p)[i] = (long long)v; break;
+        default: ((sg_u32*)p)[i] = (sg_u32)v; break;
+    }
+}
