@@ -195,7 +195,7 @@ def render(
     organ_mask: np.ndarray,
     *,
     out: np.ndarray | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     affine: np.ndarray | None = None,
 ) -> RenderResult:
     """Apply a plan to a scan, deterministically, with its preset's mass effect.

@@ -599,16 +599,7 @@ def make_plan(
             )
             clip = preset.shape.clip_to_organ and not (rng.random() < cls.exophytic_probability)
             contrast = _draw_contrast(preset, rng, organ_hu)
-            tx = preset.texture
-            texture = {
-                "sigma_a_mm": float(tx.sigma_a_mm[int(rng.integers(len(tx.sigma_a_mm)))]),
-                "sigma_b_mm": float(tx.sigma_b_mm[int(rng.integers(len(tx.sigma_b_mm)))]),
-                "scale": float(rng.uniform(*tx.scale)),
-                "base": float(rng.uniform(*tx.base)),
-                "u0": float(rng.uniform(*tx.u0)),
-                "threshold": tx.threshold,
-                "range_sd": tx.range_sd,
-            }
+            texture = _draw_texture(preset, rng)
             tumors.append(
                 TumorPlan(
                     index=idx,
@@ -653,16 +644,7 @@ def _wall_tumor(preset, cls, rng, idx, seed, image, organ_mask, sp, placer, keep
     thick = cls.wall_thickness_mm if cls.wall_thickness_mm is not None else wp.thickness_mm
     draws = draw_wall(rng, wp, half, thick)
     blur = _uniform(rng, *preset.blend.sigma_mm, False)
-    tx = preset.texture
-    texture = {
-        "sigma_a_mm": float(tx.sigma_a_mm[int(rng.integers(len(tx.sigma_a_mm)))]),
-        "sigma_b_mm": float(tx.sigma_b_mm[int(rng.integers(len(tx.sigma_b_mm)))]),
-        "scale": float(rng.uniform(*tx.scale)),
-        "base": float(rng.uniform(*tx.base)),
-        "u0": float(rng.uniform(*tx.u0)),
-        "threshold": tx.threshold,
-        "range_sd": tx.range_sd,
-    }
+    texture = _draw_texture(preset, rng)
     radii = (half, half, half)
     p0 = keep_clear.place(
         lambda gen: placer.draw(gen, False),
@@ -693,6 +675,20 @@ def _wall_tumor(preset, cls, rng, idx, seed, image, organ_mask, sp, placer, keep
         kind="wall",
         wall=wall,
     )
+
+
+def _draw_texture(preset: Preset, rng: np.random.Generator) -> dict[str, float]:
+    """One draw of the preset's texture recipe (the published parameter sets)."""
+    tx = preset.texture
+    return {
+        "sigma_a_mm": float(tx.sigma_a_mm[int(rng.integers(len(tx.sigma_a_mm)))]),
+        "sigma_b_mm": float(tx.sigma_b_mm[int(rng.integers(len(tx.sigma_b_mm)))]),
+        "scale": float(rng.uniform(*tx.scale)),
+        "base": float(rng.uniform(*tx.base)),
+        "u0": float(rng.uniform(*tx.u0)),
+        "threshold": tx.threshold,
+        "range_sd": tx.range_sd,
+    }
 
 
 def _draw_contrast(preset: Preset, rng: np.random.Generator, organ_hu: float | None) -> float:

@@ -64,7 +64,7 @@ def test_presets_switch_mass_effect():
         "strength": 0.25,
         "min_radius_mm": 20.0,
         "ramp_mm": 5.0,
-        "reach": 1.5,
+        "reach": 1.35,
     }
     with pytest.raises(ValueError, match=r"mass_effect\.strength"):
         synthgen.presets.preset_from_dict({**d, "mass_effect": {"strength": 0.9}})
