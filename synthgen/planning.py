@@ -615,9 +615,7 @@ def make_plan(
                     clip_to_organ=bool(clip),
                     texture=texture,
                     seed=derive_seed(int(seed), idx),
-                    appearance=draw_appearance(
-                        preset.appearance, int(seed), idx, radii, contrast
-                    ),
+                    appearance=draw_appearance(preset.appearance, int(seed), idx, radii, contrast),
                 )
             )
     return Plan(
