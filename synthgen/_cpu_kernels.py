@@ -278,6 +278,18 @@ def _noise_at(keys, gi, gj, gk, sw, sc):
     return n
 
 
+@nb.njit(**_OPTS)
+def noise_box(keys, o0, o1, o2, n0, n1, n2, sw, sc):
+    """:func:`_noise_at` on a box: voxel ``(i, j, k)`` is lattice point ``(o0 + i, o1 + j,
+    o2 + k)`` (offsets from the tumor centre), float32 ``(n0, n1, n2)``."""
+    out = np.empty((n0, n1, n2), dtype=np.float32)
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                out[i, j, k] = _noise_at(keys, o0 + i, o1 + j, o2 + k, sw, sc)
+    return out
+
+
 @nb.njit(inline="always", **_OPTS)
 def _appear_delta(v, inside, b, td, q2, organ_hu, app, keys, gi, gj, gk):
     """The change of one voxel under the appearance modes (``app``/``keys``: see

@@ -34,14 +34,15 @@ organ voxels inside the ellipsoid centred on the outer wall point in direction `
 
 **Appearance.** Inside the region the image becomes enhancing soft tissue:
 ``V = tissue_hu + texture_gain_hu * (tex - 0.5) + noise`` where ``tex`` is the tumor's
-published texture (:mod:`synthgen._texture`, mean about 0.5) and ``noise`` white Gaussian noise
-of ``noise_hu`` (the scan's own noise, measured at planning as the robust SD of the 3x3x3
-high-pass of soft-tissue voxels around the tumor). The edge towards the lumen and the shoulders
-blend over the edge blur ``blur_sigma_mm``: weight ``w = clip(0.5 + (T(s) - d) / (2 sigma), 0,
-1) * clip(T(s) / sigma, 0, 1)`` with ``d`` the distance to the outer wall; the output is
-``I + w (V - I)``, i.e. ``delta = w (I - V)`` for the shared write-back of
-:mod:`synthgen.rendering` (strongest change wins where tumors overlap). Outside the organ
-component nothing changes (the outer boundary is the organ's own).
+published texture (:mod:`synthgen._texture`, mean about 0.5) and ``noise`` white noise (the
+counter-based hash, as the appearance modes' noise) of ``noise_hu``: the scan's own noise,
+measured at planning as the robust SD of the 3x3x3 high-pass of soft-tissue voxels around
+the tumor. The edge towards the lumen and the shoulders blend over the edge blur
+``blur_sigma_mm``: weight ``w = clip(0.5 + (T(s) - d) / (2 sigma), 0, 1) * clip(T(s) / sigma,
+0, 1)`` with ``d`` the distance to the outer wall; the output is ``I + w (V - I)``, i.e.
+``delta = w (I - V)`` for the shared write-back of :mod:`synthgen.rendering` (strongest change
+wins where tumors overlap). Outside the organ component nothing changes (the outer boundary
+is the organ's own).
 
 **Label.** The thickened wall: every voxel with ``w >= 0.5`` whose written value is at least
 -150 HU, i.e. the original wall under the segment plus the tissue that replaced lumen
@@ -57,6 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from ._hash import stream_key
+
 __all__ = [
     "LABEL_MIN_HU",
     "WALL_MODES",
@@ -70,6 +73,8 @@ WALL_MODES = ("annular", "eccentric", "polypoid")
 #: Written value a voxel needs to be labelled tumor (HU): 50 HU of margin above the QA's gas
 #: threshold of -200 HU.
 LABEL_MIN_HU = -150.0
+#: Hash stream of a wall tumor's tissue noise (the appearance modes use 3 to 6).
+STREAM_WALL_NOISE = 7
 #: Half-size of the planning box around the drawn wall voxel, mm (grown for wide lumens).
 PLAN_BOX_MM = 40.0
 PLAN_BOX_MAX_MM = 120.0
@@ -377,11 +382,15 @@ def render_wall(
         weight = np.clip(0.5 + (teff - dist) / (2.0 * sigma), 0.0, 1.0)
         weight *= np.clip(teff / sigma, 0.0, 1.0)
     weight = np.where(comp, weight, 0.0).astype(np.float32)
-    # The tissue: enhancing soft tissue + texture + the scan's noise.
-    rng = np.random.default_rng([int(t.seed) & 0xFFFFFFFF, int(t.seed) >> 32, 0x77616C6C])
+    # The tissue: enhancing soft tissue + texture + the scan's noise, from the counter-based
+    # hash of (tumor, voxel offset from its centre), as every per-voxel random number.
     value = float(w["tissue_hu"]) + float(w["texture_gain_hu"]) * (tex - 0.5)
     if w.get("noise_hu", 0.0) > 0:
-        value = value + float(w["noise_hu"]) * rng.standard_normal(orig.shape)
+        from ._cpu_kernels import noise_box
+
+        keys = np.asarray([*stream_key(t.seed, STREAM_WALL_NOISE), 0, 0], dtype=np.uint32)
+        off = [box[a].start - round(float(c[a])) for a in range(3)]
+        value = value + noise_box(keys, *off, *orig.shape, np.float32(w["noise_hu"]), 0.0)
     o32 = orig.astype(np.float32, copy=False)
     delta = (weight * (o32 - value.astype(np.float32))).astype(np.float32)
     new = o32 - delta

@@ -359,3 +359,18 @@ def test_real_colon(totalseg):
                 if w["mode"] == "annular":
                     assert got >= w["thickness_mm"] * (1 - irr) - tol, (seed, got, w)
     assert n_measured >= 1
+
+
+def test_wall_noise_is_the_counter_hash_of_the_voxel():
+    """The tissue noise of a wall tumor is a function of (tumor, voxel offset from its centre)
+    only, as every per-voxel random number: two boxes that overlap agree where they overlap,
+    and its SD is the planned one."""
+    from synthgen._cpu_kernels import noise_box
+
+    keys = np.array([11, 22, 0, 0], dtype=np.uint32)
+    a = noise_box(keys, -10, -8, -6, 20, 16, 12, np.float32(9.0), 0.0)
+    b = noise_box(keys, -4, -8, -2, 20, 10, 12, np.float32(9.0), 0.0)
+    np.testing.assert_array_equal(a[6:, :10, 4:], b[:14, :, :8])
+    assert abs(float(a.std()) - 9.0) < 0.5 and abs(float(a.mean())) < 0.5
+    c = noise_box(np.array([11, 23, 0, 0], np.uint32), -10, -8, -6, 20, 16, 12, 9.0, 0.0)
+    assert abs(np.corrcoef(a.ravel(), c.ravel())[0, 1]) < 0.05
