@@ -9,6 +9,7 @@ same (seed, epoch, position), and no global random state is ever read.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,29 @@ import numpy as np
 from ._hash import seed_of
 
 __all__ = ["CaseSource", "SampleMaker", "as_sources", "crop_patch"]
+
+
+_INDEXES: OrderedDict[tuple, Any] = OrderedDict()
+_INDEXES_MAX = 32
+
+
+def _case_index(src: CaseSource, organ: np.ndarray, index_organ) -> Any:
+    """The OrganIndex of a case in this process (a small LRU), so that planning's per-scan
+    measurements (cached in it) survive reloading the case from its files."""
+    ident = str(src.image) if isinstance(src.image, (str, Path)) else id(src.image)
+    key = (src.case_id, ident, src.organ_labels, src.organ, tuple(organ.shape))
+    index = _INDEXES.get(key)
+    if index is None:
+        try:
+            index = index_organ(organ)
+        except ValueError:  # no organ: implant_tumors leaves the sample alone
+            return None
+        _INDEXES[key] = index
+        while len(_INDEXES) > _INDEXES_MAX:
+            _INDEXES.popitem(last=False)
+    else:
+        _INDEXES.move_to_end(key)
+    return index
 
 
 @dataclass(frozen=True)
@@ -223,7 +247,7 @@ class SampleMaker:
         """
         from .api import shared_synthesizer
         from .augment import implant_tumors, organ_mask_of
-        from .planning import resolve_spacing
+        from .planning import index_organ, resolve_spacing
 
         item = int(self.order(epoch)[position])
         src = self.sources[item // self.samples_per_case]
@@ -234,6 +258,10 @@ class SampleMaker:
         fire = self.synthesize and rng.random() < self.prob
         plan = None
         if fire:
+            # One OrganIndex per case and process: planning's per-scan measurements are
+            # cached in it, keyed by a fingerprint of the image, so reloading the case from
+            # its files reuses them.
+            index = _case_index(src, organ, index_organ)
             res = implant_tumors(
                 image,
                 label,
@@ -245,6 +273,7 @@ class SampleMaker:
                 min_organ_voxels=self.min_organ_voxels,
                 organ_mask=organ,
                 copy=not src.owns_arrays,  # a freshly read case is ours to modify
+                organ_index=index,
             )
             image, label, plan = res.image, res.label, res.plan
         origin = (0, 0, 0)

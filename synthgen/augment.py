@@ -80,6 +80,7 @@ def implant_tumors(
     min_organ_voxels: int = 64,
     organ_mask: np.ndarray | None = None,
     copy: bool = True,
+    organ_index: Any = None,
 ) -> Implanted:
     """Implant one sample of tumors into copies of ``image`` and ``label``.
 
@@ -96,6 +97,9 @@ def implant_tumors(
         organ_mask: The organ mask when the caller has it already (else computed).
         copy: ``False`` renders into ``image`` and ``label`` themselves (for arrays the
             caller owns, such as a freshly loaded case): no full-volume copies.
+        organ_index: ``synthgen.index_organ(organ_mask)`` of this scan, kept by a caller that
+            returns to the same scan (a loader): planning then reuses what it measured on the
+            scan (organ box, organ HU and noise, vessel-like voxels, slice candidates).
 
     Returns:
         An :class:`Implanted`; ``plan`` is ``None`` (and the arrays are unchanged copies)
@@ -114,7 +118,7 @@ def implant_tumors(
     if count < min_organ_voxels:
         return Implanted(out_image, out_label, None, f"organ has {count} voxels")
     try:
-        plan = synthesizer.plan(out_image, organ, seed=seed, affine=affine)
+        plan = synthesizer.plan(out_image, organ, seed=seed, affine=affine, organ_index=organ_index)
     except ValueError as e:  # too small for the preset's tumors: a normal patch
         return Implanted(out_image, out_label, None, str(e))
     # The preset's mass effect (if any) warps the image and the whole label map alike first.
