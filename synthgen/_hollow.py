@@ -73,6 +73,10 @@ WALL_MODES = ("annular", "eccentric", "polypoid")
 #: Written value a voxel needs to be labelled tumor (HU): 50 HU of margin above the QA's gas
 #: threshold of -200 HU.
 LABEL_MIN_HU = -150.0
+#: Planning estimates the lumen's geometry on a grid this far apart (mm).
+PLAN_GRID_MM = 3.0
+#: Half-size of the box around the wall voxel where the scan's noise is measured (mm).
+NOISE_BOX_MM = 20.0
 #: Hash stream of a wall tumor's tissue noise (the appearance modes use 3 to 6).
 STREAM_WALL_NOISE = 7
 #: Half-size of the planning box around the drawn wall voxel, mm (grown for wide lumens).
@@ -127,7 +131,7 @@ def _coords_mm(box, sp, origin) -> list[np.ndarray]:
     """Per-axis mm offsets of the box's voxels from ``origin`` (voxel units), broadcastable."""
     out = []
     for a in range(3):
-        v = (np.arange(box[a].start, box[a].stop) - float(origin[a])) * sp[a]
+        v = (np.arange(box[a].start, box[a].stop, box[a].step or 1) - float(origin[a])) * sp[a]
         shp = [1, 1, 1]
         shp[a] = v.size
         out.append(v.reshape(shp))
@@ -176,14 +180,20 @@ def locate_wall(
 
     sp = np.asarray(spacing, dtype=np.float64)
     shape = organ_mask.shape
+    # The geometry is estimated on a grid about PLAN_GRID_MM apart (every st-th voxel): the
+    # lumen's radius, axis and centre need no finer, and the distance transform of a wide
+    # colon's box costs 8-27x less.
+    st = [max(1, round(PLAN_GRID_MM / sp[a])) for a in range(3)]
+    spg = sp * st
     h = PLAN_BOX_MM
     for _ in range(3):
-        box = _box_around(p0, h, sp, shape)
+        full = _box_around(p0, h, sp, shape)
+        box = tuple(slice(b.start, b.stop, st[a]) for a, b in enumerate(full))
         org = np.asarray(organ_mask[box])
         org = org if org.dtype == np.bool_ else org > 0.5
-        local = [int(p0[a]) - box[a].start for a in range(3)]
+        local = [(int(p0[a]) - box[a].start) // st[a] for a in range(3)]
         comp = _component(org, local)
-        edt = ndimage.distance_transform_edt(comp, sampling=sp)
+        edt = ndimage.distance_transform_edt(comp, sampling=spg)
         x = _coords_mm(box, sp, p0)
         d2 = x[0] ** 2 + x[1] ** 2 + x[2] ** 2
         near = comp & (d2 <= (0.5 * h) ** 2)
@@ -197,7 +207,7 @@ def locate_wall(
     if core.sum() < 10:
         core = comp
     idx = np.argwhere(core).astype(np.float64)
-    pts = (idx + [b.start for b in box]) * sp
+    pts = (idx * st + [b.start for b in box]) * sp
     cov = np.cov((pts - pts.mean(axis=0)).T) if len(pts) > 1 else np.eye(3)
     evals, evecs = np.linalg.eigh(cov)
     axis = evecs[:, int(np.argmax(evals))]
@@ -206,24 +216,25 @@ def locate_wall(
         axis = -axis
     # Centre: centroid of the cross-section through p0.
     s0 = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
-    slab = comp & (np.abs(s0) <= 0.75 * sp.max()) & (d2 <= (3.0 * radius + sp.max()) ** 2)
+    slab = comp & (np.abs(s0) <= 0.75 * spg.max()) & (d2 <= (3.0 * radius + spg.max()) ** 2)
     if not slab.any():
-        slab = comp & (d2 <= (radius + sp.max()) ** 2)
+        slab = comp & (d2 <= (radius + spg.max()) ** 2)
     cidx = np.argwhere(slab).astype(np.float64)
-    centre = cidx.mean(axis=0) + [b.start for b in box]
+    centre = cidx.mean(axis=0) * st + [b.start for b in box]
     # Reach: the component's largest distance from the axis over the segment.
     xc = _coords_mm(box, sp, centre)
     s = xc[0] * axis[0] + xc[1] * axis[1] + xc[2] * axis[2]
     rho2 = xc[0] ** 2 + xc[1] ** 2 + xc[2] ** 2 - s * s
     half = draws["half_length_mm"] + draws["thickness_mm"]
-    seg = comp & (np.abs(s) <= half) & (rho2 <= (3.0 * radius + sp.max()) ** 2)
+    seg = comp & (np.abs(s) <= half) & (rho2 <= (3.0 * radius + spg.max()) ** 2)
     reach = float(np.sqrt(rho2[seg].max())) if seg.any() else radius
-    # capped at twice the inscribed radius: a flexure's other limb is not this segment
-    reach = min(reach, 2.0 * radius) + 1.5 * float(sp.max())
+    # capped at twice the inscribed radius: a flexure's other limb is not this segment; plus
+    # a grid step and a half (the coarse grid's reach is short of the voxels' by < 1 step)
+    reach = min(reach, 2.0 * radius) + 1.5 * float(spg.max())
     reach = min(reach, h)
     # The scan's noise: robust SD of the 3x3x3 high-pass over soft tissue (x sqrt(27/26):
     # exact for white noise).
-    img = np.asarray(image[box], dtype=np.float32)
+    img = np.asarray(image[_box_around(p0, NOISE_BOX_MM, sp, shape)], dtype=np.float32)
     lo, hi = NOISE_WINDOW_HU
     soft = (img >= lo) & (img <= hi)
     soft = ndimage.binary_erosion(soft, structure=np.ones((3, 3, 3), bool))
