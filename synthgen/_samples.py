@@ -28,10 +28,22 @@ _INDEXES_MAX = 32
 
 def _case_index(src: CaseSource, organ: np.ndarray, index_organ) -> Any:
     """The OrganIndex of a case in this process (a small LRU), so that planning's per-scan
-    measurements (cached in it) survive reloading the case from its files."""
-    ident = str(src.image) if isinstance(src.image, (str, Path)) else id(src.image)
-    key = (src.case_id, ident, src.organ_labels, src.organ, tuple(organ.shape))
+    measurements (cached in it) survive reloading the case from its files. Keyed by the
+    image and the label (paths, or the arrays' identities) and the organ; checked against
+    the mask's voxel count."""
+    from .layouts import Case
+
+    def ident(x: Any) -> Any:
+        if isinstance(x, (str, Path)):
+            return str(x)
+        return repr(x) if isinstance(x, Case) else id(x)
+
+    key = (src.case_id, ident(src.image), ident(src.label), src.organ_labels, src.organ,
+           tuple(organ.shape))  # fmt: skip
     index = _INDEXES.get(key)
+    # the same key with another mask (a file rewritten, an id reused): index again
+    if index is not None and index.count != int(np.count_nonzero(organ)):
+        index = None
     if index is None:
         try:
             index = index_organ(organ)

@@ -48,6 +48,21 @@ def organ_mask_of(label: np.ndarray, organ_labels: Sequence[int]) -> np.ndarray:
     return np.isin(label, ids)
 
 
+def check_channels(synthesizer: Synthesizer, n_channels: int) -> None:
+    """Refuse multi-channel images when the preset's mass effect would warp only channel 0.
+
+    The tumors go into channel 0; a mass-effect warp moves channel 0 and the label map, so
+    other channels (other phases, modalities) would no longer line up with them.
+    """
+    if n_channels > 1 and synthesizer.preset.mass_effect.enabled:
+        raise ValueError(
+            f"the image has {n_channels} channels, but preset {synthesizer.preset.name!r} "
+            "enables mass effect, which warps channel 0 and the label map only; use a preset "
+            "without it, e.g. synthgen.presets.without_extras(organ, keep=('vessels', "
+            "'appearance'))"
+        )
+
+
 def affine_for(spacing: Sequence[float], craniocaudal_axis: int = 2) -> np.ndarray:
     """A voxel-to-world affine with ``spacing`` (mm) whose ``craniocaudal_axis`` is world z.
 

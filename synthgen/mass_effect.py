@@ -573,8 +573,8 @@ def _label_list(labels: Any) -> tuple[list[np.ndarray], Any]:
     """Flat list of label arrays and a function putting a list back in the given container."""
     if labels is None:
         return [], lambda xs: None
-    if isinstance(labels, np.ndarray):
-        return [labels], lambda xs: xs[0]
+    if isinstance(labels, np.ndarray) or getattr(labels, "ndim", None) == 3:
+        return [labels], lambda xs: xs[0]  # one array (NumPy, CuPy, torch)
     if isinstance(labels, Mapping):
         keys = list(labels)
         return [labels[k] for k in keys], lambda xs: dict(zip(keys, xs, strict=True))

@@ -59,7 +59,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
 from .api import Synthesizer
-from .augment import affine_for, implant_tumors, organ_mask_of
+from .augment import affine_for, check_channels, implant_tumors, organ_mask_of
 from .planning import Plan
 from .presets import Preset
 
@@ -273,6 +273,7 @@ class RandTumorSynthesis(_SeededRandomizable):
             )
         if img_np.dtype.kind not in "iuf":
             raise ValueError(f"image must be numeric (int or float HU), got dtype {img_np.dtype}")
+        check_channels(self.synthesizer, img_np.shape[0])
         affine = _affine_of(img, label, self.spacing)
         _one_thread_in_worker()
 

@@ -50,7 +50,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 from .api import Synthesizer
-from .augment import affine_for, implant_tumors
+from .augment import affine_for, check_channels, implant_tumors
 from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS, Preset, load_preset
 
 __all__ = [
@@ -300,6 +300,7 @@ class TumorSynthesisTransform(BasicTransform):
                 f"shape, got image {tuple(image.shape)} and segmentation {tuple(seg.shape)} "
                 "(2-D configurations are not supported)"
             )
+        check_channels(self.synthesizer, image.shape[0])
         img0 = image[0].detach().cpu().numpy()
         lab0 = seg[0].detach().cpu().numpy()
         hu = self.intensity.to_hu(img0) if self.intensity is not None else img0
@@ -325,9 +326,12 @@ class TumorSynthesisTransform(BasicTransform):
         out_image[0][torch.from_numpy(changed).to(image.device)] = torch.from_numpy(
             np.ascontiguousarray(values)
         ).to(device=image.device, dtype=image.dtype)
-        tumor = torch.from_numpy(res.label != lab0).to(seg.device)
+        # The whole label channel: the tumors, and the preset's mass effect (if any) moved
+        # the organ boundaries with the image.
         out_seg = seg.detach().clone()
-        out_seg[0][tumor] = self.tumor_label
+        out_seg[0] = torch.from_numpy(np.ascontiguousarray(res.label)).to(
+            device=seg.device, dtype=seg.dtype
+        )
         data_dict["image"] = out_image
         data_dict["segmentation"] = out_seg
         return data_dict

@@ -353,7 +353,8 @@ class _Placer:
             return self._slices[z]
         sl = list(self.bbox)
         sl[self.axis] = z
-        m = _binary(np.asarray(self.mask[tuple(sl)]))
+        # a copy: the slice is cached (per scan) and must not follow later edits of the mask
+        m = np.array(_binary(np.asarray(self.mask[tuple(sl)])), dtype=bool, copy=True)
         cand = m
         if self.p.tissue_hu is not None:
             img = np.asarray(self.image[tuple(sl)])

@@ -256,7 +256,7 @@ class TumorSynthesisWrapper(Dataset):
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from .augment import implant_tumors
+        from .augment import check_channels, implant_tumors
 
         _in_worker()
         item = dict(self.dataset[index])
@@ -267,6 +267,7 @@ class TumorSynthesisWrapper(Dataset):
         img, img_ref = _to_numpy(item[self.image_key])
         lab, lab_ref = _to_numpy(item[self.label_key])
         chan = img.ndim == 4
+        check_channels(self.synthesizer, img.shape[0] if chan else 1)
         res = implant_tumors(
             img[0] if chan else img,
             lab[0] if chan else lab,
@@ -349,7 +350,7 @@ class BatchTumorSynthesis:
         affine: np.ndarray | None = None,
     ) -> list[Any]:
         """Implant in place; returns one :class:`~synthgen.Plan` (or ``None``) per sample."""
-        from .augment import affine_for
+        from .augment import affine_for, check_channels
         from .mass_effect import prepare_render
         from .rendering import render_batch
 
@@ -362,6 +363,7 @@ class BatchTumorSynthesis:
             raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ")
         if image.device != label.device:
             raise ValueError(f"image on {image.device}, label on {label.device}")
+        check_channels(self.synthesizer, image.shape[1])
         step = self.step if step is None else int(step)
         self.step = step + 1
         if affine is None:

@@ -240,3 +240,31 @@ def test_batch_warps_every_label_map_with_the_image(dataset, tmp_path):
         assert rec["plan"]["preset"]["mass_effect"]["enabled"] is False
     batch_json = json.loads((out2 / "batch.json").read_text())
     assert batch_json["options"]["mass_effect"] is False
+
+
+def test_adapters_with_mass_effect_warp_the_whole_label_and_refuse_extra_channels(small_phantom):
+    """implant_tumors (behind every adapter) returns the warped label map, organ boundaries
+    moved with the image; the adapters refuse multi-channel images when mass effect would warp
+    channel 0 only."""
+    torch = pytest.importorskip("torch")
+    from synthgen.augment import affine_for, implant_tumors
+    from synthgen.torch import BatchTumorSynthesis
+
+    ph = small_phantom
+    liver = ph.mask("liver")
+    lab = liver.astype(np.int16)
+    syn = synthgen.Synthesizer("liver", size="large")
+    pushed = None
+    for seed in range(20):
+        res = implant_tumors(ph.image, lab, synthesizer=syn, organ_labels=[1], tumor_label=2,
+                             seed=seed, affine=affine_for(ph.spacing))  # fmt: skip
+        if res.plan is not None and me.plan_fields(res.plan):
+            pushed = res
+            break
+    assert pushed is not None, "no large liver tumor pushed in 20 seeds"
+    moved = ((pushed.label == 1) != liver) & (pushed.label != 2)
+    assert moved.any(), "the organ boundary moved with the image"
+    img = torch.from_numpy(np.stack([ph.image, ph.image])[None].astype(np.float32))
+    lab_t = torch.from_numpy(lab[None, None].copy())
+    with pytest.raises(ValueError, match=r"2 channels.*mass effect"):
+        BatchTumorSynthesis("liver", spacing=ph.spacing)(img, lab_t)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 import synthgen
 from synthgen.augment import affine_for
 from synthgen.layouts import discover
+from synthgen.presets import without_extras
 from synthgen.torch import SyntheticTumorDataset, TumorSynthesisWrapper, plan_of
 
 PATCH = (32, 32, 32)
@@ -540,12 +541,16 @@ def test_wrapper_multichannel_keeps_other_channels(dict_items: list) -> None:
     extra = torch.linspace(-5.0, 5.0, src["image"].numel()).reshape(src["image"].shape)
     image = torch.cat([src["image"], extra], dim=0)  # (2, X, Y, Z)
     item = {"image": image, "label": src["label"], "affine": src["affine"]}
-    out = TumorSynthesisWrapper(DictDataset([item]), "liver", seed=0)[0]
+    # mass effect would warp channel 0 and the label only: refused for several channels
+    with pytest.raises(ValueError, match="2 channels"):
+        TumorSynthesisWrapper(DictDataset([item]), "liver", seed=0)[0]
+    liver = without_extras("liver", keep=("vessels", "appearance"))
+    out = TumorSynthesisWrapper(DictDataset([item]), liver, seed=0)[0]
     assert out["image"].shape == image.shape and out["image"].dtype == torch.float32
     assert not out["image"].is_cuda
     assert torch.equal(out["image"][1], extra[0]), "channel 1 must be untouched"
     assert not torch.equal(out["image"][0], src["image"][0])
     assert (out["label"] == 2).any()
-    single = TumorSynthesisWrapper(DictDataset([dict(src)]), "liver", seed=0)[0]
+    single = TumorSynthesisWrapper(DictDataset([dict(src)]), liver, seed=0)[0]
     assert torch.equal(out["image"][:1], single["image"])  # channel 0 as for one channel
     assert torch.equal(image[1], extra[0])  # the input was not modified
