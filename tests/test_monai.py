@@ -148,7 +148,9 @@ def test_float32_and_multichannel_image(scan):
     image, label, _ = scan
     img = np.concatenate([image, image]).astype(np.float32)  # (2, X, Y, Z)
     lab = label.astype(np.float32)
-    t = RandTumorSynthesis("liver", spacing=SPACING).set_random_state(seed=5)
+    with pytest.raises(ValueError, match="2 channels"):  # mass effect: channel 0 only
+        RandTumorSynthesis("liver", spacing=SPACING).set_random_state(seed=5)(img, lab)
+    t = RandTumorSynthesis(PLAIN, spacing=SPACING).set_random_state(seed=5)
     img_out, lab_out = t(img, lab)
     assert img_out.dtype == np.float32 and lab_out.dtype == np.float32
     assert img_out.shape == img.shape
