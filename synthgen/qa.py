@@ -28,7 +28,8 @@ gives the intended values):
 
 Intended ranges (from the preset recorded in each organ's plan):
 
-* **diameter_in_range**: ``2 * lo <= diameter_mm <= 2 * hi`` where ``lo`` / ``hi`` are the
+* **diameter_in_range** (null for hollow-organ wall tumors, whose classes give segment
+  half-lengths): ``2 * lo <= diameter_mm <= 2 * hi`` where ``lo`` / ``hi`` are the
   smallest lower and largest upper ``radius_mm`` bound over the preset's (non-composite) size
   classes. ``diameter_in_class_range`` uses the tumor's own class (from the matched
   ``tumors.json`` record) instead, null when unmatched.
@@ -151,7 +152,9 @@ def _intended(plan: dict[str, Any]) -> dict[str, Any]:
     preset = plan.get("preset") or {}
     classes = _classes(preset)
     out: dict[str, Any] = {"preset": preset.get("name"), "size_class": plan.get("size_class")}
-    if classes:
+    # Hollow-organ wall tumors: a class's radii are the segment's half-length, not a sphere's
+    # radius, so no diameter range applies (null).
+    if classes and not preset.get("wall"):
         lo = min(float(c["radius_mm"][0]) for c in classes.values())
         hi = max(float(c["radius_mm"][1]) for c in classes.values())
         out["diameter_mm"] = [2.0 * lo, 2.0 * hi]

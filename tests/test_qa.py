@@ -164,3 +164,17 @@ def test_qa_reads_demo_folders(tmp_path: Path) -> None:
         _, n = ndimage.label(np.asarray(les.dataobj) != 0)
         assert s["organs"][organ]["n_tumors"] == n
         assert s["organs"][organ]["planned_tumors"] >= 1
+
+
+def test_wall_tumors_get_no_diameter_range() -> None:
+    """A hollow-organ preset's classes are segment half-lengths: no sphere-diameter range."""
+    from synthgen.presets import load_preset
+    from synthgen.qa import _intended
+
+    for organ in ("colon", "esophagus"):
+        plan = {"preset": load_preset(organ).to_dict(), "size_class": "small"}
+        got = _intended(plan)
+        assert "diameter_mm" not in got and "class_diameter_mm" not in got
+        assert got["count"]
+    liver = _intended({"preset": load_preset("liver").to_dict(), "size_class": "small"})
+    assert liver["diameter_mm"][0] > 0
