@@ -6,7 +6,7 @@ This module holds what is CuPy-specific: the backend object (:class:`CupyBackend
 modules compiled by NVRTC once per device, launches, transfers, device addresses), device
 arrays and torch CUDA tensors (DLPack, no copies), the caller's stream, planning views of
 device data and the entry point :func:`render_on_gpu`. The render itself is
-:mod:`synthgen._segments`: every tumor of a batch in one launch per step (18 launches and two
+:mod:`synthgen._segments`: every tumor of a batch in one launch per step (19 launches and two
 host waits per batch, whatever the number of tumors), each kernel the CUDA C twin of a numba
 kernel of the CPU path (same operations, same order, compiled without FMA contraction), every
 random number from the same counter-based hash, so one plan renders the same tumor on both
@@ -30,7 +30,7 @@ import numpy as np
 from .planning import Plan
 from .rendering import RenderResult
 
-__all__ = ["KERNELS", "NVRTC_OPTIONS", "CupyBackend", "kernel_dir", "render_jobs"]
+__all__ = ["KERNELS", "NVRTC_OPTIONS", "CupyBackend", "kernel_dir", "render_on_gpu"]
 
 #: Each kernel and the source file in ``kernels/`` that defines it.
 KERNELS = {
@@ -172,13 +172,6 @@ class Job:
         self.tissue = (np.float32(tissue[0]), np.float32(tissue[1]))
 
 
-def render_jobs(be, jobs: Sequence[Job]) -> list[RenderResult]:
-    """Render every job on backend ``be`` (see :mod:`synthgen._segments`)."""
-    from ._segments import render_segments
-
-    return render_segments(be, jobs)
-
-
 def backend(device_id: int) -> CupyBackend:
     """The (memoised) CuPy backend of one GPU."""
     with _LOCK:
@@ -278,7 +271,9 @@ def render_on_gpu(
                     affine=affines[i],
                 )
             )
-        results = render_jobs(be, jobs)
+        from ._segments import render_segments
+
+        results = render_segments(be, jobs)
     for i, res in enumerate(results):
         if torch_data[i]:
             res.image = outs[i] if outs[i] is not None else _to_torch(res.image)

@@ -5,7 +5,7 @@ int64 table (sizes, indices, device addresses), one float32 and one float64 tabl
 (``kernels/segmented.cuh`` names their columns), packs them with every small per-tumor array
 into one buffer, uploads it with one copy and launches each step of the render once for the
 whole batch (``kernels/segmented.cu``): 2 launches in phase A (gather + fused shape test, box
-reduction), then one copy back of all boxes, then 16 launches in phase B (tight-box gather,
+reduction), then one copy back of all boxes, then 17 launches in phase B (tight-box gather,
 three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid passes, the
 rescale's statistics and scaling, the fused blend, the overlap merge, the write-back), then
 one copy back of the statistics. The per-tumor work the host keeps is arithmetic on a few
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._appearance import blend_params
-from ._geometry import gaussian_kernel1d
+from ._geometry import blur_band
 from ._texture import texture_recipe
 from .rendering import (
     BLUR_TRUNCATE,
@@ -177,9 +177,11 @@ def _toeplitz_cached(off: int, kern_bytes: bytes, n_in: int, n_out: int):
 
 @functools.lru_cache(maxsize=4096)
 def _blur_band(sigma_vox: float, n: int):
-    kern = gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE).astype(np.float32)
-    r = (kern.size - 1) // 2
-    return _toeplitz_band(-r, kern, n, n)
+    """The mask blur's band (:func:`synthgen._geometry.blur_band`), cached per size."""
+    s, w = blur_band(n, sigma_vox, BLUR_TRUNCATE)
+    s.flags.writeable = False
+    w.flags.writeable = False
+    return s, w
 
 
 def _strides(a) -> tuple[int, int, int]:

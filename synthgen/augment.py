@@ -129,7 +129,8 @@ def implant_tumors(
         out_label = label.astype(np.uint8)
     else:
         out_label = label.copy(order="K") if copy else label
-    count = int(np.count_nonzero(organ))
+    # the index of this scan already counted the organ (a loader keeps one per case)
+    count = organ_index.count if organ_index is not None else int(np.count_nonzero(organ))
     if count < min_organ_voxels:
         return Implanted(out_image, out_label, None, f"organ has {count} voxels")
     try:

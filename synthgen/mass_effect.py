@@ -492,24 +492,9 @@ def _clusters(fields: list[MassEffectField]) -> list[list[MassEffectField]]:
     A field reads and writes only its own box, so groups are independent; the fields of a
     group are composed into one map and resampled once.
     """
-    n = len(fields)
-    parent = list(range(n))
+    from .rendering import _clusters as box_clusters
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(n):
-        for j in range(i + 1, n):
-            bi, bj = fields[i].box, fields[j].box
-            if all(bi[a].start < bj[a].stop and bj[a].start < bi[a].stop for a in range(3)):
-                parent[find(i)] = find(j)
-    groups: dict[int, list[MassEffectField]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(fields[i])
-    return list(groups.values())
+    return [[fields[i] for i in g] for g in box_clusters([f.box for f in fields])]
 
 
 def _apply_group(
@@ -823,22 +808,23 @@ def prepare_render(
     labels: Any = None,
     out: Any = None,
     labels_inplace: bool = False,
+    organ_inplace: bool = False,
     settings: Any = None,
 ) -> PreparedRender:
     """Warp a scan and its labels as ``plan``'s preset asks, before rendering it.
 
     The image is warped into ``out`` (which holds the image, as for
-    :func:`synthgen.render`) or into a copy; the organ mask into a copy (never the input);
-    ``labels`` into copies, or in place with ``labels_inplace``. Only the fields' boxes are
-    computed; NumPy arrays are warped in place, GPU arrays (CuPy, torch CUDA) box by box
-    through the host. Nothing is copied when no tumor pushes.
+    :func:`synthgen.render`) or into a copy; the organ mask into a copy (in place with
+    ``organ_inplace``); ``labels`` into copies, or in place with ``labels_inplace``. Only the
+    fields' boxes are computed; NumPy arrays are warped in place, GPU arrays (CuPy, torch
+    CUDA) box by box through the host. Nothing is copied when no tumor pushes.
     """
     fields = plan_fields(plan, settings)
     labs, rebuild = _label_list(labels)
     if not fields:
         return PreparedRender(plan, image if out is None else out, organ_mask, labels, [])
     target = _copy(image) if out is None else out
-    organ_w = _copy(organ_mask)
+    organ_w = organ_mask if organ_inplace else _copy(organ_mask)
     labs_w = labs if labels_inplace else [_copy(lab) for lab in labs]
     _warp_any(target, [organ_w, *labs_w], fields)
     plan_r = dataclasses.replace(plan, organ_bbox=_grown_bbox(plan.organ_bbox, fields))
@@ -855,6 +841,7 @@ def render_plan(
     device: str = "auto",
     affine: np.ndarray | None = None,
     labels_inplace: bool = False,
+    organ_inplace: bool = False,
     settings: Any = None,
 ) -> MassEffectSample:
     """Render a plan with its preset's mass effect: warp the scan and labels, then render.
@@ -874,6 +861,7 @@ def render_plan(
         labels=labels,
         out=out,
         labels_inplace=labels_inplace,
+        organ_inplace=organ_inplace,
         settings=settings,
     )
     if not prep.fields:
@@ -923,10 +911,12 @@ def synthesize_with_mass_effect(
         A :class:`MassEffectSample`; ``.result.plan`` is the plan as drawn.
     """
     from .api import Synthesizer
-    from .rendering import render
+    from .presets import MassEffectParams
 
-    syn = Synthesizer(organ, device=device)
-    plan = syn.plan(
+    settings = MassEffectParams(
+        enabled=True, strength=strength, min_radius_mm=min_radius_mm, ramp_mm=ramp_mm, reach=reach
+    )
+    plan = Synthesizer(organ, device=device).plan(
         image,
         organ_mask,
         seed=seed,
@@ -935,24 +925,22 @@ def synthesize_with_mass_effect(
         size=size,
         organ_index=organ_index,
     )
-    labs, rebuild = _label_list(labels)
-    warped = apply_mass_effect(
-        image,
-        [organ_mask, *labs],
+    if not inplace:  # the inputs stay untouched: copies in, warped and rendered
+        image, organ_mask = _copy(image), _copy(organ_mask)
+        labs, rebuild = _label_list(labels)
+        labels = rebuild([_copy(lab) for lab in labs])
+    return render_plan(
         plan,
-        plan.spacing,
-        strength=strength,
-        min_radius_mm=min_radius_mm,
-        ramp_mm=ramp_mm,
-        reach=reach,
-        inplace=inplace,
+        image,
+        organ_mask,
+        labels=labels,
+        out=image,
+        device=device,
+        affine=affine,
+        labels_inplace=True,
+        organ_inplace=True,
+        settings=settings,
     )
-    organ_w, *labs_w = warped.labels
-    # The organ may now reach beyond its planned bounding box, which clips tumor boxes.
-    plan_r = dataclasses.replace(plan, organ_bbox=_grown_bbox(plan.organ_bbox, warped.fields))
-    res = render(plan_r, warped.image, organ_w, out=warped.image, device=device, affine=affine)
-    res.plan = plan
-    return MassEffectSample(result=res, labels=rebuild(labs_w), fields=warped.fields)
 
 
 # --------------------------------------------------------------------------------------
