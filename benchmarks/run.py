@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run by path: make `benchmarks` and `synthgen` i
 from benchmarks import _common as C
 
 # Benchmark modules, in the order they run (add bench_batch, bench_loader, gpu_check here).
-MODULES: list[str] = ["bench_engine", "bench_batch", "bench_loader", "bench_realism"]
+MODULES: list[str] = ["bench_engine", "bench_batch", "bench_loader", "bench_realism",
+                      "bench_gpu_host"]  # fmt: skip
 
 
 def run_module(name: str, quick: bool) -> dict[str, Any]:

@@ -19,20 +19,19 @@
 // Phase A: gather each tumor's box of the image and organ mask (any dtype, any strides) into
 // float32 / uint8 buffers and evaluate the fused deformed-ellipsoid test there.
 extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
-                                        const float* __restrict__ TF, int FF)
+                                        const float* __restrict__ TF, int FF,
+                                        const double* __restrict__ TD, int FD)
 {
     const long long* r = T + (long long)blockIdx.y * F;
     const float* rf = TF + (long long)blockIdx.y * FF;
+    const double* rd = TD + (long long)blockIdx.y * FD;
     int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1], n2 = (int)r[SG_N2];
     const float* ctrl = (const float*)r[SG_CTRL];
     int g0 = (int)r[SG_G0], g1 = (int)r[SG_G1], g2 = (int)r[SG_G2];
     const float* w0 = (const float*)r[SG_W0];
     const float* w1 = (const float*)r[SG_W1];
     const float* w2 = (const float*)r[SG_W2];
-    const float* p0 = (const float*)r[SG_P0];
-    const float* p1 = (const float*)r[SG_P1];
-    const float* p2 = (const float*)r[SG_P2];
-    const double* m = (const double*)r[SG_M];
+    const double* m = rd + SG_D_M;
     const void* img = (const void*)r[SG_IMG];
     const void* org = (const void*)r[SG_ORG];
     float* orig = (float*)r[SG_ORIG];
@@ -53,8 +52,10 @@ extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
         unsigned char o = sg_load_bin(org, (int)r[SG_ORG_CODE], go);
         orig[t] = v;
         organ[t] = o;
-        float q2 = sg_shape_q2(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1, w2 + k * g2, p0[i],
-                               p1[j], p2[k], m);
+        float q2 = sg_shape_q2(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1, w2 + k * g2,
+                               sg_pos_f32(r[SG_O0] + i - r[SG_C0], rd[SG_D_SP0]),
+                               sg_pos_f32(r[SG_O1] + j - r[SG_C1], rd[SG_D_SP1]),
+                               sg_pos_f32(r[SG_O2] + k - r[SG_C2], rd[SG_D_SP2]), m);
         mask[t] = (unsigned char)((q2 <= 1.0f) && (!clip || o) && v >= tlo && v <= thi);
         if (q2out) q2out[t] = q2;  // the appearance modes of the blend read it
     }
@@ -239,23 +240,20 @@ extern "C" __global__ void sg_seg_tex_scale(const long long* __restrict__ T, int
 
 // The fused blend of every segment into its own (zeroed) change buffer (as sg_blend_tumor).
 extern "C" __global__ void sg_seg_blend(const long long* __restrict__ T, int F,
-                                        const float* __restrict__ TF, int FF)
+                                        const float* __restrict__ TF, int FF,
+                                        const double* __restrict__ TD, int FD)
 {
     const long long* r = T + (long long)blockIdx.y * F;
     if (r[SG_KIND]) return;
     const float* rf = TF + (long long)blockIdx.y * FF;
+    const double* rd = TD + (long long)blockIdx.y * FD;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
     const float* orig = (const float*)r[SG_TORIG];
     const unsigned char* organ = (const unsigned char*)r[SG_TORGAN];
     const float* blur = (const float*)r[SG_BLUR];
     const float* tgrid = (const float*)r[SG_GRID];
-    int gy = (int)r[SG_G_1], gz = (int)r[SG_G_2];
-    const long long* i0 = (const long long*)r[SG_II0];
-    const long long* i1 = (const long long*)r[SG_II1];
-    const long long* i2 = (const long long*)r[SG_II2];
-    const float* f0 = (const float*)r[SG_IF0];
-    const float* f1 = (const float*)r[SG_IF1];
-    const float* f2 = (const float*)r[SG_IF2];
+    int gx = (int)r[SG_G_0], gy = (int)r[SG_G_1], gz = (int)r[SG_G_2];
+    double step = rd[SG_D_STEP];
     float* delta = (float*)r[SG_DELTA];
     float tlo = rf[SG_F_TLO], thi = rf[SG_F_THI];
     const float* tq2 = (const float*)r[SG_TQ2];
@@ -268,8 +266,15 @@ extern "C" __global__ void sg_seg_blend(const long long* __restrict__ T, int F,
         float b = blur[t];
         float v = orig[t];
         if (b <= 0.0f || v < tlo || v > thi) continue;
-        float tex = sg_texture_at(tgrid, gy, gz, (int)i0[i], f0[i], (int)i1[j], f1[j],
-                                  (int)i2[k], f2[k]);
+        // the voxel's trilinear coordinates on the texture grid (interp_coords_nb)
+        int i0, i1, i2;
+        float f0 = sg_interp(sg_pos(r[SG_TO0] + i - r[SG_C0], rd[SG_D_SP0]), rd[SG_D_TX0], step,
+                             gx, &i0);
+        float f1 = sg_interp(sg_pos(r[SG_TO1] + j - r[SG_C1], rd[SG_D_SP1]), rd[SG_D_TX1], step,
+                             gy, &i1);
+        float f2 = sg_interp(sg_pos(r[SG_TO2] + k - r[SG_C2], rd[SG_D_SP2]), rd[SG_D_TX2], step,
+                             gz, &i2);
+        float tex = sg_texture_at(tgrid, gy, gz, i0, f0, i1, f1, i2, f2);
         float d;
         if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
             int inside = organ[t];

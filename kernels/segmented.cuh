@@ -29,128 +29,121 @@
 #define SG_W0 20
 #define SG_W1 21
 #define SG_W2 22
-#define SG_P0 23
-#define SG_P1 24
-#define SG_P2 25
-#define SG_M 26
-#define SG_ORIG 27
-#define SG_ORGAN 28
-#define SG_MASK 29
-#define SG_CLIP 30
+#define SG_C0 23  // the tumor centre (voxel index; positions are (index - centre) * spacing)
+#define SG_C1 24
+#define SG_C2 25
+#define SG_ORIG 26
+#define SG_ORGAN 27
+#define SG_MASK 28
+#define SG_CLIP 29
 // phase B: the tight box (origin in the phase-A box, dims, origin in the image), buffers
-#define SG_U0 31
-#define SG_U1 32
-#define SG_U2 33
-#define SG_TN0 34
-#define SG_TN1 35
-#define SG_TN2 36
-#define SG_TO0 37
-#define SG_TO1 38
-#define SG_TO2 39
-#define SG_TORIG 40
-#define SG_TORGAN 41
-#define SG_TMASK 42
-#define SG_MASKF 43
+#define SG_U0 30
+#define SG_U1 31
+#define SG_U2 32
+#define SG_TN0 33
+#define SG_TN1 34
+#define SG_TN2 35
+#define SG_TO0 36
+#define SG_TO1 37
+#define SG_TO2 38
+#define SG_TORIG 39
+#define SG_TORGAN 40
+#define SG_TMASK 41
+#define SG_MASKF 42
 // the blur: three band passes MASKF -> BX0 -> BX1 -> BLUR
-#define SG_BS0 44
-#define SG_BS1 45
-#define SG_BS2 46
-#define SG_BW0 47
-#define SG_BW1 48
-#define SG_BW2 49
-#define SG_BKK0 50
-#define SG_BKK1 51
-#define SG_BKK2 52
-#define SG_BX0 53
-#define SG_BX1 54
-#define SG_BLUR 55
+#define SG_BS0 43
+#define SG_BS1 44
+#define SG_BS2 45
+#define SG_BW0 46
+#define SG_BW1 47
+#define SG_BW2 48
+#define SG_BKK0 49
+#define SG_BKK1 50
+#define SG_BKK2 51
+#define SG_BX0 52
+#define SG_BX1 53
+#define SG_BLUR 54
 // the texture: lattice noise, band sums (axis 2, 1, 0), block fractions, grid (axis 0, 1, 2)
-#define SG_LA0 56
-#define SG_LA1 57
-#define SG_LA2 58
-#define SG_LN0 59
-#define SG_LN1 60
-#define SG_LN2 61
-#define SG_NK0 62
-#define SG_NK1 63
-#define SG_NOISE 64
-#define SG_LS0 65
-#define SG_LS1 66
-#define SG_LS2 67
-#define SG_LW0 68
-#define SG_LW1 69
-#define SG_LW2 70
-#define SG_LK0 71
-#define SG_LK1 72
-#define SG_LK2 73
-#define SG_ZD1 74  // dims after the axis-2 pass: (LN0, LN1, B2): 74, 75, 76
-#define SG_ZD2 77  // after the axis-1 pass: (LN0, B1, B2): 77, 78, 79
-#define SG_ZA 80
-#define SG_ZB 81
-#define SG_Z0 82
-#define SG_B0 83
-#define SG_B1 84
-#define SG_B2 85
-#define SG_INV0 86
-#define SG_INV1 87
-#define SG_INV2 88
-#define SG_BK0 89
-#define SG_BK1 90
-#define SG_BLK0 91
-#define SG_BLK1 92
-#define SG_BLK2 93
-#define SG_FRAC 94
-#define SG_GS0 95
-#define SG_GS1 96
-#define SG_GS2 97
-#define SG_GW0 98
-#define SG_GW1 99
-#define SG_GW2 100
-#define SG_GK0 101
-#define SG_GK1 102
-#define SG_GK2 103
-#define SG_GD1 104  // dims after the axis-0 pass: (G0, B1, B2): 104, 105, 106
-#define SG_GD2 107  // after the axis-1 pass: (G0, G1, B2): 107, 108, 109
-#define SG_GA 110
-#define SG_GB 111
-#define SG_GRID 112
-#define SG_G_0 113
-#define SG_G_1 114
-#define SG_G_2 115
-#define SG_II0 116
-#define SG_II1 117
-#define SG_II2 118
-#define SG_IF0 119
-#define SG_IF1 120
-#define SG_IF2 121
+#define SG_LA0 55
+#define SG_LA1 56
+#define SG_LA2 57
+#define SG_LN0 58
+#define SG_LN1 59
+#define SG_LN2 60
+#define SG_NK0 61
+#define SG_NK1 62
+#define SG_NOISE 63
+#define SG_LS0 64
+#define SG_LS1 65
+#define SG_LS2 66
+#define SG_LW0 67
+#define SG_LW1 68
+#define SG_LW2 69
+#define SG_LK0 70
+#define SG_LK1 71
+#define SG_LK2 72
+#define SG_ZD1 73  // dims after the axis-2 pass: (LN0, LN1, B2): 73, 74, 75
+#define SG_ZD2 76  // after the axis-1 pass: (LN0, B1, B2): 76, 77, 78
+#define SG_ZA 79
+#define SG_ZB 80
+#define SG_Z0 81
+#define SG_B0 82
+#define SG_B1 83
+#define SG_B2 84
+#define SG_INV0 85
+#define SG_INV1 86
+#define SG_INV2 87
+#define SG_BK0 88
+#define SG_BK1 89
+#define SG_BLK0 90
+#define SG_BLK1 91
+#define SG_BLK2 92
+#define SG_FRAC 93
+#define SG_GS0 94
+#define SG_GS1 95
+#define SG_GS2 96
+#define SG_GW0 97
+#define SG_GW1 98
+#define SG_GW2 99
+#define SG_GK0 100
+#define SG_GK1 101
+#define SG_GK2 102
+#define SG_GD1 103  // dims after the axis-0 pass: (G0, B1, B2): 103, 104, 105
+#define SG_GD2 106  // after the axis-1 pass: (G0, G1, B2): 106, 107, 108
+#define SG_GA 109
+#define SG_GB 110
+#define SG_GRID 111
+#define SG_G_0 112
+#define SG_G_1 113
+#define SG_G_2 114
 // blend, merge, write-back
-#define SG_DELTA 122
-#define SG_MERGED 123
-#define SG_PART 124
-#define SG_NPART 125
-#define SG_DST 126
-#define SG_DST_CODE 127
-#define SG_DS0 128
-#define SG_DS1 129
-#define SG_DS2 130
-#define SG_DO0 131
-#define SG_DO1 132
-#define SG_DO2 133
-#define SG_ROUND 134
+#define SG_DELTA 115
+#define SG_MERGED 116
+#define SG_PART 117
+#define SG_NPART 118
+#define SG_DST 119
+#define SG_DST_CODE 120
+#define SG_DS0 121
+#define SG_DS1 122
+#define SG_DS2 123
+#define SG_DO0 124
+#define SG_DO1 125
+#define SG_DO2 126
+#define SG_ROUND 127
 // appearance modes (0 where a tumor has none): the shape pass's q^2 (phase-A box, tight
 // box), the parameters and hash keys of synthgen._appearance.blend_params, and the tight
 // box's lattice offset from the tumor centre
-#define SG_Q2 135
-#define SG_TQ2 136
-#define SG_APP 137
-#define SG_KEYS 138
-#define SG_OFF0 139
-#define SG_OFF1 140
-#define SG_OFF2 141
+#define SG_Q2 128
+#define SG_TQ2 129
+#define SG_APP 130
+#define SG_KEYS 131
+#define SG_OFF0 132
+#define SG_OFF1 133
+#define SG_OFF2 134
 // 1: a tumor rendered on the host (a hollow-organ wall tumor) that only joins the merge and
 // the write-back
-#define SG_KIND 142
-#define SG_T_WIDTH 143
+#define SG_KIND 135
+#define SG_T_WIDTH 136
 
 // ---- float32 table TF ------------------------------------------------------------------
 #define SG_F_TLO 0
@@ -170,7 +163,17 @@
 #define SG_D_NCELLS 3
 #define SG_D_THR 4
 #define SG_D_U0 5
-#define SG_D_WIDTH 6
+// the voxel spacing (mm) and the shape matrix m = diag(1/r) R^T (row major, 9 values)
+#define SG_D_SP0 6
+#define SG_D_SP1 7
+#define SG_D_SP2 8
+#define SG_D_M 9
+// the texture grid: position of grid index 0 per axis (mm from the centre) and its step
+#define SG_D_TX0 18
+#define SG_D_TX1 19
+#define SG_D_TX2 20
+#define SG_D_STEP 21
+#define SG_D_WIDTH 22
 
 // ---- dtype codes of image and mask voxels ------------------------------------------------
 #define SG_CODE_F32 0
@@ -182,6 +185,24 @@
 #define SG_CODE_I8 6
 #define SG_CODE_I64 7
 #define SG_CODE_U32 8
+
+// A voxel's position on one axis, mm from the tumor centre: (index - centre) * spacing in
+// float64, as the host's (np.arange(..) - centre) * spacing.
+SG_FN double sg_pos(long long d, double spacing) { return (double)d * spacing; }
+SG_FN float sg_pos_f32(long long d, double spacing) { return (float)sg_pos(d, spacing); }
+
+// Trilinear base index (returned in *b) and fraction of a position on a texture grid axis of
+// n points: synthgen._cpu_kernels.interp_coords_nb, the same float64 operations.
+SG_FN float sg_interp(double pos, double origin, double step, int n, int* b) {
+    double u = (pos - origin) / step;
+    long long fl = (long long)floor(u);
+    int top = n - 2 > 0 ? n - 2 : 0;
+    long long c = fl < 0 ? 0 : (fl > top ? top : fl);
+    *b = (int)c;
+    double f = u - (double)c;
+    f = f < 0.0 ? 0.0 : (f > 1.0 ? 1.0 : f);
+    return (float)f;
+}
 
 // A voxel as float32 (as NumPy's astype(float32) rounds).
 SG_FN float sg_load_f32(const void* p, int code, long long i) {

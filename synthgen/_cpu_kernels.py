@@ -25,12 +25,14 @@ __all__ = [
     "band_contract3",
     "bbox",
     "blend_tumor",
+    "blur_band_nb",
     "bspline_matrix",
     "gaussian_band_nb",
     "interp_coords_nb",
     "mask_bbox",
     "merge_strongest",
     "shape_mask",
+    "toeplitz_band_nb",
     "toeplitz_contract3",
 ]
 
@@ -663,6 +665,50 @@ def gaussian_band_nb(out_pos, lat0, n_lat, step, sigma, truncate):
             d = (out_pos[o] - (lat0 + st + t) * step) / sigma
             if abs(d) <= truncate:
                 w[o, t] = np.exp(-0.5 * d * d)
+    return start, w
+
+
+@nb.njit(**_OPTS)
+def blur_band_nb(n, k):
+    """Band form of the zero-padded correlation of ``n`` samples with the centred kernel
+    ``k`` (see ``_geometry.blur_band``, the reference): copies only, no arithmetic."""
+    r = (k.shape[0] - 1) // 2
+    kk = 1
+    for o in range(n):
+        width = min(n, o + r + 1) - max(0, o - r)
+        kk = max(kk, width)
+    kk = min(kk, n)
+    start = np.empty(n, dtype=np.int64)
+    w = np.zeros((n, kk), dtype=np.float32)
+    for o in range(n):
+        a = max(0, o - r)
+        b = min(n, o + r + 1)
+        st = min(a, n - kk)
+        start[o] = st
+        for t in range(kk):
+            c = st + t
+            if c >= a and c < b:
+                w[o, t] = np.float32(k[c - o + r])
+    return start, w
+
+
+@nb.njit(**_OPTS)
+def toeplitz_band_nb(off, kern, n_in, n_out):
+    """Band form of ``out[o] = sum_t kern[t] in[o + off + t]`` with zero padding: each row
+    reads the ``min(len(kern), n_in)`` inputs of a window inside the array, taps outside the
+    kernel weighted 0 (the same inputs, in the same order, as ``toeplitz_contract3``)."""
+    k = kern.shape[0]
+    kk = min(k, n_in)
+    start = np.empty(n_out, dtype=np.int64)
+    w = np.zeros((n_out, kk), dtype=np.float32)
+    for o in range(n_out):
+        c0 = o + off
+        s = min(max(c0, 0), n_in - kk)
+        start[o] = s
+        for q in range(kk):
+            tap = s + q - c0
+            if tap >= 0 and tap < k:
+                w[o, q] = kern[tap]
     return start, w
 
 

@@ -125,6 +125,9 @@ class CupyBackend:
     def alloc(self, nbytes: int):
         return self.xp.empty(max(int(nbytes), 16), dtype=self.xp.uint8)
 
+    def fill(self, dev, value) -> None:
+        dev.fill(value)
+
     def copy_in(self, dev, host: np.ndarray) -> None:
         dev.set(host)
 

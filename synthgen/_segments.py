@@ -8,8 +8,16 @@ whole batch (``kernels/segmented.cu``): 2 launches in phase A (gather + fused sh
 reduction), then one copy back of all boxes, then 17 launches in phase B (tight-box gather,
 three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid passes, the
 rescale's statistics and scaling, the fused blend, the overlap merge, the write-back), then
-one copy back of the statistics. The per-tumor work the host keeps is arithmetic on a few
-small arrays (B-spline weights, band tables, texture recipe).
+one copy back of the statistics.
+
+The kernels compute every voxel's position and its trilinear coordinates on the texture grid
+themselves, from the tumor's centre, the spacing and the grid's origin and step (the float64
+arithmetic of the CPU path). The host keeps the per-tumor tables whose values come from
+``exp`` or from BLAS on the CPU path, so that both backends read the very same numbers: the
+B-spline weights of the box's rows, the blur bands, the texture's lattice bands and norms
+and its smoothing bands. The band tables are cached (the texture's per axis and grid range,
+the blur's per sigma and size, built by copy-only numba twins of the reference functions);
+``benchmarks/bench_gpu_host.py`` measures what this preparation costs per sample.
 """
 
 from __future__ import annotations
@@ -24,13 +32,12 @@ from typing import Any
 import numpy as np
 
 from ._appearance import blend_params
-from ._geometry import blur_band
+from ._geometry import gaussian_kernel1d
 from ._texture import texture_recipe
 from .rendering import (
     BLUR_TRUNCATE,
     RenderResult,
     _output_range,
-    _shape_inputs,
     assemble,
     tumor_box,
 )
@@ -85,6 +92,7 @@ class _Pack:
         self.size = 0
         self.base = 0
         self.dev: Any = None
+        self._shared: dict[int, int] = {}
 
     def add(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a)
@@ -92,6 +100,22 @@ class _Pack:
         self.parts.append((off, a))
         self.size = off + a.nbytes
         return len(self.parts) - 1
+
+    def add_shared(self, a: np.ndarray) -> int:
+        """:meth:`add` for a cached, read-only array: packed once however often it is added
+        (the pack holds it, so its ``id`` is not reused meanwhile)."""
+        ref = self._shared.get(id(a))
+        if ref is None:
+            ref = self._shared[id(a)] = self.add(a)
+        return ref
+
+    def set(self, ref: int, a: np.ndarray) -> None:
+        """Replace part ``ref`` by ``a`` of the same size (tables filled after :meth:`alloc`)."""
+        off, old = self.parts[ref]
+        a = np.ascontiguousarray(a, dtype=old.dtype)
+        if a.nbytes != old.nbytes:
+            raise ValueError("a packed part cannot change size")
+        self.parts[ref] = (off, a.reshape(old.shape))
 
     def alloc(self, be) -> None:
         self.dev = be.alloc(self.size)
@@ -105,10 +129,14 @@ class _Pack:
         return self.dev[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
 
     def upload(self, be) -> None:
-        host = np.zeros(max(self.size, 16), dtype=np.uint8)
+        chunks, at = [], 0
         for off, a in self.parts:
-            host[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
-        be.copy_in(self.dev, host)
+            if off > at:
+                chunks.append(bytes(off - at))
+            chunks.append(a.tobytes())
+            at = off + a.nbytes
+        chunks.append(bytes(max(self.size, 16) - at))
+        be.copy_in(self.dev, np.frombuffer(b"".join(chunks), dtype=np.uint8))
 
 
 class _Scratch:
@@ -132,14 +160,11 @@ class _Scratch:
             offs[i + 1] = offs[i] + (n + align - 1) // align * align
         self.offs = offs
         total = int(offs[-1]) + align
-        xp = be.xp
+        self.dev = be.alloc(total * self.dtype.itemsize).view(self.dtype)
         if zero:
-            self.dev = xp.zeros(total, dtype=self.dtype)
+            be.fill(self.dev, 0)
         elif POISON:
-            fill = np.nan if self.dtype.kind == "f" else np.iinfo(self.dtype).max
-            self.dev = xp.full(total, fill, dtype=self.dtype)
-        else:
-            self.dev = xp.empty(total, self.dtype)
+            be.fill(self.dev, np.nan if self.dtype.kind == "f" else np.iinfo(self.dtype).max)
         self.base = be.ptr(self.dev)
 
     def addr(self, i: int) -> int:
@@ -151,25 +176,17 @@ class _Scratch:
 
 
 def _toeplitz_band(off: int, kern: np.ndarray, n_in: int, n_out: int):
-    """Band form of ``out[o] = sum_t kern[t] in[o + off + t]`` with zero padding.
-
-    Every row reads a window of ``min(len(kern), n_in)`` inputs that lies inside the array;
-    taps outside it get weight 0, so the sum runs over the same inputs in the same order as
-    the CPU's ``toeplitz_contract3``.
-    """
+    """Band form of ``out[o] = sum_t kern[t] in[o + off + t]`` with zero padding
+    (:func:`synthgen._cpu_kernels.toeplitz_band_nb`), cached; ``kern`` is one of the texture's
+    cached, read-only kernels."""
     return _toeplitz_cached(int(off), kern.tobytes(), int(n_in), int(n_out))
 
 
 @functools.lru_cache(maxsize=8192)
 def _toeplitz_cached(off: int, kern_bytes: bytes, n_in: int, n_out: int):
-    kern = np.frombuffer(kern_bytes, dtype=np.float32)
-    k = kern.size
-    kk = min(k, n_in)
-    c0 = np.arange(n_out, dtype=np.int64) + off
-    s = np.clip(c0, 0, n_in - kk)
-    tap = s[:, None] + np.arange(kk)[None, :] - c0[:, None]
-    ok = (tap >= 0) & (tap < k)
-    w = np.where(ok, kern[np.clip(tap, 0, k - 1)], 0.0).astype(np.float32)
+    from ._cpu_kernels import toeplitz_band_nb
+
+    s, w = toeplitz_band_nb(off, np.frombuffer(kern_bytes, dtype=np.float32), n_in, n_out)
     s.flags.writeable = False
     w.flags.writeable = False
     return s, w
@@ -177,11 +194,28 @@ def _toeplitz_cached(off: int, kern_bytes: bytes, n_in: int, n_out: int):
 
 @functools.lru_cache(maxsize=4096)
 def _blur_band(sigma_vox: float, n: int):
-    """The mask blur's band (:func:`synthgen._geometry.blur_band`), cached per size."""
-    s, w = blur_band(n, sigma_vox, BLUR_TRUNCATE)
+    """The mask blur's band (:func:`synthgen._geometry.blur_band`, built by the numba twin
+    from the same kernel), cached per size."""
+    from ._cpu_kernels import blur_band_nb
+
+    s, w = blur_band_nb(n, _blur_kernel(sigma_vox))
     s.flags.writeable = False
     w.flags.writeable = False
     return s, w
+
+
+@functools.lru_cache(maxsize=4096)
+def _blur_kernel(sigma_vox: float) -> np.ndarray:
+    return gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE)
+
+
+def clear_caches() -> None:
+    """Empty the host-side caches of band tables (benchmarks time the cold case with it)."""
+    from . import _texture
+
+    for f in (_blur_band, _blur_kernel, _toeplitz_cached, _texture._axis_recipe,
+              _texture._smoothing_kernel):  # fmt: skip
+        f.cache_clear()
 
 
 def _strides(a) -> tuple[int, int, int]:
@@ -189,37 +223,96 @@ def _strides(a) -> tuple[int, int, int]:
     return tuple(int(s) // item for s in a.strides)  # type: ignore[return-value]
 
 
+class _Tumor:
+    """A tumor plan with its JSON lists converted to arrays once (box, weights and matrix all
+    read them); every other attribute is the plan's."""
+
+    def __init__(self, t) -> None:
+        self._t = t
+        self.displacement = t.displacement
+        self.rotation_matrix = t.rotation_matrix
+
+    def __getattr__(self, name: str):
+        return getattr(self._t, name)
+
+
+class _JobInfo:
+    """What every row of one job shares: device addresses, dtype codes, strides, ranges."""
+
+    __slots__ = ("cmax", "cmin", "dst", "hi", "img", "lo", "org", "organ_hu", "round", "sp",
+                 "tissue")  # fmt: skip
+
+    def __init__(self, be, job) -> None:
+        dtype = np.dtype(str(job.target.dtype))
+        self.sp = tuple(float(x) for x in job.plan.spacing)
+        self.img = (
+            (be.ptr(job.target), dtype_code(dtype), _strides(job.target))
+            if job.target_on_device
+            else None
+        )
+        org = job.organ
+        self.org = (
+            (be.ptr(org), dtype_code(org.dtype), _strides(org)) if job.organ_on_device else None
+        )
+        self.dst = self.img
+        self.round = int(dtype.kind in "iu")
+        self.lo, self.hi = _output_range(dtype)
+        c = job.preset.contrast
+        self.cmin, self.cmax = float(c.min_hu), float(c.max_hu)
+        self.organ_hu = float(job.plan.organ_hu) if job.plan.organ_hu is not None else 0.0
+        self.tissue = (float(job.tissue[0]), float(job.tissue[1]))
+
+
+def _weights(t, box, sp) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """``(ctrl, [w0, w1, w2], m)`` of the fused shape test on ``box`` (the kernel computes
+    the voxel positions itself, from the centre and the spacing): the arithmetic of
+    ``synthgen.rendering._shape_inputs``."""
+    from ._cpu_kernels import bspline_matrix
+    from ._geometry import prefilter
+
+    disp = t.displacement
+    ext = t.control_extent_mm
+    w = []
+    for a in range(3):
+        g = disp.shape[a + 1]
+        pos = (np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * sp[a]
+        w.append(bspline_matrix((pos + ext[a]) * ((g - 1) / (2.0 * ext[a])), prefilter(g)))
+    m = (t.rotation_matrix / np.asarray(t.radii_mm)[None, :]).T
+    return disp.astype(np.float32), w, m
+
+
 def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     """Render ``jobs`` (``synthgen._cuda.Job``) on backend ``be``: see the module docstring."""
-    from ._cpu_kernels import interp_coords_nb
-
     # ---------------------------------------------------------------- phase A (host)
+    C = _columns()
     segs: list[dict[str, Any]] = []
     walls: list[tuple[int, int]] = []
+    infos = [_JobInfo(be, job) for job in jobs]
     pack = _Pack()
     for j, job in enumerate(jobs):
         plan = job.plan
-        sp = plan.spacing
+        sp = infos[j].sp
         for i, t in enumerate(plan.tumors):
             if getattr(t, "kind", "ellipsoid") != "ellipsoid":
                 walls.append((j, i))  # rendered on the host in phase B
                 continue
+            t = _Tumor(t)
             box = tumor_box(t, sp, plan.shape, plan.organ_bbox, coarse=not job.target_on_device)
             if box is None:
                 continue
-            pos = [
-                (np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * sp[a] for a in range(3)
-            ]
-            ctrl, w, pos32, m = _shape_inputs(t, pos)
+            ctrl, w, m = _weights(t, box, sp)
             s = {
                 "job": j,
                 "i": i,
+                "t": t,
                 "box": box,
-                "pos": pos,
-                "n": tuple(b.stop - b.start for b in box),
-            }
-            s["refs"] = [pack.add(np.asarray(x, dtype=np.float32)) for x in (ctrl, *w, *pos32)]
-            s["refs"].append(pack.add(np.asarray(m, dtype=np.float64)))
+                "n": (box[0].stop - box[0].start, box[1].stop - box[1].start,
+                      box[2].stop - box[2].start),
+                "ctrl": pack.add(ctrl),
+                "g": ctrl.shape[1:],
+                "w": [pack.add(x) for x in w],
+                "m": m,
+            }  # fmt: skip
             if not job.target_on_device:
                 s["img"] = pack.add(np.asarray(job.target[box], dtype=np.float32))
             if not job.organ_on_device:
@@ -232,7 +325,7 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     results_stats: dict[tuple[int, int], tuple[int, float]] = {}
     masks: dict[tuple[int, int], tuple[tuple[slice, slice, slice], Any]] = {}
     if segs or walls:
-        _render_segs(be, jobs, segs, walls, pack, results_stats, masks, interp_coords_nb)
+        _render_segs(be, jobs, infos, segs, walls, pack, results_stats, masks, C)
     out = []
     for j, job in enumerate(jobs):
         st = {i: v for (jj, i), v in results_stats.items() if jj == j}
@@ -241,93 +334,101 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     return out
 
 
-def _render_segs(be, jobs, segs, walls, pack, results_stats, masks, interp_coords_nb) -> None:
-    C = _columns()
-    W, FW = C.T_WIDTH, C.F_WIDTH
+def _render_segs(be, jobs, infos, segs, walls, pack, results_stats, masks, C) -> None:
+    from ._cpu_kernels import interp_coords_nb  # noqa: F401  (numba warm: the CPU twin)
+
+    W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
     n = len(segs)
-    T = np.zeros((max(n, 1), W), dtype=np.int64)
-    TF = np.zeros((max(n, 1), FW), dtype=np.float32)
-    t_ref, tf_ref = pack.add(T), pack.add(TF)
+    t_ref = pack.add(np.zeros((max(n, 1), W), dtype=np.int64))
+    tf_ref = pack.add(np.zeros((max(n, 1), FW), dtype=np.float32))
+    td_ref = pack.add(np.zeros((max(n, 1), DW), dtype=np.float64))
     bb = np.zeros((max(n, 1), 7), dtype=np.int32)
-    for k, s in enumerate(segs):
-        bb[k] = (s["n"][0], -1, s["n"][1], -1, s["n"][2], -1, 0)
+    if n:
+        bb[:n, 0:6:2] = [s["n"] for s in segs]
+        bb[:n, 1:6:2] = -1
     bb_ref = pack.add(bb)
-    vox = [math.prod(s["n"]) for s in segs]
     f32a = _Scratch(np.float32)
     u8a = _Scratch(np.uint8)
-    for k, s in enumerate(segs):
-        s["orig"], s["organ"], s["mask"] = f32a.add(vox[k]), u8a.add(vox[k]), u8a.add(vox[k])
+    for s in segs:
+        nv = s["n"][0] * s["n"][1] * s["n"][2]
+        s["nv"] = nv
+        s["orig"], s["organ"], s["mask"] = f32a.add(nv), u8a.add(nv), u8a.add(nv)
         if s["app"] is not None:  # the appearance modes read q^2 of the shape pass
-            s["q2"] = f32a.add(vox[k])
+            s["q2"] = f32a.add(nv)
     f32a.alloc(be)
     u8a.alloc(be)
     pack.alloc(be)
-    for k, s in enumerate(segs):
-        job = jobs[s["job"]]
-        t = job.plan.tumors[s["i"]]
-        r = T[k]
-        r[C.N0 : C.N2 + 1] = s["n"]
-        refs = s["refs"]
-        ctrl_shape = pack.parts[refs[0]][1].shape
-        r[C.CTRL] = pack.addr(refs[0])
-        r[C.G0 : C.G2 + 1] = ctrl_shape[1:]
-        for a in range(3):
-            r[C.W0 + a] = pack.addr(refs[1 + a])
-            r[C.P0 + a] = pack.addr(refs[4 + a])
-        r[C.M] = pack.addr(refs[7])
-        origin = tuple(b.start for b in s["box"])
-        box_strides = (s["n"][1] * s["n"][2], s["n"][2], 1)
+    rows, frows, drows = [], [], []
+    for s in segs:
+        info = infos[s["job"]]
+        t = s["t"]
+        r = [0] * W
+        n0, n1, n2 = s["n"]
+        r[C.N0], r[C.N1], r[C.N2] = n0, n1, n2
+        r[C.CTRL] = pack.addr(s["ctrl"])
+        r[C.G0], r[C.G1], r[C.G2] = s["g"]
+        r[C.W0], r[C.W1], r[C.W2] = (pack.addr(x) for x in s["w"])
+        r[C.C0], r[C.C1], r[C.C2] = (int(c) for c in t.center_vox)
+        o0, o1, o2 = s["box"][0].start, s["box"][1].start, s["box"][2].start
+        r[C.O0], r[C.O1], r[C.O2] = o0, o1, o2
         # a box that travelled from the host: its address shifted so that the kernel's
         # (origin + index) * strides lands on it
-        shift = sum(o * st for o, st in zip(origin, box_strides, strict=True))
-        if "img" in s:
+        shift = o0 * n1 * n2 + o1 * n2 + o2
+        if info.img is None:
             r[C.IMG], r[C.IMG_CODE] = pack.addr(s["img"]) - 4 * shift, 0
-            r[C.IS0 : C.IS2 + 1] = box_strides
+            r[C.IS0], r[C.IS1], r[C.IS2] = n1 * n2, n2, 1
         else:
-            r[C.IMG], r[C.IMG_CODE] = be.ptr(job.target), dtype_code(job.target.dtype)
-            r[C.IS0 : C.IS2 + 1] = _strides(job.target)
-        if "org" in s:
+            r[C.IMG], r[C.IMG_CODE] = info.img[0], info.img[1]
+            r[C.IS0], r[C.IS1], r[C.IS2] = info.img[2]
+        if info.org is None:
             r[C.ORG], r[C.ORG_CODE] = pack.addr(s["org"]) - shift, 3
-            r[C.OS0 : C.OS2 + 1] = box_strides
+            r[C.OS0], r[C.OS1], r[C.OS2] = n1 * n2, n2, 1
         else:
-            org = job.organ
-            r[C.ORG], r[C.ORG_CODE] = be.ptr(org), dtype_code(org.dtype)
-            r[C.OS0 : C.OS2 + 1] = _strides(org)
-        r[C.O0 : C.O2 + 1] = origin
+            r[C.ORG], r[C.ORG_CODE] = info.org[0], info.org[1]
+            r[C.OS0], r[C.OS1], r[C.OS2] = info.org[2]
         s["a_bufs"] = (f32a.addr(s["orig"]), u8a.addr(s["organ"]), u8a.addr(s["mask"]))
         r[C.ORIG], r[C.ORGAN], r[C.MASK] = s["a_bufs"]
         r[C.CLIP] = int(bool(t.clip_to_organ))
         if s["app"] is not None:
-            r[C.Q2] = f32a.addr(s["q2"])
-            s["a_q2"] = r[C.Q2]
-        TF[k, C.F_TLO], TF[k, C.F_THI] = job.tissue
+            r[C.Q2] = s["a_q2"] = f32a.addr(s["q2"])
+        rows.append(r)
+        f = [0.0] * FW
+        f[C.F_TLO], f[C.F_THI] = info.tissue
+        frows.append(f)
+        d = [0.0] * DW
+        d[C.D_SP0], d[C.D_SP1], d[C.D_SP2] = info.sp
+        d[C.D_M : C.D_M + 9] = s["m"].ravel().tolist()
+        drows.append(d)
+    if n:
+        pack.set(t_ref, np.array(rows, dtype=np.int64))
+        pack.set(tf_ref, np.array(frows, dtype=np.float32))
+        pack.set(td_ref, np.array(drows, dtype=np.float64))
     pack.upload(be)
-    Td, TFd = pack.view(t_ref), pack.view(tf_ref)
-    mx = max(vox, default=0)
-    be.launch2d("sg_seg_shape", n, mx, Td, np.int32(W), TFd, np.int32(FW))
-    be.launch2d("sg_seg_bbox", n, mx, Td, np.int32(W), pack.view(bb_ref))
-    hit = be.download(pack.view(bb_ref))  # synchronisation 1: every box of the batch
+    Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
+    mx = max((s["nv"] for s in segs), default=0)
+    i32 = np.int32
+    be.launch2d("sg_seg_shape", n, mx, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
+    be.launch2d("sg_seg_bbox", n, mx, Td, i32(W), pack.view(bb_ref))
+    hit = be.download(pack.view(bb_ref)).tolist()  # synchronisation 1: every box of the batch
     # ---------------------------------------------------------------- phase B (host)
     live = []
     for k, s in enumerate(segs):
-        lo0, hi0, lo1, hi1, lo2, hi2, count = (int(v) for v in hit[k])
+        lo0, hi0, lo1, hi1, lo2, hi2, count = hit[k]
         if count == 0:
             continue
-        job = jobs[s["job"]]
-        t = job.plan.tumors[s["i"]]
-        sp = job.plan.spacing
-        sub = []
+        t = s["t"]
+        sp = infos[s["job"]].sp
+        sub, tight, tn = [], [], []
         for a, (lo, hi) in enumerate(((lo0, hi0), (lo1, hi1), (lo2, hi2))):
             pad = math.ceil(BLUR_TRUNCATE * t.blur_sigma_mm / sp[a]) + 1
-            sub.append(slice(max(0, lo - pad), min(s["n"][a], hi + pad + 1)))
+            u0, u1 = max(0, lo - pad), min(s["n"][a], hi + pad + 1)
+            sub.append(u0)
+            b0 = s["box"][a].start
+            tight.append(slice(b0 + u0, b0 + u1))
+            tn.append(u1 - u0)
         s["sub"] = sub
-        s["tight"] = tuple(
-            slice(s["box"][a].start + sub[a].start, s["box"][a].start + sub[a].stop)
-            for a in range(3)
-        )
-        s["tn"] = tuple(x.stop - x.start for x in sub)
-        s["pos"] = [p[x] for p, x in zip(s["pos"], sub, strict=True)]
-        s["row"] = k
+        s["tight"] = tuple(tight)
+        s["tn"] = tuple(tn)
         live.append(s)
     for j, i in walls:  # hollow-organ wall tumors: rendered on the host, uploaded below
         w = _wall_segment(be, jobs[j], i)
@@ -338,15 +439,205 @@ def _render_segs(be, jobs, segs, walls, pack, results_stats, masks, interp_coord
         return
     n = len(live)
     pack = _Pack()
-    T = np.zeros((n, W), dtype=np.int64)
-    TF = np.zeros((n, FW), dtype=np.float32)
-    TD = np.zeros((n, C.D_WIDTH), dtype=np.float64)
-    t_ref, tf_ref, td_ref = pack.add(T), pack.add(TF), pack.add(TD)
+    t_ref = pack.add(np.zeros((n, W), dtype=np.int64))
+    tf_ref = pack.add(np.zeros((n, FW), dtype=np.float32))
+    td_ref = pack.add(np.zeros((n, DW), dtype=np.float64))
     st_ref = pack.add(np.zeros((n, 2), dtype=np.float64))
     tx_ref = pack.add(np.zeros((n, 3), dtype=np.float64))
     f32 = _Scratch(np.float32)
     u8 = _Scratch(np.uint8)
     zero = _Scratch(np.float32)
+    parts = _partners(live)
+    for q, s in enumerate(live):
+        tn = s["tn"]
+        nv = tn[0] * tn[1] * tn[2]
+        s["tnv"] = nv
+        b = {}
+        s["b"] = b
+        b["part"] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
+        if s.get("host"):
+            b["merged"], b["out"] = f32.add(nv), f32.add(nv)
+            b["torig"], b["delta"] = pack.add(s["orig"]), pack.add(s["delta"])
+            b["tmask"] = pack.add(s["mask"])
+            continue
+        t = s["t"]
+        sp = infos[s["job"]].sp
+        for name in ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out"):
+            b[name] = f32.add(nv)
+        b["torgan"], b["tmask"] = u8.add(nv), u8.add(nv)
+        b["delta"] = zero.add(nv)
+        for a in range(3):
+            sa, wa = _blur_band(t.blur_sigma_mm / sp[a], tn[a])
+            b[f"bs{a}"], b[f"bw{a}"] = pack.add_shared(sa), pack.add_shared(wa)
+        lo = tuple((s["tight"][a].start - t.center_vox[a]) * sp[a] for a in range(3))
+        hi = tuple((s["tight"][a].stop - 1 - t.center_vox[a]) * sp[a] for a in range(3))
+        rc = texture_recipe(t.seed, t.texture, lo, hi)  # type: ignore[arg-type]
+        s["rc"] = rc
+        ln = [x[1] for x in rc.lattice]
+        bs, gs = rc.block_shape, rc.out_shape
+        b["noise"] = f32.add(ln[0] * ln[1] * ln[2])
+        b["za"] = f32.add(ln[0] * ln[1] * bs[2])
+        b["zb"] = f32.add(ln[0] * bs[1] * bs[2])
+        b["z0"] = f32.add(bs[0] * bs[1] * bs[2])
+        b["frac"] = f32.add(bs[0] * bs[1] * bs[2])
+        b["ga"] = f32.add(gs[0] * bs[1] * bs[2])
+        b["gb"] = f32.add(gs[0] * gs[1] * bs[2])
+        b["grid"] = f32.add(gs[0] * gs[1] * gs[2])
+        for a in range(3):
+            b[f"ls{a}"] = pack.add(rc.bands[a][0])
+            b[f"lw{a}"] = pack.add(rc.bands[a][1])
+            b[f"in{a}"] = pack.add(rc.inv_norm[a])
+            gs_, gw_ = _toeplitz_band(rc.offs[a], rc.kern, bs[a], gs[a])
+            b[f"gs{a}"], b[f"gw{a}"] = pack.add_shared(gs_), pack.add_shared(gw_)
+        if s["app"] is not None:
+            b["tq2"] = f32.add(nv)
+            b["app"], b["keys"] = pack.add(s["app"][0]), pack.add(s["app"][1])
+    f32.alloc(be)
+    u8.alloc(be)
+    zero.alloc(be, zero=True)
+    pack.alloc(be)
+    # the phase-A buffers stay alive (referenced by the phase-B table) until the end
+    rows, frows, drows = [], [], []
+    for q, s in enumerate(live):
+        info = infos[s["job"]]
+        b = s["b"]
+        r = [0] * W
+        f = [0.0] * FW
+        d = [0.0] * DW
+        rows.append(r)
+        frows.append(f)
+        drows.append(d)
+        r[C.TN0], r[C.TN1], r[C.TN2] = s["tn"]
+        r[C.TO0], r[C.TO1], r[C.TO2] = (x.start for x in s["tight"])
+        r[C.MERGED] = f32.addr(b["merged"])
+        r[C.PART], r[C.NPART] = pack.addr(b["part"]), len(parts.get(q, ()))
+        if info.dst is not None:
+            r[C.DST], r[C.DST_CODE] = info.dst[0], info.dst[1]
+            r[C.DS0], r[C.DS1], r[C.DS2] = info.dst[2]
+            r[C.DO0], r[C.DO1], r[C.DO2] = r[C.TO0], r[C.TO1], r[C.TO2]
+        else:
+            tn = s["tn"]
+            r[C.DST], r[C.DST_CODE] = f32.addr(b["out"]), 0
+            r[C.DS0], r[C.DS1], r[C.DS2] = tn[1] * tn[2], tn[2], 1
+        r[C.ROUND] = info.round
+        f[C.F_CMIN], f[C.F_CMAX], f[C.F_LO], f[C.F_HI] = info.cmin, info.cmax, info.lo, info.hi
+        if s.get("host"):  # a host-rendered tumor: only merge and write-back read its row
+            r[C.KIND] = 1
+            r[C.TORIG], r[C.TMASK] = pack.addr(b["torig"]), pack.addr(b["tmask"])
+            r[C.DELTA] = pack.addr(b["delta"])
+            continue
+        t = s["t"]
+        rc = s["rc"]
+        r[C.N0], r[C.N1], r[C.N2] = s["n"]
+        r[C.CLIP] = int(bool(t.clip_to_organ))
+        r[C.U0], r[C.U1], r[C.U2] = s["sub"]
+        r[C.C0], r[C.C1], r[C.C2] = (int(c) for c in t.center_vox)
+        r[C.ORIG], r[C.ORGAN], r[C.MASK] = s["a_bufs"]
+        for name, col in (("torig", C.TORIG), ("maskf", C.MASKF), ("bx0", C.BX0), ("bx1", C.BX1),
+                          ("blur", C.BLUR), ("noise", C.NOISE), ("za", C.ZA), ("zb", C.ZB),
+                          ("z0", C.Z0), ("frac", C.FRAC), ("ga", C.GA), ("gb", C.GB),
+                          ("grid", C.GRID)):  # fmt: skip
+            r[col] = f32.addr(b[name])
+        r[C.TORGAN], r[C.TMASK] = u8.addr(b["torgan"]), u8.addr(b["tmask"])
+        r[C.DELTA] = zero.addr(b["delta"])
+        for a in range(3):
+            r[C.BS0 + a], r[C.BW0 + a] = pack.addr(b[f"bs{a}"]), pack.addr(b[f"bw{a}"])
+            r[C.BKK0 + a] = pack.parts[b[f"bw{a}"]][1].shape[1]
+            r[C.LS0 + a], r[C.LW0 + a] = pack.addr(b[f"ls{a}"]), pack.addr(b[f"lw{a}"])
+            r[C.LK0 + a] = rc.bands[a][1].shape[1]
+            r[C.INV0 + a] = pack.addr(b[f"in{a}"])
+            r[C.GS0 + a], r[C.GW0 + a] = pack.addr(b[f"gs{a}"]), pack.addr(b[f"gw{a}"])
+            r[C.GK0 + a] = pack.parts[b[f"gw{a}"]][1].shape[1]
+        (la0, ln0), (la1, ln1), (la2, ln2) = rc.lattice
+        bs, gs = rc.block_shape, rc.out_shape
+        r[C.LA0], r[C.LA1], r[C.LA2] = la0, la1, la2
+        r[C.LN0], r[C.LN1], r[C.LN2] = ln0, ln1, ln2
+        r[C.NK0], r[C.NK1] = rc.noise_key
+        r[C.ZD1], r[C.ZD1 + 1], r[C.ZD1 + 2] = ln0, ln1, bs[2]
+        r[C.ZD2], r[C.ZD2 + 1], r[C.ZD2 + 2] = ln0, bs[1], bs[2]
+        r[C.B0], r[C.B1], r[C.B2] = bs
+        r[C.BK0], r[C.BK1] = rc.bern_key
+        r[C.BLK0], r[C.BLK1], r[C.BLK2] = rc.blocks0
+        r[C.GD1], r[C.GD1 + 1], r[C.GD1 + 2] = gs[0], bs[1], bs[2]
+        r[C.GD2], r[C.GD2 + 1], r[C.GD2 + 2] = gs[0], gs[1], bs[2]
+        r[C.G_0], r[C.G_1], r[C.G_2] = gs
+        if s["app"] is not None:
+            r[C.Q2], r[C.TQ2] = s["a_q2"], f32.addr(b["tq2"])
+            r[C.APP], r[C.KEYS] = pack.addr(b["app"]), pack.addr(b["keys"])
+            r[C.OFF0], r[C.OFF1], r[C.OFF2] = (
+                x.start - c for x, c in zip(s["tight"], t.center_vox, strict=True)
+            )
+        f[C.F_TLO], f[C.F_THI] = info.tissue
+        f[C.F_CONTRAST], f[C.F_ORGAN_HU] = t.contrast_hu, info.organ_hu
+        d[C.D_ZSCALE], d[C.D_BASE], d[C.D_SCALE] = rc.zscale, rc.base, rc.scale
+        d[C.D_NCELLS], d[C.D_THR], d[C.D_U0] = rc.n_cells, rc.threshold, rc.u0
+        d[C.D_SP0], d[C.D_SP1], d[C.D_SP2] = info.sp
+        d[C.D_TX0], d[C.D_TX1], d[C.D_TX2] = (float(x) for x in rc.origin)
+        d[C.D_STEP] = rc.step
+    pack.set(t_ref, np.array(rows, dtype=np.int64))
+    pack.set(tf_ref, np.array(frows, dtype=np.float32))
+    pack.set(td_ref, np.array(drows, dtype=np.float64))
+    pack.upload(be)
+    Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
+    i32 = np.int32
+    WW, FF, DD = i32(W), i32(FW), i32(DW)
+    tv = max(s["tnv"] for s in live)
+    be.launch2d("sg_seg_gather", n, tv, Td, WW)
+    for a, (src, dst) in enumerate(((C.MASKF, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR))):
+        be.launch2d("sg_seg_band", n, tv, Td, WW, i32(a), i32(src), i32(C.TN0), i32(C.BS0 + a),
+                    i32(C.BW0 + a), i32(C.TN0 + a), i32(C.BKK0 + a), i32(dst))  # fmt: skip
+    dev = [s["rc"] for s in live if not s.get("host")]  # host rows only merge and write back
+    lv = max((math.prod(x[1] for x in rc.lattice) for rc in dev), default=0)
+    be.launch2d("sg_seg_lattice", n, lv, Td, WW)
+    zmax = max((max(math.prod(rc.block_shape), lv) for rc in dev), default=0)
+    for a, src, dims, dst in ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB),
+                              (0, C.ZB, C.ZD2, C.Z0)):  # fmt: skip
+        be.launch2d("sg_seg_band", n, zmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.LS0 + a),
+                    i32(C.LW0 + a), i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
+    be.launch2d("sg_seg_blocks", n, zmax, Td, WW, TDd, DD)
+    gmax = max(
+        (max(math.prod(rc.block_shape), math.prod(rc.out_shape),
+             rc.out_shape[0] * rc.block_shape[1] * rc.block_shape[2],
+             rc.out_shape[0] * rc.out_shape[1] * rc.block_shape[2]) for rc in dev),
+        default=0,
+    )  # fmt: skip
+    for a, src, dims, dst in ((0, C.FRAC, C.B0, C.GA), (1, C.GA, C.GD1, C.GB),
+                              (2, C.GB, C.GD2, C.GRID)):  # fmt: skip
+        be.launch2d("sg_seg_band", n, gmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.GS0 + a),
+                    i32(C.GW0 + a), i32(C.G_0 + a), i32(C.GK0 + a), i32(dst))  # fmt: skip
+    txs = pack.view(tx_ref)
+    be.launch2d("sg_seg_tex_stats", n, gmax, Td, WW, TDd, DD, txs)
+    be.launch2d("sg_seg_tex_scale", n, gmax, Td, WW, TDd, DD, txs)
+    be.launch2d("sg_seg_blend", n, tv, Td, WW, TFd, FF, TDd, DD)
+    be.launch2d("sg_seg_merge", n, tv, Td, WW)
+    stats = pack.view(st_ref)
+    be.launch2d("sg_seg_apply", n, tv, Td, WW, TFd, FF, stats)
+    if KEEP_LAST:
+        LAST.clear()
+        LAST.update(
+            n=n, max_voxels=tv, voxels=sum(s["tnv"] for s in live), T=Td, TF=TFd, TD=TDd,
+            stats=stats, W=WW, FW=FF, DW=DD, keep=(pack, f32a, u8a, f32, u8, zero),
+        )  # fmt: skip
+    host_stats = be.download(stats).tolist()  # synchronisation 2
+    for q, s in enumerate(live):
+        job = jobs[s["job"]]
+        tn = s["tn"]
+        nv, acc = host_stats[q]
+        nv = int(nv)
+        results_stats[(s["job"], s["i"])] = (nv, acc / nv if nv else 0.0)
+        m = pack.view(s["b"]["tmask"]) if s.get("host") else u8.view(s["b"]["tmask"], tn)
+        if not job.target_on_device:
+            sel = be.download(f32.view(s["b"]["merged"], tn)) != 0
+            o = be.download(f32.view(s["b"]["out"], tn))  # written where sel only
+            job.target[s["tight"]][sel] = o[sel].astype(job.target.dtype)
+            m = be.download(m).view(np.bool_)
+        masks[(s["job"], s["i"])] = (s["tight"], m)
+    # the device memory of both phases stays referenced until the download above synchronised
+    del f32a, u8a, f32, u8, zero
+
+
+def _partners(live) -> dict[int, list[int]]:
+    """Per segment, the (ascending) segments of the same job whose tight boxes overlap it."""
     parts: dict[int, list[int]] = {}
     by_job: dict[int, list[int]] = {}
     for q, s in enumerate(live):
@@ -361,188 +652,7 @@ def _render_segs(be, jobs, segs, walls, pack, results_stats, masks, interp_coord
         for a_, row in zip(qs, ov, strict=True):
             if row.any():
                 parts[a_] = [qs[i] for i in np.flatnonzero(row)]
-    for q, s in enumerate(live):
-        job = jobs[s["job"]]
-        t = job.plan.tumors[s["i"]]
-        sp = job.plan.spacing
-        tn = s["tn"]
-        nv = math.prod(tn)
-        b = {}
-        if s.get("host"):
-            b["part"] = pack.add(np.asarray(sorted(parts.get(q, [])) or [0], dtype=np.int64))
-            b["merged"], b["out"] = f32.add(nv), f32.add(nv)
-            b["torig"], b["delta"] = pack.add(s["orig"]), pack.add(s["delta"])
-            b["tmask"] = pack.add(s["mask"])
-            s["b"] = b
-            continue
-        for name in ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out"):
-            b[name] = f32.add(nv)
-        b["torgan"], b["tmask"] = u8.add(nv), u8.add(nv)
-        b["delta"] = zero.add(nv)
-        for a in range(3):
-            sa, wa = _blur_band(t.blur_sigma_mm / sp[a], tn[a])
-            b[f"bs{a}"], b[f"bw{a}"] = pack.add(sa), pack.add(wa)
-        lo = tuple(float(p[0]) for p in s["pos"])
-        hi = tuple(float(p[-1]) for p in s["pos"])
-        rc = texture_recipe(t.seed, t.texture, lo, hi)  # type: ignore[arg-type]
-        s["rc"] = rc
-        ln = [x[1] for x in rc.lattice]
-        bs, gs = rc.block_shape, rc.out_shape
-        b["noise"] = f32.add(math.prod(ln))
-        b["za"] = f32.add(ln[0] * ln[1] * bs[2])
-        b["zb"] = f32.add(ln[0] * bs[1] * bs[2])
-        b["z0"] = f32.add(math.prod(bs))
-        b["frac"] = f32.add(math.prod(bs))
-        b["ga"] = f32.add(gs[0] * bs[1] * bs[2])
-        b["gb"] = f32.add(gs[0] * gs[1] * bs[2])
-        b["grid"] = f32.add(math.prod(gs))
-        for a in range(3):
-            b[f"ls{a}"] = pack.add(rc.bands[a][0].astype(np.int64))
-            b[f"lw{a}"] = pack.add(rc.bands[a][1].astype(np.float32))
-            b[f"in{a}"] = pack.add(rc.inv_norm[a].astype(np.float64))
-            gs_, gw_ = _toeplitz_band(rc.offs[a], rc.kern, bs[a], gs[a])
-            b[f"gs{a}"], b[f"gw{a}"] = pack.add(gs_), pack.add(gw_)
-            i0, f0 = interp_coords_nb(s["pos"][a], rc.origin[a], rc.step, gs[a])
-            b[f"ii{a}"], b[f"if{a}"] = pack.add(i0), pack.add(f0)
-        b["part"] = pack.add(np.asarray(sorted(parts.get(q, [])) or [0], dtype=np.int64))
-        if s["app"] is not None:
-            b["tq2"] = f32.add(nv)
-            b["app"], b["keys"] = pack.add(s["app"][0]), pack.add(s["app"][1])
-        s["b"] = b
-    f32.alloc(be)
-    u8.alloc(be)
-    zero.alloc(be, zero=True)
-    pack.alloc(be)
-    # the phase-A buffers stay alive (referenced by the phase-B table) until the end
-    for q, s in enumerate(live):
-        job = jobs[s["job"]]
-        t = job.plan.tumors[s["i"]]
-        b = s["b"]
-        r = T[q]
-        if s.get("host"):
-            _host_row(r, TF[q], s, job, pack, f32, parts.get(q, []), be)
-            continue
-        rc = s["rc"]
-        r[C.N0 : C.N2 + 1] = s["n"]
-        r[C.CLIP] = int(bool(t.clip_to_organ))
-        r[C.U0 : C.U2 + 1] = [x.start for x in s["sub"]]
-        r[C.TN0 : C.TN2 + 1] = s["tn"]
-        r[C.TO0 : C.TO2 + 1] = [x.start for x in s["tight"]]
-        for name, col in (("torig", C.TORIG), ("maskf", C.MASKF), ("bx0", C.BX0), ("bx1", C.BX1),
-                          ("blur", C.BLUR), ("merged", C.MERGED), ("noise", C.NOISE),
-                          ("za", C.ZA), ("zb", C.ZB), ("z0", C.Z0), ("frac", C.FRAC),
-                          ("ga", C.GA), ("gb", C.GB), ("grid", C.GRID)):  # fmt: skip
-            r[col] = f32.addr(b[name])
-        r[C.TORGAN], r[C.TMASK] = u8.addr(b["torgan"]), u8.addr(b["tmask"])
-        r[C.DELTA] = zero.addr(b["delta"])
-        for a in range(3):
-            r[C.BS0 + a], r[C.BW0 + a] = pack.addr(b[f"bs{a}"]), pack.addr(b[f"bw{a}"])
-            r[C.BKK0 + a] = pack.parts[b[f"bw{a}"]][1].shape[1]
-            r[C.LS0 + a], r[C.LW0 + a] = pack.addr(b[f"ls{a}"]), pack.addr(b[f"lw{a}"])
-            r[C.LK0 + a] = pack.parts[b[f"lw{a}"]][1].shape[1]
-            r[C.INV0 + a] = pack.addr(b[f"in{a}"])
-            r[C.GS0 + a], r[C.GW0 + a] = pack.addr(b[f"gs{a}"]), pack.addr(b[f"gw{a}"])
-            r[C.GK0 + a] = pack.parts[b[f"gw{a}"]][1].shape[1]
-            r[C.II0 + a], r[C.IF0 + a] = pack.addr(b[f"ii{a}"]), pack.addr(b[f"if{a}"])
-        ln = [x[1] for x in rc.lattice]
-        bs, gs = rc.block_shape, rc.out_shape
-        r[C.LA0 : C.LA2 + 1] = [x[0] for x in rc.lattice]
-        r[C.LN0 : C.LN2 + 1] = ln
-        r[C.NK0], r[C.NK1] = rc.noise_key
-        r[C.ZD1 : C.ZD1 + 3] = (ln[0], ln[1], bs[2])
-        r[C.ZD2 : C.ZD2 + 3] = (ln[0], bs[1], bs[2])
-        r[C.B0 : C.B2 + 1] = bs
-        r[C.BK0], r[C.BK1] = rc.bern_key
-        r[C.BLK0 : C.BLK2 + 1] = rc.blocks0
-        r[C.GD1 : C.GD1 + 3] = (gs[0], bs[1], bs[2])
-        r[C.GD2 : C.GD2 + 3] = (gs[0], gs[1], bs[2])
-        r[C.G_0 : C.G_2 + 1] = gs
-        r[C.PART], r[C.NPART] = pack.addr(b["part"]), len(parts.get(q, []))
-        if s["app"] is not None:
-            r[C.Q2], r[C.TQ2] = s["a_q2"], f32.addr(b["tq2"])
-            r[C.APP], r[C.KEYS] = pack.addr(b["app"]), pack.addr(b["keys"])
-            r[C.OFF0 : C.OFF2 + 1] = [
-                x.start - c for x, c in zip(s["tight"], t.center_vox, strict=True)
-            ]
-        _dst_columns(r, s, job, f32, be)
-        dtype = np.dtype(str(job.target.dtype))
-        lo_out, hi_out = _output_range(dtype)
-        c = job.preset.contrast
-        TF[q] = (
-            job.tissue[0], job.tissue[1], t.contrast_hu,
-            job.plan.organ_hu if job.plan.organ_hu is not None else 0.0,
-            c.min_hu, c.max_hu, lo_out, hi_out,
-        )  # fmt: skip
-        TD[q] = (rc.zscale, rc.base, rc.scale, rc.n_cells, rc.threshold, rc.u0)
-    _fill_phase_a_columns(T, live)
-    for q, s in enumerate(live):  # host rows keep their own buffers
-        if s.get("host"):
-            T[q, C.TORIG], T[q, C.TMASK] = pack.addr(s["b"]["torig"]), pack.addr(s["b"]["tmask"])
-            T[q, C.DELTA] = pack.addr(s["b"]["delta"])
-    pack.upload(be)
-    Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
-    i32 = np.int32
-    WW, FF, DD = i32(W), i32(FW), i32(C.D_WIDTH)
-    tv = max(math.prod(s["tn"]) for s in live)
-    be.launch2d("sg_seg_gather", n, tv, Td, WW)
-    for a, (src, dst) in enumerate(((C.MASKF, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR))):
-        be.launch2d("sg_seg_band", n, tv, Td, WW, i32(a), i32(src), i32(C.TN0), i32(C.BS0 + a),
-                    i32(C.BW0 + a), i32(C.TN0 + a), i32(C.BKK0 + a), i32(dst))  # fmt: skip
-    dev = [s for s in live if not s.get("host")]  # host rows only merge and write back
-    lv = max((math.prod(x[1] for x in s["rc"].lattice) for s in dev), default=0)
-    be.launch2d("sg_seg_lattice", n, lv, Td, WW)
-    zmax = max((max(math.prod(s["rc"].block_shape), lv) for s in dev), default=0)
-    for a, src, dims, dst in ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB),
-                              (0, C.ZB, C.ZD2, C.Z0)):  # fmt: skip
-        be.launch2d("sg_seg_band", n, zmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.LS0 + a),
-                    i32(C.LW0 + a), i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
-    be.launch2d("sg_seg_blocks", n, zmax, Td, WW, TDd, DD)
-    gmax = max(
-        max(math.prod(s["rc"].block_shape), math.prod(s["rc"].out_shape),
-            s["rc"].out_shape[0] * s["rc"].block_shape[1] * s["rc"].block_shape[2],
-            s["rc"].out_shape[0] * s["rc"].out_shape[1] * s["rc"].block_shape[2])
-        for s in dev
-    ) if dev else 0  # fmt: skip
-    for a, src, dims, dst in ((0, C.FRAC, C.B0, C.GA), (1, C.GA, C.GD1, C.GB),
-                              (2, C.GB, C.GD2, C.GRID)):  # fmt: skip
-        be.launch2d("sg_seg_band", n, gmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.GS0 + a),
-                    i32(C.GW0 + a), i32(C.G_0 + a), i32(C.GK0 + a), i32(dst))  # fmt: skip
-    txs = pack.view(tx_ref)
-    be.launch2d("sg_seg_tex_stats", n, gmax, Td, WW, TDd, DD, txs)
-    be.launch2d("sg_seg_tex_scale", n, gmax, Td, WW, TDd, DD, txs)
-    be.launch2d("sg_seg_blend", n, tv, Td, WW, TFd, FF)
-    be.launch2d("sg_seg_merge", n, tv, Td, WW)
-    stats = pack.view(st_ref)
-    be.launch2d("sg_seg_apply", n, tv, Td, WW, TFd, FF, stats)
-    if KEEP_LAST:
-        LAST.clear()
-        LAST.update(
-            n=n, max_voxels=tv, voxels=sum(math.prod(s["tn"]) for s in live), T=Td, TF=TFd,
-            stats=stats, W=WW, FW=FF, keep=(pack, f32a, u8a, f32, u8, zero),
-        )  # fmt: skip
-    host_stats = be.download(stats)  # synchronisation 2
-    for q, s in enumerate(live):
-        job = jobs[s["job"]]
-        tn = s["tn"]
-        nv, acc = int(host_stats[q, 0]), float(host_stats[q, 1])
-        results_stats[(s["job"], s["i"])] = (nv, acc / nv if nv else 0.0)
-        m = pack.view(s["b"]["tmask"]) if s.get("host") else u8.view(s["b"]["tmask"], tn)
-        if not job.target_on_device:
-            sel = be.download(f32.view(s["b"]["merged"], tn)) != 0
-            o = be.download(f32.view(s["b"]["out"], tn))  # written where sel only
-            job.target[s["tight"]][sel] = o[sel].astype(job.target.dtype)
-            m = be.download(m).view(np.bool_)
-        masks[(s["job"], s["i"])] = (s["tight"], m)
-    # the device memory of both phases stays referenced until the download above synchronised
-    del f32a, u8a, f32, u8, zero
-
-
-def _fill_phase_a_columns(T, live) -> None:
-    """Phase-B rows read the phase-A buffers (orig, organ, mask) of their segment."""
-    C = _columns()
-    for q, s in enumerate(live):
-        if not s.get("host"):
-            T[q, C.ORIG], T[q, C.ORGAN], T[q, C.MASK] = s["a_bufs"]
+    return parts
 
 
 class _Shifted:
@@ -589,32 +699,3 @@ def _wall_segment(be, job, i: int) -> dict[str, Any] | None:
         "delta": np.ascontiguousarray(delta, dtype=np.float32),
         "mask": np.ascontiguousarray(mask).view(np.uint8),
     }
-
-
-def _host_row(r, rf, s, job, pack, f32, partners, be) -> None:
-    """The table row of a host-rendered tumor: only merge and write-back read it."""
-    C = _columns()
-    r[C.KIND] = 1
-    r[C.TN0 : C.TN2 + 1] = s["tn"]
-    r[C.TO0 : C.TO2 + 1] = [x.start for x in s["tight"]]
-    r[C.MERGED] = f32.addr(s["b"]["merged"])
-    r[C.PART], r[C.NPART] = pack.addr(s["b"]["part"]), len(partners)
-    _dst_columns(r, s, job, f32, be)
-    c = job.preset.contrast
-    lo_out, hi_out = _output_range(np.dtype(str(job.target.dtype)))
-    rf[C.F_CMIN], rf[C.F_CMAX], rf[C.F_LO], rf[C.F_HI] = c.min_hu, c.max_hu, lo_out, hi_out
-
-
-def _dst_columns(r, s, job, f32, be) -> None:
-    """Where the write-back goes: the device image itself, or a float32 box for the host."""
-    C = _columns()
-    dtype = np.dtype(str(job.target.dtype))
-    if job.target_on_device:
-        r[C.DST], r[C.DST_CODE] = be.ptr(job.target), dtype_code(dtype)
-        r[C.DS0 : C.DS2 + 1] = _strides(job.target)
-        r[C.DO0 : C.DO2 + 1] = [x.start for x in s["tight"]]
-    else:
-        tn = s["tn"]
-        r[C.DST], r[C.DST_CODE] = f32.addr(s["b"]["out"]), 0
-        r[C.DS0 : C.DS2 + 1] = (tn[1] * tn[2], tn[2], 1)
-    r[C.ROUND] = int(dtype.kind in "iu")

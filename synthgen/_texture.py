@@ -25,6 +25,7 @@ tumor centre, so the texture does not depend on the voxel grid or on the scan si
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,55 +120,90 @@ def texture_recipe(
     lo_mm: tuple[float, float, float],
     hi_mm: tuple[float, float, float],
 ) -> TextureRecipe:
-    """The host-side part of :func:`texture_grid` (see there), for any backend."""
-    from ._cpu_kernels import gaussian_band_nb
+    """The host-side part of :func:`texture_grid` (see there), for any backend.
 
+    Everything but the seed's keys is separable per axis and depends on the box only through
+    the grid's integer index range on that axis, so each axis comes from a cache
+    (:func:`_axis_recipe`): tumors of similar extent share their band tables.
+    """
     sb = float(params["sigma_b_mm"])
-    h_b = block_size_mm(sb)
-    out_idx = [lattice_range(lo_mm[a], hi_mm[a], h_b, float(h_b)) for a in range(3)]
-    blocks = tuple(lattice_range(o[0] * h_b, o[-1] * h_b, h_b, 3.0 * sb) for o in out_idx)
-    # The Bernoulli probability field: the block fractions ``S / h^3`` with
-    # ``p = base + scale * clip(0.5 + z / (2 range_sd), 0, 1)``, ``z`` the standardised
-    # sigma_a noise at the block centres.
     sa = float(params["sigma_a_mm"])
-    # Noise lattice sigma_a apart (never finer than the blocks), Gaussian truncated at 3 sigma:
-    # the normalised lattice sum then has the Gaussian autocorrelation of voxel noise to
-    # within ~1e-4 (Poisson summation), at a few lattice points per axis.
-    h_a = max(sa, float(h_b))
-    centres = [b * float(h_b) for b in blocks]
-    lat = [lattice_range(c[0], c[-1], h_a, 3.0 * sa) for c in centres]
-    _check_lattice(lat)
-    _check_lattice(blocks)
-    bands = tuple(
-        gaussian_band_nb(c, la[0], la.size, h_a, sa, 3.0)
-        for c, la in zip(centres, lat, strict=True)
-    )
-    inv_norm = tuple(1.0 / np.sqrt((w.astype(np.float64) ** 2).sum(axis=1)) for _, w in bands)
-    # Block sums -> grid: one Gaussian kernel per axis (same lattice), normalised.
-    r = math.floor(3.0 * sb / h_b)
-    kern = np.exp(-0.5 * ((np.arange(-r, r + 1) * h_b) / sb) ** 2)
-    kern = (kern / kern.sum()).astype(np.float32)
+    h_b = block_size_mm(sb)
+    step = float(h_b)
+    # the grid's index range per axis: lattice_range(lo, hi, h_b, h_b)
+    axes = [
+        _axis_recipe(math.floor((lo_mm[a] - step) / h_b), math.ceil((hi_mm[a] + step) / h_b),
+                     h_b, sa, sb)
+        for a in range(3)
+    ]  # fmt: skip
     return TextureRecipe(
         noise_key=stream_key(seed, STREAM_NOISE),
         bern_key=stream_key(seed, STREAM_BERNOULLI),
-        lattice=tuple((int(la[0]), int(la.size)) for la in lat),
-        bands=bands,
-        inv_norm=inv_norm,
+        lattice=tuple(ax[0] for ax in axes),
+        bands=tuple(ax[1] for ax in axes),
+        inv_norm=tuple(ax[2] for ax in axes),
         # uniform noise has variance 1/12: z * sqrt(12) / norm is standard normal
         zscale=math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
         base=float(params["base"]),
         scale=float(params["scale"]),
-        blocks0=tuple(int(b[0]) for b in blocks),  # type: ignore[arg-type]
-        block_shape=tuple(int(b.size) for b in blocks),  # type: ignore[arg-type]
+        blocks0=tuple(ax[3] for ax in axes),  # type: ignore[arg-type]
+        block_shape=tuple(ax[4] for ax in axes),  # type: ignore[arg-type]
         n_cells=float(h_b**3),
-        kern=kern,
-        offs=tuple(int(o[0] - r - b[0]) for o, b in zip(out_idx, blocks, strict=True)),  # type: ignore[arg-type]
-        out_shape=tuple(len(o) for o in out_idx),  # type: ignore[arg-type]
+        kern=_smoothing_kernel(h_b, sb),
+        offs=tuple(ax[5] for ax in axes),  # type: ignore[arg-type]
+        out_shape=tuple(ax[6] for ax in axes),  # type: ignore[arg-type]
         threshold=float(params["threshold"]),
         u0=float(params["u0"]),
-        origin=np.array([o[0] * float(h_b) for o in out_idx]),
-        step=float(h_b),
+        origin=np.array([ax[7] for ax in axes]),
+        step=step,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_recipe(o_lo: int, o_hi: int, h_b: int, sa: float, sb: float):
+    """One axis of a :class:`TextureRecipe` whose grid indices run from ``o_lo`` to ``o_hi``:
+    ``((lattice start, size), (band starts, band weights), inv_norm, first block, blocks,
+    grid offset, grid size, grid origin mm)``; the arrays are read-only (shared)."""
+    from ._cpu_kernels import gaussian_band_nb
+
+    # Bernoulli blocks within 3 sigma_b of the grid
+    blocks = lattice_range(o_lo * h_b, o_hi * h_b, h_b, 3.0 * sb)
+    # The Bernoulli probability field: the block fractions ``S / h^3`` with
+    # ``p = base + scale * clip(0.5 + z / (2 range_sd), 0, 1)``, ``z`` the standardised
+    # sigma_a noise at the block centres.
+    # Noise lattice sigma_a apart (never finer than the blocks), Gaussian truncated at 3 sigma:
+    # the normalised lattice sum then has the Gaussian autocorrelation of voxel noise to
+    # within ~1e-4 (Poisson summation), at a few lattice points per axis.
+    h_a = max(sa, float(h_b))
+    centres = blocks * float(h_b)
+    lat = lattice_range(centres[0], centres[-1], h_a, 3.0 * sa)
+    _check_lattice([lat])
+    _check_lattice([blocks])
+    start, w = gaussian_band_nb(centres, lat[0], lat.size, h_a, sa, 3.0)
+    inv_norm = 1.0 / np.sqrt((w.astype(np.float64) ** 2).sum(axis=1))
+    for a in (start, w, inv_norm):
+        a.flags.writeable = False
+    r = math.floor(3.0 * sb / h_b)
+    return (
+        (int(lat[0]), int(lat.size)),
+        (start, w),
+        inv_norm,
+        int(blocks[0]),
+        int(blocks.size),
+        int(o_lo - r - blocks[0]),
+        int(o_hi - o_lo + 1),
+        o_lo * float(h_b),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _smoothing_kernel(h_b: int, sb: float) -> np.ndarray:
+    """Block sums -> grid: one Gaussian kernel per axis (same lattice), normalised."""
+    r = math.floor(3.0 * sb / h_b)
+    kern = np.exp(-0.5 * ((np.arange(-r, r + 1) * h_b) / sb) ** 2)
+    kern = (kern / kern.sum()).astype(np.float32)
+    kern.flags.writeable = False
+    return kern
 
 
 def block_fractions(rc: TextureRecipe, k=None) -> np.ndarray:

@@ -156,7 +156,11 @@ class HostBackend:
         return int(a.ctypes.data)
 
     def alloc(self, nbytes: int) -> DeviceArray:
-        return np.zeros(nbytes, dtype=np.uint8).view(DeviceArray)
+        """Uninitialised, as device memory is."""
+        return np.empty(max(int(nbytes), 16), dtype=np.uint8).view(DeviceArray)
+
+    def fill(self, dev, value) -> None:
+        dev.fill(value)
 
     def copy_in(self, dev, host: np.ndarray) -> None:
         dev[...] = host

@@ -329,6 +329,21 @@ def test_toeplitz_bands_match_the_cpu():
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
 
 
+def test_blur_band_twin_matches_the_reference():
+    """The driver's blur bands (numba, from the cached kernel) equal _geometry.blur_band."""
+    from synthgen._geometry import blur_band
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(1, 90))
+        sigma = float(rng.choice([rng.uniform(0.0, 0.3), rng.uniform(0.3, 9.0)]))
+        ref = blur_band(n, sigma, 3.0)
+        got = _segments._blur_band(sigma, n)
+        assert got[0].dtype == ref[0].dtype and got[1].dtype == ref[1].dtype
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
 def test_kernel_blocks(backend):
     be, dev = backend
     rng = np.random.default_rng(2)
@@ -389,6 +404,7 @@ def test_kernel_shape_gathers_any_layout(backend, small_phantom, organ_masks):
     be, dev = backend
     ph = small_phantom
     rows = _Rows(be, dev, 2)
+    C = rows.C
     refs, outs = [], []
     img_f = np.asfortranarray(ph.image)
     for s, (preset, organ, size) in enumerate((("kidney", "kidney_left", "large"),
@@ -414,14 +430,16 @@ def test_kernel_shape_gathers_any_layout(backend, small_phantom, organ_masks):
         rows.set(s, "G0", *ctrl.shape[1:])
         for a in range(3):
             rows.put(s, f"W{a}", np.asarray(w[a], np.float32))
-            rows.put(s, f"P{a}", np.asarray(pos32[a], np.float32))
-        rows.put(s, "M", np.asarray(m, np.float64))
+        # positions come from the centre and the spacing (the kernel's own arithmetic)
+        rows.set(s, "C0", *t.center_vox)
+        rows.TD[s, [C.D_SP0, C.D_SP1, C.D_SP2]] = ph.spacing
+        rows.TD[s, C.D_M : C.D_M + 9] = np.asarray(m, np.float64).ravel()
         rows.set(s, "CLIP", int(bool(t.clip_to_organ)))
         rows.TF[s, [rows.C.F_TLO, rows.C.F_THI]] = (-np.inf, np.inf)
         outs.append(tuple(rows.put(s, c, np.full(orig.shape, f, dt)) for c, f, dt in
                           (("ORIG", np.nan, np.float32), ("ORGAN", 255, np.uint8),
                            ("MASK", 255, np.uint8), ("Q2", np.nan, np.float32))))  # fmt: skip
-    rows.launch("sg_seg_shape", max(r[0].size for r in refs), tf=True)
+    rows.launch("sg_seg_shape", max(r[0].size for r in refs), tf=True, td=True)
     for (orig, org, ref), (o, g, mk, q2) in zip(refs, outs, strict=True):
         np.testing.assert_array_equal(be.download(o), orig)
         np.testing.assert_array_equal(be.download(g), org.view(np.uint8))
@@ -464,11 +482,19 @@ def test_kernel_blend_merge_apply(backend, small_phantom, organ_masks):
         rows.put(s, "BLUR", blur)
         rows.put(s, "GRID", g)
         rows.set(s, "G_0", *g.shape)
-        for a in range(3):
-            rows.put(s, f"II{a}", ic[a][0])
-            rows.put(s, f"IF{a}", ic[a][1])
+        # voxel positions (TO + i - C) * spacing = i * 1.3 on a grid at -0.5 + 2 j
         rows.set(s, "TN0", *shp)
         rows.set(s, "TO0", *o)
+        rows.set(s, "C0", *o)
+        rows.TD[s, [C.D_SP0, C.D_SP1, C.D_SP2, C.D_TX0, C.D_TX1, C.D_TX2, C.D_STEP]] = (
+            1.3,
+            1.3,
+            1.3,
+            -0.5,
+            -0.5,
+            -0.5,
+            2.0,
+        )
         rows.set(s, "CLIP", s)
         if s == 1:
             rows.put(s, "TQ2", q2)
@@ -490,7 +516,7 @@ def test_kernel_blend_merge_apply(backend, small_phantom, organ_masks):
         rows.set(s, "DS0", 1, 20, 400)
         rows.set(s, "DO0", *origins[s])
         rows.set(s, "ROUND", 1)
-    rows.launch("sg_seg_blend", 504, tf=True)
+    rows.launch("sg_seg_blend", 504, tf=True, td=True)
     ref_d = []
     for s, (_box, orig, organ, _mask, blur, g, ic, q2, app, keys) in enumerate(cases):
         d = np.zeros(shp, np.float32)

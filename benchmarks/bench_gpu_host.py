@@ -1,0 +1,196 @@
+"""Host time of the GPU render: what the CPU spends per sample preparing the GPU's work.
+
+Issue 3: "Host-side planning must not become the bottleneck (profile it; vectorise it)". On a
+GPU, ``render_on_gpu`` of one ``liver-classic`` mix sample (about 18 tumors) is host work (box
+tables, per-tumor weight tables, texture recipes, packing, one upload) around 19 launches and
+two small downloads. The device's own time is small, so the 2 ms mix target is a bound on this
+host time above all.
+
+This script needs no GPU. It runs the very driver (``synthgen._segments``) twice per call:
+once on the test suite's stand-in backend (``tests/_cuda_emu.py``, the CUDA C compiled for
+the host), recording what the driver downloads (the boxes of phase A, the statistics of phase
+B), then, timed, on a backend whose launches do nothing and whose downloads replay that
+record, with the time spent in allocations, fills and uploads subtracted, and with the driver's
+band-table caches emptied first (the cold case: a long run reuses tables between samples and
+does better). What is left is the host time of the driver on this machine's CPU, without the
+emulated kernels' effect on the CPU's caches. ``benchmarks/gpu_check.py`` reports the same
+figure measured on the GPU machine.
+
+Rows: ``liver-classic`` on the 1 mm benchmark phantom (320x320x224, 1.6 L liver), per size
+class, the image "resident on the device" and rendered in place, one plan per call, and the
+mix in batches of 16 plans per call. Planning (``Synthesizer.plan``) is host work too and is
+reported in its own column.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/bench_gpu_host.py [--quick] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+CLASSES = ("tiny", "small", "medium", "large", "mix")
+REPLAYS = 5
+
+
+def _backends():
+    """``(record, replay)``: the stand-in backend that records what each call downloads, and
+    a backend whose launches do nothing, whose downloads replay the record and whose device
+    work (allocations, fills, uploads) is timed apart."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _cuda_emu import HostBackend
+
+    class Record(HostBackend):
+        def __init__(self, build_dir) -> None:
+            super().__init__(build_dir)
+            self.log: list[np.ndarray] = []
+
+        def download(self, dev):
+            out = super().download(dev)
+            self.log.append(out.copy())
+            return out
+
+    class Replay:
+        xp = np
+        ptr = HostBackend.ptr
+        on_device = HostBackend.on_device
+        context = HostBackend.context
+
+        def __init__(self) -> None:
+            self.log: list[np.ndarray] = []
+            self.device_s = 0.0
+            self.keep: list = []
+
+        def _t(self, fn, *a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                self.device_s += time.perf_counter() - t0
+
+        def launch2d(self, name, n_seg, max_total, *args) -> None:
+            pass  # device work: nothing on the host
+
+        def alloc(self, nbytes):
+            out = self._t(HostBackend.alloc, self, nbytes)
+            self.keep.append(out)  # freed after the timing (a device pool frees nothing)
+            return out
+
+        def fill(self, dev, value) -> None:
+            self._t(dev.fill, value)
+
+        def copy_in(self, dev, host) -> None:
+            self._t(HostBackend.copy_in, self, dev, host)
+
+        def download(self, dev):
+            return self.log.pop(0)
+
+    return Record(Path(tempfile.mkdtemp(prefix="sg-emu-"))), Replay()
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    import synthgen
+    from synthgen import _cuda, _segments
+    from synthgen.phantom import benchmark_phantom
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _cuda_emu import to_device
+
+    rec, rep = _backends()
+    ph = benchmark_phantom()
+    img = np.ascontiguousarray(ph.image)
+    mask = np.ascontiguousarray(ph.mask("liver"))
+    idx = synthgen.index_organ(mask)
+    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
+    img_d, mask_d = to_device(img), to_device(mask)
+    n = 6 if quick else 25
+    rows = []
+    seed = 5_000_000
+
+    def call(plans) -> float:
+        """Host ms of one render_on_gpu call of ``plans`` (recorded first, then replayed)."""
+        k = len(plans)
+        rec.log.clear()
+        _cuda.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0, outs=[img_d] * k,
+                            be=rec)  # fmt: skip
+        best = float("inf")
+        for _ in range(REPLAYS):  # the least of a few replays: the host work without noise
+            _segments.clear_caches()  # cold: no band table from an earlier call
+            rep.log = list(rec.log)
+            rep.device_s = 0.0
+            t0 = time.perf_counter()
+            _cuda.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0,
+                                outs=[img_d] * k, be=rep)  # fmt: skip
+            best = min(best, (time.perf_counter() - t0 - rep.device_s) * 1e3)
+            rep.keep.clear()
+        return best
+
+    for cls in CLASSES:
+        t0 = time.perf_counter()
+        plans = [syn.plan(img, mask, seed=seed + i, size=cls, organ_index=idx) for i in range(n)]
+        plan_ms = (time.perf_counter() - t0) * 1e3 / n
+        seed += n
+        call(plans[:1])  # warm-up (kernel libraries, numba, caches of the first shapes)
+        host = [call([p]) for p in plans]
+        tumors = [len(p.tumors) for p in plans]
+        rows.append([cls, statistics.mean(tumors), round(plan_ms, 2),
+                     round(statistics.median(host), 2),
+                     round(1e3 * sum(host) / sum(tumors), 1)])  # fmt: skip
+        print(f"  {cls}: host {rows[-1][3]} ms/sample", file=sys.stderr)
+    # batched: 16 mix plans per call
+    plans = [syn.plan(img, mask, seed=seed + i, size="mix", organ_index=idx) for i in range(16)]
+    reps = 2 if quick else 4
+    per = min(call(plans) for _ in range(reps)) / len(plans)
+    tumors = sum(len(p.tumors) for p in plans)
+    rows.append(["mix, 16 plans per call", tumors / 16, None, round(per, 2),
+                 round(1e3 * per * 16 / tumors, 1)])  # fmt: skip
+    return {
+        "name": "bench_gpu_host",
+        "tables": [
+            {
+                "title": "GPU driver host time per sample (liver-classic, 1 mm benchmark "
+                "phantom, stand-in backend: device work subtracted)",
+                "columns": [
+                    "class",
+                    "tumors/sample",
+                    "plan ms",
+                    "host ms/sample (median)",
+                    "host us/tumor",
+                ],
+                "rows": rows,
+            }
+        ],
+        "data": {"samples_per_class": n},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    res = run(a.quick)
+    from benchmarks import _common as C
+
+    print(C.markdown(res))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1, default=C.json_default))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
