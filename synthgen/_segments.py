@@ -136,7 +136,8 @@ class _Pack:
             chunks.append(a.tobytes())
             at = off + a.nbytes
         chunks.append(bytes(max(self.size, 16) - at))
-        be.copy_in(self.dev, np.frombuffer(b"".join(chunks), dtype=np.uint8))
+        # a bytearray: a writable host buffer (CuPy copies from it before set() returns)
+        be.copy_in(self.dev, np.frombuffer(bytearray().join(chunks), dtype=np.uint8))
 
 
 class _Scratch:
