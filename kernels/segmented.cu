@@ -152,6 +152,57 @@ extern "C" __global__ void sg_seg_band(const long long* __restrict__ T, int F, i
     }
 }
 
+// One pass of a zero-padded correlation along `axis` for every segment:
+// out[o] = sum_t kern[t] in[o + off + t] over the inputs inside the array (the mask blur, with
+// off = -radius, and the texture's block-to-grid smoothing). Its band is derived on the fly:
+// each output reads a window of min(K, n_in) inputs inside the array, taps outside the kernel
+// weighted 0, summed in window order: the very operations of sg_band_point on the band of
+// synthgen._geometry.blur_band (the CPU's toeplitz_contract3 skips those zero taps; adding
+// them changes no float32 sum of finite values). Input (d0, d1, d2) at column c_in with sizes
+// at c_dim.., the kernel's address, length and offset at c_k, c_klen, c_off, the output's
+// size along the axis at c_m, the output at c_out.
+extern "C" __global__ void sg_seg_conv(const long long* __restrict__ T, int F, int axis,
+                                       int c_in, int c_dim, int c_k, int c_klen, int c_off,
+                                       int c_m, int c_out)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    if (r[SG_KIND]) return;
+    int n0 = (int)r[c_dim], n1 = (int)r[c_dim + 1], n2 = (int)r[c_dim + 2];
+    int m = (int)r[c_m], K = (int)r[c_klen];
+    long long off = r[c_off];
+    const float* in = (const float*)r[c_in];
+    float* out = (float*)r[c_out];
+    const float* kern = (const float*)r[c_k];
+    int n_in = axis == 0 ? n0 : (axis == 1 ? n1 : n2);
+    int kk = K < n_in ? K : n_in;
+    int o0 = axis == 0 ? m : n0, o1 = axis == 1 ? m : n1, o2 = axis == 2 ? m : n2;
+    long long total = (long long)o0 * o1 * o2;
+    SG_SEG_LOOP(total) {
+        int a, b, c;
+        sg_unravel3(t, o1, o2, &a, &b, &c);
+        long long stride;
+        const float* in0;
+        int o;
+        if (axis == 2) {
+            stride = 1; o = c; in0 = in + ((long long)a * n1 + b) * n2;
+        } else if (axis == 1) {
+            stride = n2; o = b; in0 = in + (long long)a * n1 * n2 + c;
+        } else {
+            stride = (long long)n1 * n2; o = a; in0 = in + (long long)b * n2 + c;
+        }
+        long long c0 = o + off;
+        long long s = c0 < 0 ? 0 : (c0 > n_in - kk ? n_in - kk : c0);
+        const float* src = in0 + s * stride;
+        float acc = 0.0f;
+        for (int q = 0; q < kk; ++q) {
+            long long tap = s + q - c0;
+            float w = (tap >= 0 && tap < K) ? kern[tap] : 0.0f;
+            acc = acc + w * src[q * stride];
+        }
+        out[t] = acc;
+    }
+}
+
 // Lattice noise of every segment's texture (as sg_lattice_uniform).
 extern "C" __global__ void sg_seg_lattice(const long long* __restrict__ T, int F)
 {

@@ -50,16 +50,17 @@
 #define SG_TORGAN 40
 #define SG_TMASK 41
 #define SG_MASKF 42
-// the blur: three band passes MASKF -> BX0 -> BX1 -> BLUR
-#define SG_BS0 43
-#define SG_BS1 44
-#define SG_BS2 45
-#define SG_BW0 46
-#define SG_BW1 47
-#define SG_BW2 48
-#define SG_BKK0 49
-#define SG_BKK1 50
-#define SG_BKK2 51
+// the blur: three passes MASKF -> BX0 -> BX1 -> BLUR, each a zero-padded correlation with a
+// centred Gaussian (float32 kernel address, its length, offset -radius) per axis
+#define SG_BKERN0 43
+#define SG_BKERN1 44
+#define SG_BKERN2 45
+#define SG_BKLEN0 46
+#define SG_BKLEN1 47
+#define SG_BKLEN2 48
+#define SG_BOFF0 49
+#define SG_BOFF1 50
+#define SG_BOFF2 51
 #define SG_BX0 52
 #define SG_BX1 53
 #define SG_BLUR 54
@@ -99,15 +100,15 @@
 #define SG_BLK1 91
 #define SG_BLK2 92
 #define SG_FRAC 93
-#define SG_GS0 94
-#define SG_GS1 95
-#define SG_GS2 96
-#define SG_GW0 97
-#define SG_GW1 98
-#define SG_GW2 99
-#define SG_GK0 100
-#define SG_GK1 101
-#define SG_GK2 102
+#define SG_GKERN0 94  // block sums -> grid: the smoothing kernel, its length, offset per axis
+#define SG_GKERN1 95
+#define SG_GKERN2 96
+#define SG_GKLEN0 97
+#define SG_GKLEN1 98
+#define SG_GKLEN2 99
+#define SG_GOFF0 100
+#define SG_GOFF1 101
+#define SG_GOFF2 102
 #define SG_GD1 103  // dims after the axis-0 pass: (G0, B1, B2): 103, 104, 105
 #define SG_GD2 106  // after the axis-1 pass: (G0, G1, B2): 106, 107, 108
 #define SG_GA 109

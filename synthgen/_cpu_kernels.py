@@ -25,14 +25,13 @@ __all__ = [
     "band_contract3",
     "bbox",
     "blend_tumor",
-    "blur_band_nb",
     "bspline_matrix",
     "gaussian_band_nb",
     "interp_coords_nb",
     "mask_bbox",
     "merge_strongest",
     "shape_mask",
-    "toeplitz_band_nb",
+    "shape_weights_nb",
     "toeplitz_contract3",
 ]
 
@@ -669,47 +668,23 @@ def gaussian_band_nb(out_pos, lat0, n_lat, step, sigma, truncate):
 
 
 @nb.njit(**_OPTS)
-def blur_band_nb(n, k):
-    """Band form of the zero-padded correlation of ``n`` samples with the centred kernel
-    ``k`` (see ``_geometry.blur_band``, the reference): copies only, no arithmetic."""
-    r = (k.shape[0] - 1) // 2
-    kk = 1
-    for o in range(n):
-        width = min(n, o + r + 1) - max(0, o - r)
-        kk = max(kk, width)
-    kk = min(kk, n)
-    start = np.empty(n, dtype=np.int64)
-    w = np.zeros((n, kk), dtype=np.float32)
-    for o in range(n):
-        a = max(0, o - r)
-        b = min(n, o + r + 1)
-        st = min(a, n - kk)
-        start[o] = st
-        for t in range(kk):
-            c = st + t
-            if c >= a and c < b:
-                w[o, t] = np.float32(k[c - o + r])
-    return start, w
-
-
-@nb.njit(**_OPTS)
-def toeplitz_band_nb(off, kern, n_in, n_out):
-    """Band form of ``out[o] = sum_t kern[t] in[o + off + t]`` with zero padding: each row
-    reads the ``min(len(kern), n_in)`` inputs of a window inside the array, taps outside the
-    kernel weighted 0 (the same inputs, in the same order, as ``toeplitz_contract3``)."""
-    k = kern.shape[0]
-    kk = min(k, n_in)
-    start = np.empty(n_out, dtype=np.int64)
-    w = np.zeros((n_out, kk), dtype=np.float32)
-    for o in range(n_out):
-        c0 = o + off
-        s = min(max(c0, 0), n_in - kk)
-        start[o] = s
-        for q in range(kk):
-            tap = s + q - c0
-            if tap >= 0 and tap < k:
-                w[o, q] = kern[tap]
-    return start, w
+def shape_weights_nb(lo, hi, centre, sp, ext, g, pre, off, out):
+    """The B-spline weight rows (:func:`bspline_matrix`) of the boxes ``lo..hi`` of many
+    tumors (``(n, 3)`` arrays; ``g`` control points, prefilter ``pre``), written into ``out``
+    at element offsets ``off`` (``(n, 3)``): the arithmetic of ``rendering._shape_inputs``
+    (positions ``(index - centre) * spacing``, control coordinates
+    ``(pos + ext) * ((g - 1) / (2 ext))``), in one call for the GPU driver."""
+    for s in range(lo.shape[0]):
+        for a in range(3):
+            m = hi[s, a] - lo[s, a]
+            t = np.empty(m)
+            scale = (g - 1) / (2.0 * ext[s, a])
+            for q in range(m):
+                pos = (lo[s, a] + q - centre[s, a]) * sp[s, a]
+                t[q] = (pos + ext[s, a]) * scale
+            w = bspline_matrix(t, pre)
+            o = off[s, a]
+            out[o : o + m * g] = w.ravel()
 
 
 @nb.njit(**_OPTS)

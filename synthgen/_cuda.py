@@ -40,6 +40,7 @@ KERNELS = {
         "sg_seg_bbox",
         "sg_seg_gather",
         "sg_seg_band",
+        "sg_seg_conv",
         "sg_seg_lattice",
         "sg_seg_blocks",
         "sg_seg_tex_stats",

@@ -10,14 +10,16 @@ three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid 
 rescale's statistics and scaling, the fused blend, the overlap merge, the write-back), then
 one copy back of the statistics.
 
-The kernels compute every voxel's position and its trilinear coordinates on the texture grid
-themselves, from the tumor's centre, the spacing and the grid's origin and step (the float64
-arithmetic of the CPU path). The host keeps the per-tumor tables whose values come from
-``exp`` or from BLAS on the CPU path, so that both backends read the very same numbers: the
-B-spline weights of the box's rows, the blur bands, the texture's lattice bands and norms
-and its smoothing bands. The band tables are cached (the texture's per axis and grid range,
-the blur's per sigma and size, built by copy-only numba twins of the reference functions);
-``benchmarks/bench_gpu_host.py`` measures what this preparation costs per sample.
+The host's work per batch is vectorised over the tumors (NumPy on arrays of all boxes, one
+numba call for all B-spline weight rows); what stays per tumor in Python is the texture
+recipe (its per-axis tables are cached) and a few cached kernel lookups. The kernels compute
+what is exact arithmetic on a few numbers: each voxel's position and its trilinear
+coordinates on the texture grid (from the centre, the spacing and the grid's origin and
+step), and the bands of the mask blur and of the texture's block-to-grid smoothing (from the
+float32 kernel, its offset and the sizes: ``sg_seg_conv``). Tables whose values come from
+``exp`` or from BLAS on the CPU path are made on the host, so that both backends read the
+very same numbers: the B-spline weight rows, the blur kernels, the texture's lattice bands
+and norms. ``benchmarks/bench_gpu_host.py`` measures what this preparation costs.
 """
 
 from __future__ import annotations
@@ -34,13 +36,7 @@ import numpy as np
 from ._appearance import blend_params
 from ._geometry import gaussian_kernel1d
 from ._texture import texture_recipe
-from .rendering import (
-    BLUR_TRUNCATE,
-    RenderResult,
-    _output_range,
-    assemble,
-    tumor_box,
-)
+from .rendering import BLUR_TRUNCATE, RenderResult, _output_range, assemble, tumor_box
 
 __all__ = ["POISON", "render_segments"]
 
@@ -176,46 +172,19 @@ class _Scratch:
         return self.dev[o : o + self.sizes[i]].reshape(shape)
 
 
-def _toeplitz_band(off: int, kern: np.ndarray, n_in: int, n_out: int):
-    """Band form of ``out[o] = sum_t kern[t] in[o + off + t]`` with zero padding
-    (:func:`synthgen._cpu_kernels.toeplitz_band_nb`), cached; ``kern`` is one of the texture's
-    cached, read-only kernels."""
-    return _toeplitz_cached(int(off), kern.tobytes(), int(n_in), int(n_out))
-
-
-@functools.lru_cache(maxsize=8192)
-def _toeplitz_cached(off: int, kern_bytes: bytes, n_in: int, n_out: int):
-    from ._cpu_kernels import toeplitz_band_nb
-
-    s, w = toeplitz_band_nb(off, np.frombuffer(kern_bytes, dtype=np.float32), n_in, n_out)
-    s.flags.writeable = False
-    w.flags.writeable = False
-    return s, w
-
-
-@functools.lru_cache(maxsize=4096)
-def _blur_band(sigma_vox: float, n: int):
-    """The mask blur's band (:func:`synthgen._geometry.blur_band`, built by the numba twin
-    from the same kernel), cached per size."""
-    from ._cpu_kernels import blur_band_nb
-
-    s, w = blur_band_nb(n, _blur_kernel(sigma_vox))
-    s.flags.writeable = False
-    w.flags.writeable = False
-    return s, w
-
-
 @functools.lru_cache(maxsize=4096)
 def _blur_kernel(sigma_vox: float) -> np.ndarray:
-    return gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE)
+    """The mask blur's kernel along one axis (float32, read-only), as the CPU path builds it."""
+    k = gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE).astype(np.float32)
+    k.flags.writeable = False
+    return k
 
 
 def clear_caches() -> None:
-    """Empty the host-side caches of band tables (benchmarks time the cold case with it)."""
+    """Empty the host-side caches of kernels and band tables (benchmarks time the cold case)."""
     from . import _texture
 
-    for f in (_blur_band, _blur_kernel, _toeplitz_cached, _texture._axis_recipe,
-              _texture._smoothing_kernel):  # fmt: skip
+    for f in (_blur_kernel, _texture._axis_recipe, _texture._smoothing_kernel):
         f.cache_clear()
 
 
@@ -224,28 +193,34 @@ def _strides(a) -> tuple[int, int, int]:
     return tuple(int(s) // item for s in a.strides)  # type: ignore[return-value]
 
 
-class _Tumor:
-    """A tumor plan with its JSON lists converted to arrays once (box, weights and matrix all
-    read them); every other attribute is the plan's."""
-
-    def __init__(self, t) -> None:
-        self._t = t
-        self.displacement = t.displacement
-        self.rotation_matrix = t.rotation_matrix
-
-    def __getattr__(self, name: str):
-        return getattr(self._t, name)
-
-
 class _JobInfo:
     """What every row of one job shares: device addresses, dtype codes, strides, ranges."""
 
-    __slots__ = ("cmax", "cmin", "dst", "hi", "img", "lo", "org", "organ_hu", "round", "sp",
-                 "tissue")  # fmt: skip
+    __slots__ = (
+        "box_hi",
+        "box_lo",
+        "cmax",
+        "cmin",
+        "dst",
+        "hi",
+        "img",
+        "lo",
+        "org",
+        "organ_hu",
+        "round",
+        "shape",
+        "sp",
+        "tissue",
+    )  # fmt: skip
 
     def __init__(self, be, job) -> None:
+        plan = job.plan
         dtype = np.dtype(str(job.target.dtype))
-        self.sp = tuple(float(x) for x in job.plan.spacing)
+        self.sp = tuple(float(x) for x in plan.spacing)
+        self.shape = tuple(int(x) for x in plan.shape)
+        ob = plan.organ_bbox
+        self.box_lo = tuple(int(ob[a][0]) for a in range(3)) if ob is not None else None
+        self.box_hi = tuple(int(ob[a][1]) for a in range(3)) if ob is not None else None
         self.img = (
             (be.ptr(job.target), dtype_code(dtype), _strides(job.target))
             if job.target_on_device
@@ -260,73 +235,85 @@ class _JobInfo:
         self.lo, self.hi = _output_range(dtype)
         c = job.preset.contrast
         self.cmin, self.cmax = float(c.min_hu), float(c.max_hu)
-        self.organ_hu = float(job.plan.organ_hu) if job.plan.organ_hu is not None else 0.0
+        self.organ_hu = float(plan.organ_hu) if plan.organ_hu is not None else 0.0
         self.tissue = (float(job.tissue[0]), float(job.tissue[1]))
 
 
-def _weights(t, box, sp) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-    """``(ctrl, [w0, w1, w2], m)`` of the fused shape test on ``box`` (the kernel computes
-    the voxel positions itself, from the centre and the spacing): the arithmetic of
-    ``synthgen.rendering._shape_inputs``."""
-    from ._cpu_kernels import bspline_matrix
-    from ._geometry import prefilter
+class _Arena:
+    """Device buffers of one dtype laid out from a (segments x buffers) size matrix, carved
+    out of one allocation (16-byte aligned starts)."""
 
-    disp = t.displacement
-    ext = t.control_extent_mm
-    w = []
-    for a in range(3):
-        g = disp.shape[a + 1]
-        pos = (np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * sp[a]
-        w.append(bspline_matrix((pos + ext[a]) * ((g - 1) / (2.0 * ext[a])), prefilter(g)))
-    m = (t.rotation_matrix / np.asarray(t.radii_mm)[None, :]).T
-    return disp.astype(np.float32), w, m
+    def __init__(self, dtype, sizes: np.ndarray) -> None:
+        self.dtype = np.dtype(dtype)
+        align = max(1, 16 // self.dtype.itemsize)
+        padded = (np.asarray(sizes, dtype=np.int64) + align - 1) // align * align
+        flat = padded.ravel()
+        self.offs = (np.cumsum(flat) - flat).reshape(padded.shape)
+        self.total = int(flat.sum()) + align
+
+    def alloc(self, be, zero: bool = False) -> None:
+        """Zeroed, or poisoned when :data:`POISON` is set (NaN / 255, so that a kernel that
+        leaves an element unwritten shows in the result), else uninitialised."""
+        self.dev = be.alloc(self.total * self.dtype.itemsize).view(self.dtype)
+        if zero:
+            be.fill(self.dev, 0)
+        elif POISON:
+            be.fill(self.dev, np.nan if self.dtype.kind == "f" else np.iinfo(self.dtype).max)
+        self.base = be.ptr(self.dev)
+
+    def addrs(self, col: int) -> np.ndarray:
+        """Device addresses of buffer ``col`` of every segment."""
+        return self.base + self.offs[:, col] * self.dtype.itemsize
+
+    def view(self, row: int, col: int, shape):
+        o = int(self.offs[row, col])
+        return self.dev[o : o + math.prod(shape)].reshape(shape)
+
+
+def _conservative_boxes(ts, infos, jidx, disp_max):
+    """``(lo, hi, ok)`` of :func:`synthgen.rendering.tumor_box` with ``coarse=False`` for all
+    ellipsoid tumors ``ts`` at once (the same arithmetic, element by element)."""
+    n = len(ts)
+    sp = np.array([infos[j].sp for j in jidx], dtype=np.float64).reshape(n, 3)
+    shape = np.array([infos[j].shape for j in jidx], dtype=np.int64).reshape(n, 3)
+    rot = np.asarray([t.rotation for t in ts], dtype=np.float64).reshape(n, 3, 3)
+    radii = np.asarray([t.radii_mm for t in ts], dtype=np.float64).reshape(n, 3)
+    bound = np.sqrt(((rot * radii[:, None, :]) ** 2).sum(axis=2))
+    ext = bound + disp_max[:, None]
+    r = np.ceil(ext / sp).astype(np.int64) + 1
+    centre = np.asarray([t.center_vox for t in ts], dtype=np.int64).reshape(n, 3)
+    lo, hi = centre - r, centre + r + 1
+    clip = np.array([bool(t.clip_to_organ) and infos[j].box_lo is not None
+                     for t, j in zip(ts, jidx, strict=True)], dtype=bool)  # fmt: skip
+    if clip.any():
+        blo = np.array([infos[j].box_lo or (0, 0, 0) for j in jidx], dtype=np.int64)
+        bhi = np.array([infos[j].box_hi or (0, 0, 0) for j in jidx], dtype=np.int64)
+        lo = np.where(clip[:, None], np.maximum(lo, blo), lo)
+        hi = np.where(clip[:, None], np.minimum(hi, bhi), hi)
+    lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
+    ok = (hi > lo).all(axis=1)
+    blur = np.asarray([t.blur_sigma_mm for t in ts], dtype=np.float64)
+    pad = np.ceil((BLUR_TRUNCATE * blur)[:, None] / sp).astype(np.int64) + 1
+    return np.maximum(lo - pad, 0), np.minimum(hi + pad, shape), ok, centre, rot, radii, sp, pad
 
 
 def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     """Render ``jobs`` (``synthgen._cuda.Job``) on backend ``be``: see the module docstring."""
-    # ---------------------------------------------------------------- phase A (host)
     C = _columns()
-    segs: list[dict[str, Any]] = []
-    walls: list[tuple[int, int]] = []
     infos = [_JobInfo(be, job) for job in jobs]
-    pack = _Pack()
+    ts, jidx, iidx, walls = [], [], [], []
     for j, job in enumerate(jobs):
-        plan = job.plan
-        sp = infos[j].sp
-        for i, t in enumerate(plan.tumors):
+        for i, t in enumerate(job.plan.tumors):
             if getattr(t, "kind", "ellipsoid") != "ellipsoid":
                 walls.append((j, i))  # rendered on the host in phase B
-                continue
-            t = _Tumor(t)
-            box = tumor_box(t, sp, plan.shape, plan.organ_bbox, coarse=not job.target_on_device)
-            if box is None:
-                continue
-            ctrl, w, m = _weights(t, box, sp)
-            s = {
-                "job": j,
-                "i": i,
-                "t": t,
-                "box": box,
-                "n": (box[0].stop - box[0].start, box[1].stop - box[1].start,
-                      box[2].stop - box[2].start),
-                "ctrl": pack.add(ctrl),
-                "g": ctrl.shape[1:],
-                "w": [pack.add(x) for x in w],
-                "m": m,
-            }  # fmt: skip
-            if not job.target_on_device:
-                s["img"] = pack.add(np.asarray(job.target[box], dtype=np.float32))
-            if not job.organ_on_device:
-                org = np.asarray(job.organ[box])
-                s["org"] = pack.add(
-                    np.ascontiguousarray(org if org.dtype == bool else org > 0.5).view(np.uint8)
-                )
-            s["app"] = blend_params(t, plan.organ_noise_hu, plan.organ_noise_grain)
-            segs.append(s)
+            else:
+                ts.append(t)
+                jidx.append(j)
+                iidx.append(i)
     results_stats: dict[tuple[int, int], tuple[int, float]] = {}
     masks: dict[tuple[int, int], tuple[tuple[slice, slice, slice], Any]] = {}
-    if segs or walls:
-        _render_segs(be, jobs, infos, segs, walls, pack, results_stats, masks, C)
+    if ts or walls:
+        _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C)
     out = []
     for j, job in enumerate(jobs):
         st = {i: v for (jj, i), v in results_stats.items() if jj == j}
@@ -335,325 +322,396 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     return out
 
 
-def _render_segs(be, jobs, infos, segs, walls, pack, results_stats, masks, C) -> None:
-    from ._cpu_kernels import interp_coords_nb  # noqa: F401  (numba warm: the CPU twin)
+def _grid_shape(d) -> tuple[int, ...]:
+    """The shape of a (3, g, g, g) nested list of control displacements, without converting
+    it (a plan read from JSON holds lists)."""
+    shape = []
+    while hasattr(d, "__len__") and not isinstance(d, str):
+        shape.append(len(d))
+        if not len(d):
+            break
+        d = d[0]
+    return tuple(shape)
+
+
+def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> None:
+    """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
+    ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``."""
+    from ._cpu_kernels import shape_weights_nb
+    from ._geometry import prefilter
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
-    n = len(segs)
+    i32 = np.int32
+    # ---------------------------------------------------------------- phase A (host)
+    pack = _Pack()
+    n_all = len(ts)
+    # control displacements: one array per grid size g (one per preset, as a rule)
+    by_g: dict[tuple[int, ...], list[int]] = {}
+    for q, t in enumerate(ts):
+        by_g.setdefault(_grid_shape(t.displacement_mm), []).append(q)
+    disp_max = np.zeros(n_all)
+    ctrl_ref = np.zeros(n_all, dtype=np.int64)  # (pack part, element offset) per tumor
+    ctrl_off = np.zeros(n_all, dtype=np.int64)
+    g_of = np.zeros(n_all, dtype=np.int64)
+    groups = []
+    for shp, qs in by_g.items():
+        d = np.asarray([ts[q].displacement_mm for q in qs], dtype=np.float64)
+        disp_max[qs] = 1.6 * np.abs(d.reshape(len(qs), -1)).max(axis=1) if d[0].size else 0.0
+        ref = pack.add(d.astype(np.float32))
+        ctrl_ref[qs] = ref
+        ctrl_off[qs] = np.arange(len(qs)) * int(np.prod(shp))
+        g_of[qs] = shp[1]
+        groups.append((shp[1], np.asarray(qs)))
+    lo, hi, ok, centre, rot, radii, sp, pad = _conservative_boxes(ts, infos, jidx, disp_max)
+    for q, t in enumerate(ts):  # host-resident images: the host pass of tumor_box shrinks it
+        j = jidx[q]
+        if ok[q] and not jobs[j].target_on_device:
+            box = tumor_box(t, infos[j].sp, infos[j].shape, jobs[j].plan.organ_bbox, coarse=True)
+            if box is None:
+                ok[q] = False
+            else:
+                lo[q] = [b.start for b in box]
+                hi[q] = [b.stop for b in box]
+    keep = np.flatnonzero(ok)
+    n = len(keep)
+    nb = hi - lo  # box sizes
+    if n:
+        # B-spline weights of every box row, one numba call per grid size
+        w_len = nb * g_of[:, None]
+        w_off = (np.cumsum(w_len.ravel()) - w_len.ravel()).reshape(n_all, 3)
+        w_all = np.zeros(max(int(w_len.sum()), 1), np.float32)
+        ext = np.asarray([t.control_extent_mm for t in ts], dtype=np.float64)
+        for g, qs in groups:
+            qs = qs[ok[qs]]
+            if qs.size:
+                shape_weights_nb(lo[qs], hi[qs], centre[qs], sp[qs], ext[qs], int(g),
+                                 prefilter(int(g)), w_off[qs], w_all)  # fmt: skip
+        w_ref = pack.add(w_all)
+    apps = [blend_params(ts[q], jobs[jidx[q]].plan.organ_noise_hu,
+                         jobs[jidx[q]].plan.organ_noise_grain) for q in keep]  # fmt: skip
+    has_app = np.array([a is not None for a in apps], dtype=bool)
+    host_img, host_org = {}, {}
+    for k, q in enumerate(keep):
+        job = jobs[jidx[q]]
+        if job.target_on_device and job.organ_on_device:
+            continue
+        box = tuple(slice(int(lo[q, a]), int(hi[q, a])) for a in range(3))
+        if not job.target_on_device:
+            host_img[k] = pack.add(np.asarray(job.target[box], dtype=np.float32))
+        if not job.organ_on_device:
+            org = np.asarray(job.organ[box])
+            host_org[k] = pack.add(
+                np.ascontiguousarray(org if org.dtype == bool else org > 0.5).view(np.uint8)
+            )
     t_ref = pack.add(np.zeros((max(n, 1), W), dtype=np.int64))
     tf_ref = pack.add(np.zeros((max(n, 1), FW), dtype=np.float32))
     td_ref = pack.add(np.zeros((max(n, 1), DW), dtype=np.float64))
     bb = np.zeros((max(n, 1), 7), dtype=np.int32)
-    if n:
-        bb[:n, 0:6:2] = [s["n"] for s in segs]
-        bb[:n, 1:6:2] = -1
+    bb[:n, 0:6:2] = nb[keep]
+    bb[:n, 1:6:2] = -1
     bb_ref = pack.add(bb)
-    f32a = _Scratch(np.float32)
-    u8a = _Scratch(np.uint8)
-    for s in segs:
-        nv = s["n"][0] * s["n"][1] * s["n"][2]
-        s["nv"] = nv
-        s["orig"], s["organ"], s["mask"] = f32a.add(nv), u8a.add(nv), u8a.add(nv)
-        if s["app"] is not None:  # the appearance modes read q^2 of the shape pass
-            s["q2"] = f32a.add(nv)
-    f32a.alloc(be)
-    u8a.alloc(be)
+    nv = nb[keep].prod(axis=1)
+    fa = _Arena(np.float32, np.stack([nv, nv * has_app], axis=1))  # orig, q2
+    ua = _Arena(np.uint8, np.stack([nv, nv], axis=1))  # organ, mask
+    fa.alloc(be)
+    ua.alloc(be)
     pack.alloc(be)
-    rows, frows, drows = [], [], []
-    for s in segs:
-        info = infos[s["job"]]
-        t = s["t"]
-        r = [0] * W
-        n0, n1, n2 = s["n"]
-        r[C.N0], r[C.N1], r[C.N2] = n0, n1, n2
-        r[C.CTRL] = pack.addr(s["ctrl"])
-        r[C.G0], r[C.G1], r[C.G2] = s["g"]
-        r[C.W0], r[C.W1], r[C.W2] = (pack.addr(x) for x in s["w"])
-        r[C.C0], r[C.C1], r[C.C2] = (int(c) for c in t.center_vox)
-        o0, o1, o2 = s["box"][0].start, s["box"][1].start, s["box"][2].start
-        r[C.O0], r[C.O1], r[C.O2] = o0, o1, o2
-        # a box that travelled from the host: its address shifted so that the kernel's
-        # (origin + index) * strides lands on it
-        shift = o0 * n1 * n2 + o1 * n2 + o2
-        if info.img is None:
-            r[C.IMG], r[C.IMG_CODE] = pack.addr(s["img"]) - 4 * shift, 0
-            r[C.IS0], r[C.IS1], r[C.IS2] = n1 * n2, n2, 1
-        else:
-            r[C.IMG], r[C.IMG_CODE] = info.img[0], info.img[1]
-            r[C.IS0], r[C.IS1], r[C.IS2] = info.img[2]
-        if info.org is None:
-            r[C.ORG], r[C.ORG_CODE] = pack.addr(s["org"]) - shift, 3
-            r[C.OS0], r[C.OS1], r[C.OS2] = n1 * n2, n2, 1
-        else:
-            r[C.ORG], r[C.ORG_CODE] = info.org[0], info.org[1]
-            r[C.OS0], r[C.OS1], r[C.OS2] = info.org[2]
-        s["a_bufs"] = (f32a.addr(s["orig"]), u8a.addr(s["organ"]), u8a.addr(s["mask"]))
-        r[C.ORIG], r[C.ORGAN], r[C.MASK] = s["a_bufs"]
-        r[C.CLIP] = int(bool(t.clip_to_organ))
-        if s["app"] is not None:
-            r[C.Q2] = s["a_q2"] = f32a.addr(s["q2"])
-        rows.append(r)
-        f = [0.0] * FW
-        f[C.F_TLO], f[C.F_THI] = info.tissue
-        frows.append(f)
-        d = [0.0] * DW
-        d[C.D_SP0], d[C.D_SP1], d[C.D_SP2] = info.sp
-        d[C.D_M : C.D_M + 9] = s["m"].ravel().tolist()
-        drows.append(d)
+    jk = np.asarray(jidx, dtype=np.int64)[keep]
+    T = np.zeros((max(n, 1), W), dtype=np.int64)
+    TF = np.zeros((max(n, 1), FW), dtype=np.float32)
+    TD = np.zeros((max(n, 1), DW), dtype=np.float64)
     if n:
-        pack.set(t_ref, np.array(rows, dtype=np.int64))
-        pack.set(tf_ref, np.array(frows, dtype=np.float32))
-        pack.set(td_ref, np.array(drows, dtype=np.float64))
+        T[:n, C.N0 : C.N2 + 1] = nb[keep]
+        T[:n, C.O0 : C.O2 + 1] = lo[keep]
+        T[:n, C.C0 : C.C2 + 1] = centre[keep]
+        T[:n, C.G0 : C.G2 + 1] = g_of[keep, None]
+        parts_base = np.array([pack.base + off for off, _ in pack.parts], dtype=np.int64)
+        T[:n, C.CTRL] = parts_base[ctrl_ref[keep]] + 4 * ctrl_off[keep]
+        T[:n, C.W0 : C.W2 + 1] = pack.addr(w_ref) + 4 * w_off[keep]
+        T[:n, C.ORIG] = a_orig = fa.addrs(0)
+        T[:n, C.ORGAN] = a_organ = ua.addrs(0)
+        T[:n, C.MASK] = a_mask = ua.addrs(1)
+        a_q2 = np.where(has_app, fa.addrs(1), 0)
+        T[:n, C.Q2] = a_q2
+        T[:n, C.CLIP] = [int(bool(ts[q].clip_to_organ)) for q in keep]
+        for col, code, st, key in ((C.IMG, C.IMG_CODE, C.IS0, "img"),
+                                   (C.ORG, C.ORG_CODE, C.OS0, "org")):  # fmt: skip
+            vals = [getattr(infos[j], key) for j in jk]
+            on = np.array([v is not None for v in vals], dtype=bool)
+            if on.any():
+                T[:n][on, col] = [v[0] for v in vals if v is not None]
+                T[:n][on, code] = [v[1] for v in vals if v is not None]
+                T[:n][on, st : st + 3] = [v[2] for v in vals if v is not None]
+        for k in sorted(set(host_img) | set(host_org)):
+            q = keep[k]
+            box_strides = (int(nb[q, 1] * nb[q, 2]), int(nb[q, 2]), 1)
+            # a box that travelled from the host: its address shifted so that the kernel's
+            # (origin + index) * strides lands on it
+            shift = int(lo[q] @ np.array(box_strides))
+            if k in host_img:
+                T[k, C.IMG], T[k, C.IMG_CODE] = pack.addr(host_img[k]) - 4 * shift, 0
+                T[k, C.IS0 : C.IS2 + 1] = box_strides
+            if k in host_org:
+                T[k, C.ORG], T[k, C.ORG_CODE] = pack.addr(host_org[k]) - shift, 3
+                T[k, C.OS0 : C.OS2 + 1] = box_strides
+        TF[:n, C.F_TLO : C.F_THI + 1] = [infos[j].tissue for j in jk]
+        TD[:n, C.D_SP0 : C.D_SP2 + 1] = sp[keep]
+        m = (rot[keep] / radii[keep][:, None, :]).transpose(0, 2, 1)
+        TD[:n, C.D_M : C.D_M + 9] = m.reshape(n, 9)
+    pack.set(t_ref, T)
+    pack.set(tf_ref, TF)
+    pack.set(td_ref, TD)
     pack.upload(be)
     Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
-    mx = max((s["nv"] for s in segs), default=0)
-    i32 = np.int32
+    mx = int(nv.max()) if n else 0
     be.launch2d("sg_seg_shape", n, mx, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
     be.launch2d("sg_seg_bbox", n, mx, Td, i32(W), pack.view(bb_ref))
-    hit = be.download(pack.view(bb_ref)).tolist()  # synchronisation 1: every box of the batch
+    hit = be.download(pack.view(bb_ref))[:n].astype(np.int64)  # synchronisation 1
+    pack_a = pack  # the phase-A buffers stay referenced until the end
     # ---------------------------------------------------------------- phase B (host)
-    live = []
-    for k, s in enumerate(segs):
-        lo0, hi0, lo1, hi1, lo2, hi2, count = hit[k]
-        if count == 0:
-            continue
-        t = s["t"]
-        sp = infos[s["job"]].sp
-        sub, tight, tn = [], [], []
-        for a, (lo, hi) in enumerate(((lo0, hi0), (lo1, hi1), (lo2, hi2))):
-            pad = math.ceil(BLUR_TRUNCATE * t.blur_sigma_mm / sp[a]) + 1
-            u0, u1 = max(0, lo - pad), min(s["n"][a], hi + pad + 1)
-            sub.append(u0)
-            b0 = s["box"][a].start
-            tight.append(slice(b0 + u0, b0 + u1))
-            tn.append(u1 - u0)
-        s["sub"] = sub
-        s["tight"] = tuple(tight)
-        s["tn"] = tuple(tn)
-        live.append(s)
+    live = np.flatnonzero(hit[:, 6] > 0) if n else np.zeros(0, np.int64)
+    walls_r = []
     for j, i in walls:  # hollow-organ wall tumors: rendered on the host, uploaded below
         w = _wall_segment(be, jobs[j], i)
         if w is not None:
             w["job"], w["i"] = j, i
-            live.append(w)
-    if not live:
+            walls_r.append(w)
+    ne, nw = len(live), len(walls_r)
+    nl = ne + nw
+    if nl == 0:
         return
-    n = len(live)
+    qe = keep[live]  # tumor index of each live ellipsoid row
+    box_lo = lo[qe]
+    u0 = np.maximum(hit[live][:, 0:6:2] - pad[qe], 0)
+    u1 = np.minimum(hit[live][:, 1:6:2] + pad[qe] + 1, nb[qe])
+    tn_e = u1 - u0
+    to_e = box_lo + u0
+    tn = np.concatenate([tn_e, np.array([w["tn"] for w in walls_r], np.int64).reshape(nw, 3)])
+    to = np.concatenate([to_e, np.array([[x.start for x in w["tight"]] for w in walls_r],
+                                        np.int64).reshape(nw, 3)])  # fmt: skip
+    job_of = np.concatenate([jk[live], np.array([w["job"] for w in walls_r], np.int64)])
+    tnv = tn.prod(axis=1)
+    parts = _partners(job_of, to, to + tn)
+    # texture recipes (per-axis tables cached) and blur kernels (cached per sigma)
+    cen = centre[qe]
+    spe = sp[qe]
+    lo_mm = ((to_e - cen) * spe).tolist()
+    hi_mm = ((to_e + tn_e - 1 - cen) * spe).tolist()
+    rcs = [texture_recipe(ts[q].seed, ts[q].texture, tuple(lo_mm[k]), tuple(hi_mm[k]))
+           for k, q in enumerate(qe)]  # fmt: skip
+    sig = ((np.asarray([ts[q].blur_sigma_mm for q in qe]))[:, None] / spe).tolist()
     pack = _Pack()
-    t_ref = pack.add(np.zeros((n, W), dtype=np.int64))
-    tf_ref = pack.add(np.zeros((n, FW), dtype=np.float32))
-    td_ref = pack.add(np.zeros((n, DW), dtype=np.float64))
-    st_ref = pack.add(np.zeros((n, 2), dtype=np.float64))
-    tx_ref = pack.add(np.zeros((n, 3), dtype=np.float64))
-    f32 = _Scratch(np.float32)
-    u8 = _Scratch(np.uint8)
-    zero = _Scratch(np.float32)
-    parts = _partners(live)
-    for q, s in enumerate(live):
-        tn = s["tn"]
-        nv = tn[0] * tn[1] * tn[2]
-        s["tnv"] = nv
-        b = {}
-        s["b"] = b
-        b["part"] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
-        if s.get("host"):
-            b["merged"], b["out"] = f32.add(nv), f32.add(nv)
-            b["torig"], b["delta"] = pack.add(s["orig"]), pack.add(s["delta"])
-            b["tmask"] = pack.add(s["mask"])
-            continue
-        t = s["t"]
-        sp = infos[s["job"]].sp
-        for name in ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out"):
-            b[name] = f32.add(nv)
-        b["torgan"], b["tmask"] = u8.add(nv), u8.add(nv)
-        b["delta"] = zero.add(nv)
+    t_ref = pack.add(np.zeros((nl, W), dtype=np.int64))
+    tf_ref = pack.add(np.zeros((nl, FW), dtype=np.float32))
+    td_ref = pack.add(np.zeros((nl, DW), dtype=np.float64))
+    st_ref = pack.add(np.zeros((nl, 2), dtype=np.float64))
+    tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
+    # per-row refs into the pack: blur kernels (3), lattice bands (6), norms (3), smoothing
+    # kernel (1), partners (1), appearance (2)
+    refs = np.zeros((nl, 16), dtype=np.int64)
+    blen = np.zeros((ne, 3), dtype=np.int64)
+    # LA 0-2, LN 3-5, NK 6-7, B 8-10, BK 11-12, BLK 13-15, G_ 16-18, GOFF 19-21, LK 22-24,
+    # smoothing kernel length 25
+    ints = np.zeros((ne, 26), dtype=np.int64)
+    flts = np.zeros((ne, 9), dtype=np.float64)
+    for k, rc in enumerate(rcs):
         for a in range(3):
-            sa, wa = _blur_band(t.blur_sigma_mm / sp[a], tn[a])
-            b[f"bs{a}"], b[f"bw{a}"] = pack.add_shared(sa), pack.add_shared(wa)
-        lo = tuple((s["tight"][a].start - t.center_vox[a]) * sp[a] for a in range(3))
-        hi = tuple((s["tight"][a].stop - 1 - t.center_vox[a]) * sp[a] for a in range(3))
-        rc = texture_recipe(t.seed, t.texture, lo, hi)  # type: ignore[arg-type]
-        s["rc"] = rc
-        ln = [x[1] for x in rc.lattice]
-        bs, gs = rc.block_shape, rc.out_shape
-        b["noise"] = f32.add(ln[0] * ln[1] * ln[2])
-        b["za"] = f32.add(ln[0] * ln[1] * bs[2])
-        b["zb"] = f32.add(ln[0] * bs[1] * bs[2])
-        b["z0"] = f32.add(bs[0] * bs[1] * bs[2])
-        b["frac"] = f32.add(bs[0] * bs[1] * bs[2])
-        b["ga"] = f32.add(gs[0] * bs[1] * bs[2])
-        b["gb"] = f32.add(gs[0] * gs[1] * bs[2])
-        b["grid"] = f32.add(gs[0] * gs[1] * gs[2])
-        for a in range(3):
-            b[f"ls{a}"] = pack.add(rc.bands[a][0])
-            b[f"lw{a}"] = pack.add(rc.bands[a][1])
-            b[f"in{a}"] = pack.add(rc.inv_norm[a])
-            gs_, gw_ = _toeplitz_band(rc.offs[a], rc.kern, bs[a], gs[a])
-            b[f"gs{a}"], b[f"gw{a}"] = pack.add_shared(gs_), pack.add_shared(gw_)
-        if s["app"] is not None:
-            b["tq2"] = f32.add(nv)
-            b["app"], b["keys"] = pack.add(s["app"][0]), pack.add(s["app"][1])
+            kb = _blur_kernel(sig[k][a])
+            refs[k, a] = pack.add_shared(kb)
+            blen[k, a] = kb.size
+            refs[k, 3 + a] = pack.add_shared(rc.bands[a][0])
+            refs[k, 6 + a] = pack.add_shared(rc.bands[a][1])
+            refs[k, 9 + a] = pack.add_shared(rc.inv_norm[a])
+        refs[k, 12] = pack.add_shared(rc.kern)
+        (la0, ln0), (la1, ln1), (la2, ln2) = rc.lattice
+        ints[k] = (la0, la1, la2, ln0, ln1, ln2, *rc.noise_key, *rc.block_shape, *rc.bern_key,
+                   *rc.blocks0, *rc.out_shape, *rc.offs, rc.bands[0][1].shape[1],
+                   rc.bands[1][1].shape[1], rc.bands[2][1].shape[1], rc.kern.size)  # fmt: skip
+        o = rc.origin
+        flts[k] = (rc.zscale, rc.base, rc.scale, rc.n_cells, rc.threshold, rc.u0, o[0], o[1],
+                   o[2])  # fmt: skip
+    for q in range(nl):
+        refs[q, 13] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
+    app_e = has_app[live]
+    for k in np.flatnonzero(app_e):
+        app, keys = apps[live[k]]
+        refs[k, 14], refs[k, 15] = pack.add(app), pack.add(keys)
+    host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))
+                 for w in walls_r]  # fmt: skip
+    # scratch: float32 buffers per row (host rows: merged and out only)
+    ln = ints[:, 3:6]
+    bs = ints[:, 8:11]
+    gs = ints[:, 16:19]
+    tnv_e = tnv[:ne]
+    z = np.zeros(ne, np.int64)
+    sizes_e = np.stack(
+        [tnv_e] * 7
+        + [ln.prod(axis=1), ln[:, 0] * ln[:, 1] * bs[:, 2], ln[:, 0] * bs[:, 1] * bs[:, 2]]
+        + [bs.prod(axis=1), bs.prod(axis=1), gs[:, 0] * bs[:, 1] * bs[:, 2]]
+        + [gs[:, 0] * gs[:, 1] * bs[:, 2], gs.prod(axis=1), np.where(app_e, tnv_e, z)],
+        axis=1,
+    )
+    F32 = ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0",
+           "frac", "ga", "gb", "grid", "tq2")  # fmt: skip
+    sizes = np.zeros((nl, len(F32)), dtype=np.int64)
+    sizes[:ne] = sizes_e
+    sizes[ne:, F32.index("merged")] = tnv[ne:]
+    sizes[ne:, F32.index("out")] = tnv[ne:]
+    f32 = _Arena(np.float32, sizes)
+    u8 = _Arena(np.uint8, np.stack([tnv, tnv], axis=1) * (np.arange(nl) < ne)[:, None])
+    zero = _Arena(np.float32, (tnv * (np.arange(nl) < ne))[:, None])
     f32.alloc(be)
     u8.alloc(be)
     zero.alloc(be, zero=True)
     pack.alloc(be)
-    # the phase-A buffers stay alive (referenced by the phase-B table) until the end
-    rows, frows, drows = [], [], []
-    for q, s in enumerate(live):
-        info = infos[s["job"]]
-        b = s["b"]
-        r = [0] * W
-        f = [0.0] * FW
-        d = [0.0] * DW
-        rows.append(r)
-        frows.append(f)
-        drows.append(d)
-        r[C.TN0], r[C.TN1], r[C.TN2] = s["tn"]
-        r[C.TO0], r[C.TO1], r[C.TO2] = (x.start for x in s["tight"])
-        r[C.MERGED] = f32.addr(b["merged"])
-        r[C.PART], r[C.NPART] = pack.addr(b["part"]), len(parts.get(q, ()))
-        if info.dst is not None:
-            r[C.DST], r[C.DST_CODE] = info.dst[0], info.dst[1]
-            r[C.DS0], r[C.DS1], r[C.DS2] = info.dst[2]
-            r[C.DO0], r[C.DO1], r[C.DO2] = r[C.TO0], r[C.TO1], r[C.TO2]
-        else:
-            tn = s["tn"]
-            r[C.DST], r[C.DST_CODE] = f32.addr(b["out"]), 0
-            r[C.DS0], r[C.DS1], r[C.DS2] = tn[1] * tn[2], tn[2], 1
-        r[C.ROUND] = info.round
-        f[C.F_CMIN], f[C.F_CMAX], f[C.F_LO], f[C.F_HI] = info.cmin, info.cmax, info.lo, info.hi
-        if s.get("host"):  # a host-rendered tumor: only merge and write-back read its row
-            r[C.KIND] = 1
-            r[C.TORIG], r[C.TMASK] = pack.addr(b["torig"]), pack.addr(b["tmask"])
-            r[C.DELTA] = pack.addr(b["delta"])
-            continue
-        t = s["t"]
-        rc = s["rc"]
-        r[C.N0], r[C.N1], r[C.N2] = s["n"]
-        r[C.CLIP] = int(bool(t.clip_to_organ))
-        r[C.U0], r[C.U1], r[C.U2] = s["sub"]
-        r[C.C0], r[C.C1], r[C.C2] = (int(c) for c in t.center_vox)
-        r[C.ORIG], r[C.ORGAN], r[C.MASK] = s["a_bufs"]
-        for name, col in (("torig", C.TORIG), ("maskf", C.MASKF), ("bx0", C.BX0), ("bx1", C.BX1),
-                          ("blur", C.BLUR), ("noise", C.NOISE), ("za", C.ZA), ("zb", C.ZB),
-                          ("z0", C.Z0), ("frac", C.FRAC), ("ga", C.GA), ("gb", C.GB),
-                          ("grid", C.GRID)):  # fmt: skip
-            r[col] = f32.addr(b[name])
-        r[C.TORGAN], r[C.TMASK] = u8.addr(b["torgan"]), u8.addr(b["tmask"])
-        r[C.DELTA] = zero.addr(b["delta"])
+    base = np.array([pack.base + off for off, _ in pack.parts], dtype=np.int64)
+    T = np.zeros((nl, W), dtype=np.int64)
+    TF = np.zeros((nl, FW), dtype=np.float32)
+    TD = np.zeros((nl, DW), dtype=np.float64)
+    fcol = {name: f32.addrs(c) for c, name in enumerate(F32)}
+    T[:, C.TN0 : C.TN2 + 1] = tn
+    T[:, C.TO0 : C.TO2 + 1] = to
+    T[:, C.MERGED] = fcol["merged"]
+    T[:, C.PART] = base[refs[:, 13]]
+    T[:, C.NPART] = [len(parts.get(q, ())) for q in range(nl)]
+    jinfo = [infos[j] for j in job_of]
+    dev_dst = np.array([i.dst is not None for i in jinfo], dtype=bool)
+    if dev_dst.any():
+        T[dev_dst, C.DST] = [i.dst[0] for i in jinfo if i.dst is not None]
+        T[dev_dst, C.DST_CODE] = [i.dst[1] for i in jinfo if i.dst is not None]
+        T[dev_dst, C.DS0 : C.DS2 + 1] = [i.dst[2] for i in jinfo if i.dst is not None]
+        T[dev_dst, C.DO0 : C.DO2 + 1] = to[dev_dst]
+    if not dev_dst.all():
+        h = ~dev_dst
+        T[h, C.DST], T[h, C.DST_CODE] = fcol["out"][h], 0
+        T[h, C.DS0], T[h, C.DS1], T[h, C.DS2] = tn[h, 1] * tn[h, 2], tn[h, 2], 1
+    T[:, C.ROUND] = [i.round for i in jinfo]
+    TF[:, C.F_CMIN : C.F_HI + 1] = [(i.cmin, i.cmax, i.lo, i.hi) for i in jinfo]
+    # host rows: only merge and write-back read them
+    for w_, (r_orig, r_delta, r_mask) in enumerate(host_refs):
+        q = ne + w_
+        T[q, C.KIND] = 1
+        T[q, C.TORIG], T[q, C.DELTA], T[q, C.TMASK] = base[r_orig], base[r_delta], base[r_mask]
+    if ne:
+        e = slice(0, ne)
+        T[e, C.N0 : C.N2 + 1] = nb[qe]
+        T[e, C.CLIP] = [int(bool(ts[q].clip_to_organ)) for q in qe]
+        T[e, C.U0 : C.U2 + 1] = u0
+        T[e, C.C0 : C.C2 + 1] = cen
+        T[e, C.ORIG], T[e, C.ORGAN], T[e, C.MASK] = a_orig[live], a_organ[live], a_mask[live]
+        for name, col in (("torig", C.TORIG), ("maskf", C.MASKF), ("bx0", C.BX0),
+                          ("bx1", C.BX1), ("blur", C.BLUR), ("noise", C.NOISE), ("za", C.ZA),
+                          ("zb", C.ZB), ("z0", C.Z0), ("frac", C.FRAC), ("ga", C.GA),
+                          ("gb", C.GB), ("grid", C.GRID)):  # fmt: skip
+            T[e, col] = fcol[name][:ne]
+        T[e, C.TORGAN], T[e, C.TMASK] = u8.addrs(0)[:ne], u8.addrs(1)[:ne]
+        T[e, C.DELTA] = zero.addrs(0)[:ne]
         for a in range(3):
-            r[C.BS0 + a], r[C.BW0 + a] = pack.addr(b[f"bs{a}"]), pack.addr(b[f"bw{a}"])
-            r[C.BKK0 + a] = pack.parts[b[f"bw{a}"]][1].shape[1]
-            r[C.LS0 + a], r[C.LW0 + a] = pack.addr(b[f"ls{a}"]), pack.addr(b[f"lw{a}"])
-            r[C.LK0 + a] = rc.bands[a][1].shape[1]
-            r[C.INV0 + a] = pack.addr(b[f"in{a}"])
-            r[C.GS0 + a], r[C.GW0 + a] = pack.addr(b[f"gs{a}"]), pack.addr(b[f"gw{a}"])
-            r[C.GK0 + a] = pack.parts[b[f"gw{a}"]][1].shape[1]
-        (la0, ln0), (la1, ln1), (la2, ln2) = rc.lattice
-        bs, gs = rc.block_shape, rc.out_shape
-        r[C.LA0], r[C.LA1], r[C.LA2] = la0, la1, la2
-        r[C.LN0], r[C.LN1], r[C.LN2] = ln0, ln1, ln2
-        r[C.NK0], r[C.NK1] = rc.noise_key
-        r[C.ZD1], r[C.ZD1 + 1], r[C.ZD1 + 2] = ln0, ln1, bs[2]
-        r[C.ZD2], r[C.ZD2 + 1], r[C.ZD2 + 2] = ln0, bs[1], bs[2]
-        r[C.B0], r[C.B1], r[C.B2] = bs
-        r[C.BK0], r[C.BK1] = rc.bern_key
-        r[C.BLK0], r[C.BLK1], r[C.BLK2] = rc.blocks0
-        r[C.GD1], r[C.GD1 + 1], r[C.GD1 + 2] = gs[0], bs[1], bs[2]
-        r[C.GD2], r[C.GD2 + 1], r[C.GD2 + 2] = gs[0], gs[1], bs[2]
-        r[C.G_0], r[C.G_1], r[C.G_2] = gs
-        if s["app"] is not None:
-            r[C.Q2], r[C.TQ2] = s["a_q2"], f32.addr(b["tq2"])
-            r[C.APP], r[C.KEYS] = pack.addr(b["app"]), pack.addr(b["keys"])
-            r[C.OFF0], r[C.OFF1], r[C.OFF2] = (
-                x.start - c for x, c in zip(s["tight"], t.center_vox, strict=True)
-            )
-        f[C.F_TLO], f[C.F_THI] = info.tissue
-        f[C.F_CONTRAST], f[C.F_ORGAN_HU] = t.contrast_hu, info.organ_hu
-        d[C.D_ZSCALE], d[C.D_BASE], d[C.D_SCALE] = rc.zscale, rc.base, rc.scale
-        d[C.D_NCELLS], d[C.D_THR], d[C.D_U0] = rc.n_cells, rc.threshold, rc.u0
-        d[C.D_SP0], d[C.D_SP1], d[C.D_SP2] = info.sp
-        d[C.D_TX0], d[C.D_TX1], d[C.D_TX2] = (float(x) for x in rc.origin)
-        d[C.D_STEP] = rc.step
-    pack.set(t_ref, np.array(rows, dtype=np.int64))
-    pack.set(tf_ref, np.array(frows, dtype=np.float32))
-    pack.set(td_ref, np.array(drows, dtype=np.float64))
+            T[e, C.BKERN0 + a] = base[refs[:ne, a]]
+            T[e, C.BKLEN0 + a] = blen[:, a]
+            T[e, C.BOFF0 + a] = -((blen[:, a] - 1) // 2)
+            T[e, C.LS0 + a] = base[refs[:ne, 3 + a]]
+            T[e, C.LW0 + a] = base[refs[:ne, 6 + a]]
+            T[e, C.INV0 + a] = base[refs[:ne, 9 + a]]
+            T[e, C.LK0 + a] = ints[:, 22 + a]
+            T[e, C.GKERN0 + a] = base[refs[:ne, 12]]
+            T[e, C.GKLEN0 + a] = ints[:, 25]
+            T[e, C.GOFF0 + a] = ints[:, 19 + a]
+        T[e, C.LA0 : C.LA2 + 1] = ints[:, 0:3]
+        T[e, C.LN0 : C.LN2 + 1] = ln
+        T[e, C.NK0 : C.NK1 + 1] = ints[:, 6:8]
+        T[e, C.ZD1], T[e, C.ZD1 + 1], T[e, C.ZD1 + 2] = ln[:, 0], ln[:, 1], bs[:, 2]
+        T[e, C.ZD2], T[e, C.ZD2 + 1], T[e, C.ZD2 + 2] = ln[:, 0], bs[:, 1], bs[:, 2]
+        T[e, C.B0 : C.B2 + 1] = bs
+        T[e, C.BK0 : C.BK1 + 1] = ints[:, 11:13]
+        T[e, C.BLK0 : C.BLK2 + 1] = ints[:, 13:16]
+        T[e, C.GD1], T[e, C.GD1 + 1], T[e, C.GD1 + 2] = gs[:, 0], bs[:, 1], bs[:, 2]
+        T[e, C.GD2], T[e, C.GD2 + 1], T[e, C.GD2 + 2] = gs[:, 0], gs[:, 1], bs[:, 2]
+        T[e, C.G_0 : C.G_2 + 1] = gs
+        if app_e.any():
+            ka = np.flatnonzero(app_e)
+            T[ka, C.Q2] = a_q2[live][ka]
+            T[ka, C.TQ2] = fcol["tq2"][ka]
+            T[ka, C.APP], T[ka, C.KEYS] = base[refs[ka, 14]], base[refs[ka, 15]]
+            T[ka, C.OFF0 : C.OFF2 + 1] = to_e[ka] - cen[ka]
+        TF[e, C.F_TLO : C.F_THI + 1] = [i.tissue for i in jinfo[:ne]]
+        TF[e, C.F_CONTRAST] = [ts[q].contrast_hu for q in qe]
+        TF[e, C.F_ORGAN_HU] = [i.organ_hu for i in jinfo[:ne]]
+        TD[e, C.D_ZSCALE : C.D_U0 + 1] = flts[:, 0:6]
+        TD[e, C.D_SP0 : C.D_SP2 + 1] = spe
+        TD[e, C.D_TX0 : C.D_TX2 + 1] = flts[:, 6:9]
+        TD[e, C.D_STEP] = [rc.step for rc in rcs]
+    pack.set(t_ref, T)
+    pack.set(tf_ref, TF)
+    pack.set(td_ref, TD)
     pack.upload(be)
     Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
-    i32 = np.int32
     WW, FF, DD = i32(W), i32(FW), i32(DW)
-    tv = max(s["tnv"] for s in live)
-    be.launch2d("sg_seg_gather", n, tv, Td, WW)
+    tv = int(tnv.max())
+    be.launch2d("sg_seg_gather", nl, tv, Td, WW)
     for a, (src, dst) in enumerate(((C.MASKF, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR))):
-        be.launch2d("sg_seg_band", n, tv, Td, WW, i32(a), i32(src), i32(C.TN0), i32(C.BS0 + a),
-                    i32(C.BW0 + a), i32(C.TN0 + a), i32(C.BKK0 + a), i32(dst))  # fmt: skip
-    dev = [s["rc"] for s in live if not s.get("host")]  # host rows only merge and write back
-    lv = max((math.prod(x[1] for x in rc.lattice) for rc in dev), default=0)
-    be.launch2d("sg_seg_lattice", n, lv, Td, WW)
-    zmax = max((max(math.prod(rc.block_shape), lv) for rc in dev), default=0)
+        be.launch2d("sg_seg_conv", nl, tv, Td, WW, i32(a), i32(src), i32(C.TN0),
+                    i32(C.BKERN0 + a), i32(C.BKLEN0 + a), i32(C.BOFF0 + a), i32(C.TN0 + a),
+                    i32(dst))  # fmt: skip
+    lv = int(ln.prod(axis=1).max()) if ne else 0
+    be.launch2d("sg_seg_lattice", nl, lv, Td, WW)
+    zmax = max(int(bs.prod(axis=1).max()), lv) if ne else 0
     for a, src, dims, dst in ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB),
                               (0, C.ZB, C.ZD2, C.Z0)):  # fmt: skip
-        be.launch2d("sg_seg_band", n, zmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.LS0 + a),
+        be.launch2d("sg_seg_band", nl, zmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.LS0 + a),
                     i32(C.LW0 + a), i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
-    be.launch2d("sg_seg_blocks", n, zmax, Td, WW, TDd, DD)
-    gmax = max(
-        (max(math.prod(rc.block_shape), math.prod(rc.out_shape),
-             rc.out_shape[0] * rc.block_shape[1] * rc.block_shape[2],
-             rc.out_shape[0] * rc.out_shape[1] * rc.block_shape[2]) for rc in dev),
-        default=0,
-    )  # fmt: skip
+    be.launch2d("sg_seg_blocks", nl, zmax, Td, WW, TDd, DD)
+    gmax = int(sizes_e[:, 11:15].max()) if ne else 0  # frac, ga, gb, grid
     for a, src, dims, dst in ((0, C.FRAC, C.B0, C.GA), (1, C.GA, C.GD1, C.GB),
                               (2, C.GB, C.GD2, C.GRID)):  # fmt: skip
-        be.launch2d("sg_seg_band", n, gmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.GS0 + a),
-                    i32(C.GW0 + a), i32(C.G_0 + a), i32(C.GK0 + a), i32(dst))  # fmt: skip
+        be.launch2d("sg_seg_conv", nl, gmax, Td, WW, i32(a), i32(src), i32(dims),
+                    i32(C.GKERN0 + a), i32(C.GKLEN0 + a), i32(C.GOFF0 + a), i32(C.G_0 + a),
+                    i32(dst))  # fmt: skip
     txs = pack.view(tx_ref)
-    be.launch2d("sg_seg_tex_stats", n, gmax, Td, WW, TDd, DD, txs)
-    be.launch2d("sg_seg_tex_scale", n, gmax, Td, WW, TDd, DD, txs)
-    be.launch2d("sg_seg_blend", n, tv, Td, WW, TFd, FF, TDd, DD)
-    be.launch2d("sg_seg_merge", n, tv, Td, WW)
+    be.launch2d("sg_seg_tex_stats", nl, gmax, Td, WW, TDd, DD, txs)
+    be.launch2d("sg_seg_tex_scale", nl, gmax, Td, WW, TDd, DD, txs)
+    be.launch2d("sg_seg_blend", nl, tv, Td, WW, TFd, FF, TDd, DD)
+    be.launch2d("sg_seg_merge", nl, tv, Td, WW)
     stats = pack.view(st_ref)
-    be.launch2d("sg_seg_apply", n, tv, Td, WW, TFd, FF, stats)
+    be.launch2d("sg_seg_apply", nl, tv, Td, WW, TFd, FF, stats)
     if KEEP_LAST:
         LAST.clear()
         LAST.update(
-            n=n, max_voxels=tv, voxels=sum(s["tnv"] for s in live), T=Td, TF=TFd, TD=TDd,
-            stats=stats, W=WW, FW=FF, DW=DD, keep=(pack, f32a, u8a, f32, u8, zero),
+            n=nl, max_voxels=tv, voxels=int(tnv.sum()), T=Td, TF=TFd, TD=TDd, stats=stats,
+            W=WW, FW=FF, DW=DD, keep=(pack, pack_a, fa, ua, f32, u8, zero),
         )  # fmt: skip
     host_stats = be.download(stats).tolist()  # synchronisation 2
-    for q, s in enumerate(live):
-        job = jobs[s["job"]]
-        tn = s["tn"]
-        nv, acc = host_stats[q]
-        nv = int(nv)
-        results_stats[(s["job"], s["i"])] = (nv, acc / nv if nv else 0.0)
-        m = pack.view(s["b"]["tmask"]) if s.get("host") else u8.view(s["b"]["tmask"], tn)
+    tn_l, to_l = tn.tolist(), to.tolist()
+    for q in range(nl):
+        if q < ne:
+            key = (int(jk[live[q]]), iidx[qe[q]])
+        else:
+            key = (walls_r[q - ne]["job"], walls_r[q - ne]["i"])
+        job = jobs[key[0]]
+        shp = tuple(tn_l[q])
+        tight = tuple(slice(to_l[q][a], to_l[q][a] + shp[a]) for a in range(3))
+        cnt, acc = host_stats[q]
+        cnt = int(cnt)
+        results_stats[key] = (cnt, acc / cnt if cnt else 0.0)
+        m = pack.view(host_refs[q - ne][2]) if q >= ne else u8.view(q, 1, shp)
         if not job.target_on_device:
-            sel = be.download(f32.view(s["b"]["merged"], tn)) != 0
-            o = be.download(f32.view(s["b"]["out"], tn))  # written where sel only
-            job.target[s["tight"]][sel] = o[sel].astype(job.target.dtype)
+            sel = be.download(f32.view(q, F32.index("merged"), shp)) != 0
+            o = be.download(f32.view(q, F32.index("out"), shp))  # written where sel only
+            job.target[tight][sel] = o[sel].astype(job.target.dtype)
             m = be.download(m).view(np.bool_)
-        masks[(s["job"], s["i"])] = (s["tight"], m)
+        masks[key] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
-    del f32a, u8a, f32, u8, zero
+    del pack_a, fa, ua, f32, u8, zero
 
 
-def _partners(live) -> dict[int, list[int]]:
-    """Per segment, the (ascending) segments of the same job whose tight boxes overlap it."""
-    parts: dict[int, list[int]] = {}
-    by_job: dict[int, list[int]] = {}
-    for q, s in enumerate(live):
-        by_job.setdefault(s["job"], []).append(q)
-    for qs in by_job.values():
-        if len(qs) < 2:
-            continue
-        lo = np.array([[x.start for x in live[q]["tight"]] for q in qs])
-        hi = np.array([[x.stop for x in live[q]["tight"]] for q in qs])
-        ov = ((lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :])).all(axis=2)
-        np.fill_diagonal(ov, False)
-        for a_, row in zip(qs, ov, strict=True):
-            if row.any():
-                parts[a_] = [qs[i] for i in np.flatnonzero(row)]
-    return parts
+def _partners(job_of: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict[int, list[int]]:
+    """Per row, the (ascending) rows of the same job whose tight boxes ``[lo, hi)`` overlap."""
+    if len(job_of) < 2:
+        return {}
+    ov = ((lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :])).all(axis=2)
+    ov &= job_of[:, None] == job_of[None, :]
+    np.fill_diagonal(ov, False)
+    return {int(q): np.flatnonzero(row).tolist() for q, row in enumerate(ov) if row.any()}
 
 
 class _Shifted:

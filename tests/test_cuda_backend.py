@@ -315,33 +315,76 @@ def test_kernel_band_passes(backend):
         np.testing.assert_array_equal(be.download(out), ref)
 
 
-def test_toeplitz_bands_match_the_cpu():
-    """The blur's zero-padded correlation in band form (as the GPU runs it) equals the CPU's
-    toeplitz passes."""
+def test_kernel_conv_is_the_cpu_correlation(backend):
+    """Three sg_seg_conv passes (the mask blur: centred kernels, offset -radius, and the
+    block-to-grid smoothing: other offsets and sizes) on two segments equal the CPU's
+    toeplitz_contract3, bit for bit."""
+    be, dev = backend
     rng = np.random.default_rng(1)
-    core = (rng.random((9, 4, 11)) > 0.5).astype(np.float32)
-    kern = np.array([0.1, 0.2, 0.4, 0.2, 0.1, 0.05, 0.01], np.float32)
-    offs, outs = (-3, -1, 2), (9, 6, 7)
-    ref = k.toeplitz_contract3(core, offs[0], kern, outs[0], offs[1], kern, outs[1], offs[2],
-                               kern, outs[2])  # fmt: skip
-    s = [_segments._toeplitz_band(offs[a], kern, core.shape[a], outs[a]) for a in range(3)]
-    got = k.band_contract3(core, *s[0], *s[1], *s[2])
-    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    rows = _Rows(be, dev, 2)
+    C = rows.C
+    cases = [((9, 4, 11), (-3, -1, 2), (9, 6, 7), 7), ((6, 8, 5), (-2, -2, -2), (6, 8, 5), 5)]
+    refs, finals = [], []
+    for s, (shp, offs, outs, kl) in enumerate(cases):
+        core = (rng.random(shp) * (rng.random(shp) > 0.4)).astype(np.float32)
+        kern = rng.random(kl).astype(np.float32)
+        refs.append(k.toeplitz_contract3(core, offs[0], kern, outs[0], offs[1], kern, outs[1],
+                                         offs[2], kern, outs[2]))  # fmt: skip
+        rows.put(s, "FRAC", core)
+        rows.set(s, "B0", *shp)
+        rows.set(s, "GD1", outs[0], shp[1], shp[2])
+        rows.set(s, "GD2", outs[0], outs[1], shp[2])
+        rows.set(s, "G_0", *outs)
+        kd = rows.put(s, "GKERN0", kern)
+        rows.T[s, [C.GKERN1, C.GKERN2]] = be.ptr(kd)
+        rows.set(s, "GKLEN0", kl, kl, kl)
+        rows.set(s, "GOFF0", *offs)
+        rows.put(s, "GA", np.full((outs[0], shp[1], shp[2]), np.nan, np.float32))
+        rows.put(s, "GB", np.full((outs[0], outs[1], shp[2]), np.nan, np.float32))
+        finals.append(rows.put(s, "GRID", np.full(outs, np.nan, np.float32)))
+    for a, src, dims, dst in ((0, C.FRAC, C.B0, C.GA), (1, C.GA, C.GD1, C.GB),
+                              (2, C.GB, C.GD2, C.GRID)):  # fmt: skip
+        rows.launch("sg_seg_conv", 800, np.int32(a), np.int32(src), np.int32(dims),
+                    np.int32(C.GKERN0 + a), np.int32(C.GKLEN0 + a), np.int32(C.GOFF0 + a),
+                    np.int32(C.G_0 + a), np.int32(dst))  # fmt: skip
+    for ref, out in zip(refs, finals, strict=True):
+        np.testing.assert_array_equal(be.download(out), ref)
 
 
-def test_blur_band_twin_matches_the_reference():
-    """The driver's blur bands (numba, from the cached kernel) equal _geometry.blur_band."""
-    from synthgen._geometry import blur_band
+def test_shape_weights_in_one_call_are_the_cpu_weights(small_phantom, organ_masks):
+    """The driver's batched B-spline weights (one numba call for many tumors) equal the
+    per-tumor arithmetic of rendering._shape_inputs, bit for bit."""
+    from synthgen._geometry import prefilter
+    from synthgen.rendering import _shape_inputs
 
-    rng = np.random.default_rng(11)
-    for _ in range(200):
-        n = int(rng.integers(1, 90))
-        sigma = float(rng.choice([rng.uniform(0.0, 0.3), rng.uniform(0.3, 9.0)]))
-        ref = blur_band(n, sigma, 3.0)
-        got = _segments._blur_band(sigma, n)
-        assert got[0].dtype == ref[0].dtype and got[1].dtype == ref[1].dtype
-        np.testing.assert_array_equal(got[0], ref[0])
-        np.testing.assert_array_equal(got[1], ref[1])
+    ph = small_phantom
+    tumors, boxes = [], []
+    for seed in range(6):
+        plan = _plan(ph, organ_masks["liver"], "liver-classic", seed, "mix")
+        for t in plan.tumors:
+            box = synthgen.rendering.tumor_box(t, plan.spacing, plan.shape, plan.organ_bbox)
+            if box is not None:
+                tumors.append(t)
+                boxes.append(box)
+    g = tumors[0].displacement.shape[1]
+    tumors = [t for t in tumors if t.displacement.shape[1] == g]
+    boxes = boxes[: len(tumors)]
+    lo = np.array([[b.start for b in box] for box in boxes], np.int64)
+    hi = np.array([[b.stop for b in box] for box in boxes], np.int64)
+    lens = (hi - lo) * g
+    off = (np.cumsum(lens.ravel()) - lens.ravel()).reshape(-1, 3)
+    out = np.full(int(lens.sum()), np.nan, np.float32)
+    k.shape_weights_nb(lo, hi, np.array([t.center_vox for t in tumors], np.int64),
+                       np.tile(np.asarray(ph.spacing, float), (len(tumors), 1)),
+                       np.array([t.control_extent_mm for t in tumors], float), g, prefilter(g),
+                       off, out)  # fmt: skip
+    for s, (t, box) in enumerate(zip(tumors, boxes, strict=True)):
+        pos = [(np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * ph.spacing[a]
+               for a in range(3)]  # fmt: skip
+        _, w, _, _ = _shape_inputs(t, pos)
+        for a in range(3):
+            got = out[off[s, a] : off[s, a] + lens[s, a]].reshape(-1, g)
+            np.testing.assert_array_equal(got, w[a])
 
 
 def test_kernel_blocks(backend):
