@@ -705,13 +705,20 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
 
 
 def _partners(job_of: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict[int, list[int]]:
-    """Per row, the (ascending) rows of the same job whose tight boxes ``[lo, hi)`` overlap."""
-    if len(job_of) < 2:
-        return {}
-    ov = ((lo[:, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[:, None, :])).all(axis=2)
-    ov &= job_of[:, None] == job_of[None, :]
-    np.fill_diagonal(ov, False)
-    return {int(q): np.flatnonzero(row).tolist() for q, row in enumerate(ov) if row.any()}
+    """Per row, the (ascending) rows of the same job whose tight boxes ``[lo, hi)`` overlap
+    (compared within each job only: the cost grows with the tumors per plan, not the batch)."""
+    out: dict[int, list[int]] = {}
+    for j in np.unique(job_of):
+        rows = np.flatnonzero(job_of == j)
+        if rows.size < 2:
+            continue
+        a, b = lo[rows], hi[rows]
+        ov = ((a[:, None, :] < b[None, :, :]) & (a[None, :, :] < b[:, None, :])).all(axis=2)
+        np.fill_diagonal(ov, False)
+        for r, row in zip(rows.tolist(), ov, strict=True):
+            if row.any():
+                out[r] = rows[row].tolist()
+    return out
 
 
 class _Shifted:
