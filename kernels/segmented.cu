@@ -118,6 +118,25 @@ extern "C" __global__ void sg_seg_gather(const long long* __restrict__ T, int F)
     }
 }
 
+// A separable pass along `axis` of an input (n0, n1, n2) into an output (o0, o1, o2): output
+// element t reads the input line through it, returned as its first element, with the line's
+// stride and t's index o along the axis.
+SG_FN const float* sg_pass_line(const float* in, long long t, int axis, int n1, int n2, int o1,
+                                int o2, long long* stride, int* o) {
+    int a, b, c;
+    sg_unravel3(t, o1, o2, &a, &b, &c);
+    if (axis == 2) {
+        *stride = 1; *o = c;
+        return in + ((long long)a * n1 + b) * n2;
+    }
+    if (axis == 1) {
+        *stride = n2; *o = b;
+        return in + (long long)a * n1 * n2 + c;
+    }
+    *stride = (long long)n1 * n2; *o = a;
+    return in + (long long)b * n2 + c;
+}
+
 // One banded contraction pass along `axis` for every segment: the input (d0, d1, d2) at
 // address column c_in, its sizes at columns c_dim.. c_dim+2, the band (start int64 rows,
 // float32 weights (m, K)) at c_s / c_w with m at c_m and K at c_k; the output at c_out.
@@ -136,18 +155,9 @@ extern "C" __global__ void sg_seg_band(const long long* __restrict__ T, int F, i
     int o0 = axis == 0 ? m : n0, o1 = axis == 1 ? m : n1, o2 = axis == 2 ? m : n2;
     long long total = (long long)o0 * o1 * o2;
     SG_SEG_LOOP(total) {
-        int a, b, c;
-        sg_unravel3(t, o1, o2, &a, &b, &c);
         long long stride;
-        const float* in0;
         int o;
-        if (axis == 2) {
-            stride = 1; o = c; in0 = in + ((long long)a * n1 + b) * n2;
-        } else if (axis == 1) {
-            stride = n2; o = b; in0 = in + (long long)a * n1 * n2 + c;
-        } else {
-            stride = (long long)n1 * n2; o = a; in0 = in + (long long)b * n2 + c;
-        }
+        const float* in0 = sg_pass_line(in, t, axis, n1, n2, o1, o2, &stride, &o);
         out[t] = sg_band_point(in0, stride, s, w, K, o);
     }
 }
@@ -178,18 +188,9 @@ extern "C" __global__ void sg_seg_conv(const long long* __restrict__ T, int F, i
     int o0 = axis == 0 ? m : n0, o1 = axis == 1 ? m : n1, o2 = axis == 2 ? m : n2;
     long long total = (long long)o0 * o1 * o2;
     SG_SEG_LOOP(total) {
-        int a, b, c;
-        sg_unravel3(t, o1, o2, &a, &b, &c);
         long long stride;
-        const float* in0;
         int o;
-        if (axis == 2) {
-            stride = 1; o = c; in0 = in + ((long long)a * n1 + b) * n2;
-        } else if (axis == 1) {
-            stride = n2; o = b; in0 = in + (long long)a * n1 * n2 + c;
-        } else {
-            stride = (long long)n1 * n2; o = a; in0 = in + (long long)b * n2 + c;
-        }
+        const float* in0 = sg_pass_line(in, t, axis, n1, n2, o1, o2, &stride, &o);
         long long c0 = o + off;
         long long s = c0 < 0 ? 0 : (c0 > n_in - kk ? n_in - kk : c0);
         const float* src = in0 + s * stride;
