@@ -18,8 +18,8 @@ sample replayed once, in sequence (a long run: tables reused between samples).
 ``benchmarks/gpu_check.py`` reports the same figure measured on the GPU machine.
 
 Rows: ``liver-classic`` on the 1 mm benchmark phantom (320x320x224, 1.6 L liver), per size
-class, the image "resident on the device" and rendered in place, one plan per call, and the
-mix in batches of 16 plans per call. Planning (``Synthesizer.plan``) is host work too and is
+class, the image "resident on the device" and rendered in place, one plan per call; then
+tiny, small and mix in batches of 16 plans per call. Planning (``Synthesizer.plan``) is host work too and is
 reported in its own column.
 
 Usage::
@@ -168,19 +168,22 @@ def run(quick: bool = False) -> dict[str, Any]:
                      round(statistics.median(steady), 2),
                      round(1e3 * sum(steady) / sum(tumors))])  # fmt: skip
         print(f"  {cls}: host {rows[-1][3]} (cold) / {rows[-1][5]} ms/sample", file=sys.stderr)
-    # batched: 16 mix plans per call
-    plans = [syn.plan(img, mask, seed=seed + i, size="mix", organ_index=idx) for i in range(16)]
-    log = record(plans)
-    reps = 2 if quick else 4
-    cold_b = min(replay(plans, log, True) for _ in range(reps)) / len(plans)
-    _segments.clear_caches()
-    for p, lg in zip(warm, warm_logs, strict=True):
-        replay([p], lg, False)
-    steady_b = replay(plans, log, False) / len(plans)
-    tumors = sum(len(p.tumors) for p in plans)
-    rows.append(["mix, 16 plans per call", round(tumors / 16, 1), None, round(cold_b, 2),
-                 round(1e3 * cold_b * 16 / tumors), round(steady_b, 2),
-                 round(1e3 * steady_b * 16 / tumors)])  # fmt: skip
+    # batched: 16 plans per call (render_batch, BatchTumorSynthesis)
+    for cls in ("tiny", "small", "mix"):
+        plans = [syn.plan(img, mask, seed=seed + i, size=cls, organ_index=idx)
+                 for i in range(16)]  # fmt: skip
+        seed += 16
+        log = record(plans)
+        reps = 2 if quick else 4
+        cold_b = min(replay(plans, log, True) for _ in range(reps)) / len(plans)
+        _segments.clear_caches()
+        for p, lg in zip(warm, warm_logs, strict=True):
+            replay([p], lg, False)
+        steady_b = replay(plans, log, False) / len(plans)
+        tumors = sum(len(p.tumors) for p in plans)
+        rows.append([f"{cls}, 16 plans per call", round(tumors / 16, 1), None, round(cold_b, 2),
+                     round(1e3 * cold_b * 16 / tumors), round(steady_b, 2),
+                     round(1e3 * steady_b * 16 / tumors)])  # fmt: skip
     return {
         "name": "bench_gpu_host",
         "tables": [
