@@ -169,13 +169,17 @@ def test_dtypes(backend, small_phantom, organ_masks, dtype):
 
 
 def test_batched_render_equals_one_by_one(backend, small_phantom, organ_masks):
-    """Many plans of one scan and of another organ in one batch: each result as alone."""
+    """Many plans of one scan and of other organs (hollow-organ wall tumors included) in one
+    batch: each result as alone."""
     be, dev = backend
     ph = small_phantom
     img = dev(ph.image)
     jobs = [("liver-classic", "liver", "mix", s) for s in range(6)]
     jobs += [("kidney", "kidney_left", "large", 11), ("pancreas", "pancreas", None, 12)]
+    # wall tumors (host rows) mixed with ellipsoid rows in one batch
+    jobs += [("colon", "colon", None, 13), ("liver-classic", "liver", "mix", 14)]
     plans = [_plan(ph, organ_masks[o], p, s, z) for p, o, z, s in jobs]
+    assert any(t.kind == "wall" for t in plans[-2].tumors)
     masks = [dev(organ_masks[o]) for _, o, _, _ in jobs]
     be_launches = len(getattr(be, "launches", []))
     batch = _cuda.render_on_gpu(plans, [img] * len(plans), masks, device_id=0, be=be)
