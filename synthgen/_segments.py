@@ -25,6 +25,7 @@ and norms. ``benchmarks/bench_gpu_host.py`` measures what this preparation costs
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -334,6 +335,19 @@ def _grid_shape(d) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _stack_lists(items, shape: tuple[int, ...]) -> np.ndarray:
+    """``np.asarray(items, float64)`` for nested lists (or arrays) of one ``shape``, about
+    twice as fast for the plan's JSON lists: flattened by iteration, then checked."""
+    chain = itertools.chain.from_iterable
+    flat = items
+    for _ in shape:
+        flat = chain(flat)
+    out = np.fromiter(flat, dtype=np.float64)
+    if out.size != len(items) * math.prod(shape):
+        raise ValueError(f"control displacements of unequal shapes (expected {shape})")
+    return out.reshape(len(items), *shape)
+
+
 def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> None:
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
     ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``."""
@@ -355,7 +369,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     g_of = np.zeros(n_all, dtype=np.int64)
     groups = []
     for shp, qs in by_g.items():
-        d = np.asarray([ts[q].displacement_mm for q in qs], dtype=np.float64)
+        d = _stack_lists([ts[q].displacement_mm for q in qs], shp)
         disp_max[qs] = 1.6 * np.abs(d.reshape(len(qs), -1)).max(axis=1) if d[0].size else 0.0
         ref = pack.add(d.astype(np.float32))
         ctrl_ref[qs] = ref
