@@ -179,16 +179,11 @@ def blur_band(n: int, sigma_vox: float, truncate: float = 3.0):
     """
     k = gaussian_kernel1d(sigma_vox, truncate)
     r = (k.size - 1) // 2
-    # row o holds k[c - o + r] at columns a <= c < b (every kernel value is positive): the
-    # band of that matrix (to_band), built without it
-    o = np.arange(n)
-    a, b = np.maximum(0, o - r), np.minimum(n, o + r + 1)
-    kk = min(int(max(1, (b - a).max())), n)
-    start = np.minimum(a, n - kk).astype(np.int64)
-    cols = start[:, None] + np.arange(kk)[None, :]
-    inside = (cols >= a[:, None]) & (cols < b[:, None])
-    w = np.where(inside, k[np.clip(cols - o[:, None] + r, 0, k.size - 1)], 0.0)
-    return start, np.ascontiguousarray(w.astype(np.float32))
+    m = np.zeros((n, n))
+    for o in range(n):
+        a, b = max(0, o - r), min(n, o + r + 1)
+        m[o, a:b] = k[a - o + r : b - o + r]
+    return to_band(m)
 
 
 def gaussian_band(

@@ -37,7 +37,15 @@ import numpy as np
 from ._appearance import blend_params
 from ._geometry import gaussian_kernel1d
 from ._texture import texture_recipe
-from .rendering import BLUR_TRUNCATE, RenderResult, _output_range, assemble, tumor_box
+from .rendering import (
+    BLUR_TRUNCATE,
+    RenderResult,
+    _output_range,
+    assemble,
+    conservative_boxes,
+    tumor_arrays,
+    tumor_box,
+)
 
 __all__ = ["POISON", "render_segments"]
 
@@ -197,16 +205,14 @@ def _strides(a) -> tuple[int, int, int]:
 class _JobInfo:
     """What every row of one job shares: device addresses, dtype codes, strides, ranges."""
 
-    __slots__ = (
-        "box_hi",
-        "box_lo",
+    __slots__ = (  # img: where phase A reads the image and the write-back writes it
         "cmax",
         "cmin",
-        "dst",
         "hi",
         "img",
         "lo",
         "org",
+        "organ_box",
         "organ_hu",
         "round",
         "shape",
@@ -220,8 +226,7 @@ class _JobInfo:
         self.sp = tuple(float(x) for x in plan.spacing)
         self.shape = tuple(int(x) for x in plan.shape)
         ob = plan.organ_bbox
-        self.box_lo = tuple(int(ob[a][0]) for a in range(3)) if ob is not None else None
-        self.box_hi = tuple(int(ob[a][1]) for a in range(3)) if ob is not None else None
+        self.organ_box = None if ob is None else tuple(np.asarray(ob, dtype=np.int64).T)
         self.img = (
             (be.ptr(job.target), dtype_code(dtype), _strides(job.target))
             if job.target_on_device
@@ -231,7 +236,6 @@ class _JobInfo:
         self.org = (
             (be.ptr(org), dtype_code(org.dtype), _strides(org)) if job.organ_on_device else None
         )
-        self.dst = self.img
         self.round = int(dtype.kind in "iu")
         self.lo, self.hi = _output_range(dtype)
         c = job.preset.contrast
@@ -271,33 +275,6 @@ class _Arena:
         return self.dev[o : o + math.prod(shape)].reshape(shape)
 
 
-def _conservative_boxes(ts, infos, jidx, disp_max):
-    """``(lo, hi, ok)`` of :func:`synthgen.rendering.tumor_box` with ``coarse=False`` for all
-    ellipsoid tumors ``ts`` at once (the same arithmetic, element by element)."""
-    n = len(ts)
-    sp = np.array([infos[j].sp for j in jidx], dtype=np.float64).reshape(n, 3)
-    shape = np.array([infos[j].shape for j in jidx], dtype=np.int64).reshape(n, 3)
-    rot = np.asarray([t.rotation for t in ts], dtype=np.float64).reshape(n, 3, 3)
-    radii = np.asarray([t.radii_mm for t in ts], dtype=np.float64).reshape(n, 3)
-    bound = np.sqrt(((rot * radii[:, None, :]) ** 2).sum(axis=2))
-    ext = bound + disp_max[:, None]
-    r = np.ceil(ext / sp).astype(np.int64) + 1
-    centre = np.asarray([t.center_vox for t in ts], dtype=np.int64).reshape(n, 3)
-    lo, hi = centre - r, centre + r + 1
-    clip = np.array([bool(t.clip_to_organ) and infos[j].box_lo is not None
-                     for t, j in zip(ts, jidx, strict=True)], dtype=bool)  # fmt: skip
-    if clip.any():
-        blo = np.array([infos[j].box_lo or (0, 0, 0) for j in jidx], dtype=np.int64)
-        bhi = np.array([infos[j].box_hi or (0, 0, 0) for j in jidx], dtype=np.int64)
-        lo = np.where(clip[:, None], np.maximum(lo, blo), lo)
-        hi = np.where(clip[:, None], np.minimum(hi, bhi), hi)
-    lo, hi = np.maximum(lo, 0), np.minimum(hi, shape)
-    ok = (hi > lo).all(axis=1)
-    blur = np.asarray([t.blur_sigma_mm for t in ts], dtype=np.float64)
-    pad = np.ceil((BLUR_TRUNCATE * blur)[:, None] / sp).astype(np.int64) + 1
-    return np.maximum(lo - pad, 0), np.minimum(hi + pad, shape), ok, centre, rot, radii, sp, pad
-
-
 def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     """Render ``jobs`` (``synthgen._cuda.Job``) on backend ``be``: see the module docstring."""
     C = _columns()
@@ -311,15 +288,15 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
                 ts.append(t)
                 jidx.append(j)
                 iidx.append(i)
-    results_stats: dict[tuple[int, int], tuple[int, float]] = {}
-    masks: dict[tuple[int, int], tuple[tuple[slice, slice, slice], Any]] = {}
+    # per plan: tumor index -> (voxels, mean change) and -> (tight box, mask on it)
+    results_stats: list[dict[int, tuple[int, float]]] = [{} for _ in jobs]
+    masks: list[dict[int, tuple[tuple[slice, slice, slice], Any]]] = [{} for _ in jobs]
     if ts or walls:
         _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C)
-    out = []
-    for j, job in enumerate(jobs):
-        st = {i: v for (jj, i), v in results_stats.items() if jj == j}
-        mk = {i: v for (jj, i), v in masks.items() if jj == j}
-        out.append(assemble(job.plan, job.target, job.organ, st, mk, job.affine))
+    out = [
+        assemble(job.plan, job.target, job.organ, results_stats[j], masks[j], job.affine)
+        for j, job in enumerate(jobs)
+    ]
     return out
 
 
@@ -376,7 +353,14 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         ctrl_off[qs] = np.arange(len(qs)) * int(np.prod(shp))
         g_of[qs] = shp[1]
         groups.append((shp[1], np.asarray(qs)))
-    lo, hi, ok, centre, rot, radii, sp, pad = _conservative_boxes(ts, infos, jidx, disp_max)
+    arrays = tumor_arrays(ts)
+    centre, rot, radii = arrays[:3]
+    sp = np.array([infos[j].sp for j in jidx], dtype=np.float64).reshape(n_all, 3)
+    shapes = np.array([infos[j].shape for j in jidx], dtype=np.int64).reshape(n_all, 3)
+    lo, hi, ok, pad = conservative_boxes(
+        arrays, disp_max, sp, shapes, [infos[j].organ_box for j in jidx]
+    )
+    lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
     for q, t in enumerate(ts):  # host-resident images: the host pass of tumor_box shrinks it
         j = jidx[q]
         if ok[q] and not jobs[j].target_on_device:
@@ -589,14 +573,14 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     T[:, C.PART] = base[refs[:, 13]]
     T[:, C.NPART] = [len(parts.get(q, ())) for q in range(nl)]
     jinfo = [infos[j] for j in job_of]
-    dev_dst = np.array([i.dst is not None for i in jinfo], dtype=bool)
-    if dev_dst.any():
-        T[dev_dst, C.DST] = [i.dst[0] for i in jinfo if i.dst is not None]
-        T[dev_dst, C.DST_CODE] = [i.dst[1] for i in jinfo if i.dst is not None]
-        T[dev_dst, C.DS0 : C.DS2 + 1] = [i.dst[2] for i in jinfo if i.dst is not None]
-        T[dev_dst, C.DO0 : C.DO2 + 1] = to[dev_dst]
-    if not dev_dst.all():
-        h = ~dev_dst
+    dev_img = np.array([i.img is not None for i in jinfo], dtype=bool)
+    if dev_img.any():
+        T[dev_img, C.DST] = [i.img[0] for i in jinfo if i.img is not None]
+        T[dev_img, C.DST_CODE] = [i.img[1] for i in jinfo if i.img is not None]
+        T[dev_img, C.DS0 : C.DS2 + 1] = [i.img[2] for i in jinfo if i.img is not None]
+        T[dev_img, C.DO0 : C.DO2 + 1] = to[dev_img]
+    if not dev_img.all():
+        h = ~dev_img
         T[h, C.DST], T[h, C.DST_CODE] = fcol["out"][h], 0
         T[h, C.DS0], T[h, C.DS1], T[h, C.DS2] = tn[h, 1] * tn[h, 2], tn[h, 2], 1
     T[:, C.ROUND] = [i.round for i in jinfo]
@@ -706,14 +690,14 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         tight = tuple(slice(to_l[q][a], to_l[q][a] + shp[a]) for a in range(3))
         cnt, acc = host_stats[q]
         cnt = int(cnt)
-        results_stats[key] = (cnt, acc / cnt if cnt else 0.0)
+        results_stats[key[0]][key[1]] = (cnt, acc / cnt if cnt else 0.0)
         m = pack.view(host_refs[q - ne][2]) if q >= ne else u8.view(q, 1, shp)
         if not job.target_on_device:
             sel = be.download(f32.view(q, F32.index("merged"), shp)) != 0
             o = be.download(f32.view(q, F32.index("out"), shp))  # written where sel only
             job.target[tight][sel] = o[sel].astype(job.target.dtype)
             m = be.download(m).view(np.bool_)
-        masks[key] = (tight, m)
+        masks[key[0]][key[1]] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
     del pack_a, fa, ua, f32, u8, zero
 
