@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from _grids import ramps
 from scipy import ndimage
 
 from synthgen import mass_effect as me
@@ -42,15 +43,6 @@ def _support(field: me.MassEffectField) -> np.ndarray:
     d = np.stack(np.meshgrid(*axes, indexing="ij"))
     p = np.einsum("ab,bijk->aijk", field.metric, d)
     return (p * p).sum(axis=0) < 1.0
-
-
-def _ramps(shape):
-    return [
-        np.broadcast_to(
-            np.arange(n, dtype=np.float64).reshape([n if a == b else 1 for b in range(3)]), shape
-        ).copy()
-        for a, n in enumerate(shape)
-    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -203,7 +195,7 @@ def test_labels_come_from_the_image_sample_points(order):
     sp = (1.0, 0.9, 1.6)
     src = []
     lab = None
-    for ramp in _ramps(shape):
+    for ramp in ramps(shape):
         ramp = np.asarray(ramp, order=order)
         lab_in = np.asarray(ids, order=order)
         res = me.apply_mass_effect(ramp, [lab_in], [t1, t2], sp, strength=0.4, **ALWAYS)

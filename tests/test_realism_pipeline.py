@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from _datasets import write_dataset
+from _grids import ramps
 from typer.testing import CliRunner
 
 import synthgen
@@ -34,15 +35,6 @@ def scan(ellipsoid_scan):
 def _sample(scan, preset="liver", seed=11, size="large"):
     image, organ = scan
     return synthgen.synthesize(image, organ, organ=preset, spacing=SPACING, seed=seed, size=size)
-
-
-def _ramps(shape):
-    return [
-        np.broadcast_to(
-            np.arange(n, dtype=np.float64).reshape([n if a == b else 1 for b in range(3)]), shape
-        ).copy()
-        for a, n in enumerate(shape)
-    ]
 
 
 def _outside_tumor_boxes(res) -> np.ndarray:
@@ -86,7 +78,7 @@ def test_synthesize_warps_image_and_organ_from_the_same_source_voxels(scan):
     # input organ at the voxel nearest to s(x): the same source as its image voxel.
     keep = _outside_tumor_boxes(res)
     src = []
-    for ramp in _ramps(image.shape):
+    for ramp in ramps(image.shape):
         r = synthgen.render(res.plan, ramp, organ)
         assert np.array_equal(r.organ_mask, res.organ_mask)  # the warp depends on the plan only
         src.append(r.image)
