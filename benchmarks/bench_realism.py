@@ -43,14 +43,13 @@ if __package__ in (None, ""):  # run by path: make `benchmarks` and `synthgen` i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as C
-from synthgen.presets import ORGANS
+from synthgen.presets import EXTRAS, ORGANS
 
 NAME = "bench_realism"
 # Project target (a goal, NOT a measurement): extras / plain per sample.
 TARGET_RATIO = 2.0
 ORGAN_GRID = ((256, 256, 160), (1.5, 1.5, 2.0))
 LIVER_CLASSES = ("tiny", "small", "medium", "large", "mix")
-EXTRAS = ("vessels", "mass_effect", "appearance")
 
 
 def _settings(quick: bool) -> dict[str, int]:

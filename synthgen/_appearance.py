@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from ._geometry import binary as _binary
+from ._geometry import sample_step
 from ._hash import stream_key
 
 __all__ = [
@@ -42,7 +44,6 @@ __all__ = [
     "equivalent_radius",
     "measure_noise",
     "modes",
-    "needs_q",
     "noise_split",
 ]
 
@@ -172,11 +173,6 @@ def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | Non
     return app.astype(np.float32), np.asarray(keys, dtype=np.uint32)
 
 
-def needs_q(t, organ_noise_hu: float | None, organ_noise_grain: float | None) -> bool:
-    """Whether the blend of ``t`` runs the appearance path (and so reads ``q^2``)."""
-    return blend_params(t, organ_noise_hu, organ_noise_grain) is not None
-
-
 def _robust_sd(d: np.ndarray) -> float:
     """SD of the bulk of ``d``: 3-sigma clipped around the median (sigma from the MAD), so
     edges and vessels do not count and integer HU do not quantise the estimate."""
@@ -206,9 +202,7 @@ def measure_noise(
     ``sd^2 = sw^2 + sc^2`` and ``grain = sc^2 / sd^2``. Smooth anatomy barely moves 1-2 voxel
     differences; edges and vessels are clipped away.
     """
-    from .planning import _binary
-
-    step = max(1, round((count / float(target)) ** (1.0 / 3.0)))
+    step = sample_step(count, target)
     d1, d2 = [], []
     for a in range(3):
         if bbox[a].stop - bbox[a].start < 3:

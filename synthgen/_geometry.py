@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 __all__ = [
+    "binary",
     "blur_band",
     "bspline_weights",
     "dense_displacement",
@@ -21,6 +22,7 @@ __all__ = [
     "gaussian_kernel1d",
     "gaussian_matrix",
     "prefilter",
+    "sample_step",
     "to_band",
 ]
 
@@ -208,3 +210,19 @@ def lattice_range(lo: float, hi: float, step: float, margin: float) -> np.ndarra
     a = math.floor((lo - margin) / step)
     b = math.ceil((hi + margin) / step)
     return np.arange(a, b + 1, dtype=np.int64)
+
+
+def binary(a) -> np.ndarray:
+    """A region of a mask as a NumPy bool array: bool as is, numbers ``> 0.5`` (CuPy and
+    torch regions are copied to the host)."""
+    if hasattr(a, "get") and not isinstance(a, np.ndarray):  # CuPy
+        a = a.get()
+    elif hasattr(a, "detach"):  # torch
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    return a if a.dtype == np.bool_ else a > 0.5
+
+
+def sample_step(count: int, target: int = 20000) -> int:
+    """The stride per axis that leaves about ``target`` of ``count`` voxels (at least 1)."""
+    return max(1, round((count / float(target)) ** (1.0 / 3.0)))

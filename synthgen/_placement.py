@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._geometry import binary as _binary
+from ._geometry import sample_step
+
 __all__ = ["Constraints", "bright_vessels"]
 
 # Draws per relaxation level and tumor (rejection sampling, bounded).
@@ -38,16 +41,6 @@ K_SD = 3.0
 MIN_DELTA_HU = 30.0
 MIN_VOXELS = 4
 MIN_VOLUME_MM3 = 30.0
-
-
-def _binary(a) -> np.ndarray:
-    """A region of a mask as a NumPy bool array (GPU arrays are copied to the host)."""
-    if hasattr(a, "get") and not isinstance(a, np.ndarray):  # CuPy
-        a = a.get()
-    elif hasattr(a, "detach"):  # torch
-        a = a.detach().cpu().numpy()
-    a = np.asarray(a)
-    return a if a.dtype == np.bool_ else a > 0.5
 
 
 def expand(
@@ -83,7 +76,7 @@ def bright_vessels(
     n = int(np.count_nonzero(org))
     if n == 0:
         return np.zeros(org.shape, dtype=bool)
-    step = max(1, round((n / 20000.0) ** (1.0 / 3.0)))
+    step = sample_step(n)
     vals = img[::step, ::step, ::step][org[::step, ::step, ::step]]
     if vals.size < 16:
         vals = img[org]

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from ._appearance import draw_appearance
+from ._geometry import binary as _binary
+from ._geometry import sample_step
 from ._hash import derive_seed
 from ._placement import Constraints
 from .presets import Preset, SizeClass, load_preset, preset_from_dict
@@ -31,6 +33,9 @@ __all__ = [
     "make_plan",
     "resolve_spacing",
 ]
+
+#: The random stream of placement retries ("plac"), apart from the tumor's first draws.
+PLACEMENT_STREAM = 0x706C6163
 
 PLAN_VERSION = 1
 
@@ -270,10 +275,6 @@ def index_organ(organ_mask: np.ndarray) -> OrganIndex:
     return OrganIndex(bbox=bbox, count=count, shape=tuple(int(n) for n in organ_mask.shape))
 
 
-def _binary(a: np.ndarray) -> np.ndarray:
-    return a if a.dtype == np.bool_ else a > 0.5
-
-
 # --------------------------------------------------------------------------------------
 # sampling
 # --------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 def _measure_organ_hu(image, organ_mask, bbox, count) -> float:
     """Median HU of the organ from a strided sample of about 20,000 of its voxels."""
-    step = max(1, round((count / 20000.0) ** (1.0 / 3.0)))
+    step = sample_step(count)
     sl = tuple(slice(s.start, s.stop, step) for s in bbox)
     m = _binary(organ_mask[sl])
     vals = np.asarray(image[sl])[m]
@@ -592,7 +593,7 @@ def make_plan(
             centre = keep_clear.place(
                 lambda gen, at=cls.at_organ_center: placer.draw(gen, at),
                 rng,
-                (int(seed), idx, 0x706C6163),  # retries: their own stream ("plac")
+                (int(seed), idx, PLACEMENT_STREAM),
                 radii,
                 rot,
                 fixed=cls.at_organ_center,
@@ -648,7 +649,7 @@ def _wall_tumor(preset, cls, rng, idx, seed, image, organ_mask, sp, placer, keep
     p0 = keep_clear.place(
         lambda gen: placer.draw(gen, False),
         rng,
-        (seed, idx, 0x706C6163),
+        (seed, idx, PLACEMENT_STREAM),
         radii,
         np.eye(3),
         label=f"{cls.name} wall tumor {idx}",

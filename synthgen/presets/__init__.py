@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._hollow import WALL_MODES
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -284,9 +286,7 @@ class WallParams:
         irregularity: Relative modulation of the thickness by the texture (lobulation).
     """
 
-    modes: dict[str, float] = field(
-        default_factory=lambda: {"annular": 1.0, "eccentric": 1.0, "polypoid": 1.0}
-    )
+    modes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(WALL_MODES, 1.0))
     thickness_mm: tuple[float, float] = (8.0, 20.0)
     shoulder: tuple[float, float] = (0.2, 0.5)
     arc_deg: tuple[float, float] = (90.0, 270.0)
@@ -469,9 +469,7 @@ def _parse_class(ctx: _Ctx, name: str, t: dict[str, Any]) -> SizeClass:
 def _parse_wall(ctx: _Ctx, t: Any) -> WallParams:
     wl = _take(ctx, t, "wall", set(WallParams.__dataclass_fields__))
     d = WallParams()
-    modes_t = _take(
-        ctx, wl.get("modes", d.modes), "wall.modes", {"annular", "eccentric", "polypoid"}
-    )
+    modes_t = _take(ctx, wl.get("modes", d.modes), "wall.modes", set(WALL_MODES))
     modes = {n: _num(ctx, f"wall.modes.{n}", v, lo=0) for n, v in modes_t.items()}
     if sum(modes.values()) <= 0:
         raise ctx.fail("wall.modes", "weights must not all be zero")
@@ -764,7 +762,7 @@ def without_extras(spec: str | Path | Preset, keep: tuple[str, ...] = ()) -> Pre
     bad = set(keep) - set(EXTRAS)
     if bad:
         raise ValueError(f"unknown extras {sorted(bad)}; known: {', '.join(EXTRAS)}")
-    d = copy.deepcopy(load_preset(spec).to_dict())
+    d = load_preset(spec).to_dict()  # a fresh copy
     d["name"] = f"{d['name']}-plain"
     if "vessels" not in keep:
         d.setdefault("placement", {})["vessel_clearance_mm"] = 0.0
