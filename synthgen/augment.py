@@ -144,6 +144,7 @@ def implant_tumors(
         organ,
         labels=[out_label],
         labels_inplace=True,
+        organ_inplace=organ_mask is None,  # a temporary built from the label: warp it as is
         out=out_image,
         device=synthesizer.device,
         affine=affine,

@@ -147,10 +147,6 @@ class MassEffectField:
             "box": [[s.start, s.stop] for s in self.box],
         }
 
-    def max_displacement_mm(self) -> float:
-        """Largest displacement of the field (on the tumor surface, longest axis), mm."""
-        return self.strength * max(self.radii_mm)
-
 
 def _tumor_list(tumors: Any) -> list:
     return list(tumors.tumors) if hasattr(tumors, "tumors") else list(tumors)
