@@ -33,6 +33,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -220,6 +221,79 @@ def bench_classes(g: Gpu, quick: bool) -> list[dict]:
     return rows
 
 
+class _KernelTimer:
+    """The backend with every launch bracketed by CUDA events (wall clock when emulated):
+    each kernel's device time, summed by name."""
+
+    def __init__(self, g: Gpu) -> None:
+        self._g = g
+        self._be = g.be
+        self.marks: list[tuple[str, Any, Any]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._be, name)
+
+    def launch2d(self, name, *args):
+        if self._g.emulate:
+            t0 = time.perf_counter()
+            self._be.launch2d(name, *args)
+            self.marks.append((name, t0, time.perf_counter()))
+            return
+        cp = self._be.xp
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        self._be.launch2d(name, *args)
+        b.record()
+        self.marks.append((name, a, b))
+
+    def per_kernel(self) -> dict[str, list[float]]:
+        """ms per launch by kernel name (after the work is done)."""
+        out: dict[str, list[float]] = {}
+        for name, a, b in self.marks:
+            if self._g.emulate:
+                ms = (b - a) * 1e3
+            else:
+                b.synchronize()
+                ms = self._be.xp.cuda.get_elapsed_time(a, b)
+            out.setdefault(name, []).append(ms)
+        return out
+
+
+def bench_kernels(g: Gpu, ph=None) -> list[dict]:
+    """Device time of each kernel of one render of a ``mix`` batch of 16 plans (and of one
+    plan), from CUDA events around each launch: where the device's time goes."""
+    ph = ph or benchmark_phantom()
+    img_h = np.ascontiguousarray(ph.image)
+    mask_h = np.ascontiguousarray(ph.mask("liver"))
+    idx = synthgen.index_organ(mask_h)
+    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
+    be = g.be
+    img_d, mask_d = be.upload(img_h), be.upload(mask_h)
+    rows = []
+    for n_plans in (1, 2 if g.emulate else 16):
+        plans = [syn.plan(img_h, mask_h, seed=9_000_000 + i, size="mix", organ_index=idx)
+                 for i in range(n_plans)]  # fmt: skip
+        outs = [img_d.copy() for _ in plans]
+        args = (plans, [img_d] * n_plans, [mask_d] * n_plans)
+        _cuda.render_on_gpu(*args, device_id=0, outs=outs, be=be)  # warm-up
+        g.sync()
+        kt = _KernelTimer(g)
+        t0 = time.perf_counter()
+        _cuda.render_on_gpu(*args, device_id=0, outs=outs, be=kt)
+        g.sync()
+        wall = (time.perf_counter() - t0) * 1e3
+        per = kt.per_kernel()
+        busy = sum(sum(v) for v in per.values())
+        for name, ts in sorted(per.items(), key=lambda kv: -sum(kv[1])):
+            rows.append({"plans": n_plans, "kernel": name, "launches": len(ts),
+                         "ms": sum(ts), "share": sum(ts) / busy})  # fmt: skip
+        rows.append({"plans": n_plans, "kernel": "(all kernels)", "launches": len(kt.marks),
+                     "ms": busy, "share": 1.0, "wall_ms": wall})  # fmt: skip
+        print(f"  {n_plans} plan(s): wall {wall:.2f} ms, kernels {busy:.2f} ms")
+        del outs
+    return rows
+
+
 def bench_bandwidth(g: Gpu, ph=None) -> list[dict]:
     """Bandwidth of the fused segmented kernels on a batch of large tumors (re-launched on the
     batch's own tables) against a device-to-device copy."""
@@ -290,16 +364,30 @@ def main() -> int:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--log", type=Path, help="write the whole test output here")
+    ap.add_argument(
+        "--only-kernels",
+        action="store_true",
+        help="only the per-kernel device times (e.g. under a profiler)",
+    )
     args = ap.parse_args()
     t_all = time.perf_counter()
     test_line, rc = ("skipped", 0) if args.skip_tests else run_tests(args.emulate, args.log)
     g = Gpu(args.emulate)
+    if args.only_kernels:
+        bench_kernels(g)
+        return 0
     if not args.emulate:
         from synthgen._device import gpu_report
 
         print(gpu_report())
     print("benchmark: size classes")
     rows = bench_classes(g, args.quick)
+    print("benchmark: device time per kernel")
+    try:
+        kern = bench_kernels(g)
+    except Exception:
+        traceback.print_exc()
+        kern = []
     print("benchmark: fused kernel bandwidth")
     try:
         bw = bench_bandwidth(g)
@@ -323,6 +411,13 @@ def main() -> int:
     for r in bw:
         ms = f"{r['ms']:.3f}" if "ms" in r else "-"
         print(f"| {r['kernel']} | {ms} | {r['gb_s']:.0f} | {100 * r['fraction']:.0f}% |")
+    print()
+    print("| plans | kernel | launches | device ms | share |")
+    print("|---|---|---|---|---|")
+    for r in kern:
+        extra = f" (call's wall time {r['wall_ms']:.2f} ms)" if "wall_ms" in r else ""
+        print(f"| {r['plans']} | {r['kernel']}{extra} | {r['launches']} | {r['ms']:.3f} | "
+              f"{100 * r['share']:.0f}% |")  # fmt: skip
     by = {r["class"]: r for r in rows}
     fused = [r for r in bw if r["kernel"].startswith("sg_seg")]
 
@@ -347,8 +442,8 @@ def main() -> int:
         print(f"target {what}: {'not measured' if ok is None else 'met' if ok else 'NOT met'}")
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"tests": test_line, "classes": rows, "bandwidth": bw},
-                                        indent=1))  # fmt: skip
+        data = {"tests": test_line, "classes": rows, "kernels": kern, "bandwidth": bw}
+        args.json.write_text(json.dumps(data, indent=1))
     failed = len(rows) < len(CLASSES) or len(fused) < 2
     return rc or int(failed)
 
