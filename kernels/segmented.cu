@@ -16,6 +16,11 @@
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (total);         \
          t += (long long)blockDim.x * gridDim.x)
 
+// A block with no element of its segment (the grid is sized for the largest segment) leaves
+// at once: before a block reduction, whose barriers it would otherwise wait through.
+#define SG_SEG_IDLE(total)                                                                    \
+    if ((long long)blockIdx.x * blockDim.x >= (total)) return
+
 // Block reductions: a kernel's per-thread partial results (sums, minima, maxima) are combined
 // within the block (warp shuffles, then one warp over the warps' results) before thread 0
 // issues one atomic per block. One atomic per thread serialised hundreds of thousands of
@@ -53,8 +58,33 @@ template <int OP, class V>
 SG_FN V sg_block_reduce(V v, V) { return v; }
 #endif
 
-// Phase A: gather each tumor's box of the image and organ mask (any dtype, any strides) into
-// float32 / uint8 buffers and evaluate the fused deformed-ellipsoid test there.
+// Phase A, step 1: the (i, j) part of the deformed-ellipsoid test, once per row of each
+// tumor's box (sg_shape_row into the ROWS buffer, 3 + 3 g2 floats a row).
+extern "C" __global__ void sg_seg_rows(const long long* __restrict__ T, int F,
+                                       const double* __restrict__ TD, int FD)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    const double* rd = TD + (long long)blockIdx.y * FD;
+    int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1];
+    const float* ctrl = (const float*)r[SG_CTRL];
+    int g0 = (int)r[SG_G0], g1 = (int)r[SG_G1], g2 = (int)r[SG_G2];
+    const float* w0 = (const float*)r[SG_W0];
+    const float* w1 = (const float*)r[SG_W1];
+    const double* m = rd + SG_D_M;
+    float* rows = (float*)r[SG_ROWS];
+    const long long p0 = r[SG_O0] - r[SG_C0], p1 = r[SG_O1] - r[SG_C1];
+    const double sp0 = rd[SG_D_SP0], sp1 = rd[SG_D_SP1];
+    const int rw = 3 + 3 * g2;
+    long long total = (long long)n0 * n1;
+    SG_SEG_LOOP(total) {
+        int i = (int)(t / n1), j = (int)(t - (long long)i * n1);
+        sg_shape_row(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1, sg_pos_f32(p0 + i, sp0),
+                     sg_pos_f32(p1 + j, sp1), m, rows + t * rw);
+    }
+}
+
+// Phase A, step 2: gather each tumor's box of the image and organ mask (any dtype, any
+// strides) into float32 / uint8 buffers and finish the deformed-ellipsoid test there.
 extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
                                         const float* __restrict__ TF, int FF,
                                         const double* __restrict__ TD, int FD)
@@ -63,11 +93,9 @@ extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
     const float* rf = TF + (long long)blockIdx.y * FF;
     const double* rd = TD + (long long)blockIdx.y * FD;
     int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1], n2 = (int)r[SG_N2];
-    const float* ctrl = (const float*)r[SG_CTRL];
-    int g0 = (int)r[SG_G0], g1 = (int)r[SG_G1], g2 = (int)r[SG_G2];
-    const float* w0 = (const float*)r[SG_W0];
-    const float* w1 = (const float*)r[SG_W1];
+    const int g2 = (int)r[SG_G2], rw = 3 + 3 * g2;
     const float* w2 = (const float*)r[SG_W2];
+    const float* rows = (const float*)r[SG_ROWS];
     const double* m = rd + SG_D_M;
     const void* img = (const void*)r[SG_IMG];
     const void* org = (const void*)r[SG_ORG];
@@ -77,22 +105,25 @@ extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
     float tlo = rf[SG_F_TLO], thi = rf[SG_F_THI];
     int clip = (int)r[SG_CLIP];
     float* q2out = (float*)r[SG_Q2];
+    // the row's values in registers (the stores could alias the tables)
+    const int img_code = (int)r[SG_IMG_CODE], org_code = (int)r[SG_ORG_CODE];
+    const long long is0 = r[SG_IS0], is1 = r[SG_IS1], is2 = r[SG_IS2];
+    const long long os0 = r[SG_OS0], os1 = r[SG_OS1], os2 = r[SG_OS2];
+    const long long o0 = r[SG_O0], o1 = r[SG_O1], o2 = r[SG_O2];
+    const long long p2 = o2 - r[SG_C2];
+    const double sp2 = rd[SG_D_SP2];
     long long total = (long long)n0 * n1 * n2;
     SG_SEG_LOOP(total) {
         int i, j, k;
         sg_unravel3(t, n1, n2, &i, &j, &k);
-        long long gi = r[SG_IS0] * (r[SG_O0] + i) + r[SG_IS1] * (r[SG_O1] + j) +
-                       r[SG_IS2] * (r[SG_O2] + k);
-        long long go = r[SG_OS0] * (r[SG_O0] + i) + r[SG_OS1] * (r[SG_O1] + j) +
-                       r[SG_OS2] * (r[SG_O2] + k);
-        float v = sg_load_f32(img, (int)r[SG_IMG_CODE], gi);
-        unsigned char o = sg_load_bin(org, (int)r[SG_ORG_CODE], go);
+        long long gi = is0 * (o0 + i) + is1 * (o1 + j) + is2 * (o2 + k);
+        long long go = os0 * (o0 + i) + os1 * (o1 + j) + os2 * (o2 + k);
+        float v = sg_load_f32(img, img_code, gi);
+        unsigned char o = sg_load_bin(org, org_code, go);
         orig[t] = v;
         organ[t] = o;
-        float q2 = sg_shape_q2(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1, w2 + k * g2,
-                               sg_pos_f32(r[SG_O0] + i - r[SG_C0], rd[SG_D_SP0]),
-                               sg_pos_f32(r[SG_O1] + j - r[SG_C1], rd[SG_D_SP1]),
-                               sg_pos_f32(r[SG_O2] + k - r[SG_C2], rd[SG_D_SP2]), m);
+        float q2 = sg_shape_q2_row(rows + ((long long)i * n1 + j) * rw, g2, w2 + k * g2,
+                                   sg_pos_f32(p2 + k, sp2), m);
         mask[t] = (unsigned char)((q2 <= 1.0f) && (!clip || o) && v >= tlo && v <= thi);
         if (q2out) q2out[t] = q2;  // the appearance modes of the blend read it
     }
@@ -109,6 +140,7 @@ extern "C" __global__ void sg_seg_bbox(const long long* __restrict__ T, int F,
     int* o = out + 7 * (long long)blockIdx.y;
     int lo0 = n0, hi0 = -1, lo1 = n1, hi1 = -1, lo2 = n2, hi2 = -1, count = 0;
     long long total = (long long)n0 * n1 * n2;
+    SG_SEG_IDLE(total);
     SG_SEG_LOOP(total) {
         if (!mask[t]) continue;
         int i, j, k;
@@ -300,6 +332,7 @@ extern "C" __global__ void sg_seg_tex_stats(const long long* __restrict__ T, int
     const float* g = (const float*)r[SG_GRID];
     float thr = (float)rd[SG_D_THR];
     long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
+    SG_SEG_IDLE(total);
     double above = 0.0, all = 0.0, cnt = 0.0;
     SG_SEG_LOOP(total) {
         float v = g[t];
@@ -441,6 +474,7 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     const long long ds0 = r[SG_DS0], ds1 = r[SG_DS1], ds2 = r[SG_DS2];
     const long long do0 = r[SG_DO0], do1 = r[SG_DO1], do2 = r[SG_DO2];
     long long total = (long long)nx * ny * nz;
+    SG_SEG_IDLE(total);
     double n = 0.0, acc = 0.0;
     SG_SEG_LOOP(total) {
         int i, j, k;

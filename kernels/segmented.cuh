@@ -144,7 +144,10 @@
 // 1: a tumor rendered on the host (a hollow-organ wall tumor) that only joins the merge and
 // the write-back
 #define SG_KIND 135
-#define SG_T_WIDTH 136
+// phase A: the (i, j) part of the shape test per row of the box (sg_shape_row), 3 + 3 g2
+// float32 each
+#define SG_ROWS 136
+#define SG_T_WIDTH 137
 
 // ---- float32 table TF ------------------------------------------------------------------
 #define SG_F_TLO 0

@@ -7,20 +7,21 @@
 #pragma once
 #include "hash.cuh"
 
-// ctrl: (3, g0, g1, g2) float32, C order; w0/w1/w2: the voxel's weight rows (g0/g1/g2);
-// p0, p1, p2: the voxel's position relative to the tumor centre (mm); m: 3x3 float64, row
-// major (diag(1/r) @ R.T). Returns |q|^2 with q = m (x + d(x)).
-SG_FN float sg_shape_q2(const float* ctrl, int g0, int g1, int g2, const float* w0,
-                        const float* w1, const float* w2, float p0, float p1, float p2,
-                        const double* m) {
-    float q[3];
-    for (int c = 0; c < 3; ++c) {
-        // the axis-0/1 part, as the CPU kernel's a_c and m_c2 * pos2
-        q[c] = (float)(m[3 * c + 0] * (double)p0 + m[3 * c + 1] * (double)p1);
-        q[c] = q[c] + (float)m[3 * c + 2] * p2;
-    }
+// The test splits as the CPU kernel splits it: for a fixed (i, j) of the box, q is affine in
+// the axis-2 quantities, q_c = a_c + m_c2 p2 + sum_e bm[c][e] w2[e]. sg_shape_row computes a
+// box row's a_c and bm once (3 g0 g1 g2 products), sg_shape_q2_row each voxel's q^2 from them
+// (3 g2 products): a GPU thread per voxel otherwise redoes the row's work per voxel.
+
+// ctrl: (3, g0, g1, g2) float32, C order; w0/w1: the row's weight rows (g0/g1); p0, p1: the
+// row's position relative to the tumor centre (mm); m: 3x3 float64, row major
+// (diag(1/r) @ R.T). Writes row = (a_0, a_1, a_2, bm[0][0..g2), bm[1][...], bm[2][...]).
+SG_FN void sg_shape_row(const float* ctrl, int g0, int g1, int g2, const float* w0,
+                        const float* w1, float p0, float p1, const double* m, float* row) {
+    // the axis-0/1 part, as the CPU kernel's a_c
+    for (int c = 0; c < 3; ++c)
+        row[c] = (float)(m[3 * c + 0] * (double)p0 + m[3 * c + 1] * (double)p1);
     for (int e = 0; e < g2; ++e) {
-        float row[3];
+        float d[3];
         for (int c = 0; c < 3; ++c) {
             float acc = 0.0f;
             for (int a = 0; a < g0; ++a) {
@@ -28,13 +29,30 @@ SG_FN float sg_shape_q2(const float* ctrl, int g0, int g1, int g2, const float* 
                 for (int b = 0; b < g1; ++b)
                     acc += ctrl[((c * g0 + a) * g1 + b) * g2 + e] * wa * w1[b];
             }
-            row[c] = acc;
+            d[c] = acc;
         }
-        for (int c = 0; c < 3; ++c) {
-            float bm = (float)(m[3 * c + 0] * (double)row[0] + m[3 * c + 1] * (double)row[1] +
-                               m[3 * c + 2] * (double)row[2]);
-            q[c] += bm * w2[e];
-        }
+        for (int c = 0; c < 3; ++c)
+            row[3 + c * g2 + e] = (float)(m[3 * c + 0] * (double)d[0] +
+                                          m[3 * c + 1] * (double)d[1] +
+                                          m[3 * c + 2] * (double)d[2]);
     }
+}
+
+// |q|^2 of a voxel of a row (see sg_shape_row): w2 its weight row (g2), p2 its position.
+SG_FN float sg_shape_q2_row(const float* row, int g2, const float* w2, float p2,
+                            const double* m) {
+    float q[3];
+    for (int c = 0; c < 3; ++c) q[c] = row[c] + (float)m[3 * c + 2] * p2;
+    for (int e = 0; e < g2; ++e)
+        for (int c = 0; c < 3; ++c) q[c] += row[3 + c * g2 + e] * w2[e];
     return q[0] * q[0] + q[1] * q[1] + q[2] * q[2];
+}
+
+// Both steps for one voxel (g2 <= 8): |q|^2 with q = m (x + d(x)).
+SG_FN float sg_shape_q2(const float* ctrl, int g0, int g1, int g2, const float* w0,
+                        const float* w1, const float* w2, float p0, float p1, float p2,
+                        const double* m) {
+    float row[3 + 3 * 8];
+    sg_shape_row(ctrl, g0, g1, g2, w0, w1, p0, p1, m, row);
+    return sg_shape_q2_row(row, g2, w2, p2, m);
 }

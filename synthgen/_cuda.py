@@ -6,7 +6,7 @@ This module holds what is CuPy-specific: the backend object (:class:`CupyBackend
 modules compiled by NVRTC once per device, launches, transfers, device addresses), device
 arrays and torch CUDA tensors (DLPack, no copies), the caller's stream, planning views of
 device data and the entry point :func:`render_on_gpu`. The render itself is
-:mod:`synthgen._segments`: every tumor of a batch in one launch per step (19 launches and two
+:mod:`synthgen._segments`: every tumor of a batch in one launch per step (20 launches and two
 host waits per batch, whatever the number of tumors), each kernel the CUDA C twin of a numba
 kernel of the CPU path (same operations, same order, compiled without FMA contraction), every
 random number from the same counter-based hash, so one plan renders the same tumor on both
@@ -36,6 +36,7 @@ __all__ = ["KERNELS", "NVRTC_OPTIONS", "CupyBackend", "kernel_dir", "render_on_g
 KERNELS = {
     name: "segmented.cu"
     for name in (
+        "sg_seg_rows",
         "sg_seg_shape",
         "sg_seg_bbox",
         "sg_seg_gather",

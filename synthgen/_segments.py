@@ -409,7 +409,8 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     bb[:n, 1:6:2] = -1
     bb_ref = pack.add(bb)
     nv = nb[keep].prod(axis=1)
-    fa = _Arena(np.float32, np.stack([nv, nv * has_app], axis=1))  # orig, q2
+    rows_len = nb[keep, 0] * nb[keep, 1] * (3 + 3 * g_of[keep])  # sg_shape_row per (i, j)
+    fa = _Arena(np.float32, np.stack([nv, nv * has_app, rows_len], axis=1))  # orig, q2, rows
     ua = _Arena(np.uint8, np.stack([nv, nv], axis=1))  # organ, mask
     fa.alloc(be)
     ua.alloc(be)
@@ -431,6 +432,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         T[:n, C.MASK] = a_mask = ua.addrs(1)
         a_q2 = np.where(has_app, fa.addrs(1), 0)
         T[:n, C.Q2] = a_q2
+        T[:n, C.ROWS] = fa.addrs(2)
         T[:n, C.CLIP] = [int(bool(ts[q].clip_to_organ)) for q in keep]
         for col, code, st, key in ((C.IMG, C.IMG_CODE, C.IS0, "img"),
                                    (C.ORG, C.ORG_CODE, C.OS0, "org")):  # fmt: skip
@@ -462,6 +464,8 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     pack.upload(be)
     Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
     mx = int(nv.max()) if n else 0
+    mrows = int((nb[keep, 0] * nb[keep, 1]).max()) if n else 0
+    be.launch2d("sg_seg_rows", n, mrows, Td, i32(W), TDd, i32(DW))
     be.launch2d("sg_seg_shape", n, mx, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
     be.launch2d("sg_seg_bbox", n, mx, Td, i32(W), pack.view(bb_ref))
     hit = be.download(pack.view(bb_ref))[:n].astype(np.int64)  # synchronisation 1

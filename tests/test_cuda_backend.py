@@ -446,8 +446,9 @@ def _shape_case(ph, mask, preset, seed, size):
 
 
 def test_kernel_shape_gathers_any_layout(backend, small_phantom, organ_masks):
-    """Phase A on a Fortran-ordered int16 image and a float32 organ mask: the gathered box
-    and the fused shape test equal the CPU's, in every element."""
+    """Phase A (the per-row part of the shape test, then the gather and the per-voxel part)
+    on a Fortran-ordered int16 image and a float32 organ mask: the gathered box and the
+    shape test equal the CPU's, in every element."""
     be, dev = backend
     ph = small_phantom
     rows = _Rows(be, dev, 2)
@@ -486,6 +487,10 @@ def test_kernel_shape_gathers_any_layout(backend, small_phantom, organ_masks):
         outs.append(tuple(rows.put(s, c, np.full(orig.shape, f, dt)) for c, f, dt in
                           (("ORIG", np.nan, np.float32), ("ORGAN", 255, np.uint8),
                            ("MASK", 255, np.uint8), ("Q2", np.nan, np.float32))))  # fmt: skip
+        # the per-row part of the shape test (3 + 3 g2 floats per (i, j)), poisoned
+        rows.put(s, "ROWS", np.full(orig.shape[0] * orig.shape[1] * (3 + 3 * ctrl.shape[3]),
+                                    np.nan, np.float32))  # fmt: skip
+    rows.launch("sg_seg_rows", max(r[0].shape[0] * r[0].shape[1] for r in refs), td=True)
     rows.launch("sg_seg_shape", max(r[0].size for r in refs), tf=True, td=True)
     for (orig, org, ref), (o, g, mk, q2) in zip(refs, outs, strict=True):
         np.testing.assert_array_equal(be.download(o), orig)
