@@ -178,11 +178,12 @@ extern "C" __global__ void sg_seg_gather(const long long* __restrict__ T, int F)
     unsigned char* torgan = (unsigned char*)r[SG_TORGAN];
     unsigned char* tmask = (unsigned char*)r[SG_TMASK];
     float* maskf = (float*)r[SG_MASKF];
+    const long long u0 = r[SG_U0], u1 = r[SG_U1], u2 = r[SG_U2];  // in registers
     long long total = (long long)m0 * m1 * m2;
     SG_SEG_LOOP(total) {
         int i, j, k;
         sg_unravel3(t, m1, m2, &i, &j, &k);
-        long long s = ((long long)(r[SG_U0] + i) * N1 + (r[SG_U1] + j)) * N2 + (r[SG_U2] + k);
+        long long s = ((u0 + i) * N1 + (u1 + j)) * N2 + (u2 + k);
         torig[t] = orig[s];
         torgan[t] = organ[s];
         tmask[t] = mask[s];
@@ -400,11 +401,11 @@ extern "C" __global__ void sg_seg_blend(const long long* __restrict__ T, int F,
     const int off0 = (int)r[SG_OFF0], off1 = (int)r[SG_OFF1], off2 = (int)r[SG_OFF2];
     long long total = (long long)nx * ny * nz;
     SG_SEG_LOOP(total) {
-        int i, j, k;
-        sg_unravel3(t, ny, nz, &i, &j, &k);
         float b = blur[t];
         float v = orig[t];
         if (b <= 0.0f || v < tlo || v > thi) continue;
+        int i, j, k;  // (the divisions only for voxels the tumor reaches)
+        sg_unravel3(t, ny, nz, &i, &j, &k);
         // the voxel's trilinear coordinates on the texture grid (interp_coords_nb)
         int i0, i1, i2;
         float f0 = sg_interp(sg_pos(p0 + i, sp0), tx0, step, gx, &i0);
@@ -435,12 +436,17 @@ extern "C" __global__ void sg_seg_merge(const long long* __restrict__ T, int F)
     float* merged = (float*)r[SG_MERGED];
     const long long* part = (const long long*)r[SG_PART];
     int np = (int)r[SG_NPART];
+    const long long to0 = r[SG_TO0], to1 = r[SG_TO1], to2 = r[SG_TO2];  // in registers
     long long total = (long long)nx * ny * nz;
     SG_SEG_LOOP(total) {
+        float v = delta[t];
+        if (np == 0) {  // no overlapping partner: the change as it is
+            merged[t] = v;
+            continue;
+        }
         int i, j, k;
         sg_unravel3(t, ny, nz, &i, &j, &k);
-        float v = delta[t];
-        long long x = r[SG_TO0] + i, y = r[SG_TO1] + j, z = r[SG_TO2] + k;
+        long long x = to0 + i, y = to1 + j, z = to2 + k;
         for (int p = 0; p < np; ++p) {
             const long long* q = T + part[p] * F;
             long long a = x - q[SG_TO0], b = y - q[SG_TO1], c = z - q[SG_TO2];
@@ -477,12 +483,12 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     SG_SEG_IDLE(total);
     double n = 0.0, acc = 0.0;
     SG_SEG_LOOP(total) {
-        int i, j, k;
-        sg_unravel3(t, ny, nz, &i, &j, &k);
         float o = orig[t];
         float d = merged[t];
         float w = o;
         if (d != 0.0f) {
+            int i, j, k;  // (the divisions only for voxels that change)
+            sg_unravel3(t, ny, nz, &i, &j, &k);
             w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
             long long gi = ds0 * (do0 + i) + ds1 * (do1 + j) + ds2 * (do2 + k);
             sg_store_f32(dst, code, gi, w);
