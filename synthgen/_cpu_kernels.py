@@ -668,6 +668,101 @@ def gaussian_band_nb(out_pos, lat0, n_lat, step, sigma, truncate):
 
 
 @nb.njit(**_OPTS)
+def _sum_squares(w):
+    """``(w.astype(float64) ** 2).sum()`` of a short float32 row, in NumPy's own order
+    (pairwise summation: sequential below 8 elements, 8 partial sums up to 128)."""
+    n = w.shape[0]
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            x = np.float64(w[i])
+            res += x * x
+        return res
+    if n > 128:
+        raise ValueError("row too long")
+    r = np.empty(8)
+    for j in range(8):
+        x = np.float64(w[j])
+        r[j] = x * x
+    i = 8
+    while i < n - n % 8:
+        for j in range(8):
+            x = np.float64(w[i + j])
+            r[j] += x * x
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        x = np.float64(w[i])
+        res += x * x
+        i += 1
+    return res
+
+
+@nb.njit(**_OPTS)
+def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
+    """The per-axis tables of texture recipes (``_texture._axis_recipe``, one per row: grid
+    indices ``o_lo..o_hi``, block size ``h_b``, ``sigma_a``, ``sigma_b``), all in one call.
+
+    Returns ``(ints, origin, starts, weights, inv_norm, ok)``: ``ints`` rows are (lattice
+    start, lattice size, first block, blocks, grid offset, grid size, band width, row offset
+    into ``starts``/``inv_norm``, offset into ``weights``); ``origin`` the grid origin (mm);
+    the band starts, weights (``blocks x band width`` each) and norms of all rows packed;
+    ``ok`` false where a lattice leaves the hash's +-512 cells.
+    """
+    m = o_lo.shape[0]
+    ints = np.empty((m, 9), dtype=np.int64)
+    origin = np.empty(m)
+    ok = np.ones(m, dtype=np.bool_)
+    n_rows = 0
+    n_w = 0
+    truncate = 3.0
+    for q in range(m):
+        hb = float(h_b[q])
+        # Bernoulli blocks within 3 sigma_b of the grid (lattice_range)
+        b0 = int(np.floor((o_lo[q] * h_b[q] - 3.0 * sb[q]) / hb))
+        b1 = int(np.ceil((o_hi[q] * h_b[q] + 3.0 * sb[q]) / hb))
+        h_a = max(sa[q], hb)
+        # noise lattice covering the block centres within 3 sigma_a
+        l0 = int(np.floor((b0 * hb - 3.0 * sa[q]) / h_a))
+        l1 = int(np.ceil((b1 * hb + 3.0 * sa[q]) / h_a))
+        n_lat = l1 - l0 + 1
+        kk = min(n_lat, int(np.floor(2.0 * truncate * sa[q] / h_a)) + 2)
+        r = int(np.floor(3.0 * sb[q] / hb))
+        nbk = b1 - b0 + 1
+        ok[q] = l0 >= -512 and l1 < 512 and b0 >= -512 and b1 < 512
+        ints[q, 0] = l0
+        ints[q, 1] = n_lat
+        ints[q, 2] = b0
+        ints[q, 3] = nbk
+        ints[q, 4] = o_lo[q] - r - b0
+        ints[q, 5] = o_hi[q] - o_lo[q] + 1
+        ints[q, 6] = kk
+        ints[q, 7] = n_rows
+        ints[q, 8] = n_w
+        origin[q] = o_lo[q] * hb
+        n_rows += nbk
+        n_w += nbk * kk
+    starts = np.empty(n_rows, dtype=np.int64)
+    weights = np.empty(n_w, dtype=np.float32)
+    inv = np.empty(n_rows)
+    for q in range(m):
+        hb = float(h_b[q])
+        nbk = ints[q, 3]
+        kk = ints[q, 6]
+        centres = (ints[q, 2] + np.arange(nbk)) * hb
+        st, w = gaussian_band_nb(centres, ints[q, 0], ints[q, 1], max(sa[q], hb), sa[q],
+                                 truncate)  # fmt: skip
+        at = ints[q, 7]
+        aw = ints[q, 8]
+        for b in range(nbk):
+            starts[at + b] = st[b]
+            inv[at + b] = 1.0 / np.sqrt(_sum_squares(w[b]))
+            for t in range(kk):
+                weights[aw + b * kk + t] = w[b, t]
+    return ints, origin, starts, weights, inv, ok
+
+
+@nb.njit(**_OPTS)
 def shape_weights_nb(lo, hi, centre, sp, ext, g, pre, off, out):
     """The B-spline weight rows (:func:`bspline_matrix`) of the boxes ``lo..hi`` of many
     tumors (``(n, 3)`` arrays; ``g`` control points, prefilter ``pre``), written into ``out``

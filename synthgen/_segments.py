@@ -36,7 +36,6 @@ import numpy as np
 
 from ._appearance import blend_params
 from ._geometry import gaussian_kernel1d
-from ._texture import texture_recipe
 from .rendering import (
     BLUR_TRUNCATE,
     RenderResult,
@@ -187,6 +186,57 @@ def _blur_kernel(sigma_vox: float) -> np.ndarray:
     k = gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE).astype(np.float32)
     k.flags.writeable = False
     return k
+
+
+def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
+    """The texture recipes (:func:`synthgen._texture.texture_recipe`) of tumors ``ts[qe]``
+    over their tight boxes (``lo_mm``/``hi_mm``: ``(n, 3)`` mm from the centre), vectorised:
+    the per-axis tables of all axes from one numba call (the function the CPU path's recipe
+    uses), the stream keys as arrays. Returns the driver's integer and float64 columns
+    (``ints``: LA 0-2, LN 3-5, NK 6-7, B 8-10, BK 11-12, BLK 13-15, G_ 16-18, GOFF 19-21,
+    LK 22-24, smoothing kernel length 25; ``flts``: zscale, base, scale, cells per block,
+    threshold, u0, grid origin 0-2), the packed bands (``starts``, ``weights``, ``inv``; each
+    axis's row offset ``row`` and weight offset ``woff``), ``step`` and the smoothing kernels.
+    """
+    from ._hash import stream_keys
+    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, _smoothing_kernel, axis_tables
+
+    ne = len(qe)
+    prm = [ts[q].texture for q in qe]
+    sa = np.array([float(p["sigma_a_mm"]) for p in prm], dtype=np.float64)
+    sb = np.array([float(p["sigma_b_mm"]) for p in prm], dtype=np.float64)
+    h_b = np.maximum(1, np.floor(sb / 2.0)).astype(np.int64)  # block_size_mm
+    step = h_b.astype(np.float64)
+    lo_mm = np.asarray(lo_mm, dtype=np.float64).reshape(ne, 3)
+    hi_mm = np.asarray(hi_mm, dtype=np.float64).reshape(ne, 3)
+    o_lo = np.floor((lo_mm - step[:, None]) / h_b[:, None]).astype(np.int64)
+    o_hi = np.ceil((hi_mm + step[:, None]) / h_b[:, None]).astype(np.int64)
+    ax, origin, starts, weights, inv = axis_tables(
+        o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
+    )
+    ax = ax.reshape(ne, 3, 9)
+    kern = [_smoothing_kernel(int(h), float(b)) for h, b in zip(h_b, sb, strict=True)]
+    ints = np.zeros((ne, 26), dtype=np.int64)
+    ints[:, 0:3] = ax[:, :, 0]  # lattice start
+    ints[:, 3:6] = ax[:, :, 1]  # lattice size
+    ints[:, 6:8] = stream_keys([ts[q].seed for q in qe], STREAM_NOISE)
+    ints[:, 8:11] = ax[:, :, 3]  # blocks
+    ints[:, 11:13] = stream_keys([ts[q].seed for q in qe], STREAM_BERNOULLI)
+    ints[:, 13:16] = ax[:, :, 2]  # first block
+    ints[:, 16:19] = ax[:, :, 5]  # grid size
+    ints[:, 19:22] = ax[:, :, 4]  # grid offset
+    ints[:, 22:25] = ax[:, :, 6]  # band width
+    ints[:, 25] = [k.size for k in kern]
+    flts = np.zeros((ne, 9), dtype=np.float64)
+    flts[:, 0] = [math.sqrt(12.0) / (2.0 * float(p["range_sd"])) for p in prm]
+    flts[:, 1] = [float(p["base"]) for p in prm]
+    flts[:, 2] = [float(p["scale"]) for p in prm]
+    flts[:, 3] = (h_b**3).astype(np.float64)
+    flts[:, 4] = [float(p["threshold"]) for p in prm]
+    flts[:, 5] = [float(p["u0"]) for p in prm]
+    flts[:, 6:9] = origin.reshape(ne, 3)
+    return {"ints": ints, "flts": flts, "starts": starts, "weights": weights, "inv": inv,
+            "row": ax[:, :, 7], "woff": ax[:, :, 8], "step": step, "kern": kern}  # fmt: skip
 
 
 def clear_caches() -> None:
@@ -494,13 +544,12 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     job_of = np.concatenate([jk[live], np.array([w["job"] for w in walls_r], np.int64)])
     tnv = tn.prod(axis=1)
     parts = _partners(job_of, to, to + tn)
-    # texture recipes (per-axis tables cached) and blur kernels (cached per sigma)
+    # texture recipes (all axes in one call) and blur kernels (cached per sigma)
     cen = centre[qe]
     spe = sp[qe]
-    lo_mm = ((to_e - cen) * spe).tolist()
-    hi_mm = ((to_e + tn_e - 1 - cen) * spe).tolist()
-    rcs = [texture_recipe(ts[q].seed, ts[q].texture, tuple(lo_mm[k]), tuple(hi_mm[k]))
-           for k, q in enumerate(qe)]  # fmt: skip
+    lo_mm = (to_e - cen) * spe
+    hi_mm = (to_e + tn_e - 1 - cen) * spe
+    tx = _texture_tables(ts, qe, lo_mm, hi_mm)
     sig = ((np.asarray([ts[q].blur_sigma_mm for q in qe]))[:, None] / spe).tolist()
     pack = _Pack()
     t_ref = pack.add(np.zeros((nl, W), dtype=np.int64))
@@ -508,30 +557,23 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     td_ref = pack.add(np.zeros((nl, DW), dtype=np.float64))
     st_ref = pack.add(np.zeros((nl, 2), dtype=np.float64))
     tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
-    # per-row refs into the pack: blur kernels (3), lattice bands (6), norms (3), smoothing
-    # kernel (1), partners (1), appearance (2)
+    # per-row refs into the pack: blur kernels (3), (unused: 9), smoothing kernel (1),
+    # partners (1), appearance (2)
     refs = np.zeros((nl, 16), dtype=np.int64)
     blen = np.zeros((ne, 3), dtype=np.int64)
     # LA 0-2, LN 3-5, NK 6-7, B 8-10, BK 11-12, BLK 13-15, G_ 16-18, GOFF 19-21, LK 22-24,
     # smoothing kernel length 25
     ints = np.zeros((ne, 26), dtype=np.int64)
     flts = np.zeros((ne, 9), dtype=np.float64)
-    for k, rc in enumerate(rcs):
+    for k in range(ne):
         for a in range(3):
             kb = _blur_kernel(sig[k][a])
             refs[k, a] = pack.add_shared(kb)
             blen[k, a] = kb.size
-            refs[k, 3 + a] = pack.add_shared(rc.bands[a][0])
-            refs[k, 6 + a] = pack.add_shared(rc.bands[a][1])
-            refs[k, 9 + a] = pack.add_shared(rc.inv_norm[a])
-        refs[k, 12] = pack.add_shared(rc.kern)
-        (la0, ln0), (la1, ln1), (la2, ln2) = rc.lattice
-        ints[k] = (la0, la1, la2, ln0, ln1, ln2, *rc.noise_key, *rc.block_shape, *rc.bern_key,
-                   *rc.blocks0, *rc.out_shape, *rc.offs, rc.bands[0][1].shape[1],
-                   rc.bands[1][1].shape[1], rc.bands[2][1].shape[1], rc.kern.size)  # fmt: skip
-        o = rc.origin
-        flts[k] = (rc.zscale, rc.base, rc.scale, rc.n_cells, rc.threshold, rc.u0, o[0], o[1],
-                   o[2])  # fmt: skip
+        refs[k, 12] = pack.add_shared(tx["kern"][k])
+    ints, flts = tx["ints"], tx["flts"]
+    # the lattice bands of all axes: three packed arrays, rows addressed by offset
+    band_refs = (pack.add(tx["starts"]), pack.add(tx["weights"]), pack.add(tx["inv"]))
     for q in range(nl):
         refs[q, 13] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
     app_e = has_app[live]
@@ -612,9 +654,10 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
             T[e, C.BKERN0 + a] = base[refs[:ne, a]]
             T[e, C.BKLEN0 + a] = blen[:, a]
             T[e, C.BOFF0 + a] = -((blen[:, a] - 1) // 2)
-            T[e, C.LS0 + a] = base[refs[:ne, 3 + a]]
-            T[e, C.LW0 + a] = base[refs[:ne, 6 + a]]
-            T[e, C.INV0 + a] = base[refs[:ne, 9 + a]]
+            row, woff = tx["row"][:, a], tx["woff"][:, a]
+            T[e, C.LS0 + a] = base[band_refs[0]] + 8 * row
+            T[e, C.LW0 + a] = base[band_refs[1]] + 4 * woff
+            T[e, C.INV0 + a] = base[band_refs[2]] + 8 * row
             T[e, C.LK0 + a] = ints[:, 22 + a]
             T[e, C.GKERN0 + a] = base[refs[:ne, 12]]
             T[e, C.GKLEN0 + a] = ints[:, 25]
@@ -642,7 +685,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         TD[e, C.D_ZSCALE : C.D_U0 + 1] = flts[:, 0:6]
         TD[e, C.D_SP0 : C.D_SP2 + 1] = spe
         TD[e, C.D_TX0 : C.D_TX2 + 1] = flts[:, 6:9]
-        TD[e, C.D_STEP] = [rc.step for rc in rcs]
+        TD[e, C.D_STEP] = tx["step"]
     pack.set(t_ref, T)
     pack.set(tf_ref, TF)
     pack.set(td_ref, TD)

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._geometry import lattice_range
 from ._hash import stream_key
 
 __all__ = [
@@ -163,37 +162,38 @@ def texture_recipe(
 def _axis_recipe(o_lo: int, o_hi: int, h_b: int, sa: float, sb: float):
     """One axis of a :class:`TextureRecipe` whose grid indices run from ``o_lo`` to ``o_hi``:
     ``((lattice start, size), (band starts, band weights), inv_norm, first block, blocks,
-    grid offset, grid size, grid origin mm)``; the arrays are read-only (shared)."""
-    from ._cpu_kernels import gaussian_band_nb
+    grid offset, grid size, grid origin mm)``; the arrays are read-only (shared).
 
-    # Bernoulli blocks within 3 sigma_b of the grid
-    blocks = lattice_range(o_lo * h_b, o_hi * h_b, h_b, 3.0 * sb)
-    # The Bernoulli probability field: the block fractions ``S / h^3`` with
-    # ``p = base + scale * clip(0.5 + z / (2 range_sd), 0, 1)``, ``z`` the standardised
-    # sigma_a noise at the block centres.
-    # Noise lattice sigma_a apart (never finer than the blocks), Gaussian truncated at 3 sigma:
-    # the normalised lattice sum then has the Gaussian autocorrelation of voxel noise to
-    # within ~1e-4 (Poisson summation), at a few lattice points per axis.
-    h_a = max(sa, float(h_b))
-    centres = blocks * float(h_b)
-    lat = lattice_range(centres[0], centres[-1], h_a, 3.0 * sa)
-    _check_lattice([lat])
-    _check_lattice([blocks])
-    start, w = gaussian_band_nb(centres, lat[0], lat.size, h_a, sa, 3.0)
-    inv_norm = 1.0 / np.sqrt((w.astype(np.float64) ** 2).sum(axis=1))
-    for a in (start, w, inv_norm):
-        a.flags.writeable = False
-    r = math.floor(3.0 * sb / h_b)
-    return (
-        (int(lat[0]), int(lat.size)),
-        (start, w),
-        inv_norm,
-        int(blocks[0]),
-        int(blocks.size),
-        int(o_lo - r - blocks[0]),
-        int(o_hi - o_lo + 1),
-        o_lo * float(h_b),
-    )
+    The Bernoulli blocks lie within 3 sigma_b of the grid. The Bernoulli probability field is
+    the block fractions ``S / h^3`` with ``p = base + scale * clip(0.5 + z / (2 range_sd), 0,
+    1)``, ``z`` the standardised sigma_a noise at the block centres: a noise lattice sigma_a
+    apart (never finer than the blocks), Gaussian truncated at 3 sigma, so that the normalised
+    lattice sum has the Gaussian autocorrelation of voxel noise to within ~1e-4 (Poisson
+    summation) at a few lattice points per axis. The numbers come from
+    :func:`synthgen._cpu_kernels.axis_tables_nb`, which the GPU driver calls for all axes of a
+    batch at once (:func:`axis_tables`).
+    """
+    t = axis_tables(np.array([o_lo]), np.array([o_hi]), np.array([h_b]), np.array([sa]),
+                    np.array([sb]))  # fmt: skip
+    ints, origin, starts, weights, inv = t
+    lat0, n_lat, b0, nbk, offs, n_out, kk = (int(x) for x in ints[0, :7])
+    w = weights.reshape(nbk, kk)
+    for x in (starts, w, inv):
+        x.flags.writeable = False
+    return ((lat0, n_lat), (starts, w), inv, b0, nbk, offs, n_out, float(origin[0]))
+
+
+def axis_tables(o_lo, o_hi, h_b, sa, sb):
+    """:func:`synthgen._cpu_kernels.axis_tables_nb` for arrays of axes (see there), raising
+    where a lattice leaves the hash's range."""
+    from ._cpu_kernels import axis_tables_nb
+
+    ints, origin, starts, weights, inv, ok = axis_tables_nb(
+        np.asarray(o_lo, np.int64), np.asarray(o_hi, np.int64), np.asarray(h_b, np.int64),
+        np.asarray(sa, np.float64), np.asarray(sb, np.float64))  # fmt: skip
+    if not ok.all():
+        raise ValueError("texture lattice exceeds +-512 cells; tumor box too large")
+    return ints, origin, starts, weights, inv
 
 
 @functools.lru_cache(maxsize=64)
@@ -219,12 +219,6 @@ def block_fractions(rc: TextureRecipe, k=None) -> np.ndarray:
         z, rc.inv_norm[0], rc.inv_norm[1], rc.inv_norm[2], rc.zscale, rc.base, rc.scale,
         rc.bern_key[0], rc.bern_key[1], *rc.blocks0, rc.n_cells,
     )  # fmt: skip
-
-
-def _check_lattice(lat) -> None:
-    for c in lat:
-        if c[0] < -_OFF or c[-1] >= _OFF:
-            raise ValueError("texture lattice exceeds +-512 cells; tumor box too large")
 
 
 def run_recipe(rc: TextureRecipe, k=None) -> np.ndarray:
