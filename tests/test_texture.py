@@ -357,3 +357,59 @@ def test_numba_band_and_interp_helpers_match_references() -> None:
     i_nb, f_nb = kern.interp_coords_nb(pos, -22.0, 2.0, 30)
     np.testing.assert_array_equal(i_nb, i_ref)
     np.testing.assert_allclose(f_nb, f_ref, atol=1e-6)
+
+
+def test_stream_keys_of_many_seeds_are_stream_key() -> None:
+    from synthgen._hash import stream_keys
+
+    rng = np.random.default_rng(5)
+    seeds = [int(s) for s in rng.integers(0, 2**63 - 1, size=500)] + [0, 1, 2**63 - 1, 2**64 + 3]
+    for stream in (STREAM_NOISE, STREAM_BERNOULLI, 9):
+        want = np.array([stream_key(s, stream) for s in seeds])
+        np.testing.assert_array_equal(stream_keys(seeds, stream), want)
+
+
+def test_axis_tables_match_the_lattice_reference() -> None:
+    """The per-axis texture tables of one numba call (many axes at once: the GPU driver's
+    call) are the reference construction per axis: lattice_range for blocks and noise
+    lattice, _geometry.gaussian_band for the bands, NumPy's row norms. The same rows alone
+    (the CPU path's call) give the same numbers."""
+    from synthgen._geometry import gaussian_band, lattice_range
+    from synthgen._texture import axis_tables, block_size_mm
+
+    rng = np.random.default_rng(3)
+    m = 300
+    sb = rng.uniform(1.0, 20.0, m)
+    sb[::4] = np.round(sb[::4])
+    sa = rng.uniform(0.4, 20.0, m)
+    h_b = np.array([block_size_mm(float(s)) for s in sb])
+    o_lo, o_hi = rng.integers(-60, 1, m), rng.integers(0, 60, m)
+    ints, origin, starts, weights, inv = axis_tables(o_lo, o_hi, h_b, sa, sb)
+    for q in range(m):
+        hb = int(h_b[q])
+        blocks = lattice_range(int(o_lo[q]) * hb, int(o_hi[q]) * hb, hb, 3.0 * sb[q])
+        h_a = max(sa[q], float(hb))
+        centres = blocks * float(hb)
+        lat = lattice_range(centres[0], centres[-1], h_a, 3.0 * sa[q])
+        s_ref, w_ref = gaussian_band(centres, int(lat[0]), lat.size, h_a, sa[q], 3.0)
+        lat0, n_lat, b0, nbk, offs, n_out, kk, row, woff = ints[q]
+        assert (lat0, n_lat, b0, nbk) == (lat[0], lat.size, blocks[0], blocks.size)
+        assert offs == o_lo[q] - np.floor(3.0 * sb[q] / hb) - b0
+        assert n_out == o_hi[q] - o_lo[q] + 1 and origin[q] == o_lo[q] * float(hb)
+        assert kk == w_ref.shape[1]
+        np.testing.assert_array_equal(starts[row : row + nbk], s_ref)
+        w = weights[woff : woff + nbk * kk].reshape(nbk, kk)
+        np.testing.assert_allclose(w, w_ref, rtol=1e-6, atol=1e-7)
+        norm = 1.0 / np.sqrt((w.astype(np.float64) ** 2).sum(axis=1))
+        np.testing.assert_array_equal(inv[row : row + nbk], norm)  # NumPy's summation order
+        one = axis_tables(o_lo[q : q + 1], o_hi[q : q + 1], h_b[q : q + 1], sa[q : q + 1],
+                          sb[q : q + 1])  # fmt: skip
+        np.testing.assert_array_equal(one[3], w.ravel())
+        np.testing.assert_array_equal(one[4], inv[row : row + nbk])
+
+
+def test_axis_tables_refuse_lattices_beyond_the_hash_range() -> None:
+    from synthgen._texture import axis_tables
+
+    with pytest.raises(ValueError, match="512 cells"):
+        axis_tables([-600], [10], [1], [2.0], [2.0])
