@@ -16,6 +16,16 @@
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (total);         \
          t += (long long)blockDim.x * gridDim.x)
 
+// The same walk with SG_ILP elements per thread and step, blockDim.x apart (coalesced): a
+// streaming kernel loads all of them before it computes, so a warp has SG_ILP loads in
+// flight instead of one (the blend and write-back were latency-bound: on an H100 half their
+// cycles waited on loads). Element u of a step is t0 + u * blockDim.x.
+#define SG_ILP 4
+#define SG_SEG_LOOP_ILP(total)                                                                \
+    for (long long t0 = (long long)blockIdx.x * blockDim.x * SG_ILP + threadIdx.x;           \
+         t0 < (total); t0 += (long long)blockDim.x * gridDim.x * SG_ILP)
+#define SG_ILP_T(u) (t0 + (long long)(u) * blockDim.x)
+
 // A block with no element of its segment (the grid is sized for the largest segment) leaves
 // at once: before a block reduction, whose barriers it would otherwise wait through.
 #define SG_SEG_IDLE(total)                                                                    \
@@ -85,9 +95,10 @@ extern "C" __global__ void sg_seg_rows(const long long* __restrict__ T, int F,
 
 // Phase A, step 2: gather each tumor's box of the image and organ mask (any dtype, any
 // strides) into float32 / uint8 buffers and finish the deformed-ellipsoid test there.
-extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
-                                        const float* __restrict__ TF, int FF,
-                                        const double* __restrict__ TD, int FD)
+// (at most 64 registers: four blocks of 256 threads per SM; ptxas needs no spills for it)
+extern "C" __global__ void __launch_bounds__(256, 4)
+    sg_seg_shape(const long long* __restrict__ T, int F, const float* __restrict__ TF, int FF,
+                 const double* __restrict__ TD, int FD)
 {
     const long long* r = T + (long long)blockIdx.y * F;
     const float* rf = TF + (long long)blockIdx.y * FF;
@@ -113,19 +124,34 @@ extern "C" __global__ void sg_seg_shape(const long long* __restrict__ T, int F,
     const long long p2 = o2 - r[SG_C2];
     const double sp2 = rd[SG_D_SP2];
     long long total = (long long)n0 * n1 * n2;
-    SG_SEG_LOOP(total) {
-        int i, j, k;
-        sg_unravel3(t, n1, n2, &i, &j, &k);
-        long long gi = is0 * (o0 + i) + is1 * (o1 + j) + is2 * (o2 + k);
-        long long go = os0 * (o0 + i) + os1 * (o1 + j) + os2 * (o2 + k);
-        float v = sg_load_f32(img, img_code, gi);
-        unsigned char o = sg_load_bin(org, org_code, go);
-        orig[t] = v;
-        organ[t] = o;
-        float q2 = sg_shape_q2_row(rows + ((long long)i * n1 + j) * rw, g2, w2 + k * g2,
-                                   sg_pos_f32(p2 + k, sp2), m);
-        mask[t] = (unsigned char)((q2 <= 1.0f) && (!clip || o) && v >= tlo && v <= thi);
-        if (q2out) q2out[t] = q2;  // the appearance modes of the blend read it
+    SG_SEG_LOOP_ILP(total) {
+        float vs[SG_ILP];
+        unsigned char gs[SG_ILP];
+        int is[SG_ILP], js[SG_ILP], ks[SG_ILP];
+#pragma unroll
+        for (int u = 0; u < SG_ILP; ++u) {  // the image and organ loads of all elements first
+            if (SG_ILP_T(u) < total) {
+                sg_unravel3(SG_ILP_T(u), n1, n2, &is[u], &js[u], &ks[u]);
+                long long gi = is0 * (o0 + is[u]) + is1 * (o1 + js[u]) + is2 * (o2 + ks[u]);
+                long long go = os0 * (o0 + is[u]) + os1 * (o1 + js[u]) + os2 * (o2 + ks[u]);
+                vs[u] = sg_load_f32(img, img_code, gi);
+                gs[u] = sg_load_bin(org, org_code, go);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < SG_ILP; ++u) {
+            const long long t = SG_ILP_T(u);
+            if (t >= total) break;
+            const int i = is[u], j = js[u], k = ks[u];
+            float v = vs[u];
+            unsigned char o = gs[u];
+            orig[t] = v;
+            organ[t] = o;
+            float q2 = sg_shape_q2_row(rows + ((long long)i * n1 + j) * rw, g2, w2 + k * g2,
+                                       sg_pos_f32(p2 + k, sp2), m);
+            mask[t] = (unsigned char)((q2 <= 1.0f) && (!clip || o) && v >= tlo && v <= thi);
+            if (q2out) q2out[t] = q2;  // the appearance modes of the blend read it
+        }
     }
 }
 
@@ -370,9 +396,10 @@ extern "C" __global__ void sg_seg_tex_scale(const long long* __restrict__ T, int
 }
 
 // The fused blend of every segment into its own (zeroed) change buffer (as sg_blend_tumor).
-extern "C" __global__ void sg_seg_blend(const long long* __restrict__ T, int F,
-                                        const float* __restrict__ TF, int FF,
-                                        const double* __restrict__ TD, int FD)
+// (at most 64 registers: four blocks of 256 threads per SM; ptxas needs no spills for it)
+extern "C" __global__ void __launch_bounds__(256, 4)
+    sg_seg_blend(const long long* __restrict__ T, int F, const float* __restrict__ TF, int FF,
+                 const double* __restrict__ TD, int FD)
 {
     const long long* r = T + (long long)blockIdx.y * F;
     if (r[SG_KIND]) return;
@@ -400,28 +427,41 @@ extern "C" __global__ void sg_seg_blend(const long long* __restrict__ T, int F,
     const int clip = (int)r[SG_CLIP];
     const int off0 = (int)r[SG_OFF0], off1 = (int)r[SG_OFF1], off2 = (int)r[SG_OFF2];
     long long total = (long long)nx * ny * nz;
-    SG_SEG_LOOP(total) {
-        float b = blur[t];
-        float v = orig[t];
-        if (b <= 0.0f || v < tlo || v > thi) continue;
-        int i, j, k;  // (the divisions only for voxels the tumor reaches)
-        sg_unravel3(t, ny, nz, &i, &j, &k);
-        // the voxel's trilinear coordinates on the texture grid (interp_coords_nb)
-        int i0, i1, i2;
-        float f0 = sg_interp(sg_pos(p0 + i, sp0), tx0, step, gx, &i0);
-        float f1 = sg_interp(sg_pos(p1 + j, sp1), tx1, step, gy, &i1);
-        float f2 = sg_interp(sg_pos(p2 + k, sp2), tx2, step, gz, &i2);
-        float tex = sg_texture_at(tgrid, gy, gz, i0, f0, i1, f1, i2, f2);
-        float d;
-        if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
-            int inside = organ[t];
-            if (!inside && clip) continue;
-            d = sg_appear_delta(v, inside, b, tex * contrast, tq2[t], organ_hu, app, keys,
-                                off0 + i, off1 + j, off2 + k);
-        } else {
-            d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, contrast, organ_hu, clip);
+    SG_SEG_LOOP_ILP(total) {
+        float bs[SG_ILP], vs[SG_ILP];
+#pragma unroll
+        for (int u = 0; u < SG_ILP; ++u) {
+            if (SG_ILP_T(u) < total) {
+                bs[u] = blur[SG_ILP_T(u)];
+                vs[u] = orig[SG_ILP_T(u)];
+            }
         }
-        if (fabsf(d) > fabsf(delta[t])) delta[t] = d;
+#pragma unroll
+        for (int u = 0; u < SG_ILP; ++u) {
+            const long long t = SG_ILP_T(u);
+            if (t >= total) break;
+            float b = bs[u];
+            float v = vs[u];
+            if (b <= 0.0f || v < tlo || v > thi) continue;
+            int i, j, k;  // (the divisions only for voxels the tumor reaches)
+            sg_unravel3(t, ny, nz, &i, &j, &k);
+            // the voxel's trilinear coordinates on the texture grid (interp_coords_nb)
+            int i0, i1, i2;
+            float f0 = sg_interp(sg_pos(p0 + i, sp0), tx0, step, gx, &i0);
+            float f1 = sg_interp(sg_pos(p1 + j, sp1), tx1, step, gy, &i1);
+            float f2 = sg_interp(sg_pos(p2 + k, sp2), tx2, step, gz, &i2);
+            float tex = sg_texture_at(tgrid, gy, gz, i0, f0, i1, f1, i2, f2);
+            float d;
+            if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
+                int inside = organ[t];
+                if (!inside && clip) continue;
+                d = sg_appear_delta(v, inside, b, tex * contrast, tq2[t], organ_hu, app, keys,
+                                    off0 + i, off1 + j, off2 + k);
+            } else {
+                d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, contrast, organ_hu, clip);
+            }
+            if (fabsf(d) > fabsf(delta[t])) delta[t] = d;
+        }
     }
 }
 
@@ -480,22 +520,37 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     const long long ds0 = r[SG_DS0], ds1 = r[SG_DS1], ds2 = r[SG_DS2];
     const long long do0 = r[SG_DO0], do1 = r[SG_DO1], do2 = r[SG_DO2];
     long long total = (long long)nx * ny * nz;
-    SG_SEG_IDLE(total);
+    if ((long long)blockIdx.x * blockDim.x * SG_ILP >= total) return;  // idle block
     double n = 0.0, acc = 0.0;
-    SG_SEG_LOOP(total) {
-        float o = orig[t];
-        float d = merged[t];
-        float w = o;
-        if (d != 0.0f) {
-            int i, j, k;  // (the divisions only for voxels that change)
-            sg_unravel3(t, ny, nz, &i, &j, &k);
-            w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
-            long long gi = ds0 * (do0 + i) + ds1 * (do1 + j) + ds2 * (do2 + k);
-            sg_store_f32(dst, code, gi, w);
+    SG_SEG_LOOP_ILP(total) {
+        float os[SG_ILP], ds[SG_ILP];
+        unsigned char ms[SG_ILP];
+#pragma unroll
+        for (int u = 0; u < SG_ILP; ++u) {
+            if (SG_ILP_T(u) < total) {
+                os[u] = orig[SG_ILP_T(u)];
+                ds[u] = merged[SG_ILP_T(u)];
+                ms[u] = mask[SG_ILP_T(u)];
+            }
         }
-        if (mask[t]) {
-            n += 1.0;
-            acc += (double)(o - w);
+#pragma unroll
+        for (int u = 0; u < SG_ILP; ++u) {
+            const long long t = SG_ILP_T(u);
+            if (t >= total) break;
+            float o = os[u];
+            float d = ds[u];
+            float w = o;
+            if (d != 0.0f) {
+                int i, j, k;  // (the divisions only for voxels that change)
+                sg_unravel3(t, ny, nz, &i, &j, &k);
+                w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
+                long long gi = ds0 * (do0 + i) + ds1 * (do1 + j) + ds2 * (do2 + k);
+                sg_store_f32(dst, code, gi, w);
+            }
+            if (ms[u]) {
+                n += 1.0;
+                acc += (double)(o - w);
+            }
         }
     }
     n = sg_block_reduce<SG_RED_SUM>(n, 0.0);

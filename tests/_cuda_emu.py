@@ -30,6 +30,7 @@ PRELUDE = r"""
 #pragma once
 #include <math.h>
 #define __global__
+#define __launch_bounds__(...)
 struct sg_dim3 { unsigned int x, y, z; };
 static sg_dim3 blockIdx = {0, 0, 0};
 extern "C" void sg_emu_set_block_y(unsigned int y) { blockIdx.y = y; }
@@ -42,7 +43,10 @@ static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; retu
 static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
 """
 
-_SIG = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)', re.S)
+_SIG = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)',
+    re.S,
+)
 
 _POINTEE = {
     "float": np.float32,
