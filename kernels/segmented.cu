@@ -518,10 +518,11 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     // the row's values in registers (the image stores could alias the tables)
     const float cmin = rf[SG_F_CMIN], cmax = rf[SG_F_CMAX], lo = rf[SG_F_LO], hi = rf[SG_F_HI];
     const long long ds0 = r[SG_DS0], ds1 = r[SG_DS1], ds2 = r[SG_DS2];
-    const long long do0 = r[SG_DO0], do1 = r[SG_DO1], do2 = r[SG_DO2];
+    const long long dbase = ds0 * r[SG_DO0] + ds1 * r[SG_DO1] + ds2 * r[SG_DO2];
     long long total = (long long)nx * ny * nz;
     if ((long long)blockIdx.x * blockDim.x * SG_ILP >= total) return;  // idle block
-    double n = 0.0, acc = 0.0;
+    int n = 0;
+    double acc = 0.0;
     SG_SEG_LOOP_ILP(total) {
         float os[SG_ILP], ds[SG_ILP];
         unsigned char ms[SG_ILP];
@@ -544,19 +545,18 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
                 int i, j, k;  // (the divisions only for voxels that change)
                 sg_unravel3(t, ny, nz, &i, &j, &k);
                 w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
-                long long gi = ds0 * (do0 + i) + ds1 * (do1 + j) + ds2 * (do2 + k);
-                sg_store_f32(dst, code, gi, w);
+                sg_store_f32(dst, code, dbase + ds0 * i + ds1 * j + ds2 * k, w);
             }
             if (ms[u]) {
-                n += 1.0;
+                ++n;
                 acc += (double)(o - w);
             }
         }
     }
-    n = sg_block_reduce<SG_RED_SUM>(n, 0.0);
+    n = sg_block_reduce<SG_RED_SUM>(n, 0);
     acc = sg_block_reduce<SG_RED_SUM>(acc, 0.0);
-    if (threadIdx.x != 0 || n == 0.0) return;
+    if (threadIdx.x != 0 || n == 0) return;
     double* s = stats + 2 * (long long)blockIdx.y;
-    atomicAdd(&s[0], n);
+    atomicAdd(&s[0], (double)n);
     atomicAdd(&s[1], acc);
 }
