@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ._appearance import blend_params
-from ._geometry import gaussian_kernel1d
+from ._geometry import gaussian_kernels
 from .rendering import (
     BLUR_TRUNCATE,
     RenderResult,
@@ -180,14 +180,6 @@ class _Scratch:
         return self.dev[o : o + self.sizes[i]].reshape(shape)
 
 
-@functools.lru_cache(maxsize=4096)
-def _blur_kernel(sigma_vox: float) -> np.ndarray:
-    """The mask blur's kernel along one axis (float32, read-only), as the CPU path builds it."""
-    k = gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE).astype(np.float32)
-    k.flags.writeable = False
-    return k
-
-
 def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
     """The texture recipes (:func:`synthgen._texture.texture_recipe`) of tumors ``ts[qe]``
     over their tight boxes (``lo_mm``/``hi_mm``: ``(n, 3)`` mm from the centre), vectorised:
@@ -199,7 +191,7 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
     axis's row offset ``row`` and weight offset ``woff``), ``step`` and the smoothing kernels.
     """
     from ._hash import stream_keys
-    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, _smoothing_kernel, axis_tables
+    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, axis_tables
 
     ne = len(qe)
     prm = [ts[q].texture for q in qe]
@@ -215,7 +207,8 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
         o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
     )
     ax = ax.reshape(ne, 3, 9)
-    kern = [_smoothing_kernel(int(h), float(b)) for h, b in zip(h_b, sb, strict=True)]
+    # the smoothing kernels (block sums -> grid), as _texture._smoothing_kernel builds them
+    kern, koff, klen = gaussian_kernels(np.floor(3.0 * sb / h_b).astype(np.int64), h_b, sb)
     ints = np.zeros((ne, 26), dtype=np.int64)
     ints[:, 0:3] = ax[:, :, 0]  # lattice start
     ints[:, 3:6] = ax[:, :, 1]  # lattice size
@@ -226,7 +219,7 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
     ints[:, 16:19] = ax[:, :, 5]  # grid size
     ints[:, 19:22] = ax[:, :, 4]  # grid offset
     ints[:, 22:25] = ax[:, :, 6]  # band width
-    ints[:, 25] = [k.size for k in kern]
+    ints[:, 25] = klen
     flts = np.zeros((ne, 9), dtype=np.float64)
     flts[:, 0] = [math.sqrt(12.0) / (2.0 * float(p["range_sd"])) for p in prm]
     flts[:, 1] = [float(p["base"]) for p in prm]
@@ -236,14 +229,15 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
     flts[:, 5] = [float(p["u0"]) for p in prm]
     flts[:, 6:9] = origin.reshape(ne, 3)
     return {"ints": ints, "flts": flts, "starts": starts, "weights": weights, "inv": inv,
-            "row": ax[:, :, 7], "woff": ax[:, :, 8], "step": step, "kern": kern}  # fmt: skip
+            "row": ax[:, :, 7], "woff": ax[:, :, 8], "step": step, "kern": kern,
+            "koff": koff}  # fmt: skip
 
 
 def clear_caches() -> None:
     """Empty the host-side caches of kernels and band tables (benchmarks time the cold case)."""
     from . import _texture
 
-    for f in (_blur_kernel, _texture._axis_recipe, _texture._smoothing_kernel):
+    for f in (_texture._axis_recipe, _texture._smoothing_kernel):
         f.cache_clear()
 
 
@@ -544,42 +538,38 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     job_of = np.concatenate([jk[live], np.array([w["job"] for w in walls_r], np.int64)])
     tnv = tn.prod(axis=1)
     parts = _partners(job_of, to, to + tn)
-    # texture recipes (all axes in one call) and blur kernels (cached per sigma)
+    # texture recipes (all axes in one call)
     cen = centre[qe]
     spe = sp[qe]
     lo_mm = (to_e - cen) * spe
     hi_mm = (to_e + tn_e - 1 - cen) * spe
     tx = _texture_tables(ts, qe, lo_mm, hi_mm)
-    sig = ((np.asarray([ts[q].blur_sigma_mm for q in qe]))[:, None] / spe).tolist()
+    sig = np.asarray([ts[q].blur_sigma_mm for q in qe], dtype=np.float64)[:, None] / spe
     pack = _Pack()
     t_ref = pack.add(np.zeros((nl, W), dtype=np.int64))
     tf_ref = pack.add(np.zeros((nl, FW), dtype=np.float32))
     td_ref = pack.add(np.zeros((nl, DW), dtype=np.float64))
     st_ref = pack.add(np.zeros((nl, 2), dtype=np.float64))
     tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
-    # per-row refs into the pack: blur kernels (3), (unused: 9), smoothing kernel (1),
-    # partners (1), appearance (2)
-    refs = np.zeros((nl, 16), dtype=np.int64)
-    blen = np.zeros((ne, 3), dtype=np.int64)
-    # LA 0-2, LN 3-5, NK 6-7, B 8-10, BK 11-12, BLK 13-15, G_ 16-18, GOFF 19-21, LK 22-24,
-    # smoothing kernel length 25
-    ints = np.zeros((ne, 26), dtype=np.int64)
-    flts = np.zeros((ne, 9), dtype=np.float64)
-    for k in range(ne):
-        for a in range(3):
-            kb = _blur_kernel(sig[k][a])
-            refs[k, a] = pack.add_shared(kb)
-            blen[k, a] = kb.size
-        refs[k, 12] = pack.add_shared(tx["kern"][k])
+    # per-row refs into the pack: partners, appearance parameters, appearance keys
+    refs = np.zeros((nl, 3), dtype=np.int64)
+    # the blur kernels (as rendering builds them), one per distinct sigma
+    usig, uinv = np.unique(sig, return_inverse=True)
+    bpack, boffs, blens = gaussian_kernels(
+        (BLUR_TRUNCATE * usig + 0.5).astype(np.int64), np.ones(usig.size, np.int64), usig
+    )
+    uinv = uinv.reshape(ne, 3)
+    blen = blens[uinv]
+    blur_ref, smooth_ref = pack.add(bpack), pack.add(tx["kern"])
     ints, flts = tx["ints"], tx["flts"]
     # the lattice bands of all axes: three packed arrays, rows addressed by offset
     band_refs = (pack.add(tx["starts"]), pack.add(tx["weights"]), pack.add(tx["inv"]))
     for q in range(nl):
-        refs[q, 13] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
+        refs[q, 0] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
     app_e = has_app[live]
     for k in np.flatnonzero(app_e):
         app, keys = apps[live[k]]
-        refs[k, 14], refs[k, 15] = pack.add(app), pack.add(keys)
+        refs[k, 1], refs[k, 2] = pack.add(app), pack.add(keys)
     host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))
                  for w in walls_r]  # fmt: skip
     # scratch: float32 buffers per row (host rows: merged and out only)
@@ -616,7 +606,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     T[:, C.TN0 : C.TN2 + 1] = tn
     T[:, C.TO0 : C.TO2 + 1] = to
     T[:, C.MERGED] = fcol["merged"]
-    T[:, C.PART] = base[refs[:, 13]]
+    T[:, C.PART] = base[refs[:, 0]]
     T[:, C.NPART] = [len(parts.get(q, ())) for q in range(nl)]
     jinfo = [infos[j] for j in job_of]
     dev_img = np.array([i.img is not None for i in jinfo], dtype=bool)
@@ -651,7 +641,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         T[e, C.TORGAN], T[e, C.TMASK] = u8.addrs(0)[:ne], u8.addrs(1)[:ne]
         T[e, C.DELTA] = zero.addrs(0)[:ne]
         for a in range(3):
-            T[e, C.BKERN0 + a] = base[refs[:ne, a]]
+            T[e, C.BKERN0 + a] = base[blur_ref] + 4 * boffs[uinv[:, a]]
             T[e, C.BKLEN0 + a] = blen[:, a]
             T[e, C.BOFF0 + a] = -((blen[:, a] - 1) // 2)
             row, woff = tx["row"][:, a], tx["woff"][:, a]
@@ -659,7 +649,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
             T[e, C.LW0 + a] = base[band_refs[1]] + 4 * woff
             T[e, C.INV0 + a] = base[band_refs[2]] + 8 * row
             T[e, C.LK0 + a] = ints[:, 22 + a]
-            T[e, C.GKERN0 + a] = base[refs[:ne, 12]]
+            T[e, C.GKERN0 + a] = base[smooth_ref] + 4 * tx["koff"]
             T[e, C.GKLEN0 + a] = ints[:, 25]
             T[e, C.GOFF0 + a] = ints[:, 19 + a]
         T[e, C.LA0 : C.LA2 + 1] = ints[:, 0:3]
@@ -677,7 +667,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
             ka = np.flatnonzero(app_e)
             T[ka, C.Q2] = a_q2[live][ka]
             T[ka, C.TQ2] = fcol["tq2"][ka]
-            T[ka, C.APP], T[ka, C.KEYS] = base[refs[ka, 14]], base[refs[ka, 15]]
+            T[ka, C.APP], T[ka, C.KEYS] = base[refs[ka, 1]], base[refs[ka, 2]]
             T[ka, C.OFF0 : C.OFF2 + 1] = to_e[ka] - cen[ka]
         TF[e, C.F_TLO : C.F_THI + 1] = [i.tissue for i in jinfo[:ne]]
         TF[e, C.F_CONTRAST] = [ts[q].contrast_hu for q in qe]
