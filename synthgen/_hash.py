@@ -67,14 +67,18 @@ def stream_key(seed: int, stream: int) -> tuple[int, int]:
     return k0, k1
 
 
-def stream_keys(seeds, stream: int) -> np.ndarray:
-    """:func:`stream_key` of many seeds at once: ``(n, 2)`` int64 (the same numbers)."""
+def stream_keys(seeds, *streams: int) -> np.ndarray:
+    """:func:`stream_key` of many seeds at once: ``(n, 2)`` int64 per stream (the same
+    numbers), side by side for several streams (``(n, 2 k)``)."""
     s = np.fromiter((int(x) & ((1 << 64) - 1) for x in seeds), dtype=np.uint64)
     lo = (s & np.uint64(_M32)).astype(np.uint32)
     hi = (s >> np.uint64(32)).astype(np.uint32)
-    k0 = mix32(lo ^ mix32(hi ^ np.uint32(_mix32_int((stream * _GOLDEN) & _M32))))
-    k1 = mix32(hi ^ mix32(k0 ^ np.uint32(_GOLDEN)))
-    return np.stack([k0, k1], axis=1).astype(np.int64)
+    out = []
+    for stream in streams:
+        k0 = mix32(lo ^ mix32(hi ^ np.uint32(_mix32_int((stream * _GOLDEN) & _M32))))
+        k1 = mix32(hi ^ mix32(k0 ^ np.uint32(_GOLDEN)))
+        out += [k0, k1]
+    return np.stack(out, axis=1).astype(np.int64)
 
 
 def uniform_from_index(key: tuple[int, int], index: np.ndarray) -> np.ndarray:

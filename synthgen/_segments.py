@@ -212,9 +212,10 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
     ints = np.zeros((ne, 26), dtype=np.int64)
     ints[:, 0:3] = ax[:, :, 0]  # lattice start
     ints[:, 3:6] = ax[:, :, 1]  # lattice size
-    ints[:, 6:8] = stream_keys([ts[q].seed for q in qe], STREAM_NOISE)
+    keys = stream_keys([ts[q].seed for q in qe], STREAM_NOISE, STREAM_BERNOULLI)
+    ints[:, 6:8] = keys[:, 0:2]
     ints[:, 8:11] = ax[:, :, 3]  # blocks
-    ints[:, 11:13] = stream_keys([ts[q].seed for q in qe], STREAM_BERNOULLI)
+    ints[:, 11:13] = keys[:, 2:4]
     ints[:, 13:16] = ax[:, :, 2]  # first block
     ints[:, 16:19] = ax[:, :, 5]  # grid size
     ints[:, 19:22] = ax[:, :, 4]  # grid offset

@@ -367,6 +367,8 @@ def test_stream_keys_of_many_seeds_are_stream_key() -> None:
     for stream in (STREAM_NOISE, STREAM_BERNOULLI, 9):
         want = np.array([stream_key(s, stream) for s in seeds])
         np.testing.assert_array_equal(stream_keys(seeds, stream), want)
+    both = stream_keys(seeds, STREAM_NOISE, STREAM_BERNOULLI)
+    np.testing.assert_array_equal(both[:, 2:], [stream_key(s, STREAM_BERNOULLI) for s in seeds])
 
 
 def test_axis_tables_match_the_lattice_reference() -> None:
