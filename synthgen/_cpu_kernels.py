@@ -593,6 +593,24 @@ def _lattice_index(i, j, k):
 
 
 @nb.njit(**_OPTS)
+def stream_keys_nb(seeds, streams):
+    """``_hash.stream_key`` of many seeds (``uint64``) and streams: ``(n, 2 k)`` int64."""
+    n = seeds.shape[0]
+    out = np.empty((n, 2 * streams.shape[0]), dtype=np.int64)
+    golden = np.uint32(0x9E3779B9)
+    for s in range(streams.shape[0]):
+        c = _mix32(np.uint32((streams[s] * 0x9E3779B9) & 0xFFFFFFFF))
+        for q in range(n):
+            lo = np.uint32(seeds[q] & np.uint64(0xFFFFFFFF))
+            hi = np.uint32(seeds[q] >> np.uint64(32))
+            k0 = _mix32(np.uint32(lo ^ _mix32(np.uint32(hi ^ c))))
+            k1 = _mix32(np.uint32(hi ^ _mix32(np.uint32(k0 ^ golden))))
+            out[q, 2 * s] = k0
+            out[q, 2 * s + 1] = k1
+    return out
+
+
+@nb.njit(**_OPTS)
 def lattice_uniform(k0, k1, a0, n0, a1, n1, a2, n2, shift):
     """Counter-based uniforms (minus ``shift``) on lattice points ``a + (0..n-1)`` per axis."""
     out = np.empty((n0, n1, n2), dtype=np.float32)

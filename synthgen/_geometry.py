@@ -126,34 +126,6 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
     return k / k.sum()
 
 
-def gaussian_kernels(r, step, sigma) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Many normalised Gaussian kernels at once, packed: kernel ``q`` is
-    ``exp(-0.5 (x / sigma_q)^2) / sum`` at ``x = (-r_q..r_q) * step_q`` (float32), the numbers of
-    :func:`gaussian_kernel1d` (``step`` 1) and of the texture's smoothing kernel.
-
-    Kernels of one ``(r, step)`` are computed as the rows of one array: the element-wise
-    operations are NumPy's and the row sums NumPy's pairwise sums of the same length, so each
-    row is what the one-kernel function gives. ``sigma <= 1e-3`` with ``step`` 1 gives ``[1]``
-    as :func:`gaussian_kernel1d`. Returns ``(packed, offsets, lengths)``.
-    """
-    r = np.asarray(r, dtype=np.int64)
-    step = np.asarray(step, dtype=np.int64)
-    sigma = np.asarray(sigma, dtype=np.float64)
-    lengths = np.where((sigma <= 1e-3) & (step == 1), 1, 2 * r + 1)
-    offsets = (np.cumsum(lengths) - lengths).astype(np.int64)
-    packed = np.empty(int(lengths.sum()), dtype=np.float32)
-    one = lengths == 1
-    packed[offsets[one]] = 1.0
-    keys = np.stack([r, step], axis=1)
-    for rr, ss in {(int(a), int(b)) for a, b in keys[~one]}:
-        rows = np.flatnonzero((r == rr) & (step == ss) & ~one)
-        x = np.arange(-rr, rr + 1, dtype=np.float64) if ss == 1 else np.arange(-rr, rr + 1) * ss
-        k = np.exp(-0.5 * (x[None, :] / sigma[rows, None]) ** 2)
-        k = (k / k.sum(axis=1, keepdims=True)).astype(np.float32)
-        packed[offsets[rows, None] + np.arange(2 * rr + 1)[None, :]] = k
-    return packed, offsets, lengths
-
-
 def gaussian_matrix(
     out_pos: np.ndarray,
     in_pos: np.ndarray,

@@ -69,16 +69,11 @@ def stream_key(seed: int, stream: int) -> tuple[int, int]:
 
 def stream_keys(seeds, *streams: int) -> np.ndarray:
     """:func:`stream_key` of many seeds at once: ``(n, 2)`` int64 per stream (the same
-    numbers), side by side for several streams (``(n, 2 k)``)."""
+    numbers), side by side for several streams (``(n, 2 k)``); one numba call."""
+    from ._cpu_kernels import stream_keys_nb
+
     s = np.fromiter((int(x) & ((1 << 64) - 1) for x in seeds), dtype=np.uint64)
-    lo = (s & np.uint64(_M32)).astype(np.uint32)
-    hi = (s >> np.uint64(32)).astype(np.uint32)
-    out = []
-    for stream in streams:
-        k0 = mix32(lo ^ mix32(hi ^ np.uint32(_mix32_int((stream * _GOLDEN) & _M32))))
-        k1 = mix32(hi ^ mix32(k0 ^ np.uint32(_GOLDEN)))
-        out += [k0, k1]
-    return np.stack(out, axis=1).astype(np.int64)
+    return stream_keys_nb(s, np.asarray(streams, dtype=np.int64))
 
 
 def uniform_from_index(key: tuple[int, int], index: np.ndarray) -> np.ndarray:

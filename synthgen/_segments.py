@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ._appearance import blend_params
-from ._geometry import gaussian_kernels
+from ._geometry import gaussian_kernel1d
 from .rendering import (
     BLUR_TRUNCATE,
     RenderResult,
@@ -191,7 +191,7 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
     axis's row offset ``row`` and weight offset ``woff``), ``step`` and the smoothing kernels.
     """
     from ._hash import stream_keys
-    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, axis_tables
+    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, _smoothing_kernel, axis_tables
 
     ne = len(qe)
     prm = [ts[q].texture for q in qe]
@@ -207,8 +207,9 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
         o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
     )
     ax = ax.reshape(ne, 3, 9)
-    # the smoothing kernels (block sums -> grid), as _texture._smoothing_kernel builds them
-    kern, koff, klen = gaussian_kernels(np.floor(3.0 * sb / h_b).astype(np.int64), h_b, sb)
+    # the smoothing kernels (block sums -> grid), cached per (block size, sigma_b)
+    kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
+                               lambda key: _smoothing_kernel(*key))  # fmt: skip
     ints = np.zeros((ne, 26), dtype=np.int64)
     ints[:, 0:3] = ax[:, :, 0]  # lattice start
     ints[:, 3:6] = ax[:, :, 1]  # lattice size
@@ -234,11 +235,39 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
             "koff": koff}  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4096)
+def _blur_kernel(sigma_vox: float) -> np.ndarray:
+    """The mask blur's kernel along one axis (float32, read-only), as the CPU path builds it."""
+    k = gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE).astype(np.float32)
+    k.flags.writeable = False
+    return k
+
+
+def _packed(keys, make) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The float32 kernels ``make(key)`` of many keys packed into one array (each distinct
+    key once): ``(packed, offset per key, length per key)``."""
+    at: dict[Any, tuple[int, int]] = {}
+    parts: list[np.ndarray] = []
+    offs = np.empty(len(keys), dtype=np.int64)
+    lens = np.empty(len(keys), dtype=np.int64)
+    n = 0
+    for q, key in enumerate(keys):
+        hit = at.get(key)
+        if hit is None:
+            k = make(key)
+            hit = at[key] = (n, k.size)
+            parts.append(k)
+            n += k.size
+        offs[q], lens[q] = hit
+    packed = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+    return packed.astype(np.float32, copy=False), offs, lens
+
+
 def clear_caches() -> None:
     """Empty the host-side caches of kernels and band tables (benchmarks time the cold case)."""
     from . import _texture
 
-    for f in (_texture._axis_recipe, _texture._smoothing_kernel):
+    for f in (_blur_kernel, _texture._axis_recipe, _texture._smoothing_kernel):
         f.cache_clear()
 
 
@@ -554,13 +583,9 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
     # per-row refs into the pack: partners, appearance parameters, appearance keys
     refs = np.zeros((nl, 3), dtype=np.int64)
-    # the blur kernels (as rendering builds them), one per distinct sigma
-    usig, uinv = np.unique(sig, return_inverse=True)
-    bpack, boffs, blens = gaussian_kernels(
-        (BLUR_TRUNCATE * usig + 0.5).astype(np.int64), np.ones(usig.size, np.int64), usig
-    )
-    uinv = uinv.reshape(ne, 3)
-    blen = blens[uinv]
+    # the blur kernels (as rendering builds them), cached per sigma, packed
+    bpack, boffs, blen = _packed(sig.ravel().tolist(), _blur_kernel)
+    boffs, blen = boffs.reshape(ne, 3), blen.reshape(ne, 3)
     blur_ref, smooth_ref = pack.add(bpack), pack.add(tx["kern"])
     ints, flts = tx["ints"], tx["flts"]
     # the lattice bands of all axes: three packed arrays, rows addressed by offset
@@ -642,7 +667,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         T[e, C.TORGAN], T[e, C.TMASK] = u8.addrs(0)[:ne], u8.addrs(1)[:ne]
         T[e, C.DELTA] = zero.addrs(0)[:ne]
         for a in range(3):
-            T[e, C.BKERN0 + a] = base[blur_ref] + 4 * boffs[uinv[:, a]]
+            T[e, C.BKERN0 + a] = base[blur_ref] + 4 * boffs[:, a]
             T[e, C.BKLEN0 + a] = blen[:, a]
             T[e, C.BOFF0 + a] = -((blen[:, a] - 1) // 2)
             row, woff = tx["row"][:, a], tx["woff"][:, a]

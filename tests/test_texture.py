@@ -415,28 +415,3 @@ def test_axis_tables_refuse_lattices_beyond_the_hash_range() -> None:
 
     with pytest.raises(ValueError, match="512 cells"):
         axis_tables([-600], [10], [1], [2.0], [2.0])
-
-
-def test_gaussian_kernels_packed_are_the_one_kernel_functions() -> None:
-    """The GPU driver's packed kernels (many sigmas in one call) are, bit for bit, the blur
-    kernels of the CPU path and the texture's smoothing kernels."""
-    import math
-
-    from synthgen._geometry import gaussian_kernels
-    from synthgen._texture import _smoothing_kernel, block_size_mm
-
-    rng = np.random.default_rng(8)
-    sig = np.concatenate([rng.uniform(0.0, 5.0, 400), [1e-4, 1e-3, 0.5, 1.0, 2.0]])
-    r = (3.0 * sig + 0.5).astype(np.int64)
-    packed, off, ln = gaussian_kernels(r, np.ones_like(r), sig)
-    for q, s in enumerate(sig):
-        want = gaussian_kernel1d(float(s), 3.0).astype(np.float32)
-        np.testing.assert_array_equal(packed[off[q] : off[q] + ln[q]], want)
-    sb = np.concatenate([rng.uniform(1.0, 20.0, 300), np.arange(1.0, 20.0)])
-    hb = np.array([block_size_mm(float(s)) for s in sb])
-    r = np.array([math.floor(3.0 * s / h) for s, h in zip(sb, hb, strict=True)])
-    packed, off, ln = gaussian_kernels(r, hb, sb)
-    for q in range(sb.size):
-        want = _smoothing_kernel.__wrapped__(int(hb[q]), float(sb[q]))
-        np.testing.assert_array_equal(packed[off[q] : off[q] + ln[q]], want)
-    assert [a.size for a in gaussian_kernels([], [], [])] == [0, 0, 0]
