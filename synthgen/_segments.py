@@ -4,22 +4,25 @@ Every tumor of every plan of a batch is a *segment*. The host describes all segm
 int64 table (sizes, indices, device addresses), one float32 and one float64 table
 (``kernels/segmented.cuh`` names their columns), packs them with every small per-tumor array
 into one buffer, uploads it with one copy and launches each step of the render once for the
-whole batch (``kernels/segmented.cu``): 2 launches in phase A (gather + fused shape test, box
-reduction), then one copy back of all boxes, then 17 launches in phase B (tight-box gather,
+whole batch (``kernels/segmented.cu``): 3 launches in phase A (the shape test's B-spline sum
+per box row, gather + the per-voxel shape test, box reduction), then one copy back of all
+boxes, then 17 launches in phase B (tight-box gather,
 three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid passes, the
 rescale's statistics and scaling, the fused blend, the overlap merge, the write-back), then
 one copy back of the statistics.
 
 The host's work per batch is vectorised over the tumors (NumPy on arrays of all boxes, one
-numba call for all B-spline weight rows); what stays per tumor in Python is the texture
-recipe (its per-axis tables are cached) and a few cached kernel lookups. The kernels compute
+numba call for all B-spline weight rows, one for the texture's per-axis tables of every tumor
+and one for the stream keys); what stays per tumor in Python is a few cached kernel lookups,
+the appearance parameters and the result records. The kernels compute
 what is exact arithmetic on a few numbers: each voxel's position and its trilinear
 coordinates on the texture grid (from the centre, the spacing and the grid's origin and
 step), and the bands of the mask blur and of the texture's block-to-grid smoothing (from the
 float32 kernel, its offset and the sizes: ``sg_seg_conv``). Tables whose values come from
 ``exp`` or from BLAS on the CPU path are made on the host, so that both backends read the
-very same numbers: the B-spline weight rows, the blur kernels, the texture's lattice bands
-and norms. ``benchmarks/bench_gpu_host.py`` measures what this preparation costs.
+very same numbers (each made by the function the CPU path uses): the B-spline weight rows,
+the blur and smoothing kernels, the texture's lattice bands and norms.
+``benchmarks/bench_gpu_host.py`` measures what this preparation costs.
 """
 
 from __future__ import annotations
