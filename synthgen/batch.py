@@ -283,7 +283,9 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     With mass effect, each organ's large tumors first push the tissue: the image and every
     map of the sample (all organ regions, existing lesions, tumor masks and label so far,
     vessels for the organs still to plan) are warped by the same fields, so all labels stay
-    aligned with the image. The case's own arrays are copied before they are warped."""
+    aligned with the image. A field reads and writes only its box, so a map with no voxel in
+    any field's box is left as it is: the case's own arrays are copied (and later written
+    anew) only when they move."""
     from .mass_effect import plan_fields, render_plan
     from .planning import index_organ
 
@@ -296,7 +298,10 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     regions = dict(lc.organs)  # organ -> region of this sample (warped copies once moved)
     lesions = dict(lc.lesions)
     vessels = lc.vessels
-    moved: set[str] = set()  # organs whose region this sample warped
+    # the maps this sample warped (its own copies from then on)
+    moved: set[str] = set()  # organ regions
+    moved_lesions: set[str] = set()
+    vessels_moved = False
     for n_organ, organ in enumerate(opts.organs):
         region = regions.get(organ)
         if region is None:
@@ -317,20 +322,25 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
             skipped[organ] = _short(e)
             continue
         maps: dict[tuple[str, str], np.ndarray] = {}
-        if plan_fields(plan):  # something will move: every map of the sample moves along
+        boxes = [f.box for f in plan_fields(plan)]
+        if boxes:  # something will move: every map with voxels in a field's box moves along
+
+            def touched(m: np.ndarray, boxes=boxes) -> bool:
+                return any(bool(m[b].any()) for b in boxes)
+
             for o, r in regions.items():
-                if o != organ:
+                if o != organ and touched(r):
                     maps["organ", o] = r if o in moved else r.copy(order="K")
             for o, m in lesions.items():
-                if m is not None:
-                    maps["lesion", o] = m if o in moved else m.copy(order="K")
+                if m is not None and touched(m):
+                    maps["lesion", o] = m if o in moved_lesions else m.copy(order="K")
             for o, m in tumors.items():
                 maps["tumor", o] = m
             if label is not None:
                 maps["label", ""] = label
             later = [o for o in opts.organs[n_organ + 1 :] if o in regions]
-            if vessels is not None and later:
-                maps["vessels", ""] = vessels if "vessels" in moved else vessels.copy(order="K")
+            if vessels is not None and later and touched(vessels):
+                maps["vessels", ""] = vessels if vessels_moved else vessels.copy(order="K")
         out = render_plan(
             plan,
             image,
@@ -343,20 +353,22 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         )
         res = out.result
         if out.fields:
-            moved.update(regions)
-            moved.add("vessels")
+            moved.add(organ)
             region = regions[organ] = res.organ_mask
             for (kind, o), m in out.labels.items():
                 if kind == "organ":
                     regions[o] = m
+                    moved.add(o)
                 elif kind == "lesion":
                     lesions[o] = m
+                    moved_lesions.add(o)
                 elif kind == "tumor":
                     tumors[o] = m
                 elif kind == "label":
                     label = m
                 else:
                     vessels = m
+                    vessels_moved = True
         lo, le = values[organ]
         if label is None:  # first organ: the region itself (one pass, no mask indexing)
             label = region.view(np.uint8) * np.uint8(lo)

@@ -260,3 +260,44 @@ def test_adapters_with_mass_effect_warp_the_whole_label_and_refuse_extra_channel
     lab_t = torch.from_numpy(lab[None, None].copy())
     with pytest.raises(ValueError, match=r"2 channels.*mass effect"):
         BatchTumorSynthesis("liver", spacing=ph.spacing)(img, lab_t)
+
+
+def test_batch_warps_only_the_maps_a_push_reaches(dataset, tmp_path):
+    """A field reads and writes only its box: an organ region with no voxel in any field's
+    box is not copied, warped or marked as moved (it is written as the input was), and one
+    with voxels there is. The kidneys' preset here has no mass effect, so only the liver's
+    tumors push."""
+    from importlib.resources import files
+
+    from synthgen.batch import BatchOptions, Sample, _synthesize, load_case, sample_seed
+    from synthgen.layouts import discover
+
+    on, off = "[mass_effect]\nenabled = true", "[mass_effect]\nenabled = false"
+    toml = files("synthgen.presets").joinpath("kidney.toml").read_text()
+    assert on in toml
+    still = tmp_path / "kidney-still.toml"
+    still.write_text(toml.replace(on, off))
+    opts = BatchOptions(organs=("liver", "kidney"), size="large", seed=3,
+                        presets={"kidney": str(still)})  # fmt: skip
+    _, cases = discover(dataset, list(opts.organs))
+    seen_untouched = seen_touched = 0
+    for case in cases:
+        lc = load_case(case, opts)
+        sample = Sample(case.case_id, 0, sample_seed(opts.seed, case.case_id, 0))
+        *_, records, _, written = _synthesize(lc, sample, opts)
+        boxes = [f.box for rec in records
+                 for f in me.plan_fields(synthgen.Plan.from_dict(rec["plan"]))]  # fmt: skip
+        rendered = {rec["organ"] for rec in records
+                    if me.plan_fields(synthgen.Plan.from_dict(rec["plan"]))}  # fmt: skip
+        for organ, (region, warped) in written.items():
+            if organ in rendered:
+                assert warped, organ  # an organ's own push moves its region
+                continue
+            reached = any(lc.organs[organ][b].any() for b in boxes)
+            assert warped == reached, organ
+            if reached:
+                seen_touched += 1
+            else:
+                assert region is lc.organs[organ], organ  # the case's array, not a copy
+                seen_untouched += 1
+    assert seen_untouched >= 1, "no organ stayed out of every push in these samples"
