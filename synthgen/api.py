@@ -227,18 +227,12 @@ def render_batch(
     :func:`render`): plans whose tumors push tissue get their image (into its ``out`` or a
     copy) and organ mask (a copy) warped first; the others are rendered as given."""
     from .mass_effect import prepare_render
+    from .rendering import per_plan
 
-    n = len(plans)
-
-    def per_plan(x):
-        return list(x) if isinstance(x, (list, tuple)) else [x] * n
-
-    plans_r, ims, oms = list(plans), per_plan(images), per_plan(organ_masks)
-    os_ = per_plan(outs) if outs is not None else [None] * n
+    ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
+    plans_r = list(plans)
     warped = False
     for i, p in enumerate(plans):
-        if len(ims) != n or len(oms) != n or len(os_) != n:
-            break  # rendering.render_batch reports the mismatch
         if not p.get_preset().mass_effect.enabled:
             continue
         prep = prepare_render(p, ims[i], oms[i], out=os_[i])

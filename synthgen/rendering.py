@@ -407,6 +407,21 @@ def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
             raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
 
 
+def per_plan(n: int, **args: Any) -> list[list[Any]]:
+    """``render_batch``'s arguments as one list per plan each, in the order given: a list or
+    tuple is taken as one item per plan (ValueError naming it when its length is not ``n``),
+    anything else is shared by all plans; ``None`` gives ``None`` per plan."""
+    out = []
+    for name, x in args.items():
+        if isinstance(x, (list, tuple)):
+            if len(x) != n:
+                raise ValueError(f"{name}: {len(x)} given for {n} plans")
+            out.append(list(x))
+        else:
+            out.append([x] * n)
+    return out
+
+
 def render_batch(
     plans: Sequence[Plan],
     images: Any,
@@ -438,18 +453,9 @@ def render_batch(
         One :class:`RenderResult` per plan, in order.
     """
     n = len(plans)
-
-    def per_plan(x, name):
-        if isinstance(x, (list, tuple)):
-            if len(x) != n:
-                raise ValueError(f"{name}: {len(x)} given for {n} plans")
-            return list(x)
-        return [x] * n
-
-    images = per_plan(images, "images")
-    organ_masks = per_plan(organ_masks, "organ_masks")
-    outs = per_plan(outs, "outs") if outs is not None else [None] * n
-    affines = per_plan(affines, "affines") if affines is not None else [None] * n
+    images, organ_masks, outs, affines = per_plan(
+        n, images=images, organ_masks=organ_masks, outs=outs, affines=affines
+    )
     if n == 0:
         return []
     from ._device import resolve_device
