@@ -159,13 +159,6 @@ def _rotation(t: Any) -> np.ndarray:
     return np.eye(3) if rot is None else np.asarray(rot, dtype=np.float64).reshape(3, 3)
 
 
-def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
-    sp = np.asarray(spacing, dtype=np.float64).ravel()
-    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing must be 3 positive finite values (mm), got {sp.tolist()}")
-    return (float(sp[0]), float(sp[1]), float(sp[2]))
-
-
 def _effective_strength(r_eq: float, strength: float, min_radius_mm: float, ramp_mm: float):
     if ramp_mm > 0:
         return strength * min(1.0, max(0.0, (r_eq - min_radius_mm) / ramp_mm))
@@ -203,7 +196,9 @@ def mass_effect_fields(
     Raises:
         ValueError: Bad spacing, strength, reach, radii or thresholds.
     """
-    sp = _check_spacing(spacing)
+    from .planning import resolve_spacing
+
+    sp = resolve_spacing(spacing, None)
     if not 0.0 <= float(strength) <= MAX_STRENGTH:
         raise ValueError(f"strength must be in [0, {MAX_STRENGTH}], got {strength}")
     if not REACH_RANGE[0] <= float(reach) <= REACH_RANGE[1]:
