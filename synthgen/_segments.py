@@ -183,59 +183,54 @@ class _Scratch:
         return self.dev[o : o + self.sizes[i]].reshape(shape)
 
 
-def _texture_tables(ts, qe, lo_mm, hi_mm) -> dict[str, Any]:
+def _texture_tables(ts, qe, lo_mm, hi_mm) -> SimpleNamespace:
     """The texture recipes (:func:`synthgen._texture.texture_recipe`) of tumors ``ts[qe]``
     over their tight boxes (``lo_mm``/``hi_mm``: ``(n, 3)`` mm from the centre), vectorised:
     the per-axis tables of all axes from one numba call (the function the CPU path's recipe
-    uses), the stream keys as arrays. Returns the driver's integer and float64 columns
-    (``ints``: LA 0-2, LN 3-5, NK 6-7, B 8-10, BK 11-12, BLK 13-15, G_ 16-18, GOFF 19-21,
-    LK 22-24, smoothing kernel length 25; ``flts``: zscale, base, scale, cells per block,
-    threshold, u0, grid origin 0-2), the packed bands (``starts``, ``weights``, ``inv``; each
-    axis's row offset ``row`` and weight offset ``woff``), ``step`` and the smoothing kernels.
+    uses) and the stream keys from another.
+
+    Fields, ``(n, 3)`` per axis unless noted: ``lat0``, ``n_lat`` (noise lattice), ``block0``,
+    ``blocks`` (Bernoulli blocks), ``goff``, ``grid`` (grid offset and size), ``kk`` (band
+    width), ``row``/``woff`` (offsets into the packed ``starts``, ``inv`` and ``weights``),
+    ``origin`` (mm); ``noise_key``, ``bern_key`` ``(n, 2)``; ``scalars`` ``(n, 6)``
+    (:func:`synthgen._texture.texture_scalars`); ``step`` ``(n,)``; the smoothing kernels
+    packed (``kern``, ``koff``, ``klen``).
     """
     from ._hash import stream_keys
-    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, _smoothing_kernel, axis_tables
+    from ._texture import (
+        STREAM_BERNOULLI,
+        STREAM_NOISE,
+        _smoothing_kernel,
+        axis_tables,
+        block_size_mm,
+        grid_index_range,
+        texture_scalars,
+    )
 
     ne = len(qe)
     prm = [ts[q].texture for q in qe]
     sa = np.array([float(p["sigma_a_mm"]) for p in prm], dtype=np.float64)
     sb = np.array([float(p["sigma_b_mm"]) for p in prm], dtype=np.float64)
-    h_b = np.maximum(1, np.floor(sb / 2.0)).astype(np.int64)  # block_size_mm
-    step = h_b.astype(np.float64)
-    lo_mm = np.asarray(lo_mm, dtype=np.float64).reshape(ne, 3)
-    hi_mm = np.asarray(hi_mm, dtype=np.float64).reshape(ne, 3)
-    o_lo = np.floor((lo_mm - step[:, None]) / h_b[:, None]).astype(np.int64)
-    o_hi = np.ceil((hi_mm + step[:, None]) / h_b[:, None]).astype(np.int64)
+    h_b = np.array([block_size_mm(s) for s in sb.tolist()], dtype=np.int64)
+    o_lo, o_hi = grid_index_range(np.reshape(lo_mm, (ne, 3)), np.reshape(hi_mm, (ne, 3)),
+                                  h_b[:, None])  # fmt: skip
     ax, origin, starts, weights, inv = axis_tables(
         o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
     )
     ax = ax.reshape(ne, 3, 9)
+    keys = stream_keys([ts[q].seed for q in qe], STREAM_NOISE, STREAM_BERNOULLI)
     # the smoothing kernels (block sums -> grid), cached per (block size, sigma_b)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
-    ints = np.zeros((ne, 26), dtype=np.int64)
-    ints[:, 0:3] = ax[:, :, 0]  # lattice start
-    ints[:, 3:6] = ax[:, :, 1]  # lattice size
-    keys = stream_keys([ts[q].seed for q in qe], STREAM_NOISE, STREAM_BERNOULLI)
-    ints[:, 6:8] = keys[:, 0:2]
-    ints[:, 8:11] = ax[:, :, 3]  # blocks
-    ints[:, 11:13] = keys[:, 2:4]
-    ints[:, 13:16] = ax[:, :, 2]  # first block
-    ints[:, 16:19] = ax[:, :, 5]  # grid size
-    ints[:, 19:22] = ax[:, :, 4]  # grid offset
-    ints[:, 22:25] = ax[:, :, 6]  # band width
-    ints[:, 25] = klen
-    flts = np.zeros((ne, 9), dtype=np.float64)
-    flts[:, 0] = [math.sqrt(12.0) / (2.0 * float(p["range_sd"])) for p in prm]
-    flts[:, 1] = [float(p["base"]) for p in prm]
-    flts[:, 2] = [float(p["scale"]) for p in prm]
-    flts[:, 3] = (h_b**3).astype(np.float64)
-    flts[:, 4] = [float(p["threshold"]) for p in prm]
-    flts[:, 5] = [float(p["u0"]) for p in prm]
-    flts[:, 6:9] = origin.reshape(ne, 3)
-    return {"ints": ints, "flts": flts, "starts": starts, "weights": weights, "inv": inv,
-            "row": ax[:, :, 7], "woff": ax[:, :, 8], "step": step, "kern": kern,
-            "koff": koff}  # fmt: skip
+    return SimpleNamespace(
+        lat0=ax[:, :, 0], n_lat=ax[:, :, 1], block0=ax[:, :, 2], blocks=ax[:, :, 3],
+        goff=ax[:, :, 4], grid=ax[:, :, 5], kk=ax[:, :, 6], row=ax[:, :, 7], woff=ax[:, :, 8],
+        origin=origin.reshape(ne, 3), noise_key=keys[:, 0:2], bern_key=keys[:, 2:4],
+        scalars=np.array([texture_scalars(p, h) for p, h in zip(prm, h_b.tolist(), strict=True)],
+                         dtype=np.float64).reshape(ne, 6),
+        step=h_b.astype(np.float64), starts=starts, weights=weights, inv=inv,
+        kern=kern, koff=koff, klen=klen,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
@@ -589,10 +584,9 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     # the blur kernels (as rendering builds them), cached per sigma, packed
     bpack, boffs, blen = _packed(sig.ravel().tolist(), _blur_kernel)
     boffs, blen = boffs.reshape(ne, 3), blen.reshape(ne, 3)
-    blur_ref, smooth_ref = pack.add(bpack), pack.add(tx["kern"])
-    ints, flts = tx["ints"], tx["flts"]
+    blur_ref, smooth_ref = pack.add(bpack), pack.add(tx.kern)
     # the lattice bands of all axes: three packed arrays, rows addressed by offset
-    band_refs = (pack.add(tx["starts"]), pack.add(tx["weights"]), pack.add(tx["inv"]))
+    band_refs = (pack.add(tx.starts), pack.add(tx.weights), pack.add(tx.inv))
     for q in range(nl):
         refs[q, 0] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
     app_e = has_app[live]
@@ -602,9 +596,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))
                  for w in walls_r]  # fmt: skip
     # scratch: float32 buffers per row (host rows: merged and out only)
-    ln = ints[:, 3:6]
-    bs = ints[:, 8:11]
-    gs = ints[:, 16:19]
+    ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
     tnv_e = tnv[:ne]
     z = np.zeros(ne, np.int64)
     sizes_e = np.stack(
@@ -673,22 +665,21 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
             T[e, C.BKERN0 + a] = base[blur_ref] + 4 * boffs[:, a]
             T[e, C.BKLEN0 + a] = blen[:, a]
             T[e, C.BOFF0 + a] = -((blen[:, a] - 1) // 2)
-            row, woff = tx["row"][:, a], tx["woff"][:, a]
-            T[e, C.LS0 + a] = base[band_refs[0]] + 8 * row
-            T[e, C.LW0 + a] = base[band_refs[1]] + 4 * woff
-            T[e, C.INV0 + a] = base[band_refs[2]] + 8 * row
-            T[e, C.LK0 + a] = ints[:, 22 + a]
-            T[e, C.GKERN0 + a] = base[smooth_ref] + 4 * tx["koff"]
-            T[e, C.GKLEN0 + a] = ints[:, 25]
-            T[e, C.GOFF0 + a] = ints[:, 19 + a]
-        T[e, C.LA0 : C.LA2 + 1] = ints[:, 0:3]
+            T[e, C.LS0 + a] = base[band_refs[0]] + 8 * tx.row[:, a]
+            T[e, C.LW0 + a] = base[band_refs[1]] + 4 * tx.woff[:, a]
+            T[e, C.INV0 + a] = base[band_refs[2]] + 8 * tx.row[:, a]
+            T[e, C.GKERN0 + a] = base[smooth_ref] + 4 * tx.koff
+            T[e, C.GKLEN0 + a] = tx.klen
+        T[e, C.LK0 : C.LK2 + 1] = tx.kk
+        T[e, C.GOFF0 : C.GOFF2 + 1] = tx.goff
+        T[e, C.LA0 : C.LA2 + 1] = tx.lat0
         T[e, C.LN0 : C.LN2 + 1] = ln
-        T[e, C.NK0 : C.NK1 + 1] = ints[:, 6:8]
+        T[e, C.NK0 : C.NK1 + 1] = tx.noise_key
         T[e, C.ZD1], T[e, C.ZD1 + 1], T[e, C.ZD1 + 2] = ln[:, 0], ln[:, 1], bs[:, 2]
         T[e, C.ZD2], T[e, C.ZD2 + 1], T[e, C.ZD2 + 2] = ln[:, 0], bs[:, 1], bs[:, 2]
         T[e, C.B0 : C.B2 + 1] = bs
-        T[e, C.BK0 : C.BK1 + 1] = ints[:, 11:13]
-        T[e, C.BLK0 : C.BLK2 + 1] = ints[:, 13:16]
+        T[e, C.BK0 : C.BK1 + 1] = tx.bern_key
+        T[e, C.BLK0 : C.BLK2 + 1] = tx.block0
         T[e, C.GD1], T[e, C.GD1 + 1], T[e, C.GD1 + 2] = gs[:, 0], bs[:, 1], bs[:, 2]
         T[e, C.GD2], T[e, C.GD2 + 1], T[e, C.GD2 + 2] = gs[:, 0], gs[:, 1], bs[:, 2]
         T[e, C.G_0 : C.G_2 + 1] = gs
@@ -701,10 +692,10 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         TF[e, C.F_TLO : C.F_THI + 1] = [i.tissue for i in jinfo[:ne]]
         TF[e, C.F_CONTRAST] = [ts[q].contrast_hu for q in qe]
         TF[e, C.F_ORGAN_HU] = [i.organ_hu for i in jinfo[:ne]]
-        TD[e, C.D_ZSCALE : C.D_U0 + 1] = flts[:, 0:6]
+        TD[e, C.D_ZSCALE : C.D_U0 + 1] = tx.scalars
         TD[e, C.D_SP0 : C.D_SP2 + 1] = spe
-        TD[e, C.D_TX0 : C.D_TX2 + 1] = flts[:, 6:9]
-        TD[e, C.D_STEP] = tx["step"]
+        TD[e, C.D_TX0 : C.D_TX2 + 1] = tx.origin
+        TD[e, C.D_STEP] = tx.step
     pack.set(t_ref, T)
     pack.set(tf_ref, TF)
     pack.set(td_ref, TD)

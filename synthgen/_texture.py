@@ -113,6 +113,30 @@ class TextureRecipe:
     step: float
 
 
+def grid_index_range(lo_mm, hi_mm, h_b) -> tuple[np.ndarray, np.ndarray]:
+    """First and last index of the texture grid (block centres ``h_b`` mm apart) covering
+    ``[lo_mm, hi_mm]`` plus one block (``lattice_range(lo, hi, h_b, h_b)``); arrays of any
+    shape, ``h_b`` broadcast against them. Integer arrays."""
+    step = np.asarray(h_b, dtype=np.float64)
+    o_lo = np.floor((np.asarray(lo_mm, dtype=np.float64) - step) / step)
+    o_hi = np.ceil((np.asarray(hi_mm, dtype=np.float64) + step) / step)
+    return o_lo.astype(np.int64), o_hi.astype(np.int64)
+
+
+def texture_scalars(params: Mapping[str, float], h_b: int) -> tuple[float, ...]:
+    """The recipe's scalars, in the GPU table's order: ``(zscale, base, scale, cells per
+    block, threshold, u0)``. Uniform noise has variance 1/12, so ``z * sqrt(12) / norm`` is
+    standard normal; ``zscale`` folds in the ``1 / (2 range_sd)`` of the probability map."""
+    return (
+        math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
+        float(params["base"]),
+        float(params["scale"]),
+        float(h_b**3),
+        float(params["threshold"]),
+        float(params["u0"]),
+    )
+
+
 def texture_recipe(
     seed: int,
     params: Mapping[str, float],
@@ -128,33 +152,28 @@ def texture_recipe(
     sb = float(params["sigma_b_mm"])
     sa = float(params["sigma_a_mm"])
     h_b = block_size_mm(sb)
-    step = float(h_b)
-    # the grid's index range per axis: lattice_range(lo, hi, h_b, h_b)
-    axes = [
-        _axis_recipe(math.floor((lo_mm[a] - step) / h_b), math.ceil((hi_mm[a] + step) / h_b),
-                     h_b, sa, sb)
-        for a in range(3)
-    ]  # fmt: skip
+    o_lo, o_hi = grid_index_range(lo_mm, hi_mm, h_b)
+    axes = [_axis_recipe(int(o_lo[a]), int(o_hi[a]), h_b, sa, sb) for a in range(3)]
+    zscale, base, scale, n_cells, threshold, u0 = texture_scalars(params, h_b)
     return TextureRecipe(
         noise_key=stream_key(seed, STREAM_NOISE),
         bern_key=stream_key(seed, STREAM_BERNOULLI),
         lattice=tuple(ax[0] for ax in axes),
         bands=tuple(ax[1] for ax in axes),
         inv_norm=tuple(ax[2] for ax in axes),
-        # uniform noise has variance 1/12: z * sqrt(12) / norm is standard normal
-        zscale=math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
-        base=float(params["base"]),
-        scale=float(params["scale"]),
+        zscale=zscale,
+        base=base,
+        scale=scale,
         blocks0=tuple(ax[3] for ax in axes),  # type: ignore[arg-type]
         block_shape=tuple(ax[4] for ax in axes),  # type: ignore[arg-type]
-        n_cells=float(h_b**3),
+        n_cells=n_cells,
         kern=_smoothing_kernel(h_b, sb),
         offs=tuple(ax[5] for ax in axes),  # type: ignore[arg-type]
         out_shape=tuple(ax[6] for ax in axes),  # type: ignore[arg-type]
-        threshold=float(params["threshold"]),
-        u0=float(params["u0"]),
+        threshold=threshold,
+        u0=u0,
         origin=np.array([ax[7] for ax in axes]),
-        step=step,
+        step=float(h_b),
     )
 
 
