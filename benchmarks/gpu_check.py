@@ -95,21 +95,42 @@ class Gpu:
         if not self.emulate:
             self.be.xp.cuda.get_current_stream().synchronize()
 
-    def timer(self):
-        """``(start, stop)``: stop returns ms since start (CUDA events on a GPU)."""
+    def event(self):
+        """A mark in the work stream: a recorded CUDA event (the wall clock when emulated)."""
         if self.emulate:
-            t0 = time.perf_counter()
-            return None, lambda: (time.perf_counter() - t0) * 1e3
-        cp = self.be.xp
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
+            return time.perf_counter()
+        ev = self.be.xp.cuda.Event()
+        ev.record()
+        return ev
 
-        def stop() -> float:
-            b.record()
-            b.synchronize()
-            return cp.cuda.get_elapsed_time(a, b)
+    def elapsed_ms(self, a, b) -> float:
+        """ms between two marks of :meth:`event` (waits for the second)."""
+        if self.emulate:
+            return (b - a) * 1e3
+        b.synchronize()
+        return self.be.xp.cuda.get_elapsed_time(a, b)
 
-        return a, stop
+    def timer(self):
+        """``stop``: returns the ms since the call (CUDA events on a GPU)."""
+        a = self.event()
+        return lambda: self.elapsed_ms(a, self.event())
+
+
+class Scene:
+    """The benchmark's scan, once: ``liver-classic`` on the 1 mm benchmark phantom, on the
+    host and on the device, and plans of it."""
+
+    def __init__(self, g: Gpu) -> None:
+        ph = benchmark_phantom()
+        self.img_h = np.ascontiguousarray(ph.image)
+        self.mask_h = np.ascontiguousarray(ph.mask("liver"))
+        self.idx = synthgen.index_organ(self.mask_h)
+        self.syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
+        self.img_d, self.mask_d = g.be.upload(self.img_h), g.be.upload(self.mask_h)
+
+    def plans(self, seed: int, n: int, size: str) -> list:
+        return [self.syn.plan(self.img_h, self.mask_h, seed=seed + i, size=size,
+                              organ_index=self.idx) for i in range(n)]  # fmt: skip
 
 
 class _WaitTimer:
@@ -140,14 +161,9 @@ def _median_ms(fn, n: int) -> float:
     return statistics.median(ts)
 
 
-def bench_classes(g: Gpu, quick: bool) -> list[dict]:
+def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
     be = g.be
-    ph = benchmark_phantom()
-    img_h = np.ascontiguousarray(ph.image)
-    mask_h = np.ascontiguousarray(ph.mask("liver"))
-    idx = synthgen.index_organ(mask_h)
-    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
-    img_d, mask_d = be.upload(img_h), be.upload(mask_h)
+    img_h, mask_h, img_d, mask_d = sc.img_h, sc.mask_h, sc.img_d, sc.mask_d
     n_gpu = 3 if g.emulate else (10 if quick else 40)
     n_cpu = 2 if g.emulate else (3 if quick else 8)
     rows = []
@@ -158,10 +174,7 @@ def bench_classes(g: Gpu, quick: bool) -> list[dict]:
             if g.emulate:
                 n_plans = 4
             t0 = time.perf_counter()
-            plans = [
-                syn.plan(img_h, mask_h, seed=seed + i, size=cls, organ_index=idx)
-                for i in range(n_plans)
-            ]
+            plans = sc.plans(seed, n_plans, cls)
             plan_ms = (time.perf_counter() - t0) * 1e3 / n_plans
             seed += n_plans
             work_d = img_d.copy()
@@ -242,45 +255,25 @@ class _KernelTimer:
         return getattr(self._be, name)
 
     def launch2d(self, name, *args):
-        if self._g.emulate:
-            t0 = time.perf_counter()
-            self._be.launch2d(name, *args)
-            self.marks.append((name, t0, time.perf_counter()))
-            return
-        cp = self._be.xp
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
+        a = self._g.event()
         self._be.launch2d(name, *args)
-        b.record()
-        self.marks.append((name, a, b))
+        self.marks.append((name, a, self._g.event()))
 
     def per_kernel(self) -> dict[str, list[float]]:
         """ms per launch by kernel name (after the work is done)."""
         out: dict[str, list[float]] = {}
         for name, a, b in self.marks:
-            if self._g.emulate:
-                ms = (b - a) * 1e3
-            else:
-                b.synchronize()
-                ms = self._be.xp.cuda.get_elapsed_time(a, b)
-            out.setdefault(name, []).append(ms)
+            out.setdefault(name, []).append(self._g.elapsed_ms(a, b))
         return out
 
 
-def bench_kernels(g: Gpu, ph=None) -> list[dict]:
+def bench_kernels(g: Gpu, sc: Scene) -> list[dict]:
     """Device time of each kernel of one render of a ``mix`` batch of 16 plans (and of one
     plan), from CUDA events around each launch: where the device's time goes."""
-    ph = ph or benchmark_phantom()
-    img_h = np.ascontiguousarray(ph.image)
-    mask_h = np.ascontiguousarray(ph.mask("liver"))
-    idx = synthgen.index_organ(mask_h)
-    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
-    be = g.be
-    img_d, mask_d = be.upload(img_h), be.upload(mask_h)
+    be, img_d, mask_d = g.be, sc.img_d, sc.mask_d
     rows = []
     for n_plans in (1, 2 if g.emulate else 16):
-        plans = [syn.plan(img_h, mask_h, seed=9_000_000 + i, size="mix", organ_index=idx)
-                 for i in range(n_plans)]  # fmt: skip
+        plans = sc.plans(9_000_000, n_plans, "mix")
         outs = [img_d.copy() for _ in plans]
         args = (plans, [img_d] * n_plans, [mask_d] * n_plans)
         _cuda.render_on_gpu(*args, device_id=0, outs=outs, be=be)  # warm-up
@@ -302,22 +295,16 @@ def bench_kernels(g: Gpu, ph=None) -> list[dict]:
     return rows
 
 
-def bench_bandwidth(g: Gpu, ph=None) -> list[dict]:
+def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     """Bandwidth of the fused segmented kernels on a batch of large tumors (re-launched on the
     batch's own tables) against a device-to-device copy."""
     from synthgen import _segments
 
     be = g.be
     xp = be.xp
-    ph = ph or benchmark_phantom()
-    img_h = np.ascontiguousarray(ph.image)
-    mask_h = np.ascontiguousarray(ph.mask("liver"))
-    idx = synthgen.index_organ(mask_h)
-    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
     n_plans = 2 if g.emulate else 48
-    plans = [syn.plan(img_h, mask_h, seed=7_000_000 + i, size="large", organ_index=idx)
-             for i in range(n_plans)]  # fmt: skip
-    img_d, mask_d = be.upload(img_h), be.upload(mask_h)
+    plans = sc.plans(7_000_000, n_plans, "large")
+    img_d, mask_d = sc.img_d, sc.mask_d
     outs = [img_d.copy() for _ in plans]
     _segments.KEEP_LAST = True
     try:
@@ -335,7 +322,7 @@ def bench_bandwidth(g: Gpu, ph=None) -> list[dict]:
     a = xp.zeros(nbytes // 4, dtype=xp.float32)
     b = xp.empty_like(a)
     b[...] = a
-    _, stop = g.timer()
+    stop = g.timer()
     for _ in range(reps):
         b[...] = a
     copy_gbs = 2 * nbytes * reps / (stop() * 1e-3) / 1e9
@@ -354,7 +341,7 @@ def bench_bandwidth(g: Gpu, ph=None) -> list[dict]:
     }
     for name, (fn, per_voxel) in kernels.items():
         fn()
-        _, stop = g.timer()
+        stop = g.timer()
         for _ in range(reps):
             fn()
         ms = stop() / reps
@@ -381,24 +368,25 @@ def main() -> int:
     t_all = time.perf_counter()
     test_line, rc = ("skipped", 0) if args.skip_tests else run_tests(args.emulate, args.log)
     g = Gpu(args.emulate)
+    sc = Scene(g)
     if args.only_kernels:
-        bench_kernels(g)
+        bench_kernels(g, sc)
         return 0
     if not args.emulate:
         from synthgen._device import gpu_report
 
         print(gpu_report())
     print("benchmark: size classes")
-    rows = bench_classes(g, args.quick)
+    rows = bench_classes(g, sc, args.quick)
     print("benchmark: device time per kernel")
     try:
-        kern = bench_kernels(g)
+        kern = bench_kernels(g, sc)
     except Exception:
         traceback.print_exc()
         kern = []
     print("benchmark: fused kernel bandwidth")
     try:
-        bw = bench_bandwidth(g)
+        bw = bench_bandwidth(g, sc)
     except Exception:  # the table of the classes still prints
         traceback.print_exc()
         bw = []
