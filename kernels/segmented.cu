@@ -27,9 +27,10 @@
 #define SG_ILP_T(u) (t0 + (long long)(u) * blockDim.x)
 
 // A block with no element of its segment (the grid is sized for the largest segment) leaves
-// at once: before a block reduction, whose barriers it would otherwise wait through.
-#define SG_SEG_IDLE(total)                                                                    \
-    if ((long long)blockIdx.x * blockDim.x >= (total)) return
+// at once: before a block reduction, whose barriers it would otherwise wait through. ``per``
+// is the elements per thread and step of the kernel's loop (1, or SG_ILP).
+#define SG_SEG_IDLE(total, per)                                                               \
+    if ((long long)blockIdx.x * blockDim.x * (per) >= (total)) return
 
 // Block reductions: a kernel's per-thread partial results (sums, minima, maxima) are combined
 // within the block (warp shuffles, then one warp over the warps' results) before thread 0
@@ -166,7 +167,7 @@ extern "C" __global__ void sg_seg_bbox(const long long* __restrict__ T, int F,
     int* o = out + 7 * (long long)blockIdx.y;
     int lo0 = n0, hi0 = -1, lo1 = n1, hi1 = -1, lo2 = n2, hi2 = -1, count = 0;
     long long total = (long long)n0 * n1 * n2;
-    SG_SEG_IDLE(total);
+    SG_SEG_IDLE(total, 1);
     SG_SEG_LOOP(total) {
         if (!mask[t]) continue;
         int i, j, k;
@@ -359,7 +360,7 @@ extern "C" __global__ void sg_seg_tex_stats(const long long* __restrict__ T, int
     const float* g = (const float*)r[SG_GRID];
     float thr = (float)rd[SG_D_THR];
     long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
-    SG_SEG_IDLE(total);
+    SG_SEG_IDLE(total, 1);
     double above = 0.0, all = 0.0, cnt = 0.0;
     SG_SEG_LOOP(total) {
         float v = g[t];
@@ -520,7 +521,7 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     const long long ds0 = r[SG_DS0], ds1 = r[SG_DS1], ds2 = r[SG_DS2];
     const long long dbase = ds0 * r[SG_DO0] + ds1 * r[SG_DO1] + ds2 * r[SG_DO2];
     long long total = (long long)nx * ny * nz;
-    if ((long long)blockIdx.x * blockDim.x * SG_ILP >= total) return;  // idle block
+    SG_SEG_IDLE(total, SG_ILP);
     int n = 0;
     double acc = 0.0;
     SG_SEG_LOOP_ILP(total) {
