@@ -298,10 +298,8 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     regions = dict(lc.organs)  # organ -> region of this sample (warped copies once moved)
     lesions = dict(lc.lesions)
     vessels = lc.vessels
-    # the maps this sample warped (its own copies from then on)
-    moved: set[str] = set()  # organ regions
-    moved_lesions: set[str] = set()
-    vessels_moved = False
+    # the maps this sample warped, keyed as in ``maps`` below (its own copies from then on)
+    moved: set[tuple[str, str]] = set()
     for n_organ, organ in enumerate(opts.organs):
         region = regions.get(organ)
         if region is None:
@@ -314,7 +312,7 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
                 region,
                 seed=seed,
                 affine=lc.affine,
-                organ_index=index_organ(region) if organ in moved else lc.indexes[organ],
+                organ_index=index_organ(region) if ("organ", organ) in moved else lc.indexes[organ],
                 vessel_mask=vessels,
                 lesion_mask=lesions.get(organ),
             )
@@ -324,23 +322,17 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         maps: dict[tuple[str, str], np.ndarray] = {}
         boxes = [f.box for f in plan_fields(plan)]
         if boxes:  # something will move: every map with voxels in a field's box moves along
-
-            def touched(m: np.ndarray, boxes=boxes) -> bool:
-                return any(bool(m[b].any()) for b in boxes)
-
-            for o, r in regions.items():
-                if o != organ and touched(r):
-                    maps["organ", o] = r if o in moved else r.copy(order="K")
-            for o, m in lesions.items():
-                if m is not None and touched(m):
-                    maps["lesion", o] = m if o in moved_lesions else m.copy(order="K")
-            for o, m in tumors.items():
+            later = [o for o in opts.organs[n_organ + 1 :] if o in regions]
+            shared = [(("organ", o), r) for o, r in regions.items() if o != organ]
+            shared += [(("lesion", o), m) for o, m in lesions.items()]
+            shared += [(("vessels", ""), vessels if later else None)]
+            for key, m in shared:  # the case's arrays: copied before they are first warped
+                if m is not None and any(m[b].any() for b in boxes):
+                    maps[key] = m if key in moved else m.copy(order="K")
+            for o, m in tumors.items():  # the sample's own
                 maps["tumor", o] = m
             if label is not None:
                 maps["label", ""] = label
-            later = [o for o in opts.organs[n_organ + 1 :] if o in regions]
-            if vessels is not None and later and touched(vessels):
-                maps["vessels", ""] = vessels if vessels_moved else vessels.copy(order="K")
         out = render_plan(
             plan,
             image,
@@ -353,22 +345,20 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         )
         res = out.result
         if out.fields:
-            moved.add(organ)
+            moved.add(("organ", organ))
+            moved.update(out.labels)
             region = regions[organ] = res.organ_mask
             for (kind, o), m in out.labels.items():
                 if kind == "organ":
                     regions[o] = m
-                    moved.add(o)
                 elif kind == "lesion":
                     lesions[o] = m
-                    moved_lesions.add(o)
                 elif kind == "tumor":
                     tumors[o] = m
                 elif kind == "label":
                     label = m
                 else:
                     vessels = m
-                    vessels_moved = True
         lo, le = values[organ]
         if label is None:  # first organ: the region itself (one pass, no mask indexing)
             label = region.view(np.uint8) * np.uint8(lo)
@@ -394,7 +384,7 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
     if not records:
         reasons = "; ".join(f"{o}: {r}" for o, r in skipped.items())
         raise ValueError(f"no usable organ ({reasons})")
-    written = {o: (r, o in moved) for o, r in regions.items()}
+    written = {o: (r, ("organ", o) in moved) for o, r in regions.items()}
     return image, label, tumors, records, skipped, written
 
 
