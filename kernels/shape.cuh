@@ -47,12 +47,3 @@ SG_FN float sg_shape_q2_row(const float* row, int g2, const float* w2, float p2,
         for (int c = 0; c < 3; ++c) q[c] += row[3 + c * g2 + e] * w2[e];
     return q[0] * q[0] + q[1] * q[1] + q[2] * q[2];
 }
-
-// Both steps for one voxel (g2 <= 8): |q|^2 with q = m (x + d(x)).
-SG_FN float sg_shape_q2(const float* ctrl, int g0, int g1, int g2, const float* w0,
-                        const float* w1, const float* w2, float p0, float p1, float p2,
-                        const double* m) {
-    float row[3 + 3 * 8];
-    sg_shape_row(ctrl, g0, g1, g2, w0, w1, p0, p1, m, row);
-    return sg_shape_q2_row(row, g2, w2, p2, m);
-}

@@ -96,15 +96,17 @@ extern "C" void sg_host_shape_mask(const float* ctrl, int g0, int g1, int g2,
                                    const float* image, float tlo, float thi, int clip,
                                    int nx, int ny, int nz, unsigned char* out, float* q2out) {
     long long t = 0;
+    float row[3 + 3 * 8];  /* g2 <= 8 */
     for (int i = 0; i < nx; ++i)
-        for (int j = 0; j < ny; ++j)
+        for (int j = 0; j < ny; ++j) {
+            sg_shape_row(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1, pos0[i], pos1[j], m, row);
             for (int k = 0; k < nz; ++k, ++t) {
-                float q2 = sg_shape_q2(ctrl, g0, g1, g2, w0 + i * g0, w1 + j * g1,
-                                       w2 + k * g2, pos0[i], pos1[j], pos2[k], m);
+                float q2 = sg_shape_q2_row(row, g2, w2 + k * g2, pos2[k], m);
                 float v = image[t];
                 out[t] = (q2 <= 1.0f) && (!clip || organ[t]) && v >= tlo && v <= thi;
                 q2out[t] = q2;
             }
+        }
 }
 extern "C" void sg_host_mix32(const sg_u32* x, sg_u32* out, long long n) {
     for (long long t = 0; t < n; ++t) out[t] = sg_mix32(x[t]);
