@@ -30,6 +30,7 @@ __all__ = [
     "interp_coords_nb",
     "mask_bbox",
     "merge_strongest",
+    "overlap_partners_nb",
     "shape_mask",
     "shape_weights_nb",
     "toeplitz_contract3",
@@ -667,25 +668,31 @@ def merge_strongest(dst, src):
                     dst[i, j, k] = v
 
 
+@nb.njit(inline="always", **_OPTS)
+def _band_into(out_pos, lat0, n_lat, step, sigma, truncate, kk, start, w):
+    """:func:`gaussian_band_nb` written into ``start`` (``n``) and ``w`` (``n * kk``, zeroed
+    here), without allocating."""
+    for o in range(out_pos.shape[0]):
+        first = int(np.ceil((out_pos[o] - truncate * sigma) / step - 1e-9)) - lat0
+        st = min(max(first, 0), n_lat - kk)
+        start[o] = st
+        for t in range(kk):
+            d = (out_pos[o] - (lat0 + st + t) * step) / sigma
+            w[o * kk + t] = np.exp(-0.5 * d * d) if abs(d) <= truncate else 0.0
+
+
 @nb.njit(**_OPTS)
 def gaussian_band_nb(out_pos, lat0, n_lat, step, sigma, truncate):
     """Band form of Gaussian lattice weights (see ``_geometry.gaussian_band``, the reference)."""
     n = out_pos.shape[0]
     kk = min(n_lat, int(np.floor(2.0 * truncate * sigma / step)) + 2)
     start = np.empty(n, dtype=np.int64)
-    w = np.zeros((n, kk), dtype=np.float32)
-    for o in range(n):
-        first = int(np.ceil((out_pos[o] - truncate * sigma) / step - 1e-9)) - lat0
-        st = min(max(first, 0), n_lat - kk)
-        start[o] = st
-        for t in range(kk):
-            d = (out_pos[o] - (lat0 + st + t) * step) / sigma
-            if abs(d) <= truncate:
-                w[o, t] = np.exp(-0.5 * d * d)
-    return start, w
+    w = np.empty(n * kk, dtype=np.float32)
+    _band_into(out_pos, lat0, n_lat, step, sigma, truncate, kk, start, w)
+    return start, w.reshape(n, kk)
 
 
-@nb.njit(**_OPTS)
+@nb.njit(inline="always", **_OPTS)
 def _sum_squares(w):
     """``(w.astype(float64) ** 2).sum()`` of a short float32 row, in NumPy's own order
     (pairwise summation: sequential below 8 elements, 8 partial sums up to 128)."""
@@ -698,17 +705,27 @@ def _sum_squares(w):
         return res
     if n > 128:
         raise ValueError("row too long")
-    r = np.empty(8)
-    for j in range(8):
-        x = np.float64(w[j])
-        r[j] = x * x
+    # the 8 partial sums as scalars (no allocation per row)
+    r0 = np.float64(w[0]) * np.float64(w[0])
+    r1 = np.float64(w[1]) * np.float64(w[1])
+    r2 = np.float64(w[2]) * np.float64(w[2])
+    r3 = np.float64(w[3]) * np.float64(w[3])
+    r4 = np.float64(w[4]) * np.float64(w[4])
+    r5 = np.float64(w[5]) * np.float64(w[5])
+    r6 = np.float64(w[6]) * np.float64(w[6])
+    r7 = np.float64(w[7]) * np.float64(w[7])
     i = 8
     while i < n - n % 8:
-        for j in range(8):
-            x = np.float64(w[i + j])
-            r[j] += x * x
+        r0 += np.float64(w[i]) * np.float64(w[i])
+        r1 += np.float64(w[i + 1]) * np.float64(w[i + 1])
+        r2 += np.float64(w[i + 2]) * np.float64(w[i + 2])
+        r3 += np.float64(w[i + 3]) * np.float64(w[i + 3])
+        r4 += np.float64(w[i + 4]) * np.float64(w[i + 4])
+        r5 += np.float64(w[i + 5]) * np.float64(w[i + 5])
+        r6 += np.float64(w[i + 6]) * np.float64(w[i + 6])
+        r7 += np.float64(w[i + 7]) * np.float64(w[i + 7])
         i += 8
-    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     while i < n:
         x = np.float64(w[i])
         res += x * x
@@ -763,20 +780,19 @@ def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
     starts = np.empty(n_rows, dtype=np.int64)
     weights = np.empty(n_w, dtype=np.float32)
     inv = np.empty(n_rows)
+    centres = np.empty(max(n_rows, 1))
     for q in range(m):
         hb = float(h_b[q])
         nbk = ints[q, 3]
         kk = ints[q, 6]
-        centres = (ints[q, 2] + np.arange(nbk)) * hb
-        st, w = gaussian_band_nb(centres, ints[q, 0], ints[q, 1], max(sa[q], hb), sa[q],
-                                 truncate)  # fmt: skip
         at = ints[q, 7]
         aw = ints[q, 8]
         for b in range(nbk):
-            starts[at + b] = st[b]
-            inv[at + b] = 1.0 / np.sqrt(_sum_squares(w[b]))
-            for t in range(kk):
-                weights[aw + b * kk + t] = w[b, t]
+            centres[at + b] = float(ints[q, 2] + b) * hb
+        _band_into(centres[at : at + nbk], ints[q, 0], ints[q, 1], max(sa[q], hb), sa[q],
+                   truncate, kk, starts[at : at + nbk], weights[aw : aw + nbk * kk])  # fmt: skip
+        for b in range(nbk):
+            inv[at + b] = 1.0 / np.sqrt(_sum_squares(weights[aw + b * kk : aw + (b + 1) * kk]))
     return ints, origin, starts, weights, inv, ok
 
 
@@ -814,3 +830,45 @@ def interp_coords_nb(pos, origin, step, n):
         i0[q] = b
         f[q] = min(max(u - b, 0.0), 1.0)
     return i0, f
+
+
+@nb.njit(**_OPTS)
+def overlap_partners_nb(job_of, lo, hi):
+    """Per row, the ascending rows of the same job whose boxes ``[lo, hi)`` overlap (the GPU
+    merge's partners): ``(count, offset, flat)``, row ``r``'s partners
+    ``flat[offset[r] : offset[r] + count[r]]``; ``flat`` holds at least one element.
+    Quadratic in the rows of a job only (rows sorted by job first)."""
+    n = job_of.shape[0]
+    order = np.argsort(job_of, kind="mergesort")
+    count = np.zeros(n, dtype=np.int64)
+    # pass 1: counts; pass 2: the partners (a job's rows are contiguous in ``order``)
+    flat = np.zeros(1, dtype=np.int64)
+    for p in range(2):
+        if p == 1:
+            off = np.cumsum(count) - count
+            flat = np.zeros(max(int(count.sum()), 1), dtype=np.int64)
+            fill = off.copy()
+        s = 0
+        while s < n:
+            e = s
+            while e < n and job_of[order[e]] == job_of[order[s]]:
+                e += 1
+            for x in range(s, e):
+                r = order[x]
+                for y in range(s, e):
+                    c = order[y]
+                    if c == r:
+                        continue
+                    hit = True
+                    for a in range(3):
+                        if not (lo[r, a] < hi[c, a] and lo[c, a] < hi[r, a]):
+                            hit = False
+                    if hit:
+                        if p == 0:
+                            count[r] += 1
+                        else:
+                            flat[fill[r]] = c
+                            fill[r] += 1
+            s = e
+    off = np.cumsum(count) - count
+    return count, off, flat

@@ -183,42 +183,37 @@ class _Scratch:
         return self.dev[o : o + self.sizes[i]].reshape(shape)
 
 
-def _texture_tables(ts, qe, lo_mm, hi_mm) -> SimpleNamespace:
-    """The texture recipes (:func:`synthgen._texture.texture_recipe`) of tumors ``ts[qe]``
-    over their tight boxes (``lo_mm``/``hi_mm``: ``(n, 3)`` mm from the centre), vectorised:
-    the per-axis tables of all axes from one numba call (the function the CPU path's recipe
-    uses) and the stream keys from another.
+def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
+    """The texture recipes (:func:`synthgen._texture.texture_recipe`) of tumors with
+    parameters ``P`` (:func:`synthgen._texture.texture_params`) and stream keys ``keys``
+    (``(n, 4)``: noise, Bernoulli) over their tight boxes (``lo_mm``/``hi_mm``: ``(n, 3)`` mm
+    from the centre), vectorised: the per-axis tables of all axes from one numba call (the
+    function the CPU path's recipe uses).
 
     Fields, ``(n, 3)`` per axis unless noted: ``lat0``, ``n_lat`` (noise lattice), ``block0``,
     ``blocks`` (Bernoulli blocks), ``goff``, ``grid`` (grid offset and size), ``kk`` (band
     width), ``row``/``woff`` (offsets into the packed ``starts``, ``inv`` and ``weights``),
     ``origin`` (mm); ``noise_key``, ``bern_key`` ``(n, 2)``; ``scalars`` ``(n, 6)``
-    (:func:`synthgen._texture.texture_scalars`); ``step`` ``(n,)``; the smoothing kernels
+    (:func:`synthgen._texture.texture_scalars_of`); ``step`` ``(n,)``; the smoothing kernels
     packed (``kern``, ``koff``, ``klen``).
     """
-    from ._hash import stream_keys
     from ._texture import (
-        STREAM_BERNOULLI,
-        STREAM_NOISE,
         _smoothing_kernel,
         axis_tables,
-        block_size_mm,
+        block_sizes_mm,
         grid_index_range,
-        texture_scalars,
+        texture_scalars_of,
     )
 
-    ne = len(qe)
-    prm = [ts[q].texture for q in qe]
-    sa = np.array([float(p["sigma_a_mm"]) for p in prm], dtype=np.float64)
-    sb = np.array([float(p["sigma_b_mm"]) for p in prm], dtype=np.float64)
-    h_b = np.array([block_size_mm(s) for s in sb.tolist()], dtype=np.int64)
+    ne = len(P)
+    sa, sb = P[:, 0], P[:, 1]
+    h_b = block_sizes_mm(sb)
     o_lo, o_hi = grid_index_range(np.reshape(lo_mm, (ne, 3)), np.reshape(hi_mm, (ne, 3)),
                                   h_b[:, None])  # fmt: skip
     ax, origin, starts, weights, inv = axis_tables(
         o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
     )
     ax = ax.reshape(ne, 3, 9)
-    keys = stream_keys([ts[q].seed for q in qe], STREAM_NOISE, STREAM_BERNOULLI)
     # the smoothing kernels (block sums -> grid), cached per (block size, sigma_b)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
@@ -226,8 +221,7 @@ def _texture_tables(ts, qe, lo_mm, hi_mm) -> SimpleNamespace:
         lat0=ax[:, :, 0], n_lat=ax[:, :, 1], block0=ax[:, :, 2], blocks=ax[:, :, 3],
         goff=ax[:, :, 4], grid=ax[:, :, 5], kk=ax[:, :, 6], row=ax[:, :, 7], woff=ax[:, :, 8],
         origin=origin.reshape(ne, 3), noise_key=keys[:, 0:2], bern_key=keys[:, 2:4],
-        scalars=np.array([texture_scalars(p, h) for p, h in zip(prm, h_b.tolist(), strict=True)],
-                         dtype=np.float64).reshape(ne, 6),
+        scalars=texture_scalars_of(P, h_b),
         step=h_b.astype(np.float64), starts=starts, weights=weights, inv=inv,
         kern=kern, koff=koff, klen=klen,
     )  # fmt: skip
@@ -274,46 +268,44 @@ def _strides(a) -> tuple[int, int, int]:
     return tuple(int(s) // item for s in a.strides)  # type: ignore[return-value]
 
 
-class _JobInfo:
-    """What every row of one job shares: device addresses, dtype codes, strides, ranges."""
+class _Jobs:
+    """What every row of a job shares, as arrays over the jobs (a row reads its job's): the
+    spacing and shape, the organ's box, where phase A reads the image and the organ (device
+    address, dtype code, strides: ``img``/``org``, ``(n, 5)``, where ``img_on``/``org_on``) and
+    the write-back's range and rounding."""
 
-    __slots__ = (  # img: where phase A reads the image and the write-back writes it
-        "cmax",
-        "cmin",
-        "hi",
-        "img",
-        "lo",
-        "org",
-        "organ_box",
-        "organ_hu",
-        "round",
-        "shape",
-        "sp",
-        "tissue",
-    )  # fmt: skip
-
-    def __init__(self, be, job) -> None:
-        plan = job.plan
-        dtype = np.dtype(str(job.target.dtype))
-        self.sp = tuple(float(x) for x in plan.spacing)
-        self.shape = tuple(int(x) for x in plan.shape)
-        ob = plan.organ_bbox
-        self.organ_box = None if ob is None else tuple(np.asarray(ob, dtype=np.int64).T)
-        self.img = (
-            (be.ptr(job.target), dtype_code(dtype), _strides(job.target))
-            if job.target_on_device
-            else None
-        )
-        org = job.organ
-        self.org = (
-            (be.ptr(org), dtype_code(org.dtype), _strides(org)) if job.organ_on_device else None
-        )
-        self.round = int(dtype.kind in "iu")
-        self.lo, self.hi = _output_range(dtype)
-        c = job.preset.contrast
-        self.cmin, self.cmax = float(c.min_hu), float(c.max_hu)
-        self.organ_hu = float(plan.organ_hu) if plan.organ_hu is not None else 0.0
-        self.tissue = (float(job.tissue[0]), float(job.tissue[1]))
+    def __init__(self, be, jobs) -> None:
+        nj = len(jobs)
+        self.sp = np.zeros((nj, 3))
+        self.shape = np.zeros((nj, 3), dtype=np.int64)
+        self.organ_box: list[Any] = []
+        self.img_on = np.zeros(nj, dtype=bool)
+        self.org_on = np.zeros(nj, dtype=bool)
+        self.img = np.zeros((nj, 5), dtype=np.int64)
+        self.org = np.zeros((nj, 5), dtype=np.int64)
+        self.round = np.zeros(nj, dtype=np.int64)
+        self.ranges = np.zeros((nj, 4), dtype=np.float32)  # cmin, cmax, lo, hi
+        self.tissue = np.zeros((nj, 2), dtype=np.float32)
+        self.organ_hu = np.zeros(nj, dtype=np.float32)
+        for j, job in enumerate(jobs):
+            plan = job.plan
+            dtype = np.dtype(str(job.target.dtype))
+            self.sp[j] = plan.spacing
+            self.shape[j] = plan.shape
+            ob = plan.organ_bbox
+            self.organ_box.append(None if ob is None else np.asarray(ob, dtype=np.int64).T)
+            if job.target_on_device:
+                self.img_on[j] = True
+                self.img[j] = (be.ptr(job.target), dtype_code(dtype), *_strides(job.target))
+            if job.organ_on_device:
+                org = job.organ
+                self.org_on[j] = True
+                self.org[j] = (be.ptr(org), dtype_code(org.dtype), *_strides(org))
+            self.round[j] = int(dtype.kind in "iu")
+            c = job.preset.contrast
+            self.ranges[j] = (float(c.min_hu), float(c.max_hu), *_output_range(dtype))
+            self.organ_hu[j] = float(plan.organ_hu) if plan.organ_hu is not None else 0.0
+            self.tissue[j] = job.tissue
 
 
 class _Arena:
@@ -350,7 +342,7 @@ class _Arena:
 def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     """Render ``jobs`` (``synthgen._cuda.Job``) on backend ``be``: see the module docstring."""
     C = _columns()
-    infos = [_JobInfo(be, job) for job in jobs]
+    J = _Jobs(be, jobs)
     ts, jidx, iidx, walls = [], [], [], []
     for j, job in enumerate(jobs):
         for i, t in enumerate(job.plan.tumors):
@@ -364,7 +356,7 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     results_stats: list[dict[int, tuple[int, float]]] = [{} for _ in jobs]
     masks: list[dict[int, tuple[tuple[slice, slice, slice], Any]]] = [{} for _ in jobs]
     if ts or walls:
-        _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C)
+        _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C)
     out = [
         assemble(job.plan, job.target, job.organ, results_stats[j], masks[j], job.affine)
         for j, job in enumerate(jobs)
@@ -397,11 +389,13 @@ def _stack_lists(items, shape: tuple[int, ...]) -> np.ndarray:
     return out.reshape(len(items), *shape)
 
 
-def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> None:
+def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None:
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
     ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``."""
     from ._cpu_kernels import shape_weights_nb
     from ._geometry import prefilter
+    from ._hash import stream_keys
+    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, texture_params
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
     i32 = np.int32
@@ -426,17 +420,17 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         g_of[qs] = shp[1]
         groups.append((shp[1], np.asarray(qs)))
     arrays = tumor_arrays(ts)
-    centre, rot, radii = arrays[:3]
-    sp = np.array([infos[j].sp for j in jidx], dtype=np.float64).reshape(n_all, 3)
-    shapes = np.array([infos[j].shape for j in jidx], dtype=np.int64).reshape(n_all, 3)
-    lo, hi, ok, pad = conservative_boxes(
-        arrays, disp_max, sp, shapes, [infos[j].organ_box for j in jidx]
-    )
+    centre, rot, radii, blur_mm, clip = arrays
+    ja = np.asarray(jidx, dtype=np.int64)
+    sp, shapes = J.sp[ja], J.shape[ja]
+    lo, hi, ok, pad = conservative_boxes(arrays, disp_max, sp, shapes,
+                                         [J.organ_box[j] for j in jidx])  # fmt: skip
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
     for q, t in enumerate(ts):  # host-resident images: the host pass of tumor_box shrinks it
         j = jidx[q]
         if ok[q] and not jobs[j].target_on_device:
-            box = tumor_box(t, infos[j].sp, infos[j].shape, jobs[j].plan.organ_bbox, coarse=True)
+            box = tumor_box(t, tuple(J.sp[j].tolist()), tuple(J.shape[j].tolist()),
+                            jobs[j].plan.organ_bbox, coarse=True)  # fmt: skip
             if box is None:
                 ok[q] = False
             else:
@@ -487,7 +481,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     fa.alloc(be)
     ua.alloc(be)
     pack.alloc(be)
-    jk = np.asarray(jidx, dtype=np.int64)[keep]
+    jk = ja[keep]
     T = np.zeros((max(n, 1), W), dtype=np.int64)
     TF = np.zeros((max(n, 1), FW), dtype=np.float32)
     TD = np.zeros((max(n, 1), DW), dtype=np.float64)
@@ -505,15 +499,13 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         a_q2 = np.where(has_app, fa.addrs(1), 0)
         T[:n, C.Q2] = a_q2
         T[:n, C.ROWS] = fa.addrs(2)
-        T[:n, C.CLIP] = [int(bool(ts[q].clip_to_organ)) for q in keep]
-        for col, code, st, key in ((C.IMG, C.IMG_CODE, C.IS0, "img"),
-                                   (C.ORG, C.ORG_CODE, C.OS0, "org")):  # fmt: skip
-            vals = [getattr(infos[j], key) for j in jk]
-            on = np.array([v is not None for v in vals], dtype=bool)
-            if on.any():
-                T[:n][on, col] = [v[0] for v in vals if v is not None]
-                T[:n][on, code] = [v[1] for v in vals if v is not None]
-                T[:n][on, st : st + 3] = [v[2] for v in vals if v is not None]
+        T[:n, C.CLIP] = clip[keep]
+        img_cols = [C.IMG, C.IMG_CODE, C.IS0, C.IS1, C.IS2]
+        org_cols = [C.ORG, C.ORG_CODE, C.OS0, C.OS1, C.OS2]
+        for cols, on, vals in ((img_cols, J.img_on, J.img), (org_cols, J.org_on, J.org)):
+            rows = np.flatnonzero(on[jk])
+            if rows.size:
+                T[rows[:, None], cols] = vals[jk[rows]]
         for k in sorted(set(host_img) | set(host_org)):
             q = keep[k]
             box_strides = (int(nb[q, 1] * nb[q, 2]), int(nb[q, 2]), 1)
@@ -526,7 +518,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
             if k in host_org:
                 T[k, C.ORG], T[k, C.ORG_CODE] = pack.addr(host_org[k]) - shift, 3
                 T[k, C.OS0 : C.OS2 + 1] = box_strides
-        TF[:n, C.F_TLO : C.F_THI + 1] = [infos[j].tissue for j in jk]
+        TF[:n, C.F_TLO : C.F_THI + 1] = J.tissue[jk]
         TD[:n, C.D_SP0 : C.D_SP2 + 1] = sp[keep]
         m = (rot[keep] / radii[keep][:, None, :]).transpose(0, 2, 1)
         TD[:n, C.D_M : C.D_M + 9] = m.reshape(n, 9)
@@ -540,6 +532,10 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     be.launch2d("sg_seg_rows", n, mrows, Td, i32(W), TDd, i32(DW))
     be.launch2d("sg_seg_shape", n, mx, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
     be.launch2d("sg_seg_bbox", n, mx, Td, i32(W), pack.view(bb_ref))
+    # while the device works: what phase B needs of every kept tumor
+    tex_p = texture_params([ts[q].texture for q in keep])
+    tex_keys = stream_keys([ts[q].seed for q in keep], STREAM_NOISE, STREAM_BERNOULLI)
+    contrast = np.array([ts[q].contrast_hu for q in keep], dtype=np.float64)
     hit = be.download(pack.view(bb_ref))[:n].astype(np.int64)  # synchronisation 1
     pack_a = pack  # the phase-A buffers stay referenced until the end
     # ---------------------------------------------------------------- phase B (host)
@@ -565,34 +561,32 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
                                         np.int64).reshape(nw, 3)])  # fmt: skip
     job_of = np.concatenate([jk[live], np.array([w["job"] for w in walls_r], np.int64)])
     tnv = tn.prod(axis=1)
-    parts = _partners(job_of, to, to + tn)
+    n_part, part_off, part_flat = _partners(job_of, to, to + tn)
     # texture recipes (all axes in one call)
     cen = centre[qe]
     spe = sp[qe]
     lo_mm = (to_e - cen) * spe
     hi_mm = (to_e + tn_e - 1 - cen) * spe
-    tx = _texture_tables(ts, qe, lo_mm, hi_mm)
-    sig = np.asarray([ts[q].blur_sigma_mm for q in qe], dtype=np.float64)[:, None] / spe
+    tx = _texture_tables(tex_p[live], tex_keys[live], lo_mm, hi_mm)
+    sig = blur_mm[qe][:, None] / spe
     pack = _Pack()
     t_ref = pack.add(np.zeros((nl, W), dtype=np.int64))
     tf_ref = pack.add(np.zeros((nl, FW), dtype=np.float32))
     td_ref = pack.add(np.zeros((nl, DW), dtype=np.float64))
     st_ref = pack.add(np.zeros((nl, 2), dtype=np.float64))
     tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
-    # per-row refs into the pack: partners, appearance parameters, appearance keys
-    refs = np.zeros((nl, 3), dtype=np.int64)
     # the blur kernels (as rendering builds them), cached per sigma, packed
     bpack, boffs, blen = _packed(sig.ravel().tolist(), _blur_kernel)
     boffs, blen = boffs.reshape(ne, 3), blen.reshape(ne, 3)
     blur_ref, smooth_ref = pack.add(bpack), pack.add(tx.kern)
     # the lattice bands of all axes: three packed arrays, rows addressed by offset
     band_refs = (pack.add(tx.starts), pack.add(tx.weights), pack.add(tx.inv))
-    for q in range(nl):
-        refs[q, 0] = pack.add(np.asarray(parts.get(q) or [0], dtype=np.int64))
+    part_ref = pack.add(part_flat)
     app_e = has_app[live]
-    for k in np.flatnonzero(app_e):
-        app, keys = apps[live[k]]
-        refs[k, 1], refs[k, 2] = pack.add(app), pack.add(keys)
+    ka = np.flatnonzero(app_e)  # rows with appearance modes: their parameters and keys
+    if ka.size:
+        app_ref = pack.add(np.stack([apps[live[k]][0] for k in ka.tolist()]))
+        key_ref = pack.add(np.stack([apps[live[k]][1] for k in ka.tolist()]))
     host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))
                  for w in walls_r]  # fmt: skip
     # scratch: float32 buffers per row (host rows: merged and out only)
@@ -627,21 +621,19 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     T[:, C.TN0 : C.TN2 + 1] = tn
     T[:, C.TO0 : C.TO2 + 1] = to
     T[:, C.MERGED] = fcol["merged"]
-    T[:, C.PART] = base[refs[:, 0]]
-    T[:, C.NPART] = [len(parts.get(q, ())) for q in range(nl)]
-    jinfo = [infos[j] for j in job_of]
-    dev_img = np.array([i.img is not None for i in jinfo], dtype=bool)
+    T[:, C.PART] = base[part_ref] + 8 * part_off
+    T[:, C.NPART] = n_part
+    dev_img = J.img_on[job_of]
     if dev_img.any():
-        T[dev_img, C.DST] = [i.img[0] for i in jinfo if i.img is not None]
-        T[dev_img, C.DST_CODE] = [i.img[1] for i in jinfo if i.img is not None]
-        T[dev_img, C.DS0 : C.DS2 + 1] = [i.img[2] for i in jinfo if i.img is not None]
-        T[dev_img, C.DO0 : C.DO2 + 1] = to[dev_img]
+        rows = np.flatnonzero(dev_img)
+        T[rows[:, None], [C.DST, C.DST_CODE, C.DS0, C.DS1, C.DS2]] = J.img[job_of[rows]]
+        T[rows, C.DO0 : C.DO2 + 1] = to[rows]
     if not dev_img.all():
         h = ~dev_img
         T[h, C.DST], T[h, C.DST_CODE] = fcol["out"][h], 0
         T[h, C.DS0], T[h, C.DS1], T[h, C.DS2] = tn[h, 1] * tn[h, 2], tn[h, 2], 1
-    T[:, C.ROUND] = [i.round for i in jinfo]
-    TF[:, C.F_CMIN : C.F_HI + 1] = [(i.cmin, i.cmax, i.lo, i.hi) for i in jinfo]
+    T[:, C.ROUND] = J.round[job_of]
+    TF[:, C.F_CMIN : C.F_HI + 1] = J.ranges[job_of]
     # host rows: only merge and write-back read them
     for w_, (r_orig, r_delta, r_mask) in enumerate(host_refs):
         q = ne + w_
@@ -650,7 +642,7 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     if ne:
         e = slice(0, ne)
         T[e, C.N0 : C.N2 + 1] = nb[qe]
-        T[e, C.CLIP] = [int(bool(ts[q].clip_to_organ)) for q in qe]
+        T[e, C.CLIP] = clip[qe]
         T[e, C.U0 : C.U2 + 1] = u0
         T[e, C.C0 : C.C2 + 1] = cen
         T[e, C.ORIG], T[e, C.ORGAN], T[e, C.MASK] = a_orig[live], a_organ[live], a_mask[live]
@@ -683,15 +675,16 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
         T[e, C.GD1], T[e, C.GD1 + 1], T[e, C.GD1 + 2] = gs[:, 0], bs[:, 1], bs[:, 2]
         T[e, C.GD2], T[e, C.GD2 + 1], T[e, C.GD2 + 2] = gs[:, 0], gs[:, 1], bs[:, 2]
         T[e, C.G_0 : C.G_2 + 1] = gs
-        if app_e.any():
-            ka = np.flatnonzero(app_e)
+        if ka.size:
             T[ka, C.Q2] = a_q2[live][ka]
             T[ka, C.TQ2] = fcol["tq2"][ka]
-            T[ka, C.APP], T[ka, C.KEYS] = base[refs[ka, 1]], base[refs[ka, 2]]
+            rows = np.arange(ka.size)
+            T[ka, C.APP] = base[app_ref] + pack.parts[app_ref][1][0].nbytes * rows
+            T[ka, C.KEYS] = base[key_ref] + pack.parts[key_ref][1][0].nbytes * rows
             T[ka, C.OFF0 : C.OFF2 + 1] = to_e[ka] - cen[ka]
-        TF[e, C.F_TLO : C.F_THI + 1] = [i.tissue for i in jinfo[:ne]]
-        TF[e, C.F_CONTRAST] = [ts[q].contrast_hu for q in qe]
-        TF[e, C.F_ORGAN_HU] = [i.organ_hu for i in jinfo[:ne]]
+        TF[e, C.F_TLO : C.F_THI + 1] = J.tissue[job_of[:ne]]
+        TF[e, C.F_CONTRAST] = contrast[live]
+        TF[e, C.F_ORGAN_HU] = J.organ_hu[job_of[:ne]]
         TD[e, C.D_ZSCALE : C.D_U0 + 1] = tx.scalars
         TD[e, C.D_SP0 : C.D_SP2 + 1] = spe
         TD[e, C.D_TX0 : C.D_TX2 + 1] = tx.origin
@@ -759,21 +752,19 @@ def _render(be, jobs, infos, ts, jidx, iidx, walls, results_stats, masks, C) -> 
     del pack_a, fa, ua, f32, u8, zero
 
 
-def _partners(job_of: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict[int, list[int]]:
+def _partners(job_of: np.ndarray, lo: np.ndarray, hi: np.ndarray):
     """Per row, the (ascending) rows of the same job whose tight boxes ``[lo, hi)`` overlap
-    (compared within each job only: the cost grows with the tumors per plan, not the batch)."""
-    out: dict[int, list[int]] = {}
-    for j in np.unique(job_of):
-        rows = np.flatnonzero(job_of == j)
-        if rows.size < 2:
-            continue
-        a, b = lo[rows], hi[rows]
-        ov = ((a[:, None, :] < b[None, :, :]) & (a[None, :, :] < b[:, None, :])).all(axis=2)
-        np.fill_diagonal(ov, False)
-        for r, row in zip(rows.tolist(), ov, strict=True):
-            if row.any():
-                out[r] = rows[row].tolist()
-    return out
+    (compared within each job only: the cost grows with the tumors per plan, not the batch).
+
+    Returns ``(count, offset, flat)``: row ``r``'s partners are
+    ``flat[offset[r] : offset[r] + count[r]]`` (``flat`` holds at least one element, so that
+    its address is valid even where no row has a partner).
+    """
+    from ._cpu_kernels import overlap_partners_nb
+
+    return overlap_partners_nb(np.ascontiguousarray(job_of, dtype=np.int64),
+                               np.ascontiguousarray(lo, dtype=np.int64),
+                               np.ascontiguousarray(hi, dtype=np.int64))  # fmt: skip
 
 
 class _Shifted:

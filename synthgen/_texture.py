@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,18 +123,35 @@ def grid_index_range(lo_mm, hi_mm, h_b) -> tuple[np.ndarray, np.ndarray]:
     return o_lo.astype(np.int64), o_hi.astype(np.int64)
 
 
+#: The texture parameters of a plan's tumor, in the order :func:`texture_params` stacks them.
+TEXTURE_KEYS = ("sigma_a_mm", "sigma_b_mm", "range_sd", "base", "scale", "threshold", "u0")
+
+
+def texture_params(prms: Sequence[Mapping[str, float]]) -> np.ndarray:
+    """The texture parameters of many tumors, ``(n, 7)`` float64 in :data:`TEXTURE_KEYS`
+    order."""
+    return np.array([[p[k] for k in TEXTURE_KEYS] for p in prms],
+                    dtype=np.float64).reshape(len(prms), len(TEXTURE_KEYS))  # fmt: skip
+
+
+def block_sizes_mm(sigma_b: np.ndarray) -> np.ndarray:
+    """:func:`block_size_mm` of an array of ``sigma_b`` (int64)."""
+    return np.maximum(np.floor(np.asarray(sigma_b, dtype=np.float64) / 2.0), 1).astype(np.int64)
+
+
+def texture_scalars_of(P: np.ndarray, h_b: np.ndarray) -> np.ndarray:
+    """The recipe's scalars of many tumors (``P`` from :func:`texture_params`, block sizes
+    ``h_b``), ``(n, 6)`` in the GPU table's order: ``(zscale, base, scale, cells per block,
+    threshold, u0)``. Uniform noise has variance 1/12, so ``z * sqrt(12) / norm`` is standard
+    normal; ``zscale`` folds in the ``1 / (2 range_sd)`` of the probability map."""
+    h = np.asarray(h_b, dtype=np.int64)
+    return np.stack([math.sqrt(12.0) / (2.0 * P[:, 2]), P[:, 3], P[:, 4],
+                     (h**3).astype(np.float64), P[:, 5], P[:, 6]], axis=1)  # fmt: skip
+
+
 def texture_scalars(params: Mapping[str, float], h_b: int) -> tuple[float, ...]:
-    """The recipe's scalars, in the GPU table's order: ``(zscale, base, scale, cells per
-    block, threshold, u0)``. Uniform noise has variance 1/12, so ``z * sqrt(12) / norm`` is
-    standard normal; ``zscale`` folds in the ``1 / (2 range_sd)`` of the probability map."""
-    return (
-        math.sqrt(12.0) / (2.0 * float(params["range_sd"])),
-        float(params["base"]),
-        float(params["scale"]),
-        float(h_b**3),
-        float(params["threshold"]),
-        float(params["u0"]),
-    )
+    """:func:`texture_scalars_of` for one tumor."""
+    return tuple(texture_scalars_of(texture_params([params]), np.array([h_b]))[0].tolist())
 
 
 def texture_recipe(

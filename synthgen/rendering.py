@@ -166,10 +166,11 @@ def conservative_boxes(arrays, disp_max, spacing, shape, organ_bbox):
     bound = np.sqrt(((rot * radii[:, None, :]) ** 2).sum(axis=2))
     r = np.ceil((bound + np.asarray(disp_max, dtype=np.float64)[:, None]) / sp).astype(np.int64)
     lo, hi = centre - r - 1, centre + r + 2
-    for q in np.flatnonzero(clip):
-        if organ_bbox[q] is not None:
-            lo[q] = np.maximum(lo[q], organ_bbox[q][0])
-            hi[q] = np.minimum(hi[q], organ_bbox[q][1])
+    cut = [q for q in np.flatnonzero(clip).tolist() if organ_bbox[q] is not None]
+    if cut:  # clipped tumors: within the organ's box
+        ob = np.array([organ_bbox[q] for q in cut], dtype=np.int64).reshape(len(cut), 2, 3)
+        lo[cut] = np.maximum(lo[cut], ob[:, 0])
+        hi[cut] = np.minimum(hi[cut], ob[:, 1])
     lo, hi = np.maximum(lo, 0), np.minimum(hi, np.asarray(shape, dtype=np.int64).reshape(n, 3))
     pad = np.ceil((BLUR_TRUNCATE * blur)[:, None] / sp).astype(np.int64) + 1
     return lo, hi, (hi > lo).all(axis=1), pad
@@ -637,23 +638,24 @@ def assemble(
     mean change) and ``masks`` (box, mask on that box), on any backend."""
     sp = plan.spacing
     voxel_mm3 = sp[0] * sp[1] * sp[2]
+    n_t = len(plan.tumors)
+    cvs = np.array([t.center_vox for t in plan.tumors], dtype=np.float64).reshape(n_t, 3)
+    if affine is not None:
+        a = np.asarray(affine, dtype=np.float64)
+        centres_mm = [(a @ np.append(cv, 1.0))[:3].tolist() for cv in cvs]
+    else:
+        centres_mm = (cvs * np.asarray(sp, dtype=np.float64)).tolist()
     records = []
     for i, t in enumerate(plan.tumors):
         n, mc = stats.get(i, (0, 0.0))
-        cv = np.asarray(t.center_vox, dtype=np.float64)
-        if affine is not None:
-            cmm = np.asarray(affine, dtype=np.float64) @ np.append(cv, 1.0)
-            center_mm = tuple(float(x) for x in cmm[:3])
-        else:
-            center_mm = tuple(float(x) for x in cv * np.asarray(sp))
         b = masks[i][0] if i in masks else None
         records.append(
             TumorRecord(
                 index=t.index,
                 size_class=t.size_class,
-                center_vox=tuple(int(x) for x in t.center_vox),  # type: ignore[arg-type]
-                center_mm=center_mm,  # type: ignore[arg-type]
-                radii_mm=tuple(float(r) for r in t.radii_mm),  # type: ignore[arg-type]
+                center_vox=tuple(map(int, t.center_vox)),  # type: ignore[arg-type]
+                center_mm=tuple(centres_mm[i]),  # type: ignore[arg-type]
+                radii_mm=tuple(map(float, t.radii_mm)),  # type: ignore[arg-type]
                 volume_mm3=n * voxel_mm3,
                 voxels=n,
                 mean_contrast_hu=mc,

@@ -391,6 +391,23 @@ def test_shape_weights_in_one_call_are_the_cpu_weights(small_phantom, organ_mask
             np.testing.assert_array_equal(got, w[a])
 
 
+def test_merge_partners_are_the_overlapping_boxes_of_the_same_plan():
+    """The merge's partner lists (one numba call for the batch) are, per row, the ascending
+    rows of the same plan whose boxes overlap: a plain pairwise check."""
+    rng = np.random.default_rng(11)
+    for case in range(200):
+        n = int(rng.integers(0, 30))
+        job = rng.integers(0, 4, n)
+        lo = rng.integers(0, 30, (n, 3))
+        hi = lo + rng.integers(1, 12, (n, 3))
+        count, off, flat = _segments._partners(job, lo, hi)
+        assert flat.size >= 1  # a valid address even without partners
+        for r in range(n):
+            want = [c for c in range(n) if c != r and job[c] == job[r]
+                    and bool(((lo[r] < hi[c]) & (lo[c] < hi[r])).all())]  # fmt: skip
+            assert flat[off[r] : off[r] + count[r]].tolist() == want, (case, r)
+
+
 def test_kernel_blocks(backend):
     be, dev = backend
     rng = np.random.default_rng(2)

@@ -6,6 +6,8 @@ einsum contractions, ``scipy.ndimage.gaussian_filter`` and ``scipy.stats.binom``
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy import ndimage, stats
@@ -408,6 +410,31 @@ def test_axis_tables_match_the_lattice_reference() -> None:
                           sb[q : q + 1])  # fmt: skip
         np.testing.assert_array_equal(one[3], w.ravel())
         np.testing.assert_array_equal(one[4], inv[row : row + nbk])
+
+
+def test_texture_scalars_of_many_tumors_are_the_recipes_scalars() -> None:
+    """The GPU driver's vectorised texture scalars and block sizes are, bit for bit, the
+    per-tumor ones of the CPU path's recipe."""
+    from synthgen._texture import (
+        block_size_mm,
+        block_sizes_mm,
+        texture_params,
+        texture_scalars_of,
+    )
+
+    rng = np.random.default_rng(8)
+    prms = [{"sigma_a_mm": float(rng.uniform(0.5, 9)), "sigma_b_mm": float(rng.uniform(0.3, 12)),
+             "range_sd": float(rng.uniform(0.5, 3)), "base": float(rng.uniform(0, 1)),
+             "scale": float(rng.uniform(0, 1)), "threshold": float(rng.uniform(0, 1)),
+             "u0": float(rng.uniform(0, 1))} for _ in range(300)]  # fmt: skip
+    P = texture_params(prms)
+    h_b = block_sizes_mm(P[:, 1])
+    assert h_b.tolist() == [block_size_mm(p["sigma_b_mm"]) for p in prms]
+    got = texture_scalars_of(P, h_b)
+    for q, p in enumerate(prms):
+        want = (math.sqrt(12.0) / (2.0 * p["range_sd"]), p["base"], p["scale"],
+                float(h_b[q] ** 3), p["threshold"], p["u0"])  # fmt: skip
+        assert got[q].tolist() == list(want)
 
 
 def test_axis_tables_refuse_lattices_beyond_the_hash_range() -> None:
