@@ -63,11 +63,14 @@ LAST: dict[str, Any] = {}
 def _columns() -> SimpleNamespace:
     """The SG_* column numbers of ``kernels/segmented.cuh`` (``C.N0`` for ``SG_N0``)."""
     from ._cuda import kernel_dir
+    from ._seg_tables import check
 
     text = (kernel_dir() / "segmented.cuh").read_text()
-    return SimpleNamespace(
+    C = SimpleNamespace(
         **{m[0][3:]: int(m[1]) for m in re.findall(r"#define (SG_\w+) (\d+)", text)}
     )
+    check(C)
+    return C
 
 
 _CODES = {
@@ -145,42 +148,6 @@ class _Pack:
         chunks.append(bytes(max(self.size, 16) - at))
         # a bytearray: a writable host buffer (CuPy copies from it before set() returns)
         be.copy_in(self.dev, np.frombuffer(bytearray().join(chunks), dtype=np.uint8))
-
-
-class _Scratch:
-    """Device buffers of one dtype carved out of one allocation."""
-
-    def __init__(self, dtype) -> None:
-        self.dtype = np.dtype(dtype)
-        self.sizes: list[int] = []
-
-    def add(self, n: int) -> int:
-        self.sizes.append(int(n))
-        return len(self.sizes) - 1
-
-    def alloc(self, be, zero: bool = False) -> None:
-        """One allocation for all buffers (zeroed, or poisoned when :data:`POISON` is set:
-        NaN / 255, so that a kernel that leaves an element unwritten shows in the result)."""
-        offs = np.zeros(len(self.sizes) + 1, dtype=np.int64)
-        # 16-byte aligned starts
-        align = max(1, 16 // self.dtype.itemsize)
-        for i, n in enumerate(self.sizes):
-            offs[i + 1] = offs[i] + (n + align - 1) // align * align
-        self.offs = offs
-        total = int(offs[-1]) + align
-        self.dev = be.alloc(total * self.dtype.itemsize).view(self.dtype)
-        if zero:
-            be.fill(self.dev, 0)
-        elif POISON:
-            be.fill(self.dev, np.nan if self.dtype.kind == "f" else np.iinfo(self.dtype).max)
-        self.base = be.ptr(self.dev)
-
-    def addr(self, i: int) -> int:
-        return self.base + int(self.offs[i]) * self.dtype.itemsize
-
-    def view(self, i: int, shape):
-        o = int(self.offs[i])
-        return self.dev[o : o + self.sizes[i]].reshape(shape)
 
 
 def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
@@ -313,12 +280,10 @@ class _Arena:
     out of one allocation (16-byte aligned starts)."""
 
     def __init__(self, dtype, sizes: np.ndarray) -> None:
+        from ._seg_tables import layout_nb
+
         self.dtype = np.dtype(dtype)
-        align = max(1, 16 // self.dtype.itemsize)
-        padded = (np.asarray(sizes, dtype=np.int64) + align - 1) // align * align
-        flat = padded.ravel()
-        self.offs = (np.cumsum(flat) - flat).reshape(padded.shape)
-        self.total = int(flat.sum()) + align
+        self.offs, self.total = layout_nb(np.asarray(sizes, dtype=np.int64), self.dtype.itemsize)
 
     def alloc(self, be, zero: bool = False) -> None:
         """Zeroed, or poisoned when :data:`POISON` is set (NaN / 255, so that a kernel that
@@ -395,6 +360,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     from ._cpu_kernels import shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
+    from ._seg_tables import F32, phase_a_nb, phase_b_nb, phase_b_sizes_nb
     from ._texture import STREAM_BERNOULLI, STREAM_NOISE, texture_params
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
@@ -486,26 +452,11 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     TF = np.zeros((max(n, 1), FW), dtype=np.float32)
     TD = np.zeros((max(n, 1), DW), dtype=np.float64)
     if n:
-        T[:n, C.N0 : C.N2 + 1] = nb[keep]
-        T[:n, C.O0 : C.O2 + 1] = lo[keep]
-        T[:n, C.C0 : C.C2 + 1] = centre[keep]
-        T[:n, C.G0 : C.G2 + 1] = g_of[keep, None]
         parts_base = np.array([pack.base + off for off, _ in pack.parts], dtype=np.int64)
-        T[:n, C.CTRL] = parts_base[ctrl_ref[keep]] + 4 * ctrl_off[keep]
-        T[:n, C.W0 : C.W2 + 1] = pack.addr(w_ref) + 4 * w_off[keep]
-        T[:n, C.ORIG] = a_orig = fa.addrs(0)
-        T[:n, C.ORGAN] = a_organ = ua.addrs(0)
-        T[:n, C.MASK] = a_mask = ua.addrs(1)
-        a_q2 = np.where(has_app, fa.addrs(1), 0)
-        T[:n, C.Q2] = a_q2
-        T[:n, C.ROWS] = fa.addrs(2)
-        T[:n, C.CLIP] = clip[keep]
-        img_cols = [C.IMG, C.IMG_CODE, C.IS0, C.IS1, C.IS2]
-        org_cols = [C.ORG, C.ORG_CODE, C.OS0, C.OS1, C.OS2]
-        for cols, on, vals in ((img_cols, J.img_on, J.img), (org_cols, J.org_on, J.org)):
-            rows = np.flatnonzero(on[jk])
-            if rows.size:
-                T[rows[:, None], cols] = vals[jk[rows]]
+        ctrl = parts_base[ctrl_ref] + 4 * ctrl_off
+        phase_a_nb(T, TF, TD, keep, nb, lo, centre, g_of, ctrl, pack.addr(w_ref), w_off,
+                   fa.base, fa.offs, ua.base, ua.offs, has_app, clip, ja, J.img_on, J.img,
+                   J.org_on, J.org, J.tissue, sp, rot, radii)  # fmt: skip
         for k in sorted(set(host_img) | set(host_org)):
             q = keep[k]
             box_strides = (int(nb[q, 1] * nb[q, 2]), int(nb[q, 2]), 1)
@@ -518,10 +469,6 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
             if k in host_org:
                 T[k, C.ORG], T[k, C.ORG_CODE] = pack.addr(host_org[k]) - shift, 3
                 T[k, C.OS0 : C.OS2 + 1] = box_strides
-        TF[:n, C.F_TLO : C.F_THI + 1] = J.tissue[jk]
-        TD[:n, C.D_SP0 : C.D_SP2 + 1] = sp[keep]
-        m = (rot[keep] / radii[keep][:, None, :]).transpose(0, 2, 1)
-        TD[:n, C.D_M : C.D_M + 9] = m.reshape(n, 9)
     pack.set(t_ref, T)
     pack.set(tf_ref, TF)
     pack.set(td_ref, TD)
@@ -537,7 +484,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     tex_keys = stream_keys([ts[q].seed for q in keep], STREAM_NOISE, STREAM_BERNOULLI)
     contrast = np.array([ts[q].contrast_hu for q in keep], dtype=np.float64)
     hit = be.download(pack.view(bb_ref))[:n].astype(np.int64)  # synchronisation 1
-    pack_a = pack  # the phase-A buffers stay referenced until the end
+    pack_a, TA = pack, T  # the phase-A buffers stay referenced until the end
     # ---------------------------------------------------------------- phase B (host)
     live = np.flatnonzero(hit[:, 6] > 0) if n else np.zeros(0, np.int64)
     walls_r = []
@@ -584,31 +531,20 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     part_ref = pack.add(part_flat)
     app_e = has_app[live]
     ka = np.flatnonzero(app_e)  # rows with appearance modes: their parameters and keys
+    app_step = key_step = 0
     if ka.size:
-        app_ref = pack.add(np.stack([apps[live[k]][0] for k in ka.tolist()]))
-        key_ref = pack.add(np.stack([apps[live[k]][1] for k in ka.tolist()]))
+        app_all = np.stack([apps[live[k]][0] for k in ka.tolist()])
+        key_all = np.stack([apps[live[k]][1] for k in ka.tolist()])
+        app_ref, key_ref = pack.add(app_all), pack.add(key_all)
+        app_step, key_step = app_all[0].nbytes, key_all[0].nbytes
     host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))
                  for w in walls_r]  # fmt: skip
-    # scratch: float32 buffers per row (host rows: merged and out only)
+    # scratch: float32 buffers per row (host rows: merged and out only), uint8, zeroed
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
-    tnv_e = tnv[:ne]
-    z = np.zeros(ne, np.int64)
-    sizes_e = np.stack(
-        [tnv_e] * 7
-        + [ln.prod(axis=1), ln[:, 0] * ln[:, 1] * bs[:, 2], ln[:, 0] * bs[:, 1] * bs[:, 2]]
-        + [bs.prod(axis=1), bs.prod(axis=1), gs[:, 0] * bs[:, 1] * bs[:, 2]]
-        + [gs[:, 0] * gs[:, 1] * bs[:, 2], gs.prod(axis=1), np.where(app_e, tnv_e, z)],
-        axis=1,
-    )
-    F32 = ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0",
-           "frac", "ga", "gb", "grid", "tq2")  # fmt: skip
-    sizes = np.zeros((nl, len(F32)), dtype=np.int64)
-    sizes[:ne] = sizes_e
-    sizes[ne:, F32.index("merged")] = tnv[ne:]
-    sizes[ne:, F32.index("out")] = tnv[ne:]
-    f32 = _Arena(np.float32, sizes)
-    u8 = _Arena(np.uint8, np.stack([tnv, tnv], axis=1) * (np.arange(nl) < ne)[:, None])
-    zero = _Arena(np.float32, (tnv * (np.arange(nl) < ne))[:, None])
+    sizes_f, sizes_u, sizes_z = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e)
+    f32 = _Arena(np.float32, sizes_f)
+    u8 = _Arena(np.uint8, sizes_u)
+    zero = _Arena(np.float32, sizes_z)
     f32.alloc(be)
     u8.alloc(be)
     zero.alloc(be, zero=True)
@@ -617,78 +553,23 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     T = np.zeros((nl, W), dtype=np.int64)
     TF = np.zeros((nl, FW), dtype=np.float32)
     TD = np.zeros((nl, DW), dtype=np.float64)
-    fcol = {name: f32.addrs(c) for c, name in enumerate(F32)}
-    T[:, C.TN0 : C.TN2 + 1] = tn
-    T[:, C.TO0 : C.TO2 + 1] = to
-    T[:, C.MERGED] = fcol["merged"]
-    T[:, C.PART] = base[part_ref] + 8 * part_off
-    T[:, C.NPART] = n_part
-    dev_img = J.img_on[job_of]
-    if dev_img.any():
-        rows = np.flatnonzero(dev_img)
-        T[rows[:, None], [C.DST, C.DST_CODE, C.DS0, C.DS1, C.DS2]] = J.img[job_of[rows]]
-        T[rows, C.DO0 : C.DO2 + 1] = to[rows]
-    if not dev_img.all():
-        h = ~dev_img
-        T[h, C.DST], T[h, C.DST_CODE] = fcol["out"][h], 0
-        T[h, C.DS0], T[h, C.DS1], T[h, C.DS2] = tn[h, 1] * tn[h, 2], tn[h, 2], 1
-    T[:, C.ROUND] = J.round[job_of]
-    TF[:, C.F_CMIN : C.F_HI + 1] = J.ranges[job_of]
+    app_row = np.full(ne, -1, dtype=np.int64)
+    app_row[ka] = np.arange(ka.size)
+    bases = np.array([base[part_ref], base[blur_ref], base[smooth_ref], base[band_refs[0]],
+                      base[band_refs[1]], base[band_refs[2]],
+                      base[app_ref] if ka.size else 0, base[key_ref] if ka.size else 0],
+                     dtype=np.int64)  # fmt: skip
+    phase_b_nb(T, TF, TD, ne, tn, to, job_of, J.img_on, J.img, J.round, J.ranges, J.tissue,
+               J.organ_hu, f32.base, f32.offs, u8.base, u8.offs, zero.base, zero.offs, bases,
+               part_off, n_part, qe, live, nb, clip, centre, sp, u0, TA, app_row,
+               app_step, key_step, boffs, blen, tx.row, tx.woff, tx.koff, tx.klen, tx.kk,
+               tx.goff, tx.lat0, ln, tx.noise_key, tx.bern_key, bs, tx.block0, gs, contrast,
+               tx.scalars, tx.origin, tx.step)  # fmt: skip
     # host rows: only merge and write-back read them
     for w_, (r_orig, r_delta, r_mask) in enumerate(host_refs):
         q = ne + w_
         T[q, C.KIND] = 1
         T[q, C.TORIG], T[q, C.DELTA], T[q, C.TMASK] = base[r_orig], base[r_delta], base[r_mask]
-    if ne:
-        e = slice(0, ne)
-        T[e, C.N0 : C.N2 + 1] = nb[qe]
-        T[e, C.CLIP] = clip[qe]
-        T[e, C.U0 : C.U2 + 1] = u0
-        T[e, C.C0 : C.C2 + 1] = cen
-        T[e, C.ORIG], T[e, C.ORGAN], T[e, C.MASK] = a_orig[live], a_organ[live], a_mask[live]
-        for name, col in (("torig", C.TORIG), ("maskf", C.MASKF), ("bx0", C.BX0),
-                          ("bx1", C.BX1), ("blur", C.BLUR), ("noise", C.NOISE), ("za", C.ZA),
-                          ("zb", C.ZB), ("z0", C.Z0), ("frac", C.FRAC), ("ga", C.GA),
-                          ("gb", C.GB), ("grid", C.GRID)):  # fmt: skip
-            T[e, col] = fcol[name][:ne]
-        T[e, C.TORGAN], T[e, C.TMASK] = u8.addrs(0)[:ne], u8.addrs(1)[:ne]
-        T[e, C.DELTA] = zero.addrs(0)[:ne]
-        for a in range(3):
-            T[e, C.BKERN0 + a] = base[blur_ref] + 4 * boffs[:, a]
-            T[e, C.BKLEN0 + a] = blen[:, a]
-            T[e, C.BOFF0 + a] = -((blen[:, a] - 1) // 2)
-            T[e, C.LS0 + a] = base[band_refs[0]] + 8 * tx.row[:, a]
-            T[e, C.LW0 + a] = base[band_refs[1]] + 4 * tx.woff[:, a]
-            T[e, C.INV0 + a] = base[band_refs[2]] + 8 * tx.row[:, a]
-            T[e, C.GKERN0 + a] = base[smooth_ref] + 4 * tx.koff
-            T[e, C.GKLEN0 + a] = tx.klen
-        T[e, C.LK0 : C.LK2 + 1] = tx.kk
-        T[e, C.GOFF0 : C.GOFF2 + 1] = tx.goff
-        T[e, C.LA0 : C.LA2 + 1] = tx.lat0
-        T[e, C.LN0 : C.LN2 + 1] = ln
-        T[e, C.NK0 : C.NK1 + 1] = tx.noise_key
-        T[e, C.ZD1], T[e, C.ZD1 + 1], T[e, C.ZD1 + 2] = ln[:, 0], ln[:, 1], bs[:, 2]
-        T[e, C.ZD2], T[e, C.ZD2 + 1], T[e, C.ZD2 + 2] = ln[:, 0], bs[:, 1], bs[:, 2]
-        T[e, C.B0 : C.B2 + 1] = bs
-        T[e, C.BK0 : C.BK1 + 1] = tx.bern_key
-        T[e, C.BLK0 : C.BLK2 + 1] = tx.block0
-        T[e, C.GD1], T[e, C.GD1 + 1], T[e, C.GD1 + 2] = gs[:, 0], bs[:, 1], bs[:, 2]
-        T[e, C.GD2], T[e, C.GD2 + 1], T[e, C.GD2 + 2] = gs[:, 0], gs[:, 1], bs[:, 2]
-        T[e, C.G_0 : C.G_2 + 1] = gs
-        if ka.size:
-            T[ka, C.Q2] = a_q2[live][ka]
-            T[ka, C.TQ2] = fcol["tq2"][ka]
-            rows = np.arange(ka.size)
-            T[ka, C.APP] = base[app_ref] + pack.parts[app_ref][1][0].nbytes * rows
-            T[ka, C.KEYS] = base[key_ref] + pack.parts[key_ref][1][0].nbytes * rows
-            T[ka, C.OFF0 : C.OFF2 + 1] = to_e[ka] - cen[ka]
-        TF[e, C.F_TLO : C.F_THI + 1] = J.tissue[job_of[:ne]]
-        TF[e, C.F_CONTRAST] = contrast[live]
-        TF[e, C.F_ORGAN_HU] = J.organ_hu[job_of[:ne]]
-        TD[e, C.D_ZSCALE : C.D_U0 + 1] = tx.scalars
-        TD[e, C.D_SP0 : C.D_SP2 + 1] = spe
-        TD[e, C.D_TX0 : C.D_TX2 + 1] = tx.origin
-        TD[e, C.D_STEP] = tx.step
     pack.set(t_ref, T)
     pack.set(tf_ref, TF)
     pack.set(td_ref, TD)
@@ -709,7 +590,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         be.launch2d("sg_seg_band", nl, zmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.LS0 + a),
                     i32(C.LW0 + a), i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
     be.launch2d("sg_seg_blocks", nl, zmax, Td, WW, TDd, DD)
-    gmax = int(sizes_e[:, 11:15].max()) if ne else 0  # frac, ga, gb, grid
+    gmax = int(sizes_f[:ne, 11:15].max()) if ne else 0  # frac, ga, gb, grid
     for a, src, dims, dst in ((0, C.FRAC, C.B0, C.GA), (1, C.GA, C.GD1, C.GB),
                               (2, C.GB, C.GD2, C.GRID)):  # fmt: skip
         be.launch2d("sg_seg_conv", nl, gmax, Td, WW, i32(a), i32(src), i32(dims),

@@ -391,6 +391,20 @@ def test_shape_weights_in_one_call_are_the_cpu_weights(small_phantom, organ_mask
             np.testing.assert_array_equal(got, w[a])
 
 
+def test_compiled_fills_mirror_the_header_columns():
+    """The column numbers the compiled table fills use are the header's; a mirror that
+    differs is refused with the names."""
+    from types import SimpleNamespace
+
+    from synthgen import _seg_tables
+
+    C = _segments._columns()  # checks the mirror
+    _seg_tables.check(C)
+    wrong = SimpleNamespace(**{**vars(C), "TN0": C.TN0 + 1})
+    with pytest.raises(RuntimeError, match="TN0"):
+        _seg_tables.check(wrong)
+
+
 def test_merge_partners_are_the_overlapping_boxes_of_the_same_plan():
     """The merge's partner lists (one numba call for the batch) are, per row, the ascending
     rows of the same plan whose boxes overlap: a plain pairwise check."""

@@ -1,0 +1,261 @@
+"""The GPU driver's segment tables, filled by compiled code (numba).
+
+``synthgen._segments`` describes every tumor of a batch by one row of three tables (int64
+``T``, float32 ``TF``, float64 ``TD``; ``kernels/segmented.cuh`` names their columns). Filled
+column by column with NumPy, a row set cost about a hundred small array operations per phase
+whatever the tumor count: most of the driver's host time for one plan. Here each phase's
+rows are written in one call; the scratch layouts (offsets of every buffer of every row)
+come from one call too. The values are the driver's: the same integer arithmetic, and the
+float64 shape matrix by the same division, so a row is what the NumPy fill wrote.
+
+The column numbers are mirrored below as constants (numba compiles them in); :func:`check`
+compares them with the header when the driver first reads it, so the two cannot drift apart
+unnoticed.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from ._cpu_kernels import _OPTS
+
+# ---- the SG_* columns these fills write (kernels/segmented.cuh) -------------------------
+N0, O0, IMG, IMG_CODE, IS0, ORG, ORG_CODE, OS0 = 0, 3, 6, 7, 8, 11, 12, 13
+CTRL, G0, W0, C0, ORIG, ORGAN, MASK, CLIP = 16, 17, 20, 23, 26, 27, 28, 29
+U0, TN0, TO0, TORIG, TORGAN, TMASK, MASKF = 30, 33, 36, 39, 40, 41, 42
+BKERN0, BKLEN0, BOFF0, BX0, BX1, BLUR = 43, 46, 49, 52, 53, 54
+LA0, LN0, NK0, NOISE, LS0, LW0, LK0 = 55, 58, 61, 63, 64, 67, 70
+ZD1, ZD2, ZA, ZB, Z0 = 73, 76, 79, 80, 81
+B0, INV0, BK0, BLK0, FRAC, GKERN0, GKLEN0, GOFF0 = 82, 85, 88, 90, 93, 94, 97, 100
+GD1, GD2, GA, GB, GRID, G_0 = 103, 106, 109, 110, 111, 112
+DELTA, MERGED, PART, NPART, DST, DST_CODE = 115, 116, 117, 118, 119, 120
+DS0, DO0, ROUND = 121, 124, 127
+Q2, TQ2, APP, KEYS, OFF0, KIND, ROWS, T_WIDTH = 128, 129, 130, 131, 132, 135, 136, 137
+F_TLO, F_CONTRAST, F_ORGAN_HU, F_CMIN, F_WIDTH = 0, 2, 3, 4, 8
+D_ZSCALE, D_SP0, D_M, D_TX0, D_STEP, D_WIDTH = 0, 6, 9, 18, 21, 22
+
+_MIRRORED = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, int)}
+
+#: Phase B's float32 scratch buffers per row, in the order of the layout's columns.
+F32 = ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0",
+       "frac", "ga", "gb", "grid", "tq2")  # fmt: skip
+# (the buffers whose address goes into the column of the same name)
+_F32_COLS = ((0, TORIG), (1, MASKF), (2, BX0), (3, BX1), (4, BLUR), (7, NOISE), (8, ZA),
+             (9, ZB), (10, Z0), (11, FRAC), (12, GA), (13, GB), (14, GRID))  # fmt: skip
+
+
+def check(columns) -> None:
+    """Raise unless every mirrored column number is the header's (``columns``: the parsed
+    ``SG_*`` values, ``columns.N0`` for ``SG_N0``)."""
+    bad = {k: (v, getattr(columns, k, None)) for k, v in _MIRRORED.items()
+           if getattr(columns, k, None) != v}  # fmt: skip
+    if bad:
+        raise RuntimeError(
+            "synthgen/_seg_tables.py mirrors columns of kernels/segmented.cuh that differ "
+            f"(name: (mirrored, header)): {bad}"
+        )
+
+
+@nb.njit(**_OPTS)
+def layout_nb(sizes, itemsize):
+    """Element offsets of the buffers of a (rows x buffers) size matrix carved out of one
+    allocation with 16-byte aligned starts, and the allocation's length in elements."""
+    align = max(1, 16 // itemsize)
+    offs = np.empty(sizes.shape, dtype=np.int64)
+    at = 0
+    for r in range(sizes.shape[0]):
+        for c in range(sizes.shape[1]):
+            offs[r, c] = at
+            at += (sizes[r, c] + align - 1) // align * align
+    return offs, at + align
+
+
+@nb.njit(**_OPTS)
+def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, w_base, w_off, fa_base, fa_offs,
+               ua_base, ua_offs, has_app, clip, job, img_on, img, org_on, org, tissue, sp, rot,
+               radii):  # fmt: skip
+    """Phase A's rows, row ``r`` for tumor ``keep[r]``: the conservative box, the image and
+    organ reads (where they are on the device), the shape inputs and the phase-A buffers.
+    Per tumor: ``nb_``, ``lo``, ``centre``, ``g``, ``ctrl`` (address of its control
+    displacements), ``w_off`` (element offsets of its B-spline weights from ``w_base``),
+    ``clip``, ``job``, ``sp``, ``rot``, ``radii``; per row: the float32 (orig, q2, rows) and
+    uint8 (organ, mask) buffers' element offsets from their bases, ``has_app``."""
+    for r in range(keep.shape[0]):
+        q = keep[r]
+        j = job[q]
+        for a in range(3):
+            T[r, N0 + a] = nb_[q, a]
+            T[r, O0 + a] = lo[q, a]
+            T[r, C0 + a] = centre[q, a]
+            T[r, G0 + a] = g[q]
+            T[r, W0 + a] = w_base + 4 * w_off[q, a]
+            TD[r, D_SP0 + a] = sp[q, a]
+            for b in range(3):  # m = diag(1/radii) R^T, row major
+                TD[r, D_M + 3 * a + b] = rot[q, b, a] / radii[q, a]
+        T[r, CTRL] = ctrl[q]
+        T[r, ORIG] = fa_base + 4 * fa_offs[r, 0]
+        T[r, Q2] = fa_base + 4 * fa_offs[r, 1] if has_app[r] else 0
+        T[r, ROWS] = fa_base + 4 * fa_offs[r, 2]
+        T[r, ORGAN] = ua_base + ua_offs[r, 0]
+        T[r, MASK] = ua_base + ua_offs[r, 1]
+        T[r, CLIP] = clip[q]
+        if img_on[j]:
+            T[r, IMG] = img[j, 0]
+            T[r, IMG_CODE] = img[j, 1]
+            for a in range(3):
+                T[r, IS0 + a] = img[j, 2 + a]
+        if org_on[j]:
+            T[r, ORG] = org[j, 0]
+            T[r, ORG_CODE] = org[j, 1]
+            for a in range(3):
+                T[r, OS0 + a] = org[j, 2 + a]
+        TF[r, F_TLO] = tissue[j, 0]
+        TF[r, F_TLO + 1] = tissue[j, 1]
+
+
+@nb.njit(**_OPTS)
+def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app):
+    """Phase B's float32 scratch sizes per row (columns: :data:`F32`; host rows, after the
+    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only), the uint8 ones (organ, mask)
+    and the zeroed ones (the blend's change)."""
+    nl = tn.shape[0]
+    f32 = np.zeros((nl, 16), dtype=np.int64)
+    u8 = np.zeros((nl, 2), dtype=np.int64)
+    zero = np.zeros((nl, 1), dtype=np.int64)
+    for r in range(nl):
+        v = tn[r, 0] * tn[r, 1] * tn[r, 2]
+        if r >= ne:
+            f32[r, 5] = v
+            f32[r, 6] = v
+            continue
+        for c in range(7):
+            f32[r, c] = v
+        ln, bs, gs = n_lat[r], blocks[r], grid[r]
+        f32[r, 7] = ln[0] * ln[1] * ln[2]
+        f32[r, 8] = ln[0] * ln[1] * bs[2]
+        f32[r, 9] = ln[0] * bs[1] * bs[2]
+        f32[r, 10] = bs[0] * bs[1] * bs[2]
+        f32[r, 11] = bs[0] * bs[1] * bs[2]
+        f32[r, 12] = gs[0] * bs[1] * bs[2]
+        f32[r, 13] = gs[0] * gs[1] * bs[2]
+        f32[r, 14] = gs[0] * gs[1] * gs[2]
+        f32[r, 15] = v if has_app[r] else 0
+        u8[r, 0] = v
+        u8[r, 1] = v
+        zero[r, 0] = v
+    return f32, u8, zero
+
+
+#: The pack parts whose device addresses :func:`phase_b_nb` takes (``bases``), in order.
+BASES = ("part", "blur", "smooth", "band_starts", "band_weights", "band_inv", "app", "keys")
+
+
+@nb.njit(**_OPTS)
+def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, organ_hu,
+               f32_base, f32_offs, u8_base, u8_offs, zero_base, zero_offs, bases, part_off,
+               n_part, qe, live, nb_, clip, centre, sp, u0, TA, app_row,
+               app_step, key_step, boffs, blen, row, woff, koff, klen, kk, goff, lat0, n_lat,
+               noise_key, bern_key, blocks, block0, grid, contrast, scalars, origin,
+               step):  # fmt: skip
+    """Phase B's rows: every row's tight box, merge partners and write-back (to its image
+    where that is on the device, else to its ``out`` buffer); the ``ne`` ellipsoid rows'
+    blur, texture, blend and appearance columns.
+
+    Buffers: base address and element offsets of the float32 (:data:`F32`), uint8 (organ,
+    mask) and zeroed (change) scratch; ``bases``: device addresses of the pack parts named in
+    :data:`BASES`, the rows' entries at ``part_off`` (int64), ``boffs``/``koff`` (float32
+    kernels), ``row`` (int64 starts, float64 norms), ``woff`` (float32 weights), ``app_row``
+    (a row's index among those with appearance modes, -1: none; ``app_step``/``key_step``
+    bytes apart). Ellipsoid row ``r`` is kept tumor ``live[r]`` and tumor ``qe[r]``: ``nb_``,
+    ``clip``, ``centre``, ``sp`` per tumor; its phase-A row ``TA[live[r]]`` (the phase-A
+    buffers) and ``contrast`` per kept tumor; the texture tables per row."""
+    for r in range(tn.shape[0]):
+        j = job[r]
+        for a in range(3):
+            T[r, TN0 + a] = tn[r, a]
+            T[r, TO0 + a] = to[r, a]
+        T[r, MERGED] = f32_base + 4 * f32_offs[r, 5]
+        T[r, PART] = bases[0] + 8 * part_off[r]
+        T[r, NPART] = n_part[r]
+        if img_on[j]:
+            T[r, DST] = img[j, 0]
+            T[r, DST_CODE] = img[j, 1]
+            for a in range(3):
+                T[r, DS0 + a] = img[j, 2 + a]
+                T[r, DO0 + a] = to[r, a]
+        else:  # a host image: the row's own out buffer, C order
+            T[r, DST] = f32_base + 4 * f32_offs[r, 6]
+            T[r, DST_CODE] = 0
+            T[r, DS0] = tn[r, 1] * tn[r, 2]
+            T[r, DS0 + 1] = tn[r, 2]
+            T[r, DS0 + 2] = 1
+        T[r, ROUND] = jround[j]
+        for c in range(4):
+            TF[r, F_CMIN + c] = ranges[j, c]
+        if r >= ne:
+            continue
+        # ---- an ellipsoid row
+        q, k = qe[r], live[r]
+        for b, col in _F32_COLS:
+            T[r, col] = f32_base + 4 * f32_offs[r, b]
+        T[r, CLIP] = clip[q]
+        T[r, ORIG] = TA[k, ORIG]
+        T[r, ORGAN] = TA[k, ORGAN]
+        T[r, MASK] = TA[k, MASK]
+        T[r, TORGAN] = u8_base + u8_offs[r, 0]
+        T[r, TMASK] = u8_base + u8_offs[r, 1]
+        T[r, DELTA] = zero_base + 4 * zero_offs[r, 0]
+        for a in range(3):
+            T[r, N0 + a] = nb_[q, a]
+            T[r, U0 + a] = u0[r, a]
+            T[r, C0 + a] = centre[q, a]
+            T[r, BKERN0 + a] = bases[1] + 4 * boffs[r, a]
+            T[r, BKLEN0 + a] = blen[r, a]
+            T[r, BOFF0 + a] = -((blen[r, a] - 1) // 2)
+            T[r, LS0 + a] = bases[3] + 8 * row[r, a]
+            T[r, LW0 + a] = bases[4] + 4 * woff[r, a]
+            T[r, INV0 + a] = bases[5] + 8 * row[r, a]
+            T[r, GKERN0 + a] = bases[2] + 4 * koff[r]
+            T[r, GKLEN0 + a] = klen[r]
+            T[r, LK0 + a] = kk[r, a]
+            T[r, GOFF0 + a] = goff[r, a]
+            T[r, LA0 + a] = lat0[r, a]
+            T[r, LN0 + a] = n_lat[r, a]
+            T[r, B0 + a] = blocks[r, a]
+            T[r, BLK0 + a] = block0[r, a]
+            T[r, G_0 + a] = grid[r, a]
+            TD[r, D_SP0 + a] = sp[q, a]
+            TD[r, D_TX0 + a] = origin[r, a]
+        for c in range(2):
+            T[r, NK0 + c] = noise_key[r, c]
+            T[r, BK0 + c] = bern_key[r, c]
+        # dims after the band passes (LN0, LN1, B2), (LN0, B1, B2) and after the grid passes
+        # (G0, B1, B2), (G0, G1, B2)
+        T[r, ZD1] = n_lat[r, 0]
+        T[r, ZD1 + 1] = n_lat[r, 1]
+        T[r, ZD1 + 2] = blocks[r, 2]
+        T[r, ZD2] = n_lat[r, 0]
+        T[r, ZD2 + 1] = blocks[r, 1]
+        T[r, ZD2 + 2] = blocks[r, 2]
+        T[r, GD1] = grid[r, 0]
+        T[r, GD1 + 1] = blocks[r, 1]
+        T[r, GD1 + 2] = blocks[r, 2]
+        T[r, GD2] = grid[r, 0]
+        T[r, GD2 + 1] = grid[r, 1]
+        T[r, GD2 + 2] = blocks[r, 2]
+        m = app_row[r]
+        if m >= 0:
+            T[r, Q2] = TA[k, Q2]
+            T[r, TQ2] = f32_base + 4 * f32_offs[r, 15]
+            T[r, APP] = bases[6] + app_step * m
+            T[r, KEYS] = bases[7] + key_step * m
+            for a in range(3):
+                T[r, OFF0 + a] = to[r, a] - centre[q, a]
+        TF[r, F_TLO] = tissue[j, 0]
+        TF[r, F_TLO + 1] = tissue[j, 1]
+        TF[r, F_CONTRAST] = contrast[k]
+        TF[r, F_ORGAN_HU] = organ_hu[j]
+        for c in range(6):
+            TD[r, D_ZSCALE + c] = scalars[r, c]
+        TD[r, D_STEP] = step[r]
