@@ -364,6 +364,11 @@ def main() -> int:
         action="store_true",
         help="only the per-kernel device times (e.g. under a profiler)",
     )
+    ap.add_argument(
+        "--only-bandwidth",
+        action="store_true",
+        help="only the fused kernels' bandwidth (e.g. under a profiler)",
+    )
     args = ap.parse_args()
     t_all = time.perf_counter()
     test_line, rc = ("skipped", 0) if args.skip_tests else run_tests(args.emulate, args.log)
@@ -371,6 +376,9 @@ def main() -> int:
     sc = Scene(g)
     if args.only_kernels:
         bench_kernels(g, sc)
+        return 0
+    if args.only_bandwidth:
+        bench_bandwidth(g, sc)
         return 0
     if not args.emulate:
         from synthgen._device import gpu_report

@@ -26,6 +26,7 @@ __all__ = [
     "bbox",
     "blend_tumor",
     "bspline_matrix",
+    "conservative_boxes_nb",
     "gaussian_band_nb",
     "interp_coords_nb",
     "mask_bbox",
@@ -872,3 +873,35 @@ def overlap_partners_nb(job_of, lo, hi):
             s = e
     off = np.cumsum(count) - count
     return count, off, flat
+
+
+@nb.njit(**_OPTS)
+def conservative_boxes_nb(centre, rot, radii, blur, clip, disp_max, sp, shape, has_ob, ob_lo,
+                          ob_hi, truncate):  # fmt: skip
+    """``rendering.conservative_boxes`` (see there) of ``n`` tumors; the organ's box
+    ``ob_lo``/``ob_hi`` applies where ``clip`` and ``has_ob``. Returns ``(lo, hi, ok, pad)``."""
+    n = centre.shape[0]
+    lo = np.empty((n, 3), dtype=np.int64)
+    hi = np.empty((n, 3), dtype=np.int64)
+    pad = np.empty((n, 3), dtype=np.int64)
+    ok = np.empty(n, dtype=np.bool_)
+    for q in range(n):
+        ok[q] = True
+        for a in range(3):
+            # the radius bound along axis a: |row a of R diag(radii)|
+            s = 0.0
+            for c in range(3):
+                x = rot[q, a, c] * radii[q, c]
+                s += x * x
+            r = int(np.ceil((np.sqrt(s) + disp_max[q]) / sp[q, a]))
+            lo_a = centre[q, a] - r - 1
+            hi_a = centre[q, a] + r + 2
+            if clip[q] and has_ob[q]:
+                lo_a = max(lo_a, ob_lo[q, a])
+                hi_a = min(hi_a, ob_hi[q, a])
+            lo[q, a] = max(lo_a, 0)
+            hi[q, a] = min(hi_a, shape[q, a])
+            pad[q, a] = int(np.ceil(truncate * blur[q] / sp[q, a])) + 1
+            if hi[q, a] <= lo[q, a]:
+                ok[q] = False
+    return lo, hi, ok, pad

@@ -237,15 +237,16 @@ def _strides(a) -> tuple[int, int, int]:
 
 class _Jobs:
     """What every row of a job shares, as arrays over the jobs (a row reads its job's): the
-    spacing and shape, the organ's box, where phase A reads the image and the organ (device
-    address, dtype code, strides: ``img``/``org``, ``(n, 5)``, where ``img_on``/``org_on``) and
-    the write-back's range and rounding."""
+    spacing and shape, the organ's box (``ob``, where ``ob_on``), where phase A reads the
+    image and the organ (device address, dtype code, strides: ``img``/``org``, ``(n, 5)``,
+    where ``img_on``/``org_on``) and the write-back's range and rounding."""
 
     def __init__(self, be, jobs) -> None:
         nj = len(jobs)
         self.sp = np.zeros((nj, 3))
         self.shape = np.zeros((nj, 3), dtype=np.int64)
-        self.organ_box: list[Any] = []
+        self.ob_on = np.zeros(nj, dtype=bool)  # the organ's box (lo, hi) where planned
+        self.ob = np.zeros((nj, 2, 3), dtype=np.int64)
         self.img_on = np.zeros(nj, dtype=bool)
         self.org_on = np.zeros(nj, dtype=bool)
         self.img = np.zeros((nj, 5), dtype=np.int64)
@@ -259,8 +260,9 @@ class _Jobs:
             dtype = np.dtype(str(job.target.dtype))
             self.sp[j] = plan.spacing
             self.shape[j] = plan.shape
-            ob = plan.organ_bbox
-            self.organ_box.append(None if ob is None else np.asarray(ob, dtype=np.int64).T)
+            if plan.organ_bbox is not None:
+                self.ob_on[j] = True
+                self.ob[j] = np.asarray(plan.organ_bbox, dtype=np.int64).T
             if job.target_on_device:
                 self.img_on[j] = True
                 self.img[j] = (be.ptr(job.target), dtype_code(dtype), *_strides(job.target))
@@ -389,8 +391,9 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     centre, rot, radii, blur_mm, clip = arrays
     ja = np.asarray(jidx, dtype=np.int64)
     sp, shapes = J.sp[ja], J.shape[ja]
-    lo, hi, ok, pad = conservative_boxes(arrays, disp_max, sp, shapes,
-                                         [J.organ_box[j] for j in jidx])  # fmt: skip
+    lo, hi, ok, pad = conservative_boxes(
+        arrays, disp_max, sp, shapes, organ_boxes=(J.ob_on[ja], J.ob[ja, 0], J.ob[ja, 1])
+    )
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
     for q, t in enumerate(ts):  # host-resident images: the host pass of tumor_box shrinks it
         j = jidx[q]

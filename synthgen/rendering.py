@@ -140,40 +140,57 @@ def tumor_arrays(tumors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     """``(centre, rotation, radii, blur sigma, clip)`` of tumors as arrays (``(n, 3)``,
     ``(n, 3, 3)``, ``(n, 3)``, ``(n,)``, ``(n,)``)."""
     n = len(tumors)
+    # one pass over the tumors: 17 numbers each (centre indices are exact in float64)
+    a = np.array([(*t.center_vox, *t.rotation, *t.radii_mm, t.blur_sigma_mm, t.clip_to_organ)
+                  for t in tumors], dtype=np.float64).reshape(n, 17)  # fmt: skip
     return (
-        np.asarray([t.center_vox for t in tumors], dtype=np.int64).reshape(n, 3),
-        np.asarray([t.rotation for t in tumors], dtype=np.float64).reshape(n, 3, 3),
-        np.asarray([t.radii_mm for t in tumors], dtype=np.float64).reshape(n, 3),
-        np.asarray([t.blur_sigma_mm for t in tumors], dtype=np.float64).reshape(n),
-        np.asarray([bool(t.clip_to_organ) for t in tumors], dtype=bool).reshape(n),
+        a[:, 0:3].astype(np.int64),
+        a[:, 3:12].reshape(n, 3, 3),
+        a[:, 12:15].copy(),
+        a[:, 15].copy(),
+        a[:, 16] != 0,
     )
 
 
-def conservative_boxes(arrays, disp_max, spacing, shape, organ_bbox):
+def conservative_boxes(arrays, disp_max, spacing, shape, organ_bbox=None, *, organ_boxes=None):
     """The conservative boxes of ellipsoid tumors, all at once (``tumor_box`` for one).
 
     The mask lies within ``radius bound + max |displacement|`` of the centre, intersected
     with the organ's bounding box for a clipped tumor, clipped to the scan. ``arrays``: from
     :func:`tumor_arrays`; ``disp_max``: ``1.6 max |displacement|`` per tumor (the
     interpolating spline overshoots its control values by at most 1.6x); ``spacing``,
-    ``shape``: ``(n, 3)``; ``organ_bbox``: per tumor ``None`` or ``(lo, hi)`` (3 each).
+    ``shape``: ``(n, 3)``; ``organ_bbox``: per tumor ``None`` or ``(lo, hi)`` (3 each), or
+    ``organ_boxes``: the same as arrays ``(has_box, lo, hi)`` (``(n,)``, ``(n, 3)``,
+    ``(n, 3)``).
     Returns ``(lo, hi, ok, pad)``: the box without the blur, whether it is not empty and the
-    blur's reach in voxels (``ceil(3 sigma / spacing) + 1``).
+    blur's reach in voxels (``ceil(3 sigma / spacing) + 1``); one compiled call
+    (:func:`synthgen._cpu_kernels.conservative_boxes_nb`).
     """
+    from ._cpu_kernels import conservative_boxes_nb
+
     centre, rot, radii, blur, clip = arrays
     n = len(centre)
-    sp = np.asarray(spacing, dtype=np.float64).reshape(n, 3)
-    bound = np.sqrt(((rot * radii[:, None, :]) ** 2).sum(axis=2))
-    r = np.ceil((bound + np.asarray(disp_max, dtype=np.float64)[:, None]) / sp).astype(np.int64)
-    lo, hi = centre - r - 1, centre + r + 2
-    cut = [q for q in np.flatnonzero(clip).tolist() if organ_bbox[q] is not None]
-    if cut:  # clipped tumors: within the organ's box
-        ob = np.array([organ_bbox[q] for q in cut], dtype=np.int64).reshape(len(cut), 2, 3)
-        lo[cut] = np.maximum(lo[cut], ob[:, 0])
-        hi[cut] = np.minimum(hi[cut], ob[:, 1])
-    lo, hi = np.maximum(lo, 0), np.minimum(hi, np.asarray(shape, dtype=np.int64).reshape(n, 3))
-    pad = np.ceil((BLUR_TRUNCATE * blur)[:, None] / sp).astype(np.int64) + 1
-    return lo, hi, (hi > lo).all(axis=1), pad
+    if organ_boxes is not None:
+        has_ob, ob_lo, ob_hi = organ_boxes
+    else:
+        has_ob = np.array([b is not None for b in organ_bbox], dtype=bool).reshape(n)
+        ob = np.array([b if b is not None else ((0, 0, 0), (0, 0, 0)) for b in organ_bbox],
+                      dtype=np.int64).reshape(n, 2, 3)  # fmt: skip
+        ob_lo, ob_hi = ob[:, 0], ob[:, 1]
+    return conservative_boxes_nb(
+        np.ascontiguousarray(centre, dtype=np.int64),
+        np.ascontiguousarray(rot, dtype=np.float64),
+        np.ascontiguousarray(radii, dtype=np.float64),
+        np.ascontiguousarray(blur, dtype=np.float64),
+        np.ascontiguousarray(clip, dtype=bool),
+        np.ascontiguousarray(disp_max, dtype=np.float64).reshape(n),
+        np.ascontiguousarray(spacing, dtype=np.float64).reshape(n, 3),
+        np.ascontiguousarray(shape, dtype=np.int64).reshape(n, 3),
+        np.ascontiguousarray(has_ob, dtype=bool),
+        np.ascontiguousarray(ob_lo, dtype=np.int64),
+        np.ascontiguousarray(ob_hi, dtype=np.int64),
+        BLUR_TRUNCATE,
+    )
 
 
 def _shape_inputs(t: TumorPlan, pos: Sequence[np.ndarray]):

@@ -157,7 +157,9 @@ class HostBackend:
         self.launches[-n_seg:] = [name]
 
     def ptr(self, a) -> int:
-        return int(a.ctypes.data)
+        # (``a.ctypes.data`` builds a ctypes object: ~10x slower, and the host-time
+        # benchmark replays the driver through this backend)
+        return int(a.__array_interface__["data"][0])
 
     def alloc(self, nbytes: int) -> DeviceArray:
         """Uninitialised, as device memory is."""

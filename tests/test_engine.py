@@ -173,6 +173,39 @@ def test_tumor_boxes_hold_the_whole_tumor_and_blur(small_phantom, masks):
                 assert lo_ok and hi_ok, (preset, rec.index, a)
 
 
+def test_conservative_boxes_are_the_array_arithmetic():
+    """The compiled conservative boxes equal, bit for bit, the NumPy arithmetic they stand for
+    (radius bound with NumPy's summation order, organ clip, scan clip, blur pad)."""
+    from synthgen.rendering import BLUR_TRUNCATE, conservative_boxes
+
+    rng = np.random.default_rng(21)
+    n = 400
+    q, _ = np.linalg.qr(rng.normal(size=(n, 3, 3)))
+    centre = rng.integers(-5, 70, (n, 3))
+    radii = rng.uniform(0.5, 40.0, (n, 3))
+    blur = rng.uniform(0.1, 3.0, n)
+    clip = rng.random(n) < 0.6
+    disp = rng.uniform(0.0, 9.0, n)
+    sp = rng.uniform(0.4, 5.0, (n, 3))
+    shape = rng.integers(20, 90, (n, 3))
+    boxes = [None if rng.random() < 0.3 else (rng.integers(0, 30, 3), rng.integers(30, 80, 3))
+             for _ in range(n)]  # fmt: skip
+    lo, hi, ok, pad = conservative_boxes((centre, q, radii, blur, clip), disp, sp, shape, boxes)
+    bound = np.sqrt(((q * radii[:, None, :]) ** 2).sum(axis=2))
+    r = np.ceil((bound + disp[:, None]) / sp).astype(np.int64)
+    lo_r, hi_r = centre - r - 1, centre + r + 2
+    for i in range(n):
+        if clip[i] and boxes[i] is not None:
+            lo_r[i] = np.maximum(lo_r[i], boxes[i][0])
+            hi_r[i] = np.minimum(hi_r[i], boxes[i][1])
+    lo_r, hi_r = np.maximum(lo_r, 0), np.minimum(hi_r, shape)
+    np.testing.assert_array_equal(lo, lo_r)
+    np.testing.assert_array_equal(hi, hi_r)
+    np.testing.assert_array_equal(ok, (hi_r > lo_r).all(axis=1))
+    np.testing.assert_array_equal(pad, np.ceil((BLUR_TRUNCATE * blur)[:, None] / sp) + 1)
+    assert (~ok).any() and ok.any()
+
+
 def test_centres_follow_the_placement_rules(small_phantom, masks):
     liver = masks["liver"]
     classic = load_preset("liver-classic").placement
