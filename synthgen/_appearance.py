@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ._draws import uniform
 from ._geometry import binary as _binary
 from ._geometry import sample_step
 from ._hash import stream_key
@@ -91,12 +92,12 @@ def draw_appearance(
         return None
     rng = np.random.default_rng([int(seed), int(index), APPEARANCE_STREAM])
     u_rim, u_nec, u_cal = rng.random(3)
-    rim_boost = float(rng.uniform(*p.rim_boost_hu))
-    rim_width = float(rng.uniform(*p.rim_width_mm))
-    nec_frac = float(rng.uniform(*p.necrosis_fraction))
-    nec_edge = float(rng.uniform(*p.necrosis_edge_mm))
-    nec_hu = float(rng.uniform(*p.necrosis_hu))
-    cal_density = float(rng.uniform(*p.calcification_density))
+    rim_boost = uniform(rng, *p.rim_boost_hu)
+    rim_width = uniform(rng, *p.rim_width_mm)
+    nec_frac = uniform(rng, *p.necrosis_fraction)
+    nec_edge = uniform(rng, *p.necrosis_edge_mm)
+    nec_hu = uniform(rng, *p.necrosis_hu)
+    cal_density = uniform(rng, *p.calcification_density)
     r = equivalent_radius(radii_mm)
     out: dict[str, float] = {}
     if r >= p.rim_min_radius_mm and u_rim < p.rim_probability:

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from ._draws import uniform
 from ._hash import stream_key
 
 __all__ = [
@@ -106,14 +107,14 @@ def draw_wall(rng: np.random.Generator, wall: Any, half_length_mm: float, thickn
     d = {
         "mode": mode,
         "half_length_mm": float(half_length_mm),
-        "thickness_mm": float(rng.uniform(*thickness_mm)),
-        "shoulder_mm": float(rng.uniform(*wall.shoulder)) * float(half_length_mm),
-        "arc_deg": 360.0 if mode == "annular" else float(rng.uniform(*wall.arc_deg)),
-        "normal_angle": float(rng.uniform(0.0, 2.0 * math.pi)),
-        "height_mm": float(rng.uniform(*wall.polyp_height)) * float(half_length_mm),
-        "tissue_hu": float(rng.uniform(*wall.tissue_hu)),
-        "texture_gain_hu": float(rng.uniform(*wall.texture_gain_hu)),
-        "irregularity": float(rng.uniform(*wall.irregularity)),
+        "thickness_mm": uniform(rng, *thickness_mm),
+        "shoulder_mm": uniform(rng, *wall.shoulder) * float(half_length_mm),
+        "arc_deg": 360.0 if mode == "annular" else uniform(rng, *wall.arc_deg),
+        "normal_angle": uniform(rng, 0.0, 2.0 * math.pi),
+        "height_mm": uniform(rng, *wall.polyp_height) * float(half_length_mm),
+        "tissue_hu": uniform(rng, *wall.tissue_hu),
+        "texture_gain_hu": uniform(rng, *wall.texture_gain_hu),
+        "irregularity": uniform(rng, *wall.irregularity),
     }
     return d
 

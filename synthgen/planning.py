@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ._appearance import draw_appearance
+from ._draws import uniform
 from ._geometry import binary as _binary
 from ._geometry import sample_step
 from ._hash import derive_seed
@@ -302,13 +303,20 @@ def _scan_cache(organ_index: OrganIndex | None, image, bbox) -> dict | None:
 def _uniform(rng: np.random.Generator, lo: float, hi: float, integer: bool) -> float:
     if integer:
         return float(rng.integers(math.ceil(lo), math.floor(hi) + 1))
-    return float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+    return uniform(rng, lo, hi) if hi > lo else float(lo)
+
+
+def _row_norm(row: Sequence[float], radii: Sequence[float]) -> float:
+    """``|row * radii|``: ``np.sqrt(((row * radii) ** 2).sum())`` in NumPy's summation order
+    for three terms, ``(a + b) + c``, on Python floats (the same IEEE operations)."""
+    a, b, c = row[0] * radii[0], row[1] * radii[1], row[2] * radii[2]
+    return math.sqrt((a * a + b * b) + c * c)
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q = rng.standard_normal(4)
     q /= np.linalg.norm(q)
-    w, x, y, z = q
+    w, x, y, z = q.tolist()  # Python floats: the same IEEE arithmetic, less overhead
     return np.array(
         [
             [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
@@ -421,7 +429,7 @@ class _Placer:
         zlo, zhi = self.bbox[self.axis].start, self.bbox[self.axis].stop - 1
         for w in (self.p.z_window, *self.p.widen):
             for _ in range(8):
-                z = round(zlo + rng.uniform(w[0], w[1]) * (zhi - zlo))
+                z = round(zlo + uniform(rng, w[0], w[1]) * (zhi - zlo))
                 c = self._draw_in_slice(rng, z)
                 if c is not None:
                     return c
@@ -584,8 +592,10 @@ def make_plan(
             radii = tuple(_uniform(rng, *cls.radius_mm, cls.radius_integer) for _ in range(3))
             sigma = _uniform(rng, *cls.elastic_sigma_mm, cls.elastic_sigma_integer)
             rot = _random_rotation(rng) if preset.shape.rotate else np.eye(3)
-            bound = np.sqrt(((rot * np.asarray(radii)[None, :]) ** 2).sum(axis=1))
-            extent = tuple(float(b + 3.0 * sigma) for b in bound)
+            # the radius bound per axis, |row of R diag(radii)|, in NumPy's summation order
+            # ((a + b) + c) on Python floats
+            rows = rot.tolist()
+            extent = tuple(_row_norm(row, radii) + 3.0 * sigma for row in rows)
             disp = (
                 rng.normal(0.0, sigma, size=(3, g, g, g)) if sigma > 0 else np.zeros((3, g, g, g))
             )
@@ -608,7 +618,7 @@ def make_plan(
                     size_class=cls.name,
                     center_vox=centre,
                     radii_mm=radii,  # type: ignore[arg-type]
-                    rotation=tuple(float(x) for x in rot.ravel()),
+                    rotation=tuple(rows[0] + rows[1] + rows[2]),
                     control_extent_mm=extent,  # type: ignore[arg-type]
                     displacement_mm=disp.tolist(),
                     elastic_sigma_mm=float(sigma),
@@ -683,9 +693,9 @@ def _draw_texture(preset: Preset, rng: np.random.Generator) -> dict[str, float]:
     return {
         "sigma_a_mm": float(tx.sigma_a_mm[int(rng.integers(len(tx.sigma_a_mm)))]),
         "sigma_b_mm": float(tx.sigma_b_mm[int(rng.integers(len(tx.sigma_b_mm)))]),
-        "scale": float(rng.uniform(*tx.scale)),
-        "base": float(rng.uniform(*tx.base)),
-        "u0": float(rng.uniform(*tx.u0)),
+        "scale": uniform(rng, *tx.scale),
+        "base": uniform(rng, *tx.base),
+        "u0": uniform(rng, *tx.u0),
         "threshold": tx.threshold,
         "range_sd": tx.range_sd,
     }
@@ -694,10 +704,10 @@ def _draw_texture(preset: Preset, rng: np.random.Generator) -> dict[str, float]:
 def _draw_contrast(preset: Preset, rng: np.random.Generator, organ_hu: float | None) -> float:
     c = preset.contrast
     if c.mode == "absolute":
-        d = float(rng.uniform(*c.delta_hu))
+        d = uniform(rng, *c.delta_hu)
     else:
         assert organ_hu is not None
-        f = float(rng.uniform(*c.fraction))
+        f = uniform(rng, *c.fraction)
         d = float(np.clip(f * (organ_hu - c.reference_hu), *c.delta_hu))
     if c.hyperdense_probability > 0 and rng.random() < c.hyperdense_probability:
         d = -d

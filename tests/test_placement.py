@@ -430,3 +430,23 @@ def test_bright_fallback_is_computed_once_per_scan_with_an_organ_index(small_pha
     other[liver] += 5
     make_plan(other, liver, seed=1, organ_index=idx, **kw)
     assert len(idx.cache) == 1 and key not in idx.cache
+
+
+def test_scalar_draws_are_numpys_bit_for_bit() -> None:
+    """Planning's cheap scalar uniform is Generator.uniform: the same value and the same
+    stream afterwards; the radius bound on Python floats is NumPy's."""
+    from synthgen._draws import uniform
+    from synthgen.planning import _row_norm
+
+    a, b, r = np.random.default_rng(3), np.random.default_rng(3), np.random.default_rng(4)
+    for i in range(20000):
+        lo = float(r.uniform(-400.0, 400.0))
+        hi = lo + float(r.uniform(0.0, 200.0)) * (1e-9 if i % 5 == 0 else 1.0)
+        assert uniform(a, lo, hi) == float(b.uniform(lo, hi))
+    assert uniform(a, 2, 9) == float(b.uniform(2, 9))  # integer bounds
+    assert a.random() == b.random()
+    for _ in range(2000):
+        row, radii = r.normal(size=3), r.uniform(0.5, 40.0, 3)
+        want = float(np.sqrt(((row * radii) ** 2).sum()))
+        assert _row_norm(row.tolist(), radii.tolist()) == want
+
