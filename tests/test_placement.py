@@ -449,4 +449,3 @@ def test_scalar_draws_are_numpys_bit_for_bit() -> None:
         row, radii = r.normal(size=3), r.uniform(0.5, 40.0, 3)
         want = float(np.sqrt(((row * radii) ** 2).sum()))
         assert _row_norm(row.tolist(), radii.tolist()) == want
-
