@@ -613,15 +613,16 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
             W=WW, FW=FF, DW=DD, keep=(pack, pack_a, fa, ua, f32, u8, zero),
         )  # fmt: skip
     host_stats = be.download(stats).tolist()  # synchronisation 2
-    tn_l, to_l = tn.tolist(), to.tolist()
+    tn_l, to_l, hi_l = tn.tolist(), to.tolist(), (to + tn).tolist()
+    # (plan, tumor index) of every row
+    keys = list(zip(job_of.tolist(), np.asarray(iidx, dtype=np.int64)[qe].tolist()
+                    + [w["i"] for w in walls_r], strict=True))  # fmt: skip
     for q in range(nl):
-        if q < ne:
-            key = (int(jk[live[q]]), iidx[qe[q]])
-        else:
-            key = (walls_r[q - ne]["job"], walls_r[q - ne]["i"])
+        key = keys[q]
         job = jobs[key[0]]
         shp = tuple(tn_l[q])
-        tight = tuple(slice(to_l[q][a], to_l[q][a] + shp[a]) for a in range(3))
+        lo_q, hi_q = to_l[q], hi_l[q]
+        tight = (slice(lo_q[0], hi_q[0]), slice(lo_q[1], hi_q[1]), slice(lo_q[2], hi_q[2]))
         cnt, acc = host_stats[q]
         cnt = int(cnt)
         results_stats[key[0]][key[1]] = (cnt, acc / cnt if cnt else 0.0)
