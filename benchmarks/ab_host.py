@@ -1,0 +1,150 @@
+"""Interleaved A/B of the host work per sample: this working tree against a git revision.
+
+The development VM's timings drift by tens of percent from run to run (other tenants), more
+than the changes one wants to see. This script loads both versions of the package into one
+process (the revision's ``synthgen/`` exported with ``git archive`` and imported under
+another name) and alternates them round by round on the same inputs, so that both see the
+same machine state. Two measurements:
+
+* ``render``: the GPU driver's host time of ``render_on_gpu`` (as
+  ``benchmarks/bench_gpu_host.py``: recorded once on the stand-in backend, then replayed
+  with launches that do nothing; allocations, fills and uploads subtracted), one plan per
+  call or ``--batch`` plans per call;
+* ``plan``: ``Synthesizer.plan`` on the benchmark phantom.
+
+Times are CPU time of the thread (``time.thread_time``: the VM's stolen time is not
+counted); each round is the median over the samples, the figure is the least round of each
+version, and their ratio. ``liver-classic`` on the 1 mm benchmark phantom.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/ab_host.py REV [--what render|plan] [--size mix]
+                                              [--batch 1] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import numpy as np  # noqa: E402
+
+
+def load_revision(rev: str, where: Path):
+    """The package as of git revision ``rev``, imported as ``synthgen_<rev>``."""
+    tar = where / "rev.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(tar), rev, "synthgen", "kernels"],
+                   check=True)  # fmt: skip
+    with tarfile.open(tar) as tf:
+        tf.extractall(where, filter="data")
+    name = "synthgen_" + "".join(c if c.isalnum() else "_" for c in rev)
+    pkg = where / "synthgen"  # (its kernel_dir() finds the revision's kernels/ beside it)
+    spec = importlib.util.spec_from_file_location(
+        name, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("rev", help="git revision to compare the working tree with")
+    ap.add_argument("--what", choices=("render", "plan"), default="render")
+    ap.add_argument("--size", default="mix")
+    ap.add_argument("--batch", type=int, default=1, help="plans per render call")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=12)
+    args = ap.parse_args()
+
+    import synthgen
+    from synthgen import _cuda
+    from synthgen.phantom import benchmark_phantom
+
+    tmp = Path(tempfile.mkdtemp(prefix="sg-ab-"))
+    old = load_revision(args.rev, tmp)
+    importlib.import_module(old.__name__ + "._cuda")
+    ph = benchmark_phantom()
+    img = np.ascontiguousarray(ph.image)
+    mask = np.ascontiguousarray(ph.mask("liver"))
+    versions = {"rev": old, "tree": synthgen}
+    syns = {k: (m.Synthesizer("liver-classic", spacing=ph.spacing), m.index_organ(mask))
+            for k, m in versions.items()}  # fmt: skip
+    n, k = args.samples, args.batch
+
+    if args.what == "plan":
+
+        def one(version: str, i: int) -> float:
+            syn, idx = syns[version]
+            t0 = time.thread_time()
+            syn.plan(img, mask, seed=100 + i, size=args.size, organ_index=idx)
+            return time.thread_time() - t0
+
+    else:
+        import bench_gpu_host
+        from _cuda_emu import to_device
+
+        rec, rep = bench_gpu_host._backends()
+
+        def timed(self, fn, *a):  # device work timed on the same clock
+            t0 = time.thread_time()
+            try:
+                return fn(*a)
+            finally:
+                self.device_s += time.thread_time() - t0
+
+        type(rep)._t = timed
+        img_d, mask_d = to_device(img), to_device(mask)
+        syn, idx = syns["tree"]
+        plans = [syn.plan(img, mask, seed=777 + i, size=args.size, organ_index=idx)
+                 for i in range(n * k)]  # fmt: skip
+        groups = [plans[i * k : (i + 1) * k] for i in range(n)]
+        logs = []
+        for g in groups:
+            rec.log.clear()
+            _cuda.render_on_gpu(g, [img_d] * k, [mask_d] * k, device_id=0,
+                                         outs=[img_d] * k, be=rec)  # fmt: skip
+            logs.append(list(rec.log))
+        drivers = {"rev": sys.modules[old.__name__ + "._cuda"], "tree": _cuda}
+
+        def one(version: str, i: int) -> float:
+            rep.log = list(logs[i])
+            rep.device_s = 0.0
+            t0 = time.thread_time()
+            drivers[version].render_on_gpu(groups[i], [img_d] * k, [mask_d] * k, device_id=0,
+                                           outs=[img_d] * k, be=rep)  # fmt: skip
+            s = time.thread_time() - t0 - rep.device_s
+            rep.keep.clear()
+            return s / k
+
+    for v in versions:  # warm-up: numba, kernel modules, caches
+        for i in range(min(n, 3)):
+            one(v, i)
+    rounds: dict[str, list[float]] = {v: [] for v in versions}
+    for r in range(args.rounds):
+        for v in ("rev", "tree") if r % 2 else ("tree", "rev"):
+            rounds[v].append(1e3 * statistics.median(
+                min(one(v, i) for _ in range(3)) for i in range(n)))  # fmt: skip
+    a, b = min(rounds["rev"]), min(rounds["tree"])
+    what = f"{args.what} {args.size}" + (f" x{k}" if args.what == "render" else "")
+    print(f"{what}: {args.rev} {a:.3f} ms (median round {statistics.median(rounds['rev']):.3f})"
+          f" | tree {b:.3f} ms (median round {statistics.median(rounds['tree']):.3f})"
+          f" | tree/rev {b / a:.2f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
