@@ -95,6 +95,7 @@ class CupyBackend:
         self.xp = cupy
         self.device_id = int(device_id)
         self.device = cupy.cuda.Device(self.device_id)
+        self._functions: dict[str, Any] = {}
 
     def module(self, filename: str):
         key = (self.device_id, filename)
@@ -111,7 +112,10 @@ class CupyBackend:
         return mod
 
     def function(self, name: str):
-        return self.module(KERNELS[name]).get_function(name)
+        fn = self._functions.get(name)  # (get_function looks the kernel up anew each call)
+        if fn is None:
+            fn = self._functions[name] = self.module(KERNELS[name]).get_function(name)
+        return fn
 
     def launch2d(self, name: str, n_seg: int, max_total: int, *args) -> None:
         """A segmented launch: ``blockIdx.y`` is the segment, blocks along x stride over it."""

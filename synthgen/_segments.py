@@ -243,38 +243,40 @@ class _Jobs:
 
     def __init__(self, be, jobs) -> None:
         nj = len(jobs)
-        self.sp = np.zeros((nj, 3))
-        self.shape = np.zeros((nj, 3), dtype=np.int64)
-        self.ob_on = np.zeros(nj, dtype=bool)  # the organ's box (lo, hi) where planned
-        self.ob = np.zeros((nj, 2, 3), dtype=np.int64)
-        self.img_on = np.zeros(nj, dtype=bool)
-        self.org_on = np.zeros(nj, dtype=bool)
-        self.img = np.zeros((nj, 5), dtype=np.int64)
-        self.org = np.zeros((nj, 5), dtype=np.int64)
-        self.round = np.zeros(nj, dtype=np.int64)
-        self.ranges = np.zeros((nj, 4), dtype=np.float32)  # cmin, cmax, lo, hi
-        self.tissue = np.zeros((nj, 2), dtype=np.float32)
-        self.organ_hu = np.zeros(nj, dtype=np.float32)
-        for j, job in enumerate(jobs):
+        rows: list[tuple] = []  # per job, then one array per field
+        for job in jobs:
             plan = job.plan
             dtype = np.dtype(str(job.target.dtype))
-            self.sp[j] = plan.spacing
-            self.shape[j] = plan.shape
-            if plan.organ_bbox is not None:
-                self.ob_on[j] = True
-                self.ob[j] = np.asarray(plan.organ_bbox, dtype=np.int64).T
-            if job.target_on_device:
-                self.img_on[j] = True
-                self.img[j] = (be.ptr(job.target), dtype_code(dtype), *_strides(job.target))
-            if job.organ_on_device:
-                org = job.organ
-                self.org_on[j] = True
-                self.org[j] = (be.ptr(org), dtype_code(org.dtype), *_strides(org))
-            self.round[j] = int(dtype.kind in "iu")
+            ob = plan.organ_bbox
+            org = job.organ
             c = job.preset.contrast
-            self.ranges[j] = (float(c.min_hu), float(c.max_hu), *_output_range(dtype))
-            self.organ_hu[j] = float(plan.organ_hu) if plan.organ_hu is not None else 0.0
-            self.tissue[j] = job.tissue
+            rows.append((
+                plan.spacing, plan.shape, ob is not None,
+                ((0, 0, 0), (0, 0, 0)) if ob is None else tuple(zip(*ob, strict=True)),
+                job.target_on_device, job.organ_on_device,
+                (be.ptr(job.target), dtype_code(dtype), *_strides(job.target))
+                if job.target_on_device else (0,) * 5,
+                (be.ptr(org), dtype_code(org.dtype), *_strides(org))
+                if job.organ_on_device else (0,) * 5,
+                int(dtype.kind in "iu"),
+                (float(c.min_hu), float(c.max_hu), *_output_range(dtype)),
+                job.tissue,
+                float(plan.organ_hu) if plan.organ_hu is not None else 0.0,
+            ))  # fmt: skip
+        (sp, shape, ob_on, ob, img_on, org_on, img, org, rnd, ranges, tissue,
+         organ_hu) = zip(*rows, strict=True) if rows else ((),) * 12  # fmt: skip
+        self.sp = np.array(sp, dtype=np.float64).reshape(nj, 3)
+        self.shape = np.array(shape, dtype=np.int64).reshape(nj, 3)
+        self.ob_on = np.array(ob_on, dtype=bool).reshape(nj)
+        self.ob = np.array(ob, dtype=np.int64).reshape(nj, 2, 3)
+        self.img_on = np.array(img_on, dtype=bool).reshape(nj)
+        self.org_on = np.array(org_on, dtype=bool).reshape(nj)
+        self.img = np.array(img, dtype=np.int64).reshape(nj, 5)
+        self.org = np.array(org, dtype=np.int64).reshape(nj, 5)
+        self.round = np.array(rnd, dtype=np.int64).reshape(nj)
+        self.ranges = np.array(ranges, dtype=np.float32).reshape(nj, 4)  # cmin, cmax, lo, hi
+        self.tissue = np.array(tissue, dtype=np.float32).reshape(nj, 2)
+        self.organ_hu = np.array(organ_hu, dtype=np.float32).reshape(nj)
 
 
 class _Arena:
