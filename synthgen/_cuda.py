@@ -331,3 +331,17 @@ def host_views(be, image, organ_mask, organ_index=None):
             start += n
         organ_index = OrganIndex(bbox=tuple(bbox), count=count, shape=org.shape)  # type: ignore[arg-type]
     return img, org, organ_index
+
+
+def planning_views(image, organ_mask, organ_index=None):
+    """What planning reads, for data on a GPU (CuPy arrays, torch CUDA tensors): views that
+    copy only the organ's box and a few slices to the host (:func:`host_views`, on the data's
+    device); host data is returned as it is."""
+    from ._device import _array_device
+
+    dev = _array_device(image)
+    if dev is None:
+        dev = _array_device(organ_mask)
+    if dev is None:
+        return image, organ_mask, organ_index
+    return host_views(backend(dev), image, organ_mask, organ_index)

@@ -164,12 +164,10 @@ class Synthesizer:
 
         where = resolve_device(self.device, image, organ_mask)
         if where.kind == "cuda" and self.device != "cpu":
-            from ._cuda import backend, host_views
+            from ._cuda import planning_views
 
-            be = backend(where.index)
-            if be.on_device(image) or be.on_device(organ_mask):
-                # planning reads the organ's box and a few slices from the GPU, no more
-                plan_image, plan_mask, organ_index = host_views(be, image, organ_mask, organ_index)
+            # planning reads the organ's box and a few slices from the GPU, no more
+            plan_image, plan_mask, organ_index = planning_views(image, organ_mask, organ_index)
         p = self.plan(
             plan_image,
             plan_mask,

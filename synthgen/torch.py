@@ -409,10 +409,9 @@ class BatchTumorSynthesis:
 
     def _plan(self, image0: torch.Tensor, organ: torch.Tensor, seed: int, affine):
         if image0.is_cuda:
-            from ._cuda import backend, host_views
+            from ._cuda import planning_views
 
-            be = backend(image0.device.index or 0)
-            img_v, org_v, index = host_views(be, image0, organ)
+            img_v, org_v, index = planning_views(image0, organ)
         else:
             img_v, org_v, index = image0.numpy(), organ.numpy(), None
         try:

@@ -647,6 +647,14 @@ def test_planning_reads_device_data_through_views(backend, small_phantom, organ_
         _cuda.host_views(be, dev(ph.image), dev(np.zeros(mask.shape, np.uint8)))
 
 
+def test_planning_views_leave_host_data_alone(small_phantom, organ_masks):
+    """Host arrays go to planning as they are (no backend, no copy)."""
+    img, mask = small_phantom.image, organ_masks["liver"]
+    idx = synthgen.index_organ(mask)
+    got = _cuda.planning_views(img, mask, idx)
+    assert got[0] is img and got[1] is mask and got[2] is idx
+
+
 @pytest.mark.gpu
 def test_synthesize_on_cupy_arrays(small_phantom, organ_masks):
     """The one-call API on CuPy data: plans from device views, renders on the GPU."""
