@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from ._device import array_kind
 from ._pool import map_threads as _map
 
 __all__ = [
@@ -657,24 +658,26 @@ def _shifted(f: MassEffectField, start: Sequence[int]) -> MassEffectField:
 
 
 def _to_host(a: Any) -> np.ndarray:
-    if isinstance(a, np.ndarray):
-        return np.array(a, copy=True, order="C")
-    if hasattr(a, "detach"):  # torch
+    kind = array_kind(a)
+    if kind.startswith("torch"):
         return np.ascontiguousarray(a.detach().cpu().numpy())
-    return np.ascontiguousarray(a.get())  # CuPy
+    if kind == "cupy":
+        return np.ascontiguousarray(a.get())
+    return np.array(a, copy=True, order="C")
 
 
 def _put(a: Any, box: tuple[slice, ...], host: np.ndarray) -> None:
-    if isinstance(a, np.ndarray):
-        a[box] = host
-    elif hasattr(a, "detach"):  # torch
+    kind = array_kind(a)
+    if kind.startswith("torch"):
         import torch
 
         a[box] = torch.as_tensor(host).to(a.device)
-    else:  # CuPy
+    elif kind == "cupy":
         import cupy
 
         a[box] = cupy.asarray(host)
+    else:
+        a[box] = host
 
 
 def _warp_any(img: Any, labs: list[Any], fields: list[MassEffectField]) -> None:
@@ -697,9 +700,12 @@ def _warp_any(img: Any, labs: list[Any], fields: list[MassEffectField]) -> None:
 
 
 def _copy(a: Any) -> Any:
-    if isinstance(a, np.ndarray):
-        return np.array(a, copy=True, order="K")
-    return a.clone() if hasattr(a, "clone") else a.copy()
+    kind = array_kind(a)
+    if kind.startswith("torch"):
+        return a.clone()
+    if kind == "cupy":
+        return a.copy()
+    return np.array(a, copy=True, order="K")
 
 
 # --------------------------------------------------------------------------------------
