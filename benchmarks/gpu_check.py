@@ -16,7 +16,8 @@ liver), with the image resident on the GPU and rendered in place:
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
 * the achieved bandwidth of the fused segmented kernels (blend, write-back), re-launched on
-  the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy.
+  the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy
+  (``--only-bandwidth`` runs just this, e.g. under ``ncu -k regex:'sg_seg_(blend|apply)'``).
 
 The CPU timings run after all GPU timings (the CPU path's worker threads use every core).
 

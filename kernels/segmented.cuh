@@ -237,18 +237,3 @@ SG_FN unsigned char sg_load_bin(const void* p, int code, long long i) {
         default: return ((const sg_u32*)p)[i] > 0;
     }
 }
-
-// Store a written value (already rounded and clipped to the dtype's range for integers).
-SG_FN void sg_store_f32(void* p, int code, long long i, float v) {
-    switch (code) {
-        case SG_CODE_F32: ((float*)p)[i] = v; break;
-        case SG_CODE_F64: ((double*)p)[i] = (double)v; break;
-        case SG_CODE_I16: ((short*)p)[i] = (short)v; break;
-        case SG_CODE_U8: ((unsigned char*)p)[i] = (unsigned char)v; break;
-        case SG_CODE_I32: ((int*)p)[i] = (int)v; break;
-        case SG_CODE_U16: ((unsigned short*)p)[i] = (unsigned short)v; break;
-        case SG_CODE_I8: ((signed char*)p)[i] = (signed char)v; break;
-        case SG_CODE_I64: ((long long*)p)[i] = (long long)v; break;
-        default: ((sg_u32*)p)[i] = (sg_u32)v; break;
-    }
-}

@@ -11,10 +11,12 @@ three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid 
 rescale's statistics and scaling, the fused blend, the overlap merge, the write-back), then
 one copy back of the statistics.
 
-The host's work per batch is vectorised over the tumors (NumPy on arrays of all boxes, one
-numba call for all B-spline weight rows, one for the texture's per-axis tables of every tumor
-and one for the stream keys); what stays per tumor in Python is a few cached kernel lookups,
-the appearance parameters and the result records. The kernels compute
+The host's work per batch is vectorised over the tumors: compiled (numba) calls over all
+tumors for the conservative boxes, the B-spline weight rows, the texture's per-axis tables,
+the stream keys and the merge partners, and each phase's whole segment table is filled by
+one call (:mod:`synthgen._seg_tables`); phase B's per-tumor reads of the plan are done while
+the device runs phase A. What stays per tumor in Python is reading the plan's fields, a few
+cached kernel lookups, the appearance parameters and the result records. The kernels compute
 what is exact arithmetic on a few numbers: each voxel's position and its trilinear
 coordinates on the texture grid (from the centre, the spacing and the grid's origin and
 step), and the bands of the mask blur and of the texture's block-to-grid smoothing (from the
