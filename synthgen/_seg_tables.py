@@ -57,6 +57,16 @@ def check(columns) -> None:
         )
 
 
+@nb.njit(inline="always", **_OPTS)
+def _put_access(T, r, col, code_col, stride_col, v):
+    """An image or mask access of a job (``v``: address, dtype code, three strides) into row
+    ``r``'s columns ``col``, ``code_col`` and the three from ``stride_col``."""
+    T[r, col] = v[0]
+    T[r, code_col] = v[1]
+    for a in range(3):
+        T[r, stride_col + a] = v[2 + a]
+
+
 @nb.njit(**_OPTS)
 def layout_nb(sizes, itemsize):
     """Element offsets of the buffers of a (rows x buffers) size matrix carved out of one
@@ -101,15 +111,9 @@ def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, w_base, w_off, fa_base
         T[r, MASK] = ua_base + ua_offs[r, 1]
         T[r, CLIP] = clip[q]
         if img_on[j]:
-            T[r, IMG] = img[j, 0]
-            T[r, IMG_CODE] = img[j, 1]
-            for a in range(3):
-                T[r, IS0 + a] = img[j, 2 + a]
+            _put_access(T, r, IMG, IMG_CODE, IS0, img[j])
         if org_on[j]:
-            T[r, ORG] = org[j, 0]
-            T[r, ORG_CODE] = org[j, 1]
-            for a in range(3):
-                T[r, OS0 + a] = org[j, 2 + a]
+            _put_access(T, r, ORG, ORG_CODE, OS0, org[j])
         TF[r, F_TLO] = tissue[j, 0]
         TF[r, F_TLO + 1] = tissue[j, 1]
 
@@ -179,10 +183,8 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         T[r, PART] = bases[0] + 8 * part_off[r]
         T[r, NPART] = n_part[r]
         if img_on[j]:
-            T[r, DST] = img[j, 0]
-            T[r, DST_CODE] = img[j, 1]
+            _put_access(T, r, DST, DST_CODE, DS0, img[j])
             for a in range(3):
-                T[r, DS0 + a] = img[j, 2 + a]
                 T[r, DO0 + a] = to[r, a]
         else:  # a host image: the row's own out buffer, C order
             T[r, DST] = f32_base + 4 * f32_offs[r, 6]
