@@ -67,6 +67,14 @@ def _put_access(T, r, col, code_col, stride_col, v):
         T[r, stride_col + a] = v[2 + a]
 
 
+@nb.njit(inline="always", **_OPTS)
+def _put3(T, r, col, x, y, z):
+    """Three consecutive columns of row ``r`` from ``col``."""
+    T[r, col] = x
+    T[r, col + 1] = y
+    T[r, col + 2] = z
+
+
 @nb.njit(**_OPTS)
 def layout_nb(sizes, itemsize):
     """Element offsets of the buffers of a (rows x buffers) size matrix carved out of one
@@ -234,18 +242,10 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
             T[r, BK0 + c] = bern_key[r, c]
         # dims after the band passes (LN0, LN1, B2), (LN0, B1, B2) and after the grid passes
         # (G0, B1, B2), (G0, G1, B2)
-        T[r, ZD1] = n_lat[r, 0]
-        T[r, ZD1 + 1] = n_lat[r, 1]
-        T[r, ZD1 + 2] = blocks[r, 2]
-        T[r, ZD2] = n_lat[r, 0]
-        T[r, ZD2 + 1] = blocks[r, 1]
-        T[r, ZD2 + 2] = blocks[r, 2]
-        T[r, GD1] = grid[r, 0]
-        T[r, GD1 + 1] = blocks[r, 1]
-        T[r, GD1 + 2] = blocks[r, 2]
-        T[r, GD2] = grid[r, 0]
-        T[r, GD2 + 1] = grid[r, 1]
-        T[r, GD2 + 2] = blocks[r, 2]
+        _put3(T, r, ZD1, n_lat[r, 0], n_lat[r, 1], blocks[r, 2])
+        _put3(T, r, ZD2, n_lat[r, 0], blocks[r, 1], blocks[r, 2])
+        _put3(T, r, GD1, grid[r, 0], blocks[r, 1], blocks[r, 2])
+        _put3(T, r, GD2, grid[r, 0], grid[r, 1], blocks[r, 2])
         m = app_row[r]
         if m >= 0:
             T[r, Q2] = TA[k, Q2]
