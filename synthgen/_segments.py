@@ -486,20 +486,23 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     be.launch2d("sg_seg_rows", n, mrows, Td, i32(W), TDd, i32(DW))
     be.launch2d("sg_seg_shape", n, mx, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
     be.launch2d("sg_seg_bbox", n, mx, Td, i32(W), pack.view(bb_ref))
-    # while the device works: what phase B needs of every kept tumor
+    # while the device works: what phase B needs of every kept tumor (texture parameters and
+    # keys, contrast, the blur kernels, as rendering builds them, cached per sigma, packed)
     tex_p = texture_params([ts[q].texture for q in keep])
     tex_keys = stream_keys([ts[q].seed for q in keep], STREAM_NOISE, STREAM_BERNOULLI)
     contrast = np.array([ts[q].contrast_hu for q in keep], dtype=np.float64)
-    hit = be.download(pack.view(bb_ref))[:n].astype(np.int64)  # synchronisation 1
-    pack_a, TA = pack, T  # the phase-A buffers stay referenced until the end
-    # ---------------------------------------------------------------- phase B (host)
-    live = np.flatnonzero(hit[:, 6] > 0) if n else np.zeros(0, np.int64)
+    bpack, boffs, blen = _packed((blur_mm[keep][:, None] / sp[keep]).ravel().tolist(),
+                                 _blur_kernel)  # fmt: skip
     walls_r = []
     for j, i in walls:  # hollow-organ wall tumors: rendered on the host, uploaded below
         w = _wall_segment(be, jobs[j], i)
         if w is not None:
             w["job"], w["i"] = j, i
             walls_r.append(w)
+    hit = be.download(pack.view(bb_ref))[:n].astype(np.int64)  # synchronisation 1
+    pack_a, TA = pack, T  # the phase-A buffers stay referenced until the end
+    # ---------------------------------------------------------------- phase B (host)
+    live = np.flatnonzero(hit[:, 6] > 0) if n else np.zeros(0, np.int64)
     ne, nw = len(live), len(walls_r)
     nl = ne + nw
     if nl == 0:
@@ -522,16 +525,13 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     lo_mm = (to_e - cen) * spe
     hi_mm = (to_e + tn_e - 1 - cen) * spe
     tx = _texture_tables(tex_p[live], tex_keys[live], lo_mm, hi_mm)
-    sig = blur_mm[qe][:, None] / spe
     pack = _Pack()
     t_ref = pack.add(np.zeros((nl, W), dtype=np.int64))
     tf_ref = pack.add(np.zeros((nl, FW), dtype=np.float32))
     td_ref = pack.add(np.zeros((nl, DW), dtype=np.float64))
     st_ref = pack.add(np.zeros((nl, 2), dtype=np.float64))
     tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
-    # the blur kernels (as rendering builds them), cached per sigma, packed
-    bpack, boffs, blen = _packed(sig.ravel().tolist(), _blur_kernel)
-    boffs, blen = boffs.reshape(ne, 3), blen.reshape(ne, 3)
+    boffs, blen = boffs.reshape(n, 3)[live], blen.reshape(n, 3)[live]
     blur_ref, smooth_ref = pack.add(bpack), pack.add(tx.kern)
     # the lattice bands of all axes: three packed arrays, rows addressed by offset
     band_refs = (pack.add(tx.starts), pack.add(tx.weights), pack.add(tx.inv))
