@@ -595,6 +595,32 @@ def _lattice_index(i, j, k):
 
 
 @nb.njit(**_OPTS)
+def window_all(m, a0, a1, b0, b1):
+    """``bool(m[a0:a1, b0:b1].all())`` of a 2-D bool array (the placement's erosion test)."""
+    for i in range(a0, a1):
+        for j in range(b0, b1):
+            if not m[i, j]:
+                return False
+    return True
+
+
+@nb.njit(**_OPTS)
+def derive_seeds_nb(seed, n):
+    """``_hash.derive_seed(seed, index)`` for ``index`` in ``0..n-1`` (``seed``: uint64):
+    int64 array."""
+    lo = np.uint32(seed & np.uint64(0xFFFFFFFF))
+    hi = np.uint32(seed >> np.uint64(32))
+    out = np.empty(n, dtype=np.int64)
+    for index in range(n):
+        c1 = np.uint32((index * 0x9E3779B9 + 1) & 0xFFFFFFFF)
+        c2 = np.uint32((index * 0x9E3779B9 + 2) & 0xFFFFFFFF)
+        a = _mix32(np.uint32(lo ^ _mix32(np.uint32(hi ^ _mix32(c1)))))
+        b = _mix32(np.uint32(hi ^ _mix32(np.uint32(lo ^ _mix32(c2)))))
+        out[index] = ((np.int64(a) << 32) | np.int64(b)) & np.int64(0x7FFFFFFFFFFFFFFF)
+    return out
+
+
+@nb.njit(**_OPTS)
 def stream_keys_nb(seeds, streams):
     """``_hash.stream_key`` of many seeds (``uint64``) and streams: ``(n, 2 k)`` int64."""
     n = seeds.shape[0]

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["derive_seed", "mix32", "seed_of", "stream_key", "stream_keys", "uniform_from_index"]
+__all__ = [
+    "derive_seed",
+    "derive_seeds",
+    "mix32",
+    "seed_of",
+    "stream_key",
+    "stream_keys",
+    "uniform_from_index",
+]
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -47,6 +55,13 @@ def derive_seed(seed: int, index: int) -> int:
     a = _mix32_int(lo ^ _mix32_int(hi ^ _mix32_int((index * _GOLDEN + 1) & _M32)))
     b = _mix32_int(hi ^ _mix32_int(lo ^ _mix32_int((index * _GOLDEN + 2) & _M32)))
     return ((a << 32) | b) & ((1 << 63) - 1)
+
+
+def derive_seeds(seed: int, n: int) -> list[int]:
+    """:func:`derive_seed` of items ``0..n-1`` (one compiled call)."""
+    from ._cpu_kernels import derive_seeds_nb
+
+    return derive_seeds_nb(np.uint64(int(seed) & ((1 << 64) - 1)), int(n)).tolist()
 
 
 def seed_of(*parts: object) -> int:

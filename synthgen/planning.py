@@ -21,7 +21,7 @@ from ._appearance import draw_appearance
 from ._draws import uniform
 from ._geometry import binary as _binary
 from ._geometry import sample_step
-from ._hash import derive_seed
+from ._hash import derive_seed, derive_seeds
 from ._placement import Constraints
 from .presets import Preset, SizeClass, load_preset, preset_from_dict
 
@@ -198,6 +198,10 @@ def resolve_spacing(
     spacing: Sequence[float] | None, affine: np.ndarray | None
 ) -> tuple[float, float, float]:
     """Voxel size in mm from ``spacing`` or, failing that, from the affine's column norms."""
+    if isinstance(spacing, tuple | list) and len(spacing) == 3:  # the common case, fast
+        sp3 = tuple(float(x) for x in spacing if isinstance(x, float | int))
+        if len(sp3) == 3 and all(math.isfinite(x) and x > 0 for x in sp3):
+            return sp3  # type: ignore[return-value]
     if spacing is None:
         if affine is None:
             raise ValueError("give the voxel spacing in mm (spacing=...) or an affine")
@@ -349,6 +353,9 @@ class _Placer:
         self.axis = axis
         self.inplane = [a for a in range(3) if a != axis]
         self.radius = tuple(round(self.p.erosion_mm / spacing[a]) for a in self.inplane)
+        # a slice's flat candidate index -> voxel: the in-plane row length and box origin
+        self._width = int(bbox[self.inplane[1]].stop - bbox[self.inplane[1]].start)
+        self._origin = (int(bbox[self.inplane[0]].start), int(bbox[self.inplane[1]].start))
         # Candidates per slice; shared by every plan of a scan through its OrganIndex.
         key = ("slices", axis, self.p.tissue_hu, tuple((b.start, b.stop) for b in bbox))
         self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = (
@@ -373,10 +380,12 @@ class _Placer:
 
     def _eroded_ok(self, m: np.ndarray, u: int, v: int) -> bool:
         """Whether the erosion square around ``(u, v)`` lies inside the organ slice."""
+        from ._cpu_kernels import window_all
+
         r0, r1 = self.radius
         if u - r0 < 0 or v - r1 < 0 or u + r0 >= m.shape[0] or v + r1 >= m.shape[1]:
             return False
-        return bool(m[u - r0 : u + r0 + 1, v - r1 : v + r1 + 1].all())
+        return window_all(m, u - r0, u + r0 + 1, v - r1, v + r1 + 1)
 
     def _draw_in_slice(self, rng: np.random.Generator, z: int) -> tuple[int, int, int] | None:
         """A uniform voxel of the eroded slice ``z`` (rejection sampling, exact), or None."""
@@ -401,13 +410,12 @@ class _Placer:
         return self._to_vox(z, ok[rng.integers(ok.size)])
 
     def _to_vox(self, z: int, flat: int) -> tuple[int, int, int]:
-        shp = [self.bbox[a].stop - self.bbox[a].start for a in self.inplane]
-        u, v = divmod(int(flat), shp[1])
+        u, v = divmod(int(flat), self._width)
         c = [0, 0, 0]
-        c[self.axis] = z
-        c[self.inplane[0]] = self.bbox[self.inplane[0]].start + u
-        c[self.inplane[1]] = self.bbox[self.inplane[1]].start + v
-        return (int(c[0]), int(c[1]), int(c[2]))
+        c[self.axis] = int(z)
+        c[self.inplane[0]] = self._origin[0] + u
+        c[self.inplane[1]] = self._origin[1] + v
+        return (c[0], c[1], c[2])
 
     def center(self) -> tuple[int, int, int]:
         """The organ voxel nearest (in mm) to the centre of the organ's bounding box: the box
@@ -579,6 +587,7 @@ def make_plan(
     )
     g = preset.shape.control_points
     tumors: list[TumorPlan] = []
+    tumor_seeds = derive_seeds(int(seed), sum(n for _, n in plan_classes))
     for cls, n in plan_classes:
         for _ in range(n):
             idx = len(tumors)
@@ -626,7 +635,7 @@ def make_plan(
                     contrast_hu=float(contrast),
                     clip_to_organ=bool(clip),
                     texture=texture,
-                    seed=derive_seed(int(seed), idx),
+                    seed=tumor_seeds[idx],
                     appearance=draw_appearance(preset.appearance, int(seed), idx, radii, contrast),
                 )
             )

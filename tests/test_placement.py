@@ -449,3 +449,20 @@ def test_scalar_draws_are_numpys_bit_for_bit() -> None:
         row, radii = r.normal(size=3), r.uniform(0.5, 40.0, 3)
         want = float(np.sqrt(((row * radii) ** 2).sum()))
         assert _row_norm(row.tolist(), radii.tolist()) == want
+
+
+def test_compiled_seeds_and_erosion_window_are_the_reference() -> None:
+    """The tumor seeds of a plan from one compiled call are derive_seed's; the placement's
+    erosion test is the window's all()."""
+    from synthgen._cpu_kernels import window_all
+    from synthgen._hash import derive_seed, derive_seeds
+
+    r = np.random.default_rng(9)
+    for seed in [0, 1, 2**63 - 1, 2**64 - 1, *r.integers(0, 2**62, 40).tolist()]:
+        n = int(r.integers(0, 60))
+        assert derive_seeds(seed, n) == [derive_seed(seed, i) for i in range(n)]
+    for _ in range(500):
+        m = r.random((12, 9)) < 0.93
+        a0, b0 = int(r.integers(0, 11)), int(r.integers(0, 8))
+        a1, b1 = int(r.integers(a0 + 1, 13)), int(r.integers(b0 + 1, 10))
+        assert window_all(m, a0, a1, b0, b1) == bool(m[a0:a1, b0:b1].all())
