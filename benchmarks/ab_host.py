@@ -13,8 +13,9 @@ same machine state. Two measurements:
 * ``plan``: ``Synthesizer.plan`` on the benchmark phantom.
 
 Times are CPU time of the thread (``time.thread_time``: the VM's stolen time is not
-counted); each round is the median over the samples, the figure is the least round of each
-version, and their ratio. ``liver-classic`` on the 1 mm benchmark phantom.
+counted); each round is the median over the samples; the figures are the least round of
+each version and their ratio, and the ratio of the median rounds. ``liver-classic`` on the
+1 mm benchmark phantom.
 
 Usage::
 
@@ -139,10 +140,10 @@ def main() -> int:
             rounds[v].append(1e3 * statistics.median(
                 min(one(v, i) for _ in range(3)) for i in range(n)))  # fmt: skip
     a, b = min(rounds["rev"]), min(rounds["tree"])
+    ma, mb = statistics.median(rounds["rev"]), statistics.median(rounds["tree"])
     what = f"{args.what} {args.size}" + (f" x{k}" if args.what == "render" else "")
-    print(f"{what}: {args.rev} {a:.3f} ms (median round {statistics.median(rounds['rev']):.3f})"
-          f" | tree {b:.3f} ms (median round {statistics.median(rounds['tree']):.3f})"
-          f" | tree/rev {b / a:.2f}")  # fmt: skip
+    print(f"{what}: {args.rev} {a:.3f} ms (median round {ma:.3f}) | tree {b:.3f} ms (median "
+          f"round {mb:.3f}) | tree/rev {b / a:.2f} (medians {mb / ma:.2f})")  # fmt: skip
     return 0
 
 
