@@ -36,7 +36,9 @@ def array_kind(a: Any) -> str:
         return "numpy"
     if mod.startswith("cupy"):
         return "cupy"
-    if mod.startswith("torch"):
+    if mod.startswith("torch") or any(
+        (c.__module__ or "").startswith("torch") for c in type(a).__mro__[1:]
+    ):  # torch tensors, and subclasses such as MONAI's MetaTensor
         return "torch-cuda" if getattr(a, "is_cuda", False) else "torch-cpu"
     return "other"
 

@@ -9,10 +9,17 @@ expression on ``rng.random()``: the same value, and the same one draw from the s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
 def uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
-    """``float(rng.uniform(lo, hi))``, bit for bit (one double drawn)."""
+    """``float(rng.uniform(lo, hi))``, bit for bit (one double drawn), with its errors."""
     lo = float(lo)
-    return lo + (float(hi) - lo) * rng.random()
+    span = float(hi) - lo
+    if not math.isfinite(span):
+        raise OverflowError("high - low range exceeds valid bounds")
+    if span < 0:
+        raise ValueError("high - low < 0")
+    return lo + span * rng.random()

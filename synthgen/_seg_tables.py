@@ -45,15 +45,38 @@ _F32_COLS = ((0, TORIG), (1, MASKF), (2, BX0), (3, BX1), (4, BLUR), (7, NOISE), 
              (9, ZB), (10, Z0), (11, FRAC), (12, GA), (13, GB), (14, GRID))  # fmt: skip
 
 
+# Runs of header columns the fills write as base + offset (beyond each "...0" base, whose
+# "...1" and "...2" siblings must follow it).
+_RUNS = (("F_TLO", "F_THI"), ("F_CMIN", "F_CMAX", "F_LO", "F_HI"),
+         ("D_ZSCALE", "D_BASE", "D_SCALE", "D_NCELLS", "D_THR", "D_U0"))  # fmt: skip
+
+
 def check(columns) -> None:
-    """Raise unless every mirrored column number is the header's (``columns``: the parsed
-    ``SG_*`` values, ``columns.N0`` for ``SG_N0``)."""
-    bad = {k: (v, getattr(columns, k, None)) for k, v in _MIRRORED.items()
-           if getattr(columns, k, None) != v}  # fmt: skip
+    """Raise unless the header's columns are those the fills assume (``columns``: the parsed
+    ``SG_*`` values, ``columns.N0`` for ``SG_N0``): every mirrored number, the ``1``/``2``
+    siblings of each ``0`` base right after it, the runs of :data:`_RUNS`, the nine shape
+    matrix columns before the texture grid's, and the dtype codes the driver writes."""
+    got = vars(columns) if not isinstance(columns, dict) else columns
+    bad = {k: (v, got.get(k)) for k, v in _MIRRORED.items() if got.get(k) != v}
+    for k, v in _MIRRORED.items():
+        if k.endswith("0"):
+            for i in (1, 2):
+                sib = k[:-1] + str(i)
+                if sib in got and got[sib] != v + i and not (k, i) == ("BX0", 1):
+                    bad[sib] = (v + i, got[sib])
+    for run in _RUNS:
+        for i, k in enumerate(run):
+            if got.get(k) != got.get(run[0], -99) + i:
+                bad[k] = ("follows " + run[0], got.get(k))
+    if got.get("D_TX0", 0) < D_M + 9:
+        bad["D_M"] = ("9 columns before D_TX0", got.get("D_TX0"))
+    for k, v in (("CODE_F32", 0), ("CODE_U8", 3)):
+        if got.get(k) != v:
+            bad[k] = (v, got.get(k))
     if bad:
         raise RuntimeError(
             "synthgen/_seg_tables.py mirrors columns of kernels/segmented.cuh that differ "
-            f"(name: (mirrored, header)): {bad}"
+            f"(name: (expected, header)): {bad}"
         )
 
 

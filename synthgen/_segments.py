@@ -186,11 +186,12 @@ def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
     # the smoothing kernels (block sums -> grid), cached per (block size, sigma_b)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
+    c = np.ascontiguousarray
     return SimpleNamespace(
-        lat0=ax[:, :, 0], n_lat=ax[:, :, 1], block0=ax[:, :, 2], blocks=ax[:, :, 3],
-        goff=ax[:, :, 4], grid=ax[:, :, 5], kk=ax[:, :, 6], row=ax[:, :, 7], woff=ax[:, :, 8],
-        origin=origin.reshape(ne, 3), noise_key=keys[:, 0:2], bern_key=keys[:, 2:4],
-        scalars=texture_scalars_of(P, h_b),
+        lat0=c(ax[:, :, 0]), n_lat=c(ax[:, :, 1]), block0=c(ax[:, :, 2]), blocks=c(ax[:, :, 3]),
+        goff=c(ax[:, :, 4]), grid=c(ax[:, :, 5]), kk=c(ax[:, :, 6]), row=c(ax[:, :, 7]),
+        woff=c(ax[:, :, 8]), origin=origin.reshape(ne, 3), noise_key=c(keys[:, 0:2]),
+        bern_key=c(keys[:, 2:4]), scalars=texture_scalars_of(P, h_b),
         step=h_b.astype(np.float64), starts=starts, weights=weights, inv=inv,
         kern=kern, koff=koff, klen=klen,
     )  # fmt: skip
@@ -411,7 +412,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
                 hi[q] = [b.stop for b in box]
     keep = np.flatnonzero(ok)
     n = len(keep)
-    nb = hi - lo  # box sizes
+    nb = np.maximum(hi - lo, 0)  # box sizes (an empty, even inverted, box has none)
     if n:
         # B-spline weights of every box row, one numba call per grid size
         w_len = nb * g_of[:, None]

@@ -370,7 +370,7 @@ class _Placer:
         sl = list(self.bbox)
         sl[self.axis] = z
         # a copy: the slice is cached (per scan) and must not follow later edits of the mask
-        m = np.array(_binary(np.asarray(self.mask[tuple(sl)])), dtype=bool, copy=True)
+        m = np.array(_binary(np.asarray(self.mask[tuple(sl)])), dtype=bool, copy=True, order="C")
         cand = m
         if self.p.tissue_hu is not None:
             img = np.asarray(self.image[tuple(sl)])

@@ -136,16 +136,23 @@ class RenderResult:
         return self._label
 
 
+def _flat9(rot) -> tuple:
+    """A rotation as its 9 numbers, row major: given flat (the plan's form) or as 3 rows."""
+    if len(rot) == 3:
+        return (*rot[0], *rot[1], *rot[2])
+    return tuple(rot)
+
+
 def tumor_arrays(tumors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(centre, rotation, radii, blur sigma, clip)`` of tumors as arrays (``(n, 3)``,
     ``(n, 3, 3)``, ``(n, 3)``, ``(n,)``, ``(n,)``)."""
     n = len(tumors)
     # one pass over the tumors: 17 numbers each (centre indices are exact in float64)
-    a = np.array([(*t.center_vox, *t.rotation, *t.radii_mm, t.blur_sigma_mm, t.clip_to_organ)
-                  for t in tumors], dtype=np.float64).reshape(n, 17)  # fmt: skip
+    a = np.array([(*t.center_vox, *_flat9(t.rotation), *t.radii_mm, t.blur_sigma_mm,
+                   t.clip_to_organ) for t in tumors], dtype=np.float64).reshape(n, 17)  # fmt: skip
     return (
         a[:, 0:3].astype(np.int64),
-        a[:, 3:12].reshape(n, 3, 3),
+        np.ascontiguousarray(a[:, 3:12]).reshape(n, 3, 3),
         a[:, 12:15].copy(),
         a[:, 15].copy(),
         a[:, 16] != 0,

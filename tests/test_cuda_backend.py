@@ -122,6 +122,27 @@ def test_render_matches_the_cpu(backend, small_phantom, organ_masks, preset, org
         assert ref.tumors, "the plan has tumors"
 
 
+def test_tumors_off_the_scan_and_nested_rotations(backend, small_phantom, organ_masks):
+    """A plan whose tumor lies off the scan (an empty, inverted conservative box) renders the
+    others as the CPU does; a rotation given as three rows is the flat one."""
+    import dataclasses
+
+    be, dev = backend
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver-classic", 6, "mix")
+    assert len(plan.tumors) >= 2
+    far = dataclasses.replace(plan.tumors[0], center_vox=(-400, -400, -400),
+                              clip_to_organ=True)  # fmt: skip
+    r = plan.tumors[1].rotation
+    rows = dataclasses.replace(plan.tumors[1], rotation=[list(r[0:3]), list(r[3:6]), list(r[6:9])])
+    plan = dataclasses.replace(plan, tumors=[far, rows, *plan.tumors[2:]])
+    ref = rendering.render(plan, ph.image, mask)
+    got = _cuda.render_on_gpu([plan], [dev(ph.image)], [dev(mask)], device_id=0, be=be)[0]
+    _compare(ref, got, be)
+    assert ref.tumors[0].voxels == 0 and ref.tumors[1].voxels > 0
+
+
 def test_host_data_travels_as_boxes(backend, small_phantom, organ_masks):
     """NumPy inputs with a GPU backend: only the boxes go to the device; input untouched."""
     be, _ = backend
@@ -400,9 +421,11 @@ def test_compiled_fills_mirror_the_header_columns():
 
     C = _segments._columns()  # checks the mirror
     _seg_tables.check(C)
-    wrong = SimpleNamespace(**{**vars(C), "TN0": C.TN0 + 1})
-    with pytest.raises(RuntimeError, match="TN0"):
-        _seg_tables.check(wrong)
+    for name, value in (("TN0", C.TN0 + 1), ("IS1", C.IS1 + 1), ("F_THI", C.F_THI + 1),
+                        ("CODE_U8", 4)):  # fmt: skip
+        wrong = SimpleNamespace(**{**vars(C), name: value})
+        with pytest.raises(RuntimeError, match=name):
+            _seg_tables.check(wrong)
 
 
 def test_merge_partners_are_the_overlapping_boxes_of_the_same_plan():

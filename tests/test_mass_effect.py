@@ -399,3 +399,17 @@ def test_synthesize_with_mass_effect(ellipsoid_scan):
 def test_benchmark_runs():
     out = me.benchmark(radius_mm=10.0, shape=(64, 64, 64), repeats=1)
     assert out["median_ms"] > 0 and out["box_voxels"] == 31**3
+
+
+def test_array_helpers_keep_torch_subclasses_as_tensors() -> None:
+    """mass_effect's copy/put treat a torch subclass (MONAI's MetaTensor) as a tensor."""
+    torch = pytest.importorskip("torch")
+    monai_data = pytest.importorskip("monai.data")
+    from synthgen import mass_effect
+
+    t = monai_data.MetaTensor(torch.zeros((4, 4, 4)))
+    c = mass_effect._copy(t)
+    assert isinstance(c, torch.Tensor) and c is not t
+    mass_effect._put(c, (slice(0, 2), slice(0, 2), slice(0, 2)), np.ones((2, 2, 2), np.float32))
+    assert float(c.sum()) == 8.0 and float(t.sum()) == 0.0
+    np.testing.assert_array_equal(mass_effect._to_host(c), c.numpy())

@@ -444,6 +444,11 @@ def test_scalar_draws_are_numpys_bit_for_bit() -> None:
         hi = lo + float(r.uniform(0.0, 200.0)) * (1e-9 if i % 5 == 0 else 1.0)
         assert uniform(a, lo, hi) == float(b.uniform(lo, hi))
     assert uniform(a, 2, 9) == float(b.uniform(2, 9))  # integer bounds
+    for lo, hi, err in ((2.0, 1.0, ValueError), (0.0, np.inf, OverflowError)):
+        with pytest.raises(err):
+            b.uniform(lo, hi)
+        with pytest.raises(err):
+            uniform(a, lo, hi)
     assert a.random() == b.random()
     for _ in range(2000):
         row, radii = r.normal(size=3), r.uniform(0.5, 40.0, 3)
