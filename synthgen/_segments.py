@@ -104,7 +104,6 @@ class _Pack:
         self.size = 0
         self.base = 0
         self.dev: Any = None
-        self._shared: dict[int, int] = {}
 
     def add(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a)
@@ -112,14 +111,6 @@ class _Pack:
         self.parts.append((off, a))
         self.size = off + a.nbytes
         return len(self.parts) - 1
-
-    def add_shared(self, a: np.ndarray) -> int:
-        """:meth:`add` for a cached, read-only array: packed once however often it is added
-        (the pack holds it, so its ``id`` is not reused meanwhile)."""
-        ref = self._shared.get(id(a))
-        if ref is None:
-            ref = self._shared[id(a)] = self.add(a)
-        return ref
 
     def set(self, ref: int, a: np.ndarray) -> None:
         """Replace part ``ref`` by ``a`` of the same size (tables filled after :meth:`alloc`)."""
@@ -135,6 +126,10 @@ class _Pack:
 
     def addr(self, ref: int) -> int:
         return self.base + self.parts[ref][0]
+
+    def addrs(self) -> np.ndarray:
+        """Device addresses of every part (after :meth:`alloc`)."""
+        return self.base + np.array([off for off, _ in self.parts], dtype=np.int64)
 
     def view(self, ref: int):
         off, a = self.parts[ref]
@@ -182,15 +177,17 @@ def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
     ax, origin, starts, weights, inv = axis_tables(
         o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
     )
-    ax = ax.reshape(ne, 3, 9)
+    # the nine per-axis fields, each a contiguous (n, 3) array
+    lat0, n_lat, block0, blocks, goff, grid, kk, row, woff = np.ascontiguousarray(
+        np.moveaxis(ax.reshape(ne, 3, 9), 2, 0)
+    )
     # the smoothing kernels (block sums -> grid), cached per (block size, sigma_b)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
     c = np.ascontiguousarray
     return SimpleNamespace(
-        lat0=c(ax[:, :, 0]), n_lat=c(ax[:, :, 1]), block0=c(ax[:, :, 2]), blocks=c(ax[:, :, 3]),
-        goff=c(ax[:, :, 4]), grid=c(ax[:, :, 5]), kk=c(ax[:, :, 6]), row=c(ax[:, :, 7]),
-        woff=c(ax[:, :, 8]), origin=origin.reshape(ne, 3), noise_key=c(keys[:, 0:2]),
+        lat0=lat0, n_lat=n_lat, block0=block0, blocks=blocks, goff=goff, grid=grid, kk=kk,
+        row=row, woff=woff, origin=origin.reshape(ne, 3), noise_key=c(keys[:, 0:2]),
         bern_key=c(keys[:, 2:4]), scalars=texture_scalars_of(P, h_b),
         step=h_b.astype(np.float64), starts=starts, weights=weights, inv=inv,
         kern=kern, koff=koff, klen=klen,
@@ -302,10 +299,6 @@ class _Arena:
             be.fill(self.dev, np.nan if self.dtype.kind == "f" else np.iinfo(self.dtype).max)
         self.base = be.ptr(self.dev)
 
-    def addrs(self, col: int) -> np.ndarray:
-        """Device addresses of buffer ``col`` of every segment."""
-        return self.base + self.offs[:, col] * self.dtype.itemsize
-
     def view(self, row: int, col: int, shape):
         o = int(self.offs[row, col])
         return self.dev[o : o + math.prod(shape)].reshape(shape)
@@ -397,7 +390,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     ja = np.asarray(jidx, dtype=np.int64)
     sp, shapes = J.sp[ja], J.shape[ja]
     lo, hi, ok, pad = conservative_boxes(
-        arrays, disp_max, sp, shapes, organ_boxes=(J.ob_on[ja], J.ob[ja, 0], J.ob[ja, 1])
+        arrays, disp_max, sp, shapes, (J.ob_on[ja], J.ob[ja, 0], J.ob[ja, 1])
     )
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
     for q, t in enumerate(ts):  # host-resident images: the host pass of tumor_box shrinks it
@@ -460,8 +453,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     TF = np.zeros((max(n, 1), FW), dtype=np.float32)
     TD = np.zeros((max(n, 1), DW), dtype=np.float64)
     if n:
-        parts_base = np.array([pack.base + off for off, _ in pack.parts], dtype=np.int64)
-        ctrl = parts_base[ctrl_ref] + 4 * ctrl_off
+        ctrl = pack.addrs()[ctrl_ref] + 4 * ctrl_off
         phase_a_nb(T, TF, TD, keep, nb, lo, centre, g_of, ctrl, pack.addr(w_ref), w_off,
                    fa.base, fa.offs, ua.base, ua.offs, has_app, clip, ja, J.img_on, J.img,
                    J.org_on, J.org, J.tissue, sp, rot, radii)  # fmt: skip
@@ -557,7 +549,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     u8.alloc(be)
     zero.alloc(be, zero=True)
     pack.alloc(be)
-    base = np.array([pack.base + off for off, _ in pack.parts], dtype=np.int64)
+    base = pack.addrs()
     T = np.zeros((nl, W), dtype=np.int64)
     TF = np.zeros((nl, FW), dtype=np.float32)
     TD = np.zeros((nl, DW), dtype=np.float64)
@@ -598,7 +590,8 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         be.launch2d("sg_seg_band", nl, zmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.LS0 + a),
                     i32(C.LW0 + a), i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
     be.launch2d("sg_seg_blocks", nl, zmax, Td, WW, TDd, DD)
-    gmax = int(sizes_f[:ne, 11:15].max()) if ne else 0  # frac, ga, gb, grid
+    grid_bufs = slice(F32.index("frac"), F32.index("grid") + 1)  # frac, ga, gb, grid
+    gmax = int(sizes_f[:ne, grid_bufs].max()) if ne else 0
     for a, src, dims, dst in ((0, C.FRAC, C.B0, C.GA), (1, C.GA, C.GD1, C.GB),
                               (2, C.GB, C.GD2, C.GRID)):  # fmt: skip
         be.launch2d("sg_seg_conv", nl, gmax, Td, WW, i32(a), i32(src), i32(dims),

@@ -69,7 +69,7 @@ def contract_dense(core: np.ndarray, m0: np.ndarray, m1: np.ndarray, m2: np.ndar
 
 def block_size_mm(sigma_b: float) -> int:
     """Edge of a Bernoulli block in mm (integer, so a block holds a whole number of cells)."""
-    return max(1, math.floor(sigma_b / 2.0))
+    return int(block_sizes_mm(np.array([sigma_b]))[0])
 
 
 @dataclass(frozen=True)

@@ -159,16 +159,15 @@ def tumor_arrays(tumors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     )
 
 
-def conservative_boxes(arrays, disp_max, spacing, shape, organ_bbox=None, *, organ_boxes=None):
+def conservative_boxes(arrays, disp_max, spacing, shape, organ_boxes):
     """The conservative boxes of ellipsoid tumors, all at once (``tumor_box`` for one).
 
     The mask lies within ``radius bound + max |displacement|`` of the centre, intersected
     with the organ's bounding box for a clipped tumor, clipped to the scan. ``arrays``: from
     :func:`tumor_arrays`; ``disp_max``: ``1.6 max |displacement|`` per tumor (the
     interpolating spline overshoots its control values by at most 1.6x); ``spacing``,
-    ``shape``: ``(n, 3)``; ``organ_bbox``: per tumor ``None`` or ``(lo, hi)`` (3 each), or
-    ``organ_boxes``: the same as arrays ``(has_box, lo, hi)`` (``(n,)``, ``(n, 3)``,
-    ``(n, 3)``).
+    ``shape``: ``(n, 3)``; ``organ_boxes``: ``(has_box, lo, hi)`` (``(n,)``, ``(n, 3)``,
+    ``(n, 3)``), the organ's box per tumor where ``has_box``.
     Returns ``(lo, hi, ok, pad)``: the box without the blur, whether it is not empty and the
     blur's reach in voxels (``ceil(3 sigma / spacing) + 1``); one compiled call
     (:func:`synthgen._cpu_kernels.conservative_boxes_nb`).
@@ -177,13 +176,7 @@ def conservative_boxes(arrays, disp_max, spacing, shape, organ_bbox=None, *, org
 
     centre, rot, radii, blur, clip = arrays
     n = len(centre)
-    if organ_boxes is not None:
-        has_ob, ob_lo, ob_hi = organ_boxes
-    else:
-        has_ob = np.array([b is not None for b in organ_bbox], dtype=bool).reshape(n)
-        ob = np.array([b if b is not None else ((0, 0, 0), (0, 0, 0)) for b in organ_bbox],
-                      dtype=np.int64).reshape(n, 2, 3)  # fmt: skip
-        ob_lo, ob_hi = ob[:, 0], ob[:, 1]
+    has_ob, ob_lo, ob_hi = organ_boxes
     return conservative_boxes_nb(
         np.ascontiguousarray(centre, dtype=np.int64),
         np.ascontiguousarray(rot, dtype=np.float64),
@@ -193,9 +186,9 @@ def conservative_boxes(arrays, disp_max, spacing, shape, organ_bbox=None, *, org
         np.ascontiguousarray(disp_max, dtype=np.float64).reshape(n),
         np.ascontiguousarray(spacing, dtype=np.float64).reshape(n, 3),
         np.ascontiguousarray(shape, dtype=np.int64).reshape(n, 3),
-        np.ascontiguousarray(has_ob, dtype=bool),
-        np.ascontiguousarray(ob_lo, dtype=np.int64),
-        np.ascontiguousarray(ob_hi, dtype=np.int64),
+        np.ascontiguousarray(has_ob, dtype=bool).reshape(n),
+        np.ascontiguousarray(ob_lo, dtype=np.int64).reshape(n, 3),
+        np.ascontiguousarray(ob_hi, dtype=np.int64).reshape(n, 3),
         BLUR_TRUNCATE,
     )
 
@@ -241,9 +234,10 @@ def tumor_box(
 
         return wall_box(t, spacing, shape, organ_bbox)
     dmax = 1.6 * float(np.abs(t.displacement).max()) if t.displacement.size else 0.0
-    obox = None if organ_bbox is None else tuple(np.asarray(organ_bbox, dtype=np.int64).T)
+    ob = np.zeros((2, 3), dtype=np.int64) if organ_bbox is None else np.asarray(
+        organ_bbox, dtype=np.int64).T  # fmt: skip
     lo_a, hi_a, ok, pad_a = conservative_boxes(
-        tumor_arrays([t]), [dmax], [spacing], [shape], [obox]
+        tumor_arrays([t]), [dmax], [spacing], [shape], ([organ_bbox is not None], ob[0], ob[1])
     )
     if not ok[0]:
         return None

@@ -190,7 +190,10 @@ def test_conservative_boxes_are_the_array_arithmetic():
     shape = rng.integers(20, 90, (n, 3))
     boxes = [None if rng.random() < 0.3 else (rng.integers(0, 30, 3), rng.integers(30, 80, 3))
              for _ in range(n)]  # fmt: skip
-    lo, hi, ok, pad = conservative_boxes((centre, q, radii, blur, clip), disp, sp, shape, boxes)
+    has = np.array([b is not None for b in boxes])
+    ob = np.array([b if b is not None else (np.zeros(3), np.zeros(3)) for b in boxes])
+    lo, hi, ok, pad = conservative_boxes((centre, q, radii, blur, clip), disp, sp, shape,
+                                         (has, ob[:, 0], ob[:, 1]))  # fmt: skip
     bound = np.sqrt(((q * radii[:, None, :]) ** 2).sum(axis=2))
     r = np.ceil((bound + disp[:, None]) / sp).astype(np.int64)
     lo_r, hi_r = centre - r - 1, centre + r + 2
