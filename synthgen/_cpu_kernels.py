@@ -34,6 +34,7 @@ __all__ = [
     "overlap_partners_nb",
     "shape_mask",
     "shape_weights_nb",
+    "texture_axes_nb",
     "toeplitz_contract3",
 ]
 
@@ -124,16 +125,14 @@ def shape_mask(
                     q_row[k] = qa[k] * qa[k] + qb[k] * qb[k] + qc[k] * qc[k]
 
 
-@nb.njit(**_OPTS)
-def bspline_matrix(t, prefilter):
-    """Cubic B-spline weights of positions ``t`` (control-index units, clamped to
-    ``[0, g - 1]``) on ``g`` control points with mirror boundaries, times ``prefilter``
-    (``g x g``; the interpolating spline). Mirrors ``_geometry.bspline_weights``."""
+@nb.njit(inline="always", **_OPTS)
+def _bspline_rows_into(t, prefilter, raw, out):
+    """:func:`bspline_matrix` of positions ``t`` written into ``out`` (``(n, g)`` float32,
+    or flat ``n * g``), ``raw`` a scratch row of ``g`` float64."""
     g = prefilter.shape[0]
-    n = t.shape[0]
-    raw = np.zeros((n, g))
     period = 2 * (g - 1)
-    for r in range(n):
+    for r in range(t.shape[0]):
+        raw[:] = 0.0
         x = min(max(t[r], 0.0), g - 1.0)
         base = int(np.floor(x))
         for off in range(-1, 3):
@@ -152,8 +151,26 @@ def bspline_matrix(t, prefilter):
                 jj = abs(j) % period
                 if jj >= g:
                     jj = period - jj
-            raw[r, jj] += b
-    return (raw @ prefilter).astype(np.float32)
+            raw[jj] += b
+        # raw @ prefilter, summed in ascending order (no BLAS: the same bits on every
+        # machine, and no library call per row)
+        for k in range(g):
+            acc = 0.0
+            for j in range(g):
+                acc += raw[j] * prefilter[j, k]
+            out[r * g + k] = acc
+
+
+@nb.njit(**_OPTS)
+def bspline_matrix(t, prefilter):
+    """Cubic B-spline weights of positions ``t`` (control-index units, clamped to
+    ``[0, g - 1]``) on ``g`` control points with mirror boundaries, times ``prefilter``
+    (``g x g``; the interpolating spline), float32 ``(n, g)``. Mirrors
+    ``_geometry.bspline_weights``."""
+    g = prefilter.shape[0]
+    out = np.empty(t.shape[0] * g, dtype=np.float32)
+    _bspline_rows_into(t, prefilter, np.zeros(g), out)
+    return out.reshape(t.shape[0], g)
 
 
 @nb.njit(inline="always", **_OPTS)
@@ -808,19 +825,84 @@ def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
     weights = np.empty(n_w, dtype=np.float32)
     inv = np.empty(n_rows)
     centres = np.empty(max(n_rows, 1))
+    # Whole-millimetre sigma_a (every preset's) and integer block sizes: block centres and
+    # lattice points are whole numbers, so each weight is the Gaussian of an integer distance
+    # k over sigma_a, and a table of those (2 K + 1 values, K = 3 sigma_a + 1) replaces the
+    # per-weight exp: the very same float operations on the very same numbers.
+    tab = np.empty(0)
+    tab_s = -1.0
     for q in range(m):
         hb = float(h_b[q])
         nbk = ints[q, 3]
         kk = ints[q, 6]
         at = ints[q, 7]
         aw = ints[q, 8]
+        lat0 = ints[q, 0]
+        s = sa[q]
+        step = max(s, hb)
         for b in range(nbk):
             centres[at + b] = float(ints[q, 2] + b) * hb
-        _band_into(centres[at : at + nbk], ints[q, 0], ints[q, 1], max(sa[q], hb), sa[q],
-                   truncate, kk, starts[at : at + nbk], weights[aw : aw + nbk * kk])  # fmt: skip
+        if ok[q] and s == np.floor(s) and step == np.floor(step) and s <= 65536.0:
+            big = int(np.floor(truncate * s)) + 1
+            if s != tab_s:
+                tab = np.empty(2 * big + 1)
+                for k in range(-big, big + 1):
+                    d = float(k) / s
+                    tab[k + big] = np.exp(-0.5 * d * d) if abs(d) <= truncate else 0.0
+                tab_s = s
+            istep = int(step)
+            for b in range(nbk):
+                c = centres[at + b]
+                first = int(np.ceil((c - truncate * s) / step - 1e-9)) - lat0
+                st = min(max(first, 0), ints[q, 1] - kk)
+                starts[at + b] = st
+                k0 = int(c) - (lat0 + st) * istep
+                for t in range(kk):
+                    k = k0 - t * istep
+                    weights[aw + b * kk + t] = tab[k + big] if -big <= k <= big else 0.0
+        else:
+            _band_into(centres[at : at + nbk], lat0, ints[q, 1], step, s, truncate, kk,
+                       starts[at : at + nbk], weights[aw : aw + nbk * kk])  # fmt: skip
         for b in range(nbk):
             inv[at + b] = 1.0 / np.sqrt(_sum_squares(weights[aw + b * kk : aw + (b + 1) * kk]))
     return ints, origin, starts, weights, inv, ok
+
+
+@nb.njit(**_OPTS)
+def texture_axes_nb(lo_mm, hi_mm, sa, sb):
+    """:func:`axis_tables_nb` of the three axes of ``n`` tumors' texture grids, from their
+    boxes (``(n, 3)`` mm from the centre) and texture sigmas (``(n,)``): the block size
+    (``_texture.block_sizes_mm``) and grid index range (``_texture.grid_index_range``, the
+    references) computed here, in one call for the GPU driver.
+
+    Returns ``(fields, origin, h_b, starts, weights, inv_norm, ok)``: ``fields`` ``(9, n, 3)``
+    holds the nine integer columns of :func:`axis_tables_nb` per tumor and axis, ``origin``
+    ``(n, 3)``, ``h_b`` ``(n,)`` int64; the packed tables as there.
+    """
+    n = lo_mm.shape[0]
+    h_b = np.empty(n, dtype=np.int64)
+    o_lo = np.empty(3 * n, dtype=np.int64)
+    o_hi = np.empty(3 * n, dtype=np.int64)
+    h3 = np.empty(3 * n, dtype=np.int64)
+    sa3 = np.empty(3 * n)
+    sb3 = np.empty(3 * n)
+    for q in range(n):
+        h = int(max(np.floor(sb[q] / 2.0), 1.0))
+        h_b[q] = h
+        step = float(h)
+        for a in range(3):
+            o_lo[3 * q + a] = int(np.floor((lo_mm[q, a] - step) / step))
+            o_hi[3 * q + a] = int(np.ceil((hi_mm[q, a] + step) / step))
+            h3[3 * q + a] = h
+            sa3[3 * q + a] = sa[q]
+            sb3[3 * q + a] = sb[q]
+    ints, origin, starts, weights, inv, ok = axis_tables_nb(o_lo, o_hi, h3, sa3, sb3)
+    fields = np.empty((9, n, 3), dtype=np.int64)
+    for f in range(9):
+        for q in range(n):
+            for a in range(3):
+                fields[f, q, a] = ints[3 * q + a, f]
+    return fields, origin.reshape(n, 3), h_b, starts, weights, inv, ok
 
 
 @nb.njit(**_OPTS)
@@ -830,17 +912,19 @@ def shape_weights_nb(lo, hi, centre, sp, ext, g, pre, off, out):
     at element offsets ``off`` (``(n, 3)``): the arithmetic of ``rendering._shape_inputs``
     (positions ``(index - centre) * spacing``, control coordinates
     ``(pos + ext) * ((g - 1) / (2 ext))``), in one call for the GPU driver."""
+    raw = np.zeros(g)
+    t = np.empty(max(int((hi - lo).max()), 1) if lo.shape[0] else 1)
     for s in range(lo.shape[0]):
         for a in range(3):
             m = hi[s, a] - lo[s, a]
-            t = np.empty(m)
+            if m <= 0:
+                continue
             scale = (g - 1) / (2.0 * ext[s, a])
             for q in range(m):
                 pos = (lo[s, a] + q - centre[s, a]) * sp[s, a]
                 t[q] = (pos + ext[s, a]) * scale
-            w = bspline_matrix(t, pre)
             o = off[s, a]
-            out[o : o + m * g] = w.ravel()
+            _bspline_rows_into(t[:m], pre, raw, out[o : o + m * g])
 
 
 @nb.njit(**_OPTS)

@@ -90,10 +90,19 @@ _CODES = {
 
 
 def dtype_code(dtype) -> int:
+    code = _CODES.get(dtype) if isinstance(dtype, np.dtype) else None
+    if code is not None:
+        return code
     try:
         return _CODES[np.dtype(str(dtype))]
     except KeyError:
         raise ValueError(f"the GPU backend does not handle dtype {dtype}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_facts(dtype: np.dtype) -> tuple[int, int, float, float]:
+    """(dtype code, rounds to integers, output range lo, hi) of an image dtype."""
+    return dtype_code(dtype), int(dtype.kind in "iu"), *_output_range(dtype)
 
 
 class _Pack:
@@ -161,33 +170,27 @@ def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
     (:func:`synthgen._texture.texture_scalars_of`); ``step`` ``(n,)``; the smoothing kernels
     packed (``kern``, ``koff``, ``klen``).
     """
-    from ._texture import (
-        _smoothing_kernel,
-        axis_tables,
-        block_sizes_mm,
-        grid_index_range,
-        texture_scalars_of,
-    )
+    from ._cpu_kernels import texture_axes_nb
+    from ._texture import _smoothing_kernel, texture_scalars_of
 
     ne = len(P)
     sa, sb = P[:, 0], P[:, 1]
-    h_b = block_sizes_mm(sb)
-    o_lo, o_hi = grid_index_range(np.reshape(lo_mm, (ne, 3)), np.reshape(hi_mm, (ne, 3)),
-                                  h_b[:, None])  # fmt: skip
-    ax, origin, starts, weights, inv = axis_tables(
-        o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
-    )
-    # the nine per-axis fields, each a contiguous (n, 3) array
-    lat0, n_lat, block0, blocks, goff, grid, kk, row, woff = np.ascontiguousarray(
-        np.moveaxis(ax.reshape(ne, 3, 9), 2, 0)
-    )
+    # block sizes, grid ranges and the per-axis tables of all axes in one call; the nine
+    # per-axis fields each a contiguous (n, 3) array
+    fields, origin, h_b, starts, weights, inv, ok = texture_axes_nb(
+        np.ascontiguousarray(np.reshape(lo_mm, (ne, 3)), dtype=np.float64),
+        np.ascontiguousarray(np.reshape(hi_mm, (ne, 3)), dtype=np.float64),
+        np.ascontiguousarray(sa), np.ascontiguousarray(sb))  # fmt: skip
+    if not ok.all():
+        raise ValueError("texture lattice exceeds +-512 cells; tumor box too large")
+    lat0, n_lat, block0, blocks, goff, grid, kk, row, woff = fields
     # the smoothing kernels (block sums -> grid), cached per (block size, sigma_b)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
     c = np.ascontiguousarray
     return SimpleNamespace(
         lat0=lat0, n_lat=n_lat, block0=block0, blocks=blocks, goff=goff, grid=grid, kk=kk,
-        row=row, woff=woff, origin=origin.reshape(ne, 3), noise_key=c(keys[:, 0:2]),
+        row=row, woff=woff, origin=origin, noise_key=c(keys[:, 0:2]),
         bern_key=c(keys[:, 2:4]), scalars=texture_scalars_of(P, h_b),
         step=h_b.astype(np.float64), starts=starts, weights=weights, inv=inv,
         kern=kern, koff=koff, klen=klen,
@@ -231,8 +234,9 @@ def clear_caches() -> None:
 
 
 def _strides(a) -> tuple[int, int, int]:
-    item = np.dtype(str(a.dtype)).itemsize
-    return tuple(int(s) // item for s in a.strides)  # type: ignore[return-value]
+    item = a.itemsize
+    s0, s1, s2 = a.strides
+    return int(s0) // item, int(s1) // item, int(s2) // item
 
 
 class _Jobs:
@@ -246,7 +250,10 @@ class _Jobs:
         rows: list[tuple] = []  # per job, then one array per field
         for job in jobs:
             plan = job.plan
-            dtype = np.dtype(str(job.target.dtype))
+            dt = job.target.dtype
+            code, rnd, out_lo, out_hi = _dtype_facts(
+                dt if isinstance(dt, np.dtype) else np.dtype(str(dt))
+            )
             ob = plan.organ_bbox
             org = job.organ
             c = job.preset.contrast
@@ -254,12 +261,12 @@ class _Jobs:
                 plan.spacing, plan.shape, ob is not None,
                 ((0, 0, 0), (0, 0, 0)) if ob is None else tuple(zip(*ob, strict=True)),
                 job.target_on_device, job.organ_on_device,
-                (be.ptr(job.target), dtype_code(dtype), *_strides(job.target))
+                (be.ptr(job.target), code, *_strides(job.target))
                 if job.target_on_device else (0,) * 5,
                 (be.ptr(org), dtype_code(org.dtype), *_strides(org))
                 if job.organ_on_device else (0,) * 5,
-                int(dtype.kind in "iu"),
-                (float(c.min_hu), float(c.max_hu), *_output_range(dtype)),
+                rnd,
+                (float(c.min_hu), float(c.max_hu), out_lo, out_hi),
                 job.tissue,
                 float(plan.organ_hu) if plan.organ_hu is not None else 0.0,
             ))  # fmt: skip
@@ -332,6 +339,11 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
 def _grid_shape(d) -> tuple[int, ...]:
     """The shape of a (3, g, g, g) nested list of control displacements, without converting
     it (a plan read from JSON holds lists)."""
+    if type(d) is list and d and type(d[0]) is list and d[0] and type(d[0][0]) is list:
+        # the plan's own (3, g, g, g) nested lists: the common case, without the loop
+        e = d[0][0]
+        if e and type(e[0]) is list and e[0] and type(e[0][0]) is float:
+            return (len(d), len(d[0]), len(e), len(e[0]))
     shape = []
     while hasattr(d, "__len__") and not isinstance(d, str):
         shape.append(len(d))

@@ -412,6 +412,56 @@ def test_axis_tables_match_the_lattice_reference() -> None:
         np.testing.assert_array_equal(one[4], inv[row : row + nbk])
 
 
+def test_axis_tables_whole_mm_sigma_table_is_the_exp_per_weight() -> None:
+    """Whole-millimetre sigma_a (every preset's) takes the table path of axis_tables_nb (a
+    Gaussian per integer distance, not an exp per weight): the same bytes as the per-weight
+    band of gaussian_band_nb, clamped edge rows and wide lattices included."""
+    from synthgen._cpu_kernels import gaussian_band_nb
+    from synthgen._texture import axis_tables, block_size_mm
+
+    rng = np.random.default_rng(11)
+    m = 400
+    sa = rng.choice([1.0, 2.0, 3.0, 6.0, 9.0, 12.0, 15.0, 40.0], m)
+    sb = rng.choice([2.0, 4.0, 7.0, 9.0, 16.0], m)
+    h_b = np.array([block_size_mm(float(s)) for s in sb])
+    o_lo = rng.integers(-80, 1, m)
+    o_hi = o_lo + rng.integers(0, 90, m)
+    ints, _, starts, weights, _ = axis_tables(o_lo, o_hi, h_b, sa, sb)
+    for q in range(m):
+        lat0, n_lat, b0, nbk, _, _, kk, row, woff = (int(x) for x in ints[q])
+        centres = (b0 + np.arange(nbk)) * float(h_b[q])
+        s_ref, w_ref = gaussian_band_nb(centres, lat0, n_lat, max(sa[q], float(h_b[q])), sa[q],
+                                        3.0)  # fmt: skip
+        assert kk == w_ref.shape[1]
+        np.testing.assert_array_equal(starts[row : row + nbk], s_ref)
+        assert weights[woff : woff + nbk * kk].tobytes() == w_ref.tobytes()
+
+
+def test_texture_axes_of_tumor_boxes_are_the_references() -> None:
+    """The GPU driver's one call from tumor boxes to per-axis tables: block sizes
+    (block_sizes_mm), grid ranges (grid_index_range) and the tables of axis_tables."""
+    from synthgen._cpu_kernels import texture_axes_nb
+    from synthgen._texture import axis_tables, block_sizes_mm, grid_index_range
+
+    rng = np.random.default_rng(12)
+    n = 50
+    sa = np.where(rng.random(n) < 0.5, rng.choice([3.0, 6.0, 15.0], n), rng.uniform(0.5, 9, n))
+    sb = rng.uniform(0.5, 12.0, n)
+    lo = -rng.uniform(0, 40, (n, 3))
+    hi = rng.uniform(0, 40, (n, 3))
+    fields, origin, h_b, starts, weights, inv, ok = texture_axes_nb(lo, hi, sa, sb)
+    assert ok.all()
+    np.testing.assert_array_equal(h_b, block_sizes_mm(sb))
+    o_lo, o_hi = grid_index_range(lo, hi, h_b[:, None])
+    ints, origin_r, starts_r, weights_r, inv_r = axis_tables(
+        o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
+    )
+    np.testing.assert_array_equal(fields, np.moveaxis(ints.reshape(n, 3, 9), 2, 0))
+    np.testing.assert_array_equal(origin, origin_r.reshape(n, 3))
+    for got, want in ((starts, starts_r), (weights, weights_r), (inv, inv_r)):
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
 def test_texture_scalars_of_many_tumors_are_the_recipes_scalars() -> None:
     """The GPU driver's vectorised texture scalars and block sizes are, bit for bit, the
     per-tumor ones of the CPU path's recipe."""
