@@ -147,18 +147,27 @@ def _bspline_rows_into(t, prefilter, raw, out):
                 continue
             if g == 1:
                 jj = 0
-            else:
-                jj = abs(j) % period
+            else:  # mirror: abs(j) % period, folded (j is within a period but for g = 2)
+                jj = abs(j)
+                if jj >= period:
+                    jj %= period
                 if jj >= g:
                     jj = period - jj
             raw[jj] += b
         # raw @ prefilter, summed in ascending order (no BLAS: the same bits on every
         # machine, and no library call per row)
-        for k in range(g):
-            acc = 0.0
-            for j in range(g):
-                acc += raw[j] * prefilter[j, k]
-            out[r * g + k] = acc
+        if g == 3:  # the presets' grid, unrolled
+            r0, r1, r2 = raw[0], raw[1], raw[2]
+            for k in range(3):
+                out[r * 3 + k] = ((0.0 + r0 * prefilter[0, k]) + r1 * prefilter[1, k]) + (
+                    r2 * prefilter[2, k]
+                )
+        else:
+            for k in range(g):
+                acc = 0.0
+                for j in range(g):
+                    acc += raw[j] * prefilter[j, k]
+                out[r * g + k] = acc
 
 
 @nb.njit(**_OPTS)

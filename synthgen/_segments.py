@@ -21,9 +21,9 @@ what is exact arithmetic on a few numbers: each voxel's position and its triline
 coordinates on the texture grid (from the centre, the spacing and the grid's origin and
 step), and the bands of the mask blur and of the texture's block-to-grid smoothing (from the
 float32 kernel, its offset and the sizes: ``sg_seg_conv``). Tables whose values come from
-``exp`` or from BLAS on the CPU path are made on the host, so that both backends read the
-very same numbers (each made by the function the CPU path uses): the B-spline weight rows,
-the blur and smoothing kernels, the texture's lattice bands and norms.
+``exp`` or from a small matrix product on the CPU path are made on the host, so that both
+backends read the very same numbers (each made by the function the CPU path uses): the
+B-spline weight rows, the blur and smoothing kernels, the texture's lattice bands and norms.
 ``benchmarks/bench_gpu_host.py`` measures what this preparation costs.
 """
 
