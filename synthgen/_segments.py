@@ -391,12 +391,13 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     groups = []
     for shp, qs in by_g.items():
         d = _stack_lists([ts[q].displacement_mm for q in qs], shp)
-        disp_max[qs] = 1.6 * np.abs(d.reshape(len(qs), -1)).max(axis=1) if d[0].size else 0.0
-        ref = pack.add(d.astype(np.float32))
-        ctrl_ref[qs] = ref
-        ctrl_off[qs] = np.arange(len(qs)) * int(np.prod(shp))
-        g_of[qs] = shp[1]
-        groups.append((shp[1], np.asarray(qs)))
+        qa = np.asarray(qs, dtype=np.int64)
+        flat = d.reshape(len(qs), -1)
+        disp_max[qa] = 1.6 * np.abs(flat).max(axis=1) if flat.shape[1] else 0.0
+        ctrl_ref[qa] = pack.add(d.astype(np.float32))
+        ctrl_off[qa] = np.arange(len(qs)) * flat.shape[1]
+        g_of[qa] = shp[1]
+        groups.append((shp[1], qa))
     arrays = tumor_arrays(ts)
     centre, rot, radii, blur_mm, clip = arrays
     ja = np.asarray(jidx, dtype=np.int64)
@@ -405,16 +406,17 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         arrays, disp_max, sp, shapes, (J.ob_on[ja], J.ob[ja, 0], J.ob[ja, 1])
     )
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
-    for q, t in enumerate(ts):  # host-resident images: the host pass of tumor_box shrinks it
+    # host-resident images: the host pass of tumor_box shrinks the box (what travels)
+    on_host = () if J.img_on.all() else np.flatnonzero(ok & ~J.img_on[ja]).tolist()
+    for q in on_host:
         j = jidx[q]
-        if ok[q] and not jobs[j].target_on_device:
-            box = tumor_box(t, tuple(J.sp[j].tolist()), tuple(J.shape[j].tolist()),
-                            jobs[j].plan.organ_bbox, coarse=True)  # fmt: skip
-            if box is None:
-                ok[q] = False
-            else:
-                lo[q] = [b.start for b in box]
-                hi[q] = [b.stop for b in box]
+        box = tumor_box(ts[q], tuple(J.sp[j].tolist()), tuple(J.shape[j].tolist()),
+                        jobs[j].plan.organ_bbox, coarse=True)  # fmt: skip
+        if box is None:
+            ok[q] = False
+        else:
+            lo[q] = [b.start for b in box]
+            hi[q] = [b.stop for b in box]
     keep = np.flatnonzero(ok)
     n = len(keep)
     nb = np.maximum(hi - lo, 0)  # box sizes (an empty, even inverted, box has none)
