@@ -49,10 +49,10 @@ CLASSES = ("tiny", "small", "medium", "large", "mix")
 REPLAYS = 5
 
 
-def _backends():
+def _backends(clock=time.perf_counter):
     """``(record, replay)``: the stand-in backend that records what each call downloads, and
     a backend whose launches do nothing, whose downloads replay the record and whose device
-    work (allocations, fills, uploads) is timed apart."""
+    work (allocations, fills, uploads) is timed apart, by ``clock``."""
     sys.path.insert(0, str(ROOT / "tests"))
     from _cuda_emu import HostBackend
 
@@ -78,11 +78,11 @@ def _backends():
             self.keep: list = []
 
         def _t(self, fn, *a):
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return fn(*a)
             finally:
-                self.device_s += time.perf_counter() - t0
+                self.device_s += clock() - t0
 
         def launch2d(self, name, n_seg, max_total, *args) -> None:
             pass  # device work: nothing on the host

@@ -25,9 +25,11 @@ __all__ = [
     "band_contract3",
     "bbox",
     "blend_tumor",
+    "block_sizes_nb",
     "bspline_matrix",
     "conservative_boxes_nb",
     "gaussian_band_nb",
+    "grid_ranges_nb",
     "interp_coords_nb",
     "mask_bbox",
     "merge_strongest",
@@ -722,16 +724,37 @@ def merge_strongest(dst, src):
 
 
 @nb.njit(inline="always", **_OPTS)
-def _band_into(out_pos, lat0, n_lat, step, sigma, truncate, kk, start, w):
-    """:func:`gaussian_band_nb` written into ``start`` (``n``) and ``w`` (``n * kk``, zeroed
-    here), without allocating."""
+def _band_into(out_pos, lat0, n_lat, step, sigma, truncate, kk, start, w, tab, big):
+    """:func:`gaussian_band_nb` written into ``start`` (``n``) and ``w`` (``n * kk``, every
+    element), without allocating. With ``big >= 0`` (whole-number positions, step and
+    sigma), each weight is looked up in ``tab`` (:func:`_gauss_table`) by its integer
+    distance instead of computed: the same operations on the same numbers."""
     for o in range(out_pos.shape[0]):
         first = int(np.ceil((out_pos[o] - truncate * sigma) / step - 1e-9)) - lat0
         st = min(max(first, 0), n_lat - kk)
         start[o] = st
-        for t in range(kk):
-            d = (out_pos[o] - (lat0 + st + t) * step) / sigma
-            w[o * kk + t] = np.exp(-0.5 * d * d) if abs(d) <= truncate else 0.0
+        if big >= 0:
+            k0 = int(out_pos[o]) - (lat0 + st) * int(step)
+            for t in range(kk):
+                k = k0 - t * int(step)
+                w[o * kk + t] = tab[k + big] if -big <= k <= big else 0.0
+        else:
+            for t in range(kk):
+                d = (out_pos[o] - (lat0 + st + t) * step) / sigma
+                w[o * kk + t] = np.exp(-0.5 * d * d) if abs(d) <= truncate else 0.0
+
+
+@nb.njit(**_OPTS)
+def _gauss_table(sigma, truncate):
+    """The band weights of integer distances ``-big..big`` (``big = floor(truncate sigma) +
+    1``; beyond, every weight is 0) for a whole-number ``sigma``, as :func:`_band_into`
+    computes each: ``(table, big)``."""
+    big = int(np.floor(truncate * sigma)) + 1
+    tab = np.empty(2 * big + 1)
+    for k in range(-big, big + 1):
+        d = float(k) / sigma
+        tab[k + big] = np.exp(-0.5 * d * d) if abs(d) <= truncate else 0.0
+    return tab, big
 
 
 @nb.njit(**_OPTS)
@@ -741,7 +764,7 @@ def gaussian_band_nb(out_pos, lat0, n_lat, step, sigma, truncate):
     kk = min(n_lat, int(np.floor(2.0 * truncate * sigma / step)) + 2)
     start = np.empty(n, dtype=np.int64)
     w = np.empty(n * kk, dtype=np.float32)
-    _band_into(out_pos, lat0, n_lat, step, sigma, truncate, kk, start, w)
+    _band_into(out_pos, lat0, n_lat, step, sigma, truncate, kk, start, w, np.empty(0), -1)
     return start, w.reshape(n, kk)
 
 
@@ -836,8 +859,8 @@ def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
     centres = np.empty(max(n_rows, 1))
     # Whole-millimetre sigma_a (every preset's) and integer block sizes: block centres and
     # lattice points are whole numbers, so each weight is the Gaussian of an integer distance
-    # k over sigma_a, and a table of those (2 K + 1 values, K = 3 sigma_a + 1) replaces the
-    # per-weight exp: the very same float operations on the very same numbers.
+    # over sigma_a, looked up in a table made once per sigma (2 K + 1 values, K = 3 sigma_a +
+    # 1) instead of an exp per weight.
     tab = np.empty(0)
     tab_s = -1.0
     for q in range(m):
@@ -846,43 +869,62 @@ def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
         kk = ints[q, 6]
         at = ints[q, 7]
         aw = ints[q, 8]
-        lat0 = ints[q, 0]
         s = sa[q]
         step = max(s, hb)
         for b in range(nbk):
             centres[at + b] = float(ints[q, 2] + b) * hb
+        big = -1
         if ok[q] and s == np.floor(s) and step == np.floor(step) and s <= 65536.0:
-            big = int(np.floor(truncate * s)) + 1
             if s != tab_s:
-                tab = np.empty(2 * big + 1)
-                for k in range(-big, big + 1):
-                    d = float(k) / s
-                    tab[k + big] = np.exp(-0.5 * d * d) if abs(d) <= truncate else 0.0
+                tab, _ = _gauss_table(s, truncate)
                 tab_s = s
-            istep = int(step)
-            for b in range(nbk):
-                c = centres[at + b]
-                first = int(np.ceil((c - truncate * s) / step - 1e-9)) - lat0
-                st = min(max(first, 0), ints[q, 1] - kk)
-                starts[at + b] = st
-                k0 = int(c) - (lat0 + st) * istep
-                for t in range(kk):
-                    k = k0 - t * istep
-                    weights[aw + b * kk + t] = tab[k + big] if -big <= k <= big else 0.0
-        else:
-            _band_into(centres[at : at + nbk], lat0, ints[q, 1], step, s, truncate, kk,
-                       starts[at : at + nbk], weights[aw : aw + nbk * kk])  # fmt: skip
+            big = (tab.shape[0] - 1) // 2
+        _band_into(centres[at : at + nbk], ints[q, 0], ints[q, 1], step, s, truncate, kk,
+                   starts[at : at + nbk], weights[aw : aw + nbk * kk], tab, big)  # fmt: skip
         for b in range(nbk):
             inv[at + b] = 1.0 / np.sqrt(_sum_squares(weights[aw + b * kk : aw + (b + 1) * kk]))
     return ints, origin, starts, weights, inv, ok
+
+
+@nb.njit(inline="always", **_OPTS)
+def _block_size(sigma_b):
+    """Edge of a Bernoulli block in mm for ``sigma_b`` (``_texture.block_size_mm``)."""
+    return max(int(np.floor(sigma_b / 2.0)), 1)
+
+
+@nb.njit(inline="always", **_OPTS)
+def _grid_range(lo, hi, h_b):
+    """First and last texture grid index covering ``[lo, hi]`` mm plus one block of ``h_b``
+    mm (``_texture.grid_index_range``)."""
+    step = float(h_b)
+    return int(np.floor((lo - step) / step)), int(np.ceil((hi + step) / step))
+
+
+@nb.njit(**_OPTS)
+def block_sizes_nb(sigma_b):
+    """:func:`_block_size` of a 1-D float64 array (int64)."""
+    out = np.empty(sigma_b.shape[0], dtype=np.int64)
+    for q in range(sigma_b.shape[0]):
+        out[q] = _block_size(sigma_b[q])
+    return out
+
+
+@nb.njit(**_OPTS)
+def grid_ranges_nb(lo, hi, h_b):
+    """:func:`_grid_range` of 1-D float64 arrays of one length: ``(first, last)`` int64."""
+    o_lo = np.empty(lo.shape[0], dtype=np.int64)
+    o_hi = np.empty(lo.shape[0], dtype=np.int64)
+    for q in range(lo.shape[0]):
+        o_lo[q], o_hi[q] = _grid_range(lo[q], hi[q], h_b[q])
+    return o_lo, o_hi
 
 
 @nb.njit(**_OPTS)
 def texture_axes_nb(lo_mm, hi_mm, sa, sb):
     """:func:`axis_tables_nb` of the three axes of ``n`` tumors' texture grids, from their
     boxes (``(n, 3)`` mm from the centre) and texture sigmas (``(n,)``): the block size
-    (``_texture.block_sizes_mm``) and grid index range (``_texture.grid_index_range``, the
-    references) computed here, in one call for the GPU driver.
+    (:func:`_block_size`) and grid index range (:func:`_grid_range`) of each, in one call for
+    the GPU driver.
 
     Returns ``(fields, origin, h_b, starts, weights, inv_norm, ok)``: ``fields`` ``(9, n, 3)``
     holds the nine integer columns of :func:`axis_tables_nb` per tumor and axis, ``origin``
@@ -896,12 +938,10 @@ def texture_axes_nb(lo_mm, hi_mm, sa, sb):
     sa3 = np.empty(3 * n)
     sb3 = np.empty(3 * n)
     for q in range(n):
-        h = int(max(np.floor(sb[q] / 2.0), 1.0))
+        h = _block_size(sb[q])
         h_b[q] = h
-        step = float(h)
         for a in range(3):
-            o_lo[3 * q + a] = int(np.floor((lo_mm[q, a] - step) / step))
-            o_hi[3 * q + a] = int(np.ceil((hi_mm[q, a] + step) / step))
+            o_lo[3 * q + a], o_hi[3 * q + a] = _grid_range(lo_mm[q, a], hi_mm[q, a], h)
             h3[3 * q + a] = h
             sa3[3 * q + a] = sa[q]
             sb3[3 * q + a] = sb[q]
@@ -962,7 +1002,9 @@ def overlap_partners_nb(job_of, lo, hi):
     order = np.argsort(job_of, kind="mergesort")
     count = np.zeros(n, dtype=np.int64)
     # pass 1: counts; pass 2: the partners (a job's rows are contiguous in ``order``)
+    off = np.zeros(n, dtype=np.int64)
     flat = np.zeros(1, dtype=np.int64)
+    fill = off
     for p in range(2):
         if p == 1:
             off = np.cumsum(count) - count
@@ -990,7 +1032,6 @@ def overlap_partners_nb(job_of, lo, hi):
                             flat[fill[r]] = c
                             fill[r] += 1
             s = e
-    off = np.cumsum(count) - count
     return count, off, flat
 
 

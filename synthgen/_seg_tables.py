@@ -35,14 +35,19 @@ Q2, TQ2, APP, KEYS, OFF0, KIND, ROWS, T_WIDTH = 128, 129, 130, 131, 132, 135, 13
 F_TLO, F_CONTRAST, F_ORGAN_HU, F_CMIN, F_WIDTH = 0, 2, 3, 4, 8
 D_ZSCALE, D_SP0, D_M, D_TX0, D_STEP, D_WIDTH = 0, 6, 9, 18, 21, 22
 
-_MIRRORED = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, int)}
+_MIRRORED = {k: v for k, v in globals().items()
+             if k.isupper() and not k.startswith("_") and isinstance(v, int)}  # fmt: skip
 
 #: Phase B's float32 scratch buffers per row, in the order of the layout's columns.
 F32 = ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0",
        "frac", "ga", "gb", "grid", "tq2")  # fmt: skip
+# their columns in the layout (unpacking fails if F32 changes length)
+(_TORIG, _MASKF, _BX0, _BX1, _BLUR, _MERGED, _OUT, _NOISE, _ZA, _ZB, _Z0, _FRAC, _GA, _GB,
+ _GRID, _TQ2) = range(len(F32))  # fmt: skip
 # (the buffers whose address goes into the column of the same name)
-_F32_COLS = ((0, TORIG), (1, MASKF), (2, BX0), (3, BX1), (4, BLUR), (7, NOISE), (8, ZA),
-             (9, ZB), (10, Z0), (11, FRAC), (12, GA), (13, GB), (14, GRID))  # fmt: skip
+_F32_COLS = ((_TORIG, TORIG), (_MASKF, MASKF), (_BX0, BX0), (_BX1, BX1), (_BLUR, BLUR),
+             (_NOISE, NOISE), (_ZA, ZA), (_ZB, ZB), (_Z0, Z0), (_FRAC, FRAC), (_GA, GA),
+             (_GB, GB), (_GRID, GRID))  # fmt: skip
 
 
 # Runs of header columns the fills write as base + offset (beyond each "...0" base, whose
@@ -155,27 +160,29 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app):
     ``ne`` ellipsoid rows, have ``merged`` and ``out`` only), the uint8 ones (organ, mask)
     and the zeroed ones (the blend's change)."""
     nl = tn.shape[0]
-    f32 = np.zeros((nl, 16), dtype=np.int64)
+    f32 = np.zeros((nl, len(F32)), dtype=np.int64)
     u8 = np.zeros((nl, 2), dtype=np.int64)
     zero = np.zeros((nl, 1), dtype=np.int64)
     for r in range(nl):
         v = tn[r, 0] * tn[r, 1] * tn[r, 2]
+        f32[r, _MERGED] = v
+        f32[r, _OUT] = v
         if r >= ne:
-            f32[r, 5] = v
-            f32[r, 6] = v
             continue
-        for c in range(7):
-            f32[r, c] = v
         ln, bs, gs = n_lat[r], blocks[r], grid[r]
-        f32[r, 7] = ln[0] * ln[1] * ln[2]
-        f32[r, 8] = ln[0] * ln[1] * bs[2]
-        f32[r, 9] = ln[0] * bs[1] * bs[2]
-        f32[r, 10] = bs[0] * bs[1] * bs[2]
-        f32[r, 11] = bs[0] * bs[1] * bs[2]
-        f32[r, 12] = gs[0] * bs[1] * bs[2]
-        f32[r, 13] = gs[0] * gs[1] * bs[2]
-        f32[r, 14] = gs[0] * gs[1] * gs[2]
-        f32[r, 15] = v if has_app[r] else 0
+        # the tight box's buffers, then the texture's: the lattice noise, the three band
+        # passes' outputs, the block fractions and the three grid passes' outputs
+        for c in (_TORIG, _MASKF, _BX0, _BX1, _BLUR):
+            f32[r, c] = v
+        f32[r, _NOISE] = ln[0] * ln[1] * ln[2]
+        f32[r, _ZA] = ln[0] * ln[1] * bs[2]
+        f32[r, _ZB] = ln[0] * bs[1] * bs[2]
+        f32[r, _Z0] = bs[0] * bs[1] * bs[2]
+        f32[r, _FRAC] = bs[0] * bs[1] * bs[2]
+        f32[r, _GA] = gs[0] * bs[1] * bs[2]
+        f32[r, _GB] = gs[0] * gs[1] * bs[2]
+        f32[r, _GRID] = gs[0] * gs[1] * gs[2]
+        f32[r, _TQ2] = v if has_app[r] else 0
         u8[r, 0] = v
         u8[r, 1] = v
         zero[r, 0] = v
@@ -210,7 +217,7 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         for a in range(3):
             T[r, TN0 + a] = tn[r, a]
             T[r, TO0 + a] = to[r, a]
-        T[r, MERGED] = f32_base + 4 * f32_offs[r, 5]
+        T[r, MERGED] = f32_base + 4 * f32_offs[r, _MERGED]
         T[r, PART] = bases[0] + 8 * part_off[r]
         T[r, NPART] = n_part[r]
         if img_on[j]:
@@ -218,7 +225,7 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
             for a in range(3):
                 T[r, DO0 + a] = to[r, a]
         else:  # a host image: the row's own out buffer, C order
-            T[r, DST] = f32_base + 4 * f32_offs[r, 6]
+            T[r, DST] = f32_base + 4 * f32_offs[r, _OUT]
             T[r, DST_CODE] = 0
             T[r, DS0] = tn[r, 1] * tn[r, 2]
             T[r, DS0 + 1] = tn[r, 2]
@@ -272,7 +279,7 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         m = app_row[r]
         if m >= 0:
             T[r, Q2] = TA[k, Q2]
-            T[r, TQ2] = f32_base + 4 * f32_offs[r, 15]
+            T[r, TQ2] = f32_base + 4 * f32_offs[r, _TQ2]
             T[r, APP] = bases[6] + app_step * m
             T[r, KEYS] = bases[7] + key_step * m
             for a in range(3):

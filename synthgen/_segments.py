@@ -339,11 +339,6 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
 def _grid_shape(d) -> tuple[int, ...]:
     """The shape of a (3, g, g, g) nested list of control displacements, without converting
     it (a plan read from JSON holds lists)."""
-    if type(d) is list and d and type(d[0]) is list and d[0] and type(d[0][0]) is list:
-        # the plan's own (3, g, g, g) nested lists: the common case, without the loop
-        e = d[0][0]
-        if e and type(e[0]) is list and e[0] and type(e[0][0]) is float:
-            return (len(d), len(d[0]), len(e), len(e[0]))
     shape = []
     while hasattr(d, "__len__") and not isinstance(d, str):
         shape.append(len(d))
@@ -372,7 +367,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     from ._cpu_kernels import shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
-    from ._seg_tables import F32, phase_a_nb, phase_b_nb, phase_b_sizes_nb
+    from ._seg_tables import BASES, F32, phase_a_nb, phase_b_nb, phase_b_sizes_nb
     from ._texture import STREAM_BERNOULLI, STREAM_NOISE, texture_params
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
@@ -407,8 +402,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     )
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
     # host-resident images: the host pass of tumor_box shrinks the box (what travels)
-    on_host = () if J.img_on.all() else np.flatnonzero(ok & ~J.img_on[ja]).tolist()
-    for q in on_host:
+    for q in np.flatnonzero(ok & ~J.img_on[ja]).tolist():
         j = jidx[q]
         box = tumor_box(ts[q], tuple(J.sp[j].tolist()), tuple(J.shape[j].tolist()),
                         jobs[j].plan.organ_bbox, coarse=True)  # fmt: skip
@@ -569,10 +563,17 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     TD = np.zeros((nl, DW), dtype=np.float64)
     app_row = np.full(ne, -1, dtype=np.int64)
     app_row[ka] = np.arange(ka.size)
-    bases = np.array([base[part_ref], base[blur_ref], base[smooth_ref], base[band_refs[0]],
-                      base[band_refs[1]], base[band_refs[2]],
-                      base[app_ref] if ka.size else 0, base[key_ref] if ka.size else 0],
-                     dtype=np.int64)  # fmt: skip
+    refs = {
+        "part": part_ref,
+        "blur": blur_ref,
+        "smooth": smooth_ref,
+        "band_starts": band_refs[0],
+        "band_weights": band_refs[1],
+        "band_inv": band_refs[2],
+    }
+    if ka.size:
+        refs.update(app=app_ref, keys=key_ref)
+    bases = np.array([base[refs[k]] if k in refs else 0 for k in BASES], dtype=np.int64)
     phase_b_nb(T, TF, TD, ne, tn, to, job_of, J.img_on, J.img, J.round, J.ranges, J.tissue,
                J.organ_hu, f32.base, f32.offs, u8.base, u8.offs, zero.base, zero.offs, bases,
                part_off, n_part, qe, live, nb, clip, centre, sp, u0, TA, app_row,

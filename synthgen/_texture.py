@@ -117,10 +117,13 @@ def grid_index_range(lo_mm, hi_mm, h_b) -> tuple[np.ndarray, np.ndarray]:
     """First and last index of the texture grid (block centres ``h_b`` mm apart) covering
     ``[lo_mm, hi_mm]`` plus one block (``lattice_range(lo, hi, h_b, h_b)``); arrays of any
     shape, ``h_b`` broadcast against them. Integer arrays."""
-    step = np.asarray(h_b, dtype=np.float64)
-    o_lo = np.floor((np.asarray(lo_mm, dtype=np.float64) - step) / step)
-    o_hi = np.ceil((np.asarray(hi_mm, dtype=np.float64) + step) / step)
-    return o_lo.astype(np.int64), o_hi.astype(np.int64)
+    from ._cpu_kernels import grid_ranges_nb
+
+    lo, hi, h = np.broadcast_arrays(np.asarray(lo_mm, dtype=np.float64),
+                                    np.asarray(hi_mm, dtype=np.float64),
+                                    np.asarray(h_b, dtype=np.float64))  # fmt: skip
+    o_lo, o_hi = grid_ranges_nb(lo.ravel(), hi.ravel(), h.ravel())
+    return o_lo.reshape(lo.shape), o_hi.reshape(lo.shape)
 
 
 #: The texture parameters of a plan's tumor, in the order :func:`texture_params` stacks them.
@@ -136,7 +139,10 @@ def texture_params(prms: Sequence[Mapping[str, float]]) -> np.ndarray:
 
 def block_sizes_mm(sigma_b: np.ndarray) -> np.ndarray:
     """:func:`block_size_mm` of an array of ``sigma_b`` (int64)."""
-    return np.maximum(np.floor(np.asarray(sigma_b, dtype=np.float64) / 2.0), 1).astype(np.int64)
+    from ._cpu_kernels import block_sizes_nb
+
+    sb = np.asarray(sigma_b, dtype=np.float64)
+    return block_sizes_nb(sb.ravel()).reshape(sb.shape)
 
 
 def texture_scalars_of(P: np.ndarray, h_b: np.ndarray) -> np.ndarray:

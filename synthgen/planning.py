@@ -198,10 +198,6 @@ def resolve_spacing(
     spacing: Sequence[float] | None, affine: np.ndarray | None
 ) -> tuple[float, float, float]:
     """Voxel size in mm from ``spacing`` or, failing that, from the affine's column norms."""
-    if isinstance(spacing, tuple | list) and len(spacing) == 3:  # the common case, fast
-        sp3 = tuple(float(x) for x in spacing if isinstance(x, float | int))
-        if len(sp3) == 3 and all(math.isfinite(x) and x > 0 for x in sp3):
-            return sp3  # type: ignore[return-value]
     if spacing is None:
         if affine is None:
             raise ValueError("give the voxel spacing in mm (spacing=...) or an affine")
@@ -209,12 +205,15 @@ def resolve_spacing(
         if a.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got shape {a.shape}")
         spacing = np.linalg.norm(a[:3, :3], axis=0)
-    sp = np.asarray(spacing, dtype=np.float64).ravel()
-    if sp.shape != (3,):
-        raise ValueError(f"spacing must have 3 values (mm per voxel axis), got {sp.tolist()}")
-    if not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing must be positive and finite, got {sp.tolist()}")
-    return (float(sp[0]), float(sp[1]), float(sp[2]))
+    if isinstance(spacing, tuple | list) and all(isinstance(x, float | int) for x in spacing):
+        sp = [float(x) for x in spacing]  # (Python numbers: no array needed)
+    else:
+        sp = np.asarray(spacing, dtype=np.float64).ravel().tolist()
+    if len(sp) != 3:
+        raise ValueError(f"spacing must have 3 values (mm per voxel axis), got {sp}")
+    if not all(math.isfinite(x) and x > 0 for x in sp):
+        raise ValueError(f"spacing must be positive and finite, got {sp}")
+    return (sp[0], sp[1], sp[2])
 
 
 def craniocaudal_axis(affine: np.ndarray | None) -> int:

@@ -441,6 +441,7 @@ def test_texture_axes_of_tumor_boxes_are_the_references() -> None:
     """The GPU driver's one call from tumor boxes to per-axis tables: block sizes
     (block_sizes_mm), grid ranges (grid_index_range) and the tables of axis_tables."""
     from synthgen._cpu_kernels import texture_axes_nb
+    from synthgen._geometry import lattice_range
     from synthgen._texture import axis_tables, block_sizes_mm, grid_index_range
 
     rng = np.random.default_rng(12)
@@ -453,6 +454,11 @@ def test_texture_axes_of_tumor_boxes_are_the_references() -> None:
     assert ok.all()
     np.testing.assert_array_equal(h_b, block_sizes_mm(sb))
     o_lo, o_hi = grid_index_range(lo, hi, h_b[:, None])
+    for q in range(n):  # the rules themselves: lattice_range(lo, hi, h_b, h_b), floor(sb / 2)
+        assert h_b[q] == max(1, math.floor(sb[q] / 2.0))
+        for a in range(3):
+            lat = lattice_range(lo[q, a], hi[q, a], float(h_b[q]), float(h_b[q]))
+            assert (o_lo[q, a], o_hi[q, a]) == (lat[0], lat[-1])
     ints, origin_r, starts_r, weights_r, inv_r = axis_tables(
         o_lo.ravel(), o_hi.ravel(), np.repeat(h_b, 3), np.repeat(sa, 3), np.repeat(sb, 3)
     )
