@@ -13,6 +13,9 @@ liver), with the image resident on the GPU and rendered in place:
   that is host work (the call's wall time less the time its two downloads wait), CPU ms per
   sample on the same machine (the numba path, every core), their ratio, and samples/s in
   batched mode (``render_batch`` of many plans into as many device images);
+* a mix sample with a uint8 label map on the device: the render writing the tumor label
+  itself (``label_outs``) against the render followed by the per-tumor labelling from the
+  result's boxes;
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
 * the achieved bandwidth of the fused segmented kernels (blend, write-back), re-launched on
@@ -243,6 +246,38 @@ def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
     return rows
 
 
+def bench_labels(g: Gpu, sc: Scene) -> list[dict]:
+    """A label map on the device (uint8, the organ labelled 1): a mix sample rendered with
+    ``label_outs`` (the tumor label written by one launch beside the write-back), against
+    the render followed by the per-tumor labelling from the result's boxes (a masked
+    assignment per tumor: what a training loop had to do before)."""
+    be = g.be
+    n = 3 if g.emulate else 20
+    plans = sc.plans(3_000_000, n, "mix")
+    work_d = sc.img_d.copy()
+    lab_d = be.upload(sc.mask_h.astype(np.uint8))
+
+    def fused(i):
+        _cuda.render_on_gpu([plans[i % n]], [work_d], [sc.mask_d], device_id=0, outs=[work_d],
+                            be=be, label_outs=[lab_d], tumor_label=2)  # fmt: skip
+        g.sync()
+
+    def boxes(i):
+        res = _cuda.render_on_gpu([plans[i % n]], [work_d], [sc.mask_d], device_id=0,
+                                  outs=[work_d], be=be)[0]  # fmt: skip
+        for sl, m in res.boxes:
+            lab_d[sl][m.astype(bool)] = 2
+        g.sync()
+
+    rows = []
+    for name, fn in (("render + label_out (fused)", fused),
+                     ("render, then label per tumor from the boxes", boxes)):  # fmt: skip
+        fn(0)
+        rows.append({"how": name, "ms": _median_ms(fn, n)})
+        print(f"  {name}: {rows[-1]['ms']:.2f} ms/sample")
+    return rows
+
+
 class _KernelTimer:
     """The backend with every launch bracketed by CUDA events (wall clock when emulated):
     each kernel's device time, summed by name."""
@@ -387,6 +422,12 @@ def main() -> int:
         print(gpu_report())
     print("benchmark: size classes")
     rows = bench_classes(g, sc, args.quick)
+    print("benchmark: label maps on the device")
+    try:
+        labs = bench_labels(g, sc)
+    except Exception:
+        traceback.print_exc()
+        labs = []
     print("benchmark: device time per kernel")
     try:
         kern = bench_kernels(g, sc)
@@ -410,6 +451,11 @@ def main() -> int:
         print(f"| {r['class']} | {r['tumors_per_sample']:.1f} | {r['plan_ms']:.2f} | "
               f"{r['gpu_ms']:.2f} | {r['host_ms']:.2f} | {r['cpu_ms']:.1f} | "
               f"{r['speedup']:.1f}x | {r['batched_sps']:.0f} ({r['batch']}) |")  # fmt: skip
+    print()
+    print("| mix sample with a device label map (uint8) | ms/sample |")
+    print("|---|---|")
+    for r in labs:
+        print(f"| {r['how']} | {r['ms']:.2f} |")
     print()
     print("| kernel | ms | GB/s | of copy |")
     print("|---|---|---|---|")
@@ -447,7 +493,8 @@ def main() -> int:
         print(f"target {what}: {'not measured' if ok is None else 'met' if ok else 'NOT met'}")
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if args.json:
-        data = {"tests": test_line, "classes": rows, "kernels": kern, "bandwidth": bw}
+        data = {"tests": test_line, "classes": rows, "kernels": kern, "bandwidth": bw,
+                "labels": labs}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=1))
     failed = len(rows) < len(CLASSES) or len(fused) < 2
     return rc or int(failed)

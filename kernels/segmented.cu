@@ -593,3 +593,27 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     atomicAdd(&s[0], (double)n);
     atomicAdd(&s[1], acc);
 }
+
+// The label write: the caller's label map (any dtype, any strides, on the device) gets the
+// row's value on every voxel of the row's tumor mask, in the tight box. Rows without one
+// (SG_LBL 0) leave at once. Overlapping tumors write the same value, so their order does
+// not matter; the result is the CPU's `label[box][mask] = value` per tumor.
+extern "C" __global__ void sg_seg_label(const long long* __restrict__ T, int F)
+{
+    const long long* r = T + (long long)blockIdx.y * F;
+    void* lab = (void*)r[SG_LBL];
+    if (lab == 0) return;
+    int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
+    const unsigned char* mask = (const unsigned char*)r[SG_TMASK];
+    const int code = (int)r[SG_LBL_CODE];
+    const long long value = r[SG_LBL_VAL];
+    const long long s0 = r[SG_LBLS0], s1 = r[SG_LBLS1], s2 = r[SG_LBLS2];
+    const long long base = s0 * r[SG_TO0] + s1 * r[SG_TO1] + s2 * r[SG_TO2];
+    long long total = (long long)nx * ny * nz;
+    SG_SEG_LOOP(total) {
+        if (!mask[t]) continue;
+        int i, j, k;
+        sg_unravel3(t, ny, nz, &i, &j, &k);
+        sg_store_label(lab, code, base + s0 * i + s1 * j + s2 * k, value);
+    }
+}

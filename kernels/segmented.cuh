@@ -147,7 +147,15 @@
 // phase A: the (i, j) part of the shape test per row of the box (sg_shape_row), 3 + 3 g2
 // float32 each
 #define SG_ROWS 136
-#define SG_T_WIDTH 137
+// the caller's label map on the device (0: none, or one on the host, written there): its
+// address, dtype code, strides (elements) and the value tumor voxels get
+#define SG_LBL 137
+#define SG_LBL_CODE 138
+#define SG_LBLS0 139
+#define SG_LBLS1 140
+#define SG_LBLS2 141
+#define SG_LBL_VAL 142
+#define SG_T_WIDTH 143
 
 // ---- float32 table TF ------------------------------------------------------------------
 #define SG_F_TLO 0
@@ -220,6 +228,22 @@ SG_FN float sg_load_f32(const void* p, int code, long long i) {
         case SG_CODE_I8: return (float)((const signed char*)p)[i];
         case SG_CODE_I64: return (float)((const long long*)p)[i];
         default: return (float)((const sg_u32*)p)[i];
+    }
+}
+
+// A label value stored as NumPy's assignment of an integer to an array of the dtype stores
+// it (the driver checks that the value fits the dtype).
+SG_FN void sg_store_label(void* p, int code, long long i, long long v) {
+    switch (code) {
+        case SG_CODE_F32: ((float*)p)[i] = (float)v; break;
+        case SG_CODE_F64: ((double*)p)[i] = (double)v; break;
+        case SG_CODE_I16: ((short*)p)[i] = (short)v; break;
+        case SG_CODE_U8: ((unsigned char*)p)[i] = (unsigned char)v; break;
+        case SG_CODE_I32: ((int*)p)[i] = (int)v; break;
+        case SG_CODE_U16: ((unsigned short*)p)[i] = (unsigned short)v; break;
+        case SG_CODE_I8: ((signed char*)p)[i] = (signed char)v; break;
+        case SG_CODE_I64: ((long long*)p)[i] = v; break;
+        default: ((sg_u32*)p)[i] = (sg_u32)v; break;
     }
 }
 

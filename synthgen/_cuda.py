@@ -49,6 +49,7 @@ KERNELS = {
         "sg_seg_blend",
         "sg_seg_merge",
         "sg_seg_apply",
+        "sg_seg_label",
     )
 }
 
@@ -174,6 +175,9 @@ class Job:
     target_on_device: bool
     organ_on_device: bool
     affine: np.ndarray | None = None
+    label: Any = None  # the caller's label map: tumor voxels get ``tumor_label``
+    label_on_device: bool = False
+    tumor_label: int = 2
 
     def __post_init__(self) -> None:
         self.preset = self.plan.get_preset()
@@ -245,12 +249,16 @@ def render_on_gpu(
     affines: Sequence[np.ndarray | None] | None = None,
     stream=None,
     be=None,
+    label_outs: Sequence[Any] | None = None,
+    tumor_label: int = 2,
 ) -> list[RenderResult]:
     """Render plans on one GPU; see :func:`synthgen.render_batch` for the contract.
 
     Data already on the GPU (CuPy arrays, torch CUDA tensors through DLPack) is rendered in
     place (``out``) or into a device copy; NumPy data stays on the host and only the tumor
-    boxes travel to the GPU and back.
+    boxes travel to the GPU and back. A label map of ``label_outs`` on the device gets its
+    tumor voxels from one launch for the whole batch; one on the host from the masks that
+    come back.
     """
     from ._device import array_kind
 
@@ -259,6 +267,7 @@ def render_on_gpu(
     n = len(plans)
     outs = list(outs) if outs is not None else [None] * n
     affines = list(affines) if affines is not None else [None] * n
+    labels = list(label_outs) if label_outs is not None else [None] * n
     torch_data = [array_kind(images[i]) == "torch-cuda" for i in range(n)]
     with be.context(stream, [*images, *organ_masks]):
         jobs = []
@@ -270,6 +279,7 @@ def render_on_gpu(
                 target = img.copy()
             else:
                 target = np.array(img, copy=True)
+            lab = _as_cupy(labels[i]) if labels[i] is not None else None
             jobs.append(
                 Job(
                     plan=plans[i],
@@ -278,6 +288,9 @@ def render_on_gpu(
                     target_on_device=be.on_device(target),
                     organ_on_device=be.on_device(org),
                     affine=affines[i],
+                    label=lab,
+                    label_on_device=lab is not None and be.on_device(lab),
+                    tumor_label=tumor_label,
                 )
             )
         from ._segments import render_segments

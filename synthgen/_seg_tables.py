@@ -31,7 +31,8 @@ B0, INV0, BK0, BLK0, FRAC, GKERN0, GKLEN0, GOFF0 = 82, 85, 88, 90, 93, 94, 97, 1
 GD1, GD2, GA, GB, GRID, G_0 = 103, 106, 109, 110, 111, 112
 DELTA, MERGED, PART, NPART, DST, DST_CODE = 115, 116, 117, 118, 119, 120
 DS0, DO0, ROUND = 121, 124, 127
-Q2, TQ2, APP, KEYS, OFF0, KIND, ROWS, T_WIDTH = 128, 129, 130, 131, 132, 135, 136, 137
+Q2, TQ2, APP, KEYS, OFF0, KIND, ROWS = 128, 129, 130, 131, 132, 135, 136
+LBL, LBL_CODE, LBLS0, LBL_VAL, T_WIDTH = 137, 138, 139, 142, 143
 F_TLO, F_CONTRAST, F_ORGAN_HU, F_CMIN, F_WIDTH = 0, 2, 3, 4, 8
 D_ZSCALE, D_SP0, D_M, D_TX0, D_STEP, D_WIDTH = 0, 6, 9, 18, 21, 22
 
@@ -195,14 +196,15 @@ BASES = ("part", "blur", "smooth", "band_starts", "band_weights", "band_inv", "a
 
 @nb.njit(**_OPTS)
 def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, organ_hu,
-               f32_base, f32_offs, u8_base, u8_offs, zero_base, zero_offs, bases, part_off,
-               n_part, qe, live, nb_, clip, centre, sp, u0, TA, app_row,
+               lab_on, lab, lab_val, f32_base, f32_offs, u8_base, u8_offs, zero_base, zero_offs,
+               bases, part_off, n_part, qe, live, nb_, clip, centre, sp, u0, TA, app_row,
                app_step, key_step, boffs, blen, row, woff, koff, klen, kk, goff, lat0, n_lat,
                noise_key, bern_key, blocks, block0, grid, contrast, scalars, origin,
                step):  # fmt: skip
     """Phase B's rows: every row's tight box, merge partners and write-back (to its image
-    where that is on the device, else to its ``out`` buffer); the ``ne`` ellipsoid rows'
-    blur, texture, blend and appearance columns.
+    where that is on the device, else to its ``out`` buffer) and label write (where its
+    job's label map is on the device: ``lab_on``, ``lab`` as ``img``, value ``lab_val``);
+    the ``ne`` ellipsoid rows' blur, texture, blend and appearance columns.
 
     Buffers: base address and element offsets of the float32 (:data:`F32`), uint8 (organ,
     mask) and zeroed (change) scratch; ``bases``: device addresses of the pack parts named in
@@ -231,6 +233,9 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
             T[r, DS0 + 1] = tn[r, 2]
             T[r, DS0 + 2] = 1
         T[r, ROUND] = jround[j]
+        if lab_on[j]:
+            _put_access(T, r, LBL, LBL_CODE, LBLS0, lab[j])
+            T[r, LBL_VAL] = lab_val[j]
         for c in range(4):
             TF[r, F_CMIN + c] = ranges[j, c]
         if r >= ne:

@@ -8,8 +8,8 @@ whole batch (``kernels/segmented.cu``): 3 launches in phase A (the shape test's 
 per box row, gather + the per-voxel shape test, box reduction), then one copy back of all
 boxes, then 17 launches in phase B (tight-box gather,
 three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid passes, the
-rescale's statistics and scaling, the fused blend, the overlap merge, the write-back), then
-one copy back of the statistics.
+rescale's statistics and scaling, the fused blend, the overlap merge, the write-back; an 18th
+where label maps on the device take the tumor label), then one copy back of the statistics.
 
 The host's work per batch is vectorised over the tumors: compiled (numba) calls over all
 tumors for the conservative boxes, the B-spline weight rows, the texture's per-axis tables,
@@ -243,7 +243,8 @@ class _Jobs:
     """What every row of a job shares, as arrays over the jobs (a row reads its job's): the
     spacing and shape, the organ's box (``ob``, where ``ob_on``), where phase A reads the
     image and the organ (device address, dtype code, strides: ``img``/``org``, ``(n, 5)``,
-    where ``img_on``/``org_on``) and the write-back's range and rounding."""
+    where ``img_on``/``org_on``), the write-back's range and rounding, and the label map
+    written on the device (``lab`` as ``img``, where ``lab_on``; value ``lab_val``)."""
 
     def __init__(self, be, jobs) -> None:
         nj = len(jobs)
@@ -269,9 +270,13 @@ class _Jobs:
                 (float(c.min_hu), float(c.max_hu), out_lo, out_hi),
                 job.tissue,
                 float(plan.organ_hu) if plan.organ_hu is not None else 0.0,
+                job.label_on_device,
+                (be.ptr(job.label), dtype_code(job.label.dtype), *_strides(job.label))
+                if job.label_on_device else (0,) * 5,
+                job.tumor_label,
             ))  # fmt: skip
-        (sp, shape, ob_on, ob, img_on, org_on, img, org, rnd, ranges, tissue,
-         organ_hu) = zip(*rows, strict=True) if rows else ((),) * 12  # fmt: skip
+        (sp, shape, ob_on, ob, img_on, org_on, img, org, rnd, ranges, tissue, organ_hu,
+         lab_on, lab, lab_val) = zip(*rows, strict=True) if rows else ((),) * 15  # fmt: skip
         self.sp = np.array(sp, dtype=np.float64).reshape(nj, 3)
         self.shape = np.array(shape, dtype=np.int64).reshape(nj, 3)
         self.ob_on = np.array(ob_on, dtype=bool).reshape(nj)
@@ -284,6 +289,9 @@ class _Jobs:
         self.ranges = np.array(ranges, dtype=np.float32).reshape(nj, 4)  # cmin, cmax, lo, hi
         self.tissue = np.array(tissue, dtype=np.float32).reshape(nj, 2)
         self.organ_hu = np.array(organ_hu, dtype=np.float32).reshape(nj)
+        self.lab_on = np.array(lab_on, dtype=bool).reshape(nj)
+        self.lab = np.array(lab, dtype=np.int64).reshape(nj, 5)
+        self.lab_val = np.array(lab_val, dtype=np.int64).reshape(nj)
 
 
 class _Arena:
@@ -575,11 +583,11 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         refs.update(app=app_ref, keys=key_ref)
     bases = np.array([base[refs[k]] if k in refs else 0 for k in BASES], dtype=np.int64)
     phase_b_nb(T, TF, TD, ne, tn, to, job_of, J.img_on, J.img, J.round, J.ranges, J.tissue,
-               J.organ_hu, f32.base, f32.offs, u8.base, u8.offs, zero.base, zero.offs, bases,
-               part_off, n_part, qe, live, nb, clip, centre, sp, u0, TA, app_row,
-               app_step, key_step, boffs, blen, tx.row, tx.woff, tx.koff, tx.klen, tx.kk,
-               tx.goff, tx.lat0, ln, tx.noise_key, tx.bern_key, bs, tx.block0, gs, contrast,
-               tx.scalars, tx.origin, tx.step)  # fmt: skip
+               J.organ_hu, J.lab_on, J.lab, J.lab_val, f32.base, f32.offs, u8.base, u8.offs,
+               zero.base, zero.offs, bases, part_off, n_part, qe, live, nb, clip, centre, sp, u0,
+               TA, app_row, app_step, key_step, boffs, blen, tx.row, tx.woff, tx.koff, tx.klen,
+               tx.kk, tx.goff, tx.lat0, ln, tx.noise_key, tx.bern_key, bs, tx.block0, gs,
+               contrast, tx.scalars, tx.origin, tx.step)  # fmt: skip
     # host rows: only merge and write-back read them
     for w_, (r_orig, r_delta, r_mask) in enumerate(host_refs):
         q = ne + w_
@@ -619,6 +627,8 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     be.launch2d("sg_seg_merge", nl, tv, Td, WW)
     stats = pack.view(st_ref)
     be.launch2d("sg_seg_apply", nl, tv, Td, WW, TFd, FF, stats)
+    if J.lab_on.any():  # the label maps on the device: every row's mask, one launch
+        be.launch2d("sg_seg_label", nl, tv, Td, WW)
     if KEEP_LAST:
         LAST.clear()
         LAST.update(
@@ -645,6 +655,9 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
             o = be.download(f32.view(q, F32.index("out"), shp))  # written where sel only
             job.target[tight][sel] = o[sel].astype(job.target.dtype)
             m = be.download(m).view(np.bool_)
+        if job.label is not None and not job.label_on_device:  # a host label map
+            mh = m if not job.target_on_device else be.download(m).view(np.bool_)
+            job.label[tight][mh] = job.tumor_label
         masks[key[0]][key[1]] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
     del pack_a, fa, ua, f32, u8, zero

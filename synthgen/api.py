@@ -195,6 +195,8 @@ def render(
     out: np.ndarray | None = None,
     device: str = "auto",
     affine: np.ndarray | None = None,
+    label_out=None,
+    tumor_label: int = 2,
 ) -> RenderResult:
     """Apply a plan to a scan, deterministically, with its preset's mass effect.
 
@@ -203,12 +205,15 @@ def render(
     of the organ mask (a copy; the result's ``organ_mask`` and ``label`` use it). The
     settings travel in ``plan.preset``, so a stored plan replays the warped sample bit for
     bit. To warp other label maps along, use :func:`synthgen.mass_effect.render_plan`.
+    ``label_out`` (a label map that receives ``tumor_label`` on the tumor voxels, in place)
+    is warped along.
     """
+    lab = {"label_out": label_out, "tumor_label": tumor_label}
     if not plan.get_preset().mass_effect.enabled:
-        return _render(plan, image, organ_mask, out=out, device=device, affine=affine)
+        return _render(plan, image, organ_mask, out=out, device=device, affine=affine, **lab)
     from .mass_effect import render_plan
 
-    return render_plan(plan, image, organ_mask, out=out, device=device, affine=affine).result
+    return render_plan(plan, image, organ_mask, out=out, device=device, affine=affine, **lab).result
 
 
 def render_batch(
@@ -220,28 +225,42 @@ def render_batch(
     device: str = "auto",
     affines=None,
     stream=None,
+    label_outs=None,
+    tumor_label: int = 2,
 ) -> list[RenderResult]:
     """:func:`synthgen.rendering.render_batch` with each plan's mass effect (see
     :func:`render`): plans whose tumors push tissue get their image (into its ``out`` or a
-    copy) and organ mask (a copy) warped first; the others are rendered as given."""
+    copy), organ mask (a copy) and label map of ``label_outs`` (in place) warped first; the
+    others are rendered as given."""
     from .mass_effect import prepare_render
-    from .rendering import per_plan
+    from .rendering import _host_label, check_label_out, per_plan
 
-    ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
+    if label_outs is not None and not isinstance(label_outs, (list, tuple)):
+        raise ValueError("label_outs must be one label map per plan (a list), or None")
+    ims, oms, os_, labs = per_plan(
+        len(plans), images=images, organ_masks=organ_masks, outs=outs, label_outs=label_outs
+    )
+    labs = [_host_label(lab) for lab in labs]
+    for p, lab in zip(plans, labs, strict=True):  # before anything is warped
+        if lab is not None:
+            check_label_out(lab, p.shape, tumor_label)
+    lab_args = {"label_outs": labs, "tumor_label": tumor_label}
     plans_r = list(plans)
     warped = False
     for i, p in enumerate(plans):
         if not p.get_preset().mass_effect.enabled:
             continue
-        prep = prepare_render(p, ims[i], oms[i], out=os_[i])
+        prep = prepare_render(p, ims[i], oms[i], out=os_[i], label_out=labs[i])
         if prep.fields:
             plans_r[i], ims[i], oms[i], os_[i] = prep.plan, prep.image, prep.organ_mask, prep.image
             warped = True
     if not warped:
         return _render_batch(
-            plans, images, organ_masks, outs=outs, device=device, affines=affines, stream=stream
-        )
-    res = _render_batch(plans_r, ims, oms, outs=os_, device=device, affines=affines, stream=stream)
+            plans, images, organ_masks, outs=outs, device=device, affines=affines, stream=stream,
+            **lab_args,
+        )  # fmt: skip
+    res = _render_batch(plans_r, ims, oms, outs=os_, device=device, affines=affines,
+                        stream=stream, **lab_args)  # fmt: skip
     for r, p in zip(res, plans, strict=True):
         r.plan = p
     return res

@@ -137,18 +137,17 @@ def implant_tumors(
         plan = synthesizer.plan(out_image, organ, seed=seed, affine=affine, organ_index=organ_index)
     except ValueError as e:  # too small for the preset's tumors: a normal patch
         return Implanted(out_image, out_label, None, str(e))
-    # The preset's mass effect (if any) warps the image and the whole label map alike first.
+    # The preset's mass effect (if any) warps the image and the whole label map alike first;
+    # the render then writes the tumor label into the label map itself.
     res = render_plan(
         plan,
         out_image,
         organ,
-        labels=[out_label],
-        labels_inplace=True,
         organ_inplace=organ_mask is None,  # a temporary built from the label: warp it as is
         out=out_image,
         device=synthesizer.device,
         affine=affine,
+        label_out=out_label,
+        tumor_label=tumor_label,
     ).result
-    for sl, m in res.boxes:
-        out_label[sl][m] = tumor_label
     return Implanted(out_image, out_label, res.plan)

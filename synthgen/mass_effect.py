@@ -807,12 +807,14 @@ def prepare_render(
     labels_inplace: bool = False,
     organ_inplace: bool = False,
     settings: Any = None,
+    label_out: Any = None,
 ) -> PreparedRender:
     """Warp a scan and its labels as ``plan``'s preset asks, before rendering it.
 
     The image is warped into ``out`` (which holds the image, as for
     :func:`synthgen.render`) or into a copy; the organ mask into a copy (in place with
-    ``organ_inplace``); ``labels`` into copies, or in place with ``labels_inplace``. Only the
+    ``organ_inplace``); ``labels`` into copies, or in place with ``labels_inplace``;
+    ``label_out`` (the map the render will write the tumor label into) in place. Only the
     fields' boxes are computed; NumPy arrays are warped in place, GPU arrays (CuPy, torch
     CUDA) box by box through the host. Nothing is copied when no tumor pushes.
     """
@@ -823,7 +825,8 @@ def prepare_render(
     target = _copy(image) if out is None else out
     organ_w = organ_mask if organ_inplace else _copy(organ_mask)
     labs_w = labs if labels_inplace else [_copy(lab) for lab in labs]
-    _warp_any(target, [organ_w, *labs_w], fields)
+    extra = [label_out] if label_out is not None else []
+    _warp_any(target, [organ_w, *labs_w, *extra], fields)
     plan_r = dataclasses.replace(plan, organ_bbox=_grown_bbox(plan.organ_bbox, fields))
     return PreparedRender(plan_r, target, organ_w, rebuild(labs_w), fields)
 
@@ -840,6 +843,8 @@ def render_plan(
     labels_inplace: bool = False,
     organ_inplace: bool = False,
     settings: Any = None,
+    label_out: Any = None,
+    tumor_label: int = 2,
 ) -> MassEffectSample:
     """Render a plan with its preset's mass effect: warp the scan and labels, then render.
 
@@ -847,9 +852,14 @@ def render_plan(
     other label maps that must follow the warp (``labels``: a mapping, sequence or one
     array; see :func:`prepare_render`). The result's ``organ_mask`` (and so its ``label``)
     is the warped organ mask and its ``plan`` the plan as given. Without mass effect this is
-    :func:`synthgen.rendering.render` and ``labels`` come back as given.
+    :func:`synthgen.rendering.render` and ``labels`` come back as given. ``label_out`` (see
+    :func:`synthgen.render`) is warped in place, then gets the tumor label from the render.
     """
-    from .rendering import render
+    from .rendering import _host_label, check_label_out, render
+
+    label_out = _host_label(label_out)
+    if label_out is not None:  # before anything is warped
+        tumor_label = check_label_out(label_out, plan.shape, tumor_label)
 
     prep = prepare_render(
         plan,
@@ -860,13 +870,16 @@ def render_plan(
         labels_inplace=labels_inplace,
         organ_inplace=organ_inplace,
         settings=settings,
+        label_out=label_out,
     )
+    lab = {"label_out": label_out, "tumor_label": tumor_label}
     if not prep.fields:
-        res = render(plan, image, organ_mask, out=out, device=device, affine=affine)
+        res = render(plan, image, organ_mask, out=out, device=device, affine=affine, **lab)
         return MassEffectSample(result=res, labels=labels, fields=[])
     res = render(
-        prep.plan, prep.image, prep.organ_mask, out=prep.image, device=device, affine=affine
-    )
+        prep.plan, prep.image, prep.organ_mask, out=prep.image, device=device, affine=affine,
+        **lab,
+    )  # fmt: skip
     res.plan = plan
     return MassEffectSample(result=res, labels=prep.labels, fields=prep.fields)
 

@@ -426,6 +426,42 @@ def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
             raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
 
 
+def check_label_out(label_out: Any, shape: Sequence[int], tumor_label: Any) -> int:
+    """Raise ``ValueError`` unless ``label_out`` can receive ``tumor_label`` on the grid
+    ``shape`` (a 3-D array of that shape, of an integer or float dtype whose range holds the
+    value; a boolean map only for the value 1); returns the value as an ``int``."""
+    import operator
+
+    if isinstance(tumor_label, (bool, np.bool_)):
+        raise ValueError(f"tumor_label must be an integer, got {tumor_label!r}")
+    try:
+        value = operator.index(tumor_label)
+    except TypeError:
+        raise ValueError(f"tumor_label must be an integer, got {tumor_label!r}") from None
+    if not hasattr(label_out, "shape") or not hasattr(label_out, "dtype"):
+        raise ValueError(f"label_out must be an array, got {type(label_out).__name__}")
+    if tuple(label_out.shape) != tuple(shape):
+        raise ValueError(f"label_out has shape {tuple(label_out.shape)}, the image {tuple(shape)}")
+    kind = str(label_out.dtype).replace("torch.", "")
+    dt = np.dtype("bool" if kind == "bool" else kind)
+    if dt == np.bool_:
+        if value != 1:
+            raise ValueError(
+                f"a boolean label_out cannot hold tumor_label {value}: pass an integer map "
+                "(uint8) or tumor_label=1"
+            )
+    elif dt.kind in "iu":
+        info = np.iinfo(dt)
+        if not info.min <= value <= info.max:
+            raise ValueError(f"tumor_label {value} does not fit label_out's dtype {dt}")
+    elif dt.kind == "f":
+        if abs(value) > 2**24:
+            raise ValueError(f"tumor_label {value} is not exact in label_out's dtype {dt}")
+    else:
+        raise ValueError(f"label_out must be an integer or float array, got dtype {dt}")
+    return value
+
+
 def per_plan(n: int, **args: Any) -> list[list[Any]]:
     """``render_batch``'s arguments as one list per plan each, in the order given: a list or
     tuple is taken as one item per plan (ValueError naming it when its length is not ``n``),
@@ -450,6 +486,8 @@ def render_batch(
     device: str = "auto",
     affines: Sequence[np.ndarray | None] | None = None,
     stream: Any = None,
+    label_outs: Sequence[Any] | None = None,
+    tumor_label: int = 2,
 ) -> list[RenderResult]:
     """Render many plans at once: for one scan (pass one image and mask) or many.
 
@@ -467,23 +505,35 @@ def render_batch(
         device: As for :func:`render`.
         affines: Optional affine per plan (world-mm centres in the records).
         stream: GPU stream to work on.
+        label_outs: One caller-owned label map per plan (see :func:`render`'s
+            ``label_out``), or ``None``; on a GPU every tumor voxel of the batch is labelled
+            by one launch, with no per-tumor work.
+        tumor_label: The value tumor voxels get in ``label_outs``.
 
     Returns:
         One :class:`RenderResult` per plan, in order.
     """
     n = len(plans)
-    images, organ_masks, outs, affines = per_plan(
-        n, images=images, organ_masks=organ_masks, outs=outs, affines=affines
-    )
+    if label_outs is not None and not isinstance(label_outs, (list, tuple)):
+        raise ValueError("label_outs must be one label map per plan (a list), or None")
+    images, organ_masks, outs, affines, label_outs = per_plan(
+        n, images=images, organ_masks=organ_masks, outs=outs, affines=affines,
+        label_outs=label_outs,
+    )  # fmt: skip
     if n == 0:
         return []
+    label_outs = [_host_label(lab) for lab in label_outs]
+    for p, lab in zip(plans, label_outs, strict=True):
+        if lab is not None:
+            check_label_out(lab, p.shape, tumor_label)
     from ._device import resolve_device
 
     where = resolve_device(device, *images, *organ_masks, *[o for o in outs if o is not None])
     if where.kind == "cpu":
+        todo = zip(plans, images, organ_masks, outs, affines, label_outs, strict=True)
         return [
-            render(p, im, om, out=o, device="cpu", affine=a)
-            for p, im, om, o, a in zip(plans, images, organ_masks, outs, affines, strict=True)
+            render(p, im, om, out=o, device="cpu", affine=a, label_out=lab, tumor_label=tumor_label)
+            for p, im, om, o, a, lab in todo
         ]
     from ._cuda import render_on_gpu
 
@@ -497,7 +547,16 @@ def render_batch(
         outs=outs,
         affines=affines,
         stream=stream,
+        label_outs=label_outs,
+        tumor_label=tumor_label,
     )
+
+
+def _host_label(lab: Any) -> Any:
+    """A CPU tensor label map as its NumPy view (written in place through it)."""
+    from ._device import array_kind
+
+    return lab.numpy() if lab is not None and array_kind(lab) == "torch-cpu" else lab
 
 
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
@@ -516,6 +575,8 @@ def render(
     out: np.ndarray | None = None,
     device: str = "auto",
     affine: np.ndarray | None = None,
+    label_out: Any = None,
+    tumor_label: int = 2,
 ) -> RenderResult:
     """Apply a plan to a scan, deterministically.
 
@@ -531,6 +592,11 @@ def render(
             ``"cuda"`` or ``"cuda:N"`` (NumPy data then stays on the host and only the
             tumors' boxes travel to the GPU and back).
         affine: Optional voxel-to-world affine, only used to report centres in world mm.
+        label_out: Caller-owned label map on the image's grid (any integer or float dtype,
+            any contents, e.g. the organ labels; NumPy, CuPy or torch): every tumor voxel is
+            set to ``tumor_label`` in place, in the render itself (on a GPU, one launch with
+            the write-back: no full-volume label is built and the host does not wait).
+        tumor_label: The value tumor voxels get in ``label_out``.
 
     Returns:
         A :class:`RenderResult` (image, lazily built tumor mask and label, per-tumor records).
@@ -541,14 +607,18 @@ def render(
     """
     from ._device import array_kind, resolve_device
 
+    label_out = _host_label(label_out)
+    if label_out is not None:
+        tumor_label = check_label_out(label_out, plan.shape, tumor_label)
     where = resolve_device(device, image, organ_mask, *([out] if out is not None else []))
     if where.kind == "cuda":
         from ._cuda import render_on_gpu
 
         _check_job(plan, image, organ_mask, out)
         return render_on_gpu(
-            [plan], [image], [organ_mask], device_id=where.index, outs=[out], affines=[affine]
-        )[0]
+            [plan], [image], [organ_mask], device_id=where.index, outs=[out], affines=[affine],
+            label_outs=[label_out], tumor_label=tumor_label,
+        )[0]  # fmt: skip
     if array_kind(image) == "torch-cpu":  # CPU tensors: NumPy views, results as tensors
         import torch
 
@@ -559,6 +629,8 @@ def render(
             out=out.numpy() if out is not None else None,
             device="cpu",
             affine=affine,
+            label_out=label_out,
+            tumor_label=tumor_label,
         )
         res.image = out if out is not None else torch.from_numpy(res.image)
         res.wrap = torch.from_numpy
@@ -566,6 +638,11 @@ def render(
     check_arrays(image, organ_mask)
     if tuple(image.shape) != tuple(plan.shape):
         raise ValueError(f"plan is for shape {tuple(plan.shape)}, image is {tuple(image.shape)}")
+    if label_out is not None and not isinstance(label_out, np.ndarray):
+        raise ValueError(
+            f"label_out is a {type(label_out).__name__}: the CPU path writes NumPy arrays "
+            "(or CPU tensors); render GPU label maps with device='cuda'"
+        )
     if out is None:
         target = np.array(image, copy=True)
     else:
@@ -639,6 +716,9 @@ def render(
         for i, (m, n, mc) in res.items():
             masks[i] = (boxes[i], m)
             stats[i] = (n, mc)
+    if label_out is not None:
+        for sl, m in masks.values():
+            label_out[sl][m] = tumor_label
 
     return assemble(plan, target, organ_mask, stats, masks, affine)
 

@@ -385,11 +385,10 @@ class BatchTumorSynthesis:
             plans.append(plan)
         if jobs:
             # The preset's mass effect (if any) warps image and label map alike, per sample
-            # (GPU data box by box through the host); then one batched render.
+            # (GPU data box by box through the host); then one batched render that writes
+            # the tumor label into the label maps too (on a GPU: one launch for the batch).
             preps = [
-                prepare_render(
-                    p, image[b, 0], o, labels=[label[b, 0]], out=image[b, 0], labels_inplace=True
-                )
+                prepare_render(p, image[b, 0], o, out=image[b, 0], label_out=label[b, 0])
                 for b, p, o in jobs
             ]
             results = render_batch(
@@ -398,13 +397,11 @@ class BatchTumorSynthesis:
                 [q.organ_mask for q in preps],
                 outs=[q.image for q in preps],
                 affines=[affine] * len(jobs),
+                label_outs=[label[b, 0] for b, _, _ in jobs],
+                tumor_label=self.tumor_label,
             )
-            for (b, p, _), res in zip(jobs, results, strict=True):
+            for (_, p, _), res in zip(jobs, results, strict=True):
                 res.plan = p
-                lab = label[b, 0]
-                for sl, m in res.boxes:
-                    mt = torch.from_numpy(m) if isinstance(m, np.ndarray) else torch.from_dlpack(m)
-                    lab[sl][mt.to(torch.bool)] = self.tumor_label
         return plans
 
     def _plan(self, image0: torch.Tensor, organ: torch.Tensor, seed: int, affine):

@@ -213,6 +213,152 @@ def test_batched_render_equals_one_by_one(backend, small_phantom, organ_masks):
     assert np.array_equal(be.download(img), ph.image), "the shared input was not modified"
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float32])
+def test_label_out_gets_the_tumor_voxels_in_the_render(backend, small_phantom, organ_masks,
+                                                       dtype):  # fmt: skip
+    """Label maps passed to the render: one on the device (strided), one on the host beside
+    a device image, one beside a host image. Each gets the tumor label on exactly its
+    result's tumor voxels (ellipsoid and wall tumors of one batch) and nothing else changes;
+    the CPU path's label agrees as its masks do."""
+    be, dev = backend
+    ph = small_phantom
+    jobs = [("liver-classic", "liver", "mix", 21), ("colon", "colon", None, 13)]
+    plans = [_plan(ph, organ_masks[o], p, s, z) for p, o, z, s in jobs]
+    assert any(t.kind == "wall" for t in plans[1].tumors)
+    base = np.zeros(ph.image.shape, dtype)
+    base[organ_masks["liver"]] = 1
+    base[organ_masks["colon"]] = 3
+    x, y, z = base.shape
+    wide = dev(np.full((x, y, 2 * z), 9, dtype))
+    lab_dev = wide[:, :, 1::2]  # strided: every other element of the last axis
+    lab_dev[...] = dev(base)
+    lab_host = base.copy()
+    img = dev(ph.image)
+    orgs = [dev(organ_masks[o]) for _, o, _, _ in jobs]
+    res = _cuda.render_on_gpu(plans, [img, img], orgs, device_id=0, be=be,
+                              label_outs=[lab_dev, lab_host], tumor_label=7)  # fmt: skip
+    tm = [be.download(r.tumor_mask) for r in res]
+    assert all(m.any() for m in tm)
+    for m, got in ((tm[0], be.download(lab_dev)), (tm[1], lab_host)):
+        want = base.copy()
+        want[m] = 7
+        np.testing.assert_array_equal(got, want)
+    assert (be.download(wide)[:, :, 0::2] == 9).all(), "only the label map's own elements"
+    # a host image and its host label map
+    lab_h2 = base.copy()
+    r2 = _cuda.render_on_gpu([plans[0]], [ph.image], [organ_masks["liver"]], device_id=0, be=be,
+                             label_outs=[lab_h2], tumor_label=7)[0]  # fmt: skip
+    want = base.copy()
+    want[np.asarray(r2.tumor_mask)] = 7
+    np.testing.assert_array_equal(lab_h2, want)
+    # the CPU path
+    for (_p, o, _z, _s), plan, m in zip(jobs, plans, tm, strict=True):
+        lab_cpu = base.copy()
+        ref = rendering.render(plan, ph.image, organ_masks[o], label_out=lab_cpu, tumor_label=7)
+        want = base.copy()
+        want[ref.tumor_mask] = 7
+        np.testing.assert_array_equal(lab_cpu, want)
+        assert np.count_nonzero(m != ref.tumor_mask) <= 0.001 * ref.tumor_mask.sum()
+
+
+def test_kernel_label(backend):
+    """sg_seg_label: each row's mask voxels get its value in its label map (dtype, strides,
+    tight-box origin of its own); rows without a map (0) write nothing."""
+    be, dev = backend
+    rng = np.random.default_rng(8)
+    rows = _Rows(be, dev, 4)
+    C = rows.C
+    codes = {np.dtype(np.int16): 2, np.dtype(np.float64): 1, np.dtype(np.uint32): 8}
+    cases = []
+    for s, (dt, val) in enumerate(((np.int16, -5), (np.float64, 4), (np.uint32, 70000), (None, 0))):
+        shp = (5, 6, 7)
+        mask = (rng.random(shp) < 0.4).astype(np.uint8)
+        rows.put(s, "TMASK", mask)
+        rows.set(s, "TN0", *shp)
+        o = (s, 2 * s, 3)
+        rows.set(s, "TO0", *o)
+        if dt is None:  # no label map
+            cases.append(None)
+            continue
+        full = dev(np.zeros((12, 14, 24), dt))
+        lab = full[:, :, ::2]  # (12, 14, 12), strided
+        rows.T[s, C.LBL] = be.ptr(lab)
+        rows.set(s, "LBL_CODE", codes[np.dtype(dt)])
+        rows.set(s, "LBLS0", *(st // lab.itemsize for st in lab.strides))
+        rows.set(s, "LBL_VAL", val)
+        rows.keep.append(full)
+        cases.append((full, o, mask, dt, val))
+    rows.launch("sg_seg_label", 5 * 6 * 7)
+    for case in cases:
+        if case is None:
+            continue
+        full, o, mask, dt, val = case
+        want = np.zeros((12, 14, 24), dt)
+        box = want[:, :, ::2][o[0] : o[0] + 5, o[1] : o[1] + 6, o[2] : o[2] + 7]
+        box[mask.astype(bool)] = val
+        np.testing.assert_array_equal(be.download(full), want)
+
+
+def test_label_out_checks(small_phantom, organ_masks):
+    """Bad label maps are refused before anything is written, with what is wrong."""
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver", 4, None)
+    img = ph.image.copy()
+    for lab, val, msg in (
+        (np.zeros((3, 3, 3), np.uint8), 2, "shape"),
+        (np.zeros(ph.image.shape, bool), 2, "boolean"),
+        (np.zeros(ph.image.shape, np.int8), 300, "does not fit"),
+        (np.zeros(ph.image.shape, np.uint8), 2.5, "integer"),
+        (np.zeros(ph.image.shape, np.complex64), 2, "integer or float"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            synthgen.render(plan, img, mask, out=img, label_out=lab, tumor_label=val)
+        with pytest.raises(ValueError, match=msg):
+            synthgen.render_batch([plan], img, mask, outs=[img], label_outs=[lab],
+                                  tumor_label=val)  # fmt: skip
+    np.testing.assert_array_equal(img, ph.image)
+    with pytest.raises(ValueError, match="one label map per plan"):
+        synthgen.render_batch([plan], img, mask, label_outs=np.zeros(ph.image.shape, np.uint8))
+    # a boolean map takes the value 1; a CPU tensor is written through its NumPy view
+    lab = np.zeros(ph.image.shape, bool)
+    res = synthgen.render(plan, ph.image, mask, label_out=lab, tumor_label=1)
+    np.testing.assert_array_equal(lab, res.tumor_mask)
+    torch = pytest.importorskip("torch")
+    lab_t = torch.zeros(ph.image.shape, dtype=torch.int32)
+    res = synthgen.render_batch([plan], ph.image, mask, label_outs=[lab_t], tumor_label=5)[0]
+    np.testing.assert_array_equal(lab_t.numpy(), 5 * res.tumor_mask.astype(np.int32))
+
+
+def test_label_out_follows_the_mass_effect(small_phantom):
+    """With a preset that pushes tissue, label_out is warped with the image (organ labels
+    move) and then gets the tumor label: what the adapters' implant_tumors returns."""
+    from synthgen import mass_effect as me
+    from synthgen.augment import affine_for, implant_tumors
+
+    ph = small_phantom
+    liver = ph.mask("liver")
+    syn = synthgen.Synthesizer("liver", size="large", spacing=ph.spacing)
+    for seed in range(20):
+        plan = syn.plan(ph.image, liver, seed=seed)
+        if me.plan_fields(plan):
+            break
+    else:
+        pytest.fail("no large liver tumor pushed in 20 seeds")
+    lab = liver.astype(np.int16)
+    res = synthgen.render(plan, ph.image, liver, label_out=lab, tumor_label=2)
+    ref = me.render_plan(plan, ph.image, liver, labels=[liver.astype(np.int16)], device="cpu")
+    want = ref.labels[0].copy()
+    want[ref.result.tumor_mask] = 2
+    np.testing.assert_array_equal(lab, want)
+    np.testing.assert_array_equal(res.image, ref.result.image)
+    assert ((lab == 1) != liver).any(), "the organ labels moved"
+    imp = implant_tumors(ph.image, liver.astype(np.int16), synthesizer=syn, organ_labels=[1],
+                         tumor_label=2, seed=seed, affine=affine_for(ph.spacing))  # fmt: skip
+    assert imp.plan == plan
+    np.testing.assert_array_equal(imp.label, want)
+
+
 def test_render_batch_api_on_the_cpu(small_phantom, organ_masks):
     ph = small_phantom
     mask = organ_masks["liver"]
