@@ -33,6 +33,8 @@ def synthesize(
     organ_index: OrganIndex | None = None,
     vessel_mask: np.ndarray | None = None,
     lesion_mask: np.ndarray | None = None,
+    label_out=None,
+    tumor_label: int = 2,
 ) -> SynthesisResult:
     """Implant synthetic tumors into one CT scan.
 
@@ -61,6 +63,10 @@ def synthesize(
             box plus the clearance is read.
         lesion_mask: Optional mask of lesions already in the scan: tumors keep the preset's
             ``gap_mm`` from them.
+        label_out: Optional caller-owned label map on the same grid (any integer or float
+            dtype): its tumor voxels are set to ``tumor_label`` in place by the render
+            itself (warped first along with the image by a mass effect).
+        tumor_label: The value tumor voxels get in ``label_out``.
 
     Returns:
         A result with ``.image``, ``.tumor_mask`` (bool), ``.label`` (uint8: 0 background,
@@ -84,6 +90,8 @@ def synthesize(
         organ_index=organ_index,
         vessel_mask=vessel_mask,
         lesion_mask=lesion_mask,
+        label_out=label_out,
+        tumor_label=tumor_label,
     )
 
 
@@ -157,6 +165,8 @@ class Synthesizer:
         organ_index: OrganIndex | None = None,
         vessel_mask: np.ndarray | None = None,
         lesion_mask: np.ndarray | None = None,
+        label_out=None,
+        tumor_label: int = 2,
     ) -> SynthesisResult:
         """Synthesize one sample (see :func:`synthesize`)."""
         plan_image, plan_mask = image, organ_mask
@@ -179,7 +189,8 @@ class Synthesizer:
             vessel_mask=vessel_mask,
             lesion_mask=lesion_mask,
         )
-        return render(p, image, organ_mask, out=out, device=self.device, affine=affine)
+        return render(p, image, organ_mask, out=out, device=self.device, affine=affine,
+                      label_out=label_out, tumor_label=tumor_label)  # fmt: skip
 
     def __repr__(self) -> str:
         return (

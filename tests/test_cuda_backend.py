@@ -324,6 +324,10 @@ def test_label_out_checks(small_phantom, organ_masks):
     lab = np.zeros(ph.image.shape, bool)
     res = synthgen.render(plan, ph.image, mask, label_out=lab, tumor_label=1)
     np.testing.assert_array_equal(lab, res.tumor_mask)
+    lab = mask.astype(np.uint8)
+    res = synthgen.synthesize(ph.image, mask, organ="liver-classic", seed=4, spacing=ph.spacing,
+                              label_out=lab)  # fmt: skip
+    np.testing.assert_array_equal(lab, res.label)
     torch = pytest.importorskip("torch")
     lab_t = torch.zeros(ph.image.shape, dtype=torch.int32)
     res = synthgen.render_batch([plan], ph.image, mask, label_outs=[lab_t], tumor_label=5)[0]
