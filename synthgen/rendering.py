@@ -444,8 +444,12 @@ def check_label_out(label_out: Any, shape: Sequence[int], tumor_label: Any) -> i
         raise ValueError(f"label_out must be an array, got {type(label_out).__name__}")
     if tuple(label_out.shape) != tuple(shape):
         raise ValueError(f"label_out has shape {tuple(label_out.shape)}, the image {tuple(shape)}")
-    kind = str(label_out.dtype).replace("torch.", "")
-    dt = np.dtype("bool" if kind == "bool" else kind)
+    try:
+        dt = np.dtype(str(label_out.dtype).replace("torch.", ""))
+    except TypeError:
+        raise ValueError(
+            f"label_out has dtype {label_out.dtype}, which synthgen cannot write"
+        ) from None
     if dt == np.bool_:
         if value != 1:
             raise ValueError(

@@ -332,6 +332,9 @@ def test_label_out_checks(small_phantom, organ_masks):
     lab_t = torch.zeros(ph.image.shape, dtype=torch.int32)
     res = synthgen.render_batch([plan], ph.image, mask, label_outs=[lab_t], tumor_label=5)[0]
     np.testing.assert_array_equal(lab_t.numpy(), 5 * res.tumor_mask.astype(np.int32))
+    bf16 = torch.zeros(ph.image.shape, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot write"):
+        synthgen.render(plan, ph.image, mask, label_out=bf16)
 
 
 def test_label_out_follows_the_mass_effect(small_phantom):
