@@ -244,17 +244,15 @@ def render_batch(
     copy), organ mask (a copy) and label map of ``label_outs`` (in place) warped first; the
     others are rendered as given."""
     from .mass_effect import prepare_render
-    from .rendering import _host_label, check_label_out, per_plan
+    from .rendering import label_arg, per_plan
 
     if label_outs is not None and not isinstance(label_outs, (list, tuple)):
         raise ValueError("label_outs must be one label map per plan (a list), or None")
     ims, oms, os_, labs = per_plan(
         len(plans), images=images, organ_masks=organ_masks, outs=outs, label_outs=label_outs
     )
-    labs = [_host_label(lab) for lab in labs]
-    for p, lab in zip(plans, labs, strict=True):  # before anything is warped
-        if lab is not None:
-            check_label_out(lab, p.shape, tumor_label)
+    # checked before anything is warped
+    labs = [label_arg(lab, p.shape, tumor_label) for p, lab in zip(plans, labs, strict=True)]
     lab_args = {"label_outs": labs, "tumor_label": tumor_label}
     plans_r = list(plans)
     warped = False

@@ -855,11 +855,9 @@ def render_plan(
     :func:`synthgen.rendering.render` and ``labels`` come back as given. ``label_out`` (see
     :func:`synthgen.render`) is warped in place, then gets the tumor label from the render.
     """
-    from .rendering import _host_label, check_label_out, render
+    from .rendering import label_arg, render
 
-    label_out = _host_label(label_out)
-    if label_out is not None:  # before anything is warped
-        tumor_label = check_label_out(label_out, plan.shape, tumor_label)
+    label_out = label_arg(label_out, plan.shape, tumor_label)  # before anything is warped
 
     prep = prepare_render(
         plan,

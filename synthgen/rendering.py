@@ -528,10 +528,9 @@ def render_batch(
     )  # fmt: skip
     if n == 0:
         return []
-    label_outs = [_host_label(lab) for lab in label_outs]
-    for p, lab in zip(plans, label_outs, strict=True):
-        if lab is not None:
-            check_label_out(lab, p.shape, tumor_label)
+    label_outs = [
+        label_arg(lab, p.shape, tumor_label) for p, lab in zip(plans, label_outs, strict=True)
+    ]
     from ._device import resolve_device
 
     where = resolve_device(device, *images, *organ_masks, *[o for o in outs if o is not None])
@@ -558,11 +557,15 @@ def render_batch(
     )
 
 
-def _host_label(lab: Any) -> Any:
-    """A CPU tensor label map as its NumPy view (written in place through it)."""
+def label_arg(lab: Any, shape: Sequence[int], tumor_label: Any) -> Any:
+    """A ``label_out`` argument checked (:func:`check_label_out`), a CPU tensor as its NumPy
+    view (written in place through it); ``None`` stays ``None``."""
     from ._device import array_kind
 
-    return lab.numpy() if lab is not None and array_kind(lab) == "torch-cpu" else lab
+    if lab is None:
+        return None
+    check_label_out(lab, shape, tumor_label)
+    return lab.numpy() if array_kind(lab) == "torch-cpu" else lab
 
 
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
@@ -613,9 +616,7 @@ def render(
     """
     from ._device import array_kind, resolve_device
 
-    label_out = _host_label(label_out)
-    if label_out is not None:
-        tumor_label = check_label_out(label_out, plan.shape, tumor_label)
+    label_out = label_arg(label_out, plan.shape, tumor_label)
     where = resolve_device(device, image, organ_mask, *([out] if out is not None else []))
     if where.kind == "cuda":
         from ._cuda import render_on_gpu
