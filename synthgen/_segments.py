@@ -346,7 +346,11 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
 
 def _grid_shape(d) -> tuple[int, ...]:
     """The shape of a (3, g, g, g) nested list of control displacements, without converting
-    it (a plan read from JSON holds lists)."""
+    it (a plan read from JSON holds lists), read along the first elements."""
+    try:  # the plan's four levels, directly
+        return (len(d), len(d[0]), len(d[0][0]), len(d[0][0][0]))
+    except (TypeError, IndexError, KeyError):
+        pass
     shape = []
     while hasattr(d, "__len__") and not isinstance(d, str):
         shape.append(len(d))
@@ -359,11 +363,15 @@ def _grid_shape(d) -> tuple[int, ...]:
 def _stack_lists(items, shape: tuple[int, ...]) -> np.ndarray:
     """``np.asarray(items, float64)`` for nested lists (or arrays) of one ``shape``, about
     twice as fast for the plan's JSON lists: flattened by iteration, then checked."""
-    chain = itertools.chain.from_iterable
-    flat = items
-    for _ in shape:
-        flat = chain(flat)
-    out = np.fromiter(flat, dtype=np.float64)
+    if len(shape) == 4:  # the plan's (3, g, g, g): one comprehension (faster than chains)
+        out = np.array([x for a in items for b in a for c in b for e in c for x in e],
+                       dtype=np.float64)  # fmt: skip
+    else:
+        chain = itertools.chain.from_iterable
+        flat = items
+        for _ in shape:
+            flat = chain(flat)
+        out = np.fromiter(flat, dtype=np.float64)
     if out.size != len(items) * math.prod(shape):
         raise ValueError(f"control displacements of unequal shapes (expected {shape})")
     return out.reshape(len(items), *shape)
