@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._cpu_kernels import _OPTS
+from ._cpu_kernels import _OPTS, overlap_partners_nb
 
 # ---- the SG_* columns these fills write (kernels/segmented.cuh) -------------------------
 N0, O0, IMG, IMG_CODE, IS0, ORG, ORG_CODE, OS0 = 0, 3, 6, 7, 8, 11, 12, 13
@@ -188,6 +188,64 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app):
         u8[r, 1] = v
         zero[r, 0] = v
     return f32, u8, zero
+
+
+@nb.njit(**_OPTS)
+def phase_b_boxes_nb(hit, keep, lo, pad, nb_, jk, centre, sp, w_tn, w_to, w_job):
+    """Phase B's rows from phase A's boxes: the live ellipsoid rows (those whose mask has a
+    voxel, ``hit[:, 6] > 0``; row ``r`` of ``hit`` is tumor ``keep[r]``), then the ``nw``
+    host rows (``w_tn``, ``w_to``, ``w_job``).
+
+    Per ellipsoid row, the tight box is the mask's box in the phase-A box grown by the blur's
+    reach ``pad`` and clipped to that box (``nb_``), placed at the box origin ``lo``; its
+    corners in mm from the tumor centre (``(index - centre) * spacing``, the texture's
+    extent). Returns ``(live, qe, u0, tn, to, job_of, tnv, lo_mm, hi_mm, n_part, part_off,
+    part_flat)``: the live rows, their tumors, tight-box offsets in the phase-A box, sizes
+    and origins (all rows), jobs, voxel counts, and the merge partners of every row
+    (:func:`synthgen._cpu_kernels.overlap_partners_nb`)."""
+    n = hit.shape[0]
+    ne = 0
+    for r in range(n):
+        if hit[r, 6] > 0:
+            ne += 1
+    nw = w_tn.shape[0]
+    nl = ne + nw
+    live = np.empty(ne, dtype=np.int64)
+    qe = np.empty(ne, dtype=np.int64)
+    u0 = np.empty((ne, 3), dtype=np.int64)
+    tn = np.empty((nl, 3), dtype=np.int64)
+    to = np.empty((nl, 3), dtype=np.int64)
+    job_of = np.empty(nl, dtype=np.int64)
+    tnv = np.empty(nl, dtype=np.int64)
+    lo_mm = np.empty((ne, 3), dtype=np.float64)
+    hi_mm = np.empty((ne, 3), dtype=np.float64)
+    e = 0
+    for r in range(n):
+        if hit[r, 6] <= 0:
+            continue
+        q = keep[r]
+        live[e] = r
+        qe[e] = q
+        job_of[e] = jk[r]
+        for a in range(3):
+            a0 = max(np.int64(hit[r, 2 * a]) - pad[q, a], 0)
+            a1 = min(np.int64(hit[r, 2 * a + 1]) + pad[q, a] + 1, nb_[q, a])
+            u0[e, a] = a0
+            tn[e, a] = a1 - a0
+            to[e, a] = lo[q, a] + a0
+            lo_mm[e, a] = (to[e, a] - centre[q, a]) * sp[q, a]
+            hi_mm[e, a] = (to[e, a] + tn[e, a] - 1 - centre[q, a]) * sp[q, a]
+        e += 1
+    for w in range(nw):
+        for a in range(3):
+            tn[ne + w, a] = w_tn[w, a]
+            to[ne + w, a] = w_to[w, a]
+        job_of[ne + w] = w_job[w]
+    for r in range(nl):
+        tnv[r] = tn[r, 0] * tn[r, 1] * tn[r, 2]
+    hi = to + tn
+    n_part, part_off, part_flat = overlap_partners_nb(job_of, to, hi)
+    return live, qe, u0, tn, to, job_of, tnv, lo_mm, hi_mm, n_part, part_off, part_flat
 
 
 #: The pack parts whose device addresses :func:`phase_b_nb` takes (``bases``), in order.

@@ -383,7 +383,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     from ._cpu_kernels import shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
-    from ._seg_tables import BASES, F32, phase_a_nb, phase_b_nb, phase_b_sizes_nb
+    from ._seg_tables import BASES, F32, phase_a_nb, phase_b_boxes_nb, phase_b_nb, phase_b_sizes_nb
     from ._texture import STREAM_BERNOULLI, STREAM_NOISE, texture_params
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
@@ -516,31 +516,27 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         if w is not None:
             w["job"], w["i"] = j, i
             walls_r.append(w)
-    hit = be.download(pack.view(bb_ref))[:n].astype(np.int64)  # synchronisation 1
+    hit = be.download(pack.view(bb_ref))[:n]  # synchronisation 1
     pack_a, TA = pack, T  # the phase-A buffers stay referenced until the end
     # ---------------------------------------------------------------- phase B (host)
-    live = np.flatnonzero(hit[:, 6] > 0) if n else np.zeros(0, np.int64)
-    ne, nw = len(live), len(walls_r)
+    nw = len(walls_r)
+    if nw:
+        w_tn = np.array([w["tn"] for w in walls_r], np.int64).reshape(nw, 3)
+        w_to = np.array([[x.start for x in w["tight"]] for w in walls_r], np.int64).reshape(nw, 3)
+        w_job = np.array([w["job"] for w in walls_r], np.int64)
+    else:
+        w_tn = w_to = np.zeros((0, 3), np.int64)
+        w_job = np.zeros(0, np.int64)
+    # the rows (live ellipsoid rows, then host rows): tight boxes, their extent in mm, jobs,
+    # merge partners
+    (live, qe, u0, tn, to, job_of, tnv, lo_mm, hi_mm, n_part, part_off,
+     part_flat) = phase_b_boxes_nb(hit, keep, lo, pad, nb, jk, centre, sp, w_tn, w_to,
+                                   w_job)  # fmt: skip
+    ne = len(live)
     nl = ne + nw
     if nl == 0:
         return
-    qe = keep[live]  # tumor index of each live ellipsoid row
-    box_lo = lo[qe]
-    u0 = np.maximum(hit[live][:, 0:6:2] - pad[qe], 0)
-    u1 = np.minimum(hit[live][:, 1:6:2] + pad[qe] + 1, nb[qe])
-    tn_e = u1 - u0
-    to_e = box_lo + u0
-    tn = np.concatenate([tn_e, np.array([w["tn"] for w in walls_r], np.int64).reshape(nw, 3)])
-    to = np.concatenate([to_e, np.array([[x.start for x in w["tight"]] for w in walls_r],
-                                        np.int64).reshape(nw, 3)])  # fmt: skip
-    job_of = np.concatenate([jk[live], np.array([w["job"] for w in walls_r], np.int64)])
-    tnv = tn.prod(axis=1)
-    n_part, part_off, part_flat = _partners(job_of, to, to + tn)
     # texture recipes (all axes in one call)
-    cen = centre[qe]
-    spe = sp[qe]
-    lo_mm = (to_e - cen) * spe
-    hi_mm = (to_e + tn_e - 1 - cen) * spe
     tx = _texture_tables(tex_p[live], tex_keys[live], lo_mm, hi_mm)
     pack = _Pack()
     t_ref = pack.add(np.zeros((nl, W), dtype=np.int64))
@@ -669,21 +665,6 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         masks[key[0]][key[1]] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
     del pack_a, fa, ua, f32, u8, zero
-
-
-def _partners(job_of: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-    """Per row, the (ascending) rows of the same job whose tight boxes ``[lo, hi)`` overlap
-    (compared within each job only: the cost grows with the tumors per plan, not the batch).
-
-    Returns ``(count, offset, flat)``: row ``r``'s partners are
-    ``flat[offset[r] : offset[r] + count[r]]`` (``flat`` holds at least one element, so that
-    its address is valid even where no row has a partner).
-    """
-    from ._cpu_kernels import overlap_partners_nb
-
-    return overlap_partners_nb(np.ascontiguousarray(job_of, dtype=np.int64),
-                               np.ascontiguousarray(lo, dtype=np.int64),
-                               np.ascontiguousarray(hi, dtype=np.int64))  # fmt: skip
 
 
 class _Shifted:

@@ -590,12 +590,59 @@ def test_merge_partners_are_the_overlapping_boxes_of_the_same_plan():
         job = rng.integers(0, 4, n)
         lo = rng.integers(0, 30, (n, 3))
         hi = lo + rng.integers(1, 12, (n, 3))
-        count, off, flat = _segments._partners(job, lo, hi)
+        count, off, flat = k.overlap_partners_nb(job, lo, hi)
         assert flat.size >= 1  # a valid address even without partners
         for r in range(n):
             want = [c for c in range(n) if c != r and job[c] == job[r]
                     and bool(((lo[r] < hi[c]) & (lo[c] < hi[r])).all())]  # fmt: skip
             assert flat[off[r] : off[r] + count[r]].tolist() == want, (case, r)
+
+
+def test_phase_b_rows_from_the_phase_a_boxes():
+    """phase_b_boxes_nb (one numba call) against the NumPy form of the same rules: live rows,
+    tight boxes grown by the blur's reach and clipped to the phase-A box, their extent in mm
+    (the same float64 operations, so equal bits), host rows after them, merge partners."""
+    from synthgen._seg_tables import phase_b_boxes_nb
+
+    rng = np.random.default_rng(12)
+    for case in range(150):
+        n_all = int(rng.integers(0, 12))
+        nb_ = rng.integers(0, 20, (n_all, 3))
+        lo = rng.integers(0, 50, (n_all, 3))
+        pad = rng.integers(0, 4, (n_all, 3))
+        centre = rng.integers(-5, 60, (n_all, 3)).astype(np.float64)
+        sp = rng.uniform(0.5, 3.0, (n_all, 3))
+        keep = np.flatnonzero(rng.random(n_all) < 0.8)
+        n = len(keep)
+        hit = np.zeros((n, 7), np.int32)
+        for r, q in enumerate(keep):
+            if nb_[q].min() > 0 and rng.random() < 0.7:
+                a = rng.integers(0, nb_[q])
+                b = a + rng.integers(0, nb_[q] - a)
+                hit[r, 0:6:2], hit[r, 1:6:2], hit[r, 6] = a, b, rng.integers(1, 100)
+            else:  # an empty mask: the kernel's initial values stay
+                hit[r, 0:6:2], hit[r, 1:6:2] = nb_[q], -1
+        jk = rng.integers(0, 3, n)
+        nw = int(rng.integers(0, 3))
+        w_tn = rng.integers(1, 9, (nw, 3))
+        w_to = rng.integers(0, 40, (nw, 3))
+        w_job = rng.integers(0, 3, nw)
+        got = phase_b_boxes_nb(hit, keep, lo, pad, nb_, jk, centre, sp, w_tn, w_to, w_job)
+        live = np.flatnonzero(hit[:, 6] > 0)
+        qe = keep[live]
+        h = hit.astype(np.int64)
+        u0 = np.maximum(h[live][:, 0:6:2] - pad[qe], 0)
+        u1 = np.minimum(h[live][:, 1:6:2] + pad[qe] + 1, nb_[qe])
+        tn_e, to_e = u1 - u0, lo[qe] + u0
+        tn, to = np.concatenate([tn_e, w_tn]), np.concatenate([to_e, w_to])
+        job_of = np.concatenate([jk[live], w_job])
+        want = (live, qe, u0, tn, to, job_of, tn.prod(axis=1), (to_e - centre[qe]) * sp[qe],
+                (to_e + tn_e - 1 - centre[qe]) * sp[qe],
+                *k.overlap_partners_nb(job_of, to, to + tn))  # fmt: skip
+        assert len(got) == len(want)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g.dtype == w.dtype and g.shape == w.shape, (case, i)
+            np.testing.assert_array_equal(g, w, err_msg=f"case {case}, output {i}")
 
 
 def test_kernel_blocks(backend):
