@@ -743,30 +743,39 @@ def assemble(
     mean change) and ``masks`` (box, mask on that box), on any backend."""
     sp = plan.spacing
     voxel_mm3 = sp[0] * sp[1] * sp[2]
-    n_t = len(plan.tumors)
-    cvs = np.array([t.center_vox for t in plan.tumors], dtype=np.float64).reshape(n_t, 3)
+    tumors = plan.tumors
+    n_t = len(tumors)
+    # centres and radii of all tumors at once (Python ints and floats per record)
+    num = np.array([(*t.center_vox, *t.radii_mm) for t in tumors], dtype=np.float64)
+    cvs, radii = num.reshape(n_t, 6)[:, :3], num.reshape(n_t, 6)[:, 3:].tolist()
+    cv_int = cvs.astype(np.int64).tolist()
     if affine is not None:
         a = np.asarray(affine, dtype=np.float64)
-        centres_mm = [(a @ np.append(cv, 1.0))[:3].tolist() for cv in cvs]
+        # A[:3, :3] v + A[:3, 3], summed in index order, all tumors in one pass
+        w = cvs[:, 0:1] * a[:3, 0] + cvs[:, 1:2] * a[:3, 1] + cvs[:, 2:3] * a[:3, 2] + a[:3, 3]
+        centres_mm = w.tolist()
     else:
         centres_mm = (cvs * np.asarray(sp, dtype=np.float64)).tolist()
     records = []
-    for i, t in enumerate(plan.tumors):
-        n, mc = stats.get(i, (0, 0.0))
+    no_stats = (0, 0.0)
+    for i, t in enumerate(tumors):
+        n, mc = stats.get(i, no_stats)
         b = masks[i][0] if i in masks else None
         records.append(
             TumorRecord(
-                index=t.index,
-                size_class=t.size_class,
-                center_vox=tuple(map(int, t.center_vox)),  # type: ignore[arg-type]
-                center_mm=tuple(centres_mm[i]),  # type: ignore[arg-type]
-                radii_mm=tuple(map(float, t.radii_mm)),  # type: ignore[arg-type]
-                volume_mm3=n * voxel_mm3,
-                voxels=n,
-                mean_contrast_hu=mc,
-                contrast_hu=t.contrast_hu,
-                clipped=t.clip_to_organ,
-                box=[[s.start, s.stop] for s in b] if b is not None else [],
+                t.index,
+                t.size_class,
+                tuple(cv_int[i]),  # type: ignore[arg-type]
+                tuple(centres_mm[i]),  # type: ignore[arg-type]
+                tuple(radii[i]),  # type: ignore[arg-type]
+                n * voxel_mm3,
+                n,
+                mc,
+                t.contrast_hu,
+                t.clip_to_organ,
+                [[b[0].start, b[0].stop], [b[1].start, b[1].stop], [b[2].start, b[2].stop]]
+                if b is not None
+                else [],
             )
         )
     return RenderResult(
