@@ -26,6 +26,7 @@ __all__ = [
     "bbox",
     "blend_tumor",
     "block_sizes_nb",
+    "blur_kernels_nb",
     "bspline_matrix",
     "conservative_boxes_nb",
     "gaussian_band_nb",
@@ -742,6 +743,108 @@ def _band_into(out_pos, lat0, n_lat, step, sigma, truncate, kk, start, w, tab, b
             for t in range(kk):
                 d = (out_pos[o] - (lat0 + st + t) * step) / sigma
                 w[o * kk + t] = np.exp(-0.5 * d * d) if abs(d) <= truncate else 0.0
+
+
+@nb.njit(**_OPTS)
+def _np_sum(a, lo, n):
+    """``np.sum(a[lo:lo + n])`` of a contiguous float64 array in NumPy's order (its pairwise
+    summation: below 8 terms one by one from 0; up to 128 in eight running sums combined as
+    ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)), then the rest; above, the sum of two halves
+    split at a multiple of 8, walked here with an explicit stack)."""
+    if n <= 128:
+        return _np_sum_block(a, lo, n)
+    s_lo = np.empty(64, dtype=np.int64)
+    s_n = np.empty(64, dtype=np.int64)
+    s_stage = np.zeros(64, dtype=np.int64)
+    s_left = np.empty(64)
+    top = 0
+    s_lo[0], s_n[0] = lo, n
+    ret = 0.0
+    while top >= 0:
+        m = s_n[top]
+        if m <= 128:
+            ret = _np_sum_block(a, s_lo[top], m)
+            top -= 1
+            continue
+        h = m // 2
+        h -= h % 8
+        st = s_stage[top]
+        if st == 2:  # both halves done: ret holds the right one
+            ret = s_left[top] + ret
+            top -= 1
+            continue
+        if st == 1:  # the left half done
+            s_left[top] = ret
+        s_stage[top] = st + 1
+        s_lo[top + 1] = s_lo[top] + (h if st == 1 else 0)
+        s_n[top + 1] = m - h if st == 1 else h
+        s_stage[top + 1] = 0
+        top += 1
+    return ret
+
+
+@nb.njit(**_OPTS)
+def _np_sum_block(a, lo, n):
+    """:func:`_np_sum` of at most 128 terms."""
+    if n < 8:
+        res = 0.0
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    if n <= 128:
+        r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+        r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+        i = 8
+        while i < n - n % 8:
+            r0 += a[lo + i]
+            r1 += a[lo + i + 1]
+            r2 += a[lo + i + 2]
+            r3 += a[lo + i + 3]
+            r4 += a[lo + i + 4]
+            r5 += a[lo + i + 5]
+            r6 += a[lo + i + 6]
+            r7 += a[lo + i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += a[lo + i]
+            i += 1
+        return res
+
+
+@nb.njit(**_OPTS)
+def blur_kernels_nb(sigma, truncate):
+    """The mask blur's float32 kernels of many ``sigma`` (voxels), packed: ``(kernels,
+    offset, length)`` per sigma. Each is ``_geometry.gaussian_kernel1d(sigma, truncate)``
+    (``exp(-0.5 (x / sigma)^2)`` over ``x = -r..r``, ``r = int(truncate sigma + 0.5)``,
+    divided by its NumPy sum; ``[1]`` for ``sigma <= 1e-3``) rounded to float32: the same
+    float64 operations in the same order (both render paths build their kernels here)."""
+    m = sigma.shape[0]
+    lens = np.empty(m, dtype=np.int64)
+    width = 1
+    for i in range(m):
+        lens[i] = 1 if sigma[i] <= 1e-3 else 2 * int(truncate * sigma[i] + 0.5) + 1
+        width = max(width, lens[i])
+    offs = np.empty(m, dtype=np.int64)
+    total = 0
+    for i in range(m):
+        offs[i] = total
+        total += lens[i]
+    out = np.empty(total, dtype=np.float32)
+    k = np.empty(width)
+    for i in range(m):
+        s, n, o = sigma[i], lens[i], offs[i]
+        if s <= 1e-3:
+            out[o] = 1.0
+            continue
+        r = (n - 1) // 2
+        for j in range(n):
+            d = float(j - r) / s
+            k[j] = np.exp(-0.5 * (d * d))
+        tot = _np_sum(k, 0, n)
+        for j in range(n):
+            out[o + j] = np.float32(k[j] / tot)
+    return out, offs, lens
 
 
 @nb.njit(**_OPTS)

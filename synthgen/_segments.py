@@ -12,12 +12,12 @@ rescale's statistics and scaling, the fused blend, the overlap merge, the write-
 where label maps on the device take the tumor label), then one copy back of the statistics.
 
 The host's work per batch is vectorised over the tumors: compiled (numba) calls over all
-tumors for the conservative boxes, the B-spline weight rows, the texture's per-axis tables,
-the stream keys and the merge partners, and each phase's whole segment table is filled by
-one call (:mod:`synthgen._seg_tables`); phase B's per-tumor reads of the plan are done while
-the device runs phase A. What stays per tumor in Python is reading the plan's fields, a few
-cached kernel lookups, the appearance parameters and the result records. The kernels compute
-what is exact arithmetic on a few numbers: each voxel's position and its trilinear
+tumors for the conservative boxes, the B-spline weight rows, the blur kernels, the texture's
+per-axis tables, the stream keys and the merge partners, and each phase's whole segment table
+is filled by one call (:mod:`synthgen._seg_tables`); phase B's per-tumor reads of the plan
+are done while the device runs phase A. What stays per tumor in Python is reading the plan's
+fields, a few cached kernel lookups, the appearance parameters and the result records. The
+kernels compute what is exact arithmetic on a few numbers: each voxel's position and its trilinear
 coordinates on the texture grid (from the centre, the spacing and the grid's origin and
 step), and the bands of the mask blur and of the texture's block-to-grid smoothing (from the
 float32 kernel, its offset and the sizes: ``sg_seg_conv``). Tables whose values come from
@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 
 from ._appearance import blend_params
-from ._geometry import gaussian_kernel1d
 from .rendering import (
     BLUR_TRUNCATE,
     RenderResult,
@@ -197,14 +196,6 @@ def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
     )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=4096)
-def _blur_kernel(sigma_vox: float) -> np.ndarray:
-    """The mask blur's kernel along one axis (float32, read-only), as the CPU path builds it."""
-    k = gaussian_kernel1d(sigma_vox, BLUR_TRUNCATE).astype(np.float32)
-    k.flags.writeable = False
-    return k
-
-
 def _packed(keys, make) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The float32 kernels ``make(key)`` of many keys packed into one array (each distinct
     key once): ``(packed, offset per key, length per key)``."""
@@ -229,7 +220,7 @@ def clear_caches() -> None:
     """Empty the host-side caches of kernels and band tables (benchmarks time the cold case)."""
     from . import _texture
 
-    for f in (_blur_kernel, _texture._axis_recipe, _texture._smoothing_kernel):
+    for f in (_texture._axis_recipe, _texture._smoothing_kernel):
         f.cache_clear()
 
 
@@ -380,7 +371,7 @@ def _stack_lists(items, shape: tuple[int, ...]) -> np.ndarray:
 def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None:
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
     ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``."""
-    from ._cpu_kernels import shape_weights_nb
+    from ._cpu_kernels import blur_kernels_nb, shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
     from ._seg_tables import BASES, F32, phase_a_nb, phase_b_boxes_nb, phase_b_nb, phase_b_sizes_nb
@@ -508,8 +499,8 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     tex_p = texture_params([ts[q].texture for q in keep])
     tex_keys = stream_keys([ts[q].seed for q in keep], STREAM_NOISE, STREAM_BERNOULLI)
     contrast = np.array([ts[q].contrast_hu for q in keep], dtype=np.float64)
-    bpack, boffs, blen = _packed((blur_mm[keep][:, None] / sp[keep]).ravel().tolist(),
-                                 _blur_kernel)  # fmt: skip
+    bpack, boffs, blen = blur_kernels_nb((blur_mm[keep][:, None] / sp[keep]).ravel(),
+                                         BLUR_TRUNCATE)  # fmt: skip
     walls_r = []
     for j, i in walls:  # hollow-organ wall tumors: rendered on the host, uploaded below
         w = _wall_segment(be, jobs[j], i)

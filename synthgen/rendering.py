@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._appearance import blend_params
-from ._geometry import gaussian_kernel1d, prefilter
+from ._geometry import prefilter
 from ._pool import map_threads as _map
 from ._pool import set_num_threads
 from ._texture import texture_grid
@@ -376,10 +376,10 @@ def _render_tumor(
         off = [int(new_box[a].start - t.center_vox[a]) for a in range(3)]
         extra = (np.ascontiguousarray(q2[sub]), app[0], app[1], *off)
     # Edge blur B of the mask (separable, zero padded, scipy-normalised kernel).
-    kern = [
-        gaussian_kernel1d(t.blur_sigma_mm / spacing[a], BLUR_TRUNCATE).astype(np.float32)
-        for a in range(3)
-    ]
+    kp, ko, kl = k.blur_kernels_nb(
+        np.array([t.blur_sigma_mm / spacing[a] for a in range(3)]), BLUR_TRUNCATE
+    )
+    kern = [kp[ko[a] : ko[a] + kl[a]] for a in range(3)]
     n = orig.shape
     r = [(kk.size - 1) // 2 for kk in kern]
     blur = k.toeplitz_contract3(

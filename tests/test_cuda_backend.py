@@ -645,6 +645,41 @@ def test_phase_b_rows_from_the_phase_a_boxes():
             np.testing.assert_array_equal(g, w, err_msg=f"case {case}, output {i}")
 
 
+def test_blur_kernels_in_one_call_are_the_gaussian_kernels():
+    """blur_kernels_nb (both render paths' mask-blur kernels, all tumors and axes in one
+    call): exp(-0.5 (x / sigma)^2) over x = -r..r divided by its NumPy sum, rounded to
+    float32, bit for bit (the exponentials as libm gives them, math.exp here); the kernels of
+    _geometry.gaussian_kernel1d within a float32 unit in the last place (NumPy's own exp may
+    differ there on some CPUs); NumPy's summation order in _np_sum."""
+    import math
+
+    from synthgen._geometry import gaussian_kernel1d
+    from synthgen.rendering import BLUR_TRUNCATE as T
+
+    rng = np.random.default_rng(13)
+    for case in range(300):
+        m = int(rng.integers(1, 30))
+        sig = rng.uniform(0.0, 3.0, m) if case % 3 else rng.uniform(0.0, 30.0, m)
+        sig[rng.random(m) < 0.1] = 1e-3  # the single-tap kernel
+        sig[rng.random(m) < 0.1] = 1.5 / T  # r exactly at a rounding boundary
+        out, offs, lens = k.blur_kernels_nb(sig, T)
+        assert offs.tolist() == (np.cumsum(lens) - lens).tolist() and out.size == lens.sum()
+        for i, s in enumerate(sig.tolist()):
+            got = out[offs[i] : offs[i] + lens[i]]
+            if s <= 1e-3:
+                assert got.tolist() == [1.0]
+                continue
+            r = int(T * s + 0.5)
+            e = np.array([math.exp(-0.5 * ((x / s) * (x / s))) for x in range(-r, r + 1)])
+            want = (e / np.sum(e)).astype(np.float32)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+            ref = gaussian_kernel1d(s, T).astype(np.float32)
+            np.testing.assert_array_max_ulp(got, ref, maxulp=1)
+    for n in (0, 1, 7, 8, 9, 15, 16, 17, 127, 128, 129, 300, 1001):
+        a = rng.random(n + 3) * 10.0 ** rng.integers(-6, 6, n + 3)
+        assert k._np_sum(a, 2, n) == np.sum(a[2 : 2 + n]), n
+
+
 def test_kernel_blocks(backend):
     be, dev = backend
     rng = np.random.default_rng(2)
