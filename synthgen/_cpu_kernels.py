@@ -1058,15 +1058,19 @@ def texture_axes_nb(lo_mm, hi_mm, sa, sb):
 
 
 @nb.njit(**_OPTS)
-def shape_weights_nb(lo, hi, centre, sp, ext, g, pre, off, out):
-    """The B-spline weight rows (:func:`bspline_matrix`) of the boxes ``lo..hi`` of many
-    tumors (``(n, 3)`` arrays; ``g`` control points, prefilter ``pre``), written into ``out``
-    at element offsets ``off`` (``(n, 3)``): the arithmetic of ``rendering._shape_inputs``
-    (positions ``(index - centre) * spacing``, control coordinates
-    ``(pos + ext) * ((g - 1) / (2 ext))``), in one call for the GPU driver."""
+def shape_weights_nb(tumors, lo, hi, centre, sp, ext, g, pre, off, out):
+    """The B-spline weight rows (:func:`bspline_matrix`) of the boxes ``lo..hi`` of the
+    tumors ``tumors`` (indices into the ``(n, 3)`` arrays; ``g`` control points, prefilter
+    ``pre``), written into ``out`` at element offsets ``off`` (``(n, 3)``): the arithmetic
+    of ``rendering._shape_inputs`` (positions ``(index - centre) * spacing``, control
+    coordinates ``(pos + ext) * ((g - 1) / (2 ext))``), in one call for the GPU driver."""
     raw = np.zeros(g)
-    t = np.empty(max(int((hi - lo).max()), 1) if lo.shape[0] else 1)
-    for s in range(lo.shape[0]):
+    width = 1
+    for s in tumors:
+        for a in range(3):
+            width = max(width, hi[s, a] - lo[s, a])
+    t = np.empty(width)
+    for s in tumors:
         for a in range(3):
             m = hi[s, a] - lo[s, a]
             if m <= 0:

@@ -119,6 +119,49 @@ def layout_nb(sizes, itemsize):
 
 
 @nb.njit(**_OPTS)
+def phase_a_sizes_nb(lo, hi, keep, g, has_app):
+    """Phase A's sizes from the tumors' boxes ``lo..hi`` (``(n, 3)``; an empty, even
+    inverted, box has none) and grid sizes ``g``, for the kept tumors ``keep`` (row ``r`` is
+    tumor ``keep[r]``, ``has_app[r]``: it has appearance modes). Returns ``(nb, w_off,
+    w_total, bb, fa, ua, max_voxels, max_rows)``: box sizes and the element offsets of each
+    box axis's B-spline rows (``nb * g`` each, tumor by tumor), their total; the bounding-box
+    accumulators of the rows (``(max(n, 1), 7)`` int32: lower bounds at the box size, upper
+    at -1, count 0); the float32 (orig, q2, shape rows) and uint8 (organ, mask) scratch sizes
+    per row; the largest box and the most (i, j) rows of a box."""
+    n_all = lo.shape[0]
+    n = keep.shape[0]
+    nb_ = np.empty((n_all, 3), dtype=np.int64)
+    w_off = np.empty((n_all, 3), dtype=np.int64)
+    at = 0
+    for q in range(n_all):
+        for a in range(3):
+            v = max(hi[q, a] - lo[q, a], 0)
+            nb_[q, a] = v
+            w_off[q, a] = at
+            at += v * g[q]
+    bb = np.zeros((max(n, 1), 7), dtype=np.int32)
+    fa = np.empty((n, 3), dtype=np.int64)
+    ua = np.empty((n, 2), dtype=np.int64)
+    mx = 0
+    mrows = 0
+    for r in range(n):
+        q = keep[r]
+        for a in range(3):
+            bb[r, 2 * a] = nb_[q, a]
+            bb[r, 2 * a + 1] = -1
+        rows = nb_[q, 0] * nb_[q, 1]
+        nv = rows * nb_[q, 2]
+        fa[r, 0] = nv
+        fa[r, 1] = nv if has_app[r] else 0
+        fa[r, 2] = rows * (3 + 3 * g[q])  # sg_shape_row per (i, j)
+        ua[r, 0] = nv
+        ua[r, 1] = nv
+        mx = max(mx, nv)
+        mrows = max(mrows, rows)
+    return nb_, w_off, at, bb, fa, ua, mx, mrows
+
+
+@nb.njit(**_OPTS)
 def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, w_base, w_off, fa_base, fa_offs,
                ua_base, ua_offs, has_app, clip, job, img_on, img, org_on, org, tissue, sp, rot,
                radii):  # fmt: skip

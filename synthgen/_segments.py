@@ -374,7 +374,15 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     from ._cpu_kernels import blur_kernels_nb, shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
-    from ._seg_tables import BASES, F32, phase_a_nb, phase_b_boxes_nb, phase_b_nb, phase_b_sizes_nb
+    from ._seg_tables import (
+        BASES,
+        F32,
+        phase_a_nb,
+        phase_a_sizes_nb,
+        phase_b_boxes_nb,
+        phase_b_nb,
+        phase_b_sizes_nb,
+    )
     from ._texture import STREAM_BERNOULLI, STREAM_NOISE, texture_params
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
@@ -409,7 +417,8 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     )
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
     # host-resident images: the host pass of tumor_box shrinks the box (what travels)
-    for q in np.flatnonzero(ok & ~J.img_on[ja]).tolist():
+    host_rows = np.flatnonzero(ok & ~J.img_on[ja]).tolist() if not J.img_on.all() else ()
+    for q in host_rows:
         j = jidx[q]
         box = tumor_box(ts[q], tuple(J.sp[j].tolist()), tuple(J.shape[j].tolist()),
                         jobs[j].plan.organ_bbox, coarse=True)  # fmt: skip
@@ -420,22 +429,21 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
             hi[q] = [b.stop for b in box]
     keep = np.flatnonzero(ok)
     n = len(keep)
-    nb = np.maximum(hi - lo, 0)  # box sizes (an empty, even inverted, box has none)
-    if n:
-        # B-spline weights of every box row, one numba call per grid size
-        w_len = nb * g_of[:, None]
-        w_off = (np.cumsum(w_len.ravel()) - w_len.ravel()).reshape(n_all, 3)
-        w_all = np.zeros(max(int(w_len.sum()), 1), np.float32)
-        ext = np.asarray([t.control_extent_mm for t in ts], dtype=np.float64)
-        for g, qs in groups:
-            qs = qs[ok[qs]]
-            if qs.size:
-                shape_weights_nb(lo[qs], hi[qs], centre[qs], sp[qs], ext[qs], int(g),
-                                 prefilter(int(g)), w_off[qs], w_all)  # fmt: skip
-        w_ref = pack.add(w_all)
     apps = [blend_params(ts[q], jobs[jidx[q]].plan.organ_noise_hu,
                          jobs[jidx[q]].plan.organ_noise_grain) for q in keep]  # fmt: skip
     has_app = np.array([a is not None for a in apps], dtype=bool)
+    # box sizes, B-spline row offsets, bounding-box accumulators, scratch sizes: one call
+    nb, w_off, w_total, bb, fa_sizes, ua_sizes, mx, mrows = phase_a_sizes_nb(
+        lo, hi, keep, g_of, has_app
+    )
+    if n:
+        # B-spline weights of every box row, one numba call per grid size
+        w_all = np.zeros(max(w_total, 1), np.float32)
+        ext = np.asarray([t.control_extent_mm for t in ts], dtype=np.float64)
+        for g, qs in groups:
+            shape_weights_nb(qs[ok[qs]], lo, hi, centre, sp, ext, int(g), prefilter(int(g)),
+                             w_off, w_all)  # fmt: skip
+        w_ref = pack.add(w_all)
     host_img, host_org = {}, {}
     for k, q in enumerate(keep):
         job = jobs[jidx[q]]
@@ -452,14 +460,9 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     t_ref = pack.add(np.zeros((max(n, 1), W), dtype=np.int64))
     tf_ref = pack.add(np.zeros((max(n, 1), FW), dtype=np.float32))
     td_ref = pack.add(np.zeros((max(n, 1), DW), dtype=np.float64))
-    bb = np.zeros((max(n, 1), 7), dtype=np.int32)
-    bb[:n, 0:6:2] = nb[keep]
-    bb[:n, 1:6:2] = -1
     bb_ref = pack.add(bb)
-    nv = nb[keep].prod(axis=1)
-    rows_len = nb[keep, 0] * nb[keep, 1] * (3 + 3 * g_of[keep])  # sg_shape_row per (i, j)
-    fa = _Arena(np.float32, np.stack([nv, nv * has_app, rows_len], axis=1))  # orig, q2, rows
-    ua = _Arena(np.uint8, np.stack([nv, nv], axis=1))  # organ, mask
+    fa = _Arena(np.float32, fa_sizes)  # orig, q2, shape rows
+    ua = _Arena(np.uint8, ua_sizes)  # organ, mask
     fa.alloc(be)
     ua.alloc(be)
     pack.alloc(be)
@@ -489,8 +492,6 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     pack.set(td_ref, TD)
     pack.upload(be)
     Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
-    mx = int(nv.max()) if n else 0
-    mrows = int((nb[keep, 0] * nb[keep, 1]).max()) if n else 0
     be.launch2d("sg_seg_rows", n, mrows, Td, i32(W), TDd, i32(DW))
     be.launch2d("sg_seg_shape", n, mx, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
     be.launch2d("sg_seg_bbox", n, mx, Td, i32(W), pack.view(bb_ref))

@@ -552,7 +552,8 @@ def test_shape_weights_in_one_call_are_the_cpu_weights(small_phantom, organ_mask
     lens = (hi - lo) * g
     off = (np.cumsum(lens.ravel()) - lens.ravel()).reshape(-1, 3)
     out = np.full(int(lens.sum()), np.nan, np.float32)
-    k.shape_weights_nb(lo, hi, np.array([t.center_vox for t in tumors], np.int64),
+    k.shape_weights_nb(np.arange(len(tumors)), lo, hi,
+                       np.array([t.center_vox for t in tumors], np.int64),
                        np.tile(np.asarray(ph.spacing, float), (len(tumors), 1)),
                        np.array([t.control_extent_mm for t in tumors], float), g, prefilter(g),
                        off, out)  # fmt: skip
@@ -596,6 +597,40 @@ def test_merge_partners_are_the_overlapping_boxes_of_the_same_plan():
             want = [c for c in range(n) if c != r and job[c] == job[r]
                     and bool(((lo[r] < hi[c]) & (lo[c] < hi[r])).all())]  # fmt: skip
             assert flat[off[r] : off[r] + count[r]].tolist() == want, (case, r)
+
+
+def test_phase_a_sizes_in_one_call():
+    """phase_a_sizes_nb against the NumPy form of the same sizes: box sizes (none for an
+    empty or inverted box), B-spline row offsets tumor by tumor, the bounding-box
+    accumulators, the scratch sizes of the kept rows, the largest box and row count."""
+    from synthgen._seg_tables import phase_a_sizes_nb
+
+    rng = np.random.default_rng(14)
+    for case in range(150):
+        n_all = int(rng.integers(0, 12))
+        lo = rng.integers(0, 40, (n_all, 3))
+        hi = lo + rng.integers(-3, 15, (n_all, 3))
+        g = rng.choice([3, 4], n_all)
+        keep = np.flatnonzero(rng.random(n_all) < 0.8)
+        n = len(keep)
+        has_app = rng.random(n) < 0.5
+        got = phase_a_sizes_nb(lo, hi, keep, g, has_app)
+        nb_ = np.maximum(hi - lo, 0)
+        w_len = nb_ * g[:, None]
+        bb = np.zeros((max(n, 1), 7), np.int32)
+        bb[:n, 0:6:2] = nb_[keep]
+        bb[:n, 1:6:2] = -1
+        nv = nb_[keep].prod(axis=1)
+        rows = nb_[keep, 0] * nb_[keep, 1]
+        want = (nb_, (np.cumsum(w_len.ravel()) - w_len.ravel()).reshape(n_all, 3),
+                int(w_len.sum()), bb,
+                np.stack([nv, nv * has_app, rows * (3 + 3 * g[keep])], axis=1).reshape(n, 3),
+                np.stack([nv, nv], axis=1).reshape(n, 2), int(nv.max()) if n else 0,
+                int(rows.max()) if n else 0)  # fmt: skip
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{case} {i}")
+            if isinstance(b, np.ndarray):
+                assert a.dtype == b.dtype, (case, i)
 
 
 def test_phase_b_rows_from_the_phase_a_boxes():

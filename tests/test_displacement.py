@@ -139,7 +139,8 @@ def test_bspline_matrix_is_the_reference_weights(g: int) -> None:
     n_w = (hi - lo) * g
     off = (np.cumsum(n_w.ravel()) - n_w.ravel()).reshape(5, 3)
     out = np.full(int(n_w.sum()) + 1, np.nan, dtype=np.float32)
-    shape_weights_nb(lo, hi, centre.astype(np.int64), sp, ext, g, prefilter(g), off, out)
+    shape_weights_nb(np.arange(5), lo, hi, centre.astype(np.int64), sp, ext, g, prefilter(g), off,
+                     out)  # fmt: skip
     assert np.isnan(out[-1])  # nothing written past the rows
     for s_ in range(5):
         for a in range(3):
