@@ -422,24 +422,19 @@ def main() -> int:
         print(gpu_report())
     print("benchmark: size classes")
     rows = bench_classes(g, sc, args.quick)
-    print("benchmark: label maps on the device")
-    try:
-        labs = bench_labels(g, sc)
-    except Exception:
-        traceback.print_exc()
-        labs = []
-    print("benchmark: device time per kernel")
-    try:
-        kern = bench_kernels(g, sc)
-    except Exception:
-        traceback.print_exc()
-        kern = []
-    print("benchmark: fused kernel bandwidth")
-    try:
-        bw = bench_bandwidth(g, sc)
-    except Exception:  # the table of the classes still prints
-        traceback.print_exc()
-        bw = []
+
+    def part(title: str, bench) -> list[dict]:
+        """One benchmark part; a failure is printed and the other tables still print."""
+        print(f"benchmark: {title}")
+        try:
+            return bench(g, sc)
+        except Exception:
+            traceback.print_exc()
+            return []
+
+    labs = part("label maps on the device", bench_labels)
+    kern = part("device time per kernel", bench_kernels)
+    bw = part("fused kernel bandwidth", bench_bandwidth)
     print()
     print(f"## GPU check ({'EMULATED, numbers meaningless' if args.emulate else 'GPU'})")
     print(f"tests: {test_line}")
