@@ -244,15 +244,10 @@ def render_batch(
     copy), organ mask (a copy) and label map of ``label_outs`` (in place) warped first; the
     others are rendered as given."""
     from .mass_effect import prepare_render
-    from .rendering import label_arg, per_plan
+    from .rendering import label_args, per_plan
 
-    if label_outs is not None and not isinstance(label_outs, (list, tuple)):
-        raise ValueError("label_outs must be one label map per plan (a list), or None")
-    ims, oms, os_, labs = per_plan(
-        len(plans), images=images, organ_masks=organ_masks, outs=outs, label_outs=label_outs
-    )
-    # checked before anything is warped
-    labs = [label_arg(lab, p.shape, tumor_label) for p, lab in zip(plans, labs, strict=True)]
+    ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
+    labs = label_args(plans, label_outs, tumor_label)  # checked before anything is warped
     lab_args = {"label_outs": labs, "tumor_label": tumor_label}
     plans_r = list(plans)
     warped = False

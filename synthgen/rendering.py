@@ -133,7 +133,7 @@ class RenderResult:
                 # 2 on the tumor voxels of a 0/1 map: the maximum with 2 * mask (no masked
                 # assignment: on a GPU that would wait for the device once per tumor)
                 box = lab[sl]
-                xp.maximum(box, xp.asarray(m).astype(xp.uint8) * 2, out=box)
+                xp.maximum(box, xp.asarray(m).astype(xp.uint8, copy=False) * 2, out=box)
             self._label = self.wrap(lab) if self.wrap is not None else lab
         return self._label
 
@@ -428,12 +428,17 @@ def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
             raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
 
 
-def check_label_out(label_out: Any, shape: Sequence[int], tumor_label: Any) -> int:
-    """Raise ``ValueError`` unless ``label_out`` can receive ``tumor_label`` on the grid
-    ``shape`` (a 3-D array of that shape, of an integer or float dtype whose range holds the
-    value; a boolean map only for the value 1); returns the value as an ``int``."""
+def label_arg(label_out: Any, shape: Sequence[int], tumor_label: Any) -> Any:
+    """A ``label_out`` argument, checked: ``ValueError`` unless it can receive
+    ``tumor_label`` on the grid ``shape`` (an array of that shape, of an integer or float
+    dtype whose range holds the value; a boolean map only for the value 1). A CPU tensor
+    comes back as its NumPy view (written in place through it); ``None`` stays ``None``."""
     import operator
 
+    from ._device import array_kind
+
+    if label_out is None:
+        return None
     if isinstance(tumor_label, (bool, np.bool_)):
         raise ValueError(f"tumor_label must be an integer, got {tumor_label!r}")
     try:
@@ -465,7 +470,17 @@ def check_label_out(label_out: Any, shape: Sequence[int], tumor_label: Any) -> i
             raise ValueError(f"tumor_label {value} is not exact in label_out's dtype {dt}")
     else:
         raise ValueError(f"label_out must be an integer or float array, got dtype {dt}")
-    return value
+    return label_out.numpy() if array_kind(label_out) == "torch-cpu" else label_out
+
+
+def label_args(plans: Sequence[Plan], label_outs: Any, tumor_label: Any) -> list[Any]:
+    """``render_batch``'s ``label_outs``: one :func:`label_arg` per plan (``None``: none)."""
+    if label_outs is None:
+        return [None] * len(plans)
+    if not isinstance(label_outs, (list, tuple)):
+        raise ValueError("label_outs must be one label map per plan (a list), or None")
+    (labs,) = per_plan(len(plans), label_outs=label_outs)
+    return [label_arg(lab, p.shape, tumor_label) for p, lab in zip(plans, labs, strict=True)]
 
 
 def per_plan(n: int, **args: Any) -> list[list[Any]]:
@@ -520,17 +535,12 @@ def render_batch(
         One :class:`RenderResult` per plan, in order.
     """
     n = len(plans)
-    if label_outs is not None and not isinstance(label_outs, (list, tuple)):
-        raise ValueError("label_outs must be one label map per plan (a list), or None")
-    images, organ_masks, outs, affines, label_outs = per_plan(
-        n, images=images, organ_masks=organ_masks, outs=outs, affines=affines,
-        label_outs=label_outs,
-    )  # fmt: skip
+    images, organ_masks, outs, affines = per_plan(
+        n, images=images, organ_masks=organ_masks, outs=outs, affines=affines
+    )
+    label_outs = label_args(plans, label_outs, tumor_label)
     if n == 0:
         return []
-    label_outs = [
-        label_arg(lab, p.shape, tumor_label) for p, lab in zip(plans, label_outs, strict=True)
-    ]
     from ._device import resolve_device
 
     where = resolve_device(device, *images, *organ_masks, *[o for o in outs if o is not None])
@@ -555,17 +565,6 @@ def render_batch(
         label_outs=label_outs,
         tumor_label=tumor_label,
     )
-
-
-def label_arg(lab: Any, shape: Sequence[int], tumor_label: Any) -> Any:
-    """A ``label_out`` argument checked (:func:`check_label_out`), a CPU tensor as its NumPy
-    view (written in place through it); ``None`` stays ``None``."""
-    from ._device import array_kind
-
-    if lab is None:
-        return None
-    check_label_out(lab, shape, tumor_label)
-    return lab.numpy() if array_kind(lab) == "torch-cpu" else lab
 
 
 def _output_range(dtype: np.dtype) -> tuple[float, float]:
@@ -747,7 +746,8 @@ def assemble(
     n_t = len(tumors)
     # centres and radii of all tumors at once (Python ints and floats per record)
     num = np.array([(*t.center_vox, *t.radii_mm) for t in tumors], dtype=np.float64)
-    cvs, radii = num.reshape(n_t, 6)[:, :3], num.reshape(n_t, 6)[:, 3:].tolist()
+    num = num.reshape(n_t, 6)
+    cvs, radii = num[:, :3], num[:, 3:].tolist()
     cv_int = cvs.astype(np.int64).tolist()
     if affine is not None:
         a = np.asarray(affine, dtype=np.float64)
