@@ -56,6 +56,8 @@ def _backends(clock=time.perf_counter):
     sys.path.insert(0, str(ROOT / "tests"))
     from _cuda_emu import HostBackend
 
+    from synthgen._cuda import CupyBackend
+
     class Record(HostBackend):
         def __init__(self, build_dir) -> None:
             super().__init__(build_dir)
@@ -84,8 +86,16 @@ def _backends(clock=time.perf_counter):
             finally:
                 self.device_s += clock() - t0
 
-        def launch2d(self, name, n_seg, max_total, *args) -> None:
+        block_rule = CupyBackend.block_rule  # the GPU's schedules, computed on the host
+
+        def launch_flat(self, name, n_blocks, *args) -> None:
             pass  # device work: nothing on the host
+
+        def launch2d(self, name, n_seg, max_total, *args) -> None:
+            pass  # (the launches of revisions before the flat schedules, for ab_host.py)
+
+        def pointer(self, address, dtype=None):
+            return np.uint64(address)  # as CupyBackend.pointer
 
         def alloc(self, nbytes):
             out = self._t(HostBackend.alloc, self, nbytes)

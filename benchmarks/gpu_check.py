@@ -290,9 +290,9 @@ class _KernelTimer:
     def __getattr__(self, name):
         return getattr(self._be, name)
 
-    def launch2d(self, name, *args):
+    def launch_flat(self, name, *args):
         a = self._g.event()
-        self._be.launch2d(name, *args)
+        self._be.launch_flat(name, *args)
         self.marks.append((name, a, self._g.event()))
 
     def per_kernel(self) -> dict[str, list[float]]:
@@ -351,8 +351,7 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
         _segments.KEEP_LAST = False
         _segments.LAST.clear()
     g.sync()
-    n, tv, vox = last["n"], last["max_voxels"], last["voxels"]
-    T, TF, W, FW = last["T"], last["TF"], last["W"], last["FW"]
+    n, vox = last["n"], last["voxels"]
     reps = 1 if g.emulate else 20
     nbytes = (16 << 20) if g.emulate else (1 << 30)
     a = xp.zeros(nbytes // 4, dtype=xp.float32)
@@ -367,11 +366,11 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     kernels = {
         # name: (launch, bytes moved per voxel of the tight boxes)
         "sg_seg_blend (fused blend)": (
-            lambda: be.launch2d("sg_seg_blend", n, tv, T, W, TF, FW, last["TD"], last["DW"]),
+            lambda: be.launch_flat("sg_seg_blend", *last["blend"]),
             4 + 1 + 4 + 4 + 4,
         ),
         "sg_seg_apply (fused write-back)": (
-            lambda: be.launch2d("sg_seg_apply", n, tv, T, W, TF, FW, last["stats"]),
+            lambda: be.launch_flat("sg_seg_apply", *last["apply"]),
             4 + 4 + 1 + 2,
         ),
     }

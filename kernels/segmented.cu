@@ -1,20 +1,58 @@
 // Segmented kernels: every tumor of a batch in one launch per step.
 //
-// A batch of tumors (of one or many plans and scans) is a list of segments. Launches use a 2-D
-// grid: blockIdx.y is the segment, and the blocks along x walk the segment's elements with a
-// grid-stride loop. Everything a segment needs is in one row of an int64 table T (sizes,
-// buffer addresses, table addresses: device addresses stored as integers), a float32 table
-// TF and a float64 table TD; column numbers are the SG_* constants of segmented.cuh, which the
-// Python driver reads from that header. The arithmetic is the per-tumor kernels' (the same
-// device functions), so results are the CPU path's.
+// A batch of tumors (of one or many plans and scans) is a list of segments. Everything a
+// segment needs is in one row of an int64 table T (sizes, buffer addresses, table addresses:
+// device addresses stored as integers), a float32 table TF and a float64 table TD; column
+// numbers are the SG_* constants of segmented.cuh, which the Python driver reads from that
+// header. The arithmetic is the per-tumor kernels' (the same device functions), so results
+// are the CPU path's.
+//
+// Launches use a flat 1-D grid over a schedule S of the segments (nS + 1 int32 prefix sums):
+// blocks S[s] .. S[s+1] - 1 are segment s's, as many as its elements need (none for a
+// segment with nothing to do in the step), and they walk the segment's elements with a
+// block-stride loop. Segments differ in size by orders of magnitude (a tiny tumor's box and
+// a large one's), so a 2-D grid sized for the largest (blockIdx.y the segment, as before)
+// launched mostly blocks that had nothing to do: in a batch of 16 mix samples 87% of the
+// fused blend's blocks. The host builds the schedules (synthgen._seg_tables.schedules_nb).
 #include "segmented.cuh"
 #include "shape.cuh"
 #include "texture.cuh"
 #include "blend.cuh"
 
+// The segment of block b: the last s with S[s] <= b (segments without blocks are skipped:
+// their S[s] equals the next one's). All threads of a block search the same few entries.
+SG_FN int sg_segment_of(const int* __restrict__ S, int n, int b)
+{
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (S[mid] <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// The start of every segmented kernel (parameters S and nS): the block's segment sg_s, its
+// index sg_b among the segment's sg_nb blocks (at most 512: int arithmetic). Thread 0
+// searches and leaves them in shared memory, from which the compiler reloads them where it
+// would otherwise hold them in registers throughout (with the search's result in registers,
+// ptxas for sm_90 spilled in the blend at its 64-register bound and took the gather and the
+// lattice from 40 and 32 registers to 48 and 44; a block-index expression, as blockIdx.y was,
+// it simply recomputes).
+#define SG_SEG_BEGIN                                                                          \
+    __shared__ int sg_sh[3];                                                                  \
+    if (threadIdx.x == 0) {                                                                   \
+        const int s_ = sg_segment_of(S, nS, (int)blockIdx.x);                                 \
+        sg_sh[0] = s_;                                                                        \
+        sg_sh[1] = (int)blockIdx.x - S[s_];                                                   \
+        sg_sh[2] = S[s_ + 1] - S[s_];                                                         \
+    }                                                                                         \
+    __syncthreads();                                                                          \
+    const int sg_s = sg_sh[0], sg_b = sg_sh[1], sg_nb = sg_sh[2]
+
+// The block-stride loop over a segment's `total` elements.
 #define SG_SEG_LOOP(total)                                                                    \
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < (total);         \
-         t += (long long)blockDim.x * gridDim.x)
+    for (long long t = sg_b * (int)blockDim.x + (int)threadIdx.x; t < (total);                \
+         t += sg_nb * (int)blockDim.x)
 
 // The same walk with SG_ILP elements per thread and step, blockDim.x apart (coalesced): a
 // streaming kernel loads all of them before it computes, so a warp has SG_ILP loads in
@@ -22,15 +60,16 @@
 // cycles waited on loads). Element u of a step is t0 + u * blockDim.x.
 #define SG_ILP 4
 #define SG_SEG_LOOP_ILP(total)                                                                \
-    for (long long t0 = (long long)blockIdx.x * blockDim.x * SG_ILP + threadIdx.x;           \
-         t0 < (total); t0 += (long long)blockDim.x * gridDim.x * SG_ILP)
+    for (long long t0 = sg_b * (int)blockDim.x * SG_ILP + (int)threadIdx.x; t0 < (total);     \
+         t0 += sg_nb * (int)blockDim.x * SG_ILP)
 #define SG_ILP_T(u) (t0 + (long long)(u) * blockDim.x)
 
-// A block with no element of its segment (the grid is sized for the largest segment) leaves
-// at once: before a block reduction, whose barriers it would otherwise wait through. ``per``
-// is the elements per thread and step of the kernel's loop (1, or SG_ILP).
+// A block with no element of its segment leaves at once: before a block reduction, whose
+// barriers it would otherwise wait through. (A schedule gives a segment no more blocks than
+// its elements need; a caller's may be coarser.) ``per`` is the elements per thread and step
+// of the kernel's loop (1, or SG_ILP).
 #define SG_SEG_IDLE(total, per)                                                               \
-    if ((long long)blockIdx.x * blockDim.x * (per) >= (total)) return
+    if ((long long)sg_b * blockDim.x * (per) >= (total)) return
 
 // Block reductions: a kernel's per-thread partial results (sums, minima, maxima) are combined
 // within the block (warp shuffles, then one warp over the warps' results) before thread 0
@@ -71,11 +110,13 @@ SG_FN V sg_block_reduce(V v, V) { return v; }
 
 // Phase A, step 1: the (i, j) part of the deformed-ellipsoid test, once per row of each
 // tumor's box (sg_shape_row into the ROWS buffer, 3 + 3 g2 floats a row).
-extern "C" __global__ void sg_seg_rows(const long long* __restrict__ T, int F,
+extern "C" __global__ void sg_seg_rows(const int* __restrict__ S, int nS,
+                                       const long long* __restrict__ T, int F,
                                        const double* __restrict__ TD, int FD)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
-    const double* rd = TD + (long long)blockIdx.y * FD;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
+    const double* rd = TD + (long long)sg_s * FD;
     int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1];
     const float* ctrl = (const float*)r[SG_CTRL];
     int g0 = (int)r[SG_G0], g1 = (int)r[SG_G1], g2 = (int)r[SG_G2];
@@ -98,12 +139,13 @@ extern "C" __global__ void sg_seg_rows(const long long* __restrict__ T, int F,
 // strides) into float32 / uint8 buffers and finish the deformed-ellipsoid test there.
 // (at most 64 registers: four blocks of 256 threads per SM; ptxas needs no spills for it)
 extern "C" __global__ void __launch_bounds__(256, 4)
-    sg_seg_shape(const long long* __restrict__ T, int F, const float* __restrict__ TF, int FF,
-                 const double* __restrict__ TD, int FD)
+    sg_seg_shape(const int* __restrict__ S, int nS, const long long* __restrict__ T, int F,
+                 const float* __restrict__ TF, int FF, const double* __restrict__ TD, int FD)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
-    const float* rf = TF + (long long)blockIdx.y * FF;
-    const double* rd = TD + (long long)blockIdx.y * FD;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
+    const float* rf = TF + (long long)sg_s * FF;
+    const double* rd = TD + (long long)sg_s * FD;
     int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1], n2 = (int)r[SG_N2];
     const int g2 = (int)r[SG_G2], rw = 3 + 3 * g2;
     const float* w2 = (const float*)r[SG_W2];
@@ -158,13 +200,15 @@ extern "C" __global__ void __launch_bounds__(256, 4)
 
 // Bounding box and voxel count of each segment's mask: out row s = (lo0, hi0, lo1, hi1,
 // lo2, hi2, count), initialised by the caller to (n0, -1, n1, -1, n2, -1, 0).
-extern "C" __global__ void sg_seg_bbox(const long long* __restrict__ T, int F,
+extern "C" __global__ void sg_seg_bbox(const int* __restrict__ S, int nS,
+                                       const long long* __restrict__ T, int F,
                                        int* __restrict__ out)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     int n0 = (int)r[SG_N0], n1 = (int)r[SG_N1], n2 = (int)r[SG_N2];
     const unsigned char* mask = (const unsigned char*)r[SG_MASK];
-    int* o = out + 7 * (long long)blockIdx.y;
+    int* o = out + 7 * (long long)sg_s;
     int lo0 = n0, hi0 = -1, lo1 = n1, hi1 = -1, lo2 = n2, hi2 = -1, count = 0;
     long long total = (long long)n0 * n1 * n2;
     SG_SEG_IDLE(total, 1);
@@ -190,9 +234,11 @@ extern "C" __global__ void sg_seg_bbox(const long long* __restrict__ T, int F,
 
 // Phase B, step 1: the tight box (a sub-box of the phase-A box) of orig, organ and mask into
 // contiguous buffers, and the mask as float32 (the blur's input).
-extern "C" __global__ void sg_seg_gather(const long long* __restrict__ T, int F)
+extern "C" __global__ void sg_seg_gather(const int* __restrict__ S, int nS,
+                                         const long long* __restrict__ T, int F)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     const float* q2 = (const float*)r[SG_Q2];
     float* tq2 = (float*)r[SG_TQ2];
@@ -241,11 +287,12 @@ SG_FN const float* sg_pass_line(const float* in, long long t, int axis, int n1, 
 // One banded contraction pass along `axis` for every segment: the input (d0, d1, d2) at
 // address column c_in, its sizes at columns c_dim.. c_dim+2, the band (start int64 rows,
 // float32 weights (m, K)) at c_s / c_w with m at c_m and K at c_k; the output at c_out.
-extern "C" __global__ void sg_seg_band(const long long* __restrict__ T, int F, int axis,
-                                       int c_in, int c_dim, int c_s, int c_w, int c_m, int c_k,
-                                       int c_out)
+extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
+                                       const long long* __restrict__ T, int F, int axis, int c_in,
+                                       int c_dim, int c_s, int c_w, int c_m, int c_k, int c_out)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     int n0 = (int)r[c_dim], n1 = (int)r[c_dim + 1], n2 = (int)r[c_dim + 2];
     int m = (int)r[c_m], K = (int)r[c_k];
@@ -272,11 +319,13 @@ extern "C" __global__ void sg_seg_band(const long long* __restrict__ T, int F, i
 // them changes no float32 sum of finite values). Input (d0, d1, d2) at column c_in with sizes
 // at c_dim.., the kernel's address, length and offset at c_k, c_klen, c_off, the output's
 // size along the axis at c_m, the output at c_out.
-extern "C" __global__ void sg_seg_conv(const long long* __restrict__ T, int F, int axis,
-                                       int c_in, int c_dim, int c_k, int c_klen, int c_off,
-                                       int c_m, int c_out)
+extern "C" __global__ void sg_seg_conv(const int* __restrict__ S, int nS,
+                                       const long long* __restrict__ T, int F, int axis, int c_in,
+                                       int c_dim, int c_k, int c_klen, int c_off, int c_m,
+                                       int c_out)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     int n0 = (int)r[c_dim], n1 = (int)r[c_dim + 1], n2 = (int)r[c_dim + 2];
     int m = (int)r[c_m], K = (int)r[c_klen];
@@ -306,9 +355,11 @@ extern "C" __global__ void sg_seg_conv(const long long* __restrict__ T, int F, i
 }
 
 // Lattice noise of every segment's texture (as sg_lattice_uniform).
-extern "C" __global__ void sg_seg_lattice(const long long* __restrict__ T, int F)
+extern "C" __global__ void sg_seg_lattice(const int* __restrict__ S, int nS,
+                                          const long long* __restrict__ T, int F)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     int n0 = (int)r[SG_LN0], n1 = (int)r[SG_LN1], n2 = (int)r[SG_LN2];
     int a0 = (int)r[SG_LA0], a1 = (int)r[SG_LA1], a2 = (int)r[SG_LA2];
@@ -323,12 +374,14 @@ extern "C" __global__ void sg_seg_lattice(const long long* __restrict__ T, int F
 }
 
 // Bernoulli block fractions of every segment (as sg_block_sums).
-extern "C" __global__ void sg_seg_blocks(const long long* __restrict__ T, int F,
+extern "C" __global__ void sg_seg_blocks(const int* __restrict__ S, int nS,
+                                         const long long* __restrict__ T, int F,
                                          const double* __restrict__ TD, int FD)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
-    const double* rd = TD + (long long)blockIdx.y * FD;
+    const double* rd = TD + (long long)sg_s * FD;
     int nx = (int)r[SG_B0], ny = (int)r[SG_B1], nz = (int)r[SG_B2];
     const float* z = (const float*)r[SG_Z0];
     const double* in0 = (const double*)r[SG_INV0];
@@ -350,13 +403,15 @@ extern "C" __global__ void sg_seg_blocks(const long long* __restrict__ T, int F,
 // The published rescale, measured per segment: stats row s += (sum of g over g > threshold,
 // their count, sum of all g); then g = clip(g * u0 / mean, 0, 1) (mean of all when none is
 // above; unchanged when the mean is not positive).
-extern "C" __global__ void sg_seg_tex_stats(const long long* __restrict__ T, int F,
+extern "C" __global__ void sg_seg_tex_stats(const int* __restrict__ S, int nS,
+                                            const long long* __restrict__ T, int F,
                                             const double* __restrict__ TD, int FD,
                                             double* __restrict__ stats)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
-    const double* rd = TD + (long long)blockIdx.y * FD;
+    const double* rd = TD + (long long)sg_s * FD;
     const float* g = (const float*)r[SG_GRID];
     float thr = (float)rd[SG_D_THR];
     long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
@@ -371,22 +426,24 @@ extern "C" __global__ void sg_seg_tex_stats(const long long* __restrict__ T, int
     cnt = sg_block_reduce<SG_RED_SUM>(cnt, 0.0);
     all = sg_block_reduce<SG_RED_SUM>(all, 0.0);
     if (threadIdx.x != 0) return;
-    double* o = stats + 3 * (long long)blockIdx.y;
+    double* o = stats + 3 * (long long)sg_s;
     atomicAdd(&o[0], above);
     atomicAdd(&o[1], cnt);
     atomicAdd(&o[2], all);
 }
 
-extern "C" __global__ void sg_seg_tex_scale(const long long* __restrict__ T, int F,
+extern "C" __global__ void sg_seg_tex_scale(const int* __restrict__ S, int nS,
+                                            const long long* __restrict__ T, int F,
                                             const double* __restrict__ TD, int FD,
                                             const double* __restrict__ stats)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
-    const double* rd = TD + (long long)blockIdx.y * FD;
+    const double* rd = TD + (long long)sg_s * FD;
     float* g = (float*)r[SG_GRID];
     long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
-    const double* o = stats + 3 * (long long)blockIdx.y;
+    const double* o = stats + 3 * (long long)sg_s;
     double mean = o[1] > 0.0 ? o[0] / o[1] : o[2] / (double)total;
     float fac = mean > 0.0 ? (float)(rd[SG_D_U0] / mean) : 1.0f;
     SG_SEG_LOOP(total) {
@@ -399,13 +456,14 @@ extern "C" __global__ void sg_seg_tex_scale(const long long* __restrict__ T, int
 // The fused blend of every segment into its own (zeroed) change buffer (as sg_blend_tumor).
 // (at most 64 registers: four blocks of 256 threads per SM; ptxas needs no spills for it)
 extern "C" __global__ void __launch_bounds__(256, 4)
-    sg_seg_blend(const long long* __restrict__ T, int F, const float* __restrict__ TF, int FF,
-                 const double* __restrict__ TD, int FD)
+    sg_seg_blend(const int* __restrict__ S, int nS, const long long* __restrict__ T, int F,
+                 const float* __restrict__ TF, int FF, const double* __restrict__ TD, int FD)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
-    const float* rf = TF + (long long)blockIdx.y * FF;
-    const double* rd = TD + (long long)blockIdx.y * FD;
+    const float* rf = TF + (long long)sg_s * FF;
+    const double* rd = TD + (long long)sg_s * FD;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
     const float* orig = (const float*)r[SG_TORIG];
     const unsigned char* organ = (const unsigned char*)r[SG_TORGAN];
@@ -469,9 +527,11 @@ extern "C" __global__ void __launch_bounds__(256, 4)
 // Overlapping tumors: each voxel of segment i takes the strongest change among i and its
 // partners (the segments listed at SG_PART, in ascending order, whose tight boxes overlap
 // i's), read from the unmerged buffers, as the CPU's pairwise merge does.
-extern "C" __global__ void sg_seg_merge(const long long* __restrict__ T, int F)
+extern "C" __global__ void sg_seg_merge(const int* __restrict__ S, int nS,
+                                        const long long* __restrict__ T, int F)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
     const float* delta = (const float*)r[SG_DELTA];
     float* merged = (float*)r[SG_MERGED];
@@ -512,7 +572,8 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                          const float* __restrict__ orig, const float* __restrict__ merged,
                          const unsigned char* __restrict__ mask, float cmin, float cmax,
                          float lo, float hi, int round_int, long long dbase, long long ds0,
-                         long long ds1, long long ds2, int* n_out, double* acc_out)
+                         long long ds1, long long ds2, int sg_b, int sg_nb,
+                         int* n_out, double* acc_out)
 {
     int n = 0;
     double acc = 0.0;
@@ -550,12 +611,14 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
     *acc_out = acc;
 }
 
-extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
+extern "C" __global__ void sg_seg_apply(const int* __restrict__ S, int nS,
+                                        const long long* __restrict__ T, int F,
                                         const float* __restrict__ TF, int FF,
                                         double* __restrict__ stats)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
-    const float* rf = TF + (long long)blockIdx.y * FF;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
+    const float* rf = TF + (long long)sg_s * FF;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
     const float* orig = (const float*)r[SG_TORIG];
     const float* merged = (const float*)r[SG_MERGED];
@@ -573,7 +636,7 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     double acc = 0.0;
 #define SG_APPLY_AS(D)                                                                        \
     sg_apply_loop((D*)dst, total, ny, nz, orig, merged, mask, cmin, cmax, lo, hi, round_int,  \
-                  dbase, ds0, ds1, ds2, &n, &acc)
+                  dbase, ds0, ds1, ds2, sg_b, sg_nb, &n, &acc)
     switch (code) {
         case SG_CODE_F32: SG_APPLY_AS(float); break;
         case SG_CODE_F64: SG_APPLY_AS(double); break;
@@ -589,7 +652,7 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
     n = sg_block_reduce<SG_RED_SUM>(n, 0);
     acc = sg_block_reduce<SG_RED_SUM>(acc, 0.0);
     if (threadIdx.x != 0 || n == 0) return;
-    double* s = stats + 2 * (long long)blockIdx.y;
+    double* s = stats + 2 * (long long)sg_s;
     atomicAdd(&s[0], (double)n);
     atomicAdd(&s[1], acc);
 }
@@ -598,9 +661,11 @@ extern "C" __global__ void sg_seg_apply(const long long* __restrict__ T, int F,
 // row's value on every voxel of the row's tumor mask, in the tight box. Rows without one
 // (SG_LBL 0) leave at once. Overlapping tumors write the same value, so their order does
 // not matter; the result is the CPU's `label[box][mask] = value` per tumor.
-extern "C" __global__ void sg_seg_label(const long long* __restrict__ T, int F)
+extern "C" __global__ void sg_seg_label(const int* __restrict__ S, int nS,
+                                        const long long* __restrict__ T, int F)
 {
-    const long long* r = T + (long long)blockIdx.y * F;
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
     void* lab = (void*)r[SG_LBL];
     if (lab == 0) return;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];

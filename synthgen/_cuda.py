@@ -118,13 +118,21 @@ class CupyBackend:
             fn = self._functions[name] = self.module(KERNELS[name]).get_function(name)
         return fn
 
-    def launch2d(self, name: str, n_seg: int, max_total: int, *args) -> None:
-        """A segmented launch: ``blockIdx.y`` is the segment, blocks along x stride over it."""
-        if n_seg <= 0 or max_total <= 0:
-            return
-        # about four elements per thread, at most 512 blocks per segment
-        bx = max(1, min((max_total + 4 * THREADS - 1) // (4 * THREADS), 512))
-        self.function(name)((bx, n_seg), (THREADS,), args)
+    #: The flat schedules' rule (``synthgen._seg_tables.schedules_nb``): a segment gets one
+    #: block of THREADS threads per 4 * THREADS elements (about four per thread, as SG_ILP
+    #: kernels take in one step), at most 512; a larger segment's blocks loop over it.
+    block_rule = (4 * THREADS, 512)
+
+    def launch_flat(self, name: str, n_blocks: int, *args) -> None:
+        """A segmented launch: ``n_blocks`` blocks in a 1-D grid, which the kernel maps to
+        its segments through the schedule it gets as first argument."""
+        if n_blocks > 0:
+            self.function(name)((int(n_blocks),), (THREADS,), args)
+
+    def pointer(self, address: int, dtype=None):
+        """A device address as a kernel argument (passed by value: 8 bytes), instead of a
+        CuPy view of the buffer (a slice, a view and a reshape, each a Python-level op)."""
+        return np.uint64(address)
 
     def ptr(self, a) -> int:
         return int(a.data.ptr)

@@ -118,6 +118,34 @@ def layout_nb(sizes, itemsize):
     return offs, at + align
 
 
+#: Phase B's flat schedules (:func:`schedules_nb`), one per distinct per-row element count
+#: of its launches: each names the :data:`F32` buffer a launch writes (its size is the
+#: launch's elements per row; 0 where a row takes no part, such as host rows in the texture).
+SCHED_B = ("maskf", "merged", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid")
+_SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
+
+
+@nb.njit(**_OPTS)
+def schedules_nb(totals, cols, per_block, cap):
+    """The flat block schedules of segmented launches (``kernels/segmented.cu``): launch
+    ``k`` walks ``totals[r, cols[k]]`` elements of row ``r``, and gets ``ceil(elements /
+    per_block)`` blocks for it, at most ``cap`` (none for a row without elements). Returns
+    the ``(len(cols), n + 1)`` int32 prefix sums (row ``r``'s blocks are ``S[k, r]`` ..
+    ``S[k, r + 1] - 1``) and each launch's block count."""
+    n = totals.shape[0]
+    S = np.zeros((cols.shape[0], n + 1), dtype=np.int32)
+    count = np.zeros(cols.shape[0], dtype=np.int64)
+    for k in range(cols.shape[0]):
+        at = 0
+        for r in range(n):
+            e = totals[r, cols[k]]
+            if e > 0:
+                at += min((e + per_block - 1) // per_block, cap)
+            S[k, r + 1] = at
+        count[k] = at
+    return S, count
+
+
 @nb.njit(**_OPTS)
 def phase_a_sizes_nb(lo, hi, keep, g, has_app):
     """Phase A's sizes from the tumors' boxes ``lo..hi`` (``(n, 3)``; an empty, even
@@ -127,7 +155,8 @@ def phase_a_sizes_nb(lo, hi, keep, g, has_app):
     box axis's B-spline rows (``nb * g`` each, tumor by tumor), their total; the bounding-box
     accumulators of the rows (``(max(n, 1), 7)`` int32: lower bounds at the box size, upper
     at -1, count 0); the float32 (orig, q2, shape rows) and uint8 (organ, mask) scratch sizes
-    per row; the largest box and the most (i, j) rows of a box."""
+    per row; the elements of phase A's launches per row (``(n, 2)``: the box's (i, j) rows,
+    its voxels), the totals of their schedules (:func:`schedules_nb`)."""
     n_all = lo.shape[0]
     n = keep.shape[0]
     nb_ = np.empty((n_all, 3), dtype=np.int64)
@@ -142,8 +171,7 @@ def phase_a_sizes_nb(lo, hi, keep, g, has_app):
     bb = np.zeros((max(n, 1), 7), dtype=np.int32)
     fa = np.empty((n, 3), dtype=np.int64)
     ua = np.empty((n, 2), dtype=np.int64)
-    mx = 0
-    mrows = 0
+    tot = np.empty((n, 2), dtype=np.int64)
     for r in range(n):
         q = keep[r]
         for a in range(3):
@@ -156,9 +184,9 @@ def phase_a_sizes_nb(lo, hi, keep, g, has_app):
         fa[r, 2] = rows * (3 + 3 * g[q])  # sg_shape_row per (i, j)
         ua[r, 0] = nv
         ua[r, 1] = nv
-        mx = max(mx, nv)
-        mrows = max(mrows, rows)
-    return nb_, w_off, at, bb, fa, ua, mx, mrows
+        tot[r, 0] = rows
+        tot[r, 1] = nv
+    return nb_, w_off, at, bb, fa, ua, tot
 
 
 @nb.njit(**_OPTS)

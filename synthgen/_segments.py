@@ -10,6 +10,10 @@ boxes, then 17 launches in phase B (tight-box gather,
 three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid passes, the
 rescale's statistics and scaling, the fused blend, the overlap merge, the write-back; an 18th
 where label maps on the device take the tumor label), then one copy back of the statistics.
+Each launch runs a flat grid over a schedule (:func:`synthgen._seg_tables.schedules_nb`,
+packed with the tables): every row gets the blocks its own elements need, so small tumors
+beside a large one cost no idle blocks. Kernel arguments are device addresses (``_Pack.arg``),
+not device array views.
 
 The host's work per batch is vectorised over the tumors: compiled (numba) calls over all
 tumors for the conservative boxes, the B-spline weight rows, the blur kernels, the texture's
@@ -141,6 +145,12 @@ class _Pack:
     def view(self, ref: int):
         off, a = self.parts[ref]
         return self.dev[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
+
+    def arg(self, be, ref: int, row: int = 0):
+        """Part ``ref`` (from its ``row``-th row on) as a kernel argument: its device address
+        (no device array view built)."""
+        off, a = self.parts[ref]
+        return be.pointer(self.base + off + row * (a.strides[0] if a.ndim else 0), a.dtype)
 
     def upload(self, be) -> None:
         chunks, at = [], 0
@@ -354,6 +364,10 @@ def _stack_lists(items, shape: tuple[int, int, int, int]) -> np.ndarray:
     return out.reshape(len(items), *shape)
 
 
+#: Phase A's schedules: the columns of phase_a_sizes_nb's elements per row (rows, voxels).
+_A_COLS = np.arange(2, dtype=np.int64)
+
+
 def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None:
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
     ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``."""
@@ -361,13 +375,16 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     from ._geometry import prefilter
     from ._hash import stream_keys
     from ._seg_tables import (
+        _SCHED_B_COLS,
         BASES,
         F32,
+        SCHED_B,
         phase_a_nb,
         phase_a_sizes_nb,
         phase_b_boxes_nb,
         phase_b_nb,
         phase_b_sizes_nb,
+        schedules_nb,
     )
     from ._texture import STREAM_BERNOULLI, STREAM_NOISE, texture_params
 
@@ -419,9 +436,11 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
                          jobs[jidx[q]].plan.organ_noise_grain) for q in keep]  # fmt: skip
     has_app = np.array([a is not None for a in apps], dtype=bool)
     # box sizes, B-spline row offsets, bounding-box accumulators, scratch sizes: one call
-    nb, w_off, w_total, bb, fa_sizes, ua_sizes, mx, mrows = phase_a_sizes_nb(
+    nb, w_off, w_total, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(
         lo, hi, keep, g_of, has_app
     )
+    # the flat schedules of phase A's launches: the boxes' (i, j) rows, their voxels
+    sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *be.block_rule)
     if n:
         # B-spline weights of every box row, one numba call per grid size
         w_all = np.zeros(max(w_total, 1), np.float32)
@@ -447,6 +466,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     tf_ref = pack.add(np.zeros((max(n, 1), FW), dtype=np.float32))
     td_ref = pack.add(np.zeros((max(n, 1), DW), dtype=np.float64))
     bb_ref = pack.add(bb)
+    sa_ref = pack.add(sched_a)
     fa = _Arena(np.float32, fa_sizes)  # orig, q2, shape rows
     ua = _Arena(np.uint8, ua_sizes)  # organ, mask
     fa.alloc(be)
@@ -477,10 +497,11 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     pack.set(tf_ref, TF)
     pack.set(td_ref, TD)
     pack.upload(be)
-    Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
-    be.launch2d("sg_seg_rows", n, mrows, Td, i32(W), TDd, i32(DW))
-    be.launch2d("sg_seg_shape", n, mx, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
-    be.launch2d("sg_seg_bbox", n, mx, Td, i32(W), pack.view(bb_ref))
+    Td, TFd, TDd = pack.arg(be, t_ref), pack.arg(be, tf_ref), pack.arg(be, td_ref)
+    S_rows, S_box, nS = pack.arg(be, sa_ref, 0), pack.arg(be, sa_ref, 1), i32(n)
+    be.launch_flat("sg_seg_rows", nblk_a[0], S_rows, nS, Td, i32(W), TDd, i32(DW))
+    be.launch_flat("sg_seg_shape", nblk_a[1], S_box, nS, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
+    be.launch_flat("sg_seg_bbox", nblk_a[1], S_box, nS, Td, i32(W), pack.arg(be, bb_ref))
     # while the device works: what phase B needs of every kept tumor (texture parameters and
     # keys, contrast, the blur kernels, as rendering builds them, cached per sigma, packed)
     tex_p = texture_params([ts[q].texture for q in keep])
@@ -540,6 +561,9 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     # scratch: float32 buffers per row (host rows: merged and out only), uint8, zeroed
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
     sizes_f, sizes_u, sizes_z = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e)
+    # the flat schedules of phase B's launches (one per distinct elements-per-row count)
+    sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *be.block_rule)
+    sb_ref = pack.add(sched_b)
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)
     zero = _Arena(np.float32, sizes_z)
@@ -579,44 +603,45 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     pack.set(tf_ref, TF)
     pack.set(td_ref, TD)
     pack.upload(be)
-    Td, TFd, TDd = pack.view(t_ref), pack.view(tf_ref), pack.view(td_ref)
-    WW, FF, DD = i32(W), i32(FW), i32(DW)
-    tv = int(tnv.max())
-    be.launch2d("sg_seg_gather", nl, tv, Td, WW)
+    Td, TFd, TDd = pack.arg(be, t_ref), pack.arg(be, tf_ref), pack.arg(be, td_ref)
+    WW, FF, DD, nS = i32(W), i32(FW), i32(DW), i32(nl)
+
+    def launch(name, buf, *args):  # a launch on the schedule of the F32 buffer it writes
+        k = SCHED_B.index(buf)
+        be.launch_flat(name, nblk_b[k], pack.arg(be, sb_ref, k), nS, Td, WW, *args)
+
+    launch("sg_seg_gather", "maskf")
     for a, (src, dst) in enumerate(((C.MASKF, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR))):
-        be.launch2d("sg_seg_conv", nl, tv, Td, WW, i32(a), i32(src), i32(C.TN0),
-                    i32(C.BKERN0 + a), i32(C.BKLEN0 + a), i32(C.BOFF0 + a), i32(C.TN0 + a),
-                    i32(dst))  # fmt: skip
-    lv = int(ln.prod(axis=1).max()) if ne else 0
-    be.launch2d("sg_seg_lattice", nl, lv, Td, WW)
-    zmax = max(int(bs.prod(axis=1).max()), lv) if ne else 0
-    for a, src, dims, dst in ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB),
-                              (0, C.ZB, C.ZD2, C.Z0)):  # fmt: skip
-        be.launch2d("sg_seg_band", nl, zmax, Td, WW, i32(a), i32(src), i32(dims), i32(C.LS0 + a),
-                    i32(C.LW0 + a), i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
-    be.launch2d("sg_seg_blocks", nl, zmax, Td, WW, TDd, DD)
-    grid_bufs = slice(F32.index("frac"), F32.index("grid") + 1)  # frac, ga, gb, grid
-    gmax = int(sizes_f[:ne, grid_bufs].max()) if ne else 0
-    for a, src, dims, dst in ((0, C.FRAC, C.B0, C.GA), (1, C.GA, C.GD1, C.GB),
-                              (2, C.GB, C.GD2, C.GRID)):  # fmt: skip
-        be.launch2d("sg_seg_conv", nl, gmax, Td, WW, i32(a), i32(src), i32(dims),
-                    i32(C.GKERN0 + a), i32(C.GKLEN0 + a), i32(C.GOFF0 + a), i32(C.G_0 + a),
-                    i32(dst))  # fmt: skip
-    txs = pack.view(tx_ref)
-    be.launch2d("sg_seg_tex_stats", nl, gmax, Td, WW, TDd, DD, txs)
-    be.launch2d("sg_seg_tex_scale", nl, gmax, Td, WW, TDd, DD, txs)
-    be.launch2d("sg_seg_blend", nl, tv, Td, WW, TFd, FF, TDd, DD)
-    be.launch2d("sg_seg_merge", nl, tv, Td, WW)
-    stats = pack.view(st_ref)
-    be.launch2d("sg_seg_apply", nl, tv, Td, WW, TFd, FF, stats)
+        launch("sg_seg_conv", "maskf", i32(a), i32(src), i32(C.TN0), i32(C.BKERN0 + a),
+               i32(C.BKLEN0 + a), i32(C.BOFF0 + a), i32(C.TN0 + a), i32(dst))  # fmt: skip
+    launch("sg_seg_lattice", "noise")
+    for a, src, dims, dst, buf in ((2, C.NOISE, C.LN0, C.ZA, "za"), (1, C.ZA, C.ZD1, C.ZB, "zb"),
+                                   (0, C.ZB, C.ZD2, C.Z0, "z0")):  # fmt: skip
+        launch("sg_seg_band", buf, i32(a), i32(src), i32(dims), i32(C.LS0 + a), i32(C.LW0 + a),
+               i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
+    launch("sg_seg_blocks", "frac", TDd, DD)
+    for a, src, dims, dst, buf in ((0, C.FRAC, C.B0, C.GA, "ga"), (1, C.GA, C.GD1, C.GB, "gb"),
+                                   (2, C.GB, C.GD2, C.GRID, "grid")):  # fmt: skip
+        launch("sg_seg_conv", buf, i32(a), i32(src), i32(dims), i32(C.GKERN0 + a),
+               i32(C.GKLEN0 + a), i32(C.GOFF0 + a), i32(C.G_0 + a), i32(dst))  # fmt: skip
+    txs = pack.arg(be, tx_ref)
+    launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
+    launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
+    launch("sg_seg_blend", "maskf", TFd, FF, TDd, DD)
+    launch("sg_seg_merge", "merged")
+    launch("sg_seg_apply", "merged", TFd, FF, pack.arg(be, st_ref))
     if J.lab_on.any():  # the label maps on the device: every row's mask, one launch
-        be.launch2d("sg_seg_label", nl, tv, Td, WW)
+        launch("sg_seg_label", "merged")
     if KEEP_LAST:
+        k_vox, k_all = SCHED_B.index("maskf"), SCHED_B.index("merged")
         LAST.clear()
         LAST.update(
-            n=nl, max_voxels=tv, voxels=int(tnv.sum()), T=Td, TF=TFd, TD=TDd, stats=stats,
-            W=WW, FW=FF, DW=DD, keep=(pack, pack_a, fa, ua, f32, u8, zero),
+            n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8, zero),
+            blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, TFd, FF, TDd, DD),
+            apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
+                   pack.arg(be, st_ref)),
         )  # fmt: skip
+    stats = pack.view(st_ref)
     host_stats = be.download(stats).tolist()  # synchronisation 2
     tn_l, to_l, hi_l = tn.tolist(), to.tolist(), (to + tn).tolist()
     # (plan, tumor index) of every row

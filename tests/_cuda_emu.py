@@ -1,16 +1,19 @@
 """Run the CUDA backend's driver without a GPU: the kernels of kernels/ compiled for the host.
 
 Each ``.cu`` file is compiled by the host C++ compiler with a small prelude that makes a
-``__global__`` function an ordinary ``extern "C"`` function running its grid-stride loop on
-one "thread" (``blockIdx = 0``, ``blockDim = gridDim = 1``) and gives the atomics their
-sequential meaning. :class:`HostBackend` then offers what ``synthgen._cuda`` needs of a
-backend (``xp``, ``launch``, ``upload``, ``download``, ``on_device``, ``context``) with NumPy
-as ``xp``, so the very driver that runs on a GPU runs in CI on the same CUDA C sources.
+``__global__`` function an ordinary ``extern "C"`` function run by one "thread"
+(``blockDim = 1``) of the block ``blockIdx.x`` the backend sets before each call, and gives
+the atomics their sequential meaning. :class:`HostBackend` then offers what
+``synthgen._cuda`` needs of a backend (``xp``, ``launch_flat``, ``pointer``, ``block_rule``,
+``upload``, ``download``, ``on_device``, ``context``) with NumPy as ``xp``, so the very
+driver that runs on a GPU runs in CI on the same CUDA C sources. By default each segment of
+a launch gets one block, which walks all its elements in order; ``block_rule`` can ask for
+the many blocks per segment a GPU runs.
 
 Every launch is checked against the kernel's C signature, parsed from the source: each
-pointer argument must be a C-contiguous array of the pointed-to type and each scalar a NumPy
-scalar of the parameter's exact type (CuPy passes a scalar by its NumPy type, so a mismatch
-there would silently corrupt a GPU launch).
+pointer argument must be a C-contiguous array (or a :class:`Pointer`) of the pointed-to type
+and each scalar a NumPy scalar of the parameter's exact type (CuPy passes a scalar by its
+NumPy type, so a mismatch there would silently corrupt a GPU launch).
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ PRELUDE = r"""
 #include <math.h>
 #define __global__
 #define __launch_bounds__(...)
+#define __shared__
+static inline void __syncthreads() {}
 struct sg_dim3 { unsigned int x, y, z; };
 static sg_dim3 blockIdx = {0, 0, 0};
-extern "C" void sg_emu_set_block_y(unsigned int y) { blockIdx.y = y; }
+extern "C" void sg_emu_set_block(unsigned int x) { blockIdx.x = x; }
 static const sg_dim3 threadIdx = {0, 0, 0};
 static const sg_dim3 blockDim = {1, 1, 1};
-static const sg_dim3 gridDim = {1, 1, 1};
 static inline double atomicAdd(double* a, double v) { double o = *a; *a = o + v; return o; }
 static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
 static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
@@ -87,12 +91,26 @@ def to_device(a: np.ndarray) -> DeviceArray:
     return np.array(a, copy=True).view(DeviceArray)
 
 
+class Pointer:
+    """A device address passed as a pointer argument, with the type it points to (checked
+    against the kernel's signature, as an array argument's dtype is)."""
+
+    __slots__ = ("address", "dtype")
+
+    def __init__(self, address: int, dtype: np.dtype) -> None:
+        self.address, self.dtype = address, dtype
+
+
 class HostBackend:
     """The stand-in for ``synthgen._cuda.CupyBackend`` (see the module docstring)."""
 
     xp = np
 
-    def __init__(self, build_dir: Path) -> None:
+    def __init__(self, build_dir: Path, block_rule: tuple[int, int] = (1 << 62, 1)) -> None:
+        # the flat schedules' rule (elements per block, most blocks per segment): by default
+        # one block per segment, which walks all its elements, in order (so sums come out as
+        # on the CPU); a finer rule runs the kernels' block-stride walks as a GPU would
+        self.block_rule = block_rule
         cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if cxx is None:
             raise RuntimeError("no host C++ compiler")
@@ -101,7 +119,7 @@ class HostBackend:
         self.sigs: dict[str, list[tuple[str, bool]]] = {}
         self.fns: dict[str, ctypes._CFuncPtr] = {}
         self.launches: list[str] = []
-        self._set_y: dict[str, ctypes._CFuncPtr] = {}
+        self._set_block: dict[str, ctypes._CFuncPtr] = {}
         self._file: dict[str, str] = {}
         for src in sorted(KERNELS.glob("*.cu")):
             lib = build_dir / f"lib{src.stem}.so"
@@ -111,7 +129,7 @@ class HostBackend:
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             dll = ctypes.CDLL(str(lib))
-            self._set_y[src.stem] = dll.sg_emu_set_block_y
+            self._set_block[src.stem] = dll.sg_emu_set_block
             for name, params in signatures(src.read_text()).items():
                 self.sigs[name] = params
                 self._file[name] = src.stem
@@ -120,13 +138,21 @@ class HostBackend:
                 fn.argtypes = [ctypes.c_void_p if ptr else _SCALAR[t][1] for t, ptr in params]
                 self.fns[name] = fn
 
-    def launch(self, name: str, total: int, *args) -> None:
+    def _convert(self, name: str, args) -> list:
+        """The C values of a launch's arguments, each checked against the kernel's signature."""
         params = self.sigs[name]
         if len(args) != len(params):
             raise TypeError(f"{name}: {len(args)} arguments for {len(params)} parameters")
         conv = []
         for k, (a, (t, ptr)) in enumerate(zip(args, params, strict=True)):
             if ptr:
+                if isinstance(a, Pointer):
+                    if a.dtype != _POINTEE[t]:
+                        raise TypeError(
+                            f"{name} argument {k}: expected a {t}* address, got one of {a.dtype}"
+                        )
+                    conv.append(a.address)
+                    continue
                 if not isinstance(a, np.ndarray) or a.dtype != _POINTEE[t]:
                     raise TypeError(
                         f"{name} argument {k}: expected {t}* array, got "
@@ -143,18 +169,22 @@ class HostBackend:
                         f"C {t}, got {type(a).__name__}"
                     )
                 conv.append(a.item())
-        self.launches.append(name)
-        if total > 0:
-            self.fns[name](*conv)
+        return conv
 
-    def launch2d(self, name: str, n_seg: int, max_total: int, *args) -> None:
-        """A segmented launch: ``blockIdx.y`` runs over the segments, one after another."""
-        set_y = self._set_y[self._file[name]]
-        for y in range(n_seg):
-            set_y(y)
-            self.launch(name, max_total, *args)
-        set_y(0)
-        self.launches[-n_seg:] = [name]
+    def launch_flat(self, name: str, n_blocks: int, *args) -> None:
+        """A segmented launch of ``n_blocks`` blocks (the kernel's schedule, its first
+        argument, maps each to its segment): the blocks one after another, each one thread."""
+        conv = self._convert(name, args)
+        self.launches.append(name)
+        fn, set_block = self.fns[name], self._set_block[self._file[name]]
+        for b in range(int(n_blocks)):
+            set_block(b)
+            fn(*conv)
+        set_block(0)
+
+    def pointer(self, address: int, dtype) -> Pointer:
+        """A device address as a kernel argument (``dtype``: what it points to)."""
+        return Pointer(int(address), np.dtype(dtype))
 
     def ptr(self, a) -> int:
         # (``a.ctypes.data`` builds a ctypes object: ~10x slower, and the host-time

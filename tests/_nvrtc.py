@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,8 +33,9 @@ class NVRTCError(RuntimeError):
     pass
 
 
-def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
-    """PTX of ``source`` for ``arch`` (e.g. ``"compute_80"``); raises NVRTCError with the log."""
+def _compile(source: Path, arch: str, include_dirs: list[Path], extra: list[bytes], get):
+    """Compile ``source`` for ``arch`` with NVRTC; ``get(lib, prog, log)`` reads the result.
+    Raises NVRTCError with the log."""
     lib = ctypes.CDLL(find_libnvrtc() or "libnvrtc.so")
     prog = ctypes.c_void_p()
     src = source.read_text().encode()
@@ -41,7 +43,7 @@ def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
     if rc != 0:
         raise NVRTCError(f"{source}: nvrtcCreateProgram failed ({rc})")
     # --fmad=false: no FMA contraction, so the kernels round as the CPU path does.
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++14", b"--fmad=false"]
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++14", b"--fmad=false", *extra]
     opts += [f"--include-path={d}".encode() for d in include_dirs]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     try:
@@ -52,9 +54,41 @@ def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
         lib.nvrtcGetProgramLog(prog, log)
         if rc != 0:
             raise NVRTCError(log.value.decode(errors="replace"))
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, ptx)
-        return ptx.value.decode()
+        return get(lib, prog, log.value.decode(errors="replace"))
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
+    """PTX of ``source`` for ``arch`` (e.g. ``"compute_80"``); raises NVRTCError with the log."""
+
+    def ptx(lib, prog, log) -> str:
+        size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        out = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, out)
+        return out.value.decode()
+
+    return _compile(source, arch, include_dirs, [], ptx)
+
+
+def register_report(source: Path, arch: str, include_dirs: list[Path]) -> dict[str, dict]:
+    """What ptxas (inside NVRTC) reports per kernel of ``source`` compiled to machine code
+    for ``arch`` (e.g. ``"sm_90"``): ``{"registers", "spill_stores", "spill_loads"}`` (bytes),
+    from its ``-v`` log."""
+
+    def parse(lib, prog, log) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        name = None
+        for line in log.splitlines():
+            if m := re.search(r"Compiling entry function '(\w+)'", line):
+                name = m[1]
+                out[name] = {}
+            elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                          line)):  # fmt: skip
+                out[name].update(spill_stores=int(m[1]), spill_loads=int(m[2]))
+            elif name and (m := re.search(r"Used (\d+) registers", line)):
+                out[name]["registers"] = int(m[1])
+        return out
+
+    return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"], parse)

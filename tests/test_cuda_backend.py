@@ -23,6 +23,7 @@ import synthgen
 from synthgen import _cpu_kernels as k
 from synthgen import _cuda, _segments, rendering
 from synthgen._device import DeviceError, array_kind, parse_device, resolve_device
+from synthgen._seg_tables import schedules_nb
 
 ORGANS = [
     ("liver-classic", "liver", "mix"),
@@ -55,17 +56,31 @@ def emu(tmp_path_factory) -> HostBackend:
         pytest.skip(str(e))
 
 
+@pytest.fixture(scope="module")
+def emu_blocks(tmp_path_factory) -> HostBackend:
+    """The stand-in with many blocks per segment, as on a GPU (at most 4 elements a block,
+    64 blocks a segment: longer segments loop), each block one thread: the schedules' block
+    to segment mapping and the kernels' block-stride loops, without a GPU."""
+    try:
+        return HostBackend(tmp_path_factory.mktemp("cuda-emu-blocks"), block_rule=(4, 64))
+    except RuntimeError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(autouse=True)
 def _poisoned_scratch(monkeypatch):
     """Scratch buffers start as NaN / 255: an element a kernel forgets shows in the result."""
     monkeypatch.setattr(_segments, "POISON", True)
 
 
-@pytest.fixture(params=["emu", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.fixture(params=["emu", "emu-blocks", pytest.param("gpu", marks=pytest.mark.gpu)])
 def backend(request):
-    """``(backend, to_device)``: the host stand-in, or CuPy on GPU 0."""
+    """``(backend, to_device)``: the host stand-in (one block per segment, or many), or
+    CuPy on GPU 0."""
     if request.param == "emu":
         return request.getfixturevalue("emu"), to_device
+    if request.param == "emu-blocks":
+        return request.getfixturevalue("emu_blocks"), to_device
     return _gpu_backend()
 
 
@@ -396,12 +411,17 @@ def test_every_kernel_is_driven_and_declared(emu):
 def test_the_stand_in_rejects_wrong_argument_types(emu):
     rows = _Rows(emu, to_device, 1)
     T, W = rows.tables()[0], np.int32(_segments._columns().T_WIDTH)
-    with pytest.raises(TypeError, match="argument 1"):
-        emu.launch("sg_seg_gather", 1, T, 135)
+    S, one = to_device(np.array([0, 1], np.int32)), np.int32(1)
+    with pytest.raises(TypeError, match="argument 3"):
+        emu.launch_flat("sg_seg_gather", 1, S, one, T, 135)
+    with pytest.raises(TypeError, match="argument 2"):
+        emu.launch_flat("sg_seg_gather", 1, S, one, T.astype(np.float64), W)
     with pytest.raises(TypeError, match="argument 0"):
-        emu.launch("sg_seg_gather", 1, T.astype(np.float64), W)
+        emu.launch_flat("sg_seg_gather", 1, S.astype(np.int64), one, T, W)
+    with pytest.raises(TypeError, match="argument 2: expected a long long\\* address"):
+        emu.launch_flat("sg_seg_gather", 1, S, one, emu.pointer(emu.ptr(T), np.float32), W)
     with pytest.raises(TypeError, match="parameters"):
-        emu.launch("sg_seg_gather", 1, T)
+        emu.launch_flat("sg_seg_gather", 1, S, one, T)
 
 
 class _Rows:
@@ -428,15 +448,23 @@ class _Rows:
     def tables(self):
         return self.dev(self.T), self.dev(self.TF), self.dev(self.TD)
 
-    def launch(self, name: str, max_total: int, *extra, tf=False, td=False):
+    def launch(self, name: str, max_total, *extra, tf=False, td=False):
+        """Launch ``name`` over every row, each scheduled for ``max_total`` elements (or
+        ``max_total[row]``) by the backend's rule (many blocks per row on a GPU, some of
+        them idle where a row has fewer elements)."""
         T, TF, TD = self.tables()
-        self.keep += [T, TF, TD]
-        args = [T, np.int32(self.C.T_WIDTH)]
+        n = len(self.T)
+        totals = np.broadcast_to(np.asarray(max_total, np.int64), (n,)).reshape(n, 1)
+        S, nblk = schedules_nb(np.ascontiguousarray(totals), np.zeros(1, np.int64),
+                               *self.be.block_rule)  # fmt: skip
+        Sd = self.dev(S[0])
+        self.keep += [T, TF, TD, Sd]
+        args = [Sd, np.int32(n), T, np.int32(self.C.T_WIDTH)]
         if tf:
             args += [TF, np.int32(self.C.F_WIDTH)]
         if td:
             args += [TD, np.int32(self.C.D_WIDTH)]
-        self.be.launch2d(name, len(self.T), max_total, *args, *extra)
+        self.be.launch_flat(name, int(nblk[0]), *args, *extra)
 
 
 def test_kernel_lattice(backend):
@@ -453,6 +481,46 @@ def test_kernel_lattice(backend):
     for (l0, l1, l2, key), out in zip(cases, outs, strict=True):
         ref = k.lattice_uniform(*key, l0[0], l0[1], l1[0], l1[1], l2[0], l2[1], np.float32(0.5))
         np.testing.assert_array_equal(be.download(out), ref)
+
+
+def test_kernel_on_a_schedule_with_an_empty_segment(backend):
+    """A schedule from each row's own element count: a row given no blocks (between others)
+    is left alone, the others are done whole, a long one by many blocks in turn."""
+    be, dev = backend
+    rows = _Rows(be, dev, 4)
+    sizes = [(3, 4, 5), (2, 2, 2), (7, 8, 9), (1, 1, 1)]
+    outs = []
+    for s, n in enumerate(sizes):
+        rows.set(s, "LA0", -s, 2 * s, 5)
+        rows.set(s, "LN0", *n)
+        rows.set(s, "NK0", 11 + s, 99)
+        outs.append(rows.put(s, "NOISE", np.full(n, np.nan, np.float32)))
+    rows.launch("sg_seg_lattice", [60, 0, 504, 1])
+    for s, (n, out) in enumerate(zip(sizes, outs, strict=True)):
+        got = be.download(out)
+        if s == 1:
+            assert np.isnan(got).all()
+            continue
+        ref = k.lattice_uniform(11 + s, 99, -s, n[0], 2 * s, n[1], 5, n[2], np.float32(0.5))
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_flat_schedules():
+    """schedules_nb against the NumPy form: ceil(elements / per block) blocks per row, at
+    most the cap, none for a row without elements; int32 prefix sums, one row per launch."""
+    rng = np.random.default_rng(3)
+    for case in range(100):
+        n, m = int(rng.integers(0, 9)), int(rng.integers(1, 5))
+        totals = rng.integers(0, 5000, (n, m)) * (rng.random((n, m)) < 0.8)
+        cols = rng.integers(0, m, int(rng.integers(1, 4)))
+        per, cap = int(rng.integers(1, 2048)), int(rng.integers(1, 600))
+        S, count = schedules_nb(totals, cols, per, cap)
+        blocks = np.minimum(-(-totals[:, cols] // per), cap).T
+        want = np.zeros((len(cols), n + 1), np.int32)
+        want[:, 1:] = np.cumsum(blocks, axis=1)
+        assert S.dtype == np.int32, case
+        np.testing.assert_array_equal(S, want, err_msg=str(case))
+        np.testing.assert_array_equal(count, want[:, -1], err_msg=str(case))
 
 
 def _bands(rng, n_in, m, kk=3):
@@ -602,7 +670,7 @@ def test_merge_partners_are_the_overlapping_boxes_of_the_same_plan():
 def test_phase_a_sizes_in_one_call():
     """phase_a_sizes_nb against the NumPy form of the same sizes: box sizes (none for an
     empty or inverted box), B-spline row offsets tumor by tumor, the bounding-box
-    accumulators, the scratch sizes of the kept rows, the largest box and row count."""
+    accumulators, the scratch sizes of the kept rows, their launches' elements."""
     from synthgen._seg_tables import phase_a_sizes_nb
 
     rng = np.random.default_rng(14)
@@ -625,8 +693,8 @@ def test_phase_a_sizes_in_one_call():
         want = (nb_, (np.cumsum(w_len.ravel()) - w_len.ravel()).reshape(n_all, 3),
                 int(w_len.sum()), bb,
                 np.stack([nv, nv * has_app, rows * (3 + 3 * g[keep])], axis=1).reshape(n, 3),
-                np.stack([nv, nv], axis=1).reshape(n, 2), int(nv.max()) if n else 0,
-                int(rows.max()) if n else 0)  # fmt: skip
+                np.stack([nv, nv], axis=1).reshape(n, 2),
+                np.stack([rows, nv], axis=1).reshape(n, 2))  # fmt: skip
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{case} {i}")
             if isinstance(b, np.ndarray):
