@@ -1,0 +1,109 @@
+"""Blocks per launch of the GPU render: the flat schedules against a 2-D grid.
+
+No GPU needed, and no timing: counts. The driver runs on the test suite's stand-in backend
+(``tests/_cuda_emu.py``) with the GPU's schedule rule (``CupyBackend.block_rule``), and every
+launch is recorded: the blocks its schedule launches, and the blocks a 2-D grid sized for the
+launch's largest row launched before (every row given that row's count: the grid of
+``launch2d`` up to commit c39d1d6), and how many of those had elements to work on.
+``liver-classic`` on the 1 mm benchmark phantom, image on the "device", rendered in place.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/count_blocks.py [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import numpy as np  # noqa: E402
+
+CASES = (("mix", 1), ("mix", 16), ("tiny", 16), ("large", 8))
+
+
+def _schedule(arg, n: int) -> np.ndarray:
+    """The int32 schedule a launch got (its first argument: a stand-in address)."""
+    return np.ctypeslib.as_array((ctypes.c_int32 * (n + 1)).from_address(arg.address)).copy()
+
+
+def run() -> list[dict]:
+    from _cuda_emu import HostBackend, to_device
+
+    import synthgen
+    from synthgen import _cuda
+    from synthgen.phantom import benchmark_phantom
+
+    class Counting(HostBackend):
+        def __init__(self, build_dir) -> None:
+            super().__init__(build_dir, block_rule=_cuda.CupyBackend.block_rule)
+            self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+
+        def launch_flat(self, name, n_blocks, *args) -> None:
+            S = _schedule(args[0], int(args[1]))
+            per_row = np.diff(S)
+            c = self.counts[name]
+            c[0] += int(n_blocks)
+            c[1] += len(per_row) * int(per_row.max(initial=0))  # the 2-D grid
+            c[2] += int(per_row.sum())  # its blocks with elements (the flat grid's)
+            super().launch_flat(name, n_blocks, *args)
+
+    be = Counting(Path(tempfile.mkdtemp(prefix="sg-blocks-")))
+    ph = benchmark_phantom()
+    img = np.ascontiguousarray(ph.image)
+    mask = np.ascontiguousarray(ph.mask("liver"))
+    idx = synthgen.index_organ(mask)
+    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
+    mask_d = to_device(mask)
+    rows = []
+    for size, k in CASES:
+        plans = [syn.plan(img, mask, seed=9_000 + i, size=size, organ_index=idx)
+                 for i in range(k)]  # fmt: skip
+        be.counts.clear()
+        outs = [to_device(img) for _ in plans]
+        _cuda.render_on_gpu(plans, outs, [mask_d] * k, device_id=0, outs=outs, be=be)
+        flat = sum(c[0] for c in be.counts.values())
+        grid = sum(c[1] for c in be.counts.values())
+        blend = be.counts["sg_seg_blend"]
+        rows.append({"class": size, "plans": k,
+                     "tumors": sum(len(p.tumors) for p in plans),
+                     "flat_blocks": flat, "grid2d_blocks": grid,
+                     "blend_flat": blend[0], "blend_grid2d": blend[1]})  # fmt: skip
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = run()
+    print(
+        "\n| class | plans | tumors | blocks, all launches: flat | 2-D grid | idle in 2-D "
+        "| blend: flat | 2-D grid |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        idle = 1 - r["flat_blocks"] / r["grid2d_blocks"]
+        print(
+            f"| {r['class']} | {r['plans']} | {r['tumors']} | {r['flat_blocks']} | "
+            f"{r['grid2d_blocks']} | {100 * idle:.0f}% | {r['blend_flat']} | "
+            f"{r['blend_grid2d']} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
