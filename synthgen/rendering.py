@@ -235,7 +235,8 @@ def tumor_box(
         from ._hollow import wall_box
 
         return wall_box(t, spacing, shape, organ_bbox)
-    dmax = 1.6 * float(np.abs(t.displacement).max()) if t.displacement.size else 0.0
+    disp = t.displacement  # (parsed from the plan's nested lists: once)
+    dmax = 1.6 * float(np.abs(disp).max()) if disp.size else 0.0
     ob = np.zeros((2, 3), dtype=np.int64) if organ_bbox is None else np.asarray(
         organ_bbox, dtype=np.int64).T  # fmt: skip
     lo_a, hi_a, ok, pad_a = conservative_boxes(
