@@ -11,8 +11,10 @@ liver), with the image resident on the GPU and rendered in place:
 * per size class: GPU ms per sample (render of one plan, host preparation and both
   synchronisations included; planning is host work and reported on its own), the part of it
   that is host work (the call's wall time less the time its two downloads wait), CPU ms per
-  sample on the same machine (the numba path, every core), their ratio, and samples/s in
-  batched mode (``render_batch`` of many plans into as many device images);
+  sample on the same machine (the numba path, every core), their ratio, samples/s in
+  batched mode (``render_batch`` of many plans into as many device images) and the CPU's
+  time against a sample's share of a batched call (the 20x target is checked both ways: the
+  issue does not say which);
 * a mix sample with a uint8 label map on the device: the render writing the tumor label
   itself (``label_outs``) against the render followed by the per-tumor labelling from the
   result's boxes;
@@ -242,6 +244,8 @@ def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
         cpu(0)
         row["cpu_ms"] = _median_ms(cpu, n_cpu)
         row["speedup"] = row["cpu_ms"] / row["gpu_ms"]
+        # the same CPU time against a GPU sample's share of a batched call
+        row["speedup_batched"] = row["cpu_ms"] * row["batched_sps"] / 1e3
         print(f"  {row['class']}: {row}")
     return rows
 
@@ -439,12 +443,13 @@ def main() -> int:
     print(f"tests: {test_line}")
     print()
     print("| class | tumors | plan ms (host) | GPU ms/sample | of which host ms | "
-          "CPU ms/sample | CPU/GPU | batched samples/s (batch) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "CPU ms/sample | CPU/GPU | batched samples/s (batch) | CPU/GPU batched |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['class']} | {r['tumors_per_sample']:.1f} | {r['plan_ms']:.2f} | "
               f"{r['gpu_ms']:.2f} | {r['host_ms']:.2f} | {r['cpu_ms']:.1f} | "
-              f"{r['speedup']:.1f}x | {r['batched_sps']:.0f} ({r['batch']}) |")  # fmt: skip
+              f"{r['speedup']:.1f}x | {r['batched_sps']:.0f} ({r['batch']}) | "
+              f"{r['speedup_batched']:.1f}x |")  # fmt: skip
     print()
     print("| mix sample with a device label map (uint8) | ms/sample |")
     print("|---|---|")
@@ -476,9 +481,12 @@ def main() -> int:
          check("tiny" in by and "small" in by,
                lambda: min(by["tiny"]["batched_sps"], by["small"]["batched_sps"])
                >= TARGET_BATCHED_SPS)),
-        (f"every class >= {TARGET_SPEEDUP:.0f}x the CPU",
+        (f"every class >= {TARGET_SPEEDUP:.0f}x the CPU (one plan per call)",
          check(len(rows) == len(CLASSES),
                lambda: min(r["speedup"] for r in rows) >= TARGET_SPEEDUP)),
+        (f"every class >= {TARGET_SPEEDUP:.0f}x the CPU (per sample of a batched call)",
+         check(len(rows) == len(CLASSES),
+               lambda: min(r["speedup_batched"] for r in rows) >= TARGET_SPEEDUP)),
         (f"fused blend/write-back >= {100 * TARGET_BW_FRACTION:.0f}% of copy bandwidth",
          check(len(fused) == 2, lambda: min(r["fraction"] for r in fused) >= TARGET_BW_FRACTION)),
     ]  # fmt: skip
