@@ -20,6 +20,9 @@ liver), with the image resident on the GPU and rendered in place:
   result's boxes;
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
+* the flat block schedules against the 2-D grid of the kernels before them (every row
+  launched with the largest row's blocks), alternating on the same plans: a mix sample, a
+  mix batch of 16 and a tiny batch of 64, call wall time and kernel device time;
 * the achieved bandwidth of the fused segmented kernels (blend, write-back), re-launched on
   the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy
   (``--only-bandwidth`` runs just this, e.g. under ``ncu -k regex:'sg_seg_(blend|apply)'``).
@@ -335,6 +338,46 @@ def bench_kernels(g: Gpu, sc: Scene) -> list[dict]:
     return rows
 
 
+def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
+    """The flat block schedules against the 2-D grid before them (``_segments.GRID2D``: every
+    row launched with the largest row's blocks), on the same plans, alternating: the call's
+    wall time (host work included, device synchronised) and its kernels' device time."""
+    from synthgen import _segments
+
+    be, img_d, mask_d = g.be, sc.img_d, sc.mask_d
+    cases = ((1, "mix"), (2, "mix")) if g.emulate else ((1, "mix"), (16, "mix"), (64, "tiny"))
+    rows = []
+    for n_plans, size in cases:
+        plans = sc.plans(11_000_000, n_plans, size)
+        outs = [img_d.copy() for _ in plans]
+        args = (plans, [img_d] * n_plans, [mask_d] * n_plans)
+        best = {False: [np.inf, np.inf], True: [np.inf, np.inf]}
+        try:
+            for rep in range(1 if g.emulate else 4):
+                for grid2d in (False, True):
+                    _segments.GRID2D = grid2d
+                    g.sync()
+                    t0 = time.perf_counter()
+                    _cuda.render_on_gpu(*args, device_id=0, outs=outs, be=be)
+                    g.sync()
+                    wall = (time.perf_counter() - t0) * 1e3
+                    kt = _KernelTimer(g)
+                    _cuda.render_on_gpu(*args, device_id=0, outs=outs, be=kt)
+                    g.sync()
+                    busy = sum(sum(v) for v in kt.per_kernel().values())
+                    b = best[grid2d]
+                    b[0], b[1] = min(b[0], wall), min(b[1], busy)
+        finally:
+            _segments.GRID2D = False
+        for grid2d in (False, True):
+            rows.append({"plans": n_plans, "class": size,
+                         "schedule": "2-D grid (before)" if grid2d else "flat",
+                         "wall_ms": best[grid2d][0], "kernels_ms": best[grid2d][1]})  # fmt: skip
+            print(f"  {rows[-1]}")
+        del outs
+    return rows
+
+
 def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     """Bandwidth of the fused segmented kernels on a batch of large tumors (re-launched on the
     batch's own tables) against a device-to-device copy."""
@@ -438,6 +481,7 @@ def main() -> int:
     labs = part("label maps on the device", bench_labels)
     kern = part("device time per kernel", bench_kernels)
     bw = part("fused kernel bandwidth", bench_bandwidth)
+    sched = part("flat schedules against the 2-D grid", bench_schedules)
     print()
     print(f"## GPU check ({'EMULATED, numbers meaningless' if args.emulate else 'GPU'})")
     print(f"tests: {test_line}")
@@ -461,6 +505,12 @@ def main() -> int:
     for r in bw:
         ms = f"{r['ms']:.3f}" if "ms" in r else "-"
         print(f"| {r['kernel']} | {ms} | {r['gb_s']:.0f} | {100 * r['fraction']:.0f}% |")
+    print()
+    print("| plans | class | schedule | call ms (wall, synchronised) | kernels ms (device) |")
+    print("|---|---|---|---|---|")
+    for r in sched:
+        print(f"| {r['plans']} | {r['class']} | {r['schedule']} | {r['wall_ms']:.3f} | "
+              f"{r['kernels_ms']:.3f} |")  # fmt: skip
     print()
     print("| plans | kernel | launches | device ms | share |")
     print("|---|---|---|---|---|")
@@ -496,7 +546,7 @@ def main() -> int:
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if args.json:
         data = {"tests": test_line, "classes": rows, "kernels": kern, "bandwidth": bw,
-                "labels": labs}  # fmt: skip
+                "labels": labs, "schedules": sched}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=1))
     failed = len(rows) < len(CLASSES) or len(fused) < 2
     return rc or int(failed)

@@ -126,19 +126,27 @@ _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 
 
 @nb.njit(**_OPTS)
-def schedules_nb(totals, cols, per_block, cap):
+def schedules_nb(totals, cols, per_block, cap, grid2d=False):
     """The flat block schedules of segmented launches (``kernels/segmented.cu``): launch
     ``k`` walks ``totals[r, cols[k]]`` elements of row ``r``, and gets ``ceil(elements /
     per_block)`` blocks for it, at most ``cap`` (none for a row without elements). Returns
     the ``(len(cols), n + 1)`` int32 prefix sums (row ``r``'s blocks are ``S[k, r]`` ..
-    ``S[k, r + 1] - 1``) and each launch's block count."""
+    ``S[k, r + 1] - 1``) and each launch's block count.
+
+    ``grid2d``: every row gets the blocks of the launch's largest row instead, the launch of
+    a 2-D grid (the kernels before the flat schedules; the surplus blocks find no element):
+    for benchmarks comparing the two on a GPU."""
     n = totals.shape[0]
     S = np.zeros((cols.shape[0], n + 1), dtype=np.int32)
     count = np.zeros(cols.shape[0], dtype=np.int64)
     for k in range(cols.shape[0]):
+        most = 0
+        if grid2d:
+            for r in range(n):
+                most = max(most, totals[r, cols[k]])
         at = 0
         for r in range(n):
-            e = totals[r, cols[k]]
+            e = most if grid2d else totals[r, cols[k]]
             if e > 0:
                 at += min((e + per_block - 1) // per_block, cap)
             S[k, r + 1] = at

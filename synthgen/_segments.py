@@ -58,6 +58,9 @@ __all__ = ["POISON", "render_segments"]
 
 #: Fill scratch buffers with NaN / 255 instead of leaving them uninitialised (tests).
 POISON = False
+#: Launch every row with the blocks of the launch's largest row, as the 2-D grid before the
+#: flat schedules did (benchmarks: ``gpu_check`` times both on a GPU).
+GRID2D = False
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
 #: fused kernels on them to measure their bandwidth).
 KEEP_LAST = False
@@ -445,7 +448,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         lo, hi, keep, g_of, has_app
     )
     # the flat schedules of phase A's launches: the boxes' (i, j) rows, their voxels
-    sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *be.block_rule)
+    sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *be.block_rule, GRID2D)
     if n:
         # B-spline weights of every box row, one numba call per grid size
         w_all = np.zeros(max(w_total, 1), np.float32)
@@ -567,7 +570,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
     sizes_f, sizes_u, sizes_z = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e)
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
-    sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *be.block_rule)
+    sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *be.block_rule, GRID2D)
     sb_ref = pack.add(sched_b)
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)

@@ -525,20 +525,39 @@ def test_control_displacements_stacked_from_the_plan_lists():
 
 def test_flat_schedules():
     """schedules_nb against the NumPy form: ceil(elements / per block) blocks per row, at
-    most the cap, none for a row without elements; int32 prefix sums, one row per launch."""
+    most the cap, none for a row without elements (or, grid2d, every row the largest's);
+    int32 prefix sums, one row per launch."""
     rng = np.random.default_rng(3)
     for case in range(100):
         n, m = int(rng.integers(0, 9)), int(rng.integers(1, 5))
         totals = rng.integers(0, 5000, (n, m)) * (rng.random((n, m)) < 0.8)
         cols = rng.integers(0, m, int(rng.integers(1, 4)))
         per, cap = int(rng.integers(1, 2048)), int(rng.integers(1, 600))
-        S, count = schedules_nb(totals, cols, per, cap)
-        blocks = np.minimum(-(-totals[:, cols] // per), cap).T
-        want = np.zeros((len(cols), n + 1), np.int32)
-        want[:, 1:] = np.cumsum(blocks, axis=1)
-        assert S.dtype == np.int32, case
-        np.testing.assert_array_equal(S, want, err_msg=str(case))
-        np.testing.assert_array_equal(count, want[:, -1], err_msg=str(case))
+        for grid2d in (False, True):
+            S, count = schedules_nb(totals, cols, per, cap, grid2d)
+            el = totals[:, cols]
+            if grid2d:  # every row as the launch's largest
+                el = np.broadcast_to(el.max(axis=0, initial=0), el.shape)
+            blocks = np.minimum(-(-el // per), cap).T
+            want = np.zeros((len(cols), n + 1), np.int32)
+            want[:, 1:] = np.cumsum(blocks, axis=1)
+            assert S.dtype == np.int32, case
+            np.testing.assert_array_equal(S, want, err_msg=f"{case} {grid2d}")
+            np.testing.assert_array_equal(count, want[:, -1], err_msg=f"{case} {grid2d}")
+
+
+def test_render_on_the_2d_grid_schedules(backend, small_phantom, organ_masks, monkeypatch):
+    """GRID2D (the benchmarks' comparison): every row launched with the largest row's blocks,
+    surplus blocks idle, host rows and all; the render is the CPU's as on the flat ones."""
+    be, dev = backend
+    monkeypatch.setattr(_segments, "GRID2D", True)
+    ph = small_phantom
+    for preset, organ, size in (("liver-classic", "liver", "mix"), ("colon", "colon", None)):
+        mask = organ_masks[organ]
+        plan = _plan(ph, mask, preset, 3, size)
+        ref = rendering.render(plan, ph.image, mask)
+        got = _cuda.render_on_gpu([plan], [dev(ph.image)], [dev(mask)], device_id=0, be=be)[0]
+        _compare(ref, got, be)
 
 
 def _bands(rng, n_in, m, kk=3):
