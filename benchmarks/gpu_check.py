@@ -353,7 +353,7 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
         args = (plans, [img_d] * n_plans, [mask_d] * n_plans)
         best = {False: [np.inf, np.inf], True: [np.inf, np.inf]}
         try:
-            for rep in range(1 if g.emulate else 4):
+            for _ in range(1 if g.emulate else 4):
                 for grid2d in (False, True):
                     _segments.GRID2D = grid2d
                     g.sync()
