@@ -339,13 +339,23 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     # per plan: tumor index -> (voxels, mean change) and -> (tight box, mask on it)
     results_stats: list[dict[int, tuple[int, float]]] = [{} for _ in jobs]
     masks: list[dict[int, tuple[tuple[slice, slice, slice], Any]]] = [{} for _ in jobs]
+    mask_of = None
     if ts or walls:
-        _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C)
-    out = [
-        assemble(job.plan, job.target, job.organ, results_stats[j], masks[j], job.affine)
-        for j, job in enumerate(jobs)
-    ]
+        mask_of = _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C)
+    out = []
+    for j, job in enumerate(jobs):
+        make = mask_of if _masks_deferred(job) else None
+        out.append(assemble(job.plan, job.target, job.organ, results_stats[j], masks[j],
+                            job.affine, make_mask=make))  # fmt: skip
     return out
+
+
+def _masks_deferred(job) -> bool:
+    """Whether a job's tumor masks stay on the device, made into views only when its result's
+    ``boxes`` are first read (two CuPy operations a tumor, which a caller reading only the
+    image, or labelling through ``label_outs``, never needs): its image is on the device and
+    no label map on the host needs them now."""
+    return job.target_on_device and (job.label is None or job.label_on_device)
 
 
 def _grid_shape(d) -> tuple[int, int, int, int]:
@@ -376,9 +386,11 @@ def _stack_lists(items, shape: tuple[int, int, int, int]) -> np.ndarray:
 _A_COLS = np.arange(2, dtype=np.int64)
 
 
-def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None:
+def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
-    ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``."""
+    ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``.
+    Returns the function making row ``q``'s device mask (the rows of jobs whose masks are
+    deferred are given as ``masks[j][i] = (tight box, q)``), or None."""
     from ._cpu_kernels import blur_kernels_nb, shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
@@ -652,6 +664,11 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
     stats = pack.view(st_ref)
     host_stats = be.download(stats).tolist()  # synchronisation 2
     tn_l, to_l, hi_l = tn.tolist(), to.tolist(), (to + tn).tolist()
+
+    def mask_of(q: int):
+        """Row ``q``'s tumor mask on the device: a view of the scratch (or the host row's)."""
+        return pack.view(host_refs[q - ne][2]) if q >= ne else u8.view(q, 1, tuple(tn_l[q]))
+
     # (plan, tumor index) of every row
     keys = list(zip(job_of.tolist(), np.asarray(iidx, dtype=np.int64)[qe].tolist()
                     + [w["i"] for w in walls_r], strict=True))  # fmt: skip
@@ -664,7 +681,10 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
         cnt, acc = host_stats[q]
         cnt = int(cnt)
         results_stats[key[0]][key[1]] = (cnt, acc / cnt if cnt else 0.0)
-        m = pack.view(host_refs[q - ne][2]) if q >= ne else u8.view(q, 1, shp)
+        if _masks_deferred(job):  # the mask stays on the device, a view made when first read
+            masks[key[0]][key[1]] = (tight, q)
+            continue
+        m = mask_of(q)
         if not job.target_on_device:
             sel = be.download(f32.view(q, F32.index("merged"), shp)) != 0
             o = be.download(f32.view(q, F32.index("out"), shp))  # written where sel only
@@ -675,7 +695,9 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C) -> None
             job.label[tight][mh] = job.tumor_label
         masks[key[0]][key[1]] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
-    del pack_a, fa, ua, f32, u8, zero
+    # (the masks' buffers, u8 and pack, for as long as the results' boxes may need them)
+    del pack_a, fa, ua, f32, zero
+    return mask_of
 
 
 class _Shifted:

@@ -138,6 +138,38 @@ class RenderResult:
         return self._label
 
 
+class LazyBoxes(Sequence):
+    """:attr:`RenderResult.boxes` whose masks are made on first use: ``items`` are (box, key)
+    and the masks ``make(key)`` (a GPU render's device masks: views of its scratch, made only
+    if the caller reads the boxes, the tumor mask or the label)."""
+
+    __slots__ = ("_done", "_items", "_make")
+
+    def __init__(self, items: list, make) -> None:
+        self._items, self._make, self._done = items, make, None
+
+    def _all(self) -> list:
+        if self._done is None:
+            self._done = [(box, self._make(key)) for box, key in self._items]
+            self._items = self._make = None
+        return self._done
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._done if self._done is not None else self._items)
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __repr__(self) -> str:
+        return f"LazyBoxes({len(self)} boxes)"
+
+    def __reduce__(self):
+        return (list, (self._all(),))  # pickled as the plain list
+
+
 def _flat9(rot) -> tuple:
     """A rotation as its 9 numbers, row major: given flat (the plan's form) or as 3 rows."""
     if len(rot) == 3:
@@ -738,9 +770,12 @@ def assemble(
     masks: dict[int, tuple[tuple[slice, slice, slice], Any]],
     affine: np.ndarray | None,
     wrap=None,
+    make_mask=None,
 ) -> RenderResult:
     """The :class:`RenderResult` of a render: per-tumor records from ``stats`` (voxel count,
-    mean change) and ``masks`` (box, mask on that box), on any backend."""
+    mean change) and ``masks`` (box, mask on that box), on any backend. With ``make_mask``,
+    ``masks`` holds (box, key) and the result's boxes get ``make_mask(key)`` when first read
+    (:class:`LazyBoxes`)."""
     sp = plan.spacing
     voxel_mm3 = sp[0] * sp[1] * sp[2]
     tumors = plan.tumors
@@ -784,6 +819,8 @@ def assemble(
         plan=plan,
         tumors=records,
         organ_mask=organ_mask,
-        boxes=[masks[i] for i in sorted(masks)],
+        boxes=LazyBoxes([masks[i] for i in sorted(masks)], make_mask)
+        if make_mask is not None
+        else [masks[i] for i in sorted(masks)],
         wrap=wrap,
     )

@@ -381,6 +381,33 @@ def test_label_out_follows_the_mass_effect(small_phantom):
     np.testing.assert_array_equal(imp.label, want)
 
 
+def test_device_masks_are_made_when_first_read(emu, small_phantom, organ_masks):
+    """A render of device data leaves its tumor masks on the device and makes their views
+    only when the boxes are first read (as the CPU's masks, box by box); a host label map
+    needs them at once; pickled, the boxes are a plain list."""
+    import pickle
+
+    ph, mask = small_phantom, organ_masks["liver"]
+    plan = _plan(ph, mask, "liver-classic", 4, "mix")
+    ref = rendering.render(plan, ph.image, mask)
+    got = _cuda.render_on_gpu([plan], [to_device(ph.image)], [to_device(mask)], device_id=0,
+                              be=emu)[0]  # fmt: skip
+    boxes = got.boxes
+    assert isinstance(boxes, rendering.LazyBoxes) and boxes._done is None
+    assert len(boxes) == len(ref.boxes) > 1 and boxes._done is None  # counted, not made
+    for (b, m), (rb, rm) in zip(boxes, ref.boxes, strict=True):
+        assert b == rb and emu.on_device(m)
+        np.testing.assert_array_equal(np.asarray(m).astype(bool), rm)
+    assert boxes[0][1] is boxes._all()[0][1]  # made once
+    back = pickle.loads(pickle.dumps(boxes))
+    assert type(back) is list and len(back) == len(ref.boxes)
+    lab = np.zeros(ph.image.shape, np.uint8)  # a host label map: masks needed at once
+    got = _cuda.render_on_gpu([plan], [to_device(ph.image)], [to_device(mask)], device_id=0,
+                              be=emu, label_outs=[lab])[0]  # fmt: skip
+    assert type(got.boxes) is list
+    np.testing.assert_array_equal(lab == 2, ref.tumor_mask)
+
+
 def test_render_batch_api_on_the_cpu(small_phantom, organ_masks):
     ph = small_phantom
     mask = organ_masks["liver"]
