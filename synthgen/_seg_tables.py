@@ -41,14 +41,14 @@ _MIRRORED = {k: v for k, v in globals().items()
 
 #: Phase B's float32 scratch buffers per row, in the order of the layout's columns.
 F32 = ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0",
-       "frac", "ga", "gb", "grid", "tq2")  # fmt: skip
+       "frac", "ga", "gb", "grid", "tq2", "delta")  # fmt: skip
 # their columns in the layout (unpacking fails if F32 changes length)
 (_TORIG, _MASKF, _BX0, _BX1, _BLUR, _MERGED, _OUT, _NOISE, _ZA, _ZB, _Z0, _FRAC, _GA, _GB,
- _GRID, _TQ2) = range(len(F32))  # fmt: skip
+ _GRID, _TQ2, _DELTA) = range(len(F32))  # fmt: skip
 # (the buffers whose address goes into the column of the same name)
 _F32_COLS = ((_TORIG, TORIG), (_MASKF, MASKF), (_BX0, BX0), (_BX1, BX1), (_BLUR, BLUR),
              (_NOISE, NOISE), (_ZA, ZA), (_ZB, ZB), (_Z0, Z0), (_FRAC, FRAC), (_GA, GA),
-             (_GB, GB), (_GRID, GRID))  # fmt: skip
+             (_GB, GB), (_GRID, GRID), (_DELTA, DELTA))  # fmt: skip
 
 
 # Runs of header columns the fills write as base + offset (beyond each "...0" base, whose
@@ -237,12 +237,11 @@ def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, w_base, w_off, fa_base
 @nb.njit(**_OPTS)
 def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app):
     """Phase B's float32 scratch sizes per row (columns: :data:`F32`; host rows, after the
-    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only), the uint8 ones (organ, mask)
-    and the zeroed ones (the blend's change)."""
+    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only) and the uint8 ones (organ,
+    mask)."""
     nl = tn.shape[0]
     f32 = np.zeros((nl, len(F32)), dtype=np.int64)
     u8 = np.zeros((nl, 2), dtype=np.int64)
-    zero = np.zeros((nl, 1), dtype=np.int64)
     for r in range(nl):
         v = tn[r, 0] * tn[r, 1] * tn[r, 2]
         f32[r, _MERGED] = v
@@ -252,7 +251,7 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app):
         ln, bs, gs = n_lat[r], blocks[r], grid[r]
         # the tight box's buffers, then the texture's: the lattice noise, the three band
         # passes' outputs, the block fractions and the three grid passes' outputs
-        for c in (_TORIG, _MASKF, _BX0, _BX1, _BLUR):
+        for c in (_TORIG, _MASKF, _BX0, _BX1, _BLUR, _DELTA):
             f32[r, c] = v
         f32[r, _NOISE] = ln[0] * ln[1] * ln[2]
         f32[r, _ZA] = ln[0] * ln[1] * bs[2]
@@ -265,8 +264,7 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app):
         f32[r, _TQ2] = v if has_app[r] else 0
         u8[r, 0] = v
         u8[r, 1] = v
-        zero[r, 0] = v
-    return f32, u8, zero
+    return f32, u8
 
 
 @nb.njit(**_OPTS)
@@ -333,7 +331,7 @@ BASES = ("part", "blur", "smooth", "band_starts", "band_weights", "band_inv", "a
 
 @nb.njit(**_OPTS)
 def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, organ_hu,
-               lab_on, lab, lab_val, f32_base, f32_offs, u8_base, u8_offs, zero_base, zero_offs,
+               lab_on, lab, lab_val, f32_base, f32_offs, u8_base, u8_offs,
                bases, part_off, n_part, qe, live, nb_, clip, centre, sp, u0, TA, app_row,
                app_step, key_step, boffs, blen, row, woff, koff, klen, kk, goff, lat0, n_lat,
                noise_key, bern_key, blocks, block0, grid, contrast, scalars, origin,
@@ -343,8 +341,9 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
     job's label map is on the device: ``lab_on``, ``lab`` as ``img``, value ``lab_val``);
     the ``ne`` ellipsoid rows' blur, texture, blend and appearance columns.
 
-    Buffers: base address and element offsets of the float32 (:data:`F32`), uint8 (organ,
-    mask) and zeroed (change) scratch; ``bases``: device addresses of the pack parts named in
+    Buffers: base address and element offsets of the float32 (:data:`F32`, the blend's
+    change ``delta`` among them: zeroed by the gather) and uint8 (organ, mask) scratch;
+    ``bases``: device addresses of the pack parts named in
     :data:`BASES`, the rows' entries at ``part_off`` (int64), ``boffs``/``koff`` (float32
     kernels), ``row`` (int64 starts, float64 norms), ``woff`` (float32 weights), ``app_row``
     (a row's index among those with appearance modes, -1: none; ``app_step``/``key_step``
@@ -387,7 +386,6 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         T[r, MASK] = TA[k, MASK]
         T[r, TORGAN] = u8_base + u8_offs[r, 0]
         T[r, TMASK] = u8_base + u8_offs[r, 1]
-        T[r, DELTA] = zero_base + 4 * zero_offs[r, 0]
         for a in range(3):
             T[r, N0 + a] = nb_[q, a]
             T[r, U0 + a] = u0[r, a]

@@ -308,13 +308,11 @@ class _Arena:
         self.dtype = np.dtype(dtype)
         self.offs, self.total = layout_nb(np.asarray(sizes, dtype=np.int64), self.dtype.itemsize)
 
-    def alloc(self, be, zero: bool = False) -> None:
-        """Zeroed, or poisoned when :data:`POISON` is set (NaN / 255, so that a kernel that
-        leaves an element unwritten shows in the result), else uninitialised."""
+    def alloc(self, be) -> None:
+        """Uninitialised, or poisoned when :data:`POISON` is set (NaN / 255, so that a kernel
+        that leaves an element unwritten shows in the result)."""
         self.dev = be.alloc(self.total * self.dtype.itemsize).view(self.dtype)
-        if zero:
-            be.fill(self.dev, 0)
-        elif POISON:
+        if POISON:
             be.fill(self.dev, np.nan if self.dtype.kind == "f" else np.iinfo(self.dtype).max)
         self.base = be.ptr(self.dev)
 
@@ -578,18 +576,16 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
         app_step, key_step = app_all[0].nbytes, key_all[0].nbytes
     host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))
                  for w in walls_r]  # fmt: skip
-    # scratch: float32 buffers per row (host rows: merged and out only), uint8, zeroed
+    # scratch: float32 buffers per row (host rows: merged and out only), uint8
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
-    sizes_f, sizes_u, sizes_z = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e)
+    sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e)
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
     sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *be.block_rule, GRID2D)
     sb_ref = pack.add(sched_b)
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)
-    zero = _Arena(np.float32, sizes_z)
     f32.alloc(be)
     u8.alloc(be)
-    zero.alloc(be, zero=True)
     pack.alloc(be)
     base = pack.addrs()
     T = np.zeros((nl, W), dtype=np.int64)
@@ -610,7 +606,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
     bases = np.array([base[refs[k]] if k in refs else 0 for k in BASES], dtype=np.int64)
     phase_b_nb(T, TF, TD, ne, tn, to, job_of, J.img_on, J.img, J.round, J.ranges, J.tissue,
                J.organ_hu, J.lab_on, J.lab, J.lab_val, f32.base, f32.offs, u8.base, u8.offs,
-               zero.base, zero.offs, bases, part_off, n_part, qe, live, nb, clip, centre, sp, u0,
+               bases, part_off, n_part, qe, live, nb, clip, centre, sp, u0,
                TA, app_row, app_step, key_step, boffs, blen, tx.row, tx.woff, tx.koff, tx.klen,
                tx.kk, tx.goff, tx.lat0, ln, tx.noise_key, tx.bern_key, bs, tx.block0, gs,
                contrast, tx.scalars, tx.origin, tx.step)  # fmt: skip
@@ -656,7 +652,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
         k_vox, k_all = SCHED_B.index("maskf"), SCHED_B.index("merged")
         LAST.clear()
         LAST.update(
-            n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8, zero),
+            n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8),
             blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, TFd, FF, TDd, DD),
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref)),
@@ -696,7 +692,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
         masks[key[0]][key[1]] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
     # (the masks' buffers, u8 and pack, for as long as the results' boxes may need them)
-    del pack_a, fa, ua, f32, zero
+    del pack_a, fa, ua, f32
     return mask_of
 
 
