@@ -135,9 +135,10 @@ class _Pack:
             raise ValueError("a packed part cannot change size")
         self.parts[ref] = (off, a.reshape(old.shape))
 
-    def alloc(self, be) -> None:
-        self.dev = be.alloc(self.size)
-        self.base = be.ptr(self.dev)
+    def alloc(self, be, arenas: Sequence[_Arena] = ()) -> None:
+        """One device allocation for the pack and the ``arenas`` placed after it."""
+        self.span = max(self.size, 16)  # (the bytes the upload writes)
+        self.dev, self.base = _allocate(be, self.span, arenas)
 
     def addr(self, ref: int) -> int:
         return self.base + self.parts[ref][0]
@@ -163,9 +164,10 @@ class _Pack:
                 chunks.append(bytes(off - at))
             chunks.append(a.tobytes())
             at = off + a.nbytes
-        chunks.append(bytes(max(self.size, 16) - at))
+        chunks.append(bytes(self.span - at))
         # a bytearray: a writable host buffer (CuPy copies from it before set() returns)
-        be.copy_in(self.dev, np.frombuffer(bytearray().join(chunks), dtype=np.uint8))
+        dev = self.dev if self.dev.size == self.span else self.dev[: self.span]
+        be.copy_in(dev, np.frombuffer(bytearray().join(chunks), dtype=np.uint8))
 
 
 def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
@@ -298,23 +300,49 @@ class _Jobs:
         self.lab_val = np.array(lab_val, dtype=np.int64).reshape(nj)
 
 
+def _allocate(be, head: int, arenas: Sequence[_Arena]) -> tuple[Any, int]:
+    """One device allocation (uint8) of ``head`` bytes and the ``arenas`` placed after them
+    (16-byte aligned starts): one CuPy allocation instead of one each. Poisoned when
+    :data:`POISON` is set (every byte 255: NaN in a float32 buffer, 255 in a uint8 one), so
+    that a kernel that leaves an element unwritten shows in the result. ``(buffer, its
+    device address)``."""
+    at, starts = head, []
+    for a in arenas:
+        at = (at + 15) // 16 * 16
+        starts.append(at)
+        at += a.nbytes
+    dev = be.alloc(at)
+    if POISON:
+        be.fill(dev, 255)
+    base = be.ptr(dev)
+    for a, start in zip(arenas, starts, strict=True):
+        a.place(dev, start, base + start)
+    return dev, base
+
+
 class _Arena:
-    """Device buffers of one dtype laid out from a (segments x buffers) size matrix, carved
-    out of one allocation (16-byte aligned starts)."""
+    """Device buffers of one dtype laid out from a (segments x buffers) size matrix (16-byte
+    aligned starts), placed in a device allocation by :func:`_allocate`."""
 
     def __init__(self, dtype, sizes: np.ndarray) -> None:
         from ._seg_tables import layout_nb
 
         self.dtype = np.dtype(dtype)
         self.offs, self.total = layout_nb(np.asarray(sizes, dtype=np.int64), self.dtype.itemsize)
+        self.nbytes = int(self.total) * self.dtype.itemsize
+        self._dev = None
 
-    def alloc(self, be) -> None:
-        """Uninitialised, or poisoned when :data:`POISON` is set (NaN / 255, so that a kernel
-        that leaves an element unwritten shows in the result)."""
-        self.dev = be.alloc(self.total * self.dtype.itemsize).view(self.dtype)
-        if POISON:
-            be.fill(self.dev, np.nan if self.dtype.kind == "f" else np.iinfo(self.dtype).max)
-        self.base = be.ptr(self.dev)
+    def place(self, buf, start: int, base: int) -> None:
+        """At byte ``start`` of the uint8 device buffer ``buf`` (device address ``base``)."""
+        self._buf, self._start, self.base = buf, start, base
+
+    @property
+    def dev(self):
+        """The arena as a device array of its dtype (a view, made when first needed: kernels
+        get addresses)."""
+        if self._dev is None:
+            self._dev = self._buf[self._start : self._start + self.nbytes].view(self.dtype)
+        return self._dev
 
     def view(self, row: int, col: int, shape):
         o = int(self.offs[row, col])
@@ -487,9 +515,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
     sa_ref = pack.add(sched_a)
     fa = _Arena(np.float32, fa_sizes)  # orig, q2, shape rows
     ua = _Arena(np.uint8, ua_sizes)  # organ, mask
-    fa.alloc(be)
-    ua.alloc(be)
-    pack.alloc(be)
+    pack.alloc(be, (fa, ua))  # one allocation: the pack, then the scratch
     jk = ja[keep]
     T = np.zeros((max(n, 1), W), dtype=np.int64)
     TF = np.zeros((max(n, 1), FW), dtype=np.float32)
@@ -584,9 +610,10 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
     sb_ref = pack.add(sched_b)
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)
-    f32.alloc(be)
-    u8.alloc(be)
-    pack.alloc(be)
+    # two allocations: the masks (u8) with the pack, whose host rows' masks results may keep,
+    # and the float32 scratch apart (a result's masks keep their allocation alive)
+    _allocate(be, 0, (f32,))
+    pack.alloc(be, (u8,))
     base = pack.addrs()
     T = np.zeros((nl, W), dtype=np.int64)
     TF = np.zeros((nl, FW), dtype=np.float32)
