@@ -1,0 +1,133 @@
+"""Device-side operations the GPU driver issues per render call: this tree against a revision.
+
+On a GPU every one of them is a CuPy call made from Python (an allocation, a fill, a copy
+in or out, a kernel launch, a device-array view: a slice, a ``view`` or a ``reshape``), each
+some microseconds of host time that the host-time benchmarks (``bench_gpu_host``,
+``ab_host``), which replay the driver without CuPy, cannot see. This script counts them
+instead: deterministic, no GPU, no timing. Both versions of the driver are replayed
+(``ab_host.load_revision``; downloads replayed from a recording on the stand-in backend) on
+a backend that counts each kind of call and whose device arrays count their views.
+``liver-classic`` on the 1 mm benchmark phantom, image on the "device", rendered in place.
+
+Usage::
+
+    PYTHONPATH=. python benchmarks/count_device_ops.py REV [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import numpy as np  # noqa: E402
+
+CASES = (("mix", 1), ("tiny", 1), ("mix", 16))
+KINDS = ("alloc", "fill", "copy_in", "download", "launch", "view")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("rev", help="git revision to compare the working tree with")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import bench_gpu_host
+    from _cuda_emu import DeviceArray, to_device
+    from ab_host import load_revision
+
+    import synthgen
+    from synthgen import _cuda
+    from synthgen.phantom import benchmark_phantom
+
+    counts: Counter = Counter()
+
+    class Counted(DeviceArray):
+        """A stand-in device array that counts the views made of it."""
+
+        def __getitem__(self, key):
+            counts["view"] += 1
+            return super().__getitem__(key)
+
+        def view(self, *a, **k):
+            counts["view"] += 1
+            return super().view(*a, **k)
+
+        def reshape(self, *a, **k):
+            counts["view"] += 1
+            return super().reshape(*a, **k)
+
+    rec, rep = bench_gpu_host._backends()
+    Replay = type(rep)
+
+    class Counting(Replay):
+        def alloc(self, nbytes):
+            counts["alloc"] += 1
+            return np.empty(max(int(nbytes), 16), dtype=np.uint8).view(Counted)
+
+        def fill(self, dev, value) -> None:
+            counts["fill"] += 1
+
+        def copy_in(self, dev, host) -> None:
+            counts["copy_in"] += 1
+
+        def download(self, dev):
+            counts["download"] += 1
+            return super().download(dev)
+
+        def launch_flat(self, name, n_blocks, *args) -> None:
+            counts["launch"] += 1
+
+        def launch2d(self, name, n_seg, max_total, *args) -> None:
+            counts["launch"] += 1
+
+    be = Counting()
+    old = load_revision(args.rev, Path(tempfile.mkdtemp(prefix="sg-ops-")))
+    drivers = {args.rev: importlib.import_module(old.__name__ + "._cuda"), "tree": _cuda}
+    ph = benchmark_phantom()
+    img = np.ascontiguousarray(ph.image)
+    mask = np.ascontiguousarray(ph.mask("liver"))
+    idx = synthgen.index_organ(mask)
+    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
+    img_d, mask_d = to_device(img), to_device(mask)
+    rows = []
+    for size, k in CASES:
+        plans = [syn.plan(img, mask, seed=4_000 + i, size=size, organ_index=idx)
+                 for i in range(k)]  # fmt: skip
+        rec.log.clear()
+        _cuda.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0, outs=[img_d] * k,
+                            be=rec)  # fmt: skip
+        log = list(rec.log)
+        for version, drv in drivers.items():
+            counts.clear()
+            be.log = list(log)
+            drv.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0,
+                              outs=[img_d] * k, be=be)  # fmt: skip
+            be.keep.clear()
+            rows.append({"class": size, "plans": k, "version": version,
+                         "tumors": sum(len(p.tumors) for p in plans),
+                         **{kind: counts[kind] for kind in KINDS}})  # fmt: skip
+            print(f"  {rows[-1]}", flush=True)
+    print("\n| class | plans | tumors | version | " + " | ".join(KINDS) + " | all |")
+    print("|---|---|---|---|" + "---|" * (len(KINDS) + 1))
+    for r in rows:
+        cells = " | ".join(str(r[kind]) for kind in KINDS)
+        total = sum(r[kind] for kind in KINDS)
+        print(f"| {r['class']} | {r['plans']} | {r['tumors']} | {r['version']} | {cells} | "
+              f"{total} |")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
