@@ -151,6 +151,11 @@ class _Pack:
         off, a = self.parts[ref]
         return self.dev[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
 
+    def download(self, be, ref: int) -> np.ndarray:
+        """Part ``ref`` copied back to the host (its bytes: one device slice; typed there)."""
+        off, a = self.parts[ref]
+        return be.download(self.dev[off : off + a.nbytes]).view(a.dtype).reshape(a.shape)
+
     def arg(self, be, ref: int, row: int = 0):
         """Part ``ref`` (from its ``row``-th row on) as a kernel argument: its device address
         (no device array view built)."""
@@ -559,7 +564,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
         if w is not None:
             w["job"], w["i"] = j, i
             walls_r.append(w)
-    hit = be.download(pack.view(bb_ref))[:n]  # synchronisation 1
+    hit = pack.download(be, bb_ref)[:n]  # synchronisation 1
     pack_a, TA = pack, T  # the phase-A buffers stay referenced until the end
     # ---------------------------------------------------------------- phase B (host)
     nw = len(walls_r)
@@ -684,8 +689,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref)),
         )  # fmt: skip
-    stats = pack.view(st_ref)
-    host_stats = be.download(stats).tolist()  # synchronisation 2
+    host_stats = pack.download(be, st_ref).tolist()  # synchronisation 2
     tn_l, to_l, hi_l = tn.tolist(), to.tolist(), (to + tn).tolist()
 
     def mask_of(q: int):
