@@ -77,6 +77,7 @@ def _backends(clock=time.perf_counter):
         def __init__(self) -> None:
             self.log: list[np.ndarray] = []
             self.device_s = 0.0
+            self.last_wait = 0.0
             self.keep: list = []
 
         def _t(self, fn, *a):
@@ -112,7 +113,9 @@ def _backends(clock=time.perf_counter):
             # the recorded bytes as the array asked for (another revision of the driver, in
             # ab_host.py, may download the same data typed where this one takes bytes)
             out = self.log.pop(0)
-            return out.reshape(-1).view(np.uint8).view(dev.dtype).reshape(dev.shape)
+            out = out.reshape(-1).view(np.uint8).view(dev.dtype).reshape(dev.shape)
+            self.last_wait = clock()  # (a download is a wait for the device on a GPU)
+            return out
 
     return Record(Path(tempfile.mkdtemp(prefix="sg-emu-"))), Replay()
 

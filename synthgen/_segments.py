@@ -50,6 +50,7 @@ from .rendering import (
     _output_range,
     assemble,
     conservative_boxes,
+    fill_stats,
     tumor_arrays,
     tumor_box,
 )
@@ -370,15 +371,26 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     # per plan: tumor index -> (voxels, mean change) and -> (tight box, mask on it)
     results_stats: list[dict[int, tuple[int, float]]] = [{} for _ in jobs]
     masks: list[dict[int, tuple[tuple[slice, slice, slice], Any]]] = [{} for _ in jobs]
-    mask_of = None
+    out: list[RenderResult | None] = [None] * len(jobs)
+
+    def before_wait(mask_of) -> None:
+        """The results of the jobs whose masks stay on the device, statistics aside: host
+        work done while the device runs phase B instead of after its last wait."""
+        for j, job in enumerate(jobs):
+            if _masks_deferred(job):
+                out[j] = assemble(job.plan, job.target, job.organ, {}, masks[j], job.affine,
+                                  make_mask=mask_of)  # fmt: skip
+
     if ts or walls:
-        mask_of = _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C)
-    out = []
+        _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_wait)
     for j, job in enumerate(jobs):
-        make = mask_of if _masks_deferred(job) else None
-        out.append(assemble(job.plan, job.target, job.organ, results_stats[j], masks[j],
-                            job.affine, make_mask=make))  # fmt: skip
-    return out
+        res = out[j]
+        if res is None:
+            out[j] = assemble(job.plan, job.target, job.organ, results_stats[j], masks[j],
+                              job.affine)  # fmt: skip
+        else:
+            fill_stats(res, results_stats[j])
+    return out  # type: ignore[return-value]
 
 
 def _masks_deferred(job) -> bool:
@@ -417,11 +429,12 @@ def _stack_lists(items, shape: tuple[int, int, int, int]) -> np.ndarray:
 _A_COLS = np.arange(2, dtype=np.int64)
 
 
-def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
+def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_wait=None):
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
     ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``.
     Returns the function making row ``q``'s device mask (the rows of jobs whose masks are
-    deferred are given as ``masks[j][i] = (tight box, q)``), or None."""
+    deferred are given as ``masks[j][i] = (tight box, q)``), or None; ``before_wait`` is
+    called with it once phase B is launched, before the wait for its statistics."""
     from ._cpu_kernels import blur_kernels_nb, shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
@@ -689,30 +702,40 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref)),
         )  # fmt: skip
-    host_stats = pack.download(be, st_ref).tolist()  # synchronisation 2
+    # while the device runs phase B: the rows' tight boxes and (plan, tumor) keys, the masks
+    # of the jobs that keep them on the device, and those jobs' results (``before_wait``)
     tn_l, to_l, hi_l = tn.tolist(), to.tolist(), (to + tn).tolist()
 
     def mask_of(q: int):
         """Row ``q``'s tumor mask on the device: a view of the scratch (or the host row's)."""
         return pack.view(host_refs[q - ne][2]) if q >= ne else u8.view(q, 1, tuple(tn_l[q]))
 
-    # (plan, tumor index) of every row
     keys = list(zip(job_of.tolist(), np.asarray(iidx, dtype=np.int64)[qe].tolist()
                     + [w["i"] for w in walls_r], strict=True))  # fmt: skip
+    tights, eager = [], []
     for q in range(nl):
-        key = keys[q]
-        job = jobs[key[0]]
-        shp = tuple(tn_l[q])
+        j, i = keys[q]
         lo_q, hi_q = to_l[q], hi_l[q]
         tight = (slice(lo_q[0], hi_q[0]), slice(lo_q[1], hi_q[1]), slice(lo_q[2], hi_q[2]))
+        tights.append(tight)
+        if _masks_deferred(jobs[j]):  # the mask stays on the device, a view made when read
+            masks[j][i] = (tight, q)
+        else:
+            eager.append(q)
+    if before_wait is not None:
+        before_wait(mask_of)
+    host_stats = pack.download(be, st_ref).tolist()  # synchronisation 2
+    for q in range(nl):
+        j, i = keys[q]
         cnt, acc = host_stats[q]
         cnt = int(cnt)
-        results_stats[key[0]][key[1]] = (cnt, acc / cnt if cnt else 0.0)
-        if _masks_deferred(job):  # the mask stays on the device, a view made when first read
-            masks[key[0]][key[1]] = (tight, q)
-            continue
+        results_stats[j][i] = (cnt, acc / cnt if cnt else 0.0)
+    for q in eager:  # jobs with a host image or a host label map: their rows now
+        j, i = keys[q]
+        job, tight = jobs[j], tights[q]
         m = mask_of(q)
         if not job.target_on_device:
+            shp = tuple(tn_l[q])
             sel = be.download(f32.view(q, F32.index("merged"), shp)) != 0
             o = be.download(f32.view(q, F32.index("out"), shp))  # written where sel only
             job.target[tight][sel] = o[sel].astype(job.target.dtype)
@@ -720,7 +743,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C):
         if job.label is not None and not job.label_on_device:  # a host label map
             mh = m if not job.target_on_device else be.download(m).view(np.bool_)
             job.label[tight][mh] = job.tumor_label
-        masks[key[0]][key[1]] = (tight, m)
+        masks[j][i] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
     # (the masks' buffers, u8 and pack, for as long as the results' boxes may need them)
     del pack_a, fa, ua, f32

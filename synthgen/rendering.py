@@ -762,6 +762,24 @@ def render(
     return assemble(plan, target, organ_mask, stats, masks, affine)
 
 
+def _stat_fields(n: int, mean_change: float, voxel_mm3: float) -> tuple[float, int, float]:
+    """A record's measured fields (``volume_mm3``, ``voxels``, ``mean_contrast_hu``) from
+    its voxel count and mean change."""
+    return n * voxel_mm3, n, mean_change
+
+
+def fill_stats(result: RenderResult, stats: dict[int, tuple[int, float]]) -> None:
+    """Set the measured fields of ``result``'s records from ``stats`` (tumor index ->
+    (voxels, mean change); none: 0 voxels), as :func:`assemble` does: for a result
+    assembled before the render's statistics were back (the GPU driver assembles while the
+    device works)."""
+    sp = result.plan.spacing
+    voxel_mm3 = sp[0] * sp[1] * sp[2]
+    for i, rec in enumerate(result.tumors):
+        n, mc = stats.get(i, (0, 0.0))
+        rec.volume_mm3, rec.voxels, rec.mean_contrast_hu = _stat_fields(n, mc, voxel_mm3)
+
+
 def assemble(
     plan: Plan,
     image: Any,
@@ -804,9 +822,7 @@ def assemble(
                 tuple(cv_int[i]),  # type: ignore[arg-type]
                 tuple(centres_mm[i]),  # type: ignore[arg-type]
                 tuple(radii[i]),  # type: ignore[arg-type]
-                n * voxel_mm3,
-                n,
-                mc,
+                *_stat_fields(n, mc, voxel_mm3),
                 t.contrast_hu,
                 t.clip_to_organ,
                 [[b[0].start, b[0].stop], [b[1].start, b[1].stop], [b[2].start, b[2].stop]]

@@ -381,6 +381,27 @@ def test_label_out_follows_the_mass_effect(small_phantom):
     np.testing.assert_array_equal(imp.label, want)
 
 
+def test_results_assembled_before_the_statistics(emu, small_phantom, organ_masks):
+    """fill_stats after assemble without statistics (what the GPU driver does while the
+    device runs phase B) gives the records assemble gives with them; a device render's
+    records are the CPU's."""
+    ph, mask = small_phantom, organ_masks["liver"]
+    plan = _plan(ph, mask, "liver-classic", 6, "mix")
+    ref = rendering.render(plan, ph.image, mask)
+    stats = {i: (r.voxels, r.mean_contrast_hu) for i, r in enumerate(ref.tumors) if r.voxels}
+    boxes = {i: (tuple(slice(*b) for b in r.box), None) for i, r in enumerate(ref.tumors)
+             if r.box}  # fmt: skip
+    whole = rendering.assemble(plan, ph.image, mask, stats, boxes, None)
+    later = rendering.assemble(plan, ph.image, mask, {}, boxes, None)
+    assert [r.voxels for r in later.tumors] == [0] * len(plan.tumors)
+    rendering.fill_stats(later, stats)
+    assert later.tumors == whole.tumors == ref.tumors
+    got = _cuda.render_on_gpu([plan], [to_device(ph.image)], [to_device(mask)], device_id=0,
+                              be=emu)[0]  # fmt: skip
+    assert [r.voxels for r in got.tumors] == [r.voxels for r in ref.tumors]
+    assert [r.volume_mm3 for r in got.tumors] == [r.volume_mm3 for r in ref.tumors]
+
+
 def test_device_masks_are_made_when_first_read(emu, small_phantom, organ_masks):
     """A render of device data leaves its tumor masks on the device and makes their views
     only when the boxes are first read (as the CPU's masks, box by box); a host label map
