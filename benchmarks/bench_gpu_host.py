@@ -120,21 +120,29 @@ def _backends(clock=time.perf_counter):
     return Record(Path(tempfile.mkdtemp(prefix="sg-emu-"))), Replay()
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def scene():
+    """``liver-classic`` on the 1 mm benchmark phantom, as the GPU-free driver benchmarks use
+    it: ``(image, liver mask, organ index, Synthesizer, image and mask on the stand-in
+    "device")``."""
     import synthgen
-    from synthgen import _cuda, _segments
     from synthgen.phantom import benchmark_phantom
 
     sys.path.insert(0, str(ROOT / "tests"))
     from _cuda_emu import to_device
 
-    rec, rep = _backends()
     ph = benchmark_phantom()
     img = np.ascontiguousarray(ph.image)
     mask = np.ascontiguousarray(ph.mask("liver"))
     idx = synthgen.index_organ(mask)
     syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
-    img_d, mask_d = to_device(img), to_device(mask)
+    return img, mask, idx, syn, to_device(img), to_device(mask)
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from synthgen import _cuda, _segments
+
+    rec, rep = _backends()
+    img, mask, idx, syn, img_d, mask_d = scene()
     n = 6 if quick else 25
     rows = []
     seed = 5_000_000

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests"):
+for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -38,11 +38,10 @@ def _schedule(arg, n: int) -> np.ndarray:
 
 
 def run() -> list[dict]:
+    import bench_gpu_host
     from _cuda_emu import HostBackend, to_device
 
-    import synthgen
     from synthgen import _cuda
-    from synthgen.phantom import benchmark_phantom
 
     class Counting(HostBackend):
         def __init__(self, build_dir) -> None:
@@ -59,12 +58,7 @@ def run() -> list[dict]:
             super().launch_flat(name, n_blocks, *args)
 
     be = Counting(Path(tempfile.mkdtemp(prefix="sg-blocks-")))
-    ph = benchmark_phantom()
-    img = np.ascontiguousarray(ph.image)
-    mask = np.ascontiguousarray(ph.mask("liver"))
-    idx = synthgen.index_organ(mask)
-    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
-    mask_d = to_device(mask)
+    img, mask, idx, syn, _, mask_d = bench_gpu_host.scene()
     rows = []
     for size, k in CASES:
         plans = [syn.plan(img, mask, seed=9_000 + i, size=size, organ_index=idx)

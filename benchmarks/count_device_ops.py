@@ -42,12 +42,10 @@ def main() -> int:
     args = ap.parse_args()
 
     import bench_gpu_host
-    from _cuda_emu import DeviceArray, to_device
+    from _cuda_emu import DeviceArray
     from ab_host import load_revision
 
-    import synthgen
     from synthgen import _cuda
-    from synthgen.phantom import benchmark_phantom
 
     counts: Counter = Counter()
 
@@ -93,12 +91,7 @@ def main() -> int:
     be = Counting()
     old = load_revision(args.rev, Path(tempfile.mkdtemp(prefix="sg-ops-")))
     drivers = {args.rev: importlib.import_module(old.__name__ + "._cuda"), "tree": _cuda}
-    ph = benchmark_phantom()
-    img = np.ascontiguousarray(ph.image)
-    mask = np.ascontiguousarray(ph.mask("liver"))
-    idx = synthgen.index_organ(mask)
-    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
-    img_d, mask_d = to_device(img), to_device(mask)
+    img, mask, idx, syn, img_d, mask_d = bench_gpu_host.scene()
     rows = []
     for size, k in CASES:
         plans = [syn.plan(img, mask, seed=4_000 + i, size=size, organ_index=idx)
