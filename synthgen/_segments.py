@@ -630,7 +630,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_
     u8 = _Arena(np.uint8, sizes_u)
     # two allocations: the masks (u8) with the pack, whose host rows' masks results may keep,
     # and the float32 scratch apart (a result's masks keep their allocation alive)
-    _allocate(be, 0, (f32,))
+    f32_dev, _ = _allocate(be, 0, (f32,))  # (held until the statistics are back)
     pack.alloc(be, (u8,))
     base = pack.addrs()
     T = np.zeros((nl, W), dtype=np.int64)
@@ -706,9 +706,17 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_
     # of the jobs that keep them on the device, and those jobs' results (``before_wait``)
     tn_l, to_l, hi_l = tn.tolist(), to.tolist(), (to + tn).tolist()
 
+    # what the masks need, and no more (results may keep mask_of): the u8 arena, and the
+    # device pack with the byte offsets and shapes of the host rows' masks in it
+    pack_dev = pack.dev
+    wall_masks = [(pack.parts[r][0], pack.parts[r][1].shape) for _, _, r in host_refs]
+
     def mask_of(q: int):
         """Row ``q``'s tumor mask on the device: a view of the scratch (or the host row's)."""
-        return pack.view(host_refs[q - ne][2]) if q >= ne else u8.view(q, 1, tuple(tn_l[q]))
+        if q < ne:
+            return u8.view(q, 1, tuple(tn_l[q]))
+        off, shp = wall_masks[q - ne]
+        return pack_dev[off : off + math.prod(shp)].reshape(shp)
 
     keys = list(zip(job_of.tolist(), np.asarray(iidx, dtype=np.int64)[qe].tolist()
                     + [w["i"] for w in walls_r], strict=True))  # fmt: skip
@@ -746,7 +754,7 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_
         masks[j][i] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
     # (the masks' buffers, u8 and pack, for as long as the results' boxes may need them)
-    del pack_a, fa, ua, f32
+    del pack_a, fa, ua, f32, f32_dev
     return mask_of
 
 
