@@ -33,6 +33,26 @@ def ensure_root_on_path() -> None:
         sys.path.insert(0, str(ROOT))
 
 
+class Scene:
+    """The GPU benchmarks' scan, once: ``liver-classic`` on the 1 mm benchmark phantom, on
+    the host and on a device (``upload``: a backend's host-to-device copy), and plans of it."""
+
+    def __init__(self, upload) -> None:
+        import synthgen
+        from synthgen.phantom import benchmark_phantom
+
+        ph = benchmark_phantom()
+        self.img_h = np.ascontiguousarray(ph.image)
+        self.mask_h = np.ascontiguousarray(ph.mask("liver"))
+        self.idx = synthgen.index_organ(self.mask_h)
+        self.syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
+        self.img_d, self.mask_d = upload(self.img_h), upload(self.mask_h)
+
+    def plans(self, seed: int, n: int, size: str) -> list:
+        return [self.syn.plan(self.img_h, self.mask_h, seed=seed + i, size=size,
+                              organ_index=self.idx) for i in range(n)]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ statistics
 
 

@@ -121,28 +121,21 @@ def _backends(clock=time.perf_counter):
 
 
 def scene():
-    """``liver-classic`` on the 1 mm benchmark phantom, as the GPU-free driver benchmarks use
-    it: ``(image, liver mask, organ index, Synthesizer, image and mask on the stand-in
-    "device")``."""
-    import synthgen
-    from synthgen.phantom import benchmark_phantom
-
+    """The GPU benchmarks' :class:`benchmarks._common.Scene` on the stand-in "device"."""
     sys.path.insert(0, str(ROOT / "tests"))
     from _cuda_emu import to_device
 
-    ph = benchmark_phantom()
-    img = np.ascontiguousarray(ph.image)
-    mask = np.ascontiguousarray(ph.mask("liver"))
-    idx = synthgen.index_organ(mask)
-    syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
-    return img, mask, idx, syn, to_device(img), to_device(mask)
+    from benchmarks._common import Scene
+
+    return Scene(to_device)
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     from synthgen import _cuda, _segments
 
     rec, rep = _backends()
-    img, mask, idx, syn, img_d, mask_d = scene()
+    sc = scene()
+    img_d, mask_d = sc.img_d, sc.mask_d
     n = 6 if quick else 25
     rows = []
     seed = 5_000_000
@@ -171,8 +164,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     # the steady state of a long run: caches filled by earlier samples (these), not by the
     # measured sample itself
-    warm = [syn.plan(img, mask, seed=seed - 1 - i, size="mix", organ_index=idx)
-            for i in range(10 if quick else 30)]  # fmt: skip
+    warm = [sc.plans(seed - 1 - i, 1, "mix")[0] for i in range(10 if quick else 30)]
     warm_logs = [record([p]) for p in warm]
 
     def steady_replay(plans, log) -> float:
@@ -183,7 +175,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     for cls in CLASSES:
         t0 = time.perf_counter()
-        plans = [syn.plan(img, mask, seed=seed + i, size=cls, organ_index=idx) for i in range(n)]
+        plans = sc.plans(seed, n, cls)
         plan_ms = (time.perf_counter() - t0) * 1e3 / n
         seed += n
         logs = [record([p]) for p in plans]
@@ -200,8 +192,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         print(f"  {cls}: host {rows[-1][3]} (cold) / {rows[-1][5]} ms/sample", file=sys.stderr)
     # batched: 16 plans per call (render_batch, BatchTumorSynthesis)
     for cls in ("tiny", "small", "mix"):
-        plans = [syn.plan(img, mask, seed=seed + i, size=cls, organ_index=idx)
-                 for i in range(16)]  # fmt: skip
+        plans = sc.plans(seed, 16, cls)
         seed += 16
         log = record(plans)
         reps = 2 if quick else 4

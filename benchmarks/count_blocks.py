@@ -58,14 +58,13 @@ def run() -> list[dict]:
             super().launch_flat(name, n_blocks, *args)
 
     be = Counting(Path(tempfile.mkdtemp(prefix="sg-blocks-")))
-    img, mask, idx, syn, _, mask_d = bench_gpu_host.scene()
+    sc = bench_gpu_host.scene()
     rows = []
     for size, k in CASES:
-        plans = [syn.plan(img, mask, seed=9_000 + i, size=size, organ_index=idx)
-                 for i in range(k)]  # fmt: skip
+        plans = sc.plans(9_000, k, size)
         be.counts.clear()
-        outs = [to_device(img) for _ in plans]
-        _cuda.render_on_gpu(plans, outs, [mask_d] * k, device_id=0, outs=outs, be=be)
+        outs = [to_device(sc.img_h) for _ in plans]
+        _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
         flat = sum(c[0] for c in be.counts.values())
         grid = sum(c[1] for c in be.counts.values())
         blend = be.counts["sg_seg_blend"]

@@ -91,11 +91,11 @@ def main() -> int:
     be = Counting()
     old = load_revision(args.rev, Path(tempfile.mkdtemp(prefix="sg-ops-")))
     drivers = {args.rev: importlib.import_module(old.__name__ + "._cuda"), "tree": _cuda}
-    img, mask, idx, syn, img_d, mask_d = bench_gpu_host.scene()
+    sc = bench_gpu_host.scene()
+    img_d, mask_d = sc.img_d, sc.mask_d
     rows = []
     for size, k in CASES:
-        plans = [syn.plan(img, mask, seed=4_000 + i, size=size, organ_index=idx)
-                 for i in range(k)]  # fmt: skip
+        plans = sc.plans(4_000, k, size)
         rec.log.clear()
         _cuda.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0, outs=[img_d] * k,
                             be=rec)  # fmt: skip

@@ -55,8 +55,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "synthgen-numba"))
 
 import synthgen  # noqa: E402
+from benchmarks._common import Scene  # noqa: E402
 from synthgen import _cuda  # noqa: E402
-from synthgen.phantom import benchmark_phantom  # noqa: E402
 
 CLASSES = ("tiny", "small", "medium", "large", "mix")
 # Targets of issue 3 (goals, not measurements).
@@ -123,23 +123,6 @@ class Gpu:
         """``stop``: returns the ms since the call (CUDA events on a GPU)."""
         a = self.event()
         return lambda: self.elapsed_ms(a, self.event())
-
-
-class Scene:
-    """The benchmark's scan, once: ``liver-classic`` on the 1 mm benchmark phantom, on the
-    host and on the device, and plans of it."""
-
-    def __init__(self, g: Gpu) -> None:
-        ph = benchmark_phantom()
-        self.img_h = np.ascontiguousarray(ph.image)
-        self.mask_h = np.ascontiguousarray(ph.mask("liver"))
-        self.idx = synthgen.index_organ(self.mask_h)
-        self.syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
-        self.img_d, self.mask_d = g.be.upload(self.img_h), g.be.upload(self.mask_h)
-
-    def plans(self, seed: int, n: int, size: str) -> list:
-        return [self.syn.plan(self.img_h, self.mask_h, seed=seed + i, size=size,
-                              organ_index=self.idx) for i in range(n)]  # fmt: skip
 
 
 class _WaitTimer:
@@ -459,7 +442,7 @@ def main() -> int:
     t_all = time.perf_counter()
     test_line, rc = ("skipped", 0) if args.skip_tests else run_tests(args.emulate, args.log)
     g = Gpu(args.emulate)
-    sc = Scene(g)
+    sc = Scene(g.be.upload)
     if args.only_kernels:
         bench_kernels(g, sc)
         return 0

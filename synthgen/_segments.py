@@ -148,10 +148,6 @@ class _Pack:
         """Device addresses of every part (after :meth:`alloc`)."""
         return self.base + np.array([off for off, _ in self.parts], dtype=np.int64)
 
-    def view(self, ref: int):
-        off, a = self.parts[ref]
-        return self.dev[off : off + a.nbytes].view(a.dtype).reshape(a.shape)
-
     def download(self, be, ref: int) -> np.ndarray:
         """Part ``ref`` copied back to the host (its bytes: one device slice; typed there)."""
         off, a = self.parts[ref]
@@ -372,17 +368,19 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     results_stats: list[dict[int, tuple[int, float]]] = [{} for _ in jobs]
     masks: list[dict[int, tuple[tuple[slice, slice, slice], Any]]] = [{} for _ in jobs]
     out: list[RenderResult | None] = [None] * len(jobs)
+    deferred = [_masks_deferred(job) for job in jobs]
 
     def before_wait(mask_of) -> None:
         """The results of the jobs whose masks stay on the device, statistics aside: host
         work done while the device runs phase B instead of after its last wait."""
         for j, job in enumerate(jobs):
-            if _masks_deferred(job):
+            if deferred[j]:
                 out[j] = assemble(job.plan, job.target, job.organ, {}, masks[j], job.affine,
                                   make_mask=mask_of)  # fmt: skip
 
     if ts or walls:
-        _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_wait)
+        _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, deferred,
+                before_wait)  # fmt: skip
     for j, job in enumerate(jobs):
         res = out[j]
         if res is None:
@@ -429,12 +427,15 @@ def _stack_lists(items, shape: tuple[int, int, int, int]) -> np.ndarray:
 _A_COLS = np.arange(2, dtype=np.int64)
 
 
-def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_wait=None):
+def _render(
+    be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, deferred, before_wait
+) -> None:
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
     ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``.
-    Returns the function making row ``q``'s device mask (the rows of jobs whose masks are
-    deferred are given as ``masks[j][i] = (tight box, q)``), or None; ``before_wait`` is
-    called with it once phase B is launched, before the wait for its statistics."""
+    The rows of jobs whose masks are ``deferred`` (:func:`_masks_deferred`, per job) are given
+    as ``masks[j][i] = (tight box, q)``; ``before_wait`` is called, once phase B is launched
+    and before the wait for its statistics, with the function making row ``q``'s device
+    mask."""
     from ._cpu_kernels import blur_kernels_nb, shape_weights_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
@@ -726,12 +727,11 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_
         lo_q, hi_q = to_l[q], hi_l[q]
         tight = (slice(lo_q[0], hi_q[0]), slice(lo_q[1], hi_q[1]), slice(lo_q[2], hi_q[2]))
         tights.append(tight)
-        if _masks_deferred(jobs[j]):  # the mask stays on the device, a view made when read
+        if deferred[j]:  # the mask stays on the device, a view made when read
             masks[j][i] = (tight, q)
         else:
             eager.append(q)
-    if before_wait is not None:
-        before_wait(mask_of)
+    before_wait(mask_of)
     host_stats = pack.download(be, st_ref).tolist()  # synchronisation 2
     for q in range(nl):
         j, i = keys[q]
@@ -753,9 +753,8 @@ def _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, before_
             job.label[tight][mh] = job.tumor_label
         masks[j][i] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
-    # (the masks' buffers, u8 and pack, for as long as the results' boxes may need them)
+    # (mask_of keeps what the results' masks need: u8 and the phase-B device buffer)
     del pack_a, fa, ua, f32, f32_dev
-    return mask_of
 
 
 class _Shifted:

@@ -830,13 +830,12 @@ def assemble(
                 else [],
             )
         )
+    boxes = [masks[i] for i in sorted(masks)]
     return RenderResult(
         image=image,
         plan=plan,
         tumors=records,
         organ_mask=organ_mask,
-        boxes=LazyBoxes([masks[i] for i in sorted(masks)], make_mask)
-        if make_mask is not None
-        else [masks[i] for i in sorted(masks)],
+        boxes=boxes if make_mask is None else LazyBoxes(boxes, make_mask),
         wrap=wrap,
     )
