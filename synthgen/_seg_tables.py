@@ -159,7 +159,7 @@ def phase_a_sizes_nb(lo, hi, keep, g, has_app):
     """Phase A's sizes from the tumors' boxes ``lo..hi`` (``(n, 3)``; an empty, even
     inverted, box has none) and grid sizes ``g``, for the kept tumors ``keep`` (row ``r`` is
     tumor ``keep[r]``, ``has_app[r]``: it has appearance modes). Returns ``(nb, w_off,
-    w_total, bb, fa, ua, max_voxels, max_rows)``: box sizes and the element offsets of each
+    w_total, bb, fa, ua, tot)``: box sizes and the element offsets of each
     box axis's B-spline rows (``nb * g`` each, tumor by tumor), their total; the bounding-box
     accumulators of the rows (``(max(n, 1), 7)`` int32: lower bounds at the box size, upper
     at -1, count 0); the float32 (orig, q2, shape rows) and uint8 (organ, mask) scratch sizes
