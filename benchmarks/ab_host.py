@@ -10,7 +10,11 @@ same machine state. Two measurements:
   ``benchmarks/bench_gpu_host.py``: recorded once on the stand-in backend, then replayed
   with launches that do nothing; allocations, fills and uploads subtracted), one plan per
   call or ``--batch`` plans per call; and the part of a call after its last wait for the
-  device (host work a GPU cannot overlap with its own);
+  device (host work a GPU cannot overlap with its own); and the *serial* part of a call: its
+  host time from the call's start, or from a wait for the device, to the next launch, plus
+  the part after its last wait (a GPU idles meanwhile), as against the host time after a
+  launch, which a GPU overlaps with the kernels launched (the critical path of one call on
+  a GPU is about serial + max(overlapped host, device));
 * ``plan``: ``Synthesizer.plan`` on the benchmark phantom.
 
 Times are CPU time of the thread (``time.thread_time``: the VM's stolen time is not
@@ -129,14 +133,19 @@ def main() -> int:
             rep.log = list(logs[i])
             rep.device_s = 0.0
             t0 = time.thread_time()
+            rep.start()
             drivers[version].render_on_gpu(groups[i], [img_d] * k, [mask_d] * k, device_id=0,
                                            outs=[img_d] * k, be=rep)  # fmt: skip
             t1 = time.thread_time()
+            rep.mark()
             tails[version].append(t1 - rep.last_wait)
+            serial[version].append(rep.serial)
             rep.keep.clear()
             return (t1 - t0 - rep.device_s) / k
 
     tails: dict[str, list[float]] = {v: [] for v in versions}  # host work after the last wait
+    serial: dict[str, list[float]] = {v: [] for v in versions}  # host work the device waits on
+    serial_rounds: dict[str, list[float]] = {v: [] for v in versions}
     fresh = args.fresh and args.what == "render"
     for v in versions:  # warm-up: numba, kernel modules, caches
         for i in range(min(n, 3)):
@@ -149,6 +158,11 @@ def main() -> int:
             else:  # the least of three replays of each plan
                 ms = [min(one(v, i) for _ in range(3)) for i in range(n)]
             rounds[v].append(1e3 * statistics.median(ms))
+            if args.what == "render":  # this round's calls' serial parts (the least replay's
+                # when replayed: every third entry is a call's first replay, so take the round's
+                # median of all its replays)
+                got = serial[v][-(len(ms) if fresh else 3 * len(ms)) :]
+                serial_rounds[v].append(1e3 * statistics.median(got) / k)
     a, b = min(rounds["rev"]), min(rounds["tree"])
     ma, mb = statistics.median(rounds["rev"]), statistics.median(rounds["tree"])
     what = f"{args.what} {args.size}" + (f" x{k}" if args.what == "render" else "")
@@ -159,6 +173,12 @@ def main() -> int:
         ta, tb = (1e3 * statistics.median(tails[v]) for v in ("rev", "tree"))
         print(f"  of which after the last wait, per call (median of all calls): {args.rev} "
               f"{ta:.3f} ms | tree {tb:.3f} ms")  # fmt: skip
+        sa, sb = (min(serial_rounds[v]) for v in ("rev", "tree"))
+        ma, mb = (statistics.median(serial_rounds[v]) for v in ("rev", "tree"))
+        print(f"  of which serial (from the start or a wait to the next launch, and after the "
+              f"last wait: the GPU idles), per sample: {args.rev} {sa:.3f} ms (median round "
+              f"{ma:.3f}) | tree {sb:.3f} ms (median round {mb:.3f}) | tree/rev {sb / sa:.2f} "
+              f"(medians {mb / ma:.2f})")  # fmt: skip
     return 0
 
 

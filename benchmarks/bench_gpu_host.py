@@ -79,21 +79,43 @@ def _backends(clock=time.perf_counter):
             self.device_s = 0.0
             self.last_wait = 0.0
             self.keep: list = []
+            self.start()
+
+        def start(self) -> None:
+            """Before a timed call: the split of its host time (:meth:`mark`) starts."""
+            self.serial = self.overlap = self._seg_dev = 0.0
+            self._busy, self._t_last = False, clock()
+
+        def mark(self) -> None:
+            """The host time since the last launch or wait (device work not counted) goes to
+            ``overlap`` when a launch came last (a GPU runs its kernels meanwhile), else to
+            ``serial`` (the device waits for the host). Called at every launch and wait, and
+            by the caller after the call."""
+            now = clock()
+            span = now - self._t_last - self._seg_dev
+            if self._busy:
+                self.overlap += span
+            else:
+                self.serial += span
+            self._t_last, self._seg_dev = now, 0.0
 
         def _t(self, fn, *a):
             t0 = clock()
             try:
                 return fn(*a)
             finally:
-                self.device_s += clock() - t0
+                dt = clock() - t0
+                self.device_s += dt
+                self._seg_dev += dt
 
         block_rule = CupyBackend.block_rule  # the GPU's schedules, computed on the host
 
         def launch_flat(self, name, n_blocks, *args) -> None:
-            pass  # device work: nothing on the host
+            self.mark()  # device work: nothing on the host
+            self._busy = True
 
         def launch2d(self, name, n_seg, max_total, *args) -> None:
-            pass  # (the launches of revisions before the flat schedules, for ab_host.py)
+            self.launch_flat(name, 0)  # (the launches before the flat schedules, ab_host.py)
 
         def pointer(self, address, dtype=None):
             return np.uint64(address)  # as CupyBackend.pointer
@@ -114,7 +136,9 @@ def _backends(clock=time.perf_counter):
             # ab_host.py, may download the same data typed where this one takes bytes)
             out = self.log.pop(0)
             out = out.reshape(-1).view(np.uint8).view(dev.dtype).reshape(dev.shape)
-            self.last_wait = clock()  # (a download is a wait for the device on a GPU)
+            self.mark()  # (a download is a wait for the device on a GPU)
+            self._busy = False
+            self.last_wait = clock()
             return out
 
     return Record(Path(tempfile.mkdtemp(prefix="sg-emu-"))), Replay()

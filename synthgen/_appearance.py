@@ -138,6 +138,19 @@ def noise_split(sd: float | None, grain: float | None) -> tuple[float, float]:
     return float(sd) * math.sqrt(1.0 - g), float(sd) * math.sqrt(g)
 
 
+def appearance_on(t, organ_noise_hu: float | None, organ_noise_grain: float | None) -> bool:
+    """Whether :func:`blend_params` of tumor ``t`` is not ``None`` (without making it)."""
+    a = getattr(t, "appearance", None)
+    if not a and (t.clip_to_organ or not organ_noise_hu):
+        return False
+    a = a or {}
+    if (float(a.get("rim_boost_hu", 0.0)) != 0.0 or float(a.get("necrosis_fraction", 0.0)) > 0.0
+            or float(a.get("calcification_density", 0.0)) > 0.0):  # fmt: skip
+        return True
+    sw, sc = noise_split(organ_noise_hu, organ_noise_grain)
+    return (sw > 0 or sc > 0) and not t.clip_to_organ
+
+
 def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | None):
     """``(app, keys)`` of the blend kernels for tumor ``t``, or ``None`` for the plain blend.
 
@@ -149,6 +162,8 @@ def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | Non
     speck HU (two words each).
     """
     a = getattr(t, "appearance", None) or {}
+    if not a and (t.clip_to_organ or not organ_noise_hu):  # the common case, at once
+        return None
     rim = float(a.get("rim_boost_hu", 0.0))
     nec = float(a.get("necrosis_fraction", 0.0))
     cal = float(a.get("calcification_density", 0.0))

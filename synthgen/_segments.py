@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from ._appearance import blend_params
+from ._appearance import appearance_on, blend_params
 from .rendering import (
     BLUR_TRUNCATE,
     RenderResult,
@@ -172,44 +172,61 @@ class _Pack:
         be.copy_in(dev, np.frombuffer(bytearray().join(chunks), dtype=np.uint8))
 
 
-def _texture_tables(P, keys, lo_mm, hi_mm) -> SimpleNamespace:
-    """The texture recipes (:func:`synthgen._texture.texture_recipe`) of tumors with
+def _texture_consts(P, keys) -> SimpleNamespace:
+    """What the texture recipes (:func:`synthgen._texture.texture_recipe`) of tumors with
     parameters ``P`` (:func:`synthgen._texture.texture_params`) and stream keys ``keys``
-    (``(n, 4)``: noise, Bernoulli) over their tight boxes (``lo_mm``/``hi_mm``: ``(n, 3)`` mm
-    from the centre), vectorised: the per-axis tables of all axes from one numba call (the
-    function the CPU path's recipe uses).
+    (``(n, 4)``: noise, Bernoulli) take from their parameters alone, not from their boxes
+    (made while the device runs phase A): the block sizes ``h_b`` ``(n,)``, the recipe's
+    ``scalars`` ``(n, 6)`` (:func:`synthgen._texture.texture_scalars_of`), the keys
+    ``noise_key``, ``bern_key`` ``(n, 2)``, and the smoothing kernels (block sums -> grid)
+    packed, each distinct (block size, sigma_b) once, cached: ``kern``, ``koff``, ``klen``.
+    :meth:`take` selects rows."""
+    from ._cpu_kernels import block_sizes_nb
+    from ._texture import _smoothing_kernel, texture_scalars_of
+
+    sb = np.ascontiguousarray(P[:, 1])
+    h_b = block_sizes_nb(sb)
+    kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
+                               lambda key: _smoothing_kernel(*key))  # fmt: skip
+    return _Rows(h_b=h_b, scalars=texture_scalars_of(P, h_b), noise_key=keys[:, 0:2],
+                 bern_key=keys[:, 2:4], koff=koff, klen=klen, kern=kern)  # fmt: skip
+
+
+class _Rows(SimpleNamespace):
+    """Per-row arrays (all but ``kern``, which rows address by offset)."""
+
+    def take(self, rows) -> _Rows:
+        return _Rows(**{k: v if k == "kern" else np.ascontiguousarray(v[rows])
+                        for k, v in vars(self).items()})  # fmt: skip
+
+
+def _texture_tables(P, tc, lo_mm, hi_mm) -> SimpleNamespace:
+    """The texture recipes of tumors with parameters ``P`` and :func:`_texture_consts`
+    ``tc`` (of these rows) over their tight boxes (``lo_mm``/``hi_mm``: ``(n, 3)`` mm from the
+    centre), vectorised: the per-axis tables of all axes from one numba call (the function
+    the CPU path's recipe uses).
 
     Fields, ``(n, 3)`` per axis unless noted: ``lat0``, ``n_lat`` (noise lattice), ``block0``,
     ``blocks`` (Bernoulli blocks), ``goff``, ``grid`` (grid offset and size), ``kk`` (band
     width), ``row``/``woff`` (offsets into the packed ``starts``, ``inv`` and ``weights``),
-    ``origin`` (mm); ``noise_key``, ``bern_key`` ``(n, 2)``; ``scalars`` ``(n, 6)``
-    (:func:`synthgen._texture.texture_scalars_of`); ``step`` ``(n,)``; the smoothing kernels
-    packed (``kern``, ``koff``, ``klen``).
+    ``origin`` (mm); ``step`` ``(n,)``; and those of ``tc``.
     """
     from ._cpu_kernels import texture_axes_nb
-    from ._texture import _smoothing_kernel, texture_scalars_of
 
     ne = len(P)
-    sa, sb = P[:, 0], P[:, 1]
     # block sizes, grid ranges and the per-axis tables of all axes in one call; the nine
     # per-axis fields each a contiguous (n, 3) array
     fields, origin, h_b, starts, weights, inv, ok = texture_axes_nb(
         np.ascontiguousarray(np.reshape(lo_mm, (ne, 3)), dtype=np.float64),
         np.ascontiguousarray(np.reshape(hi_mm, (ne, 3)), dtype=np.float64),
-        np.ascontiguousarray(sa), np.ascontiguousarray(sb))  # fmt: skip
+        np.ascontiguousarray(P[:, 0]), np.ascontiguousarray(P[:, 1]))  # fmt: skip
     if not ok.all():
         raise ValueError("texture lattice exceeds +-512 cells; tumor box too large")
     lat0, n_lat, block0, blocks, goff, grid, kk, row, woff = fields
-    # the smoothing kernels (block sums -> grid), cached per (block size, sigma_b)
-    kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
-                               lambda key: _smoothing_kernel(*key))  # fmt: skip
-    c = np.ascontiguousarray
     return SimpleNamespace(
         lat0=lat0, n_lat=n_lat, block0=block0, blocks=blocks, goff=goff, grid=grid, kk=kk,
-        row=row, woff=woff, origin=origin, noise_key=c(keys[:, 0:2]),
-        bern_key=c(keys[:, 2:4]), scalars=texture_scalars_of(P, h_b),
-        step=h_b.astype(np.float64), starts=starts, weights=weights, inv=inv,
-        kern=kern, koff=koff, klen=klen,
+        row=row, woff=woff, origin=origin, step=h_b.astype(np.float64), starts=starts,
+        weights=weights, inv=inv, **vars(tc),
     )  # fmt: skip
 
 
@@ -459,16 +476,22 @@ def _render(
     pack = _Pack()
     n_all = len(ts)
     # control displacements: one array per grid size g (one per preset, as a rule)
-    by_g: dict[tuple[int, ...], list[int]] = {}
-    for q, t in enumerate(ts):
-        by_g.setdefault(_grid_shape(t.displacement_mm), []).append(q)
+    disp = [t.displacement_mm for t in ts]
+    try:  # one grid size for all (one preset), checked by the size of the stack
+        shp0 = _grid_shape(disp[0]) if disp else ()
+        by_g = {shp0: list(range(n_all))} if disp else {}
+        stacked = [_stack_lists(disp, shp0)] if disp else []
+    except ValueError:  # sizes that differ (or a malformed list, which _stack_lists names)
+        by_g = {}
+        for q, d in enumerate(disp):
+            by_g.setdefault(_grid_shape(d), []).append(q)
+        stacked = [_stack_lists([disp[q] for q in qs], shp) for shp, qs in by_g.items()]
     disp_max = np.zeros(n_all)
     ctrl_ref = np.zeros(n_all, dtype=np.int64)  # (pack part, element offset) per tumor
     ctrl_off = np.zeros(n_all, dtype=np.int64)
     g_of = np.zeros(n_all, dtype=np.int64)
     groups = []
-    for shp, qs in by_g.items():
-        d = _stack_lists([ts[q].displacement_mm for q in qs], shp)
+    for (shp, qs), d in zip(by_g.items(), stacked, strict=True):
         qa = np.asarray(qs, dtype=np.int64)
         flat = d.reshape(len(qs), -1)
         disp_max[qa] = 1.6 * np.abs(flat).max(axis=1) if flat.shape[1] else 0.0
@@ -477,7 +500,7 @@ def _render(
         g_of[qa] = shp[1]
         groups.append((shp[1], qa))
     arrays = tumor_arrays(ts)
-    centre, rot, radii, blur_mm, clip = arrays
+    centre, rot, radii, blur_mm, clip, ext = arrays
     ja = np.asarray(jidx, dtype=np.int64)
     sp, shapes = J.sp[ja], J.shape[ja]
     lo, hi, ok, pad = conservative_boxes(
@@ -497,9 +520,10 @@ def _render(
             hi[q] = [b.stop for b in box]
     keep = np.flatnonzero(ok)
     n = len(keep)
-    apps = [blend_params(ts[q], jobs[jidx[q]].plan.organ_noise_hu,
-                         jobs[jidx[q]].plan.organ_noise_grain) for q in keep]  # fmt: skip
-    has_app = np.array([a is not None for a in apps], dtype=bool)
+    # which rows have appearance modes (their parameters are made while the device works)
+    noise = [(job.plan.organ_noise_hu, job.plan.organ_noise_grain) for job in jobs]
+    has_app = np.array([appearance_on(ts[q], *noise[jidx[q]]) for q in keep.tolist()],
+                       dtype=bool).reshape(len(keep))  # fmt: skip
     # box sizes, B-spline row offsets, bounding-box accumulators, scratch sizes: one call
     nb, w_off, w_total, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(
         lo, hi, keep, g_of, has_app
@@ -509,13 +533,12 @@ def _render(
     if n:
         # B-spline weights of every box row, one numba call per grid size
         w_all = np.zeros(max(w_total, 1), np.float32)
-        ext = np.asarray([t.control_extent_mm for t in ts], dtype=np.float64)
         for g, qs in groups:
             shape_weights_nb(qs[ok[qs]], lo, hi, centre, sp, ext, int(g), prefilter(int(g)),
                              w_off, w_all)  # fmt: skip
         w_ref = pack.add(w_all)
     host_img, host_org = {}, {}
-    for k, q in enumerate(keep):
+    for k, q in enumerate(keep if not (J.img_on.all() and J.org_on.all()) else ()):
         job = jobs[jidx[q]]
         if job.target_on_device and job.organ_on_device:
             continue
@@ -567,8 +590,11 @@ def _render(
     be.launch_flat("sg_seg_bbox", nblk_a[1], S_box, nS, Td, i32(W), pack.arg(be, bb_ref))
     # while the device works: what phase B needs of every kept tumor (texture parameters and
     # keys, contrast, the blur kernels, as rendering builds them, cached per sigma, packed)
+    apps = {k: blend_params(ts[q], *noise[jidx[q]])
+            for k, q in enumerate(keep.tolist()) if has_app[k]}  # fmt: skip
     tex_p = texture_params([ts[q].texture for q in keep])
     tex_keys = stream_keys([ts[q].seed for q in keep], STREAM_NOISE, STREAM_BERNOULLI)
+    tex_c = _texture_consts(tex_p, tex_keys)
     contrast = np.array([ts[q].contrast_hu for q in keep], dtype=np.float64)
     bpack, boffs, blen = blur_kernels_nb((blur_mm[keep][:, None] / sp[keep]).ravel(),
                                          BLUR_TRUNCATE)  # fmt: skip
@@ -599,7 +625,7 @@ def _render(
     if nl == 0:
         return
     # texture recipes (all axes in one call)
-    tx = _texture_tables(tex_p[live], tex_keys[live], lo_mm, hi_mm)
+    tx = _texture_tables(tex_p[live], tex_c.take(live), lo_mm, hi_mm)
     pack = _Pack()
     t_ref = pack.add(np.zeros((nl, W), dtype=np.int64))
     tf_ref = pack.add(np.zeros((nl, FW), dtype=np.float32))
@@ -615,8 +641,8 @@ def _render(
     ka = np.flatnonzero(app_e)  # rows with appearance modes: their parameters and keys
     app_step = key_step = 0
     if ka.size:
-        app_all = np.stack([apps[live[k]][0] for k in ka.tolist()])
-        key_all = np.stack([apps[live[k]][1] for k in ka.tolist()])
+        app_all = np.stack([apps[int(live[k])][0] for k in ka.tolist()])
+        key_all = np.stack([apps[int(live[k])][1] for k in ka.tolist()])
         app_ref, key_ref = pack.add(app_all), pack.add(key_all)
         app_step, key_step = app_all[0].nbytes, key_all[0].nbytes
     host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))

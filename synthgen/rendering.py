@@ -177,19 +177,21 @@ def _flat9(rot) -> tuple:
     return tuple(rot)
 
 
-def tumor_arrays(tumors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(centre, rotation, radii, blur sigma, clip)`` of tumors as arrays (``(n, 3)``,
-    ``(n, 3, 3)``, ``(n, 3)``, ``(n,)``, ``(n,)``)."""
+def tumor_arrays(tumors) -> tuple[np.ndarray, ...]:
+    """``(centre, rotation, radii, blur sigma, clip, control extent)`` of tumors as arrays
+    (``(n, 3)``, ``(n, 3, 3)``, ``(n, 3)``, ``(n,)``, ``(n,)``, ``(n, 3)``)."""
     n = len(tumors)
-    # one pass over the tumors: 17 numbers each (centre indices are exact in float64)
+    # one pass over the tumors: 20 numbers each (centre indices are exact in float64)
     a = np.array([(*t.center_vox, *_flat9(t.rotation), *t.radii_mm, t.blur_sigma_mm,
-                   t.clip_to_organ) for t in tumors], dtype=np.float64).reshape(n, 17)  # fmt: skip
+                   t.clip_to_organ, *t.control_extent_mm) for t in tumors],
+                 dtype=np.float64).reshape(n, 20)  # fmt: skip
     return (
         a[:, 0:3].astype(np.int64),
         np.ascontiguousarray(a[:, 3:12]).reshape(n, 3, 3),
         a[:, 12:15].copy(),
         a[:, 15].copy(),
         a[:, 16] != 0,
+        a[:, 17:20].copy(),
     )
 
 
@@ -208,7 +210,7 @@ def conservative_boxes(arrays, disp_max, spacing, shape, organ_boxes):
     """
     from ._cpu_kernels import conservative_boxes_nb
 
-    centre, rot, radii, blur, clip = arrays
+    centre, rot, radii, blur, clip = arrays[:5]
     n = len(centre)
     has_ob, ob_lo, ob_hi = organ_boxes
     return conservative_boxes_nb(

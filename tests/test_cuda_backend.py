@@ -228,6 +228,29 @@ def test_batched_render_equals_one_by_one(backend, small_phantom, organ_masks):
     assert np.array_equal(be.download(img), ph.image), "the shared input was not modified"
 
 
+def test_batch_of_two_control_grid_sizes(backend, small_phantom, organ_masks, tmp_path):
+    """Plans of presets with 3 and 4 control points per axis in one batch (the driver stacks
+    the displacements of each grid size apart): each as alone, and as the CPU renders it."""
+    from synthgen.presets import preset_path
+
+    be, dev = backend
+    ph = small_phantom
+    g4 = tmp_path / "liver-g4.toml"
+    text = preset_path("liver-classic").read_text()
+    assert "control_points = 3" in text
+    g4.write_text(text.replace("control_points = 3", "control_points = 4"))
+    mask = organ_masks["liver"]
+    plans = [_plan(ph, mask, "liver-classic", 21, "mix"), _plan(ph, mask, str(g4), 22, "mix"),
+             _plan(ph, mask, "liver-classic", 23, "mix")]  # fmt: skip
+    assert len(plans[1].tumors[0].displacement_mm[0]) == 4
+    img, m = dev(ph.image), dev(mask)
+    batch = _cuda.render_on_gpu(plans, [img] * 3, [m] * 3, device_id=0, be=be)
+    for plan, got in zip(plans, batch, strict=True):
+        alone = _cuda.render_on_gpu([plan], [img], [m], device_id=0, be=be)[0]
+        np.testing.assert_array_equal(be.download(got.image), be.download(alone.image))
+        _compare(rendering.render(plan, ph.image, mask), got, be)
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float32])
 def test_label_out_gets_the_tumor_voxels_in_the_render(backend, small_phantom, organ_masks,
                                                        dtype):  # fmt: skip
