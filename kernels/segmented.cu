@@ -108,6 +108,31 @@ template <int OP, class V>
 SG_FN V sg_block_reduce(V v, V) { return v; }
 #endif
 
+// Phase A, step 0: the B-spline weight rows of each tumor's box, axis by axis (n0, n1, n2
+// rows of g weights, consecutive from W0; W1 and W2 point into the same run): element t is
+// one row, from the voxel's position (index - centre) * spacing mm and the control grid's
+// extent, as rendering._shape_inputs computes them on the host.
+extern "C" __global__ void sg_seg_weights(const int* __restrict__ S, int nS,
+                                          const long long* __restrict__ T, int F,
+                                          const double* __restrict__ TD, int FD)
+{
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
+    const double* rd = TD + (long long)sg_s * FD;
+    const long long n0 = r[SG_N0], n1 = r[SG_N1], n2 = r[SG_N2];
+    const int g = (int)r[SG_G0];
+    const double* pre = (const double*)r[SG_PRE];
+    float* w = (float*)r[SG_W0];
+    SG_SEG_LOOP(n0 + n1 + n2) {
+        const int a = t < n0 ? 0 : (t < n0 + n1 ? 1 : 2);
+        const long long q = t - (a == 0 ? 0 : (a == 1 ? n0 : n0 + n1));
+        const double ext = rd[SG_D_EXT0 + a];
+        const double scale = (double)(g - 1) / (2.0 * ext);
+        const double pos = sg_pos(r[SG_O0 + a] + q - r[SG_C0 + a], rd[SG_D_SP0 + a]);
+        sg_bspline_row((pos + ext) * scale, g, pre, w + t * g);
+    }
+}
+
 // Phase A, step 1: the (i, j) part of the deformed-ellipsoid test, once per row of each
 // tumor's box (sg_shape_row into the ROWS buffer, 3 + 3 g2 floats a row).
 extern "C" __global__ void sg_seg_rows(const int* __restrict__ S, int nS,

@@ -155,7 +155,9 @@
 #define SG_LBLS1 140
 #define SG_LBLS2 141
 #define SG_LBL_VAL 142
-#define SG_T_WIDTH 143
+// phase A: the B-spline prefilter of the tumor's control grid (g x g float64, row major)
+#define SG_PRE 143
+#define SG_T_WIDTH 144
 
 // ---- float32 table TF ------------------------------------------------------------------
 #define SG_F_TLO 0
@@ -185,7 +187,11 @@
 #define SG_D_TX1 19
 #define SG_D_TX2 20
 #define SG_D_STEP 21
-#define SG_D_WIDTH 22
+// the half-size of the cube the control grid spans per axis (mm)
+#define SG_D_EXT0 22
+#define SG_D_EXT1 23
+#define SG_D_EXT2 24
+#define SG_D_WIDTH 25
 
 // ---- dtype codes of image and mask voxels ------------------------------------------------
 #define SG_CODE_F32 0

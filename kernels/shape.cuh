@@ -7,6 +7,51 @@
 #pragma once
 #include "hash.cuh"
 
+#ifndef __CUDACC__
+#include <math.h>
+#endif
+
+// Control grids have at most this many points per axis (presets: control_points in [2, 8]).
+#define SG_G_MAX 8
+
+// One row of the cubic B-spline weight matrix, for position t in control-index units: the
+// CUDA C twin of synthgen._cpu_kernels._bspline_rows_into (the same float64 operations in
+// the same order): the raw weights of the four nearest control points (mirror boundaries),
+// times the g x g prefilter pre (row major), summed in ascending order, rounded to float32.
+SG_FN void sg_bspline_row(double t, int g, const double* pre, float* out) {
+    double raw[SG_G_MAX];
+    for (int j = 0; j < g; ++j) raw[j] = 0.0;
+    double x = t > 0.0 ? t : 0.0;  // min(max(t, 0), g - 1)
+    x = x < (double)(g - 1) ? x : (double)(g - 1);
+    const int base = (int)floor(x);
+    const int period = 2 * (g - 1);
+    for (int off = -1; off < 3; ++off) {
+        const int j = base + off;
+        const double ax = fabs(x - (double)j);
+        double b;
+        if (ax < 1.0) {
+            b = 2.0 / 3.0 - ax * ax + 0.5 * ax * ax * ax;
+        } else if (ax < 2.0) {
+            const double c = 2.0 - ax;
+            b = c * c * c / 6.0;
+        } else {
+            continue;
+        }
+        int jj = 0;
+        if (g != 1) {  // mirror: |j| folded into [0, g)
+            jj = j < 0 ? -j : j;
+            if (jj >= period) jj %= period;
+            if (jj >= g) jj = period - jj;
+        }
+        raw[jj] += b;
+    }
+    for (int k = 0; k < g; ++k) {
+        double acc = 0.0;
+        for (int j = 0; j < g; ++j) acc += raw[j] * pre[j * g + k];
+        out[k] = (float)acc;
+    }
+}
+
 // The test splits as the CPU kernel splits it: for a fixed (i, j) of the box, q is affine in
 // the axis-2 quantities, q_c = a_c + m_c2 p2 + sum_e bm[c][e] w2[e]. sg_shape_row computes a
 // box row's a_c and bm once (3 g0 g1 g2 products), sg_shape_q2_row each voxel's q^2 from them

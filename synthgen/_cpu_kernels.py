@@ -36,7 +36,6 @@ __all__ = [
     "merge_strongest",
     "overlap_partners_nb",
     "shape_mask",
-    "shape_weights_nb",
     "texture_axes_nb",
     "toeplitz_contract3",
 ]
@@ -1054,32 +1053,6 @@ def texture_axes_nb(lo_mm, hi_mm, sa, sb):
             for a in range(3):
                 fields[f, q, a] = ints[3 * q + a, f]
     return fields, origin.reshape(n, 3), h_b, starts, weights, inv, ok
-
-
-@nb.njit(**_OPTS)
-def shape_weights_nb(tumors, lo, hi, centre, sp, ext, g, pre, off, out):
-    """The B-spline weight rows (:func:`bspline_matrix`) of the boxes ``lo..hi`` of the
-    tumors ``tumors`` (indices into the ``(n, 3)`` arrays; ``g`` control points, prefilter
-    ``pre``), written into ``out`` at element offsets ``off`` (``(n, 3)``): the arithmetic
-    of ``rendering._shape_inputs`` (positions ``(index - centre) * spacing``, control
-    coordinates ``(pos + ext) * ((g - 1) / (2 ext))``), in one call for the GPU driver."""
-    raw = np.zeros(g)
-    width = 1
-    for s in tumors:
-        for a in range(3):
-            width = max(width, hi[s, a] - lo[s, a])
-    t = np.empty(width)
-    for s in tumors:
-        for a in range(3):
-            m = hi[s, a] - lo[s, a]
-            if m <= 0:
-                continue
-            scale = (g - 1) / (2.0 * ext[s, a])
-            for q in range(m):
-                pos = (lo[s, a] + q - centre[s, a]) * sp[s, a]
-                t[q] = (pos + ext[s, a]) * scale
-            o = off[s, a]
-            _bspline_rows_into(t[:m], pre, raw, out[o : o + m * g])
 
 
 @nb.njit(**_OPTS)

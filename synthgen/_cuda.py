@@ -36,6 +36,7 @@ __all__ = ["KERNELS", "NVRTC_OPTIONS", "CupyBackend", "kernel_dir", "render_on_g
 KERNELS = {
     name: "segmented.cu"
     for name in (
+        "sg_seg_weights",
         "sg_seg_rows",
         "sg_seg_shape",
         "sg_seg_bbox",

@@ -32,9 +32,9 @@ GD1, GD2, GA, GB, GRID, G_0 = 103, 106, 109, 110, 111, 112
 DELTA, MERGED, PART, NPART, DST, DST_CODE = 115, 116, 117, 118, 119, 120
 DS0, DO0, ROUND = 121, 124, 127
 Q2, TQ2, APP, KEYS, OFF0, KIND, ROWS = 128, 129, 130, 131, 132, 135, 136
-LBL, LBL_CODE, LBLS0, LBL_VAL, T_WIDTH = 137, 138, 139, 142, 143
+LBL, LBL_CODE, LBLS0, LBL_VAL, PRE, T_WIDTH = 137, 138, 139, 142, 143, 144
 F_TLO, F_CONTRAST, F_ORGAN_HU, F_CMIN, F_WIDTH = 0, 2, 3, 4, 8
-D_ZSCALE, D_SP0, D_M, D_TX0, D_STEP, D_WIDTH = 0, 6, 9, 18, 21, 22
+D_ZSCALE, D_SP0, D_M, D_TX0, D_STEP, D_EXT0, D_WIDTH = 0, 6, 9, 18, 21, 22, 25
 
 _MIRRORED = {k: v for k, v in globals().items()
              if k.isupper() and not k.startswith("_") and isinstance(v, int)}  # fmt: skip
@@ -158,28 +158,22 @@ def schedules_nb(totals, cols, per_block, cap, grid2d=False):
 def phase_a_sizes_nb(lo, hi, keep, g, has_app):
     """Phase A's sizes from the tumors' boxes ``lo..hi`` (``(n, 3)``; an empty, even
     inverted, box has none) and grid sizes ``g``, for the kept tumors ``keep`` (row ``r`` is
-    tumor ``keep[r]``, ``has_app[r]``: it has appearance modes). Returns ``(nb, w_off,
-    w_total, bb, fa, ua, tot)``: box sizes and the element offsets of each
-    box axis's B-spline rows (``nb * g`` each, tumor by tumor), their total; the bounding-box
-    accumulators of the rows (``(max(n, 1), 7)`` int32: lower bounds at the box size, upper
-    at -1, count 0); the float32 (orig, q2, shape rows) and uint8 (organ, mask) scratch sizes
-    per row; the elements of phase A's launches per row (``(n, 2)``: the box's (i, j) rows,
-    its voxels), the totals of their schedules (:func:`schedules_nb`)."""
+    tumor ``keep[r]``, ``has_app[r]``: it has appearance modes). Returns ``(nb, bb, fa, ua,
+    tot)``: the box sizes; the bounding-box accumulators of the rows (``(max(n, 1), 7)``
+    int32: lower bounds at the box size, upper at -1, count 0); the float32 (orig, q2, shape
+    rows, B-spline weight rows) and uint8 (organ, mask) scratch sizes per row; the elements
+    of phase A's launches per row (``(n, 3)``: the box's (i, j) rows, its voxels, its
+    B-spline weight rows), the totals of their schedules (:func:`schedules_nb`)."""
     n_all = lo.shape[0]
     n = keep.shape[0]
     nb_ = np.empty((n_all, 3), dtype=np.int64)
-    w_off = np.empty((n_all, 3), dtype=np.int64)
-    at = 0
     for q in range(n_all):
         for a in range(3):
-            v = max(hi[q, a] - lo[q, a], 0)
-            nb_[q, a] = v
-            w_off[q, a] = at
-            at += v * g[q]
+            nb_[q, a] = max(hi[q, a] - lo[q, a], 0)
     bb = np.zeros((max(n, 1), 7), dtype=np.int32)
-    fa = np.empty((n, 3), dtype=np.int64)
+    fa = np.empty((n, 4), dtype=np.int64)
     ua = np.empty((n, 2), dtype=np.int64)
-    tot = np.empty((n, 2), dtype=np.int64)
+    tot = np.empty((n, 3), dtype=np.int64)
     for r in range(n):
         q = keep[r]
         for a in range(3):
@@ -187,39 +181,47 @@ def phase_a_sizes_nb(lo, hi, keep, g, has_app):
             bb[r, 2 * a + 1] = -1
         rows = nb_[q, 0] * nb_[q, 1]
         nv = rows * nb_[q, 2]
+        n_w = nb_[q, 0] + nb_[q, 1] + nb_[q, 2]
         fa[r, 0] = nv
         fa[r, 1] = nv if has_app[r] else 0
         fa[r, 2] = rows * (3 + 3 * g[q])  # sg_shape_row per (i, j)
+        fa[r, 3] = n_w * g[q]  # the weight rows of the three axes
         ua[r, 0] = nv
         ua[r, 1] = nv
         tot[r, 0] = rows
         tot[r, 1] = nv
-    return nb_, w_off, at, bb, fa, ua, tot
+        tot[r, 2] = n_w
+    return nb_, bb, fa, ua, tot
 
 
 @nb.njit(**_OPTS)
-def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, w_base, w_off, fa_base, fa_offs,
+def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, pre, ext, fa_base, fa_offs,
                ua_base, ua_offs, has_app, clip, job, img_on, img, org_on, org, tissue, sp, rot,
                radii):  # fmt: skip
     """Phase A's rows, row ``r`` for tumor ``keep[r]``: the conservative box, the image and
     organ reads (where they are on the device), the shape inputs and the phase-A buffers.
     Per tumor: ``nb_``, ``lo``, ``centre``, ``g``, ``ctrl`` (address of its control
-    displacements), ``w_off`` (element offsets of its B-spline weights from ``w_base``),
-    ``clip``, ``job``, ``sp``, ``rot``, ``radii``; per row: the float32 (orig, q2, rows) and
-    uint8 (organ, mask) buffers' element offsets from their bases, ``has_app``."""
+    displacements), ``pre`` (address of its grid's prefilter), ``ext`` (control extent),
+    ``clip``, ``job``, ``sp``, ``rot``, ``radii``; per row: the float32 (orig, q2, shape rows,
+    weight rows) and uint8 (organ, mask) buffers' element offsets from their bases,
+    ``has_app``."""
     for r in range(keep.shape[0]):
         q = keep[r]
         j = job[q]
+        w_at = fa_base + 4 * fa_offs[r, 3]  # the weight rows, axis after axis
         for a in range(3):
             T[r, N0 + a] = nb_[q, a]
             T[r, O0 + a] = lo[q, a]
             T[r, C0 + a] = centre[q, a]
             T[r, G0 + a] = g[q]
-            T[r, W0 + a] = w_base + 4 * w_off[q, a]
+            T[r, W0 + a] = w_at
+            w_at += 4 * nb_[q, a] * g[q]
             TD[r, D_SP0 + a] = sp[q, a]
+            TD[r, D_EXT0 + a] = ext[q, a]
             for b in range(3):  # m = diag(1/radii) R^T, row major
                 TD[r, D_M + 3 * a + b] = rot[q, b, a] / radii[q, a]
         T[r, CTRL] = ctrl[q]
+        T[r, PRE] = pre[q]
         T[r, ORIG] = fa_base + 4 * fa_offs[r, 0]
         T[r, Q2] = fa_base + 4 * fa_offs[r, 1] if has_app[r] else 0
         T[r, ROWS] = fa_base + 4 * fa_offs[r, 2]

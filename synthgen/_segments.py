@@ -70,11 +70,12 @@ LAST: dict[str, Any] = {}
 
 @functools.cache
 def _columns() -> SimpleNamespace:
-    """The SG_* column numbers of ``kernels/segmented.cuh`` (``C.N0`` for ``SG_N0``)."""
+    """The SG_* column numbers of ``kernels/segmented.cuh`` (``C.N0`` for ``SG_N0``) and the
+    numbers ``kernels/shape.cuh`` defines (``C.G_MAX``)."""
     from ._cuda import kernel_dir
     from ._seg_tables import check
 
-    text = (kernel_dir() / "segmented.cuh").read_text()
+    text = "".join((kernel_dir() / f).read_text() for f in ("segmented.cuh", "shape.cuh"))
     C = SimpleNamespace(
         **{m[0][3:]: int(m[1]) for m in re.findall(r"#define (SG_\w+) (\d+)", text)}
     )
@@ -440,8 +441,9 @@ def _stack_lists(items, shape: tuple[int, int, int, int]) -> np.ndarray:
     return out.reshape(len(items), *shape)
 
 
-#: Phase A's schedules: the columns of phase_a_sizes_nb's elements per row (rows, voxels).
-_A_COLS = np.arange(2, dtype=np.int64)
+#: Phase A's schedules: the columns of phase_a_sizes_nb's elements per row (rows, voxels,
+#: weight rows).
+_A_COLS = np.arange(3, dtype=np.int64)
 
 
 def _render(
@@ -453,7 +455,7 @@ def _render(
     as ``masks[j][i] = (tight box, q)``; ``before_wait`` is called, once phase B is launched
     and before the wait for its statistics, with the function making row ``q``'s device
     mask."""
-    from ._cpu_kernels import blur_kernels_nb, shape_weights_nb
+    from ._cpu_kernels import blur_kernels_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
     from ._seg_tables import (
@@ -489,8 +491,8 @@ def _render(
     disp_max = np.zeros(n_all)
     ctrl_ref = np.zeros(n_all, dtype=np.int64)  # (pack part, element offset) per tumor
     ctrl_off = np.zeros(n_all, dtype=np.int64)
+    pre_ref = np.zeros(n_all, dtype=np.int64)  # pack part of the grid's prefilter
     g_of = np.zeros(n_all, dtype=np.int64)
-    groups = []
     for (shp, qs), d in zip(by_g.items(), stacked, strict=True):
         qa = np.asarray(qs, dtype=np.int64)
         flat = d.reshape(len(qs), -1)
@@ -498,7 +500,10 @@ def _render(
         ctrl_ref[qa] = pack.add(d.astype(np.float32))
         ctrl_off[qa] = np.arange(len(qs)) * flat.shape[1]
         g_of[qa] = shp[1]
-        groups.append((shp[1], qa))
+        if not 1 <= shp[1] <= C.G_MAX or shp != (3, shp[1], shp[1], shp[1]):
+            raise ValueError(f"control displacements of shape {shp}: the GPU backend takes "
+                             f"(3, g, g, g) with 1 <= g <= {C.G_MAX}")  # fmt: skip
+        pre_ref[qa] = pack.add(prefilter(shp[1]))
     arrays = tumor_arrays(ts)
     centre, rot, radii, blur_mm, clip, ext = arrays
     ja = np.asarray(jidx, dtype=np.int64)
@@ -525,18 +530,10 @@ def _render(
     has_app = np.array([appearance_on(ts[q], *noise[jidx[q]]) for q in keep.tolist()],
                        dtype=bool).reshape(len(keep))  # fmt: skip
     # box sizes, B-spline row offsets, bounding-box accumulators, scratch sizes: one call
-    nb, w_off, w_total, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(
-        lo, hi, keep, g_of, has_app
-    )
-    # the flat schedules of phase A's launches: the boxes' (i, j) rows, their voxels
+    nb, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(lo, hi, keep, g_of, has_app)
+    # the flat schedules of phase A's launches: the boxes' (i, j) rows, their voxels, their
+    # B-spline weight rows
     sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *be.block_rule, GRID2D)
-    if n:
-        # B-spline weights of every box row, one numba call per grid size
-        w_all = np.zeros(max(w_total, 1), np.float32)
-        for g, qs in groups:
-            shape_weights_nb(qs[ok[qs]], lo, hi, centre, sp, ext, int(g), prefilter(int(g)),
-                             w_off, w_all)  # fmt: skip
-        w_ref = pack.add(w_all)
     host_img, host_org = {}, {}
     for k, q in enumerate(keep if not (J.img_on.all() and J.org_on.all()) else ()):
         job = jobs[jidx[q]]
@@ -555,7 +552,7 @@ def _render(
     td_ref = pack.add(np.zeros((max(n, 1), DW), dtype=np.float64))
     bb_ref = pack.add(bb)
     sa_ref = pack.add(sched_a)
-    fa = _Arena(np.float32, fa_sizes)  # orig, q2, shape rows
+    fa = _Arena(np.float32, fa_sizes)  # orig, q2, shape rows, weight rows
     ua = _Arena(np.uint8, ua_sizes)  # organ, mask
     pack.alloc(be, (fa, ua))  # one allocation: the pack, then the scratch
     jk = ja[keep]
@@ -563,10 +560,10 @@ def _render(
     TF = np.zeros((max(n, 1), FW), dtype=np.float32)
     TD = np.zeros((max(n, 1), DW), dtype=np.float64)
     if n:
-        ctrl = pack.addrs()[ctrl_ref] + 4 * ctrl_off
-        phase_a_nb(T, TF, TD, keep, nb, lo, centre, g_of, ctrl, pack.addr(w_ref), w_off,
-                   fa.base, fa.offs, ua.base, ua.offs, has_app, clip, ja, J.img_on, J.img,
-                   J.org_on, J.org, J.tissue, sp, rot, radii)  # fmt: skip
+        addrs = pack.addrs()
+        phase_a_nb(T, TF, TD, keep, nb, lo, centre, g_of, addrs[ctrl_ref] + 4 * ctrl_off,
+                   addrs[pre_ref], ext, fa.base, fa.offs, ua.base, ua.offs, has_app, clip, ja,
+                   J.img_on, J.img, J.org_on, J.org, J.tissue, sp, rot, radii)  # fmt: skip
         for k in sorted(set(host_img) | set(host_org)):
             q = keep[k]
             box_strides = (int(nb[q, 1] * nb[q, 2]), int(nb[q, 2]), 1)
@@ -585,6 +582,8 @@ def _render(
     pack.upload(be)
     Td, TFd, TDd = pack.arg(be, t_ref), pack.arg(be, tf_ref), pack.arg(be, td_ref)
     S_rows, S_box, nS = pack.arg(be, sa_ref, 0), pack.arg(be, sa_ref, 1), i32(n)
+    be.launch_flat("sg_seg_weights", nblk_a[2], pack.arg(be, sa_ref, 2), nS, Td, i32(W), TDd,
+                   i32(DW))  # fmt: skip
     be.launch_flat("sg_seg_rows", nblk_a[0], S_rows, nS, Td, i32(W), TDd, i32(DW))
     be.launch_flat("sg_seg_shape", nblk_a[1], S_box, nS, Td, i32(W), TFd, i32(FW), TDd, i32(DW))
     be.launch_flat("sg_seg_bbox", nblk_a[1], S_box, nS, Td, i32(W), pack.arg(be, bb_ref))

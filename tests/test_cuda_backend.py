@@ -705,41 +705,51 @@ def test_kernel_conv_is_the_cpu_correlation(backend):
         np.testing.assert_array_equal(be.download(out), ref)
 
 
-def test_shape_weights_in_one_call_are_the_cpu_weights(small_phantom, organ_masks):
-    """The driver's batched B-spline weights (one numba call for many tumors) equal the
-    per-tumor arithmetic of rendering._shape_inputs, bit for bit."""
+def test_kernel_weights(backend):
+    """sg_seg_weights: the B-spline weight rows of each segment's box, axis after axis, are
+    the CPU's (bspline_matrix of the positions rendering._shape_inputs computes), bit for
+    bit, for grids of 1 to 8 points, positions beyond the grid (clamped) and an empty axis;
+    nothing is written past a segment's rows."""
+    from synthgen._cpu_kernels import bspline_matrix
     from synthgen._geometry import prefilter
-    from synthgen.rendering import _shape_inputs
 
-    ph = small_phantom
-    tumors, boxes = [], []
-    for seed in range(6):
-        plan = _plan(ph, organ_masks["liver"], "liver-classic", seed, "mix")
-        for t in plan.tumors:
-            box = synthgen.rendering.tumor_box(t, plan.spacing, plan.shape, plan.organ_bbox)
-            if box is not None:
-                tumors.append(t)
-                boxes.append(box)
-    g = tumors[0].displacement.shape[1]
-    tumors = [t for t in tumors if t.displacement.shape[1] == g]
-    boxes = boxes[: len(tumors)]
-    lo = np.array([[b.start for b in box] for box in boxes], np.int64)
-    hi = np.array([[b.stop for b in box] for box in boxes], np.int64)
-    lens = (hi - lo) * g
-    off = (np.cumsum(lens.ravel()) - lens.ravel()).reshape(-1, 3)
-    out = np.full(int(lens.sum()), np.nan, np.float32)
-    k.shape_weights_nb(np.arange(len(tumors)), lo, hi,
-                       np.array([t.center_vox for t in tumors], np.int64),
-                       np.tile(np.asarray(ph.spacing, float), (len(tumors), 1)),
-                       np.array([t.control_extent_mm for t in tumors], float), g, prefilter(g),
-                       off, out)  # fmt: skip
-    for s, (t, box) in enumerate(zip(tumors, boxes, strict=True)):
-        pos = [(np.arange(box[a].start, box[a].stop) - t.center_vox[a]) * ph.spacing[a]
-               for a in range(3)]  # fmt: skip
-        _, w, _, _ = _shape_inputs(t, pos)
+    be, dev = backend
+    rng = np.random.default_rng(21)
+    gs = (3, 1, 2, 4, 6, 8, 3)
+    rows = _Rows(be, dev, len(gs))
+    C = rows.C
+    assert max(gs) == C.G_MAX
+    cases, outs = [], []
+    for s, g in enumerate(gs):
+        n = rng.integers(0, 40, 3)
+        if s == 6:
+            n[1] = 0  # an empty axis
+        lo = rng.integers(-5, 60, 3)
+        centre = lo + rng.integers(-10, 50, 3)
+        sp = rng.uniform(0.5, 3.0, 3)
+        ext = rng.uniform(2.0, 30.0, 3)  # small extents: positions beyond the grid too
+        rows.set(s, "N0", *n)
+        rows.set(s, "O0", *lo)
+        rows.set(s, "C0", *centre)
+        rows.set(s, "G0", g, g, g)
+        rows.TD[s, C.D_SP0 : C.D_SP0 + 3] = sp
+        rows.TD[s, C.D_EXT0 : C.D_EXT0 + 3] = ext
+        rows.put(s, "PRE", prefilter(g))
+        out = rows.put(s, "W0", np.full(int(n.sum()) * g + 1, np.nan, np.float32))
+        rows.T[s, C.W1] = rows.T[s, C.W0] + 4 * n[0] * g
+        rows.T[s, C.W2] = rows.T[s, C.W1] + 4 * n[1] * g
+        cases.append((g, n, lo, centre, sp, ext))
+        outs.append(out)
+    rows.launch("sg_seg_weights", [int(c[1].sum()) for c in cases], td=True)
+    for (g, n, lo, centre, sp, ext), out in zip(cases, outs, strict=True):
+        got = be.download(out)
+        assert np.isnan(got[-1])  # nothing past the rows
+        at = 0
         for a in range(3):
-            got = out[off[s, a] : off[s, a] + lens[s, a]].reshape(-1, g)
-            np.testing.assert_array_equal(got, w[a])
+            pos = (np.arange(lo[a], lo[a] + n[a]) - centre[a]) * sp[a]
+            want = bspline_matrix((pos + ext[a]) * ((g - 1) / (2.0 * ext[a])), prefilter(g))
+            assert got[at : at + want.size].tobytes() == want.tobytes(), (g, a)
+            at += want.size
 
 
 def test_compiled_fills_mirror_the_header_columns():
@@ -777,8 +787,8 @@ def test_merge_partners_are_the_overlapping_boxes_of_the_same_plan():
 
 def test_phase_a_sizes_in_one_call():
     """phase_a_sizes_nb against the NumPy form of the same sizes: box sizes (none for an
-    empty or inverted box), B-spline row offsets tumor by tumor, the bounding-box
-    accumulators, the scratch sizes of the kept rows, their launches' elements."""
+    empty or inverted box), the bounding-box accumulators, the scratch sizes of the kept
+    rows, their launches' elements."""
     from synthgen._seg_tables import phase_a_sizes_nb
 
     rng = np.random.default_rng(14)
@@ -792,17 +802,17 @@ def test_phase_a_sizes_in_one_call():
         has_app = rng.random(n) < 0.5
         got = phase_a_sizes_nb(lo, hi, keep, g, has_app)
         nb_ = np.maximum(hi - lo, 0)
-        w_len = nb_ * g[:, None]
         bb = np.zeros((max(n, 1), 7), np.int32)
         bb[:n, 0:6:2] = nb_[keep]
         bb[:n, 1:6:2] = -1
         nv = nb_[keep].prod(axis=1)
         rows = nb_[keep, 0] * nb_[keep, 1]
-        want = (nb_, (np.cumsum(w_len.ravel()) - w_len.ravel()).reshape(n_all, 3),
-                int(w_len.sum()), bb,
-                np.stack([nv, nv * has_app, rows * (3 + 3 * g[keep])], axis=1).reshape(n, 3),
+        n_w = nb_[keep].sum(axis=1)
+        want = (nb_, bb,
+                np.stack([nv, nv * has_app, rows * (3 + 3 * g[keep]), n_w * g[keep]],
+                         axis=1).reshape(n, 4),
                 np.stack([nv, nv], axis=1).reshape(n, 2),
-                np.stack([rows, nv], axis=1).reshape(n, 2))  # fmt: skip
+                np.stack([rows, nv, n_w], axis=1).reshape(n, 3))  # fmt: skip
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{case} {i}")
             if isinstance(b, np.ndarray):
