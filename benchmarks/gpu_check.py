@@ -21,11 +21,13 @@ liver), with the image resident on the GPU and rendered in place:
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
 * the flat block schedules against the 2-D grid of the kernels before them (every row
-  launched with the largest row's blocks), alternating on the same plans: a mix sample, a
-  mix batch of 16 and a tiny batch of 64, call wall time and kernel device time;
+  launched with the largest row's blocks) and against flat schedules of 4x the elements
+  per block, alternating on the same plans: a mix sample, a mix batch of 16 and a tiny
+  batch of 64, call wall time and kernel device time;
 * the achieved bandwidth of the fused segmented kernels (blend, write-back), re-launched on
-  the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy
-  (``--only-bandwidth`` runs just this, e.g. under ``ncu -k regex:'sg_seg_(blend|apply)'``).
+  the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy,
+  with 1, 2, 4 and 8 times the default elements per block (the target reads the default;
+  ``--only-bandwidth`` runs just this, e.g. under ``ncu -k regex:'sg_seg_(blend|apply)'``).
 
 The CPU timings run after all GPU timings (the CPU path's worker threads use every core).
 
@@ -321,10 +323,16 @@ def bench_kernels(g: Gpu, sc: Scene) -> list[dict]:
     return rows
 
 
+#: bench_schedules' launch geometries: (name, _segments.GRID2D, _segments.BLOCK_SCALE).
+GEOMETRIES = (("flat", False, 1), ("2-D grid (before)", True, 1),
+              ("flat, 4x elements per block", False, 4))  # fmt: skip
+
+
 def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
     """The flat block schedules against the 2-D grid before them (``_segments.GRID2D``: every
-    row launched with the largest row's blocks), on the same plans, alternating: the call's
-    wall time (host work included, device synchronised) and its kernels' device time."""
+    row launched with the largest row's blocks) and against flat schedules of fewer, longer
+    blocks (``_segments.BLOCK_SCALE`` 4), on the same plans, alternating: the call's wall
+    time (host work included, device synchronised) and its kernels' device time."""
     from synthgen import _segments
 
     be, img_d, mask_d = g.be, sc.img_d, sc.mask_d
@@ -334,11 +342,11 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
         plans = sc.plans(11_000_000, n_plans, size)
         outs = [img_d.copy() for _ in plans]
         args = (plans, [img_d] * n_plans, [mask_d] * n_plans)
-        best = {False: [np.inf, np.inf], True: [np.inf, np.inf]}
+        best = {name: [np.inf, np.inf] for name, _, _ in GEOMETRIES}
         try:
             for _ in range(1 if g.emulate else 4):
-                for grid2d in (False, True):
-                    _segments.GRID2D = grid2d
+                for name, grid2d, scale in GEOMETRIES:
+                    _segments.GRID2D, _segments.BLOCK_SCALE = grid2d, scale
                     for o in outs:  # fresh images: each call renders the same work
                         o[...] = img_d
                     g.sync()
@@ -352,14 +360,13 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
                     _cuda.render_on_gpu(*args, device_id=0, outs=outs, be=kt)
                     g.sync()
                     busy = sum(sum(v) for v in kt.per_kernel().values())
-                    b = best[grid2d]
+                    b = best[name]
                     b[0], b[1] = min(b[0], wall), min(b[1], busy)
         finally:
-            _segments.GRID2D = False
-        for grid2d in (False, True):
-            rows.append({"plans": n_plans, "class": size,
-                         "schedule": "2-D grid (before)" if grid2d else "flat",
-                         "wall_ms": best[grid2d][0], "kernels_ms": best[grid2d][1]})  # fmt: skip
+            _segments.GRID2D, _segments.BLOCK_SCALE = False, 1
+        for name, _, _ in GEOMETRIES:
+            rows.append({"plans": n_plans, "class": size, "schedule": name,
+                         "wall_ms": best[name][0], "kernels_ms": best[name][1]})  # fmt: skip
             print(f"  {rows[-1]}")
         del outs
     return rows
@@ -367,7 +374,9 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
 
 def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     """Bandwidth of the fused segmented kernels on a batch of large tumors (re-launched on the
-    batch's own tables) against a device-to-device copy."""
+    batch's own tables) against a device-to-device copy; with the schedules' elements per
+    block at 1, 2, 4 and 8 times the backend's rule (``_segments.BLOCK_SCALE``; the target
+    reads the default, 1)."""
     from synthgen import _segments
 
     be = g.be
@@ -375,17 +384,6 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     n_plans = 2 if g.emulate else 48
     plans = sc.plans(7_000_000, n_plans, "large")
     img_d, mask_d = sc.img_d, sc.mask_d
-    outs = [img_d.copy() for _ in plans]
-    _segments.KEEP_LAST = True
-    try:
-        _cuda.render_on_gpu(plans, [img_d] * n_plans, [mask_d] * n_plans, device_id=0,
-                            outs=outs, be=be)  # fmt: skip
-        last = dict(_segments.LAST)
-    finally:
-        _segments.KEEP_LAST = False
-        _segments.LAST.clear()
-    g.sync()
-    n, vox = last["n"], last["voxels"]
     reps = 1 if g.emulate else 20
     nbytes = (16 << 20) if g.emulate else (1 << 30)
     a = xp.zeros(nbytes // 4, dtype=xp.float32)
@@ -397,27 +395,43 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     copy_gbs = 2 * nbytes * reps / (stop() * 1e-3) / 1e9
     del a, b
     rows = [{"kernel": "device copy (reference)", "gb_s": copy_gbs, "fraction": 1.0}]
-    kernels = {
-        # name: (launch, bytes moved per voxel of the tight boxes)
-        "sg_seg_blend (fused blend)": (
-            lambda: be.launch_flat("sg_seg_blend", *last["blend"]),
-            4 + 1 + 4 + 4 + 4,
-        ),
-        "sg_seg_apply (fused write-back)": (
-            lambda: be.launch_flat("sg_seg_apply", *last["apply"]),
-            4 + 4 + 1 + 2,
-        ),
-    }
-    for name, (fn, per_voxel) in kernels.items():
-        fn()
-        stop = g.timer()
-        for _ in range(reps):
+    for scale in (1, 4) if g.emulate else (1, 2, 4, 8):
+        outs = [img_d.copy() for _ in plans]
+        _segments.KEEP_LAST = True
+        _segments.BLOCK_SCALE = scale
+        try:
+            _cuda.render_on_gpu(plans, [img_d] * n_plans, [mask_d] * n_plans, device_id=0,
+                                outs=outs, be=be)  # fmt: skip
+            last = dict(_segments.LAST)
+        finally:
+            _segments.KEEP_LAST = False
+            _segments.BLOCK_SCALE = 1
+            _segments.LAST.clear()
+        g.sync()
+        n, vox = last["n"], last["voxels"]
+        kernels = {
+            # name: (launch, bytes moved per voxel of the tight boxes)
+            "sg_seg_blend (fused blend)": (
+                lambda last=last: be.launch_flat("sg_seg_blend", *last["blend"]),
+                4 + 1 + 4 + 4 + 4,
+            ),
+            "sg_seg_apply (fused write-back)": (
+                lambda last=last: be.launch_flat("sg_seg_apply", *last["apply"]),
+                4 + 4 + 1 + 2,
+            ),
+        }
+        for name, (fn, per_voxel) in kernels.items():
             fn()
-        ms = stop() / reps
-        gbs = vox * per_voxel / (ms * 1e-3) / 1e9
-        rows.append({"kernel": name, "ms": ms, "gb_s": gbs, "fraction": gbs / copy_gbs,
-                     "voxels": vox, "segments": n})  # fmt: skip
-        print(f"  {rows[-1]}")
+            stop = g.timer()
+            for _ in range(reps):
+                fn()
+            ms = stop() / reps
+            gbs = vox * per_voxel / (ms * 1e-3) / 1e9
+            label = name if scale == 1 else f"{name}, {scale}x elements per block"
+            rows.append({"kernel": label, "ms": ms, "gb_s": gbs, "fraction": gbs / copy_gbs,
+                         "voxels": vox, "segments": n, "block_scale": scale})  # fmt: skip
+            print(f"  {rows[-1]}")
+        del outs, last
     return rows
 
 
@@ -468,7 +482,7 @@ def main() -> int:
     labs = part("label maps on the device", bench_labels)
     kern = part("device time per kernel", bench_kernels)
     bw = part("fused kernel bandwidth", bench_bandwidth)
-    sched = part("flat schedules against the 2-D grid", bench_schedules)
+    sched = part("launch geometries: flat schedules, 2-D grid, longer blocks", bench_schedules)
     print()
     print(f"## GPU check ({'EMULATED, numbers meaningless' if args.emulate else 'GPU'})")
     print(f"tests: {test_line}")
@@ -506,7 +520,7 @@ def main() -> int:
         print(f"| {r['plans']} | {r['kernel']}{extra} | {r['launches']} | {r['ms']:.3f} | "
               f"{100 * r['share']:.0f}% |")  # fmt: skip
     by = {r["class"]: r for r in rows}
-    fused = [r for r in bw if r["kernel"].startswith("sg_seg")]
+    fused = [r for r in bw if r["kernel"].startswith("sg_seg") and r["block_scale"] == 1]
 
     def check(need, fn):
         return fn() if need else None  # None: not measured (a class or kernel failed)

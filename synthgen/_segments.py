@@ -4,9 +4,9 @@ Every tumor of every plan of a batch is a *segment*. The host describes all segm
 int64 table (sizes, indices, device addresses), one float32 and one float64 table
 (``kernels/segmented.cuh`` names their columns), packs them with every small per-tumor array
 into one buffer, uploads it with one copy and launches each step of the render once for the
-whole batch (``kernels/segmented.cu``): 3 launches in phase A (the shape test's B-spline sum
-per box row, gather + the per-voxel shape test, box reduction), then one copy back of all
-boxes, then 17 launches in phase B (tight-box gather,
+whole batch (``kernels/segmented.cu``): 4 launches in phase A (the B-spline weight rows of
+the boxes, the shape test's B-spline sum per box row, gather + the per-voxel shape test, box
+reduction), then one copy back of all boxes, then 17 launches in phase B (tight-box gather,
 three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid passes, the
 rescale's statistics and scaling, the fused blend, the overlap merge, the write-back; an 18th
 where label maps on the device take the tumor label), then one copy back of the statistics.
@@ -16,19 +16,25 @@ beside a large one cost no idle blocks. Kernel arguments are device addresses (`
 not device array views.
 
 The host's work per batch is vectorised over the tumors: compiled (numba) calls over all
-tumors for the conservative boxes, the B-spline weight rows, the blur kernels, the texture's
-per-axis tables, the stream keys and the merge partners, and each phase's whole segment table
-is filled by one call (:mod:`synthgen._seg_tables`); phase B's per-tumor reads of the plan
-are done while the device runs phase A. What stays per tumor in Python is reading the plan's
-fields, a few cached kernel lookups, the appearance parameters and the result records. The
-kernels compute what is exact arithmetic on a few numbers: each voxel's position and its trilinear
-coordinates on the texture grid (from the centre, the spacing and the grid's origin and
-step), and the bands of the mask blur and of the texture's block-to-grid smoothing (from the
-float32 kernel, its offset and the sizes: ``sg_seg_conv``). Tables whose values come from
-``exp`` or from a small matrix product on the CPU path are made on the host, so that both
-backends read the very same numbers (each made by the function the CPU path uses): the
-B-spline weight rows, the blur and smoothing kernels, the texture's lattice bands and norms.
-``benchmarks/bench_gpu_host.py`` measures what this preparation costs.
+tumors for the conservative boxes, the blur kernels, the texture's per-axis tables, the
+stream keys and the merge partners, and each phase's whole segment table is filled by one
+call (:mod:`synthgen._seg_tables`). Host work the device would wait on is kept short: what
+phase B needs of the plan and does not depend on the boxes (texture parameters, keys and
+smoothing kernels, contrasts, blur kernels, appearance parameters) is made after phase A's
+launches, while the device runs them, and the results are assembled after phase B's.
+What stays per tumor in Python is reading the plan's fields, a few cached kernel lookups,
+the appearance parameters and the result records. The kernels compute what is exact
+arithmetic on a few numbers: each voxel's position and its trilinear coordinates on the
+texture grid (from the centre, the spacing and the grid's origin and step), the B-spline
+weight rows of the boxes (from the positions, the control extent and the g x g prefilter:
+``sg_seg_weights``, the CPU's float64 operations in its order), and the bands of the mask
+blur and of the texture's block-to-grid smoothing (from the float32 kernel, its offset and
+the sizes: ``sg_seg_conv``). Tables whose values come from ``exp`` or from a matrix
+inverse on the CPU path are made on the host, so that both backends read the very same
+numbers (each made by the function the CPU path uses): the B-spline prefilter, the blur and
+smoothing kernels, the texture's lattice bands and norms. ``benchmarks/bench_gpu_host.py``
+measures what this preparation costs, ``benchmarks/ab_host.py`` how much of it the device
+waits on.
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ POISON = False
 #: Launch every row with the blocks of the launch's largest row, as the 2-D grid before the
 #: flat schedules did (benchmarks: ``gpu_check`` times both on a GPU).
 GRID2D = False
+#: Elements per block of the schedules: the backend's ``block_rule`` times this (benchmarks:
+#: ``gpu_check`` tries 1 to 8 on a GPU: fewer, longer blocks spread each block's start, its
+#: schedule search and row reads, over more elements, at the cost of fewer blocks).
+BLOCK_SCALE = 1
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
 #: fused kernels on them to measure their bandwidth).
 KEEP_LAST = False
@@ -533,7 +543,9 @@ def _render(
     nb, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(lo, hi, keep, g_of, has_app)
     # the flat schedules of phase A's launches: the boxes' (i, j) rows, their voxels, their
     # B-spline weight rows
-    sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *be.block_rule, GRID2D)
+    per_block, cap = be.block_rule
+    rule = (min(per_block * BLOCK_SCALE, 1 << 62), cap)
+    sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *rule, GRID2D)
     host_img, host_org = {}, {}
     for k, q in enumerate(keep if not (J.img_on.all() and J.org_on.all()) else ()):
         job = jobs[jidx[q]]
@@ -650,7 +662,7 @@ def _render(
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
     sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e)
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
-    sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *be.block_rule, GRID2D)
+    sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *rule, GRID2D)
     sb_ref = pack.add(sched_b)
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)
