@@ -140,12 +140,14 @@ def main() -> int:
             rep.mark()
             tails[version].append(t1 - rep.last_wait)
             serial[version].append(rep.serial)
+            spans[version].append([x for is_serial, x in rep.spans if is_serial])
             rep.keep.clear()
             return (t1 - t0 - rep.device_s) / k
 
     tails: dict[str, list[float]] = {v: [] for v in versions}  # host work after the last wait
     serial: dict[str, list[float]] = {v: [] for v in versions}  # host work the device waits on
     serial_rounds: dict[str, list[float]] = {v: [] for v in versions}
+    spans: dict[str, list[list[float]]] = {v: [] for v in versions}  # serial spans per call
     fresh = args.fresh and args.what == "render"
     for v in versions:  # warm-up: numba, kernel modules, caches
         for i in range(min(n, 3)):
@@ -179,6 +181,11 @@ def main() -> int:
               f"last wait: the GPU idles), per sample: {args.rev} {sa:.3f} ms (median round "
               f"{ma:.3f}) | tree {sb:.3f} ms (median round {mb:.3f}) | tree/rev {sb / sa:.2f} "
               f"(medians {mb / ma:.2f})")  # fmt: skip
+        for v in ("rev", "tree"):  # the serial spans in call order (phase A, phase B, ...)
+            m = min(len(x) for x in spans[v])
+            med = [1e3 * statistics.median(x[i] for x in spans[v]) for i in range(m)]
+            print(f"  serial spans, median of all calls, ms: {args.rev if v == 'rev' else v} "
+                  + " | ".join(f"{x:.3f}" for x in med))  # fmt: skip
     return 0
 
 

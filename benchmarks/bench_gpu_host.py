@@ -85,6 +85,7 @@ def _backends(clock=time.perf_counter):
             """Before a timed call: the split of its host time (:meth:`mark`) starts."""
             self.serial = self.overlap = self._seg_dev = 0.0
             self._busy, self._t_last = False, clock()
+            self.spans: list[tuple[bool, float]] = []  # (serial, seconds) per span
 
         def mark(self) -> None:
             """The host time since the last launch or wait (device work not counted) goes to
@@ -93,6 +94,7 @@ def _backends(clock=time.perf_counter):
             by the caller after the call."""
             now = clock()
             span = now - self._t_last - self._seg_dev
+            self.spans.append((not self._busy, span))
             if self._busy:
                 self.overlap += span
             else:

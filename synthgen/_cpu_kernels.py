@@ -964,7 +964,9 @@ def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
     # 1) instead of an exp per weight.
     tab = np.empty(0)
     tab_s = -1.0
-    for q in range(m):
+    memo = np.empty(max(n_rows, 1), dtype=np.int64)  # a row's distinct weight rows (scratch)
+    # the rows by sigma_a (any order writes the same outputs): one table per distinct sigma
+    for q in np.argsort(sa, kind="mergesort"):
         hb = float(h_b[q])
         nbk = ints[q, 3]
         kk = ints[q, 6]
@@ -974,17 +976,59 @@ def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
         step = max(s, hb)
         for b in range(nbk):
             centres[at + b] = float(ints[q, 2] + b) * hb
-        big = -1
         if ok[q] and s == np.floor(s) and step == np.floor(step) and s <= 65536.0:
             if s != tab_s:
                 tab, _ = _gauss_table(s, truncate)
                 tab_s = s
-            big = (tab.shape[0] - 1) // 2
+            _band_rows_tab(centres[at : at + nbk], ints[q, 0], ints[q, 1], int(step), truncate,
+                           s, kk, starts[at : at + nbk], weights[aw : aw + nbk * kk],
+                           inv[at : at + nbk], tab, memo)  # fmt: skip
+            continue
         _band_into(centres[at : at + nbk], ints[q, 0], ints[q, 1], step, s, truncate, kk,
-                   starts[at : at + nbk], weights[aw : aw + nbk * kk], tab, big)  # fmt: skip
+                   starts[at : at + nbk], weights[aw : aw + nbk * kk], tab, -1)  # fmt: skip
         for b in range(nbk):
             inv[at + b] = 1.0 / np.sqrt(_sum_squares(weights[aw + b * kk : aw + (b + 1) * kk]))
     return ints, origin, starts, weights, inv, ok
+
+
+@nb.njit(**_OPTS)
+def _band_rows_tab(out_pos, lat0, n_lat, step, truncate, sigma, kk, start, w, inv, tab, memo):
+    """:func:`_band_into` with a Gaussian table (whole-number positions, ``step`` and
+    ``sigma``), and each row's inverse norm (as ``axis_tables_nb`` computes it): a row's
+    weights depend only on its integer offset ``k0`` from its first lattice point, so a row
+    whose ``k0`` an earlier row of the call had copies that row's weights and norm instead of
+    computing them (the same numbers; block centres step through a few offsets).
+    ``memo``: scratch of at least ``len(out_pos)`` int64."""
+    big = (tab.shape[0] - 1) // 2
+    n_memo = 0
+    for o in range(out_pos.shape[0]):
+        first = int(np.ceil((out_pos[o] - truncate * sigma) / step - 1e-9)) - lat0
+        st = min(max(first, 0), n_lat - kk)
+        start[o] = st
+        k0 = int(out_pos[o]) - (lat0 + st) * step
+        hit = -1
+        for u in range(n_memo):
+            if _row_k0(memo[u], out_pos, lat0, step, start) == k0:
+                hit = memo[u]
+                break
+        if hit >= 0:
+            for t in range(kk):
+                w[o * kk + t] = w[hit * kk + t]
+            inv[o] = inv[hit]
+            continue
+        for t in range(kk):
+            k = k0 - t * step
+            w[o * kk + t] = tab[k + big] if -big <= k <= big else 0.0
+        inv[o] = 1.0 / np.sqrt(_sum_squares(w[o * kk : (o + 1) * kk]))
+        memo[n_memo] = o
+        n_memo += 1
+
+
+@nb.njit(inline="always", **_OPTS)
+def _row_k0(o, out_pos, lat0, step, start):
+    """The integer offset of row ``o`` of :func:`_band_rows_tab` from its first lattice
+    point."""
+    return int(out_pos[o]) - (lat0 + start[o]) * step
 
 
 @nb.njit(inline="always", **_OPTS)

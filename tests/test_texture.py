@@ -414,8 +414,10 @@ def test_axis_tables_match_the_lattice_reference() -> None:
 
 def test_axis_tables_whole_mm_sigma_table_is_the_exp_per_weight() -> None:
     """Whole-millimetre sigma_a (every preset's) takes the table path of axis_tables_nb (a
-    Gaussian per integer distance, not an exp per weight): the same bytes as the per-weight
-    band of gaussian_band_nb, clamped edge rows and wide lattices included."""
+    Gaussian per integer distance, not an exp per weight; a row equal to an earlier one
+    copied from it): the same bytes as the per-weight band of gaussian_band_nb and NumPy's
+    row norms, clamped edge rows and wide lattices included, rows of many sigmas in any
+    order."""
     from synthgen._cpu_kernels import gaussian_band_nb
     from synthgen._texture import axis_tables, block_size_mm
 
@@ -426,7 +428,7 @@ def test_axis_tables_whole_mm_sigma_table_is_the_exp_per_weight() -> None:
     h_b = np.array([block_size_mm(float(s)) for s in sb])
     o_lo = rng.integers(-80, 1, m)
     o_hi = o_lo + rng.integers(0, 90, m)
-    ints, _, starts, weights, _ = axis_tables(o_lo, o_hi, h_b, sa, sb)
+    ints, _, starts, weights, inv = axis_tables(o_lo, o_hi, h_b, sa, sb)
     for q in range(m):
         lat0, n_lat, b0, nbk, _, _, kk, row, woff = (int(x) for x in ints[q])
         centres = (b0 + np.arange(nbk)) * float(h_b[q])
@@ -435,6 +437,8 @@ def test_axis_tables_whole_mm_sigma_table_is_the_exp_per_weight() -> None:
         assert kk == w_ref.shape[1]
         np.testing.assert_array_equal(starts[row : row + nbk], s_ref)
         assert weights[woff : woff + nbk * kk].tobytes() == w_ref.tobytes()
+        norm = 1.0 / np.sqrt((w_ref.astype(np.float64) ** 2).sum(axis=1))
+        assert inv[row : row + nbk].tobytes() == norm.tobytes()
 
 
 def test_texture_axes_of_tumor_boxes_are_the_references() -> None:
