@@ -55,7 +55,6 @@ from .rendering import (
     RenderResult,
     _output_range,
     assemble,
-    conservative_boxes,
     fill_stats,
     tumor_arrays,
     tumor_box,
@@ -465,7 +464,7 @@ def _render(
     as ``masks[j][i] = (tight box, q)``; ``before_wait`` is called, once phase B is launched
     and before the wait for its statistics, with the function making row ``q``'s device
     mask."""
-    from ._cpu_kernels import blur_kernels_nb
+    from ._cpu_kernels import blur_kernels_nb, conservative_boxes_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
     from ._seg_tables import (
@@ -518,9 +517,10 @@ def _render(
     centre, rot, radii, blur_mm, clip, ext = arrays
     ja = np.asarray(jidx, dtype=np.int64)
     sp, shapes = J.sp[ja], J.shape[ja]
-    lo, hi, ok, pad = conservative_boxes(
-        arrays, disp_max, sp, shapes, (J.ob_on[ja], J.ob[ja, 0], J.ob[ja, 1])
-    )
+    # (rendering.conservative_boxes without its conversions: these arrays are its types)
+    lo, hi, ok, pad = conservative_boxes_nb(centre, rot, radii, blur_mm, clip, disp_max, sp,
+                                            shapes, J.ob_on[ja], J.ob[ja, 0], J.ob[ja, 1],
+                                            BLUR_TRUNCATE)  # fmt: skip
     lo, hi = np.maximum(lo - pad, 0), np.minimum(hi + pad, shapes)  # plus the blur's reach
     # host-resident images: the host pass of tumor_box shrinks the box (what travels)
     host_rows = np.flatnonzero(ok & ~J.img_on[ja]).tolist() if not J.img_on.all() else ()
@@ -537,7 +537,8 @@ def _render(
     n = len(keep)
     # which rows have appearance modes (their parameters are made while the device works)
     noise = [(job.plan.organ_noise_hu, job.plan.organ_noise_grain) for job in jobs]
-    has_app = np.array([appearance_on(ts[q], *noise[jidx[q]]) for q in keep.tolist()],
+    has_app = np.array([bool(ts[q].appearance or noise[jidx[q]][0])  # (the common case: no)
+                        and appearance_on(ts[q], *noise[jidx[q]]) for q in keep.tolist()],
                        dtype=bool).reshape(len(keep))  # fmt: skip
     # box sizes, B-spline row offsets, bounding-box accumulators, scratch sizes: one call
     nb, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(lo, hi, keep, g_of, has_app)
