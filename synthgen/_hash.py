@@ -87,7 +87,13 @@ def stream_keys(seeds, *streams: int) -> np.ndarray:
     numbers), side by side for several streams (``(n, 2 k)``); one numba call."""
     from ._cpu_kernels import stream_keys_nb
 
-    s = np.fromiter((int(x) & ((1 << 64) - 1) for x in seeds), dtype=np.uint64)
+    seeds = list(seeds)
+    try:  # seeds in [0, 2**64) (a plan's are 63-bit): converted as they are
+        s = np.array(seeds, dtype=np.uint64).reshape(-1)
+        if s.size != len(seeds):
+            raise ValueError
+    except (OverflowError, TypeError, ValueError):  # negative or other integers: wrapped
+        s = np.fromiter((int(x) & ((1 << 64) - 1) for x in seeds), dtype=np.uint64)
     return stream_keys_nb(s, np.asarray(streams, dtype=np.int64))
 
 

@@ -371,6 +371,11 @@ def test_stream_keys_of_many_seeds_are_stream_key() -> None:
         np.testing.assert_array_equal(stream_keys(seeds, stream), want)
     both = stream_keys(seeds, STREAM_NOISE, STREAM_BERNOULLI)
     np.testing.assert_array_equal(both[:, 2:], [stream_key(s, STREAM_BERNOULLI) for s in seeds])
+    # in range (converted as they are), negative (wrapped), NumPy integers, a generator
+    for few in (seeds[:7], [-1, -(2**63), 5], [np.int64(-3), np.uint64(2**64 - 1)]):
+        want = np.array([stream_key(int(s), 9) for s in few])
+        np.testing.assert_array_equal(stream_keys(few, 9), want)
+        np.testing.assert_array_equal(stream_keys(iter(few), 9), want)
 
 
 def test_axis_tables_match_the_lattice_reference() -> None:
