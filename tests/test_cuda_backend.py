@@ -617,11 +617,15 @@ def test_flat_schedules():
             np.testing.assert_array_equal(count, want[:, -1], err_msg=f"{case} {grid2d}")
 
 
-def test_render_on_the_2d_grid_schedules(backend, small_phantom, organ_masks, monkeypatch):
+@pytest.mark.parametrize(("grid2d", "scale"), [(True, 1), (False, 3)])
+def test_render_on_the_2d_grid_schedules(backend, small_phantom, organ_masks, monkeypatch,
+                                         grid2d, scale):  # fmt: skip
     """GRID2D (the benchmarks' comparison): every row launched with the largest row's blocks,
-    surplus blocks idle, host rows and all; the render is the CPU's as on the flat ones."""
+    surplus blocks idle, host rows and all; BLOCK_SCALE: fewer blocks, each walking more
+    elements; the render is the CPU's as on the default flat schedules."""
     be, dev = backend
-    monkeypatch.setattr(_segments, "GRID2D", True)
+    monkeypatch.setattr(_segments, "GRID2D", grid2d)
+    monkeypatch.setattr(_segments, "BLOCK_SCALE", scale)
     ph = small_phantom
     for preset, organ, size in (("liver-classic", "liver", "mix"), ("colon", "colon", None)):
         mask = organ_masks[organ]
