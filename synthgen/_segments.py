@@ -198,14 +198,19 @@ def _texture_consts(P, keys) -> SimpleNamespace:
     h_b = block_sizes_nb(sb)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
-    return _Rows(h_b=h_b, scalars=texture_scalars_of(P, h_b), noise_key=keys[:, 0:2],
-                 bern_key=keys[:, 2:4], koff=koff, klen=klen, kern=kern)  # fmt: skip
+    c = np.ascontiguousarray
+    return _Rows(h_b=h_b, scalars=texture_scalars_of(P, h_b), noise_key=c(keys[:, 0:2]),
+                 bern_key=c(keys[:, 2:4]), koff=koff, klen=klen, kern=kern)  # fmt: skip
 
 
 class _Rows(SimpleNamespace):
-    """Per-row arrays (all but ``kern``, which rows address by offset)."""
+    """Per-row arrays (all but ``kern``, which rows address by offset), C-contiguous."""
 
     def take(self, rows) -> _Rows:
+        """The rows ``rows`` (ascending, without repeats)."""
+        n = len(self.h_b)
+        if len(rows) == n and (n == 0 or (rows[0] == 0 and rows[-1] == n - 1)):
+            return self  # every row, in order (rows ascend without repeats): as they are
         return _Rows(**{k: v if k == "kern" else np.ascontiguousarray(v[rows])
                         for k, v in vars(self).items()})  # fmt: skip
 

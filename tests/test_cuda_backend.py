@@ -158,6 +158,23 @@ def test_tumors_off_the_scan_and_nested_rotations(backend, small_phantom, organ_
     assert ref.tumors[0].voxels == 0 and ref.tumors[1].voxels > 0
 
 
+def test_a_tumor_whose_mask_is_empty_among_others(backend, small_phantom, organ_masks):
+    """A clipped tumor whose box holds no organ voxel (the organ mask rendered with is cleared
+    there) has an empty mask: phase B renders the other tumors alone, as the CPU does."""
+    be, dev = backend
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver-classic", 4, "mix")
+    q = next(i for i, t in enumerate(plan.tumors) if t.clip_to_organ)
+    box = rendering.tumor_box(plan.tumors[q], plan.spacing, plan.shape, plan.organ_bbox)
+    cleared = np.array(mask, copy=True)
+    cleared[box] = False
+    ref = rendering.render(plan, ph.image, cleared)
+    assert ref.tumors[q].voxels == 0 and sum(r.voxels for r in ref.tumors) > 0
+    got = _cuda.render_on_gpu([plan], [dev(ph.image)], [dev(cleared)], device_id=0, be=be)[0]
+    _compare(ref, got, be)
+
+
 def test_host_data_travels_as_boxes(backend, small_phantom, organ_masks):
     """NumPy inputs with a GPU backend: only the boxes go to the device; input untouched."""
     be, _ = backend
