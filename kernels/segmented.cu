@@ -548,7 +548,9 @@ extern "C" __global__ void __launch_bounds__(256, 4)
             } else {
                 d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, contrast, organ_hu, clip);
             }
-            if (fabsf(d) > fabsf(delta[t])) delta[t] = d;
+            // (the row's own buffer, zeroed by the gather and written by this thread alone:
+            // the strongest change so far is 0, so no load of it before the store)
+            if (fabsf(d) > 0.0f) delta[t] = d;
         }
     }
 }
