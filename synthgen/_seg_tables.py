@@ -121,7 +121,9 @@ def layout_nb(sizes, itemsize):
 #: Phase B's flat schedules (:func:`schedules_nb`), one per distinct per-row element count
 #: of its launches: each names the :data:`F32` buffer a launch writes (its size is the
 #: launch's elements per row; 0 where a row takes no part, such as host rows in the texture).
-SCHED_B = ("maskf", "merged", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid")
+#: (``merged``: the rows that have merge partners, whose merge writes that buffer; ``out``:
+#: every row, the write-back's and the label write's.)
+SCHED_B = ("maskf", "merged", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid")
 _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 
 
@@ -237,16 +239,17 @@ def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, pre, ext, fa_base, fa_
 
 
 @nb.njit(**_OPTS)
-def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app):
+def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part):
     """Phase B's float32 scratch sizes per row (columns: :data:`F32`; host rows, after the
-    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only) and the uint8 ones (organ,
-    mask)."""
+    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only; an ellipsoid row without merge
+    partners (``n_part`` 0) no ``merged``: its change is final, read where it is) and the
+    uint8 ones (organ, mask)."""
     nl = tn.shape[0]
     f32 = np.zeros((nl, len(F32)), dtype=np.int64)
     u8 = np.zeros((nl, 2), dtype=np.int64)
     for r in range(nl):
         v = tn[r, 0] * tn[r, 1] * tn[r, 2]
-        f32[r, _MERGED] = v
+        f32[r, _MERGED] = v if r >= ne or n_part[r] > 0 else 0
         f32[r, _OUT] = v
         if r >= ne:
             continue
@@ -382,6 +385,8 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         q, k = qe[r], live[r]
         for b, col in _F32_COLS:
             T[r, col] = f32_base + 4 * f32_offs[r, b]
+        if n_part[r] == 0:  # no partner: the merge leaves the row alone, its change is final
+            T[r, MERGED] = T[r, DELTA]
         T[r, CLIP] = clip[q]
         T[r, ORIG] = TA[k, ORIG]
         T[r, ORGAN] = TA[k, ORGAN]

@@ -666,7 +666,7 @@ def _render(
                  for w in walls_r]  # fmt: skip
     # scratch: float32 buffers per row (host rows: merged and out only), uint8
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
-    sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e)
+    sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e, n_part)
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
     sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *rule, GRID2D)
     sb_ref = pack.add(sched_b)
@@ -733,12 +733,12 @@ def _render(
     launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
     launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
     launch("sg_seg_blend", "maskf", TFd, FF, TDd, DD)
-    launch("sg_seg_merge", "merged")
-    launch("sg_seg_apply", "merged", TFd, FF, pack.arg(be, st_ref))
+    launch("sg_seg_merge", "merged")  # (the rows with partners; the others' change is final)
+    launch("sg_seg_apply", "out", TFd, FF, pack.arg(be, st_ref))
     if J.lab_on.any():  # the label maps on the device: every row's mask, one launch
-        launch("sg_seg_label", "merged")
+        launch("sg_seg_label", "out")
     if KEEP_LAST:
-        k_vox, k_all = SCHED_B.index("maskf"), SCHED_B.index("merged")
+        k_vox, k_all = SCHED_B.index("maskf"), SCHED_B.index("out")
         LAST.clear()
         LAST.update(
             n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8),
@@ -787,7 +787,8 @@ def _render(
         m = mask_of(q)
         if not job.target_on_device:
             shp = tuple(tn_l[q])
-            sel = be.download(f32.view(q, F32.index("merged"), shp)) != 0
+            final = "merged" if q >= ne or n_part[q] else "delta"  # (see phase_b_sizes_nb)
+            sel = be.download(f32.view(q, F32.index(final), shp)) != 0
             o = be.download(f32.view(q, F32.index("out"), shp))  # written where sel only
             job.target[tight][sel] = o[sel].astype(job.target.dtype)
             m = be.download(m).view(np.bool_)
