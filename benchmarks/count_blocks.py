@@ -71,7 +71,11 @@ def run() -> list[dict]:
         rows.append({"class": size, "plans": k,
                      "tumors": sum(len(p.tumors) for p in plans),
                      "flat_blocks": flat, "grid2d_blocks": grid,
-                     "blend_flat": blend[0], "blend_grid2d": blend[1]})  # fmt: skip
+                     "blend_flat": blend[0], "blend_grid2d": blend[1],
+                     # the merge walks the rows with merge partners only; the write-back
+                     # every row (the merge's walk before rows without partners were skipped)
+                     "merge_flat": be.counts["sg_seg_merge"][0],
+                     "apply_flat": be.counts["sg_seg_apply"][0]})  # fmt: skip
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -83,15 +87,15 @@ def main() -> int:
     rows = run()
     print(
         "\n| class | plans | tumors | blocks, all launches: flat | 2-D grid | idle in 2-D "
-        "| blend: flat | 2-D grid |"
+        "| blend: flat | 2-D grid | merge (flat) | write-back (flat) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         idle = 1 - r["flat_blocks"] / r["grid2d_blocks"]
         print(
             f"| {r['class']} | {r['plans']} | {r['tumors']} | {r['flat_blocks']} | "
             f"{r['grid2d_blocks']} | {100 * idle:.0f}% | {r['blend_flat']} | "
-            f"{r['blend_grid2d']} |"
+            f"{r['blend_grid2d']} | {r['merge_flat']} | {r['apply_flat']} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
