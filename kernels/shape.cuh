@@ -21,8 +21,13 @@
 SG_FN void sg_bspline_row(double t, int g, const double* pre, float* out) {
     double raw[SG_G_MAX];
     for (int j = 0; j < g; ++j) raw[j] = 0.0;
-    double x = t > 0.0 ? t : 0.0;  // min(max(t, 0), g - 1)
-    x = x < (double)(g - 1) ? x : (double)(g - 1);
+    // min(max(t, 0), g - 1) as Python's max and min take it (a NaN stays NaN)
+    double x = 0.0 > t ? 0.0 : t;
+    x = (double)(g - 1) < x ? (double)(g - 1) : x;
+    if (x != x) {  // NaN (a degenerate extent): no weight is < 2 away, the row is zero
+        for (int k = 0; k < g; ++k) out[k] = 0.0f;
+        return;
+    }
     const int base = (int)floor(x);
     const int period = 2 * (g - 1);
     for (int off = -1; off < 3; ++off) {

@@ -144,11 +144,13 @@ def appearance_on(t, organ_noise_hu: float | None, organ_noise_grain: float | No
     if not a and (t.clip_to_organ or not organ_noise_hu):
         return False
     a = a or {}
-    if (float(a.get("rim_boost_hu", 0.0)) != 0.0 or float(a.get("necrosis_fraction", 0.0)) > 0.0
-            or float(a.get("calcification_density", 0.0)) > 0.0):  # fmt: skip
-        return True
+    rim = float(a.get("rim_boost_hu", 0.0))
+    nec = float(a.get("necrosis_fraction", 0.0))
+    cal = float(a.get("calcification_density", 0.0))
     sw, sc = noise_split(organ_noise_hu, organ_noise_grain)
-    return (sw > 0 or sc > 0) and not t.clip_to_organ
+    noisy = (sw > 0 or sc > 0) and not t.clip_to_organ
+    # blend_params's own test, negated as it is (NaN parameters included)
+    return not (rim == 0.0 and nec <= 0.0 and cal <= 0.0 and not noisy)
 
 
 def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | None):

@@ -455,6 +455,20 @@ def _stack_lists(items, shape: tuple[int, int, int, int]) -> np.ndarray:
     return out.reshape(len(items), *shape)
 
 
+def _stack_by_grid(disp) -> tuple[dict[tuple[int, ...], list[int]], list[np.ndarray]]:
+    """The control displacements ``disp`` (nested lists, one per tumor) grouped by their grid
+    shape (as :func:`_grid_shape` reads it): ``{shape: tumor indices}`` and each group's
+    :func:`_stack_lists`, in the same order. One group as a rule (one preset), stacked in one
+    call."""
+    shapes = [_grid_shape(d) for d in disp]
+    if shapes and shapes.count(shapes[0]) == len(shapes):
+        return {shapes[0]: list(range(len(disp)))}, [_stack_lists(disp, shapes[0])]
+    by_g: dict[tuple[int, ...], list[int]] = {}
+    for q, shp in enumerate(shapes):
+        by_g.setdefault(shp, []).append(q)
+    return by_g, [_stack_lists([disp[q] for q in qs], shp) for shp, qs in by_g.items()]
+
+
 #: Phase A's schedules: the columns of phase_a_sizes_nb's elements per row (rows, voxels,
 #: weight rows).
 _A_COLS = np.arange(3, dtype=np.int64)
@@ -492,16 +506,7 @@ def _render(
     pack = _Pack()
     n_all = len(ts)
     # control displacements: one array per grid size g (one per preset, as a rule)
-    disp = [t.displacement_mm for t in ts]
-    try:  # one grid size for all (one preset), checked by the size of the stack
-        shp0 = _grid_shape(disp[0]) if disp else ()
-        by_g = {shp0: list(range(n_all))} if disp else {}
-        stacked = [_stack_lists(disp, shp0)] if disp else []
-    except ValueError:  # sizes that differ (or a malformed list, which _stack_lists names)
-        by_g = {}
-        for q, d in enumerate(disp):
-            by_g.setdefault(_grid_shape(d), []).append(q)
-        stacked = [_stack_lists([disp[q] for q in qs], shp) for shp, qs in by_g.items()]
+    by_g, stacked = _stack_by_grid([t.displacement_mm for t in ts])
     disp_max = np.zeros(n_all)
     ctrl_ref = np.zeros(n_all, dtype=np.int64)  # (pack part, element offset) per tumor
     ctrl_off = np.zeros(n_all, dtype=np.int64)
@@ -545,7 +550,7 @@ def _render(
     has_app = np.array([bool(ts[q].appearance or noise[jidx[q]][0])  # (the common case: no)
                         and appearance_on(ts[q], *noise[jidx[q]]) for q in keep.tolist()],
                        dtype=bool).reshape(len(keep))  # fmt: skip
-    # box sizes, B-spline row offsets, bounding-box accumulators, scratch sizes: one call
+    # box sizes, bounding-box accumulators, scratch sizes, launch elements: one call
     nb, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(lo, hi, keep, g_of, has_app)
     # the flat schedules of phase A's launches: the boxes' (i, j) rows, their voxels, their
     # B-spline weight rows

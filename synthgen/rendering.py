@@ -187,13 +187,18 @@ def tumor_arrays(tumors) -> tuple[np.ndarray, ...]:
     flat: list = []
     put, put1 = flat.extend, flat.append
     for t in tumors:
-        put(t.center_vox)
-        rot = t.rotation
-        put(rot if len(rot) == 9 else _flat9(rot))
-        put(t.radii_mm)
+        c, rot, r, e = t.center_vox, t.rotation, t.radii_mm, t.control_extent_mm
+        if len(rot) != 9:
+            rot = _flat9(rot)
+        if len(c) != 3 or len(rot) != 9 or len(r) != 3 or len(e) != 3:
+            raise ValueError(f"tumor {t.index}: center_vox, radii_mm and control_extent_mm "
+                             "need 3 numbers, rotation 9 (or 3 rows of 3)")  # fmt: skip
+        put(c)
+        put(rot)
+        put(r)
         put1(t.blur_sigma_mm)
         put1(t.clip_to_organ)
-        put(t.control_extent_mm)
+        put(e)
     a = np.array(flat, dtype=np.float64).reshape(n, 20)
     return (
         a[:, 0:3].astype(np.int64),

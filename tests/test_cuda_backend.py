@@ -611,6 +611,28 @@ def test_control_displacements_stacked_from_the_plan_lists():
         _segments._stack_lists([bad], (1, 1, 2, 2))
 
 
+def test_displacements_grouped_by_their_own_grid():
+    """Control grids of different sizes whose float counts happen to add up to a stack of the
+    first one's are still grouped by their own shapes (each tumor read as its own grid), as
+    is a batch of one grid size in one stack."""
+    rng = np.random.default_rng(9)
+
+    def grid(g):
+        return rng.normal(0, 2, (3, g, g, g)).tolist()
+
+    disp = [grid(3)] + [grid(2) for _ in range(37)] + [grid(4) for _ in range(19)]
+    assert sum(np.asarray(d).size for d in disp) == len(disp) * 81  # the trap
+    by_g, stacked = _segments._stack_by_grid(disp)
+    assert list(by_g) == [(3, 3, 3, 3), (3, 2, 2, 2), (3, 4, 4, 4)]
+    for (shp, qs), st in zip(by_g.items(), stacked, strict=True):
+        assert st.shape == (len(qs), *shp)
+        for r, q in enumerate(qs):
+            np.testing.assert_array_equal(st[r], np.asarray(disp[q]))
+    one, st1 = _segments._stack_by_grid(disp[1:38])
+    assert list(one) == [(3, 2, 2, 2)] and st1[0].shape == (37, 3, 2, 2, 2)
+    assert _segments._stack_by_grid([]) == ({}, [])
+
+
 def test_flat_schedules():
     """schedules_nb against the NumPy form: ceil(elements / per block) blocks per row, at
     most the cap, none for a row without elements (or, grid2d, every row the largest's);
@@ -639,7 +661,8 @@ def test_render_on_the_2d_grid_schedules(backend, small_phantom, organ_masks, mo
                                          grid2d, scale):  # fmt: skip
     """GRID2D (the benchmarks' comparison): every row launched with the largest row's blocks,
     surplus blocks idle, host rows and all; BLOCK_SCALE: fewer blocks, each walking more
-    elements; the render is the CPU's as on the default flat schedules."""
+    elements (on the many-block stand-in; the one-block stand-in is unchanged by it); the
+    render is the CPU's as on the default flat schedules."""
     be, dev = backend
     monkeypatch.setattr(_segments, "GRID2D", grid2d)
     monkeypatch.setattr(_segments, "BLOCK_SCALE", scale)
@@ -729,14 +752,14 @@ def test_kernel_conv_is_the_cpu_correlation(backend):
 def test_kernel_weights(backend):
     """sg_seg_weights: the B-spline weight rows of each segment's box, axis after axis, are
     the CPU's (bspline_matrix of the positions rendering._shape_inputs computes), bit for
-    bit, for grids of 1 to 8 points, positions beyond the grid (clamped) and an empty axis;
-    nothing is written past a segment's rows."""
+    bit, for grids of 1 to 8 points, positions beyond the grid (clamped), NaN positions and
+    an empty axis; nothing is written past a segment's rows."""
     from synthgen._cpu_kernels import bspline_matrix
     from synthgen._geometry import prefilter
 
     be, dev = backend
     rng = np.random.default_rng(21)
-    gs = (3, 1, 2, 4, 6, 8, 3)
+    gs = (3, 1, 2, 4, 6, 8, 3, 3)
     rows = _Rows(be, dev, len(gs))
     C = rows.C
     assert max(gs) == C.G_MAX
@@ -749,6 +772,8 @@ def test_kernel_weights(backend):
         centre = lo + rng.integers(-10, 50, 3)
         sp = rng.uniform(0.5, 3.0, 3)
         ext = rng.uniform(2.0, 30.0, 3)  # small extents: positions beyond the grid too
+        if s == 7:
+            ext[2] = np.nan  # a degenerate extent: NaN positions, rows of zeros as on the CPU
         rows.set(s, "N0", *n)
         rows.set(s, "O0", *lo)
         rows.set(s, "C0", *centre)
