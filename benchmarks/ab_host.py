@@ -139,15 +139,14 @@ def main() -> int:
             t1 = time.thread_time()
             rep.mark()
             tails[version].append(t1 - rep.last_wait)
-            serial[version].append(rep.serial)
             spans[version].append([x for is_serial, x in rep.spans if is_serial])
             rep.keep.clear()
             return (t1 - t0 - rep.device_s) / k
 
     tails: dict[str, list[float]] = {v: [] for v in versions}  # host work after the last wait
-    serial: dict[str, list[float]] = {v: [] for v in versions}  # host work the device waits on
+    # per call, its serial spans (host work the device waits on); per round, their sum
+    spans: dict[str, list[list[float]]] = {v: [] for v in versions}
     serial_rounds: dict[str, list[float]] = {v: [] for v in versions}
-    spans: dict[str, list[list[float]]] = {v: [] for v in versions}  # serial spans per call
     fresh = args.fresh and args.what == "render"
     for v in versions:  # warm-up: numba, kernel modules, caches
         for i in range(min(n, 3)):
@@ -163,7 +162,7 @@ def main() -> int:
             if args.what == "render":  # this round's calls' serial parts (the least replay's
                 # when replayed: every third entry is a call's first replay, so take the round's
                 # median of all its replays)
-                got = serial[v][-(len(ms) if fresh else 3 * len(ms)) :]
+                got = [sum(x) for x in spans[v][-(len(ms) if fresh else 3 * len(ms)) :]]
                 serial_rounds[v].append(1e3 * statistics.median(got) / k)
     a, b = min(rounds["rev"]), min(rounds["tree"])
     ma, mb = statistics.median(rounds["rev"]), statistics.median(rounds["tree"])

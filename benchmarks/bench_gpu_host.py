@@ -83,22 +83,17 @@ def _backends(clock=time.perf_counter):
 
         def start(self) -> None:
             """Before a timed call: the split of its host time (:meth:`mark`) starts."""
-            self.serial = self.overlap = self._seg_dev = 0.0
+            self._seg_dev = 0.0
             self._busy, self._t_last = False, clock()
             self.spans: list[tuple[bool, float]] = []  # (serial, seconds) per span
 
         def mark(self) -> None:
-            """The host time since the last launch or wait (device work not counted) goes to
-            ``overlap`` when a launch came last (a GPU runs its kernels meanwhile), else to
-            ``serial`` (the device waits for the host). Called at every launch and wait, and
-            by the caller after the call."""
+            """A span ends: the host time since the last launch or wait (device work not
+            counted), *overlapped* when a launch came last (a GPU runs its kernels
+            meanwhile), else *serial* (the device waits for the host). Called at every launch
+            and wait, and by the caller after the call."""
             now = clock()
-            span = now - self._t_last - self._seg_dev
-            self.spans.append((not self._busy, span))
-            if self._busy:
-                self.overlap += span
-            else:
-                self.serial += span
+            self.spans.append((not self._busy, now - self._t_last - self._seg_dev))
             self._t_last, self._seg_dev = now, 0.0
 
         def _t(self, fn, *a):

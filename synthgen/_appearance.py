@@ -138,19 +138,26 @@ def noise_split(sd: float | None, grain: float | None) -> tuple[float, float]:
     return float(sd) * math.sqrt(1.0 - g), float(sd) * math.sqrt(g)
 
 
-def appearance_on(t, organ_noise_hu: float | None, organ_noise_grain: float | None) -> bool:
-    """Whether :func:`blend_params` of tumor ``t`` is not ``None`` (without making it)."""
-    a = getattr(t, "appearance", None)
-    if not a and (t.clip_to_organ or not organ_noise_hu):
-        return False
-    a = a or {}
+def _modes(t, organ_noise_hu: float | None, organ_noise_grain: float | None):
+    """The appearance numbers of tumor ``t`` that decide its blend: ``(appearance, rim
+    boost, necrosis fraction, calcification density, white and correlated noise SDs)``, or
+    ``None`` when it has none of them (the plain blend)."""
+    a = getattr(t, "appearance", None) or {}
+    if not a and (t.clip_to_organ or not organ_noise_hu):  # the common case, at once
+        return None
     rim = float(a.get("rim_boost_hu", 0.0))
     nec = float(a.get("necrosis_fraction", 0.0))
     cal = float(a.get("calcification_density", 0.0))
     sw, sc = noise_split(organ_noise_hu, organ_noise_grain)
     noisy = (sw > 0 or sc > 0) and not t.clip_to_organ
-    # blend_params's own test, negated as it is (NaN parameters included)
-    return not (rim == 0.0 and nec <= 0.0 and cal <= 0.0 and not noisy)
+    if rim == 0.0 and nec <= 0.0 and cal <= 0.0 and not noisy:
+        return None
+    return a, rim, nec, cal, sw, sc
+
+
+def appearance_on(t, organ_noise_hu: float | None, organ_noise_grain: float | None) -> bool:
+    """Whether :func:`blend_params` of tumor ``t`` is not ``None`` (without making it)."""
+    return _modes(t, organ_noise_hu, organ_noise_grain) is not None
 
 
 def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | None):
@@ -163,16 +170,10 @@ def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | Non
     correlated noise SD (HU). ``keys`` (uint32, 8): white noise, correlated noise, speck,
     speck HU (two words each).
     """
-    a = getattr(t, "appearance", None) or {}
-    if not a and (t.clip_to_organ or not organ_noise_hu):  # the common case, at once
+    modes = _modes(t, organ_noise_hu, organ_noise_grain)
+    if modes is None:
         return None
-    rim = float(a.get("rim_boost_hu", 0.0))
-    nec = float(a.get("necrosis_fraction", 0.0))
-    cal = float(a.get("calcification_density", 0.0))
-    sw, sc = noise_split(organ_noise_hu, organ_noise_grain)
-    noisy = (sw > 0 or sc > 0) and not t.clip_to_organ
-    if rim == 0.0 and nec <= 0.0 and cal <= 0.0 and not noisy:
-        return None
+    a, rim, nec, cal, sw, sc = modes
     r = equivalent_radius(t.radii_mm)
     app = np.zeros(N_APP, dtype=np.float64)
     if rim != 0.0:

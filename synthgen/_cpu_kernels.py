@@ -964,7 +964,7 @@ def axis_tables_nb(o_lo, o_hi, h_b, sa, sb):
     # 1) instead of an exp per weight.
     tab = np.empty(0)
     tab_s = -1.0
-    memo = np.empty(max(n_rows, 1), dtype=np.int64)  # a row's distinct weight rows (scratch)
+    memo = np.empty((2, max(n_rows, 1)), dtype=np.int64)  # a row's distinct rows (scratch)
     # the rows by sigma_a (any order writes the same outputs): one table per distinct sigma
     for q in np.argsort(sa, kind="mergesort"):
         hb = float(h_b[q])
@@ -998,7 +998,7 @@ def _band_rows_tab(out_pos, lat0, n_lat, step, truncate, sigma, kk, start, w, in
     weights depend only on its integer offset ``k0`` from its first lattice point, so a row
     whose ``k0`` an earlier row of the call had copies that row's weights and norm instead of
     computing them (the same numbers; block centres step through a few offsets).
-    ``memo``: scratch of at least ``len(out_pos)`` int64."""
+    ``memo``: ``(2, >= len(out_pos))`` int64 scratch (each distinct row's ``k0`` and index)."""
     big = (tab.shape[0] - 1) // 2
     n_memo = 0
     for o in range(out_pos.shape[0]):
@@ -1008,8 +1008,8 @@ def _band_rows_tab(out_pos, lat0, n_lat, step, truncate, sigma, kk, start, w, in
         k0 = int(out_pos[o]) - (lat0 + st) * step
         hit = -1
         for u in range(n_memo):
-            if _row_k0(memo[u], out_pos, lat0, step, start) == k0:
-                hit = memo[u]
+            if memo[0, u] == k0:
+                hit = memo[1, u]
                 break
         if hit >= 0:
             for t in range(kk):
@@ -1020,15 +1020,9 @@ def _band_rows_tab(out_pos, lat0, n_lat, step, truncate, sigma, kk, start, w, in
             k = k0 - t * step
             w[o * kk + t] = tab[k + big] if -big <= k <= big else 0.0
         inv[o] = 1.0 / np.sqrt(_sum_squares(w[o * kk : (o + 1) * kk]))
-        memo[n_memo] = o
+        memo[0, n_memo] = k0
+        memo[1, n_memo] = o
         n_memo += 1
-
-
-@nb.njit(inline="always", **_OPTS)
-def _row_k0(o, out_pos, lat0, step, start):
-    """The integer offset of row ``o`` of :func:`_band_rows_tab` from its first lattice
-    point."""
-    return int(out_pos[o]) - (lat0 + start[o]) * step
 
 
 @nb.njit(inline="always", **_OPTS)

@@ -547,8 +547,7 @@ def _render(
     n = len(keep)
     # which rows have appearance modes (their parameters are made while the device works)
     noise = [(job.plan.organ_noise_hu, job.plan.organ_noise_grain) for job in jobs]
-    has_app = np.array([bool(ts[q].appearance or noise[jidx[q]][0])  # (the common case: no)
-                        and appearance_on(ts[q], *noise[jidx[q]]) for q in keep.tolist()],
+    has_app = np.array([appearance_on(ts[q], *noise[jidx[q]]) for q in keep.tolist()],
                        dtype=bool).reshape(len(keep))  # fmt: skip
     # box sizes, bounding-box accumulators, scratch sizes, launch elements: one call
     nb, bb, fa_sizes, ua_sizes, tot_a = phase_a_sizes_nb(lo, hi, keep, g_of, has_app)
