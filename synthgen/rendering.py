@@ -12,6 +12,7 @@ scales with the scan except the optional copy of the output.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,6 +178,17 @@ def _flat9(rot) -> tuple:
     return tuple(rot)
 
 
+def float64s(values: Sequence) -> np.ndarray:
+    """A flat sequence of numbers (Python or NumPy floats, ints, bools) as a float64 array,
+    packed by ``struct``: for the short lists a plan holds about half the time of
+    ``np.array(values, float64)``, which inspects every element's type first. Anything but a
+    number (a string, a list) is a ``TypeError``."""
+    try:
+        return np.frombuffer(struct.pack(f"{len(values)}d", *values), dtype=np.float64)
+    except struct.error as e:
+        raise TypeError(f"expected numbers: {e}") from None
+
+
 def tumor_arrays(tumors) -> tuple[np.ndarray, ...]:
     """``(centre, rotation, radii, blur sigma, clip, control extent)`` of tumors as arrays
     (``(n, 3)``, ``(n, 3, 3)``, ``(n, 3)``, ``(n,)``, ``(n,)``, ``(n, 3)``)."""
@@ -199,7 +211,10 @@ def tumor_arrays(tumors) -> tuple[np.ndarray, ...]:
         put1(t.blur_sigma_mm)
         put1(t.clip_to_organ)
         put(e)
-    a = np.array(flat, dtype=np.float64).reshape(n, 20)
+    try:
+        a = float64s(flat).reshape(n, 20)
+    except TypeError as e:
+        raise ValueError(f"tumor numbers (centre, rotation, radii, blur, extent): {e}") from None
     return (
         a[:, 0:3].astype(np.int64),
         np.ascontiguousarray(a[:, 3:12]).reshape(n, 3, 3),

@@ -209,6 +209,39 @@ def test_conservative_boxes_are_the_array_arithmetic():
     assert (~ok).any() and ok.any()
 
 
+def test_plan_numbers_packed_as_numpy_converts_them(small_phantom, masks):
+    """float64s (struct packing) gives np.array's float64 values for the number types a plan
+    holds (Python and NumPy floats and ints, bools, NaN, infinities, -0.0); anything else is
+    a TypeError, which tumor_arrays reports as a ValueError; tumor_arrays of a real plan is
+    the NumPy conversion of its fields."""
+    import dataclasses
+
+    from synthgen.rendering import float64s, tumor_arrays
+
+    vals = [1.5, -0.0, 3, True, False, np.float32(0.1), np.float64(-2.25), np.int64(-7),
+            float("nan"), float("inf"), 2**52 + 1, 1e-310]  # fmt: skip
+    got = float64s(vals)
+    assert got.dtype == np.float64 and got.shape == (len(vals),)
+    np.testing.assert_array_equal(got, np.array(vals, dtype=np.float64))
+    assert np.signbit(got[1]) and float64s([]).shape == (0,)
+    for bad in (["1.5"], [[1.0]], [None], [1 + 2j]):
+        with pytest.raises(TypeError, match="expected numbers"):
+            float64s(bad)
+    plan = synthgen.plan(small_phantom.image, masks["liver"], organ="liver-classic", seed=3,
+                         spacing=small_phantom.spacing, size="mix")  # fmt: skip
+    ts = plan.tumors
+    centre, rot, radii, blur, clip, ext = tumor_arrays(ts)
+    np.testing.assert_array_equal(centre, np.array([t.center_vox for t in ts], dtype=np.int64))
+    np.testing.assert_array_equal(rot, np.array([t.rotation for t in ts]).reshape(-1, 3, 3))
+    np.testing.assert_array_equal(radii, np.array([t.radii_mm for t in ts]))
+    np.testing.assert_array_equal(blur, np.array([t.blur_sigma_mm for t in ts]))
+    np.testing.assert_array_equal(clip, np.array([t.clip_to_organ for t in ts]))
+    np.testing.assert_array_equal(ext, np.array([t.control_extent_mm for t in ts]))
+    odd = dataclasses.replace(ts[0], radii_mm=(1.0, "2.0", 3.0))
+    with pytest.raises(ValueError, match="tumor numbers"):
+        tumor_arrays([odd])
+
+
 def test_centres_follow_the_placement_rules(small_phantom, masks):
     liver = masks["liver"]
     classic = load_preset("liver-classic").placement
