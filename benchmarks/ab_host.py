@@ -4,7 +4,8 @@ The development VM's timings drift by tens of percent from run to run (other ten
 than the changes one wants to see. This script loads both versions of the package into one
 process (the revision's ``synthgen/`` exported with ``git archive`` and imported under
 another name) and alternates them round by round on the same inputs, so that both see the
-same machine state. Two measurements:
+same machine state. Each version renders the plans of its own planner (the same seeds, the
+same numbers, each in its version's plan classes). Two measurements:
 
 * ``render``: the GPU driver's host time of ``render_on_gpu`` (as
   ``benchmarks/bench_gpu_host.py``: recorded once on the stand-in backend, then replayed
@@ -115,12 +116,16 @@ def main() -> int:
 
         rec, rep = bench_gpu_host._backends(time.thread_time)  # device work: the same clock
         img_d, mask_d = to_device(img), to_device(mask)
-        syn, idx = syns["tree"]
-        # plan sets: when fresh, one for the warm-up and one per round
+        # plan sets: when fresh, one for the warm-up and one per round; each version
+        # renders the plans of its own planner (the same numbers; the plan classes may
+        # differ between the versions, as TumorPlan.displacement_mm did)
         sets = args.rounds + 1 if args.fresh else 1
-        plans = [syn.plan(img, mask, seed=777 + i, size=args.size, organ_index=idx)
-                 for i in range(n * k * sets)]  # fmt: skip
-        groups = [plans[i * k : (i + 1) * k] for i in range(n * sets)]
+        groups_of = {}
+        for v, (syn, idx) in syns.items():
+            plans = [syn.plan(img, mask, seed=777 + i, size=args.size, organ_index=idx)
+                     for i in range(n * k * sets)]  # fmt: skip
+            groups_of[v] = [plans[i * k : (i + 1) * k] for i in range(n * sets)]
+        groups = groups_of["tree"]
         logs = []
         for g in groups:
             rec.log.clear()
@@ -134,8 +139,8 @@ def main() -> int:
             rep.device_s = 0.0
             t0 = time.thread_time()
             rep.start()
-            drivers[version].render_on_gpu(groups[i], [img_d] * k, [mask_d] * k, device_id=0,
-                                           outs=[img_d] * k, be=rep)  # fmt: skip
+            drivers[version].render_on_gpu(groups_of[version][i], [img_d] * k, [mask_d] * k,
+                                           device_id=0, outs=[img_d] * k, be=rep)  # fmt: skip
             t1 = time.thread_time()
             rep.mark()
             tails[version].append(t1 - rep.last_wait)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ._device import DeviceError
 from ._pool import set_num_threads
 from .api import SynthesisResult, Synthesizer, render, render_batch, synthesize
-from .planning import OrganIndex, Plan, TumorPlan, index_organ
+from .planning import ControlGrid, OrganIndex, Plan, TumorPlan, index_organ
 from .planning import make_plan as plan
 from .presets import Preset, PresetError, list_presets, load_preset
 from .rendering import RenderResult, TumorRecord
@@ -21,6 +21,7 @@ from .rendering import RenderResult, TumorRecord
 __version__ = "0.1.0"
 
 __all__ = [
+    "ControlGrid",
     "DeviceError",
     "OrganIndex",
     "Plan",

@@ -8,8 +8,10 @@ needs nothing else: a manifest entry (the plan's JSON) reproduces a sample exact
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from .presets import Preset, SizeClass, load_preset, preset_from_dict
 
 __all__ = [
     "PLAN_VERSION",
+    "ControlGrid",
     "OrganIndex",
     "Plan",
     "TumorPlan",
@@ -53,7 +56,9 @@ class TumorPlan:
         rotation: Row-major 3x3 rotation; its columns are the ellipsoid axes in the scan's
             voxel-axis frame (identity for the axis-aligned published recipe).
         control_extent_mm: Half-size of the cube the B-spline control grid spans, per axis.
-        displacement_mm: ``(3, g, g, g)`` control-point displacements, mm.
+        displacement_mm: ``(3, g, g, g)`` control-point displacements, mm: a
+            :class:`ControlGrid` (nested lists or an array are taken and stored as one),
+            nested lists in JSON and :meth:`Plan.to_dict`.
         elastic_sigma_mm: Standard deviation they were drawn with.
         blur_sigma_mm: Edge blur of the mask, mm.
         contrast_hu: ``D`` of ``I' = I - T * B * D`` (negative: hyperdense).
@@ -84,7 +89,7 @@ class TumorPlan:
     radii_mm: tuple[float, float, float]
     rotation: tuple[float, ...]
     control_extent_mm: tuple[float, float, float]
-    displacement_mm: list
+    displacement_mm: ControlGrid
     elastic_sigma_mm: float
     blur_sigma_mm: float
     contrast_hu: float
@@ -95,13 +100,23 @@ class TumorPlan:
     wall: dict[str, Any] | None = None
     appearance: dict[str, float] | None = None
 
+    def __post_init__(self) -> None:
+        if type(self.displacement_mm) is not ControlGrid:
+            try:
+                self.displacement_mm = ControlGrid(self.displacement_mm)
+            except ValueError as e:
+                raise ValueError(f"tumor {self.index}: {e}") from None
+
     @property
     def rotation_matrix(self) -> np.ndarray:
         return np.asarray(self.rotation, dtype=np.float64).reshape(3, 3)
 
     @property
     def displacement(self) -> np.ndarray:
-        return np.asarray(self.displacement_mm, dtype=np.float64)
+        """:attr:`displacement_mm` as a read-only float64 array ``(3, g, g, g)`` (``(0,)``
+        for none)."""
+        d = self.displacement_mm
+        return d.array if type(d) is ControlGrid else ControlGrid(d).array
 
 
 @dataclass
@@ -149,13 +164,17 @@ class Plan:
         return preset_from_dict(self.preset, source=f"plan preset {self.preset_name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for t in d["tumors"]:  # (JSON's types: the control grids as nested lists)
+            if isinstance(t["displacement_mm"], ControlGrid):
+                t["displacement_mm"] = t["displacement_mm"].tolist()
+        return d
 
     def to_json(self, indent: int | None = None) -> str:
         """JSON text; floats are written exactly (``repr``), so the round trip is lossless."""
         # The same document as to_dict(), without asdict's deep copy of every nested list.
         doc = {**self.__dict__, "tumors": [t.__dict__ for t in self.tumors]}
-        return json.dumps(doc, indent=indent)
+        return json.dumps(doc, indent=indent, default=_json_value)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
@@ -187,6 +206,124 @@ class Plan:
         if isinstance(text, Path):
             text = text.read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
+
+
+def float64s(values: Sequence) -> np.ndarray:
+    """A flat sequence of numbers (Python or NumPy floats, ints, bools) as a float64 array,
+    packed by ``struct``: for the short lists a plan holds about half the time of
+    ``np.array(values, float64)``, which inspects every element's type first. Anything but a
+    number (a string, a list) is a ``TypeError``."""
+    try:
+        return np.frombuffer(struct.pack(f"{len(values)}d", *values), dtype=np.float64)
+    except struct.error as e:
+        raise TypeError(f"expected numbers: {e}") from None
+
+
+_GRID_ERROR = "control displacements must be (3, g0, g1, g2) nested lists of numbers"
+
+
+class ControlGrid(Sequence):
+    """A tumor's control-point displacements, ``(3, g0, g1, g2)`` mm (or none, for a wall
+    tumor): an immutable float64 array (:attr:`array`, read-only) that reads as the nested
+    lists of the plan's JSON: ``len``, indexing and iteration give nested lists, ``==``
+    compares values with another grid or with nested lists, ``repr`` and :meth:`tolist` are
+    the lists'; ``np.asarray(grid)`` is the array.
+
+    A planned tumor's grid never becomes Python floats unless it is written or read as
+    lists: the renderers take the array (the GPU driver spent a tenth of a mix sample's
+    serial host time turning the plan's lists back into one).
+
+    ``ControlGrid(values)``: nested lists or tuples of numbers, an array (copied) or another
+    grid; ragged lists, another depth or anything but numbers are a ``ValueError``.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, values: Any = ()) -> None:
+        if isinstance(values, ControlGrid):
+            arr = values.array
+        elif isinstance(values, np.ndarray) and values.size:
+            if values.ndim != 4:
+                raise ValueError(f"{_GRID_ERROR}, got an array of shape {values.shape}")
+            arr = np.array(values, dtype=np.float64)
+        else:
+            arr = _parse_grid(values)
+        arr.flags.writeable = False
+        self.array: np.ndarray = arr
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def tolist(self) -> list:
+        return self.array.tolist()
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, i):
+        return self.array[i].tolist()
+
+    def __iter__(self):
+        return iter(self.array.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ControlGrid):
+            return self.shape == other.shape and bool(np.array_equal(self.array, other.array))
+        if isinstance(other, list):
+            return self.array.tolist() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # (equal to lists, which have none)
+
+    def __repr__(self) -> str:
+        return repr(self.array.tolist())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if dtype is not None and np.dtype(dtype) != self.array.dtype:
+            return self.array.astype(dtype)
+        return self.array.copy() if copy else self.array
+
+    def __reduce__(self):
+        return (ControlGrid, (self.array,))
+
+    def __copy__(self) -> ControlGrid:
+        return self  # immutable
+
+    def __deepcopy__(self, memo) -> ControlGrid:
+        return self
+
+
+def _parse_grid(d: Any) -> np.ndarray:
+    """Nested sequences of numbers, ``(n0, n1, n2, n3)`` regular, as a float64 array
+    (:func:`float64s` of their numbers); empty for none."""
+    ch = itertools.chain.from_iterable
+    try:
+        if len(d) == 0:
+            return np.zeros(0)
+        shape = (len(d), len(d[0]), len(d[0][0]), len(d[0][0][0]))
+        rows2 = tuple(ch(d))
+        rows3 = tuple(ch(rows2))
+        if (
+            any(len(x) != shape[1] for x in d)
+            or any(len(x) != shape[2] for x in rows2)
+            or any(len(x) != shape[3] for x in rows3)
+        ):
+            raise ValueError(f"{_GRID_ERROR} (ragged)")
+        flat = tuple(ch(rows3))
+    except (TypeError, IndexError, KeyError):  # a number where a sequence belongs
+        raise ValueError(_GRID_ERROR) from None
+    try:
+        return float64s(flat).reshape(shape)
+    except TypeError:  # a sequence or a string where a number belongs
+        raise ValueError(_GRID_ERROR) from None
+
+
+def _json_value(o: Any) -> Any:
+    """``json.dumps``' ``default``: a control grid as its nested lists."""
+    if isinstance(o, ControlGrid):
+        return o.tolist()
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
 
 
 # --------------------------------------------------------------------------------------
@@ -628,7 +765,7 @@ def make_plan(
                     radii_mm=radii,  # type: ignore[arg-type]
                     rotation=tuple(rows[0] + rows[1] + rows[2]),
                     control_extent_mm=extent,  # type: ignore[arg-type]
-                    displacement_mm=disp.tolist(),
+                    displacement_mm=ControlGrid(disp),
                     elastic_sigma_mm=float(sigma),
                     blur_sigma_mm=float(blur),
                     contrast_hu=float(contrast),
@@ -683,7 +820,7 @@ def _wall_tumor(preset, cls, rng, idx, seed, image, organ_mask, sp, placer, keep
         radii_mm=radii,
         rotation=tuple(float(x) for x in rot.ravel()),
         control_extent_mm=(half, half, half),
-        displacement_mm=[],
+        displacement_mm=ControlGrid(),
         elastic_sigma_mm=0.0,
         blur_sigma_mm=float(blur),
         contrast_hu=0.0,

@@ -12,7 +12,6 @@ scales with the scan except the optional copy of the output.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,7 @@ from ._geometry import prefilter
 from ._pool import map_threads as _map
 from ._pool import set_num_threads
 from ._texture import texture_grid
-from .planning import Plan, TumorPlan, _binary, check_arrays
+from .planning import Plan, TumorPlan, _binary, check_arrays, float64s
 
 __all__ = [
     "HU_MAX",
@@ -176,17 +175,6 @@ def _flat9(rot) -> tuple:
     if len(rot) == 3:
         return (*rot[0], *rot[1], *rot[2])
     return tuple(rot)
-
-
-def float64s(values: Sequence) -> np.ndarray:
-    """A flat sequence of numbers (Python or NumPy floats, ints, bools) as a float64 array,
-    packed by ``struct``: for the short lists a plan holds about half the time of
-    ``np.array(values, float64)``, which inspects every element's type first. Anything but a
-    number (a string, a list) is a ``TypeError``."""
-    try:
-        return np.frombuffer(struct.pack(f"{len(values)}d", *values), dtype=np.float64)
-    except struct.error as e:
-        raise TypeError(f"expected numbers: {e}") from None
 
 
 def tumor_arrays(tumors) -> tuple[np.ndarray, ...]:

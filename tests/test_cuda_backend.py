@@ -593,24 +593,6 @@ def test_kernel_on_a_schedule_with_an_empty_segment(backend):
         np.testing.assert_array_equal(got, ref)
 
 
-def test_control_displacements_stacked_from_the_plan_lists():
-    """_stack_lists: the plans' (3, g, g, g) nested lists (or arrays) as one float64 array,
-    np.asarray's values; lists of another shape or depth are a ValueError."""
-    rng = np.random.default_rng(8)
-    arrs = [rng.normal(0, 3, (3, 4, 4, 4)) for _ in range(5)]
-    lists = [a.tolist() for a in arrs]
-    for items in (lists, arrs, lists[:1]):
-        got = _segments._stack_lists(items, (3, 4, 4, 4))
-        assert got.dtype == np.float64
-        np.testing.assert_array_equal(got, np.asarray(items, dtype=np.float64))
-    with pytest.raises(ValueError, match="unequal shapes"):
-        _segments._stack_lists([lists[0], rng.normal(0, 3, (3, 3, 3, 3)).tolist()],
-                               (3, 4, 4, 4))  # fmt: skip
-    bad = [[[[1.0, 2.0], 3.0]]]
-    with pytest.raises(ValueError, match="nested lists"):
-        _segments._stack_lists([bad], (1, 1, 2, 2))
-
-
 def test_displacements_grouped_by_their_own_grid():
     """Control grids of different sizes whose float counts happen to add up to a stack of the
     first one's are still grouped by their own shapes (each tumor read as its own grid), as
@@ -618,10 +600,10 @@ def test_displacements_grouped_by_their_own_grid():
     rng = np.random.default_rng(9)
 
     def grid(g):
-        return rng.normal(0, 2, (3, g, g, g)).tolist()
+        return rng.normal(0, 2, (3, g, g, g))
 
     disp = [grid(3)] + [grid(2) for _ in range(37)] + [grid(4) for _ in range(19)]
-    assert sum(np.asarray(d).size for d in disp) == len(disp) * 81  # the trap
+    assert sum(d.size for d in disp) == len(disp) * 81  # the trap
     by_g, stacked = _segments._stack_by_grid(disp)
     assert list(by_g) == [(3, 3, 3, 3), (3, 2, 2, 2), (3, 4, 4, 4)]
     for (shp, qs), st in zip(by_g.items(), stacked, strict=True):

@@ -8,6 +8,7 @@ the 1 mm benchmark phantom.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -240,6 +241,93 @@ def test_plan_numbers_packed_as_numpy_converts_them(small_phantom, masks):
     odd = dataclasses.replace(ts[0], radii_mm=(1.0, "2.0", 3.0))
     with pytest.raises(ValueError, match="tumor numbers"):
         tumor_arrays([odd])
+
+
+def test_control_grid_is_numpy_conversion_held_immutably():
+    """ControlGrid: nested lists, tuples or arrays (3, g0, g1, g2) as np.asarray's float64
+    values, read-only; it reads as the nested lists (len, indexing, iteration, ==, repr,
+    tolist); none is () and (0,); ragged lists, another depth or anything but numbers are a
+    ValueError."""
+    import copy
+    import pickle
+
+    from synthgen import ControlGrid
+
+    rng = np.random.default_rng(8)
+    a = rng.normal(0, 3, (3, 4, 2, 3))
+    a[0, 0, 0, 0] = -0.0
+    lists = a.tolist()
+    for d in (lists, a, a.astype(np.float32), [*lists[:1], a[1].tolist(), a[2]],
+              tuple(map(tuple, lists)), ControlGrid(a)):  # fmt: skip
+        g = ControlGrid(d)
+        ref = np.asarray(d if not isinstance(d, list) else [np.asarray(x) for x in d],
+                         dtype=np.float64)  # fmt: skip
+        assert g.array.dtype == np.float64 and g.shape == (3, 4, 2, 3) and len(g) == 3
+        np.testing.assert_array_equal(g.array, ref)
+        assert not g.array.flags.writeable
+        assert g.tolist() == ref.tolist() and g == ref.tolist() and list(g) == ref.tolist()
+        assert g[1] == ref[1].tolist() and g[-1][3] == ref[2, 3].tolist()
+        assert repr(g) == repr(ref.tolist()) and np.asarray(g) is g.array
+        assert np.asarray(g, dtype=np.float32).dtype == np.float32
+        assert np.array(g) is not g.array and np.array(g).flags.writeable
+    g = ControlGrid(a)
+    a[1, 1, 1, 1] = 99.0  # the grid holds a copy
+    assert g.array[1, 1, 1, 1] != 99.0 and g != a.tolist() and g == ControlGrid(g.array)
+    assert np.signbit(g.array[0, 0, 0, 0]) and g != ControlGrid(g.array[:, :, :, :2])
+    assert copy.deepcopy(g) is g and pickle.loads(pickle.dumps(g)) == g
+    assert (g == (1,)) is False and g != "x"
+    ints = ControlGrid([[[[1, 2]]]])
+    assert ints.tolist() == [[[[1.0, 2.0]]]] and ints.array.dtype == np.float64
+    for none in ([], (), np.zeros((0, 3))):
+        e = ControlGrid(none)
+        assert e.shape == (0,) and len(e) == 0 and e == [] and e.tolist() == []
+    bad = [
+        [[[[1.0, 2.0], [3.0]]]],  # ragged
+        [[[1.0, 2.0]]],  # three levels
+        [[[[1.0, [2.0]]]]],  # a list where a number belongs
+        [[[["1.0"]]]],  # a string
+        [[[1.0, 2.0], [[3.0]]]],  # a number where a list belongs
+        np.zeros((3, 3, 3)),
+        5.0,
+        "abc",
+        {"a": 1},
+    ]
+    for d in bad:
+        with pytest.raises(ValueError, match="control displacements"):
+            ControlGrid(d)
+
+
+def test_tumor_plan_holds_its_displacements_as_a_grid(small_phantom, masks):
+    """A TumorPlan's displacements are a ControlGrid (lists given are taken as one); JSON and
+    to_dict write nested lists, as before, and read back equal; pickling keeps the grid; an
+    invalid one fails when the plan is made, naming the tumor."""
+    import dataclasses
+    import pickle
+
+    from synthgen import ControlGrid
+
+    plan = synthgen.plan(small_phantom.image, masks["liver"], organ="liver-classic", seed=5,
+                         spacing=small_phantom.spacing, size="mix")  # fmt: skip
+    t = plan.tumors[0]
+    assert type(t.displacement_mm) is ControlGrid
+    assert t.displacement is t.displacement_mm.array and t.displacement.shape == (3, 3, 3, 3)
+    text = plan.to_json()
+    doc = json.loads(text)
+    assert doc["tumors"][0]["displacement_mm"] == t.displacement.tolist()
+    assert plan.to_dict()["tumors"][0]["displacement_mm"] == t.displacement.tolist()
+    assert json.loads(json.dumps(plan.to_dict())) == doc
+    back = Plan.from_json(text)
+    assert back.tumors == plan.tumors and back.to_json() == text
+    assert type(back.tumors[0].displacement_mm) is ControlGrid
+    assert pickle.loads(pickle.dumps(plan)).tumors == plan.tumors
+    lists = dataclasses.replace(t, displacement_mm=t.displacement.tolist())
+    assert type(lists.displacement_mm) is ControlGrid and lists == t
+    moved = t.displacement + 1.0
+    t2 = dataclasses.replace(t)
+    t2.displacement_mm = moved.tolist()  # assigned later: read as it is
+    np.testing.assert_array_equal(t2.displacement, moved)
+    with pytest.raises(ValueError, match="tumor 3: control displacements"):
+        dataclasses.replace(t, index=3, displacement_mm=[[1.0, 2.0]])
 
 
 def test_centres_follow_the_placement_rules(small_phantom, masks):
