@@ -28,6 +28,10 @@ liver), with the image resident on the GPU and rendered in place:
   the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy,
   with 1, 2, 4 and 8 times the default elements per block (the target reads the default;
   ``--only-bandwidth`` runs just this, e.g. under ``ncu -k regex:'sg_seg_(blend|apply)'``).
+  The bytes are those the kernels read and write, counted element by element from the
+  render's buffers (``synthgen._segments.moved_bytes``: most voxels of a box are out of the
+  tumor's reach and move fewer bytes); the last column gives the fraction as counted before
+  (every voxel at 13 and 11 bytes), for comparison with earlier runs.
 
 The CPU timings run after all GPU timings (the CPU path's worker threads use every core).
 
@@ -409,27 +413,35 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
             _segments.LAST.clear()
         g.sync()
         n, vox = last["n"], last["voxels"]
+        moved = _segments.moved_bytes(be, last)  # (blend, write-back), as the kernels take them
         kernels = {
-            # name: (launch, bytes moved per voxel of the tight boxes)
-            # (blur, organ, image, change written; the change is no longer read first)
+            # name: (launch, bytes moved, bytes per voxel of the tight boxes as counted before
+            # (the figure of the README's 467e559 run, with the blend's read of the change
+            # that is gone: blur, organ, image, change written; original, change, mask, an
+            # int16 image): every voxel counted as reached and changed)
             "sg_seg_blend (fused blend)": (
                 lambda last=last: be.launch_flat("sg_seg_blend", *last["blend"]),
+                moved[0],
                 4 + 1 + 4 + 4,
             ),
             "sg_seg_apply (fused write-back)": (
                 lambda last=last: be.launch_flat("sg_seg_apply", *last["apply"]),
+                moved[1],
                 4 + 4 + 1 + 2,
             ),
         }
-        for name, (fn, per_voxel) in kernels.items():
+        for name, (fn, nbytes_k, per_voxel) in kernels.items():
             fn()
             stop = g.timer()
             for _ in range(reps):
                 fn()
             ms = stop() / reps
-            gbs = vox * per_voxel / (ms * 1e-3) / 1e9
+            gbs = nbytes_k / (ms * 1e-3) / 1e9
+            nominal = vox * per_voxel / (ms * 1e-3) / 1e9
             label = name if scale == 1 else f"{name}, {scale}x elements per block"
             rows.append({"kernel": label, "ms": ms, "gb_s": gbs, "fraction": gbs / copy_gbs,
+                         "bytes": nbytes_k, "bytes_per_voxel": nbytes_k / vox,
+                         "gb_s_nominal": nominal, "fraction_nominal": nominal / copy_gbs,
                          "voxels": vox, "segments": n, "block_scale": scale})  # fmt: skip
             print(f"  {rows[-1]}")
         del outs, last
@@ -502,11 +514,14 @@ def main() -> int:
     for r in labs:
         print(f"| {r['how']} | {r['ms']:.2f} |")
     print()
-    print("| kernel | ms | GB/s | of copy |")
-    print("|---|---|---|---|")
+    print("| kernel | ms | bytes/voxel moved | GB/s | of copy | of copy, 13 and 11 B/voxel |")
+    print("|---|---|---|---|---|---|")
     for r in bw:
         ms = f"{r['ms']:.3f}" if "ms" in r else "-"
-        print(f"| {r['kernel']} | {ms} | {r['gb_s']:.0f} | {100 * r['fraction']:.0f}% |")
+        bpv = f"{r['bytes_per_voxel']:.2f}" if "bytes_per_voxel" in r else "-"
+        nom = f"{100 * r['fraction_nominal']:.0f}%" if "fraction_nominal" in r else "-"
+        print(f"| {r['kernel']} | {ms} | {bpv} | {r['gb_s']:.0f} | {100 * r['fraction']:.0f}% "
+              f"| {nom} |")  # fmt: skip
     print()
     print("| plans | class | schedule | call ms (wall, synchronised) | kernels ms (device) |")
     print("|---|---|---|---|---|")

@@ -76,6 +76,38 @@ KEEP_LAST = False
 LAST: dict[str, Any] = {}
 
 
+def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
+    """The bytes the fused blend and the write-back of a render kept in ``last`` (``LAST``
+    after a render with ``KEEP_LAST``; its buffers still hold the render's values) read and
+    write, element by element as the kernels take them: every voxel of a tight box reads
+    its blur and original value (blend), its original value, merged change and mask byte
+    (write-back); a voxel the tumor reaches in the blend window also reads its organ byte
+    (and, with appearance modes, its q2), one with a change writes it (blend, 4 bytes) and
+    the image (write-back, the image's dtype). The texture grid counts once. (A figure per
+    voxel of the boxes overstates what moves: most of a box is out of the tumor's reach.)"""
+    if last["n"] != last["ne"]:
+        raise ValueError("moved_bytes counts renders of ellipsoid tumors only")
+    C = _columns()
+    T, TF, f32 = last["T"], last["TF"], last["f32"]
+    arena = be.download(f32.dev)
+    size = {code: np.dtype(dt).itemsize for dt, code in _CODES.items()}
+
+    def buf(q: int, col: int, n: int) -> np.ndarray:
+        off = (int(T[q, col]) - f32.base) // 4
+        return arena[off : off + n]
+
+    blend = apply = 0
+    for q in range(last["ne"]):
+        n = math.prod(int(x) for x in T[q, C.TN0 : C.TN0 + 3])
+        b, o = buf(q, C.BLUR, n), buf(q, C.TORIG, n)
+        reach = int(np.count_nonzero((b > 0) & (o >= TF[q, C.F_TLO]) & (o <= TF[q, C.F_THI])))
+        grid = math.prod(int(x) for x in T[q, C.G_0 : C.G_0 + 3])
+        blend += 8 * n + reach * (5 if T[q, C.TQ2] else 1) + 4 * grid
+        blend += 4 * int(np.count_nonzero(buf(q, C.DELTA, n)))
+        apply += 9 * n + size[int(T[q, C.DST_CODE])] * int(np.count_nonzero(buf(q, C.MERGED, n)))
+    return blend, apply
+
+
 @functools.cache
 def _columns() -> SimpleNamespace:
     """The SG_* column numbers of ``kernels/segmented.cuh`` (``C.N0`` for ``SG_N0``) and the
@@ -724,7 +756,8 @@ def _render(
         k_vox, k_all = SCHED_B.index("maskf"), SCHED_B.index("out")
         LAST.clear()
         LAST.update(
-            n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8),
+            n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8), ne=ne, T=T,
+            TF=TF, f32=f32,
             blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, TFd, FF, TDd, DD),
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref)),

@@ -442,6 +442,44 @@ def test_results_assembled_before_the_statistics(emu, small_phantom, organ_masks
     assert [r.volume_mm3 for r in got.tumors] == [r.volume_mm3 for r in ref.tumors]
 
 
+def test_moved_bytes_counts_what_the_kernels_move(emu, small_phantom, organ_masks,
+                                                  monkeypatch):  # fmt: skip
+    """moved_bytes (gpu_check's bandwidth): one tumor per plan (no overlaps) rendered in place
+    into float32 images, the blend's and write-back's writes are (up to changes too small to
+    alter a value) the voxels the render changed, 4 bytes each; every voxel of the boxes
+    reads 8 bytes (blend) and 9 (write-back); a render with wall tumors is refused."""
+    ph = small_phantom
+    monkeypatch.setattr(_segments, "KEEP_LAST", True)
+    plans = []
+    for seed in (0, 1):
+        p = _plan(ph, organ_masks["liver"], "liver-classic", seed, "large")
+        p.tumors = p.tumors[:1]
+        plans.append(p)
+    before = np.asarray(ph.image, dtype=np.float32)
+    imgs = [to_device(before.copy()) for _ in plans]
+    mask_d = to_device(organ_masks["liver"])
+    _cuda.render_on_gpu(plans, imgs, [mask_d] * 2, device_id=0, outs=imgs, be=emu)
+    last = dict(_segments.LAST)
+    blend, apply = _segments.moved_bytes(emu, last)
+    vox = last["voxels"]
+    changed = sum(int(np.count_nonzero(emu.download(i) != before)) for i in imgs)
+    assert changed > 1000
+    writes, rem = divmod(apply - 9 * vox, 4)
+    # (a change too small to alter a float32 value is still written)
+    assert rem == 0 and changed <= writes <= changed * 1.001 + 2
+    C = _segments._columns()
+    T = last["T"]
+    grid = sum(int(np.prod(T[q, C.G_0 : C.G_0 + 3])) for q in range(last["ne"]))
+    reach = blend - 8 * vox - 4 * writes - 4 * grid
+    assert writes <= reach <= vox
+    wall = _plan(ph, organ_masks["colon"], "colon", 0, None)
+    _cuda.render_on_gpu([wall], [to_device(before.copy())], [to_device(organ_masks["colon"])],
+                        device_id=0, be=emu)  # fmt: skip
+    with pytest.raises(ValueError, match="ellipsoid tumors only"):
+        _segments.moved_bytes(emu, dict(_segments.LAST))
+    _segments.LAST.clear()
+
+
 def test_device_masks_are_made_when_first_read(emu, small_phantom, organ_masks):
     """A render of device data leaves its tumor masks on the device and makes their views
     only when the boxes are first read (as the CPU's masks, box by box); a host label map
