@@ -413,7 +413,8 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
             _segments.LAST.clear()
         g.sync()
         n, vox = last["n"], last["voxels"]
-        moved = _segments.moved_bytes(be, last)  # (blend, write-back), as the kernels take them
+        if scale == 1:  # (blend, write-back), as the kernels take them (the same plans after)
+            moved = _segments.moved_bytes(be, last)
         kernels = {
             # name: (launch, bytes moved, bytes per voxel of the tight boxes as counted before
             # (the figure of the README's 467e559 run, with the blend's read of the change

@@ -79,32 +79,44 @@ LAST: dict[str, Any] = {}
 def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
     """The bytes the fused blend and the write-back of a render kept in ``last`` (``LAST``
     after a render with ``KEEP_LAST``; its buffers still hold the render's values) read and
-    write, element by element as the kernels take them: every voxel of a tight box reads
-    its blur and original value (blend), its original value, merged change and mask byte
-    (write-back); a voxel the tumor reaches in the blend window also reads its organ byte
-    (and, with appearance modes, its q2), one with a change writes it (blend, 4 bytes) and
-    the image (write-back, the image's dtype). The texture grid counts once. (A figure per
-    voxel of the boxes overstates what moves: most of a box is out of the tumor's reach.)"""
+    write, element by element as the kernels take them (counted on the device):
+
+    * blend: every voxel of a tight box reads its blur and original value; one the blend's
+      test keeps (``b > 0`` and the value in the tissue window; a NaN passes, as in the
+      kernel) reads its organ byte and, with appearance modes, its q2 unless the organ byte
+      stops a clipped tumor; a change is written where it is not 0; the texture grid counts
+      once (its gathers mostly hit the cache). The per-row parameters are not counted.
+    * write-back: every voxel reads its original value, change and mask byte; a change
+      that is not 0 writes the image (its dtype's size).
+
+    A figure per voxel of the boxes overstates what moves: most of a box is out of the
+    tumor's reach. Renders of ellipsoid tumors only (host rows are kept elsewhere)."""
     if last["n"] != last["ne"]:
         raise ValueError("moved_bytes counts renders of ellipsoid tumors only")
     C = _columns()
-    T, TF, f32 = last["T"], last["TF"], last["f32"]
-    arena = be.download(f32.dev)
+    T, TF, f32, u8 = last["T"], last["TF"], last["f32"], last["u8"]
+    xp = be.xp
     size = {code: np.dtype(dt).itemsize for dt, code in _CODES.items()}
 
-    def buf(q: int, col: int, n: int) -> np.ndarray:
-        off = (int(T[q, col]) - f32.base) // 4
-        return arena[off : off + n]
+    def view(arena: _Arena, q: int, col: int, n: int):
+        off = (int(T[q, col]) - arena.base) // arena.dtype.itemsize
+        return arena.dev[off : off + n]
+
+    def count(a) -> int:
+        return int(xp.count_nonzero(a))
 
     blend = apply = 0
     for q in range(last["ne"]):
         n = math.prod(int(x) for x in T[q, C.TN0 : C.TN0 + 3])
-        b, o = buf(q, C.BLUR, n), buf(q, C.TORIG, n)
-        reach = int(np.count_nonzero((b > 0) & (o >= TF[q, C.F_TLO]) & (o <= TF[q, C.F_THI])))
+        b, o = view(f32, q, C.BLUR, n), view(f32, q, C.TORIG, n)
+        kept = ~((b <= 0) | (o < TF[q, C.F_TLO]) | (o > TF[q, C.F_THI]))
+        n_kept = count(kept)
         grid = math.prod(int(x) for x in T[q, C.G_0 : C.G_0 + 3])
-        blend += 8 * n + reach * (5 if T[q, C.TQ2] else 1) + 4 * grid
-        blend += 4 * int(np.count_nonzero(buf(q, C.DELTA, n)))
-        apply += 9 * n + size[int(T[q, C.DST_CODE])] * int(np.count_nonzero(buf(q, C.MERGED, n)))
+        blend += 8 * n + n_kept + 4 * grid + 4 * count(view(f32, q, C.DELTA, n))
+        if T[q, C.TQ2]:  # appearance modes: q2 where the organ byte does not stop it
+            q2 = kept & (view(u8, q, C.TORGAN, n) != 0) if T[q, C.CLIP] else kept
+            blend += 4 * count(q2)
+        apply += 9 * n + size[int(T[q, C.DST_CODE])] * count(view(f32, q, C.MERGED, n))
     return blend, apply
 
 
@@ -141,10 +153,12 @@ def dtype_code(dtype) -> int:
     code = _CODES.get(dtype) if isinstance(dtype, np.dtype) else None
     if code is not None:
         return code
-    try:
-        return _CODES[np.dtype(str(dtype))]
-    except KeyError:
-        raise ValueError(f"the GPU backend does not handle dtype {dtype}") from None
+    for spec in (dtype, str(dtype)):  # (a dtype, a scalar type, or a name: torch's too)
+        try:
+            return _CODES[np.dtype(spec)]
+        except (KeyError, TypeError):
+            pass
+    raise ValueError(f"the GPU backend does not handle dtype {dtype}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -757,7 +771,7 @@ def _render(
         LAST.clear()
         LAST.update(
             n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8), ne=ne, T=T,
-            TF=TF, f32=f32,
+            TF=TF, f32=f32, u8=u8,
             blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, TFd, FF, TDd, DD),
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref)),

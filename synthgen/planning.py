@@ -224,32 +224,41 @@ _GRID_ERROR = "control displacements must be (3, g0, g1, g2) nested lists of num
 
 class ControlGrid(Sequence):
     """A tumor's control-point displacements, ``(3, g0, g1, g2)`` mm (or none, for a wall
-    tumor): an immutable float64 array (:attr:`array`, read-only) that reads as the nested
-    lists of the plan's JSON: ``len``, indexing and iteration give nested lists, ``==``
-    compares values with another grid or with nested lists, ``repr`` and :meth:`tolist` are
-    the lists'; ``np.asarray(grid)`` is the array.
+    tumor): an immutable float64 array (:attr:`array`: read-only, over memory nobody can
+    write) that reads as the nested lists of the plan's JSON: ``len``, indexing and
+    iteration give nested tuples, ``==`` compares values with another grid or with nested
+    lists, ``repr`` and :meth:`tolist` are the lists'; ``np.asarray(grid)`` is the array.
 
     A planned tumor's grid never becomes Python floats unless it is written or read as
     lists: the renderers take the array (the GPU driver spent a tenth of a mix sample's
-    serial host time turning the plan's lists back into one).
+    serial host time turning the plan's lists back into one). A new grid is a new plan
+    field: ``dataclasses.replace(tumor, displacement_mm=...)``.
 
-    ``ControlGrid(values)``: nested lists or tuples of numbers, an array (copied) or another
-    grid; ragged lists, another depth or anything but numbers are a ``ValueError``.
+    ``ControlGrid(values)``: nested lists or tuples of numbers, a real-valued array (copied)
+    or another grid; none is ``()``, ``[]`` or a ``(0,)`` array. Another shape or depth,
+    ragged lists or anything but numbers are a ``ValueError``.
     """
 
     __slots__ = ("array",)
+    array: np.ndarray
 
     def __init__(self, values: Any = ()) -> None:
         if isinstance(values, ControlGrid):
             arr = values.array
-        elif isinstance(values, np.ndarray) and values.size:
-            if values.ndim != 4:
-                raise ValueError(f"{_GRID_ERROR}, got an array of shape {values.shape}")
-            arr = np.array(values, dtype=np.float64)
+        elif isinstance(values, np.ndarray):
+            if values.dtype.kind not in "biuf":
+                raise ValueError(f"{_GRID_ERROR}, got an array of dtype {values.dtype}")
+            # a copy over bytes: read-only, and no flag can make it writable
+            arr = np.frombuffer(np.ascontiguousarray(values, dtype=np.float64).tobytes(),
+                                dtype=np.float64).reshape(values.shape)  # fmt: skip
         else:
             arr = _parse_grid(values)
-        arr.flags.writeable = False
-        self.array: np.ndarray = arr
+        if arr.shape != (0,) and (arr.ndim != 4 or arr.shape[0] != 3 or arr.size == 0):
+            raise ValueError(f"{_GRID_ERROR}, got shape {arr.shape}")
+        object.__setattr__(self, "array", arr)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a ControlGrid is immutable")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -262,10 +271,10 @@ class ControlGrid(Sequence):
         return self.array.shape[0]
 
     def __getitem__(self, i):
-        return self.array[i].tolist()
+        return _tuples(self.array[i].tolist())
 
     def __iter__(self):
-        return iter(self.array.tolist())
+        return iter(_tuples(self.array.tolist()))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ControlGrid):
@@ -281,6 +290,8 @@ class ControlGrid(Sequence):
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         if dtype is not None and np.dtype(dtype) != self.array.dtype:
+            if copy is False:
+                raise ValueError(f"a ControlGrid as {np.dtype(dtype)} needs a copy")
             return self.array.astype(dtype)
         return self.array.copy() if copy else self.array
 
@@ -294,13 +305,18 @@ class ControlGrid(Sequence):
         return self
 
 
+def _tuples(x: Any) -> Any:
+    """Nested lists as nested tuples (numbers as they are)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
 def _parse_grid(d: Any) -> np.ndarray:
-    """Nested sequences of numbers, ``(n0, n1, n2, n3)`` regular, as a float64 array
-    (:func:`float64s` of their numbers); empty for none."""
+    """Nested sequences of numbers, ``(n0, n1, n2, n3)`` regular, as a read-only float64
+    array (:func:`float64s` of their numbers: over bytes); ``(0,)`` for none."""
     ch = itertools.chain.from_iterable
     try:
         if len(d) == 0:
-            return np.zeros(0)
+            return np.frombuffer(b"", dtype=np.float64)
         shape = (len(d), len(d[0]), len(d[0][0]), len(d[0][0][0]))
         rows2 = tuple(ch(d))
         rows3 = tuple(ch(rows2))

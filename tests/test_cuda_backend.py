@@ -442,6 +442,50 @@ def test_results_assembled_before_the_statistics(emu, small_phantom, organ_masks
     assert [r.volume_mm3 for r in got.tumors] == [r.volume_mm3 for r in ref.tumors]
 
 
+def test_moved_bytes_follows_the_kernels_tests():
+    """moved_bytes on hand-made tables: the blend's test (b > 0 and the value in the window;
+    NaN passes), the q2 of appearance rows where the organ byte does not stop a clipped
+    tumor, changes written where not 0, the texture grid once; the write-back's image writes
+    at its dtype's size, from the merged change (the change itself for a row without
+    partners)."""
+    from types import SimpleNamespace
+
+    C = _segments._columns()
+    nan = np.nan
+    f32 = np.array([0, 0.5, -1, 0.2, nan, 1.0,  # row 0: blur
+                    10, 10, 10, 500, 10, nan,  # orig
+                    0, 1.5, 0, 0, 0, -2,  # change (also the merged change)
+                    1, 1, 1, 0,  # row 1: blur
+                    0, 0, 0, 0,  # orig
+                    1, 0, 0, 0,  # change
+                    1, 0, 3, 0], dtype=np.float32)  # merged  # fmt: skip
+    u8 = np.array([1, 0, 1, 0], dtype=np.uint8)  # row 1: organ
+    fa = SimpleNamespace(dev=f32, base=4000, dtype=f32.dtype)
+    ua = SimpleNamespace(dev=u8, base=9000, dtype=u8.dtype)
+    T = np.zeros((2, C.T_WIDTH), dtype=np.int64)
+    TF = np.zeros((2, C.F_WIDTH), dtype=np.float32)
+    T[0, C.TN0 : C.TN0 + 3], T[1, C.TN0 : C.TN0 + 3] = (1, 2, 3), (1, 1, 4)
+    T[0, C.G_0 : C.G_0 + 3], T[1, C.G_0 : C.G_0 + 3] = (2, 2, 2), (1, 1, 1)
+    for q, cols in enumerate(((0, 6, 12, 12), (18, 22, 26, 30))):
+        for col, at in zip((C.BLUR, C.TORIG, C.DELTA, C.MERGED), cols, strict=True):
+            T[q, col] = fa.base + 4 * at
+    T[1, C.TORGAN], T[1, C.TQ2], T[1, C.CLIP] = ua.base, 12345, 1
+    T[0, C.DST_CODE], T[1, C.DST_CODE] = _segments.dtype_code(np.dtype(np.int16)), 0
+    TF[0, C.F_TLO], TF[0, C.F_THI], TF[1, C.F_TLO], TF[1, C.F_THI] = -100, 300, -1, 1
+    last = {"n": 2, "ne": 2, "T": T, "TF": TF, "f32": fa, "u8": ua}
+    be = SimpleNamespace(xp=np)
+    # row 0: 6 voxels, kept 3 (0.5, NaN blur, NaN value), 2 changes, grid 8, int16 image
+    # row 1: 4 voxels, kept 3, q2 2 (organ), 1 change, grid 1, merged 2, float32 image
+    assert _segments.moved_bytes(be, last) == (
+        (8 * 6 + 3 + 4 * 8 + 4 * 2) + (8 * 4 + 3 + 4 * 2 + 4 * 1 + 4 * 1),
+        (9 * 6 + 2 * 2) + (9 * 4 + 4 * 2),
+    )
+    T[1, C.CLIP] = 0  # unclipped: every kept voxel reads its q2
+    assert _segments.moved_bytes(be, last)[0] == 91 + 32 + 3 + 4 * 3 + 4 + 4
+    with pytest.raises(ValueError, match="ellipsoid tumors only"):
+        _segments.moved_bytes(be, {**last, "n": 3})
+
+
 def test_moved_bytes_counts_what_the_kernels_move(emu, small_phantom, organ_masks,
                                                   monkeypatch):  # fmt: skip
     """moved_bytes (gpu_check's bandwidth): one tumor per plan (no overlaps) rendered in place

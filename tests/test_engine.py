@@ -244,50 +244,73 @@ def test_plan_numbers_packed_as_numpy_converts_them(small_phantom, masks):
 
 
 def test_control_grid_is_numpy_conversion_held_immutably():
-    """ControlGrid: nested lists, tuples or arrays (3, g0, g1, g2) as np.asarray's float64
-    values, read-only; it reads as the nested lists (len, indexing, iteration, ==, repr,
-    tolist); none is () and (0,); ragged lists, another depth or anything but numbers are a
-    ValueError."""
+    """ControlGrid: nested lists, tuples or real arrays (3, g0, g1, g2) as np.asarray's
+    float64 values, immutable (no flag makes the array writable, no attribute is set, its
+    items are tuples); it reads as the nested lists (len, indexing, iteration as tuples, ==,
+    repr, tolist); none is (), [] or a (0,) array; another shape or depth, ragged lists or
+    anything but real numbers are a ValueError."""
     import copy
     import pickle
 
     from synthgen import ControlGrid
+    from synthgen.planning import _tuples
 
     rng = np.random.default_rng(8)
     a = rng.normal(0, 3, (3, 4, 2, 3))
     a[0, 0, 0, 0] = -0.0
     lists = a.tolist()
     for d in (lists, a, a.astype(np.float32), [*lists[:1], a[1].tolist(), a[2]],
-              tuple(map(tuple, lists)), ControlGrid(a)):  # fmt: skip
+              tuple(map(tuple, lists)), ControlGrid(a), a.astype(np.int64)):  # fmt: skip
         g = ControlGrid(d)
         ref = np.asarray(d if not isinstance(d, list) else [np.asarray(x) for x in d],
                          dtype=np.float64)  # fmt: skip
         assert g.array.dtype == np.float64 and g.shape == (3, 4, 2, 3) and len(g) == 3
         np.testing.assert_array_equal(g.array, ref)
-        assert not g.array.flags.writeable
-        assert g.tolist() == ref.tolist() and g == ref.tolist() and list(g) == ref.tolist()
-        assert g[1] == ref[1].tolist() and g[-1][3] == ref[2, 3].tolist()
+        assert g.tolist() == ref.tolist() and g == ref.tolist()
+        assert list(g) == [_tuples(x) for x in ref.tolist()] and g[1] == _tuples(ref[1].tolist())
+        assert g[-1][3] == _tuples(ref[2, 3].tolist()) and type(g[0][0][0][0]) is float
         assert repr(g) == repr(ref.tolist()) and np.asarray(g) is g.array
         assert np.asarray(g, dtype=np.float32).dtype == np.float32
         assert np.array(g) is not g.array and np.array(g).flags.writeable
+        with pytest.raises(ValueError, match="needs a copy"):
+            g.__array__(np.float32, copy=False)
+        # immutable: the array, the grid's attribute and its items
+        with pytest.raises(ValueError):
+            g.array.flags.writeable = True
+        with pytest.raises(ValueError):
+            g.array[0, 0, 0, 0] = 1.0
+        with pytest.raises(AttributeError, match="immutable"):
+            g.array = a
+        with pytest.raises(TypeError):
+            g[0][0][0][0] = 1.0  # type: ignore[index]
     g = ControlGrid(a)
     a[1, 1, 1, 1] = 99.0  # the grid holds a copy
     assert g.array[1, 1, 1, 1] != 99.0 and g != a.tolist() and g == ControlGrid(g.array)
     assert np.signbit(g.array[0, 0, 0, 0]) and g != ControlGrid(g.array[:, :, :, :2])
     assert copy.deepcopy(g) is g and pickle.loads(pickle.dumps(g)) == g
+    assert not pickle.loads(pickle.dumps(g)).array.flags.writeable
     assert (g == (1,)) is False and g != "x"
-    ints = ControlGrid([[[[1, 2]]]])
-    assert ints.tolist() == [[[[1.0, 2.0]]]] and ints.array.dtype == np.float64
-    for none in ([], (), np.zeros((0, 3))):
+    ints = ControlGrid([[[[1, 2]]], [[[3, 4]]], [[[5, 6]]]])
+    assert ints.tolist() == [[[[1.0, 2.0]]], [[[3.0, 4.0]]], [[[5.0, 6.0]]]]
+    for none in ([], (), np.zeros(0), ControlGrid()):
         e = ControlGrid(none)
         assert e.shape == (0,) and len(e) == 0 and e == [] and e.tolist() == []
+    three = [[[[1.0]]], [[[2.0]]]]  # completed to three components below
     bad = [
-        [[[[1.0, 2.0], [3.0]]]],  # ragged
-        [[[1.0, 2.0]]],  # three levels
-        [[[[1.0, [2.0]]]]],  # a list where a number belongs
-        [[[["1.0"]]]],  # a string
-        [[[1.0, 2.0], [[3.0]]]],  # a number where a list belongs
+        [*three, [[[1.0, 2.0]]]],  # ragged
+        [[[1.0, 2.0]]] * 3,  # three levels
+        [*three, [[[1.0, [2.0]]]]],  # a list where a number belongs
+        [*three, [[["1.0"]]]],  # a string
+        [*three, [[1.0]]],  # a number where a list belongs
+        three,  # two components
+        [[[[1.0]]]] * 4,  # four
+        [[[]]] * 3,  # no control points
         np.zeros((3, 3, 3)),
+        np.zeros((2, 3, 3, 3)),
+        np.zeros((0, 3)),
+        np.zeros((3, 3, 3, 3), dtype=complex),
+        np.full((3, 1, 1, 1), "1.5"),
+        np.full((3, 1, 1, 1), None),
         5.0,
         "abc",
         {"a": 1},
@@ -328,6 +351,11 @@ def test_tumor_plan_holds_its_displacements_as_a_grid(small_phantom, masks):
     np.testing.assert_array_equal(t2.displacement, moved)
     with pytest.raises(ValueError, match="tumor 3: control displacements"):
         dataclasses.replace(t, index=3, displacement_mm=[[1.0, 2.0]])
+    # the JSON form, pinned: nested lists of exact floats (an int given is written as float)
+    tiny = dataclasses.replace(t, displacement_mm=[[[[0.5, 1]]], [[[-0.0, 2.25]]],
+                                                   [[[1e-300, -3]]]])  # fmt: skip
+    text = dataclasses.replace(plan, tumors=[tiny]).to_json()
+    assert '"displacement_mm": [[[[0.5, 1.0]]], [[[-0.0, 2.25]]], [[[1e-300, -3.0]]]]' in text
 
 
 def test_centres_follow_the_placement_rules(small_phantom, masks):
