@@ -492,14 +492,16 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     const float* rf = TF + (long long)sg_s * FF;
-    const double* rd = TD + (long long)sg_s * FD;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
     const float* orig = (const float*)r[SG_TORIG];
     const unsigned char* organ = (const unsigned char*)r[SG_TORGAN];
     const float* blur = (const float*)r[SG_BLUR];
     const float* tgrid = (const float*)r[SG_GRID];
-    int gx = (int)r[SG_G_0], gy = (int)r[SG_G_1], gz = (int)r[SG_G_2];
-    double step = rd[SG_D_STEP];
+    int gy = (int)r[SG_G_1], gz = (int)r[SG_G_2];
+    // the voxel's trilinear coordinates on the texture grid, per axis index (the CPU's
+    // interp_coords tables, made by the host: no float64 division per voxel here)
+    const int* ixs = (const int*)r[SG_IX];
+    const float* fxs = (const float*)r[SG_FX];
     float* delta = (float*)r[SG_DELTA];
     float tlo = rf[SG_F_TLO], thi = rf[SG_F_THI];
     const float* tq2 = (const float*)r[SG_TQ2];
@@ -507,10 +509,6 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     const sg_u32* keys = (const sg_u32*)r[SG_KEYS];
     // the row's values in registers (the stores to delta could alias the tables for all the
     // compiler knows, so it would reload them per voxel)
-    const long long p0 = r[SG_TO0] - r[SG_C0], p1 = r[SG_TO1] - r[SG_C1];
-    const long long p2 = r[SG_TO2] - r[SG_C2];
-    const double sp0 = rd[SG_D_SP0], sp1 = rd[SG_D_SP1], sp2 = rd[SG_D_SP2];
-    const double tx0 = rd[SG_D_TX0], tx1 = rd[SG_D_TX1], tx2 = rd[SG_D_TX2];
     const float contrast = rf[SG_F_CONTRAST], organ_hu = rf[SG_F_ORGAN_HU];
     const int clip = (int)r[SG_CLIP];
     const int off0 = (int)r[SG_OFF0], off1 = (int)r[SG_OFF1], off2 = (int)r[SG_OFF2];
@@ -533,11 +531,8 @@ extern "C" __global__ void __launch_bounds__(256, 4)
             if (b <= 0.0f || v < tlo || v > thi) continue;
             int i, j, k;  // (the divisions only for voxels the tumor reaches)
             sg_unravel3(t, ny, nz, &i, &j, &k);
-            // the voxel's trilinear coordinates on the texture grid (interp_coords_nb)
-            int i0, i1, i2;
-            float f0 = sg_interp(sg_pos(p0 + i, sp0), tx0, step, gx, &i0);
-            float f1 = sg_interp(sg_pos(p1 + j, sp1), tx1, step, gy, &i1);
-            float f2 = sg_interp(sg_pos(p2 + k, sp2), tx2, step, gz, &i2);
+            const int i0 = ixs[i], i1 = ixs[nx + j], i2 = ixs[nx + ny + k];
+            const float f0 = fxs[i], f1 = fxs[nx + j], f2 = fxs[nx + ny + k];
             float tex = sg_texture_at(tgrid, gy, gz, i0, f0, i1, f1, i2, f2);
             float d;
             if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh

@@ -32,7 +32,7 @@ GD1, GD2, GA, GB, GRID, G_0 = 103, 106, 109, 110, 111, 112
 DELTA, MERGED, PART, NPART, DST, DST_CODE = 115, 116, 117, 118, 119, 120
 DS0, DO0, ROUND = 121, 124, 127
 Q2, TQ2, APP, KEYS, OFF0, KIND, ROWS = 128, 129, 130, 131, 132, 135, 136
-LBL, LBL_CODE, LBLS0, LBL_VAL, PRE, T_WIDTH = 137, 138, 139, 142, 143, 144
+LBL, LBL_CODE, LBLS0, LBL_VAL, PRE, IX, FX, T_WIDTH = 137, 138, 139, 142, 143, 144, 145, 146
 F_TLO, F_CONTRAST, F_ORGAN_HU, F_CMIN, F_WIDTH = 0, 2, 3, 4, 8
 D_ZSCALE, D_SP0, D_M, D_TX0, D_STEP, D_EXT0, D_WIDTH = 0, 6, 9, 18, 21, 22, 25
 
@@ -332,6 +332,35 @@ def phase_b_boxes_nb(hit, keep, lo, pad, nb_, jk, centre, sp, w_tn, w_to, w_job)
 
 #: The pack parts whose device addresses :func:`phase_b_nb` takes (``bases``), in order.
 BASES = ("part", "blur", "smooth", "band_starts", "band_weights", "band_inv", "app", "keys")
+
+
+@nb.njit(**_OPTS)
+def interp_tables_nb(tn, to, qe, centre, sp, origin, step, grid, ne):
+    """The blend's trilinear texture coordinates of ellipsoid rows ``r < ne`` (tight box
+    sizes ``tn``, origins ``to``; tumor ``qe[r]``'s ``centre`` and spacing ``sp``; the
+    texture grid's ``origin`` (mm), ``step`` and size ``grid`` per row): per index of each
+    axis, the CPU path's ``interp_coords_nb`` of the voxel's position (the same float64
+    operations: ``(index - centre) * spacing``). Returns ``(ix, fx, off)``: int32 base
+    indices and float32 fractions, row ``r``'s axes 0, 1, 2 from element ``off[r]`` on."""
+    off = np.zeros(ne, dtype=np.int64)
+    total = 0
+    for r in range(ne):
+        off[r] = total
+        total += tn[r, 0] + tn[r, 1] + tn[r, 2]
+    ix = np.zeros(max(total, 1), dtype=np.int32)
+    fx = np.zeros(max(total, 1), dtype=np.float32)
+    for r in range(ne):
+        q = qe[r]
+        at = off[r]
+        for a in range(3):
+            top = max(grid[r, a] - 2, 0)
+            for i in range(tn[r, a]):
+                u = ((to[r, a] + i - centre[q, a]) * sp[q, a] - origin[r, a]) / step[r]
+                b = min(max(int(np.floor(u)), 0), top)
+                ix[at] = b
+                fx[at] = min(max(u - b, 0.0), 1.0)
+                at += 1
+    return ix, fx, off
 
 
 @nb.njit(**_OPTS)

@@ -1154,19 +1154,13 @@ def test_kernel_blend_merge_apply(backend, small_phantom, organ_masks):
         rows.put(s, "BLUR", blur)
         rows.put(s, "GRID", g)
         rows.set(s, "G_0", *g.shape)
-        # voxel positions (TO + i - C) * spacing = i * 1.3 on a grid at -0.5 + 2 j
+        # the texture coordinates of voxel positions i * 1.3 on a grid at -0.5 + 2 j, as the
+        # host makes them (interp_tables_nb): axes 0, 1, 2 one after the other
+        rows.put(s, "IX", np.concatenate([c[0] for c in ic]).astype(np.int32))
+        rows.put(s, "FX", np.concatenate([c[1] for c in ic]).astype(np.float32))
         rows.set(s, "TN0", *shp)
         rows.set(s, "TO0", *o)
         rows.set(s, "C0", *o)
-        rows.TD[s, [C.D_SP0, C.D_SP1, C.D_SP2, C.D_TX0, C.D_TX1, C.D_TX2, C.D_STEP]] = (
-            1.3,
-            1.3,
-            1.3,
-            -0.5,
-            -0.5,
-            -0.5,
-            2.0,
-        )
         rows.set(s, "CLIP", s)
         if s == 1:
             rows.put(s, "TQ2", q2)
