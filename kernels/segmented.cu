@@ -481,6 +481,32 @@ extern "C" __global__ void sg_seg_tex_scale(const int* __restrict__ S, int nS,
     }
 }
 
+// Phase B: the blend's trilinear texture coordinates, once per index of each tight-box axis
+// (element t: axis 0's nx, then axis 1's ny, then axis 2's nz indices), from the voxel's
+// position (index - centre) * spacing mm and the texture grid's origin and step: the CPU
+// path's interp_coords tables, the same float64 operations (sg_interp), which the blend
+// would otherwise redo for every voxel it reaches.
+extern "C" __global__ void sg_seg_interp(const int* __restrict__ S, int nS,
+                                         const long long* __restrict__ T, int F,
+                                         const double* __restrict__ TD, int FD)
+{
+    SG_SEG_BEGIN;
+    const long long* r = T + (long long)sg_s * F;
+    if (r[SG_KIND]) return;
+    const double* rd = TD + (long long)sg_s * FD;
+    const long long n0 = r[SG_TN0], n1 = r[SG_TN1], n2 = r[SG_TN2];
+    int* ixs = (int*)r[SG_INTERP];
+    float* fxs = (float*)(ixs + n0 + n1 + n2);
+    SG_SEG_LOOP(n0 + n1 + n2) {
+        const int a = t < n0 ? 0 : (t < n0 + n1 ? 1 : 2);
+        const long long q = t - (a == 0 ? 0 : (a == 1 ? n0 : n0 + n1));
+        const double pos = sg_pos(r[SG_TO0 + a] + q - r[SG_C0 + a], rd[SG_D_SP0 + a]);
+        int b;
+        fxs[t] = sg_interp(pos, rd[SG_D_TX0 + a], rd[SG_D_STEP], (int)r[SG_G_0 + a], &b);
+        ixs[t] = b;
+    }
+}
+
 // The fused blend of every segment into its own change buffer, zeroed by the gather (as
 // sg_blend_tumor).
 // (at most 64 registers: four blocks of 256 threads per SM; ptxas needs no spills for it)
@@ -498,10 +524,10 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     const float* blur = (const float*)r[SG_BLUR];
     const float* tgrid = (const float*)r[SG_GRID];
     int gy = (int)r[SG_G_1], gz = (int)r[SG_G_2];
-    // the voxel's trilinear coordinates on the texture grid, per axis index (the CPU's
-    // interp_coords tables, made by the host: no float64 division per voxel here)
-    const int* ixs = (const int*)r[SG_IX];
-    const float* fxs = (const float*)r[SG_FX];
+    // the voxel's trilinear coordinates on the texture grid, per axis index (sg_seg_interp's
+    // tables: no float64 division per voxel here)
+    const int* ixs = (const int*)r[SG_INTERP];
+    const float* fxs = (const float*)(ixs + nx + ny + nz);
     float* delta = (float*)r[SG_DELTA];
     float tlo = rf[SG_F_TLO], thi = rf[SG_F_THI];
     const float* tq2 = (const float*)r[SG_TQ2];

@@ -157,12 +157,11 @@
 #define SG_LBL_VAL 142
 // phase A: the B-spline prefilter of the tumor's control grid (g x g float64, row major)
 #define SG_PRE 143
-// phase B: the blend's trilinear texture coordinates per index of each tight-box axis (the
-// CPU path's interp_coords tables, made by the host): int32 base indices and float32
-// fractions, axis 0's nx, then axis 1's ny, then axis 2's nz entries
-#define SG_IX 144
-#define SG_FX 145
-#define SG_T_WIDTH 146
+// phase B: the blend's trilinear texture coordinates per index of each tight-box axis
+// (sg_seg_interp: the CPU path's interp_coords tables): nx + ny + nz int32 base indices
+// (axis 0's, then 1's, then 2's), then as many float32 fractions
+#define SG_INTERP 144
+#define SG_T_WIDTH 145
 
 // ---- float32 table TF ------------------------------------------------------------------
 #define SG_F_TLO 0
@@ -213,6 +212,19 @@
 // float64, as the host's (np.arange(..) - centre) * spacing.
 SG_FN double sg_pos(long long d, double spacing) { return (double)d * spacing; }
 SG_FN float sg_pos_f32(long long d, double spacing) { return (float)sg_pos(d, spacing); }
+
+// Trilinear base index (returned in *b) and fraction of a position on a texture grid axis of
+// n points: synthgen._cpu_kernels.interp_coords_nb, the same float64 operations.
+SG_FN float sg_interp(double pos, double origin, double step, int n, int* b) {
+    double u = (pos - origin) / step;
+    long long fl = (long long)floor(u);
+    int top = n - 2 > 0 ? n - 2 : 0;
+    long long c = fl < 0 ? 0 : (fl > top ? top : fl);
+    *b = (int)c;
+    double f = u - (double)c;
+    f = f < 0.0 ? 0.0 : (f > 1.0 ? 1.0 : f);
+    return (float)f;
+}
 
 // A voxel as float32 (as NumPy's astype(float32) rounds).
 SG_FN float sg_load_f32(const void* p, int code, long long i) {

@@ -47,6 +47,7 @@ KERNELS = {
         "sg_seg_blocks",
         "sg_seg_tex_stats",
         "sg_seg_tex_scale",
+        "sg_seg_interp",
         "sg_seg_blend",
         "sg_seg_merge",
         "sg_seg_apply",

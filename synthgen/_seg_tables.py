@@ -32,7 +32,7 @@ GD1, GD2, GA, GB, GRID, G_0 = 103, 106, 109, 110, 111, 112
 DELTA, MERGED, PART, NPART, DST, DST_CODE = 115, 116, 117, 118, 119, 120
 DS0, DO0, ROUND = 121, 124, 127
 Q2, TQ2, APP, KEYS, OFF0, KIND, ROWS = 128, 129, 130, 131, 132, 135, 136
-LBL, LBL_CODE, LBLS0, LBL_VAL, PRE, IX, FX, T_WIDTH = 137, 138, 139, 142, 143, 144, 145, 146
+LBL, LBL_CODE, LBLS0, LBL_VAL, PRE, INTERP, T_WIDTH = 137, 138, 139, 142, 143, 144, 145
 F_TLO, F_CONTRAST, F_ORGAN_HU, F_CMIN, F_WIDTH = 0, 2, 3, 4, 8
 D_ZSCALE, D_SP0, D_M, D_TX0, D_STEP, D_EXT0, D_WIDTH = 0, 6, 9, 18, 21, 22, 25
 
@@ -41,14 +41,14 @@ _MIRRORED = {k: v for k, v in globals().items()
 
 #: Phase B's float32 scratch buffers per row, in the order of the layout's columns.
 F32 = ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0",
-       "frac", "ga", "gb", "grid", "tq2", "delta")  # fmt: skip
+       "frac", "ga", "gb", "grid", "tq2", "delta", "interp")  # fmt: skip
 # their columns in the layout (unpacking fails if F32 changes length)
 (_TORIG, _MASKF, _BX0, _BX1, _BLUR, _MERGED, _OUT, _NOISE, _ZA, _ZB, _Z0, _FRAC, _GA, _GB,
- _GRID, _TQ2, _DELTA) = range(len(F32))  # fmt: skip
+ _GRID, _TQ2, _DELTA, _INTERP) = range(len(F32))  # fmt: skip
 # (the buffers whose address goes into the column of the same name)
 _F32_COLS = ((_TORIG, TORIG), (_MASKF, MASKF), (_BX0, BX0), (_BX1, BX1), (_BLUR, BLUR),
              (_NOISE, NOISE), (_ZA, ZA), (_ZB, ZB), (_Z0, Z0), (_FRAC, FRAC), (_GA, GA),
-             (_GB, GB), (_GRID, GRID), (_DELTA, DELTA))  # fmt: skip
+             (_GB, GB), (_GRID, GRID), (_DELTA, DELTA), (_INTERP, INTERP))  # fmt: skip
 
 
 # Runs of header columns the fills write as base + offset (beyond each "...0" base, whose
@@ -123,7 +123,8 @@ def layout_nb(sizes, itemsize):
 #: launch's elements per row; 0 where a row takes no part, such as host rows in the texture).
 #: (``merged``: the rows that have merge partners, whose merge writes that buffer; ``out``:
 #: every row, the write-back's and the label write's.)
-SCHED_B = ("maskf", "merged", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid")
+SCHED_B = ("maskf", "merged", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid",
+           "interp")  # fmt: skip
 _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 
 
@@ -267,6 +268,9 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part):
         f32[r, _GB] = gs[0] * gs[1] * bs[2]
         f32[r, _GRID] = gs[0] * gs[1] * gs[2]
         f32[r, _TQ2] = v if has_app[r] else 0
+        # the blend's texture coordinates: an int32 index and a float32 fraction per index
+        # of each axis (sg_seg_interp's schedule walks the first half)
+        f32[r, _INTERP] = 2 * (tn[r, 0] + tn[r, 1] + tn[r, 2])
         u8[r, 0] = v
         u8[r, 1] = v
     return f32, u8
@@ -332,35 +336,6 @@ def phase_b_boxes_nb(hit, keep, lo, pad, nb_, jk, centre, sp, w_tn, w_to, w_job)
 
 #: The pack parts whose device addresses :func:`phase_b_nb` takes (``bases``), in order.
 BASES = ("part", "blur", "smooth", "band_starts", "band_weights", "band_inv", "app", "keys")
-
-
-@nb.njit(**_OPTS)
-def interp_tables_nb(tn, to, qe, centre, sp, origin, step, grid, ne):
-    """The blend's trilinear texture coordinates of ellipsoid rows ``r < ne`` (tight box
-    sizes ``tn``, origins ``to``; tumor ``qe[r]``'s ``centre`` and spacing ``sp``; the
-    texture grid's ``origin`` (mm), ``step`` and size ``grid`` per row): per index of each
-    axis, the CPU path's ``interp_coords_nb`` of the voxel's position (the same float64
-    operations: ``(index - centre) * spacing``). Returns ``(ix, fx, off)``: int32 base
-    indices and float32 fractions, row ``r``'s axes 0, 1, 2 from element ``off[r]`` on."""
-    off = np.zeros(ne, dtype=np.int64)
-    total = 0
-    for r in range(ne):
-        off[r] = total
-        total += tn[r, 0] + tn[r, 1] + tn[r, 2]
-    ix = np.zeros(max(total, 1), dtype=np.int32)
-    fx = np.zeros(max(total, 1), dtype=np.float32)
-    for r in range(ne):
-        q = qe[r]
-        at = off[r]
-        for a in range(3):
-            top = max(grid[r, a] - 2, 0)
-            for i in range(tn[r, a]):
-                u = ((to[r, a] + i - centre[q, a]) * sp[q, a] - origin[r, a]) / step[r]
-                b = min(max(int(np.floor(u)), 0), top)
-                ix[at] = b
-                fx[at] = min(max(u - b, 0.0), 1.0)
-                at += 1
-    return ix, fx, off
 
 
 @nb.njit(**_OPTS)

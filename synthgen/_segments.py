@@ -516,7 +516,6 @@ def _render(
         BASES,
         F32,
         SCHED_B,
-        interp_tables_nb,
         phase_a_nb,
         phase_a_sizes_nb,
         phase_b_boxes_nb,
@@ -681,9 +680,6 @@ def _render(
     tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
     boffs, blen = boffs.reshape(n, 3)[live], blen.reshape(n, 3)[live]
     blur_ref, smooth_ref = pack.add(bpack), pack.add(tx.kern)
-    # the blend's texture coordinates per index of each axis (the CPU's tables)
-    ix, fx, ioff = interp_tables_nb(tn, to, qe, centre, sp, tx.origin, tx.step, tx.grid, ne)
-    ix_ref, fx_ref = pack.add(ix), pack.add(fx)
     # the lattice bands of all axes: three packed arrays, rows addressed by offset
     band_refs = (pack.add(tx.starts), pack.add(tx.weights), pack.add(tx.inv))
     part_ref = pack.add(part_flat)
@@ -732,8 +728,6 @@ def _render(
                TA, app_row, app_step, key_step, boffs, blen, tx.row, tx.woff, tx.koff, tx.klen,
                tx.kk, tx.goff, tx.lat0, ln, tx.noise_key, tx.bern_key, bs, tx.block0, gs,
                contrast, tx.scalars, tx.origin, tx.step)  # fmt: skip
-    T[:ne, C.IX] = base[ix_ref] + 4 * ioff
-    T[:ne, C.FX] = base[fx_ref] + 4 * ioff
     # host rows: only merge and write-back read them
     for w_, (r_orig, r_delta, r_mask) in enumerate(host_refs):
         q = ne + w_
@@ -767,6 +761,7 @@ def _render(
     txs = pack.arg(be, tx_ref)
     launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
     launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
+    launch("sg_seg_interp", "interp", TDd, DD)
     launch("sg_seg_blend", "maskf", TFd, FF, TDd, DD)
     launch("sg_seg_merge", "merged")  # (the rows with partners; the others' change is final)
     launch("sg_seg_apply", "out", TFd, FF, pack.arg(be, st_ref))

@@ -813,6 +813,59 @@ def test_kernel_conv_is_the_cpu_correlation(backend):
         np.testing.assert_array_equal(be.download(out), ref)
 
 
+def test_kernel_interp(backend):
+    """sg_seg_interp: the blend's texture coordinates per index of each axis of a segment's
+    tight box are the CPU's interp_coords_nb of its positions (index - centre) * spacing,
+    bit for bit: positions before, inside and beyond the grid, a grid of one or two points,
+    an empty axis; nothing is written past a segment's tables, and host rows are left."""
+    be, dev = backend
+    rng = np.random.default_rng(33)
+    n_seg = 7
+    rows = _Rows(be, dev, n_seg)
+    C = rows.C
+    cases, outs = [], []
+    for s in range(n_seg):
+        n = rng.integers(0, 30, 3)
+        if s == 4:
+            n[1] = 0  # an empty axis
+        to = rng.integers(-5, 60, 3)
+        centre = to + rng.integers(-10, 40, 3)
+        sp = rng.uniform(0.4, 3.0, 3)
+        origin = rng.uniform(-60.0, 10.0, 3)
+        step = float(rng.uniform(1.0, 6.0))
+        grid = rng.integers(1, 20, 3)
+        if s == 5:
+            grid[:] = (1, 2, 3)
+        rows.set(s, "TN0", *n)
+        rows.set(s, "TO0", *to)
+        rows.set(s, "C0", *centre)
+        rows.set(s, "G_0", *grid)
+        rows.set(s, "KIND", int(s == 6))  # a host row: no tables
+        rows.TD[s, C.D_SP0 : C.D_SP0 + 3] = sp
+        rows.TD[s, C.D_TX0 : C.D_TX0 + 3] = origin
+        rows.TD[s, C.D_STEP] = step
+        out = rows.put(s, "INTERP", np.full(2 * int(n.sum()) + 1, np.nan, np.float32))
+        cases.append((n, to, centre, sp, origin, step, grid))
+        outs.append(out)
+    rows.launch("sg_seg_interp", [int(c[0].sum()) for c in cases], td=True)
+    for s, (case, out) in enumerate(zip(cases, outs, strict=True)):
+        n, to, centre, sp, origin, step, grid = case
+        got = be.download(out)
+        m = int(n.sum())
+        assert np.isnan(got[-1])  # nothing past the tables
+        if s == 6:
+            assert np.isnan(got).all()
+            continue
+        ix, fx = got[:m].view(np.int32), got[m : 2 * m]
+        at = 0
+        for a in range(3):
+            pos = (np.arange(to[a], to[a] + n[a]) - centre[a]) * sp[a]
+            i0, f = k.interp_coords_nb(pos, origin[a], step, int(grid[a]))
+            np.testing.assert_array_equal(ix[at : at + n[a]], i0)
+            assert fx[at : at + n[a]].tobytes() == f.tobytes(), (s, a)
+            at += n[a]
+
+
 def test_kernel_weights(backend):
     """sg_seg_weights: the B-spline weight rows of each segment's box, axis after axis, are
     the CPU's (bspline_matrix of the positions rendering._shape_inputs computes), bit for
@@ -1154,10 +1207,11 @@ def test_kernel_blend_merge_apply(backend, small_phantom, organ_masks):
         rows.put(s, "BLUR", blur)
         rows.put(s, "GRID", g)
         rows.set(s, "G_0", *g.shape)
-        # the texture coordinates of voxel positions i * 1.3 on a grid at -0.5 + 2 j, as the
-        # host makes them (interp_tables_nb): axes 0, 1, 2 one after the other
-        rows.put(s, "IX", np.concatenate([c[0] for c in ic]).astype(np.int32))
-        rows.put(s, "FX", np.concatenate([c[1] for c in ic]).astype(np.float32))
+        # the texture coordinates of voxel positions i * 1.3 on a grid at -0.5 + 2 j, as
+        # sg_seg_interp leaves them: the indices of axes 0, 1, 2, then their fractions
+        ix = np.concatenate([c[0] for c in ic]).astype(np.int32)
+        fx = np.concatenate([c[1] for c in ic]).astype(np.float32)
+        rows.put(s, "INTERP", np.concatenate([ix.view(np.float32), fx]))
         rows.set(s, "TN0", *shp)
         rows.set(s, "TO0", *o)
         rows.set(s, "C0", *o)
