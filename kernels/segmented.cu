@@ -19,6 +19,15 @@
 #include "texture.cuh"
 #include "blend.cuh"
 
+// Element t of a walk over the indices of a box's three axes (n0 of axis 0, then n1 of axis
+// 1, then n2 of axis 2): its axis (returned) and its index on that axis (*q).
+SG_FN int sg_axis_of(long long t, long long n0, long long n1, long long* q)
+{
+    const int a = t < n0 ? 0 : (t < n0 + n1 ? 1 : 2);
+    *q = t - (a == 0 ? 0 : (a == 1 ? n0 : n0 + n1));
+    return a;
+}
+
 // The segment of block b: the last s with S[s] <= b (segments without blocks are skipped:
 // their S[s] equals the next one's). All threads of a block search the same few entries.
 SG_FN int sg_segment_of(const int* __restrict__ S, int n, int b)
@@ -124,8 +133,8 @@ extern "C" __global__ void sg_seg_weights(const int* __restrict__ S, int nS,
     const double* pre = (const double*)r[SG_PRE];
     float* w = (float*)r[SG_W0];
     SG_SEG_LOOP(n0 + n1 + n2) {
-        const int a = t < n0 ? 0 : (t < n0 + n1 ? 1 : 2);
-        const long long q = t - (a == 0 ? 0 : (a == 1 ? n0 : n0 + n1));
+        long long q;
+        const int a = sg_axis_of(t, n0, n1, &q);
         const double ext = rd[SG_D_EXT0 + a];
         const double scale = (double)(g - 1) / (2.0 * ext);
         const double pos = sg_pos(r[SG_O0 + a] + q - r[SG_C0 + a], rd[SG_D_SP0 + a]);
@@ -498,8 +507,8 @@ extern "C" __global__ void sg_seg_interp(const int* __restrict__ S, int nS,
     int* ixs = (int*)r[SG_INTERP];
     float* fxs = (float*)(ixs + n0 + n1 + n2);
     SG_SEG_LOOP(n0 + n1 + n2) {
-        const int a = t < n0 ? 0 : (t < n0 + n1 ? 1 : 2);
-        const long long q = t - (a == 0 ? 0 : (a == 1 ? n0 : n0 + n1));
+        long long q;
+        const int a = sg_axis_of(t, n0, n1, &q);
         const double pos = sg_pos(r[SG_TO0 + a] + q - r[SG_C0 + a], rd[SG_D_SP0 + a]);
         int b;
         fxs[t] = sg_interp(pos, rd[SG_D_TX0 + a], rd[SG_D_STEP], (int)r[SG_G_0 + a], &b);

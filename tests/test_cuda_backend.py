@@ -813,6 +813,15 @@ def test_kernel_conv_is_the_cpu_correlation(backend):
         np.testing.assert_array_equal(be.download(out), ref)
 
 
+def _random_box(rng, n_hi: int, c_hi: int, sp_lo: float):
+    """A segment's random box, per axis: sizes (below ``n_hi``), origin, a centre up to
+    ``c_hi`` past it, spacing (``sp_lo`` to 3 mm)."""
+    n = rng.integers(0, n_hi, 3)
+    lo = rng.integers(-5, 60, 3)
+    centre = lo + rng.integers(-10, c_hi, 3)
+    return n, lo, centre, rng.uniform(sp_lo, 3.0, 3)
+
+
 def test_kernel_interp(backend):
     """sg_seg_interp: the blend's texture coordinates per index of each axis of a segment's
     tight box are the CPU's interp_coords_nb of its positions (index - centre) * spacing,
@@ -825,12 +834,9 @@ def test_kernel_interp(backend):
     C = rows.C
     cases, outs = [], []
     for s in range(n_seg):
-        n = rng.integers(0, 30, 3)
+        n, to, centre, sp = _random_box(rng, 30, 40, 0.4)
         if s == 4:
             n[1] = 0  # an empty axis
-        to = rng.integers(-5, 60, 3)
-        centre = to + rng.integers(-10, 40, 3)
-        sp = rng.uniform(0.4, 3.0, 3)
         origin = rng.uniform(-60.0, 10.0, 3)
         step = float(rng.uniform(1.0, 6.0))
         grid = rng.integers(1, 20, 3)
@@ -882,12 +888,9 @@ def test_kernel_weights(backend):
     assert max(gs) == C.G_MAX
     cases, outs = [], []
     for s, g in enumerate(gs):
-        n = rng.integers(0, 40, 3)
+        n, lo, centre, sp = _random_box(rng, 40, 50, 0.5)
         if s == 6:
             n[1] = 0  # an empty axis
-        lo = rng.integers(-5, 60, 3)
-        centre = lo + rng.integers(-10, 50, 3)
-        sp = rng.uniform(0.5, 3.0, 3)
         ext = rng.uniform(2.0, 30.0, 3)  # small extents: positions beyond the grid too
         if s == 7:
             ext[2] = np.nan  # a degenerate extent: NaN positions, rows of zeros as on the CPU
