@@ -12,6 +12,7 @@ is a warp applied before the engine on either backend).
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -673,6 +674,35 @@ def test_kernel_on_a_schedule_with_an_empty_segment(backend):
             continue
         ref = k.lattice_uniform(11 + s, 99, -s, n[0], 2 * s, n[1], 5, n[2], np.float32(0.5))
         np.testing.assert_array_equal(got, ref)
+
+
+def test_kernel_on_a_schedule_of_many_segments(backend):
+    """Blocks find their segment among more than 32 * 32 of them (three rounds of the 32-ary
+    search), with runs of segments given no blocks at the start, in between and at the end:
+    every segment with elements is done whole by its own blocks, the others are left alone."""
+    be, dev = backend
+    rng = np.random.default_rng(31)
+    n = 1100
+    sizes = [tuple(int(x) for x in rng.integers(1, 4, 3)) for _ in range(n)]
+    empty = set(range(5)) | set(range(500, 540)) | set(range(n - 7, n))
+    empty |= set(rng.choice(n, 200, replace=False).tolist())
+    rows = _Rows(be, dev, n)
+    outs = []
+    for s, shp in enumerate(sizes):
+        rows.set(s, "LA0", s % 7 - 3, s % 5, -(s % 11))
+        rows.set(s, "LN0", *shp)
+        rows.set(s, "NK0", 1000 + s, 77)
+        outs.append(rows.put(s, "NOISE", np.full(shp, np.nan, np.float32)))
+    rows.launch("sg_seg_lattice", [0 if s in empty else math.prod(shp)
+                                   for s, shp in enumerate(sizes)])  # fmt: skip
+    for s, (shp, out) in enumerate(zip(sizes, outs, strict=True)):
+        got = be.download(out)
+        if s in empty:
+            assert np.isnan(got).all(), s
+            continue
+        ref = k.lattice_uniform(1000 + s, 77, s % 7 - 3, shp[0], s % 5, shp[1], -(s % 11),
+                                shp[2], np.float32(0.5))  # fmt: skip
+        np.testing.assert_array_equal(got, ref, err_msg=f"segment {s}")
 
 
 def test_displacements_grouped_by_their_own_grid():
