@@ -20,13 +20,15 @@ liver), with the image resident on the GPU and rendered in place:
   result's boxes;
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
-* the flat block schedules against the 2-D grid of the kernels before them (every row
-  launched with the largest row's blocks) and against flat schedules of 4x the elements
-  per block, alternating on the same plans: a mix sample, a mix batch of 16 and a tiny
-  batch of 64, call wall time and kernel device time;
+* the flat block schedules (by default a launch past 32 blocks per SM gets longer blocks)
+  against the same without that limit, the 2-D grid of the kernels before them (every row
+  launched with the largest row's blocks) and flat schedules of 4x the elements per block,
+  alternating on the same plans: a mix sample, a mix batch of 16 and a tiny batch of 64,
+  call wall time and kernel device time;
 * the achieved bandwidth of the fused segmented kernels (blend, write-back), re-launched on
   the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy,
-  with 1, 2, 4 and 8 times the default elements per block (the target reads the default;
+  on the default schedules and without the block limit at 1, 2, 4 and 8 times the default
+  elements per block (the target reads the default;
   ``--only-bandwidth`` runs just this, e.g. under ``ncu -k regex:'sg_seg_(blend|apply)'``).
   The bytes are those the kernels read and write, counted element by element from the
   render's buffers (``synthgen._segments.moved_bytes``: most voxels of a box are out of the
@@ -327,16 +329,20 @@ def bench_kernels(g: Gpu, sc: Scene) -> list[dict]:
     return rows
 
 
-#: bench_schedules' launch geometries: (name, _segments.GRID2D, _segments.BLOCK_SCALE).
-GEOMETRIES = (("flat", False, 1), ("2-D grid (before)", True, 1),
-              ("flat, 4x elements per block", False, 4))  # fmt: skip
+#: bench_schedules' launch geometries: (name, _segments.GRID2D, _segments.BLOCK_SCALE,
+#: _segments.LIMIT_BLOCKS); the first is the default.
+GEOMETRIES = (("flat, at most 32 blocks per SM a launch (default)", False, 1, True),
+              ("flat, no limit", False, 1, False), ("2-D grid (before)", True, 1, False),
+              ("flat, 4x elements per block, no limit", False, 4, False))  # fmt: skip
 
 
 def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
-    """The flat block schedules against the 2-D grid before them (``_segments.GRID2D``: every
-    row launched with the largest row's blocks) and against flat schedules of fewer, longer
-    blocks (``_segments.BLOCK_SCALE`` 4), on the same plans, alternating: the call's wall
-    time (host work included, device synchronised) and its kernels' device time."""
+    """The flat block schedules (by default a launch past 32 blocks per SM gets longer
+    blocks: ``_segments.LIMIT_BLOCKS``) against the same without that limit, against the
+    2-D grid before them (``_segments.GRID2D``: every row launched with the largest row's
+    blocks) and against flat schedules of fewer, longer blocks everywhere
+    (``_segments.BLOCK_SCALE`` 4), on the same plans, alternating: the call's wall time
+    (host work included, device synchronised) and its kernels' device time."""
     from synthgen import _segments
 
     be, img_d, mask_d = g.be, sc.img_d, sc.mask_d
@@ -346,11 +352,12 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
         plans = sc.plans(11_000_000, n_plans, size)
         outs = [img_d.copy() for _ in plans]
         args = (plans, [img_d] * n_plans, [mask_d] * n_plans)
-        best = {name: [np.inf, np.inf] for name, _, _ in GEOMETRIES}
+        best = {name: [np.inf, np.inf] for name, *_ in GEOMETRIES}
         try:
             for _ in range(1 if g.emulate else 4):
-                for name, grid2d, scale in GEOMETRIES:
+                for name, grid2d, scale, limit in GEOMETRIES:
                     _segments.GRID2D, _segments.BLOCK_SCALE = grid2d, scale
+                    _segments.LIMIT_BLOCKS = limit
                     for o in outs:  # fresh images: each call renders the same work
                         o[...] = img_d
                     g.sync()
@@ -367,8 +374,8 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
                     b = best[name]
                     b[0], b[1] = min(b[0], wall), min(b[1], busy)
         finally:
-            _segments.GRID2D, _segments.BLOCK_SCALE = False, 1
-        for name, _, _ in GEOMETRIES:
+            _segments.GRID2D, _segments.BLOCK_SCALE, _segments.LIMIT_BLOCKS = False, 1, True
+        for name, *_ in GEOMETRIES:
             rows.append({"plans": n_plans, "class": size, "schedule": name,
                          "wall_ms": best[name][0], "kernels_ms": best[name][1]})  # fmt: skip
             print(f"  {rows[-1]}")
@@ -378,9 +385,10 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
 
 def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     """Bandwidth of the fused segmented kernels on a batch of large tumors (re-launched on the
-    batch's own tables) against a device-to-device copy; with the schedules' elements per
-    block at 1, 2, 4 and 8 times the backend's rule (``_segments.BLOCK_SCALE``; the target
-    reads the default, 1)."""
+    batch's own tables) against a device-to-device copy: on the default schedules (a launch
+    past 32 blocks per SM gets longer blocks: ``_segments.LIMIT_BLOCKS``; the target reads
+    these), and without that limit at 1, 2, 4 and 8 times the backend's elements per block
+    (``_segments.BLOCK_SCALE``)."""
     from synthgen import _segments
 
     be = g.be
@@ -399,21 +407,23 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     copy_gbs = 2 * nbytes * reps / (stop() * 1e-3) / 1e9
     del a, b
     rows = [{"kernel": "device copy (reference)", "gb_s": copy_gbs, "fraction": 1.0}]
-    for scale in (1, 4) if g.emulate else (1, 2, 4, 8):
+    variants = [(1, True)] + [(s, False) for s in ((1, 4) if g.emulate else (1, 2, 4, 8))]
+    moved = None
+    for scale, limit in variants:
         outs = [img_d.copy() for _ in plans]
         _segments.KEEP_LAST = True
-        _segments.BLOCK_SCALE = scale
+        _segments.BLOCK_SCALE, _segments.LIMIT_BLOCKS = scale, limit
         try:
             _cuda.render_on_gpu(plans, [img_d] * n_plans, [mask_d] * n_plans, device_id=0,
                                 outs=outs, be=be)  # fmt: skip
             last = dict(_segments.LAST)
         finally:
             _segments.KEEP_LAST = False
-            _segments.BLOCK_SCALE = 1
+            _segments.BLOCK_SCALE, _segments.LIMIT_BLOCKS = 1, True
             _segments.LAST.clear()
         g.sync()
         n, vox = last["n"], last["voxels"]
-        if scale == 1:  # (blend, write-back), as the kernels take them (the same plans after)
+        if moved is None:  # (blend, write-back), as the kernels take them (the same plans after)
             moved = _segments.moved_bytes(be, last)
         kernels = {
             # name: (launch, bytes moved, bytes per voxel of the tight boxes as counted before
@@ -439,11 +449,17 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
             ms = stop() / reps
             gbs = nbytes_k / (ms * 1e-3) / 1e9
             nominal = vox * per_voxel / (ms * 1e-3) / 1e9
-            label = name if scale == 1 else f"{name}, {scale}x elements per block"
+            launches = int(last["blend" if "blend" in name else "apply"][0])
+            label = (
+                f"{name}, {launches} blocks"
+                if limit
+                else f"{name}, no limit, {scale}x elements per block, {launches} blocks"
+            )
             rows.append({"kernel": label, "ms": ms, "gb_s": gbs, "fraction": gbs / copy_gbs,
                          "bytes": nbytes_k, "bytes_per_voxel": nbytes_k / vox,
                          "gb_s_nominal": nominal, "fraction_nominal": nominal / copy_gbs,
-                         "voxels": vox, "segments": n, "block_scale": scale})  # fmt: skip
+                         "voxels": vox, "segments": n, "block_scale": scale,
+                         "limit_blocks": limit, "blocks": launches})  # fmt: skip
             print(f"  {rows[-1]}")
         del outs, last
     return rows
@@ -537,7 +553,7 @@ def main() -> int:
         print(f"| {r['plans']} | {r['kernel']}{extra} | {r['launches']} | {r['ms']:.3f} | "
               f"{100 * r['share']:.0f}% |")  # fmt: skip
     by = {r["class"]: r for r in rows}
-    fused = [r for r in bw if r["kernel"].startswith("sg_seg") and r["block_scale"] == 1]
+    fused = [r for r in bw if r["kernel"].startswith("sg_seg") and r["limit_blocks"]]
 
     def check(need, fn):
         return fn() if need else None  # None: not measured (a class or kernel failed)

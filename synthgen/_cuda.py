@@ -19,6 +19,7 @@ NumPy and whose kernels are the same CUDA C sources compiled for the host
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,6 +125,17 @@ class CupyBackend:
     #: block of THREADS threads per 4 * THREADS elements (about four per thread, as SG_ILP
     #: kernels take in one step), at most 512; a larger segment's blocks loop over it.
     block_rule = (4 * THREADS, 512)
+
+    @functools.cached_property
+    def most_blocks(self) -> int:
+        """The blocks a launch keeps at most (``schedules_nb``'s ``most``): 32 per SM, eight
+        waves of the four blocks of THREADS threads an SM holds at the kernels' 64-register
+        bound. A larger launch (a batch of large tumors: tens of thousands of blocks of
+        4 * THREADS elements) gets longer blocks instead, each block's start (its segment
+        search, its row reads, its reduction) spread over more elements; a single sample's
+        launches stay below it."""
+        sms = self.xp.cuda.runtime.getDeviceProperties(self.device_id)["multiProcessorCount"]
+        return 32 * int(sms)
 
     def launch_flat(self, name: str, n_blocks: int, *args) -> None:
         """A segmented launch: ``n_blocks`` blocks in a 1-D grid, which the kernel maps to

@@ -129,12 +129,18 @@ _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 
 
 @nb.njit(**_OPTS)
-def schedules_nb(totals, cols, per_block, cap, grid2d=False):
+def schedules_nb(totals, cols, per_block, cap, grid2d=False, most=0):
     """The flat block schedules of segmented launches (``kernels/segmented.cu``): launch
     ``k`` walks ``totals[r, cols[k]]`` elements of row ``r``, and gets ``ceil(elements /
     per_block)`` blocks for it, at most ``cap`` (none for a row without elements). Returns
     the ``(len(cols), n + 1)`` int32 prefix sums (row ``r``'s blocks are ``S[k, r]`` ..
     ``S[k, r + 1] - 1``) and each launch's block count.
+
+    ``most``: a launch that would get more than ``most`` blocks (0: no limit) gets blocks of
+    ``s = ceil(blocks / most)`` times ``per_block`` elements instead, about ``most`` blocks
+    (a row keeps at least one): a large batch then runs a few waves of long blocks, each
+    block's start (its segment search and row reads) spread over ``s`` times the elements,
+    while a small call keeps a block per ``per_block`` elements to fill the device.
 
     ``grid2d``: every row gets the blocks of the launch's largest row instead, the launch of
     a 2-D grid (the kernels before the flat schedules; the surplus blocks find no element):
@@ -143,17 +149,23 @@ def schedules_nb(totals, cols, per_block, cap, grid2d=False):
     S = np.zeros((cols.shape[0], n + 1), dtype=np.int32)
     count = np.zeros(cols.shape[0], dtype=np.int64)
     for k in range(cols.shape[0]):
-        most = 0
+        most_e = 0
         if grid2d:
             for r in range(n):
-                most = max(most, totals[r, cols[k]])
-        at = 0
-        for r in range(n):
-            e = most if grid2d else totals[r, cols[k]]
-            if e > 0:
-                at += min((e + per_block - 1) // per_block, cap)
-            S[k, r + 1] = at
-        count[k] = at
+                most_e = max(most_e, totals[r, cols[k]])
+        per = per_block
+        for attempt in range(2):  # (a second pass with longer blocks past the limit)
+            at = 0
+            for r in range(n):
+                e = most_e if grid2d else totals[r, cols[k]]
+                if e > 0:
+                    at += min((e + per - 1) // per, cap)
+                S[k, r + 1] = at
+            count[k] = at
+            if attempt == 1 or grid2d or most <= 0 or at <= most:
+                break
+            scale = (at + most - 1) // most
+            per = per_block * scale if per_block <= (1 << 62) // scale else 1 << 62
     return S, count
 
 

@@ -70,6 +70,10 @@ GRID2D = False
 #: ``gpu_check`` tries 1 to 8 on a GPU: fewer, longer blocks spread each block's start, its
 #: schedule search and row reads, over more elements, at the cost of fewer blocks).
 BLOCK_SCALE = 1
+#: Hold each launch to the backend's ``most_blocks`` blocks (``CupyBackend``: 32 per SM):
+#: past it, blocks walk proportionally more elements (``schedules_nb``'s ``most``;
+#: benchmarks: ``gpu_check`` times the render and the fused kernels with and without it).
+LIMIT_BLOCKS = True
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
 #: fused kernels on them to measure their bandwidth).
 KEEP_LAST = False
@@ -579,8 +583,9 @@ def _render(
     # the flat schedules of phase A's launches: the boxes' (i, j) rows, their voxels, their
     # B-spline weight rows
     per_block, cap = be.block_rule
-    rule = (min(per_block * BLOCK_SCALE, 1 << 62), cap)
-    sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *rule, GRID2D)
+    most = getattr(be, "most_blocks", 0) if LIMIT_BLOCKS else 0
+    rule = (min(per_block * BLOCK_SCALE, 1 << 62), cap, GRID2D, most)
+    sched_a, nblk_a = schedules_nb(tot_a, _A_COLS, *rule)
     host_img, host_org = {}, {}
     for k, q in enumerate(keep if not (J.img_on.all() and J.org_on.all()) else ()):
         job = jobs[jidx[q]]
@@ -697,7 +702,7 @@ def _render(
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
     sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e, n_part)
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
-    sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *rule, GRID2D)
+    sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *rule)
     sb_ref = pack.add(sched_b)
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)

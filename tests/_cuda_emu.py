@@ -106,11 +106,14 @@ class HostBackend:
 
     xp = np
 
-    def __init__(self, build_dir: Path, block_rule: tuple[int, int] = (1 << 62, 1)) -> None:
+    def __init__(self, build_dir: Path, block_rule: tuple[int, int] = (1 << 62, 1),
+                 most_blocks: int = 0) -> None:  # fmt: skip
         # the flat schedules' rule (elements per block, most blocks per segment): by default
         # one block per segment, which walks all its elements, in order (so sums come out as
         # on the CPU); a finer rule runs the kernels' block-stride walks as a GPU would
         self.block_rule = block_rule
+        # the blocks a launch keeps at most (CupyBackend.most_blocks; 0: no limit)
+        self.most_blocks = most_blocks
         cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if cxx is None:
             raise RuntimeError("no host C++ compiler")

@@ -730,36 +730,59 @@ def test_displacements_grouped_by_their_own_grid():
 def test_flat_schedules():
     """schedules_nb against the NumPy form: ceil(elements / per block) blocks per row, at
     most the cap, none for a row without elements (or, grid2d, every row the largest's);
-    int32 prefix sums, one row per launch."""
+    int32 prefix sums, one row per launch. With a limit of ``most`` blocks a launch, a
+    launch past it is scheduled as with ``ceil(blocks / most)`` times the elements per
+    block, every row with elements keeping a block; one within it is unchanged."""
     rng = np.random.default_rng(3)
-    for case in range(100):
+    limited = 0
+    for case in range(300):
         n, m = int(rng.integers(0, 9)), int(rng.integers(1, 5))
         totals = rng.integers(0, 5000, (n, m)) * (rng.random((n, m)) < 0.8)
         cols = rng.integers(0, m, int(rng.integers(1, 4)))
         per, cap = int(rng.integers(1, 2048)), int(rng.integers(1, 600))
+        most = int(rng.choice([0, 1, int(rng.integers(1, 60)), 10**6]))
         for grid2d in (False, True):
-            S, count = schedules_nb(totals, cols, per, cap, grid2d)
+            S, count = schedules_nb(totals, cols, per, cap, grid2d, most)
             el = totals[:, cols]
             if grid2d:  # every row as the launch's largest
                 el = np.broadcast_to(el.max(axis=0, initial=0), el.shape)
             blocks = np.minimum(-(-el // per), cap).T
+            if most and not grid2d:  # (the 2-D grid is the old launch: never limited)
+                for k, row in enumerate(blocks):
+                    if row.sum() > most:
+                        scale = -(-row.sum() // most)
+                        blocks[k] = np.minimum(-(-el[:, k] // (per * scale)), cap)
+                        assert blocks[k].sum() <= most + n, case
+                        limited += 1
             want = np.zeros((len(cols), n + 1), np.int32)
             want[:, 1:] = np.cumsum(blocks, axis=1)
             assert S.dtype == np.int32, case
-            np.testing.assert_array_equal(S, want, err_msg=f"{case} {grid2d}")
+            np.testing.assert_array_equal(S, want, err_msg=f"{case} {grid2d} {most}")
             np.testing.assert_array_equal(count, want[:, -1], err_msg=f"{case} {grid2d}")
+            assert ((np.diff(S, axis=1) > 0) == (el.T > 0)).all(), case
+    assert limited > 50
+    # the stand-in's one block per row: a limit below the rows cannot overflow the elements
+    S, count = schedules_nb(np.array([[5], [7], [0], [9]]), np.zeros(1, np.int64), 1 << 62, 1,
+                            False, 2)  # fmt: skip
+    assert S.tolist() == [[0, 1, 2, 2, 3]] and count.tolist() == [3]
 
 
-@pytest.mark.parametrize(("grid2d", "scale"), [(True, 1), (False, 3)])
+@pytest.mark.parametrize(
+    ("grid2d", "scale", "most"), [(True, 1, None), (False, 3, None), (False, 1, 9), (False, 1, 0)]
+)
 def test_render_on_the_2d_grid_schedules(backend, small_phantom, organ_masks, monkeypatch,
-                                         grid2d, scale):  # fmt: skip
+                                         grid2d, scale, most):  # fmt: skip
     """GRID2D (the benchmarks' comparison): every row launched with the largest row's blocks,
     surplus blocks idle, host rows and all; BLOCK_SCALE: fewer blocks, each walking more
-    elements (on the many-block stand-in; the one-block stand-in is unchanged by it); the
-    render is the CPU's as on the default flat schedules."""
+    elements (on the many-block stand-in; the one-block stand-in is unchanged by it); a
+    limit of ``most`` blocks a launch (the backend's ``most_blocks``; 0: none): the large
+    launches with long blocks, the small ones as they were; the render is the CPU's as on
+    the default flat schedules."""
     be, dev = backend
     monkeypatch.setattr(_segments, "GRID2D", grid2d)
     monkeypatch.setattr(_segments, "BLOCK_SCALE", scale)
+    if most is not None:
+        monkeypatch.setattr(be, "most_blocks", most)
     ph = small_phantom
     for preset, organ, size in (("liver-classic", "liver", "mix"), ("colon", "colon", None)):
         mask = organ_masks[organ]
