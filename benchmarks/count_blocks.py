@@ -4,7 +4,9 @@ No GPU needed, and no timing: counts. The driver runs on the test suite's stand-
 (``tests/_cuda_emu.py``) with the GPU's schedule rule (``CupyBackend.block_rule``), and every
 launch is recorded: the blocks its schedule launches, and the blocks a 2-D grid sized for the
 launch's largest row launched before (every row given that row's count: the grid of
-``launch2d`` up to commit c39d1d6), and how many of those had elements to work on.
+``launch2d`` up to commit c39d1d6), and how many of those had elements to work on; then the
+same render on the default schedules of a GPU of 132 SMs (H100, H200), which hold a launch
+to 32 blocks per SM (``CupyBackend.most_blocks``: longer blocks past it).
 ``liver-classic`` on the 1 mm benchmark phantom, image on the "device", rendered in place.
 
 Usage::
@@ -30,6 +32,8 @@ for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
 import numpy as np  # noqa: E402
 
 CASES = (("mix", 1), ("mix", 16), ("tiny", 16), ("large", 8))
+#: CupyBackend.most_blocks on a GPU of 132 SMs
+MOST_BLOCKS = 32 * 132
 
 
 def _schedule(arg, n: int) -> np.ndarray:
@@ -46,6 +50,7 @@ def run() -> list[dict]:
     class Counting(HostBackend):
         def __init__(self, build_dir) -> None:
             super().__init__(build_dir, block_rule=_cuda.CupyBackend.block_rule)
+            self.most_blocks = 0  # (the flat schedules without the limit first)
             self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
 
         def launch_flat(self, name, n_blocks, *args) -> None:
@@ -68,14 +73,21 @@ def run() -> list[dict]:
         flat = sum(c[0] for c in be.counts.values())
         grid = sum(c[1] for c in be.counts.values())
         blend = be.counts["sg_seg_blend"]
+        merge, apply = be.counts["sg_seg_merge"][0], be.counts["sg_seg_apply"][0]
+        be.counts.clear()
+        be.most_blocks = MOST_BLOCKS
+        outs = [to_device(sc.img_h) for _ in plans]
+        _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
+        be.most_blocks = 0
         rows.append({"class": size, "plans": k,
                      "tumors": sum(len(p.tumors) for p in plans),
                      "flat_blocks": flat, "grid2d_blocks": grid,
                      "blend_flat": blend[0], "blend_grid2d": blend[1],
                      # the merge walks the rows with merge partners only; the write-back
                      # every row (the merge's walk before rows without partners were skipped)
-                     "merge_flat": be.counts["sg_seg_merge"][0],
-                     "apply_flat": be.counts["sg_seg_apply"][0]})  # fmt: skip
+                     "merge_flat": merge, "apply_flat": apply,
+                     "limited_blocks": sum(c[0] for c in be.counts.values()),
+                     "blend_limited": be.counts["sg_seg_blend"][0]})  # fmt: skip
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -87,15 +99,17 @@ def main() -> int:
     rows = run()
     print(
         "\n| class | plans | tumors | blocks, all launches: flat | 2-D grid | idle in 2-D "
-        "| blend: flat | 2-D grid | merge (flat) | write-back (flat) |"
+        "| blend: flat | 2-D grid | merge (flat) | write-back (flat) | all, limited "
+        "| blend, limited |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         idle = 1 - r["flat_blocks"] / r["grid2d_blocks"]
         print(
             f"| {r['class']} | {r['plans']} | {r['tumors']} | {r['flat_blocks']} | "
             f"{r['grid2d_blocks']} | {100 * idle:.0f}% | {r['blend_flat']} | "
-            f"{r['blend_grid2d']} | {r['merge_flat']} | {r['apply_flat']} |"
+            f"{r['blend_grid2d']} | {r['merge_flat']} | {r['apply_flat']} | "
+            f"{r['limited_blocks']} | {r['blend_limited']} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
