@@ -8,10 +8,12 @@ same machine state. Each version renders the plans of its own planner (the same 
 same numbers, each in its version's plan classes). Two measurements:
 
 * ``render``: the GPU driver's host time of ``render_on_gpu`` (as
-  ``benchmarks/bench_gpu_host.py``: recorded once on the stand-in backend, then replayed
-  with launches that do nothing; allocations, fills and uploads subtracted), one plan per
-  call or ``--batch`` plans per call; and the part of a call after its last wait for the
-  device (host work a GPU cannot overlap with its own); and the *serial* part of a call: its
+  ``benchmarks/bench_gpu_host.py``: recorded on the stand-in backend, each version on its
+  own kernels, then replayed with launches that do nothing; allocations, fills and uploads
+  subtracted), one plan per call or ``--batch`` plans per call; and the part of a call
+  after its last wait for the device when nothing was launched after it (host work a GPU
+  cannot overlap with its own; 0 for a call that returns while the device works); and the
+  *serial* part of a call: its
   host time from the call's start, or from a wait for the device, to the next launch, plus
   the part after its last wait (a GPU idles meanwhile), as against the host time after a
   launch, which a GPU overlaps with the kernels launched (the critical path of one call on
@@ -71,6 +73,18 @@ def load_revision(rev: str, where: Path):
     return mod
 
 
+def _recorder(cls, kernels: Path):
+    """A recording stand-in backend (``cls``, bench_gpu_host's) compiled from ``kernels``."""
+    import _cuda_emu
+
+    saved = _cuda_emu.KERNELS
+    _cuda_emu.KERNELS = kernels
+    try:
+        return cls(Path(tempfile.mkdtemp(prefix="sg-emu-")))
+    finally:
+        _cuda_emu.KERNELS = saved
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("rev", help="git revision to compare the working tree with")
@@ -125,17 +139,22 @@ def main() -> int:
             plans = [syn.plan(img, mask, seed=777 + i, size=args.size, organ_index=idx)
                      for i in range(n * k * sets)]  # fmt: skip
             groups_of[v] = [plans[i * k : (i + 1) * k] for i in range(n * sets)]
-        groups = groups_of["tree"]
-        logs = []
-        for g in groups:
-            rec.log.clear()
-            _cuda.render_on_gpu(g, [img_d] * k, [mask_d] * k, device_id=0,
-                                         outs=[img_d] * k, be=rec)  # fmt: skip
-            logs.append(list(rec.log))
         drivers = {"rev": sys.modules[old.__name__ + "._cuda"], "tree": _cuda}
+        # what each version's calls download, recorded on the stand-in compiled from that
+        # version's kernels (the versions may download differently: since 2026-11-29 a render
+        # kept on the device no longer waits for its statistics)
+        recs = {"tree": rec, "rev": _recorder(type(rec), tmp / "kernels")}
+        logs_of = {}
+        for v, drv in drivers.items():
+            logs_of[v] = []
+            for g in groups_of[v]:
+                recs[v].log.clear()
+                drv.render_on_gpu(g, [img_d] * k, [mask_d] * k, device_id=0, outs=[img_d] * k,
+                                  be=recs[v])  # fmt: skip
+                logs_of[v].append(list(recs[v].log))
 
         def one(version: str, i: int) -> float:
-            rep.log = list(logs[i])
+            rep.log = list(logs_of[version][i])
             rep.device_s = 0.0
             t0 = time.thread_time()
             rep.start()
@@ -143,7 +162,9 @@ def main() -> int:
                                            device_id=0, outs=[img_d] * k, be=rep)  # fmt: skip
             t1 = time.thread_time()
             rep.mark()
-            tails[version].append(t1 - rep.last_wait)
+            # (a call whose last act was a launch returned while the device works: nothing
+            # of it runs on an idle device after its last wait)
+            tails[version].append(0.0 if rep._busy else t1 - rep.last_wait)
             spans[version].append([x for is_serial, x in rep.spans if is_serial])
             rep.keep.clear()
             return (t1 - t0 - rep.device_s) / k

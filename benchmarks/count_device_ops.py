@@ -32,7 +32,7 @@ for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
 import numpy as np  # noqa: E402
 
 CASES = (("mix", 1), ("tiny", 1), ("mix", 16))
-KINDS = ("alloc", "fill", "copy_in", "download", "launch", "view")
+KINDS = ("alloc", "fill", "copy_in", "download", "launch", "event", "view")
 
 
 def main() -> int:
@@ -43,7 +43,7 @@ def main() -> int:
 
     import bench_gpu_host
     from _cuda_emu import DeviceArray
-    from ab_host import load_revision
+    from ab_host import _recorder, load_revision
 
     from synthgen import _cuda
 
@@ -88,21 +88,27 @@ def main() -> int:
         def launch2d(self, name, n_seg, max_total, *args) -> None:
             counts["launch"] += 1
 
+        def fence(self):
+            counts["event"] += 2  # (CupyBackend.fence: an event made, then recorded)
+
     be = Counting()
-    old = load_revision(args.rev, Path(tempfile.mkdtemp(prefix="sg-ops-")))
+    where = Path(tempfile.mkdtemp(prefix="sg-ops-"))
+    old = load_revision(args.rev, where)
     drivers = {args.rev: importlib.import_module(old.__name__ + "._cuda"), "tree": _cuda}
+    # each version's downloads recorded on the stand-in compiled from its own kernels (the
+    # versions may download differently)
+    recs = {args.rev: _recorder(type(rec), where / "kernels"), "tree": rec}
     sc = bench_gpu_host.scene()
     img_d, mask_d = sc.img_d, sc.mask_d
     rows = []
     for size, k in CASES:
         plans = sc.plans(4_000, k, size)
-        rec.log.clear()
-        _cuda.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0, outs=[img_d] * k,
-                            be=rec)  # fmt: skip
-        log = list(rec.log)
         for version, drv in drivers.items():
+            recs[version].log.clear()
+            drv.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0, outs=[img_d] * k,
+                              be=recs[version])  # fmt: skip
             counts.clear()
-            be.log = list(log)
+            be.log = list(recs[version].log)
             drv.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0,
                               outs=[img_d] * k, be=be)  # fmt: skip
             be.keep.clear()

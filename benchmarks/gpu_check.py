@@ -8,9 +8,11 @@ PyTorch, pytest; no nibabel, nothing installed)::
 What it measures, on ``liver-classic`` and the 1 mm benchmark phantom (320x320x224, 1.6 L
 liver), with the image resident on the GPU and rendered in place:
 
-* per size class: GPU ms per sample (render of one plan, host preparation and both
-  synchronisations included; planning is host work and reported on its own), the part of it
-  that is host work (the call's wall time less the time its two downloads wait), CPU ms per
+* per size class: GPU ms per sample (render of one plan and a synchronisation of the stream
+  after it: host preparation, the render's wait for the boxes and the device's whole work
+  included; planning is host work and reported on its own; the tumor statistics, fetched
+  when a result's records are read, are not read), the part of it that is host work (the
+  call's wall time less the time its downloads wait), CPU ms per
   sample on the same machine (the numba path, every core), their ratio, samples/s in
   batched mode (``render_batch`` of many plans into as many device images) and the CPU's
   time against a sample's share of a batched call (the 20x target is checked both ways: the
@@ -134,7 +136,7 @@ class Gpu:
 
 
 class _WaitTimer:
-    """The backend with the time its downloads (the driver's two synchronisations) block
+    """The backend with the time its downloads (the driver's synchronisations) block
     counted: a call's wall time less that wait is its host work."""
 
     def __init__(self, be) -> None:

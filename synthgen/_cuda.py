@@ -180,6 +180,13 @@ class CupyBackend:
     def download(self, dev) -> np.ndarray:
         return self.xp.asnumpy(dev)
 
+    def fence(self):
+        """An event recorded on the current stream: its ``synchronize()`` waits for the work
+        launched so far (a render that returned before the device finished)."""
+        ev = self.xp.cuda.Event(block=False, disable_timing=True)
+        ev.record()
+        return ev
+
     def compile_all(self) -> None:
         """Compile and load every kernel now (otherwise on first use)."""
         for name in KERNELS:

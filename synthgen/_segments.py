@@ -53,7 +53,9 @@ from .rendering import (
     BLUR_TRUNCATE,
     RenderResult,
     _output_range,
+    LazyRecords,
     assemble,
+    fill_records,
     fill_stats,
     tumor_arrays,
     tumor_box,
@@ -459,17 +461,46 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
                 out[j] = assemble(job.plan, job.target, job.organ, {}, masks[j], job.affine,
                                   make_mask=mask_of)  # fmt: skip
 
+    later = None
     if ts or walls:
-        _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, deferred,
-                before_wait)  # fmt: skip
+        later = _render(be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, deferred,
+                        before_wait)  # fmt: skip
     for j, job in enumerate(jobs):
         res = out[j]
         if res is None:
             out[j] = assemble(job.plan, job.target, job.organ, results_stats[j], masks[j],
                               job.affine)  # fmt: skip
+        elif later is not None:  # the statistics when the records are first read
+            res.tumors = LazyRecords(res.tumors, functools.partial(later.fill, j, job.plan.spacing))
         else:
             fill_stats(res, results_stats[j])
     return out  # type: ignore[return-value]
+
+
+class _StatsLater:
+    """The statistics of a render that returned before the device finished them (every job's
+    image and masks on the device, so nothing else needed the device's results): fetched for
+    all jobs at once when the first of their results' records is read
+    (:class:`synthgen.rendering.LazyRecords`), after the ``fence`` recorded on the render's
+    stream (the stream current then may be another)."""
+
+    def __init__(self, fetch, fence, keys, stats) -> None:
+        self._fetch, self._fence, self._keys, self._stats = fetch, fence, keys, stats
+
+    def fill(self, j: int, spacing, records) -> None:
+        if self._fetch is not None:
+            if self._fence is not None:
+                self._fence.synchronize()
+            _put_stats(self._fetch().tolist(), self._keys, self._stats)
+            self._fetch = self._fence = None
+        fill_records(records, spacing, self._stats[j])
+
+
+def _put_stats(host_stats, keys, results_stats) -> None:
+    """Row ``q``'s (voxels, summed change) as its plan's tumor's (voxels, mean change)."""
+    for (j, i), (cnt, acc) in zip(keys, host_stats, strict=True):
+        cnt = int(cnt)
+        results_stats[j][i] = (cnt, acc / cnt if cnt else 0.0)
 
 
 def _masks_deferred(job) -> bool:
@@ -511,7 +542,8 @@ def _render(
     The rows of jobs whose masks are ``deferred`` (:func:`_masks_deferred`, per job) are given
     as ``masks[j][i] = (tight box, q)``; ``before_wait`` is called, once phase B is launched
     and before the wait for its statistics, with the function making row ``q``'s device
-    mask."""
+    mask. When every job's masks are deferred there is no such wait: the statistics come
+    later, from the :class:`_StatsLater` returned (None otherwise)."""
     from ._cpu_kernels import blur_kernels_nb, conservative_boxes_nb
     from ._geometry import prefilter
     from ._hash import stream_keys
@@ -811,12 +843,15 @@ def _render(
         else:
             eager.append(q)
     before_wait(mask_of)
-    host_stats = pack.download(be, st_ref).tolist()  # synchronisation 2
-    for q in range(nl):
-        j, i = keys[q]
-        cnt, acc = host_stats[q]
-        cnt = int(cnt)
-        results_stats[j][i] = (cnt, acc / cnt if cnt else 0.0)
+    if all(deferred):
+        # nothing of the device's results is needed now (images, masks and label maps on
+        # the device, in the stream's order): return without waiting for the device, as a
+        # CuPy operation does; the statistics when the records are read. (The scratch freed
+        # meanwhile goes back to the memory pool's arena of this stream, whose later work is
+        # ordered after these kernels.)
+        fence = be.fence() if hasattr(be, "fence") else None
+        return _StatsLater(lambda: pack.download(be, st_ref), fence, keys, results_stats)
+    _put_stats(pack.download(be, st_ref).tolist(), keys, results_stats)  # synchronisation 2
     for q in eager:  # jobs with a host image or a host label map: their rows now
         j, i = keys[q]
         job, tight = jobs[j], tights[q]

@@ -83,7 +83,9 @@ class RenderResult:
     The full-volume ``tumor_mask`` and ``label`` are built on first access from the per-tumor
     boxes, so rendering in place (``out=``) allocates nothing of the scan's size. They live
     where the image lives: NumPy for NumPy images, CuPy for CuPy images, torch CUDA tensors
-    for torch CUDA tensors (shared through DLPack, no copy).
+    for torch CUDA tensors (shared through DLPack, no copy). A GPU render kept on the device
+    returns before the device is done; its ``tumors`` (:class:`LazyRecords`) wait for it and
+    fetch the statistics when first read.
     """
 
     image: Any
@@ -165,6 +167,47 @@ class LazyBoxes(Sequence):
 
     def __repr__(self) -> str:
         return f"LazyBoxes({len(self)} boxes)"
+
+    def __reduce__(self):
+        return (list, (self._all(),))  # pickled as the plain list
+
+
+class LazyRecords(Sequence):
+    """:attr:`RenderResult.tumors` whose measured fields (``voxels``, ``volume_mm3``,
+    ``mean_contrast_hu``) are filled on first use by ``fill(records)``: a GPU render whose
+    image and masks stay on the device returns without waiting for the device (as a CuPy
+    operation does); the first read of its records waits for it, once, and brings its
+    statistics back. Reads as the list of records (``==`` compares with a list)."""
+
+    __slots__ = ("_fill", "_records")
+
+    def __init__(self, records: list, fill) -> None:
+        self._records, self._fill = records, fill
+
+    def _all(self) -> list:
+        if self._fill is not None:
+            self._fill(self._records)  # (kept on failure: a later read tries again)
+            self._fill = None
+        return self._records
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, LazyRecords):
+            other = other._all()
+        return self._all() == other if isinstance(other, list) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._all())
 
     def __reduce__(self):
         return (list, (self._all(),))  # pickled as the plain list
@@ -566,9 +609,14 @@ def render_batch(
     """Render many plans at once: for one scan (pass one image and mask) or many.
 
     On a GPU every kernel of every tumor of every plan is launched back to back, the small
-    plan data is uploaded in two copies and the host waits twice in all (not once per tumor
-    or per plan), optionally on the caller's stream (a CuPy stream, a ``torch.cuda.Stream``
-    or a raw ``cudaStream_t``). On the CPU it renders the plans one after another.
+    plan data is uploaded in two copies and the host waits once, for the tumors' boxes (not
+    once per tumor or per plan), optionally on the caller's stream (a CuPy stream, a
+    ``torch.cuda.Stream`` or a raw ``cudaStream_t``). With the images, organ masks and label
+    maps on the device the call then returns while the device finishes, as a CuPy operation
+    does (work on the same stream is ordered after it); the records of ``tumors`` (voxels,
+    volume, mean contrast) wait for the device when first read. Otherwise it waits a second
+    time, for the statistics and the masks the host needs. On the CPU it renders the plans
+    one after another.
 
     Args:
         plans: The plans.
@@ -793,9 +841,13 @@ def fill_stats(result: RenderResult, stats: dict[int, tuple[int, float]]) -> Non
     (voxels, mean change); none: 0 voxels), as :func:`assemble` does: for a result
     assembled before the render's statistics were back (the GPU driver assembles while the
     device works)."""
-    sp = result.plan.spacing
-    voxel_mm3 = sp[0] * sp[1] * sp[2]
-    for i, rec in enumerate(result.tumors):
+    fill_records(result.tumors, result.plan.spacing, stats)
+
+
+def fill_records(records, spacing, stats: dict[int, tuple[int, float]]) -> None:
+    """:func:`fill_stats` on a list of records of a plan of voxel ``spacing``."""
+    voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
+    for i, rec in enumerate(records):
         n, mc = stats.get(i, (0, 0.0))
         rec.volume_mm3, rec.voxels, rec.mean_contrast_hu = _stat_fields(n, mc, voxel_mm3)
 

@@ -13,6 +13,7 @@ is a warp applied before the engine on either backend).
 from __future__ import annotations
 
 import math
+import pickle
 import subprocess
 import sys
 
@@ -123,6 +124,40 @@ def _compare(ref: synthgen.RenderResult, got: synthgen.RenderResult, be) -> None
     for a, b in zip(ref.tumors, got.tumors, strict=True):
         assert a.box == b.box
         assert abs(a.mean_contrast_hu - b.mean_contrast_hu) <= 0.05
+
+
+def test_device_render_returns_before_its_statistics(backend, small_phantom, organ_masks,
+                                                     monkeypatch):  # fmt: skip
+    """Images, masks and label maps on the device: the call waits for the device once (the
+    boxes), not for the statistics; the first read of any result's records fetches them for
+    the whole batch, once, and they are the CPU's. A label map on the host needs the masks
+    now: that call waits for everything before it returns, its records a plain list."""
+    be, dev = backend
+    downloads = []
+    real = be.download
+    monkeypatch.setattr(be, "download", lambda a: downloads.append(1) or real(a))
+    ph, mask = small_phantom, organ_masks["liver"]
+    plans = [_plan(ph, mask, "liver-classic", s, "mix") for s in (21, 22)]
+    refs = [rendering.render(p, ph.image, mask) for p in plans]
+    got = _cuda.render_on_gpu(plans, [dev(ph.image)] * 2, [dev(mask)] * 2, device_id=0, be=be)
+    assert len(downloads) == 1
+    assert all(isinstance(g.tumors, rendering.LazyRecords) for g in got)
+    assert [len(g.tumors) for g in got] == [len(r.tumors) for r in refs]  # (no fetch)
+    assert len(downloads) == 1
+    voxels = [r.voxels for r in got[1].tumors]
+    assert len(downloads) == 2
+    assert sum(r.voxels for r in got[0].tumors) > 0 and len(downloads) == 2  # (one fetch)
+    assert voxels == [r.voxels for r in got[1].tumors] and sum(voxels) > 0
+    for ref, g in zip(refs, got, strict=True):
+        _compare(ref, g, be)
+        assert g.tumors == list(g.tumors) and list(g.tumors) == g.tumors
+        assert pickle.loads(pickle.dumps(g.tumors)) == g.tumors
+    downloads.clear()
+    lab = np.zeros(ph.image.shape, np.uint8)
+    res = _cuda.render_on_gpu(plans[:1], [dev(ph.image)], [dev(mask)], device_id=0, be=be,
+                              label_outs=[lab])[0]  # fmt: skip
+    assert type(res.tumors) is list and len(downloads) >= 2
+    assert [r.voxels for r in res.tumors] == [r.voxels for r in refs[0].tumors]
 
 
 @pytest.mark.parametrize(("preset", "organ", "size"), ORGANS)
