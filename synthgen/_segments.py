@@ -51,9 +51,9 @@ import numpy as np
 from ._appearance import appearance_on, blend_params
 from .rendering import (
     BLUR_TRUNCATE,
+    LazyRecords,
     RenderResult,
     _output_range,
-    LazyRecords,
     assemble,
     fill_records,
     fill_stats,
