@@ -137,8 +137,9 @@ def schedules_nb(totals, cols, per_block, cap, grid2d=False, most=0):
     ``S[k, r + 1] - 1``) and each launch's block count.
 
     ``most``: a launch that would get more than ``most`` blocks (0: no limit) gets blocks of
-    ``s = ceil(blocks / most)`` times ``per_block`` elements instead, about ``most`` blocks
-    (a row keeps at least one): a large batch then runs a few waves of long blocks, each
+    ``s`` times ``per_block`` elements instead, ``s = ceil(uncapped / most)`` with
+    ``uncapped`` its blocks before the cap: at most ``most`` plus one a row (each row with
+    elements keeps a block). A large batch then runs a few waves of long blocks, each
     block's start (its segment search and row reads) spread over ``s`` times the elements,
     while a small call keeps a block per ``per_block`` elements to fill the device.
 
@@ -156,15 +157,18 @@ def schedules_nb(totals, cols, per_block, cap, grid2d=False, most=0):
         per = per_block
         for attempt in range(2):  # (a second pass with longer blocks past the limit)
             at = 0
+            uncapped = 0
             for r in range(n):
                 e = most_e if grid2d else totals[r, cols[k]]
                 if e > 0:
-                    at += min((e + per - 1) // per, cap)
+                    b = (e + per - 1) // per
+                    uncapped += b
+                    at += min(b, cap)
                 S[k, r + 1] = at
             count[k] = at
             if attempt == 1 or grid2d or most <= 0 or at <= most:
                 break
-            scale = (at + most - 1) // most
+            scale = (uncapped + most - 1) // most
             per = per_block * scale if per_block <= (1 << 62) // scale else 1 << 62
     return S, count
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import threading
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -477,22 +478,38 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     return out  # type: ignore[return-value]
 
 
+class _Fence:
+    """The end of a render that returned while the device works: ``wait()`` blocks the host
+    until the device has done it (once; an event recorded on the render's stream, None on
+    the host stand-in, whose launches finish before they return)."""
+
+    def __init__(self, event) -> None:
+        self._event = event
+
+    def wait(self) -> None:
+        ev = self._event
+        if ev is not None:
+            ev.synchronize()
+            self._event = None
+
+
 class _StatsLater:
     """The statistics of a render that returned before the device finished them (every job's
     image and masks on the device, so nothing else needed the device's results): fetched for
     all jobs at once when the first of their results' records is read
-    (:class:`synthgen.rendering.LazyRecords`), after the ``fence`` recorded on the render's
-    stream (the stream current then may be another)."""
+    (:class:`synthgen.rendering.LazyRecords`), once the render's :class:`_Fence` is passed
+    (the stream current then may be another). Safe to read from several threads."""
 
-    def __init__(self, fetch, fence, keys, stats) -> None:
+    def __init__(self, fetch, fence: _Fence, keys, stats) -> None:
         self._fetch, self._fence, self._keys, self._stats = fetch, fence, keys, stats
+        self._lock = threading.Lock()
 
     def fill(self, j: int, spacing, records) -> None:
-        if self._fetch is not None:
-            if self._fence is not None:
-                self._fence.synchronize()
-            _put_stats(self._fetch().tolist(), self._keys, self._stats)
-            self._fetch = self._fence = None
+        with self._lock:
+            if self._fetch is not None:
+                self._fence.wait()
+                _put_stats(self._fetch().tolist(), self._keys, self._stats)
+                self._fetch = None
         fill_records(records, spacing, self._stats[j])
 
 
@@ -536,7 +553,7 @@ _A_COLS = np.arange(3, dtype=np.int64)
 
 def _render(
     be, jobs, J, ts, jidx, iidx, walls, results_stats, masks, C, deferred, before_wait
-) -> None:
+) -> _StatsLater | None:
     """Phase A, the wait for the boxes, phase B and the wait for the statistics of all
     ellipsoid tumors ``ts`` (plan ``jidx[q]``, tumor ``iidx[q]``) and wall tumors ``walls``.
     The rows of jobs whose masks are ``deferred`` (:func:`_masks_deferred`, per job) are given
@@ -842,15 +859,29 @@ def _render(
             masks[j][i] = (tight, q)
         else:
             eager.append(q)
-    before_wait(mask_of)
     if all(deferred):
         # nothing of the device's results is needed now (images, masks and label maps on
         # the device, in the stream's order): return without waiting for the device, as a
-        # CuPy operation does; the statistics when the records are read. (The scratch freed
-        # meanwhile goes back to the memory pool's arena of this stream, whose later work is
-        # ordered after these kernels.)
-        fence = be.fence() if hasattr(be, "fence") else None
-        return _StatsLater(lambda: pack.download(be, st_ref), fence, keys, results_stats)
+        # CuPy operation does. What the host reads later waits for this fence first (on the
+        # host: the reader's stream may be unordered with this one): the statistics, when
+        # the records are read, and the masks, when the boxes (the tumor mask, the label)
+        # are. (The scratch freed meanwhile goes back to the memory pool's arena of this
+        # stream, whose later work is ordered after these kernels.)
+        fence = _Fence(be.fence() if hasattr(be, "fence") else None)
+
+        def fenced_mask_of(q: int):  # (the device's mask, once the render is done)
+            fence.wait()
+            return mask_of(q)
+
+        before_wait(fenced_mask_of)
+        off, part = pack.parts[st_ref]
+        st_dev, st_dtype, st_shape = pack.dev[off : off + part.nbytes], part.dtype, part.shape
+
+        def fetch() -> np.ndarray:  # (the statistics' bytes only: not the whole pack)
+            return be.download(st_dev).view(st_dtype).reshape(st_shape)
+
+        return _StatsLater(fetch, fence, keys, results_stats)
+    before_wait(mask_of)
     _put_stats(pack.download(be, st_ref).tolist(), keys, results_stats)  # synchronisation 2
     for q in eager:  # jobs with a host image or a host label map: their rows now
         j, i = keys[q]

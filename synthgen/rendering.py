@@ -85,7 +85,7 @@ class RenderResult:
     where the image lives: NumPy for NumPy images, CuPy for CuPy images, torch CUDA tensors
     for torch CUDA tensors (shared through DLPack, no copy). A GPU render kept on the device
     returns before the device is done; its ``tumors`` (:class:`LazyRecords`) wait for it and
-    fetch the statistics when first read.
+    fetch the statistics when first read, its ``boxes`` wait for it when first read.
     """
 
     image: Any
@@ -614,7 +614,8 @@ def render_batch(
     ``torch.cuda.Stream`` or a raw ``cudaStream_t``). With the images, organ masks and label
     maps on the device the call then returns while the device finishes, as a CuPy operation
     does (work on the same stream is ordered after it); the records of ``tumors`` (voxels,
-    volume, mean contrast) wait for the device when first read. Otherwise it waits a second
+    volume, mean contrast) and the masks of ``boxes`` (and so ``tumor_mask`` and
+    ``label``) wait for the device when first read. Otherwise it waits a second
     time, for the statistics and the masks the host needs. On the CPU it renders the plans
     one after another.
 

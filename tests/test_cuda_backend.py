@@ -16,6 +16,8 @@ import math
 import pickle
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -133,19 +135,28 @@ def test_device_render_returns_before_its_statistics(backend, small_phantom, org
     the whole batch, once, and they are the CPU's. A label map on the host needs the masks
     now: that call waits for everything before it returns, its records a plain list."""
     be, dev = backend
-    downloads = []
+    downloads, waits = [], []
     real = be.download
     monkeypatch.setattr(be, "download", lambda a: downloads.append(1) or real(a))
+
+    class Event:  # the render's fence (a CUDA event on a GPU): counts the host's waits
+        def synchronize(self):
+            waits.append(len(downloads))
+
+    monkeypatch.setattr(be, "fence", Event, raising=False)
     ph, mask = small_phantom, organ_masks["liver"]
     plans = [_plan(ph, mask, "liver-classic", s, "mix") for s in (21, 22)]
     refs = [rendering.render(p, ph.image, mask) for p in plans]
     got = _cuda.render_on_gpu(plans, [dev(ph.image)] * 2, [dev(mask)] * 2, device_id=0, be=be)
-    assert len(downloads) == 1
+    assert len(downloads) == 1 and waits == []
     assert all(isinstance(g.tumors, rendering.LazyRecords) for g in got)
     assert [len(g.tumors) for g in got] == [len(r.tumors) for r in refs]  # (no fetch)
-    assert len(downloads) == 1
+    assert len(downloads) == 1 and waits == []
+    # the masks (boxes, tumor mask, label) are read once the device is done
+    assert len(list(got[0].boxes)) == sum(1 for r in refs[0].tumors if r.box)
+    assert waits == [1] and len(downloads) == 1
     voxels = [r.voxels for r in got[1].tumors]
-    assert len(downloads) == 2
+    assert len(downloads) == 2 and waits == [1]
     assert sum(r.voxels for r in got[0].tumors) > 0 and len(downloads) == 2  # (one fetch)
     assert voxels == [r.voxels for r in got[1].tumors] and sum(voxels) > 0
     for ref, g in zip(refs, got, strict=True):
@@ -158,6 +169,40 @@ def test_device_render_returns_before_its_statistics(backend, small_phantom, org
                               label_outs=[lab])[0]  # fmt: skip
     assert type(res.tumors) is list and len(downloads) >= 2
     assert [r.voxels for r in res.tumors] == [r.voxels for r in refs[0].tumors]
+
+
+def test_statistics_fetched_once_from_many_threads():
+    """Records of one batch read from several threads at once: one wait for the device, one
+    fetch, every thread gets the statistics."""
+    calls = []
+
+    class Event:
+        def synchronize(self):
+            calls.append("wait")
+
+    def fetch():
+        calls.append("fetch")
+        time.sleep(0.05)  # (a slow download: the other threads arrive meanwhile)
+        return np.array([[3.0, 6.0], [0.0, 0.0], [2.0, -1.0]])
+
+    stats: list[dict] = [{}, {}]
+    later = _segments._StatsLater(fetch, _segments._Fence(Event()), [(0, 0), (0, 1), (1, 0)],
+                                  stats)  # fmt: skip
+
+    class Rec:
+        volume_mm3 = voxels = mean_contrast_hu = None
+
+    recs = [[Rec(), Rec()], [Rec()]]
+    jobs = [0, 1, 0, 1, 0, 1]
+    threads = [threading.Thread(target=later.fill, args=(j, (1.0, 1.0, 2.0), recs[j]))
+               for j in jobs]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["wait", "fetch"]
+    assert [r.voxels for r in recs[0]] == [3, 0] and recs[1][0].voxels == 2
+    assert recs[0][0].mean_contrast_hu == 2.0 and recs[1][0].volume_mm3 == 4.0
 
 
 @pytest.mark.parametrize(("preset", "organ", "size"), ORGANS)
@@ -766,11 +811,12 @@ def test_flat_schedules():
     """schedules_nb against the NumPy form: ceil(elements / per block) blocks per row, at
     most the cap, none for a row without elements (or, grid2d, every row the largest's);
     int32 prefix sums, one row per launch. With a limit of ``most`` blocks a launch, a
-    launch past it is scheduled as with ``ceil(blocks / most)`` times the elements per
-    block, every row with elements keeping a block; one within it is unchanged."""
+    launch past it is scheduled as with ``ceil(uncapped blocks / most)`` times the elements
+    per block: at most ``most`` plus one a row, every row with elements keeping a block;
+    one within it is unchanged. Many seeds: the bound must hold for every draw."""
     rng = np.random.default_rng(3)
     limited = 0
-    for case in range(300):
+    for case in range(3000):
         n, m = int(rng.integers(0, 9)), int(rng.integers(1, 5))
         totals = rng.integers(0, 5000, (n, m)) * (rng.random((n, m)) < 0.8)
         cols = rng.integers(0, m, int(rng.integers(1, 4)))
@@ -785,7 +831,7 @@ def test_flat_schedules():
             if most and not grid2d:  # (the 2-D grid is the old launch: never limited)
                 for k, row in enumerate(blocks):
                     if row.sum() > most:
-                        scale = -(-row.sum() // most)
+                        scale = -(-(-(-el[:, k] // per)).sum() // most)
                         blocks[k] = np.minimum(-(-el[:, k] // (per * scale)), cap)
                         assert blocks[k].sum() <= most + n, case
                         limited += 1
@@ -800,6 +846,12 @@ def test_flat_schedules():
     S, count = schedules_nb(np.array([[5], [7], [0], [9]]), np.zeros(1, np.int64), 1 << 62, 1,
                             False, 2)  # fmt: skip
     assert S.tolist() == [[0, 1, 2, 2, 3]] and count.tolist() == [3]
+    # rows at the cap: the limit still holds (the scale counts the blocks the cap cut off)
+    big = np.full((16, 1), 2_000_000)
+    _, count = schedules_nb(big, np.zeros(1, np.int64), 1024, 512, False, 0)
+    assert count.tolist() == [16 * 512]
+    _, count = schedules_nb(big, np.zeros(1, np.int64), 1024, 512, False, 4224)
+    assert count.tolist() == [16 * 245]  # ceil(2e6 / (1024 * ceil(31,264 / 4,224)))
 
 
 @pytest.mark.parametrize(
