@@ -50,7 +50,6 @@ def run() -> list[dict]:
     class Counting(HostBackend):
         def __init__(self, build_dir) -> None:
             super().__init__(build_dir, block_rule=_cuda.CupyBackend.block_rule)
-            self.most_blocks = 0  # (the flat schedules without the limit first)
             self.counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
 
         def launch_flat(self, name, n_blocks, *args) -> None:
@@ -64,30 +63,32 @@ def run() -> list[dict]:
 
     be = Counting(Path(tempfile.mkdtemp(prefix="sg-blocks-")))
     sc = bench_gpu_host.scene()
+
+    def counts_of(plans, most: int) -> dict[str, list[int]]:
+        """The blocks of each kernel of one render of ``plans`` (``most``: the launch limit)."""
+        be.counts.clear()
+        be.most_blocks = most
+        outs = [to_device(sc.img_h) for _ in plans]
+        k = len(plans)
+        _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
+        return dict(be.counts)
+
     rows = []
     for size, k in CASES:
         plans = sc.plans(9_000, k, size)
-        be.counts.clear()
-        outs = [to_device(sc.img_h) for _ in plans]
-        _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
-        flat = sum(c[0] for c in be.counts.values())
-        grid = sum(c[1] for c in be.counts.values())
-        blend = be.counts["sg_seg_blend"]
-        merge, apply = be.counts["sg_seg_merge"][0], be.counts["sg_seg_apply"][0]
-        be.counts.clear()
-        be.most_blocks = MOST_BLOCKS
-        outs = [to_device(sc.img_h) for _ in plans]
-        _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
-        be.most_blocks = 0
+        free, limited = counts_of(plans, 0), counts_of(plans, MOST_BLOCKS)
         rows.append({"class": size, "plans": k,
                      "tumors": sum(len(p.tumors) for p in plans),
-                     "flat_blocks": flat, "grid2d_blocks": grid,
-                     "blend_flat": blend[0], "blend_grid2d": blend[1],
+                     "flat_blocks": sum(c[0] for c in free.values()),
+                     "grid2d_blocks": sum(c[1] for c in free.values()),
+                     "blend_flat": free["sg_seg_blend"][0],
+                     "blend_grid2d": free["sg_seg_blend"][1],
                      # the merge walks the rows with merge partners only; the write-back
                      # every row (the merge's walk before rows without partners were skipped)
-                     "merge_flat": merge, "apply_flat": apply,
-                     "limited_blocks": sum(c[0] for c in be.counts.values()),
-                     "blend_limited": be.counts["sg_seg_blend"][0]})  # fmt: skip
+                     "merge_flat": free["sg_seg_merge"][0],
+                     "apply_flat": free["sg_seg_apply"][0],
+                     "limited_blocks": sum(c[0] for c in limited.values()),
+                     "blend_limited": limited["sg_seg_blend"][0]})  # fmt: skip
         print(f"  {rows[-1]}", flush=True)
     return rows
 

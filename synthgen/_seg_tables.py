@@ -154,23 +154,29 @@ def schedules_nb(totals, cols, per_block, cap, grid2d=False, most=0):
         if grid2d:
             for r in range(n):
                 most_e = max(most_e, totals[r, cols[k]])
-        per = per_block
-        for attempt in range(2):  # (a second pass with longer blocks past the limit)
-            at = 0
-            uncapped = 0
-            for r in range(n):
-                e = most_e if grid2d else totals[r, cols[k]]
-                if e > 0:
-                    b = (e + per - 1) // per
-                    uncapped += b
-                    at += min(b, cap)
-                S[k, r + 1] = at
-            count[k] = at
-            if attempt == 1 or grid2d or most <= 0 or at <= most:
-                break
+        at, uncapped = _schedule_nb(S[k], totals, cols[k], per_block, cap, grid2d, most_e)
+        if most > 0 and not grid2d and at > most:  # longer blocks past the limit
             scale = (uncapped + most - 1) // most
             per = per_block * scale if per_block <= (1 << 62) // scale else 1 << 62
+            at, _ = _schedule_nb(S[k], totals, cols[k], per, cap, grid2d, most_e)
+        count[k] = at
     return S, count
+
+
+@nb.njit(**_OPTS)
+def _schedule_nb(S_k, totals, col, per, cap, grid2d, most_e):
+    """One launch's prefix sums into ``S_k`` (:func:`schedules_nb`) at ``per`` elements a
+    block; ``(blocks, blocks before the cap)``."""
+    at = 0
+    uncapped = 0
+    for r in range(totals.shape[0]):
+        e = most_e if grid2d else totals[r, col]
+        if e > 0:
+            b = (e + per - 1) // per
+            uncapped += b
+            at += min(b, cap)
+        S_k[r + 1] = at
+    return at, uncapped
 
 
 @nb.njit(**_OPTS)

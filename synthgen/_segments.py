@@ -212,8 +212,14 @@ class _Pack:
 
     def download(self, be, ref: int) -> np.ndarray:
         """Part ``ref`` copied back to the host (its bytes: one device slice; typed there)."""
+        return self.fetcher(be, ref)()
+
+    def fetcher(self, be, ref: int):
+        """A function making :meth:`download` of part ``ref`` later, which holds that part's
+        device bytes only (not the pack and its host tables)."""
         off, a = self.parts[ref]
-        return be.download(self.dev[off : off + a.nbytes]).view(a.dtype).reshape(a.shape)
+        dev, dtype, shape = self.dev[off : off + a.nbytes], a.dtype, a.shape
+        return lambda: be.download(dev).view(dtype).reshape(shape)
 
     def arg(self, be, ref: int, row: int = 0):
         """Part ``ref`` (from its ``row``-th row on) as a kernel argument: its device address
@@ -874,13 +880,7 @@ def _render(
             return mask_of(q)
 
         before_wait(fenced_mask_of)
-        off, part = pack.parts[st_ref]
-        st_dev, st_dtype, st_shape = pack.dev[off : off + part.nbytes], part.dtype, part.shape
-
-        def fetch() -> np.ndarray:  # (the statistics' bytes only: not the whole pack)
-            return be.download(st_dev).view(st_dtype).reshape(st_shape)
-
-        return _StatsLater(fetch, fence, keys, results_stats)
+        return _StatsLater(pack.fetcher(be, st_ref), fence, keys, results_stats)
     before_wait(mask_of)
     _put_stats(pack.download(be, st_ref).tolist(), keys, results_stats)  # synchronisation 2
     for q in eager:  # jobs with a host image or a host label map: their rows now

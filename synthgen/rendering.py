@@ -140,7 +140,26 @@ class RenderResult:
         return self._label
 
 
-class LazyBoxes(Sequence):
+class _Lazy(Sequence):
+    """A list made (or completed) on first use by ``_all()``: reads, iteration and pickling
+    go through it (pickled as the plain list)."""
+
+    __slots__ = ()
+
+    def _all(self) -> list:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __reduce__(self):
+        return (list, (self._all(),))
+
+
+class LazyBoxes(_Lazy):
     """:attr:`RenderResult.boxes` whose masks are made on first use: ``items`` are (box, key)
     and the masks ``make(key)`` (a GPU render's device masks: views of its scratch, made only
     if the caller reads the boxes, the tumor mask or the label)."""
@@ -156,23 +175,14 @@ class LazyBoxes(Sequence):
             self._items = self._make = None
         return self._done
 
-    def __getitem__(self, i):
-        return self._all()[i]
-
     def __len__(self) -> int:
         return len(self._done if self._done is not None else self._items)
-
-    def __iter__(self):
-        return iter(self._all())
 
     def __repr__(self) -> str:
         return f"LazyBoxes({len(self)} boxes)"
 
-    def __reduce__(self):
-        return (list, (self._all(),))  # pickled as the plain list
 
-
-class LazyRecords(Sequence):
+class LazyRecords(_Lazy):
     """:attr:`RenderResult.tumors` whose measured fields (``voxels``, ``volume_mm3``,
     ``mean_contrast_hu``) are filled on first use by ``fill(records)``: a GPU render whose
     image and masks stay on the device returns without waiting for the device (as a CuPy
@@ -190,14 +200,8 @@ class LazyRecords(Sequence):
             self._fill = None
         return self._records
 
-    def __getitem__(self, i):
-        return self._all()[i]
-
     def __len__(self) -> int:
         return len(self._records)
-
-    def __iter__(self):
-        return iter(self._all())
 
     def __eq__(self, other) -> bool:
         if isinstance(other, LazyRecords):
@@ -208,9 +212,6 @@ class LazyRecords(Sequence):
 
     def __repr__(self) -> str:
         return repr(self._all())
-
-    def __reduce__(self):
-        return (list, (self._all(),))  # pickled as the plain list
 
 
 def _flat9(rot) -> tuple:

@@ -831,7 +831,8 @@ def test_flat_schedules():
             if most and not grid2d:  # (the 2-D grid is the old launch: never limited)
                 for k, row in enumerate(blocks):
                     if row.sum() > most:
-                        scale = -(-(-(-el[:, k] // per)).sum() // most)
+                        uncapped = -(-el[:, k] // per)  # (ceil divisions)
+                        scale = -(-uncapped.sum() // most)
                         blocks[k] = np.minimum(-(-el[:, k] // (per * scale)), cap)
                         assert blocks[k].sum() <= most + n, case
                         limited += 1
