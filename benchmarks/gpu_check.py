@@ -22,9 +22,11 @@ liver), with the image resident on the GPU and rendered in place:
   result's boxes;
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
-* the flat block schedules (by default a launch past 32 blocks per SM gets longer blocks)
-  against the same without that limit, the 2-D grid of the kernels before them (every row
-  launched with the largest row's blocks) and flat schedules of 4x the elements per block,
+* the flat block schedules (by default a launch past 32 blocks per SM gets longer blocks,
+  and phase B's independent steps run side by side, 17 launches a call) against the same
+  with one launch per step (22), without that limit, the 2-D grid of the kernels before
+  them (every row launched with the largest row's blocks) and flat schedules of 4x the
+  elements per block,
   alternating on the same plans: a mix sample, a mix batch of 16 and a tiny batch of 64,
   call wall time and kernel device time;
 * the achieved bandwidth of the fused segmented kernels (blend, write-back), re-launched on
@@ -332,17 +334,20 @@ def bench_kernels(g: Gpu, sc: Scene) -> list[dict]:
 
 
 #: bench_schedules' launch geometries: (name, _segments.GRID2D, _segments.BLOCK_SCALE,
-#: _segments.LIMIT_BLOCKS); the first is the default.
-GEOMETRIES = (("flat, at most 32 blocks per SM a launch (default)", False, 1, True),
-              ("flat, no limit", False, 1, False), ("2-D grid (before)", True, 1, False),
-              ("flat, 4x elements per block, no limit", False, 4, False))  # fmt: skip
+#: _segments.LIMIT_BLOCKS, _segments.FUSE_STEPS); the first is the default.
+GEOMETRIES = (("flat, at most 32 blocks per SM a launch (default)", False, 1, True, True),
+              ("default, but one launch per step of phase B", False, 1, True, False),
+              ("flat, no limit", False, 1, False, True),
+              ("2-D grid (before), one launch per step", True, 1, False, False),
+              ("flat, 4x elements per block, no limit", False, 4, False, True))  # fmt: skip
 
 
 def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
     """The flat block schedules (by default a launch past 32 blocks per SM gets longer
-    blocks: ``_segments.LIMIT_BLOCKS``) against the same without that limit, against the
-    2-D grid before them (``_segments.GRID2D``: every row launched with the largest row's
-    blocks) and against flat schedules of fewer, longer blocks everywhere
+    blocks: ``_segments.LIMIT_BLOCKS``; phase B's independent steps side by side:
+    ``_segments.FUSE_STEPS``) against the same with one launch per step, without the
+    limit, against the 2-D grid before them (``_segments.GRID2D``: every row launched with
+    the largest row's blocks) and against flat schedules of fewer, longer blocks everywhere
     (``_segments.BLOCK_SCALE`` 4), on the same plans, alternating: the call's wall time
     (host work included, device synchronised) and its kernels' device time."""
     from synthgen import _segments
@@ -357,9 +362,9 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
         best = {name: [np.inf, np.inf] for name, *_ in GEOMETRIES}
         try:
             for _ in range(1 if g.emulate else 4):
-                for name, grid2d, scale, limit in GEOMETRIES:
+                for name, grid2d, scale, limit, fuse in GEOMETRIES:
                     _segments.GRID2D, _segments.BLOCK_SCALE = grid2d, scale
-                    _segments.LIMIT_BLOCKS = limit
+                    _segments.LIMIT_BLOCKS, _segments.FUSE_STEPS = limit, fuse
                     for o in outs:  # fresh images: each call renders the same work
                         o[...] = img_d
                     g.sync()
@@ -377,6 +382,7 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
                     b[0], b[1] = min(b[0], wall), min(b[1], busy)
         finally:
             _segments.GRID2D, _segments.BLOCK_SCALE, _segments.LIMIT_BLOCKS = False, 1, True
+            _segments.FUSE_STEPS = True
         for name, *_ in GEOMETRIES:
             rows.append({"plans": n_plans, "class": size, "schedule": name,
                          "wall_ms": best[name][0], "kernels_ms": best[name][1]})  # fmt: skip

@@ -14,6 +14,11 @@
 // a large one's), so a 2-D grid sized for the largest (blockIdx.y the segment, as before)
 // launched mostly blocks that had nothing to do: in a batch of 16 mix samples 87% of the
 // fused blend's blocks. The host builds the schedules (synthgen._seg_tables.schedules_nb).
+//
+// A step is a device function (sg_step_*) called by its own kernel and, where steps do not
+// depend on each other, by a kernel that runs two or three of them side by side, each block
+// one step of one row (SG_STEPS_BEGIN): phase B's first launch, its blur passes beside its
+// band sums, the write-back beside the label write.
 #include "segmented.cuh"
 #include "shape.cuh"
 #include "texture.cuh"
@@ -94,6 +99,18 @@ SG_FN int sg_segment_of(const int* __restrict__ S, int n, int b)
     }                                                                                         \
     __syncthreads();                                                                          \
     const int sg_s = sg_sh[0], sg_b = sg_sh[1], sg_nb = sg_sh[2]
+
+// The start of a launch of steps that do not depend on each other (parameters S and nR, the
+// rows): its schedule lists the first step's rows, then the second's (and the third's), each
+// row with the blocks its step needs (synthgen._seg_tables.chain_schedules_nb), so segment
+// s is row sg_row = s % nR of step sg_step = s / nR; a block runs one step of one row. Each
+// step is the function its own kernel calls (sg_step_*). One launch instead of two or three:
+// one launch gap and one host call fewer each, and the small steps of a small call run side
+// by side on the device instead of one after another.
+#define SG_STEPS_BEGIN(k)                                                                     \
+    const int nS = (k) * nR;                                                                  \
+    SG_SEG_BEGIN;                                                                             \
+    const int sg_step = sg_s / nR, sg_row = sg_s - sg_step * nR
 
 // The block-stride loop over a segment's `total` elements.
 #define SG_SEG_LOOP(total)                                                                    \
@@ -306,10 +323,8 @@ extern "C" __global__ void sg_seg_bbox(const int* __restrict__ S, int nS,
 // Phase B, step 1: the tight box (a sub-box of the phase-A box) of orig, organ and mask into
 // contiguous buffers, the mask as float32 (the blur's input), and the blend's change buffer
 // zeroed (instead of a fill of its own: one launch and one allocation fewer).
-extern "C" __global__ void sg_seg_gather(const int* __restrict__ S, int nS,
-                                         const long long* __restrict__ T, int F)
+SG_FN void sg_step_gather(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F)
 {
-    SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     const float* q2 = (const float*)r[SG_Q2];
@@ -339,6 +354,13 @@ extern "C" __global__ void sg_seg_gather(const int* __restrict__ S, int nS,
     }
 }
 
+extern "C" __global__ void sg_seg_gather(const int* __restrict__ S, int nS,
+                                         const long long* __restrict__ T, int F)
+{
+    SG_SEG_BEGIN;
+    sg_step_gather(sg_s, sg_b, sg_nb, T, F);
+}
+
 // A separable pass along `axis` of an input (n0, n1, n2) into an output (o0, o1, o2): output
 // element t reads the input line through it, returned as its first element, with the line's
 // stride and t's index o along the axis.
@@ -361,11 +383,10 @@ SG_FN const float* sg_pass_line(const float* in, long long t, int axis, int n1, 
 // One banded contraction pass along `axis` for every segment: the input (d0, d1, d2) at
 // address column c_in, its sizes at columns c_dim.. c_dim+2, the band (start int64 rows,
 // float32 weights (m, K)) at c_s / c_w with m at c_m and K at c_k; the output at c_out.
-extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
-                                       const long long* __restrict__ T, int F, int axis, int c_in,
-                                       int c_dim, int c_s, int c_w, int c_m, int c_k, int c_out)
+SG_FN void sg_step_band(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
+                        int axis, int c_in, int c_dim, int c_s, int c_w, int c_m, int c_k,
+                        int c_out)
 {
-    SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     int n0 = (int)r[c_dim], n1 = (int)r[c_dim + 1], n2 = (int)r[c_dim + 2];
@@ -384,6 +405,14 @@ extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
     }
 }
 
+extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
+                                       const long long* __restrict__ T, int F, int axis, int c_in,
+                                       int c_dim, int c_s, int c_w, int c_m, int c_k, int c_out)
+{
+    SG_SEG_BEGIN;
+    sg_step_band(sg_s, sg_b, sg_nb, T, F, axis, c_in, c_dim, c_s, c_w, c_m, c_k, c_out);
+}
+
 // One pass of a zero-padded correlation along `axis` for every segment:
 // out[o] = sum_t kern[t] in[o + off + t] over the inputs inside the array (the mask blur, with
 // off = -radius, and the texture's block-to-grid smoothing). Its band is derived on the fly:
@@ -393,12 +422,10 @@ extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
 // them changes no float32 sum of finite values). Input (d0, d1, d2) at column c_in with sizes
 // at c_dim.., the kernel's address, length and offset at c_k, c_klen, c_off, the output's
 // size along the axis at c_m, the output at c_out.
-extern "C" __global__ void sg_seg_conv(const int* __restrict__ S, int nS,
-                                       const long long* __restrict__ T, int F, int axis, int c_in,
-                                       int c_dim, int c_k, int c_klen, int c_off, int c_m,
-                                       int c_out)
+SG_FN void sg_step_conv(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
+                        int axis, int c_in, int c_dim, int c_k, int c_klen, int c_off, int c_m,
+                        int c_out)
 {
-    SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     int n0 = (int)r[c_dim], n1 = (int)r[c_dim + 1], n2 = (int)r[c_dim + 2];
@@ -428,11 +455,18 @@ extern "C" __global__ void sg_seg_conv(const int* __restrict__ S, int nS,
     }
 }
 
-// Lattice noise of every segment's texture (as sg_lattice_uniform).
-extern "C" __global__ void sg_seg_lattice(const int* __restrict__ S, int nS,
-                                          const long long* __restrict__ T, int F)
+extern "C" __global__ void sg_seg_conv(const int* __restrict__ S, int nS,
+                                       const long long* __restrict__ T, int F, int axis, int c_in,
+                                       int c_dim, int c_k, int c_klen, int c_off, int c_m,
+                                       int c_out)
 {
     SG_SEG_BEGIN;
+    sg_step_conv(sg_s, sg_b, sg_nb, T, F, axis, c_in, c_dim, c_k, c_klen, c_off, c_m, c_out);
+}
+
+// Lattice noise of every segment's texture (as sg_lattice_uniform).
+SG_FN void sg_step_lattice(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F)
+{
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     int n0 = (int)r[SG_LN0], n1 = (int)r[SG_LN1], n2 = (int)r[SG_LN2];
@@ -445,6 +479,13 @@ extern "C" __global__ void sg_seg_lattice(const int* __restrict__ S, int nS,
         sg_unravel3(t, n1, n2, &i, &j, &k);
         out[t] = sg_uniform(k0, k1, sg_lattice_index(a0 + i, a1 + j, a2 + k)) - 0.5f;
     }
+}
+
+extern "C" __global__ void sg_seg_lattice(const int* __restrict__ S, int nS,
+                                          const long long* __restrict__ T, int F)
+{
+    SG_SEG_BEGIN;
+    sg_step_lattice(sg_s, sg_b, sg_nb, T, F);
 }
 
 // Bernoulli block fractions of every segment (as sg_block_sums).
@@ -532,11 +573,9 @@ extern "C" __global__ void sg_seg_tex_scale(const int* __restrict__ S, int nS,
 // position (index - centre) * spacing mm and the texture grid's origin and step: the CPU
 // path's interp_coords tables, the same float64 operations (sg_interp), which the blend
 // would otherwise redo for every voxel it reaches.
-extern "C" __global__ void sg_seg_interp(const int* __restrict__ S, int nS,
-                                         const long long* __restrict__ T, int F,
-                                         const double* __restrict__ TD, int FD)
+SG_FN void sg_step_interp(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
+                          const double* __restrict__ TD, int FD)
 {
-    SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
     const double* rd = TD + (long long)sg_s * FD;
@@ -551,6 +590,45 @@ extern "C" __global__ void sg_seg_interp(const int* __restrict__ S, int nS,
         fxs[t] = sg_interp(pos, rd[SG_D_TX0 + a], rd[SG_D_STEP], (int)r[SG_G_0 + a], &b);
         ixs[t] = b;
     }
+}
+
+extern "C" __global__ void sg_seg_interp(const int* __restrict__ S, int nS,
+                                         const long long* __restrict__ T, int F,
+                                         const double* __restrict__ TD, int FD)
+{
+    SG_SEG_BEGIN;
+    sg_step_interp(sg_s, sg_b, sg_nb, T, F, TD, FD);
+}
+
+// Phase B's first launch: the gather, the texture's lattice noise and the blend's texture
+// coordinates of every segment (three independent steps).
+extern "C" __global__ void sg_seg_first(const int* __restrict__ S, int nR,
+                                        const long long* __restrict__ T, int F,
+                                        const double* __restrict__ TD, int FD)
+{
+    SG_STEPS_BEGIN(3);
+    if (sg_step == 0)
+        sg_step_gather(sg_row, sg_b, sg_nb, T, F);
+    else if (sg_step == 1)
+        sg_step_lattice(sg_row, sg_b, sg_nb, T, F);
+    else
+        sg_step_interp(sg_row, sg_b, sg_nb, T, F, TD, FD);
+}
+
+// A pass of the mask blur (sg_seg_conv's arguments first) beside a pass of the texture's
+// band contraction (sg_seg_band's, b_ prefixed): the two chains do not meet before the blend.
+extern "C" __global__ void sg_seg_conv_band(const int* __restrict__ S, int nR,
+                                            const long long* __restrict__ T, int F, int axis,
+                                            int c_in, int c_dim, int c_k, int c_klen, int c_off,
+                                            int c_m, int c_out, int b_axis, int b_in, int b_dim,
+                                            int b_s, int b_w, int b_m, int b_k, int b_out)
+{
+    SG_STEPS_BEGIN(2);
+    if (sg_step == 0)
+        sg_step_conv(sg_row, sg_b, sg_nb, T, F, axis, c_in, c_dim, c_k, c_klen, c_off, c_m,
+                     c_out);
+    else
+        sg_step_band(sg_row, sg_b, sg_nb, T, F, b_axis, b_in, b_dim, b_s, b_w, b_m, b_k, b_out);
 }
 
 // The fused blend of every segment into its own change buffer, zeroed by the gather (as
@@ -709,12 +787,9 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
     *acc_out = acc;
 }
 
-extern "C" __global__ void sg_seg_apply(const int* __restrict__ S, int nS,
-                                        const long long* __restrict__ T, int F,
-                                        const float* __restrict__ TF, int FF,
-                                        double* __restrict__ stats)
+SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
+                         const float* __restrict__ TF, int FF, double* __restrict__ stats)
 {
-    SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     const float* rf = TF + (long long)sg_s * FF;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
@@ -755,14 +830,21 @@ extern "C" __global__ void sg_seg_apply(const int* __restrict__ S, int nS,
     atomicAdd(&s[1], acc);
 }
 
+extern "C" __global__ void sg_seg_apply(const int* __restrict__ S, int nS,
+                                        const long long* __restrict__ T, int F,
+                                        const float* __restrict__ TF, int FF,
+                                        double* __restrict__ stats)
+{
+    SG_SEG_BEGIN;
+    sg_step_apply(sg_s, sg_b, sg_nb, T, F, TF, FF, stats);
+}
+
 // The label write: the caller's label map (any dtype, any strides, on the device) gets the
 // row's value on every voxel of the row's tumor mask, in the tight box. Rows without one
 // (SG_LBL 0) leave at once. Overlapping tumors write the same value, so their order does
 // not matter; the result is the CPU's `label[box][mask] = value` per tumor.
-extern "C" __global__ void sg_seg_label(const int* __restrict__ S, int nS,
-                                        const long long* __restrict__ T, int F)
+SG_FN void sg_step_label(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F)
 {
-    SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     void* lab = (void*)r[SG_LBL];
     if (lab == 0) return;
@@ -779,4 +861,24 @@ extern "C" __global__ void sg_seg_label(const int* __restrict__ S, int nS,
         sg_unravel3(t, ny, nz, &i, &j, &k);
         sg_store_label(lab, code, base + s0 * i + s1 * j + s2 * k, value);
     }
+}
+
+extern "C" __global__ void sg_seg_label(const int* __restrict__ S, int nS,
+                                        const long long* __restrict__ T, int F)
+{
+    SG_SEG_BEGIN;
+    sg_step_label(sg_s, sg_b, sg_nb, T, F);
+}
+
+// The write-back beside the label write (a render that writes label maps on the device).
+extern "C" __global__ void sg_seg_apply_label(const int* __restrict__ S, int nR,
+                                              const long long* __restrict__ T, int F,
+                                              const float* __restrict__ TF, int FF,
+                                              double* __restrict__ stats)
+{
+    SG_STEPS_BEGIN(2);
+    if (sg_step == 0)
+        sg_step_apply(sg_row, sg_b, sg_nb, T, F, TF, FF, stats);
+    else
+        sg_step_label(sg_row, sg_b, sg_nb, T, F);
 }

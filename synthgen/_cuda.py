@@ -53,6 +53,10 @@ KERNELS = {
         "sg_seg_merge",
         "sg_seg_apply",
         "sg_seg_label",
+        # launches of independent steps side by side (the steps above, as functions)
+        "sg_seg_first",
+        "sg_seg_conv_band",
+        "sg_seg_apply_label",
     )
 }
 

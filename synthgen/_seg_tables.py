@@ -126,6 +126,13 @@ def layout_nb(sizes, itemsize):
 SCHED_B = ("maskf", "merged", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid",
            "interp")  # fmt: skip
 _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
+#: Phase B's launches of independent steps (``kernels/segmented.cu``: ``sg_seg_first``,
+#: ``sg_seg_conv_band`` three times, ``sg_seg_apply_label``): the :data:`SCHED_B` schedule of
+#: each step, in the order of the kernel's steps (:func:`chain_schedules_nb`).
+CHAINS_B = (("maskf", "noise", "interp"), ("maskf", "za"), ("maskf", "zb"), ("maskf", "z0"),
+            ("out", "out"))  # fmt: skip
+_CHAINS_B_IDX = np.array([[SCHED_B.index(k) for k in c] + [-1] * (3 - len(c)) for c in CHAINS_B],
+                         dtype=np.int64)  # fmt: skip
 
 
 @nb.njit(**_OPTS)
@@ -161,6 +168,44 @@ def schedules_nb(totals, cols, per_block, cap, grid2d=False, most=0):
             at, _ = _schedule_nb(S[k], totals, cols[k], per, cap, grid2d, most_e)
         count[k] = at
     return S, count
+
+
+@nb.njit(**_OPTS)
+def chain_schedules_nb(S, chains):
+    """The schedules of launches that run the steps of several launches of
+    :func:`schedules_nb` (prefix sums ``S``) side by side: launch ``g`` runs the steps of
+    schedules ``chains[g, 0]``, ``chains[g, 1]``, ... (-1: no more), its segments the
+    ``n`` rows of the first step, then those of the second, each row with the blocks its own
+    schedule gives it (segment ``s`` is row ``s % n`` of step ``s // n``). Returns the
+    schedules' ``k n + 1`` int32 prefix sums one after another, each one's start in that
+    array and its block count."""
+    n = S.shape[1] - 1
+    G = chains.shape[0]
+    offs = np.empty(G, dtype=np.int64)
+    blocks = np.empty(G, dtype=np.int64)
+    size = 0
+    for g in range(G):
+        for c in range(chains.shape[1]):
+            if chains[g, c] >= 0:
+                size += n
+        size += 1
+    out = np.empty(size, dtype=np.int32)
+    at = 0
+    for g in range(G):
+        offs[g] = at
+        base = 0
+        for c in range(chains.shape[1]):
+            k = chains[g, c]
+            if k < 0:
+                continue
+            for r in range(n):
+                out[at] = base + S[k, r]
+                at += 1
+            base += S[k, n]
+        out[at] = base
+        at += 1
+        blocks[g] = base
+    return out, offs, blocks
 
 
 @nb.njit(**_OPTS)

@@ -6,10 +6,14 @@ int64 table (sizes, indices, device addresses), one float32 and one float64 tabl
 into one buffer, uploads it with one copy and launches each step of the render once for the
 whole batch (``kernels/segmented.cu``): 4 launches in phase A (the B-spline weight rows of
 the boxes, the shape test's B-spline sum per box row, gather + the per-voxel shape test, box
-reduction), then one copy back of all boxes, then 17 launches in phase B (tight-box gather,
-three blur passes, lattice noise, three band sums, Bernoulli blocks, three grid passes, the
-rescale's statistics and scaling, the fused blend, the overlap merge, the write-back; an 18th
-where label maps on the device take the tumor label), then one copy back of the statistics.
+reduction), then one copy back of all boxes, then 13 launches in phase B: the steps that do
+not depend on each other run side by side, each block one step of one row (tight-box gather,
+lattice noise and the blend's texture coordinates in one launch; three mask-blur passes,
+each beside one of the texture's three band sums; the write-back, beside the label write
+where label maps on the device take the tumor label), then Bernoulli blocks, three grid
+passes, the rescale's statistics and scaling, the fused blend and the overlap merge, one
+launch each: 17 launches a call instead of the 22 (23) of one launch per step. The
+statistics come back when first read (one copy).
 Each launch runs a flat grid over a schedule (:func:`synthgen._seg_tables.schedules_nb`,
 packed with the tables): every row gets the blocks its own elements need, so small tumors
 beside a large one cost no idle blocks. Kernel arguments are device addresses (``_Pack.arg``),
@@ -77,6 +81,10 @@ BLOCK_SCALE = 1
 #: past it, blocks walk proportionally more elements (``schedules_nb``'s ``most``;
 #: benchmarks: ``gpu_check`` times the render and the fused kernels with and without it).
 LIMIT_BLOCKS = True
+#: Run phase B's independent steps side by side, one launch per group of them
+#: (``_seg_tables.CHAINS_B``: 17 launches a call instead of 22, 23 with label maps), instead
+#: of one launch per step (benchmarks: ``gpu_check`` times both; tests compare them).
+FUSE_STEPS = True
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
 #: fused kernels on them to measure their bandwidth).
 KEEP_LAST = False
@@ -571,10 +579,13 @@ def _render(
     from ._geometry import prefilter
     from ._hash import stream_keys
     from ._seg_tables import (
+        _CHAINS_B_IDX,
         _SCHED_B_COLS,
         BASES,
+        CHAINS_B,
         F32,
         SCHED_B,
+        chain_schedules_nb,
         phase_a_nb,
         phase_a_sizes_nb,
         phase_b_boxes_nb,
@@ -759,6 +770,9 @@ def _render(
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
     sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *rule)
     sb_ref = pack.add(sched_b)
+    # and those of the launches of independent steps side by side (CHAINS_B)
+    chain_b, chain_off, nblk_c = chain_schedules_nb(sched_b, _CHAINS_B_IDX)
+    sc_ref, chain_off = pack.add(chain_b), chain_off.tolist()
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)
     # two allocations: the masks (u8) with the pack, whose host rows' masks results may keep,
@@ -804,15 +818,33 @@ def _render(
         k = SCHED_B.index(buf)
         be.launch_flat(name, nblk_b[k], pack.arg(be, sb_ref, k), nS, Td, WW, *args)
 
-    launch("sg_seg_gather", "maskf")
-    for a, (src, dst) in enumerate(((C.MASKF, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR))):
-        launch("sg_seg_conv", "maskf", i32(a), i32(src), i32(C.TN0), i32(C.BKERN0 + a),
-               i32(C.BKLEN0 + a), i32(C.BOFF0 + a), i32(C.TN0 + a), i32(dst))  # fmt: skip
-    launch("sg_seg_lattice", "noise")
-    for a, src, dims, dst, buf in ((2, C.NOISE, C.LN0, C.ZA, "za"), (1, C.ZA, C.ZD1, C.ZB, "zb"),
-                                   (0, C.ZB, C.ZD2, C.Z0, "z0")):  # fmt: skip
-        launch("sg_seg_band", buf, i32(a), i32(src), i32(dims), i32(C.LS0 + a), i32(C.LW0 + a),
-               i32(C.B0 + a), i32(C.LK0 + a), i32(dst))  # fmt: skip
+    def steps(name, g, *steps_):
+        """The steps ``steps_`` (``(kernel, its arguments after T's width)``, on
+        ``CHAINS_B[g]``'s schedules) in one launch of ``name`` side by side (their arguments
+        one after another), or one launch each without :data:`FUSE_STEPS`."""
+        if FUSE_STEPS:
+            args = [a for _, step_args in steps_ for a in step_args]
+            be.launch_flat(name, nblk_c[g], pack.arg(be, sc_ref, chain_off[g]), nS, Td, WW,
+                           *args)  # fmt: skip
+        else:
+            for (kernel, step_args), buf in zip(steps_, CHAINS_B[g], strict=True):
+                launch(kernel, buf, *step_args)
+
+    # the gather, the lattice noise and the blend's texture coordinates; then the mask blur's
+    # passes (axes 0, 1, 2) beside the texture's band contractions (axes 2, 1, 0)
+    steps("sg_seg_first", 0, ("sg_seg_gather", ()), ("sg_seg_lattice", ()),
+          ("sg_seg_interp", (TDd, DD)))  # fmt: skip
+    for a, (src, dst), (b, b_src, b_dims, b_dst) in zip(
+        range(3),
+        ((C.MASKF, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR)),
+        ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB), (0, C.ZB, C.ZD2, C.Z0)),
+        strict=True,
+    ):
+        conv = (i32(a), i32(src), i32(C.TN0), i32(C.BKERN0 + a), i32(C.BKLEN0 + a),
+                i32(C.BOFF0 + a), i32(C.TN0 + a), i32(dst))  # fmt: skip
+        band = (i32(b), i32(b_src), i32(b_dims), i32(C.LS0 + b), i32(C.LW0 + b), i32(C.B0 + b),
+                i32(C.LK0 + b), i32(b_dst))  # fmt: skip
+        steps("sg_seg_conv_band", 1 + a, ("sg_seg_conv", conv), ("sg_seg_band", band))
     launch("sg_seg_blocks", "frac", TDd, DD)
     for a, src, dims, dst, buf in ((0, C.FRAC, C.B0, C.GA, "ga"), (1, C.GA, C.GD1, C.GB, "gb"),
                                    (2, C.GB, C.GD2, C.GRID, "grid")):  # fmt: skip
@@ -821,12 +853,13 @@ def _render(
     txs = pack.arg(be, tx_ref)
     launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
     launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
-    launch("sg_seg_interp", "interp", TDd, DD)
     launch("sg_seg_blend", "maskf", TFd, FF, TDd, DD)
     launch("sg_seg_merge", "merged")  # (the rows with partners; the others' change is final)
-    launch("sg_seg_apply", "out", TFd, FF, pack.arg(be, st_ref))
-    if J.lab_on.any():  # the label maps on the device: every row's mask, one launch
-        launch("sg_seg_label", "out")
+    apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref)))
+    if J.lab_on.any():  # the label maps on the device: every row's mask, beside the write-back
+        steps("sg_seg_apply_label", 4, apply, ("sg_seg_label", ()))
+    else:
+        launch(apply[0], "out", *apply[1])
     if KEEP_LAST:
         k_vox, k_all = SCHED_B.index("maskf"), SCHED_B.index("out")
         LAST.clear()

@@ -27,7 +27,7 @@ import synthgen
 from synthgen import _cpu_kernels as k
 from synthgen import _cuda, _segments, rendering
 from synthgen._device import DeviceError, array_kind, parse_device, resolve_device
-from synthgen._seg_tables import schedules_nb
+from synthgen._seg_tables import CHAINS_B, chain_schedules_nb, schedules_nb
 
 ORGANS = [
     ("liver-classic", "liver", "mix"),
@@ -853,6 +853,94 @@ def test_flat_schedules():
     assert count.tolist() == [16 * 512]
     _, count = schedules_nb(big, np.zeros(1, np.int64), 1024, 512, False, 4224)
     assert count.tolist() == [16 * 245]  # ceil(2e6 / (1024 * ceil(31,264 / 4,224)))
+
+
+def test_chained_schedules():
+    """chain_schedules_nb against the NumPy form: a launch of steps side by side lists the
+    first step's rows with their blocks, then the second's, each row's blocks as its own
+    schedule gives them, and block b then falls in row s % n of step s // n as the kernels'
+    segment search finds it (``sg_segment_of``: the last s with S[s] <= b)."""
+    rng = np.random.default_rng(5)
+    for case in range(500):
+        n, m = int(rng.integers(0, 9)), int(rng.integers(1, 6))
+        totals = rng.integers(0, 3000, (n, m)) * (rng.random((n, m)) < 0.7)
+        S, count = schedules_nb(totals, np.arange(m), int(rng.integers(1, 700)), 40, False,
+                                int(rng.choice([0, 30])))  # fmt: skip
+        chains = np.full((int(rng.integers(1, 5)), 3), -1, np.int64)
+        for g in range(len(chains)):
+            k = int(rng.integers(1, 4))
+            chains[g, :k] = rng.integers(0, m, k)  # (a schedule may come twice)
+        flat, offs, blocks = chain_schedules_nb(S, chains)
+        assert flat.dtype == np.int32
+        at = 0
+        for g, chain in enumerate(chains):
+            ks = [int(k) for k in chain if k >= 0]
+            want = np.concatenate([S[k, :n] + count[ks[:i]].sum() for i, k in enumerate(ks)]
+                                  + [[count[ks].sum()]])  # fmt: skip
+            assert offs[g] == at and blocks[g] == want[-1], case
+            got = flat[at : at + len(want)]
+            np.testing.assert_array_equal(got, want, err_msg=str(case))
+            at += len(want)
+            for b in range(int(blocks[g])):
+                seg = int(np.searchsorted(got[:-1], b, side="right")) - 1
+                step, row = divmod(seg, n)
+                k = ks[step]
+                assert S[k, row] <= b - got[seg] + S[k, row] < S[k, row + 1], case
+        assert at == len(flat)
+
+
+def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, organ_masks,
+                                                      monkeypatch):  # fmt: skip
+    """FUSE_STEPS: phase B's independent steps in one launch per group (CHAINS_B: the
+    gather, the lattice and the texture coordinates; three mask-blur passes each beside a
+    band pass; the write-back beside the label write) give what one launch per step gives:
+    a batch with host rows (a colon's wall tumors) and label maps on the device, the
+    images, label maps, masks and statistics. On the stand-ins, bit for bit, and 17 launches
+    against 23; on a GPU (whose texture sums are atomics in any order) within the CPU
+    comparison's bounds."""
+    be, dev = backend
+    ph = small_phantom
+    jobs = [("liver-classic", "liver", "mix", 4), ("colon", "colon", None, 13),
+            ("liver-classic", "liver", "large", 8)]  # fmt: skip
+    plans = [_plan(ph, organ_masks[o], p, s, z) for p, o, z, s in jobs]
+    assert any(t.kind == "wall" for t in plans[1].tumors)
+    base = np.zeros(ph.image.shape, np.uint8)
+    base[organ_masks["liver"]] = 1
+    base[organ_masks["colon"]] = 3
+    got = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(_segments, "FUSE_STEPS", fuse)
+        imgs = [dev(ph.image) for _ in jobs]
+        labs = [dev(base) for _ in jobs]
+        n0 = len(getattr(be, "launches", []))
+        res = _cuda.render_on_gpu(plans, imgs, [dev(organ_masks[o]) for _, o, _, _ in jobs],
+                                  device_id=0, be=be, outs=imgs, label_outs=labs,
+                                  tumor_label=7)  # fmt: skip
+        launched = getattr(be, "launches", [])[n0:]
+        got[fuse] = ([be.download(i) for i in imgs], [be.download(lab) for lab in labs],
+                     [be.download(r.tumor_mask) for r in res],
+                     [[(t.box, t.voxels, t.mean_contrast_hu) for t in r.tumors] for r in res],
+                     launched)  # fmt: skip
+    (imgs_f, labs_f, masks_f, recs_f, launched_f) = got[True]
+    (imgs_1, labs_1, masks_1, recs_1, launched_1) = got[False]
+    assert all(m.any() for m in masks_f)
+    if hasattr(be, "launches"):  # the stand-ins: the same arithmetic in the same order
+        assert len(launched_f) == 17 and len(launched_1) == 23
+        assert {"sg_seg_first", "sg_seg_conv_band", "sg_seg_apply_label"} <= set(launched_f)
+        assert not {"sg_seg_gather", "sg_seg_lattice", "sg_seg_label"} & set(launched_f)
+        for a, b in zip(imgs_f + labs_f + masks_f, imgs_1 + labs_1 + masks_1, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert recs_f == recs_1
+    else:
+        for a, b in zip(imgs_f, imgs_1, strict=True):
+            assert np.abs(a.astype(np.float64) - b).max() <= 1.0
+        for a, b in zip(masks_f, masks_1, strict=True):
+            assert np.count_nonzero(a != b) <= 0.001 * b.sum()
+    for lab, m in zip(labs_f, masks_f, strict=True):  # the label write beside the write-back
+        want = base.copy()
+        want[m] = 7
+        np.testing.assert_array_equal(lab, want)
+    assert len(CHAINS_B) == 5
 
 
 @pytest.mark.parametrize(
