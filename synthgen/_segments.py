@@ -223,11 +223,13 @@ class _Pack:
         return self.fetcher(be, ref)()
 
     def fetcher(self, be, ref: int):
-        """A function making :meth:`download` of part ``ref`` later, which holds that part's
-        device bytes only (not the pack and its host tables)."""
+        """A function making :meth:`download` of part ``ref`` later, which holds the pack's
+        device buffer only (not the pack and its host tables; a view of the part would hold
+        the same allocation), and makes the part's device view when called (none for
+        statistics never read)."""
         off, a = self.parts[ref]
-        dev, dtype, shape = self.dev[off : off + a.nbytes], a.dtype, a.shape
-        return lambda: be.download(dev).view(dtype).reshape(shape)
+        dev, end, dtype, shape = self.dev, off + a.nbytes, a.dtype, a.shape
+        return lambda: be.download(dev[off:end]).view(dtype).reshape(shape)
 
     def arg(self, be, ref: int, row: int = 0):
         """Part ``ref`` (from its ``row``-th row on) as a kernel argument: its device address
