@@ -422,9 +422,13 @@ extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
 // them changes no float32 sum of finite values). Input (d0, d1, d2) at column c_in with sizes
 // at c_dim.., the kernel's address, length and offset at c_k, c_klen, c_off, the output's
 // size along the axis at c_m, the output at c_out.
-SG_FN void sg_step_conv(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
-                        int axis, int c_in, int c_dim, int c_k, int c_klen, int c_off, int c_m,
-                        int c_out)
+// STATS: the texture grid's last smoothing pass, which also measures the rescale's statistics
+// of its output (sg_seg_tex_stats: the same sums in the same order) into stats row s.
+template <bool STATS>
+SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
+                          const double* __restrict__ TD, int FD, double* __restrict__ stats,
+                          int axis, int c_in, int c_dim, int c_k, int c_klen, int c_off, int c_m,
+                          int c_out)
 {
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
@@ -438,6 +442,9 @@ SG_FN void sg_step_conv(int sg_s, int sg_b, int sg_nb, const long long* __restri
     int kk = K < n_in ? K : n_in;
     int o0 = axis == 0 ? m : n0, o1 = axis == 1 ? m : n1, o2 = axis == 2 ? m : n2;
     long long total = (long long)o0 * o1 * o2;
+    const float thr = STATS ? (float)TD[(long long)sg_s * FD + SG_D_THR] : 0.0f;
+    if (STATS) SG_SEG_IDLE(total, 1);
+    double above = 0.0, all = 0.0, cnt = 0.0;
     SG_SEG_LOOP(total) {
         long long stride;
         int o;
@@ -452,7 +459,28 @@ SG_FN void sg_step_conv(int sg_s, int sg_b, int sg_nb, const long long* __restri
             acc = acc + w * src[q * stride];
         }
         out[t] = acc;
+        if (STATS) {
+            all += (double)acc;
+            if (acc > thr) { above += (double)acc; cnt += 1.0; }
+        }
     }
+    if (!STATS) return;
+    above = sg_block_reduce<SG_RED_SUM>(above, 0.0);
+    cnt = sg_block_reduce<SG_RED_SUM>(cnt, 0.0);
+    all = sg_block_reduce<SG_RED_SUM>(all, 0.0);
+    if (threadIdx.x != 0) return;
+    double* o = stats + 3 * (long long)sg_s;
+    atomicAdd(&o[0], above);
+    atomicAdd(&o[1], cnt);
+    atomicAdd(&o[2], all);
+}
+
+SG_FN void sg_step_conv(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
+                        int axis, int c_in, int c_dim, int c_k, int c_klen, int c_off, int c_m,
+                        int c_out)
+{
+    sg_step_conv_t<false>(sg_s, sg_b, sg_nb, T, F, 0, 0, 0, axis, c_in, c_dim, c_k, c_klen,
+                          c_off, c_m, c_out);
 }
 
 extern "C" __global__ void sg_seg_conv(const int* __restrict__ S, int nS,
@@ -629,6 +657,20 @@ extern "C" __global__ void sg_seg_conv_band(const int* __restrict__ S, int nR,
                      c_out);
     else
         sg_step_band(sg_row, sg_b, sg_nb, T, F, b_axis, b_in, b_dim, b_s, b_w, b_m, b_k, b_out);
+}
+
+// The texture grid's last smoothing pass (sg_seg_conv's arguments) with the rescale's
+// statistics of its output (sg_seg_tex_stats) in the same loop.
+extern "C" __global__ void sg_seg_conv_stats(const int* __restrict__ S, int nS,
+                                             const long long* __restrict__ T, int F,
+                                             const double* __restrict__ TD, int FD,
+                                             double* __restrict__ stats, int axis, int c_in,
+                                             int c_dim, int c_k, int c_klen, int c_off, int c_m,
+                                             int c_out)
+{
+    SG_SEG_BEGIN;
+    sg_step_conv_t<true>(sg_s, sg_b, sg_nb, T, F, TD, FD, stats, axis, c_in, c_dim, c_k, c_klen,
+                         c_off, c_m, c_out);
 }
 
 // The fused blend of every segment into its own change buffer, zeroed by the gather (as

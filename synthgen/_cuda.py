@@ -57,6 +57,8 @@ KERNELS = {
         "sg_seg_first",
         "sg_seg_conv_band",
         "sg_seg_apply_label",
+        # the texture grid's last pass with the rescale's statistics
+        "sg_seg_conv_stats",
     )
 }
 

@@ -6,14 +6,14 @@ int64 table (sizes, indices, device addresses), one float32 and one float64 tabl
 into one buffer, uploads it with one copy and launches each step of the render once for the
 whole batch (``kernels/segmented.cu``): 4 launches in phase A (the B-spline weight rows of
 the boxes, the shape test's B-spline sum per box row, gather + the per-voxel shape test, box
-reduction), then one copy back of all boxes, then 13 launches in phase B: the steps that do
+reduction), then one copy back of all boxes, then 12 launches in phase B: the steps that do
 not depend on each other run side by side, each block one step of one row (tight-box gather,
 lattice noise and the blend's texture coordinates in one launch; three mask-blur passes,
 each beside one of the texture's three band sums; the write-back, beside the label write
 where label maps on the device take the tumor label), then Bernoulli blocks, three grid
-passes, the rescale's statistics and scaling, the fused blend and the overlap merge, one
-launch each: 17 launches a call instead of the 22 (23) of one launch per step. The
-statistics come back when first read (one copy).
+passes (the last measuring the rescale's statistics too), the rescale, the fused blend and
+the overlap merge, one launch each: 16 launches a call instead of the 22 (23) of one
+launch per step. The statistics come back when first read (one copy).
 Each launch runs a flat grid over a schedule (:func:`synthgen._seg_tables.schedules_nb`,
 packed with the tables): every row gets the blocks its own elements need, so small tumors
 beside a large one cost no idle blocks. Kernel arguments are device addresses (``_Pack.arg``),
@@ -82,8 +82,9 @@ BLOCK_SCALE = 1
 #: benchmarks: ``gpu_check`` times the render and the fused kernels with and without it).
 LIMIT_BLOCKS = True
 #: Run phase B's independent steps side by side, one launch per group of them
-#: (``_seg_tables.CHAINS_B``: 17 launches a call instead of 22, 23 with label maps), instead
-#: of one launch per step (benchmarks: ``gpu_check`` times both; tests compare them).
+#: (``_seg_tables.CHAINS_B``), and the rescale's statistics in the texture grid's last
+#: smoothing pass: 16 launches a call instead of 22 (23 with label maps) of one launch per
+#: step (benchmarks: ``gpu_check`` times both; tests compare them).
 FUSE_STEPS = True
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
 #: fused kernels on them to measure their bandwidth).
@@ -848,12 +849,17 @@ def _render(
                 i32(C.LK0 + b), i32(b_dst))  # fmt: skip
         steps("sg_seg_conv_band", 1 + a, ("sg_seg_conv", conv), ("sg_seg_band", band))
     launch("sg_seg_blocks", "frac", TDd, DD)
+    txs = pack.arg(be, tx_ref)
     for a, src, dims, dst, buf in ((0, C.FRAC, C.B0, C.GA, "ga"), (1, C.GA, C.GD1, C.GB, "gb"),
                                    (2, C.GB, C.GD2, C.GRID, "grid")):  # fmt: skip
-        launch("sg_seg_conv", buf, i32(a), i32(src), i32(dims), i32(C.GKERN0 + a),
-               i32(C.GKLEN0 + a), i32(C.GOFF0 + a), i32(C.G_0 + a), i32(dst))  # fmt: skip
-    txs = pack.arg(be, tx_ref)
-    launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
+        conv = (i32(a), i32(src), i32(dims), i32(C.GKERN0 + a), i32(C.GKLEN0 + a),
+                i32(C.GOFF0 + a), i32(C.G_0 + a), i32(dst))  # fmt: skip
+        if a == 2 and FUSE_STEPS:  # the last pass measures the rescale's statistics too
+            launch("sg_seg_conv_stats", buf, TDd, DD, txs, *conv)
+        else:
+            launch("sg_seg_conv", buf, *conv)
+    if not FUSE_STEPS:
+        launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
     launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
     launch("sg_seg_blend", "maskf", TFd, FF, TDd, DD)
     launch("sg_seg_merge", "merged")  # (the rows with partners; the others' change is final)

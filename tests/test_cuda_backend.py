@@ -893,11 +893,12 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
                                                       monkeypatch):  # fmt: skip
     """FUSE_STEPS: phase B's independent steps in one launch per group (CHAINS_B: the
     gather, the lattice and the texture coordinates; three mask-blur passes each beside a
-    band pass; the write-back beside the label write) give what one launch per step gives:
-    a batch with host rows (a colon's wall tumors) and label maps on the device, the
-    images, label maps, masks and statistics. On the stand-ins, bit for bit, and 17 launches
-    against 23; on a GPU (whose texture sums are atomics in any order) within the CPU
-    comparison's bounds."""
+    band pass; the write-back beside the label write) and the rescale's statistics in the
+    grid's last smoothing pass give what one launch per step gives: a batch with host rows
+    (a colon's wall tumors) and label maps on the device, the images, label maps, masks and
+    statistics. On the stand-ins, bit for bit (the texture's sums in the same order), and
+    16 launches against 23; on a GPU (whose texture sums are atomics in any order) within
+    the CPU comparison's bounds."""
     be, dev = backend
     ph = small_phantom
     jobs = [("liver-classic", "liver", "mix", 4), ("colon", "colon", None, 13),
@@ -925,9 +926,11 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
     (imgs_1, labs_1, masks_1, recs_1, launched_1) = got[False]
     assert all(m.any() for m in masks_f)
     if hasattr(be, "launches"):  # the stand-ins: the same arithmetic in the same order
-        assert len(launched_f) == 17 and len(launched_1) == 23
-        assert {"sg_seg_first", "sg_seg_conv_band", "sg_seg_apply_label"} <= set(launched_f)
-        assert not {"sg_seg_gather", "sg_seg_lattice", "sg_seg_label"} & set(launched_f)
+        assert len(launched_f) == 16 and len(launched_1) == 23
+        assert {"sg_seg_first", "sg_seg_conv_band", "sg_seg_apply_label",
+                "sg_seg_conv_stats"} <= set(launched_f)  # fmt: skip
+        assert not {"sg_seg_gather", "sg_seg_lattice", "sg_seg_label",
+                    "sg_seg_tex_stats"} & set(launched_f)  # fmt: skip
         for a, b in zip(imgs_f + labs_f + masks_f, imgs_1 + labs_1 + masks_1, strict=True):
             np.testing.assert_array_equal(a, b)
         assert recs_f == recs_1
