@@ -8,11 +8,20 @@
 #include <math.h>
 #endif
 
+// The texture rescale of one grid value (as sg_seg_tex_scale): clip(v * fac, 0, 1).
+SG_FN float sg_rescaled(float v, float fac) {
+    v = v * fac;
+    v = v > 0.0f ? v : 0.0f;
+    return v < 1.0f ? v : 1.0f;
+}
+
 // Texture T at a voxel: bilinear in (i, j) on the grid rows a0/a0+1, a1/a1+1 at columns c
 // and c+1, then linear along k: as the CPU kernel, which builds the bilinear row once per
-// (i, j). tgrid is (gx, gy, gz) float32, C order.
-SG_FN float sg_texture_at(const float* tgrid, int gy, int gz, int a0, float u0, int a1,
-                          float u1, int c, float u2) {
+// (i, j). tgrid is (gx, gy, gz) float32, C order. RESCALE: each grid value read is first
+// rescaled by fac (sg_rescaled), where the grid has not been rescaled in place.
+template <bool RESCALE>
+SG_FN float sg_texture_at_t(const float* tgrid, int gy, int gz, int a0, float u0, int a1,
+                            float u1, int c, float u2, float fac) {
     float w00 = (float)((1.0 - (double)u0) * (1.0 - (double)u1));
     float w01 = (float)((1.0 - (double)u0) * (double)u1);
     float w10 = (float)((double)u0 * (1.0 - (double)u1));
@@ -21,9 +30,18 @@ SG_FN float sg_texture_at(const float* tgrid, int gy, int gz, int a0, float u0, 
     const float* t01 = t00 + gz;
     const float* t10 = t00 + (long long)gy * gz;
     const float* t11 = t10 + gz;
-    float r0 = w00 * t00[c] + w01 * t01[c] + w10 * t10[c] + w11 * t11[c];
-    float r1 = w00 * t00[c + 1] + w01 * t01[c + 1] + w10 * t10[c + 1] + w11 * t11[c + 1];
+#define SG_TV(p) (RESCALE ? sg_rescaled((p), fac) : (p))
+    float r0 = w00 * SG_TV(t00[c]) + w01 * SG_TV(t01[c]) + w10 * SG_TV(t10[c]) +
+               w11 * SG_TV(t11[c]);
+    float r1 = w00 * SG_TV(t00[c + 1]) + w01 * SG_TV(t01[c + 1]) + w10 * SG_TV(t10[c + 1]) +
+               w11 * SG_TV(t11[c + 1]);
+#undef SG_TV
     return r0 + (r1 - r0) * u2;
+}
+
+SG_FN float sg_texture_at(const float* tgrid, int gy, int gz, int a0, float u0, int a1,
+                          float u1, int c, float u2) {
+    return sg_texture_at_t<false>(tgrid, gy, gz, a0, u0, a1, u1, c, u2, 1.0f);
 }
 
 // The change d (output = input - d) one tumor asks of a voxel; 0 when it leaves it alone.

@@ -575,6 +575,16 @@ extern "C" __global__ void sg_seg_tex_stats(const int* __restrict__ S, int nS,
     atomicAdd(&o[2], all);
 }
 
+// Row r's rescale factor u0 / mean from its statistics o (sg_seg_tex_stats'; rd: its float64
+// row): 1 when the mean is not positive.
+SG_FN float sg_rescale_factor(const long long* __restrict__ r, const double* __restrict__ rd,
+                              const double* __restrict__ o)
+{
+    const long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
+    double mean = o[1] > 0.0 ? o[0] / o[1] : o[2] / (double)total;
+    return mean > 0.0 ? (float)(rd[SG_D_U0] / mean) : 1.0f;
+}
+
 extern "C" __global__ void sg_seg_tex_scale(const int* __restrict__ S, int nS,
                                             const long long* __restrict__ T, int F,
                                             const double* __restrict__ TD, int FD,
@@ -583,17 +593,10 @@ extern "C" __global__ void sg_seg_tex_scale(const int* __restrict__ S, int nS,
     SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
-    const double* rd = TD + (long long)sg_s * FD;
     float* g = (float*)r[SG_GRID];
     long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
-    const double* o = stats + 3 * (long long)sg_s;
-    double mean = o[1] > 0.0 ? o[0] / o[1] : o[2] / (double)total;
-    float fac = mean > 0.0 ? (float)(rd[SG_D_U0] / mean) : 1.0f;
-    SG_SEG_LOOP(total) {
-        float v = g[t] * fac;
-        v = v > 0.0f ? v : 0.0f;
-        g[t] = v < 1.0f ? v : 1.0f;
-    }
+    const float fac = sg_rescale_factor(r, TD + (long long)sg_s * FD, stats + 3 * (long long)sg_s);
+    SG_SEG_LOOP(total) g[t] = sg_rescaled(g[t], fac);
 }
 
 // Phase B: the blend's trilinear texture coordinates, once per index of each tight-box axis
@@ -674,15 +677,21 @@ extern "C" __global__ void sg_seg_conv_stats(const int* __restrict__ S, int nS,
 }
 
 // The fused blend of every segment into its own change buffer, zeroed by the gather (as
-// sg_blend_tumor).
+// sg_blend_tumor). The texture grid is rescaled as it is read (sg_rescaled: the values
+// sg_seg_tex_scale would have left there; one launch and a pass over the grid fewer), by the
+// factor of the texture's statistics `stats` (sg_seg_conv_stats'); without them (a grid
+// sg_seg_tex_scale rescaled: its values in [0, 1]) by 1, which leaves the values as they are.
 // (at most 64 registers: four blocks of 256 threads per SM; ptxas needs no spills for it)
 extern "C" __global__ void __launch_bounds__(256, 4)
     sg_seg_blend(const int* __restrict__ S, int nS, const long long* __restrict__ T, int F,
-                 const float* __restrict__ TF, int FF, const double* __restrict__ TD, int FD)
+                 const float* __restrict__ TF, int FF, const double* __restrict__ TD, int FD,
+                 const double* __restrict__ stats)
 {
     SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
     if (r[SG_KIND]) return;
+    const float fac = stats ? sg_rescale_factor(r, TD + (long long)sg_s * FD,
+                                                stats + 3 * (long long)sg_s) : 1.0f;
     const float* rf = TF + (long long)sg_s * FF;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
     const float* orig = (const float*)r[SG_TORIG];
@@ -725,7 +734,7 @@ extern "C" __global__ void __launch_bounds__(256, 4)
             sg_unravel3(t, ny, nz, &i, &j, &k);
             const int i0 = ixs[i], i1 = ixs[nx + j], i2 = ixs[nx + ny + k];
             const float f0 = fxs[i], f1 = fxs[nx + j], f2 = fxs[nx + ny + k];
-            float tex = sg_texture_at(tgrid, gy, gz, i0, f0, i1, f1, i2, f2);
+            float tex = sg_texture_at_t<true>(tgrid, gy, gz, i0, f0, i1, f1, i2, f2, fac);
             float d;
             if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
                 int inside = organ[t];

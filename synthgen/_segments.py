@@ -6,14 +6,15 @@ int64 table (sizes, indices, device addresses), one float32 and one float64 tabl
 into one buffer, uploads it with one copy and launches each step of the render once for the
 whole batch (``kernels/segmented.cu``): 4 launches in phase A (the B-spline weight rows of
 the boxes, the shape test's B-spline sum per box row, gather + the per-voxel shape test, box
-reduction), then one copy back of all boxes, then 12 launches in phase B: the steps that do
+reduction), then one copy back of all boxes, then 11 launches in phase B: the steps that do
 not depend on each other run side by side, each block one step of one row (tight-box gather,
 lattice noise and the blend's texture coordinates in one launch; three mask-blur passes,
 each beside one of the texture's three band sums; the write-back, beside the label write
 where label maps on the device take the tumor label), then Bernoulli blocks, three grid
-passes (the last measuring the rescale's statistics too), the rescale, the fused blend and
-the overlap merge, one launch each: 16 launches a call instead of the 22 (23) of one
-launch per step. The statistics come back when first read (one copy).
+passes (the last measuring the rescale's statistics too), the fused blend (rescaling the
+texture grid as it reads it) and the overlap merge, one launch each: 15 launches a call
+instead of the 22 (23) of one launch per step. The statistics come back when first read
+(one copy).
 Each launch runs a flat grid over a schedule (:func:`synthgen._seg_tables.schedules_nb`,
 packed with the tables): every row gets the blocks its own elements need, so small tumors
 beside a large one cost no idle blocks. Kernel arguments are device addresses (``_Pack.arg``),
@@ -82,9 +83,10 @@ BLOCK_SCALE = 1
 #: benchmarks: ``gpu_check`` times the render and the fused kernels with and without it).
 LIMIT_BLOCKS = True
 #: Run phase B's independent steps side by side, one launch per group of them
-#: (``_seg_tables.CHAINS_B``), and the rescale's statistics in the texture grid's last
-#: smoothing pass: 16 launches a call instead of 22 (23 with label maps) of one launch per
-#: step (benchmarks: ``gpu_check`` times both; tests compare them).
+#: (``_seg_tables.CHAINS_B``), the rescale's statistics in the texture grid's last smoothing
+#: pass and the rescale in the blend's reads of the grid: 15 launches a call instead of 22
+#: (23 with label maps) of one launch per step (benchmarks: ``gpu_check`` times both; tests
+#: compare them).
 FUSE_STEPS = True
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
 #: fused kernels on them to measure their bandwidth).
@@ -860,8 +862,12 @@ def _render(
             launch("sg_seg_conv", buf, *conv)
     if not FUSE_STEPS:
         launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
-    launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
-    launch("sg_seg_blend", "maskf", TFd, FF, TDd, DD)
+    if FUSE_STEPS:  # the blend rescales the grid as it reads it
+        blend = (TFd, FF, TDd, DD, txs)
+    else:
+        launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
+        blend = (TFd, FF, TDd, DD, be.pointer(0, np.float64))
+    launch("sg_seg_blend", "maskf", *blend)
     launch("sg_seg_merge", "merged")  # (the rows with partners; the others' change is final)
     apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref)))
     if J.lab_on.any():  # the label maps on the device: every row's mask, beside the write-back
@@ -874,7 +880,7 @@ def _render(
         LAST.update(
             n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8), ne=ne, T=T,
             TF=TF, f32=f32, u8=u8,
-            blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, TFd, FF, TDd, DD),
+            blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, *blend),
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref)),
         )  # fmt: skip

@@ -893,12 +893,12 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
                                                       monkeypatch):  # fmt: skip
     """FUSE_STEPS: phase B's independent steps in one launch per group (CHAINS_B: the
     gather, the lattice and the texture coordinates; three mask-blur passes each beside a
-    band pass; the write-back beside the label write) and the rescale's statistics in the
-    grid's last smoothing pass give what one launch per step gives: a batch with host rows
-    (a colon's wall tumors) and label maps on the device, the images, label maps, masks and
-    statistics. On the stand-ins, bit for bit (the texture's sums in the same order), and
-    16 launches against 23; on a GPU (whose texture sums are atomics in any order) within
-    the CPU comparison's bounds."""
+    band pass; the write-back beside the label write), the rescale's statistics in the
+    grid's last smoothing pass and the rescale in the blend's reads of the grid give what one
+    launch per step gives: a batch with host rows (a colon's wall tumors) and label maps on
+    the device, the images, label maps, masks and statistics. On the stand-ins, bit for bit
+    (the texture's sums in the same order), and 15 launches against 23; on a GPU (whose
+    texture sums are atomics in any order) within the CPU comparison's bounds."""
     be, dev = backend
     ph = small_phantom
     jobs = [("liver-classic", "liver", "mix", 4), ("colon", "colon", None, 13),
@@ -926,11 +926,11 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
     (imgs_1, labs_1, masks_1, recs_1, launched_1) = got[False]
     assert all(m.any() for m in masks_f)
     if hasattr(be, "launches"):  # the stand-ins: the same arithmetic in the same order
-        assert len(launched_f) == 16 and len(launched_1) == 23
+        assert len(launched_f) == 15 and len(launched_1) == 23
         assert {"sg_seg_first", "sg_seg_conv_band", "sg_seg_apply_label",
                 "sg_seg_conv_stats"} <= set(launched_f)  # fmt: skip
-        assert not {"sg_seg_gather", "sg_seg_lattice", "sg_seg_label",
-                    "sg_seg_tex_stats"} & set(launched_f)  # fmt: skip
+        assert not {"sg_seg_gather", "sg_seg_lattice", "sg_seg_label", "sg_seg_tex_stats",
+                    "sg_seg_tex_scale"} & set(launched_f)  # fmt: skip
         for a, b in zip(imgs_f + labs_f + masks_f, imgs_1 + labs_1 + masks_1, strict=True):
             np.testing.assert_array_equal(a, b)
         assert recs_f == recs_1
@@ -1471,17 +1471,38 @@ def test_kernel_blend_merge_apply(backend, small_phantom, organ_masks):
         rows.set(s, "DS0", 1, 20, 400)
         rows.set(s, "DO0", *origins[s])
         rows.set(s, "ROUND", 1)
-    rows.launch("sg_seg_blend", 504, tf=True, td=True)
-    ref_d = []
-    for s, (_box, orig, organ, _mask, blur, g, ic, q2, app, keys) in enumerate(cases):
+
+    def blend_ref(s, g):
+        _box, orig, organ, _mask, blur, _g, ic, q2, app, keys = cases[s]
         d = np.zeros(shp, np.float32)
         k.blend_tumor(orig, organ.astype(bool), np.float32(-100), np.float32(300), blur, g,
                       ic[0][0], ic[0][1], ic[1][0], ic[1][1], ic[2][0], ic[2][1],
                       np.float32(40 - 70 * s), np.float32(100), bool(s), d,
                       q2 if s else None, app if s else None, keys if s else None,
                       -4, -3, -2)  # fmt: skip
-        np.testing.assert_array_equal(be.download(deltas[s]), d)
-        ref_d.append(d)
+        return d
+
+    # the texture's statistics (sum above the threshold, count, sum of all): the blend then
+    # rescales each grid value it reads, clip(g * u0 / mean, 0, 1), as sg_seg_tex_scale would
+    # have in place (row 1: none above, the mean of all)
+    tex_stats = np.array([[30.0, 50.0, 80.0], [0.0, 0.0, 36.0]])
+    rows.TD[:, C.D_U0] = (0.9, 0.4)
+    for with_stats in (True, False):
+        for dl in deltas:
+            dl[...] = 0
+        st = dev(tex_stats) if with_stats else be.pointer(0, np.float64)
+        rows.launch("sg_seg_blend", 504, st, tf=True, td=True)
+        ref_d = []
+        for s in range(2):
+            g = cases[s][5]
+            if with_stats:  # (float32 products, as the kernel's)
+                mean = tex_stats[s, 0] / tex_stats[s, 1] if tex_stats[s, 1] else (
+                    tex_stats[s, 2] / g.size)  # fmt: skip
+                g = np.clip(g * np.float32(rows.TD[s, C.D_U0] / mean), 0, 1).astype(np.float32)
+                assert (g == 1).any() and (g < 1).any()
+            d = blend_ref(s, g)
+            np.testing.assert_array_equal(be.download(deltas[s]), d)
+            ref_d.append(d)
     rows.launch("sg_seg_merge", 504)
     ov = (slice(4, 9), slice(2, 8), slice(2, 7)), (slice(0, 5), slice(0, 6), slice(0, 5))
     m0 = ref_d[0].copy()
