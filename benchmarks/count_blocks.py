@@ -4,9 +4,12 @@ No GPU needed, and no timing: counts. The driver runs on the test suite's stand-
 (``tests/_cuda_emu.py``) with the GPU's schedule rule (``CupyBackend.block_rule``), and every
 launch is recorded: the blocks its schedule launches, and the blocks a 2-D grid sized for the
 launch's largest row launched before (every row given that row's count: the grid of
-``launch2d`` up to commit c39d1d6), and how many of those had elements to work on; then the
-same render on the default schedules of a GPU of 132 SMs (H100, H200), which hold a launch
-to 32 blocks per SM (``CupyBackend.most_blocks``: longer blocks past it).
+``launch2d`` up to commit c39d1d6), and how many of those had elements to work on, with one
+launch per step, as then (``_segments.FUSE_STEPS`` off); then the same render as by
+default: the schedules of a GPU of 132 SMs (H100, H200), which hold a launch to 32 blocks
+per SM (``CupyBackend.most_blocks``: longer blocks past it), phase B's independent steps
+side by side (the blocks of the steps a launch runs, and none of the rescale's two
+launches).
 ``liver-classic`` on the 1 mm benchmark phantom, image on the "device", rendered in place.
 
 Usage::
@@ -45,7 +48,7 @@ def run() -> list[dict]:
     import bench_gpu_host
     from _cuda_emu import HostBackend, to_device
 
-    from synthgen import _cuda
+    from synthgen import _cuda, _segments
 
     class Counting(HostBackend):
         def __init__(self, build_dir) -> None:
@@ -64,19 +67,25 @@ def run() -> list[dict]:
     be = Counting(Path(tempfile.mkdtemp(prefix="sg-blocks-")))
     sc = bench_gpu_host.scene()
 
-    def counts_of(plans, most: int) -> dict[str, list[int]]:
-        """The blocks of each kernel of one render of ``plans`` (``most``: the launch limit)."""
+    def counts_of(plans, most: int, fuse: bool) -> dict[str, list[int]]:
+        """The blocks of each kernel of one render of ``plans`` (``most``: the launch limit;
+        ``fuse``: FUSE_STEPS. The 2-D grid counts read a launch's schedule as one step's:
+        only those of a render without it count)."""
         be.counts.clear()
         be.most_blocks = most
         outs = [to_device(sc.img_h) for _ in plans]
         k = len(plans)
-        _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
+        _segments.FUSE_STEPS = fuse
+        try:
+            _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
+        finally:
+            _segments.FUSE_STEPS = True
         return dict(be.counts)
 
     rows = []
     for size, k in CASES:
         plans = sc.plans(9_000, k, size)
-        free, limited = counts_of(plans, 0), counts_of(plans, MOST_BLOCKS)
+        free, limited = counts_of(plans, 0, False), counts_of(plans, MOST_BLOCKS, True)
         rows.append({"class": size, "plans": k,
                      "tumors": sum(len(p.tumors) for p in plans),
                      "flat_blocks": sum(c[0] for c in free.values()),
@@ -100,8 +109,8 @@ def main() -> int:
     rows = run()
     print(
         "\n| class | plans | tumors | blocks, all launches: flat | 2-D grid | idle in 2-D "
-        "| blend: flat | 2-D grid | merge (flat) | write-back (flat) | all, limited "
-        "| blend, limited |"
+        "| blend: flat | 2-D grid | merge (flat) | write-back (flat) | all, default "
+        "| blend, default |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
