@@ -1,4 +1,4 @@
-// Segmented kernels: every tumor of a batch in one launch per step.
+// Segmented kernels: every tumor of a batch in one launch per step (or group of steps).
 //
 // A batch of tumors (of one or many plans and scans) is a list of segments. Everything a
 // segment needs is in one row of an int64 table T (sizes, buffer addresses, table addresses:

@@ -6,11 +6,11 @@ This module holds what is CuPy-specific: the backend object (:class:`CupyBackend
 modules compiled by NVRTC once per device, launches, transfers, device addresses), device
 arrays and torch CUDA tensors (DLPack, no copies), the caller's stream, planning views of
 device data and the entry point :func:`render_on_gpu`. The render itself is
-:mod:`synthgen._segments`: every tumor of a batch in one launch per step (20 launches and two
-host waits per batch, whatever the number of tumors), each kernel the CUDA C twin of a numba
-kernel of the CPU path (same operations, same order, compiled without FMA contraction), every
-random number from the same counter-based hash, so one plan renders the same tumor on both
-backends.
+:mod:`synthgen._segments`: every tumor of a batch in one launch per step or group of
+independent steps (15 launches and one host wait per batch, whatever the number of
+tumors), each kernel the CUDA C twin of a numba kernel of the CPU path (same operations,
+same order, compiled without FMA contraction), every random number from the same
+counter-based hash, so one plan renders the same tumor on both backends.
 
 The test suite runs the same driver without a GPU through a stand-in backend whose ``xp`` is
 NumPy and whose kernels are the same CUDA C sources compiled for the host

@@ -13,8 +13,9 @@ each beside one of the texture's three band sums; the write-back, beside the lab
 where label maps on the device take the tumor label), then Bernoulli blocks, three grid
 passes (the last measuring the rescale's statistics too), the fused blend (rescaling the
 texture grid as it reads it) and the overlap merge, one launch each: 15 launches a call
-instead of the 22 (23) of one launch per step. The statistics come back when first read
-(one copy).
+instead of the 22 (23) of one launch per step. The statistics come back in one copy: when
+first read where the images, masks and label maps all stay on the device, at once
+otherwise.
 Each launch runs a flat grid over a schedule (:func:`synthgen._seg_tables.schedules_nb`,
 packed with the tables): every row gets the blocks its own elements need, so small tumors
 beside a large one cost no idle blocks. Kernel arguments are device addresses (``_Pack.arg``),

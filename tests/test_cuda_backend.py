@@ -1299,6 +1299,54 @@ def test_blur_kernels_in_one_call_are_the_gaussian_kernels():
         assert k._np_sum(a, 2, n) == np.sum(a[2 : 2 + n]), n
 
 
+def test_kernel_conv_stats_measures_what_tex_stats_measures(backend):
+    """sg_seg_conv_stats: the grid's last smoothing pass (here the identity: a one-tap kernel)
+    with the rescale's statistics of its output, against sg_seg_tex_stats on that output and
+    against NumPy: a segment with values above the threshold, one with none (the mean of
+    all then), one with values exactly at it (not above); on the many-block stand-in and a
+    GPU, blocks of a segment each add their part."""
+    be, dev = backend
+    rng = np.random.default_rng(11)
+    shapes = [(6, 7, 9), (5, 4, 11), (3, 8, 10)]
+    thr = (0.5, 2.0, 0.25)
+    grids = [rng.random(shapes[0]).astype(np.float32),
+             rng.random(shapes[1]).astype(np.float32),  # all below 2.0
+             rng.choice(np.float32([0.25, 0.75, 0.1]), shapes[2])]  # fmt: skip
+    rows = _Rows(be, dev, 3)
+    C = rows.C
+    outs = []
+    for s, (g, shp) in enumerate(zip(grids, shapes, strict=True)):
+        rows.put(s, "GB", g)
+        rows.set(s, "GD2", *shp)
+        rows.set(s, "G_0", *shp)
+        k_d = dev(np.ones(1, np.float32))
+        rows.keep.append(k_d)
+        rows.T[s, C.GKERN0 + 2] = be.ptr(k_d)
+        rows.T[s, C.GKLEN0 + 2] = 1
+        rows.T[s, C.GOFF0 + 2] = 0
+        outs.append(rows.put(s, "GRID", np.full(shp, np.nan, np.float32)))
+        rows.TD[s, C.D_THR] = thr[s]
+    st_conv = dev(np.zeros((3, 3), np.float64))
+    i32 = np.int32
+    rows.launch("sg_seg_conv_stats", [g.size for g in grids], st_conv, i32(2), i32(C.GB),
+                i32(C.GD2), i32(C.GKERN0 + 2), i32(C.GKLEN0 + 2), i32(C.GOFF0 + 2), i32(C.G_2),
+                i32(C.GRID), td=True)  # fmt: skip
+    for g, out in zip(grids, outs, strict=True):
+        np.testing.assert_array_equal(be.download(out), g)
+    st_tex = dev(np.zeros((3, 3), np.float64))
+    rows.launch("sg_seg_tex_stats", [g.size for g in grids], st_tex, td=True)
+    got, ref = be.download(st_conv), be.download(st_tex)
+    if hasattr(be, "launches"):  # the same sums in the same order
+        np.testing.assert_array_equal(got, ref)
+    for s, g in enumerate(grids):
+        g64 = g.astype(np.float64)
+        above = g64[g > np.float32(thr[s])]
+        want = (above.sum(), float(above.size), g64.sum())
+        np.testing.assert_allclose(got[s], want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ref[s], want, rtol=1e-12, atol=1e-12)
+    assert got[1, 1] == 0 and 0 < got[2, 1] < grids[2].size
+
+
 def test_kernel_blocks(backend):
     be, dev = backend
     rng = np.random.default_rng(2)
