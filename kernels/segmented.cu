@@ -413,6 +413,31 @@ extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
     sg_step_band(sg_s, sg_b, sg_nb, T, F, axis, c_in, c_dim, c_s, c_w, c_m, c_k, c_out);
 }
 
+// The texture rescale's statistics of one thread's grid values (sum of those above the
+// threshold, their count, sum of all), in the order the thread adds them; sg_tex_put
+// combines the block's (every thread of the block calls it) and adds them to the row's
+// statistics o with one atomic each.
+struct sg_tex_sums {
+    double above, cnt, all;
+};
+
+SG_FN void sg_tex_add(sg_tex_sums* s, float v, float thr)
+{
+    s->all += (double)v;
+    if (v > thr) { s->above += (double)v; s->cnt += 1.0; }
+}
+
+SG_FN void sg_tex_put(sg_tex_sums s, double* o)
+{
+    s.above = sg_block_reduce<SG_RED_SUM>(s.above, 0.0);
+    s.cnt = sg_block_reduce<SG_RED_SUM>(s.cnt, 0.0);
+    s.all = sg_block_reduce<SG_RED_SUM>(s.all, 0.0);
+    if (threadIdx.x != 0) return;
+    atomicAdd(&o[0], s.above);
+    atomicAdd(&o[1], s.cnt);
+    atomicAdd(&o[2], s.all);
+}
+
 // One pass of a zero-padded correlation along `axis` for every segment:
 // out[o] = sum_t kern[t] in[o + off + t] over the inputs inside the array (the mask blur, with
 // off = -radius, and the texture's block-to-grid smoothing). Its band is derived on the fly:
@@ -444,7 +469,7 @@ SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __rest
     long long total = (long long)o0 * o1 * o2;
     const float thr = STATS ? (float)TD[(long long)sg_s * FD + SG_D_THR] : 0.0f;
     if (STATS) SG_SEG_IDLE(total, 1);
-    double above = 0.0, all = 0.0, cnt = 0.0;
+    sg_tex_sums sums = {0.0, 0.0, 0.0};
     SG_SEG_LOOP(total) {
         long long stride;
         int o;
@@ -459,20 +484,9 @@ SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __rest
             acc = acc + w * src[q * stride];
         }
         out[t] = acc;
-        if (STATS) {
-            all += (double)acc;
-            if (acc > thr) { above += (double)acc; cnt += 1.0; }
-        }
+        if (STATS) sg_tex_add(&sums, acc, thr);
     }
-    if (!STATS) return;
-    above = sg_block_reduce<SG_RED_SUM>(above, 0.0);
-    cnt = sg_block_reduce<SG_RED_SUM>(cnt, 0.0);
-    all = sg_block_reduce<SG_RED_SUM>(all, 0.0);
-    if (threadIdx.x != 0) return;
-    double* o = stats + 3 * (long long)sg_s;
-    atomicAdd(&o[0], above);
-    atomicAdd(&o[1], cnt);
-    atomicAdd(&o[2], all);
+    if (STATS) sg_tex_put(sums, stats + 3 * (long long)sg_s);
 }
 
 SG_FN void sg_step_conv(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
@@ -559,20 +573,9 @@ extern "C" __global__ void sg_seg_tex_stats(const int* __restrict__ S, int nS,
     float thr = (float)rd[SG_D_THR];
     long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
     SG_SEG_IDLE(total, 1);
-    double above = 0.0, all = 0.0, cnt = 0.0;
-    SG_SEG_LOOP(total) {
-        float v = g[t];
-        all += (double)v;
-        if (v > thr) { above += (double)v; cnt += 1.0; }
-    }
-    above = sg_block_reduce<SG_RED_SUM>(above, 0.0);
-    cnt = sg_block_reduce<SG_RED_SUM>(cnt, 0.0);
-    all = sg_block_reduce<SG_RED_SUM>(all, 0.0);
-    if (threadIdx.x != 0) return;
-    double* o = stats + 3 * (long long)sg_s;
-    atomicAdd(&o[0], above);
-    atomicAdd(&o[1], cnt);
-    atomicAdd(&o[2], all);
+    sg_tex_sums sums = {0.0, 0.0, 0.0};
+    SG_SEG_LOOP(total) sg_tex_add(&sums, g[t], thr);
+    sg_tex_put(sums, stats + 3 * (long long)sg_s);
 }
 
 // Row r's rescale factor u0 / mean from its statistics o (sg_seg_tex_stats'; rd: its float64

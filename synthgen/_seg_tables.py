@@ -131,8 +131,10 @@ _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 #: each step, in the order of the kernel's steps (:func:`chain_schedules_nb`).
 CHAINS_B = (("maskf", "noise", "interp"), ("maskf", "za"), ("maskf", "zb"), ("maskf", "z0"),
             ("out", "out"))  # fmt: skip
-_CHAINS_B_IDX = np.array([[SCHED_B.index(k) for k in c] + [-1] * (3 - len(c)) for c in CHAINS_B],
-                         dtype=np.int64)  # fmt: skip
+_CHAINS_B_IDX = np.full((len(CHAINS_B), max(map(len, CHAINS_B))), -1, dtype=np.int64)
+for _g, _chain in enumerate(CHAINS_B):
+    _CHAINS_B_IDX[_g, : len(_chain)] = [SCHED_B.index(k) for k in _chain]
+del _g, _chain
 
 
 @nb.njit(**_OPTS)

@@ -861,13 +861,12 @@ def _render(
             launch("sg_seg_conv_stats", buf, TDd, DD, txs, *conv)
         else:
             launch("sg_seg_conv", buf, *conv)
-    if not FUSE_STEPS:
-        launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
     if FUSE_STEPS:  # the blend rescales the grid as it reads it
         blend = (TFd, FF, TDd, DD, txs)
     else:
+        launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
         launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
-        blend = (TFd, FF, TDd, DD, be.pointer(0, np.float64))
+        blend = (TFd, FF, TDd, DD, be.pointer(0, np.float64))  # (no rescale in the blend)
     launch("sg_seg_blend", "maskf", *blend)
     launch("sg_seg_merge", "merged")  # (the rows with partners; the others' change is final)
     apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref)))
