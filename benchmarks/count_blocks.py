@@ -92,9 +92,6 @@ def run() -> list[dict]:
                      "grid2d_blocks": sum(c[1] for c in free.values()),
                      "blend_flat": free["sg_seg_blend"][0],
                      "blend_grid2d": free["sg_seg_blend"][1],
-                     # the merge walks the rows with merge partners only; the write-back
-                     # every row (the merge's walk before rows without partners were skipped)
-                     "merge_flat": free["sg_seg_merge"][0],
                      "apply_flat": free["sg_seg_apply"][0],
                      "limited_blocks": sum(c[0] for c in limited.values()),
                      "blend_limited": limited["sg_seg_blend"][0]})  # fmt: skip
@@ -109,16 +106,16 @@ def main() -> int:
     rows = run()
     print(
         "\n| class | plans | tumors | blocks, all launches: flat | 2-D grid | idle in 2-D "
-        "| blend: flat | 2-D grid | merge (flat) | write-back (flat) | all, default "
+        "| blend: flat | 2-D grid | write-back (flat) | all, default "
         "| blend, default |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         idle = 1 - r["flat_blocks"] / r["grid2d_blocks"]
         print(
             f"| {r['class']} | {r['plans']} | {r['tumors']} | {r['flat_blocks']} | "
             f"{r['grid2d_blocks']} | {100 * idle:.0f}% | {r['blend_flat']} | "
-            f"{r['blend_grid2d']} | {r['merge_flat']} | {r['apply_flat']} | "
+            f"{r['blend_grid2d']} | {r['apply_flat']} | "
             f"{r['limited_blocks']} | {r['blend_limited']} |"
         )
     if args.json:

@@ -754,80 +754,83 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     }
 }
 
-// Overlapping tumors: each voxel of segment i takes the strongest change among i and its
-// partners (the segments listed at SG_PART, in ascending order, whose tight boxes overlap
-// i's), read from the unmerged buffers, as the CPU's pairwise merge does.
-extern "C" __global__ void sg_seg_merge(const int* __restrict__ S, int nS,
-                                        const long long* __restrict__ T, int F)
+// Overlapping tumors: the change v of a segment at voxel (x, y, z) of the scan made the
+// strongest among v and the changes of the segment's merge partners (the segments listed at
+// SG_PART, in ascending order, whose tight boxes overlap its own) that hold the voxel, read
+// from their unmerged buffers (complete: the blend ran before), as the CPU's pairwise merge
+// does. The write-back calls it per voxel of a segment with partners: no merged buffer
+// written by a launch of its own and read back (8 bytes a voxel), one launch fewer.
+SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
+                         const long long* __restrict__ part, int np, int x, int y, int z)
 {
-    SG_SEG_BEGIN;
-    const long long* r = T + (long long)sg_s * F;
-    int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
-    const float* delta = (const float*)r[SG_DELTA];
-    float* merged = (float*)r[SG_MERGED];
-    const long long* part = (const long long*)r[SG_PART];
-    int np = (int)r[SG_NPART];
-    const long long to0 = r[SG_TO0], to1 = r[SG_TO1], to2 = r[SG_TO2];  // in registers
-    long long total = (long long)nx * ny * nz;
-    SG_SEG_LOOP(total) {
-        float v = delta[t];
-        if (np == 0) {  // no overlapping partner: the change as it is
-            merged[t] = v;
+    for (int p = 0; p < np; ++p) {  // (int coordinates: fewer registers than long long)
+        const long long* q = T + part[p] * F;
+        const int n1 = (int)q[SG_TN1], n2 = (int)q[SG_TN2];
+        const int a = x - (int)q[SG_TO0], b = y - (int)q[SG_TO1], c = z - (int)q[SG_TO2];
+        // (a negative index is a large unsigned one: out of the box too)
+        if ((unsigned)a >= (unsigned)q[SG_TN0] || (unsigned)b >= (unsigned)n1 ||
+            (unsigned)c >= (unsigned)n2)
             continue;
-        }
-        int i, j, k;
-        sg_unravel3(t, ny, nz, &i, &j, &k);
-        long long x = to0 + i, y = to1 + j, z = to2 + k;
-        for (int p = 0; p < np; ++p) {
-            const long long* q = T + part[p] * F;
-            long long a = x - q[SG_TO0], b = y - q[SG_TO1], c = z - q[SG_TO2];
-            if (a < 0 || b < 0 || c < 0 || a >= q[SG_TN0] || b >= q[SG_TN1] || c >= q[SG_TN2])
-                continue;
-            float w = ((const float*)q[SG_DELTA])[(a * q[SG_TN1] + b) * q[SG_TN2] + c];
-            if (fabsf(w) > fabsf(v)) v = w;
-        }
-        merged[t] = v;
+        float w = ((const float*)q[SG_DELTA])[((long long)a * n1 + b) * n2 + c];
+        if (fabsf(w) > fabsf(v)) v = w;
     }
+    return v;
 }
 
 // Write-back: input - change into the image (any dtype, any strides) where the change is not
 // zero, or into a float32 buffer for host-resident images; per-segment tumor statistics
-// (voxels, summed change) into stats row s.
+// (voxels, summed change) into stats row s. The change is the segment's own (SG_DELTA), merged
+// with its partners' where it has any (sg_merged_at); a segment whose merged change the host
+// reads (a host-resident image: which voxels changed) gets it written at SG_MERGED too (0:
+// none).
 // The write-back's loop for one destination type D, the value already rounded and clipped to
 // its range (the kernel picks D once per segment, outside the loop: a nine-way switch per
 // stored voxel took the kernel to 76 registers, 37.5% occupancy; typed loops need 53, so four
-// blocks of 256 threads fit an SM, by ptxas for sm_90).
-template <class D>
+// blocks of 256 threads fit an SM, by ptxas for sm_90). PART: the segment has merge partners
+// (np of them, at part; its tight box at to0, to1, to2 of the scan); its loop then takes
+// SG_ILP_PART elements per thread and step, not SG_ILP (with SG_ILP the merge's state took
+// the kernel to 72 registers; with 2, 60 by ptxas for sm_90, 64 for sm_80, no spills).
+#define SG_ILP_PART 2
+template <class D, bool PART>
 SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
-                         const float* __restrict__ orig, const float* __restrict__ merged,
+                         const float* __restrict__ orig, const float* __restrict__ delta,
                          const unsigned char* __restrict__ mask, float cmin, float cmax,
                          float lo, float hi, int round_int, long long dbase, long long ds0,
                          long long ds1, long long ds2, int sg_b, int sg_nb,
-                         int* n_out, double* acc_out)
+                         const long long* __restrict__ T, int F,
+                         const long long* __restrict__ part, int np, int to0, int to1,
+                         int to2, float* __restrict__ merged, int* n_out, double* acc_out)
 {
+    constexpr int U = PART ? SG_ILP_PART : SG_ILP;
     int n = 0;
     double acc = 0.0;
-    SG_SEG_LOOP_ILP(total) {
-        float os[SG_ILP], ds[SG_ILP];
-        unsigned char ms[SG_ILP];
+    for (long long t0 = (long long)sg_b * blockDim.x * U + threadIdx.x; t0 < total;
+         t0 += (long long)sg_nb * blockDim.x * U) {
+        float os[U], ds[U];
+        unsigned char ms[U];
 #pragma unroll
-        for (int u = 0; u < SG_ILP; ++u) {
+        for (int u = 0; u < U; ++u) {
             if (SG_ILP_T(u) < total) {
                 os[u] = orig[SG_ILP_T(u)];
-                ds[u] = merged[SG_ILP_T(u)];
+                ds[u] = delta[SG_ILP_T(u)];
                 ms[u] = mask[SG_ILP_T(u)];
             }
         }
 #pragma unroll
-        for (int u = 0; u < SG_ILP; ++u) {
+        for (int u = 0; u < U; ++u) {
             const long long t = SG_ILP_T(u);
             if (t >= total) break;
             float o = os[u];
             float d = ds[u];
             float w = o;
-            if (d != 0.0f) {
-                int i, j, k;  // (the divisions only for voxels that change)
+            int i, j, k;  // (the divisions only for voxels that change, or all with partners)
+            if (PART) {
                 sg_unravel3(t, ny, nz, &i, &j, &k);
+                d = sg_merged_at(d, T, F, part, np, to0 + i, to1 + j, to2 + k);
+            }
+            if (merged) merged[t] = d;
+            if (d != 0.0f) {
+                if (!PART) sg_unravel3(t, ny, nz, &i, &j, &k);
                 w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
                 dst[dbase + ds0 * i + ds1 * j + ds2 * k] = (D)w;
             }
@@ -848,7 +851,10 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     const float* rf = TF + (long long)sg_s * FF;
     int nx = (int)r[SG_TN0], ny = (int)r[SG_TN1], nz = (int)r[SG_TN2];
     const float* orig = (const float*)r[SG_TORIG];
-    const float* merged = (const float*)r[SG_MERGED];
+    const float* delta = (const float*)r[SG_DELTA];
+    float* merged = (float*)r[SG_MERGED];
+    const long long* part = (const long long*)r[SG_PART];
+    const int np = (int)r[SG_NPART];
     const unsigned char* mask = (const unsigned char*)r[SG_TMASK];
     void* dst = (void*)r[SG_DST];
     int code = (int)r[SG_DST_CODE];
@@ -857,13 +863,20 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     const float cmin = rf[SG_F_CMIN], cmax = rf[SG_F_CMAX], lo = rf[SG_F_LO], hi = rf[SG_F_HI];
     const long long ds0 = r[SG_DS0], ds1 = r[SG_DS1], ds2 = r[SG_DS2];
     const long long dbase = ds0 * r[SG_DO0] + ds1 * r[SG_DO1] + ds2 * r[SG_DO2];
+    const int to0 = (int)r[SG_TO0], to1 = (int)r[SG_TO1], to2 = (int)r[SG_TO2];
     long long total = (long long)nx * ny * nz;
-    SG_SEG_IDLE(total, SG_ILP);
+    SG_SEG_IDLE(total, np ? SG_ILP_PART : SG_ILP);  // (the elements per thread and step of its loop)
     int n = 0;
     double acc = 0.0;
 #define SG_APPLY_AS(D)                                                                        \
-    sg_apply_loop((D*)dst, total, ny, nz, orig, merged, mask, cmin, cmax, lo, hi, round_int,  \
-                  dbase, ds0, ds1, ds2, sg_b, sg_nb, &n, &acc)
+    if (np)                                                                                   \
+        sg_apply_loop<D, true>((D*)dst, total, ny, nz, orig, delta, mask, cmin, cmax, lo, hi, \
+                               round_int, dbase, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, np,  \
+                               to0, to1, to2, merged, &n, &acc);                              \
+    else                                                                                      \
+        sg_apply_loop<D, false>((D*)dst, total, ny, nz, orig, delta, mask, cmin, cmax, lo,    \
+                                hi, round_int, dbase, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, \
+                                0, 0, 0, 0, merged, &n, &acc)
     switch (code) {
         case SG_CODE_F32: SG_APPLY_AS(float); break;
         case SG_CODE_F64: SG_APPLY_AS(double); break;

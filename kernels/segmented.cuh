@@ -117,7 +117,8 @@
 #define SG_G_0 112
 #define SG_G_1 113
 #define SG_G_2 114
-// blend, merge, write-back
+// blend and write-back: the blend's change, the merged change the write-back writes where the
+// host reads it (0: none), the merge partners (the write-back merges their changes)
 #define SG_DELTA 115
 #define SG_MERGED 116
 #define SG_PART 117
@@ -141,8 +142,8 @@
 #define SG_OFF0 132
 #define SG_OFF1 133
 #define SG_OFF2 134
-// 1: a tumor rendered on the host (a hollow-organ wall tumor) that only joins the merge and
-// the write-back
+// 1: a tumor rendered on the host (a hollow-organ wall tumor) that only joins the write-back
+// (and its merge)
 #define SG_KIND 135
 // phase A: the (i, j) part of the shape test per row of the box (sg_shape_row), 3 + 3 g2
 // float32 each

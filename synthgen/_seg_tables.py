@@ -121,10 +121,8 @@ def layout_nb(sizes, itemsize):
 #: Phase B's flat schedules (:func:`schedules_nb`), one per distinct per-row element count
 #: of its launches: each names the :data:`F32` buffer a launch writes (its size is the
 #: launch's elements per row; 0 where a row takes no part, such as host rows in the texture).
-#: (``merged``: the rows that have merge partners, whose merge writes that buffer; ``out``:
-#: every row, the write-back's and the label write's.)
-SCHED_B = ("maskf", "merged", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid",
-           "interp")  # fmt: skip
+#: (``out``: every row, the write-back's and the label write's.)
+SCHED_B = ("maskf", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid", "interp")
 _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 #: Phase B's launches of independent steps (``kernels/segmented.cu``: ``sg_seg_first``,
 #: ``sg_seg_conv_band`` three times, ``sg_seg_apply_label``): the :data:`SCHED_B` schedule of
@@ -309,17 +307,18 @@ def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, pre, ext, fa_base, fa_
 
 
 @nb.njit(**_OPTS)
-def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part):
+def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part, host_out):
     """Phase B's float32 scratch sizes per row (columns: :data:`F32`; host rows, after the
-    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only; an ellipsoid row without merge
-    partners (``n_part`` 0) no ``merged``: its change is final, read where it is) and the
-    uint8 ones (organ, mask)."""
+    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only) and the uint8 ones (organ,
+    mask). Only a row whose image is on the host (``host_out``) and whose change the host
+    reads merged (a host row, or a row with merge partners: ``n_part``) has ``merged``, which
+    the write-back writes; the write-back merges the others' changes as it reads them."""
     nl = tn.shape[0]
     f32 = np.zeros((nl, len(F32)), dtype=np.int64)
     u8 = np.zeros((nl, 2), dtype=np.int64)
     for r in range(nl):
         v = tn[r, 0] * tn[r, 1] * tn[r, 2]
-        f32[r, _MERGED] = v if r >= ne or n_part[r] > 0 else 0
+        f32[r, _MERGED] = v if host_out[r] and (r >= ne or n_part[r] > 0) else 0
         f32[r, _OUT] = v
         if r >= ne:
             continue
@@ -433,7 +432,9 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         for a in range(3):
             T[r, TN0 + a] = tn[r, a]
             T[r, TO0 + a] = to[r, a]
-        T[r, MERGED] = f32_base + 4 * f32_offs[r, _MERGED]
+        # the merged change where the host reads it (as phase_b_sizes_nb; 0: not written)
+        host_merged = not img_on[j] and (r >= ne or n_part[r] > 0)
+        T[r, MERGED] = f32_base + 4 * f32_offs[r, _MERGED] if host_merged else 0
         T[r, PART] = bases[0] + 8 * part_off[r]
         T[r, NPART] = n_part[r]
         if img_on[j]:
@@ -458,8 +459,6 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         q, k = qe[r], live[r]
         for b, col in _F32_COLS:
             T[r, col] = f32_base + 4 * f32_offs[r, b]
-        if n_part[r] == 0:  # no partner: the merge leaves the row alone, its change is final
-            T[r, MERGED] = T[r, DELTA]
         T[r, CLIP] = clip[q]
         T[r, ORIG] = TA[k, ORIG]
         T[r, ORGAN] = TA[k, ORGAN]

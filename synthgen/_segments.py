@@ -6,14 +6,15 @@ int64 table (sizes, indices, device addresses), one float32 and one float64 tabl
 into one buffer, uploads it with one copy and launches each step of the render once for the
 whole batch (``kernels/segmented.cu``): 4 launches in phase A (the B-spline weight rows of
 the boxes, the shape test's B-spline sum per box row, gather + the per-voxel shape test, box
-reduction), then one copy back of all boxes, then 11 launches in phase B: the steps that do
+reduction), then one copy back of all boxes, then 10 launches in phase B: the steps that do
 not depend on each other run side by side, each block one step of one row (tight-box gather,
 lattice noise and the blend's texture coordinates in one launch; three mask-blur passes,
 each beside one of the texture's three band sums; the write-back, beside the label write
-where label maps on the device take the tumor label), then Bernoulli blocks, three grid
-passes (the last measuring the rescale's statistics too), the fused blend (rescaling the
-texture grid as it reads it) and the overlap merge, one launch each: 15 launches a call
-instead of the 22 (23) of one launch per step. The statistics come back in one copy: when
+where label maps on the device take the tumor label, merging overlapping tumors' changes
+as it reads them), then Bernoulli blocks, three grid passes (the last measuring the
+rescale's statistics too) and the fused blend (rescaling the texture grid as it reads it),
+one launch each: 14 launches a call instead of the 21 (22) of one launch per step. The
+statistics come back in one copy: when
 first read where the images, masks and label maps all stay on the device, at once
 otherwise.
 Each launch runs a flat grid over a schedule (:func:`synthgen._seg_tables.schedules_nb`,
@@ -85,8 +86,8 @@ BLOCK_SCALE = 1
 LIMIT_BLOCKS = True
 #: Run phase B's independent steps side by side, one launch per group of them
 #: (``_seg_tables.CHAINS_B``), the rescale's statistics in the texture grid's last smoothing
-#: pass and the rescale in the blend's reads of the grid: 15 launches a call instead of 22
-#: (23 with label maps) of one launch per step (benchmarks: ``gpu_check`` times both; tests
+#: pass and the rescale in the blend's reads of the grid: 14 launches a call instead of 21
+#: (22 with label maps) of one launch per step (benchmarks: ``gpu_check`` times both; tests
 #: compare them).
 FUSE_STEPS = True
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
@@ -105,8 +106,10 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
       kernel) reads its organ byte and, with appearance modes, its q2 unless the organ byte
       stops a clipped tumor; a change is written where it is not 0; the texture grid counts
       once (its gathers mostly hit the cache). The per-row parameters are not counted.
-    * write-back: every voxel reads its original value, change and mask byte; a change
-      that is not 0 writes the image (its dtype's size).
+    * write-back: every voxel reads its original value, change and mask byte, and where a
+      merge partner's box holds it that partner's change; a merged change that is not 0
+      writes the image (its dtype's size); a row whose merged change the host reads writes
+      it (4 bytes a voxel). The partners' table rows are not counted.
 
     A figure per voxel of the boxes overstates what moves: most of a box is out of the
     tumor's reach. Renders of ellipsoid tumors only (host rows are kept elsewhere)."""
@@ -124,6 +127,15 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
     def count(a) -> int:
         return int(xp.count_nonzero(a))
 
+    partners = last["partners"]
+
+    def box(q: int):  # (tight box origin, shape)
+        return [int(x) for x in T[q, C.TO0 : C.TO0 + 3]], [int(x) for x in T[q, C.TN0 : C.TN0 + 3]]
+
+    def delta(q: int):
+        _, shp = box(q)
+        return view(f32, q, C.DELTA, math.prod(shp)).reshape(shp)
+
     blend = apply = 0
     for q in range(last["ne"]):
         n = math.prod(int(x) for x in T[q, C.TN0 : C.TN0 + 3])
@@ -135,7 +147,22 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
         if T[q, C.TQ2]:  # appearance modes: q2 where the organ byte does not stop it
             q2 = kept & (view(u8, q, C.TORGAN, n) != 0) if T[q, C.CLIP] else kept
             blend += 4 * count(q2)
-        apply += 9 * n + size[int(T[q, C.DST_CODE])] * count(view(f32, q, C.MERGED, n))
+        # the write-back's merge: the strongest change of the row and its partners, in order
+        (to_q, tn_q), merged, reads = box(q), delta(q), 0
+        for p in partners[q]:
+            to_p, tn_p = box(p)
+            lo = [max(to_q[a], to_p[a]) for a in range(3)]
+            hi = [min(to_q[a] + tn_q[a], to_p[a] + tn_p[a]) for a in range(3)]
+            if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+                continue
+            in_q = tuple(slice(lo[a] - to_q[a], hi[a] - to_q[a]) for a in range(3))
+            in_p = tuple(slice(lo[a] - to_p[a], hi[a] - to_p[a]) for a in range(3))
+            merged = merged.copy() if reads == 0 else merged
+            w, cur = delta(p)[in_p], merged[in_q]
+            merged[in_q] = xp.where(xp.abs(w) > xp.abs(cur), w, cur)
+            reads += math.prod(h - lo_ for lo_, h in zip(lo, hi, strict=True))
+        apply += 9 * n + 4 * reads + size[int(T[q, C.DST_CODE])] * count(merged)
+        apply += 4 * n if T[q, C.MERGED] else 0
     return blend, apply
 
 
@@ -772,7 +799,7 @@ def _render(
                  for w in walls_r]  # fmt: skip
     # scratch: float32 buffers per row (host rows: merged and out only), uint8
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
-    sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e, n_part)
+    sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e, n_part, ~J.img_on[job_of])
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
     sched_b, nblk_b = schedules_nb(sizes_f, _SCHED_B_COLS, *rule)
     sb_ref = pack.add(sched_b)
@@ -808,7 +835,7 @@ def _render(
                TA, app_row, app_step, key_step, boffs, blen, tx.row, tx.woff, tx.koff, tx.klen,
                tx.kk, tx.goff, tx.lat0, ln, tx.noise_key, tx.bern_key, bs, tx.block0, gs,
                contrast, tx.scalars, tx.origin, tx.step)  # fmt: skip
-    # host rows: only merge and write-back read them
+    # host rows: only the write-back reads them (and its merge of its partners' changes)
     for w_, (r_orig, r_delta, r_mask) in enumerate(host_refs):
         q = ne + w_
         T[q, C.KIND] = 1
@@ -868,7 +895,6 @@ def _render(
         launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
         blend = (TFd, FF, TDd, DD, be.pointer(0, np.float64))  # (no rescale in the blend)
     launch("sg_seg_blend", "maskf", *blend)
-    launch("sg_seg_merge", "merged")  # (the rows with partners; the others' change is final)
     apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref)))
     if J.lab_on.any():  # the label maps on the device: every row's mask, beside the write-back
         steps("sg_seg_apply_label", 4, apply, ("sg_seg_label", ()))
@@ -880,6 +906,8 @@ def _render(
         LAST.update(
             n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8), ne=ne, T=T,
             TF=TF, f32=f32, u8=u8,
+            partners=[part_flat[part_off[q] : part_off[q] + n_part[q]].tolist()
+                      for q in range(nl)],
             blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, *blend),
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref)),

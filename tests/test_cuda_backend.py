@@ -527,40 +527,51 @@ def test_moved_bytes_follows_the_kernels_tests():
     """moved_bytes on hand-made tables: the blend's test (b > 0 and the value in the window;
     NaN passes), the q2 of appearance rows where the organ byte does not stop a clipped
     tumor, changes written where not 0, the texture grid once; the write-back's image writes
-    at its dtype's size, from the merged change (the change itself for a row without
-    partners)."""
+    at its dtype's size where the change merged with the partners' (the strongest, in
+    order) is not 0, the partners' changes read where their boxes overlap the row's, and
+    the merged change written where the host reads it."""
     from types import SimpleNamespace
 
     C = _segments._columns()
     nan = np.nan
     f32 = np.array([0, 0.5, -1, 0.2, nan, 1.0,  # row 0: blur
                     10, 10, 10, 500, 10, nan,  # orig
-                    0, 1.5, 0, 0, 0, -2,  # change (also the merged change)
+                    0, 1.5, 0, 0, 0, -2,  # change
                     1, 1, 1, 0,  # row 1: blur
                     0, 0, 0, 0,  # orig
                     1, 0, 0, 0,  # change
-                    1, 0, 3, 0], dtype=np.float32)  # merged  # fmt: skip
+                    7, 7, 7, 7], dtype=np.float32)  # merged (written, not read)  # fmt: skip
     u8 = np.array([1, 0, 1, 0], dtype=np.uint8)  # row 1: organ
     fa = SimpleNamespace(dev=f32, base=4000, dtype=f32.dtype)
     ua = SimpleNamespace(dev=u8, base=9000, dtype=u8.dtype)
     T = np.zeros((2, C.T_WIDTH), dtype=np.int64)
     TF = np.zeros((2, C.F_WIDTH), dtype=np.float32)
     T[0, C.TN0 : C.TN0 + 3], T[1, C.TN0 : C.TN0 + 3] = (1, 2, 3), (1, 1, 4)
+    T[0, C.TO0 : C.TO0 + 3], T[1, C.TO0 : C.TO0 + 3] = (5, 0, 2), (5, 1, 2)
     T[0, C.G_0 : C.G_0 + 3], T[1, C.G_0 : C.G_0 + 3] = (2, 2, 2), (1, 1, 1)
-    for q, cols in enumerate(((0, 6, 12, 12), (18, 22, 26, 30))):
-        for col, at in zip((C.BLUR, C.TORIG, C.DELTA, C.MERGED), cols, strict=True):
+    for q, cols in enumerate(((0, 6, 12), (18, 22, 26))):
+        for col, at in zip((C.BLUR, C.TORIG, C.DELTA), cols, strict=True):
             T[q, col] = fa.base + 4 * at
     T[1, C.TORGAN], T[1, C.TQ2], T[1, C.CLIP] = ua.base, 12345, 1
     T[0, C.DST_CODE], T[1, C.DST_CODE] = _segments.dtype_code(np.dtype(np.int16)), 0
     TF[0, C.F_TLO], TF[0, C.F_THI], TF[1, C.F_TLO], TF[1, C.F_THI] = -100, 300, -1, 1
-    last = {"n": 2, "ne": 2, "T": T, "TF": TF, "f32": fa, "u8": ua}
+    last = {"n": 2, "ne": 2, "T": T, "TF": TF, "f32": fa, "u8": ua, "partners": [[], []]}
     be = SimpleNamespace(xp=np)
     # row 0: 6 voxels, kept 3 (0.5, NaN blur, NaN value), 2 changes, grid 8, int16 image
-    # row 1: 4 voxels, kept 3, q2 2 (organ), 1 change, grid 1, merged 2, float32 image
+    # row 1: 4 voxels, kept 3, q2 2 (organ), 1 change, grid 1, float32 image
+    blend = (8 * 6 + 3 + 4 * 8 + 4 * 2) + (8 * 4 + 3 + 4 * 2 + 4 * 1 + 4 * 1)
+    assert _segments.moved_bytes(be, last) == (blend, (9 * 6 + 2 * 2) + (9 * 4 + 4 * 1))
+    # partners: row 1's box (one row of 4) overlaps row 0's second row (of 3) in 3 voxels.
+    # Row 0 merged: 0 1.5 0 / 1 0 -2 (3 changes); row 1 merged: 1 0 -2 0 (2 changes);
+    # each reads 3 of the other's changes. Row 1's merged change is read by the host.
+    last["partners"] = [[1], [0]]
+    T[1, C.MERGED] = fa.base + 4 * 30
     assert _segments.moved_bytes(be, last) == (
-        (8 * 6 + 3 + 4 * 8 + 4 * 2) + (8 * 4 + 3 + 4 * 2 + 4 * 1 + 4 * 1),
-        (9 * 6 + 2 * 2) + (9 * 4 + 4 * 2),
+        blend,
+        (9 * 6 + 4 * 3 + 2 * 3) + (9 * 4 + 4 * 3 + 4 * 2 + 4 * 4),
     )
+    T[1, C.TO0 + 2] = 5  # row 1 beside row 0: no overlap, nothing merged or read
+    assert _segments.moved_bytes(be, last)[1] == (9 * 6 + 2 * 2) + (9 * 4 + 4 * 1 + 4 * 4)
     T[1, C.CLIP] = 0  # unclipped: every kept voxel reads its q2
     assert _segments.moved_bytes(be, last)[0] == 91 + 32 + 3 + 4 * 3 + 4 + 4
     with pytest.raises(ValueError, match="ellipsoid tumors only"):
@@ -897,7 +908,7 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
     grid's last smoothing pass and the rescale in the blend's reads of the grid give what one
     launch per step gives: a batch with host rows (a colon's wall tumors) and label maps on
     the device, the images, label maps, masks and statistics. On the stand-ins, bit for bit
-    (the texture's sums in the same order), and 15 launches against 23; on a GPU (whose
+    (the texture's sums in the same order), and 14 launches against 22; on a GPU (whose
     texture sums are atomics in any order) within the CPU comparison's bounds."""
     be, dev = backend
     ph = small_phantom
@@ -926,11 +937,11 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
     (imgs_1, labs_1, masks_1, recs_1, launched_1) = got[False]
     assert all(m.any() for m in masks_f)
     if hasattr(be, "launches"):  # the stand-ins: the same arithmetic in the same order
-        assert len(launched_f) == 15 and len(launched_1) == 23
+        assert len(launched_f) == 14 and len(launched_1) == 22
         assert {"sg_seg_first", "sg_seg_conv_band", "sg_seg_apply_label",
                 "sg_seg_conv_stats"} <= set(launched_f)  # fmt: skip
         assert not {"sg_seg_gather", "sg_seg_lattice", "sg_seg_label", "sg_seg_tex_stats",
-                    "sg_seg_tex_scale"} & set(launched_f)  # fmt: skip
+                    "sg_seg_tex_scale", "sg_seg_merge"} & set(launched_f)  # fmt: skip
         for a, b in zip(imgs_f + labs_f + masks_f, imgs_1 + labs_1 + masks_1, strict=True):
             np.testing.assert_array_equal(a, b)
         assert recs_f == recs_1
@@ -1455,9 +1466,10 @@ def test_kernel_shape_gathers_any_layout(backend, small_phantom, organ_masks):
         assert np.isfinite(be.download(q2)).all()
 
 
-def test_kernel_blend_merge_apply(backend, small_phantom, organ_masks):
-    """Blend (plain and with appearance), merge of two overlapping tumors and the write-back
-    into a strided int16 image, against the CPU kernels."""
+def test_kernel_blend_apply(backend, small_phantom, organ_masks):
+    """Blend (plain and with appearance) and the write-back of two overlapping tumors, which
+    merges their changes as it reads them, into a strided int16 image, against the CPU
+    kernels."""
     from synthgen._appearance import N_APP
 
     be, dev = backend
@@ -1551,21 +1563,28 @@ def test_kernel_blend_merge_apply(backend, small_phantom, organ_masks):
             d = blend_ref(s, g)
             np.testing.assert_array_equal(be.download(deltas[s]), d)
             ref_d.append(d)
-    rows.launch("sg_seg_merge", 504)
+    # the write-back merges each row's change with its partner's as it reads them; row 0's
+    # merged change is written too (the host reads it where its image is on the host), row
+    # 1's not (0: no buffer)
+    rows.T[1, C.MERGED] = 0
     ov = (slice(4, 9), slice(2, 8), slice(2, 7)), (slice(0, 5), slice(0, 6), slice(0, 5))
-    m0 = ref_d[0].copy()
+    m0, m1 = ref_d[0].copy(), ref_d[1].copy()
     k.merge_strongest(m0[ov[0]], ref_d[1][ov[1]])
-    np.testing.assert_array_equal(be.download(merged[0]), m0)
+    k.merge_strongest(m1[ov[1]], ref_d[0][ov[0]])
+    assert (m0 != ref_d[0]).any() and (m1 != ref_d[1]).any()
     stats = dev(np.zeros((2, 2), np.float64))
     rows.launch("sg_seg_apply", 504, stats, tf=True)
+    np.testing.assert_array_equal(be.download(merged[0]), m0)
+    assert np.isnan(be.download(merged[1])).all()
     out = be.download(img_d).reshape(20, 20, 20, order="F")
     tgt = image.copy()
-    box, orig, _, mask0, *_ = cases[0]
-    n_ref, acc = k.apply_delta(tgt[box], orig, m0, mask0.astype(bool), -10.0, 400.0, -1024.0,
-                               3071.0, True)  # fmt: skip
-    np.testing.assert_array_equal(out[box], tgt[box])
     st = be.download(stats)
-    assert st[0, 0] == n_ref and abs(st[0, 1] - acc) <= 1e-6 * max(1.0, abs(acc))
+    for s, m in ((0, m0), (1, m1)):  # (row 1 after row 0: in the overlap both are the same)
+        box, orig, _, mask, *_ = cases[s]
+        n_ref, acc = k.apply_delta(tgt[box], orig, m, mask.astype(bool), -10.0, 400.0,
+                                   -1024.0, 3071.0, True)  # fmt: skip
+        assert st[s, 0] == n_ref and abs(st[s, 1] - acc) <= 1e-6 * max(1.0, abs(acc))
+    np.testing.assert_array_equal(out, tgt)
 
 
 @pytest.mark.parametrize("preset", ["liver-classic", "liver", "colon"])
