@@ -321,8 +321,8 @@ extern "C" __global__ void sg_seg_bbox(const int* __restrict__ S, int nS,
 }
 
 // Phase B, step 1: the tight box (a sub-box of the phase-A box) of orig, organ and mask into
-// contiguous buffers, the mask as float32 (the blur's input), and the blend's change buffer
-// zeroed (instead of a fill of its own: one launch and one allocation fewer).
+// contiguous buffers, the mask as float32 (the blur's input). (The blend writes every
+// element of its change buffer.)
 SG_FN void sg_step_gather(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F)
 {
     const long long* r = T + (long long)sg_s * F;
@@ -338,7 +338,6 @@ SG_FN void sg_step_gather(int sg_s, int sg_b, int sg_nb, const long long* __rest
     unsigned char* torgan = (unsigned char*)r[SG_TORGAN];
     unsigned char* tmask = (unsigned char*)r[SG_TMASK];
     float* maskf = (float*)r[SG_MASKF];
-    float* delta = (float*)r[SG_DELTA];
     const long long u0 = r[SG_U0], u1 = r[SG_U1], u2 = r[SG_U2];  // in registers
     long long total = (long long)m0 * m1 * m2;
     SG_SEG_LOOP(total) {
@@ -349,7 +348,6 @@ SG_FN void sg_step_gather(int sg_s, int sg_b, int sg_nb, const long long* __rest
         torgan[t] = organ[s];
         tmask[t] = mask[s];
         maskf[t] = (float)mask[s];
-        delta[t] = 0.0f;
         if (tq2) tq2[t] = q2[s];
     }
 }
@@ -679,8 +677,10 @@ extern "C" __global__ void sg_seg_conv_stats(const int* __restrict__ S, int nS,
                          c_off, c_m, c_out);
 }
 
-// The fused blend of every segment into its own change buffer, zeroed by the gather (as
-// sg_blend_tumor). The texture grid is rescaled as it is read (sg_rescaled: the values
+// The fused blend of every segment into its own change buffer, every element written (0
+// where the tumor does not change the voxel; as sg_blend_tumor into a zeroed buffer: a
+// zeroing pass before it wrote 4 bytes a voxel more than the zeros written here). The
+// texture grid is rescaled as it is read (sg_rescaled: the values
 // sg_seg_tex_scale would have left there; one launch and a pass over the grid fewer), by the
 // factor of the texture's statistics `stats` (sg_seg_conv_stats'); without them (a grid
 // sg_seg_tex_scale rescaled: its values in [0, 1]) by 1, which leaves the values as they are.
@@ -732,24 +732,25 @@ extern "C" __global__ void __launch_bounds__(256, 4)
             if (t >= total) break;
             float b = bs[u];
             float v = vs[u];
-            if (b <= 0.0f || v < tlo || v > thi) continue;
-            int i, j, k;  // (the divisions only for voxels the tumor reaches)
-            sg_unravel3(t, ny, nz, &i, &j, &k);
-            const int i0 = ixs[i], i1 = ixs[nx + j], i2 = ixs[nx + ny + k];
-            const float f0 = fxs[i], f1 = fxs[nx + j], f2 = fxs[nx + ny + k];
-            float tex = sg_texture_at_t<true>(tgrid, gy, gz, i0, f0, i1, f1, i2, f2, fac);
-            float d;
-            if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
-                int inside = organ[t];
-                if (!inside && clip) continue;
-                d = sg_appear_delta(v, inside, b, tex * contrast, tq2[t], organ_hu, app, keys,
-                                    off0 + i, off1 + j, off2 + k);
-            } else {
-                d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, contrast, organ_hu, clip);
+            float d = 0.0f;
+            if (!(b <= 0.0f || v < tlo || v > thi)) {
+                int i, j, k;  // (the divisions only for voxels the tumor reaches)
+                sg_unravel3(t, ny, nz, &i, &j, &k);
+                const int i0 = ixs[i], i1 = ixs[nx + j], i2 = ixs[nx + ny + k];
+                const float f0 = fxs[i], f1 = fxs[nx + j], f2 = fxs[nx + ny + k];
+                float tex = sg_texture_at_t<true>(tgrid, gy, gz, i0, f0, i1, f1, i2, f2, fac);
+                if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
+                    int inside = organ[t];
+                    if (inside || !clip)
+                        d = sg_appear_delta(v, inside, b, tex * contrast, tq2[t], organ_hu, app,
+                                            keys, off0 + i, off1 + j, off2 + k);
+                } else {
+                    d = sg_blend_delta(v, organ[t], b, tex, tlo, thi, contrast, organ_hu, clip);
+                }
             }
-            // (the row's own buffer, zeroed by the gather and written by this thread alone:
-            // the strongest change so far is 0, so no load of it before the store)
-            if (fabsf(d) > 0.0f) delta[t] = d;
+            // (the row's own buffer, written by this thread alone: the change, or 0 where
+            // there is none, as the CPU's zeroed buffer keeps it; a NaN or -0 change is 0)
+            delta[t] = fabsf(d) > 0.0f ? d : 0.0f;
         }
     }
 }

@@ -419,9 +419,9 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
     the ``ne`` ellipsoid rows' blur, texture, blend and appearance columns.
 
     Buffers: base address and element offsets of the float32 (:data:`F32`, the blend's
-    change ``delta`` among them: zeroed by the gather) and uint8 (organ, mask) scratch;
-    ``bases``: device addresses of the pack parts named in
-    :data:`BASES`, the rows' entries at ``part_off`` (int64), ``boffs``/``koff`` (float32
+    change ``delta`` among them: every element written by the blend) and uint8 (organ,
+    mask) scratch; ``bases``: device addresses of the pack parts named in :data:`BASES`, the
+    rows' entries at ``part_off`` (int64), ``boffs``/``koff`` (float32
     kernels), ``row`` (int64 starts, float64 norms), ``woff`` (float32 weights), ``app_row``
     (a row's index among those with appearance modes, -1: none; ``app_step``/``key_step``
     bytes apart). Ellipsoid row ``r`` is kept tumor ``live[r]`` and tumor ``qe[r]``: ``nb_``,

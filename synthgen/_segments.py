@@ -104,8 +104,9 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
     * blend: every voxel of a tight box reads its blur and original value; one the blend's
       test keeps (``b > 0`` and the value in the tissue window; a NaN passes, as in the
       kernel) reads its organ byte and, with appearance modes, its q2 unless the organ byte
-      stops a clipped tumor; a change is written where it is not 0; the texture grid counts
-      once (its gathers mostly hit the cache). The per-row parameters are not counted.
+      stops a clipped tumor; every voxel's change is written (0 where there is none); the
+      texture grid counts once (its gathers mostly hit the cache). The per-row parameters
+      are not counted.
     * write-back: every voxel reads its original value, change and mask byte, and where a
       merge partner's box holds it that partner's change; a merged change that is not 0
       writes the image (its dtype's size); a row whose merged change the host reads writes
@@ -143,7 +144,7 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
         kept = ~((b <= 0) | (o < TF[q, C.F_TLO]) | (o > TF[q, C.F_THI]))
         n_kept = count(kept)
         grid = math.prod(int(x) for x in T[q, C.G_0 : C.G_0 + 3])
-        blend += 8 * n + n_kept + 4 * grid + 4 * count(view(f32, q, C.DELTA, n))
+        blend += 12 * n + n_kept + 4 * grid
         if T[q, C.TQ2]:  # appearance modes: q2 where the organ byte does not stop it
             q2 = kept & (view(u8, q, C.TORGAN, n) != 0) if T[q, C.CLIP] else kept
             blend += 4 * count(q2)

@@ -526,8 +526,8 @@ def test_results_assembled_before_the_statistics(emu, small_phantom, organ_masks
 def test_moved_bytes_follows_the_kernels_tests():
     """moved_bytes on hand-made tables: the blend's test (b > 0 and the value in the window;
     NaN passes), the q2 of appearance rows where the organ byte does not stop a clipped
-    tumor, changes written where not 0, the texture grid once; the write-back's image writes
-    at its dtype's size where the change merged with the partners' (the strongest, in
+    tumor, every voxel's change written (0 too), the texture grid once; the write-back's
+    image writes at its dtype's size where the change merged with the partners' (the strongest, in
     order) is not 0, the partners' changes read where their boxes overlap the row's, and
     the merged change written where the host reads it."""
     from types import SimpleNamespace
@@ -559,7 +559,7 @@ def test_moved_bytes_follows_the_kernels_tests():
     be = SimpleNamespace(xp=np)
     # row 0: 6 voxels, kept 3 (0.5, NaN blur, NaN value), 2 changes, grid 8, int16 image
     # row 1: 4 voxels, kept 3, q2 2 (organ), 1 change, grid 1, float32 image
-    blend = (8 * 6 + 3 + 4 * 8 + 4 * 2) + (8 * 4 + 3 + 4 * 2 + 4 * 1 + 4 * 1)
+    blend = (12 * 6 + 3 + 4 * 8) + (12 * 4 + 3 + 4 * 2 + 4 * 1)
     assert _segments.moved_bytes(be, last) == (blend, (9 * 6 + 2 * 2) + (9 * 4 + 4 * 1))
     # partners: row 1's box (one row of 4) overlaps row 0's second row (of 3) in 3 voxels.
     # Row 0 merged: 0 1.5 0 / 1 0 -2 (3 changes); row 1 merged: 1 0 -2 0 (2 changes);
@@ -573,7 +573,7 @@ def test_moved_bytes_follows_the_kernels_tests():
     T[1, C.TO0 + 2] = 5  # row 1 beside row 0: no overlap, nothing merged or read
     assert _segments.moved_bytes(be, last)[1] == (9 * 6 + 2 * 2) + (9 * 4 + 4 * 1 + 4 * 4)
     T[1, C.CLIP] = 0  # unclipped: every kept voxel reads its q2
-    assert _segments.moved_bytes(be, last)[0] == 91 + 32 + 3 + 4 * 3 + 4 + 4
+    assert _segments.moved_bytes(be, last)[0] == 107 + 48 + 3 + 4 * 3 + 4
     with pytest.raises(ValueError, match="ellipsoid tumors only"):
         _segments.moved_bytes(be, {**last, "n": 3})
 
@@ -581,9 +581,10 @@ def test_moved_bytes_follows_the_kernels_tests():
 def test_moved_bytes_counts_what_the_kernels_move(emu, small_phantom, organ_masks,
                                                   monkeypatch):  # fmt: skip
     """moved_bytes (gpu_check's bandwidth): one tumor per plan (no overlaps) rendered in place
-    into float32 images, the blend's and write-back's writes are (up to changes too small to
-    alter a value) the voxels the render changed, 4 bytes each; every voxel of the boxes
-    reads 8 bytes (blend) and 9 (write-back); a render with wall tumors is refused."""
+    into float32 images, the write-back's writes are (up to changes too small to alter a
+    value) the voxels the render changed, 4 bytes each; every voxel of the boxes reads 8
+    bytes and writes 4 in the blend, reads 9 in the write-back; the voxels the blend's test
+    keeps are at least those; a render with wall tumors is refused."""
     ph = small_phantom
     monkeypatch.setattr(_segments, "KEEP_LAST", True)
     plans = []
@@ -606,7 +607,7 @@ def test_moved_bytes_counts_what_the_kernels_move(emu, small_phantom, organ_mask
     C = _segments._columns()
     T = last["T"]
     grid = sum(int(np.prod(T[q, C.G_0 : C.G_0 + 3])) for q in range(last["ne"]))
-    reach = blend - 8 * vox - 4 * writes - 4 * grid
+    reach = blend - 12 * vox - 4 * grid
     assert writes <= reach <= vox
     wall = _plan(ph, organ_masks["colon"], "colon", 0, None)
     _cuda.render_on_gpu([wall], [to_device(before.copy())], [to_device(organ_masks["colon"])],
@@ -1548,8 +1549,8 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
     tex_stats = np.array([[30.0, 50.0, 80.0], [0.0, 0.0, 36.0]])
     rows.TD[:, C.D_U0] = (0.9, 0.4)
     for with_stats in (True, False):
-        for dl in deltas:
-            dl[...] = 0
+        for dl in deltas:  # (poisoned: the blend writes every element)
+            dl[...] = np.nan
         st = dev(tex_stats) if with_stats else be.pointer(0, np.float64)
         rows.launch("sg_seg_blend", 504, st, tf=True, td=True)
         ref_d = []
