@@ -321,8 +321,8 @@ extern "C" __global__ void sg_seg_bbox(const int* __restrict__ S, int nS,
 }
 
 // Phase B, step 1: the tight box (a sub-box of the phase-A box) of orig, organ and mask into
-// contiguous buffers, the mask as float32 (the blur's input). (The blend writes every
-// element of its change buffer.)
+// contiguous buffers (the mask blur's first pass reads the mask's bytes; the blend writes
+// every element of its change buffer).
 SG_FN void sg_step_gather(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F)
 {
     const long long* r = T + (long long)sg_s * F;
@@ -337,7 +337,6 @@ SG_FN void sg_step_gather(int sg_s, int sg_b, int sg_nb, const long long* __rest
     float* torig = (float*)r[SG_TORIG];
     unsigned char* torgan = (unsigned char*)r[SG_TORGAN];
     unsigned char* tmask = (unsigned char*)r[SG_TMASK];
-    float* maskf = (float*)r[SG_MASKF];
     const long long u0 = r[SG_U0], u1 = r[SG_U1], u2 = r[SG_U2];  // in registers
     long long total = (long long)m0 * m1 * m2;
     SG_SEG_LOOP(total) {
@@ -347,7 +346,6 @@ SG_FN void sg_step_gather(int sg_s, int sg_b, int sg_nb, const long long* __rest
         torig[t] = orig[s];
         torgan[t] = organ[s];
         tmask[t] = mask[s];
-        maskf[t] = (float)mask[s];
         if (tq2) tq2[t] = q2[s];
     }
 }
@@ -362,8 +360,9 @@ extern "C" __global__ void sg_seg_gather(const int* __restrict__ S, int nS,
 // A separable pass along `axis` of an input (n0, n1, n2) into an output (o0, o1, o2): output
 // element t reads the input line through it, returned as its first element, with the line's
 // stride and t's index o along the axis.
-SG_FN const float* sg_pass_line(const float* in, long long t, int axis, int n1, int n2, int o1,
-                                int o2, long long* stride, int* o) {
+template <class In>
+SG_FN const In* sg_pass_line(const In* in, long long t, int axis, int n1, int n2, int o1, int o2,
+                             long long* stride, int* o) {
     int a, b, c;
     sg_unravel3(t, o1, o2, &a, &b, &c);
     if (axis == 2) {
@@ -447,6 +446,35 @@ SG_FN void sg_tex_put(sg_tex_sums s, double* o)
 // size along the axis at c_m, the output at c_out.
 // STATS: the texture grid's last smoothing pass, which also measures the rescale's statistics
 // of its output (sg_seg_tex_stats: the same sums in the same order) into stats row s.
+// The pass's loop over its outputs, for an input of type In (float32; the uint8 tumor mask
+// for the mask blur's first pass, each tap read as the float 0 or 1 the mask is).
+template <bool STATS, class In>
+SG_FN void sg_conv_loop(const In* __restrict__ in, float* __restrict__ out,
+                        const float* __restrict__ kern, int K, int kk, long long off, int axis,
+                        int n1, int n2, int n_in, int o1, int o2, long long total, int sg_b,
+                        int sg_nb, float thr, sg_tex_sums* sums)
+{
+    SG_SEG_LOOP(total) {
+        long long stride;
+        int o;
+        const In* in0 = sg_pass_line(in, t, axis, n1, n2, o1, o2, &stride, &o);
+        long long c0 = o + off;
+        long long s = c0 < 0 ? 0 : (c0 > n_in - kk ? n_in - kk : c0);
+        const In* src = in0 + s * stride;
+        float acc = 0.0f;
+        for (int q = 0; q < kk; ++q) {
+            long long tap = s + q - c0;
+            float w = (tap >= 0 && tap < K) ? kern[tap] : 0.0f;
+            acc = acc + w * (float)src[q * stride];
+        }
+        out[t] = acc;
+        if (STATS) sg_tex_add(sums, acc, thr);
+    }
+}
+
+// An input at column SG_TMASK is the tight box's uint8 tumor mask (the mask blur's first
+// pass: no float32 copy of the mask written by the gather and read back, 4 bytes a voxel
+// each way, and a quarter of the bytes per tap); any other input is float32.
 template <bool STATS>
 SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
                           const double* __restrict__ TD, int FD, double* __restrict__ stats,
@@ -458,7 +486,6 @@ SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __rest
     int n0 = (int)r[c_dim], n1 = (int)r[c_dim + 1], n2 = (int)r[c_dim + 2];
     int m = (int)r[c_m], K = (int)r[c_klen];
     long long off = r[c_off];
-    const float* in = (const float*)r[c_in];
     float* out = (float*)r[c_out];
     const float* kern = (const float*)r[c_k];
     int n_in = axis == 0 ? n0 : (axis == 1 ? n1 : n2);
@@ -468,22 +495,12 @@ SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __rest
     const float thr = STATS ? (float)TD[(long long)sg_s * FD + SG_D_THR] : 0.0f;
     if (STATS) SG_SEG_IDLE(total, 1);
     sg_tex_sums sums = {0.0, 0.0, 0.0};
-    SG_SEG_LOOP(total) {
-        long long stride;
-        int o;
-        const float* in0 = sg_pass_line(in, t, axis, n1, n2, o1, o2, &stride, &o);
-        long long c0 = o + off;
-        long long s = c0 < 0 ? 0 : (c0 > n_in - kk ? n_in - kk : c0);
-        const float* src = in0 + s * stride;
-        float acc = 0.0f;
-        for (int q = 0; q < kk; ++q) {
-            long long tap = s + q - c0;
-            float w = (tap >= 0 && tap < K) ? kern[tap] : 0.0f;
-            acc = acc + w * src[q * stride];
-        }
-        out[t] = acc;
-        if (STATS) sg_tex_add(&sums, acc, thr);
-    }
+    if (!STATS && c_in == SG_TMASK)
+        sg_conv_loop<false>((const unsigned char*)r[c_in], out, kern, K, kk, off, axis, n1, n2,
+                            n_in, o1, o2, total, sg_b, sg_nb, thr, &sums);
+    else
+        sg_conv_loop<STATS>((const float*)r[c_in], out, kern, K, kk, off, axis, n1, n2, n_in,
+                            o1, o2, total, sg_b, sg_nb, thr, &sums);
     if (STATS) sg_tex_put(sums, stats + 3 * (long long)sg_s);
 }
 

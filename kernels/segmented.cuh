@@ -49,9 +49,9 @@
 #define SG_TORIG 39
 #define SG_TORGAN 40
 #define SG_TMASK 41
-#define SG_MASKF 42
-// the blur: three passes MASKF -> BX0 -> BX1 -> BLUR, each a zero-padded correlation with a
-// centred Gaussian (float32 kernel address, its length, offset -radius) per axis
+// (column 42 unused: the float32 copy of the mask the blur read before it read TMASK)
+// the blur: three passes TMASK (bytes) -> BX0 -> BX1 -> BLUR, each a zero-padded correlation
+// with a centred Gaussian (float32 kernel address, its length, offset -radius) per axis
 #define SG_BKERN0 43
 #define SG_BKERN1 44
 #define SG_BKERN2 45

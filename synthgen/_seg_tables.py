@@ -23,7 +23,7 @@ from ._cpu_kernels import _OPTS, overlap_partners_nb
 # ---- the SG_* columns these fills write (kernels/segmented.cuh) -------------------------
 N0, O0, IMG, IMG_CODE, IS0, ORG, ORG_CODE, OS0 = 0, 3, 6, 7, 8, 11, 12, 13
 CTRL, G0, W0, C0, ORIG, ORGAN, MASK, CLIP = 16, 17, 20, 23, 26, 27, 28, 29
-U0, TN0, TO0, TORIG, TORGAN, TMASK, MASKF = 30, 33, 36, 39, 40, 41, 42
+U0, TN0, TO0, TORIG, TORGAN, TMASK = 30, 33, 36, 39, 40, 41
 BKERN0, BKLEN0, BOFF0, BX0, BX1, BLUR = 43, 46, 49, 52, 53, 54
 LA0, LN0, NK0, NOISE, LS0, LW0, LK0 = 55, 58, 61, 63, 64, 67, 70
 ZD1, ZD2, ZA, ZB, Z0 = 73, 76, 79, 80, 81
@@ -40,13 +40,13 @@ _MIRRORED = {k: v for k, v in globals().items()
              if k.isupper() and not k.startswith("_") and isinstance(v, int)}  # fmt: skip
 
 #: Phase B's float32 scratch buffers per row, in the order of the layout's columns.
-F32 = ("torig", "maskf", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0",
-       "frac", "ga", "gb", "grid", "tq2", "delta", "interp")  # fmt: skip
+F32 = ("torig", "bx0", "bx1", "blur", "merged", "out", "noise", "za", "zb", "z0", "frac", "ga",
+       "gb", "grid", "tq2", "delta", "interp")  # fmt: skip
 # their columns in the layout (unpacking fails if F32 changes length)
-(_TORIG, _MASKF, _BX0, _BX1, _BLUR, _MERGED, _OUT, _NOISE, _ZA, _ZB, _Z0, _FRAC, _GA, _GB,
- _GRID, _TQ2, _DELTA, _INTERP) = range(len(F32))  # fmt: skip
+(_TORIG, _BX0, _BX1, _BLUR, _MERGED, _OUT, _NOISE, _ZA, _ZB, _Z0, _FRAC, _GA, _GB, _GRID, _TQ2,
+ _DELTA, _INTERP) = range(len(F32))  # fmt: skip
 # (the buffers whose address goes into the column of the same name)
-_F32_COLS = ((_TORIG, TORIG), (_MASKF, MASKF), (_BX0, BX0), (_BX1, BX1), (_BLUR, BLUR),
+_F32_COLS = ((_TORIG, TORIG), (_BX0, BX0), (_BX1, BX1), (_BLUR, BLUR),
              (_NOISE, NOISE), (_ZA, ZA), (_ZB, ZB), (_Z0, Z0), (_FRAC, FRAC), (_GA, GA),
              (_GB, GB), (_GRID, GRID), (_DELTA, DELTA), (_INTERP, INTERP))  # fmt: skip
 
@@ -122,12 +122,12 @@ def layout_nb(sizes, itemsize):
 #: of its launches: each names the :data:`F32` buffer a launch writes (its size is the
 #: launch's elements per row; 0 where a row takes no part, such as host rows in the texture).
 #: (``out``: every row, the write-back's and the label write's.)
-SCHED_B = ("maskf", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid", "interp")
+SCHED_B = ("torig", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid", "interp")
 _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 #: Phase B's launches of independent steps (``kernels/segmented.cu``: ``sg_seg_first``,
 #: ``sg_seg_conv_band`` three times, ``sg_seg_apply_label``): the :data:`SCHED_B` schedule of
 #: each step, in the order of the kernel's steps (:func:`chain_schedules_nb`).
-CHAINS_B = (("maskf", "noise", "interp"), ("maskf", "za"), ("maskf", "zb"), ("maskf", "z0"),
+CHAINS_B = (("torig", "noise", "interp"), ("torig", "za"), ("torig", "zb"), ("torig", "z0"),
             ("out", "out"))  # fmt: skip
 _CHAINS_B_IDX = np.full((len(CHAINS_B), max(map(len, CHAINS_B))), -1, dtype=np.int64)
 for _g, _chain in enumerate(CHAINS_B):
@@ -325,7 +325,7 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part, host_out):
         ln, bs, gs = n_lat[r], blocks[r], grid[r]
         # the tight box's buffers, then the texture's: the lattice noise, the three band
         # passes' outputs, the block fractions and the three grid passes' outputs
-        for c in (_TORIG, _MASKF, _BX0, _BX1, _BLUR, _DELTA):
+        for c in (_TORIG, _BX0, _BX1, _BLUR, _DELTA):
             f32[r, c] = v
         f32[r, _NOISE] = ln[0] * ln[1] * ln[2]
         f32[r, _ZA] = ln[0] * ln[1] * bs[2]

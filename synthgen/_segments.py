@@ -870,7 +870,7 @@ def _render(
           ("sg_seg_interp", (TDd, DD)))  # fmt: skip
     for a, (src, dst), (b, b_src, b_dims, b_dst) in zip(
         range(3),
-        ((C.MASKF, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR)),
+        ((C.TMASK, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR)),
         ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB), (0, C.ZB, C.ZD2, C.Z0)),
         strict=True,
     ):
@@ -895,14 +895,14 @@ def _render(
         launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
         launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
         blend = (TFd, FF, TDd, DD, be.pointer(0, np.float64))  # (no rescale in the blend)
-    launch("sg_seg_blend", "maskf", *blend)
+    launch("sg_seg_blend", "torig", *blend)
     apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref)))
     if J.lab_on.any():  # the label maps on the device: every row's mask, beside the write-back
         steps("sg_seg_apply_label", 4, apply, ("sg_seg_label", ()))
     else:
         launch(apply[0], "out", *apply[1])
     if KEEP_LAST:
-        k_vox, k_all = SCHED_B.index("maskf"), SCHED_B.index("out")
+        k_vox, k_all = SCHED_B.index("torig"), SCHED_B.index("out")
         LAST.clear()
         LAST.update(
             n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8), ne=ne, T=T,

@@ -1057,6 +1057,39 @@ def test_kernel_conv_is_the_cpu_correlation(backend):
         np.testing.assert_array_equal(be.download(out), ref)
 
 
+def test_kernel_mask_blur_reads_the_mask_bytes(backend):
+    """The mask blur's three sg_seg_conv passes as the render runs them: the first reads the
+    tight box's uint8 tumor mask (column TMASK) as the floats 0 and 1, with no float32 copy;
+    the result is the CPU's correlation of the float32 mask, bit for bit."""
+    be, dev = backend
+    rng = np.random.default_rng(4)
+    rows = _Rows(be, dev, 2)
+    C = rows.C
+    refs, finals = [], []
+    for s, (shp, kl) in enumerate((((9, 6, 11), 7), ((5, 8, 4), 5))):
+        mask = (rng.random(shp) > 0.5).astype(np.uint8)
+        kern = rng.random(kl).astype(np.float32)
+        r = -(kl // 2)
+        refs.append(k.toeplitz_contract3(mask.astype(np.float32), r, kern, shp[0], r, kern,
+                                         shp[1], r, kern, shp[2]))  # fmt: skip
+        rows.put(s, "TMASK", mask)
+        rows.set(s, "TN0", *shp)
+        kd = rows.put(s, "BKERN0", kern)
+        rows.T[s, [C.BKERN1, C.BKERN2]] = be.ptr(kd)
+        rows.set(s, "BKLEN0", kl, kl, kl)
+        rows.set(s, "BOFF0", r, r, r)
+        rows.put(s, "BX0", np.full(shp, np.nan, np.float32))
+        rows.put(s, "BX1", np.full(shp, np.nan, np.float32))
+        finals.append(rows.put(s, "BLUR", np.full(shp, np.nan, np.float32)))
+    for a, (src, dst) in enumerate(((C.TMASK, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR))):
+        rows.launch("sg_seg_conv", 600, np.int32(a), np.int32(src), np.int32(C.TN0),
+                    np.int32(C.BKERN0 + a), np.int32(C.BKLEN0 + a), np.int32(C.BOFF0 + a),
+                    np.int32(C.TN0 + a), np.int32(dst))  # fmt: skip
+    for ref, out in zip(refs, finals, strict=True):
+        assert (ref > 0).any()
+        np.testing.assert_array_equal(be.download(out), ref)
+
+
 def _random_box(rng, n_hi: int, c_hi: int, sp_lo: float):
     """A segment's random box, per axis: sizes (below ``n_hi``), origin, a centre up to
     ``c_hi`` past it, spacing (``sp_lo`` to 3 mm)."""
