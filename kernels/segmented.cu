@@ -435,17 +435,6 @@ SG_FN void sg_tex_put(sg_tex_sums s, double* o)
     atomicAdd(&o[2], s.all);
 }
 
-// One pass of a zero-padded correlation along `axis` for every segment:
-// out[o] = sum_t kern[t] in[o + off + t] over the inputs inside the array (the mask blur, with
-// off = -radius, and the texture's block-to-grid smoothing). Its band is derived on the fly:
-// each output reads a window of min(K, n_in) inputs inside the array, taps outside the kernel
-// weighted 0, summed in window order: the very operations of sg_band_point on the band of
-// synthgen._geometry.blur_band (the CPU's toeplitz_contract3 skips those zero taps; adding
-// them changes no float32 sum of finite values). Input (d0, d1, d2) at column c_in with sizes
-// at c_dim.., the kernel's address, length and offset at c_k, c_klen, c_off, the output's
-// size along the axis at c_m, the output at c_out.
-// STATS: the texture grid's last smoothing pass, which also measures the rescale's statistics
-// of its output (sg_seg_tex_stats: the same sums in the same order) into stats row s.
 // The pass's loop over its outputs, for an input of type In (float32; the uint8 tumor mask
 // for the mask blur's first pass, each tap read as the float 0 or 1 the mask is).
 template <bool STATS, class In>
@@ -472,6 +461,17 @@ SG_FN void sg_conv_loop(const In* __restrict__ in, float* __restrict__ out,
     }
 }
 
+// One pass of a zero-padded correlation along `axis` for every segment:
+// out[o] = sum_t kern[t] in[o + off + t] over the inputs inside the array (the mask blur, with
+// off = -radius, and the texture's block-to-grid smoothing). Its band is derived on the fly:
+// each output reads a window of min(K, n_in) inputs inside the array, taps outside the kernel
+// weighted 0, summed in window order: the very operations of sg_band_point on the band of
+// synthgen._geometry.blur_band (the CPU's toeplitz_contract3 skips those zero taps; adding
+// them changes no float32 sum of finite values). Input (d0, d1, d2) at column c_in with sizes
+// at c_dim.., the kernel's address, length and offset at c_k, c_klen, c_off, the output's
+// size along the axis at c_m, the output at c_out.
+// STATS: the texture grid's last smoothing pass, which also measures the rescale's statistics
+// of its output (sg_seg_tex_stats: the same sums in the same order) into stats row s.
 // An input at column SG_TMASK is the tight box's uint8 tumor mask (the mask blur's first
 // pass: no float32 copy of the mask written by the gather and read back, 4 bytes a voxel
 // each way, and a quarter of the bytes per tap); any other input is float32.
@@ -803,12 +803,11 @@ SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
 // none).
 // The write-back's loop for one destination type D, the value already rounded and clipped to
 // its range (the kernel picks D once per segment, outside the loop: a nine-way switch per
-// stored voxel took the kernel to 76 registers, 37.5% occupancy; typed loops need 53, so four
-// blocks of 256 threads fit an SM, by ptxas for sm_90). PART: the segment has merge partners
-// (np of them, at part; its tight box at to0, to1, to2 of the scan); its loop then takes
-// SG_ILP_PART elements per thread and step, not SG_ILP (with SG_ILP the merge's state took
-// the kernel to 72 registers; with 2, 60 by ptxas for sm_90, 64 for sm_80, no spills).
-#define SG_ILP_PART 2
+// stored voxel took the kernel to 76 registers, 37.5% occupancy; typed loops needed 53, and
+// with the merge of the partners' changes 64, so four blocks of 256 threads still fit an SM,
+// by ptxas for sm_90 and sm_80; the kernels' launch bounds hold them there). PART: the
+// segment has merge partners (np of them, at part; its tight box at to0, to1, to2 of the
+// scan; int coordinates: with long long ones the merge took the kernel to 72 registers).
 template <class D, bool PART>
 SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                          const float* __restrict__ orig, const float* __restrict__ delta,
@@ -819,15 +818,13 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                          const long long* __restrict__ part, int np, int to0, int to1,
                          int to2, float* __restrict__ merged, int* n_out, double* acc_out)
 {
-    constexpr int U = PART ? SG_ILP_PART : SG_ILP;
     int n = 0;
     double acc = 0.0;
-    for (long long t0 = (long long)sg_b * blockDim.x * U + threadIdx.x; t0 < total;
-         t0 += (long long)sg_nb * blockDim.x * U) {
-        float os[U], ds[U];
-        unsigned char ms[U];
+    SG_SEG_LOOP_ILP(total) {
+        float os[SG_ILP], ds[SG_ILP];
+        unsigned char ms[SG_ILP];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
+        for (int u = 0; u < SG_ILP; ++u) {
             if (SG_ILP_T(u) < total) {
                 os[u] = orig[SG_ILP_T(u)];
                 ds[u] = delta[SG_ILP_T(u)];
@@ -835,7 +832,7 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
             }
         }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
+        for (int u = 0; u < SG_ILP; ++u) {
             const long long t = SG_ILP_T(u);
             if (t >= total) break;
             float o = os[u];
@@ -883,7 +880,7 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     const long long dbase = ds0 * r[SG_DO0] + ds1 * r[SG_DO1] + ds2 * r[SG_DO2];
     const int to0 = (int)r[SG_TO0], to1 = (int)r[SG_TO1], to2 = (int)r[SG_TO2];
     long long total = (long long)nx * ny * nz;
-    SG_SEG_IDLE(total, np ? SG_ILP_PART : SG_ILP);  // (the elements per thread and step of its loop)
+    SG_SEG_IDLE(total, SG_ILP);
     int n = 0;
     double acc = 0.0;
 #define SG_APPLY_AS(D)                                                                        \
@@ -915,10 +912,9 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     atomicAdd(&s[1], acc);
 }
 
-extern "C" __global__ void sg_seg_apply(const int* __restrict__ S, int nS,
-                                        const long long* __restrict__ T, int F,
-                                        const float* __restrict__ TF, int FF,
-                                        double* __restrict__ stats)
+extern "C" __global__ void __launch_bounds__(256, 4)
+    sg_seg_apply(const int* __restrict__ S, int nS, const long long* __restrict__ T, int F,
+                 const float* __restrict__ TF, int FF, double* __restrict__ stats)
 {
     SG_SEG_BEGIN;
     sg_step_apply(sg_s, sg_b, sg_nb, T, F, TF, FF, stats);
@@ -956,10 +952,9 @@ extern "C" __global__ void sg_seg_label(const int* __restrict__ S, int nS,
 }
 
 // The write-back beside the label write (a render that writes label maps on the device).
-extern "C" __global__ void sg_seg_apply_label(const int* __restrict__ S, int nR,
-                                              const long long* __restrict__ T, int F,
-                                              const float* __restrict__ TF, int FF,
-                                              double* __restrict__ stats)
+extern "C" __global__ void __launch_bounds__(256, 4)
+    sg_seg_apply_label(const int* __restrict__ S, int nR, const long long* __restrict__ T,
+                       int F, const float* __restrict__ TF, int FF, double* __restrict__ stats)
 {
     SG_STEPS_BEGIN(2);
     if (sg_step == 0)

@@ -119,9 +119,10 @@ def layout_nb(sizes, itemsize):
 
 
 #: Phase B's flat schedules (:func:`schedules_nb`), one per distinct per-row element count
-#: of its launches: each names the :data:`F32` buffer a launch writes (its size is the
-#: launch's elements per row; 0 where a row takes no part, such as host rows in the texture).
-#: (``out``: every row, the write-back's and the label write's.)
+#: of its launches: each names an :data:`F32` buffer whose size is the launch's elements per
+#: row (0 where a row takes no part, such as host rows in the texture): ``torig``, the tight
+#: box (the gather, the blur passes, the blend), ``out`` every row's (the write-back's and
+#: the label write's), the others the buffer the launch writes.
 SCHED_B = ("torig", "out", "noise", "za", "zb", "z0", "frac", "ga", "gb", "grid", "interp")
 _SCHED_B_COLS = np.array([F32.index(k) for k in SCHED_B], dtype=np.int64)
 #: Phase B's launches of independent steps (``kernels/segmented.cu``: ``sg_seg_first``,

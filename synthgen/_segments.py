@@ -798,7 +798,8 @@ def _render(
         app_step, key_step = app_all[0].nbytes, key_all[0].nbytes
     host_refs = [(pack.add(w["orig"]), pack.add(w["delta"]), pack.add(w["mask"]))
                  for w in walls_r]  # fmt: skip
-    # scratch: float32 buffers per row (host rows: merged and out only), uint8
+    # scratch: float32 buffers per row (host rows: out, and merged where their image is on
+    # the host), uint8
     ln, bs, gs = tx.n_lat, tx.blocks, tx.grid
     sizes_f, sizes_u = phase_b_sizes_nb(tn, ne, ln, bs, gs, app_e, n_part, ~J.img_on[job_of])
     # the flat schedules of phase B's launches (one per distinct elements-per-row count)
