@@ -776,8 +776,9 @@ extern "C" __global__ void __launch_bounds__(256, 4)
 // strongest among v and the changes of the segment's merge partners (the segments listed at
 // SG_PART, in ascending order, whose tight boxes overlap its own) that hold the voxel, read
 // from their unmerged buffers (complete: the blend ran before), as the CPU's pairwise merge
-// does. The write-back calls it per voxel of a segment with partners: no merged buffer
-// written by a launch of its own and read back (8 bytes a voxel), one launch fewer.
+// (merge_strongest) does. The write-back calls it per voxel of a segment with partners: no
+// merged buffer written by a launch of its own and read back (8 bytes a voxel), one launch
+// fewer.
 SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
                          const long long* __restrict__ part, int np, int x, int y, int z)
 {
@@ -790,7 +791,9 @@ SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
             (unsigned)c >= (unsigned)n2)
             continue;
         float w = ((const float*)q[SG_DELTA])[((long long)a * n1 + b) * n2 + c];
-        if (fabsf(w) > fabsf(v)) v = w;
+        // (equal magnitudes: the larger value, so every row of an overlap takes the same
+        // value whatever the order, and their writes of the voxel agree)
+        if (fabsf(w) > fabsf(v) || (fabsf(w) == fabsf(v) && w > v)) v = w;
     }
     return v;
 }

@@ -713,13 +713,18 @@ def block_sums(
 
 @nb.njit(**_OPTS)
 def merge_strongest(dst, src):
-    """``dst = src`` wherever ``|src| > |dst|`` (overlapping tumors: strongest change wins)."""
+    """``dst = src`` wherever ``src`` is the stronger change (overlapping tumors: strongest
+    change wins): ``|src| > |dst|``, or equal magnitudes and ``src > dst`` (a darkening and a
+    brightening of the same size: the darkening). The rule picks the same value whatever
+    the order in which a voxel's changes meet, so every tumor of an overlap writes the same
+    value there, in any order (the GPU's blocks run in none)."""
     nx, ny, nz = dst.shape
     for i in range(nx):
         for j in range(ny):
             for k in range(nz):
                 v = src[i, j, k]
-                if abs(v) > abs(dst[i, j, k]):
+                d = dst[i, j, k]
+                if abs(v) > abs(d) or (abs(v) == abs(d) and v > d):
                     dst[i, j, k] = v
 
 

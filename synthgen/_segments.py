@@ -148,7 +148,7 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
         if T[q, C.TQ2]:  # appearance modes: q2 where the organ byte does not stop it
             q2 = kept & (view(u8, q, C.TORGAN, n) != 0) if T[q, C.CLIP] else kept
             blend += 4 * count(q2)
-        # the write-back's merge: the strongest change of the row and its partners, in order
+        # the write-back's merge: the strongest change of the row and its partners
         (to_q, tn_q), merged, reads = box(q), delta(q), 0
         for p in partners[q]:
             to_p, tn_p = box(p)
@@ -160,7 +160,8 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
             in_p = tuple(slice(lo[a] - to_p[a], hi[a] - to_p[a]) for a in range(3))
             merged = merged.copy() if reads == 0 else merged
             w, cur = delta(p)[in_p], merged[in_q]
-            merged[in_q] = xp.where(xp.abs(w) > xp.abs(cur), w, cur)
+            aw, ac = xp.abs(w), xp.abs(cur)
+            merged[in_q] = xp.where((aw > ac) | ((aw == ac) & (w > cur)), w, cur)
             reads += math.prod(h - lo_ for lo_, h in zip(lo, hi, strict=True))
         apply += 9 * n + 4 * reads + size[int(T[q, C.DST_CODE])] * count(merged)
         apply += 4 * n if T[q, C.MERGED] else 0

@@ -4,7 +4,8 @@ For every tumor, in its own box: the deformed-ellipsoid mask (B-spline displacem
 ellipsoid test fused in one pass), the edge-blurred mask ``B`` (separable Gaussian), the
 texture ``T`` (:mod:`synthgen._texture`) and the blend ``I' = I - T * B * D`` inside the organ,
 all into buffers of the tumor's own (phase 1, tumors concurrently). Then each group of
-overlapping tumors merges its changes (union of masks, strongest change wins) and writes its
+overlapping tumors merges its changes (union of masks, strongest change wins, the larger of
+two equally strong; :func:`synthgen._cpu_kernels.merge_strongest`) and writes its
 boxes (phase 2), so the result does not depend on tumor order or thread count. Nothing
 scales with the scan except the optional copy of the output.
 """

@@ -1621,6 +1621,59 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
     np.testing.assert_array_equal(out, tgt)
 
 
+def test_merge_ties_give_every_row_the_same_value(backend):
+    """Overlapping tumors whose changes at a voxel are equally strong with opposite signs:
+    the merge takes the larger value (the darkening), whatever the order in which the
+    changes meet, on the CPU (merge_strongest, either way round) and in the write-back of
+    every row, so the rows' writes of the voxel agree and the image does not depend on the
+    order the GPU runs its blocks in. Three rows over one line of voxels, merged changes
+    written for all."""
+    be, dev = backend
+    rows = _Rows(be, dev, 3)
+    C = rows.C
+    n = 6
+    d = [np.array([2, -3, 4, 5, -6, 1], np.float32),  # row 0, voxels 0..5
+         np.array([-4, -5, 6, -1, 3, 8], np.float32),  # row 1, voxels 2..7
+         np.array([6, 1, -3, 8, 2, 0], np.float32)]  # row 2, voxels 4..9  # fmt: skip
+    starts = (0, 2, 4)
+    parts = ([1, 2], [0, 2], [0, 1])
+    image = np.full((1, 1, 10), 100.0, np.float32)
+    img_d = dev(image.ravel())
+    merged = []
+    for s in range(3):
+        rows.put(s, "TORIG", np.full(n, 100.0, np.float32))
+        rows.put(s, "DELTA", d[s])
+        rows.put(s, "TMASK", np.ones(n, np.uint8))
+        merged.append(rows.put(s, "MERGED", np.full(n, np.nan, np.float32)))
+        rows.put(s, "PART", np.array(parts[s], np.int64))
+        rows.set(s, "NPART", 2)
+        rows.set(s, "TN0", 1, 1, n)
+        rows.set(s, "TO0", 0, 0, starts[s])
+        rows.T[s, C.DST] = be.ptr(img_d)
+        rows.set(s, "DST_CODE", 0)
+        rows.set(s, "DS0", 10, 10, 1)
+        rows.set(s, "DO0", 0, 0, starts[s])
+        rows.TF[s, [C.F_CMIN, C.F_CMAX, C.F_LO, C.F_HI]] = (-1000, 1000, -1024, 3071)
+    # the strongest change per voxel of the line, larger value on ties
+    line = np.zeros(10, np.float32)
+    for s in range(3):
+        k.merge_strongest(line[None, None, starts[s] : starts[s] + n], d[s][None, None])
+    assert list(line) == [2, -3, 4, 5, 6, 1, 3, 8, 2, 0]  # (voxels 2 to 6: ties)
+    for s in range(3):  # the CPU's pairwise merge, in any order of the partners
+        for order in (parts[s], parts[s][::-1]):
+            m = d[s].copy()
+            for q in order:
+                lo, hi = max(starts[s], starts[q]), min(starts[s], starts[q]) + n
+                k.merge_strongest(m[None, None, lo - starts[s] : hi - starts[s]],
+                                  d[q][None, None, lo - starts[q] : hi - starts[q]])  # fmt: skip
+            np.testing.assert_array_equal(m, line[starts[s] : starts[s] + n])
+    stats = dev(np.zeros((3, 2), np.float64))
+    rows.launch("sg_seg_apply", n, stats, tf=True)
+    for s in range(3):
+        np.testing.assert_array_equal(be.download(merged[s]), line[starts[s] : starts[s] + n])
+    np.testing.assert_array_equal(be.download(img_d), 100 - line)
+
+
 @pytest.mark.parametrize("preset", ["liver-classic", "liver", "colon"])
 def test_planning_reads_device_data_through_views(backend, small_phantom, organ_masks, preset):
     """A plan made from GPU-resident data (organ box reduced on the device, regions read
