@@ -326,6 +326,38 @@ def test_batched_render_equals_one_by_one(backend, small_phantom, organ_masks):
     assert np.array_equal(be.download(img), ph.image), "the shared input was not modified"
 
 
+def test_wall_and_ellipsoid_partners_on_host_and_device_images(
+    backend, small_phantom, organ_masks, monkeypatch
+):
+    """A hollow-organ wall tumor (a host row) and an ellipsoid tumor placed on it are merge
+    partners: with the image on the host (the write-back writes the merged change, which
+    the host reads) and on the device (it merges without writing it), the render is the
+    CPU's, and both images are the same."""
+    import dataclasses
+
+    be, dev = backend
+    ph = small_phantom
+    colon = organ_masks["colon"]
+    plan = _plan(ph, colon, "colon", 0, None)
+    wall = plan.tumors[0]
+    assert wall.kind == "wall"
+    ell = _plan(ph, organ_masks["liver"], "liver-classic", 3, "medium").tumors[0]
+    ell = dataclasses.replace(ell, index=len(plan.tumors), center_vox=wall.center_vox,
+                              clip_to_organ=False)  # fmt: skip
+    plan.tumors = [*plan.tumors, ell]
+    ref = rendering.render(plan, ph.image, colon)
+    monkeypatch.setattr(_segments, "KEEP_LAST", True)
+    on_host = _cuda.render_on_gpu([plan], [ph.image], [colon], device_id=0, be=be)[0]
+    last = dict(_segments.LAST)
+    ne = last["ne"]
+    assert ne == 1 and last["n"] == 2 and last["partners"] == [[1], [0]]
+    on_dev = _cuda.render_on_gpu([plan], [dev(ph.image)], [dev(colon)], device_id=0, be=be)[0]
+    for got in (on_host, on_dev):
+        _compare(ref, got, be)
+    np.testing.assert_array_equal(np.asarray(on_host.image), be.download(on_dev.image))
+    _segments.LAST.clear()
+
+
 def test_batch_of_two_control_grid_sizes(backend, small_phantom, organ_masks, tmp_path):
     """Plans of presets with 3 and 4 control points per axis in one batch (the driver stacks
     the displacements of each grid size apart): each as alone, and as the CPU renders it."""
