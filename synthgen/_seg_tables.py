@@ -307,19 +307,26 @@ def phase_a_nb(T, TF, TD, keep, nb_, lo, centre, g, ctrl, pre, ext, fa_base, fa_
         TF[r, F_TLO + 1] = tissue[j, 1]
 
 
+@nb.njit(inline="always", **_OPTS)
+def _host_merged(host_out, r, ne, n_part):
+    """Whether row ``r`` has a ``merged`` buffer: its image is on the host (``host_out``) and
+    the host reads its change merged (a host row, after the ``ne`` ellipsoid rows, or a row
+    with merge partners); the write-back writes it."""
+    return host_out and (r >= ne or n_part[r] > 0)
+
+
 @nb.njit(**_OPTS)
 def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part, host_out):
     """Phase B's float32 scratch sizes per row (columns: :data:`F32`; host rows, after the
-    ``ne`` ellipsoid rows, have ``merged`` and ``out`` only) and the uint8 ones (organ,
-    mask). Only a row whose image is on the host (``host_out``) and whose change the host
-    reads merged (a host row, or a row with merge partners: ``n_part``) has ``merged``, which
-    the write-back writes; the write-back merges the others' changes as it reads them."""
+    ``ne`` ellipsoid rows, have ``out`` and ``merged`` only) and the uint8 ones (organ,
+    mask). ``merged`` only where :func:`_host_merged` (``host_out``: the row's image is on
+    the host); the write-back merges the others' changes as it reads them."""
     nl = tn.shape[0]
     f32 = np.zeros((nl, len(F32)), dtype=np.int64)
     u8 = np.zeros((nl, 2), dtype=np.int64)
     for r in range(nl):
         v = tn[r, 0] * tn[r, 1] * tn[r, 2]
-        f32[r, _MERGED] = v if host_out[r] and (r >= ne or n_part[r] > 0) else 0
+        f32[r, _MERGED] = v if _host_merged(host_out[r], r, ne, n_part) else 0
         f32[r, _OUT] = v
         if r >= ne:
             continue
@@ -433,9 +440,9 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         for a in range(3):
             T[r, TN0 + a] = tn[r, a]
             T[r, TO0 + a] = to[r, a]
-        # the merged change where the host reads it (as phase_b_sizes_nb; 0: not written)
-        host_merged = not img_on[j] and (r >= ne or n_part[r] > 0)
-        T[r, MERGED] = f32_base + 4 * f32_offs[r, _MERGED] if host_merged else 0
+        # the merged change where the host reads it (0: not written)
+        has_merged = _host_merged(not img_on[j], r, ne, n_part)
+        T[r, MERGED] = f32_base + 4 * f32_offs[r, _MERGED] if has_merged else 0
         T[r, PART] = bases[0] + 8 * part_off[r]
         T[r, NPART] = n_part[r]
         if img_on[j]:

@@ -148,8 +148,9 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
         if T[q, C.TQ2]:  # appearance modes: q2 where the organ byte does not stop it
             q2 = kept & (view(u8, q, C.TORGAN, n) != 0) if T[q, C.CLIP] else kept
             blend += 4 * count(q2)
-        # the write-back's merge: the strongest change of the row and its partners
-        (to_q, tn_q), merged, reads = box(q), delta(q), 0
+        # the write-back's merge: its merged change (the strongest) is not 0 where the
+        # row's or an overlapping partner's change is not 0
+        (to_q, tn_q), changed, reads = box(q), delta(q) != 0, 0
         for p in partners[q]:
             to_p, tn_p = box(p)
             lo = [max(to_q[a], to_p[a]) for a in range(3)]
@@ -158,12 +159,9 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
                 continue
             in_q = tuple(slice(lo[a] - to_q[a], hi[a] - to_q[a]) for a in range(3))
             in_p = tuple(slice(lo[a] - to_p[a], hi[a] - to_p[a]) for a in range(3))
-            merged = merged.copy() if reads == 0 else merged
-            w, cur = delta(p)[in_p], merged[in_q]
-            aw, ac = xp.abs(w), xp.abs(cur)
-            merged[in_q] = xp.where((aw > ac) | ((aw == ac) & (w > cur)), w, cur)
+            changed[in_q] |= delta(p)[in_p] != 0
             reads += math.prod(h - lo_ for lo_, h in zip(lo, hi, strict=True))
-        apply += 9 * n + 4 * reads + size[int(T[q, C.DST_CODE])] * count(merged)
+        apply += 9 * n + 4 * reads + size[int(T[q, C.DST_CODE])] * count(changed)
         apply += 4 * n if T[q, C.MERGED] else 0
     return blend, apply
 
@@ -967,7 +965,7 @@ def _render(
         m = mask_of(q)
         if not job.target_on_device:
             shp = tuple(tn_l[q])
-            final = "merged" if q >= ne or n_part[q] else "delta"  # (see phase_b_sizes_nb)
+            final = "merged" if sizes_f[q, F32.index("merged")] else "delta"
             sel = be.download(f32.view(q, F32.index(final), shp)) != 0
             o = be.download(f32.view(q, F32.index("out"), shp))  # written where sel only
             job.target[tight][sel] = o[sel].astype(job.target.dtype)
