@@ -114,6 +114,10 @@ class HostBackend:
         self.block_rule = block_rule
         # the blocks a launch keeps at most (CupyBackend.most_blocks; 0: no limit)
         self.most_blocks = most_blocks
+        # the order a launch runs its blocks in: None, ascending; an int, a permutation drawn
+        # per launch from that seed (a GPU runs blocks in any order; what they add up must
+        # not depend on it)
+        self.block_order: int | None = None
         cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if cxx is None:
             raise RuntimeError("no host C++ compiler")
@@ -180,7 +184,11 @@ class HostBackend:
         conv = self._convert(name, args)
         self.launches.append(name)
         fn, set_block = self.fns[name], self._set_block[self._file[name]]
-        for b in range(int(n_blocks)):
+        order = range(int(n_blocks))
+        if self.block_order is not None:
+            rng = np.random.default_rng((self.block_order, len(self.launches)))
+            order = rng.permutation(int(n_blocks)).tolist()
+        for b in order:
             set_block(b)
             fn(*conv)
         set_block(0)

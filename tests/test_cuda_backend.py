@@ -429,6 +429,54 @@ def test_label_out_gets_the_tumor_voxels_in_the_render(backend, small_phantom, o
         assert np.count_nonzero(m != ref.tumor_mask) <= 0.001 * ref.tumor_mask.sum()
 
 
+@pytest.mark.parametrize("where", ["emu-blocks", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_results_do_not_depend_on_the_order_blocks_run_in(small_phantom, organ_masks,
+                                                          monkeypatch, fuse, where,
+                                                          request):  # fmt: skip
+    """A GPU runs a launch's blocks in any order, and differently from run to run: what
+    one block writes must not be read by another of the same launch, and the sums the
+    blocks of a row add up (the texture's rescale statistics, the records' voxels and summed
+    change) must not depend on that order, or a plan re-rendered on the same GPU gives
+    other records, or another image. On the stand-in with many blocks a row, the blocks run
+    ascending, then in two shuffled orders; on a GPU, the same render three times. Images,
+    label maps and records are identical bit for bit. (The float64 atomics pass: the float32
+    values they add span few binary orders of magnitude, so float64 holds their sums exactly,
+    whatever the order. A float32 accumulator of the records' sums fails it.)"""
+    monkeypatch.setattr(_segments, "FUSE_STEPS", fuse)
+    if where == "gpu":
+        be, dev = _gpu_backend()
+    else:
+        be, dev = request.getfixturevalue("emu_blocks"), to_device
+    ph = small_phantom
+    plans = [_plan(ph, organ_masks["liver"], "liver-classic", s, "mix") for s in (31, 32)]
+    plans.append(_plan(ph, organ_masks["colon"], "colon", 13, None))  # a wall tumor too
+    orgs = [organ_masks["liver"], organ_masks["liver"], organ_masks["colon"]]
+    assert sum(len(p.tumors) for p in plans) >= 10
+
+    def render(order):
+        if hasattr(be, "block_order"):  # (the stand-in's; a GPU picks its own)
+            monkeypatch.setattr(be, "block_order", order)
+        labs = [dev(np.zeros(ph.image.shape, np.uint8)) for _ in plans]
+        # (float32: changes that are not whole HU, whose sums a changed order can round)
+        img = dev(ph.image.astype(np.float32))
+        res = _cuda.render_on_gpu(plans, [img] * 3, [dev(m) for m in orgs],
+                                  device_id=0, be=be, label_outs=labs)  # fmt: skip
+        return (
+            [be.download(r.image) for r in res],
+            [be.download(x) for x in labs],
+            [[(t.voxels, t.mean_contrast_hu) for t in r.tumors] for r in res],
+        )
+
+    ref = render(None)
+    assert any(v for recs in ref[2] for v, _ in recs)
+    for order in (1, 2):
+        got = render(order)
+        for a, b in zip(ref[0] + ref[1], got[0] + got[1], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert got[2] == ref[2]
+
+
 def test_kernel_label(backend):
     """sg_seg_label: each row's mask voxels get its value in its label map (dtype, strides,
     tight-box origin of its own); rows without a map (0) write nothing."""
