@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ._device import array_kind
 from .planning import Plan
 from .rendering import RenderResult
 
@@ -294,8 +295,6 @@ def render_on_gpu(
     tumor voxels from one launch for the whole batch; one on the host from the masks that
     come back.
     """
-    from ._device import array_kind
-
     if be is None:
         be = backend(device_id)
     n = len(plans)

@@ -82,11 +82,20 @@ def stream_key(seed: int, stream: int) -> tuple[int, int]:
     return k0, k1
 
 
+_STREAM_KEYS_NB = None  # (the compiled function, imported on first use: see stream_keys)
+
+
 def stream_keys(seeds, *streams: int) -> np.ndarray:
     """:func:`stream_key` of many seeds at once: ``(n, 2)`` int64 per stream (the same
-    numbers), side by side for several streams (``(n, 2 k)``); one numba call."""
-    from ._cpu_kernels import stream_keys_nb
+    numbers), side by side for several streams (``(n, 2 k)``); one numba call. (Importing
+    synthgen does not import numba, so the compiled function is imported on the first
+    call and kept: an import statement per call cost a GPU render's host several us.)"""
+    global _STREAM_KEYS_NB
+    stream_keys_nb = _STREAM_KEYS_NB
+    if stream_keys_nb is None:
+        from ._cpu_kernels import stream_keys_nb
 
+        _STREAM_KEYS_NB = stream_keys_nb
     seeds = list(seeds)
     try:  # seeds in [0, 2**64) (a plan's are 63-bit): converted as they are
         s = np.array(seeds, dtype=np.uint64).reshape(-1)

@@ -56,7 +56,40 @@ from typing import Any
 
 import numpy as np
 
+from . import _texture
 from ._appearance import appearance_on, blend_params
+from ._cpu_kernels import (
+    block_sizes_nb,
+    blur_kernels_nb,
+    conservative_boxes_nb,
+    texture_axes_nb,
+)
+from ._geometry import prefilter
+from ._hash import stream_keys
+from ._hollow import render_wall, wall_box
+from ._seg_tables import (
+    _CHAINS_B_IDX,
+    _SCHED_B_COLS,
+    BASES,
+    CHAINS_B,
+    F32,
+    SCHED_B,
+    chain_schedules_nb,
+    layout_nb,
+    phase_a_nb,
+    phase_a_sizes_nb,
+    phase_b_boxes_nb,
+    phase_b_nb,
+    phase_b_sizes_nb,
+    schedules_nb,
+)
+from ._texture import (
+    STREAM_BERNOULLI,
+    STREAM_NOISE,
+    _smoothing_kernel,
+    texture_params,
+    texture_scalars_of,
+)
 from .rendering import (
     BLUR_TRUNCATE,
     LazyRecords,
@@ -290,9 +323,6 @@ def _texture_consts(P, keys) -> SimpleNamespace:
     ``noise_key``, ``bern_key`` ``(n, 2)``, and the smoothing kernels (block sums -> grid)
     packed, each distinct (block size, sigma_b) once, cached: ``kern``, ``koff``, ``klen``.
     :meth:`take` selects rows."""
-    from ._cpu_kernels import block_sizes_nb
-    from ._texture import _smoothing_kernel, texture_scalars_of
-
     sb = np.ascontiguousarray(P[:, 1])
     h_b = block_sizes_nb(sb)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
@@ -325,8 +355,6 @@ def _texture_tables(P, tc, lo_mm, hi_mm) -> SimpleNamespace:
     width), ``row``/``woff`` (offsets into the packed ``starts``, ``inv`` and ``weights``),
     ``origin`` (mm); ``step`` ``(n,)``; and those of ``tc``.
     """
-    from ._cpu_kernels import texture_axes_nb
-
     ne = len(P)
     # block sizes, grid ranges and the per-axis tables of all axes in one call; the nine
     # per-axis fields each a contiguous (n, 3) array
@@ -366,8 +394,6 @@ def _packed(keys, make) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def clear_caches() -> None:
     """Empty the host-side caches of kernels and band tables (benchmarks time the cold case)."""
-    from . import _texture
-
     for f in (_texture._axis_recipe, _texture._smoothing_kernel):
         f.cache_clear()
 
@@ -458,8 +484,6 @@ class _Arena:
     aligned starts), placed in a device allocation by :func:`_allocate`."""
 
     def __init__(self, dtype, sizes: np.ndarray) -> None:
-        from ._seg_tables import layout_nb
-
         self.dtype = np.dtype(dtype)
         self.offs, self.total = layout_nb(np.asarray(sizes, dtype=np.int64), self.dtype.itemsize)
         self.nbytes = int(self.total) * self.dtype.itemsize
@@ -608,25 +632,6 @@ def _render(
     and before the wait for its statistics, with the function making row ``q``'s device
     mask. When every job's masks are deferred there is no such wait: the statistics come
     later, from the :class:`_StatsLater` returned (None otherwise)."""
-    from ._cpu_kernels import blur_kernels_nb, conservative_boxes_nb
-    from ._geometry import prefilter
-    from ._hash import stream_keys
-    from ._seg_tables import (
-        _CHAINS_B_IDX,
-        _SCHED_B_COLS,
-        BASES,
-        CHAINS_B,
-        F32,
-        SCHED_B,
-        chain_schedules_nb,
-        phase_a_nb,
-        phase_a_sizes_nb,
-        phase_b_boxes_nb,
-        phase_b_nb,
-        phase_b_sizes_nb,
-        schedules_nb,
-    )
-    from ._texture import STREAM_BERNOULLI, STREAM_NOISE, texture_params
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
     i32 = np.int32
@@ -998,8 +1003,6 @@ def _wall_segment(be, job, i: int) -> dict[str, Any] | None:
     """A hollow-organ wall tumor (:mod:`synthgen._hollow`), rendered on the host from host
     copies of its box (the CPU's function on the same box: the same result on both backends);
     its change then joins the others' merge and write-back on the device."""
-    from ._hollow import render_wall, wall_box
-
     plan = job.plan
     t = plan.tumors[i]
     box = wall_box(t, plan.spacing, plan.shape, plan.organ_bbox)
