@@ -92,7 +92,6 @@ from ._texture import (
 )
 from .rendering import (
     BLUR_TRUNCATE,
-    LazyRecords,
     RenderResult,
     _output_range,
     assemble,
@@ -530,8 +529,10 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
         work done while the device runs phase B instead of after its last wait."""
         for j, job in enumerate(jobs):
             if deferred[j]:
+                # (the records made when first read: a caller that reads only the image and
+                # the label map never pays for them)
                 out[j] = assemble(job.plan, job.target, job.organ, {}, masks[j], job.affine,
-                                  make_mask=mask_of)  # fmt: skip
+                                  make_mask=mask_of, records_later=True)  # fmt: skip
 
     later = None
     if ts or walls:
@@ -543,7 +544,7 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
             out[j] = assemble(job.plan, job.target, job.organ, results_stats[j], masks[j],
                               job.affine)  # fmt: skip
         elif later is not None:  # the statistics when the records are first read
-            res.tumors = LazyRecords(res.tumors, functools.partial(later.fill, j, job.plan.spacing))
+            res.tumors.then_fill(functools.partial(later.fill, j, job.plan.spacing))
         else:
             fill_stats(res, results_stats[j])
     return out  # type: ignore[return-value]

@@ -12,6 +12,7 @@ scales with the scan except the optional copy of the output.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,21 +189,33 @@ class LazyRecords(_Lazy):
     ``mean_contrast_hu``) are filled on first use by ``fill(records)``: a GPU render whose
     image and masks stay on the device returns without waiting for the device (as a CuPy
     operation does); the first read of its records waits for it, once, and brings its
-    statistics back. Reads as the list of records (``==`` compares with a list)."""
+    statistics back. Reads as the list of records (``==`` compares with a list).
 
-    __slots__ = ("_fill", "_records")
+    ``records``: the list, or a function making it (``n`` records), called on first use
+    before ``fill``: a caller that never reads the records (a training loop) does not pay for
+    making them."""
 
-    def __init__(self, records: list, fill) -> None:
+    __slots__ = ("_fill", "_n", "_records")
+
+    def __init__(self, records, fill=None, n: int | None = None) -> None:
         self._records, self._fill = records, fill
+        self._n = len(records) if n is None else n
+
+    def then_fill(self, fill) -> LazyRecords:
+        """These records, filled by ``fill(records)`` on first use (given before any)."""
+        self._fill = fill
+        return self
 
     def _all(self) -> list:
+        if callable(self._records):
+            self._records = self._records()
         if self._fill is not None:
             self._fill(self._records)  # (kept on failure: a later read tries again)
             self._fill = None
         return self._records
 
     def __len__(self) -> int:
-        return len(self._records)
+        return self._n
 
     def __eq__(self, other) -> bool:
         if isinstance(other, LazyRecords):
@@ -864,11 +877,31 @@ def assemble(
     affine: np.ndarray | None,
     wrap=None,
     make_mask=None,
+    records_later: bool = False,
 ) -> RenderResult:
     """The :class:`RenderResult` of a render: per-tumor records from ``stats`` (voxel count,
     mean change) and ``masks`` (box, mask on that box), on any backend. With ``make_mask``,
     ``masks`` holds (box, key) and the result's boxes get ``make_mask(key)`` when first read
-    (:class:`LazyBoxes`)."""
+    (:class:`LazyBoxes`). With ``records_later``, the records are made when first read
+    (:class:`LazyRecords`; ``masks`` must not change meanwhile)."""
+    boxes = [masks[i] for i in sorted(masks)]
+    if records_later:
+        records: Any = LazyRecords(functools.partial(_records, plan, stats, masks, affine),
+                                   n=len(plan.tumors))  # fmt: skip
+    else:
+        records = _records(plan, stats, masks, affine)
+    return RenderResult(
+        image=image,
+        plan=plan,
+        tumors=records,
+        organ_mask=organ_mask,
+        boxes=boxes if make_mask is None else LazyBoxes(boxes, make_mask),
+        wrap=wrap,
+    )
+
+
+def _records(plan: Plan, stats, masks, affine) -> list[TumorRecord]:
+    """:func:`assemble`'s records."""
     sp = plan.spacing
     voxel_mm3 = sp[0] * sp[1] * sp[2]
     tumors = plan.tumors
@@ -905,12 +938,4 @@ def assemble(
                 else [],
             )
         )
-    boxes = [masks[i] for i in sorted(masks)]
-    return RenderResult(
-        image=image,
-        plan=plan,
-        tumors=records,
-        organ_mask=organ_mask,
-        boxes=boxes if make_mask is None else LazyBoxes(boxes, make_mask),
-        wrap=wrap,
-    )
+    return records

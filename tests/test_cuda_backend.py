@@ -133,11 +133,15 @@ def test_device_render_returns_before_its_statistics(backend, small_phantom, org
     """Images, masks and label maps on the device: the call waits for the device once (the
     boxes), not for the statistics; the first read of any result's records fetches them for
     the whole batch, once, and they are the CPU's. A label map on the host needs the masks
-    now: that call waits for everything before it returns, its records a plain list."""
+    now: that call waits for everything before it returns, its records a plain list. The
+    records themselves are made when first read (a training loop reads none), each result's
+    once."""
     be, dev = backend
-    downloads, waits = [], []
+    downloads, waits, made = [], [], []
     real = be.download
     monkeypatch.setattr(be, "download", lambda a: downloads.append(1) or real(a))
+    real_records = rendering._records
+    monkeypatch.setattr(rendering, "_records", lambda *a: made.append(1) or real_records(*a))
 
     class Event:  # the render's fence (a CUDA event on a GPU): counts the host's waits
         def synchronize(self):
@@ -147,11 +151,12 @@ def test_device_render_returns_before_its_statistics(backend, small_phantom, org
     ph, mask = small_phantom, organ_masks["liver"]
     plans = [_plan(ph, mask, "liver-classic", s, "mix") for s in (21, 22)]
     refs = [rendering.render(p, ph.image, mask) for p in plans]
+    made.clear()  # (the CPU's renders made theirs)
     got = _cuda.render_on_gpu(plans, [dev(ph.image)] * 2, [dev(mask)] * 2, device_id=0, be=be)
     assert len(downloads) == 1 and waits == []
     assert all(isinstance(g.tumors, rendering.LazyRecords) for g in got)
     assert [len(g.tumors) for g in got] == [len(r.tumors) for r in refs]  # (no fetch)
-    assert len(downloads) == 1 and waits == []
+    assert len(downloads) == 1 and waits == [] and made == []
     # the masks (boxes, tumor mask, label) are read once the device is done
     assert len(list(got[0].boxes)) == sum(1 for r in refs[0].tumors if r.box)
     assert waits == [1] and len(downloads) == 1
@@ -159,6 +164,7 @@ def test_device_render_returns_before_its_statistics(backend, small_phantom, org
     assert len(downloads) == 2 and waits == [1]
     assert sum(r.voxels for r in got[0].tumors) > 0 and len(downloads) == 2  # (one fetch)
     assert voxels == [r.voxels for r in got[1].tumors] and sum(voxels) > 0
+    assert len(made) == 2  # (each result's records made once, when first read)
     for ref, g in zip(refs, got, strict=True):
         _compare(ref, g, be)
         assert g.tumors == list(g.tumors) and list(g.tumors) == g.tumors
