@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,13 +194,15 @@ class LazyRecords(_Lazy):
 
     ``records``: the list, or a function making it (``n`` records), called on first use
     before ``fill``: a caller that never reads the records (a training loop) does not pay for
-    making them."""
+    making them. Safe to read from several threads: the first read makes and fills them,
+    once, and the others wait for it."""
 
-    __slots__ = ("_fill", "_n", "_records")
+    __slots__ = ("_fill", "_lock", "_n", "_records")
 
     def __init__(self, records, fill=None, n: int | None = None) -> None:
         self._records, self._fill = records, fill
         self._n = len(records) if n is None else n
+        self._lock = threading.Lock()
 
     def then_fill(self, fill) -> LazyRecords:
         """These records, filled by ``fill(records)`` on first use (given before any)."""
@@ -207,12 +210,15 @@ class LazyRecords(_Lazy):
         return self
 
     def _all(self) -> list:
-        if callable(self._records):
-            self._records = self._records()
-        if self._fill is not None:
-            self._fill(self._records)  # (kept on failure: a later read tries again)
-            self._fill = None
-        return self._records
+        if self._fill is None and not callable(self._records):
+            return self._records  # (done: no lock)
+        with self._lock:
+            if callable(self._records):
+                self._records = self._records()
+            if self._fill is not None:
+                self._fill(self._records)  # (kept on failure: a later read tries again)
+                self._fill = None
+            return self._records
 
     def __len__(self) -> int:
         return self._n

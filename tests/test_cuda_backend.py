@@ -211,6 +211,38 @@ def test_statistics_fetched_once_from_many_threads():
     assert recs[0][0].mean_contrast_hu == 2.0 and recs[1][0].volume_mm3 == 4.0
 
 
+def test_records_made_and_filled_once_from_many_threads():
+    """A result's records made when first read (:class:`rendering.LazyRecords` of a function)
+    and filled then, read from several threads at once: made once, filled once, and every
+    thread gets them filled."""
+    calls = []
+
+    class Rec:
+        voxels = None
+
+    def make():
+        calls.append("make")
+        time.sleep(0.05)  # (the other threads arrive meanwhile)
+        return [Rec(), Rec()]
+
+    def fill(records):
+        calls.append("fill")
+        time.sleep(0.02)
+        for r in records:
+            r.voxels = 5
+
+    lazy = rendering.LazyRecords(make, n=2).then_fill(fill)
+    assert len(lazy) == 2 and calls == []
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append([r.voxels for r in lazy]))
+               for _ in range(6)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["make", "fill"] and seen == [[5, 5]] * 6
+
+
 @pytest.mark.parametrize(("preset", "organ", "size"), ORGANS)
 def test_render_matches_the_cpu(backend, small_phantom, organ_masks, preset, organ, size):
     be, dev = backend
