@@ -8,6 +8,7 @@ thread-team overhead, never oversubscribes cores in data-loader workers, and is 
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -37,6 +38,7 @@ __all__ = [
     "overlap_partners_nb",
     "shape_mask",
     "texture_axes_nb",
+    "texture_consts_nb",
     "toeplitz_contract3",
 ]
 
@@ -1051,6 +1053,28 @@ def block_sizes_nb(sigma_b):
     for q in range(sigma_b.shape[0]):
         out[q] = _block_size(sigma_b[q])
     return out
+
+
+@nb.njit(**_OPTS)
+def texture_consts_nb(P):
+    """Block sizes (int64, :func:`block_sizes_nb`) and the recipe's scalars
+    (:func:`synthgen._texture.texture_scalars_of`, the same operations) of tumors with
+    texture parameter rows ``P`` (``(n, 7)`` float64, :func:`synthgen._texture.texture_params`),
+    in one call: the GPU driver's ``(h_b, scalars)``."""
+    n = P.shape[0]
+    h_b = np.empty(n, dtype=np.int64)
+    sc = np.empty((n, 6))
+    r12 = math.sqrt(12.0)
+    for q in range(n):
+        h = _block_size(P[q, 1])
+        h_b[q] = h
+        sc[q, 0] = r12 / (2.0 * P[q, 2])
+        sc[q, 1] = P[q, 3]
+        sc[q, 2] = P[q, 4]
+        sc[q, 3] = float(h * h * h)
+        sc[q, 4] = P[q, 5]
+        sc[q, 5] = P[q, 6]
+    return h_b, sc
 
 
 @nb.njit(**_OPTS)

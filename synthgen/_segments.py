@@ -59,10 +59,10 @@ import numpy as np
 from . import _texture
 from ._appearance import appearance_on, blend_params
 from ._cpu_kernels import (
-    block_sizes_nb,
     blur_kernels_nb,
     conservative_boxes_nb,
     texture_axes_nb,
+    texture_consts_nb,
 )
 from ._geometry import prefilter
 from ._hash import stream_keys
@@ -88,7 +88,6 @@ from ._texture import (
     STREAM_NOISE,
     _smoothing_kernel,
     texture_params,
-    texture_scalars_of,
 )
 from .rendering import (
     BLUR_TRUNCATE,
@@ -322,13 +321,12 @@ def _texture_consts(P, keys) -> SimpleNamespace:
     ``noise_key``, ``bern_key`` ``(n, 2)``, and the smoothing kernels (block sums -> grid)
     packed, each distinct (block size, sigma_b) once, cached: ``kern``, ``koff``, ``klen``.
     :meth:`take` selects rows."""
-    sb = np.ascontiguousarray(P[:, 1])
-    h_b = block_sizes_nb(sb)
-    kern, koff, klen = _packed(list(zip(h_b.tolist(), sb.tolist(), strict=True)),
+    h_b, scalars = texture_consts_nb(P)  # (texture_scalars_of's, in one compiled call)
+    kern, koff, klen = _packed(list(zip(h_b.tolist(), P[:, 1].tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
     c = np.ascontiguousarray
-    return _Rows(h_b=h_b, scalars=texture_scalars_of(P, h_b), noise_key=c(keys[:, 0:2]),
-                 bern_key=c(keys[:, 2:4]), koff=koff, klen=klen, kern=kern)  # fmt: skip
+    return _Rows(h_b=h_b, scalars=scalars, noise_key=c(keys[:, 0:2]), bern_key=c(keys[:, 2:4]),
+                 koff=koff, klen=klen, kern=kern)  # fmt: skip
 
 
 class _Rows(SimpleNamespace):
@@ -412,7 +410,11 @@ class _Jobs:
 
     def __init__(self, be, jobs) -> None:
         nj = len(jobs)
-        rows: list[tuple] = []  # per job, then one array per field
+        # per job, its integers and its floats one after another (two conversions to arrays
+        # in all, instead of one per field: each was several us of host time per call)
+        ints: list = []
+        flts: list = []
+        none5 = (0, 0, 0, 0, 0)
         for job in jobs:
             plan = job.plan
             dt = job.target.dtype
@@ -422,40 +424,37 @@ class _Jobs:
             ob = plan.organ_bbox
             org = job.organ
             c = job.preset.contrast
-            rows.append((
-                plan.spacing, plan.shape, ob is not None,
-                ((0, 0, 0), (0, 0, 0)) if ob is None else tuple(zip(*ob, strict=True)),
-                job.target_on_device, job.organ_on_device,
-                (be.ptr(job.target), code, *_strides(job.target))
-                if job.target_on_device else (0,) * 5,
-                (be.ptr(org), dtype_code(org.dtype), *_strides(org))
-                if job.organ_on_device else (0,) * 5,
-                rnd,
-                (float(c.min_hu), float(c.max_hu), out_lo, out_hi),
-                job.tissue,
-                float(plan.organ_hu) if plan.organ_hu is not None else 0.0,
-                job.label_on_device,
-                (be.ptr(job.label), dtype_code(job.label.dtype), *_strides(job.label))
-                if job.label_on_device else (0,) * 5,
-                job.tumor_label,
-            ))  # fmt: skip
-        (sp, shape, ob_on, ob, img_on, org_on, img, org, rnd, ranges, tissue, organ_hu,
-         lab_on, lab, lab_val) = zip(*rows, strict=True) if rows else ((),) * 15  # fmt: skip
-        self.sp = np.array(sp, dtype=np.float64).reshape(nj, 3)
-        self.shape = np.array(shape, dtype=np.int64).reshape(nj, 3)
-        self.ob_on = np.array(ob_on, dtype=bool).reshape(nj)
-        self.ob = np.array(ob, dtype=np.int64).reshape(nj, 2, 3)
-        self.img_on = np.array(img_on, dtype=bool).reshape(nj)
-        self.org_on = np.array(org_on, dtype=bool).reshape(nj)
-        self.img = np.array(img, dtype=np.int64).reshape(nj, 5)
-        self.org = np.array(org, dtype=np.int64).reshape(nj, 5)
-        self.round = np.array(rnd, dtype=np.int64).reshape(nj)
-        self.ranges = np.array(ranges, dtype=np.float32).reshape(nj, 4)  # cmin, cmax, lo, hi
-        self.tissue = np.array(tissue, dtype=np.float32).reshape(nj, 2)
-        self.organ_hu = np.array(organ_hu, dtype=np.float32).reshape(nj)
-        self.lab_on = np.array(lab_on, dtype=bool).reshape(nj)
-        self.lab = np.array(lab, dtype=np.int64).reshape(nj, 5)
-        self.lab_val = np.array(lab_val, dtype=np.int64).reshape(nj)
+            ints.extend(plan.shape)  # 0:3
+            if ob is None:  # 3:9 (the organ's box: starts, then stops)
+                ints.extend((0, 0, 0, 0, 0, 0))
+            else:
+                ints.extend((ob[0][0], ob[1][0], ob[2][0], ob[0][1], ob[1][1], ob[2][1]))
+            ints.extend((be.ptr(job.target), code, *_strides(job.target))
+                        if job.target_on_device else none5)  # 9:14  # fmt: skip
+            ints.extend((be.ptr(org), dtype_code(org.dtype), *_strides(org))
+                        if job.organ_on_device else none5)  # 14:19  # fmt: skip
+            ints.extend((be.ptr(job.label), dtype_code(job.label.dtype), *_strides(job.label))
+                        if job.label_on_device else none5)  # 19:24  # fmt: skip
+            ints.extend((rnd, job.tumor_label, ob is not None, job.target_on_device,
+                         job.organ_on_device, job.label_on_device))  # 24:30  # fmt: skip
+            flts.extend(plan.spacing)  # 0:3
+            flts.extend((float(c.min_hu), float(c.max_hu), out_lo, out_hi))  # 3:7
+            flts.extend(job.tissue)  # 7:9
+            flts.append(float(plan.organ_hu) if plan.organ_hu is not None else 0.0)  # 9
+        i_ = np.array(ints, dtype=np.int64).reshape(nj, 30)
+        f_ = np.array(flts, dtype=np.float64).reshape(nj, 10)
+        c_ = np.ascontiguousarray
+        self.shape = c_(i_[:, 0:3])
+        self.ob = c_(i_[:, 3:9]).reshape(nj, 2, 3)
+        self.img, self.org, self.lab = c_(i_[:, 9:14]), c_(i_[:, 14:19]), c_(i_[:, 19:24])
+        self.round, self.lab_val = i_[:, 24].copy(), i_[:, 25].copy()
+        flags = i_[:, 26:30] != 0
+        self.ob_on, self.img_on = c_(flags[:, 0]), c_(flags[:, 1])
+        self.org_on, self.lab_on = c_(flags[:, 2]), c_(flags[:, 3])
+        self.sp = c_(f_[:, 0:3])
+        f32 = f_[:, 3:10].astype(np.float32)  # (float32, rounded from float64 as before)
+        self.ranges = c_(f32[:, 0:4])  # cmin, cmax, lo, hi
+        self.tissue, self.organ_hu = c_(f32[:, 4:6]), c_(f32[:, 6])
 
 
 def _allocate(be, head: int, arenas: Sequence[_Arena]) -> tuple[Any, int]:

@@ -500,6 +500,8 @@ def test_texture_scalars_of_many_tumors_are_the_recipes_scalars() -> None:
         want = (math.sqrt(12.0) / (2.0 * p["range_sd"]), p["base"], p["scale"],
                 float(h_b[q] ** 3), p["threshold"], p["u0"])  # fmt: skip
         assert got[q].tolist() == list(want)
+    h_nb, got_nb = kern.texture_consts_nb(P)  # (the GPU driver's: both in one compiled call)
+    assert h_nb.tolist() == h_b.tolist() and got_nb.tolist() == got.tolist()
 
 
 def test_axis_tables_refuse_lattices_beyond_the_hash_range() -> None:
