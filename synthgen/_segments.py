@@ -198,6 +198,34 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
 
 
 @functools.cache
+def _pass_args() -> tuple[tuple, tuple]:
+    """The column arguments (int32 scalars, as the kernels take them) of phase B's separable
+    passes, the same for every call (made once): per axis ``a``, the mask blur's pass
+    (``sg_seg_conv``: axes 0, 1, 2 of the tight box) and beside it the texture's band
+    contraction (``sg_seg_band``: axes 2, 1, 0 of the lattice); and per axis, the texture
+    grid's smoothing pass (its output buffer's name and its ``sg_seg_conv`` arguments)."""
+    C, i32 = _columns(), np.int32
+    blur = []
+    for a, (src, dst), (b, b_src, b_dims, b_dst) in zip(
+        range(3),
+        ((C.TMASK, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR)),
+        ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB), (0, C.ZB, C.ZD2, C.Z0)),
+        strict=True,
+    ):
+        conv = (i32(a), i32(src), i32(C.TN0), i32(C.BKERN0 + a), i32(C.BKLEN0 + a),
+                i32(C.BOFF0 + a), i32(C.TN0 + a), i32(dst))  # fmt: skip
+        band = (i32(b), i32(b_src), i32(b_dims), i32(C.LS0 + b), i32(C.LW0 + b), i32(C.B0 + b),
+                i32(C.LK0 + b), i32(b_dst))  # fmt: skip
+        blur.append((conv, band))
+    grid = []
+    for a, src, dims, dst, buf in ((0, C.FRAC, C.B0, C.GA, "ga"), (1, C.GA, C.GD1, C.GB, "gb"),
+                                   (2, C.GB, C.GD2, C.GRID, "grid")):  # fmt: skip
+        grid.append((buf, (i32(a), i32(src), i32(dims), i32(C.GKERN0 + a), i32(C.GKLEN0 + a),
+                           i32(C.GOFF0 + a), i32(C.G_0 + a), i32(dst))))  # fmt: skip
+    return tuple(blur), tuple(grid)
+
+
+@functools.cache
 def _columns() -> SimpleNamespace:
     """The SG_* column numbers of ``kernels/segmented.cuh`` (``C.N0`` for ``SG_N0``) and the
     numbers ``kernels/shape.cuh`` defines (``C.G_MAX``)."""
@@ -873,23 +901,12 @@ def _render(
     # passes (axes 0, 1, 2) beside the texture's band contractions (axes 2, 1, 0)
     steps("sg_seg_first", 0, ("sg_seg_gather", ()), ("sg_seg_lattice", ()),
           ("sg_seg_interp", (TDd, DD)))  # fmt: skip
-    for a, (src, dst), (b, b_src, b_dims, b_dst) in zip(
-        range(3),
-        ((C.TMASK, C.BX0), (C.BX0, C.BX1), (C.BX1, C.BLUR)),
-        ((2, C.NOISE, C.LN0, C.ZA), (1, C.ZA, C.ZD1, C.ZB), (0, C.ZB, C.ZD2, C.Z0)),
-        strict=True,
-    ):
-        conv = (i32(a), i32(src), i32(C.TN0), i32(C.BKERN0 + a), i32(C.BKLEN0 + a),
-                i32(C.BOFF0 + a), i32(C.TN0 + a), i32(dst))  # fmt: skip
-        band = (i32(b), i32(b_src), i32(b_dims), i32(C.LS0 + b), i32(C.LW0 + b), i32(C.B0 + b),
-                i32(C.LK0 + b), i32(b_dst))  # fmt: skip
+    blur_passes, grid_passes = _pass_args()
+    for a, (conv, band) in enumerate(blur_passes):
         steps("sg_seg_conv_band", 1 + a, ("sg_seg_conv", conv), ("sg_seg_band", band))
     launch("sg_seg_blocks", "frac", TDd, DD)
     txs = pack.arg(be, tx_ref)
-    for a, src, dims, dst, buf in ((0, C.FRAC, C.B0, C.GA, "ga"), (1, C.GA, C.GD1, C.GB, "gb"),
-                                   (2, C.GB, C.GD2, C.GRID, "grid")):  # fmt: skip
-        conv = (i32(a), i32(src), i32(dims), i32(C.GKERN0 + a), i32(C.GKLEN0 + a),
-                i32(C.GOFF0 + a), i32(C.G_0 + a), i32(dst))  # fmt: skip
+    for a, (buf, conv) in enumerate(grid_passes):
         if a == 2 and FUSE_STEPS:  # the last pass measures the rescale's statistics too
             launch("sg_seg_conv_stats", buf, TDd, DD, txs, *conv)
         else:
