@@ -891,8 +891,9 @@ def assemble(
     (:class:`LazyBoxes`). With ``records_later``, the records are made when first read
     (:class:`LazyRecords`; ``masks`` must not change meanwhile)."""
     boxes = [masks[i] for i in sorted(masks)]
-    if records_later:
-        records: Any = LazyRecords(functools.partial(_records, plan, stats, masks, affine),
+    if records_later:  # (the affine as it is now: a caller may reuse its array)
+        aff = None if affine is None else np.array(affine, dtype=np.float64)
+        records: Any = LazyRecords(functools.partial(_records, plan, stats, masks, aff),
                                    n=len(plan.tumors))  # fmt: skip
     else:
         records = _records(plan, stats, masks, affine)
