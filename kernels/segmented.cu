@@ -136,8 +136,10 @@ SG_FN int sg_segment_of(const int* __restrict__ S, int n, int b)
 
 // Block reductions: a kernel's per-thread partial results (sums, minima, maxima) are combined
 // within the block (warp shuffles, then one warp over the warps' results) before thread 0
-// issues one atomic per block. One atomic per thread serialised hundreds of thousands of
-// atomics on the few addresses of a segment: on an H100 the write-back ran at 11 GB/s.
+// issues one atomic per block (a bounding box) or stores the block's sums for the row's
+// last block to add in order (sg_row_sums). One atomic per thread serialised hundreds of
+// thousands of atomics on the few addresses of a segment: on an H100 the write-back ran at
+// 11 GB/s.
 // Every thread of the block must call it (the kernels' early exits are per segment, that is
 // per block); thread 0 holds the result. Under the host compiler of the test suite a block is
 // one thread, and the reduction is that thread's value.
@@ -170,6 +172,50 @@ __device__ __forceinline__ V sg_block_reduce(V v, V identity)
 template <int OP, class V>
 SG_FN V sg_block_reduce(V v, V) { return v; }
 #endif
+
+// Sums over a row's blocks that do not depend on the order the blocks run in (a GPU runs
+// them in any order; float atomics would add the blocks' sums in that order, and a sum
+// rounds differently in another): every thread of every block of the row calls it with its
+// own N partial sums v. The block reduces them (a fixed tree), stores them at its slot of
+// `part` (slot blockIdx.x, N doubles) and counts itself done in the row's counter `done`;
+// the row's last block to finish adds the row's slots in block order (thread t those of
+// blocks t, t + blockDim.x, ..., then the same fixed tree) into out[0..N). So the row's
+// sums are the same bits whatever the order, on every run. The counter wraps back to 0
+// (atomicInc), so a launch can run again on the same tables. Every block of the row must
+// call it, idle ones included (with zeros): a block that leaves before it would leave the
+// row's sums unwritten. (The slots are read past L1, __ldcg: another row's last block on
+// the same SM may have cached a line of them before this row's blocks wrote theirs.)
+template <int N>
+SG_FN void sg_row_sums(double (&v)[N], int sg_b, int sg_nb, double* __restrict__ part,
+                       unsigned int* __restrict__ done, double* __restrict__ out)
+{
+    __shared__ int sg_last;
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = sg_block_reduce<SG_RED_SUM>(v[i], 0.0);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) part[(long long)blockIdx.x * N + i] = v[i];
+        __threadfence();  // the slot before the count: the last block reads it
+        sg_last = atomicInc(done, (unsigned int)(sg_nb - 1)) == (unsigned int)(sg_nb - 1);
+    }
+    __syncthreads();
+    if (!sg_last) return;
+    __threadfence();  // (the count before the other blocks' slots)
+    const long long first = (long long)blockIdx.x - sg_b;
+    double s[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) s[i] = 0.0;
+    for (int b = threadIdx.x; b < sg_nb; b += blockDim.x) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) s[i] += __ldcg(part + (first + b) * N + i);
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) s[i] = sg_block_reduce<SG_RED_SUM>(s[i], 0.0);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) out[i] = s[i];
+    }
+}
 
 // Phase A, step 0: the B-spline weight rows of each tumor's box, axis by axis (n0, n1, n2
 // rows of g weights, consecutive from W0; W1 and W2 point into the same run): element t is
@@ -412,8 +458,8 @@ extern "C" __global__ void sg_seg_band(const int* __restrict__ S, int nS,
 
 // The texture rescale's statistics of one thread's grid values (sum of those above the
 // threshold, their count, sum of all), in the order the thread adds them; sg_tex_put
-// combines the block's (every thread of the block calls it) and adds them to the row's
-// statistics o with one atomic each.
+// combines the row's (every thread of every block of the row calls it: sg_row_sums) into
+// its statistics o.
 struct sg_tex_sums {
     double above, cnt, all;
 };
@@ -424,15 +470,11 @@ SG_FN void sg_tex_add(sg_tex_sums* s, float v, float thr)
     if (v > thr) { s->above += (double)v; s->cnt += 1.0; }
 }
 
-SG_FN void sg_tex_put(sg_tex_sums s, double* o)
+SG_FN void sg_tex_put(sg_tex_sums s, int sg_b, int sg_nb, double* part, unsigned int* done,
+                      double* o)
 {
-    s.above = sg_block_reduce<SG_RED_SUM>(s.above, 0.0);
-    s.cnt = sg_block_reduce<SG_RED_SUM>(s.cnt, 0.0);
-    s.all = sg_block_reduce<SG_RED_SUM>(s.all, 0.0);
-    if (threadIdx.x != 0) return;
-    atomicAdd(&o[0], s.above);
-    atomicAdd(&o[1], s.cnt);
-    atomicAdd(&o[2], s.all);
+    double v[3] = {s.above, s.cnt, s.all};
+    sg_row_sums<3>(v, sg_b, sg_nb, part, done, o);
 }
 
 // The pass's loop over its outputs, for an input of type In (float32; the uint8 tumor mask
@@ -478,7 +520,8 @@ SG_FN void sg_conv_loop(const In* __restrict__ in, float* __restrict__ out,
 template <bool STATS>
 SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
                           const double* __restrict__ TD, int FD, double* __restrict__ stats,
-                          int axis, int c_in, int c_dim, int c_k, int c_klen, int c_off, int c_m,
+                          double* __restrict__ part, unsigned int* __restrict__ done, int axis,
+                          int c_in, int c_dim, int c_k, int c_klen, int c_off, int c_m,
                           int c_out)
 {
     const long long* r = T + (long long)sg_s * F;
@@ -493,7 +536,7 @@ SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __rest
     int o0 = axis == 0 ? m : n0, o1 = axis == 1 ? m : n1, o2 = axis == 2 ? m : n2;
     long long total = (long long)o0 * o1 * o2;
     const float thr = STATS ? (float)TD[(long long)sg_s * FD + SG_D_THR] : 0.0f;
-    if (STATS) SG_SEG_IDLE(total, 1);
+    // (no early exit for an idle block: with STATS it counts itself done, sg_row_sums)
     sg_tex_sums sums = {0.0, 0.0, 0.0};
     if (!STATS && c_in == SG_TMASK)
         sg_conv_loop<false>((const unsigned char*)r[c_in], out, kern, K, kk, off, axis, n1, n2,
@@ -501,15 +544,15 @@ SG_FN void sg_step_conv_t(int sg_s, int sg_b, int sg_nb, const long long* __rest
     else
         sg_conv_loop<STATS>((const float*)r[c_in], out, kern, K, kk, off, axis, n1, n2, n_in,
                             o1, o2, total, sg_b, sg_nb, thr, &sums);
-    if (STATS) sg_tex_put(sums, stats + 3 * (long long)sg_s);
+    if (STATS) sg_tex_put(sums, sg_b, sg_nb, part, done + sg_s, stats + 3 * (long long)sg_s);
 }
 
 SG_FN void sg_step_conv(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
                         int axis, int c_in, int c_dim, int c_k, int c_klen, int c_off, int c_m,
                         int c_out)
 {
-    sg_step_conv_t<false>(sg_s, sg_b, sg_nb, T, F, 0, 0, 0, axis, c_in, c_dim, c_k, c_klen,
-                          c_off, c_m, c_out);
+    sg_step_conv_t<false>(sg_s, sg_b, sg_nb, T, F, 0, 0, 0, 0, 0, axis, c_in, c_dim, c_k,
+                          c_klen, c_off, c_m, c_out);
 }
 
 extern "C" __global__ void sg_seg_conv(const int* __restrict__ S, int nS,
@@ -578,7 +621,9 @@ extern "C" __global__ void sg_seg_blocks(const int* __restrict__ S, int nS,
 extern "C" __global__ void sg_seg_tex_stats(const int* __restrict__ S, int nS,
                                             const long long* __restrict__ T, int F,
                                             const double* __restrict__ TD, int FD,
-                                            double* __restrict__ stats)
+                                            double* __restrict__ stats,
+                                            double* __restrict__ part,
+                                            unsigned int* __restrict__ done)
 {
     SG_SEG_BEGIN;
     const long long* r = T + (long long)sg_s * F;
@@ -587,10 +632,9 @@ extern "C" __global__ void sg_seg_tex_stats(const int* __restrict__ S, int nS,
     const float* g = (const float*)r[SG_GRID];
     float thr = (float)rd[SG_D_THR];
     long long total = (long long)r[SG_G_0] * r[SG_G_1] * r[SG_G_2];
-    SG_SEG_IDLE(total, 1);
-    sg_tex_sums sums = {0.0, 0.0, 0.0};
+    sg_tex_sums sums = {0.0, 0.0, 0.0};  // (an idle block too: it counts itself done)
     SG_SEG_LOOP(total) sg_tex_add(&sums, g[t], thr);
-    sg_tex_put(sums, stats + 3 * (long long)sg_s);
+    sg_tex_put(sums, sg_b, sg_nb, part, done + sg_s, stats + 3 * (long long)sg_s);
 }
 
 // Row r's rescale factor u0 / mean from its statistics o (sg_seg_tex_stats'; rd: its float64
@@ -685,13 +729,15 @@ extern "C" __global__ void sg_seg_conv_band(const int* __restrict__ S, int nR,
 extern "C" __global__ void sg_seg_conv_stats(const int* __restrict__ S, int nS,
                                              const long long* __restrict__ T, int F,
                                              const double* __restrict__ TD, int FD,
-                                             double* __restrict__ stats, int axis, int c_in,
+                                             double* __restrict__ stats,
+                                             double* __restrict__ part,
+                                             unsigned int* __restrict__ done, int axis, int c_in,
                                              int c_dim, int c_k, int c_klen, int c_off, int c_m,
                                              int c_out)
 {
     SG_SEG_BEGIN;
-    sg_step_conv_t<true>(sg_s, sg_b, sg_nb, T, F, TD, FD, stats, axis, c_in, c_dim, c_k, c_klen,
-                         c_off, c_m, c_out);
+    sg_step_conv_t<true>(sg_s, sg_b, sg_nb, T, F, TD, FD, stats, part, done, axis, c_in, c_dim,
+                         c_k, c_klen, c_off, c_m, c_out);
 }
 
 // The fused blend of every segment into its own change buffer, every element written (0
@@ -800,10 +846,10 @@ SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
 
 // Write-back: input - change into the image (any dtype, any strides) where the change is not
 // zero, or into a float32 buffer for host-resident images; per-segment tumor statistics
-// (voxels, summed change) into stats row s. The change is the segment's own (SG_DELTA), merged
-// with its partners' where it has any (sg_merged_at); a segment whose merged change the host
-// reads (a host-resident image: which voxels changed) gets it written at SG_MERGED too (0:
-// none).
+// (voxels, summed change) into stats row s (sg_row_sums, with the slots part_sums and the
+// counters done). The change is the segment's own (SG_DELTA), merged with its partners'
+// where it has any (sg_merged_at); a segment whose merged change the host reads (a
+// host-resident image: which voxels changed) gets it written at SG_MERGED too (0: none).
 // The write-back's loop for one destination type D, the value already rounded and clipped to
 // its range (the kernel picks D once per segment, outside the loop: a nine-way switch per
 // stored voxel took the kernel to 76 registers, 37.5% occupancy; typed loops needed 53, and
@@ -863,7 +909,8 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
 }
 
 SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
-                         const float* __restrict__ TF, int FF, double* __restrict__ stats)
+                         const float* __restrict__ TF, int FF, double* __restrict__ stats,
+                         double* __restrict__ part_sums, unsigned int* __restrict__ done)
 {
     const long long* r = T + (long long)sg_s * F;
     const float* rf = TF + (long long)sg_s * FF;
@@ -883,8 +930,7 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     const long long dbase = ds0 * r[SG_DO0] + ds1 * r[SG_DO1] + ds2 * r[SG_DO2];
     const int to0 = (int)r[SG_TO0], to1 = (int)r[SG_TO1], to2 = (int)r[SG_TO2];
     long long total = (long long)nx * ny * nz;
-    SG_SEG_IDLE(total, SG_ILP);
-    int n = 0;
+    int n = 0;  // (an idle block too runs on: it counts itself done in sg_row_sums)
     double acc = 0.0;
 #define SG_APPLY_AS(D)                                                                        \
     if (np)                                                                                   \
@@ -907,20 +953,17 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
         default: SG_APPLY_AS(sg_u32); break;
     }
 #undef SG_APPLY_AS
-    n = sg_block_reduce<SG_RED_SUM>(n, 0);
-    acc = sg_block_reduce<SG_RED_SUM>(acc, 0.0);
-    if (threadIdx.x != 0 || n == 0) return;
-    double* s = stats + 2 * (long long)sg_s;
-    atomicAdd(&s[0], (double)n);
-    atomicAdd(&s[1], acc);
+    double v[2] = {(double)n, acc};
+    sg_row_sums<2>(v, sg_b, sg_nb, part_sums, done + sg_s, stats + 2 * (long long)sg_s);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 4)
     sg_seg_apply(const int* __restrict__ S, int nS, const long long* __restrict__ T, int F,
-                 const float* __restrict__ TF, int FF, double* __restrict__ stats)
+                 const float* __restrict__ TF, int FF, double* __restrict__ stats,
+                 double* __restrict__ part, unsigned int* __restrict__ done)
 {
     SG_SEG_BEGIN;
-    sg_step_apply(sg_s, sg_b, sg_nb, T, F, TF, FF, stats);
+    sg_step_apply(sg_s, sg_b, sg_nb, T, F, TF, FF, stats, part, done);
 }
 
 // The label write: the caller's label map (any dtype, any strides, on the device) gets the
@@ -957,11 +1000,12 @@ extern "C" __global__ void sg_seg_label(const int* __restrict__ S, int nS,
 // The write-back beside the label write (a render that writes label maps on the device).
 extern "C" __global__ void __launch_bounds__(256, 4)
     sg_seg_apply_label(const int* __restrict__ S, int nR, const long long* __restrict__ T,
-                       int F, const float* __restrict__ TF, int FF, double* __restrict__ stats)
+                       int F, const float* __restrict__ TF, int FF, double* __restrict__ stats,
+                       double* __restrict__ part, unsigned int* __restrict__ done)
 {
     SG_STEPS_BEGIN(2);
     if (sg_step == 0)
-        sg_step_apply(sg_row, sg_b, sg_nb, T, F, TF, FF, stats);
+        sg_step_apply(sg_row, sg_b, sg_nb, T, F, TF, FF, stats, part, done);
     else
         sg_step_label(sg_row, sg_b, sg_nb, T, F);
 }

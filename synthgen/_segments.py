@@ -815,6 +815,9 @@ def _render(
     td_ref = pack.add(np.zeros((nl, DW), dtype=np.float64))
     st_ref = pack.add(np.zeros((nl, 2), dtype=np.float64))
     tx_ref = pack.add(np.zeros((nl, 3), dtype=np.float64))
+    # per row, the count of its blocks done with their sums (kernels' sg_row_sums): the
+    # texture statistics' launch, the write-back's
+    done_ref = pack.add(np.zeros((2, nl), dtype=np.uint32))
     boffs, blen = boffs.reshape(n, 3)[live], blen.reshape(n, 3)[live]
     blur_ref, smooth_ref = pack.add(bpack), pack.add(tx.kern)
     # the lattice bands of all axes: three packed arrays, rows addressed by offset
@@ -842,9 +845,15 @@ def _render(
     sc_ref, chain_off = pack.add(chain_b), chain_off.tolist()
     f32 = _Arena(np.float32, sizes_f)
     u8 = _Arena(np.uint8, sizes_u)
+    # each block's sums (sg_row_sums: the rows' last blocks add them in block order), 3 a block
+    # of the texture statistics' launch (the grid's schedule), 2 of the write-back's (the out
+    # schedule's; beside the label write its blocks come first)
+    k_grid, k_out = SCHED_B.index("grid"), SCHED_B.index("out")
+    slots = _Arena(np.float64, np.array([[3 * nblk_b[k_grid], 2 * nblk_b[k_out]]], np.int64))
     # two allocations: the masks (u8) with the pack, whose host rows' masks results may keep,
-    # and the float32 scratch apart (a result's masks keep their allocation alive)
-    f32_dev, _ = _allocate(be, 0, (f32,))  # (held until the statistics are back)
+    # and the float32 scratch (and the sums' slots) apart (a result's masks keep their
+    # allocation alive)
+    f32_dev, _ = _allocate(be, 0, (f32, slots))  # (held until the statistics are back)
     pack.alloc(be, (u8,))
     base = pack.addrs()
     T = np.zeros((nl, W), dtype=np.int64)
@@ -906,19 +915,24 @@ def _render(
         steps("sg_seg_conv_band", 1 + a, ("sg_seg_conv", conv), ("sg_seg_band", band))
     launch("sg_seg_blocks", "frac", TDd, DD)
     txs = pack.arg(be, tx_ref)
+    f64 = np.float64
+    tex_sums = (be.pointer(slots.base + 8 * int(slots.offs[0, 0]), f64),
+                pack.arg(be, done_ref, 0))  # fmt: skip
+    out_sums = (be.pointer(slots.base + 8 * int(slots.offs[0, 1]), f64),
+                pack.arg(be, done_ref, 1))  # fmt: skip
     for a, (buf, conv) in enumerate(grid_passes):
         if a == 2 and FUSE_STEPS:  # the last pass measures the rescale's statistics too
-            launch("sg_seg_conv_stats", buf, TDd, DD, txs, *conv)
+            launch("sg_seg_conv_stats", buf, TDd, DD, txs, *tex_sums, *conv)
         else:
             launch("sg_seg_conv", buf, *conv)
     if FUSE_STEPS:  # the blend rescales the grid as it reads it
         blend = (TFd, FF, TDd, DD, txs)
     else:
-        launch("sg_seg_tex_stats", "grid", TDd, DD, txs)
+        launch("sg_seg_tex_stats", "grid", TDd, DD, txs, *tex_sums)
         launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
         blend = (TFd, FF, TDd, DD, be.pointer(0, np.float64))  # (no rescale in the blend)
     launch("sg_seg_blend", "torig", *blend)
-    apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref)))
+    apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref), *out_sums))
     if J.lab_on.any():  # the label maps on the device: every row's mask, beside the write-back
         steps("sg_seg_apply_label", 4, apply, ("sg_seg_label", ()))
     else:
@@ -927,13 +941,14 @@ def _render(
         k_vox, k_all = SCHED_B.index("torig"), SCHED_B.index("out")
         LAST.clear()
         LAST.update(
-            n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8), ne=ne, T=T,
+            n=nl, voxels=int(tnv.sum()), keep=(pack, pack_a, fa, ua, f32, u8, slots), ne=ne,
+            T=T,
             TF=TF, f32=f32, u8=u8,
             partners=[part_flat[part_off[q] : part_off[q] + n_part[q]].tolist()
                       for q in range(nl)],
             blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, *blend),
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
-                   pack.arg(be, st_ref)),
+                   pack.arg(be, st_ref), *out_sums),
         )  # fmt: skip
     # while the device runs phase B: the rows' tight boxes and (plan, tumor) keys, the masks
     # of the jobs that keep them on the device, and those jobs' results (``before_wait``)
@@ -998,7 +1013,7 @@ def _render(
         masks[j][i] = (tight, m)
     # the device memory of both phases stays referenced until the download above synchronised
     # (mask_of keeps what the results' masks need: u8 and the phase-B device buffer)
-    del pack_a, fa, ua, f32, f32_dev
+    del pack_a, fa, ua, f32, slots, f32_dev
 
 
 class _Shifted:

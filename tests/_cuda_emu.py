@@ -45,6 +45,10 @@ static inline double atomicAdd(double* a, double v) { double o = *a; *a = o + v;
 static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
 static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
 static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
+static inline unsigned int atomicInc(unsigned int* a, unsigned int v)
+{ unsigned int o = *a; *a = o >= v ? 0u : o + 1u; return o; }
+static inline void __threadfence() {}
+template <class T> static inline T __ldcg(const T* p) { return *p; }
 """
 
 _SIG = re.compile(

@@ -833,15 +833,29 @@ class _Rows:
     def tables(self):
         return self.dev(self.T), self.dev(self.TF), self.dev(self.TD)
 
+    def _schedule(self, max_total):
+        n = len(self.T)
+        totals = np.broadcast_to(np.asarray(max_total, np.int64), (n,)).reshape(n, 1)
+        return schedules_nb(np.ascontiguousarray(totals), np.zeros(1, np.int64),
+                            *self.be.block_rule)  # fmt: skip
+
+    def row_sums(self, max_total, n_sums: int):
+        """``(part, done)`` for a launch over ``max_total`` whose rows add ``n_sums`` sums
+        across their blocks (sg_row_sums): each block's slots (NaN: each block writes its
+        own before any is read) and the rows' counters (0)."""
+        _S, nblk = self._schedule(max_total)
+        part = self.dev(np.full(max(int(nblk[0]), 1) * n_sums, np.nan))
+        done = self.dev(np.zeros(len(self.T), np.uint32))
+        self.keep += [part, done]
+        return part, done
+
     def launch(self, name: str, max_total, *extra, tf=False, td=False):
         """Launch ``name`` over every row, each scheduled for ``max_total`` elements (or
         ``max_total[row]``) by the backend's rule (many blocks per row on a GPU, some of
         them idle where a row has fewer elements)."""
         T, TF, TD = self.tables()
         n = len(self.T)
-        totals = np.broadcast_to(np.asarray(max_total, np.int64), (n,)).reshape(n, 1)
-        S, nblk = schedules_nb(np.ascontiguousarray(totals), np.zeros(1, np.int64),
-                               *self.be.block_rule)  # fmt: skip
+        S, nblk = self._schedule(max_total)
         Sd = self.dev(S[0])
         self.keep += [T, TF, TD, Sd]
         args = [Sd, np.int32(n), T, np.int32(self.C.T_WIDTH)]
@@ -1493,18 +1507,22 @@ def test_kernel_conv_stats_measures_what_tex_stats_measures(backend):
         rows.T[s, C.GOFF0 + 2] = 0
         outs.append(rows.put(s, "GRID", np.full(shp, np.nan, np.float32)))
         rows.TD[s, C.D_THR] = thr[s]
-    st_conv = dev(np.zeros((3, 3), np.float64))
+    st_conv = dev(np.full((3, 3), np.nan))  # (each row's sums written by its last block)
     i32 = np.int32
-    rows.launch("sg_seg_conv_stats", [g.size for g in grids], st_conv, i32(2), i32(C.GB),
-                i32(C.GD2), i32(C.GKERN0 + 2), i32(C.GKLEN0 + 2), i32(C.GOFF0 + 2), i32(C.G_2),
-                i32(C.GRID), td=True)  # fmt: skip
+    sizes = [g.size for g in grids]
+    conv_sums = rows.row_sums(sizes, 3)
+    rows.launch("sg_seg_conv_stats", sizes, st_conv, *conv_sums, i32(2), i32(C.GB), i32(C.GD2),
+                i32(C.GKERN0 + 2), i32(C.GKLEN0 + 2), i32(C.GOFF0 + 2), i32(C.G_2), i32(C.GRID),
+                td=True)  # fmt: skip
     for g, out in zip(grids, outs, strict=True):
         np.testing.assert_array_equal(be.download(out), g)
-    st_tex = dev(np.zeros((3, 3), np.float64))
-    rows.launch("sg_seg_tex_stats", [g.size for g in grids], st_tex, td=True)
+    st_tex = dev(np.full((3, 3), np.nan))
+    tex_sums = rows.row_sums(sizes, 3)
+    rows.launch("sg_seg_tex_stats", sizes, st_tex, *tex_sums, td=True)
     got, ref = be.download(st_conv), be.download(st_tex)
-    if hasattr(be, "launches"):  # the same sums in the same order
-        np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got, ref)  # (the same sums in the same order)
+    for _part, done in (conv_sums, tex_sums):  # the counters back at 0 (a launch can rerun)
+        assert not be.download(done).any()
     for s, g in enumerate(grids):
         g64 = g.astype(np.float64)
         above = g64[g > np.float32(thr[s])]
@@ -1512,6 +1530,50 @@ def test_kernel_conv_stats_measures_what_tex_stats_measures(backend):
         np.testing.assert_allclose(got[s], want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(ref[s], want, rtol=1e-12, atol=1e-12)
     assert got[1, 1] == 0 and 0 < got[2, 1] < grids[2].size
+
+
+def test_kernel_row_sums_do_not_depend_on_the_block_order(backend, monkeypatch):
+    """The texture statistics of a grid whose sums round differently in another order (one
+    value 1.0, the others 2**-65: a block's sum of them, at most half an ulp of 1.0, is
+    dropped by a sum that holds 1.0 already and kept by one that does not): on the
+    many-block stand-in, the blocks run ascending and in three shuffled orders give the same
+    bits, those of adding each block's sum in block order (sg_row_sums: the row's last block
+    adds them so); on a GPU, five launches give the same bits. (Float64 atomics, which add
+    the blocks' sums in the order the blocks run, fail it.)"""
+    be, dev = backend
+    shp = (64, 64, 64)
+    g = np.full(shp, 2.0**-65, np.float32)
+    g.flat[0] = 1.0
+    rows = _Rows(be, dev, 2)
+    C = rows.C
+    for s in range(2):  # (two rows: the second's counter and slots follow the first's)
+        rows.put(s, "GRID", g)
+        rows.set(s, "G_0", *shp)
+        rows.TD[s, C.D_THR] = 0.0
+
+    def run(order):
+        if hasattr(be, "block_order"):
+            monkeypatch.setattr(be, "block_order", order)
+        st = dev(np.full((2, 3), np.nan))
+        rows.launch("sg_seg_tex_stats", g.size, st, *rows.row_sums(g.size, 3), td=True)
+        return be.download(st)
+
+    ref = run(None)
+    assert ref[0].tolist() == ref[1].tolist()
+    exact = 1.0 + (g.size - 1) * 2.0**-65
+    np.testing.assert_allclose(ref[0], (exact, g.size, exact), rtol=1e-14)
+    if hasattr(be, "launches"):  # the stand-in: each block one thread, walking in turn
+        nb = int(rows._schedule(g.size)[1][0]) // 2  # (blocks of a row)
+        flat = g.ravel().astype(np.float64).tolist()
+        total = 0.0
+        for b in range(nb):
+            part = 0.0
+            for t in range(b, len(flat), nb):
+                part += flat[t]
+            total += part
+        assert ref[0, 2] == total
+    for order in (1, 2, 3) if hasattr(be, "block_order") else (None,) * 4:
+        assert run(order).tolist() == ref.tolist()
 
 
 def test_kernel_blocks(backend):
@@ -1729,7 +1791,7 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
     k.merge_strongest(m1[ov[1]], ref_d[0][ov[0]])
     assert (m0 != ref_d[0]).any() and (m1 != ref_d[1]).any()
     stats = dev(np.zeros((2, 2), np.float64))
-    rows.launch("sg_seg_apply", 504, stats, tf=True)
+    rows.launch("sg_seg_apply", 504, stats, *rows.row_sums(504, 2), tf=True)
     np.testing.assert_array_equal(be.download(merged[0]), m0)
     assert np.isnan(be.download(merged[1])).all()
     out = be.download(img_d).reshape(20, 20, 20, order="F")
@@ -1790,7 +1852,7 @@ def test_merge_ties_give_every_row_the_same_value(backend):
                                   d[q][None, None, lo - starts[q] : hi - starts[q]])  # fmt: skip
             np.testing.assert_array_equal(m, line[starts[s] : starts[s] + n])
     stats = dev(np.zeros((3, 2), np.float64))
-    rows.launch("sg_seg_apply", n, stats, tf=True)
+    rows.launch("sg_seg_apply", n, stats, *rows.row_sums(n, 2), tf=True)
     for s in range(3):
         np.testing.assert_array_equal(be.download(merged[s]), line[starts[s] : starts[s] + n])
     np.testing.assert_array_equal(be.download(img_d), 100 - line)
