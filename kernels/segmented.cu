@@ -196,11 +196,13 @@ SG_FN void sg_row_sums(double (&v)[N], int sg_b, int sg_nb, double* __restrict__
 #pragma unroll
         for (int i = 0; i < N; ++i) part[(long long)blockIdx.x * N + i] = v[i];
         __threadfence();  // the slot before the count: the last block reads it
-        sg_last = atomicInc(done, (unsigned int)(sg_nb - 1)) == (unsigned int)(sg_nb - 1);
+        const bool last = atomicInc(done, (unsigned int)(sg_nb - 1)) == (unsigned int)(sg_nb - 1);
+        if (last) __threadfence();  // (acquire: the count, then the other blocks' slots)
+        sg_last = last;
     }
     __syncthreads();
     if (!sg_last) return;
-    __threadfence();  // (the count before the other blocks' slots)
+    __threadfence();  // (and for every thread of the last block, past the barrier)
     const long long first = (long long)blockIdx.x - sg_b;
     double s[N];
 #pragma unroll
