@@ -65,8 +65,7 @@ def run() -> list[dict]:
         with_part = [q for q in range(last["n"]) if last["partners"][q]]
         changed = 0
         for q in range(last["ne"]):
-            off = (int(T[q, C.DELTA]) - f32.base) // 4
-            changed += int(np.count_nonzero(f32.dev[off : off + vox[q]]))
+            changed += int(np.count_nonzero(f32.at(T[q, C.DELTA], vox[q])))
         n = sum(vox[: last["ne"]])
         blend, apply = _segments.moved_bytes(be, last)
         rows.append({"class": size, "plans": k, "rows": last["n"], "rows_with_partners":

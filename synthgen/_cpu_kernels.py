@@ -1057,10 +1057,9 @@ def block_sizes_nb(sigma_b):
 
 @nb.njit(**_OPTS)
 def texture_consts_nb(P):
-    """Block sizes (int64, :func:`block_sizes_nb`) and the recipe's scalars
-    (:func:`synthgen._texture.texture_scalars_of`, the same operations) of tumors with
-    texture parameter rows ``P`` (``(n, 7)`` float64, :func:`synthgen._texture.texture_params`),
-    in one call: the GPU driver's ``(h_b, scalars)``."""
+    """Block sizes (int64, :func:`block_sizes_nb`) and the texture recipe's scalars
+    (:func:`synthgen._texture.texture_consts`) of tumors with texture parameter rows ``P``
+    (``(n, 7)`` float64, :func:`synthgen._texture.texture_params`), in one call."""
     n = P.shape[0]
     h_b = np.empty(n, dtype=np.int64)
     sc = np.empty((n, 6))

@@ -56,7 +56,6 @@ from typing import Any
 
 import numpy as np
 
-from . import _texture
 from ._appearance import appearance_on, blend_params
 from ._cpu_kernels import (
     blur_kernels_nb,
@@ -86,6 +85,7 @@ from ._seg_tables import (
 from ._texture import (
     STREAM_BERNOULLI,
     STREAM_NOISE,
+    _axis_recipe,
     _smoothing_kernel,
     texture_params,
 )
@@ -153,8 +153,7 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
     size = {code: np.dtype(dt).itemsize for dt, code in _CODES.items()}
 
     def view(arena: _Arena, q: int, col: int, n: int):
-        off = (int(T[q, col]) - arena.base) // arena.dtype.itemsize
-        return arena.dev[off : off + n]
+        return arena.at(T[q, col], n)
 
     def count(a) -> int:
         return int(xp.count_nonzero(a))
@@ -345,11 +344,11 @@ def _texture_consts(P, keys) -> SimpleNamespace:
     parameters ``P`` (:func:`synthgen._texture.texture_params`) and stream keys ``keys``
     (``(n, 4)``: noise, Bernoulli) take from their parameters alone, not from their boxes
     (made while the device runs phase A): the block sizes ``h_b`` ``(n,)``, the recipe's
-    ``scalars`` ``(n, 6)`` (:func:`synthgen._texture.texture_scalars_of`), the keys
+    ``scalars`` ``(n, 6)`` (:func:`synthgen._texture.texture_consts`), the keys
     ``noise_key``, ``bern_key`` ``(n, 2)``, and the smoothing kernels (block sums -> grid)
     packed, each distinct (block size, sigma_b) once, cached: ``kern``, ``koff``, ``klen``.
     :meth:`take` selects rows."""
-    h_b, scalars = texture_consts_nb(P)  # (texture_scalars_of's, in one compiled call)
+    h_b, scalars = texture_consts_nb(P)  # (texture_consts' compiled call, called directly)
     kern, koff, klen = _packed(list(zip(h_b.tolist(), P[:, 1].tolist(), strict=True)),
                                lambda key: _smoothing_kernel(*key))  # fmt: skip
     c = np.ascontiguousarray
@@ -419,7 +418,7 @@ def _packed(keys, make) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def clear_caches() -> None:
     """Empty the host-side caches of kernels and band tables (benchmarks time the cold case)."""
-    for f in (_texture._axis_recipe, _texture._smoothing_kernel):
+    for f in (_axis_recipe, _smoothing_kernel):
         f.cache_clear()
 
 
@@ -531,6 +530,15 @@ class _Arena:
         o = int(self.offs[row, col])
         return self.dev[o : o + math.prod(shape)].reshape(shape)
 
+    def at(self, address: int, n: int):
+        """The ``n`` elements of the arena from device address ``address`` (a table column's)."""
+        o = (int(address) - self.base) // self.dtype.itemsize
+        return self.dev[o : o + n]
+
+    def arg(self, be, row: int, col: int):
+        """Buffer ``(row, col)`` as a kernel argument: its device address."""
+        return be.pointer(self.base + self.dtype.itemsize * int(self.offs[row, col]), self.dtype)
+
 
 def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     """Render ``jobs`` (``synthgen._cuda.Job``) on backend ``be``: see the module docstring."""
@@ -550,16 +558,17 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     masks: list[dict[int, tuple[tuple[slice, slice, slice], Any]]] = [{} for _ in jobs]
     out: list[RenderResult | None] = [None] * len(jobs)
     deferred = [_masks_deferred(job) for job in jobs]
+    stats_later = all(deferred)  # (then _render returns before the statistics are back)
 
     def before_wait(mask_of) -> None:
         """The results of the jobs whose masks stay on the device, statistics aside: host
         work done while the device runs phase B instead of after its last wait."""
         for j, job in enumerate(jobs):
             if deferred[j]:
-                # (the records made when first read: a caller that reads only the image and
-                # the label map never pays for them)
+                # (with the statistics later, the records made when first read: a caller that
+                # reads only the image and the label map never pays for them)
                 out[j] = assemble(job.plan, job.target, job.organ, {}, masks[j], job.affine,
-                                  make_mask=mask_of, records_later=True)  # fmt: skip
+                                  make_mask=mask_of, records_later=stats_later)  # fmt: skip
 
     later = None
     if ts or walls:
@@ -915,11 +924,8 @@ def _render(
         steps("sg_seg_conv_band", 1 + a, ("sg_seg_conv", conv), ("sg_seg_band", band))
     launch("sg_seg_blocks", "frac", TDd, DD)
     txs = pack.arg(be, tx_ref)
-    f64 = np.float64
-    tex_sums = (be.pointer(slots.base + 8 * int(slots.offs[0, 0]), f64),
-                pack.arg(be, done_ref, 0))  # fmt: skip
-    out_sums = (be.pointer(slots.base + 8 * int(slots.offs[0, 1]), f64),
-                pack.arg(be, done_ref, 1))  # fmt: skip
+    tex_sums = (slots.arg(be, 0, 0), pack.arg(be, done_ref, 0))
+    out_sums = (slots.arg(be, 0, 1), pack.arg(be, done_ref, 1))
     for a, (buf, conv) in enumerate(grid_passes):
         if a == 2 and FUSE_STEPS:  # the last pass measures the rescale's statistics too
             launch("sg_seg_conv_stats", buf, TDd, DD, txs, *tex_sums, *conv)

@@ -146,19 +146,16 @@ def block_sizes_mm(sigma_b: np.ndarray) -> np.ndarray:
     return block_sizes_nb(sb.ravel()).reshape(sb.shape)
 
 
-def texture_scalars_of(P: np.ndarray, h_b: np.ndarray) -> np.ndarray:
-    """The recipe's scalars of many tumors (``P`` from :func:`texture_params`, block sizes
-    ``h_b``), ``(n, 6)`` in the GPU table's order: ``(zscale, base, scale, cells per block,
-    threshold, u0)``. Uniform noise has variance 1/12, so ``z * sqrt(12) / norm`` is standard
-    normal; ``zscale`` folds in the ``1 / (2 range_sd)`` of the probability map."""
-    h = np.asarray(h_b, dtype=np.int64)
-    return np.stack([math.sqrt(12.0) / (2.0 * P[:, 2]), P[:, 3], P[:, 4],
-                     (h**3).astype(np.float64), P[:, 5], P[:, 6]], axis=1)  # fmt: skip
+def texture_consts(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block sizes ``h_b`` (int64, :func:`block_size_mm`) and the recipe's scalars of many
+    tumors (``P`` from :func:`texture_params`), ``(n, 6)`` in the GPU table's order:
+    ``(zscale, base, scale, cells per block, threshold, u0)``
+    (:func:`synthgen._cpu_kernels.texture_consts_nb`, which the GPU driver calls). Uniform
+    noise has variance 1/12, so ``z * sqrt(12) / norm`` is standard normal; ``zscale`` folds
+    in the ``1 / (2 range_sd)`` of the probability map."""
+    from ._cpu_kernels import texture_consts_nb
 
-
-def texture_scalars(params: Mapping[str, float], h_b: int) -> tuple[float, ...]:
-    """:func:`texture_scalars_of` for one tumor."""
-    return tuple(texture_scalars_of(texture_params([params]), np.array([h_b]))[0].tolist())
+    return texture_consts_nb(np.ascontiguousarray(P, dtype=np.float64))
 
 
 def texture_recipe(
@@ -175,10 +172,11 @@ def texture_recipe(
     """
     sb = float(params["sigma_b_mm"])
     sa = float(params["sigma_a_mm"])
-    h_b = block_size_mm(sb)
+    h_bs, scalars = texture_consts(texture_params([params]))
+    h_b = int(h_bs[0])
     o_lo, o_hi = grid_index_range(lo_mm, hi_mm, h_b)
     axes = [_axis_recipe(int(o_lo[a]), int(o_hi[a]), h_b, sa, sb) for a in range(3)]
-    zscale, base, scale, n_cells, threshold, u0 = texture_scalars(params, h_b)
+    zscale, base, scale, n_cells, threshold, u0 = scalars[0].tolist()
     return TextureRecipe(
         noise_key=stream_key(seed, STREAM_NOISE),
         bern_key=stream_key(seed, STREAM_BERNOULLI),

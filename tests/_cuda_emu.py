@@ -41,7 +41,6 @@ static sg_dim3 blockIdx = {0, 0, 0};
 extern "C" void sg_emu_set_block(unsigned int x) { blockIdx.x = x; }
 static const sg_dim3 threadIdx = {0, 0, 0};
 static const sg_dim3 blockDim = {1, 1, 1};
-static inline double atomicAdd(double* a, double v) { double o = *a; *a = o + v; return o; }
 static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
 static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
 static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }

@@ -664,8 +664,14 @@ def test_moved_bytes_follows_the_kernels_tests():
                     1, 0, 0, 0,  # change
                     7, 7, 7, 7], dtype=np.float32)  # merged (written, not read)  # fmt: skip
     u8 = np.array([1, 0, 1, 0], dtype=np.uint8)  # row 1: organ
-    fa = SimpleNamespace(dev=f32, base=4000, dtype=f32.dtype)
-    ua = SimpleNamespace(dev=u8, base=9000, dtype=u8.dtype)
+
+    class Arena:  # an arena's buffers at a made-up device address (_Arena's reads of it)
+        at = _segments._Arena.at
+
+        def __init__(self, dev, base) -> None:
+            self.dev, self.base, self.dtype = dev, base, dev.dtype
+
+    fa, ua = Arena(f32, 4000), Arena(u8, 9000)
     T = np.zeros((2, C.T_WIDTH), dtype=np.int64)
     TF = np.zeros((2, C.F_WIDTH), dtype=np.float32)
     T[0, C.TN0 : C.TN0 + 3], T[1, C.TN0 : C.TN0 + 3] = (1, 2, 3), (1, 1, 4)

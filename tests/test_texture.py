@@ -478,13 +478,13 @@ def test_texture_axes_of_tumor_boxes_are_the_references() -> None:
 
 
 def test_texture_scalars_of_many_tumors_are_the_recipes_scalars() -> None:
-    """The GPU driver's vectorised texture scalars and block sizes are, bit for bit, the
-    per-tumor ones of the CPU path's recipe."""
+    """The texture scalars and block sizes of many tumors in one call (texture_consts, the
+    compiled function the GPU driver calls too) are, bit for bit, the per-tumor formulas."""
     from synthgen._texture import (
         block_size_mm,
         block_sizes_mm,
+        texture_consts,
         texture_params,
-        texture_scalars_of,
     )
 
     rng = np.random.default_rng(8)
@@ -495,13 +495,14 @@ def test_texture_scalars_of_many_tumors_are_the_recipes_scalars() -> None:
     P = texture_params(prms)
     h_b = block_sizes_mm(P[:, 1])
     assert h_b.tolist() == [block_size_mm(p["sigma_b_mm"]) for p in prms]
-    got = texture_scalars_of(P, h_b)
+    h_c, got = texture_consts(P)
     for q, p in enumerate(prms):
         want = (math.sqrt(12.0) / (2.0 * p["range_sd"]), p["base"], p["scale"],
                 float(h_b[q] ** 3), p["threshold"], p["u0"])  # fmt: skip
         assert got[q].tolist() == list(want)
     h_nb, got_nb = kern.texture_consts_nb(P)  # (the GPU driver's: both in one compiled call)
     assert h_nb.tolist() == h_b.tolist() and got_nb.tolist() == got.tolist()
+    assert h_c.tolist() == h_b.tolist()
 
 
 def test_axis_tables_refuse_lattices_beyond_the_hash_range() -> None:
