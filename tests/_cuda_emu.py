@@ -10,6 +10,20 @@ driver that runs on a GPU runs in CI on the same CUDA C sources. By default each
 a launch gets one block, which walks all its elements in order; ``block_rule`` can ask for
 the many blocks per segment a GPU runs.
 
+With ``threads`` > 1 (a multiple of 32) the backend is the *SIMT stand-in*: the kernels'
+GPU branches (``__CUDACC__``: the warp vote of the segment search, the warp shuffles and
+shared memory of the block reductions, the barriers of the row sums) compiled for the host
+under ``SIMT_PRELUDE``, each thread of a block a fiber that runs until it reaches a barrier
+or a warp operation. The scheduler runs the warps of a block one after another, each as far
+as it can go, in an order drawn anew at each barrier, so one warp overtakes another as far
+as the barriers allow: a barrier missing between a write of shared memory and another
+warp's (or lane's) read of it gives a wrong result, and a warp whose lanes split between a
+warp operation and a barrier, or threads waiting at a barrier others have left, stop the
+launch with an error naming the block and warp. What it cannot show: races between blocks
+(blocks run one at a time, in a shuffled order), memory ordering (fences are no-ops), and
+lanes of a warp diverging between two warp operations (each lane runs alone up to the
+next). Without a GPU this is what runs the code only a GPU would otherwise run.
+
 Every launch is checked against the kernel's C signature, parsed from the source: each
 pointer argument must be a C-contiguous array (or a :class:`Pointer`) of the pointed-to type
 and each scalar a NumPy scalar of the parameter's exact type (CuPy passes a scalar by its
@@ -41,6 +55,244 @@ static sg_dim3 blockIdx = {0, 0, 0};
 extern "C" void sg_emu_set_block(unsigned int x) { blockIdx.x = x; }
 static const sg_dim3 threadIdx = {0, 0, 0};
 static const sg_dim3 blockDim = {1, 1, 1};
+static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
+static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
+static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
+static inline unsigned int atomicInc(unsigned int* a, unsigned int v)
+{ unsigned int o = *a; *a = o >= v ? 0u : o + 1u; return o; }
+static inline void __threadfence() {}
+template <class T> static inline T __ldcg(const T* p) { return *p; }
+"""
+
+SIMT_PRELUDE = r"""
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <setjmp.h>
+#include <ucontext.h>
+#include <functional>
+// The kernels' GPU branches (warp votes, shuffles, block reductions in shared memory)
+#define __CUDACC__ 1
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __launch_bounds__(...)
+// Shared memory: one copy for all the block's threads (blocks run one at a time). Volatile,
+// so that the compiler reloads it after a barrier (a barrier is a function call it might
+// otherwise see through for a variable whose address never escapes).
+#define __shared__ static volatile
+struct sg_dim3 { unsigned int x, y, z; };
+namespace sg_emu {
+enum { RUN, SYNC, WARP, DONE };
+enum { OP_SHFL_DOWN = 1, OP_BALLOT = 2 };
+struct Fiber {
+    ucontext_t ctx;  // (its first start)
+    jmp_buf jb;      // where it parked
+    int state, op, started;
+    unsigned mask, delta;  // the warp operation it waits at, and its value
+    uint64_t val, res;
+};
+static jmp_buf main_jb;
+static Fiber* fib = 0;
+static char* stacks = 0;
+static unsigned cap = 0;
+static volatile unsigned cur = 0;
+static std::function<void()>* body = 0;
+static char err[512];
+static const size_t STACK = 1 << 17;
+}
+static sg_dim3 blockIdx = {0, 0, 0};
+static sg_dim3 blockDim = {1, 1, 1};
+__attribute__((noinline)) static sg_dim3 sg_emu_thread()
+{
+    sg_dim3 d = {sg_emu::cur, 0, 0};
+    return d;
+}
+#define threadIdx (sg_emu_thread())
+namespace sg_emu {
+// The running thread stops at a barrier or a warp-synchronous operation (state) and hands
+// control back to the block's scheduler, which resumes it once every thread concerned is
+// there. (A switch is a _setjmp/_longjmp pair: no system call, as swapcontext makes; a
+// thread's first start only goes through setcontext.)
+__attribute__((noinline)) static void park(int state)
+{
+    Fiber& f = fib[cur];
+    f.state = state;
+    if (!_setjmp(f.jb)) _longjmp(main_jb, 1);
+}
+// A thread's life: the launch's kernel for one block after another (resumed at each new block).
+static void entry()
+{
+    for (;;) {
+        (*body)();
+        park(DONE);
+    }
+}
+__attribute__((noinline)) static void resume(unsigned t)
+{
+    cur = t;
+    if (!_setjmp(main_jb)) {
+        if (fib[t].started) _longjmp(fib[t].jb, 1);
+        fib[t].started = 1;
+        setcontext(&fib[t].ctx);
+    }
+}
+// Threads 0..n, to be started afresh.
+static void fresh(unsigned n)
+{
+    for (unsigned t = 0; t < n; ++t) {
+        getcontext(&fib[t].ctx);
+        fib[t].ctx.uc_stack.ss_sp = stacks + t * STACK;
+        fib[t].ctx.uc_stack.ss_size = STACK;
+        fib[t].ctx.uc_link = 0;
+        makecontext(&fib[t].ctx, entry, 0);
+        fib[t].started = 0;
+    }
+}
+static uint64_t mix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+// Completes the warp-synchronous operation the 32 lanes of warp w wait at. 0, or -1 (err set)
+// where they do not all wait at the same one with a full mask (a divergent warp).
+static int warp_op(unsigned blk, unsigned w)
+{
+    Fiber* l = fib + 32 * w;
+    int r = 0;  // a lane that waits at the operation
+    while (l[r].state != WARP) ++r;
+    for (int i = 0; i < 32; ++i) {
+        if (l[i].state != WARP || l[i].op != l[r].op || l[i].mask != 0xffffffffu) {
+            snprintf(err, sizeof err, "block %u, warp %u: lane %d waits at a full-mask warp "
+                     "operation, lane %d %s", blk, w, r, i,
+                     l[i].state == DONE ? "has returned" : l[i].state == SYNC
+                     ? "waits at __syncthreads" : "waits at another warp operation");
+            return -1;
+        }
+    }
+    uint64_t ballot = 0;
+    for (int i = 0; i < 32; ++i) ballot |= (uint64_t)(l[i].val != 0) << i;
+    for (int i = 0; i < 32; ++i) {
+        if (l[r].op == OP_BALLOT) l[i].res = ballot;
+        else l[i].res = i + l[i].delta < 32 ? l[i + l[i].delta].val : l[i].val;
+        l[i].state = RUN;
+    }
+    return 0;
+}
+// A permutation of 0..n drawn from h (h == 0: ascending).
+static void shuffle(unsigned* p, unsigned n, uint64_t h)
+{
+    for (unsigned t = 0; t < n; ++t) p[t] = t;
+    for (unsigned t = n - 1; h && t > 0; --t) {
+        h = mix64(h);
+        const unsigned j = (unsigned)(h % (t + 1)), s = p[t];
+        p[t] = p[j];
+        p[j] = s;
+    }
+}
+// Runs blocks order[0..nb) (or 0..nb) of `threads` threads each, one block at a time, each
+// thread a fiber that runs until it reaches a barrier or a warp operation (it "parks").
+// Between two barriers the warps run one after another, in an order drawn anew at each
+// barrier from tseed (0: ascending), each as far as it goes: its lanes (in a drawn order) to
+// their next warp operation, which the scheduler completes once all 32 wait at it, and so
+// on to the barrier or the end. So one warp runs ahead of another as far as the barriers let
+// it, either way round: a read of what another warp writes, or another lane, without a
+// barrier between them, sees the wrong value in some order. When every warp waits at the
+// barrier they all pass it. Errors (err set, -1): a warp whose lanes do not all reach the
+// same warp operation; threads waiting at a barrier that others have left by returning.
+static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t tseed,
+               std::function<void()>& fn)
+{
+    if (threads == 0 || threads % 32) {
+        snprintf(err, sizeof err, "blockDim %u is not a multiple of 32", threads);
+        return -1;
+    }
+    if (threads > cap) {
+        free(fib);
+        free(stacks);
+        fib = (Fiber*)calloc(threads, sizeof(Fiber));
+        stacks = (char*)malloc(threads * STACK);
+        cap = threads;
+        fresh(cap);
+    }
+    const unsigned nw = threads / 32;
+    unsigned wperm[32], lperm[32];
+    blockDim.x = threads;
+    body = &fn;
+    int rc = 0;
+    uint64_t draw = 0;  // draws so far (each permutation its own)
+    for (unsigned i = 0; i < nb && rc == 0; ++i) {
+        blockIdx.x = order ? order[i] : i;
+        const uint64_t key = tseed ? mix64(tseed ^ ((uint64_t)blockIdx.x << 20)) : 0;
+        for (unsigned t = 0; t < threads; ++t) fib[t].state = RUN;
+        for (;;) {  // from one barrier to the next
+            shuffle(wperm, nw, key ? mix64(key + ++draw) : 0);
+            for (unsigned k = 0; k < nw && rc == 0; ++k) {
+                Fiber* l = fib + 32 * wperm[k];
+                for (;;) {  // the warp, to its next warp operation
+                    shuffle(lperm, 32, key ? mix64(key + ++draw) : 0);
+                    for (unsigned j = 0; j < 32; ++j) {
+                        if (l[lperm[j]].state != RUN) continue;
+                        resume(32 * wperm[k] + lperm[j]);
+                    }
+                    bool op = false;
+                    for (unsigned j = 0; j < 32; ++j) op |= l[j].state == WARP;
+                    if (!op) break;
+                    if ((rc = warp_op(blockIdx.x, wperm[k])) != 0) break;
+                }
+            }
+            if (rc) break;
+            unsigned n_sync = 0, n_done = 0;
+            for (unsigned t = 0; t < threads; ++t) {
+                n_sync += fib[t].state == SYNC;
+                n_done += fib[t].state == DONE;
+            }
+            if (n_done == threads) break;
+            if (n_done) {
+                snprintf(err, sizeof err, "block %u: %u threads wait at __syncthreads, %u have "
+                         "returned", blockIdx.x, n_sync, n_done);
+                rc = -1;
+                break;
+            }
+            for (unsigned t = 0; t < threads; ++t) fib[t].state = RUN;  // all at the barrier
+        }
+    }
+    if (rc) fresh(cap);  // (threads stopped inside a block start afresh next time)
+    return rc;
+}
+}
+extern "C" const char* sg_emu_error() { return sg_emu::err; }
+static inline void __syncthreads() { sg_emu::park(sg_emu::SYNC); }
+template <class V> static inline V __shfl_down_sync(unsigned mask, V v, unsigned delta)
+{
+    static_assert(sizeof(V) <= 8, "a shuffled value is at most 8 bytes");
+    sg_emu::Fiber& f = sg_emu::fib[sg_emu::cur];
+    f.op = sg_emu::OP_SHFL_DOWN;
+    f.mask = mask;
+    f.delta = delta;
+    f.val = 0;
+    memcpy(&f.val, &v, sizeof v);
+    sg_emu::park(sg_emu::WARP);
+    V r;
+    memcpy(&r, &f.res, sizeof r);
+    return r;
+}
+static inline unsigned int __ballot_sync(unsigned mask, int pred)
+{
+    sg_emu::Fiber& f = sg_emu::fib[sg_emu::cur];
+    f.op = sg_emu::OP_BALLOT;
+    f.mask = mask;
+    f.val = pred != 0;
+    sg_emu::park(sg_emu::WARP);
+    return (unsigned int)f.res;
+}
+static inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+// Threads switch only at barriers and warp operations: an atomic is a plain read-modify-write.
 static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
 static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
 static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
@@ -86,6 +338,33 @@ def signatures(source: str) -> dict[str, list[tuple[str, bool]]]:
     }
 
 
+def _trampolines(source: str) -> str:
+    """For the SIMT stand-in: a C entry ``sg_simt_<kernel>`` per kernel, which takes the
+    launch's arguments as 8-byte words and runs the kernel's blocks through the fiber
+    scheduler (``sg_emu::run``)."""
+    out = ["#include <functional>"]
+    for name, params in _SIG.findall(source):
+        lines, names = [], []
+        for k, decl in enumerate(p.strip() for p in params.split(",")):
+            typ = re.match(r"(.*?)\w+\s*$", decl, re.S).group(1).strip()
+            if "*" in typ:
+                lines.append(f"    {typ} a{k} = ({typ})(uintptr_t)a[{k}];")
+            else:
+                typ = typ.replace("const", "").strip()
+                lines.append(f"    {typ} a{k}; memcpy(&a{k}, &a[{k}], sizeof a{k});")
+            names.append(f"a{k}")
+        out += [
+            f'extern "C" int sg_simt_{name}(unsigned nb, const unsigned* order, unsigned threads,',
+            "                              unsigned long long tseed, const uint64_t* a)",
+            "{",
+            *lines,
+            f"    std::function<void()> f = [&]() {{ {name}({', '.join(names)}); }};",
+            "    return sg_emu::run(nb, order, threads, tseed, f);",
+            "}",
+        ]
+    return "\n".join(out) + "\n"
+
+
 class DeviceArray(np.ndarray):
     """A NumPy array the stand-in treats as GPU-resident (a CuPy array's role)."""
 
@@ -110,7 +389,8 @@ class HostBackend:
     xp = np
 
     def __init__(self, build_dir: Path, block_rule: tuple[int, int] = (1 << 62, 1),
-                 most_blocks: int = 0) -> None:  # fmt: skip
+                 most_blocks: int = 0, threads: int = 1,
+                 kernels: Path = KERNELS) -> None:  # fmt: skip
         # the flat schedules' rule (elements per block, most blocks per segment): by default
         # one block per segment, which walks all its elements, in order (so sums come out as
         # on the CPU); a finer rule runs the kernels' block-stride walks as a GPU would
@@ -121,31 +401,55 @@ class HostBackend:
         # per launch from that seed (a GPU runs blocks in any order; what they add up must
         # not depend on it)
         self.block_order: int | None = None
+        # threads a block (blockDim.x): 1, the kernels' host branches; a multiple of 32, the
+        # SIMT stand-in (see SIMT_PRELUDE): the GPU branches, every thread a fiber
+        self.threads = int(threads)
+        # with threads > 1, the order runnable threads run in between two barriers: None,
+        # ascending; an int, a permutation drawn per round from that seed
+        self.thread_order: int | None = None
         cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if cxx is None:
             raise RuntimeError("no host C++ compiler")
+        simt = self.threads > 1
         prelude = build_dir / "sg_host_prelude.h"
-        prelude.write_text(PRELUDE)
+        prelude.write_text(SIMT_PRELUDE if simt else PRELUDE)
         self.sigs: dict[str, list[tuple[str, bool]]] = {}
         self.fns: dict[str, ctypes._CFuncPtr] = {}
         self.launches: list[str] = []
         self._set_block: dict[str, ctypes._CFuncPtr] = {}
+        self._error: dict[str, ctypes._CFuncPtr] = {}
         self._file: dict[str, str] = {}
-        for src in sorted(KERNELS.glob("*.cu")):
+        for src in sorted(Path(kernels).glob("*.cu")):
             lib = build_dir / f"lib{src.stem}.so"
+            unit = src
+            if simt:
+                unit = build_dir / f"{src.stem}_simt.cpp"
+                unit.write_text(f'#include "{src.resolve()}"\n' + _trampolines(src.read_text()))
+            # (a fortified longjmp refuses to jump to another stack: the SIMT threads')
+            fortify = ["-U_FORTIFY_SOURCE"] if simt else []
             subprocess.run(
-                [cxx, "-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off",
-                 "-include", str(prelude), f"-I{KERNELS}", "-x", "c++", str(src), "-o", str(lib)],
+                [cxx, "-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off", *fortify,
+                 "-include", str(prelude), f"-I{kernels}", "-x", "c++", str(unit), "-o", str(lib)],
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             dll = ctypes.CDLL(str(lib))
-            self._set_block[src.stem] = dll.sg_emu_set_block
+            if simt:
+                self._error[src.stem] = dll.sg_emu_error
+                dll.sg_emu_error.restype = ctypes.c_char_p
+            else:
+                self._set_block[src.stem] = dll.sg_emu_set_block
             for name, params in signatures(src.read_text()).items():
                 self.sigs[name] = params
                 self._file[name] = src.stem
-                fn = getattr(dll, name)
-                fn.restype = None
-                fn.argtypes = [ctypes.c_void_p if ptr else _SCALAR[t][1] for t, ptr in params]
+                if simt:
+                    fn = getattr(dll, f"sg_simt_{name}")
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint,
+                                   ctypes.c_ulonglong, ctypes.c_void_p]  # fmt: skip
+                else:
+                    fn = getattr(dll, name)
+                    fn.restype = None
+                    fn.argtypes = [ctypes.c_void_p if ptr else _SCALAR[t][1] for t, ptr in params]
                 self.fns[name] = fn
 
     def _convert(self, name: str, args) -> list:
@@ -183,18 +487,39 @@ class HostBackend:
 
     def launch_flat(self, name: str, n_blocks: int, *args) -> None:
         """A segmented launch of ``n_blocks`` blocks (the kernel's schedule, its first
-        argument, maps each to its segment): the blocks one after another, each one thread."""
+        argument, maps each to its segment): the blocks one after another, each one thread
+        (or ``threads`` fibers)."""
         conv = self._convert(name, args)
         self.launches.append(name)
-        fn, set_block = self.fns[name], self._set_block[self._file[name]]
         order = range(int(n_blocks))
         if self.block_order is not None:
             rng = np.random.default_rng((self.block_order, len(self.launches)))
             order = rng.permutation(int(n_blocks)).tolist()
+        if self.threads > 1:
+            self._launch_simt(name, order, conv)
+            return
+        fn, set_block = self.fns[name], self._set_block[self._file[name]]
         for b in order:
             set_block(b)
             fn(*conv)
         set_block(0)
+
+    def _launch_simt(self, name: str, order, conv: list) -> None:
+        words = np.zeros(max(len(conv), 1), dtype=np.uint64)
+        for k, (v, (t, ptr)) in enumerate(zip(conv, self.sigs[name], strict=True)):
+            if ptr:
+                words[k] = v
+            else:  # the value's bytes in the word's low bytes (little-endian)
+                b = np.array(v, dtype=_SCALAR[t][0]).tobytes()
+                words[k] = np.frombuffer(b.ljust(8, b"\0"), dtype=np.uint64)[0]
+        order = np.asarray(list(order), dtype=np.uint32)
+        tseed = 0
+        if self.thread_order is not None:  # (never 0: 0 is ascending)
+            tseed = (int(self.thread_order) * 1_000_003 + len(self.launches)) % (1 << 63) | 1
+        rc = self.fns[name](len(order), order.ctypes.data, self.threads, tseed, words.ctypes.data)
+        if rc:
+            msg = self._error[self._file[name]]().decode()
+            raise RuntimeError(f"{name} on the SIMT stand-in: {msg}")
 
     def pointer(self, address: int, dtype) -> Pointer:
         """A device address as a kernel argument (``dtype``: what it points to)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import time
 
 import numpy as np
 import pytest
-from _cuda_emu import HostBackend, signatures, to_device
+from _cuda_emu import KERNELS, HostBackend, signatures, to_device
 
 import synthgen
 from synthgen import _cpu_kernels as k
@@ -75,13 +76,33 @@ def emu_blocks(tmp_path_factory) -> HostBackend:
     return be
 
 
+@pytest.fixture(scope="module")
+def emu_simt(tmp_path_factory) -> HostBackend:
+    """The SIMT stand-in: the kernels' GPU branches (warp votes and shuffles, block
+    reductions in shared memory, barriers) on blocks of 64 threads, each thread a fiber
+    that runs until it reaches a barrier or a warp operation, the runnable threads in a
+    shuffled order each time (a read of what another thread writes, without a barrier
+    between them, shows); many blocks a segment, run in a shuffled order, as
+    ``emu_blocks``."""
+    try:
+        be = HostBackend(tmp_path_factory.mktemp("cuda-emu-simt"), block_rule=(4 * 64, 64),
+                         threads=64)  # fmt: skip
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    be.block_order = 0
+    be.thread_order = 0
+    return be
+
+
 @pytest.fixture(autouse=True)
 def _poisoned_scratch(monkeypatch):
     """Scratch buffers start as NaN / 255: an element a kernel forgets shows in the result."""
     monkeypatch.setattr(_segments, "POISON", True)
 
 
-@pytest.fixture(params=["emu", "emu-blocks", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.fixture(
+    params=["emu", "emu-blocks", "emu-simt", pytest.param("gpu", marks=pytest.mark.gpu)]
+)
 def backend(request):
     """``(backend, to_device)``: the host stand-in (one block per segment, or many), or
     CuPy on GPU 0."""
@@ -89,6 +110,8 @@ def backend(request):
         return request.getfixturevalue("emu"), to_device
     if request.param == "emu-blocks":
         return request.getfixturevalue("emu_blocks"), to_device
+    if request.param == "emu-simt":
+        return request.getfixturevalue("emu_simt"), to_device
     return _gpu_backend()
 
 
@@ -471,7 +494,9 @@ def test_label_out_gets_the_tumor_voxels_in_the_render(backend, small_phantom, o
         assert np.count_nonzero(m != ref.tumor_mask) <= 0.001 * ref.tumor_mask.sum()
 
 
-@pytest.mark.parametrize("where", ["emu-blocks", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize(
+    "where", ["emu-blocks", "emu-simt", pytest.param("gpu", marks=pytest.mark.gpu)]
+)
 @pytest.mark.parametrize("fuse", [True, False])
 def test_results_do_not_depend_on_the_order_blocks_run_in(small_phantom, organ_masks,
                                                           monkeypatch, fuse, where,
@@ -481,7 +506,8 @@ def test_results_do_not_depend_on_the_order_blocks_run_in(small_phantom, organ_m
     blocks of a row add up (the texture's rescale statistics, the records' voxels and summed
     change) must not depend on that order, or a plan re-rendered on the same GPU gives
     other records, or another image. On the stand-in with many blocks a row, the blocks run
-    ascending, then in two shuffled orders; on a GPU, the same render three times. Images,
+    ascending, then in two shuffled orders (on the SIMT stand-in, the threads of each block
+    too); on a GPU, the same render three times. Images,
     label maps and records are identical bit for bit. (The float64 atomics pass: the float32
     values they add span few binary orders of magnitude, so float64 holds their sums exactly,
     whatever the order. A float32 accumulator of the records' sums fails it.)"""
@@ -489,7 +515,7 @@ def test_results_do_not_depend_on_the_order_blocks_run_in(small_phantom, organ_m
     if where == "gpu":
         be, dev = _gpu_backend()
     else:
-        be, dev = request.getfixturevalue("emu_blocks"), to_device
+        be, dev = request.getfixturevalue(where.replace("-", "_")), to_device
     ph = small_phantom
     plans = [_plan(ph, organ_masks["liver"], "liver-classic", s, "mix") for s in (31, 32)]
     plans.append(_plan(ph, organ_masks["colon"], "colon", 13, None))  # a wall tumor too
@@ -499,6 +525,7 @@ def test_results_do_not_depend_on_the_order_blocks_run_in(small_phantom, organ_m
     def render(order):
         if hasattr(be, "block_order"):  # (the stand-in's; a GPU picks its own)
             monkeypatch.setattr(be, "block_order", order)
+            monkeypatch.setattr(be, "thread_order", order)
         labs = [dev(np.zeros(ph.image.shape, np.uint8)) for _ in plans]
         # (float32: changes that are not whole HU, whose sums a changed order can round)
         img = dev(ph.image.astype(np.float32))
@@ -1560,6 +1587,7 @@ def test_kernel_row_sums_do_not_depend_on_the_block_order(backend, monkeypatch):
     def run(order):
         if hasattr(be, "block_order"):
             monkeypatch.setattr(be, "block_order", order)
+            monkeypatch.setattr(be, "thread_order", order)  # (the SIMT stand-in's threads)
         st = dev(np.full((2, 3), np.nan))
         rows.launch("sg_seg_tex_stats", g.size, st, *rows.row_sums(g.size, 3), td=True)
         return be.download(st)
@@ -1568,7 +1596,7 @@ def test_kernel_row_sums_do_not_depend_on_the_block_order(backend, monkeypatch):
     assert ref[0].tolist() == ref[1].tolist()
     exact = 1.0 + (g.size - 1) * 2.0**-65
     np.testing.assert_allclose(ref[0], (exact, g.size, exact), rtol=1e-14)
-    if hasattr(be, "launches"):  # the stand-in: each block one thread, walking in turn
+    if getattr(be, "threads", 0) == 1:  # the stand-in: each block one thread, walking in turn
         nb = int(rows._schedule(g.size)[1][0]) // 2  # (blocks of a row)
         flat = g.ravel().astype(np.float64).tolist()
         total = 0.0
@@ -1580,6 +1608,57 @@ def test_kernel_row_sums_do_not_depend_on_the_block_order(backend, monkeypatch):
         assert ref[0, 2] == total
     for order in (1, 2, 3) if hasattr(be, "block_order") else (None,) * 4:
         assert run(order).tolist() == ref.tolist()
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        # the block reduction's first barrier: a reduction's writes of shared memory must
+        # not overtake the previous reduction's reads of it
+        ("    __syncthreads();  // the previous reduction's reads of part are done\n", ""),
+        # the row sums' barrier, after thread 0 has said whether the block is the row's last
+        ("    __syncthreads();\n    if (!sg_last) return;\n", "    if (!sg_last) return;\n"),
+    ],
+    ids=["reduction", "row-sums"],
+)
+def test_the_simt_stand_in_fails_a_kernel_without_its_barrier(tmp_path, old, new):
+    """The SIMT stand-in can fail: with one barrier taken out of kernels/, the texture
+    statistics of a grid (whole numbers: exact sums in any order) come out wrong, or the
+    launch stops with the stand-in's error (threads waiting at a barrier others have left);
+    the sources as they are give the exact sums. (The one-thread stand-ins, which run the
+    kernels' host branches, cannot see either.)"""
+    bad = tmp_path / "kernels"
+    shutil.copytree(KERNELS, bad)
+    seg = bad / "segmented.cu"
+    text = seg.read_text()
+    assert text.count(old) == 1
+    seg.write_text(text.replace(old, new))
+    g = np.random.default_rng(5).integers(0, 8, (64, 64, 64)).astype(np.float32)
+    want = [float(g[g > 3.5].sum()), float((g > 3.5).sum()), float(g.sum())]
+
+    def stats(kernels):
+        build = tmp_path / f"build-{'bad' if kernels == bad else 'good'}"
+        build.mkdir()
+        try:
+            be = HostBackend(build, block_rule=(256, 64), threads=64, kernels=kernels)
+        except RuntimeError as e:
+            pytest.skip(str(e))
+        be.block_order = be.thread_order = 0
+        rows = _Rows(be, to_device, 1)
+        rows.put(0, "GRID", g)
+        rows.set(0, "G_0", *g.shape)
+        rows.TD[0, rows.C.D_THR] = 3.5
+        st = to_device(np.full((1, 3), np.nan))
+        rows.launch("sg_seg_tex_stats", g.size, st, *rows.row_sums(g.size, 3), td=True)
+        return be.download(st)[0].tolist()
+
+    assert stats(KERNELS) == want
+    try:
+        got = stats(bad)
+    except RuntimeError as e:
+        assert "sg_seg_tex_stats on the SIMT stand-in" in str(e)
+    else:
+        assert got != want
 
 
 def test_kernel_blocks(backend):
