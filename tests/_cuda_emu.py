@@ -103,6 +103,8 @@ static volatile unsigned cur = 0;
 static std::function<void()>* body = 0;
 static char err[512];
 static const size_t STACK = 1 << 17;
+static uint64_t shared[256];  // (address, bytes) of each __shared__ variable
+static unsigned n_shared = 0;
 }
 static sg_dim3 blockIdx = {0, 0, 0};
 static sg_dim3 blockDim = {1, 1, 1};
@@ -230,6 +232,8 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
         blockIdx.x = order ? order[i] : i;
         const uint64_t key = tseed ? mix64(tseed ^ ((uint64_t)blockIdx.x << 20)) : 0;
         for (unsigned t = 0; t < threads; ++t) fib[t].state = RUN;
+        // shared memory starts undefined, as on a GPU (not as the last block left it)
+        for (unsigned k = 0; k < n_shared; k += 2) memset((void*)shared[k], 0xff, shared[k + 1]);
         for (;;) {  // from one barrier to the next
             shuffle(wperm, nw, key ? mix64(key + ++draw) : 0);
             for (unsigned k = 0; k < nw && rc == 0; ++k) {
@@ -267,6 +271,11 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
 }
 }
 extern "C" const char* sg_emu_error() { return sg_emu::err; }
+extern "C" void sg_emu_shared(const uint64_t* r, unsigned n)
+{
+    sg_emu::n_shared = n < 256 ? n : 256;
+    memcpy(sg_emu::shared, r, sg_emu::n_shared * sizeof *r);
+}
 static inline void __syncthreads() { sg_emu::park(sg_emu::SYNC); }
 template <class V> static inline V __shfl_down_sync(unsigned mask, V v, unsigned delta)
 {
@@ -365,6 +374,30 @@ def _trampolines(source: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _poison_shared(dll, lib: Path) -> None:
+    """Tells the SIMT stand-in where the kernels' ``__shared__`` variables are (every
+    function-local static of the library, ``_ZZ...`` in its symbol table), which it fills
+    with 0xff bytes (NaN, -1) at the start of each block, as a GPU's shared memory holds
+    whatever was there: a read of a value the block has not written shows."""
+    nm = shutil.which("nm")
+    if nm is None:
+        raise RuntimeError("no nm (binutils) for the SIMT stand-in")
+    out = subprocess.run([nm, "-S", "--defined-only", str(lib)], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    syms = {}
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) == 4:
+            syms[f[3]] = (int(f[0], 16), int(f[1], 16))
+    base = ctypes.cast(dll.sg_emu_error, ctypes.c_void_p).value - syms["sg_emu_error"][0]
+    ranges = [v for name, (a, n) in sorted(syms.items()) if name.startswith("_ZZ")
+              for v in (base + a, n)]  # fmt: skip
+    if not ranges or len(ranges) > 256:
+        raise RuntimeError(f"{lib.name}: {len(ranges) // 2} __shared__ variables found")
+    r = np.array(ranges, dtype=np.uint64)
+    dll.sg_emu_shared(ctypes.c_void_p(r.ctypes.data), ctypes.c_uint(len(r)))
+
+
 class DeviceArray(np.ndarray):
     """A NumPy array the stand-in treats as GPU-resident (a CuPy array's role)."""
 
@@ -436,6 +469,7 @@ class HostBackend:
             if simt:
                 self._error[src.stem] = dll.sg_emu_error
                 dll.sg_emu_error.restype = ctypes.c_char_p
+                _poison_shared(dll, lib)
             else:
                 self._set_block[src.stem] = dll.sg_emu_set_block
             for name, params in signatures(src.read_text()).items():
