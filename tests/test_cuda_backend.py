@@ -76,22 +76,32 @@ def emu_blocks(tmp_path_factory) -> HostBackend:
     return be
 
 
-@pytest.fixture(scope="module")
-def emu_simt(tmp_path_factory) -> HostBackend:
-    """The SIMT stand-in: the kernels' GPU branches (warp votes and shuffles, block
-    reductions in shared memory, barriers) on blocks of 64 threads, each thread a fiber
-    that runs until it reaches a barrier or a warp operation, the runnable threads in a
-    shuffled order each time (a read of what another thread writes, without a barrier
-    between them, shows); many blocks a segment, run in a shuffled order, as
-    ``emu_blocks``."""
+def _simt(tmp_path_factory, threads: int) -> HostBackend:
     try:
-        be = HostBackend(tmp_path_factory.mktemp("cuda-emu-simt"), block_rule=(4 * 64, 64),
-                         threads=64)  # fmt: skip
+        be = HostBackend(tmp_path_factory.mktemp(f"cuda-emu-simt{threads}"),
+                         block_rule=(4 * threads, 64), threads=threads)  # fmt: skip
     except RuntimeError as e:
         pytest.skip(str(e))
     be.block_order = 0
     be.thread_order = 0
     return be
+
+
+@pytest.fixture(scope="module")
+def emu_simt(tmp_path_factory) -> HostBackend:
+    """The SIMT stand-in (``tests/_cuda_emu.py``): the kernels' GPU branches (warp votes and
+    shuffles, block reductions in shared memory, barriers) on blocks of 64 threads, each
+    thread a fiber; the warps of a block overtake each other as far as the barriers let them,
+    in an order drawn anew at each barrier, and shared memory starts undefined in each block;
+    many blocks a segment, run in a shuffled order, as ``emu_blocks``."""
+    return _simt(tmp_path_factory, 64)
+
+
+@pytest.fixture(scope="module")
+def emu_simt_256(tmp_path_factory) -> HostBackend:
+    """The SIMT stand-in with a GPU launch's 256 threads a block (``_cuda.THREADS``; eight
+    warps): slower, so for a few tests only."""
+    return _simt(tmp_path_factory, _cuda.THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -281,6 +291,21 @@ def test_render_matches_the_cpu(backend, small_phantom, organ_masks, preset, org
         got = _cuda.render_on_gpu([plan], [dev(ph.image)], [dev(mask)], device_id=0, be=be)[0]
         _compare(ref, got, be)
         assert ref.tumors, "the plan has tumors"
+
+
+@pytest.mark.parametrize(("preset", "organ", "size"), [ORGANS[0], ORGANS[5]])
+def test_render_on_blocks_of_a_gpu_launch_matches_the_cpu(
+    emu_simt_256, small_phantom, organ_masks, preset, organ, size
+):
+    """The SIMT stand-in with a GPU launch's 256 threads a block (the other tests' 64 are
+    cheaper): a mix plan and a hollow organ's, as the CPU renders them."""
+    ph, mask = small_phantom, organ_masks[organ]
+    plan = _plan(ph, mask, preset, 1, size)
+    ref = rendering.render(plan, ph.image, mask)
+    got = _cuda.render_on_gpu([plan], [to_device(ph.image)], [to_device(mask)], device_id=0,
+                              be=emu_simt_256)[0]  # fmt: skip
+    _compare(ref, got, emu_simt_256)
+    assert ref.tumors
 
 
 def test_tumors_off_the_scan_and_nested_rotations(backend, small_phantom, organ_masks):
@@ -495,7 +520,8 @@ def test_label_out_gets_the_tumor_voxels_in_the_render(backend, small_phantom, o
 
 
 @pytest.mark.parametrize(
-    "where", ["emu-blocks", "emu-simt", pytest.param("gpu", marks=pytest.mark.gpu)]
+    "where",
+    ["emu-blocks", "emu-simt", "emu-simt-256", pytest.param("gpu", marks=pytest.mark.gpu)],
 )
 @pytest.mark.parametrize("fuse", [True, False])
 def test_results_do_not_depend_on_the_order_blocks_run_in(small_phantom, organ_masks,
