@@ -19,10 +19,15 @@ as it can go, in an order drawn anew at each barrier, so one warp overtakes anot
 as the barriers allow: a barrier missing between a write of shared memory and another
 warp's (or lane's) read of it gives a wrong result, and a warp whose lanes split between a
 warp operation and a barrier, or threads waiting at a barrier others have left, stop the
-launch with an error naming the block and warp. What it cannot show: races between blocks
-(blocks run one at a time, in a shuffled order), memory ordering (fences are no-ops), and
-lanes of a warp diverging between two warp operations (each lane runs alone up to the
-next). Without a GPU this is what runs the code only a GPU would otherwise run.
+launch with an error naming the block and warp. Shared memory starts each block as 0xff
+bytes (with a thread-order seed, a byte drawn per block), as a GPU's holds whatever was
+there. What it cannot show: races between blocks
+(blocks run one at a time, in a shuffled order), memory ordering (fences are no-ops; a warp
+operation orders memory here, where only ``__syncwarp`` does on a GPU), and interleavings
+within the stretch a thread runs alone, from one barrier or warp operation to the next: a
+plain read-modify-write (``x += 1``) of shared or global memory by many threads comes out
+as if atomic, where a GPU loses updates. Without a GPU, this is what runs the code that
+only a GPU would otherwise run.
 
 Every launch is checked against the kernel's C signature, parsed from the source: each
 pointer argument must be a C-contiguous array (or a :class:`Pointer`) of the pointed-to type
@@ -37,6 +42,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +169,7 @@ static uint64_t mix64(uint64_t x)
 }
 // Completes the warp-synchronous operation the 32 lanes of warp w wait at. 0, or -1 (err set)
 // where they do not all wait at the same one with a full mask (a divergent warp).
-static int warp_op(unsigned blk, unsigned w)
+static int warp_op(unsigned blk, unsigned w, uint64_t seed)
 {
     Fiber* l = fib + 32 * w;
     int r = 0;  // a lane that waits at the operation
@@ -171,9 +177,10 @@ static int warp_op(unsigned blk, unsigned w)
     for (int i = 0; i < 32; ++i) {
         if (l[i].state != WARP || l[i].op != l[r].op || l[i].mask != 0xffffffffu) {
             snprintf(err, sizeof err, "block %u, warp %u: lane %d waits at a full-mask warp "
-                     "operation, lane %d %s", blk, w, r, i,
+                     "operation, lane %d %s (thread order seed %llu)", blk, w, r, i,
                      l[i].state == DONE ? "has returned" : l[i].state == SYNC
-                     ? "waits at __syncthreads" : "waits at another warp operation");
+                     ? "waits at __syncthreads" : "waits at another warp operation",
+                     (unsigned long long)seed);
             return -1;
         }
     }
@@ -210,8 +217,8 @@ static void shuffle(unsigned* p, unsigned n, uint64_t h)
 static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t tseed,
                std::function<void()>& fn)
 {
-    if (threads == 0 || threads % 32) {
-        snprintf(err, sizeof err, "blockDim %u is not a multiple of 32", threads);
+    if (threads == 0 || threads % 32 || threads > 1024) {
+        snprintf(err, sizeof err, "blockDim %u is not a multiple of 32 up to 1024", threads);
         return -1;
     }
     if (threads > cap) {
@@ -233,7 +240,10 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
         const uint64_t key = tseed ? mix64(tseed ^ ((uint64_t)blockIdx.x << 20)) : 0;
         for (unsigned t = 0; t < threads; ++t) fib[t].state = RUN;
         // shared memory starts undefined, as on a GPU (not as the last block left it)
-        for (unsigned k = 0; k < n_shared; k += 2) memset((void*)shared[k], 0xff, shared[k + 1]);
+        // (0xff bytes, NaN and -1, or with a seed a byte drawn per block: -1 is the identity
+        // of a MAX reduction, and a NaN drops out of a MIN or MAX)
+        const int poison = key ? (int)(mix64(key) & 0xff) : 0xff;
+        for (unsigned k = 0; k < n_shared; k += 2) memset((void*)shared[k], poison, shared[k + 1]);
         for (;;) {  // from one barrier to the next
             shuffle(wperm, nw, key ? mix64(key + ++draw) : 0);
             for (unsigned k = 0; k < nw && rc == 0; ++k) {
@@ -247,7 +257,7 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
                     bool op = false;
                     for (unsigned j = 0; j < 32; ++j) op |= l[j].state == WARP;
                     if (!op) break;
-                    if ((rc = warp_op(blockIdx.x, wperm[k])) != 0) break;
+                    if ((rc = warp_op(blockIdx.x, wperm[k], tseed)) != 0) break;
                 }
             }
             if (rc) break;
@@ -259,7 +269,8 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
             if (n_done == threads) break;
             if (n_done) {
                 snprintf(err, sizeof err, "block %u: %u threads wait at __syncthreads, %u have "
-                         "returned", blockIdx.x, n_sync, n_done);
+                         "returned (thread order seed %llu)", blockIdx.x, n_sync, n_done,
+                         (unsigned long long)tseed);
                 rc = -1;
                 break;
             }
@@ -354,7 +365,7 @@ def _trampolines(source: str) -> str:
     out = ["#include <functional>"]
     for name, params in _SIG.findall(source):
         lines, names = [], []
-        for k, decl in enumerate(p.strip() for p in params.split(",")):
+        for k, decl in enumerate(p.strip() for p in params.split(",") if p.strip()):
             typ = re.match(r"(.*?)\w+\s*$", decl, re.S).group(1).strip()
             if "*" in typ:
                 lines.append(f"    {typ} a{k} = ({typ})(uintptr_t)a[{k}];")
@@ -388,10 +399,13 @@ def _poison_shared(dll, lib: Path) -> None:
     for line in out.splitlines():
         f = line.split()
         if len(f) == 4:
-            syms[f[3]] = (int(f[0], 16), int(f[1], 16))
+            syms[f[3]] = (int(f[0], 16), int(f[1], 16), f[2])
+    if "sg_emu_error" not in syms:
+        raise RuntimeError(f"{lib.name}: no symbol table for the SIMT stand-in")
     base = ctypes.cast(dll.sg_emu_error, ctypes.c_void_p).value - syms["sg_emu_error"][0]
-    ranges = [v for name, (a, n) in sorted(syms.items()) if name.startswith("_ZZ")
-              for v in (base + a, n)]  # fmt: skip
+    # writable data only (a static const table, or assert's __func__, is read-only: r, R)
+    ranges = [v for name, (a, n, kind) in sorted(syms.items())
+              if name.startswith("_ZZ") and kind in "bBdDvV" for v in (base + a, n)]  # fmt: skip
     if not ranges or len(ranges) > 256:
         raise RuntimeError(f"{lib.name}: {len(ranges) // 2} __shared__ variables found")
     r = np.array(ranges, dtype=np.uint64)
@@ -444,6 +458,7 @@ class HostBackend:
         if cxx is None:
             raise RuntimeError("no host C++ compiler")
         simt = self.threads > 1
+        self._lock = threading.Lock()
         prelude = build_dir / "sg_host_prelude.h"
         prelude.write_text(SIMT_PRELUDE if simt else PRELUDE)
         self.sigs: dict[str, list[tuple[str, bool]]] = {}
@@ -459,7 +474,9 @@ class HostBackend:
                 unit = build_dir / f"{src.stem}_simt.cpp"
                 unit.write_text(f'#include "{src.resolve()}"\n' + _trampolines(src.read_text()))
             # (a fortified longjmp refuses to jump to another stack: the SIMT threads')
-            fortify = ["-U_FORTIFY_SOURCE"] if simt else []
+            # (-fno-gnu-unique: a template's static, a __shared__ variable of sg_block_reduce,
+            # is otherwise one copy for every library loaded, bound to the first's)
+            fortify = ["-U_FORTIFY_SOURCE", *self._no_gnu_unique(cxx)] if simt else []
             subprocess.run(
                 [cxx, "-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off", *fortify,
                  "-include", str(prelude), f"-I{kernels}", "-x", "c++", str(unit), "-o", str(lib)],
@@ -485,6 +502,11 @@ class HostBackend:
                     fn.restype = None
                     fn.argtypes = [ctypes.c_void_p if ptr else _SCALAR[t][1] for t, ptr in params]
                 self.fns[name] = fn
+
+    @staticmethod
+    def _no_gnu_unique(cxx: str) -> list[str]:
+        v = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+        return [] if "clang" in v.lower() else ["-fno-gnu-unique"]
 
     def _convert(self, name: str, args) -> list:
         """The C values of a launch's arguments, each checked against the kernel's signature."""
@@ -543,14 +565,16 @@ class HostBackend:
         for k, (v, (t, ptr)) in enumerate(zip(conv, self.sigs[name], strict=True)):
             if ptr:
                 words[k] = v
-            else:  # the value's bytes in the word's low bytes (little-endian)
+            else:  # the value's bytes first (the trampoline copies sizeof(type) bytes back)
                 b = np.array(v, dtype=_SCALAR[t][0]).tobytes()
                 words[k] = np.frombuffer(b.ljust(8, b"\0"), dtype=np.uint64)[0]
         order = np.asarray(list(order), dtype=np.uint32)
         tseed = 0
         if self.thread_order is not None:  # (never 0: 0 is ascending)
             tseed = (int(self.thread_order) * 1_000_003 + len(self.launches)) % (1 << 63) | 1
-        rc = self.fns[name](len(order), order.ctypes.data, self.threads, tseed, words.ctypes.data)
+        with self._lock:  # (the fibers' state is the library's: one launch at a time)
+            rc = self.fns[name](len(order), order.ctypes.data, self.threads, tseed,
+                                words.ctypes.data)  # fmt: skip
         if rc:
             msg = self._error[self._file[name]]().decode()
             raise RuntimeError(f"{name} on the SIMT stand-in: {msg}")

@@ -1644,15 +1644,18 @@ def test_kernel_row_sums_do_not_depend_on_the_block_order(backend, monkeypatch):
         ("    __syncthreads();  // the previous reduction's reads of part are done\n", ""),
         # the row sums' barrier, after thread 0 has said whether the block is the row's last
         ("    __syncthreads();\n    if (!sg_last) return;\n", "    if (!sg_last) return;\n"),
+        # the reduction's last warp reads all 32 slots of shared memory, not one per warp:
+        # slots no thread of the block wrote (the stand-in fills them afresh at each block)
+        ("v = lane < (int)((blockDim.x + 31) >> 5) ? part[lane] : identity;", "v = part[lane];"),
     ],
-    ids=["reduction", "row-sums"],
+    ids=["reduction", "row-sums", "unwritten-shared"],
 )
-def test_the_simt_stand_in_fails_a_kernel_without_its_barrier(tmp_path, old, new):
-    """The SIMT stand-in can fail: with one barrier taken out of kernels/, the texture
-    statistics of a grid (whole numbers: exact sums in any order) come out wrong, or the
-    launch stops with the stand-in's error (threads waiting at a barrier others have left);
-    the sources as they are give the exact sums. (The one-thread stand-ins, which run the
-    kernels' host branches, cannot see either.)"""
+def test_the_simt_stand_in_fails_broken_block_synchronisation(tmp_path, old, new):
+    """The SIMT stand-in can fail: with a barrier taken out of kernels/, or a read of shared
+    memory the block has not written, the texture statistics of a grid (whole numbers:
+    exact sums in any order) come out wrong, or the launch stops with the stand-in's error
+    (threads waiting at a barrier others have left); the sources as they are give the exact
+    sums. (The one-thread stand-ins, which run the kernels' host branches, see none of it.)"""
     bad = tmp_path / "kernels"
     shutil.copytree(KERNELS, bad)
     seg = bad / "segmented.cu"
