@@ -77,7 +77,10 @@ SIMT_PRELUDE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
+#include <sys/time.h>
 #include <ucontext.h>
 #include <functional>
 // The kernels' GPU branches (warp votes, shuffles, block reductions in shared memory)
@@ -109,6 +112,11 @@ static volatile unsigned cur = 0;
 static std::function<void()>* body = 0;
 static char err[512];
 static const size_t STACK = 1 << 17;
+static volatile sig_atomic_t in_fiber = 0;  // a fiber runs (not the scheduler)
+static double watchdog_s = 120;  // CPU seconds a launch may take
+static pthread_t owner;  // the thread running the launch
+static struct sigaction old_act[4];
+static const int SIGS[4] = {SIGVTALRM, SIGSEGV, SIGBUS, SIGFPE};
 static uint64_t shared[256];  // (address, bytes) of each __shared__ variable
 static unsigned n_shared = 0;
 }
@@ -129,7 +137,10 @@ __attribute__((noinline)) static void park(int state)
 {
     Fiber& f = fib[cur];
     f.state = state;
-    if (!_setjmp(f.jb)) _longjmp(main_jb, 1);
+    if (!_setjmp(f.jb)) {
+        in_fiber = 0;
+        _longjmp(main_jb, 1);
+    }
 }
 // A thread's life: the launch's kernel for one block after another (resumed at each new block).
 static void entry()
@@ -139,13 +150,56 @@ static void entry()
         park(DONE);
     }
 }
-__attribute__((noinline)) static void resume(unsigned t)
+// Runs thread t until it parks (1), or until a signal stops it (the signal: a fault in the
+// kernel, or the watchdog's SIGVTALRM).
+__attribute__((noinline)) static int resume(unsigned t)
 {
     cur = t;
-    if (!_setjmp(main_jb)) {
+    const int r = _setjmp(main_jb);
+    if (r == 0) {
+        in_fiber = 1;
         if (fib[t].started) _longjmp(fib[t].jb, 1);
         fib[t].started = 1;
         setcontext(&fib[t].ctx);
+    }
+    return r;
+}
+// A fault in a kernel, or a launch past its CPU time (a loop that does not end, as a kernel
+// missing a barrier may run): the running thread stops and the launch fails with an error,
+// where the process would crash or hang. Elsewhere, the handler that was there before.
+static void on_signal(int sig, siginfo_t*, void*)
+{
+    if (!pthread_equal(pthread_self(), owner)) {
+        if (sig == SIGVTALRM) pthread_kill(owner, sig);  // (the process's timer)
+        else for (int i = 1; i < 4; ++i) if (SIGS[i] == sig) sigaction(sig, &old_act[i], 0);
+        return;
+    }
+    if (in_fiber) {
+        in_fiber = 0;
+        _longjmp(main_jb, sig);
+    }
+    if (sig != SIGVTALRM)  // (the scheduler's own fault: let it take its course)
+        for (int i = 1; i < 4; ++i) if (SIGS[i] == sig) sigaction(sig, &old_act[i], 0);
+}
+static void guard(bool on)
+{
+    struct itimerval it;
+    memset(&it, 0, sizeof it);
+    if (on) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_signal;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        owner = pthread_self();
+        for (int i = 0; i < 4; ++i) sigaction(SIGS[i], &sa, &old_act[i]);
+        it.it_value.tv_sec = (time_t)watchdog_s;
+        it.it_value.tv_usec = (suseconds_t)((watchdog_s - (double)(time_t)watchdog_s) * 1e6) + 1;
+        it.it_interval.tv_usec = 100000;  // (then every 0.1 s, till it finds a thread running)
+        setitimer(ITIMER_VIRTUAL, &it, 0);
+    } else {
+        setitimer(ITIMER_VIRTUAL, &it, 0);
+        for (int i = 0; i < 4; ++i) sigaction(SIGS[i], &old_act[i], 0);
     }
 }
 // Threads 0..n, to be started afresh.
@@ -230,6 +284,7 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
         fresh(cap);
     }
     const unsigned nw = threads / 32;
+    guard(true);
     unsigned wperm[32], lperm[32];
     blockDim.x = threads;
     body = &fn;
@@ -250,10 +305,19 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
                 Fiber* l = fib + 32 * wperm[k];
                 for (;;) {  // the warp, to its next warp operation
                     shuffle(lperm, 32, key ? mix64(key + ++draw) : 0);
-                    for (unsigned j = 0; j < 32; ++j) {
+                    for (unsigned j = 0; j < 32 && rc == 0; ++j) {
                         if (l[lperm[j]].state != RUN) continue;
-                        resume(32 * wperm[k] + lperm[j]);
+                        const int sig = resume(32 * wperm[k] + lperm[j]);
+                        if (sig == 1) continue;
+                        snprintf(err, sizeof err, "block %u, thread %u: %s (thread order seed "
+                                 "%llu)", blockIdx.x, cur, sig == SIGVTALRM
+                                 ? "still running past the launch's CPU time (a loop that "
+                                   "does not end?)" : sig == SIGFPE ? "arithmetic exception"
+                                 : "memory fault (an address out of bounds?)",
+                                 (unsigned long long)tseed);
+                        rc = -1;
                     }
+                    if (rc) break;
                     bool op = false;
                     for (unsigned j = 0; j < 32; ++j) op |= l[j].state == WARP;
                     if (!op) break;
@@ -277,11 +341,13 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
             for (unsigned t = 0; t < threads; ++t) fib[t].state = RUN;  // all at the barrier
         }
     }
+    guard(false);
     if (rc) fresh(cap);  // (threads stopped inside a block start afresh next time)
     return rc;
 }
 }
 extern "C" const char* sg_emu_error() { return sg_emu::err; }
+extern "C" void sg_emu_watchdog(double s) { sg_emu::watchdog_s = s; }
 extern "C" void sg_emu_shared(const uint64_t* r, unsigned n)
 {
     sg_emu::n_shared = n < 256 ? n : 256;
@@ -454,6 +520,9 @@ class HostBackend:
         # with threads > 1, the order runnable threads run in between two barriers: None,
         # ascending; an int, a permutation drawn per round from that seed
         self.thread_order: int | None = None
+        # with threads > 1, the CPU seconds a launch may take before it fails (a kernel
+        # looping forever fails its test instead of hanging the suite)
+        self.watchdog_s = 120.0
         cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
         if cxx is None:
             raise RuntimeError("no host C++ compiler")
@@ -466,6 +535,7 @@ class HostBackend:
         self.launches: list[str] = []
         self._set_block: dict[str, ctypes._CFuncPtr] = {}
         self._error: dict[str, ctypes._CFuncPtr] = {}
+        self._watchdog: dict[str, ctypes._CFuncPtr] = {}
         self._file: dict[str, str] = {}
         for src in sorted(Path(kernels).glob("*.cu")):
             lib = build_dir / f"lib{src.stem}.so"
@@ -476,7 +546,7 @@ class HostBackend:
             # (a fortified longjmp refuses to jump to another stack: the SIMT threads')
             # (-fno-gnu-unique: a template's static, a __shared__ variable of sg_block_reduce,
             # is otherwise one copy for every library loaded, bound to the first's)
-            fortify = ["-U_FORTIFY_SOURCE", *self._no_gnu_unique(cxx)] if simt else []
+            fortify = ["-U_FORTIFY_SOURCE", "-pthread", *self._no_gnu_unique(cxx)] if simt else []
             subprocess.run(
                 [cxx, "-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off", *fortify,
                  "-include", str(prelude), f"-I{kernels}", "-x", "c++", str(unit), "-o", str(lib)],
@@ -486,6 +556,8 @@ class HostBackend:
             if simt:
                 self._error[src.stem] = dll.sg_emu_error
                 dll.sg_emu_error.restype = ctypes.c_char_p
+                dll.sg_emu_watchdog.argtypes = [ctypes.c_double]
+                self._watchdog[src.stem] = dll.sg_emu_watchdog
                 _poison_shared(dll, lib)
             else:
                 self._set_block[src.stem] = dll.sg_emu_set_block
@@ -573,6 +645,7 @@ class HostBackend:
         if self.thread_order is not None:  # (never 0: 0 is ascending)
             tseed = (int(self.thread_order) * 1_000_003 + len(self.launches)) % (1 << 63) | 1
         with self._lock:  # (the fibers' state is the library's: one launch at a time)
+            self._watchdog[self._file[name]](self.watchdog_s)
             rc = self.fns[name](len(order), order.ctypes.data, self.threads, tseed,
                                 words.ctypes.data)  # fmt: skip
         if rc:

@@ -1656,38 +1656,69 @@ def test_the_simt_stand_in_fails_broken_block_synchronisation(tmp_path, old, new
     exact sums in any order) come out wrong, or the launch stops with the stand-in's error
     (threads waiting at a barrier others have left); the sources as they are give the exact
     sums. (The one-thread stand-ins, which run the kernels' host branches, see none of it.)"""
+    g = np.random.default_rng(5).integers(0, 8, (64, 64, 64)).astype(np.float32)
+    want = [float(g[g > 3.5].sum()), float((g > 3.5).sum()), float(g.sum())]
+    assert _simt_tex_stats(tmp_path / "good", KERNELS, g) == want
+    try:
+        got = _simt_tex_stats(tmp_path / "bad", _mutated_kernels(tmp_path, old, new), g)
+    except RuntimeError as e:
+        assert "sg_seg_tex_stats on the SIMT stand-in" in str(e)
+    else:
+        assert got != want
+
+
+@pytest.mark.parametrize(
+    "old, new, says",
+    [
+        # every thread's element loop steps by 0: it never ends
+        ("         t += sg_nb * (int)blockDim.x)", "         t += 0)", "still running"),
+        # the block's segment far past the table: a read of unmapped memory
+        ("            sg_sh[0] = s_;", "            sg_sh[0] = s_ + (1 << 28);", "memory fault"),
+    ],
+    ids=["endless-loop", "wild-read"],
+)
+def test_the_simt_stand_in_stops_a_kernel_that_hangs_or_faults(tmp_path, old, new, says):
+    """A kernel that would hang the suite (a loop that does not end, as a missing barrier
+    can make) or crash its process (a read out of bounds) fails its launch on the SIMT
+    stand-in instead, with an error naming the block and thread; the process goes on, and
+    its sound kernels with it."""
+    g = np.random.default_rng(6).integers(0, 8, (32, 32, 32)).astype(np.float32)
+    bad = _mutated_kernels(tmp_path, old, new)
+    with pytest.raises(
+        RuntimeError, match=rf"sg_seg_tex_stats on the SIMT stand-in: block \d+, thread \d+: {says}"
+    ):
+        _simt_tex_stats(tmp_path / "bad", bad, g, watchdog_s=1.0)
+    assert _simt_tex_stats(tmp_path / "good", KERNELS, g)[2] == float(g.sum())
+
+
+def _mutated_kernels(tmp_path, old: str, new: str):
+    """A copy of kernels/ with ``old`` (found once in segmented.cu) replaced by ``new``."""
     bad = tmp_path / "kernels"
     shutil.copytree(KERNELS, bad)
     seg = bad / "segmented.cu"
     text = seg.read_text()
     assert text.count(old) == 1
     seg.write_text(text.replace(old, new))
-    g = np.random.default_rng(5).integers(0, 8, (64, 64, 64)).astype(np.float32)
-    want = [float(g[g > 3.5].sum()), float((g > 3.5).sum()), float(g.sum())]
+    return bad
 
-    def stats(kernels):
-        build = tmp_path / f"build-{'bad' if kernels == bad else 'good'}"
-        build.mkdir()
-        try:
-            be = HostBackend(build, block_rule=(256, 64), threads=64, kernels=kernels)
-        except RuntimeError as e:
-            pytest.skip(str(e))
-        be.block_order = be.thread_order = 0
-        rows = _Rows(be, to_device, 1)
-        rows.put(0, "GRID", g)
-        rows.set(0, "G_0", *g.shape)
-        rows.TD[0, rows.C.D_THR] = 3.5
-        st = to_device(np.full((1, 3), np.nan))
-        rows.launch("sg_seg_tex_stats", g.size, st, *rows.row_sums(g.size, 3), td=True)
-        return be.download(st)[0].tolist()
 
-    assert stats(KERNELS) == want
+def _simt_tex_stats(build, kernels, g: np.ndarray, watchdog_s: float = 120.0) -> list:
+    """The texture statistics of grid ``g`` (threshold 3.5), one row, on the SIMT stand-in
+    built from ``kernels`` in ``build``: blocks of 64 threads, blocks and threads shuffled."""
+    build.mkdir()
     try:
-        got = stats(bad)
+        be = HostBackend(build, block_rule=(256, 64), threads=64, kernels=kernels)
     except RuntimeError as e:
-        assert "sg_seg_tex_stats on the SIMT stand-in" in str(e)
-    else:
-        assert got != want
+        pytest.skip(str(e))
+    be.block_order = be.thread_order = 0
+    be.watchdog_s = watchdog_s
+    rows = _Rows(be, to_device, 1)
+    rows.put(0, "GRID", g)
+    rows.set(0, "G_0", *g.shape)
+    rows.TD[0, rows.C.D_THR] = 3.5
+    st = to_device(np.full((1, 3), np.nan))
+    rows.launch("sg_seg_tex_stats", g.size, st, *rows.row_sums(g.size, 3), td=True)
+    return be.download(st)[0].tolist()
 
 
 def test_kernel_blocks(backend):
