@@ -80,7 +80,9 @@ SIMT_PRELUDE = r"""
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
-#include <sys/time.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 #include <ucontext.h>
 #include <functional>
 // The kernels' GPU branches (warp votes, shuffles, block reductions in shared memory)
@@ -115,6 +117,8 @@ static const size_t STACK = 1 << 17;
 static volatile sig_atomic_t in_fiber = 0;  // a fiber runs (not the scheduler)
 static double watchdog_s = 120;  // CPU seconds a launch may take
 static pthread_t owner;  // the thread running the launch
+static timer_t wd_timer;  // the watchdog: the owner's CPU time
+static bool wd_armed = false;
 static struct sigaction old_act[4];
 static const int SIGS[4] = {SIGVTALRM, SIGSEGV, SIGBUS, SIGFPE};
 static uint64_t shared[256];  // (address, bytes) of each __shared__ variable
@@ -169,22 +173,20 @@ __attribute__((noinline)) static int resume(unsigned t)
 // where the process would crash or hang. Elsewhere, the handler that was there before.
 static void on_signal(int sig, siginfo_t*, void*)
 {
-    if (!pthread_equal(pthread_self(), owner)) {
-        if (sig == SIGVTALRM) pthread_kill(owner, sig);  // (the process's timer)
-        else for (int i = 1; i < 4; ++i) if (SIGS[i] == sig) sigaction(sig, &old_act[i], 0);
-        return;
-    }
-    if (in_fiber) {
+    if (pthread_equal(pthread_self(), owner) && in_fiber) {
         in_fiber = 0;
         _longjmp(main_jb, sig);
     }
-    if (sig != SIGVTALRM)  // (the scheduler's own fault: let it take its course)
-        for (int i = 1; i < 4; ++i) if (SIGS[i] == sig) sigaction(sig, &old_act[i], 0);
+    // a fault elsewhere (another thread, the scheduler): the handler there before, on the
+    // fault's next try; a late watchdog tick: nothing
+    for (int i = 1; i < 4; ++i) if (SIGS[i] == sig) sigaction(sig, &old_act[i], 0);
 }
+// Signal handlers and the watchdog on (for a launch) or off (after it). The watchdog is a
+// timer on the CPU time of the launching thread alone, signalling that thread: first after
+// watchdog_s, then every 0.1 s until a tick finds a kernel thread running (one in the
+// scheduler is let be). Without the timer (a system that refuses it), no watchdog.
 static void guard(bool on)
 {
-    struct itimerval it;
-    memset(&it, 0, sizeof it);
     if (on) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
@@ -193,12 +195,30 @@ static void guard(bool on)
         sigemptyset(&sa.sa_mask);
         owner = pthread_self();
         for (int i = 0; i < 4; ++i) sigaction(SIGS[i], &sa, &old_act[i]);
-        it.it_value.tv_sec = (time_t)watchdog_s;
-        it.it_value.tv_usec = (suseconds_t)((watchdog_s - (double)(time_t)watchdog_s) * 1e6) + 1;
-        it.it_interval.tv_usec = 100000;  // (then every 0.1 s, till it finds a thread running)
-        setitimer(ITIMER_VIRTUAL, &it, 0);
+        const double w = watchdog_s > 1e-3 ? (watchdog_s < 1e6 ? watchdog_s : 1e6) : 1e-3;
+        struct itimerspec ts;
+        memset(&ts, 0, sizeof ts);
+        ts.it_value.tv_sec = (time_t)w;
+        ts.it_value.tv_nsec = (long)((w - (double)ts.it_value.tv_sec) * 1e9);
+        if (ts.it_value.tv_nsec >= 1000000000L) {
+            ts.it_value.tv_sec += 1;
+            ts.it_value.tv_nsec -= 1000000000L;
+        }
+        ts.it_interval.tv_nsec = 100000000L;
+        struct sigevent ev;
+        memset(&ev, 0, sizeof ev);
+        ev.sigev_notify = SIGEV_THREAD_ID;
+        ev.sigev_signo = SIGVTALRM;
+#ifdef sigev_notify_thread_id
+        ev.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
+#else
+        ev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+#endif
+        wd_armed = timer_create(CLOCK_THREAD_CPUTIME_ID, &ev, &wd_timer) == 0;
+        if (wd_armed) timer_settime(wd_timer, 0, &ts, 0);
     } else {
-        setitimer(ITIMER_VIRTUAL, &it, 0);
+        if (wd_armed) timer_delete(wd_timer);  // (a tick still pending meets on_signal)
+        wd_armed = false;
         for (int i = 0; i < 4; ++i) sigaction(SIGS[i], &old_act[i], 0);
     }
 }
@@ -388,6 +408,8 @@ static inline void __threadfence() {}
 template <class T> static inline T __ldcg(const T* p) { return *p; }
 """
 
+_SIMT_LOCK = threading.Lock()
+
 _SIG = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)',
     re.S,
@@ -527,7 +549,6 @@ class HostBackend:
         if cxx is None:
             raise RuntimeError("no host C++ compiler")
         simt = self.threads > 1
-        self._lock = threading.Lock()
         prelude = build_dir / "sg_host_prelude.h"
         prelude.write_text(SIMT_PRELUDE if simt else PRELUDE)
         self.sigs: dict[str, list[tuple[str, bool]]] = {}
@@ -549,7 +570,8 @@ class HostBackend:
             fortify = ["-U_FORTIFY_SOURCE", "-pthread", *self._no_gnu_unique(cxx)] if simt else []
             subprocess.run(
                 [cxx, "-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off", *fortify,
-                 "-include", str(prelude), f"-I{kernels}", "-x", "c++", str(unit), "-o", str(lib)],
+                 "-include", str(prelude), f"-I{kernels}", "-x", "c++", str(unit), "-o", str(lib),
+                 *(["-lrt"] if simt else [])],  # (timer_create: librt before glibc 2.34)
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             dll = ctypes.CDLL(str(lib))
@@ -644,7 +666,11 @@ class HostBackend:
         tseed = 0
         if self.thread_order is not None:  # (never 0: 0 is ascending)
             tseed = (int(self.thread_order) * 1_000_003 + len(self.launches)) % (1 << 63) | 1
-        with self._lock:  # (the fibers' state is the library's: one launch at a time)
+        if not 1e-3 <= self.watchdog_s <= 1e6:
+            raise ValueError(f"watchdog_s {self.watchdog_s!r}: from 0.001 to 1e6 seconds")
+        # one SIMT launch at a time in the process: a library's fibers, and the process's
+        # signal handlers, which each launch takes over and puts back
+        with _SIMT_LOCK:
             self._watchdog[self._file[name]](self.watchdog_s)
             rc = self.fns[name](len(order), order.ctypes.data, self.threads, tseed,
                                 words.ctypes.data)  # fmt: skip
