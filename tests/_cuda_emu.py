@@ -49,6 +49,19 @@ import numpy as np
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
+# The atomics and memory intrinsics of both stand-ins: blocks run one at a time, and a SIMT
+# thread switches only at a barrier or a warp operation, so an atomic is a plain
+# read-modify-write and a fence does nothing.
+_ATOMICS = r"""
+static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
+static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
+static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
+static inline unsigned int atomicInc(unsigned int* a, unsigned int v)
+{ unsigned int o = *a; *a = o >= v ? 0u : o + 1u; return o; }
+static inline void __threadfence() {}
+template <class T> static inline T __ldcg(const T* p) { return *p; }
+"""
+
 PRELUDE = r"""
 #pragma once
 #include <math.h>
@@ -61,14 +74,8 @@ static sg_dim3 blockIdx = {0, 0, 0};
 extern "C" void sg_emu_set_block(unsigned int x) { blockIdx.x = x; }
 static const sg_dim3 threadIdx = {0, 0, 0};
 static const sg_dim3 blockDim = {1, 1, 1};
-static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
-static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
-static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
-static inline unsigned int atomicInc(unsigned int* a, unsigned int v)
-{ unsigned int o = *a; *a = o >= v ? 0u : o + 1u; return o; }
-static inline void __threadfence() {}
-template <class T> static inline T __ldcg(const T* p) { return *p; }
 """
+PRELUDE += _ATOMICS
 
 SIMT_PRELUDE = r"""
 #pragma once
@@ -398,15 +405,8 @@ static inline unsigned int __ballot_sync(unsigned mask, int pred)
     return (unsigned int)f.res;
 }
 static inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
-// Threads switch only at barriers and warp operations: an atomic is a plain read-modify-write.
-static inline int atomicAdd(int* a, int v) { int o = *a; *a = o + v; return o; }
-static inline int atomicMin(int* a, int v) { int o = *a; if (v < o) *a = v; return o; }
-static inline int atomicMax(int* a, int v) { int o = *a; if (v > o) *a = v; return o; }
-static inline unsigned int atomicInc(unsigned int* a, unsigned int v)
-{ unsigned int o = *a; *a = o >= v ? 0u : o + 1u; return o; }
-static inline void __threadfence() {}
-template <class T> static inline T __ldcg(const T* p) { return *p; }
 """
+SIMT_PRELUDE += _ATOMICS
 
 _SIMT_LOCK = threading.Lock()
 
