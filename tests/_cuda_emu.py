@@ -10,24 +10,26 @@ driver that runs on a GPU runs in CI on the same CUDA C sources. By default each
 a launch gets one block, which walks all its elements in order; ``block_rule`` can ask for
 the many blocks per segment a GPU runs.
 
-With ``threads`` > 1 (a multiple of 32) the backend is the *SIMT stand-in*: the kernels'
-GPU branches (``__CUDACC__``: the warp vote of the segment search, the warp shuffles and
-shared memory of the block reductions, the barriers of the row sums) compiled for the host
-under ``SIMT_PRELUDE``, each thread of a block a fiber that runs until it reaches a barrier
-or a warp operation. The scheduler runs the warps of a block one after another, each as far
-as it can go, in an order drawn anew at each barrier, so one warp overtakes another as far
-as the barriers allow: a barrier missing between a write of shared memory and another
-warp's (or lane's) read of it gives a wrong result, and a warp whose lanes split between a
-warp operation and a barrier, or threads waiting at a barrier others have left, stop the
-launch with an error naming the block and warp. Shared memory starts each block as 0xff
-bytes (with a thread-order seed, a byte drawn per block), as a GPU's holds whatever was
-there. What it cannot show: races between blocks
+With ``threads`` > 1 (a multiple of 32) the backend is the *SIMT stand-in*: the kernels' GPU
+branches (``__CUDACC__``: the warp vote of the segment search, the warp shuffles and shared
+memory of the block reductions, the barriers of the row sums) compiled for the host under
+``SIMT_PRELUDE``, each thread of a block a fiber that runs until it reaches a barrier or a
+warp operation. The scheduler runs the warps of a block one after another, each as far as it
+can go, in an order drawn anew at each barrier, so one warp overtakes another as far as the
+barriers allow: a barrier missing between a write of shared memory and another warp's (or
+lane's) read of it gives a wrong result, and a warp whose lanes split between a warp
+operation and a barrier, or threads waiting at a barrier others have left, stop the launch
+with an error naming the block and warp. Shared memory starts each block as 0xff bytes (with
+a thread-order seed, a byte drawn per block), as a GPU's holds whatever was there. A launch
+that runs past its CPU time (``watchdog_s``) or faults (an address out of bounds; a thread's
+stack overflowing onto the guard page below it) fails with an error naming the block and
+thread, where it would hang or crash the process. What it cannot show: races between blocks
 (blocks run one at a time, in a shuffled order), memory ordering (fences are no-ops; a warp
 operation orders memory here, where only ``__syncwarp`` does on a GPU), and interleavings
 within the stretch a thread runs alone, from one barrier or warp operation to the next: a
-plain read-modify-write (``x += 1``) of shared or global memory by many threads comes out
-as if atomic, where a GPU loses updates. Without a GPU, this is what runs the code that
-only a GPU would otherwise run.
+plain read-modify-write (``x += 1``) of shared or global memory by many threads comes out as
+if atomic, where a GPU loses updates. Without a GPU, this is what runs the code that only a
+GPU would otherwise run.
 
 Every launch is checked against the kernel's C signature, parsed from the source: each
 pointer argument must be a C-contiguous array (or a :class:`Pointer`) of the pointed-to type
@@ -87,6 +89,7 @@ SIMT_PRELUDE = r"""
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -115,7 +118,10 @@ struct Fiber {
 };
 static jmp_buf main_jb;
 static Fiber* fib = 0;
-static char* stacks = 0;
+static char* stacks = 0;  // each fiber's: a guard page, then STACK bytes
+static size_t page = 0;
+static char alt_stack[1 << 16];  // the signal handler's (a fiber's stack may be full)
+static stack_t old_ss;
 static unsigned cap = 0;
 static volatile unsigned cur = 0;
 static std::function<void()>* body = 0;
@@ -198,7 +204,12 @@ static void guard(bool on)
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
         sa.sa_sigaction = on_signal;
-        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+        stack_t ss;
+        memset(&ss, 0, sizeof ss);
+        ss.ss_sp = alt_stack;
+        ss.ss_size = sizeof alt_stack;
+        sigaltstack(&ss, &old_ss);
         sigemptyset(&sa.sa_mask);
         owner = pthread_self();
         for (int i = 0; i < 4; ++i) sigaction(SIGS[i], &sa, &old_act[i]);
@@ -227,6 +238,7 @@ static void guard(bool on)
         if (wd_armed) timer_delete(wd_timer);  // (a tick still pending meets on_signal)
         wd_armed = false;
         for (int i = 0; i < 4; ++i) sigaction(SIGS[i], &old_act[i], 0);
+        sigaltstack(&old_ss, 0);
     }
 }
 // Threads 0..n, to be started afresh.
@@ -234,7 +246,7 @@ static void fresh(unsigned n)
 {
     for (unsigned t = 0; t < n; ++t) {
         getcontext(&fib[t].ctx);
-        fib[t].ctx.uc_stack.ss_sp = stacks + t * STACK;
+        fib[t].ctx.uc_stack.ss_sp = stacks + t * (STACK + page) + page;
         fib[t].ctx.uc_stack.ss_size = STACK;
         fib[t].ctx.uc_link = 0;
         makecontext(&fib[t].ctx, entry, 0);
@@ -304,9 +316,22 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
     }
     if (threads > cap) {
         free(fib);
-        free(stacks);
+        if (stacks) munmap(stacks, cap * (STACK + page));
+        page = (size_t)sysconf(_SC_PAGESIZE);
         fib = (Fiber*)calloc(threads, sizeof(Fiber));
-        stacks = (char*)malloc(threads * STACK);
+        // a thread whose stack overflows faults on the guard page below it (the kernels are
+        // compiled with stack probes), instead of writing over its neighbour's stack
+        void* m = mmap(0, threads * (STACK + page), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            snprintf(err, sizeof err, "no memory for %u thread stacks", threads);
+            stacks = 0;
+            cap = 0;
+            return -1;
+        }
+        stacks = (char*)m;
+        for (unsigned t = 0; t < threads; ++t)
+            mprotect(stacks + t * (STACK + page), page, PROT_NONE);
         cap = threads;
         fresh(cap);
     }
@@ -340,7 +365,8 @@ static int run(unsigned nb, const unsigned* order, unsigned threads, uint64_t ts
                                  "%llu)", blockIdx.x, cur, sig == SIGVTALRM
                                  ? "still running past the launch's CPU time (a loop that "
                                    "does not end?)" : sig == SIGFPE ? "arithmetic exception"
-                                 : "memory fault (an address out of bounds?)",
+                                 : "memory fault (an address out of bounds, or a stack "
+                                   "overflow?)",
                                  (unsigned long long)tseed);
                         rc = -1;
                     }
@@ -567,7 +593,8 @@ class HostBackend:
             # (a fortified longjmp refuses to jump to another stack: the SIMT threads')
             # (-fno-gnu-unique: a template's static, a __shared__ variable of sg_block_reduce,
             # is otherwise one copy for every library loaded, bound to the first's)
-            fortify = ["-U_FORTIFY_SOURCE", "-pthread", *self._no_gnu_unique(cxx)] if simt else []
+            fortify = ["-U_FORTIFY_SOURCE", "-pthread", "-fstack-clash-protection",
+                       *self._no_gnu_unique(cxx)] if simt else []  # fmt: skip
             subprocess.run(
                 [cxx, "-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off", *fortify,
                  "-include", str(prelude), f"-I{kernels}", "-x", "c++", str(unit), "-o", str(lib),

@@ -1671,21 +1671,38 @@ def test_the_simt_stand_in_fails_broken_block_synchronisation(tmp_path, old, new
     "old, new, says",
     [
         # every thread's element loop steps by 0: it never ends
-        ("         t += sg_nb * (int)blockDim.x)", "         t += 0)", "still running"),
+        (
+            "         t += sg_nb * (int)blockDim.x)",
+            "         t += 0)",
+            r"thread \d+: still running",
+        ),
         # the block's segment far past the table: a read of unmapped memory
-        ("            sg_sh[0] = s_;", "            sg_sh[0] = s_ + (1 << 28);", "memory fault"),
+        (
+            "            sg_sh[0] = s_;",
+            "            sg_sh[0] = s_ + (1 << 28);",
+            r"thread \d+: memory fault",
+        ),
+        # one thread (not the lowest stack's) takes more stack than it has: it reaches the
+        # guard page below its stack, instead of writing over the next stack down
+        (
+            "    SG_SEG_LOOP(total) sg_tex_add(&sums, g[t], thr);",
+            "    if (threadIdx.x == 37) ((volatile char*)__builtin_alloca(160 << 10))[0] = 1;\n"
+            "    SG_SEG_LOOP(total) sg_tex_add(&sums, g[t], thr);",
+            "thread 37: memory fault",
+        ),
     ],
-    ids=["endless-loop", "wild-read"],
+    ids=["endless-loop", "wild-read", "stack-overflow"],
 )
 def test_the_simt_stand_in_stops_a_kernel_that_hangs_or_faults(tmp_path, old, new, says):
     """A kernel that would hang the suite (a loop that does not end, as a missing barrier
-    can make) or crash its process (a read out of bounds) fails its launch on the SIMT
-    stand-in instead, with an error naming the block and thread; the process goes on, and
-    its sound kernels with it."""
+    can make) or crash its process (a read out of bounds; a thread's stack overflowing,
+    which would otherwise write over its neighbour's) fails its launch on the SIMT stand-in
+    instead, with an error naming the block and thread; the process goes on, and its sound
+    kernels with it."""
     g = np.random.default_rng(6).integers(0, 8, (32, 32, 32)).astype(np.float32)
     bad = _mutated_kernels(tmp_path, old, new)
     with pytest.raises(
-        RuntimeError, match=rf"sg_seg_tex_stats on the SIMT stand-in: block \d+, thread \d+: {says}"
+        RuntimeError, match=rf"sg_seg_tex_stats on the SIMT stand-in: block \d+, {says}"
     ):
         _simt_tex_stats(tmp_path / "bad", bad, g, watchdog_s=1.0)
     assert _simt_tex_stats(tmp_path / "good", KERNELS, g)[2] == float(g.sum())
