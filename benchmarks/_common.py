@@ -27,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 """Repository root (the directory holding ``synthgen/`` and ``benchmarks/``)."""
 
 
-def ensure_root_on_path() -> None:
-    """Make ``synthgen`` and ``benchmarks`` importable when a script is run by its path."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+def ensure_root_on_path(*folders: str) -> None:
+    """Make ``synthgen`` and ``benchmarks`` importable when a script is run by its path, and
+    the modules of the repository's ``folders`` too (``"tests"``: the stand-in backend)."""
+    for p in (ROOT, *(ROOT / f for f in folders)):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
 
 
 class Scene:

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from _common import ensure_root_on_path  # (run by path: its folder is on sys.path)
+
+ensure_root_on_path("tests", "benchmarks")
 
 import numpy as np  # noqa: E402
 
