@@ -76,14 +76,14 @@ def emu_blocks(tmp_path_factory) -> HostBackend:
     return be
 
 
-def _simt(tmp_path_factory, threads: int) -> HostBackend:
+def _simt(build, threads: int = 64, kernels=KERNELS) -> HostBackend:
+    """The SIMT stand-in built in ``build`` from ``kernels``: ``threads`` a block, many blocks
+    a segment, blocks and threads run in shuffled orders (skipped without a C++ compiler)."""
     try:
-        be = HostBackend(tmp_path_factory.mktemp(f"cuda-emu-simt{threads}"),
-                         block_rule=(4 * threads, 64), threads=threads)  # fmt: skip
+        be = HostBackend(build, block_rule=(4 * threads, 64), threads=threads, kernels=kernels)
     except RuntimeError as e:
         pytest.skip(str(e))
-    be.block_order = 0
-    be.thread_order = 0
+    be.block_order = be.thread_order = 0
     return be
 
 
@@ -94,14 +94,14 @@ def emu_simt(tmp_path_factory) -> HostBackend:
     thread a fiber; the warps of a block overtake each other as far as the barriers let them,
     in an order drawn anew at each barrier, and shared memory starts undefined in each block;
     many blocks a segment, run in a shuffled order, as ``emu_blocks``."""
-    return _simt(tmp_path_factory, 64)
+    return _simt(tmp_path_factory.mktemp("cuda-emu-simt64"), 64)
 
 
 @pytest.fixture(scope="module")
 def emu_simt_256(tmp_path_factory) -> HostBackend:
     """The SIMT stand-in with a GPU launch's 256 threads a block (``_cuda.THREADS``; eight
     warps): slower, so for a few tests only."""
-    return _simt(tmp_path_factory, _cuda.THREADS)
+    return _simt(tmp_path_factory.mktemp("cuda-emu-simt256"), _cuda.THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -1723,11 +1723,7 @@ def _simt_tex_stats(build, kernels, g: np.ndarray, watchdog_s: float = 120.0) ->
     """The texture statistics of grid ``g`` (threshold 3.5), one row, on the SIMT stand-in
     built from ``kernels`` in ``build``: blocks of 64 threads, blocks and threads shuffled."""
     build.mkdir()
-    try:
-        be = HostBackend(build, block_rule=(256, 64), threads=64, kernels=kernels)
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    be.block_order = be.thread_order = 0
+    be = _simt(build, 64, kernels)
     be.watchdog_s = watchdog_s
     rows = _Rows(be, to_device, 1)
     rows.put(0, "GRID", g)
