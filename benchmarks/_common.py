@@ -297,6 +297,23 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def count_script_main(doc: str, run, title: str, columns: Sequence[str], cells) -> int:
+    """``main()`` of a counting script (``count_bytes``, ``count_blocks``): ``--json FILE``;
+    its ``run()`` rows (dicts), printed as one markdown table of ``cells(row)`` under
+    ``columns``, and written to the JSON file if asked."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    rows = run()
+    print()
+    print(markdown_table({"title": title, "columns": columns, "rows": [cells(r) for r in rows]}))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def json_default(o: Any) -> Any:
     """``json.dumps(default=...)`` for NumPy scalars and arrays and paths."""
     if isinstance(o, np.integer):

@@ -19,14 +19,15 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from _common import ensure_root_on_path  # (run by path: its folder is on sys.path)
+from _common import (  # (run by path: its folder is on sys.path)
+    count_script_main,
+    ensure_root_on_path,
+)
 
 ensure_root_on_path("tests", "benchmarks")
 
@@ -97,28 +98,20 @@ def run() -> list[dict]:
     return rows
 
 
+def _cells(r: dict) -> list[str]:
+    idle = 1 - r["flat_blocks"] / r["grid2d_blocks"]
+    return [str(x) for x in (r["class"], r["plans"], r["tumors"], r["flat_blocks"],
+                             r["grid2d_blocks"], f"{100 * idle:.0f}%", r["blend_flat"],
+                             r["blend_grid2d"], r["apply_flat"], r["limited_blocks"],
+                             r["blend_limited"])]  # fmt: skip
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    rows = run()
-    print(
-        "\n| class | plans | tumors | blocks, all launches: flat | 2-D grid | idle in 2-D "
-        "| blend: flat | 2-D grid | write-back (flat) | all, default "
-        "| blend, default |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        idle = 1 - r["flat_blocks"] / r["grid2d_blocks"]
-        print(
-            f"| {r['class']} | {r['plans']} | {r['tumors']} | {r['flat_blocks']} | "
-            f"{r['grid2d_blocks']} | {100 * idle:.0f}% | {r['blend_flat']} | "
-            f"{r['blend_grid2d']} | {r['apply_flat']} | "
-            f"{r['limited_blocks']} | {r['blend_limited']} |"
-        )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    return count_script_main(
+        __doc__, run, "Blocks per launch: flat schedules against a 2-D grid",
+        ["class", "plans", "tumors", "blocks, all launches: flat", "2-D grid", "idle in 2-D",
+         "blend: flat", "2-D grid", "write-back (flat)", "all, default", "blend, default"],
+        _cells)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import tempfile
 from pathlib import Path
 
-from _common import ensure_root_on_path  # (run by path: its folder is on sys.path)
+from _common import (  # (run by path: its folder is on sys.path)
+    count_script_main,
+    ensure_root_on_path,
+)
 
 ensure_root_on_path("tests", "benchmarks")
 
@@ -77,31 +78,23 @@ def run() -> list[dict]:
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    rows = run()
+def _cells(r: dict) -> list[str]:
     mb = 1e-6
-    print(
-        "\n| class | plans | rows (with partners) | voxels (in rows with partners) | blend MB "
-        "| write-back MB | no longer moved, MB: merge | zeros (net) | float mask | its taps "
-        "| all |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        gone = (r["merge_bytes"] + r["zeroing_bytes"] + r["float_mask_bytes"]
-                + r["float_mask_taps_bytes"])  # fmt: skip
-        print(
-            f"| {r['class']} | {r['plans']} | {r['rows']} ({r['rows_with_partners']}) | "
-            f"{r['voxels']:,} ({r['voxels_with_partners']:,}) | {r['blend_bytes'] * mb:.2f} | "
-            f"{r['write_back_bytes'] * mb:.2f} | {r['merge_bytes'] * mb:.2f} | "
-            f"{r['zeroing_bytes'] * mb:.2f} | {r['float_mask_bytes'] * mb:.2f} | "
-            f"{r['float_mask_taps_bytes'] * mb:.2f} | {gone * mb:.1f} |"
-        )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    gone = (r["merge_bytes"] + r["zeroing_bytes"] + r["float_mask_bytes"]
+            + r["float_mask_taps_bytes"])  # fmt: skip
+    return [r["class"], str(r["plans"]), f"{r['rows']} ({r['rows_with_partners']})",
+            f"{r['voxels']:,} ({r['voxels_with_partners']:,})", f"{r['blend_bytes'] * mb:.2f}",
+            f"{r['write_back_bytes'] * mb:.2f}", f"{r['merge_bytes'] * mb:.2f}",
+            f"{r['zeroing_bytes'] * mb:.2f}", f"{r['float_mask_bytes'] * mb:.2f}",
+            f"{r['float_mask_taps_bytes'] * mb:.2f}", f"{gone * mb:.1f}"]  # fmt: skip
+
+
+def main() -> int:
+    return count_script_main(
+        __doc__, run, "Bytes the fused blend and the write-back move, and those no longer moved",
+        ["class", "plans", "rows (with partners)", "voxels (in rows with partners)", "blend MB",
+         "write-back MB", "no longer moved, MB: merge", "zeros (net)", "float mask", "its taps",
+         "all"], _cells)  # fmt: skip
 
 
 if __name__ == "__main__":
