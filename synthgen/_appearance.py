@@ -35,6 +35,7 @@ from ._draws import uniform
 from ._geometry import binary as _binary
 from ._geometry import sample_step
 from ._hash import stream_key
+from ._packed import regions
 
 __all__ = [
     "APPEARANCE_STREAM",
@@ -222,19 +223,20 @@ def measure_noise(
     differences; edges and vessels are clipped away.
     """
     step = sample_step(count, target)
-    d1, d2 = [], []
+    base = [slice(s.start, s.stop, step) for s in bbox]
+    keys = []  # per axis long enough, the sample at lags 0, 1 and 2 along it
     for a in range(3):
-        if bbox[a].stop - bbox[a].start < 3:
-            continue
-        base = [slice(s.start, s.stop, step) for s in bbox]
-
-        def at(lag: int, a: int = a, base: list = base) -> tuple[slice, ...]:
-            sl = list(base)
-            sl[a] = slice(bbox[a].start + lag, bbox[a].stop - 2 + lag, step)
-            return tuple(sl)
-
-        vals = [np.asarray(image[at(lag)], dtype=np.float64) for lag in (0, 1, 2)]
-        ms = [_binary(np.asarray(organ_mask[at(lag)])) for lag in (0, 1, 2)]
+        if bbox[a].stop - bbox[a].start >= 3:
+            for lag in (0, 1, 2):
+                sl = list(base)
+                sl[a] = slice(bbox[a].start + lag, bbox[a].stop - 2 + lag, step)
+                keys.append(tuple(sl))
+    # (read together: one copy back for an image on a GPU)
+    vals_all, ms_all = regions(image, keys), regions(organ_mask, keys)
+    d1, d2 = [], []
+    for k in range(0, len(keys), 3):
+        vals = [np.asarray(v, dtype=np.float64) for v in vals_all[k : k + 3]]
+        ms = [_binary(np.asarray(m)) for m in ms_all[k : k + 3]]
         d1.append((vals[1] - vals[0])[ms[0] & ms[1]])
         d2.append((vals[2] - vals[0])[ms[0] & ms[2]])
     if not d1:

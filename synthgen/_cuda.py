@@ -338,7 +338,14 @@ def render_on_gpu(
 
 class DeviceView:
     """Host reads of a GPU array, region by region, for planning (which reads the organ's
-    box, a strided sample and a few slices: never the whole scan)."""
+    box, a strided sample and a few slices: never the whole scan).
+
+    Beyond plain reads (``view[key]``: one copy back each) it answers planning's questions
+    on the device and copies back only the answer: :meth:`all_finite`, :meth:`read_many`
+    (several regions, one copy), :meth:`above` and :meth:`within` (a test against
+    thresholds, copied back as bits). Planning asks these of any array that has them
+    (:mod:`synthgen.planning`'s ``_regions``, ``_all_finite``, ``_above``, ``_within``),
+    and reads NumPy arrays directly: the same values either way."""
 
     def __init__(self, a, be) -> None:
         self.a = _as_cupy(a)
@@ -354,16 +361,117 @@ class DeviceView:
         out = self._be.download(self.a)
         return out if dtype is None else out.astype(dtype)
 
+    def all_finite(self, key) -> bool:
+        """Whether region ``key`` holds no NaN or infinity (reduced on the device)."""
+        if self.dtype.kind != "f":
+            return True
+        xp = self._be.xp
+        return bool(self._be.download(xp.isfinite(self.a[key]).all().reshape(1))[0])
+
+    def read_many(self, keys) -> list[np.ndarray]:
+        """The regions ``keys`` (one copy back for all; each as ``view[key]`` would give)."""
+        xp = self._be.xp
+        keys = list(keys)
+        if not keys:
+            return []
+        hull = _hull(keys, self.shape)
+        if hull is not None:  # the box around them is fewer voxels: it travels, cut on the host
+            box, rel = hull
+            host = self._be.download(self.a[box])
+            return [host[r] for r in rel]
+        parts = [self.a[k] for k in keys]
+        flat = self._be.download(xp.concatenate([x.ravel() for x in parts]))
+        out, at = [], 0
+        for x in parts:
+            n = int(x.size)
+            out.append(flat[at : at + n].reshape(tuple(int(d) for d in x.shape)))
+            at += n
+        return out
+
+    def _test(self, key, fn):
+        """``fn(region)`` (a bool device array) of the 3-D region ``key``, copied back as bits:
+        a :class:`~synthgen._packed.PackedMask` of the region's shape."""
+        from ._packed import PackedMask, pack_on_device
+
+        packed, shape = pack_on_device(self._be.xp, fn(self.a[key]))
+        return PackedMask(shape, (0, 0, 0), shape, self._be.download(packed))
+
+    def _typed(self, region, value: float):
+        """``region`` and ``value`` in the type NumPy compares them in (``region > value``
+        with a Python float: the array's float type, float64 for integers), so that the
+        device's test is the host's, bit for bit."""
+        rt = np.result_type(self.dtype, value)
+        return (region if region.dtype == rt else region.astype(rt)), rt.type(value)
+
+    def above(self, key, value: float):
+        """``region > value`` of the 3-D region ``key`` (as a ``PackedMask``)."""
+
+        def fn(r):
+            r, v = self._typed(r, float(value))
+            return r > v
+
+        return self._test(key, fn)
+
+    def within(self, key, lo: float, hi: float):
+        """``(region >= lo) & (region <= hi)`` of the 3-D region ``key`` (a ``PackedMask``)."""
+
+        def fn(r):
+            r, a = self._typed(r, float(lo))
+            r, b = self._typed(r, float(hi))
+            return (r >= a) & (r <= b)
+
+        return self._test(key, fn)
+
+
+def _hull(keys, shape):
+    """For regions ``keys`` (tuples of slices of positive step, one per axis) whose voxels
+    outnumber those of the box around them (strided samples of a box at a few offsets, with
+    steps of 1 or 2): ``(box, keys relative to it)``; else None."""
+    lo, hi, rel, total = [], [], [], 0
+    for key in keys:
+        if not isinstance(key, tuple) or len(key) != len(shape):
+            return None
+        rs = []
+        for k, n in zip(key, shape, strict=True):
+            if not isinstance(k, slice):
+                return None
+            r = range(*k.indices(n))
+            if r.step <= 0:
+                return None
+            rs.append(r)
+        total += int(np.prod([len(r) for r in rs]))
+        rel.append(rs)
+    for a in range(len(shape)):
+        nonempty = [rs[a] for rs in rel if len(rs[a])]
+        if not nonempty:
+            return None
+        lo.append(min(r.start for r in nonempty))
+        hi.append(max(r[-1] for r in nonempty) + 1)
+    if total <= int(np.prod([b - a for a, b in zip(lo, hi, strict=True)])):
+        return None
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    cut = [tuple(slice(r.start - a, r.stop - a, r.step) if len(r) else slice(0, 0)
+                 for r, a in zip(rs, lo, strict=True)) for rs in rel]  # fmt: skip
+    return box, cut
+
 
 def host_views(be, image, organ_mask, organ_index=None):
-    """``(image_view, mask_view, organ_index)`` for planning on GPU-resident data: the organ's
-    bounding box and voxel count are reduced on the device (one small copy back)."""
+    """``(image_view, mask_view, organ_index)`` for planning on GPU-resident data.
+
+    The organ's bounding box and voxel count are reduced on the device (one small copy back;
+    none when ``organ_index`` gives them); the box of the binarised mask is packed to bits
+    there and copied back once: the mask view is a :class:`~synthgen._packed.PackedMask`
+    that answers every read of planning on the host (False outside the organ's box). The
+    image view is a :class:`DeviceView`."""
+    from ._packed import PackedMask, pack_on_device
     from .planning import OrganIndex
 
-    img, org = DeviceView(image, be), DeviceView(organ_mask, be)
+    img = DeviceView(image, be)
+    org = _as_cupy(organ_mask)
+    shape = tuple(int(n) for n in org.shape)
+    xp = be.xp
     if organ_index is None:
-        xp = be.xp
-        m = org.a if org.a.dtype == xp.bool_ else org.a > 0.5
+        m = org if org.dtype == xp.bool_ else org > 0.5
         proj = [m.any(axis=(1, 2)), m.any(axis=(0, 2)), m.any(axis=(0, 1))]
         host = be.download(xp.concatenate([*(p.astype(xp.int64) for p in proj),
                                            m.sum(dtype=xp.int64).reshape(1)]))  # fmt: skip
@@ -371,12 +479,18 @@ def host_views(be, image, organ_mask, organ_index=None):
         if count == 0:
             raise ValueError("organ mask is empty (no voxel > 0.5): nothing to implant a tumor in")
         bbox, start = [], 0
-        for n in org.shape:
+        for n in shape:
             hit = np.flatnonzero(host[start : start + n])
             bbox.append(slice(int(hit[0]), int(hit[-1]) + 1))
             start += n
-        organ_index = OrganIndex(bbox=tuple(bbox), count=count, shape=org.shape)  # type: ignore[arg-type]
-    return img, org, organ_index
+        organ_index = OrganIndex(bbox=tuple(bbox), count=count, shape=shape)  # type: ignore[arg-type]
+    elif tuple(organ_index.shape) != shape:
+        raise ValueError(f"organ_index is for shape {organ_index.shape}, mask is {shape}")
+    box = tuple(organ_index.bbox)
+    sub = org[box]
+    packed, box_shape = pack_on_device(xp, sub if sub.dtype == xp.bool_ else sub > 0.5)
+    mask = PackedMask(shape, [b.start for b in box], box_shape, be.download(packed))
+    return img, mask, organ_index
 
 
 def planning_views(image, organ_mask, organ_index=None):

@@ -27,6 +27,7 @@ import numpy as np
 
 from ._geometry import binary as _binary
 from ._geometry import sample_step
+from ._packed import above
 
 __all__ = ["Constraints", "bright_vessels"]
 
@@ -72,14 +73,16 @@ def bright_vessels(
     from scipy import ndimage
 
     org = _binary(organ_mask[region])
-    img = np.asarray(image[region])
     n = int(np.count_nonzero(org))
     if n == 0:
         return np.zeros(org.shape, dtype=bool)
     step = sample_step(n)
-    vals = img[::step, ::step, ::step][org[::step, ::step, ::step]]
+    # the image is read as a strided sample and as its test against the threshold (both
+    # made on the device for an image on a GPU), not in full
+    sample = tuple(slice(r.start, r.stop, step) for r in _plain(region, organ_mask.shape))
+    vals = np.asarray(image[sample])[org[::step, ::step, ::step]]
     if vals.size < 16:
-        vals = img[org]
+        vals = np.asarray(image[region])[org]
     vals = vals.astype(np.float64)
     med = float(np.median(vals))
     sd = 1.4826 * float(np.median(np.abs(vals - med)))
@@ -91,7 +94,7 @@ def bright_vessels(
         lo[ax], hi[ax] = slice(0, -1), slice(1, None)
         near[tuple(lo)] |= org[tuple(hi)]
         near[tuple(hi)] |= org[tuple(lo)]
-    bright = near & (img > thr)
+    bright = near & above(image, region, thr)
     if not bright.any():
         return bright
     lab, count = ndimage.label(bright, structure=np.ones((3, 3, 3), dtype=bool))
@@ -100,6 +103,17 @@ def bright_vessels(
     keep = sizes >= max(MIN_VOXELS, math.ceil(MIN_VOLUME_MM3 / vox_mm3))
     keep[0] = False
     return keep[lab]
+
+
+def _plain(region, shape) -> tuple[slice, ...]:
+    """``region`` (slices) as slices of non-negative start and stop and step 1."""
+    out = []
+    for r, n in zip(region, shape, strict=True):
+        start, stop, step = r.indices(n)
+        if step != 1:
+            raise ValueError(f"a region of step 1 expected, got {r}")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
 
 
 class _MaskTerm:

@@ -24,6 +24,7 @@ from ._draws import uniform
 from ._geometry import binary as _binary
 from ._geometry import sample_step
 from ._hash import derive_seed, derive_seeds
+from ._packed import all_finite
 from ._placement import Constraints
 from .presets import Preset, SizeClass, load_preset, preset_from_dict
 
@@ -513,6 +514,7 @@ class _Placer:
         self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = (
             cache.setdefault(key, {}) if cache is not None else {}
         )
+        self._window = None  # a device image's tissue window over the box (PackedMask)
 
     def _slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         """Organ mask of slice ``z`` (in-plane bbox) and the flat indices of its candidates
@@ -525,8 +527,16 @@ class _Placer:
         m = np.array(_binary(np.asarray(self.mask[tuple(sl)])), dtype=bool, copy=True, order="C")
         cand = m
         if self.p.tissue_hu is not None:
-            img = np.asarray(self.image[tuple(sl)])
-            cand = m & (img >= self.p.tissue_hu[0]) & (img <= self.p.tissue_hu[1])
+            lo, hi = self.p.tissue_hu
+            if hasattr(self.image, "within"):  # a device view: the whole box's window, once
+                if self._window is None:
+                    self._window = self.image.within(self.bbox, lo, hi)
+                rel: list = [slice(None)] * 3
+                rel[self.axis] = z - self.bbox[self.axis].start
+                cand = m & self._window[tuple(rel)]
+            else:
+                img = np.asarray(self.image[tuple(sl)])
+                cand = m & ((img >= lo) & (img <= hi))
         self._slices[z] = (m, np.flatnonzero(cand))
         return self._slices[z]
 
@@ -692,8 +702,7 @@ def make_plan(
                 f"organ_index is for shape {organ_index.shape}, mask is {tuple(organ_mask.shape)}"
             )
         bbox, count = organ_index.bbox, organ_index.count
-    sub_img = np.asarray(image[bbox])
-    if sub_img.dtype.kind == "f" and not np.all(np.isfinite(sub_img)):
+    if not all_finite(image, bbox):
         raise ValueError("image contains NaN or inf inside the organ's bounding box")
 
     voxel_mm3 = sp[0] * sp[1] * sp[2]

@@ -29,6 +29,7 @@ from synthgen import _cpu_kernels as k
 from synthgen import _cuda, _segments, rendering
 from synthgen._device import DeviceError, array_kind, parse_device, resolve_device
 from synthgen._seg_tables import CHAINS_B, chain_schedules_nb, schedules_nb
+from synthgen.presets import load_preset
 
 ORGANS = [
     ("liver-classic", "liver", "mix"),
@@ -2016,24 +2017,90 @@ def test_merge_ties_give_every_row_the_same_value(backend):
     np.testing.assert_array_equal(be.download(img_d), 100 - line)
 
 
-@pytest.mark.parametrize("preset", ["liver-classic", "liver", "colon"])
-def test_planning_reads_device_data_through_views(backend, small_phantom, organ_masks, preset):
-    """A plan made from GPU-resident data (organ box reduced on the device, regions read
-    back on demand) is the plan made from the host arrays."""
-    be, dev = backend
+@pytest.fixture(params=["emu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def view_backend(request):
+    """``(backend, to_device)`` for planning's reads (no kernels: one stand-in is enough)."""
+    if request.param == "emu":
+        return request.getfixturevalue("emu"), to_device
+    return _gpu_backend()
+
+
+@pytest.mark.parametrize("preset", synthgen.list_presets())
+def test_planning_reads_device_data_through_views(view_backend, small_phantom, preset,
+                                                  monkeypatch):  # fmt: skip
+    """A plan made from GPU-resident data (organ box reduced on the device, its mask copied
+    back once as bits, the image's regions and tests against thresholds answered on the
+    device) is the plan made from the host arrays: every preset, an int16 and a float32
+    image, a uint8 mask and a float one of values on both sides of 0.5; a reused index
+    (its cache) gives the same plans again. And at most 8 copies back a plan (10 with the
+    index's two: the box and the mask's bits), where each slice drawn was one before."""
+    be, dev = view_backend
     ph = small_phantom
-    organ = "colon" if preset == "colon" else "liver"
-    mask = organ_masks[organ]
-    img_v, mask_v, idx = _cuda.host_views(be, dev(ph.image), dev(mask.astype(np.uint8)))
+    mask = ph.mask(load_preset(preset).organ)  # (both kidneys for "kidney")
     ref_idx = synthgen.index_organ(mask)
-    assert idx.bbox == ref_idx.bbox and idx.count == ref_idx.count
-    for seed in (3, 4):
-        a = synthgen.plan(img_v, mask_v, organ=preset, seed=seed, spacing=ph.spacing,
-                          organ_index=idx)  # fmt: skip
-        b = synthgen.plan(ph.image, mask, organ=preset, seed=seed, spacing=ph.spacing)
-        assert a.to_json() == b.to_json()
+    sizes: list[int] = []
+    download = be.download
+
+    def counted(d):
+        host = download(d)
+        sizes.append(host.nbytes)
+        return host
+
+    monkeypatch.setattr(be, "download", counted)
+    prob = np.where(mask, 0.75, 0.25).astype(np.float32)
+    for image, mask_d in ((ph.image, mask.astype(np.uint8)), (ph.image.astype(np.float32), prob)):
+        img_v, mask_v, idx = _cuda.host_views(be, dev(image), dev(mask_d))
+        assert idx.bbox == ref_idx.bbox and idx.count == ref_idx.count
+        host_idx = synthgen.index_organ(mask)
+        for seed in (3, 4, 3):  # (the last one from the index's cache)
+            sizes.clear()
+            a = synthgen.plan(img_v, mask_v, organ=preset, seed=seed, spacing=ph.spacing,
+                              organ_index=idx)  # fmt: skip
+            assert len(sizes) <= 8, sizes
+            b = synthgen.plan(image, mask, organ=preset, seed=seed, spacing=ph.spacing,
+                              organ_index=host_idx)  # fmt: skip
+            assert a.to_json() == b.to_json()
+            c = synthgen.plan(image, mask, organ=preset, seed=seed, spacing=ph.spacing)
+            assert c.to_json() == b.to_json()
     with pytest.raises(ValueError, match="organ mask is empty"):
         _cuda.host_views(be, dev(ph.image), dev(np.zeros(mask.shape, np.uint8)))
+    with pytest.raises(ValueError, match="organ_index is for shape"):
+        _cuda.host_views(be, dev(ph.image[1:]), dev(mask[1:].astype(np.uint8)), ref_idx)
+
+
+def test_planning_on_device_data_refuses_nan(view_backend, small_phantom, organ_masks,
+                                             monkeypatch):  # fmt: skip
+    """A NaN in the organ's box of a float image on the device is found there (one byte
+    copied back, not the box), as on the host; one outside the box is not looked at (host
+    and device alike)."""
+    be, dev = view_backend
+    sizes: list[int] = []
+    download = be.download
+
+    def counted(d):
+        host = download(d)
+        sizes.append(host.nbytes)
+        return host
+
+    monkeypatch.setattr(be, "download", counted)
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    idx = synthgen.index_organ(mask)
+    inside = tuple((b.start + b.stop) // 2 for b in idx.bbox)
+    for where, bad in ((inside, True), ((0, 0, 0), False)):
+        image = ph.image.astype(np.float32)
+        image[where] = np.nan
+        img_v, mask_v, ix = _cuda.host_views(be, dev(image), dev(mask))
+        sizes.clear()
+        assert img_v.all_finite(ix.bbox) is not bad and sizes == [1]
+        for img, m, i in ((img_v, mask_v, ix), (image, mask, idx)):
+            if bad:
+                with pytest.raises(ValueError, match="NaN or inf"):
+                    synthgen.plan(img, m, organ="liver-classic", seed=1, spacing=ph.spacing,
+                                  organ_index=i)  # fmt: skip
+            else:
+                synthgen.plan(img, m, organ="liver-classic", seed=1, spacing=ph.spacing,
+                              organ_index=i)  # fmt: skip
 
 
 def test_planning_views_leave_host_data_alone(small_phantom, organ_masks):
