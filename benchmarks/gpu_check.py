@@ -20,6 +20,8 @@ liver), with the image resident on the GPU and rendered in place:
 * a mix sample with a uint8 label map on the device: the render writing the tumor label
   itself (``label_outs``) against the render followed by the per-tumor labelling from the
   result's boxes;
+* planning from GPU-resident data (every preset in its organ of a whole-scan phantom, a
+  new organ index a plan) against planning from host arrays: ms per plan, copies back;
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
 * the flat block schedules (by default a launch past 32 blocks per SM gets longer blocks,
@@ -147,6 +149,7 @@ class _WaitTimer:
     def __init__(self, be) -> None:
         self._be = be
         self.wait_s = 0.0
+        self.copies = self.nbytes = 0
 
     def __getattr__(self, name):
         return getattr(self._be, name)
@@ -154,7 +157,10 @@ class _WaitTimer:
     def download(self, dev):
         t0 = time.perf_counter()
         try:
-            return self._be.download(dev)
+            host = self._be.download(dev)
+            self.copies += 1
+            self.nbytes += host.nbytes
+            return host
         finally:
             self.wait_s += time.perf_counter() - t0
 
@@ -248,6 +254,48 @@ def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
         # the same CPU time against a GPU sample's share of a batched call
         row["speedup_batched"] = row["cpu_ms"] * row["batched_sps"] / 1e3
         print(f"  {row['class']}: {row}")
+    return rows
+
+
+def bench_planning(g: Gpu, sc: Scene) -> list[dict]:
+    """Planning from GPU-resident data (``_cuda.host_views``: the organ's box reduced on the
+    device, its mask copied back as bits, the image's regions and tests copied back as
+    answers) against planning from the same arrays on the host: ms per plan, a new organ
+    index per plan (as ``BatchTumorSynthesis`` plans), every preset in its organ of a
+    whole-scan phantom (320 x 256 x 224 voxels of 1.25 x 1.25 x 1.5 mm, float32 image),
+    sizes from the preset's mix, with the copies back and their bytes."""
+    from synthgen.phantom import make_phantom
+    from synthgen.presets import load_preset
+
+    ph = make_phantom((320, 256, 224), (1.25, 1.25, 1.5), seed=0)
+    img = np.ascontiguousarray(ph.image, dtype=np.float32)
+    img_d = g.be.upload(img)
+    n = 2 if g.emulate else 9
+    rows = []
+    for preset in synthgen.list_presets():
+        mask = np.ascontiguousarray(ph.mask(load_preset(preset).organ)).astype(np.uint8)
+        mask_d = g.be.upload(mask)
+        syn = synthgen.Synthesizer(preset, spacing=ph.spacing)
+        tbe = _WaitTimer(g.be)
+        copies: list[int] = []
+
+        def on_device(i, syn=syn, mask_d=mask_d, tbe=tbe, copies=copies):
+            n0 = tbe.copies
+            iv, mv, ix = _cuda.host_views(tbe, img_d, mask_d)
+            syn.plan(iv, mv, seed=500 + i, organ_index=ix)
+            copies.append(tbe.copies - n0)
+
+        def on_host(i, syn=syn, mask=mask):
+            syn.plan(img, mask, seed=500 + i)
+
+        g.sync()
+        on_device(0)
+        on_host(0)
+        copies.clear()
+        rows.append({"preset": preset, "device_ms": _median_ms(on_device, n),
+                     "host_ms": _median_ms(on_host, n), "copies": statistics.median(copies),
+                     "mb": tbe.nbytes / 1e6 / (n + 1)})  # fmt: skip
+        print(f"  {rows[-1]}", flush=True)
     return rows
 
 
@@ -521,6 +569,7 @@ def main() -> int:
             return []
 
     labs = part("label maps on the device", bench_labels)
+    plan_rows = part("planning from device data", bench_planning)
     kern = part("device time per kernel", bench_kernels)
     bw = part("fused kernel bandwidth", bench_bandwidth)
     sched = part("launch geometries: flat schedules, 2-D grid, longer blocks", bench_schedules)
@@ -541,6 +590,13 @@ def main() -> int:
     print("|---|---|")
     for r in labs:
         print(f"| {r['how']} | {r['ms']:.2f} |")
+    print()
+    print("| preset: planning, new index a plan | ms/plan, device data | ms/plan, host data | "
+          "copies back a plan | MB back a plan |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for r in plan_rows:
+        print(f"| {r['preset']} | {r['device_ms']:.2f} | {r['host_ms']:.2f} | {r['copies']:.0f} | "
+              f"{r['mb']:.2f} |")  # fmt: skip
     print()
     print("| kernel | ms | bytes/voxel moved | GB/s | of copy | of copy, 13 and 11 B/voxel |")
     print("|---|---|---|---|---|---|")
@@ -591,7 +647,7 @@ def main() -> int:
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if args.json:
         data = {"tests": test_line, "classes": rows, "kernels": kern, "bandwidth": bw,
-                "labels": labs, "schedules": sched}  # fmt: skip
+                "labels": labs, "schedules": sched, "planning": plan_rows}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=1))
     failed = len(rows) < len(CLASSES) or len(fused) < 2
     return rc or int(failed)
