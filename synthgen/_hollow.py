@@ -179,6 +179,8 @@ def locate_wall(
     """
     from scipy import ndimage
 
+    from ._edt import distance_transform_edt
+
     sp = np.asarray(spacing, dtype=np.float64)
     shape = organ_mask.shape
     # The geometry is estimated on a grid about PLAN_GRID_MM apart (every st-th voxel): the
@@ -194,7 +196,7 @@ def locate_wall(
         org = org if org.dtype == np.bool_ else org > 0.5
         local = [(int(p0[a]) - box[a].start) // st[a] for a in range(3)]
         comp = _component(org, local)
-        edt = ndimage.distance_transform_edt(comp, sampling=spg)
+        edt = distance_transform_edt(comp, sampling=spg)
         x = _coords_mm(box, sp, p0)
         d2 = x[0] ** 2 + x[1] ** 2 + x[2] ** 2
         near = comp & (d2 <= (0.5 * h) ** 2)
@@ -336,8 +338,8 @@ def render_wall(
         returns them (``delta`` float32, ``orig - delta`` is the new value; ``mask`` the
         label), or ``None`` when the tumor changes nothing.
     """
-    from scipy import ndimage
 
+    from ._edt import distance_transform_edt
     from ._texture import texture_box
 
     w = t.wall
@@ -389,7 +391,7 @@ def render_wall(
             wall = wall & (cosang >= math.cos(math.radians(0.5 * float(w["arc_deg"]))))
         if not wall.any():
             return None
-        dist = ndimage.distance_transform_edt(~wall, sampling=sp)
+        dist = distance_transform_edt(~wall, sampling=sp)
         teff = thick * _taper(s, half, float(w["shoulder_mm"])) * (1.0 + w["irregularity"] * u)
         weight = np.clip(0.5 + (teff - dist) / (2.0 * sigma), 0.0, 1.0)
         weight *= np.clip(teff / sigma, 0.0, 1.0)
