@@ -40,6 +40,7 @@ __all__ = [
     "texture_axes_nb",
     "texture_consts_nb",
     "toeplitz_contract3",
+    "trilinear_box",
 ]
 
 _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
@@ -1210,3 +1211,30 @@ def conservative_boxes_nb(centre, rot, radii, blur, clip, disp_max, sp, shape, h
             if hi[q, a] <= lo[q, a]:
                 ok[q] = False
     return lo, hi, ok, pad
+
+
+@nb.njit(**_OPTS)
+def trilinear_box(grid, i0, f0, i1, f1, i2, f2):
+    """:func:`synthgen._texture.sample_trilinear` in one pass, the same float32 values: per
+    voxel the eight corners in its order, each ``((v * w0) * w1) * w2`` in float32 (``w`` the
+    fraction or ``1 - `` it, in float32), added in float64 from 0, rounded to float32 at the
+    end. ``i*``, ``f*``: each axis's base indices and fractions (``interp_coords``)."""
+    one = np.float32(1.0)
+    out = np.empty((i0.size, i1.size, i2.size), dtype=np.float32)
+    for a in range(i0.size):
+        ia, fa = i0[a], f0[a]
+        for b in range(i1.size):
+            ib, fb = i1[b], f1[b]
+            for c in range(i2.size):
+                ic, fc = i2[c], f2[c]
+                acc = 0.0
+                for c0 in range(2):
+                    w0 = fa if c0 else one - fa
+                    for c1 in range(2):
+                        w1 = fb if c1 else one - fb
+                        for c2 in range(2):
+                            w2 = fc if c2 else one - fc
+                            v = grid[ia + c0, ib + c1, ic + c2]
+                            acc += np.float64(((v * w0) * w1) * w2)
+                out[a, b, c] = np.float32(acc)
+    return out
