@@ -70,7 +70,7 @@ def bright_vessels(
     and 30 mm^3. No tubularity test: any bright structure at the organ (an enhancing
     lesion, a rib touching the liver) is avoided too.
     """
-    from scipy import ndimage
+    from ._cpu_kernels import large_components
 
     org = _binary(organ_mask[region])
     n = int(np.count_nonzero(org))
@@ -97,12 +97,9 @@ def bright_vessels(
     bright = near & above(image, region, thr)
     if not bright.any():
         return bright
-    lab, count = ndimage.label(bright, structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(lab.ravel(), minlength=count + 1)
     vox_mm3 = float(np.prod(spacing))
-    keep = sizes >= max(MIN_VOXELS, math.ceil(MIN_VOLUME_MM3 / vox_mm3))
-    keep[0] = False
-    return keep[lab]
+    # 26-connected components of at least the size (numba: ndimage.label's components)
+    return large_components(bright, max(MIN_VOXELS, math.ceil(MIN_VOLUME_MM3 / vox_mm3)))
 
 
 def _plain(region, shape) -> tuple[slice, ...]:

@@ -1,5 +1,6 @@
-"""The numba distance transform (``synthgen._edt``) against SciPy's: the same features and the
-same distances, bit for bit (the wall tumors' plans and renders depend on them)."""
+"""Numba kernels that stand in for SciPy in planning and the wall tumors, against SciPy: the
+distance transform (``synthgen._edt``: the same features and distances, bit for bit) and the
+large 26-connected components of the bright-voxel check (``large_components``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from synthgen._cpu_kernels import large_components
 from synthgen._edt import distance_transform_edt, feature_transform
 
 
@@ -53,3 +55,23 @@ def test_distance_transform_matches_scipy_bit_for_bit():
         distance_transform_edt(np.ones((3, 3), bool))
     with pytest.raises(ValueError, match="sampling"):
         distance_transform_edt(m, (1.0, 2.0))
+
+
+def test_large_components_are_ndimage_labels_kept_by_size():
+    """The voxels in 26-connected components of at least k voxels: ``ndimage.label`` with a
+    full structure, sizes counted, small ones dropped (scattered voxels, blobs, chains that
+    join only through corners, every size threshold from 1)."""
+    rng = np.random.default_rng(4)
+    for t in range(200):
+        shape = tuple(int(n) for n in rng.integers(1, 22, 3))
+        m = rng.random(shape) < rng.choice([0.05, 0.15, 0.3, 0.6])
+        if t % 3 == 0:
+            m = ndimage.gaussian_filter(rng.random(shape), 1) > 0.6
+        k = int(rng.integers(1, 12))
+        lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+        keep = np.bincount(lab.ravel(), minlength=n + 1) >= k
+        keep[0] = False
+        np.testing.assert_array_equal(large_components(m, k), keep[lab])
+    diag = np.zeros((6, 6, 6), bool)
+    diag[range(6), range(6), range(6)] = True  # one component through corners only
+    assert large_components(diag, 6).sum() == 6 and not large_components(diag, 7).any()
