@@ -29,6 +29,7 @@ __all__ = [
     "block_sizes_nb",
     "blur_kernels_nb",
     "bspline_matrix",
+    "component_through",
     "conservative_boxes_nb",
     "gaussian_band_nb",
     "grid_ranges_nb",
@@ -1298,4 +1299,31 @@ def large_components(m, min_size):
                 a = ids[i, j, k]
                 if a >= 0 and size[_root(parent, a)] >= min_size:
                     out[i, j, k] = True
+    return out
+
+
+@nb.njit(**_OPTS)
+def component_through(m, s0, s1, s2):
+    """The 26-connected component of ``m`` (3-D bool) through its set voxel ``(s0, s1, s2)``
+    (bool), by a flood fill from it: the voxels ``ndimage.label`` would give that voxel's
+    label, at a cost that grows with the component rather than the box."""
+    n0, n1, n2 = m.shape
+    out = np.zeros((n0, n1, n2), dtype=np.bool_)
+    stack = np.empty(n0 * n1 * n2, dtype=np.int64)
+    out[s0, s1, s2] = True
+    stack[0] = (s0 * n1 + s1) * n2 + s2
+    top = 1
+    while top > 0:
+        top -= 1
+        f = stack[top]
+        i = f // (n1 * n2)
+        j = (f // n2) % n1
+        k = f % n2
+        for ii in range(max(i - 1, 0), min(i + 2, n0)):
+            for jj in range(max(j - 1, 0), min(j + 2, n1)):
+                for kk in range(max(k - 1, 0), min(k + 2, n2)):
+                    if m[ii, jj, kk] and not out[ii, jj, kk]:
+                        out[ii, jj, kk] = True
+                        stack[top] = (ii * n1 + jj) * n2 + kk
+                        top += 1
     return out

@@ -29,8 +29,9 @@ def _line(ft, base, stride, d, e1, e2, n, s, f, g, q):
     line's first voxel at ``base``, the next ``stride`` further), whose coordinates on the
     two other axes, in axis order, are ``e1``, ``e2``: the nearest kept feature for each of
     its voxels. Scratch: ``f`` the line's features, ``g`` the kept ones (a stack of line
-    positions), ``q`` per kept feature its squared offsets (scaled) on the two other axes:
-    SciPy recomputes them where it needs them, the same operations on the same numbers."""
+    positions), ``q`` per kept feature its squared offsets (scaled) on the two other axes,
+    its coordinate on ``d`` and the sum of the two squares: SciPy recomputes them where it
+    needs them, the same operations on the same numbers."""
     a1 = 1 if d == 0 else 0  # the two other axes, in order
     a2 = 1 if d == 2 else 2
     sd, s1, s2 = s[d], s[a1], s[a2]
@@ -49,12 +50,12 @@ def _line(ft, base, stride, d, e1, e2, n, s, f, g, q):
         w = u1 + u2
         fd = float(f[i, d])
         while top >= 1:
-            f1 = float(f[g[top], d])
-            a_ = (f1 - float(f[g[top - 1], d])) * sd
+            f1 = q[top, 2]
+            a_ = (f1 - q[top - 1, 2]) * sd
             b_ = (fd - f1) * sd
             c_ = a_ + b_
-            u = q[top - 1, 0] + q[top - 1, 1]
-            v = q[top, 0] + q[top, 1]
+            u = q[top - 1, 3]
+            v = q[top, 3]
             if c_ * v - b_ * u - a_ * w - a_ * b_ * c_ <= 0.0:
                 break
             top -= 1
@@ -62,16 +63,18 @@ def _line(ft, base, stride, d, e1, e2, n, s, f, g, q):
         g[top] = i
         q[top, 0] = u1
         q[top, 1] = u2
+        q[top, 2] = fd
+        q[top, 3] = w
     if top < 0:
         return
     last = top
     k = 0
     for i in range(n):
         fi = float(i)
-        t = (float(f[g[k], d]) - fi) * sd
+        t = (q[k, 2] - fi) * sd
         d1 = _sq(t, q[k, 0], q[k, 1], d)
         while k < last:
-            t = (float(f[g[k + 1], d]) - fi) * sd
+            t = (q[k + 1, 2] - fi) * sd
             d2 = _sq(t, q[k + 1, 0], q[k + 1, 1], d)
             if d1 <= d2:
                 break
@@ -131,7 +134,7 @@ def feature_transform(mask, s):
     m = max(n0, n1, n2)
     f = np.empty((m, 3), dtype=np.int64)
     g = np.empty(m, dtype=np.int64)
-    q = np.empty((m, 2), dtype=np.float64)
+    q = np.empty((m, 4), dtype=np.float64)
     # Axes 1 and 2. A line without foreground keeps its voxels' features (each its own, at
     # distance 0): only lines through the foreground are passed.
     fg = np.zeros((n0, n2), dtype=np.bool_)

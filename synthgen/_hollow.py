@@ -140,18 +140,19 @@ def _coords_mm(box, sp, origin) -> list[np.ndarray]:
 
 
 def _component(m: np.ndarray, seed_idx) -> np.ndarray:
-    """The 26-connected component of ``m`` through ``seed_idx`` (or the nearest ``m`` voxel)."""
-    from scipy import ndimage
+    """The 26-connected component of ``m`` through ``seed_idx`` (or the nearest ``m`` voxel:
+    the first in C order of the nearest), by a flood fill from it (``component_through``:
+    the component ``ndimage.label`` gives, at the cost of the component)."""
+    from ._cpu_kernels import component_through
 
-    lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return m
+    m = np.ascontiguousarray(m, dtype=bool)
     s = tuple(int(np.clip(seed_idx[a], 0, m.shape[a] - 1)) for a in range(3))
-    k = lab[s]
-    if k == 0:
+    if not m[s]:
         idx = np.argwhere(m)
-        k = lab[tuple(idx[int(np.argmin(((idx - np.asarray(s)) ** 2).sum(axis=1)))])]
-    return lab == k
+        if idx.size == 0:
+            return m
+        s = tuple(int(v) for v in idx[int(np.argmin(((idx - np.asarray(s)) ** 2).sum(axis=1)))])
+    return component_through(m, *s)
 
 
 def _frame(axis: np.ndarray, angle: float) -> np.ndarray:

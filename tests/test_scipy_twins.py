@@ -75,3 +75,28 @@ def test_large_components_are_ndimage_labels_kept_by_size():
     diag = np.zeros((6, 6, 6), bool)
     diag[range(6), range(6), range(6)] = True  # one component through corners only
     assert large_components(diag, 6).sum() == 6 and not large_components(diag, 7).any()
+
+
+def test_component_through_a_voxel_is_its_ndimage_label():
+    """A wall's component (``_hollow._component``: flood fill from the seed, or from the
+    nearest set voxel when the seed is not set) is the voxels of that voxel's label."""
+    from synthgen._hollow import _component
+
+    rng = np.random.default_rng(8)
+    for t in range(150):
+        shape = tuple(int(n) for n in rng.integers(1, 20, 3))
+        m = ndimage.gaussian_filter(rng.random(shape), 1) > rng.uniform(0.5, 0.65)
+        if t % 4 == 0:
+            m = rng.random(shape) < 0.2
+        seed = [int(rng.integers(-2, n + 2)) for n in shape]
+        lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+        s = tuple(int(np.clip(seed[a], 0, shape[a] - 1)) for a in range(3))
+        if n == 0:
+            want = m
+        else:
+            k = lab[s]
+            if k == 0:
+                idx = np.argwhere(m)
+                k = lab[tuple(idx[int(np.argmin(((idx - np.asarray(s)) ** 2).sum(axis=1)))])]
+            want = lab == k
+        np.testing.assert_array_equal(_component(m, seed), want)
