@@ -167,6 +167,22 @@ class DeviceArray(np.ndarray):
     """A NumPy array the stand-in treats as GPU-resident (a CuPy array's role)."""
 
 
+def gpu_backend():
+    """``(CupyBackend on GPU 0, cupy.asarray)`` for a GPU test; skips it without a GPU."""
+    import pytest
+
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError
+    except Exception:
+        pytest.skip("no CUDA GPU with CuPy")
+    from synthgen import _cuda
+
+    return _cuda.CupyBackend(0), cupy.asarray
+
+
 def to_device(a: np.ndarray) -> DeviceArray:
     return np.array(a, copy=True).view(DeviceArray)
 

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import pytest
-from _cuda_emu import KERNELS, HostBackend, signatures, to_device
+from _cuda_emu import KERNELS, HostBackend, gpu_backend, signatures, to_device
 
 import synthgen
 from synthgen import _cpu_kernels as k
@@ -43,15 +43,18 @@ ORGANS = [
 ]
 
 
-def _gpu_backend():
-    try:
-        import cupy
+def _count_downloads(be, monkeypatch) -> list[int]:
+    """The bytes of each download ``be`` makes from now on (the list grows)."""
+    sizes: list[int] = []
+    download = be.download
 
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError
-    except Exception:
-        pytest.skip("no CUDA GPU with CuPy")
-    return _cuda.CupyBackend(0), cupy.asarray
+    def counted(d):
+        host = download(d)
+        sizes.append(host.nbytes)
+        return host
+
+    monkeypatch.setattr(be, "download", counted)
+    return sizes
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def backend(request):
         return request.getfixturevalue("emu_blocks"), to_device
     if request.param == "emu-simt":
         return request.getfixturevalue("emu_simt"), to_device
-    return _gpu_backend()
+    return gpu_backend()
 
 
 @pytest.fixture(scope="module")
@@ -540,7 +543,7 @@ def test_results_do_not_depend_on_the_order_blocks_run_in(small_phantom, organ_m
     whatever the order. A float32 accumulator of the records' sums fails it.)"""
     monkeypatch.setattr(_segments, "FUSE_STEPS", fuse)
     if where == "gpu":
-        be, dev = _gpu_backend()
+        be, dev = gpu_backend()
     else:
         be, dev = request.getfixturevalue(where.replace("-", "_")), to_device
     ph = small_phantom
@@ -2022,7 +2025,7 @@ def view_backend(request):
     """``(backend, to_device)`` for planning's reads (no kernels: one stand-in is enough)."""
     if request.param == "emu":
         return request.getfixturevalue("emu"), to_device
-    return _gpu_backend()
+    return gpu_backend()
 
 
 @pytest.mark.parametrize("preset", synthgen.list_presets())
@@ -2038,15 +2041,7 @@ def test_planning_reads_device_data_through_views(view_backend, small_phantom, p
     ph = small_phantom
     mask = ph.mask(load_preset(preset).organ)  # (both kidneys for "kidney")
     ref_idx = synthgen.index_organ(mask)
-    sizes: list[int] = []
-    download = be.download
-
-    def counted(d):
-        host = download(d)
-        sizes.append(host.nbytes)
-        return host
-
-    monkeypatch.setattr(be, "download", counted)
+    sizes = _count_downloads(be, monkeypatch)
     prob = np.where(mask, 0.75, 0.25).astype(np.float32)
     for image, mask_d in ((ph.image, mask.astype(np.uint8)), (ph.image.astype(np.float32), prob)):
         img_v, mask_v, idx = _cuda.host_views(be, dev(image), dev(mask_d))
@@ -2074,15 +2069,7 @@ def test_planning_on_device_data_refuses_nan(view_backend, small_phantom, organ_
     copied back, not the box), as on the host; one outside the box is not looked at (host
     and device alike)."""
     be, dev = view_backend
-    sizes: list[int] = []
-    download = be.download
-
-    def counted(d):
-        host = download(d)
-        sizes.append(host.nbytes)
-        return host
-
-    monkeypatch.setattr(be, "download", counted)
+    sizes = _count_downloads(be, monkeypatch)
     ph = small_phantom
     mask = organ_masks["liver"]
     idx = synthgen.index_organ(mask)
@@ -2114,7 +2101,7 @@ def test_planning_views_leave_host_data_alone(small_phantom, organ_masks):
 @pytest.mark.gpu
 def test_synthesize_on_cupy_arrays(small_phantom, organ_masks):
     """The one-call API on CuPy data: plans from device views, renders on the GPU."""
-    _gpu_backend()
+    gpu_backend()
     import cupy
 
     ph = small_phantom
@@ -2133,7 +2120,7 @@ def test_torch_cuda_tensors_render_in_place_through_dlpack(small_phantom, organ_
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU for torch")
-    _gpu_backend()
+    gpu_backend()
     ph = small_phantom
     mask = organ_masks["liver"]
     plan = _plan(ph, mask, "liver-classic", 21, "mix")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _cuda_emu import gpu_backend
 
 from synthgen import _cuda
 from synthgen._packed import PackedMask, pack_on_device
@@ -24,14 +25,7 @@ def dev_backend(request):
     """``(backend, to_device)``: NumPy standing in for the device, or CuPy on GPU 0."""
     if request.param == "numpy":
         return _NumpyBackend(), np.asarray
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError
-    except Exception:
-        pytest.skip("no CUDA GPU with CuPy")
-    return _cuda.CupyBackend(0), cupy.asarray
+    return gpu_backend()
 
 
 def _random_key(rng, shape):
