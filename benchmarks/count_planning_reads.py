@@ -33,14 +33,17 @@ import numpy as np  # noqa: E402
 
 
 class Counting:
-    """What planning views need of a backend (``xp``, ``download``), NumPy as the device,
-    counting the downloads and their bytes."""
+    """What planning views need of a backend (``xp``, ``on_device``, ``download``), NumPy as
+    the device, counting the downloads and their bytes."""
 
     xp = np
 
     def __init__(self) -> None:
         self.copies = 0
         self.nbytes = 0
+
+    def on_device(self, a) -> bool:
+        return isinstance(a, np.ndarray)  # (every array here stands for a device array)
 
     def download(self, dev) -> np.ndarray:
         host = np.array(dev, copy=True)

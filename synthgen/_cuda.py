@@ -20,6 +20,7 @@ NumPy and whose kernels are the same CUDA C sources compiled for the host
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -396,31 +397,48 @@ class DeviceView:
         packed, shape = pack_on_device(self._be.xp, fn(self.a[key]))
         return PackedMask(shape, (0, 0, 0), shape, self._be.download(packed))
 
-    def _typed(self, region, value: float):
-        """``region`` and ``value`` in the type NumPy compares them in (``region > value``
-        with a Python float: the array's float type, float64 for integers), so that the
-        device's test is the host's, bit for bit."""
+    def _cmp(self, r, op: str, value):
+        """``r op value`` (``op`` one of ``>``, ``>=``, ``<=``) as NumPy compares an array of
+        the image's type with ``value`` (a Python float: in the array's float type, in
+        float64 for integers; a NumPy scalar: in their common type), so that the device's
+        test is the host's bit for bit. Images of integers of up to 32 bits are compared
+        with the threshold rounded to an integer of their type instead (the same answers:
+        their values are exact in float64), without a float64 copy of the region."""
+        if isinstance(value, int) and not isinstance(value, np.generic):
+            value = float(value)  # (exact: the same answers as NumPy's for a Python int)
+        if self.dtype.kind in "iu" and self.dtype.itemsize <= 4 and np.ndim(value) == 0:
+            v = float(value)
+            xp = self._be.xp
+            info = np.iinfo(self.dtype)
+            if v != v:  # NaN: no value compares true
+                return xp.zeros(r.shape, dtype=xp.bool_)
+            k = math.ceil(v) if op == ">=" else math.floor(v)  # x > v <=> x > floor(v)
+            if (
+                (op == ">" and k >= info.max)
+                or (op == ">=" and k > info.max)
+                or (op == "<=" and k < info.min)
+            ):
+                return xp.zeros(r.shape, dtype=xp.bool_)
+            if (
+                (op == ">" and k < info.min)
+                or (op == ">=" and k <= info.min)
+                or (op == "<=" and k >= info.max)
+            ):
+                return xp.ones(r.shape, dtype=xp.bool_)
+            t = self.dtype.type(k)
+            return r > t if op == ">" else (r >= t if op == ">=" else r <= t)
         rt = np.result_type(self.dtype, value)
-        return (region if region.dtype == rt else region.astype(rt)), rt.type(value)
+        r = r if r.dtype == rt else r.astype(rt)
+        t = rt.type(value)
+        return r > t if op == ">" else (r >= t if op == ">=" else r <= t)
 
-    def above(self, key, value: float):
+    def above(self, key, value):
         """``region > value`` of the 3-D region ``key`` (as a ``PackedMask``)."""
+        return self._test(key, lambda r: self._cmp(r, ">", value))
 
-        def fn(r):
-            r, v = self._typed(r, float(value))
-            return r > v
-
-        return self._test(key, fn)
-
-    def within(self, key, lo: float, hi: float):
+    def within(self, key, lo, hi):
         """``(region >= lo) & (region <= hi)`` of the 3-D region ``key`` (a ``PackedMask``)."""
-
-        def fn(r):
-            r, a = self._typed(r, float(lo))
-            r, b = self._typed(r, float(hi))
-            return (r >= a) & (r <= b)
-
-        return self._test(key, fn)
+        return self._test(key, lambda r: self._cmp(r, ">=", lo) & self._cmp(r, "<=", hi))
 
 
 def _hull(keys, shape):
@@ -464,11 +482,16 @@ def host_views(be, image, organ_mask, organ_index=None):
     that answers every read of planning on the host (False outside the organ's box). The
     image view is a :class:`DeviceView`."""
     from ._packed import PackedMask, pack_on_device
-    from .planning import OrganIndex
+    from .planning import OrganIndex, index_organ
 
-    img = DeviceView(image, be)
-    org = _as_cupy(organ_mask)
+    img_a, org = _as_cupy(image), _as_cupy(organ_mask)
+    # (one of the two may be a host array: planning reads that one directly)
+    img = DeviceView(img_a, be) if be.on_device(img_a) else image
     shape = tuple(int(n) for n in org.shape)
+    if organ_index is not None and tuple(organ_index.shape) != shape:
+        raise ValueError(f"organ_index is for shape {organ_index.shape}, mask is {shape}")
+    if not be.on_device(org):
+        return img, organ_mask, organ_index if organ_index is not None else index_organ(org)
     xp = be.xp
     if organ_index is None:
         m = org if org.dtype == xp.bool_ else org > 0.5
@@ -484,8 +507,6 @@ def host_views(be, image, organ_mask, organ_index=None):
             bbox.append(slice(int(hit[0]), int(hit[-1]) + 1))
             start += n
         organ_index = OrganIndex(bbox=tuple(bbox), count=count, shape=shape)  # type: ignore[arg-type]
-    elif tuple(organ_index.shape) != shape:
-        raise ValueError(f"organ_index is for shape {organ_index.shape}, mask is {shape}")
     box = tuple(organ_index.bbox)
     sub = org[box]
     packed, box_shape = pack_on_device(xp, sub if sub.dtype == xp.bool_ else sub > 0.5)

@@ -2063,6 +2063,23 @@ def test_planning_reads_device_data_through_views(view_backend, small_phantom, p
         _cuda.host_views(be, dev(ph.image[1:]), dev(mask[1:].astype(np.uint8)), ref_idx)
 
 
+def test_planning_views_of_one_device_array_and_one_host_array(view_backend, small_phantom):
+    """An image on the device and its mask on the host (with and without an organ index),
+    or the other way round, plan as both on the host: the host array is read directly."""
+    be, dev = view_backend
+    ph = small_phantom
+    mask = ph.mask("liver")
+    image = ph.image.astype(np.float32)
+    idx = synthgen.index_organ(mask)
+    want = synthgen.plan(image, mask, organ="liver", seed=5, spacing=ph.spacing).to_json()
+    for img, m, ix in ((dev(image), mask, idx), (dev(image), mask, None), (image, dev(mask), None)):
+        img_v, mask_v, ix_v = _cuda.host_views(be, img, m, ix)
+        assert (img_v is img) == (not be.on_device(img)) and (mask_v is m) == (not be.on_device(m))
+        got = synthgen.plan(img_v, mask_v, organ="liver", seed=5, spacing=ph.spacing,
+                            organ_index=ix_v)  # fmt: skip
+        assert got.to_json() == want
+
+
 def test_planning_on_device_data_refuses_nan(view_backend, small_phantom, organ_masks,
                                              monkeypatch):  # fmt: skip
     """A NaN in the organ's box of a float image on the device is found there (one byte

@@ -68,15 +68,19 @@ def test_packed_mask_reads_as_numpy_reads_the_volume(dev_backend):
         np.testing.assert_array_equal(np.asarray(pm), vol)
     with pytest.raises(IndexError):
         pm[shape[0]]
+    for bad in (True, None, 1.0):  # (NumPy: a new axis, or an error; a PackedMask refuses)
+        with pytest.raises(IndexError, match="ints and slices"):
+            pm[bad]
     with pytest.raises(ValueError, match="packed bytes"):
         PackedMask(shape, o, box_shape, np.zeros(1, np.uint8)[:0])
 
 
-@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.int64, np.float32, np.float64])
 def test_device_view_answers_as_numpy(dev_backend, dtype):
-    """``above`` and ``within`` test as NumPy compares an array of the image's type with a
-    Python float (thresholds at, just below and just above representable values, where
-    comparing in another type would differ); ``read_many`` gives what reads one by one
+    """``above`` and ``within`` test as NumPy compares an array of the image's type with the
+    threshold (Python floats at, just below and just above representable values, where
+    comparing in another type would differ; NaN; Python ints in and beyond the type's
+    range; NumPy scalars, compared in their common type); ``read_many`` gives what reads one by one
     give, whether the regions travel apart or as the box around them."""
     be, dev = dev_backend
     rng = np.random.default_rng(3)
@@ -88,13 +92,15 @@ def test_device_view_answers_as_numpy(dev_backend, dtype):
     view = _cuda.DeviceView(dev(host), be)
     vals = [float(v) for v in host.ravel()[:5]]
     thresholds = [*vals, *(np.nextafter(v, np.inf) for v in vals),
-                  *(np.nextafter(v, -np.inf) for v in vals), 0.5, -1e300, 1e300]  # fmt: skip
+                  *(np.nextafter(v, -np.inf) for v in vals), 0.5, -1e300, 1e300, float("nan"),
+                  -7, 40, 2**40, -(2**40), np.float64(vals[0]) + 1e-9, np.float32(0.1),
+                  np.float64(0.1), np.int16(-3)]  # fmt: skip
     keys = [(slice(1, 12), slice(0, 11), slice(2, 7)), (slice(None), 3, slice(None, None, 2))]
     key = keys[0]
     with np.errstate(over="ignore"):  # (1e300 as a float32: inf, for NumPy and the view)
         for t in thresholds:
             np.testing.assert_array_equal(np.asarray(view.above(key, t)), host[key] > t)
-            lo, hi = t, t + 50.0
+            lo, hi = t, t + 50
             np.testing.assert_array_equal(np.asarray(view.within(key, lo, hi)),
                                           (host[key] >= lo) & (host[key] <= hi))  # fmt: skip
     np.testing.assert_array_equal(view[keys[1]], host[keys[1]])
