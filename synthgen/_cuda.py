@@ -345,8 +345,9 @@ class DeviceView:
     on the device and copies back only the answer: :meth:`all_finite`, :meth:`read_many`
     (several regions, one copy), :meth:`above` and :meth:`within` (a test against
     thresholds, copied back as bits). Planning asks these of any array that has them
-    (:mod:`synthgen.planning`'s ``_regions``, ``_all_finite``, ``_above``, ``_within``),
-    and reads NumPy arrays directly: the same values either way."""
+    (through :mod:`synthgen._packed`'s ``all_finite``, ``regions`` and ``above``; the
+    placement's tissue window through ``within``), and reads NumPy arrays directly: the
+    same values either way."""
 
     def __init__(self, a, be) -> None:
         self.a = _as_cupy(a)
