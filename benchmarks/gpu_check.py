@@ -20,6 +20,9 @@ liver), with the image resident on the GPU and rendered in place:
 * a mix sample with a uint8 label map on the device: the render writing the tumor label
   itself (``label_outs``) against the render followed by the per-tumor labelling from the
   result's boxes;
+* every preset in its organ of a whole-scan phantom, one plan per call: GPU ms per sample
+  (``synthgen.render``: mass effect and wall tumors, made on the host, included) against
+  the CPU path;
 * planning from GPU-resident data (every preset in its organ of a whole-scan phantom, a
   new organ index a plan) against planning from host arrays: ms per plan, copies back;
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
@@ -51,6 +54,7 @@ The whole check is sized to finish in well under 6 minutes on an H100.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -257,6 +261,69 @@ def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
     return rows
 
 
+@functools.lru_cache(maxsize=1)
+def _whole_scan():
+    """The all-organ phantom of a whole scan (320 x 256 x 224 voxels of 1.25 x 1.25 x 1.5 mm)
+    that the per-preset parts use."""
+    from synthgen.phantom import make_phantom
+
+    return make_phantom((320, 256, 224), (1.25, 1.25, 1.5), seed=0)
+
+
+def bench_presets(g: Gpu, sc: Scene) -> list[dict]:
+    """Every preset, one plan per call: GPU ms per sample (``synthgen.render`` on the device,
+    in place, and a synchronisation: the preset's mass effect and the hollow organs' wall
+    tumors, both made on the host, included) against the CPU path on the same machine, in
+    the preset's organ of the whole-scan phantom (int16 image), sizes from the preset's mix,
+    plans from the host arrays with the scan's index (planning not timed). Emulated: the
+    driver alone (``render_on_gpu``, no mass effect) as a smoke test."""
+    from synthgen.presets import load_preset
+
+    ph = _whole_scan()
+    img_h = np.ascontiguousarray(ph.image)
+    img_d = g.be.upload(img_h)
+    n_gpu, n_cpu = (2, 1) if g.emulate else (10, 3)
+    rows, cases = [], []
+    for preset in synthgen.list_presets():
+        mask_h = np.ascontiguousarray(ph.mask(load_preset(preset).organ))
+        mask_d = g.be.upload(mask_h)
+        syn = synthgen.Synthesizer(preset, spacing=ph.spacing)
+        idx = synthgen.index_organ(mask_h)
+        plans = [syn.plan(img_h, mask_h, seed=700 + i, organ_index=idx) for i in range(n_gpu)]
+        work_d = img_d.copy()
+
+        def gpu(i, plans=plans, work_d=work_d, mask_d=mask_d):
+            if g.emulate:
+                _cuda.render_on_gpu([plans[i]], [work_d], [mask_d], device_id=0, outs=[work_d],
+                                    be=g.be)  # fmt: skip
+            else:
+                synthgen.render(plans[i], work_d, mask_d, out=work_d, device="cuda")
+            g.sync()
+
+        try:  # (a preset that fails is reported; the others still run)
+            gpu(0)
+            gpu_ms = _median_ms(gpu, n_gpu)
+        except Exception:
+            traceback.print_exc()
+            print(f"  {preset}: FAILED")
+            continue
+        rows.append({"preset": preset, "tumors": statistics.mean(len(p.tumors) for p in plans),
+                     "gpu_ms": gpu_ms})  # fmt: skip
+        cases.append((plans, mask_h))
+        print(f"  {rows[-1]}", flush=True)
+    work_h = img_h.copy()  # the CPU last: its threads use every core
+    for row, (plans, mask_h) in zip(rows, cases, strict=True):
+
+        def cpu(i, plans=plans, mask_h=mask_h):
+            synthgen.render(plans[i], work_h, mask_h, out=work_h, device="cpu")
+
+        cpu(0)
+        row["cpu_ms"] = _median_ms(cpu, n_cpu)
+        row["speedup"] = row["cpu_ms"] / row["gpu_ms"]
+        print(f"  {row}", flush=True)
+    return rows
+
+
 def bench_planning(g: Gpu, sc: Scene) -> list[dict]:
     """Planning from GPU-resident data (``_cuda.host_views``: the organ's box reduced on the
     device, its mask copied back as bits, the image's regions and tests copied back as
@@ -264,10 +331,9 @@ def bench_planning(g: Gpu, sc: Scene) -> list[dict]:
     index per plan (as ``BatchTumorSynthesis`` plans), every preset in its organ of a
     whole-scan phantom (320 x 256 x 224 voxels of 1.25 x 1.25 x 1.5 mm, float32 image),
     sizes from the preset's mix, with the copies back and their bytes."""
-    from synthgen.phantom import make_phantom
     from synthgen.presets import load_preset
 
-    ph = make_phantom((320, 256, 224), (1.25, 1.25, 1.5), seed=0)
+    ph = _whole_scan()
     img = np.ascontiguousarray(ph.image, dtype=np.float32)
     img_d = g.be.upload(img)
     n = 2 if g.emulate else 9
@@ -570,6 +636,7 @@ def main() -> int:
 
     labs = part("label maps on the device", bench_labels)
     plan_rows = part("planning from device data", bench_planning)
+    preset_rows = part("every preset, one plan per call", bench_presets)
     kern = part("device time per kernel", bench_kernels)
     bw = part("fused kernel bandwidth", bench_bandwidth)
     sched = part("launch geometries: flat schedules, 2-D grid, longer blocks", bench_schedules)
@@ -597,6 +664,13 @@ def main() -> int:
     for r in plan_rows:
         print(f"| {r['preset']} | {r['device_ms']:.2f} | {r['host_ms']:.2f} | {r['copies']:.0f} | "
               f"{r['mb']:.2f} |")  # fmt: skip
+    print()
+    print("| preset (whole scan, one plan per call) | tumors | GPU ms/sample | CPU ms/sample | "
+          "CPU/GPU |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for r in preset_rows:
+        print(f"| {r['preset']} | {r['tumors']:.1f} | {r['gpu_ms']:.2f} | {r['cpu_ms']:.1f} | "
+              f"{r['speedup']:.1f}x |")  # fmt: skip
     print()
     print("| kernel | ms | bytes/voxel moved | GB/s | of copy | of copy, 13 and 11 B/voxel |")
     print("|---|---|---|---|---|---|")
@@ -647,7 +721,8 @@ def main() -> int:
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if args.json:
         data = {"tests": test_line, "classes": rows, "kernels": kern, "bandwidth": bw,
-                "labels": labs, "schedules": sched, "planning": plan_rows}  # fmt: skip
+                "labels": labs, "schedules": sched, "planning": plan_rows,
+                "presets": preset_rows}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=1))
     failed = len(rows) < len(CLASSES) or len(fused) < 2
     return rc or int(failed)
