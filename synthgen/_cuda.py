@@ -403,31 +403,24 @@ class DeviceView:
         the image's type with ``value`` (a Python float: in the array's float type, in
         float64 for integers; a NumPy scalar: in their common type), so that the device's
         test is the host's bit for bit. Images of integers of up to 32 bits are compared
-        with the threshold rounded to an integer of their type instead (the same answers:
-        their values are exact in float64), without a float64 copy of the region."""
+        with an integer bound of their type instead (the same answers: their values are
+        exact in float64), without a float64 copy of the region."""
         if isinstance(value, int) and not isinstance(value, np.generic):
             value = float(value)  # (exact: the same answers as NumPy's for a Python int)
         if self.dtype.kind in "iu" and self.dtype.itemsize <= 4 and np.ndim(value) == 0:
-            v = float(value)
-            xp = self._be.xp
-            info = np.iinfo(self.dtype)
+            xp, v, info = self._be.xp, float(value), np.iinfo(self.dtype)
             if v != v:  # NaN: no value compares true
                 return xp.zeros(r.shape, dtype=xp.bool_)
-            k = math.ceil(v) if op == ">=" else math.floor(v)  # x > v <=> x > floor(v)
-            if (
-                (op == ">" and k >= info.max)
-                or (op == ">=" and k > info.max)
-                or (op == "<=" and k < info.min)
-            ):
-                return xp.zeros(r.shape, dtype=xp.bool_)
-            if (
-                (op == ">" and k < info.min)
-                or (op == ">=" and k <= info.min)
-                or (op == "<=" and k >= info.max)
-            ):
-                return xp.ones(r.shape, dtype=xp.bool_)
-            t = self.dtype.type(k)
-            return r > t if op == ">" else (r >= t if op == ">=" else r <= t)
+            if op == "<=":  # x <= v <=> x <= floor(v)
+                bound = math.floor(v)
+                if bound < info.min or bound >= info.max:
+                    return xp.full(r.shape, bound >= info.max, dtype=xp.bool_)
+                return r <= self.dtype.type(bound)
+            # x > v <=> x >= floor(v) + 1; x >= v <=> x >= ceil(v)
+            bound = math.floor(v) + 1 if op == ">" else math.ceil(v)
+            if bound > info.max or bound <= info.min:
+                return xp.full(r.shape, bound <= info.min, dtype=xp.bool_)
+            return r >= self.dtype.type(bound)
         rt = np.result_type(self.dtype, value)
         r = r if r.dtype == rt else r.astype(rt)
         t = rt.type(value)

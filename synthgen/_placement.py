@@ -79,7 +79,7 @@ def bright_vessels(
     step = sample_step(n)
     # the image is read as a strided sample and as its test against the threshold (both
     # made on the device for an image on a GPU), not in full
-    sample = tuple(slice(r.start, r.stop, step) for r in _plain(region, organ_mask.shape))
+    sample = tuple(slice(r.start, r.stop, step) for r in region)  # (``expand``'s slices)
     vals = np.asarray(image[sample])[org[::step, ::step, ::step]]
     if vals.size < 16:
         vals = np.asarray(image[region])[org]
@@ -100,17 +100,6 @@ def bright_vessels(
     vox_mm3 = float(np.prod(spacing))
     # 26-connected components of at least the size (numba: ndimage.label's components)
     return large_components(bright, max(MIN_VOXELS, math.ceil(MIN_VOLUME_MM3 / vox_mm3)))
-
-
-def _plain(region, shape) -> tuple[slice, ...]:
-    """``region`` (slices) as slices of non-negative start and stop and step 1."""
-    out = []
-    for r, n in zip(region, shape, strict=True):
-        start, stop, step = r.indices(n)
-        if step != 1:
-            raise ValueError(f"a region of step 1 expected, got {r}")
-        out.append(slice(start, max(start, stop)))
-    return tuple(out)
 
 
 class _MaskTerm:
