@@ -11,6 +11,7 @@ A benchmark module exposes ``run(quick: bool) -> dict`` returning::
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -56,6 +57,27 @@ class Scene:
 
 
 # ------------------------------------------------------------------------------ statistics
+
+
+#: The whole-scan phantom of the per-preset benchmarks (:func:`whole_scan`).
+WHOLE_SCAN = ((320, 256, 224), (1.25, 1.25, 1.5))
+
+
+@functools.lru_cache(maxsize=1)
+def whole_scan():
+    """The all-organ phantom of a whole scan (``WHOLE_SCAN``: 320 x 256 x 224 voxels of
+    1.25 x 1.25 x 1.5 mm, seed 0) that the per-preset benchmarks plan and render in."""
+    from synthgen.phantom import make_phantom
+
+    return make_phantom(*WHOLE_SCAN, seed=0)
+
+
+def preset_mask(ph, preset: str) -> np.ndarray:
+    """The organ mask of phantom ``ph`` that ``preset`` plans in (C order; both kidneys for
+    ``kidney``)."""
+    from synthgen.presets import load_preset
+
+    return np.ascontiguousarray(ph.mask(load_preset(preset).organ))
 
 
 def now() -> float:

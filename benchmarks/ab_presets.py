@@ -32,7 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ensure_root_on_path, markdown_table  # (run by path: its folder is on sys.path)
+from _common import (  # (run by path: its folder is on sys.path)
+    ensure_root_on_path,
+    markdown_table,
+    preset_mask,
+    whole_scan,
+)
 
 ensure_root_on_path("benchmarks")
 
@@ -53,18 +58,16 @@ def main() -> int:
     from ab_host import load_revision
 
     import synthgen
-    from synthgen.phantom import make_phantom
-    from synthgen.presets import load_preset
 
     old = load_revision(args.rev, Path(tempfile.mkdtemp(prefix="sg-abp-")))
     versions = {"rev": old, "tree": synthgen}
-    ph = make_phantom((320, 256, 224), (1.25, 1.25, 1.5), seed=0)
+    ph = whole_scan()
     img = np.ascontiguousarray(ph.image)
     presets = args.presets.split(",") if args.presets else synthgen.list_presets()
     n = args.samples
     rows = []
     for preset in presets:
-        mask = np.ascontiguousarray(ph.mask(load_preset(preset).organ))
+        mask = preset_mask(ph, preset)
         syn = {v: m.Synthesizer(preset, spacing=ph.spacing) for v, m in versions.items()}
         index = {v: m.index_organ(mask) for v, m in versions.items()}
         plans = {}

@@ -25,7 +25,12 @@ import json
 import tempfile
 from pathlib import Path
 
-from _common import ensure_root_on_path, markdown_table  # (run by path: its folder is on sys.path)
+from _common import (  # (run by path: its folder is on sys.path)
+    ensure_root_on_path,
+    markdown_table,
+    preset_mask,
+    whole_scan,
+)
 
 ensure_root_on_path("benchmarks")
 
@@ -56,16 +61,14 @@ def run(rev: str, n_plans: int) -> list[dict]:
     from ab_host import load_revision
 
     import synthgen
-    from synthgen.phantom import make_phantom
-    from synthgen.presets import load_preset
 
     old = load_revision(rev, Path(tempfile.mkdtemp(prefix="sg-reads-")))
     versions = {rev: old, "tree": synthgen}
-    ph = make_phantom((320, 256, 224), (1.25, 1.25, 1.5), seed=0)
+    ph = whole_scan()
     img = np.ascontiguousarray(ph.image, dtype=np.float32)
     rows = []
     for preset in synthgen.list_presets():
-        mask = np.ascontiguousarray(ph.mask(load_preset(preset).organ)).astype(np.uint8)
+        mask = preset_mask(ph, preset).astype(np.uint8)
         plans_of = {}
         for version, pkg in versions.items():
             cuda = __import__(pkg.__name__ + "._cuda", fromlist=["host_views"])

@@ -54,7 +54,6 @@ The whole check is sized to finish in well under 6 minutes on an H100.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -73,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "synthgen-numba"))
 
 import synthgen  # noqa: E402
-from benchmarks._common import Scene  # noqa: E402
+from benchmarks._common import Scene, preset_mask, whole_scan  # noqa: E402
 from synthgen import _cuda  # noqa: E402
 
 CLASSES = ("tiny", "small", "medium", "large", "mix")
@@ -261,15 +260,6 @@ def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
     return rows
 
 
-@functools.lru_cache(maxsize=1)
-def _whole_scan():
-    """The all-organ phantom of a whole scan (320 x 256 x 224 voxels of 1.25 x 1.25 x 1.5 mm)
-    that the per-preset parts use."""
-    from synthgen.phantom import make_phantom
-
-    return make_phantom((320, 256, 224), (1.25, 1.25, 1.5), seed=0)
-
-
 def bench_presets(g: Gpu, sc: Scene) -> list[dict]:
     """Every preset, one plan per call: GPU ms per sample (``synthgen.render`` on the device,
     in place, and a synchronisation: the preset's mass effect and the hollow organs' wall
@@ -277,15 +267,13 @@ def bench_presets(g: Gpu, sc: Scene) -> list[dict]:
     the preset's organ of the whole-scan phantom (int16 image), sizes from the preset's mix,
     plans from the host arrays with the scan's index (planning not timed). Emulated: the
     driver alone (``render_on_gpu``, no mass effect) as a smoke test."""
-    from synthgen.presets import load_preset
-
-    ph = _whole_scan()
+    ph = whole_scan()
     img_h = np.ascontiguousarray(ph.image)
     img_d = g.be.upload(img_h)
     n_gpu, n_cpu = (2, 1) if g.emulate else (10, 3)
     rows, cases = [], []
     for preset in synthgen.list_presets():
-        mask_h = np.ascontiguousarray(ph.mask(load_preset(preset).organ))
+        mask_h = preset_mask(ph, preset)
         mask_d = g.be.upload(mask_h)
         syn = synthgen.Synthesizer(preset, spacing=ph.spacing)
         idx = synthgen.index_organ(mask_h)
@@ -331,15 +319,13 @@ def bench_planning(g: Gpu, sc: Scene) -> list[dict]:
     index per plan (as ``BatchTumorSynthesis`` plans), every preset in its organ of a
     whole-scan phantom (320 x 256 x 224 voxels of 1.25 x 1.25 x 1.5 mm, float32 image),
     sizes from the preset's mix, with the copies back and their bytes."""
-    from synthgen.presets import load_preset
-
-    ph = _whole_scan()
+    ph = whole_scan()
     img = np.ascontiguousarray(ph.image, dtype=np.float32)
     img_d = g.be.upload(img)
     n = 2 if g.emulate else 9
     rows = []
     for preset in synthgen.list_presets():
-        mask = np.ascontiguousarray(ph.mask(load_preset(preset).organ)).astype(np.uint8)
+        mask = preset_mask(ph, preset).astype(np.uint8)
         mask_d = g.be.upload(mask)
         syn = synthgen.Synthesizer(preset, spacing=ph.spacing)
         tbe = _WaitTimer(g.be)
