@@ -476,7 +476,7 @@ def host_views(be, image, organ_mask, organ_index=None):
     that answers every read of planning on the host (False outside the organ's box). The
     image view is a :class:`DeviceView`."""
     from ._packed import PackedMask, pack_on_device
-    from .planning import OrganIndex, index_organ
+    from .planning import OrganIndex
 
     img_a, org = _as_cupy(image), _as_cupy(organ_mask)
     # (one of the two may be a host array: planning reads that one directly)
@@ -484,11 +484,16 @@ def host_views(be, image, organ_mask, organ_index=None):
     shape = tuple(int(n) for n in org.shape)
     if organ_index is not None and tuple(organ_index.shape) != shape:
         raise ValueError(f"organ_index is for shape {organ_index.shape}, mask is {shape}")
-    if not be.on_device(org):
-        return img, organ_mask, organ_index if organ_index is not None else index_organ(org)
+    if not be.on_device(org):  # (without an index, planning finds the box as for host data)
+        return img, organ_mask, organ_index
     xp = be.xp
+
+    def binary(a):
+        return a if a.dtype == xp.bool_ else a > 0.5
+
+    m = None
     if organ_index is None:
-        m = org if org.dtype == xp.bool_ else org > 0.5
+        m = binary(org)
         proj = [m.any(axis=(1, 2)), m.any(axis=(0, 2)), m.any(axis=(0, 1))]
         host = be.download(xp.concatenate([*(p.astype(xp.int64) for p in proj),
                                            m.sum(dtype=xp.int64).reshape(1)]))  # fmt: skip
@@ -502,8 +507,7 @@ def host_views(be, image, organ_mask, organ_index=None):
             start += n
         organ_index = OrganIndex(bbox=tuple(bbox), count=count, shape=shape)  # type: ignore[arg-type]
     box = tuple(organ_index.bbox)
-    sub = org[box]
-    packed, box_shape = pack_on_device(xp, sub if sub.dtype == xp.bool_ else sub > 0.5)
+    packed, box_shape = pack_on_device(xp, m[box] if m is not None else binary(org[box]))
     mask = PackedMask(shape, [b.start for b in box], box_shape, be.download(packed))
     return img, mask, organ_index
 

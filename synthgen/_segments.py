@@ -558,11 +558,11 @@ def render_segments(be, jobs: Sequence[Any]) -> list[RenderResult]:
     masks: list[dict[int, tuple[tuple[slice, slice, slice], Any]]] = [{} for _ in jobs]
     out: list[RenderResult | None] = [None] * len(jobs)
     deferred = [_masks_deferred(job) for job in jobs]
-    stats_later = all(deferred)  # (then _render returns before the statistics are back)
 
-    def before_wait(mask_of) -> None:
+    def before_wait(mask_of, stats_later: bool) -> None:
         """The results of the jobs whose masks stay on the device, statistics aside: host
-        work done while the device runs phase B instead of after its last wait."""
+        work done while the device runs phase B instead of after its last wait (``_render``
+        says whether it returns before the statistics are back)."""
         for j, job in enumerate(jobs):
             if deferred[j]:
                 # (with the statistics later, the records made when first read: a caller that
@@ -667,8 +667,9 @@ def _render(
     The rows of jobs whose masks are ``deferred`` (:func:`_masks_deferred`, per job) are given
     as ``masks[j][i] = (tight box, q)``; ``before_wait`` is called, once phase B is launched
     and before the wait for its statistics, with the function making row ``q``'s device
-    mask. When every job's masks are deferred there is no such wait: the statistics come
-    later, from the :class:`_StatsLater` returned (None otherwise)."""
+    mask and whether the statistics come later. When every job's masks are deferred there
+    is no such wait: the statistics come later, from the :class:`_StatsLater` returned (None
+    otherwise)."""
 
     W, FW, DW = C.T_WIDTH, C.F_WIDTH, C.D_WIDTH
     i32 = np.int32
@@ -998,9 +999,9 @@ def _render(
             fence.wait()
             return mask_of(q)
 
-        before_wait(fenced_mask_of)
+        before_wait(fenced_mask_of, True)
         return _StatsLater(pack.fetcher(be, st_ref), fence, keys, results_stats)
-    before_wait(mask_of)
+    before_wait(mask_of, False)
     _put_stats(pack.download(be, st_ref).tolist(), keys, results_stats)  # synchronisation 2
     for q in eager:  # jobs with a host image or a host label map: their rows now
         j, i = keys[q]
