@@ -74,14 +74,7 @@ def load_revision(rev: str, where: Path):
 
 def _recorder(cls, kernels: Path):
     """A recording stand-in backend (``cls``, bench_gpu_host's) compiled from ``kernels``."""
-    import _cuda_emu
-
-    saved = _cuda_emu.KERNELS
-    _cuda_emu.KERNELS = kernels
-    try:
-        return cls(Path(tempfile.mkdtemp(prefix="sg-emu-")))
-    finally:
-        _cuda_emu.KERNELS = saved
+    return cls(Path(tempfile.mkdtemp(prefix="sg-emu-")), kernels=kernels)
 
 
 def main() -> int:

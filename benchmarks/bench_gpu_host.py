@@ -59,8 +59,8 @@ def _backends(clock=time.perf_counter):
     from synthgen._cuda import CupyBackend
 
     class Record(HostBackend):
-        def __init__(self, build_dir) -> None:
-            super().__init__(build_dir)
+        def __init__(self, build_dir, **kw) -> None:
+            super().__init__(build_dir, **kw)
             self.log: list[np.ndarray] = []
 
         def download(self, dev):
