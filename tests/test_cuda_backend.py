@@ -1654,7 +1654,7 @@ def test_kernel_row_sums_do_not_depend_on_the_block_order(backend, monkeypatch):
     ],
     ids=["reduction", "row-sums", "unwritten-shared"],
 )
-def test_the_simt_stand_in_fails_broken_block_synchronisation(tmp_path, old, new):
+def test_the_simt_stand_in_fails_broken_block_synchronisation(tmp_path, emu_simt, old, new):
     """The SIMT stand-in can fail: with a barrier taken out of kernels/, or a read of shared
     memory the block has not written, the texture statistics of a grid (whole numbers:
     exact sums in any order) come out wrong, or the launch stops with the stand-in's error
@@ -1662,9 +1662,9 @@ def test_the_simt_stand_in_fails_broken_block_synchronisation(tmp_path, old, new
     sums. (The one-thread stand-ins, which run the kernels' host branches, see none of it.)"""
     g = np.random.default_rng(5).integers(0, 8, (64, 64, 64)).astype(np.float32)
     want = [float(g[g > 3.5].sum()), float((g > 3.5).sum()), float(g.sum())]
-    assert _simt_tex_stats(tmp_path / "good", KERNELS, g) == want
+    assert _simt_tex_stats(emu_simt, g) == want
     try:
-        got = _simt_tex_stats(tmp_path / "bad", _mutated_kernels(tmp_path, old, new), g)
+        got = _simt_tex_stats(_simt_mutated(tmp_path, old, new), g)
     except RuntimeError as e:
         assert "sg_seg_tex_stats on the SIMT stand-in" in str(e)
     else:
@@ -1697,19 +1697,20 @@ def test_the_simt_stand_in_fails_broken_block_synchronisation(tmp_path, old, new
     ],
     ids=["endless-loop", "wild-read", "stack-overflow"],
 )
-def test_the_simt_stand_in_stops_a_kernel_that_hangs_or_faults(tmp_path, old, new, says):
+def test_the_simt_stand_in_stops_a_kernel_that_hangs_or_faults(tmp_path, emu_simt, old, new,
+                                                                says):  # fmt: skip
     """A kernel that would hang the suite (a loop that does not end, as a missing barrier
     can make) or crash its process (a read out of bounds; a thread's stack overflowing,
     which would otherwise write over its neighbour's) fails its launch on the SIMT stand-in
     instead, with an error naming the block and thread; the process goes on, and its sound
     kernels with it."""
     g = np.random.default_rng(6).integers(0, 8, (32, 32, 32)).astype(np.float32)
-    bad = _mutated_kernels(tmp_path, old, new)
+    bad = _simt_mutated(tmp_path, old, new, watchdog_s=1.0)
     with pytest.raises(
         RuntimeError, match=rf"sg_seg_tex_stats on the SIMT stand-in: block \d+, {says}"
     ):
-        _simt_tex_stats(tmp_path / "bad", bad, g, watchdog_s=1.0)
-    assert _simt_tex_stats(tmp_path / "good", KERNELS, g)[2] == float(g.sum())
+        _simt_tex_stats(bad, g)
+    assert _simt_tex_stats(emu_simt, g)[2] == float(g.sum())
 
 
 def _mutated_kernels(tmp_path, old: str, new: str):
@@ -1723,12 +1724,8 @@ def _mutated_kernels(tmp_path, old: str, new: str):
     return bad
 
 
-def _simt_tex_stats(build, kernels, g: np.ndarray, watchdog_s: float = 120.0) -> list:
-    """The texture statistics of grid ``g`` (threshold 3.5), one row, on the SIMT stand-in
-    built from ``kernels`` in ``build``: blocks of 64 threads, blocks and threads shuffled."""
-    build.mkdir()
-    be = _simt(build, 64, kernels)
-    be.watchdog_s = watchdog_s
+def _simt_tex_stats(be: HostBackend, g: np.ndarray) -> list:
+    """The texture statistics of grid ``g`` (threshold 3.5), one row, on backend ``be``."""
     rows = _Rows(be, to_device, 1)
     rows.put(0, "GRID", g)
     rows.set(0, "G_0", *g.shape)
@@ -1736,6 +1733,16 @@ def _simt_tex_stats(build, kernels, g: np.ndarray, watchdog_s: float = 120.0) ->
     st = to_device(np.full((1, 3), np.nan))
     rows.launch("sg_seg_tex_stats", g.size, st, *rows.row_sums(g.size, 3), td=True)
     return be.download(st)[0].tolist()
+
+
+def _simt_mutated(tmp_path, old: str, new: str, watchdog_s: float = 120.0) -> HostBackend:
+    """The SIMT stand-in (as ``emu_simt``) built from kernels/ with ``old`` replaced by
+    ``new`` (:func:`_mutated_kernels`)."""
+    build = tmp_path / "bad"
+    build.mkdir()
+    be = _simt(build, 64, _mutated_kernels(tmp_path, old, new))
+    be.watchdog_s = watchdog_s
+    return be
 
 
 def test_kernel_blocks(backend):
