@@ -104,7 +104,8 @@ def _param_type(decl: str) -> tuple[str, bool]:
 
 def signatures(source: str) -> dict[str, list[tuple[str, bool]]]:
     return {
-        name: [_param_type(p) for p in params.split(",")] for name, params in _SIG.findall(source)
+        name: [_param_type(p) for p in params.split(",") if p.strip()]
+        for name, params in _SIG.findall(source)
     }
 
 
@@ -112,15 +113,13 @@ def _trampolines(source: str) -> str:
     """For the SIMT stand-in: a C entry ``sg_simt_<kernel>`` per kernel, which takes the
     launch's arguments as 8-byte words and runs the kernel's blocks through the fiber
     scheduler (``sg_emu::run``)."""
-    out = ["#include <functional>"]
-    for name, params in _SIG.findall(source):
+    out = []
+    for name, params in signatures(source).items():
         lines, names = [], []
-        for k, decl in enumerate(p.strip() for p in params.split(",") if p.strip()):
-            typ = re.match(r"(.*?)\w+\s*$", decl, re.S).group(1).strip()
-            if "*" in typ:
-                lines.append(f"    {typ} a{k} = ({typ})(uintptr_t)a[{k}];")
+        for k, (typ, ptr) in enumerate(params):
+            if ptr:
+                lines.append(f"    {typ}* a{k} = ({typ}*)(uintptr_t)a[{k}];")
             else:
-                typ = typ.replace("const", "").strip()
                 lines.append(f"    {typ} a{k}; memcpy(&a{k}, &a[{k}], sizeof a{k});")
             names.append(f"a{k}")
         out += [
