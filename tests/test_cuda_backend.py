@@ -287,14 +287,17 @@ def test_records_made_and_filled_once_from_many_threads():
 @pytest.mark.parametrize(("preset", "organ", "size"), ORGANS)
 def test_render_matches_the_cpu(backend, small_phantom, organ_masks, preset, organ, size):
     be, dev = backend
-    ph = small_phantom
-    mask = organ_masks[organ]
     for seed in (1, 2):
-        plan = _plan(ph, mask, preset, seed, size)
-        ref = rendering.render(plan, ph.image, mask)
-        got = _cuda.render_on_gpu([plan], [dev(ph.image)], [dev(mask)], device_id=0, be=be)[0]
-        _compare(ref, got, be)
-        assert ref.tumors, "the plan has tumors"
+        _render_against_cpu(be, dev, small_phantom, organ_masks[organ], preset, seed, size)
+
+
+def _render_against_cpu(be, dev, ph, mask, preset, seed, size) -> None:
+    """One plan rendered on ``be`` as the CPU renders it (:func:`_compare`)."""
+    plan = _plan(ph, mask, preset, seed, size)
+    ref = rendering.render(plan, ph.image, mask)
+    got = _cuda.render_on_gpu([plan], [dev(ph.image)], [dev(mask)], device_id=0, be=be)[0]
+    _compare(ref, got, be)
+    assert ref.tumors, "the plan has tumors"
 
 
 @pytest.mark.parametrize(("preset", "organ", "size"), [ORGANS[0], ORGANS[5]])
@@ -303,13 +306,8 @@ def test_render_on_blocks_of_a_gpu_launch_matches_the_cpu(
 ):
     """The SIMT stand-in with a GPU launch's 256 threads a block (the other tests' 64 are
     cheaper): a mix plan and a hollow organ's, as the CPU renders them."""
-    ph, mask = small_phantom, organ_masks[organ]
-    plan = _plan(ph, mask, preset, 1, size)
-    ref = rendering.render(plan, ph.image, mask)
-    got = _cuda.render_on_gpu([plan], [to_device(ph.image)], [to_device(mask)], device_id=0,
-                              be=emu_simt_256)[0]  # fmt: skip
-    _compare(ref, got, emu_simt_256)
-    assert ref.tumors
+    _render_against_cpu(emu_simt_256, to_device, small_phantom, organ_masks[organ], preset, 1,
+                        size)  # fmt: skip
 
 
 def test_tumors_off_the_scan_and_nested_rotations(backend, small_phantom, organ_masks):
