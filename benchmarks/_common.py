@@ -319,16 +319,21 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def count_script_main(doc: str, run, title: str, columns: Sequence[str], cells) -> int:
-    """``main()`` of a counting script (``count_bytes``, ``count_blocks``): ``--json FILE``;
-    its ``run()`` rows (dicts), printed as one markdown table of ``cells(row)`` under
-    ``columns``, and written to the JSON file if asked."""
+def count_script_main(doc: str, run, title: str, columns: Sequence[str], cells,
+                      add_args=None) -> int:  # fmt: skip
+    """``main()`` of a counting script (``count_bytes``, ``count_blocks``,
+    ``count_planning_reads``): ``--json FILE``, and the script's own arguments where
+    ``add_args(parser)`` adds them (then ``run(args)``, else ``run()``); its rows (dicts),
+    printed as one markdown table of ``cells(row)`` under ``columns``, and written to the
+    JSON file if asked."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--json", type=Path)
+    if add_args is not None:
+        add_args(ap)
     args = ap.parse_args()
-    rows = run()
+    rows = run(args) if add_args is not None else run()
     print()
     print(markdown_table({"title": title, "columns": columns, "rows": [cells(r) for r in rows]}))
     if args.json:

@@ -20,48 +20,28 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from _common import (  # (run by path: its folder is on sys.path)
+    count_script_main,
     ensure_root_on_path,
-    markdown_table,
     preset_mask,
     whole_scan,
 )
 
-ensure_root_on_path("benchmarks")
+ensure_root_on_path("tests")
 
 import numpy as np  # noqa: E402
 
 
-class Counting:
-    """What planning views need of a backend (``xp``, ``on_device``, ``download``), NumPy as
-    the device, counting the downloads and their bytes."""
-
-    xp = np
-
-    def __init__(self) -> None:
-        self.copies = 0
-        self.nbytes = 0
-
-    def on_device(self, a) -> bool:
-        return isinstance(a, np.ndarray)  # (every array here stands for a device array)
-
-    def download(self, dev) -> np.ndarray:
-        host = np.array(dev, copy=True)
-        self.copies += 1
-        self.nbytes += host.nbytes
-        return host
-
-
-def run(rev: str, n_plans: int) -> list[dict]:
+def run(args) -> list[dict]:
+    from _cuda_emu import NumpyDevice
     from ab_host import load_revision
 
     import synthgen
 
+    rev, n_plans = args.rev, args.plans
     old = load_revision(rev, Path(tempfile.mkdtemp(prefix="sg-reads-")))
     versions = {rev: old, "tree": synthgen}
     ph = whole_scan()
@@ -75,7 +55,7 @@ def run(rev: str, n_plans: int) -> list[dict]:
             syn = pkg.Synthesizer(preset, spacing=ph.spacing)
             row = {"preset": preset, "organ_voxels": int(mask.sum()), "version": version}
             for how in ("fresh", "reused"):
-                be = Counting()
+                be = NumpyDevice()
                 plans, index = [], None
                 if how == "reused":  # the scan's index and cache, filled by a first plan
                     iv, mv, index = cuda.host_views(be, img, mask)
@@ -96,23 +76,18 @@ def run(rev: str, n_plans: int) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("rev", help="git revision to compare the working tree with")
-    ap.add_argument("--plans", type=int, default=6, help="plans per preset and case")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    rows = run(args.rev, args.plans)
-    cols = ["preset", "organ voxels", "version", "copies back per plan, new index",
-            "MB per plan, new index", "copies, reused index", "MB, reused index"]  # fmt: skip
-    cells = [[r["preset"], r["organ_voxels"], r["version"], f"{r['fresh_copies']:.1f}",
-              f"{r['fresh_mb']:.2f}", f"{r['reused_copies']:.1f}", f"{r['reused_mb']:.2f}"]
-             for r in rows]  # fmt: skip
-    print()
-    print(markdown_table({"title": "planning from GPU-resident data: what travels back",
-                          "columns": cols, "rows": cells}))  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    def add_args(ap) -> None:
+        ap.add_argument("rev", help="git revision to compare the working tree with")
+        ap.add_argument("--plans", type=int, default=6, help="plans per preset and case")
+
+    return count_script_main(
+        __doc__, run, "planning from GPU-resident data: what travels back",
+        ["preset", "organ voxels", "version", "copies back per plan, new index",
+         "MB per plan, new index", "copies, reused index", "MB, reused index"],
+        lambda r: [r["preset"], r["organ_voxels"], r["version"], f"{r['fresh_copies']:.1f}",
+                   f"{r['fresh_mb']:.2f}", f"{r['reused_copies']:.1f}", f"{r['reused_mb']:.2f}"],
+        add_args,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -166,6 +166,27 @@ class DeviceArray(np.ndarray):
     """A NumPy array the stand-in treats as GPU-resident (a CuPy array's role)."""
 
 
+class NumpyDevice:
+    """What planning's views need of a backend (``xp``, ``on_device``, ``download``) with
+    NumPy arrays standing for device arrays (no kernels), counting the downloads and their
+    bytes (``copies``, ``nbytes``)."""
+
+    xp = np
+
+    def __init__(self) -> None:
+        self.copies = 0
+        self.nbytes = 0
+
+    def on_device(self, a) -> bool:
+        return isinstance(a, np.ndarray)
+
+    def download(self, dev) -> np.ndarray:
+        host = np.array(dev, copy=True)
+        self.copies += 1
+        self.nbytes += host.nbytes
+        return host
+
+
 def gpu_backend():
     """``(CupyBackend on GPU 0, cupy.asarray)`` for a GPU test; skips it without a GPU."""
     import pytest

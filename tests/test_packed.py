@@ -5,26 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _cuda_emu import gpu_backend
+from _cuda_emu import NumpyDevice, gpu_backend
 
 from synthgen import _cuda
 from synthgen._packed import PackedMask, pack_on_device
-
-
-class _NumpyBackend:
-    """What DeviceView needs of a backend, with NumPy as the device."""
-
-    xp = np
-
-    def download(self, dev) -> np.ndarray:
-        return np.array(dev, copy=True)
 
 
 @pytest.fixture(params=["numpy", pytest.param("gpu", marks=pytest.mark.gpu)])
 def dev_backend(request):
     """``(backend, to_device)``: NumPy standing in for the device, or CuPy on GPU 0."""
     if request.param == "numpy":
-        return _NumpyBackend(), np.asarray
+        return NumpyDevice(), np.asarray
     return gpu_backend()
 
 
