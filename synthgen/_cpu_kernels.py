@@ -37,12 +37,16 @@ __all__ = [
     "large_components",
     "mask_bbox",
     "merge_strongest",
+    "outer_wall",
     "overlap_partners_nb",
     "shape_mask",
     "texture_axes_nb",
     "texture_consts_nb",
     "toeplitz_contract3",
     "trilinear_box",
+    "wall_arc",
+    "wall_blend",
+    "wall_component",
 ]
 
 _OPTS = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
@@ -1327,3 +1331,221 @@ def component_through(m, s0, s1, s2):
                         stack[top] = (ii * n1 + jj) * n2 + kk
                         top += 1
     return out
+
+
+@nb.njit(**_OPTS)
+def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
+    """A wall tumor's component (``synthgen._hollow.render_wall``): the 26-connected
+    component through ``(s0, s1, s2)`` of the organ voxels of its cylinder, by a flood fill
+    that tests the cylinder only at the voxels it reaches, so its cost grows with the
+    component rather than with the box.
+
+    A voxel ``(i, j, k)`` of ``org`` (bool, the box) is in the cylinder when ``|s| <= axial``
+    and ``rho <= reach``, ``s = x0[i] a0 + x1[j] a1 + x2[k] a2`` (``x*``: the axes' mm offsets
+    from the centre, ``a*`` the axis) and ``rho`` the distance from the axis: the float64
+    operations of the NumPy expressions of ``render_wall`` in their order, the same bits.
+
+    Returns ``(comp, lo0, lo1, lo2)``: the component cropped to its bounding box (bool) and
+    the box's first index per axis; ``lo0 == -1`` (and an empty ``comp``) when the seed is
+    not in the cylinder.
+    """
+    n0, n1, n2 = org.shape
+    # 0: not tested, 1: in the component, 2: tested, not in the cylinder
+    state = np.zeros((n0, n1, n2), dtype=np.uint8)
+    if not _in_cylinder(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
+        return np.zeros((0, 0, 0), dtype=np.bool_), -1, -1, -1
+    stack = np.empty(n0 * n1 * n2, dtype=np.int64)
+    state[s0, s1, s2] = 1
+    stack[0] = (s0 * n1 + s1) * n2 + s2
+    top = 1
+    lo0, hi0, lo1, hi1, lo2, hi2 = s0, s0, s1, s1, s2, s2
+    while top > 0:
+        top -= 1
+        f = stack[top]
+        i = f // (n1 * n2)
+        j = (f // n2) % n1
+        k = f % n2
+        lo0, hi0 = min(lo0, i), max(hi0, i)
+        lo1, hi1 = min(lo1, j), max(hi1, j)
+        lo2, hi2 = min(lo2, k), max(hi2, k)
+        for ii in range(max(i - 1, 0), min(i + 2, n0)):
+            for jj in range(max(j - 1, 0), min(j + 2, n1)):
+                for kk in range(max(k - 1, 0), min(k + 2, n2)):
+                    if state[ii, jj, kk] == 0:
+                        if _in_cylinder(org, ii, jj, kk, x0, x1, x2, a0, a1, a2, axial, reach):
+                            state[ii, jj, kk] = 1
+                            stack[top] = (ii * n1 + jj) * n2 + kk
+                            top += 1
+                        else:
+                            state[ii, jj, kk] = 2
+    comp = np.empty((hi0 - lo0 + 1, hi1 - lo1 + 1, hi2 - lo2 + 1), dtype=np.bool_)
+    for i in range(lo0, hi0 + 1):
+        for j in range(lo1, hi1 + 1):
+            for k in range(lo2, hi2 + 1):
+                comp[i - lo0, j - lo1, k - lo2] = state[i, j, k] == 1
+    return comp, lo0, lo1, lo2
+
+
+@nb.njit(inline="always", **_OPTS)
+def _in_cylinder(org, i, j, k, x0, x1, x2, a0, a1, a2, axial, reach):
+    if not org[i, j, k]:
+        return False
+    s = x0[i] * a0 + x1[j] * a1 + x2[k] * a2
+    p0 = x0[i] - s * a0
+    p1 = x1[j] - s * a1
+    p2 = x2[k] - s * a2
+    return abs(s) <= axial and np.sqrt(p0 * p0 + p1 * p1 + p2 * p2) <= reach
+
+
+@nb.njit(**_OPTS)
+def outer_wall(comp, org, lo0, lo1, lo2):
+    """The voxels of ``comp`` (bool, a crop of ``org``'s box starting at ``(lo0, lo1, lo2)``)
+    with a face neighbour outside ``org`` (bool, the box); beyond the box's faces the box's
+    edge voxel stands in (``np.pad`` ``edge``: the organ may continue past the box)."""
+    n0, n1, n2 = org.shape
+    c0, c1, c2 = comp.shape
+    out = np.zeros((c0, c1, c2), dtype=np.bool_)
+    for a in range(c0):
+        for b in range(c1):
+            for c in range(c2):
+                if not comp[a, b, c]:
+                    continue
+                i, j, k = a + lo0, b + lo1, c + lo2
+                out[a, b, c] = not (
+                    org[max(i - 1, 0), j, k]
+                    and org[min(i + 1, n0 - 1), j, k]
+                    and org[i, max(j - 1, 0), k]
+                    and org[i, min(j + 1, n1 - 1), k]
+                    and org[i, j, max(k - 1, 0)]
+                    and org[i, j, min(k + 1, n2 - 1)]
+                )
+    return out
+
+
+@nb.njit(inline="always", **_OPTS)
+def _np_clip(x, lo, hi):
+    """``np.clip`` of one value, its NaN and signed-zero rules included."""
+    if not (np.isnan(x) or x > lo):
+        x = lo
+    if not (np.isnan(x) or x < hi):
+        x = hi
+    return x
+
+
+@nb.njit(**_OPTS)
+def wall_arc(wall, x0, x1, x2, a0, a1, a2, n0, n1, n2, smax, cmin):
+    """The voxels of ``wall`` (bool, a box) with ``|s| <= smax`` and
+    ``cos(angle to normal) >= cmin`` around the axis, and their distances from the axis
+    (``synthgen._hollow.render_wall``'s float64 NumPy expressions, the same bits; ``x*``: the
+    box's mm offsets from the centre per axis). Returns ``(mask, rho)``, ``rho`` in C order."""
+    c0, c1, c2 = wall.shape
+    out = np.zeros((c0, c1, c2), dtype=np.bool_)
+    rho_out = np.empty(c0 * c1 * c2, dtype=np.float64)
+    n = 0
+    for a in range(c0):
+        for b in range(c1):
+            for c in range(c2):
+                if not wall[a, b, c]:
+                    continue
+                s = x0[a] * a0 + x1[b] * a1 + x2[c] * a2
+                p0 = x0[a] - s * a0
+                p1 = x1[b] - s * a1
+                p2 = x2[c] - s * a2
+                rho = np.sqrt(p0 * p0 + p1 * p1 + p2 * p2)
+                r = rho if (rho >= 1e-6 or np.isnan(rho)) else 1e-6
+                cosang = (p0 * n0 + p1 * n1 + p2 * n2) / r
+                if abs(s) <= smax and cosang >= cmin:
+                    out[a, b, c] = True
+                    rho_out[n] = rho
+                    n += 1
+    return out, rho_out[:n]
+
+
+@nb.njit(**_OPTS)
+def wall_blend(
+    comp, orig, dist, x0, x1, x2, y0, y1, y2, prm, grid, ti0, tf0, ti1, tf1, ti2, tf2, keys, off
+):
+    """A wall tumor's change on its component's box, one pass over the box (see
+    ``synthgen._hollow``): the texture at the voxel (``trilinear_box``'s operations), the
+    weight of the thickened wall (``dist``: distance to the outer wall, mm) or of the polyp,
+    the tissue value with the scan's noise, the change and the label, in the float32 and
+    float64 operations of the NumPy reference (``tests/test_hollow.py``), the same bits.
+
+    ``prm`` (float64): mode (0 wall, 1 polyp), axis (3), normal (3), half-length, shoulder,
+    thickness, irregularity, blur sigma, tissue HU, texture gain, noise HU, the polyp's base
+    radius ``rb`` and height, the least written value a label voxel has. ``x*``: the box's
+    mm offsets from the centre per axis, ``y*`` from the polyp's base point. ``off``: the
+    box's first voxel in lattice units from the centre (the noise).
+
+    Returns ``(delta, mask, lo0, hi0, lo1, hi1, lo2, hi2)``: float32 change (0 outside the
+    component), bool label, and the inclusive bounds of the changed voxels (``hi0 < lo0``
+    when none changed).
+    """
+    f32 = np.float32
+    c0, c1, c2 = comp.shape
+    delta = np.zeros((c0, c1, c2), dtype=np.float32)
+    mask = np.zeros((c0, c1, c2), dtype=np.bool_)
+    polyp = prm[0] != 0.0
+    a0, a1, a2 = prm[1], prm[2], prm[3]
+    n0, n1, n2 = prm[4], prm[5], prm[6]
+    half, shoulder, thick, irr, sigma = prm[7], prm[8], prm[9], prm[10], prm[11]
+    tissue, gain, noise_hu, rb, hgt0 = prm[12], prm[13], prm[14], prm[15], prm[16]
+    label_min = f32(prm[17])
+    flat = max(0.0, half - shoulder)
+    two_sigma = 2.0 * sigma
+    one = f32(1.0)
+    lo0, hi0, lo1, hi1, lo2, hi2 = c0, -1, c1, -1, c2, -1
+    for a in range(c0):
+        for b in range(c1):
+            for c in range(c2):
+                if not comp[a, b, c]:
+                    continue
+                # the texture (trilinear_box)
+                ia, fa, ib, fb, ic, fc = ti0[a], tf0[a], ti1[b], tf1[b], ti2[c], tf2[c]
+                acc = 0.0
+                for q0 in range(2):
+                    w0 = fa if q0 else one - fa
+                    for q1 in range(2):
+                        w1 = fb if q1 else one - fb
+                        for q2 in range(2):
+                            w2 = fc if q2 else one - fc
+                            v = grid[ia + q0, ib + q1, ic + q2]
+                            acc += np.float64(((v * w0) * w1) * w2)
+                tex = f32(acc)
+                u = _np_clip((tex - f32(0.5)) / f32(0.1), f32(-1.0), f32(1.0))
+                if polyp:
+                    yn = y0[a] * n0 + y1[b] * n1 + y2[c] * n2
+                    hgt = f32(hgt0) * (one + f32(irr) * u)
+                    r2 = ((y0[a] * y0[a] + y1[b] * y1[b]) + y2[c] * y2[c] - yn * yn) / (rb * rb)
+                    t = yn / np.float64(hgt)
+                    rr2 = r2 + t * t
+                    frb = f32(rb)
+                    m = frb if (frb <= hgt or np.isnan(frb)) else hgt
+                    depth = (1.0 - np.sqrt(rr2)) * np.float64(m)
+                    w = _np_clip(0.5 + depth / two_sigma, 0.0, 1.0)
+                else:
+                    s = x0[a] * a0 + x1[b] * a1 + x2[c] * a2
+                    aa = abs(s)
+                    if shoulder <= 0:
+                        taper = one if aa <= half else f32(0.0)
+                    else:
+                        uu = _np_clip((aa - flat) / shoulder, 0.0, 1.0)
+                        taper = f32(0.5 * (1.0 + np.cos(np.pi * uu)))
+                    teff = (f32(thick) * taper) * (one + f32(irr) * u)
+                    w = _np_clip(0.5 + (np.float64(teff) - dist[a, b, c]) / two_sigma, 0.0, 1.0)
+                    w = w * np.float64(_np_clip(teff / f32(sigma), f32(0.0), one))
+                wf = f32(w)
+                value = f32(tissue) + f32(gain) * (tex - f32(0.5))
+                if noise_hu > 0:
+                    value = value + _noise_at(
+                        keys, off[0] + a, off[1] + b, off[2] + c, f32(noise_hu), 0.0
+                    )
+                o = f32(orig[a, b, c])
+                d = wf * (o - value)
+                delta[a, b, c] = d
+                mask[a, b, c] = wf >= f32(0.5) and (o - d) >= label_min
+                if d != 0:
+                    lo0, hi0 = min(lo0, a), max(hi0, a)
+                    lo1, hi1 = min(lo1, b), max(hi1, b)
+                    lo2, hi2 = min(lo2, c), max(hi2, c)
+    return delta, mask, lo0, hi0, lo1, hi1, lo2, hi2

@@ -180,6 +180,7 @@ def locate_wall(
     """
     from scipy import ndimage
 
+    from ._cpu_kernels import bbox as _bbox
     from ._edt import distance_transform_edt
 
     sp = np.asarray(spacing, dtype=np.float64)
@@ -197,6 +198,20 @@ def locate_wall(
         org = org if org.dtype == np.bool_ else org > 0.5
         local = [(int(p0[a]) - box[a].start) // st[a] for a in range(3)]
         comp = _component(org, local)
+        # The component's bounding box and a voxel around it (where in the box): the
+        # distances of its voxels are those of the whole box (each voxel's nearest voxel
+        # outside the component is in that frame: moved into it, a voxel outside comes no
+        # farther from any voxel inside), and everything below reads only its voxels.
+        lo0, hi0, lo1, hi1, lo2, hi2, n_comp = _bbox(np.ascontiguousarray(comp))
+        start0, cl = [b.start for b in box], [0, 0, 0]
+        if n_comp:
+            cl = [max(v - 1, 0) for v in (lo0, lo1, lo2)]
+            ch = [min(v + 2, comp.shape[a]) for a, v in enumerate((hi0, hi1, hi2))]
+            comp = np.ascontiguousarray(comp[cl[0] : ch[0], cl[1] : ch[1], cl[2] : ch[2]])
+            box = tuple(
+                slice(box[a].start + cl[a] * st[a], box[a].start + ch[a] * st[a], st[a])
+                for a in range(3)
+            )
         edt = distance_transform_edt(comp, sampling=spg)
         x = _coords_mm(box, sp, p0)
         d2 = x[0] ** 2 + x[1] ** 2 + x[2] ** 2
@@ -223,8 +238,8 @@ def locate_wall(
     slab = comp & (np.abs(s0) <= 0.75 * spg.max()) & (d2 <= (3.0 * radius + spg.max()) ** 2)
     if not slab.any():
         slab = comp & (d2 <= (radius + spg.max()) ** 2)
-    cidx = np.argwhere(slab).astype(np.float64)
-    centre = cidx.mean(axis=0) * st + [b.start for b in box]
+    cidx = (np.argwhere(slab) + cl).astype(np.float64)  # (the uncropped box's indices)
+    centre = cidx.mean(axis=0) * st + start0
     # Reach: the component's largest distance from the axis over the segment.
     xc = _coords_mm(box, sp, centre)
     s = xc[0] * axis[0] + xc[1] * axis[1] + xc[2] * axis[2]
@@ -291,6 +306,11 @@ def wall_box(
     return tuple(out)  # type: ignore[return-value]
 
 
+def _extent(pos) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """First and last position per axis (the box a texture grid covers)."""
+    return tuple(float(p[0]) for p in pos), tuple(float(p[-1]) for p in pos)
+
+
 def _taper(s: np.ndarray, half: float, shoulder: float) -> np.ndarray:
     a = np.abs(s)
     flat = max(0.0, half - shoulder)
@@ -298,20 +318,6 @@ def _taper(s: np.ndarray, half: float, shoulder: float) -> np.ndarray:
         return (a <= half).astype(np.float32)
     u = np.clip((a - flat) / shoulder, 0.0, 1.0)
     return (0.5 * (1.0 + np.cos(np.pi * u))).astype(np.float32)
-
-
-def _outer_wall(comp: np.ndarray, organ: np.ndarray) -> np.ndarray:
-    """Voxels of ``comp`` with a face neighbour outside the organ (the box's faces are not
-    walls: the organ may continue beyond them)."""
-    pad = np.pad(organ, 1, mode="edge")
-    n = organ.shape
-    inner = np.ones(n, dtype=bool)
-    for a in range(3):
-        for d in (0, 2):
-            sl = [slice(1, 1 + n[0]), slice(1, 1 + n[1]), slice(1, 1 + n[2])]
-            sl[a] = slice(d, d + n[a])
-            inner &= pad[tuple(sl)]
-    return comp & ~inner
 
 
 def render_wall(
@@ -324,13 +330,20 @@ def render_wall(
 ):
     """Render one wall tumor from the untouched scan (see the module docstring).
 
+    The work grows with the tumor's component, not with its box: a flood fill from the centre
+    tests the cylinder only at the voxels it reaches, and the outer wall, the distance
+    transform, the texture's samples, the noise and the change are made on the component's
+    bounding box (the texture's grid is still the whole box's: its rescale is measured
+    there), the float operations of the NumPy expressions kept (``tests/test_hollow.py``
+    holds them as the reference, bit for bit).
+
     Args:
         t: The :class:`~synthgen.planning.TumorPlan` (``kind == "wall"``).
         box: Its box from :func:`wall_box`.
         spacing: Voxel size, mm.
-        target: The scan (only ``target[box]`` is read; a host array or anything
-            ``np.asarray`` accepts).
-        organ_mask: The organ mask (``organ_mask[box]`` is read).
+        target: The scan (one read, ``target[sub]`` for the component's box ``sub`` within
+            ``box``; a host array or anything whose items ``np.asarray`` accepts).
+        organ_mask: The organ mask (one read, ``organ_mask[box]``).
         work_dtype: dtype of the returned copy of the original (float32, float64 for a
             float64 scan).
 
@@ -340,85 +353,105 @@ def render_wall(
         label), or ``None`` when the tumor changes nothing.
     """
 
+    from ._cpu_kernels import outer_wall, wall_arc, wall_blend, wall_component
     from ._edt import distance_transform_edt
-    from ._texture import texture_box
+    from ._texture import interp_coords, texture_grid
 
     w = t.wall
     sp = np.asarray(spacing, dtype=np.float64)
-    orig = np.array(np.asarray(target[box]), dtype=work_dtype, copy=True)
     org = np.asarray(organ_mask[box])
     org = np.ascontiguousarray(org if org.dtype == np.bool_ else org > 0.5)
     c = np.asarray(w["center_vox"], dtype=np.float64)
     axis = np.asarray(w["axis"], dtype=np.float64)
     normal = np.asarray(w["normal"], dtype=np.float64)
-    x = _coords_mm(box, sp, c)
-    s = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
-    px = [x[a] - s * axis[a] for a in range(3)]
-    rho = np.sqrt(px[0] ** 2 + px[1] ** 2 + px[2] ** 2)
     half = float(w["half_length_mm"])
     thick = float(w["thickness_mm"])
     mode = w["mode"]
     reach = float(w["reach_mm"])
     axial = max(half, 0.0) + max(thick, float(w.get("height_mm", 0.0))) + float(sp.max())
-    cyl = org & (np.abs(s) <= axial) & (rho <= reach)
-    if not cyl.any():
-        return None
-    seed = [(c[a] - box[a].start) for a in range(3)]
-    comp = _component(cyl, [round(v) for v in seed])
-    wall = _outer_wall(comp, org)
-    # Texture (published recipe, positions relative to the centre) and the irregularity field.
-    pos = [(np.arange(box[a].start, box[a].stop) - c[a]) * sp[a] for a in range(3)]
-    tex = texture_box(t.seed, t.texture, pos)
-    u = np.clip((tex - 0.5) / 0.1, -1.0, 1.0)
+    # The component of the organ's voxels in the cylinder (|s| <= axial, rho <= reach)
+    # through the centre: a flood fill that tests only the voxels it reaches. Everything
+    # after it works on the component's bounding box ("crop"): nothing outside the
+    # component changes, and the wall voxels (the distance transform's features) are in it.
+    x = _coords_mm(box, sp, c)
+    seed = [round(c[a] - box[a].start) for a in range(3)]
+    seed = [int(np.clip(seed[a], 0, org.shape[a] - 1)) for a in range(3)]
+    comp, *lo = wall_component(org, *seed, *(v.ravel() for v in x), *axis, axial, reach)
+    if lo[0] < 0:  # the centre is not in the cylinder: the cylinder's voxel nearest it
+        s = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
+        px = [x[a] - s * axis[a] for a in range(3)]
+        rho = np.sqrt(px[0] ** 2 + px[1] ** 2 + px[2] ** 2)
+        cyl = org & (np.abs(s) <= axial) & (rho <= reach)
+        if not cyl.any():
+            return None
+        full = _component(cyl, seed)
+        from ._cpu_kernels import bbox as _bbox
+
+        lo0, hi0, lo1, hi1, lo2, hi2, _ = _bbox(full)
+        lo = [lo0, lo1, lo2]
+        comp = np.ascontiguousarray(full[lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1])
+    wall = outer_wall(comp, org, *lo)
+    crop = tuple(
+        slice(box[a].start + lo[a], box[a].start + lo[a] + comp.shape[a]) for a in range(3)
+    )
+    orig = np.array(np.asarray(target[crop]), dtype=work_dtype, copy=True)
+    x = [v.ravel() for v in _coords_mm(crop, sp, c)]
     sigma = max(float(t.blur_sigma_mm), 1e-3)
+    y = x
+    dist = np.zeros((1, 1, 1))
     if mode == "polypoid":
-        # The outer wall point in direction ``normal`` at s = 0.
-        cosang = (px[0] * normal[0] + px[1] * normal[1] + px[2] * normal[2]) / np.maximum(rho, 1e-6)
-        near = wall & (np.abs(s) <= 1.5 * sp.max()) & (cosang >= math.cos(math.radians(25.0)))
-        r_w = float(np.median(rho[near])) if near.any() else float(w["radius_mm"])
+        # The outer wall point in direction ``normal`` at s = 0: the median distance from
+        # the axis of the outer wall within 25 degrees of it.
+        _, rho = wall_arc(wall, *x, *axis, *normal, 1.5 * sp.max(), math.cos(math.radians(25.0)))
+        r_w = float(np.median(rho)) if rho.size else float(w["radius_mm"])
         q = c * sp + r_w * normal  # mm, absolute voxel frame
-        y = _coords_mm(box, sp, q / sp)
-        yn = y[0] * normal[0] + y[1] * normal[1] + y[2] * normal[2]
-        rb = max(half, 1e-3)
-        hgt = max(float(w["height_mm"]), 1e-3) * (1.0 + float(w["irregularity"]) * u)
-        rr2 = (y[0] ** 2 + y[1] ** 2 + y[2] ** 2 - yn * yn) / (rb * rb) + (yn / hgt) ** 2
-        depth = (1.0 - np.sqrt(rr2)) * np.minimum(rb, hgt)  # ~ mm inside the polyp
-        weight = np.clip(0.5 + depth / (2.0 * sigma), 0.0, 1.0)
+        y = [v.ravel() for v in _coords_mm(crop, sp, q / sp)]
     else:
         if mode == "eccentric":
-            cosang = (px[0] * normal[0] + px[1] * normal[1] + px[2] * normal[2]) / np.maximum(
-                rho, 1e-6
-            )
-            wall = wall & (cosang >= math.cos(math.radians(0.5 * float(w["arc_deg"]))))
+            cmin = math.cos(math.radians(0.5 * float(w["arc_deg"])))
+            wall, _ = wall_arc(wall, *x, *axis, *normal, math.inf, cmin)
         if not wall.any():
             return None
         dist = distance_transform_edt(~wall, sampling=sp)
-        teff = thick * _taper(s, half, float(w["shoulder_mm"])) * (1.0 + w["irregularity"] * u)
-        weight = np.clip(0.5 + (teff - dist) / (2.0 * sigma), 0.0, 1.0)
-        weight *= np.clip(teff / sigma, 0.0, 1.0)
-    weight = np.where(comp, weight, 0.0).astype(np.float32)
+    # Texture (published recipe, positions relative to the centre; the grid and its rescale
+    # are the whole box's), sampled at the component's voxels by the blend.
+    pos = [(np.arange(box[a].start, box[a].stop) - c[a]) * sp[a] for a in range(3)]
+    grid, origin, step = texture_grid(t.seed, t.texture, *_extent(pos))
+    ti = [
+        interp_coords(pos[a][lo[a] : lo[a] + comp.shape[a]], origin[a], step, grid.shape[a])
+        for a in range(3)
+    ]
     # The tissue: enhancing soft tissue + texture + the scan's noise, from the counter-based
     # hash of (tumor, voxel offset from its centre), as every per-voxel random number.
-    value = float(w["tissue_hu"]) + float(w["texture_gain_hu"]) * (tex - 0.5)
-    if w.get("noise_hu", 0.0) > 0:
-        from ._cpu_kernels import noise_box
-
-        keys = np.asarray([*stream_key(t.seed, STREAM_WALL_NOISE), 0, 0], dtype=np.uint32)
-        off = [box[a].start - round(float(c[a])) for a in range(3)]
-        value = value + noise_box(keys, *off, *orig.shape, np.float32(w["noise_hu"]), 0.0)
-    o32 = orig.astype(np.float32, copy=False)
-    delta = (weight * (o32 - value.astype(np.float32))).astype(np.float32)
-    new = o32 - delta
-    mask = (weight >= 0.5) & (new >= LABEL_MIN_HU) & comp
-    changed = delta != 0
-    if not changed.any():
+    keys = np.asarray([*stream_key(t.seed, STREAM_WALL_NOISE), 0, 0], dtype=np.uint32)
+    off = np.asarray([crop[a].start - round(float(c[a])) for a in range(3)], dtype=np.int64)
+    prm = np.array(
+        [
+            1.0 if mode == "polypoid" else 0.0,
+            *axis,
+            *normal,
+            half,
+            float(w["shoulder_mm"]),
+            thick,
+            float(w["irregularity"]),
+            sigma,
+            float(w["tissue_hu"]),
+            float(w["texture_gain_hu"]),
+            float(w.get("noise_hu", 0.0)),
+            max(half, 1e-3),
+            max(float(w.get("height_mm", 0.0)), 1e-3),
+            LABEL_MIN_HU,
+        ]
+    )
+    grid = np.ascontiguousarray(grid, dtype=np.float32)
+    delta, mask, lo0, hi0, lo1, hi1, lo2, hi2 = wall_blend(
+        comp, orig, dist, *x, *y, prm, grid, *(v for p in ti for v in p), keys, off
+    )
+    if hi0 < lo0:
         return None
-    from ._cpu_kernels import bbox as _bbox
-
-    lo0, hi0, lo1, hi1, lo2, hi2, _ = _bbox(changed)
     sub = (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1))
     new_box = tuple(
-        slice(box[a].start + sub[a].start, box[a].start + sub[a].stop) for a in range(3)
+        slice(crop[a].start + sub[a].start, crop[a].start + sub[a].stop) for a in range(3)
     )
     return (
         new_box,

@@ -1023,36 +1023,28 @@ def _render(
     del pack_a, fa, ua, f32, slots, f32_dev
 
 
-class _Shifted:
-    """A host copy of ``box`` indexed with the scan's coordinates (``a[box]`` returns it)."""
+class _OnHost:
+    """``a[key]`` as a host array: for a device array, the region copied back when read."""
 
-    def __init__(self, a: np.ndarray, box) -> None:
-        self.a, self.box = a, box
+    def __init__(self, be, a, on_device: bool) -> None:
+        self.be, self.a, self.on_device = be, a, on_device
 
     def __getitem__(self, key):
-        return self.a[
-            tuple(
-                slice(k.start - b.start, k.stop - b.start)
-                for k, b in zip(key, self.box, strict=True)
-            )
-        ]
+        return self.be.download(self.a[key]) if self.on_device else np.asarray(self.a[key])
 
 
 def _wall_segment(be, job, i: int) -> dict[str, Any] | None:
     """A hollow-organ wall tumor (:mod:`synthgen._hollow`), rendered on the host from host
-    copies of its box (the CPU's function on the same box: the same result on both backends);
-    its change then joins the others' merge and write-back on the device."""
+    copies of what it reads (the CPU's function on the same box: the same result on both
+    backends; the organ's box, and of the image only its component's box); its change then
+    joins the others' merge and write-back on the device."""
     plan = job.plan
     t = plan.tumors[i]
     box = wall_box(t, plan.spacing, plan.shape, plan.organ_bbox)
     if box is None:
         return None
-
-    def host(a, on_device):
-        return be.download(a[box]) if on_device else np.asarray(a[box])
-
-    img = _Shifted(host(job.target, job.target_on_device), box)
-    org = _Shifted(host(job.organ, job.organ_on_device), box)
+    img = _OnHost(be, job.target, job.target_on_device)
+    org = _OnHost(be, job.organ, job.organ_on_device)
     r = render_wall(t, box, plan.spacing, img, org, np.float32)
     if r is None:
         return None

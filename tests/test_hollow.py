@@ -374,3 +374,166 @@ def test_wall_noise_is_the_counter_hash_of_the_voxel():
     assert abs(float(a.std()) - 9.0) < 0.5 and abs(float(a.mean())) < 0.5
     c = noise_box(np.array([11, 23, 0, 0], np.uint32), -10, -8, -6, 20, 16, 12, 9.0, 0.0)
     assert abs(np.corrcoef(a.ravel(), c.ravel())[0, 1]) < 0.05
+
+
+# ------------------------------------------------- compiled kernels against NumPy references
+
+
+def _outer_wall_reference(comp: np.ndarray, organ: np.ndarray) -> np.ndarray:
+    """Voxels of ``comp`` with a face neighbour outside the organ (the box's faces are not
+    walls: edge padding)."""
+    pad = np.pad(organ, 1, mode="edge")
+    n = organ.shape
+    inner = np.ones(n, dtype=bool)
+    for a in range(3):
+        for d in (0, 2):
+            sl = [slice(1, 1 + n[0]), slice(1, 1 + n[1]), slice(1, 1 + n[2])]
+            sl[a] = slice(d, d + n[a])
+            inner &= pad[tuple(sl)]
+    return comp & ~inner
+
+
+def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.float32):
+    """``_hollow.render_wall`` as NumPy expressions over the cylinder's whole box (the
+    implementation up to 6fc807a). The compiled one works on the component's box only."""
+    from synthgen._cpu_kernels import bbox, noise_box
+    from synthgen._edt import distance_transform_edt
+    from synthgen._hash import stream_key
+    from synthgen._hollow import STREAM_WALL_NOISE, _component, _coords_mm, _taper
+    from synthgen._texture import texture_box
+
+    w = t.wall
+    sp = np.asarray(spacing, dtype=np.float64)
+    orig = np.array(np.asarray(target[box]), dtype=work_dtype, copy=True)
+    org = np.asarray(organ_mask[box])
+    org = np.ascontiguousarray(org if org.dtype == np.bool_ else org > 0.5)
+    c = np.asarray(w["center_vox"], dtype=np.float64)
+    axis = np.asarray(w["axis"], dtype=np.float64)
+    normal = np.asarray(w["normal"], dtype=np.float64)
+    x = _coords_mm(box, sp, c)
+    s = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
+    px = [x[a] - s * axis[a] for a in range(3)]
+    rho = np.sqrt(px[0] ** 2 + px[1] ** 2 + px[2] ** 2)
+    half, thick, mode = float(w["half_length_mm"]), float(w["thickness_mm"]), w["mode"]
+    axial = max(half, 0.0) + max(thick, float(w.get("height_mm", 0.0))) + float(sp.max())
+    cyl = org & (np.abs(s) <= axial) & (rho <= float(w["reach_mm"]))
+    if not cyl.any():
+        return None
+    comp = _component(cyl, [round(c[a] - box[a].start) for a in range(3)])
+    wall = _outer_wall_reference(comp, org)
+    pos = [(np.arange(box[a].start, box[a].stop) - c[a]) * sp[a] for a in range(3)]
+    tex = texture_box(t.seed, t.texture, pos)
+    u = np.clip((tex - 0.5) / 0.1, -1.0, 1.0)
+    sigma = max(float(t.blur_sigma_mm), 1e-3)
+    cosang = (px[0] * normal[0] + px[1] * normal[1] + px[2] * normal[2]) / np.maximum(rho, 1e-6)
+    if mode == "polypoid":
+        near = wall & (np.abs(s) <= 1.5 * sp.max()) & (cosang >= math.cos(math.radians(25.0)))
+        r_w = float(np.median(rho[near])) if near.any() else float(w["radius_mm"])
+        y = _coords_mm(box, sp, (c * sp + r_w * normal) / sp)
+        yn = y[0] * normal[0] + y[1] * normal[1] + y[2] * normal[2]
+        rb = max(half, 1e-3)
+        hgt = max(float(w["height_mm"]), 1e-3) * (1.0 + float(w["irregularity"]) * u)
+        rr2 = (y[0] ** 2 + y[1] ** 2 + y[2] ** 2 - yn * yn) / (rb * rb) + (yn / hgt) ** 2
+        depth = (1.0 - np.sqrt(rr2)) * np.minimum(rb, hgt)
+        weight = np.clip(0.5 + depth / (2.0 * sigma), 0.0, 1.0)
+    else:
+        if mode == "eccentric":
+            wall = wall & (cosang >= math.cos(math.radians(0.5 * float(w["arc_deg"]))))
+        if not wall.any():
+            return None
+        dist = distance_transform_edt(~wall, sampling=sp)
+        teff = thick * _taper(s, half, float(w["shoulder_mm"])) * (1.0 + w["irregularity"] * u)
+        weight = np.clip(0.5 + (teff - dist) / (2.0 * sigma), 0.0, 1.0)
+        weight *= np.clip(teff / sigma, 0.0, 1.0)
+    weight = np.where(comp, weight, 0.0).astype(np.float32)
+    value = float(w["tissue_hu"]) + float(w["texture_gain_hu"]) * (tex - 0.5)
+    if w.get("noise_hu", 0.0) > 0:
+        keys = np.asarray([*stream_key(t.seed, STREAM_WALL_NOISE), 0, 0], dtype=np.uint32)
+        off = [box[a].start - round(float(c[a])) for a in range(3)]
+        value = value + noise_box(keys, *off, *orig.shape, np.float32(w["noise_hu"]), 0.0)
+    o32 = orig.astype(np.float32, copy=False)
+    delta = (weight * (o32 - value.astype(np.float32))).astype(np.float32)
+    mask = (weight >= 0.5) & (o32 - delta >= LABEL_MIN_HU) & comp
+    changed = delta != 0
+    if not changed.any():
+        return None
+    lo0, hi0, lo1, hi1, lo2, hi2, _ = bbox(changed)
+    sub = (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1))
+    tight = tuple(slice(box[a].start + sub[a].start, box[a].start + sub[a].stop) for a in range(3))
+    return tight, orig[sub], delta[sub], mask[sub]
+
+
+def _wall_variants(t, ph, organ):
+    """The tumor as planned and with the numbers that take the other branches: no shoulder,
+    lobulation so strong the thickness turns negative, no noise, a centre off the organ (the
+    flood fill starts from the cylinder's nearest voxel)."""
+    import dataclasses
+
+    yield t
+    w = dict(t.wall)
+    yield dataclasses.replace(t, wall={**w, "shoulder_mm": 0.0, "noise_hu": 0.0})
+    yield dataclasses.replace(t, wall={**w, "irregularity": 1.6, "height_mm": 0.5})
+    c = np.asarray(w["center_vox"]) + (w["radius_mm"] + 6.0) * np.asarray(w["normal"]) / ph.spacing
+    yield dataclasses.replace(t, wall={**w, "center_vox": [float(v) for v in c]})
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The bytes of ``a``, a float zero's sign dropped."""
+    a = np.ascontiguousarray(a)
+    return (a + a.dtype.type(0) if a.dtype.kind == "f" else a).view(np.uint8)
+
+
+@pytest.mark.parametrize("organ", HOLLOW)
+def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ):
+    """The compiled render (flood fill testing the cylinder as it goes, the component's box,
+    one pass for texture, weight, noise and change) gives the NumPy reference's box, values
+    and label, bit for bit (a change of 0 has no sign), for every mode and branch, float32
+    and float64 scans, bool and uint8 organ masks."""
+    from synthgen._hollow import render_wall, wall_box
+
+    ph = small_phantom
+    m = ph.mask(organ)
+    targets = [(ph.image, np.float32), (ph.image.astype(np.float64) + 0.25, np.float64)]
+    modes, n = set(), 0
+    for seed in range(10):
+        plan = _synth(ph.image, m, organ, seed, ph.spacing).plan
+        for t0 in plan.tumors:
+            for v, t in enumerate(_wall_variants(t0, ph, organ)):
+                box = wall_box(t, ph.spacing, m.shape)
+                img, dt = targets[(seed + v) % 2]
+                org = m if v % 2 else m.astype(np.uint8)
+                want = _render_wall_reference(t, box, ph.spacing, img, org, dt)
+                got = render_wall(t, box, ph.spacing, img, org, dt)
+                assert (got is None) == (want is None), (seed, v)
+                if got is None:
+                    continue
+                n += 1
+                modes.add(t.wall["mode"])
+                assert got[0] == want[0]
+                for g, r in zip(got[1:], want[1:], strict=True):
+                    assert g.dtype == r.dtype and g.shape == r.shape
+                    np.testing.assert_array_equal(_bits(g), _bits(r))
+    assert modes == {"annular", "eccentric", "polypoid"} and n >= 30, (modes, n)
+
+
+@pytest.mark.parametrize("organ", HOLLOW)
+def test_locate_wall_on_the_components_box_is_the_whole_box(small_phantom, organ, monkeypatch):
+    """Planning measures the lumen (distance transform, axis, centre, reach) on the
+    component's bounding box: the same numbers as on the whole planning box."""
+    from synthgen import _cpu_kernels
+    from synthgen._hollow import draw_wall, locate_wall
+
+    ph = small_phantom
+    m = ph.mask(organ)
+    p = load_preset(organ)
+    rng = np.random.default_rng(5)
+    idx = np.argwhere(m)
+    cases = []
+    for _ in range(12):
+        p0 = [int(v) for v in idx[int(rng.integers(len(idx)))]]
+        draws = draw_wall(rng, p.wall, float(rng.uniform(5, 30)), p.wall.thickness_mm)
+        cases.append((p0, draws, locate_wall(ph.image, m, p0, ph.spacing, draws)))
+    bbox = _cpu_kernels.bbox
+    monkeypatch.setattr(_cpu_kernels, "bbox", lambda a: (*bbox(a)[:6], 0))  # (no crop)
+    for p0, draws, got in cases:
+        assert got == locate_wall(ph.image, m, p0, ph.spacing, draws), p0
