@@ -40,6 +40,7 @@ __all__ = [
     "outer_wall",
     "overlap_partners_nb",
     "shape_mask",
+    "soft_residuals",
     "texture_axes_nb",
     "texture_consts_nb",
     "toeplitz_contract3",
@@ -1549,3 +1550,71 @@ def wall_blend(
                     lo1, hi1 = min(lo1, b), max(hi1, b)
                     lo2, hi2 = min(lo2, c), max(hi2, c)
     return delta, mask, lo0, hi0, lo1, hi1, lo2, hi2
+
+
+@nb.njit(**_OPTS)
+def _uniform3_axis(a, out, axis):
+    """SciPy's ``uniform_filter1d(a, 3, axis, mode="nearest")`` into float32 ``out``: along
+    each edge-extended line a running float64 sum of the window (the entering value less the
+    leaving one added; a NaN poisons the rest of its line, as in SciPy), divided by 3."""
+    n = a.shape
+    m = n[axis]
+    e = np.empty(m + 2, dtype=np.float64)
+    o0 = n[1] * n[2] if axis == 0 else (n[2] if axis == 1 else 1)  # the axis's stride
+    other = [x for x in range(3) if x != axis]
+    flat_a = a.reshape(-1)
+    flat_o = out.reshape(-1)
+    for p in range(n[other[0]]):
+        for q in range(n[other[1]]):
+            idx = [0, 0, 0]
+            idx[other[0]] = p
+            idx[other[1]] = q
+            base = (idx[0] * n[1] + idx[1]) * n[2] + idx[2]
+            for t in range(m):
+                e[t + 1] = np.float64(flat_a[base + t * o0])
+            e[0] = e[1]
+            e[m + 1] = e[m]
+            tmp = (e[0] + e[1]) + e[2]
+            flat_o[base] = np.float32(tmp / 3.0)
+            for t in range(1, m):
+                tmp += e[t + 2] - e[t - 1]
+                flat_o[base + t * o0] = np.float32(tmp / 3.0)
+
+
+@nb.njit(**_OPTS)
+def soft_residuals(img, lo, hi):
+    """The wall search's noise sample (``synthgen._hollow.locate_wall``): for the voxels of
+    ``img`` (float32, C-contiguous box) whose 3x3x3 neighbourhood lies in the box and in
+    ``[lo, hi]`` (SciPy's ``binary_erosion`` of the window by a 3x3x3 cube, border 0), the
+    voxel less the 3x3x3 mean (SciPy's ``uniform_filter(img, 3, mode="nearest")``, float32
+    between its axis passes), in C order: the NumPy and SciPy expressions' float32 values."""
+    n0, n1, n2 = img.shape
+    u = np.empty((n0, n1, n2), dtype=np.float32)
+    v = np.empty((n0, n1, n2), dtype=np.float32)
+    _uniform3_axis(img, u, 0)
+    _uniform3_axis(u, v, 1)
+    _uniform3_axis(v, u, 2)
+    # the window eroded by the 3x3x3 cube (border False), one axis at a time
+    w2 = np.zeros((n0, n1, n2), dtype=np.bool_)
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(1, n2 - 1):
+                w2[i, j, k] = (
+                    lo <= img[i, j, k - 1] <= hi
+                    and lo <= img[i, j, k] <= hi
+                    and lo <= img[i, j, k + 1] <= hi
+                )
+    w1 = np.zeros((n0, n1, n2), dtype=np.bool_)
+    for i in range(n0):
+        for j in range(1, n1 - 1):
+            for k in range(n2):
+                w1[i, j, k] = w2[i, j - 1, k] and w2[i, j, k] and w2[i, j + 1, k]
+    out = np.empty(n0 * n1 * n2, dtype=np.float32)
+    c = 0
+    for i in range(1, n0 - 1):
+        for j in range(n1):
+            for k in range(n2):
+                if w1[i - 1, j, k] and w1[i, j, k] and w1[i + 1, j, k]:
+                    out[c] = img[i, j, k] - u[i, j, k]
+                    c += 1
+    return out[:c]

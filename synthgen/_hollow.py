@@ -178,9 +178,8 @@ def locate_wall(
     of the plan (``draws`` plus ``center_vox``, ``axis``, ``normal``, ``radius_mm``,
     ``reach_mm``, ``noise_hu``).
     """
-    from scipy import ndimage
-
     from ._cpu_kernels import bbox as _bbox
+    from ._cpu_kernels import soft_residuals
     from ._edt import distance_transform_edt
 
     sp = np.asarray(spacing, dtype=np.float64)
@@ -254,12 +253,10 @@ def locate_wall(
     # The scan's noise: robust SD of the 3x3x3 high-pass over soft tissue (x sqrt(27/26):
     # exact for white noise).
     img = np.asarray(image[_box_around(p0, NOISE_BOX_MM, sp, shape)], dtype=np.float32)
-    lo, hi = NOISE_WINDOW_HU
-    soft = (img >= lo) & (img <= hi)
-    soft = ndimage.binary_erosion(soft, structure=np.ones((3, 3, 3), bool))
+    # (soft_residuals: SciPy's binary_erosion and uniform_filter, the same float32 values)
+    res = soft_residuals(np.ascontiguousarray(img), *NOISE_WINDOW_HU)
     noise = 0.0
-    if soft.sum() >= 50:
-        res = (img - ndimage.uniform_filter(img, size=3, mode="nearest"))[soft]
+    if res.size >= 50:
         mad = float(np.median(np.abs(res - np.median(res))))
         noise = float(min(1.4826 * mad * math.sqrt(27.0 / 26.0), 50.0))
     normal = _frame(axis, draws["normal_angle"])
@@ -309,15 +306,6 @@ def wall_box(
 def _extent(pos) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """First and last position per axis (the box a texture grid covers)."""
     return tuple(float(p[0]) for p in pos), tuple(float(p[-1]) for p in pos)
-
-
-def _taper(s: np.ndarray, half: float, shoulder: float) -> np.ndarray:
-    a = np.abs(s)
-    flat = max(0.0, half - shoulder)
-    if shoulder <= 0:
-        return (a <= half).astype(np.float32)
-    u = np.clip((a - flat) / shoulder, 0.0, 1.0)
-    return (0.5 * (1.0 + np.cos(np.pi * u))).astype(np.float32)
 
 
 def render_wall(

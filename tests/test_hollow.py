@@ -393,13 +393,22 @@ def _outer_wall_reference(comp: np.ndarray, organ: np.ndarray) -> np.ndarray:
     return comp & ~inner
 
 
+def _taper(s: np.ndarray, half: float, shoulder: float) -> np.ndarray:
+    a = np.abs(s)
+    flat = max(0.0, half - shoulder)
+    if shoulder <= 0:
+        return (a <= half).astype(np.float32)
+    u = np.clip((a - flat) / shoulder, 0.0, 1.0)
+    return (0.5 * (1.0 + np.cos(np.pi * u))).astype(np.float32)
+
+
 def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.float32):
     """``_hollow.render_wall`` as NumPy expressions over the cylinder's whole box (the
     implementation up to 6fc807a). The compiled one works on the component's box only."""
     from synthgen._cpu_kernels import bbox, noise_box
     from synthgen._edt import distance_transform_edt
     from synthgen._hash import stream_key
-    from synthgen._hollow import STREAM_WALL_NOISE, _component, _coords_mm, _taper
+    from synthgen._hollow import STREAM_WALL_NOISE, _component, _coords_mm
     from synthgen._texture import texture_box
 
     w = t.wall
