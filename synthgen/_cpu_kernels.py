@@ -1425,10 +1425,11 @@ def outer_wall(comp, org, lo0, lo1, lo2):
 
 @nb.njit(inline="always", **_OPTS)
 def _np_clip(x, lo, hi):
-    """``np.clip`` of one value, its NaN and signed-zero rules included."""
-    if not (np.isnan(x) or x > lo):
+    """``np.clip`` of one value: NaN stays NaN, a value equal to a bound (a zero of either
+    sign at a bound of 0) stays as it is."""
+    if x < lo:
         x = lo
-    if not (np.isnan(x) or x < hi):
+    if x > hi:
         x = hi
     return x
 

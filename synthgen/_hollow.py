@@ -329,8 +329,8 @@ def render_wall(
         t: The :class:`~synthgen.planning.TumorPlan` (``kind == "wall"``).
         box: Its box from :func:`wall_box`.
         spacing: Voxel size, mm.
-        target: The scan (one read, ``target[sub]`` for the component's box ``sub`` within
-            ``box``; a host array or anything whose items ``np.asarray`` accepts).
+        target: The scan (one read: the component's bounding box within ``box``; a host
+            array or anything whose items ``np.asarray`` accepts).
         organ_mask: The organ mask (one read, ``organ_mask[box]``).
         work_dtype: dtype of the returned copy of the original (float32, float64 for a
             float64 scan).
@@ -341,6 +341,7 @@ def render_wall(
         label), or ``None`` when the tumor changes nothing.
     """
 
+    from ._cpu_kernels import bbox as _bbox
     from ._cpu_kernels import outer_wall, wall_arc, wall_blend, wall_component
     from ._edt import distance_transform_edt
     from ._texture import interp_coords, texture_grid
@@ -373,8 +374,6 @@ def render_wall(
         if not cyl.any():
             return None
         full = _component(cyl, seed)
-        from ._cpu_kernels import bbox as _bbox
-
         lo0, hi0, lo1, hi1, lo2, hi2, _ = _bbox(full)
         lo = [lo0, lo1, lo2]
         comp = np.ascontiguousarray(full[lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1])
@@ -419,7 +418,7 @@ def render_wall(
             *axis,
             *normal,
             half,
-            float(w["shoulder_mm"]),
+            float(w.get("shoulder_mm", 0.0)),  # (a polyp has no shoulders)
             thick,
             float(w["irregularity"]),
             sigma,

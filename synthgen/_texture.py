@@ -330,21 +330,12 @@ def sample_trilinear(grid: np.ndarray, origin_mm, step_mm: float, pos) -> np.nda
     return out.astype(np.float32)
 
 
-def texture_box(
-    seed: int, params: Mapping[str, float], pos, sub: Sequence[slice] | None = None
-) -> np.ndarray:
-    """Texture at the voxels of a box (positions in mm per axis): grid + trilinear.
-
-    ``sub`` (a slice per axis of ``pos``): sample only that part of the box. The grid, and
-    so its final rescale, is still the whole box's: the values are those of the whole box's
-    texture at those voxels, bit for bit.
-    """
+def texture_box(seed: int, params: Mapping[str, float], pos) -> np.ndarray:
+    """Texture at the voxels of a box (positions in mm per axis): grid + trilinear."""
     lo = tuple(float(p[0]) for p in pos)
     hi = tuple(float(p[-1]) for p in pos)
     grid, origin, step = texture_grid(seed, params, lo, hi)
     from ._cpu_kernels import trilinear_box  # (sample_trilinear's values, in one pass)
 
-    if sub is not None:
-        pos = [pos[a][sub[a]] for a in range(3)]
     idx = [interp_coords(pos[a], origin[a], step, grid.shape[a]) for a in range(3)]
     return trilinear_box(np.ascontiguousarray(grid), *(x for ix in idx for x in ix))

@@ -404,7 +404,8 @@ def _taper(s: np.ndarray, half: float, shoulder: float) -> np.ndarray:
 
 def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.float32):
     """``_hollow.render_wall`` as NumPy expressions over the cylinder's whole box (the
-    implementation up to 6fc807a). The compiled one works on the component's box only."""
+    implementation up to 6fc807a; the compiled one works on the component's box only), and
+    the component in the returned box."""
     from synthgen._cpu_kernels import bbox, noise_box
     from synthgen._edt import distance_transform_edt
     from synthgen._hash import stream_key
@@ -427,7 +428,7 @@ def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.fl
     axial = max(half, 0.0) + max(thick, float(w.get("height_mm", 0.0))) + float(sp.max())
     cyl = org & (np.abs(s) <= axial) & (rho <= float(w["reach_mm"]))
     if not cyl.any():
-        return None
+        return None, None
     comp = _component(cyl, [round(c[a] - box[a].start) for a in range(3)])
     wall = _outer_wall_reference(comp, org)
     pos = [(np.arange(box[a].start, box[a].stop) - c[a]) * sp[a] for a in range(3)]
@@ -449,7 +450,7 @@ def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.fl
         if mode == "eccentric":
             wall = wall & (cosang >= math.cos(math.radians(0.5 * float(w["arc_deg"]))))
         if not wall.any():
-            return None
+            return None, None
         dist = distance_transform_edt(~wall, sampling=sp)
         teff = thick * _taper(s, half, float(w["shoulder_mm"])) * (1.0 + w["irregularity"] * u)
         weight = np.clip(0.5 + (teff - dist) / (2.0 * sigma), 0.0, 1.0)
@@ -465,11 +466,11 @@ def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.fl
     mask = (weight >= 0.5) & (o32 - delta >= LABEL_MIN_HU) & comp
     changed = delta != 0
     if not changed.any():
-        return None
+        return None, None
     lo0, hi0, lo1, hi1, lo2, hi2, _ = bbox(changed)
     sub = (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1))
     tight = tuple(slice(box[a].start + sub[a].start, box[a].start + sub[a].stop) for a in range(3))
-    return tight, orig[sub], delta[sub], mask[sub]
+    return (tight, orig[sub], delta[sub], mask[sub]), comp[sub]
 
 
 def _wall_variants(t, ph, organ):
@@ -486,24 +487,30 @@ def _wall_variants(t, ph, organ):
     yield dataclasses.replace(t, wall={**w, "center_vox": [float(v) for v in c]})
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    """The bytes of ``a``, a float zero's sign dropped."""
-    a = np.ascontiguousarray(a)
-    return (a + a.dtype.type(0) if a.dtype.kind == "f" else a).view(np.uint8)
-
-
 @pytest.mark.parametrize("organ", HOLLOW)
-def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ):
+def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ, monkeypatch):
     """The compiled render (flood fill testing the cylinder as it goes, the component's box,
     one pass for texture, weight, noise and change) gives the NumPy reference's box, values
-    and label, bit for bit (a change of 0 has no sign), for every mode and branch, float32
-    and float64 scans, bool and uint8 organ masks."""
+    and label bit for bit, signed zeros included, for every mode and branch (the flood fill
+    from the cylinder's voxel nearest an off-organ centre, no shoulders, a thickness made
+    negative by the lobulation), float32 and float64 scans, bool and uint8 organ masks. Only
+    outside the component, where nothing changes, is a change of 0 always +0."""
+    from synthgen import _cpu_kernels
     from synthgen._hollow import render_wall, wall_box
 
     ph = small_phantom
     m = ph.mask(organ)
     targets = [(ph.image, np.float32), (ph.image.astype(np.float64) + 0.25, np.float64)]
-    modes, n = set(), 0
+    real = _cpu_kernels.wall_component
+    starts = {"centre": 0, "nearest": 0}
+
+    def counted(*a):
+        r = real(*a)
+        starts["centre" if r[1] >= 0 else "nearest"] += 1
+        return r
+
+    monkeypatch.setattr(_cpu_kernels, "wall_component", counted)
+    seen = set()
     for seed in range(10):
         plan = _synth(ph.image, m, organ, seed, ph.spacing).plan
         for t0 in plan.tumors:
@@ -511,18 +518,22 @@ def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ):
                 box = wall_box(t, ph.spacing, m.shape)
                 img, dt = targets[(seed + v) % 2]
                 org = m if v % 2 else m.astype(np.uint8)
-                want = _render_wall_reference(t, box, ph.spacing, img, org, dt)
+                want, comp = _render_wall_reference(t, box, ph.spacing, img, org, dt)
                 got = render_wall(t, box, ph.spacing, img, org, dt)
                 assert (got is None) == (want is None), (seed, v)
                 if got is None:
                     continue
-                n += 1
-                modes.add(t.wall["mode"])
+                seen.add((t.wall["mode"], v))
                 assert got[0] == want[0]
                 for g, r in zip(got[1:], want[1:], strict=True):
                     assert g.dtype == r.dtype and g.shape == r.shape
-                    np.testing.assert_array_equal(_bits(g), _bits(r))
-    assert modes == {"annular", "eccentric", "polypoid"} and n >= 30, (modes, n)
+                    if r.dtype == np.float32:  # the change: a zero outside the component is +0
+                        r = np.where(~comp & (r == 0), np.float32(0), r)
+                    g, r = np.ascontiguousarray(g), np.ascontiguousarray(r)
+                    np.testing.assert_array_equal(g.view(np.uint8), r.view(np.uint8))
+    assert {mode for mode, _ in seen} == {"annular", "eccentric", "polypoid"}, seen
+    assert {v for _, v in seen} == {0, 1, 2, 3}, seen  # every variant changed something
+    assert starts["nearest"] >= 5 and starts["centre"] >= 30, starts
 
 
 @pytest.mark.parametrize("organ", HOLLOW)
@@ -546,3 +557,16 @@ def test_locate_wall_on_the_components_box_is_the_whole_box(small_phantom, organ
     monkeypatch.setattr(_cpu_kernels, "bbox", lambda a: (*bbox(a)[:6], 0))  # (no crop)
     for p0, draws, got in cases:
         assert got == locate_wall(ph.image, m, p0, ph.spacing, draws), p0
+    # (and the crop is smaller than the box: there is something to compare)
+    monkeypatch.setattr(_cpu_kernels, "bbox", bbox)
+    shrunk = []
+
+    def measured(a):
+        r = bbox(a)
+        shrunk.append(any(r[2 * d + 1] - r[2 * d] + 3 < a.shape[d] for d in range(3)))
+        return r
+
+    monkeypatch.setattr(_cpu_kernels, "bbox", measured)
+    for p0, draws, _ in cases:
+        locate_wall(ph.image, m, p0, ph.spacing, draws)
+    assert sum(shrunk) >= len(shrunk) // 2, shrunk
