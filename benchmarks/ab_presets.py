@@ -14,7 +14,7 @@ image), sizes drawn from the preset's mix:
 * ``render``: ``synthgen.render(plan, device="cpu")`` in place, one worker thread (the
   hollow organs' wall tumors are rendered on the host by the GPU path too).
 
-Both versions must give the same plans (checked).
+Both versions must give the same plans and renders (checked).
 
 Usage::
 
@@ -76,6 +76,10 @@ def main() -> int:
             plans[v] = [syn[v].plan(img, mask, seed=s, organ_index=index[v]) for s in range(n)]
         if [p.to_json() for p in plans["rev"]] != [p.to_json() for p in plans["tree"]]:
             raise SystemExit(f"{preset}: the tree's plans differ from those of {args.rev}")
+        for i in range(n):  # ... and so must their renders
+            a, b = (versions[v].render(plans[v][i], img, mask, device="cpu") for v in versions)
+            if not (np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)):
+                raise SystemExit(f"{preset}: the tree's renders differ from those of {args.rev}")
         work = {v: img.copy() for v in versions}
 
         def one(v: str, what: str, i: int, syn=syn, index=index, plans=plans, work=work,
