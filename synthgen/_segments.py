@@ -66,6 +66,7 @@ from ._cpu_kernels import (
 from ._geometry import prefilter
 from ._hash import stream_keys
 from ._hollow import render_wall, wall_box
+from ._pool import map_threads
 from ._seg_tables import (
     _CHAINS_B_IDX,
     _SCHED_B_COLS,
@@ -791,12 +792,7 @@ def _render(
     contrast = np.array([ts[q].contrast_hu for q in keep], dtype=np.float64)
     bpack, boffs, blen = blur_kernels_nb((blur_mm[keep][:, None] / sp[keep]).ravel(),
                                          BLUR_TRUNCATE)  # fmt: skip
-    walls_r = []
-    for j, i in walls:  # hollow-organ wall tumors: rendered on the host, uploaded below
-        w = _wall_segment(be, jobs[j], i)
-        if w is not None:
-            w["job"], w["i"] = j, i
-            walls_r.append(w)
+    walls_r = _wall_segments(be, jobs, walls)  # rendered on the host, uploaded below
     hit = pack.download(be, bb_ref)[:n]  # synchronisation 1
     pack_a, TA = pack, T  # the phase-A buffers stay referenced until the end
     # ---------------------------------------------------------------- phase B (host)
@@ -1023,37 +1019,62 @@ def _render(
     del pack_a, fa, ua, f32, slots, f32_dev
 
 
-class _OnHost:
-    """``a[key]`` as a host array: for a device array, the region copied back when read."""
+class _Shifted:
+    """A host copy of ``box`` indexed with the scan's coordinates (``a[key]`` for ``key``
+    within ``box``)."""
 
-    def __init__(self, be, a, on_device: bool) -> None:
-        self.be, self.a, self.on_device = be, a, on_device
+    def __init__(self, a: np.ndarray, box) -> None:
+        self.a, self.box = a, box
 
     def __getitem__(self, key):
-        return self.be.download(self.a[key]) if self.on_device else np.asarray(self.a[key])
+        return self.a[
+            tuple(
+                slice(k.start - b.start, k.stop - b.start)
+                for k, b in zip(key, self.box, strict=True)
+            )
+        ]
 
 
-def _wall_segment(be, job, i: int) -> dict[str, Any] | None:
-    """A hollow-organ wall tumor (:mod:`synthgen._hollow`), rendered on the host from host
-    copies of what it reads (the CPU's function on the same box: the same result on both
-    backends; the organ's box, and of the image only its component's box); its change then
-    joins the others' merge and write-back on the device."""
-    plan = job.plan
-    t = plan.tumors[i]
-    box = wall_box(t, plan.spacing, plan.shape, plan.organ_bbox)
-    if box is None:
-        return None
-    img = _OnHost(be, job.target, job.target_on_device)
-    org = _OnHost(be, job.organ, job.organ_on_device)
-    r = render_wall(t, box, plan.spacing, img, org, np.float32)
-    if r is None:
-        return None
-    tight, orig, delta, mask = r
-    return {
-        "host": True,
-        "tight": tight,
-        "tn": tuple(x.stop - x.start for x in tight),
-        "orig": np.ascontiguousarray(orig, dtype=np.float32),
-        "delta": np.ascontiguousarray(delta, dtype=np.float32),
-        "mask": np.ascontiguousarray(mask).view(np.uint8),
-    }
+def _wall_segments(be, jobs, walls) -> list[dict[str, Any]]:
+    """The hollow-organ wall tumors ``walls`` (``(job, tumor)`` pairs;
+    :mod:`synthgen._hollow`), rendered on the host (the CPU's function on the same box: the
+    same result on both backends), concurrently on the shared thread pool as the CPU path
+    renders them (the numba kernels release the GIL); their changes then join the others'
+    merge and write-back on the device. A device array's box is copied back here, by this
+    thread, before the threads start."""
+
+    def inputs(j: int, i: int):
+        job = jobs[j]
+        plan = job.plan
+        box = wall_box(plan.tumors[i], plan.spacing, plan.shape, plan.organ_bbox)
+        if box is None:
+            return None
+
+        def host(a, on_device: bool):
+            return _Shifted(be.download(a[box]), box) if on_device else a
+
+        img = host(job.target, job.target_on_device)
+        return plan.tumors[i], box, plan.spacing, img, host(job.organ, job.organ_on_device)
+
+    todo = [(j, i, inputs(j, i)) for j, i in walls]
+    todo = [x for x in todo if x[2] is not None]
+    work = sum(math.prod(b.stop - b.start for b in x[2][1]) for x in todo)
+    rendered = map_threads(lambda x: render_wall(*x[2], np.float32), todo, work=work)
+    out = []
+    for (j, i, _), r in zip(todo, rendered, strict=True):
+        if r is None:
+            continue
+        tight, orig, delta, mask = r
+        out.append(
+            {
+                "host": True,
+                "job": j,
+                "i": i,
+                "tight": tight,
+                "tn": tuple(x.stop - x.start for x in tight),
+                "orig": np.ascontiguousarray(orig, dtype=np.float32),
+                "delta": np.ascontiguousarray(delta, dtype=np.float32),
+                "mask": np.ascontiguousarray(mask).view(np.uint8),
+            }
+        )
+    return out

@@ -2204,3 +2204,49 @@ def test_importing_synthgen_does_not_touch_cuda() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wall_tumors_of_a_batch_render_on_threads(backend, small_phantom, organ_masks,
+                                                  monkeypatch):  # fmt: skip
+    """A batch's hollow-organ wall tumors render on the host concurrently (the shared
+    thread pool, as the CPU path renders tumors; a device image's boxes copied back first,
+    by the calling thread): every plan as the CPU renders it, the same images as on one
+    thread, and more than one thread did render."""
+    import threading
+    import time
+
+    from synthgen import _pool
+
+    be, dev = backend
+    ph = small_phantom
+    jobs = [("colon", "colon", s) for s in (1, 2, 5, 13)] + [("esophagus", "esophagus", 3)]
+    plans = [_plan(ph, organ_masks[o], p, s, None) for p, o, s in jobs]
+    n_walls = sum(t.kind == "wall" for p in plans for t in p.tumors)
+    assert n_walls >= 5
+    refs = [rendering.render(p, ph.image, organ_masks[o]) for p, (_, o, _) in
+            zip(plans, jobs, strict=True)]  # fmt: skip
+    real = _segments.render_wall
+    threads: list[int] = []
+
+    def recorded(*a):
+        threads.append(threading.get_ident())
+        time.sleep(0.02)  # (every thread of the pool gets an item)
+        return real(*a)
+
+    monkeypatch.setattr(_segments, "render_wall", recorded)
+    monkeypatch.setattr(_pool, "MIN_PARALLEL_WORK", 0)
+    monkeypatch.setattr(_pool, "ALWAYS_PARALLEL_WORK", 0)
+    images = {}
+    for n in (1, 4):
+        monkeypatch.setattr(_pool, "_NUM_THREADS", n)
+        threads.clear()
+        imgs = [dev(ph.image) for _ in jobs]
+        res = _cuda.render_on_gpu(plans, imgs, [dev(organ_masks[o]) for _, o, _ in jobs],
+                                  device_id=0, be=be, outs=imgs)  # fmt: skip
+        for ref, got in zip(refs, res, strict=True):
+            _compare(ref, got, be)
+        images[n] = [be.download(i) for i in imgs]
+        assert len(threads) == n_walls
+        assert (len(set(threads)) > 1) == (n > 1), threads
+    for a, b in zip(images[1], images[4], strict=True):
+        np.testing.assert_array_equal(a, b)
