@@ -1058,8 +1058,9 @@ def _wall_segments(be, jobs, walls) -> list[dict[str, Any]]:
 
     todo = [(j, i, inputs(j, i)) for j, i in walls]
     todo = [x for x in todo if x[2] is not None]
-    work = sum(math.prod(b.stop - b.start for b in x[2][1]) for x in todo)
-    rendered = map_threads(lambda x: render_wall(*x[2], np.float32), todo, work=work)
+    # (no size threshold: a wall tumor is milliseconds of mostly compiled work, a small
+    # esophagus's too)
+    rendered = map_threads(lambda x: render_wall(*x[2], np.float32), todo)
     out = []
     for (j, i, _), r in zip(todo, rendered, strict=True):
         if r is None:
