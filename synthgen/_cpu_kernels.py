@@ -31,6 +31,7 @@ __all__ = [
     "bspline_matrix",
     "component_through",
     "conservative_boxes_nb",
+    "face_dilation",
     "gaussian_band_nb",
     "grid_ranges_nb",
     "interp_coords_nb",
@@ -1255,56 +1256,65 @@ def _root(parent, a):
     return a
 
 
-@nb.njit(**_OPTS)
 def large_components(m, min_size):
     """The voxels of ``m`` (3-D bool) in 26-connected components of at least ``min_size``
     voxels (bool): ``ndimage.label`` with a full 3x3x3 structure, its sizes counted and the
-    small components dropped, in one pass over ``m`` and one over its set voxels
-    (union-find over the set voxels, each joined to its 13 neighbours scanned before it)."""
-    n0, n1, n2 = m.shape
-    ids = np.full((n0, n1, n2), -1, dtype=np.int32)
-    count = 0
-    for i in range(n0):
-        for j in range(n1):
-            for k in range(n2):
-                if m[i, j, k]:
-                    ids[i, j, k] = count
-                    count += 1
+    small components dropped. Work grows with the set voxels, not the box: they are listed
+    in C order (``np.flatnonzero``) and joined by union-find, each to its 13 neighbours
+    before it, found in their rows' short lists (``_components_of``)."""
+    m = np.asarray(m)
+    flat = np.flatnonzero(m)
+    out = np.zeros(m.shape, dtype=np.bool_)
+    if flat.size:
+        keep = _components_of(flat, *m.shape, int(min_size))
+        out.reshape(-1)[flat[keep]] = True
+    return out
+
+
+@nb.njit(**_OPTS)
+def _components_of(flat, n0, n1, n2, min_size):
+    """For each set voxel (flat C-order indices ``flat``, ascending, of an ``(n0, n1, n2)``
+    box) whether its 26-connected component has at least ``min_size`` voxels."""
+    count = flat.size
+    # the set voxels of row (i, j), r = i * n1 + j, are flat[row_lo[r]:row_lo[r + 1]]
+    row_lo = np.zeros(n0 * n1 + 1, dtype=np.int64)
+    for a in range(count):
+        row_lo[flat[a] // n2 + 1] += 1
+    for r in range(n0 * n1):
+        row_lo[r + 1] += row_lo[r]
     parent = np.arange(count)
-    for i in range(n0):
-        for j in range(n1):
-            for k in range(n2):
-                a = ids[i, j, k]
-                if a < 0:
+    for a in range(count):
+        r = flat[a] // n2
+        k = flat[a] - r * n2
+        i = r // n1
+        j = r - i * n1
+        for di in range(-1, 1):
+            for dj in range(-1, 2):
+                if di == 0 and dj > 0:
                     continue
-                for di in range(-1, 1):
-                    for dj in range(-1, 2):
-                        for dk in range(-1, 2):
-                            # the 13 neighbours before (i, j, k) in scan order
-                            if di == 0 and (dj > 0 or (dj == 0 and dk >= 0)):
-                                continue
-                            ii, jj, kk = i + di, j + dj, k + dk
-                            if ii < 0 or jj < 0 or kk < 0 or jj >= n1 or kk >= n2:
-                                continue
-                            b = ids[ii, jj, kk]
-                            if b >= 0:
-                                ra, rb = _root(parent, a), _root(parent, b)
-                                if ra != rb:
-                                    if ra < rb:
-                                        parent[rb] = ra
-                                    else:
-                                        parent[ra] = rb
+                ii, jj = i + di, j + dj
+                if ii < 0 or jj < 0 or jj >= n1:
+                    continue
+                rr = ii * n1 + jj
+                for b in range(row_lo[rr], row_lo[rr + 1]):
+                    kb = flat[b] - rr * n2
+                    if (di == 0 and dj == 0 and kb >= k) or kb > k + 1:
+                        break  # (this row's neighbours before the voxel are all seen)
+                    if kb < k - 1:
+                        continue
+                    ra, rb = _root(parent, a), _root(parent, b)
+                    if ra != rb:
+                        if ra < rb:
+                            parent[rb] = ra
+                        else:
+                            parent[ra] = rb
     size = np.zeros(count, dtype=np.int64)
     for a in range(count):
         size[_root(parent, a)] += 1
-    out = np.zeros((n0, n1, n2), dtype=np.bool_)
-    for i in range(n0):
-        for j in range(n1):
-            for k in range(n2):
-                a = ids[i, j, k]
-                if a >= 0 and size[_root(parent, a)] >= min_size:
-                    out[i, j, k] = True
-    return out
+    keep = np.empty(count, dtype=np.bool_)
+    for a in range(count):
+        keep[a] = size[_root(parent, a)] >= min_size
+    return keep
 
 
 @nb.njit(**_OPTS)
@@ -1619,3 +1629,24 @@ def soft_residuals(img, lo, hi):
                     out[c] = img[i, j, k] - u[i, j, k]
                     c += 1
     return out[:c]
+
+
+@nb.njit(**_OPTS)
+def face_dilation(m):
+    """``m`` (3-D bool) grown by one voxel across faces (a voxel is set when it or one of its
+    six face neighbours in the box is), in one pass."""
+    n0, n1, n2 = m.shape
+    out = np.empty((n0, n1, n2), dtype=np.bool_)
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                out[i, j, k] = (
+                    m[i, j, k]
+                    or (k > 0 and m[i, j, k - 1])
+                    or (k + 1 < n2 and m[i, j, k + 1])
+                    or (j > 0 and m[i, j - 1, k])
+                    or (j + 1 < n1 and m[i, j + 1, k])
+                    or (i > 0 and m[i - 1, j, k])
+                    or (i + 1 < n0 and m[i + 1, j, k])
+                )
+    return out

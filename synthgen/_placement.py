@@ -70,7 +70,7 @@ def bright_vessels(
     and 30 mm^3. No tubularity test: any bright structure at the organ (an enhancing
     lesion, a rib touching the liver) is avoided too.
     """
-    from ._cpu_kernels import large_components
+    from ._cpu_kernels import face_dilation, large_components
 
     org = _binary(organ_mask[region])
     n = int(np.count_nonzero(org))
@@ -87,13 +87,7 @@ def bright_vessels(
     med = float(np.median(vals))
     sd = 1.4826 * float(np.median(np.abs(vals - med)))
     thr = med + max(K_SD * sd, MIN_DELTA_HU)
-    near = org.copy()
-    for ax in range(3):  # one-voxel face dilation by shifted ORs (cheap, no structuring pass)
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[ax], hi[ax] = slice(0, -1), slice(1, None)
-        near[tuple(lo)] |= org[tuple(hi)]
-        near[tuple(hi)] |= org[tuple(lo)]
+    near = face_dilation(np.ascontiguousarray(org))  # (in the organ or touching it)
     bright = near & above(image, region, thr)
     if not bright.any():
         return bright

@@ -75,6 +75,29 @@ def test_large_components_are_ndimage_labels_kept_by_size():
     diag = np.zeros((6, 6, 6), bool)
     diag[range(6), range(6), range(6)] = True  # one component through corners only
     assert large_components(diag, 6).sum() == 6 and not large_components(diag, 7).any()
+    for step in np.ndindex(3, 3, 3):  # a chain along each of the 26 neighbour offsets
+        d = np.asarray(step) - 1
+        if not d.any():
+            continue
+        chain = np.zeros((7, 7, 7), bool)
+        for q in range(6):
+            chain[tuple(3 + (q - 3) * d)] = True
+        n = int(chain.sum())
+        assert large_components(chain, n).sum() == n, d
+        assert not large_components(chain, n + 1).any(), d
+
+
+def test_face_dilation_is_ndimage_binary_dilation():
+    """The bright-voxel check's "in or touching the organ": SciPy's binary dilation by the
+    six face neighbours (border False), on boxes of any size, lines of one voxel included."""
+    from synthgen._cpu_kernels import face_dilation
+
+    rng = np.random.default_rng(9)
+    face = ndimage.generate_binary_structure(3, 1)
+    for _ in range(150):
+        shape = tuple(int(n) for n in rng.integers(1, 16, 3))
+        m = rng.random(shape) < rng.choice([0.01, 0.1, 0.4])
+        np.testing.assert_array_equal(face_dilation(m), ndimage.binary_dilation(m, face))
 
 
 def test_component_through_a_voxel_is_its_ndimage_label():
