@@ -193,13 +193,17 @@ def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | Non
     return app.astype(np.float32), np.asarray(keys, dtype=np.uint32)
 
 
-def _robust_sd(d: np.ndarray) -> float:
+def _robust_sd(d: np.ndarray, integral: bool = False) -> float:
     """SD of the bulk of ``d``: 3-sigma clipped around the median (sigma from the MAD), so
-    edges and vessels do not count and integer HU do not quantise the estimate."""
+    edges and vessels do not count and integer HU do not quantise the estimate.
+    ``integral``: ``d`` holds whole numbers (differences of an integer image; its medians
+    are then counted, the same values)."""
+    from ._cpu_kernels import median, median_abs_dev
+
     if d.size < 16:
         return 0.0
-    med = float(np.median(d))
-    s0 = 1.4826 * float(np.median(np.abs(d - med)))
+    med = median(d, integral)
+    s0 = 1.4826 * median_abs_dev(d, med, integral)
     if s0 == 0.0:
         s0 = float(np.std(d))
         if s0 == 0.0:
@@ -241,8 +245,9 @@ def measure_noise(
         d2.append((vals[2] - vals[0])[ms[0] & ms[2]])
     if not d1:
         return 0.0, 0.0
-    s1 = _robust_sd(np.concatenate(d1)) / math.sqrt(2.0)
-    s2 = _robust_sd(np.concatenate(d2)) / math.sqrt(2.0)
+    whole = all(np.asarray(v).dtype.kind in "iub" for v in vals_all)  # (an integer image)
+    s1 = _robust_sd(np.concatenate(d1), whole) / math.sqrt(2.0)
+    s2 = _robust_sd(np.concatenate(d2), whole) / math.sqrt(2.0)
     if s1 <= 0.0:
         return 0.0, 0.0
     if s2 <= s1:  # white (or anti-correlated): no correlated part

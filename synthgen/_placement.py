@@ -70,7 +70,7 @@ def bright_vessels(
     and 30 mm^3. No tubularity test: any bright structure at the organ (an enhancing
     lesion, a rib touching the liver) is avoided too.
     """
-    from ._cpu_kernels import face_dilation, large_components
+    from ._cpu_kernels import face_dilation, large_components, median, median_abs_dev
 
     org = _binary(organ_mask[region])
     n = int(np.count_nonzero(org))
@@ -83,9 +83,10 @@ def bright_vessels(
     vals = np.asarray(image[sample])[org[::step, ::step, ::step]]
     if vals.size < 16:
         vals = np.asarray(image[region])[org]
+    whole = vals.dtype.kind in "iub"  # (an integer image: the medians are counted)
     vals = vals.astype(np.float64)
-    med = float(np.median(vals))
-    sd = 1.4826 * float(np.median(np.abs(vals - med)))
+    med = median(vals, whole)
+    sd = 1.4826 * median_abs_dev(vals, med, whole)
     thr = med + max(K_SD * sd, MIN_DELTA_HU)
     near = face_dilation(np.ascontiguousarray(org))  # (in the organ or touching it)
     bright = near & above(image, region, thr)

@@ -100,6 +100,29 @@ def test_face_dilation_is_ndimage_binary_dilation():
         np.testing.assert_array_equal(face_dilation(m), ndimage.binary_dilation(m, face))
 
 
+def test_counted_medians_are_numpys():
+    """Planning's medians of whole numbers (``median``, ``median_abs_dev``: counted) are
+    ``np.median``'s float64 values: integer images' dtypes, whole-number float64
+    differences, odd and even counts, ranges wide enough to fall back to partitioning."""
+    from synthgen._cpu_kernels import median, median_abs_dev
+
+    rng = np.random.default_rng(13)
+    for t in range(400):
+        n = int(rng.integers(1, 5000))
+        dtype = (np.int16, np.int32, np.uint8, np.float64)[t % 4]
+        hi = (2000, 10**7, 255, 300)[t % 4]
+        lo = 0 if dtype == np.uint8 else -hi
+        x = rng.integers(lo, hi, n).astype(dtype)
+        whole = None if dtype != np.float64 else True
+        med = median(x, whole)
+        assert med == float(np.median(x)), (t, n, dtype)
+        want = float(np.median(np.abs(x.astype(np.float64) - med)))
+        assert median_abs_dev(x.astype(np.float64), med, True) == want, (t, n, dtype)
+    x = rng.normal(0, 1, 999)  # not whole numbers: np.median itself
+    assert median(x) == float(np.median(x))
+    assert median_abs_dev(x, 0.5) == float(np.median(np.abs(x - 0.5)))
+
+
 def test_component_through_a_voxel_is_its_ndimage_label():
     """A wall's component (``_hollow._component``: flood fill from the seed, or from the
     nearest set voxel when the seed is not set) is the voxels of that voxel's label."""
