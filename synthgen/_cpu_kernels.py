@@ -1263,12 +1263,12 @@ def large_components(m, min_size):
     voxels (bool): ``ndimage.label`` with a full 3x3x3 structure, its sizes counted and the
     small components dropped. Work grows with the set voxels, not the box: they are listed
     in C order (``np.flatnonzero``) and joined by union-find, each to its 13 neighbours
-    before it, found in their rows' short lists (``_components_of``)."""
+    before it (``_components_of``)."""
     m = np.asarray(m)
     flat = np.flatnonzero(m)
     out = np.zeros(m.shape, dtype=np.bool_)
     if flat.size:
-        keep = _components_of(flat, *m.shape, int(min_size))
+        keep = _components_of(flat, *m.shape, min_size)
         out.reshape(-1)[flat[keep]] = True
     return out
 
@@ -1276,40 +1276,45 @@ def large_components(m, min_size):
 @nb.njit(**_OPTS)
 def _components_of(flat, n0, n1, n2, min_size):
     """For each set voxel (flat C-order indices ``flat``, ascending, of an ``(n0, n1, n2)``
-    box) whether its 26-connected component has at least ``min_size`` voxels."""
+    box) whether its 26-connected component has at least ``min_size`` voxels. Each voxel
+    is joined to its 13 neighbours before it in C order: those of the three rows above it
+    in the previous plane and of the row before it (three voxels each), and the voxel before
+    it in its row. Per such row offset a cursor into ``flat`` only moves forward (the
+    voxels are visited in C order), so the work grows with the set voxels alone."""
     count = flat.size
-    # the set voxels of row (i, j), r = i * n1 + j, are flat[row_lo[r]:row_lo[r + 1]]
-    row_lo = np.zeros(n0 * n1 + 1, dtype=np.int64)
-    for a in range(count):
-        row_lo[flat[a] // n2 + 1] += 1
-    for r in range(n0 * n1):
-        row_lo[r + 1] += row_lo[r]
     parent = np.arange(count)
+    dis = (-1, -1, -1, 0, 0)
+    djs = (-1, 0, 1, -1, 0)
+    cur = np.zeros(5, dtype=np.int64)
     for a in range(count):
-        r = flat[a] // n2
-        k = flat[a] - r * n2
+        f = flat[a]
+        r = f // n2
+        k = f - r * n2
         i = r // n1
         j = r - i * n1
-        for di in range(-1, 1):
-            for dj in range(-1, 2):
-                if di == 0 and dj > 0:
-                    continue
-                ii, jj = i + di, j + dj
-                if ii < 0 or jj < 0 or jj >= n1:
-                    continue
-                rr = ii * n1 + jj
-                for b in range(row_lo[rr], row_lo[rr + 1]):
-                    kb = flat[b] - rr * n2
-                    if (di == 0 and dj == 0 and kb >= k) or kb > k + 1:
-                        break  # (this row's neighbours before the voxel are all seen)
-                    if kb < k - 1:
-                        continue
+        for q in range(5):
+            di, dj = dis[q], djs[q]
+            c = cur[q]
+            first = f + (di * n1 + dj) * n2 - 1  # (column k - 1 of the neighbour row)
+            while c < count and flat[c] < first:
+                c += 1
+            cur[q] = c
+            ii, jj = i + di, j + dj
+            if ii < 0 or jj < 0 or jj >= n1:
+                continue
+            row = (ii * n1 + jj) * n2
+            kmin = max(k - 1, 0)
+            kmax = min(k + 1, n2 - 1) if q < 4 else k - 1  # (its own row: only k - 1)
+            b = c
+            while b < count and flat[b] <= row + kmax:
+                if flat[b] >= row + kmin:
                     ra, rb = _root(parent, a), _root(parent, b)
                     if ra != rb:
                         if ra < rb:
                             parent[rb] = ra
                         else:
                             parent[ra] = rb
+                b += 1
     size = np.zeros(count, dtype=np.int64)
     for a in range(count):
         size[_root(parent, a)] += 1
@@ -1602,6 +1607,9 @@ def soft_residuals(img, lo, hi):
     voxel less the 3x3x3 mean (SciPy's ``uniform_filter(img, 3, mode="nearest")``, float32
     between its axis passes), in C order: the NumPy and SciPy expressions' float32 values."""
     n0, n1, n2 = img.shape
+    if img.size == 0:
+        return np.empty(0, dtype=np.float32)
+    lo, hi = np.float32(lo), np.float32(hi)  # (NumPy compares a float32 image in float32)
     u = np.empty((n0, n1, n2), dtype=np.float32)
     v = np.empty((n0, n1, n2), dtype=np.float32)
     _uniform3_axis(img, u, 0)

@@ -72,6 +72,7 @@ def test_large_components_are_ndimage_labels_kept_by_size():
         keep = np.bincount(lab.ravel(), minlength=n + 1) >= k
         keep[0] = False
         np.testing.assert_array_equal(large_components(m, k), keep[lab])
+        np.testing.assert_array_equal(large_components(np.asfortranarray(m), k), keep[lab])
     diag = np.zeros((6, 6, 6), bool)
     diag[range(6), range(6), range(6)] = True  # one component through corners only
     assert large_components(diag, 6).sum() == 6 and not large_components(diag, 7).any()
@@ -175,3 +176,5 @@ def test_soft_tissue_residuals_match_scipy_bit_for_bit():
         assert got[ok].tobytes() == want[ok].tobytes(), (t, shape)
         n_res += got.size
     assert n_res > 50_000
+    for shape in ((0, 5, 5), (5, 0, 5), (5, 5, 0)):
+        assert soft_residuals(np.zeros(shape, np.float32), lo, hi).size == 0
