@@ -1229,25 +1229,30 @@ def trilinear_box(grid, i0, f0, i1, f1, i2, f2):
     voxel the eight corners in its order, each ``((v * w0) * w1) * w2`` in float32 (``w`` the
     fraction or ``1 - `` it, in float32), added in float64 from 0, rounded to float32 at the
     end. ``i*``, ``f*``: each axis's base indices and fractions (``interp_coords``)."""
-    one = np.float32(1.0)
     out = np.empty((i0.size, i1.size, i2.size), dtype=np.float32)
     for a in range(i0.size):
         ia, fa = i0[a], f0[a]
         for b in range(i1.size):
             ib, fb = i1[b], f1[b]
             for c in range(i2.size):
-                ic, fc = i2[c], f2[c]
-                acc = 0.0
-                for c0 in range(2):
-                    w0 = fa if c0 else one - fa
-                    for c1 in range(2):
-                        w1 = fb if c1 else one - fb
-                        for c2 in range(2):
-                            w2 = fc if c2 else one - fc
-                            v = grid[ia + c0, ib + c1, ic + c2]
-                            acc += np.float64(((v * w0) * w1) * w2)
-                out[a, b, c] = np.float32(acc)
+                out[a, b, c] = _trilinear_at(grid, ia, fa, ib, fb, i2[c], f2[c])
     return out
+
+
+@nb.njit(inline="always", **_OPTS)
+def _trilinear_at(grid, ia, fa, ib, fb, ic, fc):
+    """One voxel of :func:`trilinear_box` (float32)."""
+    one = np.float32(1.0)
+    acc = 0.0
+    for c0 in range(2):
+        w0 = fa if c0 else one - fa
+        for c1 in range(2):
+            w1 = fb if c1 else one - fb
+            for c2 in range(2):
+                w2 = fc if c2 else one - fc
+                v = grid[ia + c0, ib + c1, ic + c2]
+                acc += np.float64(((v * w0) * w1) * w2)
+    return np.float32(acc)
 
 
 @nb.njit(inline="always", **_OPTS)
@@ -1519,18 +1524,7 @@ def wall_blend(
             for c in range(c2):
                 if not comp[a, b, c]:
                     continue
-                # the texture (trilinear_box)
-                ia, fa, ib, fb, ic, fc = ti0[a], tf0[a], ti1[b], tf1[b], ti2[c], tf2[c]
-                acc = 0.0
-                for q0 in range(2):
-                    w0 = fa if q0 else one - fa
-                    for q1 in range(2):
-                        w1 = fb if q1 else one - fb
-                        for q2 in range(2):
-                            w2 = fc if q2 else one - fc
-                            v = grid[ia + q0, ib + q1, ic + q2]
-                            acc += np.float64(((v * w0) * w1) * w2)
-                tex = f32(acc)
+                tex = _trilinear_at(grid, ti0[a], tf0[a], ti1[b], tf1[b], ti2[c], tf2[c])
                 u = _np_clip((tex - f32(0.5)) / f32(0.1), f32(-1.0), f32(1.0))
                 if polyp:
                     yn = y0[a] * n0 + y1[b] * n1 + y2[c] * n2
