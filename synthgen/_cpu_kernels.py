@@ -1329,34 +1329,20 @@ def _components_of(flat, n0, n1, n2, min_size):
     return keep
 
 
-@nb.njit(**_OPTS)
 def component_through(m, s0, s1, s2):
     """The 26-connected component of ``m`` (3-D bool) through its set voxel ``(s0, s1, s2)``
-    (bool), by a flood fill from it: the voxels ``ndimage.label`` would give that voxel's
-    label, at a cost that grows with the component rather than the box."""
-    n0, n1, n2 = m.shape
-    out = np.zeros((n0, n1, n2), dtype=np.bool_)
-    stack = np.empty(n0 * n1 * n2, dtype=np.int64)
-    out[s0, s1, s2] = True
-    stack[0] = (s0 * n1 + s1) * n2 + s2
-    top = 1
-    while top > 0:
-        top -= 1
-        f = stack[top]
-        i = f // (n1 * n2)
-        j = (f // n2) % n1
-        k = f % n2
-        for ii in range(max(i - 1, 0), min(i + 2, n0)):
-            for jj in range(max(j - 1, 0), min(j + 2, n1)):
-                for kk in range(max(k - 1, 0), min(k + 2, n2)):
-                    if m[ii, jj, kk] and not out[ii, jj, kk]:
-                        out[ii, jj, kk] = True
-                        stack[top] = (ii * n1 + jj) * n2 + kk
-                        top += 1
+    (bool, ``m``'s shape), by a flood fill from it: the voxels ``ndimage.label`` would give
+    that voxel's label, at a cost that grows with the component rather than the box."""
+    none = np.empty(0)
+    comp, lo0, lo1, lo2 = _flood_fill(m, s0, s1, s2, False, none, none, none, 0.0, 0.0, 0.0,
+                                      0.0, 0.0)  # fmt: skip
+    out = np.zeros(m.shape, dtype=np.bool_)
+    if lo0 >= 0:
+        n = comp.shape
+        out[lo0 : lo0 + n[0], lo1 : lo1 + n[1], lo2 : lo2 + n[2]] = comp
     return out
 
 
-@nb.njit(**_OPTS)
 def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
     """A wall tumor's component (``synthgen._hollow.render_wall``): the 26-connected
     component through ``(s0, s1, s2)`` of the organ voxels of its cylinder, by a flood fill
@@ -1372,11 +1358,20 @@ def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
     the box's first index per axis; ``lo0 == -1`` (and an empty ``comp``) when the seed is
     not in the cylinder.
     """
-    n0, n1, n2 = org.shape
-    # 0: not tested, 1: in the component, 2: tested, not in the cylinder
-    state = np.zeros((n0, n1, n2), dtype=np.uint8)
-    if not _in_cylinder(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
+    return _flood_fill(org, s0, s1, s2, True, x0, x1, x2, a0, a1, a2, axial, reach)
+
+
+@nb.njit(**_OPTS)
+def _flood_fill(m, s0, s1, s2, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
+    """The 26-connected component through ``(s0, s1, s2)`` of the voxels of ``m`` (and, with
+    ``cyl``, of the cylinder: ``_in_cylinder``), each voxel tested once, when first reached:
+    ``(comp cropped to its bounding box, lo0, lo1, lo2)``, ``lo0 == -1`` when the seed is
+    not in."""
+    n0, n1, n2 = m.shape
+    if not _inside(m, s0, s1, s2, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
         return np.zeros((0, 0, 0), dtype=np.bool_), -1, -1, -1
+    # 0: not tested, 1: in the component, 2: tested, not in
+    state = np.zeros((n0, n1, n2), dtype=np.uint8)
     stack = np.empty(n0 * n1 * n2, dtype=np.int64)
     state[s0, s1, s2] = 1
     stack[0] = (s0 * n1 + s1) * n2 + s2
@@ -1395,7 +1390,7 @@ def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
             for jj in range(max(j - 1, 0), min(j + 2, n1)):
                 for kk in range(max(k - 1, 0), min(k + 2, n2)):
                     if state[ii, jj, kk] == 0:
-                        if _in_cylinder(org, ii, jj, kk, x0, x1, x2, a0, a1, a2, axial, reach):
+                        if _inside(m, ii, jj, kk, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
                             state[ii, jj, kk] = 1
                             stack[top] = (ii * n1 + jj) * n2 + kk
                             top += 1
@@ -1407,6 +1402,13 @@ def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
             for k in range(lo2, hi2 + 1):
                 comp[i - lo0, j - lo1, k - lo2] = state[i, j, k] == 1
     return comp, lo0, lo1, lo2
+
+
+@nb.njit(inline="always", **_OPTS)
+def _inside(m, i, j, k, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
+    if cyl:
+        return _in_cylinder(m, i, j, k, x0, x1, x2, a0, a1, a2, axial, reach)
+    return m[i, j, k]
 
 
 @nb.njit(inline="always", **_OPTS)
