@@ -23,6 +23,9 @@ liver), with the image resident on the GPU and rendered in place:
 * every preset in its organ of a whole-scan phantom, one plan per call: GPU ms per sample
   (``synthgen.render``: mass effect and wall tumors, made on the host, included) against
   the CPU path;
+* the hollow organs' wall tumors (colon, esophagus; rendered on the host while the device
+  works): a batch of 16 plans in one call, GPU ms per sample with them on one thread and on
+  the thread pool;
 * planning from GPU-resident data (every preset in its organ of a whole-scan phantom, a
   new organ index a plan) against planning from host arrays: ms per plan, copies back;
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
@@ -308,6 +311,48 @@ def bench_presets(g: Gpu, sc: Scene) -> list[dict]:
         cpu(0)
         row["cpu_ms"] = _median_ms(cpu, n_cpu)
         row["speedup"] = row["cpu_ms"] / row["gpu_ms"]
+        print(f"  {row}", flush=True)
+    return rows
+
+
+def bench_walls(g: Gpu, sc: Scene) -> list[dict]:
+    """The hollow organs' wall tumors, rendered on the host while the device works: a batch
+    of 16 plans in one call (``synthgen.render_batch`` on the device, in place, and a
+    synchronisation), ms per sample with the wall tumors on one thread and on the thread
+    pool (every core), whole-scan phantom, the scan's index (planning not timed).
+    Emulated: the driver alone (``render_on_gpu``)."""
+    ph = whole_scan()
+    img_h = np.ascontiguousarray(ph.image)
+    n_plans, n_calls = (4, 1) if g.emulate else (16, 3)
+    rows = []
+    for preset in ("colon", "esophagus"):
+        mask_h = preset_mask(ph, preset)
+        mask_d = g.be.upload(mask_h)
+        syn = synthgen.Synthesizer(preset, spacing=ph.spacing)
+        idx = synthgen.index_organ(mask_h)
+        plans = [syn.plan(img_h, mask_h, seed=900 + i, organ_index=idx) for i in range(n_plans)]
+        works = [g.be.upload(img_h) for _ in plans]
+        row = {"preset": preset, "plans": n_plans,
+               "walls": sum(t.kind == "wall" for p in plans for t in p.tumors)}  # fmt: skip
+        for key, threads in (("one_thread_ms", 1), ("pool_ms", None)):
+            synthgen.set_num_threads(threads)
+
+            def call(i, plans=plans, works=works, mask_d=mask_d):
+                if g.emulate:
+                    _cuda.render_on_gpu(plans, works, [mask_d] * len(plans), device_id=0,
+                                        outs=works, be=g.be)  # fmt: skip
+                else:
+                    synthgen.render_batch(plans, works, [mask_d] * len(plans), outs=works,
+                                          device="cuda")  # fmt: skip
+                g.sync()
+
+            try:
+                call(0)
+                row[key] = _median_ms(call, n_calls) / n_plans
+            finally:
+                synthgen.set_num_threads(None)
+        row["speedup"] = row["one_thread_ms"] / row["pool_ms"]
+        rows.append(row)
         print(f"  {row}", flush=True)
     return rows
 
@@ -623,6 +668,7 @@ def main() -> int:
     labs = part("label maps on the device", bench_labels)
     plan_rows = part("planning from device data", bench_planning)
     preset_rows = part("every preset, one plan per call", bench_presets)
+    wall_rows = part("wall tumors of a batch: one thread, the pool", bench_walls)
     kern = part("device time per kernel", bench_kernels)
     bw = part("fused kernel bandwidth", bench_bandwidth)
     sched = part("launch geometries: flat schedules, 2-D grid, longer blocks", bench_schedules)
@@ -657,6 +703,13 @@ def main() -> int:
     for r in preset_rows:
         print(f"| {r['preset']} | {r['tumors']:.1f} | {r['gpu_ms']:.2f} | {r['cpu_ms']:.1f} | "
               f"{r['speedup']:.1f}x |")  # fmt: skip
+    print()
+    print(f"| preset (batch of plans, {os.cpu_count()} CPUs) | plans | wall tumors | "
+          "GPU ms/sample, walls on one thread | on the pool | speed-up |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in wall_rows:
+        print(f"| {r['preset']} | {r['plans']} | {r['walls']} | {r['one_thread_ms']:.2f} | "
+              f"{r['pool_ms']:.2f} | {r['speedup']:.1f}x |")  # fmt: skip
     print()
     print("| kernel | ms | bytes/voxel moved | GB/s | of copy | of copy, 13 and 11 B/voxel |")
     print("|---|---|---|---|---|---|")
@@ -708,7 +761,7 @@ def main() -> int:
     if args.json:
         data = {"tests": test_line, "classes": rows, "kernels": kern, "bandwidth": bw,
                 "labels": labs, "schedules": sched, "planning": plan_rows,
-                "presets": preset_rows}  # fmt: skip
+                "presets": preset_rows, "walls": wall_rows}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=1))
     failed = len(rows) < len(CLASSES) or len(fused) < 2
     return rc or int(failed)
