@@ -29,7 +29,7 @@ __all__ = [
     "block_sizes_nb",
     "blur_kernels_nb",
     "bspline_matrix",
-    "component_through",
+    "component_box",
     "conservative_boxes_nb",
     "face_dilation",
     "gaussian_band_nb",
@@ -1329,18 +1329,14 @@ def _components_of(flat, n0, n1, n2, min_size):
     return keep
 
 
-def component_through(m, s0, s1, s2):
+def component_box(m, s0, s1, s2):
     """The 26-connected component of ``m`` (3-D bool) through its set voxel ``(s0, s1, s2)``
-    (bool, ``m``'s shape), by a flood fill from it: the voxels ``ndimage.label`` would give
-    that voxel's label, at a cost that grows with the component rather than the box."""
+    by a flood fill from it (the voxels ``ndimage.label`` would give that voxel's label, at a
+    cost that grows with the component rather than the box): ``(comp, lo0, lo1, lo2)``, the
+    component cropped to its bounding box and the box's first index per axis (``lo0 == -1``
+    when the voxel is not set)."""
     none = np.empty(0)
-    comp, lo0, lo1, lo2 = _flood_fill(m, s0, s1, s2, False, none, none, none, 0.0, 0.0, 0.0,
-                                      0.0, 0.0)  # fmt: skip
-    out = np.zeros(m.shape, dtype=np.bool_)
-    if lo0 >= 0:
-        n = comp.shape
-        out[lo0 : lo0 + n[0], lo1 : lo1 + n[1], lo2 : lo2 + n[2]] = comp
-    return out
+    return _flood_fill(m, s0, s1, s2, False, none, none, none, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
@@ -1415,11 +1411,16 @@ def _inside(m, i, j, k, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
 def _in_cylinder(org, i, j, k, x0, x1, x2, a0, a1, a2, axial, reach):
     if not org[i, j, k]:
         return False
-    s = x0[i] * a0 + x1[j] * a1 + x2[k] * a2
-    p0 = x0[i] - s * a0
-    p1 = x1[j] - s * a1
-    p2 = x2[k] - s * a2
+    s, p0, p1, p2 = _axial(x0[i], x1[j], x2[k], a0, a1, a2)
     return abs(s) <= axial and np.sqrt(p0 * p0 + p1 * p1 + p2 * p2) <= reach
+
+
+@nb.njit(inline="always", **_OPTS)
+def _axial(u0, u1, u2, a0, a1, a2):
+    """Offset ``(u0, u1, u2)`` (mm) split along the unit axis ``a``: ``(s, p0, p1, p2)``, its
+    axial coordinate and its part across the axis (``render_wall``'s NumPy operations)."""
+    s = u0 * a0 + u1 * a1 + u2 * a2
+    return s, u0 - s * a0, u1 - s * a1, u2 - s * a2
 
 
 @nb.njit(**_OPTS)
@@ -1473,10 +1474,7 @@ def wall_arc(wall, x0, x1, x2, a0, a1, a2, n0, n1, n2, smax, cmin):
             for c in range(c2):
                 if not wall[a, b, c]:
                     continue
-                s = x0[a] * a0 + x1[b] * a1 + x2[c] * a2
-                p0 = x0[a] - s * a0
-                p1 = x1[b] - s * a1
-                p2 = x2[c] - s * a2
+                s, p0, p1, p2 = _axial(x0[a], x1[b], x2[c], a0, a1, a2)
                 rho = np.sqrt(p0 * p0 + p1 * p1 + p2 * p2)
                 r = rho if (rho >= 1e-6 or np.isnan(rho)) else 1e-6
                 cosang = (p0 * n0 + p1 * n1 + p2 * n2) / r

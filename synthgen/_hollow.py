@@ -139,20 +139,23 @@ def _coords_mm(box, sp, origin) -> list[np.ndarray]:
     return out
 
 
-def _component(m: np.ndarray, seed_idx) -> np.ndarray:
+def _component(m: np.ndarray, seed_idx) -> tuple[np.ndarray, list[int]] | None:
     """The 26-connected component of ``m`` through ``seed_idx`` (or the nearest ``m`` voxel:
-    the first in C order of the nearest), by a flood fill from it (``component_through``:
-    the component ``ndimage.label`` gives, at the cost of the component)."""
-    from ._cpu_kernels import component_through
+    the first in C order of the nearest), by a flood fill from it (``component_box``: the
+    component ``ndimage.label`` gives, at the cost of the component): ``(comp, lo)``, the
+    component cropped to its bounding box and the box's first index per axis; ``None`` when
+    ``m`` has no voxel."""
+    from ._cpu_kernels import component_box
 
     m = np.ascontiguousarray(m, dtype=bool)
     s = tuple(int(np.clip(seed_idx[a], 0, m.shape[a] - 1)) for a in range(3))
     if not m[s]:
         idx = np.argwhere(m)
         if idx.size == 0:
-            return m
+            return None
         s = tuple(int(v) for v in idx[int(np.argmin(((idx - np.asarray(s)) ** 2).sum(axis=1)))])
-    return component_through(m, *s)
+    comp, *lo = component_box(m, *s)
+    return comp, lo
 
 
 def _frame(axis: np.ndarray, angle: float) -> np.ndarray:
@@ -178,7 +181,6 @@ def locate_wall(
     of the plan (``draws`` plus ``center_vox``, ``axis``, ``normal``, ``radius_mm``,
     ``reach_mm``, ``noise_hu``).
     """
-    from ._cpu_kernels import bbox as _bbox
     from ._cpu_kernels import soft_residuals
     from ._edt import distance_transform_edt
 
@@ -196,17 +198,21 @@ def locate_wall(
         org = np.asarray(organ_mask[box])
         org = org if org.dtype == np.bool_ else org > 0.5
         local = [(int(p0[a]) - box[a].start) // st[a] for a in range(3)]
-        comp = _component(org, local)
+        found = _component(org, local)
         # The component's bounding box and a voxel around it (where in the box): the
         # distances of its voxels are those of the whole box (each voxel's nearest voxel
         # outside the component is in that frame: moved into it, a voxel outside comes no
         # farther from any voxel inside), and everything below reads only its voxels.
-        lo0, hi0, lo1, hi1, lo2, hi2, n_comp = _bbox(np.ascontiguousarray(comp))
         start0, cl = [b.start for b in box], [0, 0, 0]
-        if n_comp:
-            cl = [max(v - 1, 0) for v in (lo0, lo1, lo2)]
-            ch = [min(v + 2, comp.shape[a]) for a, v in enumerate((hi0, hi1, hi2))]
-            comp = np.ascontiguousarray(comp[cl[0] : ch[0], cl[1] : ch[1], cl[2] : ch[2]])
+        if found is None:
+            comp = np.zeros(org.shape, dtype=bool)
+        else:
+            comp, lo = found
+            cl = [max(lo[a] - 1, 0) for a in range(3)]
+            ch = [min(lo[a] + comp.shape[a] + 1, org.shape[a]) for a in range(3)]
+            inner = tuple(slice(lo[a] - cl[a], lo[a] - cl[a] + comp.shape[a]) for a in range(3))
+            comp, found = np.zeros([ch[a] - cl[a] for a in range(3)], dtype=bool), comp
+            comp[inner] = found
             box = tuple(
                 slice(box[a].start + cl[a] * st[a], box[a].start + ch[a] * st[a], st[a])
                 for a in range(3)
@@ -303,11 +309,6 @@ def wall_box(
     return tuple(out)  # type: ignore[return-value]
 
 
-def _extent(pos) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """First and last position per axis (the box a texture grid covers)."""
-    return tuple(float(p[0]) for p in pos), tuple(float(p[-1]) for p in pos)
-
-
 def render_wall(
     t: Any,
     box: tuple[slice, slice, slice],
@@ -341,10 +342,9 @@ def render_wall(
         label), or ``None`` when the tumor changes nothing.
     """
 
-    from ._cpu_kernels import bbox as _bbox
     from ._cpu_kernels import outer_wall, wall_arc, wall_blend, wall_component
     from ._edt import distance_transform_edt
-    from ._texture import interp_coords, texture_grid
+    from ._texture import extent, interp_coords, texture_grid
 
     w = t.wall
     sp = np.asarray(spacing, dtype=np.float64)
@@ -362,27 +362,23 @@ def render_wall(
     # through the centre: a flood fill that tests only the voxels it reaches. Everything
     # after it works on the component's bounding box ("crop"): nothing outside the
     # component changes, and the wall voxels (the distance transform's features) are in it.
-    x = _coords_mm(box, sp, c)
-    seed = [round(c[a] - box[a].start) for a in range(3)]
-    seed = [int(np.clip(seed[a], 0, org.shape[a] - 1)) for a in range(3)]
-    comp, *lo = wall_component(org, *seed, *(v.ravel() for v in x), *axis, axial, reach)
+    xb = [v.ravel() for v in _coords_mm(box, sp, c)]  # (the box's mm offsets per axis)
+    seed = [int(np.clip(round(c[a] - box[a].start), 0, org.shape[a] - 1)) for a in range(3)]
+    comp, *lo = wall_component(org, *seed, *xb, *axis, axial, reach)
     if lo[0] < 0:  # the centre is not in the cylinder: the cylinder's voxel nearest it
+        x = _coords_mm(box, sp, c)
         s = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
         px = [x[a] - s * axis[a] for a in range(3)]
         rho = np.sqrt(px[0] ** 2 + px[1] ** 2 + px[2] ** 2)
-        cyl = org & (np.abs(s) <= axial) & (rho <= reach)
-        if not cyl.any():
+        found = _component(org & (np.abs(s) <= axial) & (rho <= reach), seed)
+        if found is None:
             return None
-        full = _component(cyl, seed)
-        lo0, hi0, lo1, hi1, lo2, hi2, _ = _bbox(full)
-        lo = [lo0, lo1, lo2]
-        comp = np.ascontiguousarray(full[lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1])
+        comp, lo = found
     wall = outer_wall(comp, org, *lo)
-    crop = tuple(
-        slice(box[a].start + lo[a], box[a].start + lo[a] + comp.shape[a]) for a in range(3)
-    )
+    sub = tuple(slice(lo[a], lo[a] + comp.shape[a]) for a in range(3))
+    crop = tuple(slice(box[a].start + sub[a].start, box[a].start + sub[a].stop) for a in range(3))
     orig = np.array(np.asarray(target[crop]), dtype=work_dtype, copy=True)
-    x = [v.ravel() for v in _coords_mm(crop, sp, c)]
+    x = [xb[a][sub[a]] for a in range(3)]
     sigma = max(float(t.blur_sigma_mm), 1e-3)
     y = x
     dist = np.zeros((1, 1, 1))
@@ -402,12 +398,8 @@ def render_wall(
         dist = distance_transform_edt(~wall, sampling=sp)
     # Texture (published recipe, positions relative to the centre; the grid and its rescale
     # are the whole box's), sampled at the component's voxels by the blend.
-    pos = [(np.arange(box[a].start, box[a].stop) - c[a]) * sp[a] for a in range(3)]
-    grid, origin, step = texture_grid(t.seed, t.texture, *_extent(pos))
-    ti = [
-        interp_coords(pos[a][lo[a] : lo[a] + comp.shape[a]], origin[a], step, grid.shape[a])
-        for a in range(3)
-    ]
+    grid, origin, step = texture_grid(t.seed, t.texture, *extent(xb))
+    ti = [interp_coords(x[a], origin[a], step, grid.shape[a]) for a in range(3)]
     # The tissue: enhancing soft tissue + texture + the scan's noise, from the counter-based
     # hash of (tumor, voxel offset from its centre), as every per-voxel random number.
     keys = np.asarray([*stream_key(t.seed, STREAM_WALL_NOISE), 0, 0], dtype=np.uint32)

@@ -1073,9 +1073,9 @@ def _wall_segments(be, jobs, walls) -> list[dict[str, Any]]:
                 "i": i,
                 "tight": tight,
                 "tn": tuple(x.stop - x.start for x in tight),
-                "orig": np.ascontiguousarray(orig, dtype=np.float32),
-                "delta": np.ascontiguousarray(delta, dtype=np.float32),
-                "mask": np.ascontiguousarray(mask).view(np.uint8),
+                "orig": orig,  # (render_wall's: contiguous, float32 as asked)
+                "delta": delta,
+                "mask": mask.view(np.uint8),
             }
         )
     return out

@@ -38,6 +38,7 @@ __all__ = [
     "STREAM_BERNOULLI",
     "STREAM_NOISE",
     "TextureRecipe",
+    "extent",
     "interp_coords",
     "lattice_index",
     "sample_trilinear",
@@ -330,11 +331,15 @@ def sample_trilinear(grid: np.ndarray, origin_mm, step_mm: float, pos) -> np.nda
     return out.astype(np.float32)
 
 
+def extent(pos) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """First and last position per axis of a box (positions in mm per axis): the corners a
+    texture grid of the box covers."""
+    return tuple(float(p[0]) for p in pos), tuple(float(p[-1]) for p in pos)
+
+
 def texture_box(seed: int, params: Mapping[str, float], pos) -> np.ndarray:
     """Texture at the voxels of a box (positions in mm per axis): grid + trilinear."""
-    lo = tuple(float(p[0]) for p in pos)
-    hi = tuple(float(p[-1]) for p in pos)
-    grid, origin, step = texture_grid(seed, params, lo, hi)
+    grid, origin, step = texture_grid(seed, params, *extent(pos))
     from ._cpu_kernels import trilinear_box  # (sample_trilinear's values, in one pass)
 
     idx = [interp_coords(pos[a], origin[a], step, grid.shape[a]) for a in range(3)]

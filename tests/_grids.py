@@ -14,3 +14,13 @@ def ramps(shape) -> list[np.ndarray]:
         ).copy()
         for a, n in enumerate(shape)
     ]
+
+
+def placed(shape, found) -> np.ndarray:
+    """A component given as ``(crop, first index per axis)`` (``_hollow._component``; ``None``:
+    no component) as a bool array of ``shape``."""
+    out = np.zeros(shape, dtype=bool)
+    if found is not None:
+        comp, lo = found
+        out[tuple(slice(lo[a], lo[a] + comp.shape[a]) for a in range(3))] = comp
+    return out

@@ -406,6 +406,8 @@ def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.fl
     """``_hollow.render_wall`` as NumPy expressions over the cylinder's whole box (the
     implementation up to 6fc807a; the compiled one works on the component's box only), and
     the component in the returned box."""
+    from _grids import placed
+
     from synthgen._cpu_kernels import bbox, noise_box
     from synthgen._edt import distance_transform_edt
     from synthgen._hash import stream_key
@@ -429,7 +431,7 @@ def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.fl
     cyl = org & (np.abs(s) <= axial) & (rho <= float(w["reach_mm"]))
     if not cyl.any():
         return None, None
-    comp = _component(cyl, [round(c[a] - box[a].start) for a in range(3)])
+    comp = placed(cyl.shape, _component(cyl, [round(c[a] - box[a].start) for a in range(3)]))
     wall = _outer_wall_reference(comp, org)
     pos = [(np.arange(box[a].start, box[a].stop) - c[a]) * sp[a] for a in range(3)]
     tex = texture_box(t.seed, t.texture, pos)
@@ -540,7 +542,9 @@ def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ, mo
 def test_locate_wall_on_the_components_box_is_the_whole_box(small_phantom, organ, monkeypatch):
     """Planning measures the lumen (distance transform, axis, centre, reach) on the
     component's bounding box: the same numbers as on the whole planning box."""
-    from synthgen import _cpu_kernels
+    from _grids import placed
+
+    from synthgen import _hollow
     from synthgen._hollow import draw_wall, locate_wall
 
     ph = small_phantom
@@ -553,20 +557,24 @@ def test_locate_wall_on_the_components_box_is_the_whole_box(small_phantom, organ
         p0 = [int(v) for v in idx[int(rng.integers(len(idx)))]]
         draws = draw_wall(rng, p.wall, float(rng.uniform(5, 30)), p.wall.thickness_mm)
         cases.append((p0, draws, locate_wall(ph.image, m, p0, ph.spacing, draws)))
-    bbox = _cpu_kernels.bbox
-    monkeypatch.setattr(_cpu_kernels, "bbox", lambda a: (*bbox(a)[:6], 0))  # (no crop)
+    real = _hollow._component
+
+    def whole(m, seed):  # (no crop: the component in a box as large as the planning box)
+        found = real(m, seed)
+        return None if found is None else (placed(m.shape, found), [0, 0, 0])
+
+    monkeypatch.setattr(_hollow, "_component", whole)
     for p0, draws, got in cases:
         assert got == locate_wall(ph.image, m, p0, ph.spacing, draws), p0
     # (and the crop is smaller than the box: there is something to compare)
-    monkeypatch.setattr(_cpu_kernels, "bbox", bbox)
     shrunk = []
 
-    def measured(a):
-        r = bbox(a)
-        shrunk.append(any(r[2 * d + 1] - r[2 * d] + 3 < a.shape[d] for d in range(3)))
-        return r
+    def measured(m, seed):
+        found = real(m, seed)
+        shrunk.append(any(found[0].shape[d] + 2 < m.shape[d] for d in range(3)))
+        return found
 
-    monkeypatch.setattr(_cpu_kernels, "bbox", measured)
+    monkeypatch.setattr(_hollow, "_component", measured)
     for p0, draws, _ in cases:
         locate_wall(ph.image, m, p0, ph.spacing, draws)
-    assert sum(shrunk) >= len(shrunk) // 2, shrunk
+    assert shrunk and sum(shrunk) >= len(shrunk) // 2, shrunk

@@ -126,7 +126,10 @@ def test_counted_medians_are_numpys():
 
 def test_component_through_a_voxel_is_its_ndimage_label():
     """A wall's component (``_hollow._component``: flood fill from the seed, or from the
-    nearest set voxel when the seed is not set) is the voxels of that voxel's label."""
+    nearest set voxel when the seed is not set, cropped to its bounding box) is the voxels of
+    that voxel's label; none in an empty mask."""
+    from _grids import placed
+
     from synthgen._hollow import _component
 
     rng = np.random.default_rng(8)
@@ -139,14 +142,15 @@ def test_component_through_a_voxel_is_its_ndimage_label():
         lab, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
         s = tuple(int(np.clip(seed[a], 0, shape[a] - 1)) for a in range(3))
         if n == 0:
-            want = m
+            assert _component(m, seed) is None
+            continue
         else:
             k = lab[s]
             if k == 0:
                 idx = np.argwhere(m)
                 k = lab[tuple(idx[int(np.argmin(((idx - np.asarray(s)) ** 2).sum(axis=1)))])]
             want = lab == k
-        np.testing.assert_array_equal(_component(m, seed), want)
+        np.testing.assert_array_equal(placed(shape, _component(m, seed)), want)
 
 
 def test_soft_tissue_residuals_match_scipy_bit_for_bit():
