@@ -240,12 +240,12 @@ def measure_noise(
     d1, d2 = [], []
     for k in range(0, len(keys), 3):
         vals = [np.asarray(v, dtype=np.float64) for v in vals_all[k : k + 3]]
-        ms = [_binary(np.asarray(m)) for m in ms_all[k : k + 3]]
+        ms = [_binary(m) for m in ms_all[k : k + 3]]
         d1.append((vals[1] - vals[0])[ms[0] & ms[1]])
         d2.append((vals[2] - vals[0])[ms[0] & ms[2]])
     if not d1:
         return 0.0, 0.0
-    whole = all(np.asarray(v).dtype.kind in "iub" for v in vals_all)  # (an integer image)
+    whole = np.dtype(image.dtype).kind in "iu"  # (an integer image: whole-number medians)
     s1 = _robust_sd(np.concatenate(d1), whole) / math.sqrt(2.0)
     s2 = _robust_sd(np.concatenate(d2), whole) / math.sqrt(2.0)
     if s1 <= 0.0:

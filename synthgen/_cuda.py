@@ -364,9 +364,8 @@ class DeviceView:
         return out if dtype is None else out.astype(dtype)
 
     def all_finite(self, key) -> bool:
-        """Whether region ``key`` holds no NaN or infinity (reduced on the device)."""
-        if self.dtype.kind != "f":
-            return True
+        """Whether region ``key`` holds no NaN or infinity (reduced on the device; planning
+        asks only of a float image: ``_packed.all_finite``)."""
         xp = self._be.xp
         return bool(self._be.download(xp.isfinite(self.a[key]).all().reshape(1))[0])
 

@@ -516,7 +516,10 @@ class _Placer:
         self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = (
             cache.setdefault(key, {}) if cache is not None else {}
         )
-        self._window = None  # a device image's tissue window over the box (PackedMask)
+        # A device image's tissue window over the box (PackedMask), made once and shared the
+        # same way.
+        self._cache = cache if cache is not None else {}
+        self._window_key = ("window", *key[2:])
 
     def _slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         """Organ mask of slice ``z`` (in-plane bbox) and the flat indices of its candidates
@@ -531,11 +534,12 @@ class _Placer:
         if self.p.tissue_hu is not None:
             lo, hi = self.p.tissue_hu
             if hasattr(self.image, "within"):  # a device view: the whole box's window, once
-                if self._window is None:
-                    self._window = self.image.within(self.bbox, lo, hi)
+                window = self._cache.get(self._window_key)
+                if window is None:
+                    window = self._cache[self._window_key] = self.image.within(self.bbox, lo, hi)
                 rel: list = [slice(None)] * 3
                 rel[self.axis] = z - self.bbox[self.axis].start
-                cand = m & self._window[tuple(rel)]
+                cand = m & window[tuple(rel)]
             else:
                 img = np.asarray(self.image[tuple(sl)])
                 cand = m & ((img >= lo) & (img <= hi))
