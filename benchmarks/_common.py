@@ -59,27 +59,6 @@ class Scene:
 # ------------------------------------------------------------------------------ statistics
 
 
-#: The whole-scan phantom of the per-preset benchmarks (:func:`whole_scan`).
-WHOLE_SCAN = ((320, 256, 224), (1.25, 1.25, 1.5))
-
-
-@functools.lru_cache(maxsize=1)
-def whole_scan():
-    """The all-organ phantom of a whole scan (``WHOLE_SCAN``: 320 x 256 x 224 voxels of
-    1.25 x 1.25 x 1.5 mm, seed 0) that the per-preset benchmarks plan and render in."""
-    from synthgen.phantom import make_phantom
-
-    return make_phantom(*WHOLE_SCAN, seed=0)
-
-
-def preset_mask(ph, preset: str) -> np.ndarray:
-    """The organ mask of phantom ``ph`` that ``preset`` plans in (C order; both kidneys for
-    ``kidney``)."""
-    from synthgen.presets import load_preset
-
-    return np.ascontiguousarray(ph.mask(load_preset(preset).organ))
-
-
 def now() -> float:
     """Seconds on the system-wide monotonic clock (comparable across processes on Linux)."""
     return time.clock_gettime(time.CLOCK_MONOTONIC)
@@ -97,6 +76,18 @@ def stats_ms(seconds: Sequence[float]) -> dict[str, float]:
         "min": float(a.min()),
         "max": float(a.max()),
     }
+
+
+def interleaved_rounds(keys: Sequence, rounds: int, measure) -> dict:
+    """``measure(key)`` for every key in each of ``rounds`` rounds, the keys' order reversed
+    every other round (A/B runs in one process: every key sees the machine's drift alike);
+    per key, its rounds' values in order."""
+    keys = list(keys)
+    out: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys if r % 2 == 0 else keys[::-1]:
+            out[k].append(measure(k))
+    return out
 
 
 def fmt(x: Any, digits: int = 1) -> str:
@@ -142,6 +133,13 @@ def _version(mod: str) -> str | None:
     return str(getattr(m, "__version__", "?"))
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity; all of them where that is unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, load, library versions, date and git commit of this run."""
     ensure_root_on_path()
@@ -149,7 +147,7 @@ def machine_info() -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpus_usable": usable_cpus(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]
         if hasattr(os, "getloadavg")
         else None,
@@ -210,6 +208,27 @@ def reset_peak_rss() -> bool:
 
 
 # ------------------------------------------------------------------------------ datasets
+
+
+#: The whole-scan phantom of the per-preset benchmarks (:func:`whole_scan`).
+WHOLE_SCAN = ((320, 256, 224), (1.25, 1.25, 1.5))
+
+
+@functools.lru_cache(maxsize=1)
+def whole_scan():
+    """The all-organ phantom of a whole scan (``WHOLE_SCAN``: 320 x 256 x 224 voxels of
+    1.25 x 1.25 x 1.5 mm, seed 0) that the per-preset benchmarks plan and render in."""
+    from synthgen.phantom import make_phantom
+
+    return make_phantom(*WHOLE_SCAN, seed=0)
+
+
+def preset_mask(ph, preset: str) -> np.ndarray:
+    """The organ mask of phantom ``ph`` that ``preset`` plans in (C order; both kidneys for
+    ``kidney``)."""
+    from synthgen.presets import load_preset
+
+    return np.ascontiguousarray(ph.mask(load_preset(preset).organ))
 
 
 def bench_data_root() -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from _common import (  # (run by path: its folder is on sys.path)
     ensure_root_on_path,
+    interleaved_rounds,
     markdown_table,
     preset_mask,
     whole_scan,
@@ -96,11 +97,11 @@ def main() -> int:
         for what in WHAT:
             for v in versions:
                 one(v, what, 0)
-            rounds: dict[str, list[float]] = {v: [] for v in versions}
-            for r in range(args.rounds):
-                for v in ("rev", "tree") if r % 2 else ("tree", "rev"):
-                    ms = [1e3 * one(v, what, i) for i in range(n)]
-                    rounds[v].append(statistics.median(ms))
+
+            def round_ms(v: str, what=what) -> float:  # the median sample of a round
+                return statistics.median(1e3 * one(v, what, i) for i in range(n))
+
+            rounds = interleaved_rounds(("tree", "rev"), args.rounds, round_ms)
             a, b = min(rounds["rev"]), min(rounds["tree"])
             ma, mb = statistics.median(rounds["rev"]), statistics.median(rounds["tree"])
             rows.append([preset, what, f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f} ({mb / ma:.2f})"])

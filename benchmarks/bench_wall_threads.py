@@ -19,7 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -28,8 +27,10 @@ from pathlib import Path
 
 from _common import (  # (run by path: its folder is on sys.path)
     ensure_root_on_path,
+    interleaved_rounds,
     markdown_table,
     preset_mask,
+    usable_cpus,
     whole_scan,
 )
 
@@ -50,8 +51,8 @@ def main() -> int:
     import synthgen
     from synthgen import _cuda, _segments
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    counts = sorted({1, *(n for n in (2, 4, 8, 16) if n <= (cpus or 1)), cpus or 1})
+    cpus = usable_cpus()
+    counts = sorted({1, *(n for n in (2, 4, 8, 16) if n <= cpus), cpus})
     be = HostBackend(Path(tempfile.mkdtemp(prefix="sg-walls-")))
     spent: list[float] = []
     real = _segments._wall_segments
@@ -84,10 +85,7 @@ def main() -> int:
 
         for n in counts:  # (numba compiled, caches filled)
             call(n)
-        rounds: dict[int, list[float]] = {n: [] for n in counts}
-        for r in range(args.rounds):
-            for n in counts if r % 2 == 0 else counts[::-1]:
-                rounds[n].append(1e3 * call(n))
+        rounds = interleaved_rounds(counts, args.rounds, lambda n, call=call: 1e3 * call(n))
         one = min(rounds[1])
         for n in counts:
             least, med = min(rounds[n]), statistics.median(rounds[n])

@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "synthgen-numba"))
 
 import synthgen  # noqa: E402
-from benchmarks._common import Scene, preset_mask, whole_scan  # noqa: E402
+from benchmarks._common import Scene, preset_mask, usable_cpus, whole_scan  # noqa: E402
 from synthgen import _cuda  # noqa: E402
 
 CLASSES = ("tiny", "small", "medium", "large", "mix")
@@ -150,7 +150,8 @@ class Gpu:
 
 class _WaitTimer:
     """The backend with the time its downloads (the driver's synchronisations) block
-    counted: a call's wall time less that wait is its host work."""
+    counted (a call's wall time less that wait is its host work), and the downloads and
+    their bytes (``copies``, ``nbytes``)."""
 
     def __init__(self, be) -> None:
         self._be = be
@@ -704,7 +705,7 @@ def main() -> int:
         print(f"| {r['preset']} | {r['tumors']:.1f} | {r['gpu_ms']:.2f} | {r['cpu_ms']:.1f} | "
               f"{r['speedup']:.1f}x |")  # fmt: skip
     print()
-    print(f"| preset (batch of plans, {os.cpu_count()} CPUs) | plans | wall tumors | "
+    print(f"| preset (batch of plans, {usable_cpus()} CPUs) | plans | wall tumors | "
           "GPU ms/sample, walls on one thread | on the pool | speed-up |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for r in wall_rows:
