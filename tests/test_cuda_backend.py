@@ -2052,6 +2052,7 @@ def test_planning_reads_device_data_through_views(view_backend, small_phantom, p
         img_v, mask_v, idx = _cuda.host_views(be, dev(image), dev(mask_d))
         assert idx.bbox == ref_idx.bbox and idx.count == ref_idx.count
         host_idx = synthgen.index_organ(mask)
+        without_index = {}  # (the plans made without an index, once a seed)
         for seed in (3, 4, 3):  # (the last one from the index's cache)
             sizes.clear()
             a = synthgen.plan(img_v, mask_v, organ=preset, seed=seed, spacing=ph.spacing,
@@ -2060,20 +2061,23 @@ def test_planning_reads_device_data_through_views(view_backend, small_phantom, p
             b = synthgen.plan(image, mask, organ=preset, seed=seed, spacing=ph.spacing,
                               organ_index=host_idx)  # fmt: skip
             assert a.to_json() == b.to_json()
-            c = synthgen.plan(image, mask, organ=preset, seed=seed, spacing=ph.spacing)
-            assert c.to_json() == b.to_json()
+            if seed not in without_index:
+                without_index[seed] = synthgen.plan(image, mask, organ=preset, seed=seed,
+                                                    spacing=ph.spacing).to_json()  # fmt: skip
+            assert without_index[seed] == b.to_json()
     with pytest.raises(ValueError, match="organ mask is empty"):
         _cuda.host_views(be, dev(ph.image), dev(np.zeros(mask.shape, np.uint8)))
     with pytest.raises(ValueError, match="organ_index is for shape"):
         _cuda.host_views(be, dev(ph.image[1:]), dev(mask[1:].astype(np.uint8)), ref_idx)
 
 
-def test_planning_views_of_one_device_array_and_one_host_array(view_backend, small_phantom):
+def test_planning_views_of_one_device_array_and_one_host_array(view_backend, small_phantom,
+                                                               organ_masks):  # fmt: skip
     """An image on the device and its mask on the host (with and without an organ index),
     or the other way round, plan as both on the host: the host array is read directly."""
     be, dev = view_backend
     ph = small_phantom
-    mask = ph.mask("liver")
+    mask = organ_masks["liver"]
     image = ph.image.astype(np.float32)
     idx = synthgen.index_organ(mask)
     want = synthgen.plan(image, mask, organ="liver", seed=5, spacing=ph.spacing).to_json()
@@ -2206,18 +2210,15 @@ def test_importing_synthgen_does_not_touch_cuda() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_wall_tumors_of_a_batch_render_on_threads(backend, small_phantom, organ_masks,
+def test_wall_tumors_of_a_batch_render_on_threads(view_backend, small_phantom, organ_masks,
                                                   monkeypatch):  # fmt: skip
     """A batch's hollow-organ wall tumors render on the host concurrently (the shared
     thread pool, as the CPU path renders tumors; a device image's boxes copied back first,
     by the calling thread): every plan as the CPU renders it, the same images as on one
     thread, and more than one thread did render."""
-    import threading
-    import time
-
     from synthgen import _pool
 
-    be, dev = backend
+    be, dev = view_backend  # (host threads, whatever the kernels' stand-in: one is enough)
     ph = small_phantom
     jobs = [("colon", "colon", s) for s in (1, 2, 5, 13)] + [("esophagus", "esophagus", 3)]
     plans = [_plan(ph, organ_masks[o], p, s, None) for p, o, s in jobs]

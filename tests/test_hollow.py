@@ -475,7 +475,7 @@ def _render_wall_reference(t, box, spacing, target, organ_mask, work_dtype=np.fl
     return (tight, orig[sub], delta[sub], mask[sub]), comp[sub]
 
 
-def _wall_variants(t, ph, organ):
+def _wall_variants(t, ph):
     """The tumor as planned and with the numbers that take the other branches: no shoulder,
     lobulation so strong the thickness turns negative, no noise, a centre off the organ (the
     flood fill starts from the cylinder's nearest voxel)."""
@@ -514,9 +514,9 @@ def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ, mo
     monkeypatch.setattr(_cpu_kernels, "wall_component", counted)
     seen = set()
     for seed in range(10):
-        plan = _synth(ph.image, m, organ, seed, ph.spacing).plan
+        plan = synthgen.plan(ph.image, m, organ=organ, seed=seed, spacing=ph.spacing)
         for t0 in plan.tumors:
-            for v, t in enumerate(_wall_variants(t0, ph, organ)):
+            for v, t in enumerate(_wall_variants(t0, ph)):
                 box = wall_box(t, ph.spacing, m.shape)
                 img, dt = targets[(seed + v) % 2]
                 org = m if v % 2 else m.astype(np.uint8)
