@@ -341,8 +341,9 @@ def markdown(result: dict[str, Any]) -> str:
 def count_script_main(doc: str, run, title: str, columns: Sequence[str], cells,
                       add_args=None) -> int:  # fmt: skip
     """``main()`` of a counting script (``count_bytes``, ``count_blocks``,
-    ``count_planning_reads``): ``--json FILE``, and the script's own arguments where
-    ``add_args(parser)`` adds them (then ``run(args)``, else ``run()``); its rows (dicts),
+    ``count_planning_reads``, ``count_device_ops``): ``--json FILE``, and the script's own
+    arguments where ``add_args(parser)`` adds them (then ``run(args)``, else ``run()``); its
+    rows (dicts),
     printed as one markdown table of ``cells(row)`` under ``columns``, and written to the
     JSON file if asked."""
     import argparse

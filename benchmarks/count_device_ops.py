@@ -16,14 +16,15 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import tempfile
 from collections import Counter
 from pathlib import Path
 
-from _common import ensure_root_on_path  # (run by path: its folder is on sys.path)
+from _common import (  # (run by path: its folder is on sys.path)
+    count_script_main,
+    ensure_root_on_path,
+)
 
 ensure_root_on_path("tests", "benchmarks")
 
@@ -33,12 +34,8 @@ CASES = (("mix", 1), ("tiny", 1), ("mix", 16))
 KINDS = ("alloc", "fill", "copy_in", "download", "launch", "event", "view")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("rev", help="git revision to compare the working tree with")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-
+def run(args) -> list[dict]:
+    """The counts of each case, for both versions of the driver."""
     import bench_gpu_host
     from _cuda_emu import DeviceArray
     from ab_host import _recorder, load_revision
@@ -114,16 +111,20 @@ def main() -> int:
                          "tumors": sum(len(p.tumors) for p in plans),
                          **{kind: counts[kind] for kind in KINDS}})  # fmt: skip
             print(f"  {rows[-1]}", flush=True)
-    print("\n| class | plans | tumors | version | " + " | ".join(KINDS) + " | all |")
-    print("|---|---|---|---|" + "---|" * (len(KINDS) + 1))
-    for r in rows:
-        cells = " | ".join(str(r[kind]) for kind in KINDS)
-        total = sum(r[kind] for kind in KINDS)
-        print(f"| {r['class']} | {r['plans']} | {r['tumors']} | {r['version']} | {cells} | "
-              f"{total} |")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    return 0
+    return rows
+
+
+def main() -> int:
+    def add_args(ap) -> None:
+        ap.add_argument("rev", help="git revision to compare the working tree with")
+
+    return count_script_main(
+        __doc__, run, "device-side calls per render call",
+        ["class", "plans", "tumors", "version", *KINDS, "all"],
+        lambda r: [r["class"], r["plans"], r["tumors"], r["version"],
+                   *(r[kind] for kind in KINDS), sum(r[kind] for kind in KINDS)],
+        add_args,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
