@@ -343,9 +343,8 @@ def count_script_main(doc: str, run, title: str, columns: Sequence[str], cells,
     """``main()`` of a counting script (``count_bytes``, ``count_blocks``,
     ``count_planning_reads``, ``count_device_ops``): ``--json FILE``, and the script's own
     arguments where ``add_args(parser)`` adds them (then ``run(args)``, else ``run()``); its
-    rows (dicts),
-    printed as one markdown table of ``cells(row)`` under ``columns``, and written to the
-    JSON file if asked."""
+    rows (dicts), printed as one markdown table of ``cells(row)`` under ``columns``, and
+    written to the JSON file if asked."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
