@@ -31,7 +31,7 @@ import numpy as np
 
 from ._device import array_kind
 from .planning import Plan
-from .rendering import RenderResult
+from .rendering import RenderResult, sequential_groups
 
 __all__ = ["KERNELS", "NVRTC_OPTIONS", "CupyBackend", "kernel_dir", "render_on_gpu"]
 
@@ -302,6 +302,17 @@ def render_on_gpu(
     outs = list(outs) if outs is not None else [None] * n
     affines = list(affines) if affines is not None else [None] * n
     labels = list(label_outs) if label_outs is not None else [None] * n
+    groups = sequential_groups(images, outs)
+    if len(groups) > 1:  # outputs shared between plans: in turn, as the CPU renders them
+        return [
+            res
+            for a, b in groups
+            for res in render_on_gpu(
+                plans[a:b], images[a:b], organ_masks[a:b], device_id=device_id, outs=outs[a:b],
+                affines=affines[a:b], stream=stream, be=be, label_outs=labels[a:b],
+                tumor_label=tumor_label,
+            )
+        ]  # fmt: skip
     torch_data = [array_kind(images[i]) == "torch-cuda" for i in range(n)]
     with be.context(stream, [*images, *organ_masks]):
         jobs = []

@@ -423,10 +423,20 @@ def clear_caches() -> None:
         f.cache_clear()
 
 
-def _strides(a) -> tuple[int, int, int]:
+def _address(be, a, job: int, what: str) -> tuple[int, int, int, int]:
+    """Device address and strides in elements of ``a``, a device array of job ``job``;
+    ValueError where they are not multiples of its element size (a kernel's typed load there
+    would fault on a GPU, and strides in elements would round)."""
     item = a.itemsize
-    s0, s1, s2 = a.strides
-    return int(s0) // item, int(s1) // item, int(s2) // item
+    ptr = int(be.ptr(a))
+    s0, s1, s2 = (int(s) for s in a.strides)
+    if ptr % item or s0 % item or s1 % item or s2 % item:
+        raise ValueError(
+            f"plan {job}: the {what} on the device ({a.dtype}, address {ptr:#x}, strides "
+            f"{tuple(a.strides)} bytes) is not aligned to its {item}-byte elements; pass an "
+            "aligned array (e.g. a contiguous copy)"
+        )
+    return ptr, s0 // item, s1 // item, s2 // item
 
 
 class _Jobs:
@@ -443,7 +453,7 @@ class _Jobs:
         ints: list = []
         flts: list = []
         none5 = (0, 0, 0, 0, 0)
-        for job in jobs:
+        for q, job in enumerate(jobs):
             plan = job.plan
             dt = job.target.dtype
             code, rnd, out_lo, out_hi = _dtype_facts(
@@ -457,12 +467,21 @@ class _Jobs:
                 ints.extend((0, 0, 0, 0, 0, 0))
             else:
                 ints.extend((ob[0][0], ob[1][0], ob[2][0], ob[0][1], ob[1][1], ob[2][1]))
-            ints.extend((be.ptr(job.target), code, *_strides(job.target))
-                        if job.target_on_device else none5)  # 9:14  # fmt: skip
-            ints.extend((be.ptr(org), dtype_code(org.dtype), *_strides(org))
-                        if job.organ_on_device else none5)  # 14:19  # fmt: skip
-            ints.extend((be.ptr(job.label), dtype_code(job.label.dtype), *_strides(job.label))
-                        if job.label_on_device else none5)  # 19:24  # fmt: skip
+            if job.target_on_device:  # 9:14
+                a, *st = _address(be, job.target, q, "image (out)")
+                ints.extend((a, code, *st))
+            else:
+                ints.extend(none5)
+            if job.organ_on_device:  # 14:19
+                a, *st = _address(be, org, q, "organ mask")
+                ints.extend((a, dtype_code(org.dtype), *st))
+            else:
+                ints.extend(none5)
+            if job.label_on_device:  # 19:24
+                a, *st = _address(be, job.label, q, "label map")
+                ints.extend((a, dtype_code(job.label.dtype), *st))
+            else:
+                ints.extend(none5)
             ints.extend((rnd, job.tumor_label, ob is not None, job.target_on_device,
                          job.organ_on_device, job.label_on_device))  # 24:30  # fmt: skip
             flts.extend(plan.spacing)  # 0:3

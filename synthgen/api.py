@@ -244,10 +244,27 @@ def render_batch(
     copy), organ mask (a copy) and label map of ``label_outs`` (in place) warped first; the
     others are rendered as given."""
     from .mass_effect import prepare_render
-    from .rendering import label_args, per_plan
+    from .rendering import label_args, per_plan, sequential_groups
 
     ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
     labs = label_args(plans, label_outs, tumor_label)  # checked before anything is warped
+    if any(p.get_preset().mass_effect.enabled for p in plans):
+        # images and label maps shared between plans: warp and render in turn, as one by one
+        starts = {a for a, _ in sequential_groups(ims, os_)}
+        starts |= {a for a, _ in sequential_groups(labs, labs)}
+        stops = [*sorted(starts)[1:], len(plans)]
+        groups = list(zip(sorted(starts), stops, strict=True))
+        if len(groups) > 1:
+            afs = per_plan(len(plans), affines=affines)[0]
+            return [
+                r
+                for a, b in groups
+                for r in render_batch(
+                    plans[a:b], ims[a:b], oms[a:b], outs=os_[a:b], device=device,
+                    affines=afs[a:b], stream=stream, label_outs=labs[a:b],
+                    tumor_label=tumor_label,
+                )
+            ]  # fmt: skip
     lab_args = {"label_outs": labs, "tumor_label": tumor_label}
     plans_r = list(plans)
     warped = False

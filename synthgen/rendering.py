@@ -13,6 +13,7 @@ scales with the scan except the optional copy of the output.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ._appearance import blend_params
+from ._device import array_kind
 from ._geometry import prefilter
 from ._pool import map_threads as _map
 from ._pool import set_num_threads
@@ -101,8 +103,6 @@ class RenderResult:
     _label: Any = field(default=None, repr=False)
 
     def _xp(self):
-        from ._device import array_kind
-
         if (
             any(array_kind(m) == "cupy" for _, m in self.boxes)
             or array_kind(self.organ_mask) == "cupy"
@@ -552,8 +552,6 @@ def label_arg(label_out: Any, shape: Sequence[int], tumor_label: Any) -> Any:
     comes back as its NumPy view (written in place through it); ``None`` stays ``None``."""
     import operator
 
-    from ._device import array_kind
-
     if label_out is None:
         return None
     if isinstance(tumor_label, (bool, np.bool_)):
@@ -615,6 +613,93 @@ def per_plan(n: int, **args: Any) -> list[list[Any]]:
     return out
 
 
+def memory_extent(a: Any) -> tuple[Any, int, int] | None:
+    """``(where, first byte, end byte)`` of the memory an array's elements span (``where``:
+    ``"host"`` or ``("cuda", device)``), for NumPy arrays, CuPy arrays and torch tensors;
+    ``None`` for an empty array or anything else. Two arrays whose spans on the same
+    ``where`` do not intersect share no element (the converse need not hold: strided views
+    may interleave)."""
+    if isinstance(a, np.ndarray):  # NumPy (and the test suite's stand-in device arrays)
+        if a.size == 0:
+            return None
+        where, ptr, item = "host", a.__array_interface__["data"][0], a.itemsize
+    elif (kind := array_kind(a)) == "cupy":
+        if a.size == 0:
+            return None
+        where, ptr, item = ("cuda", int(a.device.id)), int(a.data.ptr), a.itemsize
+    elif kind.startswith("torch"):
+        if a.numel() == 0:  # (strides in elements)
+            return None
+        item = a.element_size()
+        where = ("cuda", a.device.index or 0) if a.is_cuda else "host"
+        ptr, strides = a.data_ptr(), [st * item for st in a.stride()]
+        return _span(where, ptr, item, a.shape, strides)
+    else:
+        return None
+    flags = a.flags
+    if flags.c_contiguous or flags.f_contiguous:
+        return where, ptr, ptr + a.nbytes
+    return _span(where, ptr, item, a.shape, a.strides)
+
+
+def _span(where: Any, ptr: int, item: int, shape, strides) -> tuple[Any, int, int]:
+    lo = hi = int(ptr)
+    for n, st in zip(shape, strides, strict=True):
+        step = (int(n) - 1) * int(st)
+        lo, hi = (lo + step, hi) if step < 0 else (lo, hi + step)
+    return where, lo, hi + int(item)
+
+
+def _spans_meet(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def sequential_groups(images: Sequence[Any], outs: Sequence[Any]) -> list[tuple[int, int]]:
+    """Consecutive runs ``[(start, stop), ...]`` of a batch's plans that can render together
+    with the result of rendering the plans one after another, as the CPU does.
+
+    A plan writes its ``out`` (read and written: it holds the image), or a copy of its image
+    made before any plan of its run renders. So a later plan conflicts with an earlier one
+    when the earlier one's ``out`` shares memory with the later one's ``out`` (both would
+    write the same voxels from the same original) or, without an ``out``, with its image (the
+    copy would miss the earlier plan's tumors): such a plan starts a new run. One run, the
+    whole batch, when no ``out`` shares memory with anything (checked in ``n log n``)."""
+    n = len(outs)
+    if n < 2:
+        return [(0, n)]
+    writes = [(memory_extent(o), i) for i, o in enumerate(outs) if o is not None]
+    writes = [(e, i) for e, i in writes if e is not None]
+    if not writes:
+        return [(0, n)]
+    spans = {i: e for e, i in writes}
+    reads = {i: memory_extent(images[i]) for i in range(n) if outs[i] is None}
+    # the quick answer: no write span meets another write span, nor any read span
+    ordered = sorted((e[0] != "host", e[0], e[1], e[2]) for e, _ in writes)
+    clash = any(a[:2] == b[:2] and b[2] < a[3] for a, b in itertools.pairwise(ordered))
+    if not clash and reads:
+        import bisect
+
+        starts = [(k[0], k[1], k[2]) for k in ordered]
+        for e in reads.values():
+            if e is None:
+                continue
+            key = (e[0] != "host", e[0], e[2])
+            at = bisect.bisect_left(starts, key) - 1  # the last write starting before e ends
+            if at >= 0 and starts[at][:2] == key[:2] and ordered[at][3] > e[1]:
+                clash = True
+                break
+    if not clash:
+        return [(0, n)]
+    groups, start = [], 0
+    for j in range(1, n):
+        mine = spans.get(j) if outs[j] is not None else reads.get(j)
+        if any(_spans_meet(spans.get(i), mine) for i in range(start, j)):
+            groups.append((start, j))
+            start = j
+    groups.append((start, n))
+    return groups
+
+
 def render_batch(
     plans: Sequence[Plan],
     images: Any,
@@ -645,7 +730,10 @@ def render_batch(
         images: One image for all plans, or one per plan (NumPy, CuPy or torch).
         organ_masks: One organ mask for all plans, or one per plan.
         outs: One caller-owned output per plan holding its image (rendered in place; may be
-            the image itself when a single plan uses it); ``None``: a copy per plan.
+            the image itself); ``None``: a copy per plan. Plans may share an output (e.g.
+            several plans into one scan): the result is that of rendering them one after
+            another, in order, on every backend (on a GPU such plans go to separate runs of
+            launches).
         device: As for :func:`render`.
         affines: Optional affine per plan (world-mm centres in the records).
         stream: GPU stream to work on.
@@ -736,7 +824,7 @@ def render(
         ValueError: Shapes or spacing that do not match the plan, or a bad ``out``.
         synthgen.DeviceError: ``cuda`` asked for where CuPy, a driver or the GPU is missing.
     """
-    from ._device import array_kind, resolve_device
+    from ._device import resolve_device
 
     label_out = label_arg(label_out, plan.shape, tumor_label)
     where = resolve_device(device, image, organ_mask, *([out] if out is not None else []))

@@ -12,6 +12,7 @@ is a warp applied before the engine on either backend).
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 import shutil
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 import pytest
-from _cuda_emu import KERNELS, HostBackend, gpu_backend, signatures, to_device
+from _cuda_emu import KERNELS, DeviceArray, HostBackend, gpu_backend, signatures, to_device
 
 import synthgen
 from synthgen import _cpu_kernels as k
@@ -679,6 +680,35 @@ def test_label_out_follows_the_mass_effect(small_phantom):
     np.testing.assert_array_equal(imp.label, want)
 
 
+def test_pushing_plans_sharing_an_output_warp_in_turn(small_phantom, monkeypatch):
+    """``render_batch`` of plans that push tissue into one output (and one label map): each
+    warps what the plans before it rendered, as one ``render`` after another does."""
+    from synthgen import mass_effect as me
+
+    ph = small_phantom
+    liver = ph.mask("liver")
+    syn = synthgen.Synthesizer("liver", size="large", spacing=ph.spacing)
+    pushing = [p for p in (syn.plan(ph.image, liver, seed=s) for s in range(20))
+               if me.plan_fields(p)][:2]  # fmt: skip
+    assert len(pushing) == 2, "two large liver tumors that push, in 20 seeds"
+    plans = [pushing[0], pushing[1], pushing[0]]
+    want, want_lab = ph.image.copy(), liver.astype(np.int16)
+    for p in plans:
+        synthgen.render(p, want, liver, out=want, label_out=want_lab)
+
+    def batch():
+        work, lab = ph.image.copy(), liver.astype(np.int16)
+        synthgen.render_batch(plans, work, liver, outs=[work] * 3, label_outs=[lab] * 3)
+        return work, lab
+
+    work, lab = batch()
+    np.testing.assert_array_equal(work, want)
+    np.testing.assert_array_equal(lab, want_lab)
+    monkeypatch.setattr(rendering, "sequential_groups", lambda images, outs: [(0, len(outs))])
+    work, lab = batch()
+    assert not np.array_equal(work, want)
+
+
 def test_results_assembled_before_the_statistics(emu, small_phantom, organ_masks):
     """fill_stats after assemble without statistics (what the GPU driver does while the
     device runs phase B) gives the records assemble gives with them; a device render's
@@ -825,6 +855,93 @@ def test_device_masks_are_made_when_first_read(emu, small_phantom, organ_masks):
                               be=emu, label_outs=[lab])[0]  # fmt: skip
     assert type(got.boxes) is list
     np.testing.assert_array_equal(lab == 2, ref.tumor_mask)
+
+
+def test_plans_sharing_an_output_render_in_turn(backend, small_phantom, organ_masks,
+                                               monkeypatch):  # fmt: skip
+    """Plans of one call that share an output (or read an image an earlier plan writes)
+    render as one after another, as on the CPU: the same plan twice into one image puts its
+    tumor in twice; in one run of kernels both would read the original and the second
+    write would undo the first."""
+    be, dev = backend
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    p, q = (_plan(ph, mask, "liver-classic", s, "large") for s in (5, 6))
+    want = ph.image.copy()
+    for plan in (p, q, p):
+        rendering.render(plan, want, mask, out=want)
+    copy_of = rendering.render(p, want, mask).image  # plan 3: a copy of the image, rendered
+    work = dev(ph.image)
+    mask_d = dev(mask)
+    got = _cuda.render_on_gpu([p, q, p, p], [work] * 4, [mask_d] * 4, device_id=0,
+                              outs=[work, work, work, None], be=be)  # fmt: skip
+    for img, ref in ((work, want), (got[3].image, copy_of)):
+        diff = np.abs(be.download(img).astype(np.float64) - ref)
+        assert diff.max() <= 1.0
+    # all four in one run: p's tumor once, and the copy made before any write
+    monkeypatch.setattr(_cuda, "sequential_groups", lambda images, outs: [(0, len(outs))])
+    work = dev(ph.image)
+    got = _cuda.render_on_gpu([p, q, p, p], [work] * 4, [mask_d] * 4, device_id=0,
+                              outs=[work, work, work, None], be=be)  # fmt: skip
+    for img, ref in ((work, want), (got[3].image, copy_of)):
+        assert np.abs(be.download(img).astype(np.float64) - ref).max() > 10.0
+
+
+def test_sequential_groups():
+    """Runs of plans without shared outputs, against every pair checked by hand; spans of
+    views (flipped, strided, empty) and of torch tensors."""
+    from synthgen.rendering import memory_extent, sequential_groups
+
+    a = np.zeros((4, 5, 6), np.int16)
+    assert memory_extent(a)[1:] == (a.ctypes.data, a.ctypes.data + a.nbytes)
+    flip = a[::-1, :, ::-2]
+    lo, hi = memory_extent(flip)[1:]
+    assert (lo, hi) == (a.ctypes.data + 2, a.ctypes.data + a.nbytes)  # elements 5, 3, 1
+    assert memory_extent(a[:0]) is None and memory_extent(None) is None
+    torch = pytest.importorskip("torch")
+    t = torch.zeros((3, 4, 5), dtype=torch.float32)
+    assert memory_extent(t) == ("host", t.data_ptr(), t.data_ptr() + 240)
+    assert memory_extent(t[:, 1:2])[1:] == (t.data_ptr() + 20, t.data_ptr() + 200)
+
+    rng = np.random.default_rng(0)
+    base = np.zeros(1000, np.uint8)
+    for _ in range(300):
+        n = int(rng.integers(1, 7))
+        arrays = []
+        for _ in range(n):
+            lo = int(rng.integers(0, 990))
+            arrays.append(None if rng.random() < 0.3 else base[lo : lo + int(rng.integers(1, 60))])
+        images = [base[int(rng.integers(0, 900)) :][:40] for _ in range(n)]
+        groups = sequential_groups(images, arrays)
+        assert groups[0][0] == 0 and groups[-1][1] == n
+        assert all(b == c for (_, b), (c, _) in itertools.pairwise(groups))
+
+        def touched(i, arrays=arrays, images=images):
+            return arrays[i] if arrays[i] is not None else images[i]
+
+        for a0, b0 in groups:  # no conflict inside a run; a run starts at a conflict
+            for j in range(a0, b0):
+                clash = any(arrays[i] is not None and np.shares_memory(arrays[i], touched(j))
+                            for i in range(a0, j))  # fmt: skip
+                assert not clash
+            if a0 > 0:
+                prev = next(g for g in groups if g[1] == a0)
+                assert any(arrays[i] is not None and np.shares_memory(arrays[i], touched(a0))
+                           for i in range(prev[0], a0))  # fmt: skip
+
+
+def test_unaligned_device_arrays_are_refused(emu, small_phantom, organ_masks):
+    """A device array whose address or strides are not multiples of its element size would
+    fault a GPU's typed loads: refused, naming the plan and the array."""
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver-classic", 3, "small")
+    raw = np.zeros(ph.image.nbytes + 2, np.uint8)
+    odd = raw[1 : 1 + ph.image.nbytes].view(np.int16).reshape(ph.image.shape).view(DeviceArray)
+    odd[...] = ph.image
+    with pytest.raises(ValueError, match=r"plan 1: the image \(out\) on the device .* not aligned"):
+        _cuda.render_on_gpu([plan, plan], [to_device(ph.image), odd], [to_device(mask)] * 2,
+                            device_id=0, outs=[None, odd], be=emu)  # fmt: skip
 
 
 def test_render_batch_api_on_the_cpu(small_phantom, organ_masks):
