@@ -8,10 +8,13 @@ write them), measures every tumor from the images and masks, and writes ``qa.jso
 Definitions (everything is measured on the files; ``tumors.json`` only names the organs and
 gives the intended values):
 
-* **Tumors** are the connected components (face connectivity, ``scipy.ndimage.label``'s
-  default) of the organ's lesion mask ``segmentations/<lesion>.nii.gz``; without it, of
-  ``label.nii.gz == 2`` (one-organ folders only). Touching tumors count as one.
-* **Organ mask**: ``segmentations/<organ>.nii.gz`` (non-zero), else ``label >= 1``.
+* **Tumors** are the connected components (full connectivity: voxels touching by a face, an
+  edge or a corner; a tumor's rim voxels can meet the rest along an edge only) of the organ's
+  lesion mask ``segmentations/<lesion>.nii.gz``; without it, of ``label.nii.gz == 2``
+  (one-organ folders only). Touching tumors count as one.
+* **Organ mask**: ``segmentations/<organ>.nii.gz`` (non-zero), else ``label >= 1``. For the
+  hollow organs' wall tumors (colon, esophagus) the reference below is the organ's wall: its
+  voxels in the soft-tissue window [-150, 300] HU, not the gas or contents of its lumen.
 * **voxels**, **volume_mm3** = voxels x |det(affine[:3, :3])|, **diameter_mm** (equivalent
   sphere diameter) = ``(6 V / pi) ** (1/3)``, **mean_hu**: mean CT value over the tumor.
 * **organ_median_hu**: median CT value of organ voxels that are not tumor (any organ's lesion
@@ -36,7 +39,9 @@ Intended ranges (from the preset recorded in each organ's plan):
 * **contrast_in_range** (absolute and relative presets alike): ``|contrast_hu - ref| <=
   max(0.25 |ref|, 10 HU)`` where ``ref`` is the matched record's ``mean_contrast_hu`` (the
   renderer's mean intensity drop over that tumor, i.e. what the plan's ``D`` produced after
-  texture and blur; the plan's ``contrast_hu`` when the record lacks it); null when unmatched.
+  texture and blur; the plan's ``contrast_hu`` when the record lacks it); null when unmatched,
+  and for hollow-organ wall tumors, whose recorded drop is against what they replaced (mostly
+  the lumen's gas), not against the wall.
 * **count_in_range**: number of tumors (components) of an organ in a sample within the plan
   size class's ``count`` range (a composite class: the sums of its components' ranges).
 
@@ -65,6 +70,7 @@ __all__ = ["CT_RANGE", "GAS_HU", "QUANTITIES", "find_samples", "qa_report"]
 
 CT_RANGE = (-1024.0, 3071.0)
 GAS_HU = -200.0
+WALL_HU = (-150.0, 300.0)  # a hollow organ's wall: soft tissue, not its lumen's gas
 _MARGIN_MM = 15.0
 _MIN_REF_VOXELS = 20
 _WINDOW = (40.0, 400.0)
@@ -153,8 +159,9 @@ def _intended(plan: dict[str, Any]) -> dict[str, Any]:
     classes = _classes(preset)
     out: dict[str, Any] = {"preset": preset.get("name"), "size_class": plan.get("size_class")}
     # Hollow-organ wall tumors: a class's radii are the segment's half-length, not a sphere's
-    # radius, so no diameter range applies (null).
-    if classes and not preset.get("wall"):
+    # radius, so no diameter range applies (null); their contrast is against the wall.
+    out["wall"] = bool(preset.get("wall"))
+    if classes and not out["wall"]:
         lo = min(float(c["radius_mm"][0]) for c in classes.values())
         hi = max(float(c["radius_mm"][1]) for c in classes.values())
         out["diameter_mm"] = [2.0 * lo, 2.0 * hi]
@@ -257,6 +264,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
     out_of_range = int(np.count_nonzero((ct < CT_RANGE[0]) | (ct > CT_RANGE[1])))
     gas_total = int(np.count_nonzero(all_tumor & (ct < GAS_HU)))
     ring_struct = ndimage.generate_binary_structure(3, 1)
+    full = ndimage.generate_binary_structure(3, 3)
 
     organ_out: dict[str, Any] = {}
     largest: tuple[int, tuple[float, float, float]] | None = None
@@ -265,8 +273,10 @@ def _measure_sample(d: Path) -> dict[str, Any]:
         intended = _intended(e["plan"])
         les, org = lesions[organ], organs[organ]
         org_ref_all = org & ~all_tumor
+        if intended.get("wall"):  # the wall, not the lumen's gas or contents
+            org_ref_all &= (ct >= WALL_HU[0]) & (ct <= WALL_HU[1])
         whole_median = float(np.median(ctf[org_ref_all])) if org_ref_all.any() else math.nan
-        comps, n = ndimage.label(les)
+        comps, n = ndimage.label(les, full)
         objs = ndimage.find_objects(comps)
         tumors = []
         for k in range(1, n + 1):
@@ -351,7 +361,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
 
 def _contrast_ok(t: dict[str, Any], intended: dict[str, Any]) -> bool | None:
     c = t["contrast_hu"]
-    if c is None:
+    if c is None or intended.get("wall"):
         return None
     # The preset's D is the depth at texture 1; a tumor's mean drop is about D/2 (texture
     # mean ~0.5), so D's range is not the drop's: compare with the drop the renderer recorded
@@ -651,9 +661,11 @@ def _markdown(root: Path, summary: dict[str, Any], plots: dict[str, str], montag
         "classes; class range: the matched tumor's own class.",
         "- contrast in range: within max(25%, 10 HU) of the renderer's recorded "
         "mean_contrast_hu for that tumor (the preset's D is the depth at texture 1, about "
-        "twice the mean drop).",
+        "twice the mean drop); not applied to hollow-organ wall tumors, whose contrast is "
+        f"measured against the wall (organ voxels in [{WALL_HU[0]:g}, {WALL_HU[1]:g}] HU).",
         "- count in range: the plan size class's count range (composite: sum of components).",
-        "- Tumors are connected components (face connectivity); touching tumors count as one.",
+        "- Tumors are connected components (full 26-neighbour connectivity); touching tumors "
+        "count as one.",
         "",
     ]
     return "\n".join(lines)
@@ -734,7 +746,8 @@ def qa_report(
                 "ct_range_hu": list(CT_RANGE),
                 "gas_hu": GAS_HU,
                 "margin_mm": _MARGIN_MM,
-                "connectivity": "face (6-neighbour)",
+                "connectivity": "full (26-neighbour)",
+                "wall_hu": list(WALL_HU),
             },
             "samples": samples,
         },

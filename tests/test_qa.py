@@ -77,7 +77,7 @@ def test_qa_report_matches_independent_measurement(batch_out: Path, tmp_path: Pa
             les = np.asarray(
                 nib.load(str(d / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz")).dataobj
             )
-            comps, n = ndimage.label(les != 0)
+            comps, n = ndimage.label(les != 0, np.ones((3, 3, 3)))
             o = s["organs"][organ]
             assert o["n_tumors"] == n
             n_total += n
@@ -161,7 +161,7 @@ def test_qa_reads_demo_folders(tmp_path: Path) -> None:
     for s in doc["samples"]:
         organ = Path(s["path"]).name
         les = nib.load(str(out / organ / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz"))
-        _, n = ndimage.label(np.asarray(les.dataobj) != 0)
+        _, n = ndimage.label(np.asarray(les.dataobj) != 0, np.ones((3, 3, 3)))
         assert s["organs"][organ]["n_tumors"] == n
         assert s["organs"][organ]["planned_tumors"] >= 1
 
@@ -178,3 +178,30 @@ def test_wall_tumors_get_no_diameter_range() -> None:
         assert got["count"]
     liver = _intended({"preset": load_preset("liver").to_dict(), "size_class": "small"})
     assert liver["diameter_mm"][0] > 0
+
+
+def test_wall_tumors_one_component_contrast_against_the_wall(tmp_path: Path) -> None:
+    """Colon and esophagus demo samples: a wall tumor is one component (its rim voxels may
+    meet the rest along an edge only), its reference is the wall (soft tissue), not the
+    lumen's gas, and no contrast range applies."""
+    out = tmp_path / "demo"
+    cli("demo", "--out", out, "--no-preview")  # (the default demo's colon tumor splits)
+    qa_report(out)
+    doc = json.loads((out / "qa" / "qa.json").read_text())
+    face_split = 0
+    for s in doc["samples"]:
+        organ = Path(s["path"]).name
+        if organ not in ("colon", "esophagus"):
+            continue
+        o = s["organs"][organ]
+        d = Path(s["path"])
+        les = np.asarray(
+            nib.load(str(d / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz")).dataobj
+        )
+        face_split += ndimage.label(les != 0)[1] - o["n_tumors"]
+        assert 1 <= o["n_tumors"] <= o["planned_tumors"]  # (touching tumors count as one)
+        assert o["intended"]["wall"] is True
+        for t in o["tumors"]:
+            assert -150.0 <= t["organ_median_hu"] <= 300.0
+            assert t["contrast_in_range"] is None and t["diameter_in_range"] is None
+    assert face_split > 0, "face connectivity splits a wall tumor of the demo"
