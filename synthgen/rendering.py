@@ -113,8 +113,17 @@ class RenderResult:
         return np
 
     def write_tumor_mask(self, out: Any) -> Any:
-        """OR the tumor voxels into a caller-owned boolean array (boxes only)."""
+        """OR the tumor voxels into a caller-owned boolean array (boxes only), on the host or
+        the GPU (a box is moved to ``out``'s side first: a render of a host image with a GPU
+        organ mask has host boxes, and CuPy and NumPy do not mix in one operation)."""
+        on_gpu = array_kind(out) == "cupy"
         for sl, m in self.boxes:
+            if on_gpu and array_kind(m) != "cupy":
+                import cupy
+
+                m = cupy.asarray(m)
+            elif not on_gpu and array_kind(m) == "cupy":
+                m = m.get()
             out[sl] |= m.astype(bool, copy=False)
         return out
 

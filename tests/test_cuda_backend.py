@@ -2259,6 +2259,25 @@ def test_synthesize_on_cupy_arrays(small_phantom, organ_masks):
 
 
 @pytest.mark.gpu
+def test_host_image_with_a_gpu_organ_mask(small_phantom, organ_masks):
+    """A NumPy image with a CuPy organ mask renders on the GPU with host boxes: the tumor
+    mask and label map (made on the mask's side) and a host tumor mask written from them
+    are the CPU's."""
+    gpu_backend()
+    import cupy
+
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver-classic", 4, "mix")
+    ref = synthgen.render(plan, ph.image, mask)
+    res = synthgen.render(plan, ph.image, cupy.asarray(mask))
+    _compare(ref, res, _cuda.CupyBackend(0))
+    assert int(cupy.count_nonzero(res.label == 2)) == int(cupy.count_nonzero(res.tumor_mask))
+    host = res.write_tumor_mask(np.zeros(plan.shape, dtype=bool))
+    assert np.count_nonzero(host != ref.tumor_mask) <= 0.001 * max(1, ref.tumor_mask.sum())
+
+
+@pytest.mark.gpu
 def test_torch_cuda_tensors_render_in_place_through_dlpack(small_phantom, organ_masks):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
