@@ -368,20 +368,27 @@ class DeviceView:
         self.ndim = len(self.shape)
 
     def __getitem__(self, key) -> np.ndarray:
-        return self._be.download(self.a[key])
+        with _on(self._be):
+            return self._be.download(self.a[key])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self._be.download(self.a)
+        with _on(self._be):
+            out = self._be.download(self.a)
         return out if dtype is None else out.astype(dtype)
 
     def all_finite(self, key) -> bool:
         """Whether region ``key`` holds no NaN or infinity (reduced on the device; planning
         asks only of a float image: ``_packed.all_finite``)."""
         xp = self._be.xp
-        return bool(self._be.download(xp.isfinite(self.a[key]).all().reshape(1))[0])
+        with _on(self._be):
+            return bool(self._be.download(xp.isfinite(self.a[key]).all().reshape(1))[0])
 
     def read_many(self, keys) -> list[np.ndarray]:
         """The regions ``keys`` (one copy back for all; each as ``view[key]`` would give)."""
+        with _on(self._be):
+            return self._read_many(keys)
+
+    def _read_many(self, keys) -> list[np.ndarray]:
         xp = self._be.xp
         keys = list(keys)
         if not keys:
@@ -405,8 +412,9 @@ class DeviceView:
         a :class:`~synthgen._packed.PackedMask` of the region's shape."""
         from ._packed import PackedMask, pack_on_device
 
-        packed, shape = pack_on_device(self._be.xp, fn(self.a[key]))
-        return PackedMask(shape, (0, 0, 0), shape, self._be.download(packed))
+        with _on(self._be):
+            packed, shape = pack_on_device(self._be.xp, fn(self.a[key]))
+            return PackedMask(shape, (0, 0, 0), shape, self._be.download(packed))
 
     def _cmp(self, r, op: str, value):
         """``r op value`` (``op`` one of ``>``, ``>=``, ``<=``) as NumPy compares an array of
@@ -485,8 +493,6 @@ def host_views(be, image, organ_mask, organ_index=None):
     there and copied back once: the mask view is a :class:`~synthgen._packed.PackedMask`
     that answers every read of planning on the host (False outside the organ's box). The
     image view is a :class:`DeviceView`."""
-    from ._packed import PackedMask, pack_on_device
-    from .planning import OrganIndex
 
     img_a, org = _as_cupy(image), _as_cupy(organ_mask)
     # (one of the two may be a host array: planning reads that one directly)
@@ -496,6 +502,25 @@ def host_views(be, image, organ_mask, organ_index=None):
         raise ValueError(f"organ_index is for shape {organ_index.shape}, mask is {shape}")
     if not be.on_device(org):  # (without an index, planning finds the box as for host data)
         return img, organ_mask, organ_index
+    with _on(be):
+        return img, *_packed_organ(be, org, shape, organ_index)
+
+
+def _on(be):
+    """A context with ``be``'s GPU current: CuPy works on the current device, and data on
+    another GPU (``cuda:N``, a DDP rank's) must not be worked on from GPU 0 (a stand-in
+    backend has no device: nothing to do)."""
+    import contextlib
+
+    dev = getattr(be, "device", None)
+    return dev if dev is not None else contextlib.nullcontext()
+
+
+def _packed_organ(be, org, shape, organ_index):
+    """``(mask view, organ_index)`` of a device organ mask: see :func:`host_views`."""
+    from ._packed import PackedMask, pack_on_device
+    from .planning import OrganIndex
+
     xp = be.xp
 
     def binary(a):
@@ -518,8 +543,7 @@ def host_views(be, image, organ_mask, organ_index=None):
         organ_index = OrganIndex(bbox=tuple(bbox), count=count, shape=shape)  # type: ignore[arg-type]
     box = tuple(organ_index.bbox)
     packed, box_shape = pack_on_device(xp, m[box] if m is not None else binary(org[box]))
-    mask = PackedMask(shape, [b.start for b in box], box_shape, be.download(packed))
-    return img, mask, organ_index
+    return PackedMask(shape, [b.start for b in box], box_shape, be.download(packed)), organ_index
 
 
 def planning_views(image, organ_mask, organ_index=None):

@@ -675,7 +675,8 @@ def _put(a: Any, box: tuple[slice, ...], host: np.ndarray) -> None:
     elif kind == "cupy":
         import cupy
 
-        a[box] = cupy.asarray(host)
+        with a.device:  # (the copy made on the array's GPU, not on the current one)
+            a[box] = cupy.asarray(host)
     else:
         a[box] = host
 
@@ -704,7 +705,8 @@ def _copy(a: Any) -> Any:
     if kind.startswith("torch"):
         return a.clone()
     if kind == "cupy":
-        return a.copy()
+        with a.device:
+            return a.copy()
     return np.array(a, copy=True, order="K")
 
 

@@ -120,3 +120,59 @@ def test_device_view_answers_as_numpy(dev_backend, dtype):
         bad[5, 5, 5] = np.inf
         v2 = _cuda.DeviceView(dev(bad), be)
         assert not v2.all_finite(keys[0]) and v2.all_finite((slice(0, 5),) * 3)
+
+
+def test_device_reads_run_with_the_data_s_gpu_current(small_phantom):
+    """Every device operation of planning's views (the organ's box and bits, the image's
+    regions and tests) runs with the backend's GPU current: CuPy works on the current
+    device, and data on ``cuda:N`` (a DDP rank's) must not be worked on from GPU 0."""
+    import synthgen
+
+    class Device:
+        depth = 0
+
+        def __enter__(self):
+            Device.depth += 1
+
+        def __exit__(self, *exc):
+            Device.depth -= 1
+
+    class OnDevice(NumpyDevice):
+        device = Device()
+        outside = 0
+
+        def download(self, dev):
+            OnDevice.outside += Device.depth == 0
+            return super().download(dev)
+
+    be = OnDevice()
+    ph = small_phantom
+    mask = ph.mask("liver")
+    for preset in ("liver", "colon"):  # (the bright-voxel test, the wall search's window)
+        img_v, mask_v, idx = _cuda.host_views(be, ph.image.astype(np.float32), mask.copy())
+        synthgen.plan(img_v, mask_v, organ=preset, seed=2, spacing=ph.spacing, organ_index=idx)
+    assert be.copies > 3 and OnDevice.outside == 0
+    np.asarray(img_v)
+    assert OnDevice.outside == 0 and Device.depth == 0
+
+
+@pytest.mark.gpu
+def test_planning_of_data_on_a_second_gpu(small_phantom):
+    """Data on GPU 1 while GPU 0 is current plans as on the host."""
+    gpu_backend()
+    import cupy
+
+    import synthgen
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    ph = small_phantom
+    mask = ph.mask("liver")
+    with cupy.cuda.Device(1):
+        img, m = cupy.asarray(ph.image), cupy.asarray(mask)
+    with cupy.cuda.Device(0):
+        got = synthgen.plan(img, m, organ="liver", seed=3, spacing=ph.spacing)
+        res = synthgen.render(got, img, m, out=img)
+    want = synthgen.plan(ph.image, mask, organ="liver", seed=3, spacing=ph.spacing)
+    assert got.to_json() == want.to_json()
+    assert res.image.device.id == 1
