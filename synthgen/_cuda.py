@@ -184,6 +184,11 @@ class CupyBackend:
         ctx.enter_context(_stream_for(stream, arrays))
         return ctx
 
+    def stream_for(self, arrays):
+        """The stream work on ``arrays`` is ordered on (:func:`_stream_for`), this GPU's."""
+        with self.device:
+            return _stream_for(None, arrays)
+
     def download(self, dev) -> np.ndarray:
         return self.xp.asnumpy(dev)
 
@@ -360,19 +365,20 @@ class DeviceView:
     placement's tissue window through ``within``), and reads NumPy arrays directly: the
     same values either way."""
 
-    def __init__(self, a, be) -> None:
+    def __init__(self, a, be, where: _Where | None = None) -> None:
         self.a = _as_cupy(a)
         self._be = be
+        self._where = where if where is not None else _Where(be, [a])
         self.shape = tuple(int(n) for n in self.a.shape)
         self.dtype = np.dtype(str(self.a.dtype))
         self.ndim = len(self.shape)
 
     def __getitem__(self, key) -> np.ndarray:
-        with _on(self._be):
+        with self._where:
             return self._be.download(self.a[key])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        with _on(self._be):
+        with self._where:
             out = self._be.download(self.a)
         return out if dtype is None else out.astype(dtype)
 
@@ -380,12 +386,12 @@ class DeviceView:
         """Whether region ``key`` holds no NaN or infinity (reduced on the device; planning
         asks only of a float image: ``_packed.all_finite``)."""
         xp = self._be.xp
-        with _on(self._be):
+        with self._where:
             return bool(self._be.download(xp.isfinite(self.a[key]).all().reshape(1))[0])
 
     def read_many(self, keys) -> list[np.ndarray]:
         """The regions ``keys`` (one copy back for all; each as ``view[key]`` would give)."""
-        with _on(self._be):
+        with self._where:
             return self._read_many(keys)
 
     def _read_many(self, keys) -> list[np.ndarray]:
@@ -412,7 +418,7 @@ class DeviceView:
         a :class:`~synthgen._packed.PackedMask` of the region's shape."""
         from ._packed import PackedMask, pack_on_device
 
-        with _on(self._be):
+        with self._where:
             packed, shape = pack_on_device(self._be.xp, fn(self.a[key]))
             return PackedMask(shape, (0, 0, 0), shape, self._be.download(packed))
 
@@ -495,25 +501,42 @@ def host_views(be, image, organ_mask, organ_index=None):
     image view is a :class:`DeviceView`."""
 
     img_a, org = _as_cupy(image), _as_cupy(organ_mask)
+    where = _Where(be, [image, organ_mask])
     # (one of the two may be a host array: planning reads that one directly)
-    img = DeviceView(img_a, be) if be.on_device(img_a) else image
+    img = DeviceView(img_a, be, where) if be.on_device(img_a) else image
     shape = tuple(int(n) for n in org.shape)
     if organ_index is not None and tuple(organ_index.shape) != shape:
         raise ValueError(f"organ_index is for shape {organ_index.shape}, mask is {shape}")
     if not be.on_device(org):  # (without an index, planning finds the box as for host data)
         return img, organ_mask, organ_index
-    with _on(be):
+    with where:
         return img, *_packed_organ(be, org, shape, organ_index)
 
 
-def _on(be):
-    """A context with ``be``'s GPU current: CuPy works on the current device, and data on
-    another GPU (``cuda:N``, a DDP rank's) must not be worked on from GPU 0 (a stand-in
-    backend has no device: nothing to do)."""
-    import contextlib
+class _Where:
+    """A context with the data's GPU current and its stream (:func:`_stream_for`: torch's
+    current stream for torch tensors) the one CuPy works on: data on another GPU
+    (``cuda:N``, a DDP rank's) must not be worked on from GPU 0, and reads of a tensor
+    written on a torch side stream are ordered after those writes. A stand-in backend has
+    no device: nothing to do."""
 
-    dev = getattr(be, "device", None)
-    return dev if dev is not None else contextlib.nullcontext()
+    __slots__ = ("device", "stream")
+
+    def __init__(self, be, arrays) -> None:
+        self.device = getattr(be, "device", None)
+        self.stream = be.stream_for(arrays) if hasattr(be, "stream_for") else None
+
+    def __enter__(self) -> None:
+        if self.device is not None:
+            self.device.__enter__()
+        if self.stream is not None:
+            self.stream.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self.stream is not None:
+            self.stream.__exit__(*exc)
+        if self.device is not None:
+            self.device.__exit__(*exc)
 
 
 def _packed_organ(be, org, shape, organ_index):

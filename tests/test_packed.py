@@ -124,8 +124,10 @@ def test_device_view_answers_as_numpy(dev_backend, dtype):
 
 def test_device_reads_run_with_the_data_s_gpu_current(small_phantom):
     """Every device operation of planning's views (the organ's box and bits, the image's
-    regions and tests) runs with the backend's GPU current: CuPy works on the current
-    device, and data on ``cuda:N`` (a DDP rank's) must not be worked on from GPU 0."""
+    regions and tests) runs with the backend's GPU current and on the data's stream: CuPy
+    works on the current device and stream, data on ``cuda:N`` (a DDP rank's) must not be
+    worked on from GPU 0, and a tensor written on a torch side stream must be read after
+    those writes."""
     import synthgen
 
     class Device:
@@ -137,12 +139,24 @@ def test_device_reads_run_with_the_data_s_gpu_current(small_phantom):
         def __exit__(self, *exc):
             Device.depth -= 1
 
+    class Stream(Device):
+        depth = 0
+
+        def __enter__(self):
+            Stream.depth += 1
+
+        def __exit__(self, *exc):
+            Stream.depth -= 1
+
     class OnDevice(NumpyDevice):
         device = Device()
         outside = 0
 
+        def stream_for(self, arrays):
+            return Stream()
+
         def download(self, dev):
-            OnDevice.outside += Device.depth == 0
+            OnDevice.outside += Device.depth == 0 or Stream.depth == 0
             return super().download(dev)
 
     be = OnDevice()
@@ -153,7 +167,7 @@ def test_device_reads_run_with_the_data_s_gpu_current(small_phantom):
         synthgen.plan(img_v, mask_v, organ=preset, seed=2, spacing=ph.spacing, organ_index=idx)
     assert be.copies > 3 and OnDevice.outside == 0
     np.asarray(img_v)
-    assert OnDevice.outside == 0 and Device.depth == 0
+    assert OnDevice.outside == 0 and Device.depth == Stream.depth == 0
 
 
 @pytest.mark.gpu
