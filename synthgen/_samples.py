@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from ._hash import seed_of
 
-__all__ = ["CaseSource", "SampleMaker", "as_sources", "crop_patch"]
+__all__ = ["CaseSource", "SampleMaker", "as_sources", "crop_patch", "with_organ"]
 
 
 _INDEXES: OrderedDict[tuple, Any] = OrderedDict()
@@ -180,6 +180,24 @@ def crop_patch(
     return out, (lo[0], lo[1], lo[2])
 
 
+def with_organ(cases: Iterable[Any], organ: str) -> tuple[list[CaseSource], dict[str, str]]:
+    """:func:`as_sources` of ``cases``, without those that have no mask of ``organ``, and
+    the ids of those -> why (``layouts.Case.missing``). Only ``layouts.Case`` objects can
+    lack one: a label map or mask given directly is the organ's annotation, even when
+    empty (its samples then come without tumors)."""
+    from .layouts import Case
+
+    kept: list[CaseSource] = []
+    skipped: dict[str, str] = {}
+    for src in as_sources(cases, organ):
+        case = src.label
+        if isinstance(case, Case) and src.organ not in case.organs:
+            skipped[src.case_id] = case.missing.get(src.organ, f"no {src.organ} mask")
+        else:
+            kept.append(src)
+    return kept, skipped
+
+
 @dataclass(frozen=True)
 class SampleMaker:
     """Everything that decides a sample; ``make(epoch, position)`` renders it.
@@ -197,6 +215,8 @@ class SampleMaker:
         shuffle: Visit the epoch's samples in a seeded random order.
         min_organ_voxels: Below this many organ voxels nothing is implanted.
         synthesize: ``False`` makes the same samples without tumors (a plain loader).
+        skipped: Ids of the cases left out for having no mask of the organ -> why
+            (:meth:`build`).
     """
 
     sources: tuple[CaseSource, ...]
@@ -210,6 +230,7 @@ class SampleMaker:
     shuffle: bool = True
     min_organ_voxels: int = 64
     synthesize: bool = True
+    skipped: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         from .presets import load_preset
@@ -230,9 +251,25 @@ class SampleMaker:
         cls, cases: Iterable[Any], organ: str, *, patch_size: Sequence[int] | None = None, **kw: Any
     ) -> SampleMaker:
         """A maker over ``cases`` in any form :func:`as_sources` takes (the constructor of
-        ``synthgen.torch.SyntheticTumorDataset`` and ``synthgen.stream.Producer``)."""
+        ``synthgen.torch.SyntheticTumorDataset`` and ``synthgen.stream.Producer``). A
+        ``layouts.Case`` without a mask of the organ (``Case.missing``, e.g. a uterus in a
+        male scan) is left out, with a warning, and noted in :attr:`skipped`; ValueError
+        when no case has one."""
+        import warnings
+
+        sources, skipped = with_organ(cases, organ)
+        if skipped:
+            why = "; ".join(f"{c}: {r}" for c, r in list(skipped.items())[:3])
+            if not sources:
+                raise ValueError(f"no case has a mask of {organ!r} ({why})")
+            n = len(sources) + len(skipped)
+            warnings.warn(
+                f"{len(skipped)} of {n} cases have no {organ!r} mask and are left out "
+                f"(.skipped lists them): {why}",
+                stacklevel=3,
+            )
         patch = None if patch_size is None else tuple(int(s) for s in patch_size)
-        return cls(tuple(as_sources(cases, organ)), organ, patch_size=patch, **kw)
+        return cls(tuple(sources), organ, patch_size=patch, skipped=skipped, **kw)
 
     def __len__(self) -> int:
         return len(self.sources) * self.samples_per_case

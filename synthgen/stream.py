@@ -167,7 +167,9 @@ class Producer:
     ) -> None:
         if device not in ("cpu", "auto"):
             raise ValueError(
-                f"device {device!r}: this version of synthgen has the CPU backend only"
+                f"device {device!r}: the producer renders on the CPU, in its worker processes "
+                "('cpu' or 'auto'); to render on a GPU in a training loop, use "
+                "synthgen.torch.BatchTumorSynthesis on CUDA tensors"
             )
         if workers < 1 or queue_size < 1:
             raise ValueError("workers and queue_size must be >= 1")
@@ -182,6 +184,7 @@ class Producer:
             size=size,
             patch_size=patch_size,
         )
+        self.skipped = self.maker.skipped  # cases without a mask of the organ, left out
         self.workers, self.queue_size, self.epochs, self.ordered = (
             int(workers),
             int(queue_size),

@@ -104,8 +104,16 @@ class SyntheticTumorDataset(IterableDataset):
         patch_size: Return patches of this many voxels around a tumor (or an organ voxel
             when the sample has none); ``None`` returns whole volumes.
         shuffle: Seeded random order within an epoch.
-        dtype: Convert images to this NumPy dtype (e.g. ``np.float32``); default: keep.
+        dtype: NumPy dtype of the images: float32 by default (as MONAI's ``LoadImage``),
+            whatever each file stores, so that batches of int16 and float32 cases are alike;
+            ``None`` keeps each file's dtype. Tumors are rendered on the file's values and
+            converted after: a sample is its plan rendered into the file's data.
         synthesize: ``False`` gives the same loader without tumors (a baseline).
+
+    A ``layouts.Case`` without a mask of the organ (``Case.missing``, e.g. a uterus in a male
+    scan) is left out, with a warning; :attr:`skipped` maps its id to the reason. A case whose
+    organ mask is empty or too small for the preset's tumors yields its samples untouched
+    (``plan`` ``""``), as with ``prob`` < 1.
 
     Yields:
         ``{"image": (1, X, Y, Z) tensor (HU), "label": (1, X, Y, Z) tensor, "case": str,
@@ -125,7 +133,7 @@ class SyntheticTumorDataset(IterableDataset):
         size: str | None = None,
         patch_size: Sequence[int] | None = None,
         shuffle: bool = True,
-        dtype: Any = None,
+        dtype: Any = np.float32,
         synthesize: bool = True,
     ) -> None:
         super().__init__()
@@ -141,6 +149,7 @@ class SyntheticTumorDataset(IterableDataset):
             shuffle=shuffle,
             synthesize=synthesize,
         )
+        self.skipped = self.maker.skipped
         self.dtype = None if dtype is None else np.dtype(dtype)
         self._epoch = _SharedEpoch(0)
 
@@ -161,7 +170,7 @@ class SyntheticTumorDataset(IterableDataset):
         for position in range(worker, len(self.maker), nworkers):
             s = self.maker.make(epoch, position)
             if self.dtype is not None:
-                s["image"] = s["image"].astype(self.dtype)
+                s["image"] = s["image"].astype(self.dtype, copy=False)
             yield _to_tensors(s)
 
     def __repr__(self) -> str:

@@ -229,6 +229,28 @@ def test_producer_validates_arguments(dataset: tuple[Path, list]) -> None:
     assert closed.alive_workers == 0
 
 
+def test_cases_without_the_organ_are_left_out(tmp_path: Path) -> None:
+    """A discovered case without a mask of the organ is left out with a warning (noted in
+    ``skipped``): the stream goes on over the others instead of a worker failing."""
+    import dataclasses
+
+    root = write_dataset(tmp_path / "atlas", "atlas1", 3)
+    (root / "BDMAP_00000001" / "segmentations" / "liver.nii.gz").unlink()
+    _, cases = discover(root, ["liver"])
+    assert len(cases) == 3 and "liver" in cases[1].missing
+    with pytest.warns(UserWarning, match="1 of 3 cases have no 'liver' mask"):
+        p = Producer(cases, "liver", workers=1, ordered=True, patch_size=PATCH, seed=2)
+    assert p.skipped == {"BDMAP_00000001": cases[1].missing["liver"]} and len(p) == 2
+    got = list(p)
+    assert {x["case"] for x in got} == {"BDMAP_00000000", "BDMAP_00000002"}
+    kept = [cases[0], cases[2]]
+    want = list(Producer(kept, "liver", workers=1, ordered=True, patch_size=PATCH, seed=2))
+    assert [content(x) for x in got] == [content(x) for x in want]
+    with pytest.raises(ValueError, match="no case has a mask of 'liver'"):
+        Producer([cases[1]], "liver")
+    assert dataclasses.replace(p.maker, skipped={}) == p.maker  # (not part of the samples)
+
+
 # --------------------------------------------------------------------------------------
 # back-pressure
 # --------------------------------------------------------------------------------------

@@ -276,7 +276,7 @@ def test_batches_collate_and_plans_rerender(cases: list) -> None:
     by_id = {c.case_id: c for c in cases}
     full = {cid: read_case(c) for cid, c in by_id.items()}
     for b in batches:
-        assert b["image"].shape == (2, 1, *PATCH) and b["image"].dtype == torch.int16
+        assert b["image"].shape == (2, 1, *PATCH) and b["image"].dtype == torch.float32
         assert b["label"].shape == (2, 1, *PATCH) and b["label"].dtype == torch.uint8
         assert b["origin"].shape == (2, 3) and b["origin"].dtype == torch.int64
         assert b["spacing"].shape == (2, 3) and b["spacing"].dtype == torch.float64
@@ -337,7 +337,7 @@ def test_plain_loader_synthesize_false_and_prob_zero(cases: list, reference: Any
         for s in out:
             image, liver, _ = files[s["case"]]
             assert s["plan"] == "" and plan_of(s) is None
-            assert s["image"].dtype == torch.int16
+            assert s["image"].dtype == torch.float32
             assert np.array_equal(s["image"][0].numpy(), image)
             assert np.array_equal(s["label"][0].numpy(), liver.astype(np.uint8))
             assert not (s["label"] == 2).any()
@@ -348,11 +348,12 @@ def test_plain_loader_synthesize_false_and_prob_zero(cases: list, reference: Any
         image = files[s["case"]][0]
         o = s["origin"].numpy()
         assert o.min() >= -16 and (o + 16 < np.array(image.shape)).all()
-    # dtype conversion
-    ds = make_ds(cases[:1], seed=0, patch_size=None, samples_per_case=1, dtype=np.float32)
-    (s,) = list(ds)
+    # dtype: float32 by default, None keeps the file's
+    (s,) = list(make_ds(cases[:1], seed=0, patch_size=None, samples_per_case=1))
     assert s["image"].dtype == torch.float32 and s["label"].dtype == torch.uint8
-    (ref,) = list(make_ds(cases[:1], seed=0, patch_size=None, samples_per_case=1))
+    ds = make_ds(cases[:1], seed=0, patch_size=None, samples_per_case=1, dtype=None)
+    (ref,) = list(ds)
+    assert ref["image"].dtype == torch.int16
     assert np.array_equal(s["image"].numpy(), ref["image"].numpy().astype(np.float32))
     assert np.array_equal(s["label"].numpy(), ref["label"].numpy())
 
@@ -453,10 +454,70 @@ def test_unsigned_image_patches(cases: list) -> None:
     image, liver, affine = read_case(cases[0])
     img_u16 = (image.astype(np.int32) + 1024).clip(0).astype(np.uint16)
     ds = SyntheticTumorDataset(
-        [(img_u16, liver.astype(np.uint8), affine)], "liver", patch_size=PATCH
+        [(img_u16, liver.astype(np.uint8), affine)], "liver", patch_size=PATCH, dtype=None
     )
     (s,) = list(ds)
     assert s["image"].dtype == torch.uint16 and s["image"].shape == (1, *PATCH)
+
+
+def test_cases_without_the_organ_are_left_out(tmp_path: Path) -> None:
+    """A discovered case without a mask of the organ is left out at construction (noted in
+    ``skipped``, with a warning); one whose mask is empty or tiny yields untouched samples.
+    Length, order and seeds of the others do not depend on the worker count."""
+    root = write_dataset(tmp_path / "atlas", "atlas1", 4)
+    (root / "BDMAP_00000001" / "segmentations" / "liver.nii.gz").unlink()
+    for k, n in ((2, 0), (3, 3)):  # an empty liver mask, a 27-voxel one
+        path = root / f"BDMAP_{k:08d}" / "segmentations" / "liver.nii.gz"
+        m = nib.load(str(path))
+        mask = np.zeros(m.shape, np.uint8)
+        mask[40 : 40 + n, 30 : 30 + n, 28 : 28 + n] = 1
+        nib.save(nib.Nifti1Image(mask, m.affine), str(path))
+    _, found = discover(root, ["liver"])
+    assert len(found) == 4 and "liver" in found[1].missing
+    with pytest.warns(UserWarning, match="BDMAP_00000001: no liver mask"):
+        ds = make_ds(found, seed=0)
+    with pytest.warns(UserWarning, match="1 of 4 cases have no 'liver' mask"):
+        whole = make_ds(found, seed=0, patch_size=None)
+    assert ds.skipped == {"BDMAP_00000001": found[1].missing["liver"]}
+    assert len(ds) == 3 * PER_CASE
+    ref = keys(ds, num_workers=0)
+    assert keys(ds, num_workers=2) == ref
+    assert keys(make_ds([found[0], found[2], found[3]], seed=0)) == ref
+    assert {k[0] for k in ref} == {"BDMAP_00000000", "BDMAP_00000002", "BDMAP_00000003"}
+    for s in whole:
+        image, liver, _ = read_case(next(c for c in found if c.case_id == s["case"]))
+        if s["case"] == "BDMAP_00000000":
+            assert s["plan"] != ""
+        else:
+            assert s["plan"] == ""
+            assert np.array_equal(s["image"][0].numpy(), image)
+            assert np.array_equal(s["label"][0].numpy(), liver.astype(np.uint8))
+    with pytest.raises(ValueError, match="no case has a mask of 'liver'"):
+        make_ds(found[1:2])
+
+
+def test_default_dtype_is_float32_whatever_the_files(cases: list) -> None:
+    """int16 and float32 cases mixed: every batch is float32 in every epoch, the same bytes
+    for batch sizes 1 and 2; ``dtype=None`` keeps each file's dtype, with the same values."""
+    mixed = []
+    for k, c in enumerate(cases[:2]):
+        image, liver, affine = read_case(c)
+        assert image.dtype == np.int16
+        image = image.astype(np.float32) if k else image
+        mixed.append({"id": c.case_id, "image": image, "label": liver, "affine": affine})
+    ds = make_ds(mixed, seed=0)
+    keep = make_ds(mixed, seed=0, dtype=None)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        keep.set_epoch(epoch)
+        by_two = list(DataLoader(ds, batch_size=2))
+        assert all(b["image"].dtype == torch.float32 for b in by_two)
+        ones = [digest(b["image"][0]) for b in DataLoader(ds, batch_size=1)]
+        assert ones == [digest(b["image"][j]) for b in by_two for j in range(2)]
+        for s, k in zip(ds, keep, strict=True):
+            want = torch.float32 if s["case"] == cases[1].case_id else torch.int16
+            assert k["image"].dtype == want
+            assert np.array_equal(s["image"].numpy(), k["image"].numpy().astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------
