@@ -172,8 +172,9 @@ class LoadedCase:
 def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     """Load a case's CT and organ regions; raises ``ValueError`` when the CT is unusable.
 
-    An organ that is missing, unreadable, empty or too small goes to ``skipped`` with its
-    reason instead of failing the case, so the case's other organs still get tumors.
+    An organ that is missing or empty goes to ``skipped`` with its reason instead of failing
+    the case, so the case's other organs still get tumors; a mask file that cannot be read or
+    mapped onto the CT is bad input and fails the case (``ValueError`` naming the file).
     """
     from .io import load_nifti
     from .planning import index_organ
@@ -191,8 +192,9 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
         if organ not in case.organs:
             skipped.setdefault(organ, f"no {organ} mask")
             continue
+        srcs = case.organs[organ]
+        names = ", ".join(str(s.path) for s in srcs)
         try:
-            srcs = case.organs[organ]
             region, plain = load_mask_file(srcs[0], image.shape, affine)
             for src in srcs[1:]:
                 region |= load_mask_file(src, image.shape, affine)[0]
@@ -200,14 +202,16 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             if case.lesions.get(organ):
                 les = load_mask(case.lesions[organ], image.shape, affine)
                 region |= les
+        except Exception as e:  # unreadable, corrupt or unmappable file: the case's error
+            msg = _short(e)
+            files = [*srcs, *case.lesions.get(organ, ())]
+            named = any(msg.startswith(str(s.path)) for s in files)
+            raise ValueError(msg if named else f"{names}: {organ}: {msg}") from None
+        try:
             index = index_organ(region)  # one scan: bounding box and voxel count
-        except ValueError as e:
-            names = ", ".join(str(s.path) for s in case.organs[organ])
+        except ValueError as e:  # an empty organ: skipped, the case's other organs go on
             msg = _short(e)
             skipped[organ] = msg if msg.startswith(names) else f"{names}: {organ}: {msg}"
-            continue
-        except Exception as e:
-            skipped[organ] = _short(e)
             continue
         organs[organ], lesions[organ], indexes[organ] = region, les, index
         if plain and len(srcs) == 1 and les is None:
@@ -649,6 +653,8 @@ class BatchReport:
     done: int = 0
     skipped: int = 0  # already done by an earlier run (resume)
     failed: list[dict[str, Any]] = field(default_factory=list)
+    # done samples that left out an organ: {"sample", "case", "skipped_organs"} each
+    skipped_organs: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     manifest: Path | None = None
 
@@ -723,14 +729,71 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
             raise
 
 
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"seed: 5 there, 0 now; ..."`` for each option of the run's identity that differs."""
+
+    def shown(d: dict[str, Any], key: str) -> str:
+        v = d.get(key)
+        if v is None or v == {}:  # absent, None or no override: each preset's own
+            return "default"
+        if isinstance(v, list):
+            return ",".join(map(str, v))
+        if isinstance(v, dict):
+            return ",".join(f"{k}={x}" for k, x in v.items())
+        return str(v)
+
+    keys = [*new, *(k for k in old if k not in new)]
+    return "; ".join(
+        f"{k}: {shown(old, k)} there, {shown(new, k)} now"
+        for k in keys
+        if k not in old or k not in new or old[k] != new[k]
+    )
+
+
+def _same_file(a: str, b: Path) -> bool:
+    """Whether the recorded input ``a`` is the file ``b`` (a recorded file that no longer
+    exists, e.g. a dataset moved since, cannot be told apart and counts as the same)."""
+    if a == str(b) or not os.path.exists(a):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_inputs(work, previous: dict[str, dict[str, Any]], out: Path) -> None:
+    """``ValueError`` when a sample recorded done in ``out`` was made from another CT than the
+    case that has its id now (e.g. a reordered or edited CSV)."""
+    wrong = []
+    for case, samples in work:
+        seen: dict[str, bool] = {}
+        for s in samples:
+            rec = previous.get(s.sample_id)
+            if not rec or rec.get("status") != "done":
+                continue
+            ct = str((rec.get("inputs") or {}).get("ct", case.ct))
+            if ct not in seen:
+                seen[ct] = _same_file(ct, case.ct)
+            if not seen[ct]:
+                wrong.append((s.sample_id, ct, case))
+    if wrong:
+        sid, ct, case = wrong[0]
+        raise ValueError(
+            f"{out} holds {len(wrong)} samples made from other CT files than the cases with "
+            f"their ids now (e.g. {sid} from {ct}, case {case.case_id} is now {case.ct}); use "
+            "the same input, or another --out"
+        )
+
+
 def prepare(
     cases: Sequence[Case], opts: BatchOptions, out: Path, *, shard=(0, 1), resume=False
 ) -> tuple[list[tuple[Case, list[Sample]]], int, int]:
     """Work of this run: ``(todo, total samples of the shard, samples already done)``.
 
     Raises:
-        ValueError: ``out`` holds a batch and ``resume`` is off, or the batch there was made
-            with other options.
+        ValueError: ``out`` holds a batch and ``resume`` is off, the batch there was made
+            with other options, or a sample done there was made from another CT than the
+            case that has its id now.
     """
     i, n = shard
     mine = [c for k, c in enumerate(sorted(cases, key=lambda c: c.case_id)) if k % n == i]
@@ -738,12 +801,14 @@ def prepare(
     cfg_path = out / "batch.json"
     if cfg_path.is_file() and previous:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if cfg.get("options") != opts.identity():
+        old = cfg.get("options") if isinstance(cfg.get("options"), dict) else {}
+        if old != opts.identity():
             raise ValueError(
-                f"{out} holds a batch made with other options ({cfg.get('options')}); "
-                "use the same --organ/--seed/--format/--size/--preset, or another --out"
+                f"{out} holds a batch made with other options "
+                f"({_differences(old, opts.identity())}); use the same options, or another --out"
             )
     work = [(c, samples_for(c, opts)) for c in mine]
+    _check_inputs(work, previous, out)
     if not resume:
         ndone = sum(1 for _, ss in work for s in ss if s.sample_id in previous)
         if ndone:
@@ -818,6 +883,9 @@ def run_batch(
             manifest.write(rec)
             if rec["status"] == "done":
                 report.done += 1
+                if rec.get("skipped_organs"):
+                    keep = ("sample", "case", "skipped_organs")
+                    report.skipped_organs.append({k: rec[k] for k in keep})
             else:
                 report.failed.append(rec)
             if on_record is not None:

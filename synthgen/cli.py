@@ -250,6 +250,7 @@ def _summary(report, out: Path) -> None:
     table.add_row("written now", str(report.done))
     table.add_row("already done (resume)", str(report.skipped))
     table.add_row("failed", f"[red]{len(report.failed)}[/red]" if report.failed else "0")
+    table.add_row("written with organs skipped", str(len(report.skipped_organs)))
     rate = report.done / report.wall_s if report.wall_s > 0 else 0.0
     table.add_row("wall time", f"{report.wall_s:.1f} s ({rate:.2f} samples/s)")
     console.print(table)
@@ -262,6 +263,18 @@ def _summary(report, out: Path) -> None:
         if len(report.failed) > 50:
             fail.add_row("...", f"{len(report.failed) - 50} more")
         console.print(fail)
+    if report.skipped_organs:
+        by_case: dict[str, dict[str, str]] = {}
+        for rec in report.skipped_organs:
+            by_case.setdefault(rec["case"], {}).update(rec["skipped_organs"])
+        skip = Table(title="organs skipped, per case (the samples have the other organs)")
+        skip.add_column("case")
+        skip.add_column("organ: reason")
+        for case, organs in list(by_case.items())[:50]:
+            skip.add_row(esc(case), esc("; ".join(f"{o}: {r}" for o, r in organs.items())))
+        if len(by_case) > 50:
+            skip.add_row("...", f"{len(by_case) - 50} more cases")
+        console.print(skip)
     console.print(f"manifest: {esc(str(report.manifest))}")
 
 
@@ -291,6 +304,9 @@ def synth(
             help="Large tumors push the tissue (default: the preset's [mass_effect]).",
         ),
     ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue in OUT: keep finished samples, write the rest.")
+    ] = False,
 ) -> None:
     """Implant tumors into one scan: N samples, each OUT/<case>_sNNN/ with ct.nii.gz,
     label.nii.gz (0/1/2), segmentations/<organ>.nii.gz and <lesion>.nii.gz, tumors.json.
@@ -330,7 +346,7 @@ def synth(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    _run_batch([case], opts, out, source=str(ct))
+    _run_batch([case], opts, out, source=str(ct), resume=resume)
 
 
 @app.command()

@@ -14,7 +14,9 @@ Supported (detected from the folder's contents, or named explicitly):
     ``dataset.json`` whose ``labels`` map name -> id.
 ``csv``
     A CSV file with the columns ``ct,mask,organ[,label_id]`` (paths relative to the file);
-    several rows with the same ``ct`` make one case with several organs.
+    several rows with the same ``ct`` make one case with several organs. A case's id is its
+    CT's file name; CTs of the same file name in several folders are told apart by their
+    folders (``c1_ct``, ``c2_ct``), whatever the order of the rows.
 
 Discovery reads folder listings and JSON only, never an image. macOS ``._*`` files are
 ignored. A case that lacks a requested organ is still listed (its samples then fail with a
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -324,6 +327,38 @@ def _discover_nnunet(root: Path, organs: list[str]) -> list[Case]:
     return cases
 
 
+def _csv_case_ids(cts: list[Path]) -> dict[Path, str]:
+    """Case id of each CT of a CSV: its file name without extension and ``_0000``; CTs whose
+    ids collide (the same file name in several folders) are each qualified by as many parent
+    folders as it takes to tell them apart, so no id depends on the order of the rows."""
+    stems = {ct: re.sub(r"_0000$", "", _stem(ct)) or "case" for ct in cts}
+    parents = {ct: Path(os.path.abspath(ct)).parent.parts[1:][::-1] for ct in cts}
+    depth = dict.fromkeys(cts, 0)
+
+    def cid(ct: Path) -> str:
+        return "_".join([*parents[ct][: depth[ct]][::-1], stems[ct]])
+
+    while True:
+        groups: dict[str, list[Path]] = {}
+        for ct in cts:
+            groups.setdefault(cid(ct), []).append(ct)
+        clash = [ct for g in groups.values() if len(g) > 1 for ct in g]
+        deeper = [ct for ct in clash if depth[ct] < len(parents[ct])]
+        if not deeper:
+            break
+        for ct in deeper:
+            depth[ct] += 1
+    ids: dict[Path, str] = {}
+    used: set[str] = set()
+    for ct in sorted(cts, key=str):  # left over: one file under two spellings
+        name = cid(ct)
+        while name in used:
+            name += "_"
+        used.add(name)
+        ids[ct] = name
+    return ids
+
+
 def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
     try:
         rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
@@ -350,14 +385,10 @@ def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
         mask = mask if mask.is_absolute() else path.parent / mask
         entry = by_ct.setdefault(ct, {})
         entry.setdefault(organ_name, []).append(MaskSource(mask, ids))
-    cases, used = [], set()
+    ids = _csv_case_ids(list(by_ct))
+    cases = []
     for ct, masks in by_ct.items():
-        cid = re.sub(r"_0000$", "", _stem(ct)) or "case"
-        if cid in used:  # the same file name in several folders
-            cid = f"{ct.parent.name}_{cid}"
-        while cid in used:
-            cid += "_"
-        used.add(cid)
+        cid = ids[ct]
         want = organs if organs else list(masks)
         found = {o: tuple(masks[o]) for o in want if o in masks}
         missing = {o: f"no {o} row for {ct} in {path}" for o in want if o not in masks}

@@ -448,6 +448,7 @@ def test_resume_redoes_deleted_samples_and_refuses_misuse(
     res = batch(*base, "--resume", "--seed", 1)  # other options: refused
     assert res.exit_code == 2, res.output
     assert "other options" in res.output
+    assert "seed: 0 there, 1 now" in re.sub(r"\s+", " ", res.output)
     res = batch(*base, "--seed", 1)
     assert res.exit_code == 2, res.output
     assert (out / "manifest.jsonl").read_bytes() == manifest and not (out / victim).exists()
@@ -916,3 +917,63 @@ def test_summary_shows_sample_ids_with_brackets_verbatim(bad_ds: Path, tmp_path:
     table = res.output.split("failed samples", 1)[1]
     assert "BDMAP_[x]_s000" in table
     assert "BDMAP_[x]/segmentations/liver.nii.gz" in table
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty_nii"])
+def test_corrupt_mask_fails_the_case_with_several_organs(
+    ds4: Path, tmp_path: Path, damage: str
+) -> None:
+    """An unreadable organ mask is bad input, whether the batch has one organ or several."""
+    root = tmp_path / "ds"
+    shutil.copytree(ds4, root)
+    seg = root / "BDMAP_00000000" / "segmentations"
+    if damage == "truncated":
+        bad = seg / "liver.nii.gz"
+        bad.write_bytes(bad.read_bytes()[:300])
+    else:
+        (seg / "liver.nii.gz").unlink()
+        bad = seg / "liver.nii"
+        bad.write_bytes(b"")
+    out = tmp_path / "out"
+    res = batch(root, "--out", out, "--organ", "liver,pancreas")
+    assert res.exit_code == 1, res.output
+    recs = read_manifest(out)
+    rec = recs["BDMAP_00000000_s000"]
+    assert rec["status"] == "failed" and str(bad) in rec["error"], rec
+    assert "outputs" not in rec and not (out / "BDMAP_00000000_s000").exists()
+    assert all(recs[f"BDMAP_0000000{k}_s000"]["status"] == "done" for k in (1, 2, 3))
+    assert "BDMAP_00000000_s000" in res.output.split("failed samples", 1)[1]
+    assert_clean(out)
+
+
+def test_summary_names_the_organs_skipped(bad_ds: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    for case in ("BDMAP_good", "BDMAP_empty", "BDMAP_tiny"):
+        shutil.copytree(bad_ds / case, root / case)
+    res = batch(root, "--out", tmp_path / "out", "--organ", "liver,kidney")
+    assert res.exit_code == 0, res.output
+    assert re.search(r"written with organs skipped\s*│\s*2\b", res.output), res.output
+    table = res.output.split("organs skipped, per case", 1)[1]
+    lines = {ln.split("│")[1].strip(): ln for ln in table.splitlines() if "BDMAP_" in ln}
+    assert sorted(lines) == ["BDMAP_empty", "BDMAP_tiny"]
+    assert "liver: " in lines["BDMAP_empty"] and "empty" in lines["BDMAP_empty"]
+    assert "liver: " in lines["BDMAP_tiny"] and "too small" in lines["BDMAP_tiny"]
+
+
+def test_resume_names_exactly_the_options_that_differ(ds4: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    base = [ds4, "--out", out, "--organ", "liver", "--seed", 5, "--resume"]
+    res = batch(*base, "--mass-effect")
+    assert res.exit_code == 0, res.output
+    res = batch(*base, "--no-mass-effect")
+    assert res.exit_code == 2, res.output
+    msg = re.sub(r"\s+", " ", res.output)
+    assert "(mass_effect: True there, False now)" in msg, msg
+    assert "seed" not in msg and "--format" not in msg
+    res = batch(*base[:-3], "--seed", 6, "--size", "small", "--resume")  # preset default
+    msg = re.sub(r"\s+", " ", res.output)
+    assert res.exit_code == 2, res.output
+    want = "seed: 5 there, 6 now; size: default there, small now; "
+    want += "mass_effect: True there, default now"
+    assert want in msg, msg

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -885,3 +886,86 @@ def test_synth_names_a_ct_file_after_its_case_folder(scan_files, tmp_path) -> No
     out = tmp_path / "out"
     cli("synth", case / "ct.nii.gz", "--mask", mask, "--organ", "liver", "--out", out)
     assert [p.name for p in out.iterdir() if p.is_dir()] == ["BDMAP_00000042_s000"]
+
+
+# --------------------------------------------------------------------------------------
+# 7. case ids and resume
+# --------------------------------------------------------------------------------------
+
+
+def _two_ct_csv(root: Path) -> tuple[Path, Path]:
+    """c1/ct.nii.gz and c2/ct.nii.gz (different scans, one file name) with their liver masks."""
+    cts = []
+    for k in (1, 2):
+        ph = phantom(k)
+        cts.append(save(root / f"c{k}" / "ct.nii.gz", ph.image, ph.affine))
+        save(root / f"c{k}" / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
+    return cts[0], cts[1]
+
+
+def test_csv_case_ids_do_not_depend_on_row_order(tmp_path) -> None:
+    root = tmp_path / "data"
+    c1, c2 = _two_ct_csv(root)
+    rows = {k: f"c{k}/ct.nii.gz,c{k}/liver.nii.gz,liver\n" for k in (1, 2)}
+    sheet = root / "cases.csv"
+    out = tmp_path / "out"
+    for n, order in enumerate(((1, 2), (2, 1))):
+        sheet.write_text("".join(rows[k] for k in order))
+        _, cases = discover(sheet)
+        assert {c.case_id: c.ct for c in cases} == {"c1_ct": c1, "c2_ct": c2}
+        args = ("batch", sheet, "--out", out, "--organ", "liver", "--no-mass-effect")
+        res = cli(*args, *(["--resume"] if n else []))
+    assert "resume: 2 samples already done, 0 to do" in res.output
+    for k, ct in ((1, c1), (2, c2)):
+        assert read_manifest(out)[f"c{k}_ct_s000"]["inputs"]["ct"] == str(ct)
+
+
+def test_resume_refuses_samples_made_from_another_ct(tmp_path) -> None:
+    root = tmp_path / "data"
+    c1, c2 = _two_ct_csv(root)
+    sheet = root / "cases.csv"
+    sheet.write_text("c1/ct.nii.gz,c1/liver.nii.gz,liver\n")
+    out = tmp_path / "out"
+    args = ("batch", sheet, "--out", out, "--organ", "liver", "--no-mass-effect", "--resume")
+    cli(*args)
+    manifest = (out / "manifest.jsonl").read_bytes()
+    # the same file under another spelling is the same input
+    sheet.write_text(f"{c1},{root / 'c1' / 'liver.nii.gz'},liver\n")
+    res = cli(*args)
+    assert "resume: 1 samples already done, 0 to do" in res.output
+    # case "ct" is now another scan: its sample in OUT is not that scan's
+    sheet.write_text("c2/ct.nii.gz,c2/liver.nii.gz,liver\n")
+    res = cli(*args, code=2)
+    assert flat("made from other CT files") in flat(res.output)
+    assert flat(f"ct_s000 from {c1}, case ct is now {c2}") in flat(res.output)
+    assert (out / "manifest.jsonl").read_bytes() == manifest
+
+
+def test_synth_resumes_and_its_errors_name_its_own_options(scan_files, tmp_path) -> None:
+    _, ct, mask, _ = scan_files
+    out = tmp_path / "out"
+    base = ("synth", ct, "--mask", mask, "--organ", "liver", "--out", out, "--no-mass-effect")
+    cli(*base)
+    res = cli(*base, code=2)  # again: the sample is there
+    assert flat("pass --resume to continue") in flat(res.output)
+    res = cli(*base, "--n", 2, "--resume")
+    assert "resume: 1 samples already done, 1 to do" in res.output
+    assert sorted(read_manifest(out)) == ["scan_s000", "scan_s001"]
+    res = cli(*base, "--seed", 1, "--resume", code=2)
+    assert flat("(seed: 0 there, 1 now); use the same options, or another --out") in flat(
+        res.output
+    )
+    assert "--format" not in res.output
+
+
+def test_readme_synth_examples_run_in_order(tmp_path, monkeypatch) -> None:
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    lines = [ln for ln in text.splitlines() if ln.startswith("synthgen synth ")]
+    assert len(lines) >= 2
+    ph = phantom(0)
+    save(tmp_path / "ct.nii.gz", ph.image, ph.affine)
+    save(tmp_path / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
+    save(tmp_path / "labels.nii.gz", label_map(ph, {"liver": 5}), ph.affine)
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        cli(*shlex.split(line.split("#")[0])[1:])
