@@ -16,27 +16,40 @@ import sys
 from pathlib import Path
 
 
-def find_libnvrtc() -> str | None:
+def find_libnvrtcs() -> dict[str, str]:
+    """``{"nvrtc12": path, "nvrtc13": path, ...}``: one ``libnvrtc`` per CUDA major version
+    found (the wheels' ``nvidia/cuda_nvrtc/lib`` and ``nvidia/cu13/lib``, ``$CUDA_HOME``), so
+    the kernels compile with the CUDA 12 compiler and with the CUDA 13 one of the GPU
+    machine (CuPy 14 for CUDA 13)."""
     roots = [Path(p) / "nvidia" for p in sys.path if p and Path(p, "nvidia").is_dir()]
     pats = [str(r / sub / "libnvrtc.so*") for r in roots for sub in ("cuda_nvrtc/lib", "cu13/lib")]
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         pats.append(str(Path(home) / "lib64" / "libnvrtc.so*"))
+    found: dict[str, str] = {}
     for pat in pats:
         for path in sorted(glob.glob(pat)):
-            if "builtins" not in path and ".alt." not in path:
-                return path
-    return None
+            m = re.search(r"libnvrtc\.so\.(\d+)", path)
+            if "builtins" not in path and ".alt." not in path and m:
+                found.setdefault(f"nvrtc{m[1]}", path)
+    return dict(sorted(found.items()))
+
+
+def find_libnvrtc() -> str | None:
+    """The first ``libnvrtc`` of :func:`find_libnvrtcs` (the oldest CUDA major)."""
+    libs = find_libnvrtcs()
+    return next(iter(libs.values()), None)
 
 
 class NVRTCError(RuntimeError):
     pass
 
 
-def _compile(source: Path, arch: str, include_dirs: list[Path], extra: list[bytes], get):
-    """Compile ``source`` for ``arch`` with NVRTC; ``get(lib, prog, log)`` reads the result.
-    Raises NVRTCError with the log."""
-    lib = ctypes.CDLL(find_libnvrtc() or "libnvrtc.so")
+def _compile(source: Path, arch: str, include_dirs: list[Path], extra: list[bytes], get,
+             lib_path: str | None = None):  # fmt: skip
+    """Compile ``source`` for ``arch`` with NVRTC (``lib_path``, default the first found);
+    ``get(lib, prog, log)`` reads the result. Raises NVRTCError with the log."""
+    lib = ctypes.CDLL(lib_path or find_libnvrtc() or "libnvrtc.so")
     prog = ctypes.c_void_p()
     src = source.read_text().encode()
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, str(source).encode(), 0, None, None)
@@ -59,7 +72,8 @@ def _compile(source: Path, arch: str, include_dirs: list[Path], extra: list[byte
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
+def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path],
+                   lib_path: str | None = None) -> str:  # fmt: skip
     """PTX of ``source`` for ``arch`` (e.g. ``"compute_80"``); raises NVRTCError with the log."""
 
     def ptx(lib, prog, log) -> str:
@@ -69,10 +83,11 @@ def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path]) -> str:
         lib.nvrtcGetPTX(prog, out)
         return out.value.decode()
 
-    return _compile(source, arch, include_dirs, [], ptx)
+    return _compile(source, arch, include_dirs, [], ptx, lib_path)
 
 
-def register_report(source: Path, arch: str, include_dirs: list[Path]) -> dict[str, dict]:
+def register_report(source: Path, arch: str, include_dirs: list[Path],
+                    lib_path: str | None = None) -> dict[str, dict]:  # fmt: skip
     """What ptxas (inside NVRTC) reports per kernel of ``source`` compiled to machine code
     for ``arch`` (e.g. ``"sm_90"``): ``{"registers", "spill_stores", "spill_loads"}`` (bytes),
     from its ``-v`` log."""
@@ -91,4 +106,4 @@ def register_report(source: Path, arch: str, include_dirs: list[Path]) -> dict[s
                 out[name]["registers"] = int(m[1])
         return out
 
-    return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"], parse)
+    return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"], parse, lib_path)

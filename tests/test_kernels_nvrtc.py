@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _nvrtc import NVRTCError, compile_to_ptx, find_libnvrtc, register_report
+from _nvrtc import NVRTCError, compile_to_ptx, find_libnvrtc, find_libnvrtcs, register_report
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cu"))
@@ -24,13 +24,23 @@ def test_there_are_kernels() -> None:
     assert SOURCES, f"no .cu files in {KERNELS}"
 
 
+LIBS = find_libnvrtcs()
+
+
+def test_the_gpu_machine_s_compiler_is_checked() -> None:
+    """The test extras bring NVRTC of CUDA 12 and of CUDA 13 (the GPU machine's CuPy 14 is
+    built for CUDA 13): both compile the kernels below."""
+    assert {"nvrtc12", "nvrtc13"} <= set(LIBS), LIBS
+
+
+@pytest.mark.parametrize("lib", LIBS)
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
-def test_kernel_compiles(source: Path, arch: str) -> None:
+def test_kernel_compiles(source: Path, arch: str, lib: str) -> None:
     try:
-        ptx = compile_to_ptx(source, arch, [KERNELS])
+        ptx = compile_to_ptx(source, arch, [KERNELS], LIBS[lib])
     except NVRTCError as e:
-        pytest.fail(f"{source.name} does not compile for {arch}:\n{e}")
+        pytest.fail(f"{source.name} does not compile for {arch} with {lib}:\n{e}")
     assert ".entry" in ptx and f".target sm_{arch.split('_')[1]}" in ptx
 
 
@@ -43,16 +53,17 @@ def test_a_compile_error_names_file_and_line(tmp_path: Path) -> None:
         compile_to_ptx(bad, "compute_80", [KERNELS])
 
 
+@pytest.mark.parametrize("lib", LIBS)
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=[p.name for p in SOURCES])
-def test_no_kernel_spills_registers(source: Path, arch: str) -> None:
+def test_no_kernel_spills_registers(source: Path, arch: str, lib: str) -> None:
     """Machine code for A100 and H100 (ptxas inside NVRTC, as CuPy compiles for the device):
     no kernel spills registers to local memory. The streaming kernels run at their register
     bound (``__launch_bounds__(256, 4)``: 64), where one more live value spills; on sm_90 a
     schedule lookup held in registers made the blend spill 28 bytes and reload 108."""
-    report = register_report(source, arch, [KERNELS])
+    report = register_report(source, arch, [KERNELS], LIBS[lib])
     assert report, f"ptxas reported no kernel of {source.name}"
     for name, r in report.items():
         assert "registers" in r, (name, r)
         spills = r.get("spill_stores", 0) + r.get("spill_loads", 0)
-        assert spills == 0, f"{name} ({arch}) spills: {r}"
+        assert spills == 0, f"{name} ({arch}, {lib}) spills: {r}"
