@@ -248,7 +248,13 @@ class SampleMaker:
 
     @classmethod
     def build(
-        cls, cases: Iterable[Any], organ: str, *, patch_size: Sequence[int] | None = None, **kw: Any
+        cls,
+        cases: Iterable[Any],
+        organ: str,
+        *,
+        patch_size: Sequence[int] | None = None,
+        _stacklevel: int = 2,
+        **kw: Any,
     ) -> SampleMaker:
         """A maker over ``cases`` in any form :func:`as_sources` takes (the constructor of
         ``synthgen.torch.SyntheticTumorDataset`` and ``synthgen.stream.Producer``). A
@@ -266,7 +272,7 @@ class SampleMaker:
             warnings.warn(
                 f"{len(skipped)} of {n} cases have no {organ!r} mask and are left out "
                 f"(.skipped lists them): {why}",
-                stacklevel=3,
+                stacklevel=_stacklevel,
             )
         patch = None if patch_size is None else tuple(int(s) for s in patch_size)
         return cls(tuple(sources), organ, patch_size=patch, skipped=skipped, **kw)

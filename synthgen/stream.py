@@ -183,6 +183,7 @@ class Producer:
             prob=prob,
             size=size,
             patch_size=patch_size,
+            _stacklevel=3,  # (the warning points at the caller)
         )
         self.skipped = self.maker.skipped  # cases without a mask of the organ, left out
         self.workers, self.queue_size, self.epochs, self.ordered = (

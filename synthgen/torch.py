@@ -148,6 +148,7 @@ class SyntheticTumorDataset(IterableDataset):
             patch_size=patch_size,
             shuffle=shuffle,
             synthesize=synthesize,
+            _stacklevel=3,  # (the warning points at the caller)
         )
         self.skipped = self.maker.skipped
         self.dtype = None if dtype is None else np.dtype(dtype)
@@ -170,7 +171,7 @@ class SyntheticTumorDataset(IterableDataset):
         for position in range(worker, len(self.maker), nworkers):
             s = self.maker.make(epoch, position)
             if self.dtype is not None:
-                s["image"] = s["image"].astype(self.dtype, copy=False)
+                s["image"] = s["image"].astype(self.dtype)  # (a copy: never the caller's)
             yield _to_tensors(s)
 
     def __repr__(self) -> str:

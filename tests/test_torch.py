@@ -615,3 +615,15 @@ def test_wrapper_multichannel_keeps_other_channels(dict_items: list) -> None:
     single = TumorSynthesisWrapper(DictDataset([dict(src)]), liver, seed=0)[0]
     assert torch.equal(out["image"][:1], single["image"])  # channel 0 as for one channel
     assert torch.equal(image[1], extra[0])  # the input was not modified
+
+
+def test_samples_never_share_memory_with_the_caller_s_arrays(cases: list) -> None:
+    """A float32 image given as an array, whole volumes, no tumor: the sample is a copy
+    (writing to it leaves the caller's array alone)."""
+    image, liver, affine = read_case(cases[0])
+    img = image.astype(np.float32)
+    for kw in ({"synthesize": False}, {"prob": 0.0}, {"dtype": None, "synthesize": False}):
+        ds = SyntheticTumorDataset([(img, liver, affine)], "liver", patch_size=None, **kw)
+        (s,) = list(ds)
+        s["image"] += 5
+        assert float(np.abs(img - image).max()) == 0.0, kw
