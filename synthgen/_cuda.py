@@ -19,6 +19,7 @@ NumPy and whose kernels are the same CUDA C sources compiled for the host
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -180,13 +181,19 @@ class CupyBackend:
         import contextlib
 
         ctx = contextlib.ExitStack()
-        ctx.enter_context(self.device)
+        ctx.enter_context(self.current())
         ctx.enter_context(_stream_for(stream, arrays))
         return ctx
 
+    def current(self):
+        """A context with this GPU current: a fresh ``Device`` each time (a ``Device`` keeps
+        the devices it restores on one stack per object, which threads entering a shared one
+        would interleave)."""
+        return self.xp.cuda.Device(self.device_id)
+
     def stream_for(self, arrays):
         """The stream work on ``arrays`` is ordered on (:func:`_stream_for`), this GPU's."""
-        with self.device:
+        with self.current():
             return _stream_for(None, arrays)
 
     def download(self, dev) -> np.ndarray:
@@ -309,6 +316,13 @@ def render_on_gpu(
     labels = list(label_outs) if label_outs is not None else [None] * n
     groups = sequential_groups(images, outs)
     if len(groups) > 1:  # outputs shared between plans: in turn, as the CPU renders them
+        from ._segments import _address
+
+        for i in range(n):  # (refused before any run writes, named by the batch's index)
+            for what, a in (("image (out)", outs[i]), ("organ mask", organ_masks[i]),
+                            ("label map", labels[i])):  # fmt: skip
+                if a is not None and be.on_device(a := _as_cupy(a)):
+                    _address(be, a, i, what)
         return [
             res
             for a, b in groups
@@ -374,11 +388,11 @@ class DeviceView:
         self.ndim = len(self.shape)
 
     def __getitem__(self, key) -> np.ndarray:
-        with self._where:
+        with self._where():
             return self._be.download(self.a[key])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        with self._where:
+        with self._where():
             out = self._be.download(self.a)
         return out if dtype is None else out.astype(dtype)
 
@@ -386,12 +400,12 @@ class DeviceView:
         """Whether region ``key`` holds no NaN or infinity (reduced on the device; planning
         asks only of a float image: ``_packed.all_finite``)."""
         xp = self._be.xp
-        with self._where:
+        with self._where():
             return bool(self._be.download(xp.isfinite(self.a[key]).all().reshape(1))[0])
 
     def read_many(self, keys) -> list[np.ndarray]:
         """The regions ``keys`` (one copy back for all; each as ``view[key]`` would give)."""
-        with self._where:
+        with self._where():
             return self._read_many(keys)
 
     def _read_many(self, keys) -> list[np.ndarray]:
@@ -418,7 +432,7 @@ class DeviceView:
         a :class:`~synthgen._packed.PackedMask` of the region's shape."""
         from ._packed import PackedMask, pack_on_device
 
-        with self._where:
+        with self._where():
             packed, shape = pack_on_device(self._be.xp, fn(self.a[key]))
             return PackedMask(shape, (0, 0, 0), shape, self._be.download(packed))
 
@@ -509,34 +523,34 @@ def host_views(be, image, organ_mask, organ_index=None):
         raise ValueError(f"organ_index is for shape {organ_index.shape}, mask is {shape}")
     if not be.on_device(org):  # (without an index, planning finds the box as for host data)
         return img, organ_mask, organ_index
-    with where:
+    with where():
         return img, *_packed_organ(be, org, shape, organ_index)
 
 
 class _Where:
-    """A context with the data's GPU current and its stream (:func:`_stream_for`: torch's
-    current stream for torch tensors) the one CuPy works on: data on another GPU
+    """``with where():`` makes the data's GPU current and its stream (:func:`_stream_for`:
+    torch's current stream for torch tensors) the one CuPy works on: data on another GPU
     (``cuda:N``, a DDP rank's) must not be worked on from GPU 0, and reads of a tensor
     written on a torch side stream are ordered after those writes. A stand-in backend has
     no device: nothing to do."""
 
-    __slots__ = ("device", "stream")
+    __slots__ = ("be", "stream")
 
     def __init__(self, be, arrays) -> None:
-        self.device = getattr(be, "device", None)
+        self.be = be
         self.stream = be.stream_for(arrays) if hasattr(be, "stream_for") else None
 
-    def __enter__(self) -> None:
-        if self.device is not None:
-            self.device.__enter__()
-        if self.stream is not None:
-            self.stream.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        if self.stream is not None:
-            self.stream.__exit__(*exc)
-        if self.device is not None:
-            self.device.__exit__(*exc)
+    @contextlib.contextmanager
+    def __call__(self):
+        """``with where():``: a fresh context each time (safe from several threads)."""
+        with contextlib.ExitStack() as ctx:
+            if hasattr(self.be, "current"):
+                ctx.enter_context(self.be.current())  # (a fresh Device: see current())
+            elif getattr(self.be, "device", None) is not None:
+                ctx.enter_context(self.be.device)
+            if self.stream is not None:
+                ctx.enter_context(self.stream)
+            yield
 
 
 def _packed_organ(be, org, shape, organ_index):

@@ -256,15 +256,18 @@ def render_batch(
         groups = list(zip(sorted(starts), stops, strict=True))
         if len(groups) > 1:
             afs = per_plan(len(plans), affines=affines)[0]
-            return [
-                r
-                for a, b in groups
-                for r in render_batch(
+            out: list[RenderResult] = []
+            last: list[RenderResult] = []
+            for a, b in groups:
+                for r in last:  # the last run finished first (on a GPU it may still run on
+                    list(r.tumors)  # the caller's stream): this run's warp reads its output
+                last = render_batch(
                     plans[a:b], ims[a:b], oms[a:b], outs=os_[a:b], device=device,
                     affines=afs[a:b], stream=stream, label_outs=labs[a:b],
                     tumor_label=tumor_label,
-                )
-            ]  # fmt: skip
+                )  # fmt: skip
+                out += last
+            return out
     lab_args = {"label_outs": labs, "tumor_label": tumor_label}
     plans_r = list(plans)
     warped = False

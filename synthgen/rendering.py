@@ -112,19 +112,44 @@ class RenderResult:
             return cupy
         return np
 
+    def _on_gpu(self):
+        """A context with the GPU of the result's device arrays current (CuPy allocates on
+        the current device), or none."""
+        import contextlib
+
+        for a in (self.organ_mask, *(m for _, m in self.boxes)):
+            if array_kind(a) == "cupy":
+                return a.device
+        return contextlib.nullcontext()
+
     def write_tumor_mask(self, out: Any) -> Any:
-        """OR the tumor voxels into a caller-owned boolean array (boxes only), on the host or
-        the GPU (a box is moved to ``out``'s side first: a render of a host image with a GPU
-        organ mask has host boxes, and CuPy and NumPy do not mix in one operation)."""
-        on_gpu = array_kind(out) == "cupy"
+        """OR the tumor voxels into a caller-owned boolean array (boxes only): NumPy, CuPy
+        or torch, on the host or a GPU (each box is moved to ``out``'s side first: a render
+        of a host image with a GPU organ mask has host boxes, and CuPy and NumPy do not mix
+        in one operation)."""
+        kind = array_kind(out)
+        if kind == "torch-cpu":
+            self.write_tumor_mask(out.numpy())
+            return out
+        if kind == "torch-cuda":
+            from ._cuda import _as_cupy
+
+            self.write_tumor_mask(_as_cupy(out))  # (a view of the tensor's memory)
+            return out
+        on_gpu = kind == "cupy"
         for sl, m in self.boxes:
             if on_gpu and array_kind(m) != "cupy":
                 import cupy
 
-                m = cupy.asarray(m)
+                with out.device:  # (on out's GPU, not the current one)
+                    m = cupy.asarray(m)
             elif not on_gpu and array_kind(m) == "cupy":
                 m = m.get()
-            out[sl] |= m.astype(bool, copy=False)
+            if on_gpu:
+                with out.device:
+                    out[sl] |= m.astype(bool, copy=False)
+            else:
+                out[sl] |= m.astype(bool, copy=False)
         return out
 
     @property
@@ -132,7 +157,8 @@ class RenderResult:
         """Boolean mask of all tumor voxels (full volume, built once)."""
         if self._tumor_mask is None:
             xp = self._xp()
-            m = self.write_tumor_mask(xp.zeros(self.plan.shape, dtype=bool))
+            with self._on_gpu():
+                m = self.write_tumor_mask(xp.zeros(self.plan.shape, dtype=bool))
             self._tumor_mask = self.wrap(m) if self.wrap is not None else m
         return self._tumor_mask
 
@@ -141,13 +167,15 @@ class RenderResult:
         """uint8 label map: 0 background, 1 organ, 2 tumor (full volume, built once)."""
         if self._label is None:
             xp = self._xp()
-            organ = xp.asarray(self.organ_mask)
-            lab = (organ if organ.dtype == bool else organ > 0.5).astype(xp.uint8)
-            for sl, m in self.boxes:
-                # 2 on the tumor voxels of a 0/1 map: the maximum with 2 * mask (no masked
-                # assignment: on a GPU that would wait for the device once per tumor)
-                box = lab[sl]
-                xp.maximum(box, xp.asarray(m).astype(xp.uint8, copy=False) * 2, out=box)
+            with self._on_gpu():
+                organ = xp.asarray(self.organ_mask)
+                lab = (organ if organ.dtype == bool else organ > 0.5).astype(xp.uint8)
+                for sl, m in self.boxes:
+                    # 2 on the tumor voxels of a 0/1 map: the maximum with 2 * mask (no
+                    # masked assignment: on a GPU that would wait for the device once per
+                    # tumor)
+                    box = lab[sl]
+                    xp.maximum(box, xp.asarray(m).astype(xp.uint8, copy=False) * 2, out=box)
             self._label = self.wrap(lab) if self.wrap is not None else lab
         return self._label
 
@@ -725,7 +753,8 @@ def render_batch(
 
     On a GPU every kernel of every tumor of every plan is launched back to back, the small
     plan data is uploaded in two copies and the host waits once, for the tumors' boxes (not
-    once per tumor or per plan), optionally on the caller's stream (a CuPy stream, a
+    once per tumor or per plan; once per run of plans when plans share an output, see
+    ``outs``), optionally on the caller's stream (a CuPy stream, a
     ``torch.cuda.Stream`` or a raw ``cudaStream_t``). With the images, organ masks and label
     maps on the device the call then returns while the device finishes, as a CuPy operation
     does (work on the same stream is ordered after it); the records of ``tumors`` (voxels,

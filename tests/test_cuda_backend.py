@@ -942,6 +942,12 @@ def test_unaligned_device_arrays_are_refused(emu, small_phantom, organ_masks):
     with pytest.raises(ValueError, match=r"plan 1: the image \(out\) on the device .* not aligned"):
         _cuda.render_on_gpu([plan, plan], [to_device(ph.image), odd], [to_device(mask)] * 2,
                             device_id=0, outs=[None, odd], be=emu)  # fmt: skip
+    # a batch split into runs (a shared output): refused before the first run writes
+    work = to_device(ph.image)
+    with pytest.raises(ValueError, match=r"plan 2: the image \(out\) on the device"):
+        _cuda.render_on_gpu([plan] * 3, [work] * 3, [to_device(mask)] * 3, device_id=0,
+                            outs=[work, work, odd], be=emu)  # fmt: skip
+    np.testing.assert_array_equal(work, ph.image)
 
 
 def test_render_batch_api_on_the_cpu(small_phantom, organ_masks):

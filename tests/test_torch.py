@@ -627,3 +627,15 @@ def test_samples_never_share_memory_with_the_caller_s_arrays(cases: list) -> Non
         (s,) = list(ds)
         s["image"] += 5
         assert float(np.abs(img - image).max()) == 0.0, kw
+
+
+def test_write_tumor_mask_into_a_tensor(cases: list) -> None:
+    """A result's tumor voxels OR-ed into a caller's bool tensor (through its NumPy view)."""
+    import synthgen
+
+    image, liver, affine = read_case(cases[0])
+    plan = synthgen.plan(image, liver, organ="liver", seed=1, affine=affine)
+    res = synthgen.render(plan, image, liver)
+    t = torch.zeros(image.shape, dtype=torch.bool)
+    assert res.write_tumor_mask(t) is t
+    assert np.array_equal(t.numpy(), res.tumor_mask) and res.tumor_mask.any()
