@@ -16,6 +16,7 @@ that cannot be mapped) is recorded as failed with a one-line reason and the batc
 from __future__ import annotations
 
 import datetime as _dt
+import filecmp
 import json
 import os
 import queue
@@ -751,14 +752,66 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def _same_file(a: str, b: Path) -> bool:
-    """Whether the recorded input ``a`` is the file ``b`` (a recorded file that no longer
-    exists, e.g. a dataset moved since, cannot be told apart and counts as the same)."""
+    """Whether the recorded input ``a`` is the file ``b`` or a copy of it with the same bytes
+    (a dataset staged elsewhere); a recorded file that no longer exists (e.g. a dataset moved
+    since) cannot be told apart and counts as the same. The manifest records absolute paths;
+    a relative one (batches before that) is taken from the current folder."""
     if a == str(b) or not os.path.exists(a):
         return True
-    try:
-        return os.path.samefile(a, b)
+    try:  # the bytes are read only for two files of one size
+        return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
     except OSError:
         return False
+
+
+def _check_ids(cases: Sequence[Case], previous, out: Path, version: str | None) -> None:
+    """``ValueError`` when a sample recorded done in ``out`` belongs to a case id that no case
+    has now, but was made from the CT of a case now (or a copy of it): the case ids changed
+    (e.g. an older synthgen's ids of CSV CTs that share a file name), and going on would make
+    that scan twice under two ids."""
+    ids = {c.case_id for c in cases}
+    orphans: dict[str, list[str]] = {}  # recorded CT -> its samples
+    for sid, rec in previous.items():
+        if rec.get("status") != "done" or rec.get("case") in ids:
+            continue
+        ct = (rec.get("inputs") or {}).get("ct")
+        if isinstance(ct, str) and ct:
+            orphans.setdefault(ct, []).append(sid)
+    if not orphans:
+        return
+    by_inode: dict[tuple[int, int], Case] = {}
+    by_size: dict[int, list[Case]] = {}
+    for c in sorted(cases, key=lambda c: c.case_id):
+        try:
+            st = os.stat(c.ct)
+        except OSError:
+            continue
+        by_inode.setdefault((st.st_dev, st.st_ino), c)
+        by_size.setdefault(st.st_size, []).append(c)
+
+    def now(ct: str) -> Case | None:
+        try:
+            st = os.stat(ct)
+            if (st.st_dev, st.st_ino) in by_inode:
+                return by_inode[st.st_dev, st.st_ino]
+            same = (c for c in by_size.get(st.st_size, ()) if filecmp.cmp(ct, c.ct, shallow=False))
+            return next(same, None)
+        except OSError:  # gone or unreadable: cannot be told
+            return None
+
+    hits = [(sorted(sids), ct, c) for ct, sids in sorted(orphans.items()) if (c := now(ct))]
+    if hits:
+        sids, ct, case = hits[0]
+        old = previous[sids[0]].get("case")
+        made = f"synthgen {version}" if version else "the synthgen version"
+        raise ValueError(
+            f"{out} holds {sum(len(h[0]) for h in hits)} samples of case ids that no case has "
+            f"now, made from the CT files of cases that have other ids now (e.g. {sids[0]} of "
+            f"case {old} from {ct}, which is case {case.case_id} now): the case ids changed "
+            "(this synthgen tells apart CT files of one name in a CSV by their folders), and "
+            f"going on would make those scans twice; use another --out (or {made} that made "
+            "it)"
+        )
 
 
 def _check_inputs(work, previous: dict[str, dict[str, Any]], out: Path) -> None:
@@ -792,13 +845,14 @@ def prepare(
 
     Raises:
         ValueError: ``out`` holds a batch and ``resume`` is off, the batch there was made
-            with other options, or a sample done there was made from another CT than the
-            case that has its id now.
+            with other options, a sample done there was made from another CT than the
+            case that has its id now, or from the CT of a case that has another id now.
     """
     i, n = shard
     mine = [c for k, c in enumerate(sorted(cases, key=lambda c: c.case_id)) if k % n == i]
     previous = read_manifest(out) if out.exists() else {}
     cfg_path = out / "batch.json"
+    cfg: dict[str, Any] = {}
     if cfg_path.is_file() and previous:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         old = cfg.get("options") if isinstance(cfg.get("options"), dict) else {}
@@ -808,6 +862,8 @@ def prepare(
                 f"({_differences(old, opts.identity())}); use the same options, or another --out"
             )
     work = [(c, samples_for(c, opts)) for c in mine]
+    if previous:
+        _check_ids(cases, previous, out, cfg.get("synthgen"))
     _check_inputs(work, previous, out)
     if not resume:
         ndone = sum(1 for _, ss in work for s in ss if s.sample_id in previous)
@@ -878,8 +934,11 @@ def run_batch(
     if on_start is not None:
         on_start(todo, skipped)
     manifest = Manifest(out / name)
+    mine = {c.case_id: c for c, _ in todo}
     try:
         for rec in _execute(todo, opts, out, tag, workers, scheduler):
+            # absolute input paths (as this process reads them), for a resume from elsewhere
+            rec["inputs"] = mine[rec["case"]].to_dict(absolute=True)
             manifest.write(rec)
             if rec["status"] == "done":
                 report.done += 1

@@ -14,9 +14,10 @@ Supported (detected from the folder's contents, or named explicitly):
     ``dataset.json`` whose ``labels`` map name -> id.
 ``csv``
     A CSV file with the columns ``ct,mask,organ[,label_id]`` (paths relative to the file);
-    several rows with the same ``ct`` make one case with several organs. A case's id is its
-    CT's file name; CTs of the same file name in several folders are told apart by their
-    folders (``c1_ct``, ``c2_ct``), whatever the order of the rows.
+    several rows with the same ``ct`` (the same file, however spelled) make one case with
+    several organs. A case's id is its CT's file name; CTs of the same file name in several
+    folders are told apart by their folders below the CSV's (``c1_ct``, ``c2_ct``), whatever
+    the order of the rows or where the dataset lies.
 
 Discovery reads folder listings and JSON only, never an image. macOS ``._*`` files are
 ignored. A case that lacks a requested organ is still listed (its samples then fail with a
@@ -77,8 +78,9 @@ class MaskSource:
     path: Path
     label_ids: tuple[int, ...] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "label_ids": self.label_ids}
+    def to_dict(self, absolute: bool = False) -> dict[str, Any]:
+        path = self.path.absolute() if absolute else self.path
+        return {"path": str(path), "label_ids": self.label_ids}
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,17 @@ class Case:
     missing: dict[str, str] = field(default_factory=dict)
     vessels: tuple[MaskSource, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, absolute: bool = False) -> dict[str, Any]:
+        """The case as JSON; ``absolute``: relative paths joined to the current folder (not
+        normalised, so symbolic links keep their meaning)."""
+        a = absolute
         return {
             "case_id": self.case_id,
-            "ct": str(self.ct),
-            "organs": {o: [s.to_dict() for s in v] for o, v in self.organs.items()},
-            "lesions": {o: [s.to_dict() for s in v] for o, v in self.lesions.items()},
+            "ct": str(self.ct.absolute() if a else self.ct),
+            "organs": {o: [s.to_dict(a) for s in v] for o, v in self.organs.items()},
+            "lesions": {o: [s.to_dict(a) for s in v] for o, v in self.lesions.items()},
             "missing": dict(self.missing),
-            "vessels": [s.to_dict() for s in self.vessels],
+            "vessels": [s.to_dict(a) for s in self.vessels],
         }
 
 
@@ -327,12 +332,27 @@ def _discover_nnunet(root: Path, organs: list[str]) -> list[Case]:
     return cases
 
 
-def _csv_case_ids(cts: list[Path]) -> dict[Path, str]:
-    """Case id of each CT of a CSV: its file name without extension and ``_0000``; CTs whose
-    ids collide (the same file name in several folders) are each qualified by as many parent
-    folders as it takes to tell them apart, so no id depends on the order of the rows."""
+def _qualifiers(ct: Path, base: Path) -> tuple[str, ...]:
+    """Folders of ``ct`` below the CSV's folder ``base``, nearest first (leading ``..`` parts
+    dropped): what may tell CTs of one file name apart, never the dataset's own location."""
+    try:
+        rel = Path(os.path.relpath(ct, base)).parent.parts
+    except ValueError:  # another drive (Windows): the path's own folders, without the anchor
+        rel = ct.parent.parts[1:] if ct.is_absolute() else ct.parent.parts
+    k = 0
+    while k < len(rel) and rel[k] == "..":
+        k += 1
+    return rel[k:][::-1]
+
+
+def _csv_case_ids(cts: list[Path], base: Path) -> dict[Path, str]:
+    """Case id of each CT of a CSV in the folder ``base``: its file name without extension
+    and ``_0000``. CTs whose ids collide (the same file name in several folders) are each
+    qualified by as many of their folders below ``base`` as it takes to tell them apart; what
+    still collides (``ct.nii`` and ``ct.nii.gz`` in one folder) gets ``_2``, ``_3``, ... in
+    the order of the paths. No id depends on the order of the rows or where the dataset is."""
     stems = {ct: re.sub(r"_0000$", "", _stem(ct)) or "case" for ct in cts}
-    parents = {ct: Path(os.path.abspath(ct)).parent.parts[1:][::-1] for ct in cts}
+    parents = {ct: _qualifiers(ct, base) for ct in cts}
     depth = dict.fromkeys(cts, 0)
 
     def cid(ct: Path) -> str:
@@ -348,15 +368,27 @@ def _csv_case_ids(cts: list[Path]) -> dict[Path, str]:
             break
         for ct in deeper:
             depth[ct] += 1
-    ids: dict[Path, str] = {}
-    used: set[str] = set()
-    for ct in sorted(cts, key=str):  # left over: one file under two spellings
-        name = cid(ct)
-        while name in used:
-            name += "_"
-        used.add(name)
-        ids[ct] = name
+    ids = {g[0]: name for name, g in groups.items() if len(g) == 1}
+    used = set(ids.values())
+    for name, group in sorted(groups.items()):
+        if len(group) == 1:
+            continue
+        n = 1
+        for ct in sorted(group, key=lambda c: (_rel(c, base), str(c))):
+            new = name
+            while new in used:
+                n += 1
+                new = f"{name}_{n}"
+            used.add(new)
+            ids[ct] = new
     return ids
+
+
+def _rel(ct: Path, base: Path) -> str:
+    try:
+        return Path(os.path.relpath(ct, base)).as_posix()
+    except ValueError:
+        return ct.as_posix()
 
 
 def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
@@ -367,7 +399,8 @@ def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
     rows = [r for r in rows if r and any(c.strip() for c in r)]
     if rows and [c.strip().lower() for c in rows[0][:3]] == ["ct", "mask", "organ"]:
         rows = rows[1:]
-    by_ct: dict[Path, dict[str, Any]] = {}
+    by_ct: dict[str, dict[str, Any]] = {}  # real path of the CT -> organ -> masks
+    spelled: dict[str, set[Path]] = {}  # real path of the CT -> its spellings in the CSV
     for n, row in enumerate(rows, start=1):
         if len(row) < 3:
             raise LayoutError(f"{path}: row {n} needs ct,mask,organ[,label_id], got {row}")
@@ -383,11 +416,18 @@ def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
                 raise LayoutError(f"{path}: row {n}: label_id {row[3]!r} is not an int") from None
         ct = ct if ct.is_absolute() else path.parent / ct
         mask = mask if mask.is_absolute() else path.parent / mask
-        entry = by_ct.setdefault(ct, {})
+        real = os.path.realpath(ct)  # one file under several spellings is one case
+        spelled.setdefault(real, set()).add(ct)
+        entry = by_ct.setdefault(real, {})
         entry.setdefault(organ_name, []).append(MaskSource(mask, ids))
-    ids = _csv_case_ids(list(by_ct))
+    base = path.parent
+    first = {
+        r: min(s, key=lambda c: (_rel(c, base), len(str(c)), str(c))) for r, s in spelled.items()
+    }
+    ids = _csv_case_ids(list(first.values()), base)
     cases = []
-    for ct, masks in by_ct.items():
+    for real, masks in by_ct.items():
+        ct = first[real]
         cid = ids[ct]
         want = organs if organs else list(masks)
         found = {o: tuple(masks[o]) for o in want if o in masks}

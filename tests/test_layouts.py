@@ -20,10 +20,11 @@ import pytest
 from _datasets import SHAPE, cancer_blob, label_map, phantom, save, write_dataset
 from typer.testing import CliRunner
 
-from synthgen.batch import read_manifest
+from synthgen.batch import BatchOptions, prepare, read_manifest, run_batch
 from synthgen.cli import app
 from synthgen.layouts import (
     LAYOUTS,
+    Case,
     LayoutError,
     MaskSource,
     detect_layout,
@@ -929,8 +930,10 @@ def test_resume_refuses_samples_made_from_another_ct(tmp_path) -> None:
     args = ("batch", sheet, "--out", out, "--organ", "liver", "--no-mass-effect", "--resume")
     cli(*args)
     manifest = (out / "manifest.jsonl").read_bytes()
-    # the same file under another spelling is the same input
-    sheet.write_text(f"{c1},{root / 'c1' / 'liver.nii.gz'},liver\n")
+    # the same file under another spelling is the same input (not the recorded string)
+    again = root / "c1" / ".." / "c1" / "ct.nii.gz"
+    assert str(again) != str(c1)
+    sheet.write_text(f"{again},{root / 'c1' / 'liver.nii.gz'},liver\n")
     res = cli(*args)
     assert "resume: 1 samples already done, 0 to do" in res.output
     # case "ct" is now another scan: its sample in OUT is not that scan's
@@ -939,6 +942,130 @@ def test_resume_refuses_samples_made_from_another_ct(tmp_path) -> None:
     assert flat("made from other CT files") in flat(res.output)
     assert flat(f"ct_s000 from {c1}, case ct is now {c2}") in flat(res.output)
     assert (out / "manifest.jsonl").read_bytes() == manifest
+
+
+def test_resume_refuses_an_out_made_with_the_previous_csv_ids(tmp_path) -> None:
+    root = tmp_path / "data"
+    c1, c2 = _two_ct_csv(root)
+    sheet = root / "cases.csv"
+    sheet.write_text("".join(f"c{k}/ct.nii.gz,c{k}/liver.nii.gz,liver\n" for k in (1, 2)))
+    _, cases = discover(sheet)
+    assert [c.case_id for c in cases] == ["c1_ct", "c2_ct"]
+    # the OUT of the previous version, whose ids depended on the row order: ct and c2_ct
+    out = tmp_path / "out"
+    old = [Case("ct", c1, cases[0].organs), Case("c2_ct", c2, cases[1].organs)]
+    opts = BatchOptions(("liver",), mass_effect=False)
+    assert run_batch(old, opts, out).ok
+    manifest = (out / "manifest.jsonl").read_bytes()
+    args = ("batch", sheet, "--out", out, "--organ", "liver", "--no-mass-effect")
+    for extra in (["--resume"], ["--resume", "--shard", "1/2"], []):  # shard 1/2: c2_ct only
+        res = cli(*args, *extra, code=2)
+        assert flat(f"(e.g. ct_s000 of case ct from {c1}, which is case c1_ct now)") in flat(
+            res.output
+        )
+        assert flat("use another --out (or synthgen") in flat(res.output)
+    assert (out / "manifest.jsonl").read_bytes() == manifest
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["c2_ct_s000", "ct_s000"]
+    # a sample of a case that is no longer in the dataset (its CT none of the cases') is kept
+    todo, total, done = prepare(cases[1:], opts, out, resume=True)
+    assert (todo, total, done) == ([], 1, 1)
+
+
+def test_csv_ids_do_not_depend_on_where_the_dataset_is(tmp_path) -> None:
+    rows = [
+        "ct.nii.gz",  # next to the CSV: ct, told apart from sub/ct.nii.gz by sub_ct
+        "sub/ct.nii.gz",
+        "a/scan.nii",  # one folder, one name, two files: by their sorted paths
+        "a/scan.nii.gz",
+        "x/y/img.nii.gz",
+        "z/y/img.nii.gz",
+    ]
+    want = {
+        "ct.nii.gz": "ct",
+        "sub/ct.nii.gz": "sub_ct",
+        "a/scan.nii": "a_scan",
+        "a/scan.nii.gz": "a_scan_2",
+        "x/y/img.nii.gz": "x_y_img",
+        "z/y/img.nii.gz": "z_y_img",
+    }
+    first = tmp_path / "first" / "data"
+    for r in rows:
+        (first / r).parent.mkdir(parents=True, exist_ok=True)
+        (first / r).write_bytes(b"")
+    moved = tmp_path / "elsewhere" / "deeper" / "data"
+    shutil.copytree(first, moved)
+    for root, order in ((first, rows), (first, rows[::-1]), (moved, rows[3:] + rows[:3])):
+        sheet = root / "cases.csv"
+        sheet.write_text("".join(f"{r},{r},liver\n" for r in order))
+        _, cases = discover(sheet)
+        assert {c.case_id: c.ct for c in cases} == {v: root / k for k, v in want.items()}
+    # a CSV in a folder beside the data's: the leading .. dropped, nothing above it used
+    lists = tmp_path / "first" / "lists"
+    lists.mkdir()
+    (lists / "cases.csv").write_text(
+        "../data/sub/ct.nii.gz,m.nii.gz,liver\n../data/ct.nii.gz,m.nii.gz,liver\n"
+    )
+    assert [c.case_id for c in discover(lists / "cases.csv")[1]] == ["data_ct", "sub_ct"]
+
+
+def test_csv_rows_of_one_file_under_two_spellings_are_one_case(tmp_path) -> None:
+    root = tmp_path / "data"
+    c1, _ = _two_ct_csv(root)
+    ph = phantom(1)
+    save(root / "c1" / "pancreas.nii.gz", ph.mask("pancreas").astype(np.uint8), ph.affine)
+    (root / "link.nii.gz").symlink_to(c1)
+    sheet = root / "cases.csv"
+    rows = [
+        "c1/../c1/ct.nii.gz,c1/liver.nii.gz,liver\n",
+        "link.nii.gz,c1/pancreas.nii.gz,pancreas\n",
+        "c1/ct.nii.gz,c1/liver.nii.gz,liver\n",
+    ]
+    for order in (rows, rows[::-1]):
+        sheet.write_text("".join(order))
+        _, cases = discover(sheet)
+        assert [(c.case_id, c.ct) for c in cases] == [("ct", c1)]
+        assert sorted(cases[0].organs) == ["liver", "pancreas"]
+        assert len(cases[0].organs["liver"]) == 2
+
+
+def test_resume_accepts_a_byte_identical_copy_of_the_dataset(tmp_path) -> None:
+    root = tmp_path / "data"
+    _two_ct_csv(root)
+    (root / "cases.csv").write_text("c1/ct.nii.gz,c1/liver.nii.gz,liver\n")
+    out = tmp_path / "out"
+    args = ("--out", out, "--organ", "liver", "--no-mass-effect", "--resume")
+    cli("batch", root / "cases.csv", *args)
+    scratch = tmp_path / "scratch" / "data"  # staged copy, the original still in place
+    shutil.copytree(root, scratch)
+    res = cli("batch", scratch / "cases.csv", *args)
+    assert "resume: 1 samples already done, 0 to do" in res.output
+    ct = scratch / "c1" / "ct.nii.gz"  # the same size, one byte else: another scan
+    data = bytearray(ct.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ct.write_bytes(bytes(data))
+    res = cli("batch", scratch / "cases.csv", *args, code=2)
+    assert flat("made from other CT files") in flat(res.output)
+
+
+def test_resume_from_another_folder_checks_the_recorded_ct(tmp_path, monkeypatch) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for top, k in ((a, 1), (b, 2)):  # data/c1/ct.nii.gz in both: two different scans
+        ph = phantom(k)
+        save(top / "data" / "c1" / "ct.nii.gz", ph.image, ph.affine)
+        save(top / "data" / "c1" / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
+        (top / "data" / "cases.csv").write_text("c1/ct.nii.gz,c1/liver.nii.gz,liver\n")
+    out = tmp_path / "out"
+    args = ("--out", out, "--organ", "liver", "--no-mass-effect", "--resume")
+    monkeypatch.chdir(a)
+    cli("batch", "data/cases.csv", *args)
+    rec = read_manifest(out)["ct_s000"]["inputs"]
+    assert rec["ct"] == str(Path.cwd() / "data" / "c1" / "ct.nii.gz")
+    assert rec["organs"]["liver"][0]["path"] == str(Path.cwd() / "data/c1/liver.nii.gz")
+    monkeypatch.chdir(b)
+    res = cli("batch", "../a/data/cases.csv", *args)  # a's scan, from b
+    assert "resume: 1 samples already done, 0 to do" in res.output
+    res = cli("batch", "data/cases.csv", *args, code=2)  # b's scan, spelled as a's was
+    assert flat("made from other CT files") in flat(res.output)
 
 
 def test_synth_resumes_and_its_errors_name_its_own_options(scan_files, tmp_path) -> None:
