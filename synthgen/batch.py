@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .layouts import Case, load_mask, load_mask_file
+from .layouts import AbsentLabelError, Case, _unoriented, load_mask, load_mask_file
 from .presets import LESION_NAMES, ORGANS
 
 __all__ = [
@@ -168,14 +168,19 @@ class LoadedCase:
     verbatim: dict[str, Path]  # organ -> input mask file that can be copied as is
     skipped: dict[str, str]  # organ -> reason it cannot be used in this case
     vessels: np.ndarray | None = None  # union of the case's vessel masks, kept clear of
+    notes: list[str] = field(default_factory=list)  # what a sample's record should say
 
 
 def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     """Load a case's CT and organ regions; raises ``ValueError`` when the CT is unusable.
 
-    An organ that is missing or empty goes to ``skipped`` with its reason instead of failing
-    the case, so the case's other organs still get tumors; a mask file that cannot be read or
-    mapped onto the CT is bad input and fails the case (``ValueError`` naming the file).
+    An organ that is missing or empty (or whose label ids its label map lacks) goes to
+    ``skipped`` with its reason instead of failing the case, so the case's other organs still
+    get tumors; a mask file that cannot be read or mapped onto the CT, or a label map given
+    without label ids, is bad input and fails the case (``ValueError`` naming the file).
+
+    A CT without orientation (sform and qform codes 0) takes masks of its shape voxel for
+    voxel (a mask's orientation cannot be related to it); ``notes`` says so.
     """
     from .io import load_nifti
     from .planning import index_organ
@@ -184,6 +189,13 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError(f"{case.ct}: image holds NaN or inf values")
 
+    unoriented = _unoriented(header)
+    notes = []
+    if unoriented:
+        notes.append(
+            f"{case.ct}: CT has no orientation (sform and qform codes 0): masks of its shape "
+            "taken voxel for voxel, not mapped through the affines"
+        )
     organs: dict[str, np.ndarray] = {}
     indexes: dict[str, Any] = {}
     lesions: dict[str, np.ndarray | None] = {}
@@ -195,13 +207,26 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             continue
         srcs = case.organs[organ]
         names = ", ".join(str(s.path) for s in srcs)
+        absent: list[str] = []  # files that lack the organ's label ids
         try:
-            region, plain = load_mask_file(srcs[0], image.shape, affine)
-            for src in srcs[1:]:
-                region |= load_mask_file(src, image.shape, affine)[0]
+            region, plain = None, False
+            for src in srcs:
+                try:
+                    m, plain = load_mask_file(
+                        src, image.shape, affine, strict=True, unoriented=unoriented
+                    )
+                except AbsentLabelError as e:
+                    absent.append(_short(e))
+                    continue
+                if region is None:
+                    region = m
+                else:
+                    region |= m
+            if region is None:
+                region = np.zeros(image.shape, dtype=bool, order="F")
             les = None
             if case.lesions.get(organ):
-                les = load_mask(case.lesions[organ], image.shape, affine)
+                les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
                 region |= les
         except Exception as e:  # unreadable, corrupt or unmappable file: the case's error
             msg = _short(e)
@@ -211,20 +236,21 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
         try:
             index = index_organ(region)  # one scan: bounding box and voxel count
         except ValueError as e:  # an empty organ: skipped, the case's other organs go on
-            msg = _short(e)
-            skipped[organ] = msg if msg.startswith(names) else f"{names}: {organ}: {msg}"
+            msg = "; ".join(absent) or _short(e)
+            named = any(msg.startswith(str(s.path)) for s in srcs)
+            skipped[organ] = msg if named else f"{names}: {organ}: {msg}"
             continue
         organs[organ], lesions[organ], indexes[organ] = region, les, index
-        if plain and len(srcs) == 1 and les is None:
+        if plain and len(srcs) == 1 and les is None and not absent:
             verbatim[organ] = srcs[0].path
     vessels = None
     if case.vessels and organs:
         try:
-            vessels = load_mask(case.vessels, image.shape, affine)
+            vessels = load_mask(case.vessels, image.shape, affine, unoriented=unoriented)
         except ValueError:  # an unusable vessel mask only loses vessel avoidance
             vessels = None
     return LoadedCase(
-        case, image, affine, header, organs, indexes, lesions, verbatim, skipped, vessels
+        case, image, affine, header, organs, indexes, lesions, verbatim, skipped, vessels, notes
     )
 
 
@@ -423,6 +449,8 @@ def _write_files(lc: LoadedCase, sample: Sample, opts: BatchOptions, out: Path, 
         "organs": records,
         "skipped_organs": skipped,
     }
+    if lc.notes:
+        meta["notes"] = list(lc.notes)
     if opts.format == "atlas":
         save_nifti(part / "ct.nii.gz", image, aff, header=hdr, compresslevel=lvl)
         save_nifti(part / "label.nii.gz", label, aff, header=hdr, compresslevel=lvl)
@@ -499,13 +527,22 @@ def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[st
             arrays = _synthesize(lc_or_err, sample, opts)
             files = _write_sample(lc_or_err, sample, opts, out, tag, arrays)
         except Exception as e:  # recorded with its type; the batch goes on
-            yield _record(sample, case, "failed", t0, error=_short(e))
+            notes = {"notes": list(lc_or_err.notes)} if lc_or_err.notes else {}
+            yield _record(sample, case, "failed", t0, error=_short(e), **notes)
             continue
         organs = [
             {k: r[k] for k in ("organ", "preset", "seed", "plan", "tumors")} for r in arrays[3]
         ]
+        notes = {"notes": list(lc_or_err.notes)} if lc_or_err.notes else {}
         yield _record(
-            sample, case, "done", t0, outputs=files, organs=organs, skipped_organs=arrays[4]
+            sample,
+            case,
+            "done",
+            t0,
+            outputs=files,
+            organs=organs,
+            skipped_organs=arrays[4],
+            **notes,
         )
 
 

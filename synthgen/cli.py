@@ -211,6 +211,7 @@ def _run_batch(cases, opts, out: Path, *, source: str, **kw) -> None:
     tasks: dict[str, object] = {}
     left: dict[str, int] = {}
     count = [0]
+    noted: set[str] = set()
 
     def on_start(todo: list, skipped: int) -> None:
         left.update({c.case_id: len(s) for c, s in todo})
@@ -226,6 +227,10 @@ def _run_batch(cases, opts, out: Path, *, source: str, **kw) -> None:
         left[rec["case"]] -= 1
         if left[rec["case"]] == 0:
             progress.update(tasks["cases"], advance=1)
+        for note in rec.get("notes", ()):
+            if note not in noted:  # once per case
+                noted.add(note)
+                progress.console.print(f"[yellow]warning[/yellow] {esc(note)}")
         if rec["status"] != "done":
             progress.console.print(f"[red]failed[/red] {esc(rec['sample'])}: {esc(rec['error'])}")
 
@@ -286,7 +291,10 @@ def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     label_id: Annotated[
         int | None,
-        typer.Option("--label-id", help="Organ id in a label map (default: mask > 0.5)."),
+        typer.Option(
+            "--label-id",
+            help="Organ id in a label map (without it the mask must be binary: > 0.5).",
+        ),
     ] = None,
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples to write.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same bytes.")] = 0,
@@ -312,7 +320,8 @@ def synth(
     label.nii.gz (0/1/2), segmentations/<organ>.nii.gz and <lesion>.nii.gz, tumors.json.
 
     The mask may be on another grid than the CT (it is resampled by affine, nearest) and may be
-    a label map (pick the organ with --label-id).
+    a label map (pick the organ with --label-id; without it, a mask holding several non-zero
+    values fails).
 
     Example: synthgen synth ct.nii.gz --mask liver.nii.gz --organ liver --out out --n 4
     """

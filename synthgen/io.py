@@ -156,8 +156,9 @@ def _disk_dtype(array: np.ndarray, header: Any) -> tuple[np.ndarray, float, floa
 def nifti_bytes(
     array: np.ndarray, affine: np.ndarray, header: Any = None
 ) -> tuple[bytes, memoryview]:
-    """``(header_block, voxel_bytes)`` of a single-file NIfTI-1 image (no copy when the array
-    is Fortran-contiguous, as loaded).
+    """``(header_block, voxel_bytes)`` of a single-file NIfTI image (no copy when the array
+    is Fortran-contiguous, as loaded): NIfTI-2 when ``header`` is a NIfTI-2 header, else
+    NIfTI-1.
 
     With a reference ``header`` whose geometry is ``affine``, its sform and qform and their
     codes are kept as they are (a missing qform stays missing); otherwise the sform holds
@@ -168,9 +169,13 @@ def nifti_bytes(
     array, slope, inter = _disk_dtype(np.asarray(array), header)
     if array.dtype.byteorder == ">" or array.dtype == np.bool_:
         array = array.astype(np.uint8 if array.dtype == np.bool_ else array.dtype.newbyteorder("="))
-    hdr = nib.Nifti1Header()
-    if header is not None and isinstance(header, nib.Nifti1Header):
-        hdr = nib.Nifti1Header(header.binaryblock, endianness=header.endianness, check=False)
+    # Nifti2Header subclasses Nifti1Header: the class must follow the reference header (a
+    # 540-byte NIfTI-2 block does not fit a 348-byte NIfTI-1 header, nor the reverse).
+    nifti2 = isinstance(header, nib.Nifti2Header)
+    klass = nib.Nifti2Header if nifti2 else nib.Nifti1Header
+    hdr = klass()
+    if isinstance(header, nib.Nifti1Header):
+        hdr = klass(header.binaryblock, endianness=header.endianness, check=False)
         if hdr.endianness != nib.volumeutils.native_code:
             hdr = hdr.as_byteswapped(nib.volumeutils.native_code)
     hdr.set_data_shape(array.shape)
@@ -187,8 +192,8 @@ def nifti_bytes(
         hdr.set_zooms(tuple(zooms[: array.ndim]) + (1.0,) * max(0, array.ndim - 3))
     # else: the input's sform and qform (and their codes) are kept exactly as they were
     hdr["scl_slope"], hdr["scl_inter"] = slope, inter
-    hdr["magic"] = b"n+1"
-    hdr["vox_offset"] = 352
+    hdr["magic"] = b"n+2" if nifti2 else b"n+1"
+    hdr["vox_offset"] = 544 if nifti2 else 352  # header + 4 bytes of (no) extensions
     bio = io.BytesIO()
     hdr.write_to(bio)
     block = bio.getvalue()
@@ -207,14 +212,16 @@ def save_nifti(
     header: Any = None,
     compresslevel: int = 1,
 ) -> None:
-    """Atomically save a NIfTI-1 image, keeping the reference header's geometry when given.
+    """Atomically save a NIfTI image, keeping the reference header's geometry when given
+    (NIfTI-2 when the reference header is NIfTI-2, else NIfTI-1).
 
     Args:
         path: Target ``.nii`` or ``.nii.gz`` path.
         array: Voxel data; its dtype is kept (bool is stored as uint8). Fortran-ordered
             arrays (as :func:`load_nifti` returns them) are written without a copy.
         affine: 4x4 voxel-to-world affine.
-        header: Header of the input image: sform/qform codes, units and scaling are kept.
+        header: Header of the input image: its NIfTI version, sform/qform codes, units and
+            scaling are kept.
         compresslevel: gzip level for ``.nii.gz`` (1 is nibabel's default).
     """
     block, voxels = nifti_bytes(array, affine, header)

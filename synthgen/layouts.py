@@ -42,6 +42,7 @@ from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS
 __all__ = [
     "LAYOUTS",
     "VESSEL_NAMES",
+    "AbsentLabelError",
     "Case",
     "LayoutError",
     "MaskSource",
@@ -69,6 +70,11 @@ _GENERIC_LESION = re.compile(r"(cancer|tumou?r|lesion|metasta|mass|cyst|carcinom
 
 class LayoutError(ValueError):
     """The input is not a dataset synthgen can read (message says what was expected)."""
+
+
+class AbsentLabelError(ValueError):
+    """A mask file holds none of the label ids asked for (message names the file, the ids
+    and a few of the ids it holds)."""
 
 
 @dataclass(frozen=True)
@@ -480,14 +486,72 @@ def _same_grid(shape_a, aff_a, shape_b, aff_b) -> bool:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(aff_a, aff_b, atol=1e-3, rtol=0)
 
 
+def _some_values(data: np.ndarray, limit: int = 8) -> str:
+    """A few of the distinct non-zero values of ``data``, for messages (error paths only: it
+    reads the whole volume, in slabs, never sorting it at once)."""
+    flat = data.ravel(order="K")  # (a view of a loaded volume)
+    found: set[Any] = set()
+    for i in range(0, flat.size, 1 << 22):
+        found.update(np.unique(flat[i : i + (1 << 22)]).tolist())
+    found.discard(0)
+    vals = sorted(v for v in found if v == v)  # (NaN is no label)
+    shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in vals[:limit]]
+    return ", ".join(shown + (["..."] if len(vals) > limit else [])) or "none"
+
+
+def _integral(v: float) -> bool:
+    return bool(np.isfinite(v)) and abs(v - round(v)) <= 1e-3 * max(1.0, abs(v))
+
+
+def _check_binary(path: Path, data: np.ndarray, m: np.ndarray) -> None:
+    """Raise if ``data`` (no label id given) is a label map: its voxels above 0.5 hold more
+    than one value. Binary masks stored as 0/1, 0/255, 0.0/1.0 floats or scaled integers
+    hold one; a float mask of fractions (a probability map) is binarised at > 0.5 as it is.
+    Costs a max (and, past a 0/1 integer mask, a masked min) over the volume, no sort."""
+    if data.dtype.kind in "iu":
+        hi = data.max(initial=0)
+        if hi <= 1:
+            return
+        lo = np.min(data, where=m, initial=hi)
+        several = lo != hi
+    elif data.dtype.kind == "f":
+        if not m.any():
+            return
+        lo = float(np.min(data, where=m, initial=np.inf))
+        hi = float(np.max(data, where=m, initial=-np.inf))
+        several = _integral(lo) and _integral(hi) and round(lo) != round(hi)
+    else:
+        return
+    if several:
+        raise ValueError(
+            f"{path}: holds several non-zero values ({_some_values(data)}): a label map, "
+            "not a binary mask; name the organ's id with --label-id (a CSV: its label_id "
+            "column)"
+        )
+
+
+def _unoriented(header: Any) -> bool:
+    """Whether a NIfTI header has neither sform nor qform (both codes 0)."""
+    try:
+        return int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def load_mask(
-    sources: Sequence[MaskSource], shape: tuple[int, ...], affine: np.ndarray
+    sources: Sequence[MaskSource],
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    *,
+    unoriented: bool = False,
 ) -> np.ndarray:
     """Union of ``sources`` as a bool mask on the CT grid ``(shape, affine)``.
 
     Masks on another grid (cropped, offset, other spacing or orientation) are resampled by
     affine with nearest neighbour. Binary masks are binarised at > 0.5 (masks stored as
-    1.0000000591 exist); label maps are compared with their ids.
+    1.0000000591 exist); label maps are compared with their ids (a file that holds none of
+    them adds nothing). ``unoriented``: the CT has no orientation (see
+    :func:`load_mask_file`).
 
     Raises:
         ValueError: Unreadable file, non-3-D mask, singular affine, or a mask with voxels
@@ -496,15 +560,28 @@ def load_mask(
 
     out = np.zeros(shape, dtype=bool, order="F")
     for src in sources:
-        out |= load_mask_file(src, shape, affine)[0]
+        out |= load_mask_file(src, shape, affine, unoriented=unoriented)[0]
     return out
 
 
 def load_mask_file(
-    src: MaskSource, shape: tuple[int, ...], affine: np.ndarray
+    src: MaskSource,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    *,
+    strict: bool = False,
+    unoriented: bool = False,
 ) -> tuple[np.ndarray, bool]:
     """One mask on the CT grid (see :func:`load_mask`), and whether the file already is a
-    0/1 uint8 gzipped mask on that grid (so a copy of its bytes is a valid output)."""
+    0/1 uint8 gzipped mask on that grid (so a copy of its bytes is a valid output).
+
+    ``strict`` (an organ mask): a file without label ids must be a binary mask, not a label
+    map (``ValueError`` listing a few of its values), and a file with label ids must hold
+    one of them (:class:`AbsentLabelError` listing a few of the ids it holds).
+    ``unoriented``: the CT has no orientation (sform and qform codes 0), so a mask's
+    orientation cannot be related to it: a mask of the CT's shape is taken voxel for voxel,
+    one of another shape is still mapped through the affines.
+    """
     from scipy import ndimage
 
     from .io import load_nifti
@@ -514,13 +591,23 @@ def load_mask_file(
         raise ValueError(f"{src.path}: mask has dtype {data.dtype}, not numbers")
     if src.label_ids is None:
         m = data > 0.5
+        if strict:
+            _check_binary(src.path, data, m)
     elif len(src.label_ids) == 1:
         m = data == src.label_ids[0]
     else:
         m = np.isin(data, src.label_ids)
-    if _same_grid(m.shape, aff, shape, affine):
+    if strict and src.label_ids is not None and not m.any():
+        ids = ", ".join(map(str, src.label_ids))
+        what = f"label ids {ids} are" if len(src.label_ids) > 1 else f"label id {ids} is"
+        raise AbsentLabelError(
+            f"{src.path}: {what} absent from this file (ids present: {_some_values(data)})"
+        )
+    same = _same_grid(m.shape, aff, shape, affine)
+    if same or (unoriented and tuple(m.shape) == tuple(shape)):
         plain = (
-            src.label_ids is None
+            same
+            and src.label_ids is None
             and data.dtype == np.uint8
             and src.path.name.endswith(".nii.gz")
             and tuple(hdr.get_data_shape()) == tuple(shape)

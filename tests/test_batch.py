@@ -977,3 +977,24 @@ def test_resume_names_exactly_the_options_that_differ(ds4: Path, tmp_path: Path)
     want = "seed: 5 there, 6 now; size: default there, small now; "
     want += "mass_effect: True there, default now"
     assert want in msg, msg
+
+
+def test_label_map_lacking_an_organ_id_skips_it_naming_the_ids(tmp_path: Path) -> None:
+    """An nnU-Net case whose label map lacks the pancreas id: the pancreas is skipped with a
+    reason that names the file and the ids it holds (it used to say "organ mask is empty"),
+    the liver still gets its tumors, and the record carries no orientation note."""
+    root = write_dataset(tmp_path / "nn", "nnunet", 1)
+    lab_path = root / "labelsTr" / "abd_000.nii.gz"
+    img = nib.load(lab_path)
+    lab = np.asarray(img.dataobj).copy()
+    lab[lab == 2] = 0
+    nib.save(nib.Nifti1Image(lab, img.affine), lab_path)
+    _, cases = discover(root, ["liver", "pancreas"])
+    report = run_batch(cases, BatchOptions(organs=("liver", "pancreas")), tmp_path / "out")
+    rec = read_manifest(tmp_path / "out")["abd_000_s000"]
+    assert report.ok, rec.get("error")
+    assert [o["organ"] for o in rec["organs"]] == ["liver"]
+    assert rec["skipped_organs"]["pancreas"] == (
+        f"{lab_path}: label id 2 is absent from this file (ids present: 1, 3, 4)"
+    )
+    assert "notes" not in rec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -108,3 +109,50 @@ def test_load_nifti_errors_name_the_file(tmp_path: Path) -> None:
     save_nifti(flat, np.zeros((4, 4), np.int16), np.eye(4))
     with pytest.raises(ValueError, match="expected a 3-D image"):
         load_nifti(flat)
+
+
+def test_nifti2_round_trip_keeps_version_and_header(tmp_path: Path) -> None:
+    """A NIfTI-2 reference header writes NIfTI-2 (it used to fail: ``Binary block is wrong
+    size``), keeping its codes, units, description and scaling as for NIfTI-1."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(-1024, 2000, size=(12, 10, 8)).astype(np.int16)
+    affine = np.array([[-0.7, 0, 0, 10], [0, 0.7, 0, -5], [0, 0, 5.0, 3], [0, 0, 0, 1]])
+    src = nib.Nifti2Image(data, affine)
+    src.set_sform(affine, 1)
+    src.set_qform(affine, 1)
+    src.header.set_xyzt_units("mm", "sec")
+    src.header["descrip"] = b"scanner"
+    nib.save(src, tmp_path / "in.nii.gz")
+    arr, aff, hdr = load_nifti(tmp_path / "in.nii.gz")
+    assert isinstance(hdr, nib.Nifti2Header)
+    for name, out in (("ct.nii.gz", arr), ("ct.nii", arr), ("mask.nii.gz", arr > 0)):
+        save_nifti(tmp_path / name, out, aff, header=hdr)
+        img = nib.load(tmp_path / name)
+        assert type(img) is nib.Nifti2Image, name
+        h = img.header
+        with (gzip.open if name.endswith(".gz") else open)(tmp_path / name, "rb") as f:
+            raw = f.read(544)
+        assert raw[:12] == b"\x1c\x02\0\0n+2\0\r\n\x1a\n"  # sizeof_hdr 540, NIfTI-2 magic
+        assert int(nib.Nifti2Header(raw[:540])["vox_offset"]) == 544
+        assert int(h["sform_code"]) == 1 and int(h["qform_code"]) == 1
+        assert (
+            h.get_xyzt_units() == ("mm", "sec") and bytes(h["descrip"]).rstrip(b"\0") == b"scanner"
+        )
+        np.testing.assert_allclose(img.affine, affine)
+        np.testing.assert_allclose(h.get_zooms(), (0.7, 0.7, 5.0))
+        np.testing.assert_array_equal(np.asarray(img.dataobj), out)
+    # float data of a scaled NIfTI-2 input goes back to its integer type and scaling
+    scaled = nib.Nifti2Image(data, affine)
+    scaled.header.set_data_dtype(np.int16)
+    scaled.header.set_slope_inter(0.5, -10.0)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    f, aff, hdr = load_nifti(tmp_path / "scaled.nii.gz")
+    assert f.dtype == np.float32
+    save_nifti(tmp_path / "scaled_out.nii.gz", f, aff, header=hdr)
+    img = nib.load(tmp_path / "scaled_out.nii.gz")
+    assert type(img) is nib.Nifti2Image and img.get_data_dtype() == np.int16
+    assert (img.dataobj.slope, img.dataobj.inter) == (0.5, -10.0)
+    np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), f)
+    # without a header, or with a NIfTI-1 one: NIfTI-1 as before
+    save_nifti(tmp_path / "plain.nii.gz", data, affine)
+    assert type(nib.load(tmp_path / "plain.nii.gz")) is nib.Nifti1Image

@@ -17,13 +17,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _datasets import SHAPE, cancer_blob, label_map, phantom, save, write_dataset
+from _datasets import SHAPE, SPACING, cancer_blob, label_map, phantom, save, write_dataset
 from typer.testing import CliRunner
 
 from synthgen.batch import BatchOptions, prepare, read_manifest, run_batch
 from synthgen.cli import app
 from synthgen.layouts import (
     LAYOUTS,
+    AbsentLabelError,
     Case,
     LayoutError,
     MaskSource,
@@ -724,8 +725,11 @@ def test_synth_label_id_picks_the_organ_in_a_label_map(scan_files, tmp_path) -> 
         tmp_path / "bad",
         code=1,
     )
-    assert "empty" in res.output
-    assert read_manifest(tmp_path / "bad")["scan_s000"]["status"] == "failed"
+    rec = read_manifest(tmp_path / "bad")["scan_s000"]
+    assert rec["status"] == "failed"
+    # it names the file and the ids it holds (it used to say "organ mask is empty")
+    assert f"{labels}: label id 9 is absent from this file (ids present: 1, 7)" in rec["error"]
+    assert flat("label id 9 is absent") in flat(res.output)
 
 
 # --------------------------------------------------------------------------------------
@@ -1096,3 +1100,162 @@ def test_readme_synth_examples_run_in_order(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for line in lines:
         cli(*shlex.split(line.split("#")[0])[1:])
+
+
+# --------------------------------------------------------------------------------------
+# 9. NIfTI-2 inputs, label maps without ids, CTs without orientation
+# --------------------------------------------------------------------------------------
+
+
+def test_synth_nifti2_input_writes_nifti2_outputs(tmp_path) -> None:
+    """A NIfTI-2 CT and mask: every output is NIfTI-2 with the CT's header fields (it used to
+    fail every sample with ``Binary block is wrong size``)."""
+    ph = phantom(1)
+    img = nib.Nifti2Image(ph.image, ph.affine)
+    img.set_sform(ph.affine, 1)
+    img.set_qform(ph.affine, 1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, tmp_path / "N2.nii.gz")
+    liver = ph.mask("liver")
+    for name, data in (("N2_liver", liver.astype(np.uint8)), ("N2_liver_f", liver * 1.0)):
+        nib.save(nib.Nifti2Image(data, ph.affine), tmp_path / f"{name}.nii.gz")
+        out = tmp_path / name
+        cli("synth", tmp_path / "N2.nii.gz", "--mask", tmp_path / f"{name}.nii.gz",
+            "--organ", "liver", "--out", out, "--no-mass-effect")  # fmt: skip
+        sample = out / "N2_s000"
+        check_atlas_sample(sample, tmp_path / "N2.nii.gz")
+        for f in ("ct", "label", "segmentations/liver", "segmentations/liver_lesion"):
+            got = nib.load(sample / f"{f}.nii.gz")
+            assert type(got) is nib.Nifti2Image, (name, f)
+            if f != "segmentations/liver" or name.endswith("_f"):  # (else: the mask's bytes)
+                h = got.header
+                assert int(h["sform_code"]) == 1 and int(h["qform_code"]) == 1, (name, f)
+                assert h.get_xyzt_units() == ("mm", "sec"), (name, f)
+        np.testing.assert_array_equal(arr(sample / "segmentations" / "liver.nii.gz") > 0, liver)
+
+
+def test_synth_label_map_without_label_id_fails_naming_its_values(scan_files, tmp_path) -> None:
+    """A label map given without --label-id used to become one organ (every label > 0.5)."""
+    ph, ct, _, _ = scan_files
+    labels = save(tmp_path / "labels.nii.gz", label_map(ph, {"liver": 1, "pancreas": 5}), ph.affine)
+    out = tmp_path / "out"
+    res = cli("synth", ct, "--mask", labels, "--organ", "liver", "--out", out, code=1)
+    rec = read_manifest(out)["scan_s000"]
+    assert rec["status"] == "failed"
+    assert rec["error"].startswith(f"{labels}: holds several non-zero values (1, 5): a label map")
+    assert "--label-id" in rec["error"] and "--label-id" in res.output
+    assert not (out / "scan_s000").exists()
+    # a CSV row without label_id: the same; the row with one works
+    sheet = tmp_path / "cases.csv"
+    sheet.write_text(f"ct,mask,organ,label_id\n{ct},{labels},liver,\n", encoding="utf-8")
+    res = cli("batch", sheet, "--out", tmp_path / "csv", "--organ", "liver", code=1)
+    err = read_manifest(tmp_path / "csv")["scan_s000"]["error"]
+    assert err.startswith(f"{labels}: holds several non-zero values (1, 5)")
+    sheet.write_text(f"ct,mask,organ,label_id\n{ct},{labels},liver,1\n", encoding="utf-8")
+    cli("batch", sheet, "--out", tmp_path / "csv1", "--organ", "liver", "--no-mass-effect")
+    seg = arr(tmp_path / "csv1" / "scan_s000" / "segmentations" / "liver.nii.gz") > 0
+    np.testing.assert_array_equal(seg, ph.mask("liver"))
+
+
+def _scaled(data: np.ndarray, affine: np.ndarray, slope: float) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_slope_inter(slope, 0.0)
+    return img
+
+
+@pytest.mark.parametrize(
+    "kind", ["uint8_0_1", "uint8_0_255", "float_0_1", "int16_scl_slope", "uint8_slope_noise",
+             "float_soft"],
+)  # fmt: skip
+def test_binary_masks_pass_the_label_map_check(tmp_path, liver_scan, kind) -> None:
+    affine, liver = liver_scan
+    img = {
+        "uint8_0_1": lambda: nib.Nifti1Image(liver.astype(np.uint8), affine),
+        "uint8_0_255": lambda: nib.Nifti1Image(liver.astype(np.uint8) * 255, affine),
+        "float_0_1": lambda: nib.Nifti1Image(liver.astype(np.float32), affine),
+        "int16_scl_slope": lambda: _scaled(liver.astype(np.int16) * 100, affine, 0.01),
+        "uint8_slope_noise": lambda: _scaled(liver.astype(np.uint8), affine, 1.0000000591),
+        # a probability map: fractions, binarised at > 0.5 as before
+        "float_soft": lambda: nib.Nifti1Image(np.where(liver, 0.9, 0.3).astype(np.float32), affine),
+    }[kind]()
+    p = tmp_path / "m.nii.gz"
+    nib.save(img, p)
+    m, _ = load_mask_file(MaskSource(p), SHAPE, affine, strict=True)
+    np.testing.assert_array_equal(m, liver)
+
+
+@pytest.mark.parametrize(
+    "kind", ["uint8", "int16_negative", "float", "uint8_slope_noise", "other_grid"]
+)
+def test_label_maps_fail_the_check_and_absent_ids_say_so(tmp_path, liver_scan, kind) -> None:
+    affine, liver = liver_scan
+    lab = np.where(liver, 1, 0).astype(np.uint8)
+    lab[0, 0, :3] = (5, 7, 5)
+    img = {
+        "uint8": lambda: nib.Nifti1Image(lab, affine),
+        "int16_negative": lambda: nib.Nifti1Image(
+            (lab.astype(np.int16) - (lab == 7) * 9).astype(np.int16), affine
+        ),
+        "float": lambda: nib.Nifti1Image(lab.astype(np.float32), affine),
+        "uint8_slope_noise": lambda: _scaled(lab, affine, 1.0000000591),
+        "other_grid": lambda: nib.Nifti1Image(np.pad(lab, 2), affine),
+    }[kind]()
+    p = tmp_path / "labels.nii.gz"
+    nib.save(img, p)
+    with pytest.raises(
+        ValueError, match=r"labels\.nii\.gz: holds several non-zero values \((-2, )?1, 5"
+    ) as e:
+        load_mask_file(MaskSource(p), SHAPE, affine, strict=True)
+    assert "--label-id" in str(e.value)
+    assert load_mask([MaskSource(p)], SHAPE, affine).any()  # not strict: lesions, vessels
+    with pytest.raises(AbsentLabelError, match=r"labels\.nii\.gz: label id 99 is absent from "
+                       r"this file \(ids present: "):  # fmt: skip
+        load_mask_file(MaskSource(p, (99,)), SHAPE, affine, strict=True)
+    with pytest.raises(AbsentLabelError, match=r"label ids 98, 99 are absent"):
+        load_mask_file(MaskSource(p, (98, 99)), SHAPE, affine, strict=True)
+    assert not load_mask([MaskSource(p, (99,))], SHAPE, affine).any()  # an absent lesion id
+
+
+def test_unoriented_ct_takes_a_mask_of_its_shape_voxel_for_voxel(tmp_path) -> None:
+    """A CT with sform and qform codes 0 (nibabel's fallback affine, x flipped) and an
+    oriented mask of its shape: the mask used to be mapped through the affines and land
+    x-flipped, off the organ. Now it is taken voxel for voxel, and the record says so."""
+    ph = phantom(1)
+    liver = ph.mask("liver")
+    assert not np.array_equal(liver, liver[::-1])
+    img = nib.Nifti1Image(ph.image, None)
+    img.header.set_zooms(SPACING)
+    nib.save(img, tmp_path / "ct0.nii.gz")
+    ct = nib.load(tmp_path / "ct0.nii.gz")
+    assert int(ct.header["sform_code"]) == int(ct.header["qform_code"]) == 0
+    assert ct.affine[0, 0] == -SPACING[0]
+    aff = ct.affine.copy()
+    aff[0, 0], aff[0, 3] = SPACING[0], -aff[0, 3]  # oriented, the same box of space
+    mask = save(tmp_path / "liver.nii.gz", liver.astype(np.uint8), aff)
+    out = tmp_path / "out"
+    res = cli("synth", tmp_path / "ct0.nii.gz", "--mask", mask, "--organ", "liver",
+              "--out", out, "--no-mass-effect")  # fmt: skip
+    sample = out / "ct0_s000"
+    np.testing.assert_array_equal(arr(sample / "segmentations" / "liver.nii.gz") > 0, liver)
+    lab = arr(sample / "label.nii.gz")
+    np.testing.assert_array_equal(lab > 0, liver)
+    assert (lab == 2).any()
+    changed = arr(sample / "ct.nii.gz") != ph.image
+    assert changed.any() and not (changed & ~liver).any()
+    hdr = nib.load(sample / "ct.nii.gz").header
+    assert int(hdr["sform_code"]) == int(hdr["qform_code"]) == 0
+    note = read_manifest(out)["ct0_s000"]["notes"][0]
+    assert "no orientation" in note and "voxel for voxel" in note
+    assert json.loads((sample / "tumors.json").read_text())["notes"] == [note]
+    assert "warning" in res.output and flat("no orientation") in flat(res.output)
+    # the affines say x-flipped: a CT with an orientation still maps through them
+    np.testing.assert_array_equal(
+        load_mask_file(MaskSource(mask), SHAPE, ct.affine)[0], liver[::-1]
+    )
+    got, plain = load_mask_file(MaskSource(mask), SHAPE, ct.affine, unoriented=True)
+    np.testing.assert_array_equal(got, liver)
+    assert not plain  # its header is not the CT's: written anew, not copied
+    # another shape: still mapped through the affines
+    pad = save(tmp_path / "pad.nii.gz", np.pad(liver, 2).astype(np.uint8), aff)
+    flipped = load_mask_file(MaskSource(pad), SHAPE, ct.affine, unoriented=True)[0]
+    assert flipped.any() and not np.array_equal(flipped, liver)
