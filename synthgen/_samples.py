@@ -88,10 +88,12 @@ class CaseSource:
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image, label, affine)`` as arrays on one grid (files are read each call)."""
         from .io import load_nifti
-        from .layouts import Case, load_mask
+        from .layouts import AbsentLabelError, Case, _unoriented, load_mask
 
+        unoriented = False
         if isinstance(self.image, (str, Path)):
-            image, affine, _ = load_nifti(self.image)
+            image, affine, header = load_nifti(self.image)
+            unoriented = _unoriented(header)  # (same-shape masks voxel for voxel)
         else:
             image, affine = np.asarray(self.image), self.affine
         if affine is None:
@@ -100,9 +102,13 @@ class CaseSource:
             case, organ = self.label, self.organ
             if organ not in case.organs:
                 raise ValueError(f"case {self.case_id}: {case.missing.get(organ, 'no mask')}")
-            label = load_mask(case.organs[organ], image.shape, affine).view(np.uint8)
+            try:  # (a label map given without the organ's id fails, as in a batch)
+                label = load_mask(case.organs[organ], image.shape, affine, strict=True,
+                                  unoriented=unoriented).view(np.uint8)  # fmt: skip
+            except AbsentLabelError:  # the organ's id is absent: no organ, no tumors
+                label = np.zeros(image.shape, dtype=np.uint8, order="F")
             if case.lesions.get(organ):
-                les = load_mask(case.lesions[organ], image.shape, affine)
+                les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
                 label = label.copy()
                 label[les] = 2
         elif isinstance(self.label, (str, Path)):

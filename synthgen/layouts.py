@@ -544,14 +544,15 @@ def load_mask(
     affine: np.ndarray,
     *,
     unoriented: bool = False,
+    strict: bool = False,
 ) -> np.ndarray:
     """Union of ``sources`` as a bool mask on the CT grid ``(shape, affine)``.
 
     Masks on another grid (cropped, offset, other spacing or orientation) are resampled by
     affine with nearest neighbour. Binary masks are binarised at > 0.5 (masks stored as
     1.0000000591 exist); label maps are compared with their ids (a file that holds none of
-    them adds nothing). ``unoriented``: the CT has no orientation (see
-    :func:`load_mask_file`).
+    them adds nothing). ``unoriented`` and ``strict`` (an organ mask): see
+    :func:`load_mask_file`.
 
     Raises:
         ValueError: Unreadable file, non-3-D mask, singular affine, or a mask with voxels
@@ -560,7 +561,7 @@ def load_mask(
 
     out = np.zeros(shape, dtype=bool, order="F")
     for src in sources:
-        out |= load_mask_file(src, shape, affine, unoriented=unoriented)[0]
+        out |= load_mask_file(src, shape, affine, unoriented=unoriented, strict=strict)[0]
     return out
 
 

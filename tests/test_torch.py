@@ -639,3 +639,32 @@ def test_write_tumor_mask_into_a_tensor(cases: list) -> None:
     t = torch.zeros(image.shape, dtype=torch.bool)
     assert res.write_tumor_mask(t) is t
     assert np.array_equal(t.numpy(), res.tumor_mask) and res.tumor_mask.any()
+
+
+def test_loader_masks_follow_the_batch_rules(tmp_path: Path) -> None:
+    """The loader reads a case's organ mask as ``synthgen batch`` does: a label map without
+    the organ's id fails naming its values, and a CT without orientation (sform and qform
+    codes 0) takes an oriented mask of its shape voxel for voxel."""
+    from synthgen._samples import SampleMaker
+
+    root = write_dataset(tmp_path / "atlas", "atlas1", 2)
+    seg0 = root / "BDMAP_00000000" / "segmentations" / "liver.nii.gz"
+    m = nib.load(str(seg0))
+    labels = np.asarray(m.dataobj).astype(np.uint8)
+    labels[0, 0, 0] = 5  # a second label: a label map
+    nib.save(nib.Nifti1Image(labels, m.affine), str(seg0))
+    case1 = root / "BDMAP_00000001"
+    ct = nib.load(str(case1 / "ct.nii.gz"))
+    data = np.asarray(ct.dataobj)
+    bare = nib.Nifti1Image(data, None)  # no orientation: sform and qform codes 0
+    bare.header.set_zooms(ct.header.get_zooms())
+    nib.save(bare, str(case1 / "ct.nii.gz"))
+    liver = np.asarray(nib.load(str(case1 / "segmentations" / "liver.nii.gz")).dataobj)
+    flipped = np.diag([*ct.header.get_zooms()[:3], 1.0])  # +x: the fallback affine has -x
+    nib.save(nib.Nifti1Image(liver, flipped), str(case1 / "segmentations" / "liver.nii.gz"))
+    _, found = discover(root, ["liver"])
+    maker = SampleMaker.build(found, "liver")
+    with pytest.raises(ValueError, match=r"several non-zero values \(1, 5\).*--label-id"):
+        maker.sources[0].load()
+    _, label, _ = maker.sources[1].load()
+    assert np.array_equal(label != 0, liver != 0)
