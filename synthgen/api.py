@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .planning import OrganIndex, Plan, make_plan
-from .presets import Preset, load_preset
-from .rendering import RenderResult
+from .planning import OrganIndex, Plan, make_plan, unreadable
+from .presets import Preset, list_presets, load_preset
+from .rendering import RenderResult, readable_job
 from .rendering import render as _render
 from .rendering import render_batch as _render_batch
 
@@ -40,8 +40,12 @@ def synthesize(
 
     Args:
         image: 3-D CT in HU, any numeric dtype (int16 stays int16: rounded and clipped to
-            [-1024, 3071]).
-        organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5).
+            [-1024, 3071]). A NumPy array in non-native byte order (what nibabel gives for
+            ``>i2`` files) is read through a native-order copy; the result image is then in
+            native order, of the same kind and size (``>i2`` gives ``int16``). A float16 image
+            is rendered as its float32 values and the result cast back to float16.
+        organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5; any
+            byte order).
         organ: Organ name (``"liver"``: its default preset), preset name
             (``"liver-classic"``), path to a preset TOML file, or a ``Preset``.
         spacing: Voxel size in mm per array axis (e.g. ``(0.7, 0.7, 5.0)``); read from
@@ -53,7 +57,9 @@ def synthesize(
             GPU, NumPy on the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         out: Render into this caller-owned array, which already holds the image (it may be
             ``image`` itself for in-place use): only the tumors' boxes are touched, no
-            full-volume copy is made.
+            full-volume copy is made. An ``out`` in non-native byte order or of float16 is
+            written correctly too (keeping its dtype and byte order), through a full-volume
+            working copy in native order (float32).
         affine: Optional voxel-to-world affine (spacing, cranio-caudal axis, world mm).
         organ_index: ``synthgen.index_organ(organ_mask)``, computed once for many samples
             from an unchanging mask: the per-sample cost then no longer grows with the scan.
@@ -64,8 +70,8 @@ def synthesize(
         lesion_mask: Optional mask of lesions already in the scan: tumors keep the preset's
             ``gap_mm`` from them.
         label_out: Optional caller-owned label map on the same grid (any integer or float
-            dtype): its tumor voxels are set to ``tumor_label`` in place by the render
-            itself (warped first along with the image by a mass effect).
+            dtype, any byte order): its tumor voxels are set to ``tumor_label`` in place by
+            the render itself (warped first along with the image by a mass effect).
         tumor_label: The value tumor voxels get in ``label_out``.
 
     Returns:
@@ -169,6 +175,14 @@ class Synthesizer:
         tumor_label: int = 2,
     ) -> SynthesisResult:
         """Synthesize one sample (see :func:`synthesize`)."""
+        if any(map(unreadable, (image, organ_mask, out, label_out))):
+            # non-native byte order or float16: read once through native copies, for the
+            # plan and the render alike
+            kw = dict(seed=seed, spacing=spacing, affine=affine, size=size,
+                      organ_index=organ_index, vessel_mask=vessel_mask, lesion_mask=lesion_mask,
+                      tumor_label=tumor_label)  # fmt: skip
+            return readable_job(lambda im, om, o, lab: self(im, om, out=o, label_out=lab, **kw),
+                                image, organ_mask, out, label_out)  # fmt: skip
         plan_image, plan_mask = image, organ_mask
         from ._device import resolve_device
 
@@ -220,6 +234,12 @@ def render(
     is warped along.
     """
     lab = {"label_out": label_out, "tumor_label": tumor_label}
+    if any(map(unreadable, (image, organ_mask, out, label_out))):  # (the warp's too)
+        return readable_job(
+            lambda im, om, o, lb: render(plan, im, om, out=o, device=device, affine=affine,
+                                         label_out=lb, tumor_label=tumor_label),
+            image, organ_mask, out, label_out,
+        )  # fmt: skip
     if not plan.get_preset().mass_effect.enabled:
         return _render(plan, image, organ_mask, out=out, device=device, affine=affine, **lab)
     from .mass_effect import render_plan
@@ -248,6 +268,11 @@ def render_batch(
 
     ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
     labs = label_args(plans, label_outs, tumor_label)  # checked before anything is warped
+    if any(map(unreadable, (*ims, *oms, *os_, *labs))):  # non-native byte order or float16
+        afs = per_plan(len(plans), affines=affines)[0]
+        todo = zip(plans, ims, oms, os_, afs, labs, strict=True)
+        return [render(p, im, om, out=o, device=device, affine=a, label_out=lab,
+                       tumor_label=tumor_label) for p, im, om, o, a, lab in todo]  # fmt: skip
     if any(p.get_preset().mass_effect.enabled for p in plans):
         # images and label maps shared between plans: warp and render in turn, as one by one
         starts = {a for a, _ in sequential_groups(ims, os_)}
@@ -288,6 +313,19 @@ def render_batch(
     for r, p in zip(res, plans, strict=True):
         r.plan = p
     return res
+
+
+def without_mass_effect_hint(preset: Preset) -> str:
+    """What to pass instead of ``preset``, whose mass effect warps channel 0 of a
+    multi-channel image only (the error messages of the training transforms)."""
+    plain = [n for n in list_presets() if (p := load_preset(n)).organ == preset.organ
+             and not p.mass_effect.enabled]  # fmt: skip
+    return (
+        f"pass a preset without it as organ=: synthgen.presets.without_extras({preset.organ!r}, "
+        "keep=('vessels', 'appearance'))"
+        + (f", or {' / '.join(repr(n) for n in plain)}" if plain else "")
+        + ", or the path of a preset file with [mass_effect] enabled = false"
+    )
 
 
 @functools.lru_cache(maxsize=64)

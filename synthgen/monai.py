@@ -24,10 +24,11 @@ the caller's type, dtype and device, MetaTensor metadata kept, with the sample's
 text under ``meta["synthgen_plan"]`` of the image. It is not a lazy transform.
 
 synthgen has a CPU engine only: CPU tensors are read through zero-copy NumPy views (the
-inputs are never modified); CUDA tensors make a host round trip (a one-time warning says so)
-and come back on their device. Inside a DataLoader worker the render uses one thread
-(``synthgen.set_num_threads(1)``, as :mod:`synthgen.torch` does): the workers already use the
-cores.
+inputs are never modified; half precision, bfloat16 or float16 as under AMP, is rendered
+through a float32 copy and the result cast back); CUDA tensors make a host round trip (a
+one-time warning says so) and come back on their device. Inside a DataLoader worker the
+render uses one thread (``synthgen.set_num_threads(1)``, as :mod:`synthgen.torch` does): the
+workers already use the cores.
 
 This module imports ``torch`` and ``monai``; ``import synthgen`` never imports it.
 
@@ -58,9 +59,9 @@ from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
-from .api import Synthesizer
-from .augment import affine_for, check_channels, implant_tumors, organ_mask_of
-from .planning import Plan
+from .api import Synthesizer, without_mass_effect_hint
+from .augment import affine_for, implant_tumors, organ_mask_of
+from .planning import Plan, readable
 from .presets import Preset
 
 __all__ = [
@@ -123,12 +124,12 @@ def _host_view(x: Any, name: str) -> np.ndarray:
             t = t.cpu()
         if t.dtype.is_complex:
             raise ValueError(f"{name} has dtype {t.dtype}; use a real integer or float dtype")
-        if t.dtype == torch.bfloat16:  # no NumPy dtype: work in float32, cast back on output
+        if t.dtype in (torch.bfloat16, torch.float16):  # (AMP): work in float32, cast back
             t = t.float()
         return t.resolve_conj().resolve_neg().numpy()
-    if isinstance(x, np.ndarray):
-        return x
-    return np.asarray(x)
+    # float16 and non-native byte order: float32 / native copies (the engine's kernels take
+    # neither; the output is cast back to the input's dtype)
+    return readable(np.asarray(x))
 
 
 def _affine_of(img: Any, label: Any, spacing: tuple[float, float, float] | None) -> np.ndarray:
@@ -241,7 +242,10 @@ class RandTumorSynthesis(_SeededRandomizable):
 
         Raises:
             ValueError: Bad shapes or dtypes, no affine and no ``spacing``, NaN or inf in
-                the organ.
+                the organ, or an image of several channels with a preset that enables mass
+                effect (it would warp channel 0 and the label only; the channel count is known
+                only from the data: for multi-channel images pass a preset without it, e.g.
+                ``synthgen.presets.without_extras("liver", keep=("vessels", "appearance"))``).
         """
         if randomize:
             self.randomize()
@@ -273,7 +277,13 @@ class RandTumorSynthesis(_SeededRandomizable):
             )
         if img_np.dtype.kind not in "iuf":
             raise ValueError(f"image must be numeric (int or float HU), got dtype {img_np.dtype}")
-        check_channels(self.synthesizer, img_np.shape[0])
+        preset = self.synthesizer.preset
+        if img_np.shape[0] > 1 and preset.mass_effect.enabled:  # (unknown before the data)
+            raise ValueError(
+                f"the image has {img_np.shape[0]} channels, but preset {preset.name!r} enables "
+                "mass effect, which warps channel 0 and the label map only, so the other "
+                f"channels would no longer line up; {without_mass_effect_hint(preset)}"
+            )
         affine = _affine_of(img, label, self.spacing)
         _one_thread_in_worker()
 

@@ -49,8 +49,8 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from .api import Synthesizer
-from .augment import affine_for, check_channels, implant_tumors
+from .api import Synthesizer, without_mass_effect_hint
+from .augment import affine_for, implant_tumors
 from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS, Preset, load_preset
 
 __all__ = [
@@ -197,9 +197,12 @@ class TumorSynthesisTransform(BasicTransform):
     ``-1`` padding is never organ), the result is converted back (and clipped to the
     normalisation window again) and ``tumor_label`` is written on the tumor voxels. Other
     channels, and every voxel the tumors do not touch, are left bit-identical; the input
-    tensors are not modified (new tensors of the same dtype and device are returned). A patch
-    with too little organ (fewer than ``min_organ_voxels``, or too small for the preset's
-    tumors) is returned unchanged.
+    tensors are not modified (new tensors of the same dtype and device are returned; a
+    bfloat16 or float16 patch is worked on in float32 and the changed voxels cast back). A
+    patch with too little organ (fewer than ``min_organ_voxels``, or too small for the
+    preset's tumors) is returned unchanged. Other channels do not show the tumors; with a
+    preset that enables mass effect (which would warp channel 0 and the segmentation only) a
+    patch of several channels is a ``ValueError``.
 
     Wrap it in ``RandomTransform(..., apply_probability=p)`` (see :func:`synthesis_transform`)
     and put it before spatial augmentation, where the patch still has the preprocessed
@@ -284,8 +287,8 @@ class TumorSynthesisTransform(BasicTransform):
             nothing was implanted.
 
         Raises:
-            ValueError: Missing keys, or not a 3-D patch (2-D configurations are not
-                supported).
+            ValueError: Missing keys, not a 3-D patch (2-D configurations are not
+                supported), or several channels with a mass-effect preset.
         """
         image = data_dict.get("image")
         seg = data_dict.get("segmentation")
@@ -300,9 +303,8 @@ class TumorSynthesisTransform(BasicTransform):
                 f"shape, got image {tuple(image.shape)} and segmentation {tuple(seg.shape)} "
                 "(2-D configurations are not supported)"
             )
-        check_channels(self.synthesizer, image.shape[0])
-        img0 = image[0].detach().cpu().numpy()
-        lab0 = seg[0].detach().cpu().numpy()
+        _check_channels(self.synthesizer.preset, image.shape[0])
+        img0, lab0 = _host(image[0]), _host(seg[0])
         hu = self.intensity.to_hu(img0) if self.intensity is not None else img0
         res = implant_tumors(
             hu,
@@ -342,6 +344,24 @@ class TumorSynthesisTransform(BasicTransform):
             f"tumor_label={self.tumor_label}, spacing={self.spacing}, "
             f"intensity={self.intensity!r}, craniocaudal_axis={self.craniocaudal_axis}, "
             f"size={self.size!r}, min_organ_voxels={self.min_organ_voxels})"
+        )
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A patch channel on the host as NumPy; half precision (bfloat16, which NumPy lacks, or
+    float16, as under AMP) as float32: rendered in float32, cast back when written."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
+def _check_channels(preset: Preset, n_channels: int, where: str = "the image has") -> None:
+    """Refuse several channels with a preset whose mass effect would warp channel 0 and the
+    segmentation only (the other channels would no longer line up), saying what to do."""
+    if n_channels > 1 and preset.mass_effect.enabled:
+        raise ValueError(
+            f"{where} {n_channels} channels, but preset {preset.name!r} enables mass effect, "
+            "which warps channel 0 and the segmentation only, so the other channels would no "
+            f"longer line up; {without_mass_effect_hint(preset)}"
         )
 
 
@@ -482,8 +502,11 @@ def synthesis_transform(
 
     Raises:
         ValueError: Unknown configuration, a 2-D configuration, channel 0 not normalised with
-            ``CTNormalization`` (or ``NoNormalization``), missing intensity properties, or an
-            organ / tumor label that ``dataset_json`` does not define.
+            ``CTNormalization`` (or ``NoNormalization``), missing intensity properties, an
+            organ / tumor label that ``dataset_json`` does not define, or several
+            ``channel_names`` with a preset that enables mass effect (it would warp channel 0
+            and the segmentation only: pass a preset without it, e.g.
+            ``synthgen.presets.without_extras("liver", keep=("vessels", "appearance"))``).
     """
     p = float(probability)
     if not 0.0 <= p <= 1.0:
@@ -529,6 +552,9 @@ def synthesis_transform(
                     f"dataset_json labels ({', '.join(labels)}) have no label for organ "
                     f"{preset.organ!r} (looked for {', '.join(names)}); pass organ_labels="
                 )
+    channels = dataset_json.get("channel_names")
+    if isinstance(channels, Mapping):  # known now: fail here, not in every augmentation worker
+        _check_channels(preset, len(channels), "dataset_json channel_names lists")
     step = TumorSynthesisTransform(
         preset,
         organ_labels,

@@ -393,11 +393,31 @@ def check_arrays(image: Any, organ_mask: Any) -> None:
         raise ValueError(f"image must be numeric (int or float HU), got dtype {image.dtype}")
 
 
+def unreadable(a: Any) -> bool:
+    """Whether ``a`` is a NumPy array the compiled kernels cannot take as it is: one in
+    non-native byte order (nibabel's ``>i2``, ``>f4``...) or of half precision (float16)."""
+    if not isinstance(a, np.ndarray):
+        return False
+    dt = a.dtype
+    return not dt.isnative or (dt.kind == "f" and dt.itemsize == 2)
+
+
+def readable(a: Any) -> Any:
+    """``a`` as the compiled kernels take it: a NumPy array in non-native byte order as a
+    native-order copy (same values, same kind and size), a float16 array as a float32 copy
+    (exact); anything else (native arrays, device arrays, tensors) as it is."""
+    if not unreadable(a):
+        return a
+    dt = a.dtype
+    return np.asarray(a, dtype=np.float32 if dt.kind == "f" and dt.itemsize == 2 else
+                      dt.newbyteorder("="))  # fmt: skip
+
+
 def organ_bbox(organ_mask: np.ndarray) -> tuple[tuple[slice, slice, slice], int]:
     """Bounding box (slices) and voxel count of ``organ_mask > 0.5``; ValueError if empty."""
     from ._cpu_kernels import bbox
 
-    lo0, hi0, lo1, hi1, lo2, hi2, count = bbox(organ_mask)
+    lo0, hi0, lo1, hi1, lo2, hi2, count = bbox(readable(organ_mask))  # (any byte order)
     if count == 0:
         raise ValueError("organ mask is empty (no voxel > 0.5): nothing to implant a tumor in")
     return (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1)), int(count)
@@ -659,8 +679,11 @@ def make_plan(
     box plus the clearance is read from the masks.
 
     Args:
-        image: 3-D CT in HU (any numeric dtype; any array exposing ``shape``/indexing).
-        organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5).
+        image: 3-D CT in HU (any numeric dtype; any array exposing ``shape``/indexing). A
+            NumPy array in non-native byte order (nibabel's ``>i2``) or of float16 is read
+            through a native-order (float32) copy: the plan is the native array's.
+        organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5; any
+            byte order).
         organ: Organ name (its default preset), preset name, preset file path or
             :class:`~synthgen.presets.Preset`.
         seed: Seed of this sample (any non-negative int); nothing global is used.
@@ -689,6 +712,9 @@ def make_plan(
     """
     preset = load_preset(organ)
     check_arrays(image, organ_mask)
+    # non-native byte order and float16: read through native (float32) copies
+    image, organ_mask = readable(image), readable(organ_mask)
+    vessel_mask, lesion_mask = readable(vessel_mask), readable(lesion_mask)
     sp = resolve_spacing(spacing, affine)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")

@@ -28,7 +28,7 @@ from ._geometry import prefilter
 from ._pool import map_threads as _map
 from ._pool import set_num_threads
 from ._texture import texture_grid
-from .planning import Plan, TumorPlan, _binary, check_arrays, float64s
+from .planning import Plan, TumorPlan, _binary, check_arrays, float64s, readable, unreadable
 
 __all__ = [
     "HU_MAX",
@@ -582,6 +582,46 @@ def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
             raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
 
 
+def readable_job(fn, image: Any, organ_mask: Any, out: Any, label_out: Any = None) -> RenderResult:
+    """``fn(image, organ_mask, out, label_out)`` (a render) on arrays the compiled kernels
+    take, its result given back as for the caller's arrays.
+
+    A NumPy image or organ mask in non-native byte order is read through a native-order
+    copy, a float16 one through a float32 copy (:func:`synthgen.planning.readable`). Without
+    ``out`` the render goes into that copy of the image: the result image is in native byte
+    order (``>i2`` gives ``int16``), float16 for a float16 image (the float32 render, cast).
+    An ``out`` (or ``label_out``) in non-native byte order or of float16 is rendered through
+    such a working copy of the whole volume and written back in full, in its own dtype and
+    byte order: correct, but not the boxes-only in-place render of a native one. Arrays the
+    kernels take as they are go to ``fn`` untouched.
+    """
+    im, om = readable(image), readable(organ_mask)
+    work, lab = readable(out), readable(label_out)
+    if im is image and om is organ_mask and work is out and lab is label_out:
+        return fn(image, organ_mask, out, label_out)
+    if out is not None and isinstance(out, np.ndarray) and isinstance(image, np.ndarray):
+        if out.shape != image.shape:
+            raise ValueError("out must be a NumPy array with the image's shape")
+        if out.dtype.newbyteorder("=") != image.dtype.newbyteorder("="):
+            raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
+    if out is None and im is not image:
+        work = im  # a fresh copy: render into it
+    elif out is image:
+        im = work  # in place: the working copy holds the image
+    res = fn(im, om, work, lab)
+    if lab is not label_out:
+        label_out[...] = lab
+    if out is not None:
+        if work is not out:
+            out[...] = work  # back into the caller's dtype and byte order
+        res.image = out
+    elif isinstance(image, np.ndarray) and image.dtype.kind == "f" and image.dtype.itemsize == 2:
+        res.image = res.image.astype(np.float16)
+    if res.organ_mask is om and om is not organ_mask:
+        res.organ_mask = organ_mask
+    return res
+
+
 def label_arg(label_out: Any, shape: Sequence[int], tumor_label: Any) -> Any:
     """A ``label_out`` argument, checked: ``ValueError`` unless it can receive
     ``tumor_label`` on the grid ``shape`` (an array of that shape, of an integer or float
@@ -771,7 +811,8 @@ def render_batch(
             the image itself); ``None``: a copy per plan. Plans may share an output (e.g.
             several plans into one scan): the result is that of rendering them one after
             another, in order, on every backend (on a GPU such plans go to separate runs of
-            launches).
+            launches). NumPy images, masks or outputs in non-native byte order or of float16
+            are taken as :func:`render` takes them, the plans then rendered one by one.
         device: As for :func:`render`.
         affines: Optional affine per plan (world-mm centres in the records).
         stream: GPU stream to work on.
@@ -793,10 +834,12 @@ def render_batch(
     from ._device import resolve_device
 
     where = resolve_device(device, *images, *organ_masks, *[o for o in outs if o is not None])
-    if where.kind == "cpu":
+    if where.kind == "cpu" or any(map(unreadable, (*images, *organ_masks, *outs, *label_outs))):
+        # (host arrays in non-native byte order or float16: plan by plan, see render)
         todo = zip(plans, images, organ_masks, outs, affines, label_outs, strict=True)
+        dev = "cpu" if where.kind == "cpu" else device
         return [
-            render(p, im, om, out=o, device="cpu", affine=a, label_out=lab, tumor_label=tumor_label)
+            render(p, im, om, out=o, device=dev, affine=a, label_out=lab, tumor_label=tumor_label)
             for p, im, om, o, a, lab in todo
         ]
     from ._cuda import render_on_gpu
@@ -839,11 +882,17 @@ def render(
 
     Args:
         plan: The plan (from :func:`synthgen.plan` or :meth:`Plan.from_json`).
-        image: The CT (HU) the plan was made for; never modified unless it is ``out``.
-        organ_mask: Organ mask on the same grid (bool or numbers binarised at > 0.5).
+        image: The CT (HU) the plan was made for; never modified unless it is ``out``. A
+            NumPy array in non-native byte order (nibabel's ``>i2``) is read through a
+            native-order copy and the result image is in native order (``int16``); a float16
+            one is rendered as its float32 values and the result cast back to float16 (see
+            :func:`readable_job`).
+        organ_mask: Organ mask on the same grid (bool or numbers binarised at > 0.5; any byte
+            order).
         out: Caller-owned array of the image's shape and dtype that already holds the image
             (it may be ``image`` itself): only the tumors' boxes are read and written.
-            Without it a copy of ``image`` is made and returned.
+            Without it a copy of ``image`` is made and returned. An ``out`` in non-native byte
+            order or of float16 is written correctly, through a full-volume working copy.
         device: ``"auto"`` follows the data (CuPy arrays and torch CUDA tensors render on
             their GPU, in place through DLPack; NumPy arrays on the CPU), ``"cpu"``,
             ``"cuda"`` or ``"cuda:N"`` (NumPy data then stays on the host and only the
@@ -865,6 +914,10 @@ def render(
     from ._device import resolve_device
 
     label_out = label_arg(label_out, plan.shape, tumor_label)
+    if any(map(unreadable, (image, organ_mask, out, label_out))):
+        kw = dict(device=device, affine=affine, tumor_label=tumor_label)
+        return readable_job(lambda im, om, o, lab: render(plan, im, om, out=o, label_out=lab, **kw),
+                            image, organ_mask, out, label_out)  # fmt: skip
     where = resolve_device(device, image, organ_mask, *([out] if out is not None else []))
     if where.kind == "cuda":
         from ._cuda import render_on_gpu

@@ -521,6 +521,64 @@ def test_mask_dtypes_are_binarised(small_phantom, masks):
         assert res.label.tobytes() == ref.label.tobytes()
 
 
+@pytest.mark.parametrize("preset", ["liver", "liver-classic"])  # with and without mass effect
+def test_non_native_byte_order_reads_as_native(small_phantom, masks, preset):
+    """Big-endian arrays (what nibabel gives for ``>i2`` files) plan and render as their
+    native twins: same plan, same values; the result image is in native byte order."""
+    img, m = small_phantom.image, masks["liver"]
+    ref = _synth(small_phantom, m, preset, 5, "large")
+    ref32 = _synth(small_phantom, m, preset, 5, "large", image=img.astype(np.float32))
+    cases = [(img.astype(">i2"), m, ref), (img.astype(">f4"), m, ref32),
+             (img, m.astype(">u2"), ref), (img, m.astype(">f4"), ref)]  # fmt: skip
+    for image, mask, want in cases:
+        res = _synth(small_phantom, mask, preset, 5, "large", image=image)
+        assert res.plan.to_json() == want.plan.to_json()
+        assert res.image.dtype == want.image.dtype  # native order, same kind and size
+        assert res.image.tobytes() == want.image.tobytes()
+        assert res.label.tobytes() == want.label.tobytes()
+        assert res.tumors == want.tumors
+        plan = synthgen.plan(image, mask, organ=preset, spacing=small_phantom.spacing, seed=5,
+                             size="large", organ_index=synthgen.index_organ(mask))  # fmt: skip
+        assert plan.to_json() == want.plan.to_json()
+        again = synthgen.render(plan, image, mask)
+        assert again.image.tobytes() == want.image.tobytes()
+    # a big-endian out (in place, or a separate buffer) is written correctly, in its own order
+    for same in (True, False):
+        out = img.astype(">i2")
+        res = _synth(small_phantom, m, preset, 5, "large", image=out if same else img, out=out)
+        assert res.image is out and out.dtype.str == ">i2"
+        np.testing.assert_array_equal(out, ref.image)
+    # so is a big-endian label map
+    lab, lab_ref = m.astype(">u2"), m.astype(np.uint16)
+    _synth(small_phantom, m, preset, 5, "large", label_out=lab)
+    _synth(small_phantom, m, preset, 5, "large", label_out=lab_ref)
+    assert lab.dtype.str == ">u2" and (lab == 2).any()
+    np.testing.assert_array_equal(lab, lab_ref)
+    # and a batch
+    res = synthgen.render_batch([ref.plan, ref.plan], [img.astype(">i2"), img], m.astype(">u2"))
+    assert [r.image.tobytes() for r in res] == [ref.image.tobytes()] * 2
+
+
+@pytest.mark.parametrize("preset", ["liver", "liver-classic"])
+def test_float16_renders_through_float32(small_phantom, masks, preset):
+    """A float16 image plans and renders as its float32 values, the result cast back."""
+    m = masks["liver"]
+    f16 = small_phantom.image.astype(np.float16)
+    ref = _synth(small_phantom, m, preset, 5, "large", image=f16.astype(np.float32))
+    res = _synth(small_phantom, m, preset, 5, "large", image=f16)
+    assert res.plan.to_json() == ref.plan.to_json()
+    assert res.image.dtype == np.float16
+    assert res.image.tobytes() == ref.image.astype(np.float16).tobytes()
+    assert res.label.tobytes() == ref.label.tobytes()
+    assert (res.image != f16).any()
+    out = f16.copy()  # in place
+    res = _synth(small_phantom, m, preset, 5, "large", image=out, out=out)
+    assert res.image is out and out.dtype == np.float16
+    assert out.tobytes() == ref.image.astype(np.float16).tobytes()
+    with pytest.raises(ValueError, match="out has dtype float32, image has float16"):
+        _synth(small_phantom, m, preset, 5, "large", image=f16, out=f16.astype(np.float32))
+
+
 # ---------------------------------------------------------------------------- labels, records
 
 

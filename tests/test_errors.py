@@ -200,6 +200,17 @@ def test_render_bad_out(scan) -> None:
         synthgen.render(plan, img, m, out=img.astype(np.float32))
     with pytest.raises(ValueError, match="out must be a NumPy array with the image's shape"):
         synthgen.render(plan, img, m, out=np.zeros((3, 3, 3), np.int16))
+    # big-endian or float16 arrays name the caller's dtypes, nothing is written
+    for image, out in ((img.astype(">i2"), img.astype(np.float32)), (img, img.astype(">f4")),
+                       (img.astype(np.float16), img.astype(">i2"))):  # fmt: skip
+        before = out.copy()
+        with pytest.raises(ValueError, match=f"out has dtype {out.dtype}, image has {image.dtype}"):
+            synthgen.render(plan, image, m, out=out)
+        with pytest.raises(ValueError, match=f"out has dtype {out.dtype}, image has {image.dtype}"):
+            _synth(image, m, out=out)
+        assert out.tobytes() == before.tobytes()
+    with pytest.raises(ValueError, match="out must be a NumPy array with the image's shape"):
+        synthgen.render(plan, img.astype(">i2"), m, out=np.zeros((3, 3, 3), ">i2"))
 
 
 def test_unknown_device(scan) -> None:

@@ -148,7 +148,8 @@ def test_float32_and_multichannel_image(scan):
     image, label, _ = scan
     img = np.concatenate([image, image]).astype(np.float32)  # (2, X, Y, Z)
     lab = label.astype(np.float32)
-    with pytest.raises(ValueError, match="2 channels"):  # mass effect: channel 0 only
+    # mass effect warps channel 0 only: refused, saying what to pass instead
+    with pytest.raises(ValueError, match=r"2 channels.*without_extras\('liver'.*'liver-classic'"):
         RandTumorSynthesis("liver", spacing=SPACING).set_random_state(seed=5)(img, lab)
     t = RandTumorSynthesis(PLAIN, spacing=SPACING).set_random_state(seed=5)
     img_out, lab_out = t(img, lab)
@@ -157,6 +158,51 @@ def test_float32_and_multichannel_image(scan):
     assert np.any(img_out[0] != img[0])
     np.testing.assert_array_equal(img_out[1], img[1])
     assert set(np.unique(lab_out)) == {0.0, 1.0, 2.0}
+
+
+@pytest.mark.parametrize(
+    ("form", "dtype"),
+    [(f, d) for f in ("tensor", "metatensor") for d in ("bfloat16", "float16")]
+    + [("numpy", "float16")],  # (NumPy has no bfloat16)
+)
+def test_half_precision_renders_through_float32(scan, form, dtype):
+    """bfloat16 / float16 images (AMP) give the float32 image's result, cast back."""
+    image, label, affine = scan
+    tdt = getattr(torch, dtype)
+    half = torch.from_numpy(image.astype(np.float32)).to(tdt)
+    full = half.float()
+    if form == "metatensor":
+        half, full = (MetaTensor(x, affine=torch.from_numpy(affine.copy())) for x in (half, full))
+    elif form == "numpy":
+        half, full = half.numpy(), full.numpy()
+    outs = []
+    for img in (full, half):
+        t = RandTumorSynthesisd(keys=("image", "label"), organ="liver", spacing=SPACING)
+        t.set_random_state(seed=4)
+        kind = {"tensor": "torch"}.get(form, form)
+        outs.append(t({"image": img, "label": _as(kind, label, affine)}))
+    ref, out = outs
+    assert out["image"].dtype == half.dtype
+    assert (_np(out["label"]) == 2).any()
+    if form == "numpy":
+        assert out["image"].tobytes() == ref["image"].astype(np.float16).tobytes()
+    else:
+        assert torch.equal(out["image"].as_tensor() if form == "metatensor" else out["image"],
+                           torch.as_tensor(ref["image"]).to(tdt))  # fmt: skip
+    np.testing.assert_array_equal(_np(out["label"]), _np(ref["label"]))
+
+
+def test_non_native_byte_order_numpy_input(scan):
+    """Big-endian NumPy input (nibabel's >i2) gives the native input's result."""
+    image, label, _ = scan
+    outs = []
+    for img, lab in ((image, label), (image.astype(">i2"), label.astype(">u2"))):
+        t = RandTumorSynthesis("liver", spacing=SPACING).set_random_state(seed=4)
+        outs.append(t(img, lab))
+    (ref_i, ref_l), (out_i, out_l) = outs
+    assert (_np(ref_l) == 2).any()
+    np.testing.assert_array_equal(_np(out_i), _np(ref_i))
+    np.testing.assert_array_equal(_np(out_l), _np(ref_l))
 
 
 def test_several_organ_ids(scan):

@@ -261,6 +261,50 @@ def test_transform_on_normalised_patch(patch_hu):
     assert torch.equal(out2["segmentation"][1], seg_in[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_transform_half_precision_patch_renders_through_float32(patch_hu, dtype):
+    """A bfloat16 / float16 patch (AMP) gives the float32 patch's result, cast back."""
+    img, lab = patch_hu
+    half = _data(CT.from_hu(img), lab)
+    half["image"] = half["image"].to(dtype)
+    full = {"image": half["image"].float(), "segmentation": half["segmentation"].clone()}
+    t = _liver_transform(intensity=CT)
+    torch.manual_seed(3)
+    ref = t(**full)
+    torch.manual_seed(3)
+    out = t(**half)
+    assert out["image"].dtype == dtype
+    assert (out["segmentation"][0] == 2).any()
+    assert torch.equal(out["image"], ref["image"].to(dtype))
+    assert torch.equal(out["segmentation"], ref["segmentation"])
+
+
+def test_several_channels_with_mass_effect_fail_at_construction(patch_hu):
+    """dataset.json names two channels: a preset with mass effect (it would warp channel 0
+    only) is refused when the transform is built, saying what to pass instead; a preset
+    without it implants into channel 0 and leaves channel 1 bit-identical."""
+    two = {**DATASET_JSON, "channel_names": {"0": "CT", "1": "PET"}}
+    with pytest.raises(ValueError, match=r"channel_names lists 2 channels.*'liver' enables "
+                       r"mass effect.*without_extras\('liver'.*'liver-classic'"):  # fmt: skip
+        synthesis_transform(_plans(), two, "3d_fullres", "liver")
+    assert synthesis_transform(_plans(), DATASET_JSON, "3d_fullres", "liver")  # one channel
+    plain = without_extras("liver", keep=("vessels", "appearance"))
+    assert synthesis_transform(_plans(), two, "3d_fullres", plain).transform.organ == plain.name
+    t = TumorSynthesisTransform(plain, [1], 2, SPACING_ZYX)  # (the patch's spacing, HU)
+    img, lab = patch_hu
+    data = _data(img, lab)
+    pet = torch.rand(data["image"].shape[1:])
+    data["image"] = torch.cat([data["image"], pet[None]])
+    torch.manual_seed(0)
+    out = t(**data)
+    assert (out["segmentation"][0] == 2).any()
+    assert not torch.equal(out["image"][0], data["image"][0])
+    assert torch.equal(out["image"][1], pet)
+    # built by hand (no channel names), the patch is refused, with the same advice
+    with pytest.raises(ValueError, match=r"image has 2 channels.*without_extras\('liver'"):
+        TumorSynthesisTransform("liver", [1], 2, SPACING_ZYX)(**data)
+
+
 def test_transform_reclips_to_the_window(patch_hu):
     # A window whose lower clip (70 HU) lies above the darkest tumors: nnU-Net would have
     # clipped those HU, so the written values are clipped again.
