@@ -88,7 +88,7 @@ class CaseSource:
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image, label, affine)`` as arrays on one grid (files are read each call)."""
         from .io import load_nifti
-        from .layouts import AbsentLabelError, Case, _unoriented, load_mask
+        from .layouts import AbsentLabelError, Case, _unoriented, load_mask, load_mask_file
 
         unoriented = False
         if isinstance(self.image, (str, Path)):
@@ -102,11 +102,16 @@ class CaseSource:
             case, organ = self.label, self.organ
             if organ not in case.organs:
                 raise ValueError(f"case {self.case_id}: {case.missing.get(organ, 'no mask')}")
-            try:  # (a label map given without the organ's id fails, as in a batch)
-                label = load_mask(case.organs[organ], image.shape, affine, strict=True,
-                                  unoriented=unoriented).view(np.uint8)  # fmt: skip
-            except AbsentLabelError:  # the organ's id is absent: no organ, no tumors
-                label = np.zeros(image.shape, dtype=np.uint8, order="F")
+            # as in a batch: a label map given without the organ's id fails; a file without
+            # the organ's id adds nothing (none of them: no organ, samples without tumors)
+            region = np.zeros(image.shape, dtype=bool, order="F")
+            for src in case.organs[organ]:
+                try:
+                    region |= load_mask_file(src, image.shape, affine, strict=True,
+                                             unoriented=unoriented)[0]  # fmt: skip
+                except AbsentLabelError:
+                    continue
+            label = region.view(np.uint8)
             if case.lesions.get(organ):
                 les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
                 label = label.copy()

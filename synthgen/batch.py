@@ -836,18 +836,27 @@ def _check_ids(cases: Sequence[Case], previous, out: Path, version: str | None) 
         except OSError:  # gone or unreadable: cannot be told
             return None
 
-    hits = [(sorted(sids), ct, c) for ct, sids in sorted(orphans.items()) if (c := now(ct))]
+    # (a case that has done samples under its own id kept its id: an orphan of the same
+    # bytes is another scan of the dataset, e.g. a duplicate removed since, not a renaming)
+    done_ids = {r.get("case") for r in previous.values() if r.get("status") == "done"}
+    hits = [
+        (sorted(sids), ct, c)
+        for ct, sids in sorted(orphans.items())
+        if (c := now(ct)) is not None and c.case_id not in done_ids
+    ]
     if hits:
+        from . import __version__
+
         sids, ct, case = hits[0]
         old = previous[sids[0]].get("case")
-        made = f"synthgen {version}" if version else "the synthgen version"
+        made = f"synthgen {version}" if version and version != __version__ else None
         raise ValueError(
             f"{out} holds {sum(len(h[0]) for h in hits)} samples of case ids that no case has "
             f"now, made from the CT files of cases that have other ids now (e.g. {sids[0]} of "
             f"case {old} from {ct}, which is case {case.case_id} now): the case ids changed "
             "(this synthgen tells apart CT files of one name in a CSV by their folders), and "
-            f"going on would make those scans twice; use another --out (or {made} that made "
-            "it)"
+            "going on would make those scans twice; use another --out"
+            + (f" (or {made}, which made it)" if made else "")
         )
 
 

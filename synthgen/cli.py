@@ -290,10 +290,11 @@ def synth(
     organ: Annotated[str, typer.Option("--organ", help="Organ: " + ", ".join(DEMO_ORGANS))],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     label_id: Annotated[
-        int | None,
+        str | None,
         typer.Option(
             "--label-id",
-            help="Organ id in a label map (without it the mask must be binary: > 0.5).",
+            help="Organ id(s) in a label map, e.g. 6, or 1,2 for an organ and its tumors "
+            "(without it the mask must be binary: > 0.5).",
         ),
     ] = None,
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples to write.")] = 1,
@@ -331,6 +332,14 @@ def synth(
     organs = _organ_list(organ)
     if len(organs) != 1:
         raise typer.BadParameter("synth takes one organ; use batch with a CSV for several")
+    ids = None
+    if label_id is not None:
+        try:
+            ids = tuple(int(x) for x in label_id.replace(";", ",").split(",") if x.strip())
+        except ValueError:
+            ids = ()
+        if not ids:
+            raise typer.BadParameter(f"--label-id {label_id!r}: give integer ids, e.g. 6 or 1,2")
     dev = _check_device(device)
     presets = _preset_map([preset] if preset else None, organs)
     name = _stem(ct) if ct.name.endswith((".nii", ".nii.gz")) else ct.stem
@@ -339,7 +348,7 @@ def synth(
     case = Case(
         name,
         ct,
-        {organs[0]: (MaskSource(mask, None if label_id is None else (label_id,)),)},
+        {organs[0]: (MaskSource(mask, ids),)},
     )
     try:
         opts = BatchOptions(

@@ -525,8 +525,8 @@ def _check_binary(path: Path, data: np.ndarray, m: np.ndarray) -> None:
     if several:
         raise ValueError(
             f"{path}: holds several non-zero values ({_some_values(data)}): a label map, "
-            "not a binary mask; name the organ's id with --label-id (a CSV: its label_id "
-            "column)"
+            "not a binary mask; name the organ's id(s) with --label-id (e.g. 1,2 for an organ "
+            "and its tumor label; a CSV: its label_id column, e.g. 1;2)"
         )
 
 

@@ -967,12 +967,41 @@ def test_resume_refuses_an_out_made_with_the_previous_csv_ids(tmp_path) -> None:
         assert flat(f"(e.g. ct_s000 of case ct from {c1}, which is case c1_ct now)") in flat(
             res.output
         )
-        assert flat("use another --out (or synthgen") in flat(res.output)
+        assert flat("use another --out") in flat(res.output)
+        assert "(or synthgen" not in res.output  # (made by this version: no other to name)
     assert (out / "manifest.jsonl").read_bytes() == manifest
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["c2_ct_s000", "ct_s000"]
     # a sample of a case that is no longer in the dataset (its CT none of the cases') is kept
     todo, total, done = prepare(cases[1:], opts, out, resume=True)
     assert (todo, total, done) == ([], 1, 1)
+
+
+def test_resume_keeps_samples_of_a_duplicate_scan_left_out_since(tmp_path) -> None:
+    """Two CSV rows of byte-identical scans (a/ct_a, b/ct_b), both done; then a CSV with b
+    only: a's samples are another scan's (b kept its id and its samples), not a renaming, so
+    the resume goes on."""
+    import shutil as sh
+
+    root = tmp_path / "data"
+    ph = phantom(1)
+    for k in ("a", "b"):
+        save(root / k / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
+    save(root / "a" / "ct_a.nii.gz", ph.image, ph.affine)
+    sh.copyfile(root / "a" / "ct_a.nii.gz", root / "b" / "ct_b.nii.gz")
+    sheet = root / "cases.csv"
+    sheet.write_text("a/ct_a.nii.gz,a/liver.nii.gz,liver\nb/ct_b.nii.gz,b/liver.nii.gz,liver\n")
+    out = tmp_path / "out"
+    args = ("batch", sheet, "--out", out, "--organ", "liver", "--no-mass-effect")
+    cli(*args)
+    sheet.write_text("b/ct_b.nii.gz,b/liver.nii.gz,liver\n")
+    cli(*args, "--resume")
+    # a renaming (b's samples under another id, b's own id with none) is still refused
+    manifest = out / "manifest.jsonl"
+    lines = [ln for ln in manifest.read_text().splitlines() if json.loads(ln)["case"] != "ct_b"]
+    assert len(lines) == 1
+    manifest.write_text("\n".join(lines) + "\n")
+    res = cli(*args, "--resume", code=2)
+    assert flat("the case ids changed") in flat(res.output)
 
 
 def test_csv_ids_do_not_depend_on_where_the_dataset_is(tmp_path) -> None:
@@ -1155,6 +1184,25 @@ def test_synth_label_map_without_label_id_fails_naming_its_values(scan_files, tm
     cli("batch", sheet, "--out", tmp_path / "csv1", "--organ", "liver", "--no-mass-effect")
     seg = arr(tmp_path / "csv1" / "scan_s000" / "segmentations" / "liver.nii.gz") > 0
     np.testing.assert_array_equal(seg, ph.mask("liver"))
+
+
+def test_synth_label_id_takes_several_ids(scan_files, tmp_path) -> None:
+    """An organ and its tumor label (LiTS: liver 1, tumor 2) picked together with
+    --label-id 1,2; ids that are not integers are refused."""
+    ph, ct, _, _ = scan_files
+    lab = label_map(ph, {"liver": 1})
+    liver = ph.mask("liver")
+    idx = np.argwhere(liver)
+    lab[tuple(idx[len(idx) // 2])] = 2  # a voxel of existing tumor inside the liver
+    labels = save(tmp_path / "lits.nii.gz", lab, ph.affine)
+    out = tmp_path / "out"
+    cli("synth", ct, "--mask", labels, "--label-id", "1,2", "--organ", "liver", "--out", out,
+        "--no-mass-effect")  # fmt: skip
+    seg = arr(out / "scan_s000" / "segmentations" / "liver.nii.gz") > 0
+    np.testing.assert_array_equal(seg, liver)
+    res = cli("synth", ct, "--mask", labels, "--label-id", "x", "--organ", "liver", "--out",
+              tmp_path / "bad", code=2)  # fmt: skip
+    assert flat("give integer ids") in flat(res.output)
 
 
 def _scaled(data: np.ndarray, affine: np.ndarray, slope: float) -> nib.Nifti1Image:

@@ -668,3 +668,23 @@ def test_loader_masks_follow_the_batch_rules(tmp_path: Path) -> None:
         maker.sources[0].load()
     _, label, _ = maker.sources[1].load()
     assert np.array_equal(label != 0, liver != 0)
+
+
+def test_loader_organ_from_the_rows_that_hold_its_ids(tmp_path: Path) -> None:
+    """A kidney given by two CSV rows of one label map (ids 2 and 3) where id 2 is absent (a
+    nephrectomy): the loader's organ is id 3's voxels, as the batch's, not nothing."""
+    from synthgen._samples import SampleMaker
+
+    root = write_dataset(tmp_path / "atlas", "atlas1", 1)
+    case = root / "BDMAP_00000000"
+    m = nib.load(str(case / "segmentations" / "liver.nii.gz"))
+    liver = np.asarray(m.dataobj) != 0
+    lab = np.where(liver, 3, 0).astype(np.uint8)  # (the liver standing in for a kidney)
+    nib.save(nib.Nifti1Image(lab, m.affine), str(case / "labels.nii.gz"))
+    sheet = tmp_path / "cases.csv"
+    ct, labels = case / "ct.nii.gz", case / "labels.nii.gz"
+    sheet.write_text(f"ct,mask,organ,label_id\n{ct},{labels},kidney,2\n{ct},{labels},kidney,3\n")
+    _, found = discover(sheet, ["kidney"])
+    (src,) = SampleMaker.build(found, "kidney").sources
+    _, label, _ = src.load()
+    assert np.array_equal(label != 0, liver)
