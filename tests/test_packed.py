@@ -130,33 +130,32 @@ def test_device_reads_run_with_the_data_s_gpu_current(small_phantom):
     those writes."""
     import synthgen
 
-    class Device:
-        depth = 0
+    class Depth:
+        """A context manager counting how deep it is entered."""
+
+        def __init__(self) -> None:
+            self.depth = 0
 
         def __enter__(self):
-            Device.depth += 1
+            self.depth += 1
 
         def __exit__(self, *exc):
-            Device.depth -= 1
+            self.depth -= 1
 
-    class Stream(Device):
-        depth = 0
-
-        def __enter__(self):
-            Stream.depth += 1
-
-        def __exit__(self, *exc):
-            Stream.depth -= 1
+    device, stream = Depth(), Depth()
 
     class OnDevice(NumpyDevice):
-        device = Device()
         outside = 0
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.device = device
+
         def stream_for(self, arrays):
-            return Stream()
+            return stream
 
         def download(self, dev):
-            OnDevice.outside += Device.depth == 0 or Stream.depth == 0
+            OnDevice.outside += device.depth == 0 or stream.depth == 0
             return super().download(dev)
 
     be = OnDevice()
@@ -167,7 +166,7 @@ def test_device_reads_run_with_the_data_s_gpu_current(small_phantom):
         synthgen.plan(img_v, mask_v, organ=preset, seed=2, spacing=ph.spacing, organ_index=idx)
     assert be.copies > 3 and OnDevice.outside == 0
     np.asarray(img_v)
-    assert OnDevice.outside == 0 and Device.depth == Stream.depth == 0
+    assert OnDevice.outside == 0 and device.depth == stream.depth == 0
 
 
 @pytest.mark.gpu
