@@ -28,10 +28,12 @@ def find_libnvrtcs() -> dict[str, str]:
         pats.append(str(Path(home) / "lib64" / "libnvrtc.so*"))
     found: dict[str, str] = {}
     for pat in pats:
-        for path in sorted(glob.glob(pat)):
-            m = re.search(r"libnvrtc\.so\.(\d+)", path)
-            if "builtins" not in path and ".alt." not in path and m:
-                found.setdefault(f"nvrtc{m[1]}", path)
+        paths = [p for p in sorted(glob.glob(pat)) if "builtins" not in p and ".alt." not in p]
+        versioned = [(m[1], p) for p in paths if (m := re.search(r"libnvrtc\.so\.(\d+)", p))]
+        for major, path in versioned:
+            found.setdefault(f"nvrtc{major}", path)
+        if paths and not versioned:  # (a bare libnvrtc.so, of an unknown version)
+            found.setdefault("nvrtc", paths[0])
     return dict(sorted(found.items()))
 
 
