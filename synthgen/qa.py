@@ -18,8 +18,11 @@ gives the intended values):
 * **voxels**, **volume_mm3** = voxels x |det(affine[:3, :3])|, **diameter_mm** (equivalent
   sphere diameter) = ``(6 V / pi) ** (1/3)``, **mean_hu**: mean CT value over the tumor.
 * **organ_median_hu**: median CT value of organ voxels that are not tumor (any organ's lesion
-  mask) within the tumor's bounding box grown by ``margin_mm`` (15 mm) per side; the whole
-  organ (minus tumors) when that box holds fewer than 20 such voxels.
+  mask) in a shell around the tumor, 3 to 8 mm out (face-connected dilation steps of the
+  finest voxel size, at least 2 to 3 steps): past the tumor's blur and halo, near enough to
+  be the tissue it replaced. When the shell holds fewer than 20 such voxels: within the
+  tumor's bounding box grown by ``margin_mm`` (15 mm) per side; else the whole organ (minus
+  tumors). **organ_half_iqr_hu**: half the interquartile range of those voxels.
 * **contrast_hu** = organ_median_hu - mean_hu (positive: hypodense).
 * **halo_ratio** = (organ_median_hu - mean HU of the ring) / contrast_hu, where the ring is the
   voxels 1 or 2 face-connected dilation steps outside the tumor that are organ and not tumor;
@@ -37,7 +40,9 @@ Intended ranges (from the preset recorded in each organ's plan):
   classes. ``diameter_in_class_range`` uses the tumor's own class (from the matched
   ``tumors.json`` record) instead, null when unmatched.
 * **contrast_in_range** (absolute and relative presets alike): ``|contrast_hu - ref| <=
-  max(0.25 |ref|, 10 HU)`` where ``ref`` is the matched record's ``mean_contrast_hu`` (the
+  max(0.25 |ref|, 10 HU, organ_half_iqr_hu)`` (the last: a reference of mixed tissue, such as
+  renal cortex and medulla, is only that precise) where ``ref`` is the matched record's
+  ``mean_contrast_hu`` (the
   renderer's mean intensity drop over that tumor, i.e. what the plan's ``D`` produced after
   texture and blur; the plan's ``contrast_hu`` when the record lacks it); null when unmatched,
   and for hollow-organ wall tumors, whose recorded drop is against what they replaced (mostly
@@ -73,6 +78,7 @@ GAS_HU = -200.0
 WALL_HU = (-150.0, 300.0)  # a hollow organ's wall: soft tissue, not its lumen's gas
 _MARGIN_MM = 15.0
 _MIN_REF_VOXELS = 20
+_SHELL_MM = (3.0, 8.0)  # the reference shell around a tumor: past its blur and halo
 _WINDOW = (40.0, 400.0)
 # quantity -> (axis label, per-tumor key or None for the per-sample count)
 QUANTITIES: dict[str, str] = {
@@ -238,6 +244,9 @@ def _measure_sample(d: Path) -> dict[str, Any]:
     voxel_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
     spacing = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
     pad = [math.ceil(_MARGIN_MM / max(s, 1e-6)) for s in spacing]
+    finest = max(float(np.min(spacing)), 1e-6)  # the shell's steps: at least 2 and 3
+    inner = max(2, math.ceil(_SHELL_MM[0] / finest))
+    steps = (inner, max(inner + 1, math.ceil(_SHELL_MM[1] / finest)))
     seg = d / "segmentations"
     single = len(entries) == 1
 
@@ -275,7 +284,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
         org_ref_all = org & ~all_tumor
         if intended.get("wall"):  # the wall, not the lumen's gas or contents
             org_ref_all &= (ct >= WALL_HU[0]) & (ct <= WALL_HU[1])
-        whole_median = float(np.median(ctf[org_ref_all])) if org_ref_all.any() else math.nan
+        whole = ctf[org_ref_all]
         comps, n = ndimage.label(les, full)
         objs = ndimage.find_objects(comps)
         tumors = []
@@ -290,10 +299,21 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             gas = int(np.count_nonzero(vals < GAS_HU))
             inside = float(np.count_nonzero(comp & org[sl])) / nv
             big = _grow(sl, pad, shape)
+            # reference: the organ in a shell 3 to 6 steps outside the tumor (past its blur
+            # and halo, near enough to be the tissue it replaced), else the box, else all
+            shell_sl = _grow(sl, [steps[1] + 1] * 3, shape)
+            cs = comps[shell_sl] == k
+            shell = ndimage.binary_dilation(cs, ring_struct, iterations=steps[1])
+            shell &= ~ndimage.binary_dilation(cs, ring_struct, iterations=steps[0] - 1)
+            shell &= org_ref_all[shell_sl]
             ref = org_ref_all[big]
-            median = (
-                float(np.median(ctf[big][ref])) if ref.sum() >= _MIN_REF_VOXELS else whole_median
-            )
+            if shell.sum() >= _MIN_REF_VOXELS:
+                near = ctf[shell_sl][shell]
+            elif ref.sum() >= _MIN_REF_VOXELS:
+                near = ctf[big][ref]
+            else:
+                near = whole
+            median, spread = float(np.median(near)), _half_iqr(near)
             contrast = median - mean_hu
             # ring: 1-2 dilation steps outside the tumor, organ and not tumor
             rs = _grow(sl, [3, 3, 3], shape)
@@ -316,6 +336,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
                 "diameter_mm": diam,
                 "mean_hu": mean_hu,
                 "organ_median_hu": _fl(median),
+                "organ_half_iqr_hu": _fl(spread),
                 "contrast_hu": _fl(contrast),
                 "ring_mean_hu": _fl(ring_mean),
                 "halo_ratio": _fl(halo),
@@ -359,6 +380,15 @@ def _measure_sample(d: Path) -> dict[str, Any]:
     }
 
 
+def _half_iqr(v: np.ndarray) -> float:
+    """Half the interquartile range of ``v`` (HU): how far the organ's tissue around a tumor
+    spreads about its median (noise, and tissues such as renal cortex and medulla)."""
+    if v.size == 0:
+        return math.nan
+    q1, q3 = np.percentile(v.astype(np.float64), [25.0, 75.0])
+    return float(q3 - q1) / 2.0
+
+
 def _contrast_ok(t: dict[str, Any], intended: dict[str, Any]) -> bool | None:
     c = t["contrast_hu"]
     if c is None or intended.get("wall"):
@@ -371,7 +401,12 @@ def _contrast_ok(t: dict[str, Any], intended: dict[str, Any]) -> bool | None:
         ref = t["planned_contrast_hu"]
     if ref is None:
         return None
-    return bool(abs(c - ref) <= max(0.25 * abs(ref), 10.0))
+    # the measured contrast is against the median of the organ around the tumor, the
+    # recorded one against the voxels the tumor replaced: they differ by as much as the
+    # tissue there spreads about its median
+    spread = t.get("organ_half_iqr_hu")
+    spread = spread if spread is not None and math.isfinite(spread) else 0.0
+    return bool(abs(c - ref) <= max(0.25 * abs(ref), 10.0, spread))
 
 
 # --------------------------------------------------------------------------------------
@@ -659,7 +694,8 @@ def _markdown(root: Path, summary: dict[str, Any], plots: dict[str, str], montag
         "",
         "- diameter in range: 2 x smallest to 2 x largest radius_mm over the preset's size "
         "classes; class range: the matched tumor's own class.",
-        "- contrast in range: within max(25%, 10 HU) of the renderer's recorded "
+        "- contrast in range: within max(25%, 10 HU, half the IQR of the reference "
+        "tissue) of the renderer's recorded "
         "mean_contrast_hu for that tumor (the preset's D is the depth at texture 1, about "
         "twice the mean drop); not applied to hollow-organ wall tumors, whose contrast is "
         f"measured against the wall (organ voxels in [{WALL_HU[0]:g}, {WALL_HU[1]:g}] HU).",
@@ -746,6 +782,7 @@ def qa_report(
                 "ct_range_hu": list(CT_RANGE),
                 "gas_hu": GAS_HU,
                 "margin_mm": _MARGIN_MM,
+                "reference_shell_mm": list(_SHELL_MM),
                 "connectivity": "full (26-neighbour)",
                 "wall_hu": list(WALL_HU),
             },

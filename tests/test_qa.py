@@ -65,7 +65,7 @@ def test_qa_report_matches_independent_measurement(batch_out: Path, tmp_path: Pa
     samples = {s["sample"]: s for s in doc["samples"]}
     dirs = _samples(batch_out)
     assert sorted(samples) == [d.name for d in dirs] and len(dirs) == 4
-    n_total = 0
+    n_total = n_shell = 0
     for d in dirs:
         s = samples[d.name]
         assert s["ct_out_of_range"] == 0 and s["tumor_gas_voxels"] == 0
@@ -73,6 +73,10 @@ def test_qa_report_matches_independent_measurement(batch_out: Path, tmp_path: Pa
         vox_mm3 = abs(np.linalg.det(img.affine[:3, :3]))
         assert vox_mm3 == pytest.approx(150.0)
         ct = np.asarray(img.dataobj, dtype=np.float64)
+        seg = d / "segmentations"
+        tumor = np.zeros(ct.shape, bool)
+        for organ in ORGANS:
+            tumor |= np.asarray(nib.load(str(seg / f"{LESION_NAMES[organ]}.nii.gz")).dataobj) != 0
         for organ in ORGANS:
             les = np.asarray(
                 nib.load(str(d / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz")).dataobj
@@ -90,10 +94,21 @@ def test_qa_report_matches_independent_measurement(batch_out: Path, tmp_path: Pa
                 assert t["diameter_mm"] == pytest.approx(d_eq)
                 m = comps == t["component"]
                 assert t["mean_hu"] == pytest.approx(ct[m].mean())
+                # the reference: the organ in a shell of 3 to 8 mm, 2 to 3 steps of 5 mm
+                organ_m = np.asarray(nib.load(str(seg / f"{organ}.nii.gz")).dataobj) != 0
+                shell = ndimage.binary_dilation(m, iterations=3)
+                shell &= ~ndimage.binary_dilation(m, iterations=1) & organ_m & ~tumor
+                if shell.sum() >= 20:
+                    near = ct[shell]
+                    assert t["organ_median_hu"] == pytest.approx(np.median(near))
+                    q1, q3 = np.percentile(near, [25, 75])
+                    assert t["organ_half_iqr_hu"] == pytest.approx((q3 - q1) / 2)
+                    n_shell += 1
                 assert t["gas_voxels"] == 0
                 if organ == "liver":
                     assert t["inside_share"] == 1.0
                 assert 0.0 <= t["inside_share"] <= 1.0
+    assert n_shell > 0
     summary = doc["summary"]
     assert summary["n_tumors"] == n_total and summary["n_samples"] == 4
     assert summary["has_impossible"] is False
