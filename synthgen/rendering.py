@@ -930,6 +930,25 @@ def render(
     if array_kind(image) == "torch-cpu":  # CPU tensors: NumPy views, results as tensors
         import torch
 
+        if torch.bfloat16 in (image.dtype, getattr(organ_mask, "dtype", None)):
+            # NumPy has no bfloat16: rendered as the float32 values, cast back
+            work = None if out is None else out.float()
+            res = render(
+                plan,
+                image.float(),
+                organ_mask.float() if organ_mask.dtype == torch.bfloat16 else organ_mask,
+                out=work,
+                device="cpu",
+                affine=affine,
+                label_out=label_out,
+                tumor_label=tumor_label,
+            )
+            if out is not None:
+                out.copy_(work)
+                res.image = out
+            else:
+                res.image = res.image.to(image.dtype)
+            return res
         res = render(
             plan,
             image.numpy(),

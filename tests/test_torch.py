@@ -688,3 +688,22 @@ def test_loader_organ_from_the_rows_that_hold_its_ids(tmp_path: Path) -> None:
     (src,) = SampleMaker.build(found, "kidney").sources
     _, label, _ = src.load()
     assert np.array_equal(label != 0, liver)
+
+
+def test_bfloat16_cpu_tensors_render_through_float32(cases: list) -> None:
+    """NumPy has no bfloat16: a bfloat16 CPU tensor renders as its float32 values and the
+    result is cast back (into ``out`` too)."""
+    import synthgen
+
+    image, liver, affine = read_case(cases[0])
+    plan = synthgen.plan(image, liver, organ="liver-classic", seed=2, affine=affine)
+    t = torch.from_numpy(image.astype(np.float32)).to(torch.bfloat16)
+    m = torch.from_numpy(liver.astype(np.float32)).to(torch.bfloat16)
+    ref = synthgen.render(plan, t.float().numpy(), liver)
+    want = torch.from_numpy(ref.image).to(torch.bfloat16)
+    res = synthgen.render(plan, t, m)
+    assert res.image.dtype == torch.bfloat16 and torch.equal(res.image, want)
+    out = t.clone()
+    res = synthgen.render(plan, out, liver, out=out)
+    assert res.image is out and torch.equal(out, want)
+    assert np.array_equal(np.asarray(res.tumor_mask), ref.tumor_mask)
