@@ -88,7 +88,7 @@ class CaseSource:
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image, label, affine)`` as arrays on one grid (files are read each call)."""
         from .io import load_nifti
-        from .layouts import AbsentLabelError, Case, _unoriented, load_mask, load_mask_file
+        from .layouts import Case, _unoriented, load_mask, load_organ
 
         unoriented = False
         if isinstance(self.image, (str, Path)):
@@ -102,15 +102,8 @@ class CaseSource:
             case, organ = self.label, self.organ
             if organ not in case.organs:
                 raise ValueError(f"case {self.case_id}: {case.missing.get(organ, 'no mask')}")
-            # as in a batch: a label map given without the organ's id fails; a file without
-            # the organ's id adds nothing (none of them: no organ, samples without tumors)
-            region = np.zeros(image.shape, dtype=bool, order="F")
-            for src in case.organs[organ]:
-                try:
-                    region |= load_mask_file(src, image.shape, affine, strict=True,
-                                             unoriented=unoriented)[0]  # fmt: skip
-                except AbsentLabelError:
-                    continue
+            # as in a batch (no organ in any file: samples without tumors)
+            region = load_organ(case.organs[organ], image.shape, affine, unoriented=unoriented)[0]
             label = region.view(np.uint8)
             if case.lesions.get(organ):
                 les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .layouts import AbsentLabelError, Case, _unoriented, load_mask, load_mask_file
+from .layouts import Case, _unoriented, load_mask, load_organ
 from .presets import LESION_NAMES, ORGANS
 
 __all__ = [
@@ -207,23 +207,9 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             continue
         srcs = case.organs[organ]
         names = ", ".join(str(s.path) for s in srcs)
-        absent: list[str] = []  # files that lack the organ's label ids
         try:
-            region, plain = None, False
-            for src in srcs:
-                try:
-                    m, plain = load_mask_file(
-                        src, image.shape, affine, strict=True, unoriented=unoriented
-                    )
-                except AbsentLabelError as e:
-                    absent.append(_short(e))
-                    continue
-                if region is None:
-                    region = m
-                else:
-                    region |= m
-            if region is None:
-                region = np.zeros(image.shape, dtype=bool, order="F")
+            region, plain, absent = load_organ(srcs, image.shape, affine, unoriented=unoriented)
+            absent = [" ".join(a.split()) for a in absent]  # (files lacking the organ's ids)
             les = None
             if case.lesions.get(organ):
                 les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
@@ -241,7 +227,7 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             skipped[organ] = msg if named else f"{names}: {organ}: {msg}"
             continue
         organs[organ], lesions[organ], indexes[organ] = region, les, index
-        if plain and len(srcs) == 1 and les is None and not absent:
+        if plain and les is None:
             verbatim[organ] = srcs[0].path
     vessels = None
     if case.vessels and organs:

@@ -50,6 +50,7 @@ __all__ = [
     "discover",
     "load_mask",
     "load_mask_file",
+    "load_organ",
 ]
 
 LAYOUTS = ("atlas1", "atlas2", "msd", "nnunet", "csv")
@@ -503,31 +504,35 @@ def _integral(v: float) -> bool:
     return bool(np.isfinite(v)) and abs(v - round(v)) <= 1e-3 * max(1.0, abs(v))
 
 
-def _check_binary(path: Path, data: np.ndarray, m: np.ndarray) -> None:
+def _check_binary(path: Path, data: np.ndarray, m: np.ndarray) -> Any:
     """Raise if ``data`` (no label id given) is a label map: its voxels above 0.5 hold more
     than one value. Binary masks stored as 0/1, 0/255, 0.0/1.0 floats or scaled integers
     hold one; a float mask of fractions (a probability map) is binarised at > 0.5 as it is.
-    Costs a max (and, past a 0/1 integer mask, a masked min) over the volume, no sort."""
+    Costs a max (and, past a 0/1 integer mask, a masked min) over the volume, no sort.
+    Returns an integer mask's maximum (None for floats), which the caller reuses."""
     if data.dtype.kind in "iu":
         hi = data.max(initial=0)
         if hi <= 1:
-            return
+            return hi
         lo = np.min(data, where=m, initial=hi)
         several = lo != hi
+        top = hi
     elif data.dtype.kind == "f":
         if not m.any():
-            return
+            return None
         lo = float(np.min(data, where=m, initial=np.inf))
         hi = float(np.max(data, where=m, initial=-np.inf))
         several = _integral(lo) and _integral(hi) and round(lo) != round(hi)
+        top = None
     else:
-        return
+        return None
     if several:
         raise ValueError(
             f"{path}: holds several non-zero values ({_some_values(data)}): a label map, "
             "not a binary mask; name the organ's id(s) with --label-id (e.g. 1,2 for an organ "
             "and its tumor label; a CSV: its label_id column, e.g. 1;2)"
         )
+    return top
 
 
 def _unoriented(header: Any) -> bool:
@@ -544,15 +549,14 @@ def load_mask(
     affine: np.ndarray,
     *,
     unoriented: bool = False,
-    strict: bool = False,
 ) -> np.ndarray:
     """Union of ``sources`` as a bool mask on the CT grid ``(shape, affine)``.
 
     Masks on another grid (cropped, offset, other spacing or orientation) are resampled by
     affine with nearest neighbour. Binary masks are binarised at > 0.5 (masks stored as
     1.0000000591 exist); label maps are compared with their ids (a file that holds none of
-    them adds nothing). ``unoriented`` and ``strict`` (an organ mask): see
-    :func:`load_mask_file`.
+    them adds nothing). ``unoriented``: see :func:`load_mask_file`; organ masks are read by
+    :func:`load_organ`.
 
     Raises:
         ValueError: Unreadable file, non-3-D mask, singular affine, or a mask with voxels
@@ -561,8 +565,36 @@ def load_mask(
 
     out = np.zeros(shape, dtype=bool, order="F")
     for src in sources:
-        out |= load_mask_file(src, shape, affine, unoriented=unoriented, strict=strict)[0]
+        out |= load_mask_file(src, shape, affine, unoriented=unoriented)[0]
     return out
+
+
+def load_organ(
+    sources: Sequence[MaskSource],
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    *,
+    unoriented: bool = False,
+) -> tuple[np.ndarray, bool, list[str]]:
+    """An organ's mask on the CT grid from its files, by the rules of organ masks (the batch
+    and the loaders alike): each file is read with ``strict`` (:func:`load_mask_file`: a
+    label map given without ids fails), a file that lacks the organ's label ids adds nothing.
+
+    Returns:
+        ``(region, plain, absent)``: the union (all False when no file holds the organ),
+        whether the organ's single file already is a 0/1 uint8 gzipped mask on the grid (a
+        copy of its bytes is a valid output), and the messages of the files that lack its ids.
+    """
+    region = np.zeros(shape, dtype=bool, order="F")
+    plain, absent = False, []
+    for src in sources:
+        try:
+            m, plain = load_mask_file(src, shape, affine, strict=True, unoriented=unoriented)
+        except AbsentLabelError as e:
+            absent.append(str(e))
+            continue
+        region |= m
+    return region, plain and len(sources) == 1 and not absent, absent
 
 
 def load_mask_file(
@@ -590,10 +622,11 @@ def load_mask_file(
     data, aff, hdr = load_nifti(src.path)
     if data.dtype.kind not in "biuf":
         raise ValueError(f"{src.path}: mask has dtype {data.dtype}, not numbers")
+    top = None  # (an integer mask's maximum, when the check found it)
     if src.label_ids is None:
         m = data > 0.5
         if strict:
-            _check_binary(src.path, data, m)
+            top = _check_binary(src.path, data, m)
     elif len(src.label_ids) == 1:
         m = data == src.label_ids[0]
     else:
@@ -612,7 +645,7 @@ def load_mask_file(
             and data.dtype == np.uint8
             and src.path.name.endswith(".nii.gz")
             and tuple(hdr.get_data_shape()) == tuple(shape)
-            and int(data.max(initial=0)) <= 1
+            and int(data.max(initial=0) if top is None else top) <= 1
         )
         return m, plain
     if not m.any():
