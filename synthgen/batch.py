@@ -144,6 +144,11 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _naming(msg: str, files, prefix: str) -> str:
+    """``msg`` as it is when it starts with one of ``files``' paths, else after ``prefix``."""
+    return msg if any(msg.startswith(str(f.path)) for f in files) else f"{prefix}: {msg}"
+
+
 def _short(e: BaseException) -> str:
     msg = " ".join(str(e).split()) or type(e).__name__
     return msg if isinstance(e, ValueError) else f"{type(e).__name__}: {msg}"
@@ -215,16 +220,12 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
                 les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
                 region |= les
         except Exception as e:  # unreadable, corrupt or unmappable file: the case's error
-            msg = _short(e)
             files = [*srcs, *case.lesions.get(organ, ())]
-            named = any(msg.startswith(str(s.path)) for s in files)
-            raise ValueError(msg if named else f"{names}: {organ}: {msg}") from None
+            raise ValueError(_naming(_short(e), files, f"{names}: {organ}")) from None
         try:
             index = index_organ(region)  # one scan: bounding box and voxel count
         except ValueError as e:  # an empty organ: skipped, the case's other organs go on
-            msg = "; ".join(absent) or _short(e)
-            named = any(msg.startswith(str(s.path)) for s in srcs)
-            skipped[organ] = msg if named else f"{names}: {organ}: {msg}"
+            skipped[organ] = _naming("; ".join(absent) or _short(e), srcs, f"{names}: {organ}")
             continue
         organs[organ], lesions[organ], indexes[organ] = region, les, index
         if plain and les is None:
@@ -504,22 +505,22 @@ def _record(sample: Sample, case: Case, status: str, t0: float, **kw: Any) -> di
 
 
 def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[str, Any]]:
+    loaded = not isinstance(lc_or_err, BaseException)
+    notes = {"notes": list(lc_or_err.notes)} if loaded and lc_or_err.notes else {}
     for sample in samples:
         t0 = time.perf_counter()
-        if isinstance(lc_or_err, BaseException):
+        if not loaded:
             yield _record(sample, case, "failed", t0, error=_short(lc_or_err))
             continue
         try:
             arrays = _synthesize(lc_or_err, sample, opts)
             files = _write_sample(lc_or_err, sample, opts, out, tag, arrays)
         except Exception as e:  # recorded with its type; the batch goes on
-            notes = {"notes": list(lc_or_err.notes)} if lc_or_err.notes else {}
             yield _record(sample, case, "failed", t0, error=_short(e), **notes)
             continue
         organs = [
             {k: r[k] for k in ("organ", "preset", "seed", "plan", "tumors")} for r in arrays[3]
         ]
-        notes = {"notes": list(lc_or_err.notes)} if lc_or_err.notes else {}
         yield _record(
             sample,
             case,

@@ -327,7 +327,7 @@ def synth(
     Example: synthgen synth ct.nii.gz --mask liver.nii.gz --organ liver --out out --n 4
     """
     from synthgen.batch import BatchOptions
-    from synthgen.layouts import Case, MaskSource, _stem
+    from synthgen.layouts import Case, MaskSource, _stem, parse_label_ids
 
     organs = _organ_list(organ)
     if len(organs) != 1:
@@ -335,11 +335,11 @@ def synth(
     ids = None
     if label_id is not None:
         try:
-            ids = tuple(int(x) for x in label_id.replace(";", ",").split(",") if x.strip())
+            ids = parse_label_ids(label_id)
         except ValueError:
-            ids = ()
-        if not ids:
-            raise typer.BadParameter(f"--label-id {label_id!r}: give integer ids, e.g. 6 or 1,2")
+            raise typer.BadParameter(
+                f"--label-id {label_id!r}: give integer ids, e.g. 6 or 1,2"
+            ) from None
     dev = _check_device(device)
     presets = _preset_map([preset] if preset else None, organs)
     name = _stem(ct) if ct.name.endswith((".nii", ".nii.gz")) else ct.stem

@@ -171,8 +171,7 @@ def nifti_bytes(
         array = array.astype(np.uint8 if array.dtype == np.bool_ else array.dtype.newbyteorder("="))
     # Nifti2Header subclasses Nifti1Header: the class must follow the reference header (a
     # 540-byte NIfTI-2 block does not fit a 348-byte NIfTI-1 header, nor the reverse).
-    nifti2 = isinstance(header, nib.Nifti2Header)
-    klass = nib.Nifti2Header if nifti2 else nib.Nifti1Header
+    klass = nib.Nifti2Header if isinstance(header, nib.Nifti2Header) else nib.Nifti1Header
     hdr = klass()
     if isinstance(header, nib.Nifti1Header):
         hdr = klass(header.binaryblock, endianness=header.endianness, check=False)
@@ -192,8 +191,8 @@ def nifti_bytes(
         hdr.set_zooms(tuple(zooms[: array.ndim]) + (1.0,) * max(0, array.ndim - 3))
     # else: the input's sform and qform (and their codes) are kept exactly as they were
     hdr["scl_slope"], hdr["scl_inter"] = slope, inter
-    hdr["magic"] = b"n+2" if nifti2 else b"n+1"
-    hdr["vox_offset"] = 544 if nifti2 else 352  # header + 4 bytes of (no) extensions
+    # single-file magic and offset (header + 4 bytes of no extensions): n+1/352, n+2/544
+    hdr["magic"], hdr["vox_offset"] = klass.single_magic, klass.single_vox_offset
     bio = io.BytesIO()
     hdr.write_to(bio)
     block = bio.getvalue()

@@ -51,6 +51,7 @@ __all__ = [
     "load_mask",
     "load_mask_file",
     "load_organ",
+    "parse_label_ids",
 ]
 
 LAYOUTS = ("atlas1", "atlas2", "msd", "nnunet", "csv")
@@ -398,6 +399,15 @@ def _rel(ct: Path, base: Path) -> str:
         return ct.as_posix()
 
 
+def parse_label_ids(text: str) -> tuple[int, ...]:
+    """Label ids written as ``2``, ``2;3``, ``2,3``, ``2|3`` or ``2 3`` (a CSV's label_id
+    column, ``synth --label-id``); ValueError when one is not an integer or there is none."""
+    ids = tuple(int(v) for v in re.split(r"[,;| ]+", text.strip()) if v)
+    if not ids:
+        raise ValueError(f"no label id in {text!r}")
+    return ids
+
+
 def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
     try:
         rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
@@ -418,7 +428,7 @@ def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
         ids = None
         if len(row) > 3 and row[3].strip():
             try:
-                ids = tuple(int(v) for v in re.split(r"[;| ]+", row[3].strip()))
+                ids = parse_label_ids(row[3])
             except ValueError:
                 raise LayoutError(f"{path}: row {n}: label_id {row[3]!r} is not an int") from None
         ct = ct if ct.is_absolute() else path.parent / ct
