@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .api import Synthesizer
+from .api import Synthesizer, without_mass_effect_hint
 from .mass_effect import render_plan
+from .presets import Preset
 
 __all__ = ["Implanted", "affine_for", "implant_tumors", "organ_mask_of"]
 
@@ -48,18 +49,21 @@ def organ_mask_of(label: np.ndarray, organ_labels: Sequence[int]) -> np.ndarray:
     return np.isin(label, ids)
 
 
-def check_channels(synthesizer: Synthesizer, n_channels: int) -> None:
+def check_channels(
+    preset: Preset, n_channels: int, where: str = "the image has", warped: str = "label map"
+) -> None:
     """Refuse multi-channel images when the preset's mass effect would warp only channel 0.
 
-    The tumors go into channel 0; a mass-effect warp moves channel 0 and the label map, so
-    other channels (other phases, modalities) would no longer line up with them.
+    The tumors go into channel 0; a mass-effect warp moves channel 0 and the ``warped`` map,
+    so other channels (other phases, modalities) would no longer line up with them. The
+    message (``where`` N channels) says what to pass instead. Used by every training
+    transform (torch, MONAI, nnU-Net).
     """
-    if n_channels > 1 and synthesizer.preset.mass_effect.enabled:
+    if n_channels > 1 and preset.mass_effect.enabled:
         raise ValueError(
-            f"the image has {n_channels} channels, but preset {synthesizer.preset.name!r} "
-            "enables mass effect, which warps channel 0 and the label map only; use a preset "
-            "without it, e.g. synthgen.presets.without_extras(organ, keep=('vessels', "
-            "'appearance'))"
+            f"{where} {n_channels} channels, but preset {preset.name!r} enables mass effect, "
+            f"which warps channel 0 and the {warped} only, so the other channels would no "
+            f"longer line up; {without_mass_effect_hint(preset)}"
         )
 
 

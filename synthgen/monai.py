@@ -59,8 +59,8 @@ from monai.data import MetaTensor, get_track_meta
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
-from .api import Synthesizer, without_mass_effect_hint
-from .augment import affine_for, implant_tumors, organ_mask_of
+from .api import Synthesizer
+from .augment import affine_for, check_channels, implant_tumors, organ_mask_of
 from .planning import Plan, readable
 from .presets import Preset
 
@@ -277,13 +277,7 @@ class RandTumorSynthesis(_SeededRandomizable):
             )
         if img_np.dtype.kind not in "iuf":
             raise ValueError(f"image must be numeric (int or float HU), got dtype {img_np.dtype}")
-        preset = self.synthesizer.preset
-        if img_np.shape[0] > 1 and preset.mass_effect.enabled:  # (unknown before the data)
-            raise ValueError(
-                f"the image has {img_np.shape[0]} channels, but preset {preset.name!r} enables "
-                "mass effect, which warps channel 0 and the label map only, so the other "
-                f"channels would no longer line up; {without_mass_effect_hint(preset)}"
-            )
+        check_channels(self.synthesizer.preset, img_np.shape[0])  # (unknown before the data)
         affine = _affine_of(img, label, self.spacing)
         _one_thread_in_worker()
 

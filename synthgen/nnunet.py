@@ -49,8 +49,8 @@ from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from .api import Synthesizer, without_mass_effect_hint
-from .augment import affine_for, implant_tumors
+from .api import Synthesizer
+from .augment import affine_for, check_channels, implant_tumors
 from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS, Preset, load_preset
 
 __all__ = [
@@ -303,7 +303,7 @@ class TumorSynthesisTransform(BasicTransform):
                 f"shape, got image {tuple(image.shape)} and segmentation {tuple(seg.shape)} "
                 "(2-D configurations are not supported)"
             )
-        _check_channels(self.synthesizer.preset, image.shape[0])
+        check_channels(self.synthesizer.preset, image.shape[0], warped="segmentation")
         img0, lab0 = _host(image[0]), _host(seg[0])
         hu = self.intensity.to_hu(img0) if self.intensity is not None else img0
         res = implant_tumors(
@@ -352,17 +352,6 @@ def _host(t: torch.Tensor) -> np.ndarray:
     float16, as under AMP) as float32: rendered in float32, cast back when written."""
     t = t.detach().cpu()
     return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
-
-
-def _check_channels(preset: Preset, n_channels: int, where: str = "the image has") -> None:
-    """Refuse several channels with a preset whose mass effect would warp channel 0 and the
-    segmentation only (the other channels would no longer line up), saying what to do."""
-    if n_channels > 1 and preset.mass_effect.enabled:
-        raise ValueError(
-            f"{where} {n_channels} channels, but preset {preset.name!r} enables mass effect, "
-            "which warps channel 0 and the segmentation only, so the other channels would no "
-            f"longer line up; {without_mass_effect_hint(preset)}"
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -554,7 +543,7 @@ def synthesis_transform(
                 )
     channels = dataset_json.get("channel_names")
     if isinstance(channels, Mapping):  # known now: fail here, not in every augmentation worker
-        _check_channels(preset, len(channels), "dataset_json channel_names lists")
+        check_channels(preset, len(channels), "dataset_json channel_names lists", "segmentation")
     step = TumorSynthesisTransform(
         preset,
         organ_labels,

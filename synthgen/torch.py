@@ -277,7 +277,7 @@ class TumorSynthesisWrapper(Dataset):
         img, img_ref = _to_numpy(item[self.image_key])
         lab, lab_ref = _to_numpy(item[self.label_key])
         chan = img.ndim == 4
-        check_channels(self.synthesizer, img.shape[0] if chan else 1)
+        check_channels(self.synthesizer.preset, img.shape[0] if chan else 1)
         res = implant_tumors(
             img[0] if chan else img,
             lab[0] if chan else lab,
@@ -373,7 +373,7 @@ class BatchTumorSynthesis:
             raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ")
         if image.device != label.device:
             raise ValueError(f"image on {image.device}, label on {label.device}")
-        check_channels(self.synthesizer, image.shape[1])
+        check_channels(self.synthesizer.preset, image.shape[1])
         step = self.step if step is None else int(step)
         self.step = step + 1
         if affine is None:
