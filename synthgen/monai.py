@@ -61,7 +61,7 @@ from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy
 
 from .api import Synthesizer
 from .augment import affine_for, check_channels, implant_tumors, organ_mask_of
-from .planning import Plan, readable
+from .planning import Plan, host_readable
 from .presets import Preset
 
 __all__ = [
@@ -124,12 +124,10 @@ def _host_view(x: Any, name: str) -> np.ndarray:
             t = t.cpu()
         if t.dtype.is_complex:
             raise ValueError(f"{name} has dtype {t.dtype}; use a real integer or float dtype")
-        if t.dtype in (torch.bfloat16, torch.float16):  # (AMP): work in float32, cast back
-            t = t.float()
-        return t.resolve_conj().resolve_neg().numpy()
-    # float16 and non-native byte order: float32 / native copies (the engine's kernels take
-    # neither; the output is cast back to the input's dtype)
-    return readable(np.asarray(x))
+        t = t.resolve_conj().resolve_neg()
+    # half precision (AMP) and non-native byte order: float32 / native copies (the engine's
+    # kernels take neither; the output is cast back to the input's dtype)
+    return host_readable(t if isinstance(x, torch.Tensor) else np.asarray(x))
 
 
 def _affine_of(img: Any, label: Any, spacing: tuple[float, float, float] | None) -> np.ndarray:

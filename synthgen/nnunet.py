@@ -51,6 +51,7 @@ from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 from .api import Synthesizer
 from .augment import affine_for, check_channels, implant_tumors
+from .planning import host_readable
 from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS, Preset, load_preset
 
 __all__ = [
@@ -350,8 +351,7 @@ class TumorSynthesisTransform(BasicTransform):
 def _host(t: torch.Tensor) -> np.ndarray:
     """A patch channel on the host as NumPy; half precision (bfloat16, which NumPy lacks, or
     float16, as under AMP) as float32: rendered in float32, cast back when written."""
-    t = t.detach().cpu()
-    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+    return host_readable(t.detach().cpu())
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._appearance import draw_appearance
+from ._device import array_kind
 from ._draws import uniform
 from ._geometry import binary as _binary
 from ._geometry import sample_step
@@ -394,23 +395,35 @@ def check_arrays(image: Any, organ_mask: Any) -> None:
 
 
 def unreadable(a: Any) -> bool:
-    """Whether ``a`` is a NumPy array the compiled kernels cannot take as it is: one in
-    non-native byte order (nibabel's ``>i2``, ``>f4``...) or of half precision (float16)."""
-    if not isinstance(a, np.ndarray):
-        return False
-    dt = a.dtype
-    return not dt.isnative or (dt.kind == "f" and dt.itemsize == 2)
+    """Whether ``a`` is an array the compiled kernels cannot take as it is: a NumPy array in
+    non-native byte order (nibabel's ``>i2``, ``>f4``...) or of half precision (float16), or a
+    CPU tensor of bfloat16 (which NumPy lacks)."""
+    if isinstance(a, np.ndarray):
+        dt = a.dtype
+        return not dt.isnative or (dt.kind == "f" and dt.itemsize == 2)
+    return str(getattr(a, "dtype", "")) == "torch.bfloat16" and array_kind(a) == "torch-cpu"
 
 
 def readable(a: Any) -> Any:
     """``a`` as the compiled kernels take it: a NumPy array in non-native byte order as a
     native-order copy (same values, same kind and size), a float16 array as a float32 copy
-    (exact); anything else (native arrays, device arrays, tensors) as it is."""
+    and a bfloat16 CPU tensor as a float32 one (exact); anything else (native arrays, device
+    arrays, other tensors) as it is."""
     if not unreadable(a):
         return a
+    if not isinstance(a, np.ndarray):
+        return a.float()
     dt = a.dtype
     return np.asarray(a, dtype=np.float32 if dt.kind == "f" and dt.itemsize == 2 else
                       dt.newbyteorder("="))  # fmt: skip
+
+
+def host_readable(t: Any) -> np.ndarray:
+    """A CPU tensor (or array) as a NumPy array the compiled kernels take (see
+    :func:`readable`): a view when nothing needs converting. For the training transforms,
+    whose patches may come in half precision (AMP)."""
+    t = readable(t)
+    return readable(t.numpy() if not isinstance(t, np.ndarray) else t)
 
 
 def organ_bbox(organ_mask: np.ndarray) -> tuple[tuple[slice, slice, slice], int]:

@@ -587,7 +587,8 @@ def readable_job(fn, image: Any, organ_mask: Any, out: Any, label_out: Any = Non
     take, its result given back as for the caller's arrays.
 
     A NumPy image or organ mask in non-native byte order is read through a native-order
-    copy, a float16 one through a float32 copy (:func:`synthgen.planning.readable`). Without
+    copy, a float16 one (a bfloat16 CPU tensor) through a float32 copy
+    (:func:`synthgen.planning.readable`). Without
     ``out`` the render goes into that copy of the image: the result image is in native byte
     order (``>i2`` gives ``int16``), float16 for a float16 image (the float32 render, cast).
     An ``out`` (or ``label_out``) in non-native byte order or of float16 is rendered through
@@ -615,8 +616,12 @@ def readable_job(fn, image: Any, organ_mask: Any, out: Any, label_out: Any = Non
         if work is not out:
             out[...] = work  # back into the caller's dtype and byte order
         res.image = out
-    elif isinstance(image, np.ndarray) and image.dtype.kind == "f" and image.dtype.itemsize == 2:
-        res.image = res.image.astype(np.float16)
+    elif im is not image:  # cast back: float16 (bfloat16) as such, >i2 as native int16
+        res.image = (
+            res.image.astype(image.dtype.newbyteorder("="), copy=False)
+            if isinstance(image, np.ndarray)
+            else res.image.to(image.dtype)
+        )
     if res.organ_mask is om and om is not organ_mask:
         res.organ_mask = organ_mask
     return res
@@ -930,25 +935,6 @@ def render(
     if array_kind(image) == "torch-cpu":  # CPU tensors: NumPy views, results as tensors
         import torch
 
-        if torch.bfloat16 in (image.dtype, getattr(organ_mask, "dtype", None)):
-            # NumPy has no bfloat16: rendered as the float32 values, cast back
-            work = None if out is None else out.float()
-            res = render(
-                plan,
-                image.float(),
-                organ_mask.float() if organ_mask.dtype == torch.bfloat16 else organ_mask,
-                out=work,
-                device="cpu",
-                affine=affine,
-                label_out=label_out,
-                tumor_label=tumor_label,
-            )
-            if out is not None:
-                out.copy_(work)
-                res.image = out
-            else:
-                res.image = res.image.to(image.dtype)
-            return res
         res = render(
             plan,
             image.numpy(),
