@@ -178,7 +178,6 @@ class CupyBackend:
 
     def context(self, stream, arrays):
         """This GPU current, and the stream to work on (see :func:`_stream_for`)."""
-        import contextlib
 
         ctx = contextlib.ExitStack()
         ctx.enter_context(self.current())
@@ -379,10 +378,10 @@ class DeviceView:
     placement's tissue window through ``within``), and reads NumPy arrays directly: the
     same values either way."""
 
-    def __init__(self, a, be, where: _Where | None = None) -> None:
+    def __init__(self, a, be, where=None) -> None:
         self.a = _as_cupy(a)
         self._be = be
-        self._where = where if where is not None else _Where(be, [a])
+        self._where = where if where is not None else _on_data(be, [a])
         self.shape = tuple(int(n) for n in self.a.shape)
         self.dtype = np.dtype(str(self.a.dtype))
         self.ndim = len(self.shape)
@@ -515,7 +514,7 @@ def host_views(be, image, organ_mask, organ_index=None):
     image view is a :class:`DeviceView`."""
 
     img_a, org = _as_cupy(image), _as_cupy(organ_mask)
-    where = _Where(be, [image, organ_mask])
+    where = _on_data(be, [image, organ_mask])
     # (one of the two may be a host array: planning reads that one directly)
     img = DeviceView(img_a, be, where) if be.on_device(img_a) else image
     shape = tuple(int(n) for n in org.shape)
@@ -527,30 +526,13 @@ def host_views(be, image, organ_mask, organ_index=None):
         return img, *_packed_organ(be, org, shape, organ_index)
 
 
-class _Where:
-    """``with where():`` makes the data's GPU current and its stream (:func:`_stream_for`:
-    torch's current stream for torch tensors) the one CuPy works on: data on another GPU
-    (``cuda:N``, a DDP rank's) must not be worked on from GPU 0, and reads of a tensor
-    written on a torch side stream are ordered after those writes. A stand-in backend has
-    no device: nothing to do."""
-
-    __slots__ = ("be", "stream")
-
-    def __init__(self, be, arrays) -> None:
-        self.be = be
-        self.stream = be.stream_for(arrays) if hasattr(be, "stream_for") else None
-
-    @contextlib.contextmanager
-    def __call__(self):
-        """``with where():``: a fresh context each time (safe from several threads)."""
-        with contextlib.ExitStack() as ctx:
-            if hasattr(self.be, "current"):
-                ctx.enter_context(self.be.current())  # (a fresh Device: see current())
-            elif getattr(self.be, "device", None) is not None:
-                ctx.enter_context(self.be.device)
-            if self.stream is not None:
-                ctx.enter_context(self.stream)
-            yield
+def _on_data(be, arrays):
+    """``with where():`` (``where = _on_data(be, arrays)``) makes the data's GPU current and
+    its stream (:func:`_stream_for`: torch's current stream for torch tensors, found once)
+    the one CuPy works on: data on another GPU (``cuda:N``, a DDP rank's) must not be worked
+    on from GPU 0, and reads of a tensor written on a torch side stream are ordered after
+    those writes. :meth:`CupyBackend.context`, a fresh context each time."""
+    return functools.partial(be.context, be.stream_for(arrays), ())
 
 
 def _packed_organ(be, org, shape, organ_index):

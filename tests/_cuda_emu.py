@@ -186,6 +186,12 @@ class NumpyDevice:
         self.nbytes += host.nbytes
         return host
 
+    def context(self, stream, arrays):
+        return contextlib.nullcontext()
+
+    def stream_for(self, arrays):
+        return None
+
 
 def gpu_backend():
     """``(CupyBackend on GPU 0, cupy.asarray)`` for a GPU test; skips it without a GPU."""
@@ -412,3 +418,6 @@ class HostBackend:
 
     def context(self, stream, arrays):
         return contextlib.nullcontext()
+
+    def stream_for(self, arrays):
+        return None

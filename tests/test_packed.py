@@ -3,6 +3,8 @@ device view's answers (``synthgen._cuda.DeviceView``), each against NumPy on the
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from _cuda_emu import NumpyDevice, gpu_backend
@@ -147,12 +149,13 @@ def test_device_reads_run_with_the_data_s_gpu_current(small_phantom):
     class OnDevice(NumpyDevice):
         outside = 0
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.device = device
-
         def stream_for(self, arrays):
             return stream
+
+        @contextlib.contextmanager
+        def context(self, s, arrays):  # (the device made current, then the stream entered)
+            with device, s:
+                yield
 
         def download(self, dev):
             OnDevice.outside += device.depth == 0 or stream.depth == 0
