@@ -10,7 +10,7 @@ import numpy as np
 
 from .planning import OrganIndex, Plan, make_plan, unreadable
 from .presets import Preset, list_presets, load_preset
-from .rendering import RenderResult, readable_job
+from .rendering import RenderResult, needs_readable, readable_job
 from .rendering import render as _render
 from .rendering import render_batch as _render_batch
 
@@ -175,7 +175,7 @@ class Synthesizer:
         tumor_label: int = 2,
     ) -> SynthesisResult:
         """Synthesize one sample (see :func:`synthesize`)."""
-        if any(map(unreadable, (image, organ_mask, out, label_out))):
+        if needs_readable(image, organ_mask, out, label_out):
             # non-native byte order or float16: read once through native copies, for the
             # plan and the render alike
             kw = dict(seed=seed, spacing=spacing, affine=affine, size=size,
@@ -234,7 +234,7 @@ def render(
     is warped along.
     """
     lab = {"label_out": label_out, "tumor_label": tumor_label}
-    if any(map(unreadable, (image, organ_mask, out, label_out))):  # (the warp's too)
+    if needs_readable(image, organ_mask, out, label_out):  # (the warp's too)
         return readable_job(
             lambda im, om, o, lb: render(plan, im, om, out=o, device=device, affine=affine,
                                          label_out=lb, tumor_label=tumor_label),

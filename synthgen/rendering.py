@@ -102,31 +102,36 @@ class RenderResult:
     _tumor_mask: Any = field(default=None, repr=False)
     _label: Any = field(default=None, repr=False)
 
-    def _xp(self):
-        if (
-            any(array_kind(m) == "cupy" for _, m in self.boxes)
-            or array_kind(self.organ_mask) == "cupy"
-        ):
-            import cupy
+    def _gpu_array(self) -> Any:
+        """The result's first CuPy array (organ mask, then boxes), or None: where the full
+        volumes are built."""
+        for a in (self.organ_mask, *(m for _, m in self.boxes)):
+            if array_kind(a) == "cupy":
+                return a
+        return None
 
-            return cupy
-        return np
+    def _xp(self):
+        if self._gpu_array() is None:
+            return np
+        import cupy
+
+        return cupy
 
     def _on_gpu(self):
         """A context with the GPU of the result's device arrays current (CuPy allocates on
         the current device), or none."""
         import contextlib
 
-        for a in (self.organ_mask, *(m for _, m in self.boxes)):
-            if array_kind(a) == "cupy":
-                return a.device
-        return contextlib.nullcontext()
+        a = self._gpu_array()
+        return contextlib.nullcontext() if a is None else a.device
 
     def write_tumor_mask(self, out: Any) -> Any:
         """OR the tumor voxels into a caller-owned boolean array (boxes only): NumPy, CuPy
         or torch, on the host or a GPU (each box is moved to ``out``'s side first: a render
         of a host image with a GPU organ mask has host boxes, and CuPy and NumPy do not mix
         in one operation)."""
+        import contextlib
+
         kind = array_kind(out)
         if kind == "torch-cpu":
             self.write_tumor_mask(out.numpy())
@@ -137,18 +142,14 @@ class RenderResult:
             self.write_tumor_mask(_as_cupy(out))  # (a view of the tensor's memory)
             return out
         on_gpu = kind == "cupy"
-        for sl, m in self.boxes:
-            if on_gpu and array_kind(m) != "cupy":
-                import cupy
+        with out.device if on_gpu else contextlib.nullcontext():  # (out's GPU, not current)
+            for sl, m in self.boxes:
+                if on_gpu and array_kind(m) != "cupy":
+                    import cupy
 
-                with out.device:  # (on out's GPU, not the current one)
                     m = cupy.asarray(m)
-            elif not on_gpu and array_kind(m) == "cupy":
-                m = m.get()
-            if on_gpu:
-                with out.device:
-                    out[sl] |= m.astype(bool, copy=False)
-            else:
+                elif not on_gpu and array_kind(m) == "cupy":
+                    m = m.get()
                 out[sl] |= m.astype(bool, copy=False)
         return out
 
@@ -582,6 +583,14 @@ def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
             raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
 
 
+def needs_readable(image: Any, organ_mask: Any, out: Any, label_out: Any = None) -> bool:
+    """Whether :func:`readable_job` has an array to convert (a label map only as a NumPy
+    array: :func:`label_arg` judges which tensors can be written)."""
+    return any(map(unreadable, (image, organ_mask, out))) or (
+        isinstance(label_out, np.ndarray) and unreadable(label_out)
+    )
+
+
 def readable_job(fn, image: Any, organ_mask: Any, out: Any, label_out: Any = None) -> RenderResult:
     """``fn(image, organ_mask, out, label_out)`` (a render) on arrays the compiled kernels
     take, its result given back as for the caller's arrays.
@@ -597,7 +606,9 @@ def readable_job(fn, image: Any, organ_mask: Any, out: Any, label_out: Any = Non
     kernels take as they are go to ``fn`` untouched.
     """
     im, om = readable(image), readable(organ_mask)
-    work, lab = readable(out), readable(label_out)
+    # (a label map tensor goes to the render as it is: label_arg says which ones it writes)
+    work = readable(out)
+    lab = readable(label_out) if isinstance(label_out, np.ndarray) else label_out
     if im is image and om is organ_mask and work is out and lab is label_out:
         return fn(image, organ_mask, out, label_out)
     if out is not None and isinstance(out, np.ndarray) and isinstance(image, np.ndarray):
@@ -761,13 +772,12 @@ def sequential_groups(images: Sequence[Any], outs: Sequence[Any]) -> list[tuple[
     if not clash and reads:
         import bisect
 
-        starts = [(k[0], k[1], k[2]) for k in ordered]
         for e in reads.values():
             if e is None:
                 continue
-            key = (e[0] != "host", e[0], e[2])
-            at = bisect.bisect_left(starts, key) - 1  # the last write starting before e ends
-            if at >= 0 and starts[at][:2] == key[:2] and ordered[at][3] > e[1]:
+            key = (e[0] != "host", e[0], e[2])  # (sorts before the writes starting at e's end)
+            at = bisect.bisect_left(ordered, key) - 1  # the last write starting before e ends
+            if at >= 0 and ordered[at][:2] == key[:2] and ordered[at][3] > e[1]:
                 clash = True
                 break
     if not clash:
@@ -919,7 +929,7 @@ def render(
     from ._device import resolve_device
 
     label_out = label_arg(label_out, plan.shape, tumor_label)
-    if any(map(unreadable, (image, organ_mask, out, label_out))):
+    if needs_readable(image, organ_mask, out, label_out):
         kw = dict(device=device, affine=affine, tumor_label=tumor_label)
         return readable_job(lambda im, om, o, lab: render(plan, im, om, out=o, label_out=lab, **kw),
                             image, organ_mask, out, label_out)  # fmt: skip
