@@ -134,10 +134,11 @@ def _version(mod: str) -> str | None:
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity; all of them where that is unknown)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """CPUs this process may run on (``synthgen._pool.usable_cpus``)."""
+    ensure_root_on_path()
+    from synthgen._pool import usable_cpus as cpus
+
+    return cpus()
 
 
 def machine_info() -> dict[str, Any]:

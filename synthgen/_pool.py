@@ -10,7 +10,7 @@ import concurrent.futures
 import os
 import threading
 
-__all__ = ["map_threads", "set_num_threads"]
+__all__ = ["map_threads", "set_num_threads", "usable_cpus"]
 
 _NUM_THREADS: int | None = None
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -29,16 +29,21 @@ def set_num_threads(n: int | None) -> None:
     _NUM_THREADS = None if n is None else int(n)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity; all of them where that is unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _threads() -> int:
     if _NUM_THREADS is not None:
         return _NUM_THREADS
     env = os.environ.get("SYNTHGEN_NUM_THREADS")
     if env:
         return max(1, int(env))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def _drop_pool() -> None:

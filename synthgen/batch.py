@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ._pool import usable_cpus
 from .layouts import Case, _unoriented, load_mask, load_organ
 from .presets import LESION_NAMES, ORGANS
 
@@ -692,13 +693,6 @@ def _worker_init(threads: int) -> None:
     os.environ["SYNTHGEN_NUM_THREADS"] = str(threads)
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any]]:
     if scheduler:
         try:
@@ -729,7 +723,7 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    threads = max(1, _cpu_count() // workers)
+    threads = max(1, usable_cpus() // workers)
     ctx = mp.get_context("spawn")  # never fork a process that holds threads
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
