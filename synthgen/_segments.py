@@ -423,10 +423,11 @@ def clear_caches() -> None:
         f.cache_clear()
 
 
-def _address(be, a, job: int, what: str) -> tuple[int, int, int, int]:
-    """Device address and strides in elements of ``a``, a device array of job ``job``;
-    ValueError where they are not multiples of its element size (a kernel's typed load there
-    would fault on a GPU, and strides in elements would round)."""
+def _address(be, a, job: int, what: str, code: int | None = None) -> tuple[int, ...]:
+    """``(address, dtype code, three strides in elements)`` of ``a``, a device array of job
+    ``job`` (``code``: its dtype code when known, else derived); ValueError where address or
+    strides are not multiples of its element size (a kernel's typed load there would fault
+    on a GPU, and strides in elements would round)."""
     item = a.itemsize
     ptr = int(be.ptr(a))
     s0, s1, s2 = (int(s) for s in a.strides)
@@ -436,7 +437,8 @@ def _address(be, a, job: int, what: str) -> tuple[int, int, int, int]:
             f"{tuple(a.strides)} bytes) is not aligned to its {item}-byte elements; pass an "
             "aligned array (e.g. a contiguous copy)"
         )
-    return ptr, s0 // item, s1 // item, s2 // item
+    cd = dtype_code(a.dtype) if code is None else code
+    return ptr, cd, s0 // item, s1 // item, s2 // item
 
 
 class _Jobs:
@@ -467,21 +469,12 @@ class _Jobs:
                 ints.extend((0, 0, 0, 0, 0, 0))
             else:
                 ints.extend((ob[0][0], ob[1][0], ob[2][0], ob[0][1], ob[1][1], ob[2][1]))
-            if job.target_on_device:  # 9:14
-                a, *st = _address(be, job.target, q, "image (out)")
-                ints.extend((a, code, *st))
-            else:
-                ints.extend(none5)
-            if job.organ_on_device:  # 14:19
-                a, *st = _address(be, org, q, "organ mask")
-                ints.extend((a, dtype_code(org.dtype), *st))
-            else:
-                ints.extend(none5)
-            if job.label_on_device:  # 19:24
-                a, *st = _address(be, job.label, q, "label map")
-                ints.extend((a, dtype_code(job.label.dtype), *st))
-            else:
-                ints.extend(none5)
+            for on, a, what, cd in (
+                (job.target_on_device, job.target, "image (out)", code),  # 9:14
+                (job.organ_on_device, org, "organ mask", None),  # 14:19
+                (job.label_on_device, job.label, "label map", None),  # 19:24
+            ):
+                ints.extend(_address(be, a, q, what, cd) if on else none5)
             ints.extend((rnd, job.tumor_label, ob is not None, job.target_on_device,
                          job.organ_on_device, job.label_on_device))  # 24:30  # fmt: skip
             flts.extend(plan.spacing)  # 0:3
