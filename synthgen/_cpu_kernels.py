@@ -1537,7 +1537,7 @@ def wall_blend(
                     depth = (1.0 - np.sqrt(rr2)) * np.float64(m)
                     w = _np_clip(0.5 + depth / two_sigma, 0.0, 1.0)
                 else:
-                    s = x0[a] * a0 + x1[b] * a1 + x2[c] * a2
+                    s = _axial(x0[a], x1[b], x2[c], a0, a1, a2)[0]
                     aa = abs(s)
                     if shoulder <= 0:
                         taper = one if aa <= half else f32(0.0)

@@ -48,7 +48,7 @@ def _axis_part(key, n: int, b0: int, b1: int):
             k1 = min(m, -(-(start - (b0 - 1)) // -step))
         k1 = max(k1, k0)
         return m, (k0, k1), (start + k0 * step - b0, step)
-    if key is None or isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, np.integer)):
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)):  # (None, np.bool_ too)
         raise IndexError(f"a PackedMask is read by ints and slices, got {key!r}")
     i = int(key)
     if i < -n or i >= n:

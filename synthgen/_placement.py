@@ -83,10 +83,10 @@ def bright_vessels(
     vals = np.asarray(image[sample])[org[::step, ::step, ::step]]
     if vals.size < 16:
         vals = np.asarray(image[region])[org]
-    whole = vals.dtype.kind in "iub"  # (an integer image: the medians are counted)
-    vals = vals.astype(np.float64)
-    med = median(vals, whole)
-    sd = 1.4826 * median_abs_dev(vals, med, whole)
+    if vals.dtype.kind not in "iub":  # (an integer image's medians are counted as they are)
+        vals = vals.astype(np.float64)
+    med = median(vals)
+    sd = 1.4826 * median_abs_dev(vals, med)
     thr = med + max(K_SD * sd, MIN_DELTA_HU)
     near = face_dilation(np.ascontiguousarray(org))  # (in the organ or touching it)
     bright = near & above(image, region, thr)

@@ -546,12 +546,10 @@ class _Placer:
         self._origin = (int(bbox[self.inplane[0]].start), int(bbox[self.inplane[1]].start))
         # Candidates per slice; shared by every plan of a scan through its OrganIndex.
         key = ("slices", axis, self.p.tissue_hu, tuple((b.start, b.stop) for b in bbox))
-        self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = (
-            cache.setdefault(key, {}) if cache is not None else {}
-        )
+        self._cache = cache if cache is not None else {}
+        self._slices: dict[int, tuple[np.ndarray, np.ndarray]] = self._cache.setdefault(key, {})
         # A device image's tissue window over the box (PackedMask), made once and shared the
         # same way.
-        self._cache = cache if cache is not None else {}
         self._window_key = ("window", *key[2:])
 
     def _slice(self, z: int) -> tuple[np.ndarray, np.ndarray]:
