@@ -50,6 +50,14 @@ class Scene:
         self.idx = synthgen.index_organ(self.mask_h)
         self.syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
         self.img_d, self.mask_d = upload(self.img_h), upload(self.mask_h)
+        self._upload, self._outs = upload, [self.img_d]
+
+    def outs(self, k: int) -> list:
+        """``k`` device images, one output per plan of a call (plans sharing one render in
+        turn): ``img_d`` and copies, made once."""
+        while len(self._outs) < k:
+            self._outs.append(self._upload(self.img_h))
+        return self._outs[:k]
 
     def plans(self, seed: int, n: int, size: str) -> list:
         return [self.syn.plan(self.img_h, self.mask_h, seed=seed + i, size=size,

@@ -37,7 +37,7 @@ KINDS = ("alloc", "fill", "copy_in", "download", "launch", "event", "view")
 def run(args) -> list[dict]:
     """The counts of each case, for both versions of the driver."""
     import bench_gpu_host
-    from _cuda_emu import DeviceArray, to_device
+    from _cuda_emu import DeviceArray
     from ab_host import _recorder, load_revision
 
     from synthgen import _cuda
@@ -98,7 +98,7 @@ def run(args) -> list[dict]:
     rows = []
     for size, k in CASES:
         plans = sc.plans(4_000, k, size)
-        outs_d = [img_d, *(to_device(sc.img_h) for _ in range(k - 1))]  # one a plan
+        outs_d = sc.outs(k)  # one output a plan
         for version, drv in drivers.items():
             recs[version].log.clear()
             drv.render_on_gpu(plans, [img_d] * k, [mask_d] * k, device_id=0, outs=outs_d,

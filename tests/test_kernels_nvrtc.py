@@ -10,21 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _nvrtc import NVRTCError, compile_to_ptx, find_libnvrtc, find_libnvrtcs, register_report
+from _nvrtc import NVRTCError, compile_to_ptx, find_libnvrtcs, register_report
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 SOURCES = sorted(KERNELS.glob("*.cu"))
+LIBS = find_libnvrtcs()
 
 pytestmark = pytest.mark.skipif(
-    find_libnvrtc() is None, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)"
+    not LIBS, reason="NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)"
 )
 
 
 def test_there_are_kernels() -> None:
     assert SOURCES, f"no .cu files in {KERNELS}"
-
-
-LIBS = find_libnvrtcs()
 
 
 def test_the_gpu_machine_s_compiler_is_checked() -> None:

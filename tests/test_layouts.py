@@ -980,14 +980,12 @@ def test_resume_keeps_samples_of_a_duplicate_scan_left_out_since(tmp_path) -> No
     """Two CSV rows of byte-identical scans (a/ct_a, b/ct_b), both done; then a CSV with b
     only: a's samples are another scan's (b kept its id and its samples), not a renaming, so
     the resume goes on."""
-    import shutil as sh
-
     root = tmp_path / "data"
     ph = phantom(1)
     for k in ("a", "b"):
         save(root / k / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
     save(root / "a" / "ct_a.nii.gz", ph.image, ph.affine)
-    sh.copyfile(root / "a" / "ct_a.nii.gz", root / "b" / "ct_b.nii.gz")
+    shutil.copyfile(root / "a" / "ct_a.nii.gz", root / "b" / "ct_b.nii.gz")
     sheet = root / "cases.csv"
     sheet.write_text("a/ct_a.nii.gz,a/liver.nii.gz,liver\nb/ct_b.nii.gz,b/liver.nii.gz,liver\n")
     out = tmp_path / "out"
