@@ -272,7 +272,6 @@ def _measure_sample(d: Path) -> dict[str, Any]:
     ctf = ct  # measured in place; float64 sums below
     out_of_range = int(np.count_nonzero((ct < CT_RANGE[0]) | (ct > CT_RANGE[1])))
     gas_total = int(np.count_nonzero(all_tumor & (ct < GAS_HU)))
-    ring_struct = ndimage.generate_binary_structure(3, 1)
     full = ndimage.generate_binary_structure(3, 3)
 
     organ_out: dict[str, Any] = {}
@@ -284,7 +283,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
         org_ref_all = org & ~all_tumor
         if intended.get("wall"):  # the wall, not the lumen's gas or contents
             org_ref_all &= (ct >= WALL_HU[0]) & (ct <= WALL_HU[1])
-        whole = ctf[org_ref_all]
+        whole: list[np.ndarray] = []  # (the whole organ's values, read if ever needed)
         comps, n = ndimage.label(les, full)
         objs = ndimage.find_objects(comps)
         tumors = []
@@ -299,28 +298,26 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             gas = int(np.count_nonzero(vals < GAS_HU))
             inside = float(np.count_nonzero(comp & org[sl])) / nv
             big = _grow(sl, pad, shape)
-            # reference: the organ in a shell 3 to 6 steps outside the tumor (past its blur
-            # and halo, near enough to be the tissue it replaced), else the box, else all
-            shell_sl = _grow(sl, [steps[1] + 1] * 3, shape)
-            cs = comps[shell_sl] == k
-            shell = ndimage.binary_dilation(cs, ring_struct, iterations=steps[1])
-            shell &= ~ndimage.binary_dilation(cs, ring_struct, iterations=steps[0] - 1)
-            shell &= org_ref_all[shell_sl]
+            # steps (face-connected: taxicab distance) from the tumor, in a window around it
+            win = _grow(sl, [steps[1] + 1] * 3, shape)
+            steps_out = ndimage.distance_transform_cdt(comps[win] != k, metric="taxicab")
+            ref_win = org_ref_all[win]
+            # reference: the organ in a shell 3 to 8 mm outside the tumor (past its blur and
+            # halo, near enough to be the tissue it replaced), else the box, else all
+            shell = (steps_out >= steps[0]) & (steps_out <= steps[1]) & ref_win
             ref = org_ref_all[big]
             if shell.sum() >= _MIN_REF_VOXELS:
-                near = ctf[shell_sl][shell]
+                near = ctf[win][shell]
             elif ref.sum() >= _MIN_REF_VOXELS:
                 near = ctf[big][ref]
             else:
-                near = whole
+                whole = whole or [ctf[org_ref_all]]
+                near = whole[0]
             median, spread = float(np.median(near)), _half_iqr(near)
             contrast = median - mean_hu
-            # ring: 1-2 dilation steps outside the tumor, organ and not tumor
-            rs = _grow(sl, [3, 3, 3], shape)
-            cm = comps[rs] == k
-            ring = ndimage.binary_dilation(cm, ring_struct, iterations=2) & ~cm
-            ring &= org_ref_all[rs]
-            ring_mean = float(ctf[rs][ring].astype(np.float64).mean()) if ring.any() else math.nan
+            # ring: 1-2 steps outside the tumor, organ and not tumor
+            ring = (steps_out >= 1) & (steps_out <= 2) & ref_win
+            ring_mean = float(ctf[win][ring].astype(np.float64).mean()) if ring.any() else math.nan
             if not math.isfinite(contrast) or abs(contrast) < 1.0:
                 halo = 0.0 if math.isfinite(contrast) else math.nan
             else:
