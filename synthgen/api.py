@@ -263,38 +263,39 @@ def render_batch(
     :func:`render`): plans whose tumors push tissue get their image (into its ``out`` or a
     copy), organ mask (a copy) and label map of ``label_outs`` (in place) warped first; the
     others are rendered as given."""
-    from .mass_effect import prepare_render
     from .rendering import label_args, per_plan, sequential_groups
 
     ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
     labs = label_args(plans, label_outs, tumor_label)  # checked before anything is warped
+    afs = per_plan(len(plans), affines=affines)[0]
     if any(map(unreadable, (*ims, *oms, *os_, *labs))):  # non-native byte order or float16
-        afs = per_plan(len(plans), affines=affines)[0]
         todo = zip(plans, ims, oms, os_, afs, labs, strict=True)
         return [render(p, im, om, out=o, device=device, affine=a, label_out=lab,
                        tumor_label=tumor_label) for p, im, om, o, a, lab in todo]  # fmt: skip
-    if any(p.get_preset().mass_effect.enabled for p in plans):
-        # images and label maps shared between plans: warp and render in turn, as one by one
-        starts = {a for a, _ in sequential_groups(ims, os_)}
-        starts |= {a for a, _ in sequential_groups(labs, labs)}
-        stops = [*sorted(starts)[1:], len(plans)]
-        groups = list(zip(sorted(starts), stops, strict=True))
-        if len(groups) > 1:
-            afs = per_plan(len(plans), affines=affines)[0]
-            out: list[RenderResult] = []
-            last: list[RenderResult] = []
-            for a, b in groups:
-                for r in last:  # the last run finished first (on a GPU it may still run on
-                    list(r.tumors)  # the caller's stream): this run's warp reads its output
-                last = render_batch(
-                    plans[a:b], ims[a:b], oms[a:b], outs=os_[a:b], device=device,
-                    affines=afs[a:b], stream=stream, label_outs=labs[a:b],
-                    tumor_label=tumor_label,
-                )  # fmt: skip
-                out += last
-            return out
-    lab_args = {"label_outs": labs, "tumor_label": tumor_label}
-    plans_r = list(plans)
+    kw = {"device": device, "stream": stream, "tumor_label": tumor_label}
+    if not any(p.get_preset().mass_effect.enabled for p in plans):
+        return _render_batch(plans, ims, oms, outs=os_, affines=afs, label_outs=labs, **kw)
+    # images and label maps shared between plans: warp and render in turn, as one by one
+    starts = {a for a, _ in sequential_groups(ims, os_)}
+    starts |= {a for a, _ in sequential_groups(labs, labs)}  # (label maps: read and written)
+    stops = [*sorted(starts)[1:], len(plans)]
+    out: list[RenderResult] = []
+    last: list[RenderResult] = []
+    for a, b in zip(sorted(starts), stops, strict=True):
+        for r in last:  # the last run finished first (on a GPU it may still run on the
+            list(r.tumors)  # caller's stream): this run's warp reads its output
+        last = _warp_and_render(plans[a:b], ims[a:b], oms[a:b], os_[a:b], afs[a:b], labs[a:b],
+                                **kw)  # fmt: skip
+        out += last
+    return out
+
+
+def _warp_and_render(plans, ims, oms, os_, afs, labs, **kw) -> list[RenderResult]:
+    """One run of plans that share no output: each plan's mass effect warps its image (into
+    its ``out`` or a copy), organ mask (a copy) and label map first, then one render."""
+    from .mass_effect import prepare_render
+
+    plans_r, ims, oms, os_ = list(plans), list(ims), list(oms), list(os_)
     warped = False
     for i, p in enumerate(plans):
         if not p.get_preset().mass_effect.enabled:
@@ -303,15 +304,10 @@ def render_batch(
         if prep.fields:
             plans_r[i], ims[i], oms[i], os_[i] = prep.plan, prep.image, prep.organ_mask, prep.image
             warped = True
-    if not warped:
-        return _render_batch(
-            plans, images, organ_masks, outs=outs, device=device, affines=affines, stream=stream,
-            **lab_args,
-        )  # fmt: skip
-    res = _render_batch(plans_r, ims, oms, outs=os_, device=device, affines=affines,
-                        stream=stream, **lab_args)  # fmt: skip
-    for r, p in zip(res, plans, strict=True):
-        r.plan = p
+    res = _render_batch(plans_r, ims, oms, outs=os_, affines=afs, label_outs=labs, **kw)
+    if warped:
+        for r, p in zip(res, plans, strict=True):
+            r.plan = p
     return res
 
 
