@@ -344,7 +344,7 @@ def render_wall(
 
     from ._cpu_kernels import outer_wall, wall_arc, wall_blend, wall_component
     from ._edt import distance_transform_edt
-    from ._texture import extent, interp_coords, texture_grid
+    from ._texture import texture_lookup
 
     w = t.wall
     sp = np.asarray(spacing, dtype=np.float64)
@@ -398,8 +398,7 @@ def render_wall(
         dist = distance_transform_edt(~wall, sampling=sp)
     # Texture (published recipe, positions relative to the centre; the grid and its rescale
     # are the whole box's), sampled at the component's voxels by the blend.
-    grid, origin, step = texture_grid(t.seed, t.texture, *extent(xb))
-    ti = [interp_coords(x[a], origin[a], step, grid.shape[a]) for a in range(3)]
+    grid, ti = texture_lookup(t.seed, t.texture, xb, at=x)
     # The tissue: enhancing soft tissue + texture + the scan's noise, from the counter-based
     # hash of (tumor, voxel offset from its centre), as every per-voxel random number.
     keys = np.asarray([*stream_key(t.seed, STREAM_WALL_NOISE), 0, 0], dtype=np.uint32)
@@ -422,7 +421,6 @@ def render_wall(
             LABEL_MIN_HU,
         ]
     )
-    grid = np.ascontiguousarray(grid, dtype=np.float32)
     delta, mask, lo0, hi0, lo1, hi1, lo2, hi2 = wall_blend(
         comp, orig, dist, *x, *y, prm, grid, *(v for p in ti for v in p), keys, off
     )

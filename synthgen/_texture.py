@@ -44,6 +44,7 @@ __all__ = [
     "sample_trilinear",
     "texture_box",
     "texture_grid",
+    "texture_lookup",
     "texture_recipe",
 ]
 
@@ -337,10 +338,23 @@ def extent(pos) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(p[0]) for p in pos), tuple(float(p[-1]) for p in pos)
 
 
+def texture_lookup(seed: int, params: Mapping[str, float], pos, at=None, k=None):
+    """The texture grid covering a box (positions in mm per axis, ``pos``) and, per axis, the
+    trilinear base index and fraction of the positions ``at`` (default: ``pos``) on it (the
+    values of :func:`interp_coords`): ``(grid, ((i0, f0), (i1, f1), (i2, f2)))``, the grid
+    C-contiguous float32. What every renderer samples the texture through."""
+    from ._cpu_kernels import interp_coords_nb
+
+    grid, origin, step = texture_grid(seed, params, *extent(pos), k)
+    at = pos if at is None else at
+    grid = np.ascontiguousarray(grid, dtype=np.float32)
+    return grid, tuple(interp_coords_nb(np.asarray(at[a]), origin[a], step, grid.shape[a])
+                       for a in range(3))  # fmt: skip
+
+
 def texture_box(seed: int, params: Mapping[str, float], pos) -> np.ndarray:
     """Texture at the voxels of a box (positions in mm per axis): grid + trilinear."""
-    grid, origin, step = texture_grid(seed, params, *extent(pos))
     from ._cpu_kernels import trilinear_box  # (sample_trilinear's values, in one pass)
 
-    idx = [interp_coords(pos[a], origin[a], step, grid.shape[a]) for a in range(3)]
-    return trilinear_box(np.ascontiguousarray(grid), *(x for ix in idx for x in ix))
+    grid, idx = texture_lookup(seed, params, pos)
+    return trilinear_box(grid, *(x for ix in idx for x in ix))

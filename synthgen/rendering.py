@@ -27,7 +27,7 @@ from ._device import array_kind
 from ._geometry import prefilter
 from ._pool import map_threads as _map
 from ._pool import set_num_threads
-from ._texture import texture_grid
+from ._texture import texture_lookup
 from .planning import Plan, TumorPlan, _binary, check_arrays, float64s, readable, unreadable
 
 __all__ = [
@@ -541,10 +541,7 @@ def _render_tumor(
         mask.view(np.uint8), -r[0], kern[0], n[0], -r[1], kern[1], n[1], -r[2], kern[2], n[2]
     )
     # Texture on its block grid, interpolated inside the blend kernel.
-    lo = tuple(float(p[0]) for p in pos)
-    hi = tuple(float(p[-1]) for p in pos)
-    tgrid, origin, step = texture_grid(t.seed, t.texture, lo, hi, k)
-    ic = [k.interp_coords_nb(pos[a], origin[a], step, tgrid.shape[a]) for a in range(3)]
+    tgrid, ic = texture_lookup(t.seed, t.texture, pos, k=k)
     delta = np.zeros(n, dtype=np.float32)
     k.blend_tumor(
         orig32,
