@@ -31,6 +31,7 @@ __all__ = [
     "bspline_matrix",
     "component_box",
     "conservative_boxes_nb",
+    "cylinder_mask",
     "face_dilation",
     "gaussian_band_nb",
     "grid_ranges_nb",
@@ -1413,6 +1414,19 @@ def _in_cylinder(org, i, j, k, x0, x1, x2, a0, a1, a2, axial, reach):
         return False
     s, p0, p1, p2 = _axial(x0[i], x1[j], x2[k], a0, a1, a2)
     return abs(s) <= axial and np.sqrt(p0 * p0 + p1 * p1 + p2 * p2) <= reach
+
+
+@nb.njit(**_OPTS)
+def cylinder_mask(org, x0, x1, x2, a0, a1, a2, axial, reach):
+    """The organ's voxels in the cylinder (``_in_cylinder`` at every voxel of the box): for
+    the wall render's fallback when its centre is not in the cylinder."""
+    n0, n1, n2 = org.shape
+    out = np.zeros((n0, n1, n2), dtype=np.bool_)
+    for i in range(n0):
+        for j in range(n1):
+            for k in range(n2):
+                out[i, j, k] = _in_cylinder(org, i, j, k, x0, x1, x2, a0, a1, a2, axial, reach)
+    return out
 
 
 @nb.njit(inline="always", **_OPTS)

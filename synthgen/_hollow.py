@@ -342,7 +342,7 @@ def render_wall(
         label), or ``None`` when the tumor changes nothing.
     """
 
-    from ._cpu_kernels import outer_wall, wall_arc, wall_blend, wall_component
+    from ._cpu_kernels import cylinder_mask, outer_wall, wall_arc, wall_blend, wall_component
     from ._edt import distance_transform_edt
     from ._texture import texture_lookup
 
@@ -366,11 +366,7 @@ def render_wall(
     seed = [int(np.clip(round(c[a] - box[a].start), 0, org.shape[a] - 1)) for a in range(3)]
     comp, *lo = wall_component(org, *seed, *xb, *axis, axial, reach)
     if lo[0] < 0:  # the centre is not in the cylinder: the cylinder's voxel nearest it
-        x = _coords_mm(box, sp, c)
-        s = x[0] * axis[0] + x[1] * axis[1] + x[2] * axis[2]
-        px = [x[a] - s * axis[a] for a in range(3)]
-        rho = np.sqrt(px[0] ** 2 + px[1] ** 2 + px[2] ** 2)
-        found = _component(org & (np.abs(s) <= axial) & (rho <= reach), seed)
+        found = _component(cylinder_mask(org, *xb, *axis, axial, reach), seed)
         if found is None:
             return None
         comp, lo = found
