@@ -1330,14 +1330,14 @@ def _components_of(flat, n0, n1, n2, min_size):
     return keep
 
 
-def component_box(m, s0, s1, s2):
+def component_box(m, s0, s1, s2, pad=0):
     """The 26-connected component of ``m`` (3-D bool) through its set voxel ``(s0, s1, s2)``
     by a flood fill from it (the voxels ``ndimage.label`` would give that voxel's label, at a
     cost that grows with the component rather than the box): ``(comp, lo0, lo1, lo2)``, the
-    component cropped to its bounding box and the box's first index per axis (``lo0 == -1``
-    when the voxel is not set)."""
+    component cropped to its bounding box grown by ``pad`` voxels (within ``m``) and the
+    box's first index per axis (``lo0 == -1`` when the voxel is not set)."""
     none = np.empty(0)
-    return _flood_fill(m, s0, s1, s2, False, none, none, none, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return _flood_fill(m, s0, s1, s2, False, none, none, none, 0.0, 0.0, 0.0, 0.0, 0.0, pad)
 
 
 def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
@@ -1355,15 +1355,15 @@ def wall_component(org, s0, s1, s2, x0, x1, x2, a0, a1, a2, axial, reach):
     the box's first index per axis; ``lo0 == -1`` (and an empty ``comp``) when the seed is
     not in the cylinder.
     """
-    return _flood_fill(org, s0, s1, s2, True, x0, x1, x2, a0, a1, a2, axial, reach)
+    return _flood_fill(org, s0, s1, s2, True, x0, x1, x2, a0, a1, a2, axial, reach, 0)
 
 
 @nb.njit(**_OPTS)
-def _flood_fill(m, s0, s1, s2, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
+def _flood_fill(m, s0, s1, s2, cyl, x0, x1, x2, a0, a1, a2, axial, reach, pad):
     """The 26-connected component through ``(s0, s1, s2)`` of the voxels of ``m`` (and, with
     ``cyl``, of the cylinder: ``_in_cylinder``), each voxel tested once, when first reached:
-    ``(comp cropped to its bounding box, lo0, lo1, lo2)``, ``lo0 == -1`` when the seed is
-    not in."""
+    ``(comp cropped to its bounding box grown by pad within m, lo0, lo1, lo2)``,
+    ``lo0 == -1`` when the seed is not in."""
     n0, n1, n2 = m.shape
     if not _inside(m, s0, s1, s2, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
         return np.zeros((0, 0, 0), dtype=np.bool_), -1, -1, -1
@@ -1393,6 +1393,8 @@ def _flood_fill(m, s0, s1, s2, cyl, x0, x1, x2, a0, a1, a2, axial, reach):
                             top += 1
                         else:
                             state[ii, jj, kk] = 2
+    lo0, lo1, lo2 = max(lo0 - pad, 0), max(lo1 - pad, 0), max(lo2 - pad, 0)
+    hi0, hi1, hi2 = min(hi0 + pad, n0 - 1), min(hi1 + pad, n1 - 1), min(hi2 + pad, n2 - 1)
     comp = np.empty((hi0 - lo0 + 1, hi1 - lo1 + 1, hi2 - lo2 + 1), dtype=np.bool_)
     for i in range(lo0, hi0 + 1):
         for j in range(lo1, hi1 + 1):

@@ -139,12 +139,12 @@ def _coords_mm(box, sp, origin) -> list[np.ndarray]:
     return out
 
 
-def _component(m: np.ndarray, seed_idx) -> tuple[np.ndarray, list[int]] | None:
+def _component(m: np.ndarray, seed_idx, pad: int = 0) -> tuple[np.ndarray, list[int]] | None:
     """The 26-connected component of ``m`` through ``seed_idx`` (or the nearest ``m`` voxel:
     the first in C order of the nearest), by a flood fill from it (``component_box``: the
     component ``ndimage.label`` gives, at the cost of the component): ``(comp, lo)``, the
-    component cropped to its bounding box and the box's first index per axis; ``None`` when
-    ``m`` has no voxel."""
+    component cropped to its bounding box grown by ``pad`` voxels (within ``m``) and the
+    box's first index per axis; ``None`` when ``m`` has no voxel."""
     from ._cpu_kernels import component_box
 
     m = np.ascontiguousarray(m, dtype=bool)
@@ -154,7 +154,7 @@ def _component(m: np.ndarray, seed_idx) -> tuple[np.ndarray, list[int]] | None:
         if idx.size == 0:
             return None
         s = tuple(int(v) for v in idx[int(np.argmin(((idx - np.asarray(s)) ** 2).sum(axis=1)))])
-    comp, *lo = component_box(m, *s)
+    comp, *lo = component_box(m, *s, pad)
     return comp, lo
 
 
@@ -198,25 +198,21 @@ def locate_wall(
         org = np.asarray(organ_mask[box])
         org = org if org.dtype == np.bool_ else org > 0.5
         local = [(int(p0[a]) - box[a].start) // st[a] for a in range(3)]
-        found = _component(org, local)
         # The component's bounding box and a voxel around it (where in the box): the
         # distances of its voxels are those of the whole box (each voxel's nearest voxel
         # outside the component is in that frame: moved into it, a voxel outside comes no
         # farther from any voxel inside), and everything below reads only its voxels.
+        found = _component(org, local, pad=1)
         start0, cl = [b.start for b in box], [0, 0, 0]
         if found is None:
             comp = np.zeros(org.shape, dtype=bool)
         else:
-            comp, lo = found
-            cl = [max(lo[a] - 1, 0) for a in range(3)]
-            ch = [min(lo[a] + comp.shape[a] + 1, org.shape[a]) for a in range(3)]
-            inner = tuple(slice(lo[a] - cl[a], lo[a] - cl[a] + comp.shape[a]) for a in range(3))
-            comp, found = np.zeros([ch[a] - cl[a] for a in range(3)], dtype=bool), comp
-            comp[inner] = found
+            comp, cl = found
             box = tuple(
-                slice(box[a].start + cl[a] * st[a], box[a].start + ch[a] * st[a], st[a])
+                slice(box[a].start + cl[a] * st[a], box[a].start + (cl[a] + comp.shape[a]) * st[a],
+                      st[a])
                 for a in range(3)
-            )
+            )  # fmt: skip
         edt = distance_transform_edt(comp, sampling=spg)
         x = _coords_mm(box, sp, p0)
         d2 = x[0] ** 2 + x[1] ** 2 + x[2] ** 2

@@ -559,7 +559,7 @@ def test_locate_wall_on_the_components_box_is_the_whole_box(small_phantom, organ
         cases.append((p0, draws, locate_wall(ph.image, m, p0, ph.spacing, draws)))
     real = _hollow._component
 
-    def whole(m, seed):  # (no crop: the component in a box as large as the planning box)
+    def whole(m, seed, pad=0):  # (no crop: the component in a box as large as the planning box)
         found = real(m, seed)
         return None if found is None else (placed(m.shape, found), [0, 0, 0])
 
@@ -569,10 +569,10 @@ def test_locate_wall_on_the_components_box_is_the_whole_box(small_phantom, organ
     # (and the crop is smaller than the box: there is something to compare)
     shrunk = []
 
-    def measured(m, seed):
+    def measured(m, seed, pad=0):
         found = real(m, seed)
         shrunk.append(any(found[0].shape[d] + 2 < m.shape[d] for d in range(3)))
-        return found
+        return real(m, seed, pad)
 
     monkeypatch.setattr(_hollow, "_component", measured)
     for p0, draws, _ in cases:
