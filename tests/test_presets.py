@@ -315,6 +315,20 @@ INVALID = [
         MINIMAL + "[contrast]\nmode = 'sometimes'\n", "contrast.mode", "sometimes", id="mode"
     ),
     pytest.param(MINIMAL.replace("small = 1", "small = 0"), "mix", "zero", id="mix-all-zero"),
+    # a number where a table of the user's names belongs: a PresetError, not a TypeError
+    # (the CLI's --preset printed a traceback)
+    pytest.param(
+        'name = "x"\norgan = "liver"\nclasses = 5\n[mix]\nsmall = 1\n',
+        "classes",
+        "must be a table, got int",
+        id="classes-not-a-table",
+    ),
+    pytest.param(
+        MINIMAL + "[classes.combo]\ncomponents = 5\n",
+        "classes.combo.components",
+        "must be a table, got int",
+        id="components-not-a-table",
+    ),
     pytest.param(
         MINIMAL.replace("count = [1, 2]", "count = [1.5, 2]"),
         "classes.small.count",

@@ -377,6 +377,13 @@ def _take(ctx: _Ctx, table: dict[str, Any], key: str, allowed: set[str]) -> dict
     return table
 
 
+def _table(ctx: _Ctx, table: Any, key: str) -> dict[str, Any]:
+    """A table whose keys are the user's names (classes, components): any key, but a table."""
+    if not isinstance(table, dict):
+        raise ctx.fail(key, f"must be a table, got {type(table).__name__}")
+    return table
+
+
 def _num(ctx: _Ctx, key: str, v: Any, *, lo: float | None = None, hi: float | None = None):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ctx.fail(key, f"must be a finite number, got {v!r}")
@@ -432,7 +439,7 @@ def _parse_class(ctx: _Ctx, name: str, t: dict[str, Any]) -> SizeClass:
     key = f"classes.{name}"
     _take(ctx, t, key, _CLASS_KEYS)
     if "components" in t:
-        comps = _take(ctx, t["components"], key + ".components", set(t["components"]))
+        comps = _table(ctx, t["components"], key + ".components")
         if not comps:
             raise ctx.fail(key + ".components", "must name at least one class")
         parsed = {c: _int_range(ctx, f"{key}.components.{c}", r) for c, r in comps.items()}
@@ -571,7 +578,7 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
     if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
         raise ctx.fail("sources", "must be a list of strings")
 
-    classes_t = _take(ctx, data["classes"], "classes", set(data["classes"]))
+    classes_t = _table(ctx, data["classes"], "classes")
     if not classes_t:
         raise ctx.fail("classes", "must define at least one size class")
     classes = {n: _parse_class(ctx, n, t) for n, t in classes_t.items()}
