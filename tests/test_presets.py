@@ -315,6 +315,23 @@ INVALID = [
         MINIMAL + "[contrast]\nmode = 'sometimes'\n", "contrast.mode", "sometimes", id="mode"
     ),
     pytest.param(MINIMAL.replace("small = 1", "small = 0"), "mix", "zero", id="mix-all-zero"),
+    # integer draws from a range without an integer: refused on load, not "low >= high"
+    # from the first plan
+    pytest.param(
+        MINIMAL.replace("radius_mm = [4, 6]", "radius_mm = [4.2, 4.8]\nradius_integer = true"),
+        "classes.small.radius_mm",
+        "no integer",
+        id="integer-radius-without-integer",
+    ),
+    pytest.param(
+        MINIMAL.replace(
+            "radius_mm = [4, 6]",
+            "radius_mm = [4, 6]\nelastic_sigma_mm = [0.2, 0.8]\nelastic_sigma_integer = true",
+        ),
+        "classes.small.elastic_sigma_mm",
+        "no integer",
+        id="integer-sigma-without-integer",
+    ),
     # a number where a table of the user's names belongs: a PresetError, not a TypeError
     # (the CLI's --preset printed a traceback)
     pytest.param(

@@ -454,15 +454,21 @@ def _parse_class(ctx: _Ctx, name: str, t: dict[str, Any]) -> SizeClass:
     radius = _range(ctx, key + ".radius_mm", t["radius_mm"], lo=0.5, hi=500)
     sigma = _range(ctx, key + ".elastic_sigma_mm", t.get("elastic_sigma_mm", [0, 0]), lo=0)
     wall_t = t.get("wall_thickness_mm")
+    radius_int = _bool(ctx, key + ".radius_integer", t.get("radius_integer", False))
+    sigma_int = _bool(ctx, key + ".elastic_sigma_integer", t.get("elastic_sigma_integer", False))
+    # integer draws need an integer in the range (planning draws from ceil(lo)..floor(hi))
+    for k, (lo, hi), on in (("radius", radius, radius_int), ("elastic_sigma", sigma, sigma_int)):
+        if on and math.ceil(lo) > math.floor(hi):
+            raise ctx.fail(
+                f"{key}.{k}_mm", f"[{lo:g}, {hi:g}] holds no integer, but {k}_integer = true"
+            )
     return SizeClass(
         name=name,
         count=count,
         radius_mm=radius,
-        radius_integer=_bool(ctx, key + ".radius_integer", t.get("radius_integer", False)),
+        radius_integer=radius_int,
         elastic_sigma_mm=sigma,
-        elastic_sigma_integer=_bool(
-            ctx, key + ".elastic_sigma_integer", t.get("elastic_sigma_integer", False)
-        ),
+        elastic_sigma_integer=sigma_int,
         at_organ_center=_bool(ctx, key + ".at_organ_center", t.get("at_organ_center", False)),
         exophytic_probability=_num(
             ctx, key + ".exophytic_probability", t.get("exophytic_probability", 0.0), lo=0, hi=1
