@@ -332,6 +332,20 @@ INVALID = [
         "no integer",
         id="integer-sigma-without-integer",
     ),
+    # lengths without an upper bound: a 1e9 mm erosion allocated an exabyte (MemoryError) at
+    # the first plan, a 1000 mm blur left labelled tumors that change no voxel
+    pytest.param(
+        MINIMAL + "[placement]\nerosion_mm = 1e9\n",
+        "placement.erosion_mm",
+        "<= 50",
+        id="erosion-out-of-range",
+    ),
+    pytest.param(
+        MINIMAL + "[blend]\nsigma_mm = [1000, 2000]\n",
+        "blend.sigma_mm",
+        "<= 20",
+        id="blur-out-of-range",
+    ),
     # a number where a table of the user's names belongs: a PresetError, not a TypeError
     # (the CLI's --preset printed a traceback)
     pytest.param(

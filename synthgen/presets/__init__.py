@@ -639,7 +639,11 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
         raise ctx.fail("contrast", "min_hu must be below max_hu")
 
     bl = _take(ctx, data.get("blend", {}), "blend", {"sigma_mm"})
-    blend = BlendParams(sigma_mm=_range(ctx, "blend.sigma_mm", bl.get("sigma_mm", (1, 2)), lo=0))
+    # (an edge blur wider than a large tumor spreads its change below a rounding step:
+    # labelled tumors with an unchanged image)
+    blend = BlendParams(
+        sigma_mm=_range(ctx, "blend.sigma_mm", bl.get("sigma_mm", (1, 2)), lo=0, hi=20)
+    )
 
     pl = _take(
         ctx, data.get("placement", {}), "placement", set(PlacementParams.__dataclass_fields__)
@@ -652,7 +656,9 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
     placement = PlacementParams(
         z_window=_range(ctx, "placement.z_window", pl.get("z_window", dp.z_window), lo=0, hi=1),
         widen=tuple(_range(ctx, "placement.widen", w, lo=0, hi=1) for w in widen),
-        erosion_mm=_num(ctx, "placement.erosion_mm", pl.get("erosion_mm", dp.erosion_mm), lo=0),
+        erosion_mm=_num(
+            ctx, "placement.erosion_mm", pl.get("erosion_mm", dp.erosion_mm), lo=0, hi=50
+        ),
         tissue_hu=None if tissue is None else _range(ctx, "placement.tissue_hu", tissue),
         vessel_clearance_mm=_num(
             ctx,
