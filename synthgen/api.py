@@ -263,10 +263,12 @@ def render_batch(
     :func:`render`): plans whose tumors push tissue get their image (into its ``out`` or a
     copy), organ mask (a copy) and label map of ``label_outs`` (in place) warped first; the
     others are rendered as given."""
-    from .rendering import label_args, per_plan, sequential_groups
+    from .rendering import check_writable, label_args, per_plan, sequential_groups
 
     ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
     labs = label_args(plans, label_outs, tumor_label)  # checked before anything is warped
+    for o in os_:
+        check_writable("out", o)
     afs = per_plan(len(plans), affines=affines)[0]
     if any(map(unreadable, (*ims, *oms, *os_, *labs))):  # non-native byte order or float16
         todo = zip(plans, ims, oms, os_, afs, labs, strict=True)

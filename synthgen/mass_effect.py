@@ -820,6 +820,9 @@ def prepare_render(
     fields' boxes are computed; NumPy arrays are warped in place, GPU arrays (CuPy, torch
     CUDA) box by box through the host. Nothing is copied when no tumor pushes.
     """
+    from .rendering import check_writable
+
+    check_writable("out", out)  # before the warp writes into it
     fields = plan_fields(plan, settings)
     labs, rebuild = _label_list(labels)
     if not fields:

@@ -602,6 +602,8 @@ def readable_job(fn, image: Any, organ_mask: Any, out: Any, label_out: Any = Non
     byte order: correct, but not the boxes-only in-place render of a native one. Arrays the
     kernels take as they are go to ``fn`` untouched.
     """
+    check_writable("out", out)  # (written back in full at the end)
+    check_writable("label_out", label_out)
     im, om = readable(image), readable(organ_mask)
     # (a label map tensor goes to the render as it is: label_arg says which ones it writes)
     work = readable(out)
@@ -633,6 +635,17 @@ def readable_job(fn, image: Any, organ_mask: Any, out: Any, label_out: Any = Non
     if res.organ_mask is om and om is not organ_mask:
         res.organ_mask = organ_mask
     return res
+
+
+def check_writable(name: str, a: Any) -> None:
+    """``ValueError`` for a read-only NumPy array given to be written (``out``,
+    ``label_out``): checked before anything is written, so a failed call leaves every
+    array as it was (the compiled kernels would raise a numba typing error part way)."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        raise ValueError(
+            f"{name} is read-only (a NumPy array with writeable=False, e.g. from np.frombuffer "
+            "or a memory map opened 'r'): pass a writable array, or none"
+        )
 
 
 def label_arg(label_out: Any, shape: Sequence[int], tumor_label: Any) -> Any:
@@ -675,6 +688,7 @@ def label_arg(label_out: Any, shape: Sequence[int], tumor_label: Any) -> Any:
             raise ValueError(f"tumor_label {value} is not exact in label_out's dtype {dt}")
     else:
         raise ValueError(f"label_out must be an integer or float array, got dtype {dt}")
+    check_writable("label_out", label_out)
     return label_out.numpy() if array_kind(label_out) == "torch-cpu" else label_out
 
 
@@ -841,6 +855,8 @@ def render_batch(
         n, images=images, organ_masks=organ_masks, outs=outs, affines=affines
     )
     label_outs = label_args(plans, label_outs, tumor_label)
+    for o in outs:  # all of them before the first plan renders
+        check_writable("out", o)
     if n == 0:
         return []
     from ._device import resolve_device
@@ -926,6 +942,7 @@ def render(
     from ._device import resolve_device
 
     label_out = label_arg(label_out, plan.shape, tumor_label)
+    check_writable("out", out)
     if needs_readable(image, organ_mask, out, label_out):
         kw = dict(device=device, affine=affine, tumor_label=tumor_label)
         return readable_job(lambda im, om, o, lab: render(plan, im, om, out=o, label_out=lab, **kw),

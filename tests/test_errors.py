@@ -236,3 +236,31 @@ def test_boolean_seed_is_rejected(small_phantom) -> None:
             affine=small_phantom.affine,
             seed=True,
         )
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def test_read_only_out_or_label_out_is_refused_before_writing(scan) -> None:
+    # A read-only out raised numba's typing error from the write-back; a read-only label_out
+    # raised only after the image (out) was written, and with a mass effect after the warp.
+    img, m = scan
+    plan = synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=SP, size="small")
+    ro = _read_only(img)
+    with pytest.raises(ValueError, match="out is read-only"):
+        synthgen.render(plan, img, m, out=ro)
+    with pytest.raises(ValueError, match="out is read-only"):
+        synthgen.render_batch([plan, plan], img, m, outs=[img.copy(), ro])
+    with pytest.raises(ValueError, match="out is read-only"):
+        _synth(img, m, out=ro)
+    with pytest.raises(ValueError, match="out is read-only"):
+        _synth(img.astype(np.float16), m, out=_read_only(img.astype(np.float16)))
+    lab = _read_only(m.astype(np.uint8))
+    for organ, size in (("liver-classic", "small"), ("liver", "large")):  # (liver: mass effect)
+        out = img.copy()
+        with pytest.raises(ValueError, match="label_out is read-only"):
+            _synth(img, m, organ=organ, size=size, seed=1, out=out, label_out=lab)
+        assert out.tobytes() == img.tobytes()
