@@ -111,7 +111,8 @@ SG_FN float sg_appear_delta(float v, int inside, float b, float td, float q2, fl
 
 // The value written for input o and merged change d (d != 0): a darkened voxel never goes
 // below cmin (a brightened one above cmax) unless it already was; integer outputs rounded
-// half to even; clipped to [lo, hi].
+// half to even; clipped to [lo, hi] widened to o (a value already outside, -3024 HU padding
+// or an extended-HU metal clip, is never clamped into the range).
 SG_FN float sg_apply(float o, float d, float cmin, float cmax, float lo, float hi,
                      int round_int) {
     float v = o - d;
@@ -127,6 +128,7 @@ SG_FN float sg_apply(float o, float d, float cmin, float cmax, float lo, float h
 #else
     if (round_int) v = __builtin_rintf(v);
 #endif
-    v = v > lo ? v : lo;
-    return v < hi ? v : hi;
+    float lo_v = o < lo ? o : lo, hi_v = o > hi ? o : hi;
+    v = v > lo_v ? v : lo_v;
+    return v < hi_v ? v : hi_v;
 }

@@ -576,7 +576,10 @@ def apply_delta(target, orig, delta, mask, cmin, cmax, lo, hi, round_int):
 
     A darkened voxel never goes below ``cmin`` (a brightened one above ``cmax``) unless it
     already was; integer outputs are rounded half to even; everything is clipped to
-    ``[lo, hi]``. Voxels with ``delta == 0`` are not written.
+    ``[lo, hi]`` widened to the voxel's own value: a value already outside (a scanner's
+    -3024 HU padding, a metal clip of an extended-HU scan) is never clamped into the range,
+    only moved by the tumor's change within its bound. Voxels with ``delta == 0`` are not
+    written.
 
     Returns:
         ``(count, sum of orig - written)`` over the voxels of ``mask`` (the tumor's label).
@@ -602,7 +605,7 @@ def apply_delta(target, orig, delta, mask, cmin, cmax, lo, hi, round_int):
                         v = min(v, max(o, cmax))
                     if round_int:
                         v = np.rint(v)
-                    trow[k] = min(max(v, lo), hi)
+                    trow[k] = min(max(v, min(o, lo)), max(o, hi))
                     w = trow[k]
                 if mrow[k]:
                     n += 1

@@ -395,6 +395,26 @@ def test_dtypes(backend, small_phantom, organ_masks, dtype):
     np.testing.assert_array_equal(out[untouched], image[untouched])
 
 
+def test_values_outside_the_ct_range(backend, small_phantom, organ_masks):
+    """Voxels already outside [-1024, 3071] (padding, an extended-HU metal clip) in the
+    tumors' reach: the device writes what the CPU writes, bit for bit, moving them by the
+    change within its bound and never clamping them into the range."""
+    be, dev = backend
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver", 6, "medium")
+    image = ph.image.copy()
+    first = rendering.render(plan, image, mask)
+    changed = np.flatnonzero(first.image != image)
+    assert changed.size > 100
+    image.flat[changed[::4]] = -3024
+    image.flat[changed[1::4]] = 30000
+    ref = rendering.render(plan, image, mask)
+    assert (ref.image.flat[changed[1::4]] > 3071).all()
+    got = _cuda.render_on_gpu([plan], [dev(image)], [dev(mask)], device_id=0, be=be)[0]
+    np.testing.assert_array_equal(be.download(got.image), ref.image)
+
+
 def test_batched_render_equals_one_by_one(backend, small_phantom, organ_masks):
     """Many plans of one scan and of other organs (hollow-organ wall tumors included) in one
     batch: each result as alone."""

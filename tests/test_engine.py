@@ -17,7 +17,7 @@ import pytest
 from scipy import ndimage
 
 import synthgen
-from synthgen import Plan, Synthesizer
+from synthgen import Plan, Synthesizer, rendering
 from synthgen.mass_effect import prepare_render
 from synthgen.presets import load_preset
 
@@ -509,6 +509,37 @@ def test_int16_output_is_clipped_not_wrapped(small_phantom, masks):
     assert vals.min() == HU_MIN
     assert vals.max() <= -1000  # no wrap-around to positive values
     assert res.image.min() >= HU_MIN
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_values_already_outside_the_ct_range_are_not_clamped_into_it(small_phantom, masks, dtype):
+    """Voxels outside [-1024, 3071] before the render (a scanner's -3024 HU padding, a metal
+    clip of an extended-HU scan) move by the tumor's change, bounded as in range, and are
+    never clamped into the range (-3024 -> -1024 under a darkening tumor, 30000 -> 3071)."""
+    m = masks["liver"]
+    ph = small_phantom
+    p = synthgen.plan(ph.image, m, organ="liver-classic", seed=4, spacing=ph.spacing, size="large")
+    ref = rendering.render(p, ph.image.astype(dtype), m)
+    changed = np.flatnonzero(ref.image != ph.image.astype(dtype))
+    assert changed.size > 100
+    img = ph.image.astype(dtype)
+    odd_lo, odd_hi = changed[::5], changed[2::5]
+    img.flat[odd_lo] = -3024
+    img.flat[odd_hi] = 30000
+    res = rendering.render(p, img, m)  # the same plan (planning would see the odd voxels)
+    assert res.image.dtype == dtype
+    # (liver-classic darkens: the padding stays where it was, the clip drops by the change)
+    assert (res.image.flat[odd_lo] == -3024).all()
+    drop = 30000 - res.image.flat[odd_hi].astype(np.float64)
+    # (>= 0: a change under half a float32 step at 30000 leaves the value as it was)
+    assert (drop >= 0).all() and (drop > 10).any() and (drop < 200).all()
+    assert (res.image.flat[odd_hi] > HU_MAX).all()
+    # every other voxel as before
+    rest = np.ones(img.size, bool)
+    rest[odd_lo] = rest[odd_hi] = False
+    np.testing.assert_array_equal(res.image.ravel()[rest], ref.image.ravel()[rest])
+    for t in res.tumors:
+        assert t.mean_contrast_hu < 300  # (the clamp counted 26,929 HU of contrast a voxel)
 
 
 def test_mask_dtypes_are_binarised(small_phantom, masks):

@@ -259,8 +259,14 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
     )  # fmt: skip
     assert (ref != prior).any()
     np.testing.assert_array_equal(out, ref)
-    # write-back into an int16-valued image: rounding, floor/ceiling, clipping, statistics
+    # write-back into an int16-valued image: rounding, floor/ceiling, clipping, statistics;
+    # some voxels already outside [-1024, 3071] (padding, an extended-HU metal clip) where
+    # the change is not 0: they move by the change within their bound, never clamped into it
     mask = organ & (ref != 0)
+    orig = orig.copy()
+    hit = np.flatnonzero(ref != 0)
+    orig.flat[hit[::7]] = -3024.0
+    orig.flat[hit[3::7]] = 30000.0
     target = orig.copy()
     cnt, acc = k.apply_delta(target, orig, ref, mask, -50.0, 200.0, -1024.0, 3071.0, True)
     host_out = orig.copy()
@@ -271,6 +277,13 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
     )  # fmt: skip
     np.testing.assert_array_equal(host_out, target)
     assert stats[0] == cnt and stats[1] == acc  # sequential sums: bit for bit (GPU atomics: ~1e-12)
+    hi_x, lo_x = orig == 30000.0, orig == -3024.0
+    up, down = ref < 0, ref > 0
+    assert (hi_x & down).any() and (hi_x & up).any() and (lo_x & down).any() and (lo_x & up).any()
+    np.testing.assert_array_equal(target[hi_x & down], np.rint(orig - ref)[hi_x & down])
+    assert (target[hi_x & up] == 30000.0).all()  # above cmax already: not brightened further
+    assert (target[lo_x & down] == -3024.0).all()  # below cmin already: not darkened further
+    np.testing.assert_array_equal(target[lo_x & up], np.rint(orig - ref)[lo_x & up])
 
 
 @pytest.mark.parametrize("clipped", [True, False])
