@@ -548,7 +548,7 @@ def qa(
 
     table = Table(title=f"synthgen qa: {summary['n_samples']} samples")
     cols = ("organ", "samples", "tumors", "median diam mm", "median contrast HU")
-    cols += ("diam in range", "contrast in range", "count in range", "CT out of range")
+    cols += ("diam in range", "contrast in range", "count in range", "tumor out of range")
     for col in (*cols, "tumor gas voxels"):
         table.add_column(col, justify="left" if col == "organ" else "right")
     for organ, o in summary["organs"].items():
@@ -562,7 +562,7 @@ def qa(
             pct(o["share_diameter_in_range"]),
             pct(o["share_contrast_in_range"]),
             pct(o["share_count_in_range"]),
-            str(o["impossible"]["ct_out_of_range"]),
+            str(o["impossible"]["tumor_out_of_range"]),
             str(o["impossible"]["tumor_gas_voxels"]),
         )
     console.print(table)
@@ -570,7 +570,8 @@ def qa(
     if summary["has_impossible"]:
         imp = summary["impossible"]
         console.print(
-            f"[red]impossible values:[/red] {imp['ct_out_of_range']} CT voxels out of range, "
+            f"[red]impossible values:[/red] {imp['tumor_out_of_range']} tumor voxels out of "
+            "[-1024, 3071] HU, "
             f"{imp['tumor_gas_voxels']} tumor voxels below -200 HU"
         )
         raise typer.Exit(1)

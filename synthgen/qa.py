@@ -30,7 +30,10 @@ gives the intended values):
   mask; 1: the ring is as dark as the tumor.
 * **inside_share**: share of the tumor's voxels inside the organ mask.
 * **gas_voxels**: tumor voxels below -200 HU (tumor drawn over gas): impossible.
-* **ct_out_of_range**: CT voxels outside [-1024, 3071] HU: impossible.
+* **tumor_out_of_range**: tumor voxels outside [-1024, 3071] HU: impossible (the render
+  never moves a voxel out of that range). **ct_out_of_range**: all the scan's voxels outside
+  it, reported but not flagged: a scanner's -3024 HU padding or an extended-HU metal clip
+  comes with the input, and the render leaves such values where they were.
 
 Intended ranges (from the preset recorded in each organ's plan):
 
@@ -270,7 +273,10 @@ def _measure_sample(d: Path) -> dict[str, Any]:
     for m in lesions.values():
         all_tumor |= m
     ctf = ct  # measured in place; float64 sums below
-    out_of_range = int(np.count_nonzero((ct < CT_RANGE[0]) | (ct > CT_RANGE[1])))
+    odd = (ct < CT_RANGE[0]) | (ct > CT_RANGE[1])
+    out_of_range = int(np.count_nonzero(odd))
+    tumor_out = int(np.count_nonzero(odd & all_tumor)) if out_of_range else 0
+    del odd
     gas_total = int(np.count_nonzero(all_tumor & (ct < GAS_HU)))
     full = ndimage.generate_binary_structure(3, 3)
 
@@ -296,6 +302,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             vals = ctf[sl][comp].astype(np.float64)
             mean_hu = float(vals.mean())
             gas = int(np.count_nonzero(vals < GAS_HU))
+            odd_t = int(np.count_nonzero((vals < CT_RANGE[0]) | (vals > CT_RANGE[1])))
             inside = float(np.count_nonzero(comp & org[sl])) / nv
             big = _grow(sl, pad, shape)
             # steps (face-connected: taxicab distance) from the tumor, in a window around it
@@ -339,6 +346,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
                 "halo_ratio": _fl(halo),
                 "inside_share": inside,
                 "gas_voxels": gas,
+                "out_of_range_voxels": odd_t,
                 "matched_index": None if rec is None else rec.get("index"),
                 "size_class": None if rec is None else rec.get("size_class"),
                 "planned_contrast_hu": None if rec is None else _fl(rec.get("contrast_hu")),
@@ -371,6 +379,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
         "shape": list(shape),
         "voxel_mm3": voxel_mm3,
         "ct_out_of_range": out_of_range,
+        "tumor_out_of_range": tumor_out,
         "tumor_gas_voxels": gas_total,
         "organs": organ_out,
         "_largest": largest,
@@ -437,7 +446,7 @@ def _summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
                     "counts": [],
                     "count_flags": [],
                     "intended": [],
-                    "ct_out_of_range": 0,
+                    "tumor_out_of_range": 0,
                     "tumor_gas_voxels": 0,
                     "presets": set(),
                 },
@@ -447,7 +456,7 @@ def _summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
             acc["counts"].append(o["n_tumors"])
             acc["count_flags"].append(o["count_in_range"])
             acc["intended"].append(o["intended"])
-            acc["ct_out_of_range"] += s["ct_out_of_range"]
+            acc["tumor_out_of_range"] += sum(t["out_of_range_voxels"] for t in o["tumors"])
             acc["tumor_gas_voxels"] += sum(t["gas_voxels"] for t in o["tumors"])
             if o["preset"]:
                 acc["presets"].add(o["preset"])
@@ -485,7 +494,7 @@ def _summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
                 "contrast_mode": sorted({i.get("contrast_mode") for i in acc["intended"]}),
             },
             "impossible": {
-                "ct_out_of_range": acc["ct_out_of_range"],
+                "tumor_out_of_range": acc["tumor_out_of_range"],
                 "tumor_gas_voxels": acc["tumor_gas_voxels"],
             },
         }
@@ -646,15 +655,17 @@ def _markdown(root: Path, summary: dict[str, Any], plots: dict[str, str], montag
         "",
         f"Root: `{root}`  ",
         f"Samples: {summary['n_samples']}, tumors: {summary['n_tumors']}  ",
-        f"Impossible values: {summary['impossible']['ct_out_of_range']} CT voxels outside "
+        f"Impossible values: {summary['impossible']['tumor_out_of_range']} tumor voxels outside "
         f"[{CT_RANGE[0]:.0f}, {CT_RANGE[1]:.0f}] HU, {summary['impossible']['tumor_gas_voxels']} "
-        f"tumor voxels below {GAS_HU:.0f} HU",
+        f"tumor voxels below {GAS_HU:.0f} HU  ",
+        f"Scan voxels outside [{CT_RANGE[0]:.0f}, {CT_RANGE[1]:.0f}] HU (the inputs' own: "
+        f"padding, metal; not flagged): {summary['ct_out_of_range']}",
         "",
         "## Per organ",
         "",
         "| organ | presets | samples | tumors | share diameter in range | share diameter in class "
-        "range | share contrast in range | share count in range | CT out of range | tumor gas "
-        "voxels |",
+        "range | share contrast in range | share count in range | tumor voxels out of range | "
+        "tumor gas voxels |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for organ, o in summary["organs"].items():
@@ -662,7 +673,7 @@ def _markdown(root: Path, summary: dict[str, Any], plots: dict[str, str], montag
             f"| {organ} | {', '.join(o['presets'])} | {o['samples']} | {o['tumors']} | "
             f"{_pct(o['share_diameter_in_range'])} | {_pct(o['share_diameter_in_class_range'])} | "
             f"{_pct(o['share_contrast_in_range'])} | {_pct(o['share_count_in_range'])} | "
-            f"{o['impossible']['ct_out_of_range']} | {o['impossible']['tumor_gas_voxels']} |"
+            f"{o['impossible']['tumor_out_of_range']} | {o['impossible']['tumor_gas_voxels']} |"
         )
     for organ, o in summary["organs"].items():
         lines += [
@@ -716,9 +727,10 @@ def qa_report(
         montage_max: Samples shown in the montage at most (the first ones, sorted by path).
 
     Returns:
-        The summary: ``n_samples``, ``n_tumors``, ``impossible`` (``ct_out_of_range``,
-        ``tumor_gas_voxels``), ``has_impossible``, ``organs`` (per organ: samples, tumors,
-        quantiles, shares in range, intended ranges, impossible counts) and the paths written.
+        The summary: ``n_samples``, ``n_tumors``, ``impossible`` (``tumor_out_of_range``,
+        ``tumor_gas_voxels``), ``has_impossible``, ``ct_out_of_range`` (not flagged),
+        ``organs`` (per organ: samples, tumors, quantiles, shares in range, intended ranges,
+        impossible counts) and the paths written.
 
     Raises:
         ValueError: No sample folder under ``sample_root`` (the message names it), or a
@@ -763,12 +775,13 @@ def qa_report(
         "n_samples": len(samples),
         "n_tumors": sum(o["tumors"] for o in organs.values()),
         "impossible": {
-            "ct_out_of_range": sum(s["ct_out_of_range"] for s in samples),
+            "tumor_out_of_range": sum(s["tumor_out_of_range"] for s in samples),
             "tumor_gas_voxels": sum(s["tumor_gas_voxels"] for s in samples),
         },
         "organs": organs,
     }
     summary["has_impossible"] = any(v > 0 for v in summary["impossible"].values())
+    summary["ct_out_of_range"] = sum(s["ct_out_of_range"] for s in samples)
     for s in samples:
         s.pop("_largest")
     save_json(

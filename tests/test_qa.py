@@ -68,7 +68,7 @@ def test_qa_report_matches_independent_measurement(batch_out: Path, tmp_path: Pa
     n_total = n_shell = 0
     for d in dirs:
         s = samples[d.name]
-        assert s["ct_out_of_range"] == 0 and s["tumor_gas_voxels"] == 0
+        assert s["tumor_out_of_range"] == 0 and s["tumor_gas_voxels"] == 0
         img = nib.load(str(d / "ct.nii.gz"))
         vox_mm3 = abs(np.linalg.det(img.affine[:3, :3]))
         assert vox_mm3 == pytest.approx(150.0)
@@ -128,15 +128,24 @@ def test_qa_flags_impossible_values(batch_out: Path, tmp_path: Path) -> None:
     ct = np.asarray(img.dataobj).astype(np.int16)
     les = np.asarray(nib.load(str(d / "segmentations" / "liver_lesion.nii.gz")).dataobj) != 0
     tumor_vox = tuple(np.argwhere(les)[0])
+    others = [np.asarray(nib.load(str(f)).dataobj) != 0
+              for f in sorted((d / "segmentations").glob("*_lesion.nii.gz"))]  # fmt: skip
+    tumor_vox2 = next(tuple(v) for m in others for v in np.argwhere(m) if tuple(v) != tumor_vox)
     outside = tuple(np.argwhere(~les)[0])
-    ct[outside] = -3000
-    ct[tumor_vox] = -500
-    nib.save(nib.Nifti1Image(ct, img.affine), str(d / "ct.nii.gz"))
+    ct[outside] = -3000  # the input's own padding: reported, not flagged
+    save = nib.Nifti1Image(ct, img.affine)
+    nib.save(save, str(d / "ct.nii.gz"))
+    cli("qa", root, code=0)
+    assert qa_report(root, tmp_path / "qa1")["ct_out_of_range"] == 1
 
+    ct[tumor_vox] = -500
+    ct[tumor_vox2] = 4000
+    nib.save(nib.Nifti1Image(ct, img.affine), str(d / "ct.nii.gz"))
     res = cli("qa", root, code=1)
     assert "impossible" in res.output
     summary = qa_report(root, tmp_path / "qa2")
-    assert summary["impossible"] == {"ct_out_of_range": 1, "tumor_gas_voxels": 1}
+    assert summary["impossible"] == {"tumor_out_of_range": 1, "tumor_gas_voxels": 1}
+    assert summary["ct_out_of_range"] == 2
     assert summary["has_impossible"] is True
     assert (root / "qa" / "report.md").is_file()  # the CLI's default output folder
 
