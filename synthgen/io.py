@@ -233,12 +233,30 @@ def save_nifti(
             f.write(voxels)
 
 
+def _gunzip(raw: bytes) -> bytes:
+    """Decompress every member of a gzip file (RFC 1952 allows several: bgzip, pgzip and
+    concatenated files write them, and gzip and nibabel read them all). Bytes after the last
+    member that do not start another one (padding) are ignored, as before.
+
+    Raises:
+        zlib.error: A corrupt or truncated member.
+    """
+    parts = []
+    rest = raw
+    while rest[:2] == b"\x1f\x8b":
+        d = zlib.decompressobj(wbits=47)
+        parts.append(d.decompress(rest))
+        if not d.eof:
+            raise zlib.error("incomplete or truncated stream")
+        rest = d.unused_data
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _read_image(path: Path) -> Any:
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
-            size = int.from_bytes(raw[-4:], "little")  # ISIZE: the output size, mod 2^32
-            raw = zlib.decompress(raw, wbits=47, bufsize=max(size, 1 << 16))
+            raw = _gunzip(raw)
         except zlib.error as e:
             raise ValueError(f"{path}: truncated or corrupt gzip data ({e})") from None
     if len(raw) < 348:

@@ -158,3 +158,25 @@ def test_nifti2_round_trip_keeps_version_and_header(tmp_path: Path) -> None:
     # without a header, or with a NIfTI-1 one: NIfTI-1 as before
     save_nifti(tmp_path / "plain.nii.gz", data, affine)
     assert type(nib.load(tmp_path / "plain.nii.gz")) is nib.Nifti1Image
+
+
+def test_load_nifti_reads_every_member_of_a_multi_member_gzip(tmp_path: Path) -> None:
+    """A .nii.gz of several gzip members (bgzip, pgzip, concatenated files; gzip and nibabel
+    read it) loads whole: only the first member was read, and the file was refused as
+    damaged. A member cut short is still a truncated file."""
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4, order="F")
+    plain = tmp_path / "one.nii"
+    save_nifti(plain, data, np.diag([0.7, 0.7, 5.0, 1.0]))
+    raw = plain.read_bytes()
+    multi = tmp_path / "multi.nii.gz"
+    cut = len(raw) // 3
+    multi.write_bytes(gzip.compress(raw[:cut]) + gzip.compress(raw[cut:]) + b"\0" * 16)
+    np.testing.assert_array_equal(nib.load(str(multi)).get_fdata(), data)  # the reference
+    arr, aff, _ = load_nifti(multi)
+    np.testing.assert_array_equal(arr, data)
+    np.testing.assert_allclose(aff, np.diag([0.7, 0.7, 5.0, 1.0]))
+    bad = tmp_path / "bad.nii.gz"
+    second = gzip.compress(raw[cut:])
+    bad.write_bytes(gzip.compress(raw[:cut]) + second[: len(second) // 2])
+    with pytest.raises(ValueError, match=r"bad\.nii\.gz: truncated or corrupt gzip"):
+        load_nifti(bad)
