@@ -232,11 +232,18 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
         if plain and les is None:
             verbatim[organ] = srcs[0].path
     vessels = None
-    if case.vessels and organs:
+    for src in case.vessels if organs else ():
+        # each file alone: an unusable one loses only its own vessels, and the samples' records
+        # say so (it used to drop every vessel mask of the case without a word)
         try:
-            vessels = load_mask(case.vessels, image.shape, affine, unoriented=unoriented)
-        except ValueError:  # an unusable vessel mask only loses vessel avoidance
-            vessels = None
+            m = load_mask([src], image.shape, affine, unoriented=unoriented)
+        except ValueError as e:
+            notes.append(
+                f"{_naming(_short(e), [src], str(src.path))}: vessel mask not used (tumors keep "
+                "clear of the case's other vessel masks, or of bright voxels if none is left)"
+            )
+            continue
+        vessels = m if vessels is None else np.logical_or(vessels, m, out=vessels)
     return LoadedCase(
         case, image, affine, header, organs, indexes, lesions, verbatim, skipped, vessels, notes
     )

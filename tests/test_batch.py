@@ -998,3 +998,27 @@ def test_label_map_lacking_an_organ_id_skips_it_naming_the_ids(tmp_path: Path) -
         f"{lab_path}: label id 2 is absent from this file (ids present: 1, 3, 4)"
     )
     assert "notes" not in rec
+
+
+def test_unreadable_vessel_mask_is_noted_and_the_others_kept(tmp_path: Path) -> None:
+    """A truncated vessel mask used to drop every vessel mask of the case (the aorta's too)
+    without a word: vessel avoidance was silently lost. Now only that file is left out, and
+    the samples' records (and the command's warnings) name it."""
+    from synthgen.batch import load_case
+
+    root = write_dataset(tmp_path / "ds", "atlas1", 1)
+    seg = root / "BDMAP_00000000" / "segmentations"
+    aorta = np.asarray(nib.load(seg / "aorta.nii.gz").dataobj) > 0
+    raw = (seg / "aorta.nii.gz").read_bytes()
+    (seg / "hepatic_vessel.nii.gz").write_bytes(raw[: len(raw) // 2])  # truncated
+    _, cases = discover(root, ["liver"])
+    lc = load_case(cases[0], BatchOptions(organs=("liver",)))
+    assert lc.vessels is not None
+    np.testing.assert_array_equal(lc.vessels, aorta)
+    (note,) = lc.notes
+    assert note.startswith(str(seg / "hepatic_vessel.nii.gz")) and "vessel mask not used" in note
+    out = tmp_path / "out"
+    res = batch(root, "--out", out, "--organ", "liver")
+    assert res.exit_code == 0, res.output
+    assert "hepatic_vessel.nii.gz" in res.output
+    assert read_manifest(out)["BDMAP_00000000_s000"]["notes"] == [note]
