@@ -878,11 +878,14 @@ def prepare(
     """Work of this run: ``(todo, total samples of the shard, samples already done)``.
 
     Raises:
-        ValueError: ``out`` holds a batch and ``resume`` is off, the batch there was made
-            with other options, a sample done there was made from another CT than the
-            case that has its id now, or from the CT of a case that has another id now.
+        ValueError: ``out`` is a file, or holds a batch and ``resume`` is off, the batch
+            there was made with other options, a sample done there was made from another CT
+            than the case that has its id now, or from the CT of a case that has another id
+            now.
     """
     i, n = shard
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: the output folder is a file; choose another --out")
     mine = [c for k, c in enumerate(sorted(cases, key=lambda c: c.case_id)) if k % n == i]
     previous = read_manifest(out) if out.exists() else {}
     cfg_path = out / "batch.json"
@@ -950,7 +953,10 @@ def run_batch(
     t0 = time.perf_counter()
     out = Path(out)
     todo, total, skipped = prepare(cases, opts, out, shard=shard, resume=resume)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission, read-only file system
+        raise ValueError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
     if not (out / "batch.json").is_file() or not read_manifest(out):
         from . import __version__
         from .io import save_json

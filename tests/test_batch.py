@@ -1022,3 +1022,28 @@ def test_unreadable_vessel_mask_is_noted_and_the_others_kept(tmp_path: Path) -> 
     assert res.exit_code == 0, res.output
     assert "hepatic_vessel.nii.gz" in res.output
     assert read_manifest(out)["BDMAP_00000000_s000"]["notes"] == [note]
+
+
+def test_out_that_is_a_file_is_a_clear_error(ds4: Path, tmp_path: Path) -> None:
+    """``--out`` naming an existing file (or a folder below one) crashed with a traceback
+    (FileExistsError) in batch, synth and the dry run; now exit 2 with a one-line reason,
+    and the file is left as it was."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("keep me\n")
+    for args in (
+        (ds4, "--out", afile, "--organ", "liver"),
+        (ds4, "--out", afile, "--organ", "liver", "--dry-run"),
+        (ds4, "--out", afile / "sub", "--organ", "liver"),
+    ):
+        res = batch(*args)
+        assert res.exit_code == 2, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+        assert "Traceback" not in res.output and "notes.txt" in res.output
+    ct = next(ds4.glob("BDMAP_*/ct.nii.gz"))
+    res = CliRunner().invoke(
+        app,
+        ["synth", str(ct), "--mask", str(ct.parent / "segmentations" / "liver.nii.gz"),
+         "--organ", "liver", "--out", str(afile)],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "the output folder is a file" in res.output, res.output
+    assert afile.read_text() == "keep me\n"
