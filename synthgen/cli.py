@@ -162,6 +162,15 @@ def _preset_map(specs: list[str] | None, organs: list[str]) -> dict[str, str]:
     return out
 
 
+def _cannot_write(target: Path, e: OSError) -> typer.Exit:
+    """Print that ``target`` cannot be written (a file where a folder must be, a folder where
+    a file must be, no permission...) and return the exit to raise: one line, no traceback."""
+    console.print(
+        f"[red]error:[/red] {esc(str(target))}: cannot write ({esc(e.strerror or str(e))})"
+    )
+    return typer.Exit(2)
+
+
 def _check_device(device: str) -> str:
     """Validate ``--device`` and, for ``cuda``, that a GPU is usable (exit 2 saying what is
     missing, before any file is read)."""
@@ -515,6 +524,8 @@ def preview(
     except ValueError as e:
         console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
+    except OSError as e:
+        raise _cannot_write(out or sample_dir / "preview.png", e) from None
     console.print(f"wrote {esc(str(path))}")
 
 
@@ -539,6 +550,8 @@ def qa(
     except ValueError as e:
         console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
+    except OSError as e:
+        raise _cannot_write(out or sample_root / "qa", e) from None
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{100.0 * v:.0f}%"
@@ -693,7 +706,10 @@ def presets_export(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        out.write_text(text, encoding="utf-8")
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise _cannot_write(out, e) from None
         console.print(f"wrote {esc(str(out))}")
 
 

@@ -180,3 +180,31 @@ def test_load_nifti_reads_every_member_of_a_multi_member_gzip(tmp_path: Path) ->
     bad.write_bytes(gzip.compress(raw[:cut]) + second[: len(second) // 2])
     with pytest.raises(ValueError, match=r"bad\.nii\.gz: truncated or corrupt gzip"):
         load_nifti(bad)
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path: Path) -> None:
+    """qa, preview and presets export crashed with a traceback (FileExistsError,
+    IsADirectoryError, FileNotFoundError) when their output could not be written; now exit 2
+    with a line naming the target."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    demo = tmp_path / "demo"
+    res = runner.invoke(
+        app, ["demo", "--out", str(demo), "--organs", "liver", "--shape", "64,56,48",
+              "--spacing", "5,5,6", "--no-preview"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    sample = demo / "liver"
+    cases = [
+        (["qa", str(demo), "--out", str(afile)], afile),
+        (["preview", str(sample), "-o", str(afile / "p.png")], afile / "p.png"),
+        (["preview", str(sample), "-o", str(tmp_path)], tmp_path),
+        (["presets", "export", "liver", "-o", str(tmp_path / "no" / "x.toml")], "x.toml"),
+    ]
+    for args, target in cases:
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert not isinstance(res.exception, OSError), (args, res.exception)
+        text = res.output.replace("\n", "")  # (rich wraps at 80 columns)
+        assert "cannot write" in text and str(target) in text, (args, res.output)
+    assert afile.read_text() == "keep me\n"
