@@ -670,7 +670,11 @@ def load_mask_file(
         offset=vox[:3, 3],
         output_shape=tuple(shape),
         order=0,
-        mode="constant",
+        # a CT voxel whose centre lies in the mask's outermost voxels (less than half a mask
+        # voxel outside their centres: a coarser mask of the same field of view, a shifted
+        # one) takes their value; "constant" gave 0 to every point outside the centres, so
+        # an organ at the scan's border lost its outer layer of voxels
+        mode="grid-constant",
         cval=0,
     )
     if not r.any():

@@ -1305,3 +1305,24 @@ def test_unoriented_ct_takes_a_mask_of_its_shape_voxel_for_voxel(tmp_path) -> No
     pad = save(tmp_path / "pad.nii.gz", np.pad(liver, 2).astype(np.uint8), aff)
     flipped = load_mask_file(MaskSource(pad), SHAPE, ct.affine, unoriented=True)[0]
     assert flipped.any() and not np.array_equal(flipped, liver)
+
+
+def test_coarser_mask_of_the_same_field_of_view_covers_the_border_voxels(tmp_path) -> None:
+    """A mask on a grid twice as coarse over the same field of view (an organ that fills it,
+    as a liver cut by the scan's first and last slices does): every CT voxel lies inside one
+    of its voxels and takes its value. The CT's outermost layer of voxels lay outside the
+    mask's voxel centres (a quarter of a mask voxel) and was resampled to 0: the organ lost
+    its voxels at the scan's border."""
+    shape = (12, 10, 8)
+    fine = np.diag([1.5, 1.5, 2.0, 1.0])
+    coarse = np.diag([3.0, 3.0, 4.0, 1.0])
+    coarse[:3, 3] = [0.75, 0.75, 1.0]  # voxel edges at -0.75 / -1.0 mm, as the CT's
+    p = save(tmp_path / "coarse.nii.gz", np.ones((6, 5, 4), np.uint8), coarse)
+    m = load_mask([MaskSource(p)], shape, fine)
+    assert m.all(), np.argwhere(~m)[:4]
+    # half a coarse voxel and more beyond the mask's extent stays out
+    wide = np.diag([1.5, 1.5, 2.0, 1.0])
+    wide[:3, 3] = [-1.5, -1.5, -2.0]  # one CT voxel more on the low side
+    m = load_mask([MaskSource(p)], (13, 11, 9), wide)
+    assert not m[0].any() and not m[:, 0].any() and not m[:, :, 0].any()
+    assert m[1:, 1:, 1:].all()
