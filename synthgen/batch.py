@@ -903,11 +903,14 @@ def prepare(
         _check_ids(cases, previous, out, cfg.get("synthgen"))
     _check_inputs(work, previous, out)
     if not resume:
-        ndone = sum(1 for _, ss in work for s in ss if s.sample_id in previous)
-        if ndone:
+        there = [previous[s.sample_id] for _, ss in work for s in ss if s.sample_id in previous]
+        if there:
+            ndone = sum(1 for r in there if is_done(r, out))
+            left = f"{len(there) - ndone} failed or incomplete" if ndone < len(there) else ""
+            what = f"{ndone} done" + (f", {left}" if left else "") if ndone else left
             raise ValueError(
-                f"{out} already holds {ndone} samples of this run: pass --resume to continue "
-                "the batch, or choose another --out"
+                f"{out} already holds {len(there)} samples of this run ({what}): pass --resume "
+                "to continue the batch (it redoes those not done), or choose another --out"
             )
     todo, total, skipped = [], 0, 0
     for case, samples in work:

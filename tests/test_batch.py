@@ -1047,3 +1047,17 @@ def test_out_that_is_a_file_is_a_clear_error(ds4: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.exit_code == 2 and "the output folder is a file" in res.output, res.output
     assert afile.read_text() == "keep me\n"
+
+
+def test_refusal_without_resume_counts_done_and_failed_apart(bad_ds: Path, tmp_path: Path) -> None:
+    """Rerunning into an OUT without --resume said it 'already holds N samples' counting the
+    failed ones as if written: a batch with 1 done and 6 failed read as 7 samples there. The
+    message now tells them apart (and that --resume redoes those not done)."""
+    out = tmp_path / "out"
+    assert batch(bad_ds, "--out", out, "--organ", "liver").exit_code == 1
+    res = batch(bad_ds, "--out", out, "--organ", "liver")
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    n = len(read_manifest(out))
+    assert f"already holds {n} samples of this run (1 done, {n - 1} failed or incomplete)" in text
+    assert "redoes those not done" in text
