@@ -283,11 +283,14 @@ def _labelled_case(
     lesion_ids: dict[str, tuple[int, ...]],
     organs: list[str],
     ds: Path,
+    wanted: Path | None = None,
 ) -> Case:
+    """``wanted``: where the case's label file should be (named when it is missing)."""
     found, lesions, missing = {}, {}, {}
     for organ in organs:
         if label is None:
-            missing[organ] = f"no label file for {ct.name}"
+            where = f" ({wanted} not found)" if wanted is not None else ""
+            missing[organ] = f"no label file for {ct.name}{where}"
         elif organ not in organ_ids:
             missing[organ] = f"{ds} has no label named like {organ!r}"
         else:
@@ -301,7 +304,7 @@ def _discover_msd(root: Path, organs: list[str]) -> list[Case]:
     ds = root / "dataset.json"
     meta = _read_json(ds)
     organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=False), organs, ds)
-    pairs: list[tuple[Path, Path | None]] = []
+    pairs: list[tuple[Path, Path | None]] = []  # image, where its label file should be
     training = meta.get("training")
     if isinstance(training, list) and training:
         for entry in training:
@@ -312,11 +315,15 @@ def _discover_msd(root: Path, organs: list[str]) -> list[Case]:
     else:
         for img in sorted((root / "imagesTr").iterdir()):
             if _nii(img):
-                pairs.append((img, _find(root / "labelsTr", _stem(img))))
+                pairs.append(
+                    (img, _find(root / "labelsTr", _stem(img)) or root / "labelsTr" / img.name)
+                )
     cases = []
-    for img, lab in sorted(pairs):
-        lab = lab if lab is not None and lab.is_file() else None
-        cases.append(_labelled_case(_stem(img), img, lab, organ_ids, lesion_ids, organs, ds))
+    for img, wanted in sorted(pairs, key=lambda p: (p[0], str(p[1]))):
+        lab = wanted if wanted is not None and wanted.is_file() else None
+        cases.append(
+            _labelled_case(_stem(img), img, lab, organ_ids, lesion_ids, organs, ds, wanted)
+        )
     return cases
 
 
@@ -334,7 +341,7 @@ def _discover_nnunet(root: Path, organs: list[str]) -> list[Case]:
         lab = root / "labelsTr" / f"{cid}{ending}"
         cases.append(
             _labelled_case(
-                cid, img, lab if lab.is_file() else None, organ_ids, lesion_ids, organs, ds
+                cid, img, lab if lab.is_file() else None, organ_ids, lesion_ids, organs, ds, lab
             )
         )
     return cases

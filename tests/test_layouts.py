@@ -1326,3 +1326,28 @@ def test_coarser_mask_of_the_same_field_of_view_covers_the_border_voxels(tmp_pat
     m = load_mask([MaskSource(p)], (13, 11, 9), wide)
     assert not m[0].any() and not m[:, 0].any() and not m[:, :, 0].any()
     assert m[1:, 1:, 1:].all()
+
+
+def test_missing_label_file_is_named(tmp_path) -> None:
+    """A case whose label file is missing said only 'no label file for liver_1.nii.gz': not
+    which file dataset.json (or the layout) pointed to. Now the reason names it."""
+    root = write_dataset(tmp_path / "msd", "msd", 2)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][1]["label"] = "./labelsTr/renamed.nii.gz"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    _, cases = discover(root, ["liver"])
+    want = root / "labelsTr" / "renamed.nii.gz"
+    assert cases[1].missing == {"liver": f"no label file for liver_1.nii.gz ({want} not found)"}
+    assert "liver" in cases[0].organs
+    del meta["training"]  # found by name: labelsTr/<image's name>
+    (root / "dataset.json").write_text(json.dumps(meta))
+    (root / "labelsTr" / "liver_1.nii.gz").unlink()
+    _, cases = discover(root, ["liver"])
+    want = root / "labelsTr" / "liver_1.nii.gz"
+    assert cases[1].missing == {"liver": f"no label file for liver_1.nii.gz ({want} not found)"}
+    root = write_dataset(tmp_path / "nn", "nnunet", 2)
+    (root / "labelsTr" / "abd_001.nii.gz").unlink()
+    _, cases = discover(root, ["liver"])
+    want = root / "labelsTr" / "abd_001.nii.gz"
+    why = f"no label file for abd_001_0000.nii.gz ({want} not found)"
+    assert cases[1].missing == {"liver": why}
