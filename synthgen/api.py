@@ -40,10 +40,12 @@ def synthesize(
 
     Args:
         image: 3-D CT in HU, any numeric dtype (int16 stays int16: rounded and clipped to
-            [-1024, 3071]). A NumPy array in non-native byte order (what nibabel gives for
-            ``>i2`` files) is read through a native-order copy; the result image is then in
-            native order, of the same kind and size (``>i2`` gives ``int16``). A float16 image
-            is rendered as its float32 values and the result cast back to float16.
+            [-1024, 3071]): a NumPy or CuPy array or a torch tensor (a CPU tensor, bfloat16
+            too, is read through NumPy views and the result image is a tensor). A NumPy
+            array in non-native byte order (what nibabel gives for ``>i2`` files) is read
+            through a native-order copy; the result image is then in native order, of the
+            same kind and size (``>i2`` gives ``int16``). A float16 image is rendered as its
+            float32 values and the result cast back to float16.
         organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5; any
             byte order).
         organ: Organ name (``"liver"``: its default preset), preset name

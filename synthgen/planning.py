@@ -418,6 +418,14 @@ def readable(a: Any) -> Any:
                       dt.newbyteorder("="))  # fmt: skip
 
 
+def _cpu_tensor_view(a: Any) -> Any:
+    """A torch CPU tensor as the NumPy array planning reads (a view; a bfloat16 one as its
+    float32 values, see :func:`host_readable`); anything else as it is."""
+    if array_kind(a) != "torch-cpu":
+        return a
+    return host_readable(a.detach().resolve_conj().resolve_neg())
+
+
 def host_readable(t: Any) -> np.ndarray:
     """A CPU tensor (or array) as a NumPy array the compiled kernels take (see
     :func:`readable`): a view when nothing needs converting. For the training transforms,
@@ -722,6 +730,10 @@ def make_plan(
             no tumor position left clear of the vessels, lesions or other tumors.
     """
     preset = load_preset(organ)
+    # CPU tensors (any dtype, bfloat16 included) are planned from NumPy views, as rendered
+    image, organ_mask, vessel_mask, lesion_mask = map(
+        _cpu_tensor_view, (image, organ_mask, vessel_mask, lesion_mask)
+    )
     check_arrays(image, organ_mask)
     # non-native byte order and float16: read through native (float32) copies
     image, organ_mask = readable(image), readable(organ_mask)

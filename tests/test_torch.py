@@ -707,3 +707,26 @@ def test_bfloat16_cpu_tensors_render_through_float32(cases: list) -> None:
     res = synthgen.render(plan, out, liver, out=out)
     assert res.image is out and torch.equal(out, want)
     assert np.array_equal(np.asarray(res.tumor_mask), ref.tumor_mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.float32, torch.float64, torch.bfloat16])
+def test_synthesize_and_plan_take_cpu_tensors(cases: list, dtype: torch.dtype) -> None:
+    """``synthgen.plan`` and ``synthesize`` on CPU tensors (as ``render`` already takes
+    them) plan as on the NumPy values, and return tensors; the inputs are not modified.
+    (Before: AttributeError 'torch.dtype' object has no attribute 'kind'.)"""
+    import synthgen
+
+    image, liver, affine = read_case(cases[0])
+    t = torch.from_numpy(image.astype(np.float32)).to(dtype)
+    # a transposed view of the mask: any memory layout
+    m = torch.from_numpy(np.ascontiguousarray(liver.T)).permute(2, 1, 0)
+    before = t.clone()
+    values = t.float().numpy()  # what the engine reads (bfloat16 through float32)
+    want = synthgen.plan(values, liver, organ="liver", seed=4, affine=affine)
+    assert synthgen.plan(t, m, organ="liver", seed=4, affine=affine).to_json() == want.to_json()
+    res = synthgen.synthesize(t, m, organ="liver", seed=4, affine=affine)
+    assert res.plan.to_json() == want.to_json()
+    assert isinstance(res.image, torch.Tensor) and res.image.dtype == dtype
+    assert torch.equal(t, before)
+    ref = synthgen.render(want, values, liver, affine=affine)
+    assert np.array_equal(np.asarray(res.tumor_mask), ref.tumor_mask)
