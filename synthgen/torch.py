@@ -420,7 +420,10 @@ class BatchTumorSynthesis:
 
             img_v, org_v, index = planning_views(image0, organ)
         else:
-            img_v, org_v, index = image0.numpy(), organ.numpy(), None
+            from .planning import host_readable
+
+            # (bfloat16, which NumPy lacks, through its float32 values)
+            img_v, org_v, index = host_readable(image0), organ.numpy(), None
         try:
             return self.synthesizer.plan(img_v, org_v, seed=seed, affine=affine, organ_index=index)
         except ValueError:  # organ too small for the preset's tumors: leave the sample alone

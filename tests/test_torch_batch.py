@@ -85,6 +85,23 @@ def test_bad_shapes_are_refused(batch):
         BatchTumorSynthesis("liver")(torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()))
 
 
+def test_bfloat16_cpu_batch_renders_through_float32(batch):
+    """A bfloat16 CPU batch (AMP) is planned from its float32 values and rendered in place
+    like that float32 batch, cast back. (Before: TypeError, unsupported ScalarType
+    BFloat16, from the planning's ``.numpy()``.)"""
+    imgs, labs = batch
+    img_t = torch.from_numpy(imgs.astype(np.float32)).to(torch.bfloat16)
+    lab_t = torch.from_numpy(labs.copy())
+    ref_img = img_t.float()  # the values the engine reads
+    ref_lab = lab_t.clone()
+    want = BatchTumorSynthesis("liver", spacing=SP, seed=5)(ref_img, ref_lab, step=3)
+    plans = BatchTumorSynthesis("liver", spacing=SP, seed=5)(img_t, lab_t, step=3)
+    assert [p.to_json() for p in plans] == [p.to_json() for p in want]
+    assert img_t.dtype == torch.bfloat16
+    assert torch.equal(img_t, ref_img.to(torch.bfloat16))
+    assert torch.equal(lab_t, ref_lab) and (lab_t == 2).any()
+
+
 @pytest.mark.gpu
 def test_cuda_batch_renders_on_the_gpu_like_the_cpu(batch):
     if not torch.cuda.is_available():
