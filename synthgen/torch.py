@@ -193,10 +193,14 @@ def _to_numpy(x: Any) -> tuple[np.ndarray, Any]:
     return np.asarray(x), x
 
 
-def _like(arr: np.ndarray, ref: Any) -> Any:
+def _like(arr: np.ndarray, ref: Any, *, label: bool = False) -> Any:
+    """``arr`` in the type and dtype of ``ref``; a label map of a boolean ``ref`` stays
+    uint8 (0/1/tumor label: a bool cannot hold the tumor label)."""
     if isinstance(ref, torch.Tensor):
-        return torch.from_numpy(np.ascontiguousarray(arr)).to(ref.dtype)
-    return arr.astype(np.asarray(ref).dtype, copy=False)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        return t if label and ref.dtype == torch.bool else t.to(ref.dtype)
+    dtype = np.asarray(ref).dtype
+    return arr if label and dtype == np.bool_ else arr.astype(dtype, copy=False)
 
 
 class TumorSynthesisWrapper(Dataset):
@@ -293,7 +297,7 @@ class TumorSynthesisWrapper(Dataset):
         else:
             new_img, new_lab = res.image, res.label
         item[self.image_key] = _like(new_img, img_ref)
-        item[self.label_key] = _like(new_lab, lab_ref)
+        item[self.label_key] = _like(new_lab, lab_ref, label=True)
         item["plan"] = res.plan.to_json() if res.plan is not None else ""
         return item
 

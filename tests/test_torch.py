@@ -730,3 +730,28 @@ def test_synthesize_and_plan_take_cpu_tensors(cases: list, dtype: torch.dtype) -
     assert torch.equal(t, before)
     ref = synthgen.render(want, values, liver, affine=affine)
     assert np.array_equal(np.asarray(res.tumor_mask), ref.tumor_mask)
+
+
+@pytest.mark.parametrize("as_tensor", [True, False])
+def test_wrapper_bool_label_keeps_the_tumor_label(dict_items: list, as_tensor: bool) -> None:
+    """A boolean organ mask as the items' label comes back uint8 with the tumor label, as
+    from ``implant_tumors`` (before: cast back to bool, which made every tumor voxel
+    "organ", the tumor label silently lost)."""
+    src = dict_items[0]
+    mask = src["label"][0].numpy() == 1
+    item = {"image": src["image"][0], "label": torch.from_numpy(mask) if as_tensor else mask}
+    item["affine"] = src["affine"]
+    out = TumorSynthesisWrapper(DictDataset([item]), "liver", seed=0)[0]
+    lab = np.asarray(out["label"])
+    assert out["plan"] != "" and lab.dtype == np.uint8
+    assert isinstance(out["label"], torch.Tensor) == as_tensor
+    tumor = lab == 2
+    assert tumor.any() and np.array_equal(lab != 0, mask | tumor)
+    assert np.array_equal(tumor, np.asarray(plan_mask(out, item)))
+
+
+def plan_mask(out: dict[str, Any], item: dict[str, Any]) -> np.ndarray:
+    """The tumor mask of ``out``'s plan rendered into ``item``'s image."""
+    image = np.asarray(item["image"])
+    mask = np.asarray(item["label"]).astype(bool)
+    return synthgen.render(plan_of(out), image, mask, affine=item["affine"]).tumor_mask
