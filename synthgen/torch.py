@@ -189,7 +189,10 @@ def _to_numpy(x: Any) -> tuple[np.ndarray, Any]:
                 "TumorSynthesisWrapper got a CUDA tensor: move data to the GPU after the "
                 "loader (the CPU engine runs in the workers)"
             )
-        return x.detach().numpy(), x
+        from .planning import host_readable
+
+        # (a view; bfloat16, which NumPy lacks, as its float32 values: cast back by _like)
+        return host_readable(x.detach()), x
     return np.asarray(x), x
 
 

@@ -755,3 +755,16 @@ def plan_mask(out: dict[str, Any], item: dict[str, Any]) -> np.ndarray:
     image = np.asarray(item["image"])
     mask = np.asarray(item["label"]).astype(bool)
     return synthgen.render(plan_of(out), image, mask, affine=item["affine"]).tumor_mask
+
+
+def test_wrapper_bfloat16_items_render_through_float32(dict_items: list) -> None:
+    """bfloat16 image tensors (NumPy has none) render as their float32 values and come
+    back bfloat16 (before: TypeError, unsupported ScalarType BFloat16)."""
+    src = dict_items[0]
+    half = {**src, "image": src["image"].to(torch.bfloat16)}
+    full = {**src, "image": half["image"].float()}
+    out = TumorSynthesisWrapper(DictDataset([half]), "liver", seed=0)[0]
+    ref = TumorSynthesisWrapper(DictDataset([full]), "liver", seed=0)[0]
+    assert out["image"].dtype == torch.bfloat16 and out["plan"] == ref["plan"] != ""
+    assert torch.equal(out["image"], ref["image"].to(torch.bfloat16))
+    assert torch.equal(out["label"], ref["label"])
