@@ -340,9 +340,13 @@ class SampleMaker:
             center = self._patch_center(rng, plan, organ)
             fill = (_air(image), 0)
             (image, label), origin = crop_patch([image, label], center, self.patch_size, fill)
+        # A sample never shares memory with the caller's arrays (writing into it must not
+        # change the case for later samples): without a render or a crop, copy them.
+        fresh = src.owns_arrays or fire or self.patch_size is not None
+        contiguous = np.ascontiguousarray if fresh else _c_copy
         return {
-            "image": np.ascontiguousarray(image)[None],
-            "label": np.ascontiguousarray(label)[None],
+            "image": contiguous(image)[None],
+            "label": contiguous(label)[None],
             "case": src.case_id,
             "epoch": int(epoch),
             "position": int(position),
@@ -377,6 +381,10 @@ def _random_voxel(rng: np.random.Generator, mask: np.ndarray) -> tuple[int, int,
             return tuple(int(v) for v in pts[int(np.argmax(hit))])
     idx = np.argwhere(mask[lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1])
     return tuple(int(v) for v in idx[int(rng.integers(len(idx)))] + lo)
+
+
+def _c_copy(a: np.ndarray) -> np.ndarray:
+    return np.array(a, order="C", copy=True)
 
 
 def _air(image: np.ndarray) -> Any:

@@ -768,3 +768,23 @@ def test_wrapper_bfloat16_items_render_through_float32(dict_items: list) -> None
     assert out["image"].dtype == torch.bfloat16 and out["plan"] == ref["plan"] != ""
     assert torch.equal(out["image"], ref["image"].to(torch.bfloat16))
     assert torch.equal(out["label"], ref["label"])
+
+
+@pytest.mark.parametrize(
+    "kw", [{"synthesize": False}, {"prob": 0.0}, {"dtype": None, "synthesize": False}]
+)
+def test_whole_volume_samples_of_c_order_arrays_are_copies(cases: list, kw: dict) -> None:
+    """C-order arrays (nibabel's are Fortran order, which a contiguous copy hid), whole
+    volumes, no tumor: writing into a sample's image or label leaves the caller's arrays
+    (and so the later samples of the case) alone. (Before: both were views of them.)"""
+    image, liver, affine = read_case(cases[0])
+    img = np.ascontiguousarray(image, dtype=np.float32)
+    lab = np.ascontiguousarray(liver, dtype=np.uint8)
+    img0, lab0 = img.copy(), lab.copy()
+    ds = SyntheticTumorDataset([(img, lab, affine)], "liver", patch_size=None, **kw)
+    (s,) = list(ds)
+    s["image"] += 5
+    s["label"] += 7
+    assert np.array_equal(img, img0) and np.array_equal(lab, lab0)
+    (again,) = list(ds)
+    assert torch.equal(again["label"][0], torch.from_numpy(lab0))
