@@ -313,6 +313,8 @@ class SampleMaker:
         seed = self.sample_seed(epoch, item)
         rng = np.random.default_rng(seed)
         image, label, affine = src.load()
+        if label.dtype == np.bool_:  # an organ mask: uint8 whether the sample fires or not
+            label = label.view(np.uint8)
         organ = organ_mask_of(label, src.organ_labels)
         fire = self.synthesize and rng.random() < self.prob
         plan = None

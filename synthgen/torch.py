@@ -279,6 +279,9 @@ class TumorSynthesisWrapper(Dataset):
         item = dict(self.dataset[index])
         seed = seed_of(self.seed, "item", self._epoch.value, int(index))
         if np.random.default_rng(seed).random() >= self.prob:
+            lab = item[self.label_key]
+            if lab.dtype in (torch.bool, np.bool_):  # as when it fires: 0/1 uint8
+                item[self.label_key] = _like(_to_numpy(lab)[0].astype(np.uint8), lab, label=True)
             item["plan"] = ""
             return item
         img, img_ref = _to_numpy(item[self.image_key])

@@ -788,3 +788,27 @@ def test_whole_volume_samples_of_c_order_arrays_are_copies(cases: list, kw: dict
     assert np.array_equal(img, img0) and np.array_equal(lab, lab0)
     (again,) = list(ds)
     assert torch.equal(again["label"][0], torch.from_numpy(lab0))
+
+
+def test_bool_mask_labels_are_uint8_whether_a_sample_fires_or_not(
+    cases: list, dict_items: list
+) -> None:
+    """A boolean organ mask as the label: every sample's label is uint8, with tumors or
+    without (before: uint8 when a sample fired, bool when not, so one loader gave labels of
+    two dtypes)."""
+    image, liver, affine = read_case(cases[0])
+    srcs = [{"image": image, "label": liver, "affine": affine, "id": f"c{k}"} for k in range(6)]
+    samples = list(SyntheticTumorDataset(srcs, "liver", prob=0.5, seed=1, patch_size=PATCH))
+    assert {s["plan"] != "" for s in samples} == {True, False}
+    assert {s["label"].dtype for s in samples} == {torch.uint8}
+    (plain,) = list(SyntheticTumorDataset(srcs[:1], "liver", synthesize=False))
+    assert plain["label"].dtype == torch.uint8
+    assert np.array_equal(plain["label"][0].numpy(), liver.astype(np.uint8))
+    src = dict_items[0]
+    mask = src["label"][0] == 1
+    for lab in (mask, mask.numpy()):
+        item = {"image": src["image"][0], "label": lab, "affine": src["affine"]}
+        out = TumorSynthesisWrapper(DictDataset([item]), "liver", prob=0.0)[0]
+        assert out["plan"] == "" and np.asarray(out["label"]).dtype == np.uint8
+        assert type(out["label"]) is type(lab)
+        assert np.array_equal(np.asarray(out["label"]), mask.numpy().astype(np.uint8))
