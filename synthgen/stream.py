@@ -102,6 +102,11 @@ def _worker(maker: SampleMaker, wid: int, nworkers: int, epochs, out_q, stop, sp
         with contextlib.suppress(Exception):
             tb = traceback.format_exc()
             out_q.put(("error", wid, _save_sample(spool, (-1, wid), {"traceback": tb})), 5)
+    finally:
+        if parent is not None and not parent.is_alive():
+            # The consumer's process is gone (killed: its _shutdown never ran), so nobody
+            # else removes the spool and the samples queued in it (in /dev/shm: memory).
+            shutil.rmtree(spool, ignore_errors=True)
 
 
 def _shutdown(stop, procs, out_q, spool) -> None:

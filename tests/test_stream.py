@@ -702,3 +702,45 @@ def test_workers_killed_mid_message_raise(dataset: tuple[Path, list], tmp_path: 
         stop_process(proc)
     assert "RESULT" in out, out
     assert "RESULT StreamError" in out and "died" in out, out
+
+
+_KILLED_PRODUCER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from synthgen.layouts import discover
+    from synthgen.stream import Producer
+    _, cases = discover(sys.argv[1], ["liver"])
+    p = Producer(cases, "liver", workers=2, queue_size=2, epochs=None, patch_size=(16, 16, 16),
+                 prob=0.0)
+    it = iter(p)
+    next(it)
+    next(it)
+    print(p._spool, *[q.pid for q in p._procs], flush=True)
+    while not os.listdir(p._spool):  # samples queued in the spool, none consumed
+        pass
+    os.kill(os.getpid(), int(sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_consumer_leaves_no_spool(dataset: tuple[Path, list], sig: int) -> None:
+    """A consumer process killed (SIGKILL, or SIGTERM without a handler: its finalizers never
+    run) leaves no spool folder of queued samples behind (in /dev/shm, i.e. memory): the
+    workers remove it as they exit. (Before: one folder left per killed run.)"""
+    root, _ = dataset
+    consumer = subprocess.run(
+        [sys.executable, "-c", _KILLED_PRODUCER, str(root), str(int(sig))],
+        env=env_with_repo(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert consumer.returncode == -sig, consumer.stderr
+    spool, *workers = consumer.stdout.split()
+    try:
+        assert wait_until(lambda: not any(pid_running(int(w)) for w in workers), 10)
+        assert wait_until(lambda: not os.path.exists(spool), 5), os.listdir(spool)
+    finally:
+        kill_pids([int(w) for w in workers], "spawn_main")
+        shutil.rmtree(spool, ignore_errors=True)
