@@ -427,6 +427,18 @@ def test_plan_json_round_trip_reproduces_the_render(small_phantom, masks, tmp_pa
         assert res.label.tobytes() == direct.label.tobytes()
 
 
+@pytest.mark.parametrize("organ", ["liver", "liver-classic", "colon"])
+def test_plan_equals_its_json_round_trip(small_phantom, masks, organ: str):
+    """``Plan.from_json(p.to_json()) == p`` (and from ``to_dict``): a stored plan compares
+    equal to the one it was written from. (Before: never equal, the plan's preset held
+    tuples where JSON gives lists.)"""
+    m = masks["colon" if organ == "colon" else "liver"]
+    p = synthgen.plan(small_phantom.image, m, organ=organ, seed=3, spacing=small_phantom.spacing)
+    assert Plan.from_json(p.to_json()) == p
+    assert Plan.from_dict(p.to_dict()) == p
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
 def test_render_does_not_depend_on_tumor_order(small_phantom, masks):
     img, m = small_phantom.image, masks["liver"]
     plan = synthgen.plan(

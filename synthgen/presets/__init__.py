@@ -343,7 +343,8 @@ class Preset:
             d.pop("wall", None)
         if self.appearance == AppearanceParams():  # no [appearance]: plans as before
             d.pop("appearance", None)
-        return d
+        # JSON's types (lists, not tuples): a plan's preset then equals the one it reads back
+        return _json_lists(d)
 
     def size_class(self, name: str) -> SizeClass:
         """The class ``name``; raises ``ValueError`` listing the valid names."""
@@ -353,6 +354,15 @@ class Preset:
             raise ValueError(
                 f"preset {self.name!r} has no size class {name!r}; valid: {', '.join(self.classes)}"
             ) from None
+
+
+def _json_lists(x: Any) -> Any:
+    """``x`` with every tuple a list, recursively (what a JSON round trip gives)."""
+    if isinstance(x, dict):
+        return {k: _json_lists(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_lists(v) for v in x]
+    return x
 
 
 # --------------------------------------------------------------------------------------
