@@ -177,6 +177,10 @@ class Synthesizer:
         tumor_label: int = 2,
     ) -> SynthesisResult:
         """Synthesize one sample (see :func:`synthesize`)."""
+        from .rendering import check_writable
+
+        check_writable("out", out)  # (before planning: a read-only output fails at once)
+        check_writable("label_out", label_out)
         if needs_readable(image, organ_mask, out, label_out):
             # non-native byte order or float16: read once through native copies, for the
             # plan and the render alike

@@ -264,3 +264,16 @@ def test_read_only_out_or_label_out_is_refused_before_writing(scan) -> None:
         with pytest.raises(ValueError, match="label_out is read-only"):
             _synth(img, m, organ=organ, size=size, seed=1, out=out, label_out=lab)
         assert out.tobytes() == img.tobytes()
+
+
+def test_read_only_out_is_refused_before_planning(scan, monkeypatch) -> None:
+    img, m = scan
+
+    def planning(*a, **k):
+        raise AssertionError("planned for a read-only out")
+
+    monkeypatch.setattr(synthgen.api, "make_plan", planning)
+    with pytest.raises(ValueError, match="out is read-only"):
+        _synth(img, m, out=_read_only(img))
+    with pytest.raises(ValueError, match="label_out is read-only"):
+        _synth(img, m, out=img.copy(), label_out=_read_only(m.astype(np.uint8)))
