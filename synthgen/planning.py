@@ -700,7 +700,9 @@ def make_plan(
     Args:
         image: 3-D CT in HU (any numeric dtype; any array exposing ``shape``/indexing). A
             NumPy array in non-native byte order (nibabel's ``>i2``) or of float16 is read
-            through a native-order (float32) copy: the plan is the native array's.
+            through a native-order (float32) copy: the plan is the native array's. Data on a
+            GPU (CuPy, torch CUDA) is read through views that copy back only the organ's box
+            and a few regions: the same plan as from the same values on the host.
         organ_mask: 3-D organ mask on the same grid (bool, or numbers binarised at > 0.5; any
             byte order).
         organ: Organ name (its default preset), preset name, preset file path or
@@ -734,6 +736,15 @@ def make_plan(
     image, organ_mask, vessel_mask, lesion_mask = map(
         _cpu_tensor_view, (image, organ_mask, vessel_mask, lesion_mask)
     )
+    from . import _device
+
+    if _device._array_device(image) is not None or _device._array_device(organ_mask) is not None:
+        # GPU data (CuPy arrays, torch CUDA tensors): read through planning's views, which
+        # copy back the organ's box and a few regions, on the data's device and stream (as
+        # synthesize does; vessel and lesion masks are read region by region, see binary)
+        from ._cuda import planning_views
+
+        image, organ_mask, organ_index = planning_views(image, organ_mask, organ_index)
     check_arrays(image, organ_mask)
     # non-native byte order and float16: read through native (float32) copies
     image, organ_mask = readable(image), readable(organ_mask)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from _cuda_emu import NumpyDevice, gpu_backend
 
+import synthgen
 from synthgen import _cuda
 from synthgen._packed import PackedMask, pack_on_device
 
@@ -192,3 +193,31 @@ def test_planning_of_data_on_a_second_gpu(small_phantom):
     want = synthgen.plan(ph.image, mask, organ="liver", seed=3, spacing=ph.spacing)
     assert got.to_json() == want.to_json()
     assert res.image.device.id == 1
+
+
+def test_plan_reads_device_data_through_views(small_phantom, monkeypatch):
+    """synthgen.plan (and Synthesizer.plan) on GPU data reads it through planning's views, as
+    synthesize does, instead of handing device arrays to the host code: here NumPy arrays of
+    a marked subclass stand for device arrays, a NumpyDevice for their GPU."""
+    from synthgen import _device
+
+    class Dev(np.ndarray):
+        pass
+
+    class OnDevice(NumpyDevice):
+        def on_device(self, a) -> bool:
+            return isinstance(a, Dev)
+
+    be = OnDevice()
+    monkeypatch.setattr(_device, "_array_device", lambda a: 0 if isinstance(a, Dev) else None)
+    monkeypatch.setattr(_cuda, "backend", lambda device_id: be)
+    ph = small_phantom
+    mask = ph.mask("liver")
+    for preset in ("liver", "colon"):
+        m = mask if preset == "liver" else ph.mask("colon")
+        want = synthgen.plan(ph.image, m, organ=preset, seed=5, spacing=ph.spacing)
+        copies = be.copies
+        got = synthgen.plan(ph.image.view(Dev), m.view(Dev), organ=preset, seed=5,
+                            spacing=ph.spacing)  # fmt: skip
+        assert got.to_json() == want.to_json()
+        assert be.copies > copies  # (read through the views)
