@@ -92,7 +92,9 @@ NOISE_WINDOW_HU = (-150.0, 250.0)
 # --------------------------------------------------------------------------------------
 
 
-def draw_wall(rng: np.random.Generator, wall: Any, half_length_mm: float, thickness_mm) -> dict:
+def draw_wall(
+    rng: np.random.Generator, wall: Any, half_length_mm: float, thickness_mm, modes=None
+) -> dict:
     """Every random number of one wall tumor except its position (drawn from ``rng``).
 
     Args:
@@ -100,9 +102,11 @@ def draw_wall(rng: np.random.Generator, wall: Any, half_length_mm: float, thickn
         wall: The preset's :class:`~synthgen.presets.WallParams`.
         half_length_mm: Half-length of the segment (the size class's radius draw), mm.
         thickness_mm: ``[low, high]`` of the wall thickness to reach, mm.
+        modes: Mode weights (the size class's ``wall_modes``); ``None``: ``wall.modes``.
     """
-    names = list(wall.modes)
-    w = np.array([wall.modes[n] for n in names], dtype=np.float64)
+    modes = wall.modes if modes is None else modes
+    names = list(modes)
+    w = np.array([modes[n] for n in names], dtype=np.float64)
     mode = names[int(rng.choice(len(names), p=w / w.sum()))]
     d = {
         "mode": mode,

@@ -888,7 +888,7 @@ def _wall_tumor(preset, cls, rng, idx, seed, image, organ_mask, sp, placer, keep
     wp = preset.wall
     half = _uniform(rng, *cls.radius_mm, cls.radius_integer)
     thick = cls.wall_thickness_mm if cls.wall_thickness_mm is not None else wp.thickness_mm
-    draws = draw_wall(rng, wp, half, thick)
+    draws = draw_wall(rng, wp, half, thick, cls.wall_modes)
     blur = _uniform(rng, *preset.blend.sigma_mm, False)
     texture = _draw_texture(preset, rng)
     radii = (half, half, half)

@@ -268,11 +268,13 @@ def test_annular_vs_eccentric_coverage(fine_phantom):
                 continue
             if w["mode"] == "eccentric" and w["thickness_mm"] > 0.6 * w["radius_mm"]:
                 continue  # a plaque thicker than the radius wraps around: no arc to measure
+            spread = math.degrees(2.0 * w["thickness_mm"] / w["radius_mm"])
+            if w["mode"] == "eccentric" and w["arc_deg"] + spread > 300.0:
+                continue  # its inner edge reaches nearly around: no gap left to measure
             cov = _coverage(t, tm, sp, w["radius_mm"])
             if w["mode"] == "annular":
                 assert cov >= 0.9, (seed, cov)
             else:
-                spread = math.degrees(2.0 * w["thickness_mm"] / w["radius_mm"])
                 assert cov <= (w["arc_deg"] + spread + 30.0) / 360.0, (seed, cov, w)
                 assert cov >= 0.8 * w["arc_deg"] / 360.0 - 0.1, (seed, cov, w)
                 assert cov < 0.9

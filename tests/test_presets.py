@@ -361,6 +361,32 @@ INVALID = [
         id="components-not-a-table",
     ),
     pytest.param(
+        MINIMAL.replace("radius_mm = [4, 6]", "radius_mm = [4, 6]\nwall_thickness_mm = [3, 5]"),
+        "classes.small.wall_thickness_mm",
+        "[wall]",
+        id="class-wall-thickness-without-wall",
+    ),
+    pytest.param(
+        MINIMAL.replace("radius_mm = [4, 6]", "radius_mm = [4, 6]\nwall_modes = {polypoid = 1}"),
+        "classes.small.wall_modes",
+        "[wall]",
+        id="class-wall-modes-without-wall",
+    ),
+    pytest.param(
+        MINIMAL.replace("radius_mm = [4, 6]", "radius_mm = [4, 6]\nwall_modes = {polyp = 1}")
+        + "[wall]\n",
+        "classes.small.wall_modes",
+        "polyp",
+        id="class-wall-modes-unknown-mode",
+    ),
+    pytest.param(
+        MINIMAL.replace("radius_mm = [4, 6]", "radius_mm = [4, 6]\nwall_modes = {annular = 0}")
+        + "[wall]\n",
+        "classes.small.wall_modes",
+        "zero",
+        id="class-wall-modes-all-zero",
+    ),
+    pytest.param(
         MINIMAL.replace("count = [1, 2]", "count = [1.5, 2]"),
         "classes.small.count",
         "integers",

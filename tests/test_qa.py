@@ -209,7 +209,9 @@ def test_wall_tumors_one_component_contrast_against_the_wall(tmp_path: Path) -> 
     meet the rest along an edge only), its reference is the wall (soft tissue), not the
     lumen's gas, and no contrast range applies."""
     out = tmp_path / "demo"
-    cli("demo", "--out", out, "--no-preview")  # (the default demo's colon tumor splits)
+    # (this demo's large colon tumor, seed 3, splits into 10 face-connected parts)
+    cli("demo", "--out", out, "--no-preview", "--organs", "colon,esophagus", "--seed", "3",
+        "--size", "large")  # fmt: skip
     qa_report(out)
     doc = json.loads((out / "qa" / "qa.json").read_text())
     face_split = 0

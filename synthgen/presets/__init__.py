@@ -100,6 +100,9 @@ class SizeClass:
             component classes' own ``count`` is then ignored.
         wall_thickness_mm: Wall tumors only (a preset with ``[wall]``): this class's range
             of the wall thickness to reach, mm, instead of ``[wall] thickness_mm``.
+        wall_modes: Wall tumors only: this class's mode weights (``annular``, ``eccentric``,
+            ``polypoid``) instead of ``[wall.modes]`` (small colon lesions are polyps, the
+            annular "apple core" a large one).
     """
 
     name: str
@@ -112,6 +115,7 @@ class SizeClass:
     exophytic_probability: float = 0.0
     components: dict[str, tuple[int, int]] | None = None
     wall_thickness_mm: tuple[float, float] | None = None
+    wall_modes: dict[str, float] | None = None
 
     @property
     def composite(self) -> bool:
@@ -329,8 +333,9 @@ class Preset:
         classes = {}
         for name, c in d["classes"].items():
             c.pop("name")
-            if c.get("wall_thickness_mm") is None:
-                c.pop("wall_thickness_mm", None)
+            for k in ("wall_thickness_mm", "wall_modes"):
+                if c.get(k) is None:
+                    c.pop(k, None)
             if c["components"] is None:
                 c.pop("components")
                 classes[name] = c
@@ -442,6 +447,7 @@ _CLASS_KEYS = {
     "exophytic_probability",
     "components",
     "wall_thickness_mm",
+    "wall_modes",
 }
 
 
@@ -486,16 +492,26 @@ def _parse_class(ctx: _Ctx, name: str, t: dict[str, Any]) -> SizeClass:
         wall_thickness_mm=None
         if wall_t is None
         else _range(ctx, key + ".wall_thickness_mm", wall_t, lo=0.5, hi=100),
+        wall_modes=None
+        if "wall_modes" not in t
+        else _modes(ctx, t["wall_modes"], key + ".wall_modes"),
     )
+
+
+def _modes(ctx: _Ctx, t: Any, key: str) -> dict[str, float]:
+    """Wall-mode weights (``[wall.modes]``, a class's ``wall_modes``): known modes, numbers
+    >= 0, not all zero."""
+    modes_t = _take(ctx, t, key, set(WALL_MODES))
+    modes = {n: _num(ctx, f"{key}.{n}", v, lo=0) for n, v in modes_t.items()}
+    if sum(modes.values()) <= 0:
+        raise ctx.fail(key, "weights must not all be zero")
+    return modes
 
 
 def _parse_wall(ctx: _Ctx, t: Any) -> WallParams:
     wl = _take(ctx, t, "wall", set(WallParams.__dataclass_fields__))
     d = WallParams()
-    modes_t = _take(ctx, wl.get("modes", d.modes), "wall.modes", set(WALL_MODES))
-    modes = {n: _num(ctx, f"wall.modes.{n}", v, lo=0) for n, v in modes_t.items()}
-    if sum(modes.values()) <= 0:
-        raise ctx.fail("wall.modes", "weights must not all be zero")
+    modes = _modes(ctx, wl.get("modes", d.modes), "wall.modes")
 
     def rng(key: str, lo: float, hi: float) -> tuple[float, float]:
         return _range(ctx, f"wall.{key}", wl.get(key, getattr(d, key)), lo=lo, hi=hi)
@@ -695,6 +711,11 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
     desc = data.get("description", "")
     if not isinstance(desc, str):
         raise ctx.fail("description", "must be a string")
+    if data.get("wall") is None:  # (class keys of wall tumors without them: not ignored)
+        for n, c in classes.items():
+            for k in ("wall_thickness_mm", "wall_modes"):
+                if getattr(c, k) is not None:
+                    raise ctx.fail(f"classes.{n}.{k}", "applies to wall tumors: add a [wall] table")
     return Preset(
         name=name,
         organ=organ,
