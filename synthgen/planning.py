@@ -187,7 +187,7 @@ class Plan:
             t = dict(t)
             for k in ("center_vox", "radii_mm", "rotation", "control_extent_mm"):
                 t[k] = tuple(t[k])
-            tumors.append(TumorPlan(**t))
+            tumors.append(_checked(TumorPlan(**t)))
         return cls(
             seed=int(d["seed"]),
             preset=d["preset"],
@@ -204,10 +204,50 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str | bytes | Path) -> Plan:
-        """Parse a plan from JSON text or a path to a JSON file."""
+        """Parse a plan from JSON text or a path to a JSON file (a :class:`~pathlib.Path`,
+        or a string that is not JSON text: a plan's JSON is an object, ``{...}``)."""
+        if isinstance(text, str) and not text.lstrip().startswith("{"):
+            text = Path(text)
         if isinstance(text, Path):
             text = text.read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
+
+
+def _checked(t: TumorPlan) -> TumorPlan:
+    """A tumor of a plan read from JSON, its numbers checked (a hand-edited plan: negative
+    radii rendered, a NaN blur failed deep in the render): ``ValueError`` naming the tumor
+    and the field."""
+
+    def bad(name: str, why: str) -> ValueError:
+        return ValueError(f"tumor {t.index}: {name} {why}, got {getattr(t, name)!r}")
+
+    def finite(name: str, vals) -> list[float]:
+        try:
+            out = [float(v) for v in vals]
+        except (TypeError, ValueError):
+            raise bad(name, "must be numbers") from None
+        if not all(math.isfinite(v) for v in out):
+            raise bad(name, "must be finite")
+        return out
+
+    if len(t.center_vox) != 3 or not all(
+        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in t.center_vox
+    ):
+        raise bad("center_vox", "must be 3 integer voxel indices")
+    if min(finite("radii_mm", t.radii_mm)) <= 0:
+        raise bad("radii_mm", "must be positive")
+    rot = t.rotation
+    if len(rot) == 3 and all(isinstance(r, Sequence) for r in rot):  # (3 rows of 3)
+        rot = [v for r in rot for v in r]
+    if len(finite("rotation", rot)) != 9:
+        raise bad("rotation", "must hold 9 numbers (or 3 rows of 3)")
+    if min(finite("control_extent_mm", t.control_extent_mm)) < 0:
+        raise bad("control_extent_mm", "must not be negative")
+    for name in ("blur_sigma_mm", "elastic_sigma_mm"):
+        if finite(name, [getattr(t, name)])[0] < 0:
+            raise bad(name, "must not be negative")
+    finite("contrast_hu", [t.contrast_hu])
+    return t
 
 
 def float64s(values: Sequence) -> np.ndarray:
@@ -360,15 +400,47 @@ def resolve_spacing(
         if a.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got shape {a.shape}")
         spacing = np.linalg.norm(a[:3, :3], axis=0)
+    if isinstance(spacing, tuple | list) and any(isinstance(x, bool | np.bool_) for x in spacing):
+        raise ValueError(f"spacing must be numbers (mm per voxel axis), got {spacing!r}")
     if isinstance(spacing, tuple | list) and all(isinstance(x, float | int) for x in spacing):
         sp = [float(x) for x in spacing]  # (Python numbers: no array needed)
     else:
-        sp = np.asarray(spacing, dtype=np.float64).ravel().tolist()
+        a = np.asarray(spacing)
+        if a.dtype == np.bool_:
+            raise ValueError(f"spacing must be numbers (mm per voxel axis), got {spacing!r}")
+        sp = a.astype(np.float64).ravel().tolist()
     if len(sp) != 3:
         raise ValueError(f"spacing must have 3 values (mm per voxel axis), got {sp}")
     if not all(math.isfinite(x) and x > 0 for x in sp):
         raise ValueError(f"spacing must be positive and finite, got {sp}")
     return (sp[0], sp[1], sp[2])
+
+
+def _warn_odd_inputs(image: Any, sp: Sequence[float], affine: Any) -> None:
+    """Warnings for inputs planning takes but that are probably not what the caller meant:
+    an image of 8-bit integers (it cannot hold CT values in HU: a windowed or rescaled
+    image?) and a ``spacing`` that disagrees with the ``affine``'s (the spacing is used)."""
+    import warnings
+
+    dt = getattr(image, "dtype", None)
+    if dt is not None and np.dtype(dt).kind in "iu" and np.dtype(dt).itemsize == 1:
+        warnings.warn(
+            f"the image is {np.dtype(dt)}, which cannot hold CT values in HU (-1024 to 3071): "
+            "tumor contrast is in HU, so a windowed or rescaled image gets wrong contrast",
+            UserWarning,
+            stacklevel=3,
+        )
+    if affine is not None:
+        a = np.asarray(affine, dtype=np.float64)
+        if a.shape == (4, 4):
+            from_affine = np.linalg.norm(a[:3, :3], axis=0)
+            if not np.allclose(sp, from_affine, rtol=1e-3, atol=0):
+                warnings.warn(
+                    f"spacing {tuple(round(float(x), 4) for x in sp)} differs from the affine's "
+                    f"{tuple(round(float(x), 4) for x in from_affine)}: the spacing is used",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
 
 def craniocaudal_axis(affine: np.ndarray | None) -> int:
@@ -732,6 +804,11 @@ def make_plan(
             no tumor position left clear of the vessels, lesions or other tumors.
     """
     preset = load_preset(organ)
+    if organ_index is not None and not isinstance(organ_index, OrganIndex):
+        raise ValueError(
+            "organ_index must be an OrganIndex from synthgen.index_organ(organ_mask), got "
+            f"{type(organ_index).__name__}"
+        )
     # CPU tensors (any dtype, bfloat16 included) are planned from NumPy views, as rendered
     image, organ_mask, vessel_mask, lesion_mask = map(
         _cpu_tensor_view, (image, organ_mask, vessel_mask, lesion_mask)
@@ -750,6 +827,7 @@ def make_plan(
     image, organ_mask = readable(image), readable(organ_mask)
     vessel_mask, lesion_mask = readable(vessel_mask), readable(lesion_mask)
     sp = resolve_spacing(spacing, affine)
+    _warn_odd_inputs(image, sp, affine)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(int(seed))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,59 @@ def test_read_only_out_is_refused_before_planning(scan, monkeypatch) -> None:
         _synth(img, m, out=_read_only(img))
     with pytest.raises(ValueError, match="label_out is read-only"):
         _synth(img, m, out=img.copy(), label_out=_read_only(m.astype(np.uint8)))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "word"),
+    [
+        ("radii_mm", [-4.0, 5.0, 5.0], "positive"),
+        ("radii_mm", [4.0, float("nan"), 5.0], "finite"),
+        ("blur_sigma_mm", float("nan"), "finite"),
+        ("blur_sigma_mm", -1.0, "negative"),
+        ("center_vox", [10.5, 20, 30], "integer"),
+        ("rotation", [1.0, 0.0, 0.0], "9 numbers"),
+        ("contrast_hu", "dark", "numbers"),
+    ],
+)
+def test_hand_edited_plan_numbers_are_checked(scan, field, value, word) -> None:
+    """A plan read from JSON has its tumors' numbers checked, naming tumor and field (a
+    negative radius rendered, a NaN blur failed deep in the render)."""
+    img, m = scan
+    d = synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=SP).to_dict()
+    d["tumors"][0][field] = value
+    with pytest.raises(ValueError, match=f"tumor 0: {field} .*{word}"):
+        Plan.from_dict(d)
+
+
+def test_plan_from_a_path_given_as_a_string(scan, tmp_path: Path) -> None:
+    img, m = scan
+    p = synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=SP)
+    f = tmp_path / "plan.json"
+    f.write_text(p.to_json(), encoding="utf-8")
+    assert Plan.from_json(str(f)) == p == Plan.from_json(f) == Plan.from_json(p.to_json())
+
+
+def test_organ_index_of_another_type(scan) -> None:
+    img, m = scan
+    with pytest.raises(ValueError, match="organ_index must be an OrganIndex"):
+        synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=SP, organ_index=5)
+
+
+def test_boolean_spacing_is_rejected(scan) -> None:
+    img, m = scan
+    for sp in ((True, True, True), np.ones(3, bool)):
+        with pytest.raises(ValueError, match="spacing must be numbers"):
+            synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=sp)
+
+
+def test_spacing_against_the_affine_and_8_bit_images_warn(scan) -> None:
+    img, m = scan
+    aff = np.diag([*SP, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consistent: no warning
+        synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=SP, affine=aff)
+    with pytest.warns(UserWarning, match="differs from the affine"):
+        synthgen.plan(img, m, organ="liver-classic", seed=0, spacing=(1.0, 1.0, 1.0), affine=aff)
+    with pytest.warns(UserWarning, match="cannot hold CT values"):
+        synthgen.plan(np.clip(img, 0, 255).astype(np.uint8), m, organ="liver-classic", seed=0,
+                      spacing=SP)  # fmt: skip
