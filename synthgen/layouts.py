@@ -300,6 +300,14 @@ def _labelled_case(
     return Case(case_id, ct, found, lesions, missing)
 
 
+def _in_root(root: Path, text: str) -> Path:
+    """A dataset.json path (``./imagesTr/x.nii.gz``) under ``root``: only leading ``./``
+    prefixes are dropped (``lstrip("./")`` made ``../x`` ``x`` and ``.x`` ``x``)."""
+    while text.startswith("./"):
+        text = text[2:]
+    return root / text
+
+
 def _discover_msd(root: Path, organs: list[str]) -> list[Case]:
     ds = root / "dataset.json"
     meta = _read_json(ds)
@@ -308,10 +316,10 @@ def _discover_msd(root: Path, organs: list[str]) -> list[Case]:
     training = meta.get("training")
     if isinstance(training, list) and training:
         for entry in training:
-            img = root / str(entry.get("image", "")).lstrip("./")
+            img = _in_root(root, str(entry.get("image", "")))
             lab = entry.get("label")
             if _nii(img):
-                pairs.append((img, root / str(lab).lstrip("./") if lab else None))
+                pairs.append((img, _in_root(root, str(lab)) if lab else None))
     else:
         for img in sorted((root / "imagesTr").iterdir()):
             if _nii(img):

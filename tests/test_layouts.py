@@ -298,6 +298,24 @@ def test_discover_msd_ids_cancer_label_and_macos_files(datasets, tmp_path: Path)
     assert cases[0].organs["pancreas"][0].label_ids == (2,)
 
 
+def test_discover_msd_keeps_parent_folders_of_training_paths(datasets, tmp_path: Path) -> None:
+    """dataset.json paths lose only a leading "./" (``lstrip("./")`` made ``../x`` ``x``)."""
+    root = tmp_path / "msd"
+    shutil.copytree(datasets["msd"], root)
+    shutil.move(root / "imagesTr", tmp_path / "images")  # the images beside the dataset
+    (root / "imagesTr").mkdir()
+    meta = json.loads((root / "dataset.json").read_text())
+    for k, entry in enumerate(meta["training"]):
+        entry["image"] = f"../images/liver_{k}.nii.gz"
+        entry["label"] = f"././labelsTr/liver_{k}.nii.gz"
+    (root / "dataset.json").write_text(json.dumps(meta))
+    _, cases = discover(root, ["liver"])
+    for k, case in enumerate(cases):
+        assert case.ct == root / ".." / "images" / f"liver_{k}.nii.gz" and case.ct.is_file()
+        lab = root / "labelsTr" / f"liver_{k}.nii.gz"
+        assert case.organs == {"liver": (MaskSource(lab, (1,)),)} and case.missing == {}
+
+
 def test_discover_nnunet_name_to_id_missing_organ_and_macos_files(tmp_path: Path) -> None:
     root = write_dataset(tmp_path / "nn", "nnunet", 2)
     (root / "imagesTr" / "._abd_000_0000.nii.gz").write_bytes(b"\0\5\26\7macOS junk")
