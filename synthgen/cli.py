@@ -162,6 +162,18 @@ def _preset_map(specs: list[str] | None, organs: list[str]) -> dict[str, str]:
     return out
 
 
+def _label_ids(option: str, text: str | None) -> tuple[int, ...] | None:
+    """``--label-id`` / ``--lesion-id`` as ids (``None`` when not given)."""
+    from synthgen.layouts import parse_label_ids
+
+    if text is None:
+        return None
+    try:
+        return parse_label_ids(text)
+    except ValueError:
+        raise typer.BadParameter(f"{option} {text!r}: give integer ids, e.g. 6 or 1,2") from None
+
+
 def _cannot_write(target: Path, e: OSError) -> typer.Exit:
     """Print that ``target`` cannot be written (a file where a folder must be, a folder where
     a file must be, no permission...) and return the exit to raise: one line, no traceback."""
@@ -302,8 +314,16 @@ def synth(
         str | None,
         typer.Option(
             "--label-id",
-            help="Organ id(s) in a label map, e.g. 6, or 1,2 for an organ and its tumors "
-            "(without it the mask must be binary: > 0.5).",
+            help="Organ id(s) in a label map, e.g. 6, or 1,2 for an organ of two labels "
+            "(without it the mask must be binary: > 0.5). Its existing tumors: --lesion-id.",
+        ),
+    ] = None,
+    lesion_id: Annotated[
+        str | None,
+        typer.Option(
+            "--lesion-id",
+            help="Label id(s) of the organ's existing lesions in the --label-id map, e.g. 2 "
+            "or 2,3: they stay tumor label, belong to the organ and new tumors keep clear.",
         ),
     ] = None,
     n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples to write.")] = 1,
@@ -330,25 +350,23 @@ def synth(
     label.nii.gz (0/1/2), segmentations/<organ>.nii.gz and <lesion>.nii.gz, tumors.json.
 
     The mask may be on another grid than the CT (it is resampled by affine, nearest) and may be
-    a label map (pick the organ with --label-id; without it, a mask holding several non-zero
-    values fails).
+    a label map (pick the organ with --label-id, its existing lesions with --lesion-id;
+    without --label-id, a mask holding several non-zero values fails).
 
     Example: synthgen synth ct.nii.gz --mask liver.nii.gz --organ liver --out out --n 4
     """
     from synthgen.batch import BatchOptions
-    from synthgen.layouts import Case, MaskSource, _stem, parse_label_ids
+    from synthgen.layouts import Case, MaskSource, _stem
 
     organs = _organ_list(organ)
     if len(organs) != 1:
         raise typer.BadParameter("synth takes one organ; use batch with a CSV for several")
-    ids = None
-    if label_id is not None:
-        try:
-            ids = parse_label_ids(label_id)
-        except ValueError:
-            raise typer.BadParameter(
-                f"--label-id {label_id!r}: give integer ids, e.g. 6 or 1,2"
-            ) from None
+    ids = _label_ids("--label-id", label_id)
+    lesion = _label_ids("--lesion-id", lesion_id)
+    if lesion is not None and ids is None:
+        raise typer.BadParameter(
+            "--lesion-id names label ids of a label map: give the organ's with --label-id"
+        )
     dev = _check_device(device)
     presets = _preset_map([preset] if preset else None, organs)
     name = _stem(ct) if ct.name.endswith((".nii", ".nii.gz")) else ct.stem
@@ -358,6 +376,7 @@ def synth(
         name,
         ct,
         {organs[0]: (MaskSource(mask, ids),)},
+        {organs[0]: (MaskSource(mask, lesion),)} if lesion is not None else {},
     )
     try:
         opts = BatchOptions(
@@ -421,12 +440,21 @@ def batch(
             "default: each preset's [mass_effect] section.",
         ),
     ] = None,
+    lesion_id: Annotated[
+        str | None,
+        typer.Option(
+            "--lesion-id",
+            help="Label id(s) of the organ's existing lesions in its label maps (one --organ; "
+            "a CSV's rows with a label_id and no lesion_id, or MSD / nnU-Net labels instead "
+            "of those named like lesions): they stay tumor label.",
+        ),
+    ] = None,
 ) -> None:
     """Synthesize tumors over a whole dataset, resumably, on local processes or a cluster.
 
     The layout is detected (AbdomenAtlas 1.x BDMAP_*/ct.nii.gz + segmentations/, AbdomenAtlas
     2.0 ct/ + label/, MSD or nnU-Net imagesTr/ + labelsTr/ + dataset.json, or a CSV of
-    ct,mask,organ[,label_id]). Each sample's seed derives from (--seed, case id, sample
+    ct,mask,organ[,label_id[,lesion_id]]). Each sample's seed derives from (--seed, case id, sample
     index), so the bytes do not depend on --workers, --shard or the scheduler. OUT/manifest*.jsonl
     records every sample; --resume skips finished ones and redoes partial ones. Bad cases are
     reported with a reason and the batch goes on; the exit code is 1 if any sample failed.
@@ -443,6 +471,7 @@ def batch(
     from synthgen.layouts import discover
 
     organs = _organ_list(organ)
+    lesion = _label_ids("--lesion-id", lesion_id)
     dev = _check_device(device)
     presets = _preset_map(preset, organs)
     try:
@@ -464,7 +493,7 @@ def batch(
             for o in organs:
                 load_preset(presets.get(o, o)).size_class(size)
         shard_in = parse_shard(shard)
-        found_layout, cases = discover(input, organs, layout)
+        found_layout, cases = discover(input, organs, layout, lesion_ids=lesion)
     except ValueError as e:
         console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None

@@ -13,7 +13,8 @@ Supported (detected from the folder's contents, or named explicitly):
     nnU-Net v2 raw: ``imagesTr/{case}_0000.nii.gz``, ``labelsTr/{case}.nii.gz`` and a
     ``dataset.json`` whose ``labels`` map name -> id.
 ``csv``
-    A CSV file with the columns ``ct,mask,organ[,label_id]`` (paths relative to the file);
+    A CSV file with the columns ``ct,mask,organ[,label_id[,lesion_id]]`` (paths relative to
+    the file; ``lesion_id``: label ids of the organ's existing lesions in its label map);
     several rows with the same ``ct`` (the same file, however spelled) make one case with
     several organs. A case's id is its CT's file name; CTs of the same file name in several
     folders are told apart by their folders below the CSV's (``c1_ct``, ``c2_ct``), whatever
@@ -308,10 +309,16 @@ def _in_root(root: Path, text: str) -> Path:
     return root / text
 
 
-def _discover_msd(root: Path, organs: list[str]) -> list[Case]:
+def _discover_msd(
+    root: Path, organs: list[str], lesion: tuple[int, ...] | None = None
+) -> list[Case]:
+    """``lesion``: the lesion ids of ``organs[0]`` (its only organ), instead of the labels
+    dataset.json names like lesions."""
     ds = root / "dataset.json"
     meta = _read_json(ds)
     organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=False), organs, ds)
+    if lesion is not None:
+        lesion_ids = {organs[0]: lesion}
     pairs: list[tuple[Path, Path | None]] = []  # image, where its label file should be
     training = meta.get("training")
     if isinstance(training, list) and training:
@@ -335,10 +342,15 @@ def _discover_msd(root: Path, organs: list[str]) -> list[Case]:
     return cases
 
 
-def _discover_nnunet(root: Path, organs: list[str]) -> list[Case]:
+def _discover_nnunet(
+    root: Path, organs: list[str], lesion: tuple[int, ...] | None = None
+) -> list[Case]:
+    """``lesion``: as for :func:`_discover_msd`."""
     ds = root / "dataset.json"
     meta = _read_json(ds)
     organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=True), organs, ds)
+    if lesion is not None:
+        lesion_ids = {organs[0]: lesion}
     ending = str(meta.get("file_ending", ".nii.gz"))
     cases = []
     for img in sorted((root / "imagesTr").iterdir()):
@@ -423,35 +435,73 @@ def parse_label_ids(text: str) -> tuple[int, ...]:
     return ids
 
 
-def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
+def _csv_columns(head: list[str]) -> dict[str, int | None]:
+    """Where a CSV's ``label_id`` and ``lesion_id`` are: after a ``ct,mask,organ`` header, by
+    their names (a fourth column named otherwise still is ``label_id``, as it always was);
+    without a header, the fourth and fifth columns."""
+    if not head:
+        return {"label_id": 3, "lesion_id": 4}
+    cols = {k: head.index(k) if k in head else None for k in ("label_id", "lesion_id")}
+    if cols["label_id"] is None and len(head) > 3 and head[3] != "lesion_id":
+        cols["label_id"] = 3
+    return cols
+
+
+def _discover_csv(
+    path: Path, organs: list[str] | None, lesion: tuple[int, ...] | None = None
+) -> list[Case]:
+    """``lesion``: lesion ids of the rows of ``organs[0]`` (its only organ) that have a
+    ``label_id`` and no ``lesion_id``."""
     try:
         rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
     except OSError as e:
         raise LayoutError(f"{path}: cannot read ({e})") from None
     rows = [r for r in rows if r and any(c.strip() for c in r)]
+    head: list[str] = []
     if rows and [c.strip().lower() for c in rows[0][:3]] == ["ct", "mask", "organ"]:
+        head = [c.strip().lower() for c in rows[0]]
         rows = rows[1:]
+    cols = _csv_columns(head)
     by_ct: dict[str, dict[str, Any]] = {}  # real path of the CT -> organ -> masks
+    lesions: dict[str, dict[str, list[MaskSource]]] = {}  # ... -> organ -> lesion label ids
     spelled: dict[str, set[Path]] = {}  # real path of the CT -> its spellings in the CSV
     for n, row in enumerate(rows, start=1):
         if len(row) < 3:
-            raise LayoutError(f"{path}: row {n} needs ct,mask,organ[,label_id], got {row}")
+            raise LayoutError(
+                f"{path}: row {n} needs ct,mask,organ[,label_id[,lesion_id]], got {row}"
+            )
         ct, mask, organ = (Path(c.strip()) for c in row[:3])
         organ_name = str(organ)
         if organ_name not in ORGANS:
             raise LayoutError(f"{path}: row {n}: unknown organ {organ_name!r}")
-        ids = None
-        if len(row) > 3 and row[3].strip():
+        got: dict[str, tuple[int, ...] | None] = {}
+        for col, i in cols.items():
+            raw = row[i] if i is not None and i < len(row) else ""
             try:
-                ids = parse_label_ids(row[3])
+                got[col] = parse_label_ids(raw) if raw.strip() else None
             except ValueError:
-                raise LayoutError(f"{path}: row {n}: label_id {row[3]!r} is not an int") from None
+                raise LayoutError(f"{path}: row {n}: {col} {raw!r} is not an int") from None
+        ids, les = got["label_id"], got["lesion_id"]
+        if les is None and lesion is not None and organs and organ_name == organs[0]:
+            if ids is None:
+                raise LayoutError(
+                    f"{path}: row {n}: --lesion-id names label ids of a label map, and this "
+                    "row's mask has no label_id"
+                )
+            les = lesion
+        if les is not None and ids is None:
+            raise LayoutError(
+                f"{path}: row {n}: lesion_id needs a label_id (lesions are label ids of a "
+                "label map whose organ ids label_id names)"
+            )
         ct = ct if ct.is_absolute() else path.parent / ct
         mask = mask if mask.is_absolute() else path.parent / mask
         real = os.path.realpath(ct)  # one file under several spellings is one case
         spelled.setdefault(real, set()).add(ct)
         entry = by_ct.setdefault(real, {})
         entry.setdefault(organ_name, []).append(MaskSource(mask, ids))
+        if les is not None:
+            lesions.setdefault(real, {}).setdefault(organ_name, []).append(MaskSource(mask, les))
     base = path.parent
     first = {
         r: min(s, key=lambda c: (_rel(c, base), len(str(c)), str(c))) for r, s in spelled.items()
@@ -463,13 +513,18 @@ def _discover_csv(path: Path, organs: list[str] | None) -> list[Case]:
         cid = ids[ct]
         want = organs if organs else list(masks)
         found = {o: tuple(masks[o]) for o in want if o in masks}
+        les = {o: tuple(v) for o, v in lesions.get(real, {}).items() if o in found}
         missing = {o: f"no {o} row for {ct} in {path}" for o in want if o not in masks}
-        cases.append(Case(cid, ct, found, {}, missing))
+        cases.append(Case(cid, ct, found, les, missing))
     return cases
 
 
 def discover(
-    path: str | Path, organs: Sequence[str] | None = None, layout: str | None = None
+    path: str | Path,
+    organs: Sequence[str] | None = None,
+    layout: str | None = None,
+    *,
+    lesion_ids: Sequence[int] | None = None,
 ) -> tuple[str, list[Case]]:
     """List the cases of a dataset.
 
@@ -477,28 +532,48 @@ def discover(
         path: Dataset folder or CSV file.
         organs: Organs wanted (``None`` only for CSV: the organs its rows name).
         layout: Force a layout (one of :data:`LAYOUTS`); detected when ``None``.
+        lesion_ids: Label ids of the existing lesions of the organ (exactly one in
+            ``organs``) in its label maps: a CSV's rows of that organ that have a
+            ``label_id`` and no ``lesion_id`` (a row without ``label_id`` is refused), or
+            MSD / nnU-Net labels (instead of those dataset.json names like lesions). The
+            organ is then its ids and these together, and the lesions stay tumor label.
 
     Returns:
         ``(layout, cases)`` with cases sorted by id.
 
     Raises:
         LayoutError: Unknown layout, unreadable dataset.json or CSV, unknown organ, duplicate
-            case ids, or no case at all.
+            case ids, no case at all, or ``lesion_ids`` with another number of organs than
+            one or with an AbdomenAtlas layout (its lesions are files).
     """
     root = Path(path)
     layout = layout or detect_layout(root)
     if layout not in LAYOUTS:
         raise LayoutError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+    lesion = None
+    if lesion_ids is not None:
+        lesion = tuple(int(i) for i in lesion_ids)
+        if not lesion:
+            raise LayoutError("no lesion id given")
+        if not organs or len(_check_organs(organs)) != 1:
+            raise LayoutError(
+                "lesion ids name the existing lesions of one organ: give exactly one organ "
+                "(a CSV with several: its lesion_id column)"
+            )
+        if layout in ("atlas1", "atlas2"):
+            raise LayoutError(
+                f"{root}: lesion ids are for label maps (a CSV, MSD or nnU-Net); AbdomenAtlas "
+                "lesions are read from segmentations/<lesion>.nii.gz"
+            )
     if layout == "csv":
-        cases = _discover_csv(root, _check_organs(organs) if organs else None)
+        cases = _discover_csv(root, _check_organs(organs) if organs else None, lesion)
+    elif layout == "msd":
+        cases = _discover_msd(root, _check_organs(organs or []), lesion)
+    elif layout == "nnunet":
+        cases = _discover_nnunet(root, _check_organs(organs or []), lesion)
     else:
-        wanted = _check_organs(organs or [])
-        cases = {
-            "atlas1": _discover_atlas1,
-            "atlas2": _discover_atlas2,
-            "msd": _discover_msd,
-            "nnunet": _discover_nnunet,
-        }[layout](root, wanted)
+        atlas = _discover_atlas1 if layout == "atlas1" else _discover_atlas2
+        cases = atlas(root, _check_organs(organs or []))
     if not cases:
         raise LayoutError(f"{root}: no CT scans found in the {layout} layout")
     ids = [c.case_id for c in cases]
@@ -554,8 +629,9 @@ def _check_binary(path: Path, data: np.ndarray, m: np.ndarray) -> Any:
     if several:
         raise ValueError(
             f"{path}: holds several non-zero values ({_some_values(data)}): a label map, "
-            "not a binary mask; name the organ's id(s) with --label-id (e.g. 1,2 for an organ "
-            "and its tumor label; a CSV: its label_id column, e.g. 1;2)"
+            "not a binary mask; name the organ's id(s) with --label-id (e.g. 1, or 1,2 for "
+            "one organ of two labels) and its existing lesions' with --lesion-id (e.g. 2; a "
+            "CSV: its label_id and lesion_id columns, e.g. 1 and 2;3)"
         )
     return top
 

@@ -392,9 +392,89 @@ def test_discover_csv_merges_rows_and_resolves_paths(datasets, tmp_path, monkeyp
     )
 
 
+def test_discover_csv_lesion_id_column_and_option(tmp_path: Path) -> None:
+    """``lesion_id`` (by name after a header, fifth column without one) and ``--lesion-id``
+    (the rows of the one organ that have a label_id and no lesion_id) make lesions."""
+    sheet = tmp_path / "cases.csv"
+    m = tmp_path / "m.nii.gz"
+    liver, les = MaskSource(m, (1,)), MaskSource(m, (2, 3))
+    for text in (
+        "ct,mask,organ,label_id,lesion_id\na.nii.gz,m.nii.gz,liver,1,2;3\n",
+        "ct,mask,organ,lesion_id,label_id\na.nii.gz,m.nii.gz,liver,2;3,1\n",
+        "a.nii.gz,m.nii.gz,liver,1,2;3\n",
+    ):
+        sheet.write_text(text)
+        _, (case,) = discover(sheet, ["liver"])
+        assert case.organs == {"liver": (liver,)} and case.lesions == {"liver": (les,)}
+        _, (case,) = discover(sheet, ["liver"], lesion_ids=[7])  # the row's own ids win
+        assert case.lesions == {"liver": (les,)}
+    # an extra column of another name is no lesion_id (it was ignored, and still is)
+    sheet.write_text("ct,mask,organ,label_id,note\na.nii.gz,m.nii.gz,liver,1,big one\n")
+    _, (case,) = discover(sheet, ["liver"])
+    assert case.organs == {"liver": (liver,)} and case.lesions == {}
+    # --lesion-id fills rows of its organ that have a label_id and no lesion_id
+    sheet.write_text(
+        "ct,mask,organ,label_id,lesion_id\na.nii.gz,m.nii.gz,liver,1,\n"
+        "a.nii.gz,m.nii.gz,pancreas,4,\n"
+    )
+    _, (case,) = discover(sheet, ["liver"], lesion_ids=(2, 3))
+    assert case.organs == {"liver": (liver,)} and case.lesions == {"liver": (les,)}
+    _, (case,) = discover(sheet)
+    assert case.lesions == {}
+    with pytest.raises(LayoutError, match="give exactly one organ"):
+        discover(sheet, ["liver", "pancreas"], lesion_ids=(2,))
+    with pytest.raises(LayoutError, match="give exactly one organ"):
+        discover(sheet, lesion_ids=(2,))
+    sheet.write_text("ct,mask,organ\na.nii.gz,m.nii.gz,liver\n")
+    with pytest.raises(LayoutError, match="row 1: --lesion-id names label ids of a label map"):
+        discover(sheet, ["liver"], lesion_ids=(2,))
+
+
+def test_batch_lesion_id_keeps_the_existing_tumor_as_tumor(lits_files, datasets, tmp_path):
+    """A CSV's lesion_id column, and batch --lesion-id for a CSV without one or for MSD
+    labels dataset.json does not name like lesions: the existing tumor stays tumor."""
+    ph, ct, labels, cancer = lits_files
+    liver = ph.mask("liver") & ~cancer
+    sheet = tmp_path / "cases.csv"
+    sheet.write_text(f"ct,mask,organ,label_id,lesion_id\n{ct},{labels},liver,1,2\n")
+    cli("batch", sheet, "--out", tmp_path / "col", "--organ", "liver", "--no-mass-effect")
+    check_existing_lesion(tmp_path / "col" / "scan_s000", liver, cancer)
+    sheet.write_text(f"ct,mask,organ,label_id\n{ct},{labels},liver,1\n")
+    cli("batch", sheet, "--out", tmp_path / "opt", "--organ", "liver", "--no-mass-effect",
+        "--lesion-id", 2)  # fmt: skip
+    check_existing_lesion(tmp_path / "opt" / "scan_s000", liver, cancer)
+    rec = read_manifest(tmp_path / "opt")["scan_s000"]
+    assert rec["inputs"]["lesions"] == {"liver": [{"path": str(labels), "label_ids": [2]}]}
+    # MSD whose tumor label has a name synthgen does not take for a lesion
+    msd = tmp_path / "msd"
+    shutil.copytree(datasets["msd"], msd)
+    meta = json.loads((msd / "dataset.json").read_text())
+    meta["labels"]["2"] = "hcc"
+    meta["training"] = meta["training"][:1]
+    (msd / "dataset.json").write_text(json.dumps(meta))
+    cli("batch", msd, "--out", tmp_path / "msd-out", "--organ", "liver", "--no-mass-effect",
+        "--lesion-id", 2)  # fmt: skip
+    c0 = cancer_blob(phantom(0))
+    check_existing_lesion(tmp_path / "msd-out" / "liver_0_s000", phantom(0).mask("liver") & ~c0, c0)
+    # refused: several organs, AbdomenAtlas (lesions are files), ids that are not integers
+    for args, message in (
+        ((sheet, "--organ", "liver,pancreas"), "give exactly one organ"),
+        ((datasets["atlas1"], "--organ", "liver"), "lesion ids are for label maps"),
+    ):
+        res = cli("batch", *args, "--out", tmp_path / "bad", "--lesion-id", 2, code=2)
+        assert flat(message) in flat(res.output)
+    res = cli("batch", sheet, "--organ", "liver", "--out", tmp_path / "bad", "--lesion-id", "a",
+              code=2)  # fmt: skip
+    assert flat("--lesion-id 'a': give integer ids") in flat(res.output)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
+        ("ct,mask,organ,label_id,lesion_id\na.nii.gz,m.nii.gz,liver,1,2\n"
+         "b.nii.gz,m.nii.gz,liver,1,two\n", "row 2: lesion_id 'two' is not an int"),
+        ("a.nii.gz,m.nii.gz,liver,,2\n", "row 1: lesion_id needs a label_id"),
         ("ct,mask,organ\na.nii.gz,m.nii.gz,liver\nb.nii.gz,m.nii.gz,brain\n",
          "row 2: unknown organ 'brain'"),
         ("a.nii.gz,m.nii.gz,liver\nb.nii.gz,m.nii.gz\n", "row 2 needs ct,mask,organ"),
@@ -1141,10 +1221,18 @@ def test_readme_synth_examples_run_in_order(tmp_path, monkeypatch) -> None:
     ph = phantom(0)
     save(tmp_path / "ct.nii.gz", ph.image, ph.affine)
     save(tmp_path / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
-    save(tmp_path / "labels.nii.gz", label_map(ph, {"liver": 5}), ph.affine)
+    labels = label_map(ph, {"liver": 5})
+    labels[cancer_blob(ph)] = 6  # an existing tumor, for --lesion-id 6
+    save(tmp_path / "labels.nii.gz", labels, ph.affine)
     monkeypatch.chdir(tmp_path)
     for line in lines:
         cli(*shlex.split(line.split("#")[0])[1:])
+    assert any("--lesion-id 6" in line for line in lines)
+    check_existing_lesion(
+        tmp_path / "out-lesions" / f"{tmp_path.name}_s000",
+        ph.mask("liver") & ~cancer_blob(ph),
+        cancer_blob(ph),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -1203,22 +1291,94 @@ def test_synth_label_map_without_label_id_fails_naming_its_values(scan_files, tm
 
 
 def test_synth_label_id_takes_several_ids(scan_files, tmp_path) -> None:
-    """An organ and its tumor label (LiTS: liver 1, tumor 2) picked together with
-    --label-id 1,2; ids that are not integers are refused."""
+    """One organ of several labels (kidney: left 1, right 2) picked with --label-id 1,2; ids
+    that are not integers are refused."""
     ph, ct, _, _ = scan_files
-    lab = label_map(ph, {"liver": 1})
-    liver = ph.mask("liver")
-    idx = np.argwhere(liver)
-    lab[tuple(idx[len(idx) // 2])] = 2  # a voxel of existing tumor inside the liver
-    labels = save(tmp_path / "lits.nii.gz", lab, ph.affine)
+    labels = save(
+        tmp_path / "kidneys.nii.gz",
+        label_map(ph, {"kidney_left": 1, "kidney_right": 2, "liver": 3}),
+        ph.affine,
+    )
     out = tmp_path / "out"
-    cli("synth", ct, "--mask", labels, "--label-id", "1,2", "--organ", "liver", "--out", out,
+    cli("synth", ct, "--mask", labels, "--label-id", "1,2", "--organ", "kidney", "--out", out,
         "--no-mass-effect")  # fmt: skip
-    seg = arr(out / "scan_s000" / "segmentations" / "liver.nii.gz") > 0
-    np.testing.assert_array_equal(seg, liver)
-    res = cli("synth", ct, "--mask", labels, "--label-id", "x", "--organ", "liver", "--out",
-              tmp_path / "bad", code=2)  # fmt: skip
-    assert flat("give integer ids") in flat(res.output)
+    seg = arr(out / "scan_s000" / "segmentations" / "kidney.nii.gz") > 0
+    np.testing.assert_array_equal(seg, ph.mask("kidney"))
+    for opt in ("--label-id", "--lesion-id"):
+        res = cli("synth", ct, "--mask", labels, "--label-id", 1, opt, "x", "--organ", "kidney",
+                  "--out", tmp_path / "bad", code=2)  # fmt: skip
+        assert flat(f"{opt} 'x': give integer ids") in flat(res.output)
+
+
+@pytest.fixture(scope="module")
+def lits_files(tmp_path_factory):
+    """A phantom CT and a LiTS-like label map: liver 1, an existing tumor 2 inside it."""
+    d = tmp_path_factory.mktemp("lits")
+    ph = phantom(1)
+    ct = save(d / "scan.nii.gz", ph.image, ph.affine)
+    lab = label_map(ph, {"liver": 1, "pancreas": 3})
+    cancer = cancer_blob(ph)
+    assert cancer.any()
+    lab[cancer] = 2
+    return ph, ct, save(d / "lits.nii.gz", lab, ph.affine), cancer
+
+
+def check_existing_lesion(sample: Path, liver: np.ndarray, cancer: np.ndarray) -> None:
+    """The existing tumor is tumor (label 2, the lesion mask) and part of the organ; the
+    organ is the liver and the tumor, nothing else of the label map."""
+    lab = arr(sample / "label.nii.gz")
+    assert (lab[cancer] == 2).all()
+    assert (arr(sample / "segmentations" / "liver_lesion.nii.gz")[cancer] == 1).all()
+    np.testing.assert_array_equal(
+        arr(sample / "segmentations" / "liver.nii.gz") > 0, liver | cancer
+    )
+    np.testing.assert_array_equal(lab > 0, liver | cancer)
+
+
+def test_synth_lesion_id_keeps_the_existing_tumor_as_tumor(lits_files, tmp_path, monkeypatch):
+    """--label-id 1 --lesion-id 2: the existing tumor (2) stays tumor, is part of the organ,
+    and is the lesion mask the new tumors keep clear of. (--label-id 1,2 used to be the
+    README's advice: it wrote the tumor as organ, and --label-id 1 alone as background.)"""
+    import synthgen.api
+
+    ph, ct, labels, cancer = lits_files
+    liver = ph.mask("liver") & ~cancer
+    seen = []
+    plan = synthgen.api.Synthesizer.plan
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("lesion_mask"))
+        return plan(self, *a, **kw)
+
+    monkeypatch.setattr(synthgen.api.Synthesizer, "plan", spy)
+    base = ("synth", ct, "--mask", labels, "--organ", "liver", "--no-mass-effect")
+    for name, ids in (("a", ("--label-id", 1, "--lesion-id", 2)),
+                      ("b", ("--label-id", "1,2", "--lesion-id", 2))):  # fmt: skip
+        seen.clear()
+        cli(*base, *ids, "--out", tmp_path / name)
+        sample = tmp_path / name / "scan_s000"
+        check_atlas_sample(sample, ct)
+        check_existing_lesion(sample, liver, cancer)
+        assert len(seen) == 1 and seen[0] is not None
+        np.testing.assert_array_equal(seen[0], cancer)
+        rec = read_manifest(tmp_path / name)["scan_s000"]
+        assert rec["inputs"]["lesions"] == {"liver": [{"path": str(labels), "label_ids": [2]}]}
+    # two lesion ids
+    lab = arr(labels).copy()
+    second = (ph.mask("liver") & ~cancer) & (np.indices(lab.shape)[2] == 20)
+    lab[second] = 4
+    two = save(tmp_path / "two.nii.gz", lab, ph.affine)
+    cli("synth", ct, "--mask", two, "--organ", "liver", "--no-mass-effect", "--label-id", 1,
+        "--lesion-id", "2,4", "--out", tmp_path / "two")  # fmt: skip
+    check_existing_lesion(tmp_path / "two" / "scan_s000", liver & ~second, cancer | second)
+    # --label-id 1,2 alone still means "these ids are the organ" (e.g. two kidneys)
+    cli(*base, "--label-id", "1,2", "--out", tmp_path / "organ")
+    lab = arr(tmp_path / "organ" / "scan_s000" / "label.nii.gz")
+    assert (lab[cancer] == 1).all()
+    # --lesion-id names ids of a label map: without --label-id it is refused
+    res = cli(*base, "--lesion-id", 2, "--out", tmp_path / "bad", code=2)
+    assert flat("give the organ's with --label-id") in flat(res.output)
+    assert not (tmp_path / "bad").exists()
 
 
 def _scaled(data: np.ndarray, affine: np.ndarray, slope: float) -> nib.Nifti1Image:
@@ -1270,7 +1430,8 @@ def test_label_maps_fail_the_check_and_absent_ids_say_so(tmp_path, liver_scan, k
         ValueError, match=r"labels\.nii\.gz: holds several non-zero values \((-2, )?1, 5"
     ) as e:
         load_mask_file(MaskSource(p), SHAPE, affine, strict=True)
-    assert "--label-id" in str(e.value)
+    assert "--label-id" in str(e.value) and "--lesion-id" in str(e.value)
+    assert "for an organ and its tumor" not in str(e.value)
     assert load_mask([MaskSource(p)], SHAPE, affine).any()  # not strict: lesions, vessels
     with pytest.raises(AbsentLabelError, match=r"labels\.nii\.gz: label id 99 is absent from "
                        r"this file \(ids present: "):  # fmt: skip
