@@ -848,27 +848,65 @@ def _check_ids(cases: Sequence[Case], previous, out: Path, version: str | None) 
         )
 
 
+def _label_ids_of(inputs: dict[str, Any]) -> dict[str, list[list[int]]]:
+    """``{"liver organ": [[1]], "liver lesion": [[2]]}``: the label ids a case's masks are
+    read with (``--label-id``, ``--lesion-id``, a CSV's columns, dataset.json), per organ;
+    files read as binary masks (no ids) are left out."""
+    out: dict[str, list[list[int]]] = {}
+    for kind in ("organs", "lesions"):
+        got = inputs.get(kind)
+        for organ, srcs in (got if isinstance(got, dict) else {}).items():
+            ids = sorted(
+                sorted(int(i) for i in s["label_ids"])
+                for s in srcs
+                if isinstance(s, dict) and s.get("label_ids") is not None
+            )
+            if ids:
+                out[f"{organ} {kind[:-1]}"] = ids
+    return out
+
+
 def _check_inputs(work, previous: dict[str, dict[str, Any]], out: Path) -> None:
     """``ValueError`` when a sample recorded done in ``out`` was made from another CT than the
-    case that has its id now (e.g. a reordered or edited CSV)."""
-    wrong = []
+    case that has its id now (e.g. a reordered or edited CSV), or with other label ids (e.g.
+    a tumor's id given as ``--label-id`` then, as ``--lesion-id`` now)."""
+    wrong, relabelled = [], []
     for case, samples in work:
         seen: dict[str, bool] = {}
+        ids = _label_ids_of(case.to_dict())
         for s in samples:
             rec = previous.get(s.sample_id)
             if not rec or rec.get("status") != "done":
                 continue
-            ct = str((rec.get("inputs") or {}).get("ct", case.ct))
+            inputs = rec.get("inputs") or {}
+            ct = str(inputs.get("ct", case.ct))
             if ct not in seen:
                 seen[ct] = _same_file(ct, case.ct)
             if not seen[ct]:
                 wrong.append((s.sample_id, ct, case))
+            elif _label_ids_of(inputs) != ids:
+                relabelled.append((s.sample_id, _label_ids_of(inputs), ids))
     if wrong:
         sid, ct, case = wrong[0]
         raise ValueError(
             f"{out} holds {len(wrong)} samples made from other CT files than the cases with "
             f"their ids now (e.g. {sid} from {ct}, case {case.case_id} is now {case.ct}); use "
             "the same input, or another --out"
+        )
+    if relabelled:
+        sid, old, new = relabelled[0]
+
+        def shown(v: list[list[int]] | None) -> str:
+            return " + ".join(",".join(map(str, i)) for i in v) if v else "none"
+
+        diff = "; ".join(
+            f"{k} ids: {shown(old.get(k))} there, {shown(new.get(k))} now"
+            for k in [*new, *(k for k in old if k not in new)]
+            if old.get(k) != new.get(k)
+        )
+        raise ValueError(
+            f"{out} holds {len(relabelled)} samples made with other label ids than now (e.g. "
+            f"{sid}: {diff}); use the same ids, or another --out"
         )
 
 

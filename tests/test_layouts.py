@@ -1214,6 +1214,36 @@ def test_synth_resumes_and_its_errors_name_its_own_options(scan_files, tmp_path)
     assert "--format" not in res.output
 
 
+def test_resume_refuses_samples_made_with_other_label_ids(lits_files, tmp_path) -> None:
+    """An OUT made with the tumor's id in --label-id (the old advice) is not continued with
+    --lesion-id (the samples would mix tumor-as-organ and tumor-as-tumor), nor the reverse;
+    the same ids resume."""
+    ph, ct, labels, _ = lits_files
+    out = tmp_path / "out"
+    base = ("synth", ct, "--mask", labels, "--organ", "liver", "--out", out, "--no-mass-effect")
+    cli(*base, "--label-id", "1,2")
+    res = cli(*base, "--label-id", 1, "--lesion-id", 2, "--n", 2, "--resume", code=2)
+    assert flat(
+        "holds 1 samples made with other label ids than now (e.g. scan_s000: liver organ ids: "
+        "1,2 there, 1 now; liver lesion ids: none there, 2 now); use the same ids, or another "
+        "--out"
+    ) in flat(res.output)
+    assert sorted(read_manifest(out)) == ["scan_s000"]
+    cli(*base, "--label-id", "2;1", "--n", 2, "--resume")  # the same ids, however written
+    assert sorted(read_manifest(out)) == ["scan_s000", "scan_s001"]
+    out2 = tmp_path / "out2"
+    base2 = (*base[:-2], out2, "--no-mass-effect")
+    cli(*base2, "--label-id", 1, "--lesion-id", 2)
+    res = cli(*base2, "--label-id", 1, "--n", 2, "--resume", code=2)
+    assert flat("liver lesion ids: 2 there, none now") in flat(res.output)
+    cli(*base2, "--label-id", 1, "--lesion-id", 2, "--n", 2, "--resume")
+    # binary masks record no ids: nothing to compare, they resume as before
+    mask = save(tmp_path / "liver.nii.gz", ph.mask("liver").astype(np.uint8), ph.affine)
+    base3 = ("synth", ct, "--mask", mask, "--organ", "liver", "--out", tmp_path / "out3")
+    cli(*base3, "--no-mass-effect")
+    cli(*base3, "--no-mass-effect", "--n", 2, "--resume")
+
+
 def test_readme_synth_examples_run_in_order(tmp_path, monkeypatch) -> None:
     text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     lines = [ln for ln in text.splitlines() if ln.startswith("synthgen synth ")]
