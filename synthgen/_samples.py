@@ -9,6 +9,7 @@ same (seed, epoch, position), and no global random state is ever read.
 from __future__ import annotations
 
 import json
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,15 @@ import numpy as np
 
 from ._hash import seed_of
 
-__all__ = ["CaseSource", "SampleMaker", "as_sources", "crop_patch", "with_organ"]
+__all__ = [
+    "CaseSource",
+    "SampleMaker",
+    "as_sources",
+    "crop_patch",
+    "distributed",
+    "rank_positions",
+    "with_organ",
+]
 
 
 _INDEXES: OrderedDict[tuple, Any] = OrderedDict()
@@ -383,6 +392,58 @@ def _random_voxel(rng: np.random.Generator, mask: np.ndarray) -> tuple[int, int,
             return tuple(int(v) for v in pts[int(np.argmax(hit))])
     idx = np.argwhere(mask[lo0 : hi0 + 1, lo1 : hi1 + 1, lo2 : hi2 + 1])
     return tuple(int(v) for v in idx[int(rng.integers(len(idx)))] + lo)
+
+
+def _dist_live() -> Any:
+    """``torch.distributed`` when a process group is initialised in this process, else
+    ``None`` (torch is never imported here: a process without it has no group)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def distributed(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of this process in distributed training.
+
+    Each one given wins; one not given is read from ``torch.distributed`` when a process
+    group is initialised (``torchrun``, ``init_process_group``); without a group and with
+    neither given it is ``(0, 1)``, a single process.
+
+    Raises:
+        ValueError: Only one of the two given and no process group to read the other from,
+            ``world_size < 1``, or ``rank`` outside ``[0, world_size)``.
+    """
+    if rank is None or world_size is None:
+        dist = _dist_live()
+        if dist is not None:
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+        elif rank is None and world_size is None:
+            rank, world_size = 0, 1
+        else:
+            raise ValueError(
+                "give both rank= and world_size= (no torch.distributed process group is "
+                "initialised to read the other from)"
+            )
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+    rank, world_size = int(rank), int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def rank_positions(n: int, rank: int, world_size: int, drop_last: bool = False) -> list[int]:
+    """The positions of an epoch of ``n`` samples that ``rank`` of ``world_size`` makes, as
+    ``torch.utils.data.DistributedSampler`` splits indices: every ``world_size``-th position
+    from ``rank``, and every rank the same number of them (a DDP step needs a batch on every
+    rank): ``ceil(n / world_size)``, the last ranks wrapping around to the first positions,
+    or with ``drop_last`` ``n // world_size``, the last ``n % world_size`` positions left out.
+    Over all ranks: each position once (plus the wrapped ones), whatever ``world_size``."""
+    per = n // world_size if drop_last else -(-n // world_size)
+    return [(rank + k * world_size) % n for k in range(per)]
 
 
 def _c_copy(a: np.ndarray) -> np.ndarray:

@@ -644,13 +644,19 @@ def stream(
     accept_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the consumer to connect.")
     ] = 600.0,
+    rank: Annotated[
+        int, typer.Option(min=0, help="Serve this rank's share of each epoch (DDP).")
+    ] = 0,
+    world_size: Annotated[int, typer.Option(min=1, help="Ranks sharing each epoch.")] = 1,
 ) -> None:
     """Serve synthesized samples to a training process on this machine.
 
     The training process reads them with ``synthgen.stream.connect(ADDRESS)`` (an iterable of
     dicts of NumPy arrays). Samples are made ahead by worker processes into a bounded queue;
     the consumer pulls them one by one. When the consumer goes away, this process stops; when
-    this process dies, the consumer gets a StreamError.
+    this process dies, the consumer gets a StreamError. For distributed training, serve each
+    rank from its own process (``--rank R --world-size W``, its own address): rank R gets
+    every W-th sample of each epoch from the R-th on.
     """
     import os
 
@@ -676,6 +682,8 @@ def stream(
             if patch_size is None
             else tuple(int(v) for v in _floats(patch_size, 3, "--patch-size")),
             size=size,
+            rank=rank,
+            world_size=world_size,
         )
         sent = serve(
             prod,

@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ._samples import SampleMaker
+from ._samples import SampleMaker, distributed, rank_positions
 
 __all__ = ["DEFAULT_AUTHKEY", "Producer", "StreamError", "connect", "parse_address", "serve"]
 
@@ -68,8 +68,11 @@ def _load_sample(path: str) -> dict[str, Any]:
     return sample
 
 
-def _worker(maker: SampleMaker, wid: int, nworkers: int, epochs, out_q, stop, spool) -> None:
-    """Make the samples at positions ``wid, wid + nworkers, ...`` of each epoch.
+def _worker(
+    maker: SampleMaker, share: list[int], wid: int, nworkers: int, epochs, out_q, stop, spool
+) -> None:
+    """Make the samples ``wid, wid + nworkers, ...`` of ``share`` (the positions of each
+    epoch that this producer's rank makes), keyed by (epoch, index in ``share``).
 
     Samples go to files in ``spool``; the queue carries only their small, fixed-size
     messages, which a pipe writes atomically: a worker killed at any moment cannot leave a
@@ -84,12 +87,12 @@ def _worker(maker: SampleMaker, wid: int, nworkers: int, epochs, out_q, stop, sp
     try:
         epoch = 0
         while epochs is None or epoch < epochs:
-            for position in range(wid, len(maker), nworkers):
+            for k in range(wid, len(share), nworkers):
                 if not go_on():
                     out_q.cancel_join_thread()  # exit without flushing to a gone consumer
                     return
-                sample = maker.make(epoch, position)
-                msg = ("item", (epoch, position), _save_sample(spool, (epoch, position), sample))
+                sample = maker.make(epoch, share[k])
+                msg = ("item", (epoch, k), _save_sample(spool, (epoch, k), sample))
                 while go_on():
                     try:
                         out_q.put(msg, timeout=_POLL_S)
@@ -144,9 +147,19 @@ class Producer:
         prob: Probability that a sample gets tumors.
         patch_size: Emit patches of this many voxels around a tumor (or an organ voxel).
         size: Size class to force.
-        ordered: Yield in (epoch, position) order (buffers out-of-order samples); otherwise
-            samples come as they are ready.
+        ordered: Yield in the order of the epochs and their positions (buffers out-of-order
+            samples); otherwise samples come as they are ready.
         device: ``"cpu"`` (the CPU engine in worker processes).
+        rank: This process's rank in distributed training; ``None`` reads it from
+            ``torch.distributed`` when a process group is initialised (else 0).
+        world_size: The number of ranks; ``None`` as for ``rank`` (else 1).
+        drop_last: With several ranks, leave out the last ``n % world_size`` samples of an
+            epoch instead of repeating the first ones.
+
+    Distributed training: each rank's producer makes its share of every epoch, as
+    ``DistributedSampler`` splits indices (positions ``rank, rank + world_size, ...``,
+    ``ceil(n / world_size)`` of them, the last ranks wrapping around to the first), so that
+    the ranks together make each sample of a single-process stream with the same seed once.
 
     Example:
         >>> with Producer(cases, "liver", patch_size=(96, 96, 96)) as prod:  # doctest: +SKIP
@@ -169,6 +182,9 @@ class Producer:
         size: str | None = None,
         ordered: bool = False,
         device: str = "cpu",
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         if device not in ("cpu", "auto"):
             raise ValueError(
@@ -191,6 +207,14 @@ class Producer:
             _stacklevel=3,  # (the warning points at the caller)
         )
         self.skipped = self.maker.skipped  # cases without a mask of the organ, left out
+        self.rank, self.world_size = distributed(rank, world_size)
+        # the positions of each epoch that this rank makes
+        self.positions = rank_positions(len(self.maker), self.rank, self.world_size, drop_last)
+        if not self.positions:
+            raise ValueError(
+                f"drop_last with {len(self.maker)} samples per epoch over {self.world_size} "
+                "ranks leaves this rank none"
+            )
         self.workers, self.queue_size, self.epochs, self.ordered = (
             int(workers),
             int(queue_size),
@@ -208,11 +232,20 @@ class Producer:
         self._spool = tempfile.mkdtemp(prefix="synthgen-stream-", dir=shm)
         self._q = ctx.Queue(self.queue_size)
         self._stop = ctx.Event()
-        n = min(self.workers, len(self.maker))
+        n = min(self.workers, len(self.positions))
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(self.maker, w, n, self.epochs, self._q, self._stop, self._spool),
+                args=(
+                    self.maker,
+                    self.positions,
+                    w,
+                    n,
+                    self.epochs,
+                    self._q,
+                    self._stop,
+                    self._spool,
+                ),
                 name=f"synthgen-producer-{w}",
                 daemon=True,
             )
@@ -249,8 +282,8 @@ class Producer:
     def _drain(self) -> Iterator[dict[str, Any]]:
         running = set(range(len(self._procs)))
         pending: dict[tuple[int, int], dict[str, Any]] = {}
-        nxt = (0, 0)
-        n = len(self.maker)
+        nxt = (0, 0)  # (epoch, index in self.positions)
+        n = len(self.positions)
         checked = time.monotonic()
         while running or pending:
             if self._closed:
@@ -299,7 +332,7 @@ class Producer:
     def __len__(self) -> int:
         if self.epochs is None:
             raise TypeError("an endless Producer (epochs=None) has no length")
-        return len(self.maker) * self.epochs
+        return len(self.positions) * self.epochs
 
 
 # --------------------------------------------------------------------------------------

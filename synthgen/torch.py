@@ -11,6 +11,14 @@ torch's RNG is read. Call ``set_epoch(e)`` before each epoch: the epoch lives in
 memory, so ``persistent_workers=True`` workers see it too. Nothing here touches CUDA, and
 everything pickles (``spawn`` and ``forkserver`` workers work).
 
+Distributed training (DDP, ``torchrun``): :class:`SyntheticTumorDataset` splits an epoch
+between ranks as ``DistributedSampler`` does (rank and world size from ``torch.distributed``,
+or ``rank=`` / ``world_size=``), then between each rank's workers: the ranks together make
+the samples of one process with the same seed, each once. :class:`TumorSynthesisWrapper` is
+map-style (the seed of item ``i`` does not depend on who loads it): give its DataLoader a
+``DistributedSampler``. :class:`BatchTumorSynthesis` seeds rank ``r``'s sample ``b`` as sample
+``r * B + b`` of one global batch.
+
 Example:
     >>> from torch.utils.data import DataLoader  # doctest: +SKIP
     >>> ds = SyntheticTumorDataset(cases, organ="liver", seed=0, patch_size=(96, 96, 96))
@@ -32,7 +40,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ._hash import seed_of
-from ._samples import SampleMaker, plan_of
+from ._samples import SampleMaker, _dist_live, distributed, plan_of, rank_positions
 
 __all__ = ["BatchTumorSynthesis", "SyntheticTumorDataset", "TumorSynthesisWrapper", "plan_of"]
 
@@ -88,7 +96,8 @@ def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 class SyntheticTumorDataset(IterableDataset):
-    """Cases in, synthesized samples out, sharded across DataLoader workers.
+    """Cases in, synthesized samples out, sharded across distributed ranks and DataLoader
+    workers.
 
     Args:
         cases: :class:`synthgen.layouts.Case` objects (``synthgen.layouts.discover``), dicts
@@ -109,6 +118,20 @@ class SyntheticTumorDataset(IterableDataset):
             ``None`` keeps each file's dtype. Tumors are rendered on the file's values and
             converted after: a sample is its plan rendered into the file's data.
         synthesize: ``False`` gives the same loader without tumors (a baseline).
+        rank: This process's rank in distributed training; ``None`` reads it from
+            ``torch.distributed`` when a process group is initialised (else 0).
+        world_size: The number of ranks; ``None`` as for ``rank`` (else 1).
+        drop_last: With several ranks, leave out the last ``len % world_size`` samples of
+            an epoch instead of repeating the first ones (as ``DistributedSampler``).
+
+    Distributed training: rank ``r`` of ``W`` makes the positions ``r, r + W, ...`` of each
+    epoch's (shuffled) order, ``ceil(n / W)`` of them (``n // W`` with ``drop_last``), the
+    last ranks wrapping around to the first positions so that every rank has as many
+    batches; within a rank its DataLoader workers share them out. Over all ranks that is
+    every sample of a single-process run with the same seed and epoch, each made once (the
+    wrapped ones twice, identical), reproducible. ``len(ds)`` is the rank's count. The rank
+    and world size are read when the dataset is built or, if no process group was
+    initialised then, when it is iterated, measured or pickled for a worker.
 
     A ``layouts.Case`` without a mask of the organ (``Case.missing``, e.g. a uterus in a male
     scan) is left out, with a warning; :attr:`skipped` maps its id to the reason. A case whose
@@ -135,8 +158,16 @@ class SyntheticTumorDataset(IterableDataset):
         shuffle: bool = True,
         dtype: Any = np.float32,
         synthesize: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
+        pinned = distributed(rank, world_size)  # (validates them now)
+        # known for good when given or read from a process group; else read again later
+        known = (rank is not None and world_size is not None) or _dist_live() is not None
+        self._dist: tuple[int, int] | None = pinned if known else None
+        self.drop_last = bool(drop_last)
         self.maker = SampleMaker.build(
             cases,
             organ,
@@ -162,13 +193,35 @@ class SyntheticTumorDataset(IterableDataset):
     def epoch(self) -> int:
         return self._epoch.value
 
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 outside distributed training)."""
+        return (self._dist or distributed())[0]
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks sharing each epoch (1 outside distributed training)."""
+        return (self._dist or distributed())[1]
+
+    def positions(self) -> list[int]:
+        """The positions of an epoch that this rank makes (all its workers together)."""
+        rank, world = self._dist or distributed()
+        return rank_positions(len(self.maker), rank, world, self.drop_last)
+
     def __len__(self) -> int:
-        return len(self.maker)
+        return len(self.positions())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if state["_dist"] is None and _dist_live() is not None:
+            # pickled for a spawned worker, which has no process group: the parent's rank
+            state["_dist"] = distributed()
+        return state
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, nworkers = _in_worker()
         epoch = self.epoch
-        for position in range(worker, len(self.maker), nworkers):
+        for position in self.positions()[worker::nworkers]:
             s = self.maker.make(epoch, position)
             if self.dtype is not None:
                 s["image"] = s["image"].astype(self.dtype)  # (a copy: never the caller's)
@@ -178,7 +231,8 @@ class SyntheticTumorDataset(IterableDataset):
         m = self.maker
         return (
             f"SyntheticTumorDataset(cases={len(m.sources)}, organ={m.organ!r}, seed={m.seed}, "
-            f"samples_per_case={m.samples_per_case}, prob={m.prob}, patch_size={m.patch_size})"
+            f"samples_per_case={m.samples_per_case}, prob={m.prob}, patch_size={m.patch_size}"
+            f"{'' if self.world_size == 1 else f', rank={self.rank}/{self.world_size}'})"
         )
 
 
@@ -330,6 +384,14 @@ class BatchTumorSynthesis:
         seed: Global seed.
         size: Size class to force.
         min_organ_voxels: Below this many organ voxels a sample is left alone.
+        rank: This process's rank in distributed training; ``None`` reads it from
+            ``torch.distributed`` when a process group is initialised (else 0).
+        world_size: The number of ranks; ``None`` as for ``rank`` (else 1).
+
+    Distributed training: rank ``r``'s batch is part ``r`` of one global batch of
+    ``world_size * B`` samples (the ranks' batches one after the other, as DDP makes them), so
+    its sample ``b`` gets the plan seeded by ``(seed, s, r * B + b)``: ranks draw different
+    tumors, and their batches together get what one process gets for the global batch.
 
     Example:
         >>> synth = BatchTumorSynthesis("liver", spacing=(1.5, 1.5, 2.0))  # doctest: +SKIP
@@ -349,6 +411,8 @@ class BatchTumorSynthesis:
         seed: int = 0,
         size: str | None = None,
         min_organ_voxels: int = 64,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         from .api import Synthesizer
 
@@ -360,6 +424,13 @@ class BatchTumorSynthesis:
         self.prob, self.seed, self.spacing = float(prob), int(seed), spacing
         self.min_organ_voxels = int(min_organ_voxels)
         self.step = 0
+        distributed(rank, world_size)  # (validates them now; read per call from a group)
+        self._dist_args = (rank, world_size)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 outside distributed training)."""
+        return distributed(*self._dist_args)[0]
 
     def __call__(
         self,
@@ -391,10 +462,11 @@ class BatchTumorSynthesis:
                 raise ValueError("give BatchTumorSynthesis(spacing=...) or affine=")
             affine = affine_for(self.spacing)
         ids = torch.tensor(self.organ_labels, device=label.device)
+        first = self.rank * image.shape[0]  # this rank's part of the global batch
         plans: list[Any] = []
         jobs = []
         for b in range(image.shape[0]):
-            seed = seed_of(self.seed, "batch", step, b)
+            seed = seed_of(self.seed, "batch", step, first + b)
             plan = None
             if np.random.default_rng(seed).random() < self.prob:
                 organ = torch.isin(label[b, 0], ids)
@@ -442,5 +514,5 @@ class BatchTumorSynthesis:
     def __repr__(self) -> str:
         return (
             f"BatchTumorSynthesis(preset={self.synthesizer.preset.name!r}, prob={self.prob}, "
-            f"seed={self.seed})"
+            f"seed={self.seed}{'' if self.rank == 0 else f', rank={self.rank}'})"
         )

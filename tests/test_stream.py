@@ -214,6 +214,45 @@ def test_ordered_and_unordered_streams_agree(dataset: tuple[Path, list]) -> None
     assert {content(x) for x in unordered} == {content(x) for x in ordered}
 
 
+def test_ranks_share_each_epoch(
+    dataset: tuple[Path, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under DDP each rank's producer makes its share of every epoch (positions rank, rank +
+    W, ... as DistributedSampler splits indices, as many on every rank): together the
+    single-process stream, each sample once (before: every rank streamed every sample)."""
+    _, cases = dataset
+    kw: dict[str, Any] = {"patch_size": SMALL, "samples_per_case": 2, "seed": 4}
+    n = N_CASES * 2
+    single = Producer(cases, "liver", **kw)
+    want = {content(single.maker.make(0, p)) for p in range(n)}
+    got = []
+    for r in range(2):
+        p = Producer(cases, "liver", workers=2, ordered=True, rank=r, world_size=2, **kw)
+        assert (p.rank, p.world_size, p.positions, len(p)) == (r, 2, [r, r + 2, r + 4], 3)
+        got.append([content(x) for x in p])
+        assert [x[2] for x in got[-1]] == [r, r + 2, r + 4]
+    assert sorted(got[0] + got[1]) == sorted(want)
+    # 6 samples on 4 ranks: 2 each, the last ranks wrapping around (or drop_last: 1 each)
+    assert [Producer(cases, "liver", rank=r, world_size=4, **kw).positions for r in range(4)] == [
+        [0, 4], [1, 5], [2, 0], [3, 1]
+    ]  # fmt: skip
+    assert Producer(cases, "liver", rank=3, world_size=4, drop_last=True, **kw).positions == [3]
+    with pytest.raises(ValueError, match="rank"):
+        Producer(cases, "liver", rank=2, world_size=2)
+    # without rank=/world_size=: an initialised torch.distributed group decides
+    import types
+
+    fake = types.SimpleNamespace(
+        is_available=lambda: True,
+        is_initialized=lambda: True,
+        get_rank=lambda: 1,
+        get_world_size=lambda: 3,
+    )
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake)
+    p = Producer(cases, "liver", **kw)
+    assert (p.rank, p.world_size, p.positions) == (1, 3, [1, 4])
+
+
 def test_producer_validates_arguments(dataset: tuple[Path, list]) -> None:
     _, cases = dataset
     for bad in ({"workers": 0}, {"queue_size": 0}, {"epochs": 0}, {"device": "cuda"}):

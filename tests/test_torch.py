@@ -812,3 +812,98 @@ def test_bool_mask_labels_are_uint8_whether_a_sample_fires_or_not(
         assert out["plan"] == "" and np.asarray(out["label"]).dtype == np.uint8
         assert type(out["label"]) is type(lab)
         assert np.array_equal(np.asarray(out["label"]), mask.numpy().astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------
+# distributed training (DDP): ranks share an epoch as DistributedSampler shares indices
+# --------------------------------------------------------------------------------------
+
+
+def test_ranks_split_an_epoch_like_distributed_sampler(cases: list, reference: Any) -> None:
+    """Rank r of 4 makes positions r, r + 4 of the epoch: the ranks' samples are disjoint and
+    together the single-process run with the same seed (before: every rank made every sample,
+    the same tumors on each GPU). Within a rank, its DataLoader workers share them out."""
+    ref = reference(0)
+    by_rank = []
+    for r in range(4):
+        ds = make_ds(cases, seed=0, rank=r, world_size=4)
+        assert (ds.rank, ds.world_size, len(ds)) == (r, 4, N // 4)
+        got = keys(ds)
+        assert [k[1] for k in got] == [r, r + 4]
+        by_rank.append(got)
+    assert sorted(k for got in by_rank for k in got) == sorted(ref)
+    # a rank's workers: the rank's samples, each once, in the in-process order
+    ds = make_ds(cases, seed=0, rank=1, world_size=4)
+    assert keys(ds, num_workers=2) == by_rank[1]
+    # an epoch that does not divide: every rank as many samples, the last wrapping around
+    # to the first positions (as DistributedSampler pads), or drop_last leaving the tail out
+    for drop_last, per in ((False, 3), (True, 2)):
+        share = []
+        for r in range(3):
+            kw = {"rank": r, "world_size": 3, "synthesize": False, "drop_last": drop_last}
+            ds = make_ds(cases, seed=0, **kw)
+            assert len(ds) == per
+            share.append([(s["case"], int(s["position"]), int(s["seed"])) for s in ds])
+        flat = [k for s in share for k in s]
+        want = {(k[0], k[1], k[2]) for k in ref if drop_last is False or k[1] < 6}
+        assert set(flat) == want and len(flat) == 3 * per
+        if not drop_last:
+            assert share[2][-1] == share[0][0], "the wrapped sample is the first position's"
+    with pytest.raises(ValueError, match="rank"):
+        make_ds(cases, rank=4, world_size=4)
+    with pytest.raises(ValueError, match="world_size"):
+        make_ds(cases, rank=1)  # no process group to read the world size from
+
+
+def test_rank_and_world_size_come_from_torch_distributed(
+    cases: list, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without rank=/world_size=, an initialised process group decides (torchrun); a dataset
+    built before init_process_group reads it when iterated, and when pickled for a spawned
+    worker (which has no group) hands the parent's rank over."""
+    import torch.distributed as dist
+
+    before = make_ds(cases, seed=0, synthesize=False)  # no group yet
+    assert (before.rank, before.world_size, len(before)) == (0, 1, N)
+    with monkeypatch.context() as m:  # rank 1 of 4, as torchrun would make it
+        m.setattr(dist, "is_available", lambda: True)
+        m.setattr(dist, "is_initialized", lambda: True)
+        m.setattr(dist, "get_rank", lambda group=None: 1)
+        m.setattr(dist, "get_world_size", lambda group=None: 4)
+        ds = make_ds(cases, seed=0, synthesize=False)
+        assert (ds.rank, ds.world_size, len(ds)) == (1, 4, N // 4)
+        assert [int(s["position"]) for s in ds] == [1, 5]
+        assert [int(s["position"]) for s in before] == [1, 5]
+        pickled = pickle.dumps(before)
+        explicit = make_ds(cases, seed=0, synthesize=False, rank=3)  # world size: the group's
+        assert (explicit.rank, explicit.world_size) == (3, 4)
+    assert (ds.rank, ds.world_size) == (1, 4), "read when built: kept"
+    assert (before.rank, before.world_size) == (0, 1), "read when used: the group is gone"
+    assert pickle.loads(pickled).rank == 1 and len(pickle.loads(pickled)) == N // 4
+    # a real (gloo, one process) group: the same calls, rank 0 of 1
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ds = make_ds(cases, seed=0, synthesize=False)
+        assert (ds.rank, ds.world_size, len(ds)) == (0, 1, N)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wrapper_under_distributed_sampler(dict_items: list) -> None:
+    """The map-style wrapper needs nothing of its own: item i's seed is f(seed, epoch, i),
+    whoever loads it, so DistributedSampler's ranks get disjoint items whose union is the
+    single-process epoch (the padded index repeats an identical item)."""
+    from torch.utils.data import DistributedSampler
+
+    w = TumorSynthesisWrapper(DictDataset(dict_items), "liver", seed=3)
+    w.set_epoch(1)
+    single = [wrapper_key(w[i]) for i in range(len(w))]
+    assert len(set(single)) == len(w)
+    got = []
+    for r in range(2):
+        sampler = DistributedSampler(w, num_replicas=2, rank=r, shuffle=True, seed=0)
+        sampler.set_epoch(1)
+        got.append([wrapper_key(s) for s in DataLoader(w, batch_size=None, sampler=sampler)])
+    assert len(got[0]) == len(got[1]) == 2
+    assert set(got[0]) | set(got[1]) == set(single)
+    assert len(set(got[0]) & set(got[1])) <= 1  # 3 items on 2 ranks: one padded repeat

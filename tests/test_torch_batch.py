@@ -118,3 +118,22 @@ def test_cuda_batch_renders_on_the_gpu_like_the_cpu(batch):
         assert np.abs(got.astype(float) - e_img).max() <= 1.0
         n = int((e_lab == 2).sum())
         assert np.count_nonzero((lab_t[b, 0].cpu().numpy() == 2) != (e_lab == 2)) <= 0.001 * n
+
+
+def test_ranks_draw_their_part_of_the_global_batch(batch):
+    """Under DDP rank r's batch is part r of one global batch: its sample b gets the seed of
+    global sample r * B + b, so ranks draw different tumors (before: every rank drew the same
+    plans for the same step) and together what one process draws for the global batch."""
+    imgs, labs = batch
+    glob = BatchTumorSynthesis("liver", spacing=SP, seed=5)
+    big_i, big_l = np.concatenate([imgs, imgs]), np.concatenate([labs, labs])
+    whole = glob(torch.from_numpy(big_i), torch.from_numpy(big_l), step=2)
+    parts = []
+    for r in range(2):
+        synth = BatchTumorSynthesis("liver", spacing=SP, seed=5, rank=r, world_size=2)
+        assert synth.rank == r
+        parts += synth(torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()), step=2)
+    assert [p.to_json() for p in parts] == [p.to_json() for p in whole]
+    assert len({p.to_json() for p in parts}) == 6
+    with pytest.raises(ValueError, match="rank"):
+        BatchTumorSynthesis("liver", spacing=SP, rank=2, world_size=2)
