@@ -314,7 +314,8 @@ class SampleMaker:
         ``spacing`` (mm).
         """
         from .api import shared_synthesizer
-        from .augment import implant_tumors, organ_mask_of
+        from .augment import implant_tumors, lesions_of, organ_mask_of
+        from .layouts import Case
         from .planning import index_organ, resolve_spacing
 
         item = int(self.order(epoch)[position])
@@ -332,6 +333,10 @@ class SampleMaker:
             # cached in it, keyed by a fingerprint of the image, so reloading the case from
             # its files reuses them.
             index = _case_index(src, organ, index_organ)
+            # The lesions already in the case (a layouts.Case's lesion masks, which load()
+            # writes as 2; else the label map's tumor label, e.g. MSD's "cancer"): kept the
+            # preset's gap_mm away, as synthgen batch keeps them.
+            lesions = lesions_of(label, 2 if isinstance(src.label, Case) else self.tumor_label)
             res = implant_tumors(
                 image,
                 label,
@@ -344,6 +349,7 @@ class SampleMaker:
                 organ_mask=organ,
                 copy=not src.owns_arrays,  # a freshly read case is ours to modify
                 organ_index=index,
+                lesion_mask=lesions,
             )
             image, label, plan = res.image, res.label, res.plan
         origin = (0, 0, 0)

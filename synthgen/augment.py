@@ -20,7 +20,7 @@ from .api import Synthesizer, without_mass_effect_hint
 from .mass_effect import render_plan
 from .presets import Preset
 
-__all__ = ["Implanted", "affine_for", "implant_tumors", "organ_mask_of"]
+__all__ = ["Implanted", "affine_for", "implant_tumors", "lesions_of", "organ_mask_of"]
 
 
 @dataclass
@@ -47,6 +47,17 @@ def organ_mask_of(label: np.ndarray, organ_labels: Sequence[int]) -> np.ndarray:
     if len(ids) == 1:
         return label == ids[0]
     return np.isin(label, ids)
+
+
+def lesions_of(label: Any, lesion_labels: int | Sequence[int]) -> Any:
+    """The lesions already in a label map: its voxels equal to one of ``lesion_labels`` (the
+    tumor label the adapters write), or ``None`` when it has none (a plan without them is the
+    plan of a scan without lesions). NumPy arrays and torch tensors (any device) alike."""
+    ids = [int(i) for i in np.atleast_1d(lesion_labels)]
+    mask = label == ids[0]
+    for i in ids[1:]:
+        mask |= label == i
+    return mask if bool(mask.any()) else None
 
 
 def check_channels(
@@ -100,6 +111,7 @@ def implant_tumors(
     organ_mask: np.ndarray | None = None,
     copy: bool = True,
     organ_index: Any = None,
+    lesion_mask: np.ndarray | None = None,
 ) -> Implanted:
     """Implant one sample of tumors into copies of ``image`` and ``label``.
 
@@ -119,6 +131,9 @@ def implant_tumors(
         organ_index: ``synthgen.index_organ(organ_mask)`` of this scan, kept by a caller that
             returns to the same scan (a loader): planning then reuses what it measured on the
             scan (organ box, organ HU and noise, vessel-like voxels, slice candidates).
+        lesion_mask: Lesions already in the image (same grid; e.g. :func:`lesions_of` the
+            label map): planning keeps the tumors the preset's ``gap_mm`` away from them, as
+            ``synthgen batch`` does with a case's lesion masks.
 
     Returns:
         An :class:`Implanted`; ``plan`` is ``None`` (and the arrays are unchanged copies)
@@ -138,7 +153,14 @@ def implant_tumors(
     if count < min_organ_voxels:
         return Implanted(out_image, out_label, None, f"organ has {count} voxels")
     try:
-        plan = synthesizer.plan(out_image, organ, seed=seed, affine=affine, organ_index=organ_index)
+        plan = synthesizer.plan(
+            out_image,
+            organ,
+            seed=seed,
+            affine=affine,
+            organ_index=organ_index,
+            lesion_mask=lesion_mask,
+        )
     except ValueError as e:  # too small for the preset's tumors: a normal patch
         return Implanted(out_image, out_label, None, str(e))
     # The preset's mass effect (if any) warps the image and the whole label map alike first;

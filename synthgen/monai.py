@@ -7,7 +7,9 @@
 
 Both plan and render with :func:`synthgen.augment.implant_tumors`: the organ is the voxels of
 the label map equal to ``organ_label`` (one id or several), tumors are rendered into image
-channel 0 and written as ``tumor_label`` into the label map.
+channel 0 and written as ``tumor_label`` into the label map. Voxels that already hold
+``tumor_label`` (real lesions, e.g. MSD's "cancer") are kept the preset's ``gap_mm`` away
+from, as ``synthgen batch`` keeps a case's lesion masks.
 
 Place the transform **before any intensity scaling** (``ScaleIntensityRanged``,
 ``NormalizeIntensityd``...): image values are treated as Hounsfield units (HU), and the
@@ -60,7 +62,7 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_numpy, convert_to_tensor
 
 from .api import Synthesizer
-from .augment import affine_for, check_channels, implant_tumors, organ_mask_of
+from .augment import affine_for, check_channels, implant_tumors, lesions_of, organ_mask_of
 from .planning import Plan, host_readable
 from .presets import Preset
 
@@ -169,7 +171,8 @@ class RandTumorSynthesis(_SeededRandomizable):
     """Randomly implant synthetic tumors into a CT image and its label map (MONAI array form).
 
     The organ is the set of label voxels equal to ``organ_label`` (or to any of several ids);
-    tumors are planned in it with the organ's preset, rendered into image channel 0 (other
+    tumors are planned in it with the organ's preset, clear of the lesions already labelled
+    ``tumor_label`` (the preset's ``gap_mm``), rendered into image channel 0 (other
     channels are copied unchanged) and written as ``tumor_label`` into the label map. A label
     map with fewer than ``min_organ_voxels`` organ voxels (a patch beside the organ), or an
     organ too small for the drawn tumors, comes back unchanged: a normal event, not an error.
@@ -292,6 +295,7 @@ class RandTumorSynthesis(_SeededRandomizable):
             affine=affine,
             min_organ_voxels=self.min_organ_voxels,
             organ_mask=organ,
+            lesion_mask=lesions_of(label0, self.tumor_label),  # (MSD "cancer"): kept clear of
         )
         if img_np.shape[0] == 1:
             out_img = res.image[None]

@@ -50,7 +50,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 from .api import Synthesizer
-from .augment import affine_for, check_channels, implant_tumors
+from .augment import affine_for, check_channels, implant_tumors, lesions_of
 from .planning import host_readable
 from .presets import LESION_NAMES, ORGAN_LABEL_NAMES, ORGANS, Preset, load_preset
 
@@ -195,11 +195,13 @@ class TumorSynthesisTransform(BasicTransform):
 
     Channel 0 of ``image`` is converted to HU, tumors are planned and rendered into the organ
     (the voxels of ``segmentation`` channel 0 equal to one of ``organ_labels``; nnU-Net's
-    ``-1`` padding is never organ), the result is converted back (and clipped to the
-    normalisation window again) and ``tumor_label`` is written on the tumor voxels. Other
-    channels, and every voxel the tumors do not touch, are left bit-identical; the input
-    tensors are not modified (new tensors of the same dtype and device are returned; a
-    bfloat16 or float16 patch is worked on in float32 and the changed voxels cast back). A
+    ``-1`` padding is never organ) the preset's ``gap_mm`` away from the lesions already in
+    the patch (its voxels labelled ``tumor_label``), the result is converted back (and
+    clipped to the normalisation window again) and ``tumor_label`` is written on the tumor
+    voxels. Other channels, and every voxel the tumors do not touch, are left bit-identical;
+    the input tensors are not modified (new tensors of the same dtype and device are
+    returned; a bfloat16 or float16 patch is worked on in float32 and the changed voxels
+    cast back). A
     patch with too little organ (fewer than ``min_organ_voxels``, or too small for the
     preset's tumors) is returned unchanged. Other channels do not show the tumors; with a
     preset that enables mass effect (which would warp channel 0 and the segmentation only) a
@@ -316,6 +318,7 @@ class TumorSynthesisTransform(BasicTransform):
             seed=int(params["seed"]),
             affine=self.affine,
             min_organ_voxels=self.min_organ_voxels,
+            lesion_mask=lesions_of(lab0, self.tumor_label),  # the case's own: kept clear of
         )
         if res.plan is None:
             return data_dict

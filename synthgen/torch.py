@@ -327,7 +327,7 @@ class TumorSynthesisWrapper(Dataset):
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from .augment import check_channels, implant_tumors
+        from .augment import check_channels, implant_tumors, lesions_of
 
         _in_worker()
         item = dict(self.dataset[index])
@@ -350,6 +350,7 @@ class TumorSynthesisWrapper(Dataset):
             tumor_label=self.tumor_label,
             seed=seed,
             affine=self._affine(item),
+            lesion_mask=lesions_of(lab[0] if chan else lab, self.tumor_label),
         )
         if chan:  # other channels are kept as they are
             new_img, new_lab = img.copy(), lab.copy()
@@ -441,7 +442,7 @@ class BatchTumorSynthesis:
         affine: np.ndarray | None = None,
     ) -> list[Any]:
         """Implant in place; returns one :class:`~synthgen.Plan` (or ``None``) per sample."""
-        from .augment import affine_for, check_channels
+        from .augment import affine_for, check_channels, lesions_of
         from .mass_effect import prepare_render
         from .rendering import render_batch
 
@@ -471,7 +472,8 @@ class BatchTumorSynthesis:
             if np.random.default_rng(seed).random() < self.prob:
                 organ = torch.isin(label[b, 0], ids)
                 if int(organ.sum()) >= self.min_organ_voxels:
-                    plan = self._plan(image[b, 0], organ, seed, affine)
+                    lesions = lesions_of(label[b, 0], self.tumor_label)
+                    plan = self._plan(image[b, 0], organ, seed, affine, lesions)
                     if plan is not None:
                         jobs.append((b, plan, organ))
             plans.append(plan)
@@ -496,7 +498,7 @@ class BatchTumorSynthesis:
                 res.plan = p
         return plans
 
-    def _plan(self, image0: torch.Tensor, organ: torch.Tensor, seed: int, affine):
+    def _plan(self, image0: torch.Tensor, organ: torch.Tensor, seed: int, affine, lesions):
         if image0.is_cuda:
             from ._cuda import planning_views
 
@@ -506,8 +508,12 @@ class BatchTumorSynthesis:
 
             # (bfloat16, which NumPy lacks, through its float32 values)
             img_v, org_v, index = host_readable(image0), organ.numpy(), None
+        # the lesions already in the patch (rare: copied to the host whole, a patch's size)
+        les_v = None if lesions is None else lesions.cpu().numpy()
         try:
-            return self.synthesizer.plan(img_v, org_v, seed=seed, affine=affine, organ_index=index)
+            return self.synthesizer.plan(
+                img_v, org_v, seed=seed, affine=affine, organ_index=index, lesion_mask=les_v
+            )
         except ValueError:  # organ too small for the preset's tumors: leave the sample alone
             return None
 

@@ -15,6 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 monai = pytest.importorskip("monai")
 
+from _lesion_scene import (  # noqa: E402
+    SIZE,
+    lesion_scene,
+    plan_with_the_lesion,
+    touches,
+    touching_without_the_mask,
+)
 from monai.data import MetaTensor, get_track_meta, set_track_meta  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
@@ -524,3 +531,24 @@ def test_aliases_backend_and_lazy_import():
     code = "import sys, synthgen; assert 'synthgen.monai' not in sys.modules; print('ok')"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_existing_lesions_are_kept_clear_of():
+    """Voxels already labelled ``tumor_label`` (MSD's "cancer") go to planning as
+    ``lesion_mask``: with a lesion filling most of the organ, no synthetic tumor touches it
+    (before: they were planned against it), and the plan is the one planned with it."""
+    sc = lesion_scene()
+    affine = torch.from_numpy(sc["affine"])
+    t = RandTumorSynthesis("liver", organ_label=1, tumor_label=2, size=SIZE)
+    t.set_random_state(seed=0)
+    seeds = []
+    for _ in range(10):
+        img = MetaTensor(torch.from_numpy(sc["image"])[None], affine=affine)
+        lab = MetaTensor(torch.from_numpy(sc["label"])[None], affine=affine)
+        out_img, out_lab = t(img, lab)
+        label = _np(out_lab)[0]
+        assert (label[sc["lesion"]] == 2).all()
+        assert not touches(sc, (label == 2) & ~sc["lesion"])
+        assert out_img.meta["synthgen_plan"] == plan_with_the_lesion(sc, t._seed)
+        seeds.append(t._seed)
+    assert touching_without_the_mask(sc, seeds) >= 1

@@ -22,6 +22,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("batchgeneratorsv2")
 
+from _lesion_scene import (  # noqa: E402
+    SIZE,
+    lesion_scene,
+    plan_with_the_lesion,
+    touches,
+    touching_without_the_mask,
+)
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform  # noqa: E402
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms  # noqa: E402
 from batchgeneratorsv2.transforms.utils.random import RandomTransform  # noqa: E402
@@ -708,3 +715,34 @@ def test_import_is_lazy():
         "assert 'nnunetv2' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_transform_keeps_tumors_off_existing_lesions():
+    """The patch's voxels already labelled with the tumor id (the dataset's own lesions, MSD's
+    "cancer") go to planning as ``lesion_mask``: with a lesion filling most of the organ, no
+    synthetic tumor touches it (before: they were planned against it)."""
+    sc = lesion_scene()
+    t = TumorSynthesisTransform("liver", [1], 2, (1.0, 1.0, 1.0), craniocaudal_axis=2, size=SIZE)
+    data = {
+        "image": torch.from_numpy(sc["image"])[None],
+        "segmentation": torch.from_numpy(sc["label"].astype(np.int16))[None],
+    }
+    seeds = list(range(100, 106))
+    for seed in seeds:
+        out = t.apply(dict(data), seed=seed)
+        seg = out["segmentation"][0].numpy()
+        assert (seg[sc["lesion"]] == 2).all()
+        assert not touches(sc, (seg == 2) & ~sc["lesion"]), f"seed {seed}"
+        ref = implant_tumors(
+            sc["image"],
+            sc["label"],
+            synthesizer=t.synthesizer,
+            organ_labels=[1],
+            tumor_label=2,
+            seed=seed,
+            affine=sc["affine"],
+            lesion_mask=sc["lesion"],
+        )
+        assert ref.plan.to_json() == plan_with_the_lesion(sc, seed)
+        np.testing.assert_array_equal(out["image"][0].numpy(), ref.image)
+    assert touching_without_the_mask(sc, seeds) >= 1

@@ -31,9 +31,17 @@ torch = pytest.importorskip("torch")
 
 import nibabel as nib
 from _datasets import write_dataset
+from _lesion_scene import (
+    SIZE,
+    lesion_scene,
+    plan_with_the_lesion,
+    touches,
+    touching_without_the_mask,
+)
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import synthgen
+from synthgen._hash import seed_of
 from synthgen.augment import affine_for
 from synthgen.layouts import discover
 from synthgen.presets import without_extras
@@ -907,3 +915,60 @@ def test_wrapper_under_distributed_sampler(dict_items: list) -> None:
     assert len(got[0]) == len(got[1]) == 2
     assert set(got[0]) | set(got[1]) == set(single)
     assert len(set(got[0]) & set(got[1])) <= 1  # 3 items on 2 ranks: one padded repeat
+
+
+# --------------------------------------------------------------------------------------
+# existing lesions: kept clear of, as synthgen batch keeps a case's lesion masks
+# --------------------------------------------------------------------------------------
+
+
+def test_loader_keeps_tumors_off_existing_lesions(tmp_path: Path) -> None:
+    """A case whose lesion fills most of the organ: the loader passes it to planning as
+    ``lesion_mask``, so no synthetic tumor touches it (before: it was only written into the
+    label, and tumors were planned against it). Both a label map's tumor-label voxels (MSD's
+    "cancer") and a layouts.Case's lesion mask (AbdomenAtlas ``liver_lesion``)."""
+    sc = lesion_scene()
+    arrays = {"image": sc["image"], "label": sc["label"], "affine": sc["affine"], "id": "msd"}
+    case_dir = tmp_path / "atlas" / "BDMAP_00000000"
+    seg = case_dir / "segmentations"
+    seg.mkdir(parents=True)
+    box = (sc["label"] > 0).astype(np.uint8)  # AbdomenAtlas: the liver mask holds its lesions
+    for name, a in (
+        ("ct", sc["image"]),
+        ("segmentations/liver", box),
+        ("segmentations/liver_lesion", sc["lesion"].astype(np.uint8)),
+    ):
+        nib.save(nib.Nifti1Image(a, sc["affine"]), str(case_dir / f"{name}.nii.gz"))  # fmt: skip
+    _, atlas = discover(tmp_path / "atlas", ["liver"])
+    assert atlas[0].lesions.get("liver")
+    seeds = []
+    for cases, tumor_label in (([arrays], 2), (atlas, 3)):
+        ds = SyntheticTumorDataset(
+            cases, "liver", size=SIZE, samples_per_case=6, patch_size=None, dtype=None,
+            tumor_label=tumor_label,
+        )  # fmt: skip
+        for s in ds:
+            label = s["label"][0].numpy()
+            assert (label[sc["lesion"]] == 2).all(), "the existing lesion stays labelled"
+            tumor = (label == tumor_label) & ~sc["lesion"]
+            assert not touches(sc, tumor), f"a tumor of sample {s['position']} touches it"
+            assert s["plan"] == plan_with_the_lesion(sc, int(s["seed"]))
+            seeds.append(int(s["seed"]))
+    assert touching_without_the_mask(sc, seeds) >= 2
+
+
+def test_wrapper_keeps_tumors_off_existing_lesions() -> None:
+    """The wrapper's items: the label map's tumor-label voxels are the existing lesions."""
+    sc = lesion_scene()
+    item = {
+        "image": torch.from_numpy(sc["image"])[None],
+        "label": torch.from_numpy(sc["label"])[None],
+        "affine": sc["affine"],
+    }
+    w = TumorSynthesisWrapper(DictDataset([item] * 6), "liver", size=SIZE)
+    seeds = [seed_of(w.seed, "item", 0, i) for i in range(len(w))]
+    for i, seed in enumerate(seeds):
+        out = w[i]
+        assert not touches(sc, (out["label"][0].numpy() == 2) & ~sc["lesion"])
+        assert out["plan"] == plan_with_the_lesion(sc, seed)
+    assert touching_without_the_mask(sc, seeds) >= 1

@@ -8,6 +8,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from _lesion_scene import (  # noqa: E402
+    SIZE,
+    lesion_scene,
+    plan_with_the_lesion,
+    touches,
+    touching_without_the_mask,
+)
+
 import synthgen  # noqa: E402
 from synthgen._hash import seed_of  # noqa: E402
 from synthgen.augment import affine_for  # noqa: E402
@@ -137,3 +145,20 @@ def test_ranks_draw_their_part_of_the_global_batch(batch):
     assert len({p.to_json() for p in parts}) == 6
     with pytest.raises(ValueError, match="rank"):
         BatchTumorSynthesis("liver", spacing=SP, rank=2, world_size=2)
+
+
+def test_existing_lesions_are_kept_clear_of():
+    """Voxels of the batch's label already holding ``tumor_label`` are planning's
+    ``lesion_mask``: with a lesion filling most of the organ, no tumor touches it."""
+    sc = lesion_scene()
+    img = torch.from_numpy(np.stack([sc["image"]] * 4)[:, None])
+    lab = torch.from_numpy(np.stack([sc["label"]] * 4)[:, None])
+    synth = BatchTumorSynthesis("liver", spacing=(1.0, 1.0, 1.0), size=SIZE, seed=0)
+    plans = synth(img, lab, step=0)
+    seeds = [seed_of(0, "batch", 0, b) for b in range(4)]
+    for b, seed in enumerate(seeds):
+        label = lab[b, 0].numpy()
+        assert (label[sc["lesion"]] == 2).all()
+        assert not touches(sc, (label == 2) & ~sc["lesion"])
+        assert plans[b].to_json() == plan_with_the_lesion(sc, seed)
+    assert touching_without_the_mask(sc, seeds) >= 1
