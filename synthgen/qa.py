@@ -18,14 +18,16 @@ gives the intended values):
 * **voxels**, **volume_mm3** = voxels x |det(affine[:3, :3])|, **diameter_mm** (equivalent
   sphere diameter) = ``(6 V / pi) ** (1/3)``, **mean_hu**: mean CT value over the tumor.
 * **organ_median_hu**: median CT value of organ voxels that are not tumor (any organ's lesion
-  mask) in a shell around the tumor, 3 to 8 mm out (face-connected dilation steps of the
-  finest voxel size, at least 2 to 3 steps): past the tumor's blur and halo, near enough to
-  be the tissue it replaced. When the shell holds fewer than 20 such voxels: within the
+  mask) in a shell around the tumor, 3 to 8 mm out (Euclidean distance in mm on the scan's
+  grid, so a 5 mm slice counts 5 mm; on a grid whose finest voxel is coarser than 1.5 mm,
+  2 to 3 of those voxels out): past the tumor's blur and halo, near enough to be the
+  tissue it replaced. When the shell holds fewer than 20 such voxels: within the
   tumor's bounding box grown by ``margin_mm`` (15 mm) per side; else the whole organ (minus
   tumors). **organ_half_iqr_hu**: half the interquartile range of those voxels.
 * **contrast_hu** = organ_median_hu - mean_hu (positive: hypodense).
 * **halo_ratio** = (organ_median_hu - mean HU of the ring) / contrast_hu, where the ring is the
-  voxels 1 or 2 face-connected dilation steps outside the tumor that are organ and not tumor;
+  voxels within two of the finest voxel size (mm) outside the tumor that are organ and not
+  tumor;
   0 when ``|contrast_hu| < 1``, NaN when the ring is empty. 0: no darkening just outside the
   mask; 1: the ring is as dark as the tumor.
 * **inside_share**: share of the tumor's voxels inside the organ mask.
@@ -247,9 +249,13 @@ def _measure_sample(d: Path) -> dict[str, Any]:
     voxel_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
     spacing = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
     pad = [math.ceil(_MARGIN_MM / max(s, 1e-6)) for s in spacing]
-    finest = max(float(np.min(spacing)), 1e-6)  # the shell's steps: at least 2 and 3
-    inner = max(2, math.ceil(_SHELL_MM[0] / finest))
-    steps = (inner, max(inner + 1, math.ceil(_SHELL_MM[1] / finest)))
+    # the reference shell and the halo ring, mm from the tumor (Euclidean, on the scan's
+    # grid: a thick slice is as far as it is); a coarse grid's shell is 2 to 3 of its finest
+    # voxels out, past the ring
+    finest = max(float(np.min(spacing)), 1e-6)
+    shell_mm = (max(_SHELL_MM[0], 2.0 * finest), max(_SHELL_MM[1], 3.0 * finest))
+    ring_mm = 2.0 * finest
+    reach = [math.ceil(shell_mm[1] / max(float(s), 1e-6)) + 1 for s in spacing]
     seg = d / "segmentations"
     single = len(entries) == 1
 
@@ -305,13 +311,13 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             odd_t = int(np.count_nonzero((vals < CT_RANGE[0]) | (vals > CT_RANGE[1])))
             inside = float(np.count_nonzero(comp & org[sl])) / nv
             big = _grow(sl, pad, shape)
-            # steps (face-connected: taxicab distance) from the tumor, in a window around it
-            win = _grow(sl, [steps[1] + 1] * 3, shape)
-            steps_out = ndimage.distance_transform_cdt(comps[win] != k, metric="taxicab")
+            # mm from the tumor, in a window around it
+            win = _grow(sl, reach, shape)
+            dist = ndimage.distance_transform_edt(comps[win] != k, sampling=spacing)
             ref_win = org_ref_all[win]
             # reference: the organ in a shell 3 to 8 mm outside the tumor (past its blur and
             # halo, near enough to be the tissue it replaced), else the box, else all
-            shell = (steps_out >= steps[0]) & (steps_out <= steps[1]) & ref_win
+            shell = (dist >= shell_mm[0]) & (dist <= shell_mm[1]) & ref_win
             ref = org_ref_all[big]
             if shell.sum() >= _MIN_REF_VOXELS:
                 near = ctf[win][shell]
@@ -322,8 +328,8 @@ def _measure_sample(d: Path) -> dict[str, Any]:
                 near = whole[0]
             median, spread = float(np.median(near)), _half_iqr(near)
             contrast = median - mean_hu
-            # ring: 1-2 steps outside the tumor, organ and not tumor
-            ring = (steps_out >= 1) & (steps_out <= 2) & ref_win
+            # ring: within two of the finest voxels outside the tumor, organ and not tumor
+            ring = (dist > 0) & (dist <= ring_mm) & ref_win
             ring_mean = float(ctf[win][ring].astype(np.float64).mean()) if ring.any() else math.nan
             if not math.isfinite(contrast) or abs(contrast) < 1.0:
                 halo = 0.0 if math.isfinite(contrast) else math.nan

@@ -94,10 +94,14 @@ def test_qa_report_matches_independent_measurement(batch_out: Path, tmp_path: Pa
                 assert t["diameter_mm"] == pytest.approx(d_eq)
                 m = comps == t["component"]
                 assert t["mean_hu"] == pytest.approx(ct[m].mean())
-                # the reference: the organ in a shell of 3 to 8 mm, 2 to 3 steps of 5 mm
+                # the reference: the organ in a shell of 3 to 8 mm, on this 5 mm grid 10 to
+                # 15 mm (2 to 3 of its finest voxels), Euclidean distance in mm
                 organ_m = np.asarray(nib.load(str(seg / f"{organ}.nii.gz")).dataobj) != 0
-                shell = ndimage.binary_dilation(m, iterations=3)
-                shell &= ~ndimage.binary_dilation(m, iterations=1) & organ_m & ~tumor
+                sp = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+                dist = ndimage.distance_transform_edt(~m, sampling=sp)
+                fine = float(sp.min())
+                shell = (dist >= max(3.0, 2 * fine)) & (dist <= max(8.0, 3 * fine))
+                shell &= organ_m & ~tumor
                 if shell.sum() >= 20:
                     near = ct[shell]
                     assert t["organ_median_hu"] == pytest.approx(np.median(near))
@@ -231,3 +235,41 @@ def test_wall_tumors_one_component_contrast_against_the_wall(tmp_path: Path) -> 
             assert -150.0 <= t["organ_median_hu"] <= 300.0
             assert t["contrast_in_range"] is None and t["diameter_in_range"] is None
     assert face_split > 0, "face connectivity splits a wall tumor of the demo"
+
+
+def test_reference_shell_is_in_mm_on_thick_slices(tmp_path: Path) -> None:
+    """On 0.8 x 0.8 x 5 mm voxels the reference shell (3-8 mm) reaches one slice above and
+    below the tumor, not two: in voxel steps of the finest size it reached 10 mm along z
+    (and the halo ring the slices 5 mm away). The organ two slices away from the tumor is
+    made 60 HU brighter: a shell that reaches it measures the wrong reference."""
+    sp = (0.8, 0.8, 5.0)
+    shape = (96, 96, 24)
+    ct = np.full(shape, -100, np.int16)
+    organ = np.zeros(shape, bool)
+    organ[8:88, 8:88, 2:22] = True
+    ct[organ] = 40
+    aff = np.diag([*sp, 1.0])
+    d = tmp_path / "in"
+    d.mkdir()
+    nib.save(nib.Nifti1Image(ct, aff), str(d / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(organ.astype(np.uint8), aff), str(d / "liver.nii.gz"))
+    out = tmp_path / "out"
+    cli("synth", d / "ct.nii.gz", "--mask", d / "liver.nii.gz", "--organ", "liver",
+        "--preset", "liver-classic",
+        "--out", out, "--seed", "2", "--size", "small")  # fmt: skip
+    (sample,) = [p.parent for p in out.glob("*/tumors.json")]
+    img = nib.load(str(sample / "ct.nii.gz"))
+    got = np.asarray(img.dataobj).astype(np.int16)
+    les = np.asarray(nib.load(str(sample / "segmentations" / "liver_lesion.nii.gz")).dataobj)
+    zs = np.flatnonzero((les != 0).any(axis=(0, 1)))
+    far = organ.copy()
+    far[:, :, zs.min() - 1 : zs.max() + 2] = False  # two slices and more from the tumor
+    assert far.any() and (got[far] == 40).all()
+    got[far] = 100
+    nib.save(nib.Nifti1Image(got, img.affine), str(sample / "ct.nii.gz"))
+    summary = qa_report(out, tmp_path / "qa")
+    doc = json.loads((tmp_path / "qa" / "qa.json").read_text())
+    tumors = doc["samples"][0]["organs"]["liver"]["tumors"]
+    assert summary["n_tumors"] == len(tumors) >= 1
+    for t in tumors:
+        assert t["organ_median_hu"] == pytest.approx(40.0)
