@@ -95,7 +95,8 @@ class CaseSource:
         return isinstance(self.image, (str, Path)) and isinstance(self.label, (str, Path, Case))
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(image, label, affine)`` as arrays on one grid (files are read each call)."""
+        """``(image, label, affine)`` as arrays on one grid (files are read each call); a
+        :class:`~synthgen.layouts.Case`'s label is its organ (1) and lesion masks (2)."""
         from .io import load_nifti
         from .layouts import Case, _unoriented, load_mask, load_organ
 
@@ -130,6 +131,12 @@ class CaseSource:
         if label.shape != image.shape:
             raise ValueError(f"case {self.case_id}: label {label.shape} vs image {image.shape}")
         return image, label, np.asarray(affine, dtype=np.float64)
+
+
+def _is_case(x: Any) -> bool:
+    from .layouts import Case
+
+    return isinstance(x, Case)
 
 
 def _case_id(x: Any, k: int) -> str:
@@ -315,7 +322,6 @@ class SampleMaker:
         """
         from .api import shared_synthesizer
         from .augment import implant_tumors, lesions_of, organ_mask_of
-        from .layouts import Case
         from .planning import index_organ, resolve_spacing
 
         item = int(self.order(epoch)[position])
@@ -323,6 +329,8 @@ class SampleMaker:
         seed = self.sample_seed(epoch, item)
         rng = np.random.default_rng(seed)
         image, label, affine = src.load()
+        if self.tumor_label != 2 and _is_case(src.label):
+            label[label == 2] = self.tumor_label  # (a Case's lesions: fresh, 0/1/2 only)
         if label.dtype == np.bool_:  # an organ mask: uint8 whether the sample fires or not
             label = label.view(np.uint8)
         organ = organ_mask_of(label, src.organ_labels)
@@ -334,9 +342,9 @@ class SampleMaker:
             # its files reuses them.
             index = _case_index(src, organ, index_organ)
             # The lesions already in the case (a layouts.Case's lesion masks, which load()
-            # writes as 2; else the label map's tumor label, e.g. MSD's "cancer"): kept the
-            # preset's gap_mm away, as synthgen batch keeps them.
-            lesions = lesions_of(label, 2 if isinstance(src.label, Case) else self.tumor_label)
+            # writes as the tumor label; else the label map's tumor label, e.g. MSD's
+            # "cancer"): kept the preset's gap_mm away, as synthgen batch keeps them.
+            lesions = lesions_of(label, self.tumor_label)
             res = implant_tumors(
                 image,
                 label,
