@@ -255,7 +255,9 @@ class RandTumorSynthesis(_SeededRandomizable):
             out = convert_to_tensor(img, track_meta=track)
             if isinstance(out, MetaTensor):  # the key on every sample, so batches keep it
                 out.meta = {**out.meta, PLAN_META_KEY: ""}
-            return out, convert_to_tensor(label, track_meta=track)
+            lab = convert_to_tensor(label, track_meta=track)
+            # a boolean label map comes out uint8 whether the sample fires or not
+            return out, lab.to(torch.uint8) if lab.dtype == torch.bool else lab
         return self._implant(img, label, self._seed)
 
     def _implant(
@@ -303,7 +305,13 @@ class RandTumorSynthesis(_SeededRandomizable):
             out_img = img_np.copy()
             out_img[0] = res.image
         out_img_t = convert_to_dst_type(out_img, dst=self._dst(img))[0]
-        out_lab_t = convert_to_dst_type(res.label[None], dst=self._dst(label))[0]
+        lab_dst = self._dst(label)
+        # a boolean label map comes back uint8 (0/1/tumor label): cast back to bool, every
+        # tumor voxel read as organ
+        lab_dtype = None
+        if lab_np.dtype == np.bool_:
+            lab_dtype = torch.uint8 if isinstance(lab_dst, torch.Tensor) else np.uint8
+        out_lab_t = convert_to_dst_type(res.label[None], dst=lab_dst, dtype=lab_dtype)[0]
         if isinstance(out_img_t, MetaTensor):  # "" when nothing was implanted
             plan: Plan | None = res.plan
             out_img_t.meta[PLAN_META_KEY] = plan.to_json() if plan is not None else ""

@@ -353,7 +353,9 @@ class TumorSynthesisWrapper(Dataset):
             lesion_mask=lesions_of(lab[0] if chan else lab, self.tumor_label),
         )
         if chan:  # other channels are kept as they are
-            new_img, new_lab = img.copy(), lab.copy()
+            # (a boolean label map becomes uint8: a bool cannot hold the tumor label)
+            new_img = img.copy()
+            new_lab = lab.astype(np.uint8) if lab.dtype == np.bool_ else lab.copy()
             new_img[0], new_lab[0] = res.image, res.label
         else:
             new_img, new_lab = res.image, res.label

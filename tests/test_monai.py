@@ -289,6 +289,22 @@ def test_prob_zero_returns_inputs_as_tensors(scan, kind, track):
         assert out["image"].meta[smonai.PLAN_META_KEY] == ""
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch", "metatensor"])
+def test_bool_label_comes_back_uint8_with_the_tumor_label(scan, kind):
+    """A boolean organ mask as the label: uint8 with the tumor label whether the sample
+    fires or not (it was cast back to bool when fired, every tumor voxel read as organ)."""
+    image, label, affine = scan
+    img_in, lab_in = _as(kind, image, affine), _as(kind, label.astype(bool), affine)
+    spacing = None if kind == "metatensor" else SPACING
+    t = RandTumorSynthesis(PLAIN, organ_label=LIVER, tumor_label=2, spacing=spacing)
+    img_out, lab_out = t.set_random_state(seed=3)(img_in, lab_in)
+    lab = _np(lab_out)
+    assert lab.dtype == np.uint8 and (lab == 2).any() and (_np(img_out) != image).any()
+    np.testing.assert_array_equal(lab != 0, label != 0)  # (the plain recipe stays inside)
+    _, lab0 = RandTumorSynthesis(PLAIN, prob=0.0)(img_in, lab_in)
+    assert _np(lab0).dtype == np.uint8
+
+
 def test_track_meta_off_gives_plain_tensors_when_fired(scan):
     image, label, affine = scan
     previous = get_track_meta()

@@ -749,13 +749,17 @@ def test_wrapper_bool_label_keeps_the_tumor_label(dict_items: list, as_tensor: b
     mask = src["label"][0].numpy() == 1
     item = {"image": src["image"][0], "label": torch.from_numpy(mask) if as_tensor else mask}
     item["affine"] = src["affine"]
-    out = TumorSynthesisWrapper(DictDataset([item]), "liver", seed=0)[0]
-    lab = np.asarray(out["label"])
-    assert out["plan"] != "" and lab.dtype == np.uint8
-    assert isinstance(out["label"], torch.Tensor) == as_tensor
-    tumor = lab == 2
-    assert tumor.any() and np.array_equal(lab != 0, mask | tumor)
-    assert np.array_equal(tumor, np.asarray(plan_mask(out, item)))
+    # channel-first items too (1, X, Y, Z): their label was still cast back to bool
+    chan = {"image": src["image"], "label": item["label"][None], "affine": src["affine"]}
+    for it in (item, chan):
+        out = TumorSynthesisWrapper(DictDataset([it]), "liver", seed=0)[0]
+        lab = np.asarray(out["label"])
+        assert out["plan"] != "" and lab.dtype == np.uint8
+        assert isinstance(out["label"], torch.Tensor) == as_tensor
+        lab = lab[0] if it is chan else lab
+        tumor = lab == 2
+        assert tumor.any() and np.array_equal(lab != 0, mask | tumor)
+        assert np.array_equal(tumor, np.asarray(plan_mask(out, item)))
 
 
 def plan_mask(out: dict[str, Any], item: dict[str, Any]) -> np.ndarray:
