@@ -84,23 +84,31 @@ def _worker(
     def go_on() -> bool:
         return not stop.is_set() and (parent is None or parent.is_alive())
 
+    def send(msg) -> bool:
+        """Put ``msg`` while the consumer is there to take it (a full queue of a consumer
+        that is gone would block for ever); False, and the queue left unflushed, when it is
+        not."""
+        while go_on():
+            try:
+                out_q.put(msg, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        out_q.cancel_join_thread()  # exit without flushing to a gone consumer
+        return False
+
     try:
         epoch = 0
         while epochs is None or epoch < epochs:
             for k in range(wid, len(share), nworkers):
                 if not go_on():
-                    out_q.cancel_join_thread()  # exit without flushing to a gone consumer
+                    out_q.cancel_join_thread()
                     return
                 sample = maker.make(epoch, share[k])
-                msg = ("item", (epoch, k), _save_sample(spool, (epoch, k), sample))
-                while go_on():
-                    try:
-                        out_q.put(msg, timeout=_POLL_S)
-                        break
-                    except queue.Full:
-                        continue
+                if not send(("item", (epoch, k), _save_sample(spool, (epoch, k), sample))):
+                    return
             epoch += 1
-        out_q.put(("done", wid, None))
+        send(("done", wid, None))  # (a finite run's last message: also while it can be taken)
     except BaseException:
         with contextlib.suppress(Exception):
             tb = traceback.format_exc()
@@ -212,8 +220,9 @@ class Producer:
         self.positions = rank_positions(len(self.maker), self.rank, self.world_size, drop_last)
         if not self.positions:
             raise ValueError(
-                f"drop_last with {len(self.maker)} samples per epoch over {self.world_size} "
-                "ranks leaves this rank none"
+                f"{len(self.maker)} samples per epoch over {self.world_size} ranks"
+                + (" with drop_last" if drop_last else "")
+                + " leave this rank none"
             )
         self.workers, self.queue_size, self.epochs, self.ordered = (
             int(workers),
@@ -251,11 +260,16 @@ class Producer:
             )
             for w in range(n)
         ]
-        for p in self._procs:
-            p.start()
+        # (registered first: a worker that fails to start leaves no spool behind)
         self._finalizer = weakref.finalize(
             self, _shutdown, self._stop, self._procs, self._q, self._spool
         )
+        try:
+            for p in self._procs:
+                p.start()
+        except BaseException:
+            self._finalizer()
+            raise
         self._started = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

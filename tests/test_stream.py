@@ -749,27 +749,34 @@ _KILLED_PRODUCER = textwrap.dedent(
     from synthgen.layouts import discover
     from synthgen.stream import Producer
     _, cases = discover(sys.argv[1], ["liver"])
-    p = Producer(cases, "liver", workers=2, queue_size=2, epochs=None, patch_size=(16, 16, 16),
+    epochs = None if sys.argv[3] == "none" else int(sys.argv[3])
+    p = Producer(cases, "liver", workers=2, queue_size=2, epochs=epochs, patch_size=(16, 16, 16),
                  prob=0.0)
     it = iter(p)
     next(it)
-    next(it)
     print(p._spool, *[q.pid for q in p._procs], flush=True)
-    while not os.listdir(p._spool):  # samples queued in the spool, none consumed
+    while len(os.listdir(p._spool)) < 2:  # samples queued in the spool, none consumed
         pass
+    if epochs is not None:  # every sample made: the workers' last message waits for room
+        import time
+        time.sleep(2.0)
     os.kill(os.getpid(), int(sys.argv[2]))
     """
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_consumer_leaves_no_spool(dataset: tuple[Path, list], sig: int) -> None:
+@pytest.mark.parametrize(
+    ("sig", "epochs"), [(signal.SIGKILL, "none"), (signal.SIGTERM, "none"), (signal.SIGKILL, "1")]
+)
+def test_killed_consumer_leaves_no_spool(dataset: tuple[Path, list], sig: int, epochs) -> None:
     """A consumer process killed (SIGKILL, or SIGTERM without a handler: its finalizers never
     run) leaves no spool folder of queued samples behind (in /dev/shm, i.e. memory): the
-    workers remove it as they exit. (Before: one folder left per killed run.)"""
+    workers remove it as they exit. (Before: one folder left per killed run; and a finite
+    run's workers, their samples made, waited for ever to put their last message into the
+    full queue.)"""
     root, _ = dataset
     consumer = subprocess.run(
-        [sys.executable, "-c", _KILLED_PRODUCER, str(root), str(int(sig))],
+        [sys.executable, "-c", _KILLED_PRODUCER, str(root), str(int(sig)), epochs],
         env=env_with_repo(),
         capture_output=True,
         text=True,
