@@ -32,10 +32,10 @@ gives the intended values):
   mask; 1: the ring is as dark as the tumor.
 * **inside_share**: share of the tumor's voxels inside the organ mask.
 * **gas_voxels**: tumor voxels below -200 HU (tumor drawn over gas): impossible.
-* **tumor_out_of_range**: tumor voxels outside [-1024, 3071] HU: impossible (the render
-  never moves a voxel out of that range). **ct_out_of_range**: all the scan's voxels outside
-  it, reported but not flagged: a scanner's -3024 HU padding or an extended-HU metal clip
-  comes with the input, and the render leaves such values where they were.
+* **tumor_out_of_range**, **ct_out_of_range**: tumor voxels, and all the scan's voxels,
+  outside [-1024, 3071] HU: reported, not flagged. The render never moves a voxel out of
+  that range and leaves one already outside where it was (a scanner's -3024 HU padding, an
+  extended-HU metal clip, even inside a tumor): such values come with the input.
 
 Intended ranges (from the preset recorded in each organ's plan):
 
@@ -499,10 +499,8 @@ def _summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
                 "contrast_hu": _envelope(abs_rngs) if abs_rngs else None,
                 "contrast_mode": sorted({i.get("contrast_mode") for i in acc["intended"]}),
             },
-            "impossible": {
-                "tumor_out_of_range": acc["tumor_out_of_range"],
-                "tumor_gas_voxels": acc["tumor_gas_voxels"],
-            },
+            "impossible": {"tumor_gas_voxels": acc["tumor_gas_voxels"]},
+            "tumor_out_of_range": acc["tumor_out_of_range"],
         }
     return organs
 
@@ -661,11 +659,11 @@ def _markdown(root: Path, summary: dict[str, Any], plots: dict[str, str], montag
         "",
         f"Root: `{root}`  ",
         f"Samples: {summary['n_samples']}, tumors: {summary['n_tumors']}  ",
-        f"Impossible values: {summary['impossible']['tumor_out_of_range']} tumor voxels outside "
-        f"[{CT_RANGE[0]:.0f}, {CT_RANGE[1]:.0f}] HU, {summary['impossible']['tumor_gas_voxels']} "
-        f"tumor voxels below {GAS_HU:.0f} HU  ",
-        f"Scan voxels outside [{CT_RANGE[0]:.0f}, {CT_RANGE[1]:.0f}] HU (the inputs' own: "
-        f"padding, metal; not flagged): {summary['ct_out_of_range']}",
+        f"Impossible values: {summary['impossible']['tumor_gas_voxels']} tumor voxels below "
+        f"{GAS_HU:.0f} HU  ",
+        f"Voxels outside [{CT_RANGE[0]:.0f}, {CT_RANGE[1]:.0f}] HU (the inputs' own: padding, "
+        f"metal; not flagged): {summary['ct_out_of_range']} in the scans, "
+        f"{summary['tumor_out_of_range']} in tumors",
         "",
         "## Per organ",
         "",
@@ -679,7 +677,7 @@ def _markdown(root: Path, summary: dict[str, Any], plots: dict[str, str], montag
             f"| {organ} | {', '.join(o['presets'])} | {o['samples']} | {o['tumors']} | "
             f"{_pct(o['share_diameter_in_range'])} | {_pct(o['share_diameter_in_class_range'])} | "
             f"{_pct(o['share_contrast_in_range'])} | {_pct(o['share_count_in_range'])} | "
-            f"{o['impossible']['tumor_out_of_range']} | {o['impossible']['tumor_gas_voxels']} |"
+            f"{o['tumor_out_of_range']} | {o['impossible']['tumor_gas_voxels']} |"
         )
     for organ, o in summary["organs"].items():
         lines += [
@@ -733,8 +731,8 @@ def qa_report(
         montage_max: Samples shown in the montage at most (the first ones, sorted by path).
 
     Returns:
-        The summary: ``n_samples``, ``n_tumors``, ``impossible`` (``tumor_out_of_range``,
-        ``tumor_gas_voxels``), ``has_impossible``, ``ct_out_of_range`` (not flagged),
+        The summary: ``n_samples``, ``n_tumors``, ``impossible`` (``tumor_gas_voxels``),
+        ``has_impossible``, ``ct_out_of_range`` and ``tumor_out_of_range`` (not flagged),
         ``organs`` (per organ: samples, tumors, quantiles, shares in range, intended ranges,
         impossible counts) and the paths written.
 
@@ -780,14 +778,12 @@ def qa_report(
         "plots": {q: str(out / p) for q, p in plots.items()},
         "n_samples": len(samples),
         "n_tumors": sum(o["tumors"] for o in organs.values()),
-        "impossible": {
-            "tumor_out_of_range": sum(s["tumor_out_of_range"] for s in samples),
-            "tumor_gas_voxels": sum(s["tumor_gas_voxels"] for s in samples),
-        },
+        "impossible": {"tumor_gas_voxels": sum(s["tumor_gas_voxels"] for s in samples)},
         "organs": organs,
     }
     summary["has_impossible"] = any(v > 0 for v in summary["impossible"].values())
     summary["ct_out_of_range"] = sum(s["ct_out_of_range"] for s in samples)
+    summary["tumor_out_of_range"] = sum(s["tumor_out_of_range"] for s in samples)
     for s in samples:
         s.pop("_largest")
     save_json(
