@@ -438,9 +438,10 @@ def parse_label_ids(text: str) -> tuple[int, ...]:
 def _csv_columns(head: list[str]) -> dict[str, int | None]:
     """Where a CSV's ``label_id`` and ``lesion_id`` are: after a ``ct,mask,organ`` header, by
     their names (a fourth column named otherwise still is ``label_id``, as it always was);
-    without a header, the fourth and fifth columns."""
+    without a header, ``label_id`` is the fourth column and there is no ``lesion_id`` (a
+    fifth column of a headerless file was always ignored, and may be anything: a note)."""
     if not head:
-        return {"label_id": 3, "lesion_id": 4}
+        return {"label_id": 3, "lesion_id": None}
     cols = {k: head.index(k) if k in head else None for k in ("label_id", "lesion_id")}
     if cols["label_id"] is None and len(head) > 3 and head[3] != "lesion_id":
         cols["label_id"] = 3

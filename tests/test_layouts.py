@@ -393,25 +393,30 @@ def test_discover_csv_merges_rows_and_resolves_paths(datasets, tmp_path, monkeyp
 
 
 def test_discover_csv_lesion_id_column_and_option(tmp_path: Path) -> None:
-    """``lesion_id`` (by name after a header, fifth column without one) and ``--lesion-id``
-    (the rows of the one organ that have a label_id and no lesion_id) make lesions."""
+    """``lesion_id`` (by name after a header) and ``--lesion-id`` (the rows of the one organ
+    that have a label_id and no lesion_id) make lesions."""
     sheet = tmp_path / "cases.csv"
     m = tmp_path / "m.nii.gz"
     liver, les = MaskSource(m, (1,)), MaskSource(m, (2, 3))
     for text in (
         "ct,mask,organ,label_id,lesion_id\na.nii.gz,m.nii.gz,liver,1,2;3\n",
         "ct,mask,organ,lesion_id,label_id\na.nii.gz,m.nii.gz,liver,2;3,1\n",
-        "a.nii.gz,m.nii.gz,liver,1,2;3\n",
     ):
         sheet.write_text(text)
         _, (case,) = discover(sheet, ["liver"])
         assert case.organs == {"liver": (liver,)} and case.lesions == {"liver": (les,)}
         _, (case,) = discover(sheet, ["liver"], lesion_ids=[7])  # the row's own ids win
         assert case.lesions == {"liver": (les,)}
-    # an extra column of another name is no lesion_id (it was ignored, and still is)
-    sheet.write_text("ct,mask,organ,label_id,note\na.nii.gz,m.nii.gz,liver,1,big one\n")
-    _, (case,) = discover(sheet, ["liver"])
-    assert case.organs == {"liver": (liver,)} and case.lesions == {}
+    # an extra column of another name is no lesion_id (it was ignored, and still is), nor
+    # is a headerless file's fifth column, whatever it holds
+    for text in (
+        "ct,mask,organ,label_id,note\na.nii.gz,m.nii.gz,liver,1,big one\n",
+        "a.nii.gz,m.nii.gz,liver,1,big one\n",
+        "a.nii.gz,m.nii.gz,liver,1,2\n",
+    ):
+        sheet.write_text(text)
+        _, (case,) = discover(sheet, ["liver"])
+        assert case.organs == {"liver": (liver,)} and case.lesions == {}
     # --lesion-id fills rows of its organ that have a label_id and no lesion_id
     sheet.write_text(
         "ct,mask,organ,label_id,lesion_id\na.nii.gz,m.nii.gz,liver,1,\n"
@@ -474,7 +479,8 @@ def test_batch_lesion_id_keeps_the_existing_tumor_as_tumor(lits_files, datasets,
     [
         ("ct,mask,organ,label_id,lesion_id\na.nii.gz,m.nii.gz,liver,1,2\n"
          "b.nii.gz,m.nii.gz,liver,1,two\n", "row 2: lesion_id 'two' is not an int"),
-        ("a.nii.gz,m.nii.gz,liver,,2\n", "row 1: lesion_id needs a label_id"),
+        ("ct,mask,organ,label_id,lesion_id\na.nii.gz,m.nii.gz,liver,,2\n",
+         "row 1: lesion_id needs a label_id"),
         ("ct,mask,organ\na.nii.gz,m.nii.gz,liver\nb.nii.gz,m.nii.gz,brain\n",
          "row 2: unknown organ 'brain'"),
         ("a.nii.gz,m.nii.gz,liver\nb.nii.gz,m.nii.gz\n", "row 2 needs ct,mask,organ"),
