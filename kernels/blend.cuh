@@ -91,7 +91,11 @@ SG_FN float sg_noise_at(const sg_u32* keys, int gi, int gj, int gk, float sw, fl
 SG_FN float sg_appear_delta(float v, int inside, float b, float td, float q2, float organ_hu,
                             const float* app, const sg_u32* keys, int gi, int gj, int gk) {
     float q = sqrtf(q2);
-    if (app[2] != 0.0f) td = td - app[2] * sg_clamp01((q - app[0]) * app[1]);  // rim
+    if (app[2] != 0.0f) {  // rim; it keeps app[6] of a darkening (never brighter)
+        float t0 = td;
+        td = td - app[2] * sg_clamp01((q - app[0]) * app[1]);
+        if (t0 > 0.0f && td < app[6] * t0) td = app[6] * t0;
+    }
     float w = 0.0f;
     if (app[4] > 0.0f) w = sg_clamp01((app[3] - q) * app[4] + 0.5f);  // necrotic core
     float n = 0.0f;

@@ -10,7 +10,8 @@ for bit.
 
 * **Rim-enhancing capsule**: the shell ``q >= 1 - w`` (``w = rim_width_mm / r``, ``r`` the
   geometric mean radius) is brighter than the core by ``rim_boost_hu``, ramping in over a
-  further ``w / 2`` inwards; the edge blur ``B`` fades it out at the boundary.
+  further ``w / 2`` inwards; the edge blur ``B`` fades it out at the boundary. It gives back at
+  most :data:`RIM_MAX_SHARE` of a hypodense tumor's darkening in each voxel.
 * **Necrotic core**: ``q < necrosis_fraction`` is replaced by near-fluid tissue of
   ``necrosis_hu`` (plus the scan's noise), with a soft edge ``necrosis_edge_mm`` wide.
 * **Calcification specks**: inside ``q < 0.9`` a voxel is a speck with probability
@@ -70,8 +71,10 @@ def equivalent_radius(radii_mm) -> float:
     return float((r[0] * r[1] * r[2]) ** (1.0 / 3.0))
 
 
-#: A rim gives back at most this share of the tumor's contrast: a hypodense tumor's rim stays
-#: darker than the organ (and a hyperdense one's brighter), whatever the scan's contrast.
+#: A rim gives back at most this share of the tumor's contrast, voxel by voxel (of its
+#: darkening ``T * B * D``, in the blend; the boost is also capped at this share of ``|D|``
+#: at plan time): a hypodense tumor's rim stays darker than the organ (and a hyperdense one's
+#: brighter), whatever the scan's contrast and the texture.
 RIM_MAX_SHARE = 0.8
 
 
@@ -166,7 +169,8 @@ def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | Non
 
     ``app`` (float32, :data:`N_APP`): 0 rim ramp start ``1 - 1.5 w``, 1 its inverse width
     ``2 / w``, 2 rim boost (HU, 0 off), 3 necrotic core radius (normalised), 4 inverse edge
-    width (0 off), 5 necrosis HU, 6 unused, 7 speck probability per voxel (0 off), 8 speck
+    width (0 off), 5 necrosis HU, 6 share of a darkening the rim keeps (``1 -``
+    :data:`RIM_MAX_SHARE`), 7 speck probability per voxel (0 off), 8 speck
     HU low, 9 speck HU span, 10 speck zone (normalised radius), 11 white noise SD, 12
     correlated noise SD (HU). ``keys`` (uint32, 8): white noise, correlated noise, speck,
     speck HU (two words each).
@@ -180,6 +184,7 @@ def blend_params(t, organ_noise_hu: float | None, organ_noise_grain: float | Non
     if rim != 0.0:
         w = max(float(a["rim_width_mm"]), 1e-3) / r
         app[0], app[1], app[2] = 1.0 - 1.5 * w, 2.0 / w, rim
+        app[6] = 1.0 - RIM_MAX_SHARE
     if nec > 0.0:
         e = max(float(a["necrosis_edge_mm"]), 1e-3) / r
         app[3], app[4], app[5] = nec, 1.0 / e, float(a["necrosis_hu"])

@@ -341,7 +341,10 @@ def _appear_delta(v, inside, b, td, q2, organ_hu, app, keys, gi, gj, gk):
     ``synthgen._appearance``); mirrors ``sg_appear_delta`` of kernels/blend.cuh."""
     q = np.sqrt(q2)
     if app[2] != 0.0:  # rim: the shell q >= 1 - width is brighter than the core by app[2]
+        t0 = td
         td = td - app[2] * _clamp01((q - app[0]) * app[1])
+        if t0 > 0.0 and td < app[6] * t0:  # keeps app[6] of a darkening: never brighter
+            td = app[6] * t0
     w = np.float32(0.0)
     if app[4] > 0.0:  # necrotic core: weight 1 inside, soft edge around q = app[3]
         w = _clamp01((app[3] - q) * app[4] + np.float32(0.5))

@@ -111,6 +111,31 @@ def test_rim_is_brighter_than_the_core_by_the_planned_boost(liver) -> None:
     assert 0.8 * 40 <= np.mean(measured) <= 40.0 + 1e-6, measured
 
 
+def test_a_hypodense_tumors_rim_never_brightens_the_organ(liver) -> None:
+    """The rim gives back at most RIM_MAX_SHARE of the tumor's darkening, voxel by voxel: a
+    hypodense tumor's rim stays darker than the organ. (Capping the boost at 0.8 |D| at plan
+    time did not do it: the darkening is T * D with the texture T about 0.5, so a boost of
+    0.8 |D| left rims up to 0.3 |D| brighter than the organ.)"""
+    from synthgen._appearance import RIM_MAX_SHARE
+
+    img, m, _sp = liver
+    d = _preset("liver", rim_probability=1.0, rim_width_mm=[4.0, 4.0], rim_boost_hu=[50, 50],
+                necrosis_probability=0.0).to_dict()  # fmt: skip
+    d["contrast"]["hyperdense_probability"] = 0.0
+    pre = preset_from_dict(d)
+    for seed in range(3):
+        plan = _plan(liver, pre, seed)
+        assert all(modes(t) == ["hypodense", "rim"] for t in plan.tumors)
+        res = render(plan, img, m)
+        plain = render(_without(plan, appearance=None), img, m)
+        a, b = res.image.astype(np.float64), plain.image.astype(np.float64)
+        assert (a <= img + 0.5).all(), f"rim brighter than the organ by {(a - img).max()} HU"
+        # where the rim is capped, it keeps 1 - RIM_MAX_SHARE of the plain darkening
+        darkened = img - b > 5
+        assert ((img - a)[darkened] >= (1 - RIM_MAX_SHARE) * (img - b)[darkened] - 1).all()
+        assert (a > b).any(), "the rim brightens the tumor"
+
+
 # ----------------------------------------------------------------------------- necrosis
 
 

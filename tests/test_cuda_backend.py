@@ -2023,7 +2023,7 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
         app = np.zeros(N_APP, np.float32)
         keys = np.arange(8, dtype=np.uint32) * 7 + 3
         if s == 1:  # rim, necrosis, specks, noise
-            app[:] = (0.7, 5.0, 30.0, 0.4, 3.0, 15.0, 0.0, 0.05, 150.0, 300.0, 0.9, 6.0, 4.0)
+            app[:] = (0.7, 5.0, 30.0, 0.4, 3.0, 15.0, 0.2, 0.05, 150.0, 300.0, 0.9, 6.0, 4.0)
         cases.append((box, orig, organ, mask, blur, g, ic, q2, app, keys))
         rows.put(s, "TORIG", orig)
         rows.put(s, "TORGAN", organ)
