@@ -698,6 +698,25 @@ class BatchReport:
 
 def _worker_init(threads: int) -> None:
     os.environ["SYNTHGEN_NUM_THREADS"] = str(threads)
+    import multiprocessing as mp
+
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(
+            target=_exit_with, args=(parent,), name="synthgen-parent-watch", daemon=True
+        ).start()
+
+
+def _exit_with(parent) -> None:
+    """End this worker process as soon as the batch process that started it is gone.
+
+    A pool worker otherwise outlives a killed batch (``kill -9``, OOM killer, a SIGTERM
+    without handler): it goes on writing the cases already queued to it into OUT, beside a
+    resumed run, then waits for work for ever. What it leaves in ``.partial`` is removed by
+    the next run of the shard.
+    """
+    parent.join()  # returns when the parent's end of the spawn pipe closes: it exited
+    os._exit(1)
 
 
 def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any]]:

@@ -432,6 +432,68 @@ def test_kill_and_resume_gives_the_uninterrupted_bytes(
     assert sorted(recs) == sample_ids(6, 2) and all(is_done(r, out) for r in recs.values())
 
 
+def _children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (every thread's children, from /proc)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_killed_batch_leaves_no_worker_processes(ds6: Path, tmp_path: Path) -> None:
+    """``kill -9`` of a ``--workers 2`` batch: its pool workers end too. (Before: they went on
+    writing the cases already queued to them into OUT, beside a resumed run, then waited for
+    work for ever.)"""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "synthgen.cli", "batch", str(ds6), "--organ", "liver"]
+    cmd += ["--per-case", "3", "--workers", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            kids = [k for k in _children(proc.pid) if "spawn_main" in _cmdline(k)]
+            if len(kids) >= 2 and _done_count(out / "manifest.jsonl") >= 1:
+                workers = kids
+                proc.kill()
+                break
+            time.sleep(0.01)
+        proc.wait(60)
+        if not workers:
+            pytest.skip("the batch finished before it could be killed")
+        deadline = time.monotonic() + 10
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [w for w in workers if _running(w)]
+        assert not left, f"pool workers outlived the killed batch: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+        for w in workers:
+            if _running(w) and "spawn_main" in _cmdline(w):
+                os.kill(w, 9)
+
+
 def test_resume_redoes_deleted_samples_and_refuses_misuse(
     ds6: Path, liver_ref: Path, tmp_path: Path
 ) -> None:
