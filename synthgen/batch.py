@@ -559,6 +559,39 @@ def run_case(
     return list(_process(_load_or_error(case, opts), case, samples, opts, out, tag))
 
 
+def _rooted(case: Case, root: str) -> Case:
+    """``case`` with its relative paths joined to ``root``."""
+    import dataclasses
+
+    def src(s):
+        return dataclasses.replace(s, path=Path(root) / s.path)
+
+    return dataclasses.replace(
+        case,
+        ct=Path(root) / case.ct,
+        organs={o: tuple(map(src, v)) for o, v in case.organs.items()},
+        lesions={o: tuple(map(src, v)) for o, v in case.lesions.items()},
+        vessels=tuple(map(src, case.vessels)),
+    )
+
+
+def run_case_from(
+    cwd: str, case: Case, samples: Sequence[Sample], opts: BatchOptions, out: str, tag: str
+) -> list[dict[str, Any]]:
+    """:func:`run_case` in a process whose working folder may not be ``cwd``, the one the
+    case's and ``out``'s relative paths are relative to (a Dask worker started elsewhere).
+
+    In ``cwd`` itself the paths stay as given, so the samples' records and ``tumors.json``
+    name them as a local run does."""
+    try:
+        here = os.path.samefile(os.getcwd(), cwd)
+    except OSError:  # no working folder, or no ``cwd`` here (the paths then name it)
+        here = False
+    if not here:
+        case, out = _rooted(case, cwd), os.path.join(cwd, out)
+    return run_case(case, samples, opts, out, tag)
+
+
 def run_cases(
     work: Iterable[tuple[Case, Sequence[Sample]]], opts: BatchOptions, out: str | Path, tag: str
 ) -> Iterator[dict[str, Any]]:
@@ -735,7 +768,11 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
         else:
             cluster, client = None, Client(scheduler)
         try:
-            futs = [client.submit(run_case, c, s, opts, str(out), tag, pure=False) for c, s in todo]
+            here = os.getcwd()  # a worker's may differ: it reads and writes from this one
+            futs = [
+                client.submit(run_case_from, here, c, s, opts, str(out), tag, pure=False)
+                for c, s in todo
+            ]
             for fut in as_completed(futs):
                 yield from fut.result()
         finally:

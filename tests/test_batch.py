@@ -221,6 +221,34 @@ def test_outputs_byte_identical(mode: str, ds4: Path, ref4: Path, tmp_path: Path
         assert sorted(set(shard0)) == ["BDMAP_00000000", "BDMAP_00000002"]
 
 
+def test_dask_workers_in_another_folder_read_and_write_where_the_batch_runs(
+    ds4: Path, ref4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dask_cluster
+) -> None:
+    """Relative input and ``--out`` paths mean the batch's folder, not a Dask worker's (one
+    started elsewhere). (Before: every case failed, "file not found"; or, with an absolute
+    input, the samples went to the workers' folder while the batch said them written.)"""
+    from distributed import Client
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(ds4, tmp_path / "ds")
+    monkeypatch.chdir(tmp_path)
+    with Client(dask_cluster.scheduler_address) as client:
+        before = client.run(os.getcwd)
+        client.run(os.chdir, str(elsewhere))
+        try:
+            for src, out in (("ds", "out"), (str(tmp_path / "ds"), "out-abs")):
+                res = batch(src, "--out", out, "--organ", TWO_ORGANS, "--per-case", 2,
+                            "--scheduler", dask_cluster.scheduler_address)  # fmt: skip
+                assert res.exit_code == 0, res.output
+                assert_same_outputs(tmp_path / out, ref4)
+                assert all(is_done(r, tmp_path / out) for r in read_manifest(out).values())
+        finally:
+            for addr, cwd in before.items():
+                client.run(os.chdir, cwd, workers=[addr])
+    assert not list(elsewhere.iterdir())
+
+
 def test_sample_seed_is_stable_and_distinct() -> None:
     s = sample_seed(0, "BDMAP_00000000", 0)
     assert s == sample_seed(0, "BDMAP_00000000", 0)
