@@ -1016,6 +1016,53 @@ def prepare(
     return todo, total, skipped
 
 
+class _ShardLock:
+    """An exclusive, non-blocking ``flock`` on a shard's manifest, held by the run writing it.
+
+    ``take()`` locks an existing manifest (``create``: creating it); the lock goes when the
+    run ends or its process dies. A file system without ``flock`` (e.g. Lustre mounted
+    ``noflock``), or a platform without ``fcntl``, runs unlocked.
+    """
+
+    def __init__(self, path: Path, shard: tuple[int, int]) -> None:
+        self.path, self.shard, self._f = path, shard, None
+
+    def take(self, create: bool = True) -> None:
+        try:
+            import fcntl
+        except ImportError:  # (Windows)
+            return
+        if self._f is not None or (not create and not self.path.is_file()):
+            return
+        try:
+            f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:  # no permission, read-only file system
+            raise ValueError(f"{self.path}: cannot write ({e.strerror or e})") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            i, n = self.shard
+            which = f" (shard {i}/{n})" if n > 1 else ""
+            raise ValueError(
+                f"{self.path.parent} is being written by another synthgen batch{which} now "
+                f"(it holds {self.path.name}): wait for it to end (then --resume if needed), "
+                "or choose another --out"
+            ) from None
+        except OSError:  # no flock here: unlocked
+            pass
+        self._f = f
+
+    def __enter__(self) -> _ShardLock:
+        self.take(create=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
 def run_batch(
     cases: Sequence[Case],
     opts: BatchOptions,
@@ -1049,54 +1096,60 @@ def run_batch(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    todo, total, skipped = prepare(cases, opts, out, shard=shard, resume=resume)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a file on the way, no permission, read-only file system
-        raise ValueError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
-    if not (out / "batch.json").is_file() or not read_manifest(out):
-        from . import __version__
-        from .io import save_json
-
-        save_json(
-            out / "batch.json",
-            {"synthgen": __version__, "input": source, "options": opts.identity()},
-        )
     tag = "main" if shard[1] == 1 else f"shard-{shard[0]}-of-{shard[1]}"
-    partial = out / ".partial" / tag
-    if partial.exists():  # what a killed run of this shard left behind
-        shutil.rmtree(partial)
     name = "manifest.jsonl" if shard[1] == 1 else f"manifest-{tag}.jsonl"
-    report = BatchReport(total=total, skipped=skipped, manifest=out / name)
-    if on_start is not None:
-        on_start(todo, skipped)
-    manifest = Manifest(out / name)
-    mine = {c.case_id: c for c, _ in todo}
-    try:
-        for rec in _execute(todo, opts, out, tag, workers, scheduler):
-            # absolute input paths (as this process reads them), for a resume from elsewhere
-            rec["inputs"] = mine[rec["case"]].to_dict(absolute=True)
-            manifest.write(rec)
-            if rec["status"] == "done":
-                report.done += 1
-                if rec.get("skipped_organs"):
-                    keep = ("sample", "case", "skipped_organs")
-                    report.skipped_organs.append({k: rec[k] for k in keep})
-            else:
-                report.failed.append(rec)
-            if on_record is not None:
-                on_record(rec)
-    finally:
-        manifest.close()
-        for d in (partial, out / ".partial"):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-    if opts.format == "nnunet":
-        from .io import save_json
+    # one run per shard of OUT at a time, locked before what is done there is read (when
+    # the manifest exists already): two would remove each other's partial samples
+    with _ShardLock(out / name, shard) as lock:
+        todo, total, skipped = prepare(cases, opts, out, shard=shard, resume=resume)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file on the way, no permission, read-only file system
+            raise ValueError(
+                f"{out}: cannot create the output folder ({e.strerror or e})"
+            ) from None
+        lock.take()  # (when OUT or the manifest did not exist yet)
+        if not (out / "batch.json").is_file() or not read_manifest(out):
+            from . import __version__
+            from .io import save_json
 
-        done = [r for r in read_manifest(out).values() if is_done(r, out)]
-        save_json(out / "dataset.json", dataset_json(opts, len(done)))
-    report.wall_s = time.perf_counter() - t0
-    return report
+            save_json(
+                out / "batch.json",
+                {"synthgen": __version__, "input": source, "options": opts.identity()},
+            )
+        partial = out / ".partial" / tag
+        if partial.exists():  # what a killed run of this shard left behind
+            shutil.rmtree(partial)
+        report = BatchReport(total=total, skipped=skipped, manifest=out / name)
+        if on_start is not None:
+            on_start(todo, skipped)
+        manifest = Manifest(out / name)
+        mine = {c.case_id: c for c, _ in todo}
+        try:
+            for rec in _execute(todo, opts, out, tag, workers, scheduler):
+                # absolute input paths (as this process reads them), for a resume from elsewhere
+                rec["inputs"] = mine[rec["case"]].to_dict(absolute=True)
+                manifest.write(rec)
+                if rec["status"] == "done":
+                    report.done += 1
+                    if rec.get("skipped_organs"):
+                        keep = ("sample", "case", "skipped_organs")
+                        report.skipped_organs.append({k: rec[k] for k in keep})
+                else:
+                    report.failed.append(rec)
+                if on_record is not None:
+                    on_record(rec)
+        finally:
+            manifest.close()
+            for d in (partial, out / ".partial"):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+        if opts.format == "nnunet":
+            from .io import save_json
+
+            done = [r for r in read_manifest(out).values() if is_done(r, out)]
+            save_json(out / "dataset.json", dataset_json(opts, len(done)))
+        report.wall_s = time.perf_counter() - t0
+        return report

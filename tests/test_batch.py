@@ -522,6 +522,51 @@ def test_killed_batch_leaves_no_worker_processes(ds6: Path, tmp_path: Path) -> N
                 os.kill(w, 9)
 
 
+@pytest.mark.parametrize("first_done", [False, True])
+def test_a_second_batch_on_the_same_shard_is_refused_while_one_runs(
+    ds4: Path, tmp_path: Path, first_done: bool
+) -> None:
+    """Two runs of one shard of OUT at once: the second is refused (it would remove the first's
+    partial samples and rewrite its samples: most of both failed, FileNotFoundError), before
+    or after the first recorded a sample; the other shard runs beside it; after the first
+    ends, ``--resume`` goes on."""
+    out = tmp_path / "out"
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",), per_case=2)
+    go_on, waiting = threading.Event(), threading.Event()
+
+    def hold(*_):  # the first run waits at its start, or after its first record
+        waiting.set()
+        assert go_on.wait(60)
+
+    kw = {"on_record": hold} if first_done else {"on_start": hold}
+    first: dict = {}
+
+    def run_first() -> None:
+        try:
+            first["report"] = run_batch(cases, opts, out, shard=(0, 2), **kw)
+        except BaseException as e:  # reported below
+            first["error"] = e
+
+    th = threading.Thread(target=run_first)
+    th.start()
+    try:
+        assert waiting.wait(120)
+        for resume in (False, True):
+            with pytest.raises(ValueError, match="another synthgen batch"):
+                run_batch(cases, opts, out, shard=(0, 2), resume=resume)
+        other = run_batch(cases, opts, out, shard=(1, 2))  # another shard: not refused
+        assert other.ok and other.done == 4
+    finally:
+        go_on.set()
+        th.join(120)
+    assert "error" not in first, first.get("error")
+    assert first["report"].ok and first["report"].done == 4
+    again = run_batch(cases, opts, out, shard=(0, 2), resume=True)  # the lock is gone with the run
+    assert again.ok and again.skipped == 4
+    assert_clean(out)
+
+
 def test_resume_redoes_deleted_samples_and_refuses_misuse(
     ds6: Path, liver_ref: Path, tmp_path: Path
 ) -> None:
