@@ -483,9 +483,16 @@ def _write_files(lc: LoadedCase, sample: Sample, opts: BatchOptions, out: Path, 
         prev = part / f"{sid}.png"
         _preview(prev, image, label, aff, records, sid)
         files[prev] = out / "previews" / f"{sid}.png"
-    for a, b in files.items():
-        b.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(a, b)
+    moved: list[Path] = []
+    try:
+        for a, b in files.items():
+            b.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(a, b)
+            moved.append(b)
+    except BaseException:  # the sample fails whole: no image left in imagesTr without label
+        for b in moved:
+            b.unlink(missing_ok=True)
+        raise
     part.rmdir()
     return sorted(str(b.relative_to(out)) for b in files.values())
 

@@ -409,6 +409,36 @@ def _done_count(manifest: Path) -> int:
         return 0
 
 
+def test_nnunet_sample_that_cannot_be_moved_into_place_leaves_no_file(
+    ds4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An nnU-Net sample whose label cannot be moved into ``labelsTr`` (read-only, another
+    device) fails whole: its image does not stay in ``imagesTr`` without a label (nnU-Net
+    refuses such a dataset), and ``--resume`` writes it once the folder is writable."""
+    real = os.replace
+
+    def replace(a, b, *args, **kw):
+        if Path(b).parent.name == "labelsTr":
+            raise OSError(30, "Read-only file system", str(b))
+        return real(a, b, *args, **kw)
+
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",), per_case=1, format="nnunet")
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "replace", replace)
+    report = run_batch(cases, opts, out)
+    monkeypatch.undo()
+    assert report.done == 0 and len(report.failed) == 4
+    assert "Read-only file system" in report.failed[0]["error"]
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz"))
+    assert left == [], left
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 0
+    again = run_batch(cases, opts, out, resume=True)
+    assert again.ok and again.done == 4
+    assert len(list((out / "imagesTr").iterdir())) == len(list((out / "labelsTr").iterdir())) == 4
+    assert_clean(out)
+
+
 def test_kill_and_resume_gives_the_uninterrupted_bytes(
     ds6: Path, liver_ref: Path, tmp_path: Path
 ) -> None:
