@@ -410,6 +410,12 @@ def serve(
             if close is not None:
                 close()
             raise TimeoutError(f"no consumer connected to {address} in {accept_timeout} s")
+        done = threading.Event()
+        away = threading.Thread(
+            target=_turn_away, args=(listener, address, done), name="synthgen-turn-away"
+        )
+        away.daemon = True
+        away.start()
         it = iter(producer)
         try:
             with conn:
@@ -430,10 +436,49 @@ def serve(
         except (EOFError, BrokenPipeError, ConnectionResetError):
             pass  # consumer gone: stop producing
         finally:
+            _stop_turning_away(listener, family, done, away)
             close = getattr(producer, "close", None)
             if close is not None:
                 close()
     return sent
+
+
+def _turn_away(listener: Any, address: str, done: threading.Event) -> None:
+    """Answer every further consumer of a :func:`serve` with an error (a stream has one
+    consumer: another one would otherwise wait in the handshake for ever)."""
+    msg = (
+        f"the stream at {address} already has a consumer (a synthgen stream serves one): "
+        "serve each consumer its own stream (synthgen stream --rank R --world-size W on its "
+        "own address for distributed training)"
+    )
+    while not done.is_set():
+        try:
+            extra = listener.accept()
+        except Exception:  # a client that failed the handshake, or the listener closed
+            if done.is_set():
+                return
+            time.sleep(_POLL_S)
+            continue
+        with contextlib.suppress(Exception), extra:
+            if done.is_set():
+                return
+            if extra.poll(5.0):  # its first request, so that the answer is read, not reset
+                extra.recv()
+            extra.send(("error", msg))
+
+
+def _stop_turning_away(listener: Any, family: str, done: threading.Event, away) -> None:
+    """End :func:`_turn_away`: closing a listener does not wake a blocked accept() on Linux;
+    a plain connection does (it fails the handshake, without waiting for it)."""
+    import socket
+
+    done.set()
+    with contextlib.suppress(Exception):
+        fam = socket.AF_UNIX if family == "AF_UNIX" else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(listener.address)
+    away.join(2.0)
 
 
 def connect(

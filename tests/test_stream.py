@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -484,6 +485,67 @@ def test_cli_stream_serves_every_sample(dataset: tuple[Path, list], short_tmp: P
     assert sorted(int(s["position"]) for s in samples) == list(range(N_CASES))
     assert {s["case"] for s in samples} == {c.case_id for c in cases}
     assert all(s["image"].shape == (1, *PATCH) and s["plan"] for s in samples)
+
+
+@pytest.mark.parametrize("tcp", [False, True])
+def test_a_second_consumer_is_told_the_stream_is_taken(
+    dataset: tuple[Path, list], short_tmp: Path, tcp: bool
+) -> None:
+    """A stream serves one consumer: a second one gets a StreamError saying so at once (before:
+    it waited in the connection's handshake for ever, whatever its timeout), the first one
+    goes on, and the stream ends with it."""
+    root, _ = dataset
+    sock = short_tmp / "s.sock"
+    args = ["--patch-size", "16,16,16", "--epochs", "0", "--workers", "1", "--prob", "0"]
+    if tcp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        address = f"127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "synthgen.cli", "stream", str(root), "--organ", "liver"]
+        proc = subprocess.Popen(
+            [*cmd, "--address", address, *args],
+            env=env_with_repo(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    else:
+        address = f"unix:{sock}"
+        proc = start_stream(root, sock, *args)
+    workers: list[int] = []
+    try:
+        if tcp:
+            assert proc.stdout is not None
+            assert "waiting for a consumer" in proc.stdout.readline()
+        else:
+            wait_for_socket(proc, sock)
+        first = connect(address, timeout=60)
+        consume(first, 2)
+        workers = spawned_workers(proc.pid)
+        second: dict[str, Any] = {}
+
+        def take() -> None:
+            try:
+                second["got"] = consume(connect(address, timeout=60), 1)
+            except Exception as e:
+                second["error"] = e
+
+        th = threading.Thread(target=take, daemon=True)
+        th.start()
+        th.join(20)
+        assert not th.is_alive(), "the second consumer hangs"
+        assert isinstance(second.get("error"), StreamError), second
+        assert "already has a consumer" in str(second["error"])
+        consume(first, 2)  # the first one goes on
+        first.close()
+        rc = proc.wait(timeout=30)
+        out = proc.stdout.read() if proc.stdout else ""
+    finally:
+        stop_process(proc)
+        kill_pids(workers, "spawn_main")
+    assert rc == 0, out
+    assert "stream ended: 4 samples sent" in out
 
 
 _CONSUMER = textwrap.dedent(
