@@ -78,8 +78,19 @@ def _worker(
     messages, which a pipe writes atomically: a worker killed at any moment cannot leave a
     half-written message that would block the consumer.
     """
+    import signal
+
     os.environ.setdefault("SYNTHGEN_NUM_THREADS", "1")
     parent = mp.parent_process()
+    terminated = []
+
+    def on_term(signum, frame) -> None:
+        # (SIGTERM's default kills at once: this 'finally' would not run, and a SIGTERM to the
+        # whole process group, the consumer's too, left the spool behind)
+        terminated.append(signum)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
 
     def go_on() -> bool:
         return not stop.is_set() and (parent is None or parent.is_alive())
@@ -110,9 +121,14 @@ def _worker(
             epoch += 1
         send(("done", wid, None))  # (a finite run's last message: also while it can be taken)
     except BaseException:
-        with contextlib.suppress(Exception):
-            tb = traceback.format_exc()
-            out_q.put(("error", wid, _save_sample(spool, (-1, wid), {"traceback": tb})), 5)
+        if terminated:  # stopped from outside: its exit code tells a consumer still there
+            out_q.cancel_join_thread()  # (which may read no more)
+            if parent is not None and not stop.is_set():
+                parent.join(2.0)  # a SIGTERM to the process group: the consumer is ending too
+        else:
+            with contextlib.suppress(Exception):
+                tb = traceback.format_exc()
+                out_q.put(("error", wid, _save_sample(spool, (-1, wid), {"traceback": tb})), 5)
     finally:
         if parent is not None and not parent.is_alive():
             # The consumer's process is gone (killed: its _shutdown never ran), so nobody

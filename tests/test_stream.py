@@ -822,9 +822,44 @@ _KILLED_PRODUCER = textwrap.dedent(
     if epochs is not None:  # every sample made: the workers' last message waits for room
         import time
         time.sleep(2.0)
+    if sys.argv[4:] == ["group"]:  # as a terminal, systemd or a batch system stop a job
+        os.killpg(0, int(sys.argv[2]))
     os.kill(os.getpid(), int(sys.argv[2]))
     """
 )
+
+
+@pytest.mark.parametrize("epochs", ["none", "1"])
+def test_process_group_terminated_leaves_no_spool(dataset: tuple[Path, list], epochs) -> None:
+    """SIGTERM to the consumer's whole process group, its workers included (``kill -TERM
+    -PGID``, a stopped systemd unit or batch job, a closed terminal's SIGHUP aside): no spool
+    folder is left. (Before: the workers died at once too, none removed it: one folder of
+    queued samples left in /dev/shm per run.)"""
+    root, _ = dataset
+    consumer = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_PRODUCER,
+            str(root),
+            str(int(signal.SIGTERM)),
+            epochs,
+            "group",
+        ],
+        env=env_with_repo(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,
+    )
+    assert consumer.returncode == -signal.SIGTERM, consumer.stderr
+    spool, *workers = consumer.stdout.split()
+    try:
+        assert wait_until(lambda: not any(pid_running(int(w)) for w in workers), 10)
+        assert wait_until(lambda: not os.path.exists(spool), 5), os.listdir(spool)
+    finally:
+        kill_pids([int(w) for w in workers], "spawn_main")
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
