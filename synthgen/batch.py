@@ -767,21 +767,45 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
             raise ValueError(
                 "--scheduler needs dask distributed: pip install 'synthgen[dask]'"
             ) from None
+        from concurrent.futures import CancelledError
+
         if scheduler == "local":
             from distributed import LocalCluster
 
             cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1)
             client = Client(cluster)
         else:
-            cluster, client = None, Client(scheduler)
+            try:
+                cluster, client = None, Client(scheduler)
+            except (OSError, TimeoutError) as e:
+                raise ValueError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
         try:
             here = os.getcwd()  # a worker's may differ: it reads and writes from this one
-            futs = [
-                client.submit(run_case_from, here, c, s, opts, str(out), tag, pure=False)
-                for c, s in todo
-            ]
+            futs, work = [], {}
+            for c, s in todo:
+                futs.append(
+                    client.submit(run_case_from, here, c, s, opts, str(out), tag, pure=False)
+                )
+                work[futs[-1].key] = (c, s)
             for fut in as_completed(futs):
-                yield from fut.result()
+                try:
+                    recs = fut.result()
+                except CancelledError as e:  # the scheduler is gone: the batch cannot go on
+                    raise ValueError(
+                        f"lost the Dask scheduler at {scheduler} ({_short(e)}); the samples "
+                        "written so far are recorded: run again with --resume to go on"
+                    ) from None
+                except Exception as e:  # this case's task failed (its worker died: memory?)
+                    case, samples = work[fut.key]
+                    why = _short(e)
+                    if type(e).__name__ == "KilledWorker":
+                        why = (
+                            "a Dask worker died making this case's samples (out of memory, or "
+                            "a crash: see the workers' logs)"
+                        )
+                    t0 = time.perf_counter()
+                    recs = [_record(x, case, "failed", t0, error=why) for x in samples]
+                yield from recs
         finally:
             client.close()
             if cluster is not None:

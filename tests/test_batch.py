@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -247,6 +248,60 @@ def test_dask_workers_in_another_folder_read_and_write_where_the_batch_runs(
             for addr, cwd in before.items():
                 client.run(os.chdir, cwd, workers=[addr])
     assert not list(elsewhere.iterdir())
+
+
+def test_dask_case_that_kills_its_worker_fails_alone(ds4: Path, tmp_path: Path) -> None:
+    """A case whose task kills its Dask worker (out of memory, a crash) until the scheduler
+    gives up on it (``KilledWorker``) is that case's failure, recorded; the batch goes on and
+    ``--resume`` redoes it. (Before: the batch stopped there with a traceback.)"""
+    import dask
+    from distributed import Client, LocalCluster
+
+    def crash_on_case_1() -> None:  # (run in the worker: its restart forgets it)
+        import synthgen.batch as b
+
+        real = b.load_case
+
+        def load_case(case, opts):
+            if case.case_id == "BDMAP_00000001":
+                os._exit(1)
+            return real(case, opts)
+
+        b.load_case = load_case
+
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",), per_case=2)
+    out = tmp_path / "out"
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        cluster = LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
+    try:
+        with Client(cluster) as client:
+            client.run(crash_on_case_1)
+            report = run_batch(cases, opts, out, scheduler=cluster.scheduler_address)
+    finally:
+        cluster.close()
+    failed = {r["sample"]: r["error"] for r in report.failed}
+    assert {"BDMAP_00000001_s000", "BDMAP_00000001_s001"} <= set(failed), failed
+    assert all("Dask worker died" in e for e in failed.values()), failed
+    assert report.done + len(failed) == 8
+    again = run_batch(cases, opts, out, resume=True)
+    assert again.ok and again.done == len(failed)
+    assert_clean(out)
+
+
+def test_unreachable_dask_scheduler_is_a_clean_error(ds4: Path, tmp_path: Path) -> None:
+    import dask
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        res = batch(ds4, "--out", tmp_path / "out", "--organ", "liver",
+                    "--scheduler", f"tcp://127.0.0.1:{port}")  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1" in res.output
 
 
 def test_sample_seed_is_stable_and_distinct() -> None:
