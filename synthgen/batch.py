@@ -816,30 +816,63 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
         return
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, usable_cpus() // workers)
     ctx = mp.get_context("spawn")  # never fork a process that holds threads
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
-    ) as ex:
-        pending = set()
-        it = iter(todo)
-        try:
-            while True:
-                while len(pending) < 2 * workers:  # bounded: results stream back as they finish
-                    nxt = next(it, None)
-                    if nxt is None:
+    it = iter(todo)
+    # A worker process that dies (out of memory, a crash) breaks the pool, and every case it
+    # held fails with it: those are redone in a new pool one at a time, so that the case that
+    # kills its worker alone fails (its samples recorded so) and the others are made.
+    suspects: list = []
+    while True:
+        broken = False
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+        ) as ex:
+            pending: dict = {}  # future -> ((case, samples), alone in the pool)
+            try:
+                while not broken:
+                    limit = 1 if suspects else 2 * workers  # bounded: results stream back
+                    while len(pending) < limit:
+                        alone = bool(suspects)
+                        nxt = suspects.pop(0) if suspects else next(it, None)
+                        if nxt is None:
+                            break
+                        f = ex.submit(run_case, nxt[0], nxt[1], opts, str(out), tag)
+                        pending[f] = (nxt, alone)
+                    if not pending:
                         break
-                    pending.add(ex.submit(run_case, nxt[0], nxt[1], opts, str(out), tag))
-                if not pending:
-                    break
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    yield from f.result()
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        item, alone = pending.pop(f)
+                        try:
+                            recs = f.result()
+                        except BrokenProcessPool:
+                            broken = True
+                            if not alone:
+                                suspects.append(item)
+                                continue
+                            t0 = time.perf_counter()
+                            why = (
+                                "its worker process died making this case's samples (out of "
+                                "memory, or a crash); fewer --workers may leave it enough memory"
+                            )
+                            recs = [_record(x, item[0], "failed", t0, error=why) for x in item[1]]
+                        yield from recs
+                if broken:  # the cases the dead pool held: made, or redone
+                    for f, (item, _) in pending.items():
+                        if f.exception() is None:
+                            yield from f.result()
+                        else:
+                            suspects.append(item)
+                    pending = {}
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+        if not broken:
+            return
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -571,6 +571,38 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _run_case_dying_on_case_1(case, samples, opts, out, tag):
+    """``run_case`` whose worker process dies on case 1, as one killed for memory."""
+    from synthgen.batch import run_case
+
+    if case.case_id == "BDMAP_00000001":
+        os._exit(1)
+    return run_case(case, samples, opts, out, tag)
+
+
+def test_case_that_kills_its_pool_worker_fails_alone(
+    ds6: Path, liver_ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--workers 2``: a case whose worker process dies (out of memory, a crash) is that
+    case's failure, recorded; the cases the broken pool held are redone and the batch goes on.
+    (Before: the whole batch stopped with BrokenProcessPool.)"""
+    import synthgen.batch as sb
+
+    monkeypatch.setattr(sb, "run_case", _run_case_dying_on_case_1)
+    _, cases = discover(ds6, ["liver"])
+    opts = BatchOptions(organs=("liver",), per_case=2)
+    out = tmp_path / "out"
+    report = run_batch(cases, opts, out, workers=2)
+    assert sorted(r["sample"] for r in report.failed) == sample_ids(6, 2)[2:4]
+    assert all("worker process died" in r["error"] for r in report.failed)
+    assert report.done == 10
+    monkeypatch.undo()
+    again = run_batch(cases, opts, out, resume=True)
+    assert again.ok and again.done == 2
+    assert_same_outputs(out, liver_ref)
+    assert_clean(out)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_killed_batch_leaves_no_worker_processes(ds6: Path, tmp_path: Path) -> None:
     """``kill -9`` of a ``--workers 2`` batch: its pool workers end too. (Before: they went on
