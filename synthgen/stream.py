@@ -396,13 +396,23 @@ def serve(
     Raises:
         TimeoutError: No consumer connected within ``accept_timeout`` seconds.
     """
+    from multiprocessing import AuthenticationError
     from multiprocessing.connection import Client, Listener
 
     addr, family = parse_address(address)
     if family == "AF_UNIX" and os.path.exists(addr):
+        if _listening(addr):
+            raise ValueError(
+                f"{address} is in use: another stream (or program) listens there; choose "
+                "another address"
+            )
         os.unlink(addr)  # a stale socket of a previous run
     sent = 0
-    with Listener(addr, family=family, authkey=authkey) as listener:
+    try:
+        listener = Listener(addr, family=family, authkey=authkey)
+    except OSError as e:
+        raise ValueError(f"cannot serve on {address}: {e.strerror or e}") from None
+    with listener:
         if on_listen is not None:
             on_listen(listener.address)
         timed_out = threading.Event()
@@ -417,11 +427,20 @@ def serve(
             timer = threading.Timer(accept_timeout, wake)
             timer.daemon = True
             timer.start()
-        conn = listener.accept()
+        while True:
+            try:
+                conn = listener.accept()
+                break
+            except (AuthenticationError, EOFError, OSError):
+                # a client with another key, or a probe: not the consumer; wait on
+                if timed_out.is_set():
+                    conn = None
+                    break
         if timer is not None:
             timer.cancel()
         if timed_out.is_set():
-            conn.close()
+            if conn is not None:
+                conn.close()
             close = getattr(producer, "close", None)
             if close is not None:
                 close()
@@ -457,6 +476,19 @@ def serve(
             if close is not None:
                 close()
     return sent
+
+
+def _listening(path: str) -> bool:
+    """Whether a process listens on the Unix socket ``path`` (else it is stale)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        try:
+            s.connect(path)
+        except OSError:  # refused (nobody listens), not a socket, gone
+            return False
+    return True
 
 
 def _turn_away(listener: Any, address: str, done: threading.Event) -> None:
@@ -517,6 +549,11 @@ def connect(
         conn = Client(addr, family=family, authkey=authkey)
     except (OSError, EOFError) as e:
         raise StreamError(f"cannot connect to a synthgen stream at {address}: {e}") from None
+    except mp.AuthenticationError:
+        raise StreamError(
+            f"the synthgen stream at {address} refused this key: pass its --authkey (or "
+            "$SYNTHGEN_STREAM_KEY)"
+        ) from None
     with conn:
         while True:
             try:

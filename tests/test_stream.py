@@ -548,6 +548,56 @@ def test_a_second_consumer_is_told_the_stream_is_taken(
     assert "stream ended: 4 samples sent" in out
 
 
+def test_stream_survives_other_clients_and_keeps_its_address(
+    dataset: tuple[Path, list], short_tmp: Path
+) -> None:
+    """A client with another key (or any connection that fails the handshake) does not end a
+    stream that waits for its consumer (before: AuthenticationError, the stream process
+    died); a second stream on the same address is refused instead of taking the socket from
+    the first (before: it unlinked it, and the first waited unreachable), on Unix sockets as
+    on TCP (before: a traceback, EADDRINUSE)."""
+    root, _ = dataset
+    sock = short_tmp / "s.sock"
+    args = ["--patch-size", "16,16,16", "--epochs", "1", "--workers", "1", "--prob", "0"]
+    proc = start_stream(root, sock, *args)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "synthgen.cli", "stream", str(root), "--organ", "liver"]
+    tcp = subprocess.Popen(
+        [*cmd, "--address", f"127.0.0.1:{port}", *args],
+        env=env_with_repo(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_socket(proc, sock)
+        with pytest.raises(StreamError):
+            list(connect(f"unix:{sock}", authkey=b"another key", timeout=30))
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        for address in (f"unix:{sock}", f"127.0.0.1:{port}"):
+            if address[0] == "1":
+                assert tcp.stdout is not None
+                assert "waiting for a consumer" in tcp.stdout.readline()
+            second = subprocess.run(
+                [*cmd, "--address", address, *args, "--accept-timeout", "20"],
+                env=env_with_repo(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert second.returncode == 2, second.stdout + second.stderr
+            assert "in use" in second.stdout, second.stdout
+        for address, p in ((f"unix:{sock}", proc), (f"127.0.0.1:{port}", tcp)):
+            samples = list(connect(address, timeout=60))
+            assert len(samples) == N_CASES
+            assert p.wait(timeout=30) == 0
+    finally:
+        stop_process(proc)
+        stop_process(tcp)
+
+
 _CONSUMER = textwrap.dedent(
     """
     import os, signal, sys
