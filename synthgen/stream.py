@@ -90,7 +90,10 @@ def _worker(
         terminated.append(signum)
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, on_term)
+    for sig in ("SIGTERM", "SIGHUP"):  # (a terminal closed: SIGHUP to its process group)
+        num = getattr(signal, sig, None)
+        if num is not None and signal.getsignal(num) is not signal.SIG_IGN:  # (nohup)
+            signal.signal(num, on_term)
 
     def go_on() -> bool:
         return not stop.is_set() and (parent is None or parent.is_alive())
@@ -124,7 +127,7 @@ def _worker(
         if terminated:  # stopped from outside: its exit code tells a consumer still there
             out_q.cancel_join_thread()  # (which may read no more)
             if parent is not None and not stop.is_set():
-                parent.join(2.0)  # a SIGTERM to the process group: the consumer is ending too
+                parent.join(2.0)  # a signal to the process group: the consumer is ending too
         else:
             with contextlib.suppress(Exception):
                 tb = traceback.format_exc()

@@ -879,10 +879,14 @@ _KILLED_PRODUCER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("epochs", ["none", "1"])
-def test_process_group_terminated_leaves_no_spool(dataset: tuple[Path, list], epochs) -> None:
-    """SIGTERM to the consumer's whole process group, its workers included (``kill -TERM
-    -PGID``, a stopped systemd unit or batch job, a closed terminal's SIGHUP aside): no spool
+@pytest.mark.parametrize(
+    ("sig", "epochs"), [(signal.SIGTERM, "none"), (signal.SIGTERM, "1"), (signal.SIGHUP, "none")]
+)
+def test_process_group_terminated_leaves_no_spool(
+    dataset: tuple[Path, list], sig: int, epochs
+) -> None:
+    """SIGTERM or SIGHUP to the consumer's whole process group, its workers included (``kill
+    -TERM -PGID``, a stopped systemd unit or batch job, a closed terminal): no spool
     folder is left. (Before: the workers died at once too, none removed it: one folder of
     queued samples left in /dev/shm per run.)"""
     root, _ = dataset
@@ -892,7 +896,7 @@ def test_process_group_terminated_leaves_no_spool(dataset: tuple[Path, list], ep
             "-c",
             _KILLED_PRODUCER,
             str(root),
-            str(int(signal.SIGTERM)),
+            str(int(sig)),
             epochs,
             "group",
         ],
@@ -902,7 +906,7 @@ def test_process_group_terminated_leaves_no_spool(dataset: tuple[Path, list], ep
         timeout=120,
         start_new_session=True,
     )
-    assert consumer.returncode == -signal.SIGTERM, consumer.stderr
+    assert consumer.returncode == -sig, consumer.stderr
     spool, *workers = consumer.stdout.split()
     try:
         assert wait_until(lambda: not any(pid_running(int(w)) for w in workers), 10)
