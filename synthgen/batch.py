@@ -795,7 +795,10 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
                         f"lost the Dask scheduler at {scheduler} ({_short(e)}); the samples "
                         "written so far are recorded: run again with --resume to go on"
                     ) from None
-                except Exception as e:  # this case's task failed (its worker died: memory?)
+                except Exception as e:
+                    if fut.status != "error":  # not the task's failure: this client's
+                        raise
+                    # this case's task failed (its worker died: memory? or it could not run)
                     case, samples = work[fut.key]
                     why = _short(e)
                     if type(e).__name__ == "KilledWorker":

@@ -279,7 +279,7 @@ def test_dask_case_that_kills_its_worker_fails_alone(ds4: Path, tmp_path: Path) 
     try:
         with Client(cluster) as client:
             client.run(crash_on_case_1)
-            report = run_batch(cases, opts, out, scheduler=cluster.scheduler_address)
+        report = run_batch(cases, opts, out, scheduler=cluster.scheduler_address)
     finally:
         cluster.close()
     failed = {r["sample"]: r["error"] for r in report.failed}
