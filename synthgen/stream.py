@@ -53,9 +53,14 @@ def _save_sample(spool: str, key: tuple[int, int], sample: dict[str, Any]) -> st
 
     path = os.path.join(spool, f"{key[0]}-{key[1]}.pkl")
     tmp = path + f".{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(sample, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(sample, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:  # (a full spool: what was written of it would keep it full)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -111,6 +116,7 @@ def _worker(
         out_q.cancel_join_thread()  # exit without flushing to a gone consumer
         return False
 
+    code = 0  # the exit code, non-zero when the consumer must learn it from it
     try:
         epoch = 0
         while epochs is None or epoch < epochs:
@@ -125,18 +131,26 @@ def _worker(
         send(("done", wid, None))  # (a finite run's last message: also while it can be taken)
     except BaseException:
         if terminated:  # stopped from outside: its exit code tells a consumer still there
+            code = 128 + terminated[0]
             out_q.cancel_join_thread()  # (which may read no more)
             if parent is not None and not stop.is_set():
                 parent.join(2.0)  # a signal to the process group: the consumer is ending too
         else:
+            code = 1
+            tb = traceback.format_exc()
+            try:
+                report: Any = _save_sample(spool, (-1, wid), {"traceback": tb})
+            except Exception:  # the spool cannot be written (full, gone): in the message,
+                report = {"traceback": tb[-2000:]}  # cut to what a pipe writes at once
             with contextlib.suppress(Exception):
-                tb = traceback.format_exc()
-                out_q.put(("error", wid, _save_sample(spool, (-1, wid), {"traceback": tb})), 5)
+                out_q.put(("error", wid, report), 5)
     finally:
         if parent is not None and not parent.is_alive():
             # The consumer's process is gone (killed: its _shutdown never ran), so nobody
             # else removes the spool and the samples queued in it (in /dev/shm: memory).
             shutil.rmtree(spool, ignore_errors=True)
+    if code:  # (also should the error message have been lost)
+        raise SystemExit(code)
 
 
 def _shutdown(stop, procs, out_q, spool) -> None:
@@ -337,7 +351,8 @@ class Producer:
                 checked = time.monotonic()
                 continue
             if kind == "error":
-                tb = _load_sample(payload)["traceback"]
+                got = payload if isinstance(payload, dict) else _load_sample(payload)
+                tb = got["traceback"]
                 raise StreamError(f"producer worker {key} failed:\n{tb}")
             if kind == "done":
                 running.discard(key)

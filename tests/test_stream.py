@@ -413,7 +413,8 @@ def test_corrupt_case_raises_stream_error_with_traceback(
     assert wait_until(lambda: p.alive_workers == 0, 8)
 
 
-def test_killed_worker_raises_stream_error(dataset: tuple[Path, list]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_worker_raises_stream_error(dataset: tuple[Path, list], sig: int) -> None:
     _, cases = dataset
     # a finite epoch (the surviving worker finishes, then the dead one is noticed) and
     # messages small enough that a kill never lands in the middle of one
@@ -437,13 +438,44 @@ def test_killed_worker_raises_stream_error(dataset: tuple[Path, list]) -> None:
                     assert wait_until(lambda: p._q.qsize() == 2, 30)
                     time.sleep(0.3)
                     pids = [q.pid for q in p._procs]
-                    os.kill(pids[0], signal.SIGKILL)
+                    os.kill(pids[0], sig)
                 assert got < len(p), "the stream ended although a worker was killed"
         assert "worker 0" in str(ei.value)
         assert wait_until(lambda: p.alive_workers == 0, 8)
     finally:
         p.close()
         kill_pids(pids, "spawn_main")
+
+
+def test_worker_that_cannot_write_the_spool_raises_stream_error(
+    dataset: tuple[Path, list],
+) -> None:
+    """A worker that cannot write its samples nor its error to the spool (full, e.g. a small
+    /dev/shm as Docker's 64 MB with whole scans; or gone) still fails the stream with its
+    error. (Before: it exited with status 0, unreported, and the consumer waited for ever.)"""
+    _, cases = dataset
+    p = Producer(cases, "liver", workers=1, epochs=1, patch_size=SMALL, prob=0.0)
+    it = iter(p)
+    box: dict[str, Any] = {}
+
+    def take() -> None:
+        try:
+            box["got"] = next(it)
+        except Exception as e:
+            box["error"] = e
+
+    th = threading.Thread(target=take, daemon=True)
+    try:
+        th.start()
+        assert wait_until(lambda: getattr(p, "_spool", None) is not None, 30)
+        shutil.rmtree(p._spool)  # before the worker (still importing) writes its first sample
+        th.join(60)
+        assert not th.is_alive(), "the consumer waits for ever"
+        assert isinstance(box.get("error"), StreamError), box
+        assert "No such file or directory" in str(box["error"])
+    finally:
+        p.close()
+        th.join(10)
 
 
 # --------------------------------------------------------------------------------------
