@@ -142,8 +142,10 @@ def _worker(
                 report: Any = _save_sample(spool, (-1, wid), {"traceback": tb})
             except Exception:  # the spool cannot be written (full, gone): in the message,
                 report = {"traceback": tb[-2000:]}  # cut to what a pipe writes at once
-            with contextlib.suppress(Exception):
-                out_q.put(("error", wid, report), 5)
+            try:  # (put(msg, 5) was block=5 with no timeout: for ever on a full queue)
+                out_q.put(("error", wid, report), timeout=5)
+            except Exception:  # a full queue (its consumer gone or stuck): the exit code tells
+                out_q.cancel_join_thread()
     finally:
         if parent is not None and not parent.is_alive():
             # The consumer's process is gone (killed: its _shutdown never ran), so nobody
