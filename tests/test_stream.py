@@ -911,6 +911,19 @@ _KILLED_PRODUCER = textwrap.dedent(
 )
 
 
+def _workers_gone_spool_removed(consumer: subprocess.CompletedProcess, sig: int) -> None:
+    """The consumer (``_KILLED_PRODUCER``, which printed its spool and worker pids) died of
+    ``sig``; its workers exit and remove the spool (left killed and removed here if not)."""
+    assert consumer.returncode == -sig, consumer.stderr
+    spool, *workers = consumer.stdout.split()
+    try:
+        assert wait_until(lambda: not any(pid_running(int(w)) for w in workers), 10)
+        assert wait_until(lambda: not os.path.exists(spool), 5), os.listdir(spool)
+    finally:
+        kill_pids([int(w) for w in workers], "spawn_main")
+        shutil.rmtree(spool, ignore_errors=True)
+
+
 @pytest.mark.parametrize(
     ("sig", "epochs"), [(signal.SIGTERM, "none"), (signal.SIGTERM, "1"), (signal.SIGHUP, "none")]
 )
@@ -938,14 +951,7 @@ def test_process_group_terminated_leaves_no_spool(
         timeout=120,
         start_new_session=True,
     )
-    assert consumer.returncode == -sig, consumer.stderr
-    spool, *workers = consumer.stdout.split()
-    try:
-        assert wait_until(lambda: not any(pid_running(int(w)) for w in workers), 10)
-        assert wait_until(lambda: not os.path.exists(spool), 5), os.listdir(spool)
-    finally:
-        kill_pids([int(w) for w in workers], "spawn_main")
-        shutil.rmtree(spool, ignore_errors=True)
+    _workers_gone_spool_removed(consumer, sig)
 
 
 @pytest.mark.parametrize(
@@ -965,11 +971,4 @@ def test_killed_consumer_leaves_no_spool(dataset: tuple[Path, list], sig: int, e
         text=True,
         timeout=120,
     )
-    assert consumer.returncode == -sig, consumer.stderr
-    spool, *workers = consumer.stdout.split()
-    try:
-        assert wait_until(lambda: not any(pid_running(int(w)) for w in workers), 10)
-        assert wait_until(lambda: not os.path.exists(spool), 5), os.listdir(spool)
-    finally:
-        kill_pids([int(w) for w in workers], "spawn_main")
-        shutil.rmtree(spool, ignore_errors=True)
+    _workers_gone_spool_removed(consumer, sig)
