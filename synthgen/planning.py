@@ -419,7 +419,8 @@ def resolve_spacing(
 def _warn_odd_inputs(image: Any, sp: Sequence[float], affine: Any) -> None:
     """Warnings for inputs planning takes but that are probably not what the caller meant:
     an image of 8-bit integers (it cannot hold CT values in HU: a windowed or rescaled
-    image?) and a ``spacing`` that disagrees with the ``affine``'s (the spacing is used)."""
+    image?) and a ``spacing`` that disagrees with the ``affine``'s (the spacing is used;
+    ``affine`` is ``None`` when the spacing came from it: nothing to compare)."""
     import warnings
 
     dt = getattr(image, "dtype", None)
@@ -827,7 +828,7 @@ def make_plan(
     image, organ_mask = readable(image), readable(organ_mask)
     vessel_mask, lesion_mask = readable(vessel_mask), readable(lesion_mask)
     sp = resolve_spacing(spacing, affine)
-    _warn_odd_inputs(image, sp, affine)
+    _warn_odd_inputs(image, sp, affine if spacing is not None else None)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(int(seed))
