@@ -251,8 +251,14 @@ def _label_map(meta: dict[str, Any], path: Path, name_to_id: bool) -> dict[str, 
     return out
 
 
-def _label_ids(labels: dict[str, tuple[int, ...]], organs: list[str], where: Path):
-    """Organ -> ids and organ -> lesion ids from a dataset's label names."""
+def _label_ids(
+    labels: dict[str, tuple[int, ...]],
+    organs: list[str],
+    where: Path,
+    lesion: tuple[int, ...] | None = None,
+):
+    """Organ -> ids and organ -> lesion ids from a dataset's label names; ``lesion`` (the
+    ``--lesion-id`` of ``organs[0]``, its only organ) replaces the lesion ids the names give."""
     organ_ids: dict[str, tuple[int, ...]] = {}
     lesion_ids: dict[str, tuple[int, ...]] = {}
     present = {o for o in ORGANS if any(n in ORGAN_LABEL_NAMES[o] for n in labels)}
@@ -273,6 +279,8 @@ def _label_ids(labels: dict[str, tuple[int, ...]], organs: list[str], where: Pat
                 les.update(i for i in v if i != 0)
         if les:
             lesion_ids[organ] = tuple(sorted(les))
+    if lesion is not None:
+        lesion_ids = {organs[0]: lesion}
     return organ_ids, lesion_ids
 
 
@@ -316,9 +324,7 @@ def _discover_msd(
     dataset.json names like lesions."""
     ds = root / "dataset.json"
     meta = _read_json(ds)
-    organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=False), organs, ds)
-    if lesion is not None:
-        lesion_ids = {organs[0]: lesion}
+    organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=False), organs, ds, lesion)
     pairs: list[tuple[Path, Path | None]] = []  # image, where its label file should be
     training = meta.get("training")
     if isinstance(training, list) and training:
@@ -348,9 +354,7 @@ def _discover_nnunet(
     """``lesion``: as for :func:`_discover_msd`."""
     ds = root / "dataset.json"
     meta = _read_json(ds)
-    organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=True), organs, ds)
-    if lesion is not None:
-        lesion_ids = {organs[0]: lesion}
+    organ_ids, lesion_ids = _label_ids(_label_map(meta, ds, name_to_id=True), organs, ds, lesion)
     ending = str(meta.get("file_ending", ".nii.gz"))
     cases = []
     for img in sorted((root / "imagesTr").iterdir()):
