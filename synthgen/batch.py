@@ -519,6 +519,12 @@ def _record(sample: Sample, case: Case, status: str, t0: float, **kw: Any) -> di
     return rec
 
 
+def _failed(case: Case, samples, why: str) -> list[dict[str, Any]]:
+    """The failure records of every sample of ``case`` (it could not be loaded or made)."""
+    t0 = time.perf_counter()
+    return [_record(x, case, "failed", t0, error=why) for x in samples]
+
+
 def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[str, Any]]:
     loaded = not isinstance(lc_or_err, BaseException)
     notes = {"notes": list(lc_or_err.notes)} if loaded and lc_or_err.notes else {}
@@ -806,8 +812,7 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
                             "a Dask worker died making this case's samples (out of memory, or "
                             "a crash: see the workers' logs)"
                         )
-                    t0 = time.perf_counter()
-                    recs = [_record(x, case, "failed", t0, error=why) for x in samples]
+                    recs = _failed(case, samples, why)
                 yield from recs
         finally:
             client.close()
@@ -856,12 +861,11 @@ def _execute(todo, opts, out, tag, workers, scheduler) -> Iterator[dict[str, Any
                             if not alone:
                                 suspects.append(item)
                                 continue
-                            t0 = time.perf_counter()
                             why = (
                                 "its worker process died making this case's samples (out of "
                                 "memory, or a crash); fewer --workers may leave it enough memory"
                             )
-                            recs = [_record(x, item[0], "failed", t0, error=why) for x in item[1]]
+                            recs = _failed(*item, why)
                         yield from recs
                 if broken:  # the cases the dead pool held: made, or redone
                     for f, (item, _) in pending.items():
@@ -1007,8 +1011,8 @@ def _check_inputs(work, previous: dict[str, dict[str, Any]], out: Path) -> None:
                 seen[ct] = _same_file(ct, case.ct)
             if not seen[ct]:
                 wrong.append((s.sample_id, ct, case))
-            elif _label_ids_of(inputs) != ids:
-                relabelled.append((s.sample_id, _label_ids_of(inputs), ids))
+            elif (there := _label_ids_of(inputs)) != ids:
+                relabelled.append((s.sample_id, there, ids))
     if wrong:
         sid, ct, case = wrong[0]
         raise ValueError(
@@ -1068,7 +1072,7 @@ def prepare(
         if there:
             ndone = sum(1 for r in there if is_done(r, out))
             left = f"{len(there) - ndone} failed or incomplete" if ndone < len(there) else ""
-            what = f"{ndone} done" + (f", {left}" if left else "") if ndone else left
+            what = ", ".join(filter(None, (f"{ndone} done" if ndone else "", left)))
             raise ValueError(
                 f"{out} already holds {len(there)} samples of this run ({what}): pass --resume "
                 "to continue the batch (it redoes those not done), or choose another --out"
