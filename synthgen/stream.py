@@ -73,6 +73,11 @@ def _load_sample(path: str) -> dict[str, Any]:
     return sample
 
 
+class _Terminated(SystemExit):
+    """A worker's SIGTERM or SIGHUP, raised as an exit (code 128 + signal) so that its
+    cleanup runs."""
+
+
 def _worker(
     maker: SampleMaker, share: list[int], wid: int, nworkers: int, epochs, out_q, stop, spool
 ) -> None:
@@ -87,13 +92,11 @@ def _worker(
 
     os.environ.setdefault("SYNTHGEN_NUM_THREADS", "1")
     parent = mp.parent_process()
-    terminated = []
 
     def on_term(signum, frame) -> None:
         # (SIGTERM's default kills at once: this 'finally' would not run, and a SIGTERM to the
         # whole process group, the consumer's too, left the spool behind)
-        terminated.append(signum)
-        raise SystemExit(128 + signum)
+        raise _Terminated(128 + signum)
 
     for sig in ("SIGTERM", "SIGHUP"):  # (a terminal closed: SIGHUP to its process group)
         num = getattr(signal, sig, None)
@@ -129,23 +132,22 @@ def _worker(
                     return
             epoch += 1
         send(("done", wid, None))  # (a finite run's last message: also while it can be taken)
+    except _Terminated as e:  # stopped from outside: its exit code tells a consumer still there
+        code = int(e.code)
+        out_q.cancel_join_thread()  # (which may read no more)
+        if parent is not None and not stop.is_set():
+            parent.join(2.0)  # a signal to the process group: the consumer is ending too
     except BaseException:
-        if terminated:  # stopped from outside: its exit code tells a consumer still there
-            code = 128 + terminated[0]
-            out_q.cancel_join_thread()  # (which may read no more)
-            if parent is not None and not stop.is_set():
-                parent.join(2.0)  # a signal to the process group: the consumer is ending too
-        else:
-            code = 1
-            tb = traceback.format_exc()
-            try:
-                report: Any = _save_sample(spool, (-1, wid), {"traceback": tb})
-            except Exception:  # the spool cannot be written (full, gone): in the message,
-                report = {"traceback": tb[-2000:]}  # cut to what a pipe writes at once
-            try:  # (put(msg, 5) was block=5 with no timeout: for ever on a full queue)
-                out_q.put(("error", wid, report), timeout=5)
-            except Exception:  # a full queue (its consumer gone or stuck): the exit code tells
-                out_q.cancel_join_thread()
+        code = 1
+        tb = traceback.format_exc()
+        try:
+            report: Any = _save_sample(spool, (-1, wid), {"traceback": tb})
+        except Exception:  # the spool cannot be written (full, gone): in the message,
+            report = {"traceback": tb[-2000:]}  # cut to what a pipe writes at once
+        try:  # (put(msg, 5) was block=5 with no timeout: for ever on a full queue)
+            out_q.put(("error", wid, report), timeout=5)
+        except Exception:  # a full queue (its consumer gone or stuck): the exit code tells
+            out_q.cancel_join_thread()
     finally:
         if parent is not None and not parent.is_alive():
             # The consumer's process is gone (killed: its _shutdown never ran), so nobody
