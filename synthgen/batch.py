@@ -526,13 +526,12 @@ def _failed(case: Case, samples, why: str) -> list[dict[str, Any]]:
 
 
 def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[str, Any]]:
-    loaded = not isinstance(lc_or_err, BaseException)
-    notes = {"notes": list(lc_or_err.notes)} if loaded and lc_or_err.notes else {}
+    if isinstance(lc_or_err, BaseException):
+        yield from _failed(case, samples, _short(lc_or_err))
+        return
+    notes = {"notes": list(lc_or_err.notes)} if lc_or_err.notes else {}
     for sample in samples:
         t0 = time.perf_counter()
-        if not loaded:
-            yield _record(sample, case, "failed", t0, error=_short(lc_or_err))
-            continue
         try:
             arrays = _synthesize(lc_or_err, sample, opts)
             files = _write_sample(lc_or_err, sample, opts, out, tag, arrays)
