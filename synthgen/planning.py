@@ -8,6 +8,7 @@ needs nothing else: a manifest entry (the plan's JSON) reproduces a sample exact
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -166,7 +167,9 @@ class Plan:
         return preset_from_dict(self.preset, source=f"plan preset {self.preset_name!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """A plain dictionary (a copy: the plan's preset dict is shared and read-only)."""
         d = asdict(self)
+        d["preset"] = copy.deepcopy(self.preset)
         for t in d["tumors"]:  # (JSON's types: the control grids as nested lists)
             if isinstance(t["displacement_mm"], ControlGrid):
                 t["displacement_mm"] = t["displacement_mm"].tolist()

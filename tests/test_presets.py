@@ -221,6 +221,46 @@ def test_to_dict_round_trip(name: str) -> None:
     assert preset_from_dict(json.loads(json.dumps(d))) == q
 
 
+def test_a_plans_preset_is_read_only_and_its_copies_are_not(small_phantom) -> None:
+    """Every plan of a preset holds the preset's own dictionary (no copy per plan): a change
+    through one plan would change the preset and every later plan, so it is refused. Copies
+    (to_dict, deepcopy, pickle, JSON) are plain and changeable."""
+    import copy
+    import pickle
+
+    liver = small_phantom.mask("liver")
+
+    def draw(seed: int):
+        return synthgen.plan(
+            small_phantom.image, liver, organ="liver", seed=seed, spacing=small_phantom.spacing
+        )
+
+    first = draw(0)
+    before = draw(1)
+    for change in (
+        lambda d: d.__setitem__("organ", "kidney"),
+        lambda d: d["blend"].update(sigma_mm=[9.0, 9.0]),
+        lambda d: d["blend"]["sigma_mm"].__setitem__(0, 9.0),
+        lambda d: d["blend"]["sigma_mm"].append(9.0),
+        lambda d: d["classes"].pop("tiny"),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change(first.preset)
+    assert draw(1) == before
+    for c in (
+        first.to_dict()["preset"],
+        copy.deepcopy(first.preset),
+        pickle.loads(pickle.dumps(first)).preset,
+        json.loads(first.to_json())["preset"],
+        load_preset("liver").to_dict(),
+    ):
+        assert c == first.preset
+        c["blend"]["sigma_mm"][0] = 9.0  # plain: no error
+        assert c["blend"]["sigma_mm"][0] == 9.0
+    assert first.preset["blend"]["sigma_mm"][0] != 9.0
+    assert synthgen.Plan.from_dict(first.to_dict()) == first
+
+
 def test_user_toml_by_path(tmp_path: Path, small_phantom) -> None:
     path = _write(tmp_path, MINIMAL, "my-liver.toml")
     for spec in (path, str(path)):

@@ -348,8 +348,9 @@ class Preset:
             d.pop("wall", None)
         if self.appearance == AppearanceParams():  # no [appearance]: plans as before
             d.pop("appearance", None)
-        # JSON's types (lists, not tuples): a plan's preset then equals the one it reads back
-        return _json_lists(d)
+        # JSON's types (lists, not tuples): a plan's preset then equals the one it reads back.
+        # Read-only: every plan drawn from this preset holds this very dict.
+        return _json_lists(d, frozen=True)
 
     def size_class(self, name: str) -> SizeClass:
         """The class ``name``; raises ``ValueError`` listing the valid names."""
@@ -361,12 +362,60 @@ class Preset:
             ) from None
 
 
-def _json_lists(x: Any) -> Any:
-    """``x`` with every tuple a list, recursively (what a JSON round trip gives)."""
+_READ_ONLY = (
+    "this preset dictionary is shared by the preset and every plan drawn from it, so it is "
+    "read-only; change a copy (Preset.to_dict(), Plan.to_dict() or copy.deepcopy) and build "
+    "a preset from it with preset_from_dict"
+)
+
+
+def _refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+    raise TypeError(_READ_ONLY)
+
+
+class _FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes. Copies (``copy``, ``deepcopy``, pickle) are plain dicts."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __copy__(self) -> dict[str, Any]:
+        return dict(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return {k: copy.deepcopy(v, memo) for k, v in self.items()}
+
+    def __reduce__(self) -> Any:
+        return (dict, (dict(self),))
+
+
+class _FrozenList(list):  # type: ignore[type-arg]
+    """A list that refuses changes. Copies (``copy``, ``deepcopy``, pickle) are plain lists."""
+
+    __slots__ = ()
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+
+    def __copy__(self) -> list[Any]:
+        return list(self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return [copy.deepcopy(v, memo) for v in self]
+
+    def __reduce__(self) -> Any:
+        return (list, (list(self),))
+
+
+def _json_lists(x: Any, frozen: bool = False) -> Any:
+    """``x`` with every tuple a list, recursively (what a JSON round trip gives); with
+    ``frozen``, its dicts and lists refuse changes."""
     if isinstance(x, dict):
-        return {k: _json_lists(v) for k, v in x.items()}
+        d = {k: _json_lists(v, frozen) for k, v in x.items()}
+        return _FrozenDict(d) if frozen else d
     if isinstance(x, (list, tuple)):
-        return [_json_lists(v) for v in x]
+        v = [_json_lists(v, frozen) for v in x]
+        return _FrozenList(v) if frozen else v
     return x
 
 
@@ -829,8 +878,10 @@ def preset_from_dict(data: dict[str, Any], source: str = "<dict>") -> Preset:
     rendering many plans that share one preset dictionary validates it once.
     """
     hit = _FROM_DICT.get(id(data))
-    if hit is not None and hit[0] is data and hit[1]._schema_dict == data:
-        return hit[1]
+    # (a preset's own read-only dictionary, which its plans hold, cannot have changed)
+    if hit is not None and hit[0] is data:
+        if type(data) is _FrozenDict or hit[1]._schema_dict == data:
+            return hit[1]
     preset = _parse(data, source, None)
     if len(_FROM_DICT) > 64:
         _FROM_DICT.clear()
