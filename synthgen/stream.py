@@ -23,6 +23,7 @@ Samples are dicts of NumPy arrays (see ``synthgen._samples.SampleMaker.make``): 
 from __future__ import annotations
 
 import contextlib
+import errno
 import multiprocessing as mp
 import os
 import queue
@@ -47,8 +48,32 @@ class StreamError(RuntimeError):
     """The producer side failed (a worker raised or died, or the connection was lost)."""
 
 
-def _save_sample(spool: str, key: tuple[int, int], sample: dict[str, Any]) -> str:
-    """Write a sample to the spool folder (temporary name, then rename); returns its path."""
+def _save_sample(spools: Sequence[str], key: tuple[int, int], sample: dict[str, Any]) -> str:
+    """Write a sample to the first spool folder with room for it; returns its path.
+
+    ``spools`` is the memory spool (``/dev/shm``) then a disk one: a sample that does not
+    fit in what is free of the first (a small ``/dev/shm``, as Docker's 64 MB, or one
+    filled by queued samples) goes to the next; the last one's errors are raised.
+    """
+    need = sum(int(getattr(v, "nbytes", 0)) for v in sample.values()) + (1 << 20)
+    for i, spool in enumerate(spools):
+        last = i == len(spools) - 1
+        if not last:
+            try:
+                if shutil.disk_usage(spool).free < need:
+                    continue
+            except OSError:
+                pass  # (the write below says what is wrong)
+        try:
+            return _write_sample(spool, key, sample)
+        except OSError as e:
+            if last or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _write_sample(spool: str, key: tuple[int, int], sample: dict[str, Any]) -> str:
+    """Write a sample to ``spool`` (temporary name, then rename); returns its path."""
     import pickle
 
     path = os.path.join(spool, f"{key[0]}-{key[1]}.pkl")
@@ -79,14 +104,14 @@ class _Terminated(SystemExit):
 
 
 def _worker(
-    maker: SampleMaker, share: list[int], wid: int, nworkers: int, epochs, out_q, stop, spool
+    maker: SampleMaker, share: list[int], wid: int, nworkers: int, epochs, out_q, stop, spools
 ) -> None:
     """Make the samples ``wid, wid + nworkers, ...`` of ``share`` (the positions of each
     epoch that this producer's rank makes), keyed by (epoch, index in ``share``).
 
-    Samples go to files in ``spool``; the queue carries only their small, fixed-size
-    messages, which a pipe writes atomically: a worker killed at any moment cannot leave a
-    half-written message that would block the consumer.
+    Samples go to files in ``spools`` (see :func:`_save_sample`); the queue carries only
+    their small, fixed-size messages, which a pipe writes atomically: a worker killed at any
+    moment cannot leave a half-written message that would block the consumer.
     """
     import signal
 
@@ -128,7 +153,7 @@ def _worker(
                     out_q.cancel_join_thread()
                     return
                 sample = maker.make(epoch, share[k])
-                if not send(("item", (epoch, k), _save_sample(spool, (epoch, k), sample))):
+                if not send(("item", (epoch, k), _save_sample(spools, (epoch, k), sample))):
                     return
             epoch += 1
         send(("done", wid, None))  # (a finite run's last message: also while it can be taken)
@@ -141,7 +166,7 @@ def _worker(
         code = 1
         tb = traceback.format_exc()
         try:
-            report: Any = _save_sample(spool, (-1, wid), {"traceback": tb})
+            report: Any = _save_sample(spools, (-1, wid), {"traceback": tb})
         except Exception:  # the spool cannot be written (full, gone): in the message,
             report = {"traceback": tb[-2000:]}  # cut to what a pipe writes at once
         try:  # (put(msg, 5) was block=5 with no timeout: for ever on a full queue)
@@ -152,12 +177,13 @@ def _worker(
         if parent is not None and not parent.is_alive():
             # The consumer's process is gone (killed: its _shutdown never ran), so nobody
             # else removes the spool and the samples queued in it (in /dev/shm: memory).
-            shutil.rmtree(spool, ignore_errors=True)
+            for spool in spools:
+                shutil.rmtree(spool, ignore_errors=True)
     if code:  # (also should the error message have been lost)
         raise SystemExit(code)
 
 
-def _shutdown(stop, procs, out_q, spool) -> None:
+def _shutdown(stop, procs, out_q, spools) -> None:
     """Stop the workers: signal, drain the queue so none blocks on it, then join (or kill)."""
     stop.set()
     deadline = time.monotonic() + 5.0
@@ -174,7 +200,8 @@ def _shutdown(stop, procs, out_q, spool) -> None:
     with contextlib.suppress(Exception):
         out_q.close()
         out_q.cancel_join_thread()
-    shutil.rmtree(spool, ignore_errors=True)
+    for spool in spools:
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 class Producer:
@@ -275,7 +302,14 @@ class Producer:
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        # samples wait in memory (/dev/shm); what does not fit there spills to disk
         self._spool = tempfile.mkdtemp(prefix="synthgen-stream-", dir=shm)
+        self._spools = [self._spool]
+        if shm is not None:
+            try:
+                self._spools.append(tempfile.mkdtemp(prefix="synthgen-stream-"))
+            except OSError:  # (no writable temporary folder: memory only)
+                pass
         self._q = ctx.Queue(self.queue_size)
         self._stop = ctx.Event()
         n = min(self.workers, len(self.positions))
@@ -290,7 +324,7 @@ class Producer:
                     self.epochs,
                     self._q,
                     self._stop,
-                    self._spool,
+                    self._spools,
                 ),
                 name=f"synthgen-producer-{w}",
                 daemon=True,
@@ -299,7 +333,7 @@ class Producer:
         ]
         # (registered first: a worker that fails to start leaves no spool behind)
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._stop, self._procs, self._q, self._spool
+            self, _shutdown, self._stop, self._procs, self._q, self._spools
         )
         try:
             for p in self._procs:

@@ -12,6 +12,7 @@ Every wait on a process has a timeout and every process started is killed in ``f
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import os
@@ -445,6 +446,67 @@ def test_killed_worker_raises_stream_error(dataset: tuple[Path, list], sig: int)
     finally:
         p.close()
         kill_pids(pids, "spawn_main")
+
+
+class _Huge:
+    """Pickles to nothing but claims more bytes than any disk has free."""
+
+    nbytes = 1 << 62
+
+
+class _FullOnce:
+    """Pickling it fails once as on a full disk (ENOSPC), then works."""
+
+    failed = 0
+
+    def __reduce__(self):
+        if type(self).failed == 0:
+            type(self).failed += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return (_FullOnce, ())
+
+
+def test_samples_that_do_not_fit_in_memory_spill_to_disk(tmp_path: Path) -> None:
+    """A sample goes to the memory spool when what is free there holds it, else to the disk
+    spool (Docker's 64 MB /dev/shm cannot hold whole scans: before, such a stream failed);
+    a write that hits ENOSPC in memory leaves nothing there and goes to disk too. Errors of
+    the last spool, or that are not a full disk, are raised."""
+    from synthgen.stream import _load_sample, _save_sample
+
+    mem, disk = tmp_path / "mem", tmp_path / "disk"
+    mem.mkdir()
+    disk.mkdir()
+    spools = [str(mem), str(disk)]
+    a = np.arange(10, dtype=np.int16)
+    path = _save_sample(spools, (0, 0), {"image": a})
+    assert os.path.dirname(path) == str(mem)
+    assert np.array_equal(_load_sample(path)["image"], a)
+    path = _save_sample(spools, (0, 1), {"image": a, "meta": _Huge()})
+    assert os.path.dirname(path) == str(disk)
+    path = _save_sample(spools, (0, 2), {"image": a, "meta": _FullOnce()})
+    assert os.path.dirname(path) == str(disk) and _FullOnce.failed == 1
+    assert os.listdir(mem) == []  # (the failed write's temporary file is gone)
+    with pytest.raises(OSError) as ei:
+        _save_sample([str(disk)], (0, 3), {"meta": _Gone()})
+    assert ei.value.errno == errno.EPIPE
+    shutil.rmtree(mem)  # gone, not full: raised, not spilled
+    with pytest.raises(FileNotFoundError):
+        _save_sample(spools, (0, 4), {"image": a})
+
+
+class _Gone:
+    def __reduce__(self):
+        raise OSError(errno.EPIPE, "Broken pipe")
+
+
+def test_producer_removes_both_spools(dataset: tuple[Path, list]) -> None:
+    _, cases = dataset
+    p = Producer(cases, "liver", workers=1, epochs=1, patch_size=SMALL, prob=0.0)
+    got = list(p)
+    assert got and all(os.path.isabs(d) for d in p._spools)
+    if os.access("/dev/shm", os.W_OK):
+        assert len(p._spools) == 2 and p._spools[0].startswith("/dev/shm/")
+    assert not any(map(os.path.exists, p._spools))
 
 
 def test_worker_that_cannot_write_the_spool_raises_stream_error(
@@ -898,7 +960,7 @@ _KILLED_PRODUCER = textwrap.dedent(
                  prob=0.0)
     it = iter(p)
     next(it)
-    print(p._spool, *[q.pid for q in p._procs], flush=True)
+    print(",".join(p._spools), *[q.pid for q in p._procs], flush=True)
     while len(os.listdir(p._spool)) < 2:  # samples queued in the spool, none consumed
         pass
     if epochs is not None:  # every sample made: the workers' last message waits for room
@@ -915,13 +977,15 @@ def _workers_gone_spool_removed(consumer: subprocess.CompletedProcess, sig: int)
     """The consumer (``_KILLED_PRODUCER``, which printed its spool and worker pids) died of
     ``sig``; its workers exit and remove the spool (left killed and removed here if not)."""
     assert consumer.returncode == -sig, consumer.stderr
-    spool, *workers = consumer.stdout.split()
+    spools, *workers = consumer.stdout.split()
+    spools = spools.split(",")  # (memory, then the disk one it spills to)
     try:
         assert wait_until(lambda: not any(pid_running(int(w)) for w in workers), 10)
-        assert wait_until(lambda: not os.path.exists(spool), 5), os.listdir(spool)
+        assert wait_until(lambda: not any(map(os.path.exists, spools)), 5), spools
     finally:
         kill_pids([int(w) for w in workers], "spawn_main")
-        shutil.rmtree(spool, ignore_errors=True)
+        for spool in spools:
+            shutil.rmtree(spool, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
