@@ -394,19 +394,20 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         for sl, m in res.boxes:  # tumor boxes only
             tm[sl] |= m
             label[sl][m] = le
+        rec = {
+            "organ": organ,
+            "preset": res.plan.preset_name,
+            "seed": seed,
+            "plan": res.plan.to_dict(),
+            "tumors": [t.to_dict() for t in res.tumors],
+        }
         if lesions.get(organ) is not None:
             tm |= lesions[organ]
             label[lesions[organ]] = le
+            # (a batch whose lesion ids match no voxel anywhere is told: a typo, likely)
+            rec["existing_lesion_voxels"] = int(np.count_nonzero(lesions[organ]))
         tumors[organ] = tm
-        records.append(
-            {
-                "organ": organ,
-                "preset": res.plan.preset_name,
-                "seed": seed,
-                "plan": res.plan.to_dict(),
-                "tumors": [t.to_dict() for t in res.tumors],
-            }
-        )
+        records.append(rec)
     if not records:
         reasons = "; ".join(f"{o}: {r}" for o, r in skipped.items())
         raise ValueError(f"no usable organ ({reasons})")
@@ -538,9 +539,8 @@ def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[st
         except Exception as e:  # recorded with its type; the batch goes on
             yield _record(sample, case, "failed", t0, error=_short(e), **notes)
             continue
-        organs = [
-            {k: r[k] for k in ("organ", "preset", "seed", "plan", "tumors")} for r in arrays[3]
-        ]
+        keep = ("organ", "preset", "seed", "plan", "tumors", "existing_lesion_voxels")
+        organs = [{k: r[k] for k in keep if k in r} for r in arrays[3]]
         yield _record(
             sample,
             case,
@@ -733,12 +733,26 @@ class BatchReport:
     failed: list[dict[str, Any]] = field(default_factory=list)
     # done samples that left out an organ: {"sample", "case", "skipped_organs"} each
     skipped_organs: list[dict[str, Any]] = field(default_factory=list)
+    # organ -> [existing lesion voxels, samples] over the done samples read with lesion ids
+    lesion_voxels: dict[str, list[int]] = field(default_factory=dict)
     wall_s: float = 0.0
     manifest: Path | None = None
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the run should tell besides its failures: lesion ids that matched nothing."""
+        return [
+            f"{organ}: the lesion label ids (--lesion-id, a CSV's lesion_id or dataset.json) "
+            f"matched no voxel in any of the {n} samples written now: a wrong id reads as "
+            "'no lesion' (existing tumors then lose their label and new ones may land on "
+            "them); fine if these scans have none"
+            for organ, (voxels, n) in self.lesion_voxels.items()
+            if voxels == 0
+        ]
 
 
 def _worker_init(threads: int) -> None:
@@ -1205,6 +1219,11 @@ def run_batch(
                     if rec.get("skipped_organs"):
                         keep = ("sample", "case", "skipped_organs")
                         report.skipped_organs.append({k: rec[k] for k in keep})
+                    for o in rec.get("organs", ()):
+                        if "existing_lesion_voxels" in o:
+                            tally = report.lesion_voxels.setdefault(o["organ"], [0, 0])
+                            tally[0] += o["existing_lesion_voxels"]
+                            tally[1] += 1
                 else:
                     report.failed.append(rec)
                 if on_record is not None:

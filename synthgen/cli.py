@@ -301,6 +301,8 @@ def _summary(report, out: Path) -> None:
         if len(by_case) > 50:
             skip.add_row("...", f"{len(by_case) - 50} more cases")
         console.print(skip)
+    for w in report.warnings:
+        console.print(f"[yellow]warning[/yellow] {esc(w)}")
     console.print(f"manifest: {esc(str(report.manifest))}")
 
 

@@ -445,11 +445,19 @@ def test_batch_lesion_id_keeps_the_existing_tumor_as_tumor(lits_files, datasets,
     cli("batch", sheet, "--out", tmp_path / "col", "--organ", "liver", "--no-mass-effect")
     check_existing_lesion(tmp_path / "col" / "scan_s000", liver, cancer)
     sheet.write_text(f"ct,mask,organ,label_id\n{ct},{labels},liver,1\n")
-    cli("batch", sheet, "--out", tmp_path / "opt", "--organ", "liver", "--no-mass-effect",
-        "--lesion-id", 2)  # fmt: skip
+    res = cli("batch", sheet, "--out", tmp_path / "opt", "--organ", "liver", "--no-mass-effect",
+              "--lesion-id", 2)  # fmt: skip
     check_existing_lesion(tmp_path / "opt" / "scan_s000", liver, cancer)
     rec = read_manifest(tmp_path / "opt")["scan_s000"]
     assert rec["inputs"]["lesions"] == {"liver": [{"path": str(labels), "label_ids": [2]}]}
+    assert rec["organs"][0]["existing_lesion_voxels"] == np.count_nonzero(cancer)
+    assert "matched no voxel" not in flat(res.output)
+    # a lesion id that no voxel has (a typo): the samples are made, and the run says so
+    res = cli("batch", sheet, "--out", tmp_path / "typo", "--organ", "liver", "--no-mass-effect",
+              "--lesion-id", 7)  # fmt: skip
+    assert read_manifest(tmp_path / "typo")["scan_s000"]["organs"][0]["existing_lesion_voxels"] == 0
+    assert flat("liver: the lesion label ids") in flat(res.output)
+    assert flat("matched no voxel in any of the 1 samples") in flat(res.output)
     # MSD whose tumor label has a name synthgen does not take for a lesion
     msd = tmp_path / "msd"
     shutil.copytree(datasets["msd"], msd)
