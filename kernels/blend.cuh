@@ -116,9 +116,11 @@ SG_FN float sg_appear_delta(float v, int inside, float b, float td, float q2, fl
 // The value written for input o and merged change d (d != 0): a darkened voxel never goes
 // below cmin (a brightened one above cmax) unless it already was; integer outputs rounded
 // half to even; clipped to [lo, hi] widened to o (a value already outside, -3024 HU padding
-// or an extended-HU metal clip, is never clamped into the range).
+// or an extended-HU metal clip, is never clamped into the range). A NaN voxel (no data, a
+// float scan's padding) stays NaN, as on the CPU.
 SG_FN float sg_apply(float o, float d, float cmin, float cmax, float lo, float hi,
                      int round_int) {
+    if (o != o) return o;
     float v = o - d;
     if (d > 0.0f) {
         float floor_v = o < cmin ? o : cmin;

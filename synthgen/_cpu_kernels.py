@@ -581,8 +581,8 @@ def apply_delta(target, orig, delta, mask, cmin, cmax, lo, hi, round_int):
     already was; integer outputs are rounded half to even; everything is clipped to
     ``[lo, hi]`` widened to the voxel's own value: a value already outside (a scanner's
     -3024 HU padding, a metal clip of an extended-HU scan) is never clamped into the range,
-    only moved by the tumor's change within its bound. Voxels with ``delta == 0`` are not
-    written.
+    only moved by the tumor's change within its bound. A NaN voxel (no data) stays NaN.
+    Voxels with ``delta == 0`` are not written.
 
     Returns:
         ``(count, sum of orig - written)`` over the voxels of ``mask`` (the tumor's label).

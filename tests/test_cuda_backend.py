@@ -413,6 +413,16 @@ def test_values_outside_the_ct_range(backend, small_phantom, organ_masks):
     assert (ref.image.flat[changed[1::4]] > 3071).all()
     got = _cuda.render_on_gpu([plan], [dev(image)], [dev(mask)], device_id=0, be=be)[0]
     np.testing.assert_array_equal(be.download(got.image), ref.image)
+    # a float scan's NaN voxels (no data) in the reach, outside the label: left NaN by both
+    image = image.astype(np.float32)
+    gap = np.setdiff1d(changed[2::4], np.flatnonzero(ref.tumor_mask))
+    image.flat[gap] = np.nan
+    ref = rendering.render(plan, image, mask)
+    assert gap.size > 10 and np.isnan(ref.image.flat[gap]).all()
+    got = _cuda.render_on_gpu([plan], [dev(image)], [dev(mask)], device_id=0, be=be)[0]
+    out = be.download(got.image)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref.image))
+    np.testing.assert_allclose(out, ref.image, rtol=0, atol=0.01)  # (float32: not rounded)
 
 
 def test_batched_render_equals_one_by_one(backend, small_phantom, organ_masks):

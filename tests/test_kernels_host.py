@@ -267,6 +267,8 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
     hit = np.flatnonzero(ref != 0)
     orig.flat[hit[::7]] = -3024.0
     orig.flat[hit[3::7]] = 30000.0
+    gap = np.flatnonzero((ref != 0) & ~mask)[::5]
+    orig.flat[gap] = np.nan  # no data (a float scan's NaN padding): stays NaN
     target = orig.copy()
     cnt, acc = k.apply_delta(target, orig, ref, mask, -50.0, 200.0, -1024.0, 3071.0, True)
     host_out = orig.copy()
@@ -284,6 +286,7 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
     assert (target[hi_x & up] == 30000.0).all()  # above cmax already: not brightened further
     assert (target[lo_x & down] == -3024.0).all()  # below cmin already: not darkened further
     np.testing.assert_array_equal(target[lo_x & up], np.rint(orig - ref)[lo_x & up])
+    assert gap.size and np.isnan(target.flat[gap]).all()
 
 
 @pytest.mark.parametrize("clipped", [True, False])
