@@ -1101,9 +1101,10 @@ def prepare(
 
 
 class _ShardLock:
-    """An exclusive, non-blocking ``flock`` on a shard's manifest, held by the run writing it.
+    """An exclusive, non-blocking ``flock`` on a shard's manifest, held by the run writing it;
+    a run beside one of another shard count (it would write the same samples) is refused.
 
-    ``take()`` locks an existing manifest (``create``: creating it); the lock goes when the
+    ``take()`` locks an existing manifest (``create``: creating it); the locks go when the
     run ends or its process dies. A file system without ``flock`` (e.g. Lustre mounted
     ``noflock``), or a platform without ``fcntl``, runs unlocked.
     """
@@ -1134,8 +1135,41 @@ class _ShardLock:
                 "or choose another --out"
             ) from None
         except OSError:  # no flock here: unlocked
-            pass
+            self._f = f
+            return
         self._f = f
+        try:
+            self._check_counts(fcntl)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _check_counts(self, fcntl: Any) -> None:
+        """Refuse to run beside a run of another shard count on OUT: each run holds its
+        manifest's lock, taken before this check, so of two that start together one sees
+        the other (or both stop)."""
+        out, n = self.path.parent, self.shard[1]
+        for other in sorted(out.glob("manifest*.jsonl")):
+            m = 1 if other.name == "manifest.jsonl" else other.stem.rpartition("-of-")[2]
+            if str(m) == str(n) or other == self.path:
+                continue
+            try:
+                f = open(other, encoding="utf-8")
+            except OSError:
+                continue
+            with f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    how = "unsharded" if str(m) == "1" else f"in {m} shards"
+                    mine = "unsharded" if n == 1 else f"in {n} shards"
+                    raise ValueError(
+                        f"{out} is being written by a synthgen batch {how} now (it holds "
+                        f"{other.name}); this run ({mine}) would write the same samples: give "
+                        f"it --shard I/{m}, or wait for that batch to end (then --resume)"
+                    ) from None
+                except OSError:
+                    continue
 
     def __enter__(self) -> _ShardLock:
         self.take(create=False)

@@ -672,6 +672,10 @@ def test_a_second_batch_on_the_same_shard_is_refused_while_one_runs(
         for resume in (False, True):
             with pytest.raises(ValueError, match="another synthgen batch"):
                 run_batch(cases, opts, out, shard=(0, 2), resume=resume)
+        # another shard count (it would write the same samples): refused, whatever the shard
+        for shard in ((0, 1), (1, 3)):
+            with pytest.raises(ValueError, match=r"batch in 2 shards now .* --shard I/2"):
+                run_batch(cases, opts, out, shard=shard, resume=True)
         other = run_batch(cases, opts, out, shard=(1, 2))  # another shard: not refused
         assert other.ok and other.done == 4
     finally:
@@ -681,6 +685,8 @@ def test_a_second_batch_on_the_same_shard_is_refused_while_one_runs(
     assert first["report"].ok and first["report"].done == 4
     again = run_batch(cases, opts, out, shard=(0, 2), resume=True)  # the lock is gone with the run
     assert again.ok and again.skipped == 4
+    again = run_batch(cases, opts, out, resume=True)  # and so is the shard count's
+    assert again.ok and again.skipped == 8
     assert_clean(out)
 
 
