@@ -861,7 +861,10 @@ def render_batch(
         return []
     from ._device import resolve_device
 
-    where = resolve_device(device, *images, *organ_masks, *[o for o in outs if o is not None])
+    # (the label maps too: a kernel writes them, so one on another GPU than the data is
+    # refused here instead of faulting the launch, and one on a GPU takes the render there)
+    where = resolve_device(device, *images, *organ_masks,
+                           *[a for a in (*outs, *label_outs) if a is not None])  # fmt: skip
     if where.kind == "cpu" or any(map(unreadable, (*images, *organ_masks, *outs, *label_outs))):
         # (host arrays in non-native byte order or float16: plan by plan, see render)
         todo = zip(plans, images, organ_masks, outs, affines, label_outs, strict=True)
@@ -947,7 +950,8 @@ def render(
         kw = dict(device=device, affine=affine, tumor_label=tumor_label)
         return readable_job(lambda im, om, o, lab: render(plan, im, om, out=o, label_out=lab, **kw),
                             image, organ_mask, out, label_out)  # fmt: skip
-    where = resolve_device(device, image, organ_mask, *([out] if out is not None else []))
+    where = resolve_device(device, image, organ_mask,
+                           *[a for a in (out, label_out) if a is not None])  # fmt: skip
     if where.kind == "cuda":
         from ._cuda import render_on_gpu
 

@@ -2358,6 +2358,38 @@ def test_auto_follows_the_data() -> None:
     assert array_kind(a) == "numpy"
 
 
+class _OnGpu:
+    """What the device checks read of a CuPy array on GPU ``index`` (``array_kind`` goes by
+    the type's module): shape, dtype and device; no memory, so no render can start on it."""
+
+    def __init__(self, a: np.ndarray, index: int) -> None:
+        self.shape, self.dtype, self.size, self.ndim = a.shape, a.dtype, a.size, a.ndim
+        self.device = type("Device", (), {"id": index})()
+
+
+_OnGpu.__module__ = "cupy._core.core"
+
+
+def test_a_label_map_on_another_gpu_is_refused(small_phantom, organ_masks) -> None:
+    """A label map is written by a kernel on the render's GPU: one on another GPU than the
+    data (``cuda:1`` beside ``cuda:0``) is refused before anything runs, as an organ mask or
+    an ``out`` there is, instead of a launch writing another device's memory (an illegal
+    address that takes the process's CUDA context down, or with peer access a silent
+    write over the link); and ``device='cpu'`` refuses a label map on a GPU."""
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver", 0, None)
+    img, org = _OnGpu(ph.image, 0), _OnGpu(mask, 0)
+    lab = _OnGpu(np.zeros(ph.image.shape, np.uint8), 1)
+    assert array_kind(lab) == "cupy"
+    with pytest.raises(ValueError, match="different GPUs"):
+        rendering.render(plan, img, org, label_out=lab)
+    with pytest.raises(ValueError, match="different GPUs"):
+        rendering.render_batch([plan], [img], [org], label_outs=[lab])
+    with pytest.raises(ValueError, match="device='cpu' but the data is on cuda:1"):
+        rendering.render(plan, ph.image, mask, label_out=lab, device="cpu")
+
+
 def test_cuda_without_a_usable_gpu_says_what_is_missing(small_phantom, organ_masks) -> None:
     try:
         import cupy
