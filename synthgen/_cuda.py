@@ -286,6 +286,30 @@ def _stream_for(stream, arrays):
     return cupy.cuda.get_current_stream()
 
 
+@contextlib.contextmanager
+def caller_stream(stream, arrays):
+    """The caller's ``stream`` (as for :func:`_stream_for`) current on the arrays' GPU, for
+    CuPy and, with torch data, for torch: host steps between renders (the mass effect's
+    warp reads a box of the image and writes it back) are then ordered with the caller's
+    work on that stream, as the renders are."""
+    import cupy
+
+    from ._device import _array_device, array_kind
+
+    dev = next((d for d in map(_array_device, arrays) if d is not None), None)
+    with contextlib.ExitStack() as st:
+        if dev is not None:
+            st.enter_context(cupy.cuda.Device(dev))
+        s = _stream_for(stream, arrays)
+        st.enter_context(s)
+        if any(array_kind(a) == "torch-cuda" for a in arrays):
+            import torch
+
+            ts = torch.cuda.ExternalStream(s.ptr, device=torch.device("cuda", dev or 0))
+            st.enter_context(torch.cuda.stream(ts))
+        yield
+
+
 def render_on_gpu(
     plans: Sequence[Plan],
     images: Sequence[Any],

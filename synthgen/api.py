@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ._device import array_kind
 from .planning import OrganIndex, Plan, make_plan, unreadable
 from .presets import Preset, list_presets, load_preset
 from .rendering import RenderResult, needs_readable, readable_job
@@ -305,13 +307,21 @@ def _warp_and_render(plans, ims, oms, os_, afs, labs, **kw) -> list[RenderResult
 
     plans_r, ims, oms, os_ = list(plans), list(ims), list(oms), list(os_)
     warped = False
-    for i, p in enumerate(plans):
-        if not p.get_preset().mass_effect.enabled:
-            continue
-        prep = prepare_render(p, ims[i], oms[i], out=os_[i], label_out=labs[i])
-        if prep.fields:
-            plans_r[i], ims[i], oms[i], os_[i] = prep.plan, prep.image, prep.organ_mask, prep.image
-            warped = True
+    on_gpu = [a for a in (*ims, *oms, *os_, *labs) if array_kind(a) in ("cupy", "torch-cuda")]
+    ordered = contextlib.nullcontext()
+    if kw.get("stream") is not None and on_gpu:  # (the warp's copies on the caller's stream)
+        from ._cuda import caller_stream
+
+        ordered = caller_stream(kw["stream"], on_gpu)
+    with ordered:
+        for i, p in enumerate(plans):
+            if not p.get_preset().mass_effect.enabled:
+                continue
+            prep = prepare_render(p, ims[i], oms[i], out=os_[i], label_out=labs[i])
+            if prep.fields:
+                plans_r[i], ims[i], oms[i] = prep.plan, prep.image, prep.organ_mask
+                os_[i] = prep.image
+                warped = True
     res = _render_batch(plans_r, ims, oms, outs=os_, affines=afs, label_outs=labs, **kw)
     if warped:
         for r, p in zip(res, plans, strict=True):

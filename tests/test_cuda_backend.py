@@ -2296,6 +2296,34 @@ def test_synthesize_on_cupy_arrays(small_phantom, organ_masks):
 
 
 @pytest.mark.gpu
+def test_mass_effect_warp_is_ordered_on_the_callers_stream(small_phantom, organ_masks):
+    """render_batch(stream=S), S non-blocking, with a preset whose large tumors push tissue:
+    the warp reads the image after the caller's work still pending on S (before: on the
+    current stream, so it read what was there before that work) and writes it back before
+    the render on S."""
+    gpu_backend()
+    import cupy
+
+    ph = small_phantom
+    mask = organ_masks["liver"]
+    plan = _plan(ph, mask, "liver", 3, "large")
+    assert plan.get_preset().mass_effect.enabled
+    ref = synthgen.api.render_batch([plan], [ph.image.copy()], [mask])[0]
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        img = cupy.full(ph.image.shape, -1000, dtype=ph.image.dtype)
+        s.synchronize()
+        a = cupy.ones((8192, 8192), dtype=cupy.float32)
+        for _ in range(8):  # ~0.1 s of work on S that the scan's upload waits for
+            b = a @ a
+        img[...] = cupy.asarray(ph.image) + (b[0, 0] * 0).astype(img.dtype)
+    synthgen.api.render_batch([plan], [img], [cupy.asarray(mask)], outs=[img], stream=s)
+    s.synchronize()
+    got = cupy.asnumpy(img)
+    assert np.abs(got.astype(np.float64) - ref.image).max() <= 1.0
+
+
+@pytest.mark.gpu
 def test_host_image_with_a_gpu_organ_mask(small_phantom, organ_masks):
     """A NumPy image with a CuPy organ mask renders on the GPU with host boxes: the tumor
     mask and label map (made on the mask's side) and a host tumor mask written from them
