@@ -196,7 +196,10 @@ class CupyBackend:
             return _stream_for(None, arrays)
 
     def download(self, dev) -> np.ndarray:
-        return self.xp.asnumpy(dev)
+        # (on this GPU's current stream whatever device is current: a render's statistics
+        # are fetched later, from wherever its records are first read)
+        with self.current():
+            return self.xp.asnumpy(dev)
 
     def fence(self):
         """An event recorded on the current stream: its ``synchronize()`` waits for the work
