@@ -98,7 +98,7 @@ class CaseSource:
         """``(image, label, affine)`` as arrays on one grid (files are read each call); a
         :class:`~synthgen.layouts.Case`'s label is its organ (1) and lesion masks (2)."""
         from .io import load_nifti
-        from .layouts import Case, _unoriented, load_mask, load_organ
+        from .layouts import Case, _unoriented, load_mask, load_organ, snap_label_values
 
         unoriented = False
         if isinstance(self.image, (str, Path)):
@@ -121,6 +121,7 @@ class CaseSource:
                 label[les] = 2
         elif isinstance(self.label, (str, Path)):
             label, laff, _ = load_nifti(self.label)
+            label = snap_label_values(label)  # (ids are compared with ==)
             if label.shape != image.shape or not np.allclose(laff, affine, atol=1e-3):
                 raise ValueError(
                     f"{self.label}: label grid {label.shape} differs from the image "

@@ -609,6 +609,24 @@ def _integral(v: float) -> bool:
     return bool(np.isfinite(v)) and abs(v - round(v)) <= 1e-3 * max(1.0, abs(v))
 
 
+def snap_label_values(data: np.ndarray) -> np.ndarray:
+    """A float label map with its near-integer values made those integers (same dtype and
+    layout; other arrays as they are).
+
+    A label map stored as integers with a scale slope a hair off 1 (``1.0000001``, written
+    by some tools) or resampled in floating point loads as 0.99999994, 2.0000002 ...: those
+    are label ids, as a binary mask's 1.0000000591 is 1. Compared with ``==`` they matched no
+    id ("label id 2 is absent ... ids present: 1, 2"). Values farther than ``_integral``'s
+    tolerance from an integer are left as they are.
+    """
+    if data.dtype.kind != "f":
+        return data
+    r = np.rint(data)
+    near = np.abs(data - r) <= 1e-3 * np.maximum(1.0, np.abs(r))
+    np.copyto(r, data, where=~near)
+    return r
+
+
 def _check_binary(path: Path, data: np.ndarray, m: np.ndarray) -> Any:
     """Raise if ``data`` (no label id given) is a label map: its voxels above 0.5 hold more
     than one value. Binary masks stored as 0/1, 0/255, 0.0/1.0 floats or scaled integers
@@ -729,6 +747,8 @@ def load_mask_file(
     if data.dtype.kind not in "biuf":
         raise ValueError(f"{src.path}: mask has dtype {data.dtype}, not numbers")
     top = None  # (an integer mask's maximum, when the check found it)
+    if src.label_ids is not None:
+        data = snap_label_values(data)  # (a float label map's 2.0000002 is id 2)
     if src.label_ids is None:
         m = data > 0.5
         if strict:

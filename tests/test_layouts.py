@@ -1574,3 +1574,28 @@ def test_missing_label_file_is_named(tmp_path) -> None:
     want = root / "labelsTr" / "abd_001.nii.gz"
     why = f"no label file for abd_001_0000.nii.gz ({want} not found)"
     assert cases[1].missing == {"liver": why}
+
+
+def test_label_map_with_near_integer_values_finds_its_ids(tmp_path, liver_scan) -> None:
+    """A label map stored with a scale slope a hair off 1 loads as 1.0000001, 2.0000002:
+    those are ids 1 and 2 (it was 'label id 1 is absent ... ids present: 1, 2'), in the
+    batch's mask loading and in the training loaders' label files alike."""
+    from synthgen._samples import CaseSource
+
+    affine, liver = liver_scan
+    lab = liver.astype(np.uint8)
+    idx = np.argwhere(liver)[:20]
+    lab[tuple(idx.T)] = 2
+    img = nib.Nifti1Image(lab, affine)
+    img.header.set_slope_inter(1.0000001, 0.0)
+    p = tmp_path / "labels_scaled.nii.gz"
+    nib.save(img, p)
+    assert nib.load(p).get_fdata().max() != 2.0  # (the values the loaders see)
+    np.testing.assert_array_equal(
+        load_mask_file(MaskSource(p, (1,)), SHAPE, affine, strict=True)[0], lab == 1
+    )
+    np.testing.assert_array_equal(load_mask([MaskSource(p, (1, 2))], SHAPE, affine), liver)
+    ct = save(tmp_path / "ct.nii.gz", np.zeros(SHAPE, np.int16), affine)
+    _, label, _ = CaseSource("c", str(ct), str(p), (1,)).load()
+    np.testing.assert_array_equal(label == 1, lab == 1)
+    np.testing.assert_array_equal(label == 2, lab == 2)
