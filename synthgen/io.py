@@ -162,7 +162,8 @@ def nifti_bytes(
 
     With a reference ``header`` whose geometry is ``affine``, its sform and qform and their
     codes are kept as they are (a missing qform stays missing); otherwise the sform holds
-    ``affine`` and no qform is written. Voxel units, intent and description are kept; float
+    ``affine`` and no qform is written. Voxel units, intent and description are kept (the
+    display window ``cal_min``/``cal_max`` only for data of the reference's dtype); float
     data of an input stored as scaled integers is stored back as that integer type with the
     same slope and intercept.
     """
@@ -179,6 +180,13 @@ def nifti_bytes(
             hdr = hdr.as_byteswapped(nib.volumeutils.native_code)
     hdr.set_data_shape(array.shape)
     hdr.set_data_dtype(array.dtype)
+    if isinstance(header, nib.Nifti1Header):
+        ref = np.dtype(header.get_data_dtype()).newbyteorder("=")
+        if ref != array.dtype:
+            # Other data on the reference's grid (a label map, a mask on the CT's header):
+            # the CT's display window (cal_min/cal_max, e.g. -1024..3071) is not theirs, and
+            # viewers that honour it showed a 0/1/2 label map all black. 0/0 is "unset".
+            hdr["cal_min"], hdr["cal_max"] = 0.0, 0.0
     best = header.get_best_affine() if isinstance(header, nib.Nifti1Header) else None
     if best is None or not np.allclose(best, affine, rtol=0, atol=1e-6):
         # New geometry (or none to keep): the sform carries it exactly; a qform cannot hold

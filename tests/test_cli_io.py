@@ -103,6 +103,23 @@ def test_nifti_round_trip_keeps_geometry(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
 
 
+@pytest.mark.parametrize("klass", [nib.Nifti1Image, nib.Nifti2Image])
+def test_label_on_the_ct_header_drops_the_ct_display_window(tmp_path: Path, klass) -> None:
+    """A label map written on the CT's header keeps its geometry but not the CT's display
+    window (cal_min/cal_max -1024..3071 showed a 0/1/2 map all black in viewers that use
+    it); the CT itself keeps it."""
+    data, affine, src = _scan(klass, 0, 2)
+    src.header["cal_min"], src.header["cal_max"] = -1024.0, 3071.0
+    save_nifti(tmp_path / "ct.nii.gz", data, affine, header=src.header)
+    save_nifti(tmp_path / "label.nii.gz", (data > 0).astype(np.uint8), affine, header=src.header)
+    ct = nib.load(tmp_path / "ct.nii.gz").header
+    lab = nib.load(tmp_path / "label.nii.gz").header
+    assert (float(ct["cal_min"]), float(ct["cal_max"])) == (-1024.0, 3071.0)
+    assert (float(lab["cal_min"]), float(lab["cal_max"])) == (0.0, 0.0)
+    assert int(lab["sform_code"]) == 2 and int(lab["qform_code"]) == 1
+    np.testing.assert_allclose(nib.load(tmp_path / "label.nii.gz").affine, affine)
+
+
 def test_load_nifti_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"missing\.nii\.gz: file not found"):
         load_nifti(tmp_path / "missing.nii.gz")
