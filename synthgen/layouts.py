@@ -737,7 +737,8 @@ def load_mask_file(
     one of them (:class:`AbsentLabelError` listing a few of the ids it holds).
     ``unoriented``: the CT has no orientation (sform and qform codes 0), so a mask's
     orientation cannot be related to it: a mask of the CT's shape is taken voxel for voxel,
-    one of another shape is still mapped through the affines.
+    one of another shape is still mapped through the affines. So is a mask without
+    orientation: one of the CT's shape is taken voxel for voxel.
     """
     from scipy import ndimage
 
@@ -764,7 +765,11 @@ def load_mask_file(
             f"{src.path}: {what} absent from this file (ids present: {_some_values(data)})"
         )
     same = _same_grid(m.shape, aff, shape, affine)
-    if same or (unoriented and tuple(m.shape) == tuple(shape)):
+    # A mask without orientation (both codes 0) has only nibabel's fallback affine (x
+    # flipped, centred), no place in the CT's world: one of the CT's shape is taken voxel for
+    # voxel, as an oriented mask is for a CT without orientation (mapped through the
+    # fallback, it landed mirrored and shifted off the organ, without a word).
+    if same or ((unoriented or _unoriented(hdr)) and tuple(m.shape) == tuple(shape)):
         plain = (
             same
             and src.label_ids is None

@@ -1599,3 +1599,32 @@ def test_label_map_with_near_integer_values_finds_its_ids(tmp_path, liver_scan) 
     _, label, _ = CaseSource("c", str(ct), str(p), (1,)).load()
     np.testing.assert_array_equal(label == 1, lab == 1)
     np.testing.assert_array_equal(label == 2, lab == 2)
+
+
+def test_mask_without_orientation_of_the_ct_shape_is_taken_voxel_for_voxel(tmp_path) -> None:
+    """An oriented CT and a mask of its shape with sform and qform codes 0 (as written by
+    ``nib.Nifti1Image(mask, None)``): the mask has no place in the CT's world, only
+    nibabel's fallback affine (x flipped, centred). It was mapped through that fallback and
+    landed mirrored and shifted off the organ, silently; now it is taken voxel for voxel, as
+    an oriented mask is for a CT without orientation."""
+    ph = phantom(1)
+    liver = ph.mask("liver")
+    assert not np.array_equal(liver, liver[::-1])
+    aff = np.diag([-SPACING[0], -SPACING[1], SPACING[2], 1.0])  # LPS, off centre
+    aff[:3, 3] = (40.0, 25.0, -30.0)
+    ct = save(tmp_path / "ct.nii.gz", ph.image, aff)
+    img = nib.Nifti1Image(liver.astype(np.uint8), None)
+    img.header.set_zooms(SPACING)
+    nib.save(img, tmp_path / "liver0.nii.gz")
+    hdr = nib.load(tmp_path / "liver0.nii.gz").header
+    assert int(hdr["sform_code"]) == int(hdr["qform_code"]) == 0
+    got, plain = load_mask_file(MaskSource(tmp_path / "liver0.nii.gz"), SHAPE, aff)
+    np.testing.assert_array_equal(got, liver)
+    assert not plain  # its header is not the CT's: written anew on the CT's, not copied
+    out = tmp_path / "out"
+    cli("synth", ct, "--mask", tmp_path / "liver0.nii.gz", "--organ", "liver",
+        "--out", out, "--no-mass-effect")  # fmt: skip
+    (sample,) = (d for d in out.iterdir() if d.name.endswith("_s000"))
+    lab = arr(sample / "label.nii.gz")
+    np.testing.assert_array_equal(lab > 0, liver)
+    assert (lab == 2).any()
