@@ -31,6 +31,7 @@ import csv
 import json
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,10 +137,21 @@ def _stem(p: Path) -> str:
 
 
 def _find(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.nii.gz`` or ``.nii``, whichever is a file; ``None`` if neither is.
+
+    A folder that cannot be looked into (no permission) gives the ``.nii.gz`` name: whether
+    the file is there cannot be told, and loading it then fails the case naming the file and
+    why, where ``Path.is_file`` would raise out of the whole discovery (Python < 3.14) or
+    call the file missing (3.14)."""
     for ext in (".nii.gz", ".nii"):
         p = folder / f"{stem}{ext}"
-        if p.is_file():
-            return p
+        try:
+            if stat.S_ISREG(p.stat().st_mode):
+                return p
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return folder / f"{stem}.nii.gz"
     return None
 
 
@@ -175,8 +187,11 @@ def detect_layout(path: str | Path) -> str:
     if (root / "ct").is_dir() and (root / "label").is_dir():
         return "atlas2"
     for sub in sorted(root.iterdir()):
-        if sub.is_dir() and _find(sub, "ct") and (sub / "segmentations").is_dir():
-            return "atlas1"
+        try:
+            if sub.is_dir() and _find(sub, "ct") and (sub / "segmentations").is_dir():
+                return "atlas1"
+        except OSError:  # a case folder that cannot be looked into: the others tell
+            continue
     raise LayoutError(
         f"{root}: not a dataset synthgen knows (expected AbdomenAtlas CASE/ct.nii.gz + "
         "CASE/segmentations/, AbdomenAtlas 2.0 ct/ + label/, MSD or nnU-Net imagesTr/ + "

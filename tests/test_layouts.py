@@ -1628,3 +1628,26 @@ def test_mask_without_orientation_of_the_ct_shape_is_taken_voxel_for_voxel(tmp_p
     lab = arr(sample / "label.nii.gz")
     np.testing.assert_array_equal(lab > 0, liver)
     assert (lab == 2).any()
+
+
+def test_discover_atlas_with_an_unreadable_folder_fails_only_that_case(tmp_path, monkeypatch):
+    """A case folder or segmentations folder that cannot be looked into (no permission) must
+    not stop discovery for the whole dataset: the case is found, and loading it fails the
+    case naming the file (``Path.is_file`` raises PermissionError there on Python < 3.14)."""
+    root = write_dataset(tmp_path / "atlas", "atlas1", 3)
+    locked = {root / "BDMAP_00000001" / "segmentations", root / "BDMAP_00000002"}
+    real_stat = Path.stat
+
+    def stat(self, *a, **kw):
+        if self.parent in locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert detect_layout(root) == "atlas1"
+    _, cases = discover(root, ["liver"])
+    by_id = {c.case_id: c for c in cases}
+    assert sorted(by_id) == ["BDMAP_00000000", "BDMAP_00000001", "BDMAP_00000002"]
+    seg = root / "BDMAP_00000001" / "segmentations"
+    assert by_id["BDMAP_00000001"].organs["liver"][0].path == seg / "liver.nii.gz"
+    assert by_id["BDMAP_00000002"].ct == root / "BDMAP_00000002" / "ct.nii.gz"
