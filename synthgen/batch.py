@@ -678,12 +678,27 @@ class Manifest:
             self._f.write("\n")
 
     def write(self, rec: dict[str, Any]) -> None:
-        self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        """Append ``rec``; ``ValueError`` naming the manifest when it cannot be written (a
+        full disk): the batch cannot go on without recording, and what it recorded stays."""
+        try:
+            self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            self._broken = True
+            raise ValueError(
+                f"{self.path}: cannot write ({e.strerror or e}); sample {rec.get('sample')} "
+                "and those after it are not recorded: make room, then run again with --resume"
+            ) from None
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            if not getattr(self, "_broken", False):
+                raise
+            # the line a failed write left in the buffer: torn in the file, as a kill leaves
+            # it, and told already
 
 
 def is_done(rec: dict[str, Any] | None, out: Path) -> bool:

@@ -1319,3 +1319,49 @@ def test_refusal_without_resume_counts_done_and_failed_apart(bad_ds: Path, tmp_p
     n = len(read_manifest(out))
     assert f"already holds {n} samples of this run (1 done, {n - 1} failed or incomplete)" in text
     assert "redoes those not done" in text
+
+
+def test_a_manifest_that_cannot_be_written_stops_with_one_line_then_resumes(
+    ds4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk when a record is appended (the sample itself fitted): exit 2 with one line
+    naming the manifest, no traceback, the torn line left as a kill leaves it; --resume then
+    makes the same files as an uninterrupted run."""
+    import synthgen.batch as sb
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert batch(ds4, "--out", ref, "--organ", "liver").exit_code == 0
+    real_init = sb.Manifest.__init__
+
+    class Full:  # the manifest's file on a disk that fills up at the third record
+        def __init__(self, f) -> None:
+            self.f, self.n = f, 0
+
+        def write(self, text: str) -> int:
+            self.n += 1
+            if self.n == 3:  # part of the line reaches the file
+                self.f.write(text[:100])
+                self.f.flush()
+                raise OSError(28, "No space left on device")
+            return self.f.write(text)
+
+        def __getattr__(self, name: str):
+            return getattr(self.f, name)
+
+    def init(self, path: Path) -> None:
+        real_init(self, path)
+        self._f = Full(self._f)
+
+    monkeypatch.setattr(sb.Manifest, "__init__", init)
+    r = batch(ds4, "--out", out, "--organ", "liver")
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert "manifest.jsonl: cannot write (No space left on device)" in " ".join(r.output.split())
+    assert "Traceback" not in r.output
+    assert len(manifest_lines(out)) == 2
+    assert_clean(out)
+    monkeypatch.setattr(sb.Manifest, "__init__", real_init)
+    assert batch(ds4, "--out", out, "--organ", "liver", "--resume").exit_code == 0
+    assert_same_outputs(out, ref)
+    done = [r["sample"] for r in manifest_lines(out) if r["status"] == "done"]
+    assert sorted(done) == sample_ids(4, 1)
