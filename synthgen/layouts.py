@@ -232,18 +232,27 @@ def _discover_atlas1(root: Path, organs: list[str]) -> list[Case]:
         if not sub.is_dir() or sub.name.startswith("."):
             continue
         ct = _find(sub, "ct")
+        if ct is None and (sub / "segmentations").is_dir():
+            ct = sub / "ct.nii.gz"  # a case without its CT: loading fails it, naming the file
         if ct is not None:
             cases.append(_atlas_case(sub.name, ct, sub / "segmentations", organs))
     return cases
 
 
 def _discover_atlas2(root: Path, organs: list[str]) -> list[Case]:
-    cases = []
+    cts = {}
     for sub in sorted((root / "ct").iterdir()):
         ct = _find(sub, "ct") if sub.is_dir() else None
         if ct is not None:
-            segdir = root / "label" / sub.name / "segmentations"
-            cases.append(_atlas_case(sub.name, ct, segdir, organs))
+            cts[sub.name] = ct
+    # a case with labels and no CT is a case too: loading it fails it, naming the file
+    labels = root / "label"
+    for sub in sorted(labels.iterdir()):
+        if sub.name not in cts and (sub / "segmentations").is_dir():
+            cts[sub.name] = root / "ct" / sub.name / "ct.nii.gz"
+    cases = []
+    for cid, ct in sorted(cts.items()):
+        cases.append(_atlas_case(cid, ct, labels / cid / "segmentations", organs))
     return cases
 
 

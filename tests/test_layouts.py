@@ -1651,3 +1651,26 @@ def test_discover_atlas_with_an_unreadable_folder_fails_only_that_case(tmp_path,
     seg = root / "BDMAP_00000001" / "segmentations"
     assert by_id["BDMAP_00000001"].organs["liver"][0].path == seg / "liver.nii.gz"
     assert by_id["BDMAP_00000002"].ct == root / "BDMAP_00000002" / "ct.nii.gz"
+
+
+@pytest.mark.parametrize("layout", ["atlas1", "atlas2"])
+def test_an_atlas_case_without_its_ct_fails_by_name(tmp_path: Path, layout: str) -> None:
+    """A case folder whose CT is missing (an interrupted download or copy) is a bad case like
+    one whose labels are missing: the batch names the file and exits 1, instead of leaving
+    the case out without a word."""
+    root = write_dataset(tmp_path / "in", layout, 3)
+    ct_dir = root / "BDMAP_00000001" if layout == "atlas1" else root / "ct" / "BDMAP_00000001"
+    (ct_dir / "ct.nii.gz").unlink()
+    if layout == "atlas2":
+        shutil.rmtree(root / "ct" / "BDMAP_00000002")  # no ct/ folder at all for case 2
+    _, cases = discover(root, ["liver"])
+    assert [c.case_id for c in cases] == [f"BDMAP_{k:08d}" for k in range(3)]
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["batch", str(root), "--out", str(out), "--organ", "liver"])
+    assert r.exit_code == 1, r.output
+    recs = read_manifest(out)
+    assert recs["BDMAP_00000000_s000"]["status"] == "done"
+    bad = recs["BDMAP_00000001_s000"]
+    assert bad["status"] == "failed" and "ct.nii.gz: file not found" in bad["error"]
+    if layout == "atlas2":
+        assert recs["BDMAP_00000002_s000"]["status"] == "failed"
