@@ -1115,6 +1115,20 @@ def prepare(
     return todo, total, skipped
 
 
+def _save_json(path: Path, obj: Any) -> None:
+    """Write one of OUT's own JSON files (``batch.json``, nnU-Net's ``dataset.json``);
+    ``ValueError`` naming it when it cannot be written (a full disk, no permission)."""
+    from .io import save_json
+
+    try:
+        save_json(path, obj)
+    except OSError as e:
+        raise ValueError(
+            f"{path}: cannot write ({e.strerror or e}); the samples recorded so far are kept: "
+            "make room, then run again with --resume"
+        ) from None
+
+
 class _ShardLock:
     """An exclusive, non-blocking ``flock`` on a shard's manifest, held by the run writing it;
     a run beside one of another shard count (it would write the same samples) is refused.
@@ -1244,9 +1258,8 @@ def run_batch(
         lock.take()  # (when OUT or the manifest did not exist yet)
         if not (out / "batch.json").is_file() or not read_manifest(out):
             from . import __version__
-            from .io import save_json
 
-            save_json(
+            _save_json(
                 out / "batch.json",
                 {"synthgen": __version__, "input": source, "options": opts.identity()},
             )
@@ -1285,9 +1298,7 @@ def run_batch(
                 except OSError:
                     pass
         if opts.format == "nnunet":
-            from .io import save_json
-
             done = [r for r in read_manifest(out).values() if is_done(r, out)]
-            save_json(out / "dataset.json", dataset_json(opts, len(done)))
+            _save_json(out / "dataset.json", dataset_json(opts, len(done)))
         report.wall_s = time.perf_counter() - t0
         return report

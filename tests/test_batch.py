@@ -1365,3 +1365,27 @@ def test_a_manifest_that_cannot_be_written_stops_with_one_line_then_resumes(
     assert_same_outputs(out, ref)
     done = [r["sample"] for r in manifest_lines(out) if r["status"] == "done"]
     assert sorted(done) == sample_ids(4, 1)
+
+
+@pytest.mark.parametrize("name", ["batch.json", "dataset.json"])
+def test_out_json_that_cannot_be_written_is_one_line(
+    ds4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A full disk when OUT's batch.json (at the start) or nnU-Net dataset.json (at the end)
+    is written: exit 2 with one line naming the file, no traceback; --resume then ends it."""
+    real = sio.save_json
+
+    def save_json(path, obj) -> None:
+        if Path(path).name == name and Path(path).parent == out:
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(sio, "save_json", save_json)
+    r = batch(ds4, "--out", out, "--organ", "liver", "--format", "nnunet")
+    assert r.exit_code == 2, r.output
+    assert f"{name}: cannot write (No space left on device)" in " ".join(r.output.split())
+    monkeypatch.setattr(sio, "save_json", real)
+    r = batch(ds4, "--out", out, "--organ", "liver", "--format", "nnunet", "--resume")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 4
