@@ -1236,13 +1236,21 @@ def run_batch(
         on_record: Called with each manifest record as it is written (progress).
         on_start: Called once with the work list ``[(case, samples), ...]`` and the number
             of samples already done.
-        source: Input dataset, recorded in ``batch.json``.
+        source: Input dataset, recorded in ``batch.json``; ``out`` may not be that folder.
 
     Returns:
         A :class:`BatchReport`; failed samples are listed there, never raised.
     """
     t0 = time.perf_counter()
     out = Path(out)
+    if source is not None and out.is_dir() and Path(source).is_dir():
+        if os.path.samefile(source, out):
+            # its samples would be found as cases by the next run (a --resume), and nnU-Net
+            # output would replace the dataset's own dataset.json and fill its imagesTr
+            raise ValueError(
+                f"{out}: the output folder is the input dataset {source}; synthgen only reads "
+                "its input: choose another --out (e.g. a folder beside it)"
+            )
     tag = "main" if shard[1] == 1 else f"shard-{shard[0]}-of-{shard[1]}"
     name = "manifest.jsonl" if shard[1] == 1 else f"manifest-{tag}.jsonl"
     # one run per shard of OUT at a time, locked before what is done there is read (when

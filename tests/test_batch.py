@@ -1389,3 +1389,17 @@ def test_out_json_that_cannot_be_written_is_one_line(
     r = batch(ds4, "--out", out, "--organ", "liver", "--format", "nnunet", "--resume")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 4
+
+
+@pytest.mark.parametrize(("layout", "fmt"), [("nnunet", "nnunet"), ("atlas1", "atlas")])
+def test_out_that_is_the_input_dataset_is_refused(tmp_path: Path, layout: str, fmt: str) -> None:
+    """--out naming the input dataset folder: nnU-Net output would replace the dataset's own
+    dataset.json (its label names) and fill its imagesTr, and AbdomenAtlas samples would be
+    found as new cases by a --resume (tumors on tumors). Refused before anything is written."""
+    root = write_dataset(tmp_path / "in", layout, 2)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    r = batch(root, "--out", root, "--organ", "liver", "--format", fmt)
+    assert r.exit_code == 2, r.output
+    assert "the output folder is the input dataset" in " ".join(r.output.split())
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert after == before
