@@ -1129,6 +1129,25 @@ def _save_json(path: Path, obj: Any) -> None:
         ) from None
 
 
+def _check_running_options(out: Path, opts: BatchOptions, lock: _ShardLock) -> None:
+    """Refuse to run beside a run of OUT with other options (another shard started at the
+    same time with another --seed, say): before any of them recorded a sample, each would
+    write its own ``batch.json`` and a --resume would take the mixed samples as one batch."""
+    try:
+        cfg = json.loads((out / "batch.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    old = cfg.get("options") if isinstance(cfg, dict) else None
+    if isinstance(old, dict) and old != opts.identity():
+        held = lock.running()
+        if held:
+            raise ValueError(
+                f"{out} is being written now by a synthgen batch with other options "
+                f"({_differences(old, opts.identity())}; it holds {held[0].name}): use the "
+                "same options, or another --out"
+            )
+
+
 class _ShardLock:
     """An exclusive, non-blocking ``flock`` on a shard's manifest, held by the run writing it;
     a run beside one of another shard count (it would write the same samples) is refused.
@@ -1177,10 +1196,30 @@ class _ShardLock:
         """Refuse to run beside a run of another shard count on OUT: each run holds its
         manifest's lock, taken before this check, so of two that start together one sees
         the other (or both stop)."""
-        out, n = self.path.parent, self.shard[1]
-        for other in sorted(out.glob("manifest*.jsonl")):
+        n = self.shard[1]
+        for other in self.running(fcntl):
             m = 1 if other.name == "manifest.jsonl" else other.stem.rpartition("-of-")[2]
-            if str(m) == str(n) or other == self.path:
+            if str(m) == str(n):
+                continue
+            how = "unsharded" if str(m) == "1" else f"in {m} shards"
+            mine = "unsharded" if n == 1 else f"in {n} shards"
+            raise ValueError(
+                f"{other.parent} is being written by a synthgen batch {how} now (it holds "
+                f"{other.name}); this run ({mine}) would write the same samples: give "
+                f"it --shard I/{m}, or wait for that batch to end (then --resume)"
+            )
+
+    def running(self, fcntl: Any = None) -> list[Path]:
+        """The other manifests of OUT that a run holds now (tried with a non-blocking lock,
+        released at once); none where ``flock`` does not work."""
+        if fcntl is None:
+            try:
+                import fcntl
+            except ImportError:
+                return []
+        held = []
+        for other in sorted(self.path.parent.glob("manifest*.jsonl")):
+            if other == self.path:
                 continue
             try:
                 f = open(other, encoding="utf-8")
@@ -1190,15 +1229,10 @@ class _ShardLock:
                 try:
                     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    how = "unsharded" if str(m) == "1" else f"in {m} shards"
-                    mine = "unsharded" if n == 1 else f"in {n} shards"
-                    raise ValueError(
-                        f"{out} is being written by a synthgen batch {how} now (it holds "
-                        f"{other.name}); this run ({mine}) would write the same samples: give "
-                        f"it --shard I/{m}, or wait for that batch to end (then --resume)"
-                    ) from None
+                    held.append(other)
                 except OSError:
                     continue
+        return held
 
     def __enter__(self) -> _ShardLock:
         self.take(create=False)
@@ -1264,6 +1298,7 @@ def run_batch(
                 f"{out}: cannot create the output folder ({e.strerror or e})"
             ) from None
         lock.take()  # (when OUT or the manifest did not exist yet)
+        _check_running_options(out, opts, lock)
         if not (out / "batch.json").is_file() or not read_manifest(out):
             from . import __version__
 

@@ -676,6 +676,10 @@ def test_a_second_batch_on_the_same_shard_is_refused_while_one_runs(
         for shard in ((0, 1), (1, 3)):
             with pytest.raises(ValueError, match=r"batch in 2 shards now .* --shard I/2"):
                 run_batch(cases, opts, out, shard=shard, resume=True)
+        # another shard with other options: refused, also before the first recorded a sample
+        # (each wrote its own batch.json, and a --resume took the mix as one batch)
+        with pytest.raises(ValueError, match="other options"):
+            run_batch(cases, BatchOptions(organs=("liver",), per_case=2, seed=6), out, shard=(1, 2))
         other = run_batch(cases, opts, out, shard=(1, 2))  # another shard: not refused
         assert other.ok and other.done == 4
     finally:
