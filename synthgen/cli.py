@@ -57,6 +57,8 @@ def demo(
     statistics) and preview.png (slices through each tumor); OUT/phantom_ct.nii.gz is the
     untouched phantom.
     """
+    import numpy as np
+
     import synthgen
     from synthgen.io import save_json, save_nifti
     from synthgen.phantom import make_phantom
@@ -86,7 +88,10 @@ def demo(
         d = out / organ
         save_nifti(d / "ct.nii.gz", res.image, ph.affine)
         save_nifti(d / "label.nii.gz", res.label, ph.affine)
-        save_nifti(d / "segmentations" / f"{organ}.nii.gz", mask.astype("uint8"), ph.affine)
+        # the organ as the render left it: a mass-effect preset pushes it (label.nii.gz is
+        # built from the pushed mask, so the phantom's own would disagree with it)
+        organ_out = np.asarray(res.organ_mask) > 0
+        save_nifti(d / "segmentations" / f"{organ}.nii.gz", organ_out.astype("uint8"), ph.affine)
         save_nifti(
             d / "segmentations" / f"{LESION_NAMES[organ]}.nii.gz",
             res.tumor_mask.astype("uint8"),

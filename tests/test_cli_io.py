@@ -225,3 +225,23 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path: Path) -> None:
         text = res.output.replace("\n", "")  # (rich wraps at 80 columns)
         assert "cannot write" in text and str(target) in text, (args, res.output)
     assert afile.read_text() == "keep me\n"
+
+
+def test_demo_organ_mask_is_the_pushed_one(tmp_path: Path) -> None:
+    # A mass-effect tumor warps the organ: segmentations/<organ>.nii.gz must be the warped mask
+    # that label.nii.gz is built from (it was the phantom's unwarped mask, so a tumor voxel lay
+    # outside the written organ and qa reported an inside share below 1).
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--shape", "96,80,64", "--spacing", "4,4,5"]
+    args += ["--organs", "uterus", "--seed", "5", "--size", "large", "--no-preview"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    d = out / "uterus"
+    info = json.loads((d / "tumors.json").read_text())
+    assert info["plan"]["preset"]["mass_effect"]["enabled"]
+    labels = np.asarray(nib.load(d / "label.nii.gz").dataobj)
+    organ = np.asarray(nib.load(d / "segmentations" / "uterus.nii.gz").dataobj) > 0
+    lesion = np.asarray(nib.load(d / "segmentations" / "endometrioma_tumor.nii.gz").dataobj) > 0
+    assert lesion.any()
+    np.testing.assert_array_equal(labels > 0, organ | lesion)
+    assert organ[lesion].all()
