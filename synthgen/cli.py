@@ -397,6 +397,10 @@ def synth(
             preview=preview,
             mass_effect=mass_effect,
         )
+        if size is not None:  # a usage error, as in batch: not a failed sample in OUT
+            from synthgen.presets import load_preset
+
+            load_preset(presets.get(organs[0], organs[0])).size_class(size)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     _run_batch([case], opts, out, source=str(ct), resume=resume)

@@ -245,3 +245,17 @@ def test_demo_organ_mask_is_the_pushed_one(tmp_path: Path) -> None:
     assert lesion.any()
     np.testing.assert_array_equal(labels > 0, organ | lesion)
     assert organ[lesion].all()
+
+
+def test_synth_rejects_an_unknown_size_class_up_front(tmp_path: Path) -> None:
+    # as batch does: exit 2 naming the classes, nothing in OUT (it wrote a manifest with a
+    # failed sample and exited 1, as if the scan were bad)
+    ct, mask = tmp_path / "ct.nii.gz", tmp_path / "liver.nii.gz"
+    save_nifti(ct, np.zeros((8, 8, 8), np.int16), np.eye(4))
+    save_nifti(mask, np.ones((8, 8, 8), np.uint8), np.eye(4))
+    out = tmp_path / "out"
+    args = ["synth", str(ct), "--mask", str(mask), "--organ", "pancreas", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--size", "mix"])
+    assert res.exit_code == 2, res.output
+    assert "no size class 'mix'" in res.output
+    assert not out.exists()
