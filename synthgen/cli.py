@@ -69,6 +69,14 @@ def demo(
     for o in organ_list:
         if o not in DEMO_ORGANS:
             raise typer.BadParameter(f"unknown organ {o!r}; valid: {', '.join(DEMO_ORGANS)}")
+    if size is not None:  # before anything is written, not a traceback at the first organ
+        from synthgen.presets import load_preset
+
+        for o in organ_list:
+            try:
+                load_preset(o).size_class(size)
+            except ValueError as e:
+                raise typer.BadParameter(str(e), param_hint="--size") from None
     t0 = time.perf_counter()
     ph = make_phantom(shp, sp, seed=seed)  # type: ignore[arg-type]
     console.print(

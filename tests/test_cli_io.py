@@ -57,6 +57,15 @@ def test_demo_rejects_bad_options(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "unknown organ" in res.output
     res = runner.invoke(app, ["demo", "--out", str(tmp_path), "--spacing", "1,1"])
     assert res.exit_code != 0 and "3 values" in res.output
+    # a size class one of the organs lacks: a usage error before anything is written (it was a
+    # traceback, exit 1, after the liver's sample)
+    out = tmp_path / "sized"
+    res = runner.invoke(
+        app, ["demo", "--out", str(out), "--organs", "liver,pancreas", "--size", "mix"]
+    )
+    assert res.exit_code == 2, res.output
+    assert "no size class 'mix'" in res.output
+    assert not out.exists()
 
 
 def test_presets_commands(tmp_path: Path) -> None:
