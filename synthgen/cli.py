@@ -63,8 +63,13 @@ def demo(
     from synthgen.io import save_json, save_nifti
     from synthgen.phantom import make_phantom
 
-    shp = tuple(int(v) for v in _floats(shape, 3, "--shape"))
+    shp_f = _floats(shape, 3, "--shape")
+    if not all(v >= 1 and v == int(v) for v in shp_f):
+        raise typer.BadParameter(f"--shape must be 3 positive whole numbers, got {shape!r}")
+    shp = tuple(int(v) for v in shp_f)
     sp = _floats(spacing, 3, "--spacing")
+    if not all(0 < v < float("inf") for v in sp):
+        raise typer.BadParameter(f"--spacing must be 3 positive numbers (mm), got {spacing!r}")
     organ_list = [o.strip() for o in organs.split(",") if o.strip()]
     for o in organ_list:
         if o not in DEMO_ORGANS:

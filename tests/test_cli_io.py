@@ -57,6 +57,14 @@ def test_demo_rejects_bad_options(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "unknown organ" in res.output
     res = runner.invoke(app, ["demo", "--out", str(tmp_path), "--spacing", "1,1"])
     assert res.exit_code != 0 and "3 values" in res.output
+    # a grid or voxel size the phantom cannot take: usage errors (they were tracebacks, exit 1)
+    for opt, bad in (("--shape", "0,0,0"), ("--shape", "-5,5,5"), ("--shape", "96.7,80,64")):
+        res = runner.invoke(app, ["demo", "--out", str(tmp_path / "g"), opt, bad])
+        assert res.exit_code == 2 and "positive whole" in res.output, (bad, res.output)
+    for bad in ("0,4,5", "-1,4,5", "nan,4,5", "inf,4,5"):
+        res = runner.invoke(app, ["demo", "--out", str(tmp_path / "g"), "--spacing", bad])
+        assert res.exit_code == 2 and "positive numbers" in res.output, (bad, res.output)
+    assert not (tmp_path / "g").exists()
     # a size class one of the organs lacks: a usage error before anything is written (it was a
     # traceback, exit 1, after the liver's sample)
     out = tmp_path / "sized"
