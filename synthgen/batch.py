@@ -93,6 +93,9 @@ class BatchOptions:
         for o in self.organs:
             if o not in ORGANS:
                 raise ValueError(f"unknown organ {o!r}; valid: {', '.join(ORGANS)}")
+        twice = sorted({o for o in self.organs if self.organs.count(o) > 1})
+        if twice:  # two plans of one organ: nnU-Net ids 3/4 without 1/2, a doubled record
+            raise ValueError(f"organ(s) given more than once: {', '.join(twice)}")
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues."""

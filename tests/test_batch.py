@@ -1043,6 +1043,7 @@ def test_failed_write_leaves_no_temporary_file(
         ({"format": "nifti"}, "unknown format"),
         ({"organs": ("spleen",)}, "unknown organ"),
         ({"organs": ("liver", "spleen")}, "unknown organ"),
+        ({"organs": ("liver", "pancreas", "liver")}, "more than once: liver"),
         ({"per_case": 0}, "per_case"),
         ({"per_case": -3}, "per_case"),
         ({"compresslevel": 10}, "compression"),
@@ -1062,6 +1063,7 @@ def test_cli_rejects_bad_options(ds4: Path, tmp_path: Path) -> None:
         ["--per-case", "0"],
         ["--compression", "10"],
         ["--organ", "spleen"],
+        ["--organ", "liver,liver"],
     ):
         args = [ds4, "--out", out, "--organ", "liver", *extra]
         res = batch(*args)
