@@ -359,7 +359,7 @@ def synth(
         bool | None,
         typer.Option(
             "--mass-effect/--no-mass-effect",
-            help="Large tumors push the tissue (default: the preset's [mass_effect]).",
+            help="Large tumors push the tissue (default: the preset's \\[mass_effect]).",
         ),
     ] = None,
     resume: Annotated[
@@ -461,7 +461,7 @@ def batch(
         typer.Option(
             "--mass-effect/--no-mass-effect",
             help="Large tumors push the tissue (image and every label map warped alike); "
-            "default: each preset's [mass_effect] section.",
+            "default: each preset's \\[mass_effect] section.",
         ),
     ] = None,
     lesion_id: Annotated[

@@ -276,3 +276,11 @@ def test_synth_rejects_an_unknown_size_class_up_front(tmp_path: Path) -> None:
     assert res.exit_code == 2, res.output
     assert "no size class 'mix'" in res.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["synth", "batch"])
+def test_help_shows_the_mass_effect_section_name(command: str) -> None:
+    # rich markup took "[mass_effect]" for a style tag and printed "the preset's )"
+    res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0
+    assert "[mass_effect]" in res.output, res.output
