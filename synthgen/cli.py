@@ -82,6 +82,10 @@ def demo(
                 load_preset(o).size_class(size)
             except ValueError as e:
                 raise typer.BadParameter(str(e), param_hint="--size") from None
+    try:  # a file where the folder must be, no permission: one line, not a traceback
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(out, e) from None
     t0 = time.perf_counter()
     ph = make_phantom(shp, sp, seed=seed)  # type: ignore[arg-type]
     console.print(

@@ -234,6 +234,7 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path: Path) -> None:
         (["preview", str(sample), "-o", str(afile / "p.png")], afile / "p.png"),
         (["preview", str(sample), "-o", str(tmp_path)], tmp_path),
         (["presets", "export", "liver", "-o", str(tmp_path / "no" / "x.toml")], "x.toml"),
+        (["demo", "--out", str(afile), "--organs", "kidney", "--shape", "40,40,40"], afile),
     ]
     for args, target in cases:
         res = runner.invoke(app, args)
