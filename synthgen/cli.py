@@ -95,12 +95,18 @@ def demo(
     table = Table(title="synthgen demo (phantom)")
     for col in ("organ", "preset", "class", "tumors", "volume mL", "contrast HU", "time ms"):
         table.add_column(col, justify="right" if col not in ("organ", "preset") else "left")
+    failed: list[str] = []
     for n, organ in enumerate(organ_list):
         mask = ph.mask(organ)
         t1 = time.perf_counter()
-        res = synthgen.synthesize(
-            ph.image, mask, organ=organ, affine=ph.affine, seed=seed + n, size=size
-        )
+        try:
+            res = synthgen.synthesize(
+                ph.image, mask, organ=organ, affine=ph.affine, seed=seed + n, size=size
+            )
+        except ValueError as e:  # an organ the grid crops out or leaves too small
+            console.print(f"[red]failed[/red] {organ}: {esc(str(e))}")
+            failed.append(organ)
+            continue
         ms = (time.perf_counter() - t1) * 1e3
         d = out / organ
         save_nifti(d / "ct.nii.gz", res.image, ph.affine)
@@ -139,9 +145,13 @@ def demo(
             f"{ms:.0f}",
         )
     console.print(table)
-    console.print(f"wrote {len(organ_list)} image/label pairs under {esc(str(out))}/")
-    if preview:
+    wrote = len(organ_list) - len(failed)
+    console.print(f"wrote {wrote} image/label pairs under {esc(str(out))}/")
+    if preview and wrote:
         console.print(f"previews: {esc(str(out))}/<organ>/preview.png")
+    if failed:
+        console.print(f"[red]failed:[/red] {', '.join(failed)} (see above)")
+        raise typer.Exit(1)
 
 
 _DEVICE_HELP = (

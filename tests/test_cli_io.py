@@ -245,6 +245,18 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path: Path) -> None:
     assert afile.read_text() == "keep me\n"
 
 
+def test_demo_an_organ_the_grid_crops_out_fails_alone(tmp_path: Path) -> None:
+    # a small field of view holds no uterus: that organ fails with its reason and exit 1, the
+    # others are written (it was a traceback at the first such organ)
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--shape", "24,24,24", "--spacing", "4,4,5"]
+    res = runner.invoke(app, [*args, "--organs", "uterus,liver", "--no-preview"])
+    assert res.exit_code == 1, res.output
+    assert not isinstance(res.exception, ValueError), res.exception
+    assert "failed uterus: organ mask is empty" in res.output.replace("\n", " ")
+    assert (out / "liver" / "ct.nii.gz").is_file() and not (out / "uterus").exists()
+
+
 def test_demo_organ_mask_is_the_pushed_one(tmp_path: Path) -> None:
     # A mass-effect tumor warps the organ: segmentations/<organ>.nii.gz must be the warped mask
     # that label.nii.gz is built from (it was the phantom's unwarped mask, so a tumor voxel lay
