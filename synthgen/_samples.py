@@ -256,7 +256,9 @@ class SampleMaker:
     def __post_init__(self) -> None:
         from .presets import load_preset
 
-        load_preset(self.organ)  # fail early, in the parent process
+        preset = load_preset(self.organ)  # fail early, in the parent process
+        if self.size is not None:  # (not in a worker, at the first sample)
+            preset.size_class(self.size)
         for name, kind in (("seed", int), ("samples_per_case", int), ("prob", float)):
             object.__setattr__(self, name, kind(getattr(self, name)))
         object.__setattr__(self, "tumor_label", int(self.tumor_label))

@@ -260,6 +260,10 @@ def test_producer_validates_arguments(dataset: tuple[Path, list]) -> None:
     for bad in ({"workers": 0}, {"queue_size": 0}, {"epochs": 0}, {"device": "cuda"}):
         with pytest.raises(ValueError):
             Producer(cases, "liver", **bad)
+    # an unknown size class: refused here (it crashed the worker at the first sample, and
+    # `synthgen stream --size huge` served until a consumer came, then died with a traceback)
+    with pytest.raises(ValueError, match="no size class 'huge'"):
+        Producer(cases, "liver", size="huge")
     with pytest.raises(TypeError):
         len(Producer(cases, "liver", epochs=None))
     assert len(Producer(cases, "liver", epochs=3, samples_per_case=2)) == N_CASES * 6
