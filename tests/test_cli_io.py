@@ -297,3 +297,15 @@ def test_help_shows_the_mass_effect_section_name(command: str) -> None:
     res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})
     assert res.exit_code == 0
     assert "[mass_effect]" in res.output, res.output
+
+
+def test_python_dash_m_synthgen_runs_the_cli() -> None:
+    # `python -m synthgen ...` failed: "No module named synthgen.__main__"
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "synthgen", "presets", "list"], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "liver-classic" in res.stdout

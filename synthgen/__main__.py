@@ -1,0 +1,5 @@
+"""``python -m synthgen``: the ``synthgen`` command line."""
+
+from synthgen.cli import main
+
+main()
