@@ -1068,6 +1068,25 @@ def _check_inputs(work, previous: dict[str, dict[str, Any]], out: Path) -> None:
         )
 
 
+def _check_foreign(out: Path) -> None:
+    """Refuse an OUT that holds files but no batch (no ``batch.json``, no manifest): a batch
+    replaces its samples' folders and nnU-Net's ``dataset.json``, so what is there (another
+    dataset, a folder of the same name as a sample) would be lost. A batch's own OUT always
+    has a manifest from its start on."""
+    try:
+        names = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ValueError(f"{out}: cannot read the output folder ({e.strerror or e})") from None
+    if names and "batch.json" not in names and not any(n.startswith("manifest") for n in names):
+        some = ", ".join(sorted(names)[:3]) + (" ..." if len(names) > 3 else "")
+        raise ValueError(
+            f"{out} holds files that are not a synthgen batch ({some}); a batch replaces "
+            "what has its samples' names there: give it a new or empty --out"
+        )
+
+
 def prepare(
     cases: Sequence[Case], opts: BatchOptions, out: Path, *, shard=(0, 1), resume=False
 ) -> tuple[list[tuple[Case, list[Sample]]], int, int]:
@@ -1082,6 +1101,7 @@ def prepare(
     i, n = shard
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: the output folder is a file; choose another --out")
+    _check_foreign(out)
     mine = [c for k, c in enumerate(sorted(cases, key=lambda c: c.case_id)) if k % n == i]
     previous = read_manifest(out) if out.exists() else {}
     cfg_path = out / "batch.json"

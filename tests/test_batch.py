@@ -694,6 +694,30 @@ def test_a_second_batch_on_the_same_shard_is_refused_while_one_runs(
     assert_clean(out)
 
 
+def test_an_out_holding_other_files_is_refused(ds4: Path, tmp_path: Path) -> None:
+    """An OUT with files but no batch there (no batch.json, no manifest): refused before
+    anything is written. A batch replaces its samples' folders (a folder of a sample's name
+    with the user's files in it was deleted) and nnU-Net's dataset.json (an existing
+    dataset's was overwritten). Dot files and an empty OUT are no obstacle."""
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",))
+    out = tmp_path / "out"
+    mine = out / "BDMAP_00000001_s000" / "mine.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("keep me")
+    for o in (opts, BatchOptions(organs=("liver",), format="nnunet")):
+        with pytest.raises(ValueError, match="holds files that are not a synthgen batch"):
+            run_batch(cases, o, out)
+    assert mine.read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == [
+        "BDMAP_00000001_s000"
+    ]
+    res = batch(ds4, "--out", out, "--organ", "liver")
+    assert res.exit_code == 2 and "not a synthgen batch" in " ".join(res.output.split())
+    empty = tmp_path / "empty"
+    (empty / ".cache").mkdir(parents=True)
+    assert run_batch(cases, opts, empty).done == 4
+
+
 def test_resume_redoes_deleted_samples_and_refuses_misuse(
     ds6: Path, liver_ref: Path, tmp_path: Path
 ) -> None:
