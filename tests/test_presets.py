@@ -413,6 +413,12 @@ INVALID = [
         id="class-wall-modes-without-wall",
     ),
     pytest.param(
+        MINIMAL + "[wall]\n[mass_effect]\nenabled = true\n",
+        "mass_effect.enabled",
+        "push no tissue",
+        id="mass-effect-of-wall-tumors",
+    ),
+    pytest.param(
         MINIMAL.replace("radius_mm = [4, 6]", "radius_mm = [4, 6]\nwall_modes = {polyp = 1}")
         + "[wall]\n",
         "classes.small.wall_modes",

@@ -760,6 +760,11 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
     desc = data.get("description", "")
     if not isinstance(desc, str):
         raise ctx.fail("description", "must be a string")
+    if data.get("wall") is not None and mass_effect.enabled:  # (accepted, it did nothing)
+        raise ctx.fail(
+            "mass_effect.enabled",
+            "wall tumors ([wall]) grow into the lumen and push no tissue: leave it false",
+        )
     if data.get("wall") is None:  # (class keys of wall tumors without them: not ignored)
         for n, c in classes.items():
             for k in ("wall_thickness_mm", "wall_modes"):
