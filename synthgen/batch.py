@@ -409,6 +409,8 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
             label[lesions[organ]] = le
             # (a batch whose lesion ids match no voxel anywhere is told: a typo, likely)
             rec["existing_lesion_voxels"] = int(np.count_nonzero(lesions[organ]))
+            if rec["existing_lesion_voxels"]:  # (synthgen qa tells them from synthetic ones)
+                rec["existing_lesions"] = _component_boxes(lesions[organ])
         tumors[organ] = tm
         records.append(rec)
     if not records:
@@ -523,6 +525,20 @@ def _record(sample: Sample, case: Case, status: str, t0: float, **kw: Any) -> di
     return rec
 
 
+def _component_boxes(mask: np.ndarray) -> list[list[list[int]]]:
+    """The bounding boxes ``[[start, stop], ...]`` of ``mask``'s connected components (full
+    connectivity), labelled within the mask's own bounding box only."""
+    from scipy import ndimage
+
+    idx = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    crop = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
+    comps, _ = ndimage.label(mask[crop], ndimage.generate_binary_structure(3, 3))
+    return [
+        [[s.start + c.start, s.stop + c.start] for s, c in zip(sl, crop, strict=True)]
+        for sl in ndimage.find_objects(comps)
+    ]
+
+
 def _failed(case: Case, samples, why: str) -> list[dict[str, Any]]:
     """The failure records of every sample of ``case`` (it could not be loaded or made)."""
     t0 = time.perf_counter()
@@ -542,7 +558,8 @@ def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[st
         except Exception as e:  # recorded with its type; the batch goes on
             yield _record(sample, case, "failed", t0, error=_short(e), **notes)
             continue
-        keep = ("organ", "preset", "seed", "plan", "tumors", "existing_lesion_voxels")
+        keep = ("organ", "preset", "seed", "plan", "tumors")
+        keep += ("existing_lesion_voxels", "existing_lesions")
         organs = [{k: r[k] for k in keep if k in r} for r in arrays[3]]
         yield _record(
             sample,

@@ -11,7 +11,10 @@ gives the intended values):
 * **Tumors** are the connected components (full connectivity: voxels touching by a face, an
   edge or a corner; a tumor's rim voxels can meet the rest along an edge only) of the organ's
   lesion mask ``segmentations/<lesion>.nii.gz``; without it, of ``label.nii.gz == 2``
-  (one-organ folders only). Touching tumors count as one.
+  (one-organ folders only). Touching tumors count as one. A component that matches no
+  planned tumor and whose centroid lies in the box of one of the scan's own lesions
+  (``existing_lesions`` in ``tumors.json``, grown by 2 voxels) is that lesion: listed apart
+  (``existing_lesions``), neither counted nor measured against the preset.
 * **Organ mask**: ``segmentations/<organ>.nii.gz`` (non-zero), else ``label >= 1``. For the
   hollow organs' wall tumors (colon, esophagus) the reference below is the organ's wall: its
   voxels in the soft-tissue window [-150, 300] HU, not the gas or contents of its lumen.
@@ -126,7 +129,8 @@ def find_samples(root: str | Path, exclude: str | Path | None = None) -> list[Pa
 
 
 def _read_meta(path: Path) -> list[dict[str, Any]]:
-    """``[{"organ", "plan", "tumors"}]`` from either ``tumors.json`` schema."""
+    """``[{"organ", "plan", "tumors", "existing_lesions"}]`` from either ``tumors.json``
+    schema."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -142,7 +146,10 @@ def _read_meta(path: Path) -> list[dict[str, Any]]:
             tumors = e.get("tumors")
             if tumors is None:
                 tumors = plan.get("tumors", [])
-            out.append({"organ": organ, "plan": plan, "tumors": list(tumors)})
+            boxes = e.get("existing_lesions") or []
+            out.append(
+                {"organ": organ, "plan": plan, "tumors": list(tumors), "existing_lesions": boxes}
+            )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: malformed tumors file ({type(e).__name__}: {e})") from None
     return out
@@ -298,7 +305,8 @@ def _measure_sample(d: Path) -> dict[str, Any]:
         whole: list[np.ndarray] = []  # (the whole organ's values, read if ever needed)
         comps, n = ndimage.label(les, full)
         objs = ndimage.find_objects(comps)
-        tumors = []
+        tumors, existing = [], []
+        boxes = e.get("existing_lesions") or []
         for k in range(1, n + 1):
             sl = objs[k - 1]
             comp = comps[sl] == k
@@ -365,6 +373,12 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             cls_rng = (intended.get("class_diameter_mm") or {}).get(t["size_class"])
             t["diameter_in_class_range"] = _within(diam, cls_rng)
             t["contrast_in_range"] = _contrast_ok(t, intended)
+            if rec is None and any(
+                all(b[0] - 2 <= c < b[1] + 2 for c, b in zip(centroid, box, strict=True))
+                for box in boxes
+            ):  # the scan's own lesion, kept as tumor label: not the preset's
+                existing.append(t)
+                continue
             tumors.append(t)
             if largest is None or nv > largest[0]:
                 largest = (nv, (float(centroid[0]), float(centroid[1]), float(centroid[2])))
@@ -373,12 +387,15 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             "preset": intended.get("preset"),
             "size_class": intended.get("size_class"),
             "intended": intended,
-            "n_tumors": n,
+            "n_tumors": len(tumors),
             "planned_tumors": len(e["tumors"]),
-            "count_in_range": _within(float(n), intended.get("count")),
+            "count_in_range": _within(float(len(tumors)), intended.get("count")),
             "organ_voxels": int(org.sum()),
             "tumors": tumors,
+            "existing_lesions": existing,
         }
+    # (impossible: gas in a synthetic tumor; a scan's own lesion may hold gas, an abscess)
+    gas_total -= sum(t["gas_voxels"] for o in organ_out.values() for t in o["existing_lesions"])
     return {
         "sample": d.name,
         "path": str(d),
@@ -454,10 +471,12 @@ def _summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
                     "intended": [],
                     "tumor_out_of_range": 0,
                     "tumor_gas_voxels": 0,
+                    "existing_lesions": 0,
                     "presets": set(),
                 },
             )
             acc["samples"] += 1
+            acc["existing_lesions"] += len(o.get("existing_lesions", ()))
             acc["tumors"].extend(o["tumors"])
             acc["counts"].append(o["n_tumors"])
             acc["count_flags"].append(o["count_in_range"])
@@ -480,6 +499,7 @@ def _summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
             "presets": sorted(acc["presets"]),
             "samples": acc["samples"],
             "tumors": len(ts),
+            "existing_lesions": acc["existing_lesions"],  # the scans' own, not measured
             "quantiles": {q: _quantiles([t[q] for t in ts]) for q in _TUMOR_QUANTITIES}
             | {"count": _quantiles([float(c) for c in acc["counts"]])},
             "share_diameter_in_range": _share([t["diameter_in_range"] for t in ts]),

@@ -452,6 +452,15 @@ def test_batch_lesion_id_keeps_the_existing_tumor_as_tumor(lits_files, datasets,
     assert rec["inputs"]["lesions"] == {"liver": [{"path": str(labels), "label_ids": [2]}]}
     assert rec["organs"][0]["existing_lesion_voxels"] == np.count_nonzero(cancer)
     assert "matched no voxel" not in flat(res.output)
+    # synthgen qa tells the scan's own lesion from the synthetic tumors (it counted it as
+    # one more tumor, out of the planned count, and measured it against the preset)
+    from synthgen.qa import qa_report
+
+    summary = qa_report(tmp_path / "opt", tmp_path / "qa")
+    (o,) = json.loads((tmp_path / "qa" / "qa.json").read_text())["samples"][0]["organs"].values()
+    assert summary["organs"]["liver"]["existing_lesions"] == 1 == len(o["existing_lesions"])
+    assert o["n_tumors"] == len(rec["organs"][0]["tumors"]) == o["planned_tumors"]
+    assert all(t["matched_index"] is not None for t in o["tumors"])
     # a lesion id that no voxel has (a typo): the samples are made, and the run says so
     res = cli("batch", sheet, "--out", tmp_path / "typo", "--organ", "liver", "--no-mass-effect",
               "--lesion-id", 7)  # fmt: skip
