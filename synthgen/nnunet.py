@@ -670,6 +670,17 @@ else:
 '''
 
 
+def _preset_spec(organ: str | Path) -> str:
+    """How the generated module names a preset: a name as it is, a preset file by its
+    absolute path (nnU-Net imports the module from whatever folder it runs in; a relative
+    path would not be found there, and the module's failure would break nnU-Net's lookup of
+    every other trainer too)."""
+    s = str(organ)
+    if isinstance(organ, Path) or s.endswith(".toml") or "/" in s or "\\" in s:
+        return str(Path(s).resolve())
+    return s
+
+
 def trainer_module_source(
     organ: str | Path | Sequence[str | Path] = "liver", probability: float = 0.5
 ) -> str:
@@ -704,7 +715,7 @@ def trainer_module_source(
     for o, n in zip(organs, names, strict=True):
         lines.append(
             f"    {n} = make_trainer(\n"
-            f"        {json.dumps(str(o))},\n"
+            f"        {json.dumps(_preset_spec(o))},\n"
             f"        probability={p!r},\n"
             f"        name={json.dumps(n)},\n"
             f"        module=__name__,\n"

@@ -746,3 +746,25 @@ def test_transform_keeps_tumors_off_existing_lesions():
         assert ref.plan.to_json() == plan_with_the_lesion(sc, seed)
         np.testing.assert_array_equal(out["image"][0].numpy(), ref.image)
     assert touching_without_the_mask(sc, seeds) >= 1
+
+
+def test_trainer_module_source_preset_file_from_another_folder(
+    fake_nnunetv2, tmp_path, monkeypatch
+):
+    # nnU-Net imports the written module from whatever folder nnUNetv2_train runs in: a
+    # preset file given by a relative path must still be found there.
+    from synthgen.presets import preset_path
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    text = preset_path("liver-classic").read_text(encoding="utf-8")
+    (work / "my-liver.toml").write_text(text.replace('name = "liver-classic"', 'name = "my-liver"'))
+    src = trainer_module_source("my-liver.toml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ns: dict = {"__name__": "nnunetv2.training.nnUNetTrainer.variants.synthgen_trainers"}
+    exec(compile(src, "synthgen_trainers.py", "exec"), ns)
+    (cls,) = [v for k, v in ns.items() if k.startswith("nnUNetTrainerSynthgen")]
+    assert issubclass(cls, fake_nnunetv2)
