@@ -457,6 +457,12 @@ class BatchTumorSynthesis:
             raise ValueError(f"image {tuple(image.shape)} and label {tuple(label.shape)} differ")
         if image.device != label.device:
             raise ValueError(f"image on {image.device}, label on {label.device}")
+        if label.dtype == torch.bool or label.dtype.is_complex:
+            raise ValueError(
+                f"label is {label.dtype}: it is written in place and must hold the tumor label "
+                f"{self.tumor_label}; pass an integer (or float) label map, e.g. "
+                "label.to(torch.uint8)"
+            )
         check_channels(self.synthesizer.preset, image.shape[1])
         step = self.step if step is None else int(step)
         self.step = step + 1

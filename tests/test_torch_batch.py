@@ -93,6 +93,17 @@ def test_bad_shapes_are_refused(batch):
         BatchTumorSynthesis("liver")(torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()))
 
 
+def test_boolean_label_is_refused_with_a_clear_message(batch):
+    # the label map is written in place: a bool tensor cannot hold the tumor label
+    imgs, labs = batch
+    synth = BatchTumorSynthesis("liver", spacing=SP)
+    img_t, lab_t = torch.from_numpy(imgs.copy()), torch.from_numpy(labs.astype(bool))
+    with pytest.raises(ValueError, match="must hold the tumor label"):
+        synth(img_t, lab_t)
+    assert synth.step == 0
+    np.testing.assert_array_equal(img_t.numpy(), imgs)
+
+
 def test_bfloat16_cpu_batch_renders_through_float32(batch):
     """A bfloat16 CPU batch (AMP) is planned from its float32 values and rendered in place
     like that float32 batch, cast back. (Before: TypeError, unsupported ScalarType
