@@ -605,6 +605,23 @@ def test_wrapper_needs_an_affine_or_spacing(dict_items: list) -> None:
         TumorSynthesisWrapper(DictDataset(items), "liver", prob=1.5)
 
 
+def test_wrapper_refuses_unusable_data_instead_of_leaving_items_alone(dict_items: list) -> None:
+    # A bad affine or NaN in the organ is the caller's error: it must not read as "organ too
+    # small" (no tumors, silently, for the whole training run).
+    item = dict_items[0]
+    for affine, match in (
+        (np.diag([5.0, 5.0, 6.0]), "4x4"),
+        (np.diag([5.0, 0.0, 6.0, 1.0]), "positive and finite"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TumorSynthesisWrapper(DictDataset([dict(item, affine=affine)]), "liver")[0]
+    image = item["image"].clone()
+    organ = np.argwhere(item["label"][0].numpy() == 1)
+    image[(0, *organ[len(organ) // 2])] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        TumorSynthesisWrapper(DictDataset([dict(item, image=image)]), "liver")[0]
+
+
 def test_wrapper_multichannel_keeps_other_channels(dict_items: list) -> None:
     src = dict_items[0]
     extra = torch.linspace(-5.0, 5.0, src["image"].numel()).reshape(src["image"].shape)
