@@ -255,7 +255,14 @@ def _like(arr: np.ndarray, ref: Any, *, label: bool = False) -> Any:
     uint8 (0/1/tumor label: a bool cannot hold the tumor label)."""
     if isinstance(ref, torch.Tensor):
         t = torch.from_numpy(np.ascontiguousarray(arr))
-        return t if label and ref.dtype == torch.bool else t.to(ref.dtype)
+        t = t if label and ref.dtype == torch.bool else t.to(ref.dtype)
+        if hasattr(ref, "meta") and hasattr(ref, "copy_meta_from"):
+            # a MONAI MetaTensor: one again, its metadata kept (a batch of fired and unfired
+            # items must collate, and the affine travel on)
+            from monai.utils import convert_to_dst_type
+
+            return convert_to_dst_type(t, dst=ref, dtype=t.dtype)[0]
+        return t
     dtype = np.asarray(ref).dtype
     return arr if label and dtype == np.bool_ else arr.astype(dtype, copy=False)
 

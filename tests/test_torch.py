@@ -622,6 +622,33 @@ def test_wrapper_refuses_unusable_data_instead_of_leaving_items_alone(dict_items
         TumorSynthesisWrapper(DictDataset([dict(item, image=image)]), "liver")[0]
 
 
+def test_wrapper_keeps_monai_metatensors_so_batches_collate(dict_items: list) -> None:
+    # Items of a MONAI dataset are MetaTensors: a fired item must stay one (metadata kept),
+    # or a batch of fired and unfired items fails MONAI's collation.
+    monai_data = pytest.importorskip("monai.data")
+    MetaTensor = monai_data.MetaTensor
+    items = [
+        {
+            "image": MetaTensor(it["image"].clone(), affine=torch.as_tensor(it["affine"])),
+            "label": MetaTensor(it["label"].clone(), affine=torch.as_tensor(it["affine"])),
+            "affine": it["affine"],
+        }
+        for it in dict_items
+    ]
+    w = TumorSynthesisWrapper(DictDataset(items), "liver", prob=1.0)
+    out = w[0]
+    assert out["plan"] and (out["label"] == 2).any()
+    for key in ("image", "label"):
+        assert isinstance(out[key], MetaTensor)
+        assert out[key].dtype == items[0][key].dtype
+        np.testing.assert_allclose(out[key].affine.numpy(), items[0]["affine"])
+    mixed = TumorSynthesisWrapper(DictDataset(items), "liver", prob=0.5, seed=3)
+    fired = [bool(mixed[i]["plan"]) for i in range(len(items))]
+    assert any(fired) and not all(fired)
+    batch = next(iter(monai_data.DataLoader(mixed, batch_size=len(items))))
+    assert isinstance(batch["image"], MetaTensor)
+
+
 def test_wrapper_multichannel_keeps_other_channels(dict_items: list) -> None:
     src = dict_items[0]
     extra = torch.linspace(-5.0, 5.0, src["image"].numel()).reshape(src["image"].shape)
