@@ -721,6 +721,7 @@ def stream(
             rank=rank,
             world_size=world_size,
         )
+        _exit_on_termination()  # (SIGTERM: a clean stop, the socket file and workers gone)
         sent = serve(
             prod,
             address,
@@ -734,6 +735,21 @@ def stream(
         console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"stream ended: {sent} samples sent")
+
+
+def _exit_on_termination() -> None:
+    """Make SIGTERM and SIGHUP exit through Python (code 128 + signal), so that ``serve``
+    stops its producer's workers and removes its Unix socket: their default action kills the
+    process at once (``kill``, ``systemctl stop``, a batch system's time limit)."""
+    import signal
+
+    def on_term(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        num = getattr(signal, name, None)
+        if num is not None and signal.getsignal(num) is not signal.SIG_IGN:  # (nohup)
+            signal.signal(num, on_term)
 
 
 @presets_app.command("list")

@@ -1040,3 +1040,29 @@ def test_killed_consumer_leaves_no_spool(dataset: tuple[Path, list], sig: int, e
         timeout=120,
     )
     _workers_gone_spool_removed(consumer, sig)
+
+
+def test_sigterm_stops_the_stream_cleanly(dataset: tuple[Path, list], short_tmp: Path) -> None:
+    # kill, systemctl stop, a batch system's time limit: SIGTERM to the stream process alone
+    # stops its workers and removes its socket (the default action killed it at once)
+    root, _ = dataset
+    sock = short_tmp / "s.sock"
+    proc = start_stream(root, sock, "--patch-size", "16,16,16", "--workers", "2", "--prob", "0")
+    workers: list[int] = []
+    try:
+        wait_for_socket(proc, sock)
+        it = connect(f"unix:{sock}", timeout=30)
+        consume(it, 1)
+        assert wait_until(lambda: len(spawned_workers(proc.pid)) == 2, 10)
+        workers = spawned_workers(proc.pid)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        out = proc.stdout.read() if proc.stdout else ""
+        assert not sock.exists(), "the socket file was left behind"
+        assert not any(pid_running(w) for w in workers), "workers still running"
+        assert "leaked" not in out, out
+        with pytest.raises(StreamError):
+            consume(it, 1)
+    finally:
+        stop_process(proc)
+        kill_pids(workers, "spawn_main")
