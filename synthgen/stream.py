@@ -104,10 +104,22 @@ class _Terminated(SystemExit):
 
 
 def _worker(
-    maker: SampleMaker, share: list[int], wid: int, nworkers: int, epochs, out_q, stop, spools
+    maker: SampleMaker,
+    share: list[int],
+    wid: int,
+    nworkers: int,
+    epochs,
+    out_q,
+    stop,
+    spools,
+    window=None,
 ) -> None:
     """Make the samples ``wid, wid + nworkers, ...`` of ``share`` (the positions of each
     epoch that this producer's rank makes), keyed by (epoch, index in ``share``).
+
+    ``window``: ``(taken, size)`` for an ordered stream: a sample is begun only when it is
+    fewer than ``size`` ahead of the consumer's next (``taken``, a shared counter), so the
+    samples a slow worker's next one holds up wait in no unbounded buffer.
 
     Samples go to files in ``spools`` (see :func:`_save_sample`); the queue carries only
     their small, fixed-size messages, which a pipe writes atomically: a worker killed at any
@@ -149,6 +161,9 @@ def _worker(
         epoch = 0
         while epochs is None or epoch < epochs:
             for k in range(wid, len(share), nworkers):
+                if window is not None:  # (the consumer's next is always within it)
+                    while go_on() and epoch * len(share) + k >= window[0].value + window[1]:
+                        time.sleep(0.005)
                 if not go_on():
                     out_q.cancel_join_thread()
                     return
@@ -220,7 +235,8 @@ class Producer:
         patch_size: Emit patches of this many voxels around a tumor (or an organ voxel).
         size: Size class to force.
         ordered: Yield in the order of the epochs and their positions (buffers out-of-order
-            samples); otherwise samples come as they are ready.
+            samples, at most ``queue_size + workers``: a worker that would run further ahead
+            of a slow one waits); otherwise samples come as they are ready.
         device: ``"cpu"`` (the CPU engine in worker processes).
         rank: This process's rank in distributed training; ``None`` reads it from
             ``torch.distributed`` when a process group is initialised (else 0).
@@ -295,6 +311,8 @@ class Producer:
             ordered,
         )
         self._procs: list[Any] = []
+        # ordered: most samples held out of order at once (at most queue_size + workers)
+        self.buffered_peak = 0
         self._started = False
         self._closed = False
         self._finalizer: Any = None
@@ -313,6 +331,9 @@ class Producer:
         self._q = ctx.Queue(self.queue_size)
         self._stop = ctx.Event()
         n = min(self.workers, len(self.positions))
+        # ordered: samples taken so far; workers keep within queue_size + workers of it
+        self._taken = ctx.Value("q", 0, lock=False) if self.ordered else None
+        window = None if self._taken is None else (self._taken, self.queue_size + n)
         self._procs = [
             ctx.Process(
                 target=_worker,
@@ -325,6 +346,7 @@ class Producer:
                     self._q,
                     self._stop,
                     self._spools,
+                    window,
                 ),
                 name=f"synthgen-producer-{w}",
                 daemon=True,
@@ -374,7 +396,9 @@ class Producer:
             if self._closed:
                 return
             if self.ordered and nxt in pending:
-                yield pending.pop(nxt)
+                self.buffered_peak = max(self.buffered_peak, len(pending))
+                self._taken.value += 1  # (a worker may begin one more sample)
+                yield _load_sample(pending.pop(nxt))
                 nxt = (nxt[0], nxt[1] + 1) if nxt[1] + 1 < n else (nxt[0] + 1, 0)
                 continue
             if not running:  # only out-of-order leftovers: cannot happen without a gap
@@ -395,7 +419,7 @@ class Producer:
             if kind == "done":
                 running.discard(key)
             elif self.ordered:
-                pending[key] = _load_sample(payload)
+                pending[key] = payload  # (in the spool, read when its turn comes)
             else:
                 yield _load_sample(payload)
 

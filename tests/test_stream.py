@@ -216,6 +216,24 @@ def test_ordered_and_unordered_streams_agree(dataset: tuple[Path, list]) -> None
     assert {content(x) for x in unordered} == {content(x) for x in ordered}
 
 
+def test_ordered_stream_holds_few_samples_out_of_order() -> None:
+    """An ordered stream whose next sample is slow (worker 0 makes big scans, worker 1 small
+    ones): the fast worker waits instead of running ahead, so at most queue_size + workers
+    samples wait out of order (they piled up without a bound: 14 held with queue_size 4)."""
+    from synthgen.phantom import make_phantom
+
+    def case(p):
+        return (p.image, p.mask("liver").astype(np.uint8), p.affine)
+
+    big = case(make_phantom((320, 288, 200), (1.2, 1.2, 1.7), seed=0))
+    small = case(make_phantom((64, 52, 46), (6, 6, 7.2), seed=1))
+    cases = [big if k % 2 == 0 else small for k in range(10)]  # even positions: worker 0
+    p = Producer(cases, "liver", workers=2, queue_size=1, ordered=True, prob=0.0)
+    got = [int(x["position"]) for x in p]
+    assert got == list(range(10))
+    assert 1 <= p.buffered_peak <= 1 + 2
+
+
 def test_ranks_share_each_epoch(
     dataset: tuple[Path, list], monkeypatch: pytest.MonkeyPatch
 ) -> None:
