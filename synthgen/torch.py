@@ -405,9 +405,10 @@ class BatchTumorSynthesis:
 
     Example:
         >>> synth = BatchTumorSynthesis("liver", spacing=(1.5, 1.5, 2.0))  # doctest: +SKIP
-        >>> for step, batch in enumerate(loader):
+        >>> for batch in loader:  # (step counts up by itself, across epochs too)
         ...     img, lab = batch["image"].cuda(), batch["label"].cuda()
-        ...     plans = synth(img, lab, step=step)  # in place; plans[b] is None if not fired
+        ...     plans = synth(img, lab)  # in place; plans[b] is None if not fired
+        ...     # with step=: a global step (an epoch's enumerate() repeats the seeds)
     """
 
     def __init__(
