@@ -307,6 +307,8 @@ class TumorSynthesisTransform(BasicTransform):
                 "(2-D configurations are not supported)"
             )
         check_channels(self.synthesizer.preset, image.shape[0], warped="segmentation")
+        # (a cascade's second segmentation channel, the previous stage's, would not be warped)
+        check_channels(self.synthesizer.preset, seg.shape[0], "the segmentation has", "channel 0")
         img0, lab0 = _host(image[0]), _host(seg[0])
         hu = self.intensity.to_hu(img0) if self.intensity is not None else img0
         res = implant_tumors(
@@ -547,6 +549,14 @@ def synthesis_transform(
     channels = dataset_json.get("channel_names")
     if isinstance(channels, Mapping):  # known now: fail here, not in every augmentation worker
         check_channels(preset, len(channels), "dataset_json channel_names lists", "segmentation")
+    if conf.get("previous_stage"):  # its patches carry the previous stage's segmentation too
+        check_channels(
+            preset,
+            2,
+            f"configuration {configuration!r} is a cascade: its segmentation (with the "
+            f"previous stage's, {conf['previous_stage']!r}) has",
+            "channel 0",
+        )
     step = TumorSynthesisTransform(
         preset,
         organ_labels,

@@ -310,6 +310,13 @@ def test_several_channels_with_mass_effect_fail_at_construction(patch_hu):
     # built by hand (no channel names), the patch is refused, with the same advice
     with pytest.raises(ValueError, match=r"image has 2 channels.*without_extras\('liver'"):
         TumorSynthesisTransform("liver", [1], 2, SPACING_ZYX)(**data)
+    # a cascade's segmentation of two channels (the previous stage's): the same
+    data = _data(img, lab)
+    data["segmentation"] = torch.cat([data["segmentation"], data["segmentation"]])
+    with pytest.raises(ValueError, match=r"segmentation has 2 channels.*without_extras"):
+        TumorSynthesisTransform("liver", [1], 2, SPACING_ZYX)(**data)
+    out = t(**data)  # without mass effect: channel 1 left as it was
+    assert (out["segmentation"][0] == 2).any() and not (out["segmentation"][1] == 2).any()
 
 
 def test_transform_reclips_to_the_window(patch_hu):
@@ -455,7 +462,12 @@ def test_synthesis_transform_from_plans():
     assert t.intensity == CTIntensity(99.4, 37.5, -17.0, 201.0)
     assert t.craniocaudal_axis == 0 and t.organ == "liver"
     # A configuration that inherits, a lowres one, a transposed dataset.
-    assert synthesis_transform(_plans(), DATASET_JSON, "3d_cascade_fullres", "liver").transform
+    casc = synthesis_transform(_plans(), DATASET_JSON, "3d_cascade_fullres", "liver-classic")
+    assert casc.transform.spacing == (1.0, 0.767578125, 0.767578125)
+    # a cascade's patches carry the previous stage's segmentation as a second channel, which
+    # a mass effect would not warp (4-6k voxels disagreed on the organ): refused, with advice
+    with pytest.raises(ValueError, match=r"is a cascade.*mass effect.*without_extras"):
+        synthesis_transform(_plans(), DATASET_JSON, "3d_cascade_fullres", "liver")
     low = synthesis_transform(_plans(), DATASET_JSON, "3d_lowres", "liver").transform
     assert low.spacing == (2.2, 1.76, 1.76)
     tr = synthesis_transform(_plans(transpose=(2, 0, 1)), DATASET_JSON, "3d_fullres", "liver")
