@@ -724,11 +724,17 @@ def trainer_module_source(
     lines = [_SOURCE_HEAD.format(first=names[0])]
     for o, n in zip(organs, names, strict=True):
         lines.append(
-            f"    {n} = make_trainer(\n"
-            f"        {json.dumps(_preset_spec(o))},\n"
-            f"        probability={p!r},\n"
-            f"        name={json.dumps(n)},\n"
-            f"        module=__name__,\n"
-            f"    )\n"
+            "    try:\n"
+            f"        {n} = make_trainer(\n"
+            f"            {json.dumps(_preset_spec(o))},\n"
+            f"            probability={p!r},\n"
+            f"            name={json.dumps(n)},\n"
+            f"            module=__name__,\n"
+            f"        )\n"
+            "    except Exception as e:  # (a deleted or invalid preset: the others stay usable)\n"
+            "        warnings.warn(\n"
+            f'            f"synthgen trainer {n} unavailable: {{e}}",\n'
+            "            stacklevel=1,\n"
+            "        )\n"
         )
     return "".join(lines)

@@ -780,3 +780,13 @@ def test_trainer_module_source_preset_file_from_another_folder(
     exec(compile(src, "synthgen_trainers.py", "exec"), ns)
     (cls,) = [v for k, v in ns.items() if k.startswith("nnUNetTrainerSynthgen")]
     assert issubclass(cls, fake_nnunetv2)
+    # the preset file deleted since: the module still imports (nnU-Net imports it to look up
+    # any trainer, its own too), warns, and defines the trainers it can
+    src = trainer_module_source([work / "my-liver.toml", "kidney"])
+    (work / "my-liver.toml").unlink()
+    ns = {"__name__": "nnunetv2.training.nnUNetTrainer.variants.synthgen_trainers"}
+    with pytest.warns(UserWarning, match="unavailable: preset file .*my-liver.toml"):
+        exec(compile(src, "synthgen_trainers.py", "exec"), ns)
+    assert [k for k in ns if k.startswith("nnUNetTrainerSynthgen")] == [
+        "nnUNetTrainerSynthgenKidney"
+    ]
