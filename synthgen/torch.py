@@ -531,6 +531,11 @@ class BatchTumorSynthesis:
                 img_v, org_v, seed=seed, affine=affine, organ_index=index, lesion_mask=les_v
             )
         except ValueError:  # organ too small for the preset's tumors: leave the sample alone
+            from .augment import _raise_if_unusable
+
+            # ... unless the data is unusable (a bad affine, NaN in the organ's box): raised,
+            # not a training run of samples without tumors
+            _raise_if_unusable(img_v, org_v, affine, index)
             return None
 
     def __repr__(self) -> str:

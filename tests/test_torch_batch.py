@@ -93,6 +93,21 @@ def test_bad_shapes_are_refused(batch):
         BatchTumorSynthesis("liver")(torch.from_numpy(imgs.copy()), torch.from_numpy(labs.copy()))
 
 
+def test_nan_in_the_organ_or_a_bad_affine_is_raised_not_a_sample_without_tumors(batch):
+    """Planning raises ValueError for an organ too small (a normal patch: left alone) and
+    for the caller's errors alike: NaN in the organ, or an affine that gives no spacing,
+    are raised (they silently meant no tumors for a whole training run)."""
+    imgs, labs = batch
+    img = torch.from_numpy(imgs.astype(np.float32))
+    img[1, 0, 5, 5, 5] = float("nan")  # (inside the crop of the organ's box)
+    with pytest.raises(ValueError, match="NaN"):
+        BatchTumorSynthesis("liver", spacing=SP)(img, torch.from_numpy(labs.copy()))
+    bad = np.diag([2.5, 0.0, 3.0, 1.0])
+    img = torch.from_numpy(imgs.astype(np.float32))
+    with pytest.raises(ValueError, match="spacing"):
+        BatchTumorSynthesis("liver")(img, torch.from_numpy(labs.copy()), affine=bad)
+
+
 def test_boolean_label_is_refused_with_a_clear_message(batch):
     # the label map is written in place: a bool tensor cannot hold the tumor label
     imgs, labs = batch
