@@ -728,13 +728,21 @@ def stream(
             authkey=key,
             accept_timeout=accept_timeout,
             on_listen=lambda a: console.print(
-                f"serving {len(cases)} cases ({organs[0]}) on {esc(str(a))}; waiting for a consumer"
+                f"serving {len(cases)} cases ({organs[0]}) on {esc(_address_text(a))}; waiting "
+                "for a consumer"
             ),
         )
     except (ValueError, TimeoutError) as e:
         console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"stream ended: {sent} samples sent")
+
+
+def _address_text(a: object) -> str:
+    """A listener's address as connect() takes it: ``host:port`` or ``unix:/path``."""
+    if isinstance(a, tuple) and len(a) == 2:
+        return f"{a[0]}:{a[1]}"
+    return f"unix:{a}" if isinstance(a, str) and not a.startswith("unix:") else str(a)
 
 
 def _exit_on_termination() -> None:

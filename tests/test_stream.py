@@ -633,7 +633,9 @@ def test_a_second_consumer_is_told_the_stream_is_taken(
     try:
         if tcp:
             assert proc.stdout is not None
-            assert "waiting for a consumer" in proc.stdout.readline()
+            line = proc.stdout.readline()
+            assert "waiting for a consumer" in line
+            assert f"on {address};" in line  # as connect() takes it (was "('127.0.0.1', N)")
         else:
             wait_for_socket(proc, sock)
         first = connect(address, timeout=60)
