@@ -1188,6 +1188,13 @@ def _check_running_options(out: Path, opts: BatchOptions, lock: _ShardLock) -> N
             )
 
 
+def _tag_of(manifest_name: str) -> str:
+    """The ``.partial`` folder of the run that writes ``manifest_name``."""
+    if manifest_name == "manifest.jsonl":
+        return "main"
+    return manifest_name.removeprefix("manifest-").removesuffix(".jsonl")
+
+
 class _ShardLock:
     """An exclusive, non-blocking ``flock`` on a shard's manifest, held by the run writing it;
     a run beside one of another shard count (it would write the same samples) is refused.
@@ -1199,6 +1206,7 @@ class _ShardLock:
 
     def __init__(self, path: Path, shard: tuple[int, int]) -> None:
         self.path, self.shard, self._f = path, shard, None
+        self.locked = False
 
     def take(self, create: bool = True) -> None:
         try:
@@ -1225,6 +1233,7 @@ class _ShardLock:
         except OSError:  # no flock here: unlocked
             self._f = f
             return
+        self.locked = True  # (flock works here: the other runs' locks can be told too)
         self._f = f
         try:
             self._check_counts(fcntl)
@@ -1349,6 +1358,11 @@ def run_batch(
         partial = out / ".partial" / tag
         if partial.exists():  # what a killed run of this shard left behind
             shutil.rmtree(partial)
+        if lock.locked:  # and what killed runs of other shards left, unless they run now
+            held = {_tag_of(p.name) for p in lock.running()}
+            for d in sorted((out / ".partial").glob("*")):
+                if d.is_dir() and d.name != tag and d.name not in held:
+                    shutil.rmtree(d, ignore_errors=True)
         report = BatchReport(total=total, skipped=skipped, manifest=out / name)
         if on_start is not None:
             on_start(todo, skipped)

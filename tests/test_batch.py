@@ -694,6 +694,32 @@ def test_a_second_batch_on_the_same_shard_is_refused_while_one_runs(
     assert_clean(out)
 
 
+def test_partial_folders_of_killed_runs_are_removed_unless_their_run_is_on(
+    ds4: Path, tmp_path: Path
+) -> None:
+    """A run removes what killed runs of other shards left in .partial (a full-size
+    temporary CT stayed there when the batch was finished another way), but not the folder
+    of a shard that runs now (it holds its manifest's lock)."""
+    import fcntl
+
+    out = tmp_path / "out"
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",))
+    assert run_batch(cases, opts, out, shard=(1, 2)).ok
+    stale = out / ".partial" / "shard-1-of-3" / "BDMAP_00000001_s000"
+    live = out / ".partial" / "shard-1-of-2" / "BDMAP_00000003_s000"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / ".ct.nii.gz.123.tmp").write_bytes(b"x" * 100)
+    with open(out / "manifest-shard-1-of-2.jsonl", "a", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # (shard 1/2 runs now)
+        assert run_batch(cases, opts, out, shard=(0, 2)).ok
+        assert not stale.parent.exists()
+        assert (live / ".ct.nii.gz.123.tmp").exists()
+    assert run_batch(cases, opts, out, shard=(0, 2), resume=True).ok
+    assert not (out / ".partial").exists()
+
+
 def test_an_out_holding_other_files_is_refused(ds4: Path, tmp_path: Path) -> None:
     """An OUT with files but no batch there (no batch.json, no manifest): refused before
     anything is written. A batch replaces its samples' folders (a folder of a sample's name
