@@ -76,6 +76,11 @@ class LayoutError(ValueError):
     """The input is not a dataset synthgen can read (message says what was expected)."""
 
 
+class GridWarning(UserWarning):
+    """A mask of the CT's shape on another grid (an affine lost or made up when it was
+    saved, likely): it is mapped through the affines, as any mask on another grid is."""
+
+
 class AbsentLabelError(ValueError):
     """A mask file holds none of the label ids asked for (message names the file, the ids
     and a few of the ids it holds)."""
@@ -612,6 +617,31 @@ def discover(
     return layout, sorted(cases, key=lambda c: c.case_id)
 
 
+def _voxel_exact(vox: np.ndarray) -> bool:
+    """Whether ``vox`` (CT voxel -> mask voxel) maps voxel centres onto voxel centres: axes
+    permuted or flipped, shifted by whole voxels (a mask stored in another orientation)."""
+    r, t = np.asarray(vox[:3, :3]), np.asarray(vox[:3, 3])
+    ok = np.allclose(r, np.rint(r), atol=1e-3) and np.allclose(t, np.rint(t), atol=1e-3)
+    return bool(ok and (np.abs(np.rint(r)).sum(axis=0) == 1).all())
+
+
+def _warn_grid(path: Path, shape, aff: np.ndarray, affine: np.ndarray) -> None:
+    """A :class:`GridWarning` for a mask of the CT's shape whose voxels are not the CT's."""
+    import warnings
+
+    def sizes(a) -> str:
+        return "x".join(f"{v:g}" for v in np.sqrt((np.asarray(a)[:3, :3] ** 2).sum(axis=0)))
+
+    warnings.warn(
+        GridWarning(
+            f"{path}: mask has the CT's shape {tuple(shape)} but another grid (voxel sizes "
+            f"{sizes(aff)} vs the CT's {sizes(affine)} mm, or another origin or orientation): "
+            "mapped through the affines; if it was drawn on the CT's voxels, its affine is wrong"
+        ),
+        stacklevel=3,
+    )
+
+
 def _same_grid(shape_a, aff_a, shape_b, aff_b) -> bool:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(aff_a, aff_b, atol=1e-3, rtol=0)
 
@@ -809,6 +839,8 @@ def load_mask_file(
         vox = np.linalg.solve(np.asarray(aff, np.float64), np.asarray(affine, np.float64))
     except np.linalg.LinAlgError:
         raise ValueError(f"{src.path}: singular affine, cannot map it to the CT") from None
+    if tuple(m.shape) == tuple(shape) and not _voxel_exact(vox):
+        _warn_grid(src.path, shape, aff, affine)
     r = ndimage.affine_transform(
         m.view(np.uint8),
         vox[:3, :3],

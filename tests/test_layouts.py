@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -1608,6 +1609,32 @@ def test_label_map_with_near_integer_values_finds_its_ids(tmp_path, liver_scan) 
     _, label, _ = CaseSource("c", str(ct), str(p), (1,)).load()
     np.testing.assert_array_equal(label == 1, lab == 1)
     np.testing.assert_array_equal(label == 2, lab == 2)
+
+
+def test_mask_of_the_ct_shape_on_another_grid_is_told(tmp_path) -> None:
+    """A mask of the CT's shape saved with another affine (np.eye(4): the CT's lost) is
+    mapped through the affines as before, but no longer silently: a GridWarning from the
+    loader, a warning of the batch and a note in the samples' records."""
+    from synthgen.layouts import GridWarning
+
+    ph = phantom(1)
+    liver = ph.mask("liver")
+    aff = np.diag([*SPACING, 1.0])
+    ct = save(tmp_path / "ct.nii.gz", ph.image, aff)
+    mask = save(tmp_path / "liver.nii.gz", liver.astype(np.uint8), np.eye(4))
+    with pytest.warns(GridWarning, match=r"mask has the CT's shape .*voxel sizes 1x1x1 vs"):
+        load_mask_file(MaskSource(mask), SHAPE, aff)
+    out = tmp_path / "out"
+    res = cli(
+        "synth", ct, "--mask", mask, "--organ", "liver", "--preset", "liver-classic", "--out", out
+    )
+    assert flat("mask has the CT's shape") in flat(res.output)
+    (rec,) = read_manifest(out).values()
+    assert any("its affine is wrong" in n for n in rec["notes"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GridWarning)  # the CT's own grid: no warning
+        load_mask_file(MaskSource(save(tmp_path / "ok.nii.gz", liver.astype(np.uint8), aff)),
+                       SHAPE, aff)  # fmt: skip
 
 
 def test_mask_without_orientation_of_the_ct_shape_is_taken_voxel_for_voxel(tmp_path) -> None:
