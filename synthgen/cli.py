@@ -650,7 +650,9 @@ def qa(
     if summary["has_impossible"]:
         imp = summary["impossible"]
         console.print(
-            f"[red]impossible values:[/red] {imp['tumor_gas_voxels']} tumor voxels below -200 HU"
+            f"[red]impossible values:[/red] {imp['tumor_gas_voxels']} tumor voxels below -200 HU, "
+            f"{imp['label_mismatch_voxels']} voxels of label.nii.gz that disagree with the "
+            "sample's masks"
         )
         raise typer.Exit(1)
 

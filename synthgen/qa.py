@@ -35,6 +35,10 @@ gives the intended values):
   mask; 1: the ring is as dark as the tumor.
 * **inside_share**: share of the tumor's voxels inside the organ mask.
 * **gas_voxels**: tumor voxels below -200 HU (tumor drawn over gas): impossible.
+* **label_mismatch_voxels** (per sample, when the organ and lesion masks are files in
+  ``segmentations/``): voxels where ``label.nii.gz`` disagrees with them (tumor 2 where a
+  lesion mask is, else organ 1 where an organ mask is, else 0): impossible (a label map a
+  training run reads that is not the sample's masks).
 * **tumor_out_of_range**, **ct_out_of_range**: tumor voxels, and all the scan's voxels,
   outside [-1024, 3071] HU: reported, not flagged. The render never moves a voxel out of
   that range and leaves one already outside where it was (a scanner's -3024 HU padding, an
@@ -269,6 +273,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
     lesions: dict[str, np.ndarray] = {}
     organs: dict[str, np.ndarray] = {}
     sources: dict[str, str] = {}
+    files = True  # (every mask a file: label.nii.gz can be checked against them)
     for e in entries:
         organ = e["organ"]
         lp = seg / f"{LESION_NAMES[organ]}.nii.gz"
@@ -282,9 +287,18 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             raise ValueError(f"{lp}: lesion mask missing (needed with several organs)")
         op = seg / f"{organ}.nii.gz"
         organs[organ] = _load(op, shape) != 0 if op.is_file() else label >= 1
+        files &= lp.is_file() and op.is_file()
     all_tumor = np.zeros(shape, dtype=bool)
     for m in lesions.values():
         all_tumor |= m
+    mismatch = 0
+    if files:
+        expect = np.zeros(shape, dtype=np.uint8)
+        for m in organs.values():
+            expect[m] = 1
+        expect[all_tumor] = 2
+        mismatch = int(np.count_nonzero(expect != label))
+        del expect
     ctf = ct  # measured in place; float64 sums below
     odd = (ct < CT_RANGE[0]) | (ct > CT_RANGE[1])
     out_of_range = int(np.count_nonzero(odd))
@@ -404,6 +418,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
         "ct_out_of_range": out_of_range,
         "tumor_out_of_range": tumor_out,
         "tumor_gas_voxels": gas_total,
+        "label_mismatch_voxels": mismatch,
         "organs": organ_out,
         "_largest": largest,
     }
@@ -680,7 +695,8 @@ def _markdown(root: Path, summary: dict[str, Any], plots: dict[str, str], montag
         f"Root: `{root}`  ",
         f"Samples: {summary['n_samples']}, tumors: {summary['n_tumors']}  ",
         f"Impossible values: {summary['impossible']['tumor_gas_voxels']} tumor voxels below "
-        f"{GAS_HU:.0f} HU  ",
+        f"{GAS_HU:.0f} HU, {summary['impossible']['label_mismatch_voxels']} voxels of "
+        "label.nii.gz that disagree with the sample's masks  ",
         f"Voxels outside [{CT_RANGE[0]:.0f}, {CT_RANGE[1]:.0f}] HU (the inputs' own: padding, "
         f"metal; not flagged): {summary['ct_out_of_range']} in the scans, "
         f"{summary['tumor_out_of_range']} in tumors",
@@ -798,7 +814,10 @@ def qa_report(
         "plots": {q: str(out / p) for q, p in plots.items()},
         "n_samples": len(samples),
         "n_tumors": sum(o["tumors"] for o in organs.values()),
-        "impossible": {"tumor_gas_voxels": sum(s["tumor_gas_voxels"] for s in samples)},
+        "impossible": {
+            "tumor_gas_voxels": sum(s["tumor_gas_voxels"] for s in samples),
+            "label_mismatch_voxels": sum(s["label_mismatch_voxels"] for s in samples),
+        },
         "organs": organs,
     }
     summary["has_impossible"] = any(v > 0 for v in summary["impossible"].values())

@@ -149,10 +149,24 @@ def test_qa_flags_impossible_values(batch_out: Path, tmp_path: Path) -> None:
     assert "impossible" in res.output
     summary = qa_report(root, tmp_path / "qa2")
     # (a tumor voxel outside the CT range came with the input: reported, not flagged)
-    assert summary["impossible"] == {"tumor_gas_voxels": 1}
+    assert summary["impossible"] == {"tumor_gas_voxels": 1, "label_mismatch_voxels": 0}
     assert summary["ct_out_of_range"] == 2 and summary["tumor_out_of_range"] == 1
     assert summary["has_impossible"] is True
     assert (root / "qa" / "report.md").is_file()  # the CLI's default output folder
+
+    # a label map that is not the sample's masks (all zero; a tumor voxel made organ): it
+    # passed as 100% fine
+    ct[tumor_vox] = 0
+    nib.save(nib.Nifti1Image(ct, img.affine), str(d / "ct.nii.gz"))
+    lab_img = nib.load(str(d / "label.nii.gz"))
+    lab = np.asarray(lab_img.dataobj).astype(np.uint8)
+    n_labelled = int(np.count_nonzero(lab))
+    lab[tumor_vox] = 1
+    nib.save(nib.Nifti1Image(lab, lab_img.affine), str(d / "label.nii.gz"))
+    assert qa_report(root, tmp_path / "qa3")["impossible"]["label_mismatch_voxels"] == 1
+    nib.save(nib.Nifti1Image(np.zeros_like(lab), lab_img.affine), str(d / "label.nii.gz"))
+    res = cli("qa", root, code=1)
+    assert f"{n_labelled} voxels of label.nii.gz that disagree" in " ".join(res.output.split())
 
 
 def test_qa_single_sample_and_bad_input(batch_out: Path, tmp_path: Path) -> None:
