@@ -284,7 +284,8 @@ class TumorSynthesisWrapper(Dataset):
         prob: Probability that an item gets tumors.
         seed: Global seed.
         spacing: Voxel size (mm) when items carry no affine.
-        affine_key: Key of a 4x4 affine in the items (used before ``spacing``).
+        affine_key: Key of a 4x4 affine in the items (used first; then a MONAI MetaTensor
+            image's or label's own affine, then ``spacing``).
         size: Size class to force.
     """
 
@@ -327,6 +328,11 @@ class TumorSynthesisWrapper(Dataset):
         if self.affine_key and item.get(self.affine_key) is not None:
             a = item[self.affine_key]
             return np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, np.float64)
+        for key in (self.image_key, self.label_key):  # a MONAI MetaTensor's own affine
+            x = item.get(key)
+            a = getattr(x, "affine", None) if type(x).__module__.startswith("monai") else None
+            if isinstance(a, torch.Tensor) and tuple(a.shape) == (4, 4):
+                return np.asarray(a.detach().cpu(), np.float64)
         if self.spacing is not None:
             return affine_for(self.spacing)
         raise ValueError(

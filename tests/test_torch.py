@@ -647,6 +647,11 @@ def test_wrapper_keeps_monai_metatensors_so_batches_collate(dict_items: list) ->
     assert any(fired) and not all(fired)
     batch = next(iter(monai_data.DataLoader(mixed, batch_size=len(items))))
     assert isinstance(batch["image"], MetaTensor)
+    # without an affine key or spacing=: the MetaTensors' own affine (it was an error asking
+    # for spacing=, which also loses the orientation)
+    bare = [{k: v for k, v in it.items() if k != "affine"} for it in items]
+    got = TumorSynthesisWrapper(DictDataset(bare), "liver", prob=1.0)[0]
+    assert got["plan"] == out["plan"]
 
 
 def test_wrapper_multichannel_keeps_other_channels(dict_items: list) -> None:
