@@ -107,7 +107,10 @@ class CaseSource:
         else:
             image, affine = np.asarray(self.image), self.affine
         if affine is None:
-            raise ValueError(f"case {self.case_id}: arrays need an affine (or a spacing)")
+            raise ValueError(
+                f"case {self.case_id}: arrays need an affine: give the case as (image, label, "
+                "affine) or a dict with an 'affine', e.g. synthgen.augment.affine_for(spacing_mm)"
+            )
         if isinstance(self.label, Case):
             case, organ = self.label, self.organ
             if organ not in case.organs:
