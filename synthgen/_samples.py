@@ -126,9 +126,14 @@ class CaseSource:
             label, laff, _ = load_nifti(self.label)
             label = snap_label_values(label)  # (ids are compared with ==)
             if label.shape != image.shape or not np.allclose(laff, affine, atol=1e-3):
+                what = (
+                    f"shape {label.shape} differs from the image's {image.shape}"
+                    if label.shape != image.shape
+                    else "affine differs from the image's (by more than 1e-3: another origin, "
+                    f"voxel size or orientation):\n{np.round(laff, 4)}\nvs\n{np.round(affine, 4)}"
+                )
                 raise ValueError(
-                    f"{self.label}: label grid {label.shape} differs from the image "
-                    f"{image.shape}; resample it first (synthgen batch does that)"
+                    f"{self.label}: label grid {what}; resample it first (synthgen batch does that)"
                 )
         else:
             label = np.asarray(self.label)

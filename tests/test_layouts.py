@@ -1611,6 +1611,25 @@ def test_label_map_with_near_integer_values_finds_its_ids(tmp_path, liver_scan) 
     np.testing.assert_array_equal(label == 2, lab == 2)
 
 
+def test_loader_label_file_on_another_grid_says_what_differs(tmp_path) -> None:
+    """A training loader's label file of the image's shape on another grid: the message
+    says the affine differs (it said 'label grid (X, Y, Z) differs from the image (X, Y, Z)',
+    the same shape twice)."""
+    from synthgen._samples import CaseSource
+
+    ph = phantom(1)
+    aff = np.diag([*SPACING, 1.0])
+    ct = save(tmp_path / "ct.nii.gz", ph.image, aff)
+    shifted = aff.copy()
+    shifted[0, 3] = 7.5
+    lab = save(tmp_path / "lab.nii.gz", ph.mask("liver").astype(np.uint8), shifted)
+    with pytest.raises(ValueError, match=r"lab.nii.gz: label grid affine differs"):
+        CaseSource("c", str(ct), str(lab), (1,)).load()
+    small = save(tmp_path / "small.nii.gz", np.zeros((4, 4, 4), np.uint8), aff)
+    with pytest.raises(ValueError, match=r"shape \(4, 4, 4\) differs from the image's"):
+        CaseSource("c", str(ct), str(small), (1,)).load()
+
+
 def test_mask_of_the_ct_shape_on_another_grid_is_told(tmp_path) -> None:
     """A mask of the CT's shape saved with another affine (np.eye(4): the CT's lost) is
     mapped through the affines as before, but no longer silently: a GridWarning from the
