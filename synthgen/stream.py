@@ -98,6 +98,22 @@ def _load_sample(path: str) -> dict[str, Any]:
     return sample
 
 
+class _Flag:
+    """A stop flag shared with the workers, without a lock: a ``multiprocessing.Event``
+    takes a semaphore in ``is_set()``, and a worker killed while holding it (a SIGTERM to
+    the process group arrives there) left the others blocked in ``is_set()`` for ever, never
+    seeing that their consumer was gone, and the consumer's ``set()`` blocked too."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._v = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._v.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._v.value)
+
+
 class _Terminated(SystemExit):
     """A worker's SIGTERM or SIGHUP, raised as an exit (code 128 + signal) so that its
     cleanup runs."""
@@ -329,7 +345,7 @@ class Producer:
             except OSError:  # (no writable temporary folder: memory only)
                 pass
         self._q = ctx.Queue(self.queue_size)
-        self._stop = ctx.Event()
+        self._stop = _Flag(ctx)
         n = min(self.workers, len(self.positions))
         # ordered: samples taken so far; workers keep within queue_size + workers of it
         self._taken = ctx.Value("q", 0, lock=False) if self.ordered else None

@@ -488,6 +488,39 @@ class _FullOnce:
         return (_FullOnce, ())
 
 
+def _wait_for_flag(flag) -> None:
+    deadline = time.monotonic() + 30
+    while not flag.is_set():
+        if time.monotonic() > deadline:
+            raise SystemExit(3)
+        time.sleep(0.01)
+
+
+def test_stop_flag_is_shared_without_a_lock() -> None:
+    """The workers' stop flag takes no lock: with a multiprocessing.Event, a worker stopped
+    by a SIGTERM to the process group while inside ``is_set()`` (which takes a semaphore)
+    left the semaphore taken, and the other workers blocked in ``is_set()`` for ever (found
+    as orphan workers after a test run; the flaky group-SIGTERM test). Set in one process,
+    it is seen in another."""
+    import multiprocessing as mp
+
+    from synthgen.stream import _Flag
+
+    ctx = mp.get_context("spawn")
+    flag = _Flag(ctx)
+    assert not hasattr(flag, "_cond") and not flag.is_set()
+    proc = ctx.Process(target=_wait_for_flag, args=(flag,))
+    proc.start()
+    try:
+        time.sleep(0.2)
+        flag.set()
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
+
+
 def test_samples_that_do_not_fit_in_memory_spill_to_disk(tmp_path: Path) -> None:
     """A sample goes to the memory spool when what is free there holds it, else to the disk
     spool (Docker's 64 MB /dev/shm cannot hold whole scans: before, such a stream failed);
