@@ -304,6 +304,10 @@ def _synthesizer(opts: BatchOptions, organ: str):
     want = opts.mass_effect
     if want is None or syn.preset.mass_effect.enabled == want:
         return syn
+    if want and syn.preset.wall is not None:
+        # wall tumors (colon, esophagus) push nothing, and a preset with [wall] and mass
+        # effect on is refused when a plan's preset is read back: every sample failed
+        return syn
     key = (opts.presets.get(organ, organ), opts.size, opts.device, want)
     if key not in _OVERRIDES:
         me = dataclasses.replace(syn.preset.mass_effect, enabled=want)

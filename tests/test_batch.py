@@ -1459,3 +1459,18 @@ def test_out_that_is_the_input_dataset_is_refused(tmp_path: Path, layout: str, f
     assert "the output folder is the input dataset" in " ".join(r.output.split())
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_mass_effect_switch_leaves_wall_presets_alone(tmp_path: Path) -> None:
+    """``--mass-effect`` with a hollow organ: its wall tumors push nothing, and a preset with
+    ``[wall]`` and mass effect on is refused when a plan's preset is read back, so switching
+    it on there failed every sample ('[mass_effect.enabled] wall tumors ...')."""
+    ds = write_dataset(tmp_path / "ds", "atlas1", 1)
+    out = tmp_path / "out"
+    res = batch(ds, "--out", out, "--organ", "liver,colon", "--per-case", 1, "--mass-effect")
+    assert res.exit_code == 0, res.output
+    (rec,) = [json.loads(s) for s in (out / "manifest.jsonl").read_text().splitlines()]
+    assert rec["status"] == "done", rec
+    presets = {o["organ"]: o["plan"]["preset"] for o in rec["organs"]}
+    assert presets["liver"]["mass_effect"]["enabled"] is True
+    assert not presets["colon"].get("mass_effect", {}).get("enabled", False)
