@@ -1228,11 +1228,12 @@ class _ShardLock:
         if self._f is not None or (not create and not self.path.is_file()):
             return
         try:
-            f = open(self.path, "a", encoding="utf-8")
+            # (read too: NFS grants the shared lock of _lock only on a file open for reading)
+            f = open(self.path, "a+", encoding="utf-8")
         except OSError as e:  # no permission, read-only file system
             raise ValueError(f"{self.path}: cannot write ({e.strerror or e})") from None
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock(fcntl, f.fileno())
         except BlockingIOError:
             f.close()
             i, n = self.shard
@@ -1253,6 +1254,26 @@ class _ShardLock:
             self.__exit__()
             raise
 
+    @staticmethod
+    def _lock(fcntl: Any, fd: int) -> None:
+        """Take the exclusive lock; ``BlockingIOError`` when a run holds it. Another run's
+        probe (:meth:`running`, a shared lock held for a moment) is waited out: shards started
+        together probe each other's manifests, and one was refused as if it ran twice."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                try:  # shared locks only (probes): not a run
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except OSError:  # a run holds it (or this cannot be told)
+                    raise BlockingIOError from None
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
     def _check_counts(self, fcntl: Any) -> None:
         """Refuse to run beside a run of another shard count on OUT: each run holds its
         manifest's lock, taken before this check, so of two that start together one sees
@@ -1271,8 +1292,14 @@ class _ShardLock:
             )
 
     def running(self, fcntl: Any = None) -> list[Path]:
-        """The other manifests of OUT that a run holds now (tried with a non-blocking lock,
-        released at once); none where ``flock`` does not work."""
+        """The other manifests of OUT that a run holds now (tried with a non-blocking shared
+        lock, released at once); none where ``flock`` does not work.
+
+        Shared: it conflicts with a run's exclusive lock only, not with other runs' probes
+        (two runs probing one finished manifest at once took each other for its run), and
+        NFS, which emulates ``flock`` with byte-range locks, grants it on a file opened for
+        reading (an exclusive one fails there with EBADF: every run was taken for ended, and
+        its ``.partial`` folder removed while it wrote there)."""
         if fcntl is None:
             try:
                 import fcntl
@@ -1288,7 +1315,7 @@ class _ShardLock:
                 continue
             with f:
                 try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:
                     held.append(other)
                 except OSError:

@@ -1474,3 +1474,66 @@ def test_mass_effect_switch_leaves_wall_presets_alone(tmp_path: Path) -> None:
     presets = {o["organ"]: o["plan"]["preset"] for o in rec["organs"]}
     assert presets["liver"]["mass_effect"]["enabled"] is True
     assert not presets["colon"].get("mass_effect", {}).get("enabled", False)
+
+
+def _nfs_like_flock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flock`` as NFS emulates it (byte-range locks): an exclusive lock needs the file open
+    for writing, a shared one open for reading (EBADF otherwise)."""
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+
+    def flock(fd: int, op: int) -> None:
+        mode = os.O_ACCMODE & fcntl.fcntl(fd, fcntl.F_GETFL)
+        if op & fcntl.LOCK_EX and mode == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        if op & fcntl.LOCK_SH and mode == os.O_WRONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_running_shards_are_told_where_flock_is_nfs_emulated(
+    ds4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS the probe of another run's manifest (an exclusive lock on a file opened for
+    reading) failed with EBADF and was read as 'not running': a starting shard removed the
+    running shard's .partial folder, and a run of another shard count was not refused."""
+    import fcntl
+
+    out = tmp_path / "out"
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",))
+    assert run_batch(cases, opts, out, shard=(1, 2)).ok
+    live = out / ".partial" / "shard-1-of-2" / "BDMAP_00000003_s000"
+    live.mkdir(parents=True)
+    (live / ".ct.nii.gz.123.tmp").write_bytes(b"x" * 100)
+    _nfs_like_flock(monkeypatch)
+    with open(out / "manifest-shard-1-of-2.jsonl", "a+", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # (shard 1/2 runs now)
+        with pytest.raises(ValueError, match="batch in 2 shards now"):
+            run_batch(cases, opts, out, resume=True)
+        assert run_batch(cases, opts, out, shard=(0, 2)).ok
+        assert (live / ".ct.nii.gz.123.tmp").exists()
+
+
+def test_probes_of_other_runs_are_not_taken_for_runs(ds4: Path, tmp_path: Path) -> None:
+    """Runs started together probe each other's manifests: a probe (a lock held for a
+    moment) was taken for a run, so a shard was refused as 'being written by another batch'
+    or 'by a batch unsharded now' beside a finished unsharded manifest."""
+    import fcntl
+
+    out = tmp_path / "out"
+    _, cases = discover(ds4, ["liver"])
+    opts = BatchOptions(organs=("liver",))
+    assert run_batch(cases, opts, out).ok  # manifest.jsonl: a finished unsharded run
+    with open(out / "manifest.jsonl", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH)  # (another shard's probe of it, now)
+        assert run_batch(cases, opts, out, shard=(0, 2), resume=True).ok
+    assert run_batch(cases, opts, out, shard=(1, 2), resume=True).ok
+    own = open(out / "manifest-shard-1-of-2.jsonl", encoding="utf-8")
+    fcntl.flock(own.fileno(), fcntl.LOCK_SH)  # a probe of shard 1's manifest as it starts
+    threading.Timer(0.3, own.close).start()  # (released: probes hold it for a moment)
+    assert run_batch(cases, opts, out, shard=(1, 2), resume=True).ok
