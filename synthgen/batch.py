@@ -23,7 +23,6 @@ import queue
 import shutil
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ._pool import usable_cpus
-from .layouts import Case, GridWarning, _unoriented, load_mask, load_organ
+from .layouts import Case, _unoriented, grid_notes, load_mask, load_organ
 from .presets import LESION_NAMES, ORGANS
 
 __all__ = [
@@ -218,19 +217,14 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
         srcs = case.organs[organ]
         names = ", ".join(str(s.path) for s in srcs)
         try:
-            with warnings.catch_warnings(record=True) as caught:  # (a note of the samples)
-                warnings.simplefilter("always", GridWarning)
+            with grid_notes() as caught:  # (GridWarnings: notes of the samples)
                 region, plain, absent = load_organ(srcs, image.shape, affine, unoriented=unoriented)
                 absent = [" ".join(a.split()) for a in absent]  # (files lacking the ids)
                 les = None
                 if case.lesions.get(organ):
                     les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
                     region |= les
-            for w in caught:
-                if issubclass(w.category, GridWarning):
-                    notes.append(str(w.message))
-                else:  # (others as they came)
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            notes.extend(caught)
         except Exception as e:  # unreadable, corrupt or unmappable file: the case's error
             files = [*srcs, *case.lesions.get(organ, ())]
             raise ValueError(_naming(_short(e), files, f"{names}: {organ}")) from None

@@ -27,12 +27,14 @@ clear reason), so nothing is silently skipped.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import stat
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -625,21 +627,42 @@ def _voxel_exact(vox: np.ndarray) -> bool:
     return bool(ok and (np.abs(np.rint(r)).sum(axis=0) == 1).all())
 
 
+_GRID_NOTES = threading.local()
+
+
+@contextlib.contextmanager
+def grid_notes() -> Iterator[list[str]]:
+    """Collect the :class:`GridWarning` messages of this thread's mask loads into a list
+    instead of warning. Thread-local: ``warnings.catch_warnings`` swaps process-wide state,
+    so loads running at once in threads (the batch's loader beside its main thread, a Dask
+    worker's threads) took each other's warnings and could leave another's recorder in
+    place, swallowing every later warning."""
+    prev = getattr(_GRID_NOTES, "notes", None)
+    _GRID_NOTES.notes = notes = []
+    try:
+        yield notes
+    finally:
+        _GRID_NOTES.notes = prev
+
+
 def _warn_grid(path: Path, shape, aff: np.ndarray, affine: np.ndarray) -> None:
-    """A :class:`GridWarning` for a mask of the CT's shape whose voxels are not the CT's."""
+    """A :class:`GridWarning` for a mask of the CT's shape whose voxels are not the CT's
+    (a note, inside :func:`grid_notes`)."""
     import warnings
 
     def sizes(a) -> str:
         return "x".join(f"{v:g}" for v in np.sqrt((np.asarray(a)[:3, :3] ** 2).sum(axis=0)))
 
-    warnings.warn(
-        GridWarning(
-            f"{path}: mask has the CT's shape {tuple(shape)} but another grid (voxel sizes "
-            f"{sizes(aff)} vs the CT's {sizes(affine)} mm, or another origin or orientation): "
-            "mapped through the affines; if it was drawn on the CT's voxels, its affine is wrong"
-        ),
-        stacklevel=3,
+    msg = (
+        f"{path}: mask has the CT's shape {tuple(shape)} but another grid (voxel sizes "
+        f"{sizes(aff)} vs the CT's {sizes(affine)} mm, or another origin or orientation): "
+        "mapped through the affines; if it was drawn on the CT's voxels, its affine is wrong"
     )
+    notes = getattr(_GRID_NOTES, "notes", None)
+    if notes is not None:
+        notes.append(msg)
+        return
+    warnings.warn(GridWarning(msg), stacklevel=3)
 
 
 def _same_grid(shape_a, aff_a, shape_b, aff_b) -> bool:

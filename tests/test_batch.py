@@ -1537,3 +1537,51 @@ def test_probes_of_other_runs_are_not_taken_for_runs(ds4: Path, tmp_path: Path) 
     fcntl.flock(own.fileno(), fcntl.LOCK_SH)  # a probe of shard 1's manifest as it starts
     threading.Timer(0.3, own.close).start()  # (released: probes hold it for a moment)
     assert run_batch(cases, opts, out, shard=(1, 2), resume=True).ok
+
+
+def test_grid_notes_go_to_their_own_case_when_cases_load_in_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cases load in threads at once (the batch's loader, a Dask worker's threads): the
+    GridWarning note of a mask on another grid belongs to its own case. With
+    ``warnings.catch_warnings`` (process-wide) around each load, a load that ended while
+    another ran restored the state from before both: the other's GridWarning was printed,
+    not noted, and that load's end left the first's recorder in place."""
+    import nibabel as nib
+
+    import synthgen.batch as sb
+
+    ds = write_dataset(tmp_path / "ds", "atlas1", 2)
+    bad = ds / "BDMAP_00000001" / "segmentations" / "liver.nii.gz"
+    img = nib.load(bad)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.eye(4)), bad)
+    _, cases = discover(ds, ["liver"])
+    opts = BatchOptions(organs=("liver",))
+    a_in, a_out, b_in = threading.Event(), threading.Event(), threading.Event()
+    real = sb.load_organ
+
+    def load_organ(srcs, *a, **kw):
+        if threading.current_thread().name == "A":  # A's load ends while B's runs
+            a_in.set()
+            assert b_in.wait(30)
+            return real(srcs, *a, **kw)
+        assert a_in.wait(30)
+        b_in.set()
+        assert a_out.wait(30)
+        return real(srcs, *a, **kw)
+
+    monkeypatch.setattr(sb, "load_organ", load_organ)
+    got: dict = {}
+
+    def run(name: str, case) -> None:
+        got[name] = sb.load_case(case, opts)
+        if name == "A":
+            a_out.set()
+
+    ths = [threading.Thread(target=run, args=a, name=a[0]) for a in (("A", cases[0]), ("B", cases[1]))]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(60)
+    assert not any("another grid" in n for n in got["A"].notes), got["A"].notes
+    assert any("another grid" in n for n in got["B"].notes), got["B"].notes
