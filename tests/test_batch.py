@@ -1578,7 +1578,9 @@ def test_grid_notes_go_to_their_own_case_when_cases_load_in_threads(
         if name == "A":
             a_out.set()
 
-    ths = [threading.Thread(target=run, args=a, name=a[0]) for a in (("A", cases[0]), ("B", cases[1]))]
+    ths = [
+        threading.Thread(target=run, args=a, name=a[0]) for a in (("A", cases[0]), ("B", cases[1]))
+    ]
     for t in ths:
         t.start()
     for t in ths:
