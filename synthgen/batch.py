@@ -1091,19 +1091,25 @@ def _check_inputs(work, previous: dict[str, dict[str, Any]], out: Path) -> None:
         )
 
 
-def _check_foreign(out: Path) -> None:
-    """Refuse an OUT that holds files but no batch (no ``batch.json``, no manifest): a batch
-    replaces its samples' folders and nnU-Net's ``dataset.json``, so what is there (another
-    dataset, a folder of the same name as a sample) would be lost. A batch's own OUT always
-    has a manifest from its start on."""
+def _check_foreign(out: Path, work) -> None:
+    """Refuse an OUT that holds files but no batch (no ``batch.json``, no manifest) under
+    the names this run writes: a batch replaces its samples' folders and nnU-Net's
+    ``dataset.json``, ``imagesTr``, ``labelsTr``, so what is there (another dataset, a
+    folder of a sample's name) would be lost. A batch's own OUT always has a manifest from
+    its start on; other files (a scheduler's log, ``lost+found``) are no obstacle."""
     try:
-        names = [p.name for p in out.iterdir() if not p.name.startswith(".")]
+        names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     except FileNotFoundError:
         return
     except OSError as e:
         raise ValueError(f"{out}: cannot read the output folder ({e.strerror or e})") from None
-    if names and "batch.json" not in names and not any(n.startswith("manifest") for n in names):
-        some = ", ".join(sorted(names)[:3]) + (" ..." if len(names) > 3 else "")
+    if not names or "batch.json" in names or any(n.startswith("manifest") for n in names):
+        return
+    mine = {"dataset.json", "imagesTr", "labelsTr", "synthgen_tumors"}
+    mine |= {s.sample_id for _, samples in work for s in samples}
+    clash = sorted(names & mine)
+    if clash:
+        some = ", ".join(clash[:3]) + (" ..." if len(clash) > 3 else "")
         raise ValueError(
             f"{out} holds files that are not a synthgen batch ({some}); a batch replaces "
             "what has its samples' names there: give it a new or empty --out"
@@ -1124,7 +1130,6 @@ def prepare(
     i, n = shard
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: the output folder is a file; choose another --out")
-    _check_foreign(out)
     mine = [c for k, c in enumerate(sorted(cases, key=lambda c: c.case_id)) if k % n == i]
     previous = read_manifest(out) if out.exists() else {}
     cfg_path = out / "batch.json"
@@ -1138,6 +1143,7 @@ def prepare(
                 f"({_differences(old, opts.identity())}); use the same options, or another --out"
             )
     work = [(c, samples_for(c, opts)) for c in mine]
+    _check_foreign(out, work)
     if previous:
         _check_ids(cases, previous, out, cfg.get("synthgen"))
     _check_inputs(work, previous, out)

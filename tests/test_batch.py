@@ -741,7 +741,15 @@ def test_an_out_holding_other_files_is_refused(ds4: Path, tmp_path: Path) -> Non
     assert res.exit_code == 2 and "not a synthgen batch" in " ".join(res.output.split())
     empty = tmp_path / "empty"
     (empty / ".cache").mkdir(parents=True)
+    # files under other names (a scheduler's log written before the job, lost+found)
+    (empty / "slurm-123.out").write_text("log")
+    (empty / "lost+found").mkdir()
     assert run_batch(cases, opts, empty).done == 4
+    assert (empty / "slurm-123.out").read_text() == "log"
+    nn = tmp_path / "nn"
+    (nn / "imagesTr").mkdir(parents=True)  # an nnU-Net dataset's
+    with pytest.raises(ValueError, match=r"not a synthgen batch \(imagesTr\)"):
+        run_batch(cases, BatchOptions(organs=("liver",), format="nnunet"), nn)
 
 
 def test_resume_redoes_deleted_samples_and_refuses_misuse(
