@@ -232,8 +232,17 @@ def _grow(sl: tuple[slice, ...], pad: Sequence[int], shape: Sequence[int]) -> tu
 
 
 def _match(
-    comp_box: np.ndarray, offset: Sequence[int], centroid: np.ndarray, diam_vox: float, recs
+    comp_box: np.ndarray,
+    offset: Sequence[int],
+    centroid: np.ndarray,
+    diam_vox: float,
+    recs,
+    boxes=(),
 ) -> dict[str, Any] | None:
+    """The record of the tumor a component is: the one whose centre lies in it (most
+    voxels if several); else, unless the component is one of the scan's own lesions (its
+    centroid in one of ``boxes``, grown by 2 voxels), the nearest centre within its
+    equivalent diameter."""
     inside = []
     for r in recs:
         c = [round(float(v)) - o for v, o in zip(r["center_vox"], offset, strict=True)]
@@ -241,12 +250,22 @@ def _match(
             inside.append(r)
     if inside:
         return max(inside, key=lambda r: int(r.get("voxels") or 0))
+    if _in_boxes(centroid, boxes):
+        return None
     best, dist = None, max(diam_vox, 1.0)
     for r in recs:
         d = float(np.linalg.norm(np.asarray(r["center_vox"], dtype=float) - centroid))
         if d <= dist:
             best, dist = r, d
     return best
+
+
+def _in_boxes(point: np.ndarray, boxes) -> bool:
+    """Whether ``point`` (voxel) lies in one of ``boxes`` (``[[start, stop], ...]``) grown
+    by 2 voxels."""
+    return any(
+        all(b[0] - 2 <= c < b[1] + 2 for c, b in zip(point, box, strict=True)) for box in boxes
+    )
 
 
 def _measure_sample(d: Path) -> dict[str, Any]:
@@ -359,7 +378,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
                 halo = (median - ring_mean) / contrast
             centroid = np.asarray(ndimage.center_of_mass(comp), dtype=float) + [s.start for s in sl]
             diam_vox = diam / float(np.min(spacing))
-            rec = _match(comp, [s.start for s in sl], centroid, diam_vox, e["tumors"])
+            rec = _match(comp, [s.start for s in sl], centroid, diam_vox, e["tumors"], boxes)
             t: dict[str, Any] = {
                 "component": k,
                 "centroid_vox": [round(float(c), 2) for c in centroid],
@@ -387,10 +406,8 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             cls_rng = (intended.get("class_diameter_mm") or {}).get(t["size_class"])
             t["diameter_in_class_range"] = _within(diam, cls_rng)
             t["contrast_in_range"] = _contrast_ok(t, intended)
-            if rec is None and any(
-                all(b[0] - 2 <= c < b[1] + 2 for c, b in zip(centroid, box, strict=True))
-                for box in boxes
-            ):  # the scan's own lesion, kept as tumor label: not the preset's
+            if rec is None and _in_boxes(centroid, boxes):
+                # the scan's own lesion, kept as tumor label: not the preset's
                 existing.append(t)
                 continue
             tumors.append(t)

@@ -288,3 +288,18 @@ def test_reference_shell_is_in_mm_on_thick_slices(tmp_path: Path) -> None:
     assert summary["n_tumors"] == len(tumors) >= 1
     for t in tumors:
         assert t["organ_median_hu"] == pytest.approx(40.0)
+
+
+def test_an_existing_lesion_near_a_planned_tumor_is_not_matched_to_it() -> None:
+    """The nearest-centre fallback would give a scan's own lesion the record of a planned
+    tumor close by (within the lesion's diameter); a lesion's box comes first."""
+    from synthgen.qa import _match
+
+    comp = np.ones((4, 4, 4), dtype=bool)  # the component, at (10..14)^3
+    rec = {"center_vox": [16, 12, 12], "voxels": 50, "index": 0}  # outside it, 4 voxels away
+    centroid = np.array([11.5, 11.5, 11.5])
+    assert _match(comp, [10, 10, 10], centroid, 5.0, [rec]) is rec  # (no lesion box)
+    box = [[10, 14], [10, 14], [10, 14]]
+    assert _match(comp, [10, 10, 10], centroid, 5.0, [rec], [box]) is None
+    inside = {"center_vox": [12, 12, 12], "voxels": 9, "index": 1}
+    assert _match(comp, [10, 10, 10], centroid, 5.0, [rec, inside], [box]) is inside
