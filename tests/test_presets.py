@@ -486,3 +486,13 @@ def test_unknown_size_class_lists_valid_names() -> None:
         p.size_class("mix")
     assert "tiny, small, medium, large" in str(info.value)
     assert p.size_class("large").name == "large"
+
+
+def test_a_plan_of_a_wall_preset_with_mass_effect_stays_replayable() -> None:
+    """A preset file with [wall] and mass effect is refused (it did nothing), but a plan's
+    preset dict may hold both (batch --mass-effect turned it on for every organ before it
+    left wall presets alone): it still reads back, so such plans replay and resume."""
+    d = load_preset("colon").to_dict()
+    d["mass_effect"] = {**d.get("mass_effect", {}), "enabled": True}
+    p = preset_from_dict(d, source="an old plan")
+    assert p.wall is not None and p.mass_effect.enabled

@@ -760,7 +760,9 @@ def _parse(data: dict[str, Any], source: str, path: str | None) -> Preset:
     desc = data.get("description", "")
     if not isinstance(desc, str):
         raise ctx.fail("description", "must be a string")
-    if data.get("wall") is not None and mass_effect.enabled:  # (accepted, it did nothing)
+    # a preset file with both (accepted, it did nothing); a plan's preset dict may hold both
+    # (batch --mass-effect set it on every organ's preset): it stays replayable
+    if data.get("wall") is not None and mass_effect.enabled and path is not None:
         raise ctx.fail(
             "mass_effect.enabled",
             "wall tumors ([wall]) grow into the lumen and push no tissue: leave it false",
