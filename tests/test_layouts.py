@@ -610,8 +610,11 @@ def test_mask_outside_the_ct_raises_naming_the_file(tmp_path, liver_scan) -> Non
     far = affine.copy()
     far[:3, 3] += 1000.0
     p = save(tmp_path / "far_away.nii.gz", liver.astype(np.uint8), far)
+    from synthgen.layouts import GridWarning
+
     with pytest.raises(ValueError, match=r"far_away\.nii\.gz.*does not overlap"):
-        load_mask([MaskSource(p)], SHAPE, affine)
+        with pytest.warns(GridWarning):  # (of the CT's shape, on another grid)
+            load_mask([MaskSource(p)], SHAPE, affine)
     # an empty mask on another grid is just empty (an absent structure), not an error
     empty = save(tmp_path / "empty.nii.gz", np.zeros((5, 5, 5), np.uint8), far)
     assert not load_mask([MaskSource(empty)], SHAPE, affine).any()
