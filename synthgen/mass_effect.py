@@ -506,6 +506,8 @@ def _apply_group(
     if dst.size >= 2**31:
         raise ValueError("mass-effect box too large (more than 2**31 voxels)")
     src = _padded_copy(dst)
+    if src.dtype.kind == "u":  # numba's unsigned differences (flat[g + 1] - flat[g]) wrap
+        src = src.astype(np.int64 if src.dtype.itemsize < 8 else np.float64)
     want_nn = bool(labels)
     nn = np.empty(n if want_nn else (1, 1, 1), dtype=np.int32)
     kr = np.empty((n[0], n[1], 2), dtype=np.int64)

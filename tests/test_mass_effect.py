@@ -258,6 +258,19 @@ def test_int16_rounding_and_range():
     assert np.allclose(r32, rf, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+def test_unsigned_images_do_not_wrap_around(dtype):
+    # trilinear differences of an unsigned source wrapped (to 2**64 - x): voxels of the
+    # push went to the dtype's maximum wherever a neighbour was darker
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 200, (40, 40, 40)).astype(dtype)
+    t = Tumor((20, 20, 20), (12.0, 12.0, 12.0))
+    ru = me.apply_mass_effect(img, None, [t], (1, 1, 1), **ALWAYS).image
+    rf = me.apply_mass_effect(img.astype(np.float64), None, [t], (1, 1, 1), **ALWAYS).image
+    assert ru.dtype == dtype
+    assert np.array_equal(ru, np.rint(rf).astype(dtype))
+
+
 def test_determinism_threads_inputs_untouched_and_inplace():
     rng = np.random.default_rng(4)
     shape = (96, 90, 80)
