@@ -277,6 +277,11 @@ def render_batch(
     labs = label_args(plans, label_outs, tumor_label)  # checked before anything is warped
     for o in os_:
         check_writable("out", o)
+    if any(p.get_preset().mass_effect.enabled for p in plans):
+        from .mass_effect import check_shapes
+
+        for p, im, om, o in zip(plans, ims, oms, os_, strict=True):
+            check_shapes(p, im, om, o)  # all of them before the first warp writes
     afs = per_plan(len(plans), affines=affines)[0]
     if any(map(unreadable, (*ims, *oms, *os_, *labs))):  # non-native byte order or float16
         todo = zip(plans, ims, oms, os_, afs, labs, strict=True)

@@ -801,6 +801,20 @@ class PreparedRender:
     fields: list[MassEffectField]
 
 
+def check_shapes(plan: Any, image: Any, organ_mask: Any, out: Any = None) -> None:
+    """The render's shape checks (3-D, image and mask alike, the plan's shape, ``out``),
+    made before a warp writes into ``out``: a mismatch fails with the caller's arrays
+    untouched."""
+    from .rendering import _check_job
+
+    _check_job(plan, image, organ_mask, None)
+    if out is not None and tuple(getattr(out, "shape", ())) != tuple(image.shape):
+        raise ValueError(
+            f"out must have the image's shape {tuple(image.shape)}, got "
+            f"{tuple(out.shape) if hasattr(out, 'shape') else type(out).__name__}"
+        )
+
+
 def prepare_render(
     plan: Any,
     image: Any,
@@ -825,6 +839,7 @@ def prepare_render(
     from .rendering import check_writable
 
     check_writable("out", out)  # before the warp writes into it
+    check_shapes(plan, image, organ_mask, out)  # (the render's checks come after the warp)
     fields = plan_fields(plan, settings)
     labs, rebuild = _label_list(labels)
     if not fields:

@@ -409,6 +409,33 @@ def test_synthesize_with_mass_effect(ellipsoid_scan):
     assert np.array_equal(image, ellipsoid_scan((1.5, 1.5, 1.5))[0])  # input untouched
 
 
+def test_shape_errors_leave_the_callers_arrays_untouched(ellipsoid_scan):
+    # the warp wrote into out=image before the render's shape checks raised
+    import synthgen
+
+    image, organ = ellipsoid_scan((1.5, 1.5, 1.5))
+    plan = synthgen.plan(image, organ, organ="liver", spacing=(1.5,) * 3, size="large", seed=11)
+    assert me.plan_fields(plan), "the large class must push tissue"
+    bad = [
+        (image[:-2].copy(), organ[:-2], "plan is for shape"),  # another shape
+        (image.copy(), organ[:, :, :-1], "organ_mask"),  # a mismatched mask
+    ]
+    for im, om, msg in bad:
+        before = im.copy()
+        with pytest.raises(ValueError, match=msg):
+            synthgen.render(plan, im, om, out=im)
+        assert np.array_equal(im, before)
+    im = image.copy()
+    with pytest.raises(ValueError, match="out must have the image's shape"):
+        synthgen.render(plan, image, organ, out=im[:-1])
+    assert np.array_equal(im, image)
+    # a batch: the second plan's mismatch fails before the first plan's warp
+    a, b = image.copy(), image[:-2].copy()
+    with pytest.raises(ValueError, match="plan is for shape"):
+        synthgen.render_batch([plan, plan], [a, b], [organ, organ[:-2]], outs=[a, b])
+    assert np.array_equal(a, image)
+
+
 def test_benchmark_runs():
     out = me.benchmark(radius_mm=10.0, shape=(64, 64, 64), repeats=1)
     assert out["median_ms"] > 0 and out["box_voxels"] == 31**3
