@@ -802,9 +802,9 @@ class PreparedRender:
 
 
 def check_shapes(plan: Any, image: Any, organ_mask: Any, out: Any = None) -> None:
-    """The render's shape checks (3-D, image and mask alike, the plan's shape, ``out``),
-    made before a warp writes into ``out``: a mismatch fails with the caller's arrays
-    untouched."""
+    """The render's checks of the arrays (3-D, image and mask alike, the plan's shape,
+    ``out``'s shape and dtype), made before a warp writes into ``out``: a mismatch fails
+    with the caller's arrays untouched."""
     from .rendering import _check_job
 
     _check_job(plan, image, organ_mask, None)
@@ -813,6 +813,14 @@ def check_shapes(plan: Any, image: Any, organ_mask: Any, out: Any = None) -> Non
             f"out must have the image's shape {tuple(image.shape)}, got "
             f"{tuple(out.shape) if hasattr(out, 'shape') else type(out).__name__}"
         )
+    if out is not None:  # (the warp would render into it as the image, of its own dtype)
+        od, idt = out.dtype, image.dtype
+        if isinstance(od, np.dtype) and isinstance(idt, np.dtype):
+            same = od.newbyteorder("=") == idt.newbyteorder("=")
+        else:
+            same = str(od) == str(idt)
+        if not same:
+            raise ValueError(f"out has dtype {od}, image has {idt}")
 
 
 def prepare_render(

@@ -429,6 +429,10 @@ def test_shape_errors_leave_the_callers_arrays_untouched(ellipsoid_scan):
     with pytest.raises(ValueError, match="out must have the image's shape"):
         synthgen.render(plan, image, organ, out=im[:-1])
     assert np.array_equal(im, image)
+    f32 = image.astype(np.float32)  # refused as without mass effect, not rendered as float
+    with pytest.raises(ValueError, match="out has dtype float32, image has int16"):
+        synthgen.render(plan, image, organ, out=f32)
+    assert np.array_equal(f32, image)
     # a batch: the second plan's mismatch fails before the first plan's warp
     a, b = image.copy(), image[:-2].copy()
     with pytest.raises(ValueError, match="plan is for shape"):
