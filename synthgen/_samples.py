@@ -98,7 +98,7 @@ class CaseSource:
         """``(image, label, affine)`` as arrays on one grid (files are read each call); a
         :class:`~synthgen.layouts.Case`'s label is its organ (1) and lesion masks (2)."""
         from .io import load_nifti
-        from .layouts import Case, _unoriented, load_mask, load_organ, snap_label_values
+        from .layouts import Case, _unoriented, load_mask, load_organ, read_once, snap_label_values
 
         unoriented = False
         if isinstance(self.image, (str, Path)):
@@ -116,12 +116,14 @@ class CaseSource:
             if organ not in case.organs:
                 raise ValueError(f"case {self.case_id}: {case.missing.get(organ, 'no mask')}")
             # as in a batch (no organ in any file: samples without tumors)
-            region = load_organ(case.organs[organ], image.shape, affine, unoriented=unoriented)[0]
-            label = region.view(np.uint8)
-            if case.lesions.get(organ):
-                les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
-                label = label.copy()
-                label[les] = 2
+            srcs, les_srcs = case.organs[organ], case.lesions.get(organ, ())
+            with read_once([s.path for s in (*srcs, *les_srcs)]):  # (one label map: read once)
+                region = load_organ(srcs, image.shape, affine, unoriented=unoriented)[0]
+                label = region.view(np.uint8)
+                if les_srcs:
+                    les = load_mask(les_srcs, image.shape, affine, unoriented=unoriented)
+                    label = label.copy()
+                    label[les] = 2
         elif isinstance(self.label, (str, Path)):
             label, laff, _ = load_nifti(self.label)
             label = snap_label_values(label)  # (ids are compared with ==)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ._pool import usable_cpus
-from .layouts import Case, _unoriented, grid_notes, load_mask, load_organ
+from .layouts import Case, _unoriented, grid_notes, load_mask, load_organ, read_once
 from .presets import LESION_NAMES, ORGANS
 
 __all__ = [
@@ -210,32 +210,41 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     lesions: dict[str, np.ndarray | None] = {}
     verbatim: dict[str, Path] = {}
     skipped: dict[str, str] = dict(case.missing)
-    for organ in opts.organs:
-        if organ not in case.organs:
-            skipped.setdefault(organ, f"no {organ} mask")
-            continue
-        srcs = case.organs[organ]
-        names = ", ".join(str(s.path) for s in srcs)
-        try:
-            with grid_notes() as caught:  # (GridWarnings: notes of the samples)
-                region, plain, absent = load_organ(srcs, image.shape, affine, unoriented=unoriented)
-                absent = [" ".join(a.split()) for a in absent]  # (files lacking the ids)
-                les = None
-                if case.lesions.get(organ):
-                    les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
-                    region |= les
-            notes.extend(caught)
-        except Exception as e:  # unreadable, corrupt or unmappable file: the case's error
-            files = [*srcs, *case.lesions.get(organ, ())]
-            raise ValueError(_naming(_short(e), files, f"{names}: {organ}")) from None
-        try:
-            index = index_organ(region)  # one scan: bounding box and voxel count
-        except ValueError as e:  # an empty organ: skipped, the case's other organs go on
-            skipped[organ] = _naming("; ".join(absent) or _short(e), srcs, f"{names}: {organ}")
-            continue
-        organs[organ], lesions[organ], indexes[organ] = region, les, index
-        if plain and les is None:
-            verbatim[organ] = srcs[0].path
+    # (an organ's and its lesions' ids, or several organs', in one label map: read once)
+    uses = [
+        s.path for o in opts.organs for s in (*case.organs.get(o, ()), *case.lesions.get(o, ()))
+    ]
+    with read_once(uses):
+        for organ in opts.organs:
+            if organ not in case.organs:
+                skipped.setdefault(organ, f"no {organ} mask")
+                continue
+            srcs = case.organs[organ]
+            names = ", ".join(str(s.path) for s in srcs)
+            try:
+                with grid_notes() as caught:  # (GridWarnings: notes of the samples)
+                    region, plain, absent = load_organ(
+                        srcs, image.shape, affine, unoriented=unoriented
+                    )
+                    absent = [" ".join(a.split()) for a in absent]  # (files lacking the ids)
+                    les = None
+                    if case.lesions.get(organ):
+                        les = load_mask(
+                            case.lesions[organ], image.shape, affine, unoriented=unoriented
+                        )
+                        region |= les
+                notes.extend(caught)
+            except Exception as e:  # unreadable, corrupt or unmappable file: the case's error
+                files = [*srcs, *case.lesions.get(organ, ())]
+                raise ValueError(_naming(_short(e), files, f"{names}: {organ}")) from None
+            try:
+                index = index_organ(region)  # one scan: bounding box and voxel count
+            except ValueError as e:  # an empty organ: skipped, the case's other organs go on
+                skipped[organ] = _naming("; ".join(absent) or _short(e), srcs, f"{names}: {organ}")
+                continue
+            organs[organ], lesions[organ], indexes[organ] = region, les, index
+            if plain and les is None:
+                verbatim[organ] = srcs[0].path
     vessels = None
     for src in case.vessels if organs else ():
         # each file alone: an unusable one loses only its own vessels, and the samples' records

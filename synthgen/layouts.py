@@ -628,6 +628,39 @@ def _voxel_exact(vox: np.ndarray) -> bool:
 
 
 _GRID_NOTES = threading.local()
+_READS = threading.local()
+
+
+@contextlib.contextmanager
+def read_once(paths: Sequence[Path]) -> Iterator[None]:
+    """Within it, this thread reads each of ``paths`` (the mask files about to be loaded, a
+    path once per use) from disk once: an organ and its lesions, or several organs, are
+    often label ids of one label map, which was read and gunzipped once per use. A file is
+    kept only until its last use."""
+    from collections import Counter
+
+    prev = getattr(_READS, "uses", None)
+    _READS.uses, _READS.data = Counter(Path(p) for p in paths), {}
+    try:
+        yield
+    finally:
+        _READS.uses, _READS.data = prev, {}
+
+
+def _read_mask_file(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
+    """``load_nifti(path)``, or what :func:`read_once` kept of it."""
+    from .io import load_nifti
+
+    uses = getattr(_READS, "uses", None)
+    if uses is None or (uses[path] < 2 and path not in _READS.data):
+        return load_nifti(path)
+    got = _READS.data.get(path)
+    if got is None:
+        got = _READS.data[path] = load_nifti(path)
+    uses[path] -= 1
+    if uses[path] <= 0:
+        del _READS.data[path]
+    return got
 
 
 @contextlib.contextmanager
@@ -819,9 +852,7 @@ def load_mask_file(
     """
     from scipy import ndimage
 
-    from .io import load_nifti
-
-    data, aff, hdr = load_nifti(src.path)
+    data, aff, hdr = _read_mask_file(src.path)
     if data.dtype.kind not in "biuf":
         raise ValueError(f"{src.path}: mask has dtype {data.dtype}, not numbers")
     top = None  # (an integer mask's maximum, when the check found it)

@@ -1732,3 +1732,26 @@ def test_an_atlas_case_without_its_ct_fails_by_name(tmp_path: Path, layout: str)
     assert bad["status"] == "failed" and "ct.nii.gz: file not found" in bad["error"]
     if layout == "atlas2":
         assert recs["BDMAP_00000002_s000"]["status"] == "failed"
+
+
+def test_a_label_map_of_an_organ_and_its_lesions_is_read_once(lits_files, monkeypatch) -> None:
+    """The organ's ids and its lesions' ids in one label map: one read (and gunzip) of the
+    file per case, not one per use."""
+    import synthgen.io as sio
+    from synthgen.batch import BatchOptions, load_case
+
+    ph, ct, labels, cancer = lits_files
+    case = Case("c", ct, {"liver": (MaskSource(labels, (1,)),)},
+                {"liver": (MaskSource(labels, (2,)),)})  # fmt: skip
+    reads: list[str] = []
+    real = sio.load_nifti
+
+    def spy(path, *a, **kw):
+        reads.append(Path(path).name)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(sio, "load_nifti", spy)
+    lc = load_case(case, BatchOptions(organs=("liver",)))
+    assert reads == [Path(ct).name, Path(labels).name]
+    np.testing.assert_array_equal(lc.lesions["liver"], cancer)
+    np.testing.assert_array_equal(lc.organs["liver"], ph.mask("liver") | cancer)
