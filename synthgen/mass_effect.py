@@ -467,10 +467,11 @@ def _value_range(dtype: np.dtype) -> tuple[float, float]:
 _SLAB_VOXELS = 262_144  # rows per task: ~a quarter million voxels
 
 
-def _padded_copy(view: np.ndarray) -> np.ndarray:
-    """C-contiguous copy of a box with its last plane repeated once along each axis."""
+def _padded_copy(view: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """C-contiguous copy of a box with its last plane repeated once along each axis (as
+    ``dtype``, default the box's)."""
     n0, n1, n2 = view.shape
-    out = np.empty((n0 + 1, n1 + 1, n2 + 1), dtype=view.dtype)
+    out = np.empty((n0 + 1, n1 + 1, n2 + 1), dtype=view.dtype if dtype is None else dtype)
     out[:n0, :n1, :n2] = view
     out[n0, :n1, :n2] = out[n0 - 1, :n1, :n2]
     out[:, n1, :n2] = out[:, n1 - 1, :n2]
@@ -505,9 +506,10 @@ def _apply_group(
     n = dst.shape
     if dst.size >= 2**31:
         raise ValueError("mass-effect box too large (more than 2**31 voxels)")
-    src = _padded_copy(dst)
-    if src.dtype.kind == "u":  # numba's unsigned differences (flat[g + 1] - flat[g]) wrap
-        src = src.astype(np.int64 if src.dtype.itemsize < 8 else np.float64)
+    wide = None  # (numba's unsigned differences, flat[g + 1] - flat[g], would wrap)
+    if dst.dtype.kind == "u":
+        wide = np.int64 if dst.dtype.itemsize < 8 else np.float64
+    src = _padded_copy(dst, wide)
     want_nn = bool(labels)
     nn = np.empty(n if want_nn else (1, 1, 1), dtype=np.int32)
     kr = np.empty((n[0], n[1], 2), dtype=np.int64)
