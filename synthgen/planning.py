@@ -9,6 +9,7 @@ needs nothing else: a manifest entry (the plan's JSON) reproduces a sample exact
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -168,7 +169,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dictionary (a copy: the plan's preset dict is shared and read-only)."""
-        d = asdict(self)
+        d = asdict(dataclasses.replace(self, preset={}))  # (the preset: copied once, below)
         d["preset"] = copy.deepcopy(self.preset)
         for t in d["tumors"]:  # (JSON's types: the control grids as nested lists)
             if isinstance(t["displacement_mm"], ControlGrid):
