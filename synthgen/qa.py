@@ -319,11 +319,7 @@ def _measure_sample(d: Path) -> dict[str, Any]:
         mismatch = int(np.count_nonzero(expect != label))
         del expect
     ctf = ct  # measured in place; float64 sums below
-    odd = (ct < CT_RANGE[0]) | (ct > CT_RANGE[1])
-    out_of_range = int(np.count_nonzero(odd))
-    tumor_out = int(np.count_nonzero(odd & all_tumor)) if out_of_range else 0
-    del odd
-    gas_total = int(np.count_nonzero(all_tumor & (ct < GAS_HU)))
+    out_of_range = int(np.count_nonzero((ct < CT_RANGE[0]) | (ct > CT_RANGE[1])))
     full = ndimage.generate_binary_structure(3, 3)
 
     organ_out: dict[str, Any] = {}
@@ -425,8 +421,14 @@ def _measure_sample(d: Path) -> dict[str, Any]:
             "tumors": tumors,
             "existing_lesions": existing,
         }
-    # (impossible: gas in a synthetic tumor; a scan's own lesion may hold gas, an abscess)
-    gas_total -= sum(t["gas_voxels"] for o in organ_out.values() for t in o["existing_lesions"])
+    # sums over the tumors' own boxes (impossible: gas in a synthetic tumor only; a scan's
+    # own lesion may hold gas, an abscess)
+    gas_total = sum(t["gas_voxels"] for o in organ_out.values() for t in o["tumors"])
+    tumor_out = sum(
+        t["out_of_range_voxels"]
+        for o in organ_out.values()
+        for t in (*o["tumors"], *o["existing_lesions"])
+    )
     return {
         "sample": d.name,
         "path": str(d),
