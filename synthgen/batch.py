@@ -573,9 +573,7 @@ def _process(lc_or_err, case: Case, samples, opts, out, tag) -> Iterator[dict[st
         except Exception as e:  # recorded with its type; the batch goes on
             yield _record(sample, case, "failed", t0, error=_short(e), **notes)
             continue
-        keep = ("organ", "preset", "seed", "plan", "tumors")
-        keep += ("existing_lesion_voxels", "existing_lesions")
-        organs = [{k: r[k] for k in keep if k in r} for r in arrays[3]]
+        organs = [dict(r) for r in arrays[3]]  # (the organs' records, as tumors.json has them)
         yield _record(
             sample,
             case,
@@ -1112,7 +1110,7 @@ def _check_foreign(out: Path, work) -> None:
         return
     except OSError as e:
         raise ValueError(f"{out}: cannot read the output folder ({e.strerror or e})") from None
-    if not names or "batch.json" in names or any(n.startswith("manifest") for n in names):
+    if not names or "batch.json" in names or any(out.glob(MANIFEST_GLOB)):
         return
     mine = {"dataset.json", "imagesTr", "labelsTr", "synthgen_tumors"}
     mine |= {s.sample_id for _, samples in work for s in samples}
@@ -1152,7 +1150,8 @@ def prepare(
                 f"({_differences(old, opts.identity())}); use the same options, or another --out"
             )
     work = [(c, samples_for(c, opts)) for c in mine]
-    _check_foreign(out, work)
+    if not previous and not cfg_path.is_file():  # (a batch's OUT: not listed again)
+        _check_foreign(out, work)
     if previous:
         _check_ids(cases, previous, out, cfg.get("synthgen"))
     _check_inputs(work, previous, out)
@@ -1315,7 +1314,7 @@ class _ShardLock:
             except ImportError:
                 return []
         held = []
-        for other in sorted(self.path.parent.glob("manifest*.jsonl")):
+        for other in sorted(self.path.parent.glob(MANIFEST_GLOB)):
             if other == self.path:
                 continue
             try:
@@ -1404,13 +1403,12 @@ def run_batch(
                 {"synthgen": __version__, "input": source, "options": opts.identity()},
             )
         partial = out / ".partial" / tag
-        if partial.exists():  # what a killed run of this shard left behind
-            shutil.rmtree(partial)
-        if lock.locked:  # and what killed runs of other shards left, unless they run now
-            held = {_tag_of(p.name) for p in lock.running()}
-            for d in sorted((out / ".partial").glob("*")):
-                if d.is_dir() and d.name != tag and d.name not in held:
-                    shutil.rmtree(d, ignore_errors=True)
+        # what killed runs left: this shard's, and (where flock tells) other shards' unless
+        # they run now
+        held = {_tag_of(p.name) for p in lock.running()} if lock.locked else None
+        for d in sorted((out / ".partial").glob("*")):
+            if d.is_dir() and (d == partial or (held is not None and d.name not in held)):
+                shutil.rmtree(d, ignore_errors=True)
         report = BatchReport(total=total, skipped=skipped, manifest=out / name)
         if on_start is not None:
             on_start(todo, skipped)
