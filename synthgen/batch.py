@@ -178,6 +178,7 @@ class LoadedCase:
     skipped: dict[str, str]  # organ -> reason it cannot be used in this case
     vessels: np.ndarray | None = None  # union of the case's vessel masks, kept clear of
     notes: list[str] = field(default_factory=list)  # what a sample's record should say
+    lesion_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # _lesion_record
 
 
 def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
@@ -258,9 +259,11 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             )
             continue
         vessels = m if vessels is None else np.logical_or(vessels, m, out=vessels)
+    info = {o: _lesion_record(m) for o, m in lesions.items() if m is not None}
     return LoadedCase(
-        case, image, affine, header, organs, indexes, lesions, verbatim, skipped, vessels, notes
-    )
+        case, image, affine, header, organs, indexes, lesions, verbatim, skipped, vessels, notes,
+        info,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -422,10 +425,10 @@ def _synthesize(lc: LoadedCase, sample: Sample, opts: BatchOptions):
         if lesions.get(organ) is not None:
             tm |= lesions[organ]
             label[lesions[organ]] = le
-            # (a batch whose lesion ids match no voxel anywhere is told: a typo, likely)
-            rec["existing_lesion_voxels"] = int(np.count_nonzero(lesions[organ]))
-            if rec["existing_lesion_voxels"]:  # (synthgen qa tells them from synthetic ones)
-                rec["existing_lesions"] = _component_boxes(lesions[organ])
+            # (a batch whose lesion ids match no voxel anywhere is told: a typo, likely;
+            # synthgen qa tells them from synthetic ones): the case's, unless warped here
+            moved_les = ("lesion", organ) in moved
+            rec.update(_lesion_record(lesions[organ]) if moved_les else lc.lesion_info[organ])
         tumors[organ] = tm
         records.append(rec)
     if not records:
@@ -540,18 +543,24 @@ def _record(sample: Sample, case: Case, status: str, t0: float, **kw: Any) -> di
     return rec
 
 
-def _component_boxes(mask: np.ndarray) -> list[list[list[int]]]:
-    """The bounding boxes ``[[start, stop], ...]`` of ``mask``'s connected components (full
-    connectivity), labelled within the mask's own bounding box only."""
+def _lesion_record(mask: np.ndarray) -> dict[str, Any]:
+    """An organ record's ``existing_lesion_voxels`` and, when there are any, the bounding
+    boxes ``[[start, stop], ...]`` of the lesions (connected components, full connectivity;
+    labelled within their bounding box, found with the voxel count in one pass)."""
     from scipy import ndimage
 
-    idx = [np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
-    crop = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
+    from ._cpu_kernels import bbox
+
+    lo0, hi0, lo1, hi1, lo2, hi2, n = bbox(mask)
+    if not n:
+        return {"existing_lesion_voxels": 0}
+    crop = (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1))
     comps, _ = ndimage.label(mask[crop], ndimage.generate_binary_structure(3, 3))
-    return [
+    boxes = [
         [[s.start + c.start, s.stop + c.start] for s, c in zip(sl, crop, strict=True)]
         for sl in ndimage.find_objects(comps)
     ]
+    return {"existing_lesion_voxels": int(n), "existing_lesions": boxes}
 
 
 def _failed(case: Case, samples, why: str) -> list[dict[str, Any]]:
