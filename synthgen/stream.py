@@ -56,20 +56,18 @@ def _save_sample(spools: Sequence[str], key: tuple[int, int], sample: dict[str, 
     filled by queued samples) goes to the next; the last one's errors are raised.
     """
     need = sum(int(getattr(v, "nbytes", 0)) for v in sample.values()) + (1 << 20)
-    for i, spool in enumerate(spools):
-        last = i == len(spools) - 1
-        if not last:
-            try:
-                if shutil.disk_usage(spool).free < need:
-                    continue
-            except OSError:
-                pass  # (the write below says what is wrong)
+    for spool in spools[:-1]:
+        try:
+            if shutil.disk_usage(spool).free < need:
+                continue
+        except OSError:
+            pass  # (the write below says what is wrong)
         try:
             return _write_sample(spool, key, sample)
         except OSError as e:
-            if last or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-    raise AssertionError("unreachable")
+    return _write_sample(spools[-1], key, sample)
 
 
 def _write_sample(spool: str, key: tuple[int, int], sample: dict[str, Any]) -> str:
@@ -574,17 +572,24 @@ def serve(
     return sent
 
 
-def _listening(path: str) -> bool:
-    """Whether a process listens on the Unix socket ``path`` (else it is stale)."""
+def _knock(address: Any, family: str = "AF_UNIX", timeout: float = 2.0) -> bool:
+    """Connect a plain socket to ``address`` and close it: whether something listens there
+    (a listener's handshake then fails at once, without waiting for it)."""
     import socket
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(2.0)
+    fam = socket.AF_UNIX if family == "AF_UNIX" else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
         try:
-            s.connect(path)
+            s.connect(address)
         except OSError:  # refused (nobody listens), not a socket, gone
             return False
     return True
+
+
+def _listening(path: str) -> bool:
+    """Whether a process listens on the Unix socket ``path`` (else it is stale)."""
+    return _knock(path)
 
 
 def _turn_away(listener: Any, address: str, done: threading.Event) -> None:
@@ -614,14 +619,9 @@ def _turn_away(listener: Any, address: str, done: threading.Event) -> None:
 def _stop_turning_away(listener: Any, family: str, done: threading.Event, away) -> None:
     """End :func:`_turn_away`: closing a listener does not wake a blocked accept() on Linux;
     a plain connection does (it fails the handshake, without waiting for it)."""
-    import socket
-
     done.set()
     with contextlib.suppress(Exception):
-        fam = socket.AF_UNIX if family == "AF_UNIX" else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            s.connect(listener.address)
+        _knock(listener.address, family, 1.0)
     away.join(2.0)
 
 
