@@ -685,10 +685,9 @@ def _preset_spec(organ: str | Path) -> str:
     absolute path (nnU-Net imports the module from whatever folder it runs in; a relative
     path would not be found there, and the module's failure would break nnU-Net's lookup of
     every other trainer too)."""
-    s = str(organ)
-    if isinstance(organ, Path) or s.endswith(".toml") or "/" in s or "\\" in s:
-        return str(Path(s).resolve())
-    return s
+    from .presets import is_preset_file
+
+    return str(Path(organ).resolve()) if is_preset_file(organ) else str(organ)
 
 
 def trainer_module_source(

@@ -817,6 +817,13 @@ def preset_path(name: str) -> Path:
 _CACHE: dict[str, Preset] = {}
 
 
+def is_preset_file(spec: str | Path) -> bool:
+    """Whether :func:`load_preset` reads ``spec`` as a file path (a ``Path``, a ``.toml``
+    name or anything with a path separator) rather than as a preset or organ name."""
+    s = str(spec)
+    return isinstance(spec, Path) or s.endswith(".toml") or "/" in s or "\\" in s
+
+
 def load_preset(spec: str | Path | Preset) -> Preset:
     """Load a preset by organ name, preset name or file path.
 
@@ -834,7 +841,7 @@ def load_preset(spec: str | Path | Preset) -> Preset:
     if isinstance(spec, Preset):
         return spec
     s = str(spec)
-    looks_like_path = isinstance(spec, Path) or s.endswith(".toml") or "/" in s or "\\" in s
+    looks_like_path = is_preset_file(spec)
     path = Path(s) if looks_like_path else preset_path(s)
     key = str(path.resolve()) if path.exists() else s
     if not looks_like_path and key in _CACHE:
