@@ -306,8 +306,8 @@ class RandTumorSynthesis(_SeededRandomizable):
             out_img[0] = res.image
         out_img_t = convert_to_dst_type(out_img, dst=self._dst(img))[0]
         lab_dst = self._dst(label)
-        # a boolean label map comes back uint8 (0/1/tumor label): cast back to bool, every
-        # tumor voxel read as organ
+        # a boolean label map comes back uint8 (0/1/tumor label), which holds the tumor label
+        # (cast back to bool, every tumor voxel would read as organ)
         lab_dtype = None
         if lab_np.dtype == np.bool_:
             lab_dtype = torch.uint8 if isinstance(lab_dst, torch.Tensor) else np.uint8
