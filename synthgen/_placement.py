@@ -29,7 +29,15 @@ from ._geometry import binary as _binary
 from ._geometry import sample_step
 from ._packed import above
 
-__all__ = ["Constraints", "bright_vessels"]
+__all__ = ["Constraints", "PlacementError", "bright_vessels"]
+
+
+class PlacementError(ValueError):
+    """No room for the preset's tumors in this organ: empty or too small, or no position
+    left clear of vessels, lesions and other tumors. For a training patch beside or at the
+    edge of an organ a normal outcome (the adapters leave such a sample as it is); any other
+    ``ValueError`` of planning is about the caller's data or arguments."""
+
 
 # Draws per relaxation level and tumor (rejection sampling, bounded).
 TRIES = 48
@@ -277,7 +285,7 @@ class Constraints:
                     break
             if c is None:
                 worst = max(why, key=why.__getitem__)
-                raise ValueError(
+                raise PlacementError(
                     f"no position for {label} (radius up to {max(radii):.1f} mm): "
                     f"{(len(LEVELS) + 1) * TRIES} candidate centres all came too close to "
                     f"{worst}, even with the clearance relaxed to 0 mm and only the centre "

@@ -18,6 +18,7 @@ import numpy as np
 
 from .api import Synthesizer, without_mass_effect_hint
 from .mass_effect import render_plan
+from .planning import PlacementError
 from .presets import Preset
 
 __all__ = ["Implanted", "affine_for", "implant_tumors", "lesions_of", "organ_mask_of"]
@@ -98,19 +99,6 @@ def affine_for(spacing: Sequence[float], craniocaudal_axis: int = 2) -> np.ndarr
     return aff
 
 
-def _raise_if_unusable(image: np.ndarray, organ: np.ndarray, affine: Any, organ_index: Any):
-    """Raise ValueError for an affine that gives no spacing, or NaN / inf in the organ's box:
-    the caller's errors, not an organ too small for the preset (only run after planning
-    failed, so the loaders' path costs nothing more)."""
-    from ._packed import all_finite
-    from .planning import organ_bbox, resolve_spacing
-
-    resolve_spacing(None, affine)
-    bbox = organ_index.bbox if organ_index is not None else organ_bbox(organ)[0]
-    if not all_finite(image, bbox):
-        raise ValueError("image contains NaN or inf inside the organ's bounding box")
-
-
 def implant_tumors(
     image: np.ndarray,
     label: np.ndarray,
@@ -174,10 +162,8 @@ def implant_tumors(
             organ_index=organ_index,
             lesion_mask=lesion_mask,
         )
-    except ValueError as e:  # too small for the preset's tumors: a normal patch
-        # ... unless the caller's data is unusable (planning raises ValueError for both):
-        # a bad affine or NaN in the organ would otherwise mean no tumors, silently, ever
-        _raise_if_unusable(out_image, organ, affine, organ_index)
+    except PlacementError as e:  # too small for the preset's tumors: a normal patch (the
+        # caller's errors, a bad affine or NaN in the organ, are raised: not no tumors ever)
         return Implanted(out_image, out_label, None, str(e))
     # The preset's mass effect (if any) warps the image and the whole label map alike first;
     # the render then writes the tumor label into the label map itself.

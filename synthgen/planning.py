@@ -28,13 +28,14 @@ from ._geometry import binary as _binary
 from ._geometry import sample_step
 from ._hash import derive_seed, derive_seeds
 from ._packed import all_finite
-from ._placement import Constraints
+from ._placement import Constraints, PlacementError
 from .presets import Preset, SizeClass, load_preset, preset_from_dict
 
 __all__ = [
     "PLAN_VERSION",
     "ControlGrid",
     "OrganIndex",
+    "PlacementError",
     "Plan",
     "TumorPlan",
     "index_organ",
@@ -517,7 +518,7 @@ def organ_bbox(organ_mask: np.ndarray) -> tuple[tuple[slice, slice, slice], int]
 
     lo0, hi0, lo1, hi1, lo2, hi2, count = bbox(readable(organ_mask))  # (any byte order)
     if count == 0:
-        raise ValueError("organ mask is empty (no voxel > 0.5): nothing to implant a tumor in")
+        raise PlacementError("organ mask is empty (no voxel > 0.5): nothing to implant a tumor in")
     return (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1)), int(count)
 
 
@@ -730,7 +731,7 @@ class _Placer:
             c = self._draw_in_slice(rng, int(z))
             if c is not None:
                 return c
-        raise ValueError(
+        raise PlacementError(
             "organ too small for its placement rules: no voxel is left after "
             f"{self.p.erosion_mm} mm erosion"
             + (f" within the tissue window {self.p.tissue_hu} HU" if self.p.tissue_hu else "")
@@ -858,7 +859,7 @@ def make_plan(
     plan_classes = _class_counts(preset, size, rng)
     smallest = min(c.radius_mm[0] for c, n in plan_classes if n > 0) if plan_classes else 1.0
     if count * voxel_mm3 < (4.0 / 3.0) * math.pi * smallest**3:
-        raise ValueError(
+        raise PlacementError(
             f"organ too small for class {size!r}: organ volume {count * voxel_mm3:.0f} mm^3 is "
             f"below the smallest tumor of the class ({smallest:g} mm radius)"
         )

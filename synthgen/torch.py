@@ -41,6 +41,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ._hash import seed_of
 from ._samples import SampleMaker, _dist_live, distributed, plan_of, rank_positions
+from .planning import PlacementError
 
 __all__ = ["BatchTumorSynthesis", "SyntheticTumorDataset", "TumorSynthesisWrapper", "plan_of"]
 
@@ -536,13 +537,8 @@ class BatchTumorSynthesis:
             return self.synthesizer.plan(
                 img_v, org_v, seed=seed, affine=affine, organ_index=index, lesion_mask=les_v
             )
-        except ValueError:  # organ too small for the preset's tumors: leave the sample alone
-            from .augment import _raise_if_unusable
-
-            # ... unless the data is unusable (a bad affine, NaN in the organ's box): raised,
-            # not a training run of samples without tumors
-            _raise_if_unusable(img_v, org_v, affine, index)
-            return None
+        except PlacementError:  # organ too small for the preset's tumors: leave the sample
+            return None  # alone (a bad affine, NaN in the organ's box: raised)
 
     def __repr__(self) -> str:
         return (

@@ -334,3 +334,27 @@ def test_spacing_against_the_affine_and_8_bit_images_warn(scan) -> None:
     with pytest.warns(UserWarning, match="cannot hold CT values"):
         synthgen.plan(np.clip(img, 0, 255).astype(np.uint8), m, organ="liver-classic", seed=0,
                       spacing=SP)  # fmt: skip
+
+
+def test_no_room_is_a_placement_error_and_adapters_leave_such_patches_alone(scan) -> None:
+    """Planning's "no room" errors (empty organ, organ too small) are PlacementError, a
+    ValueError: the training adapters leave such a patch as it is and raise every other
+    planning error (NaN in the organ, a bad affine) instead of giving no tumors."""
+    from synthgen.augment import affine_for, implant_tumors
+    from synthgen.planning import PlacementError
+
+    img, m = scan
+    tiny = np.zeros(img.shape, dtype=bool)
+    tiny[80, 60, 50:53] = True
+    with pytest.raises(PlacementError, match="organ too small"):
+        _synth(img, tiny, size="large")
+    with pytest.raises(PlacementError, match="organ mask is empty"):
+        _synth(img, np.zeros_like(m))
+    kw = dict(synthesizer=synthgen.Synthesizer("liver-classic"), organ_labels=[1], tumor_label=2,
+              seed=0, affine=affine_for((1.0, 1.0, 1.0)), min_organ_voxels=0)  # fmt: skip
+    empty = implant_tumors(img, np.zeros(img.shape, np.uint8), **kw)
+    assert empty.plan is None and np.array_equal(empty.image, img)
+    f = img.astype(np.float32)
+    f[tuple(np.argwhere(m)[0])] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        implant_tumors(f, m.astype(np.uint8), **kw)
