@@ -191,18 +191,14 @@ class Synthesizer:
                       tumor_label=tumor_label)  # fmt: skip
             return readable_job(lambda im, om, o, lab: self(im, om, out=o, label_out=lab, **kw),
                                 image, organ_mask, out, label_out)  # fmt: skip
-        plan_image, plan_mask = image, organ_mask
         from ._device import resolve_device
 
-        where = resolve_device(self.device, image, organ_mask)
-        if where.kind == "cuda" and self.device != "cpu":
-            from ._cuda import planning_views
-
-            # planning reads the organ's box and a few slices from the GPU, no more
-            plan_image, plan_mask, organ_index = planning_views(image, organ_mask, organ_index)
+        # (device='cpu' with GPU data fails here, before planning; planning itself reads GPU
+        # data through views of the organ's box and a few slices, see make_plan)
+        resolve_device(self.device, image, organ_mask)
         p = self.plan(
-            plan_image,
-            plan_mask,
+            image,
+            organ_mask,
             seed=seed,
             spacing=spacing,
             affine=affine,
