@@ -522,21 +522,12 @@ class BatchTumorSynthesis:
         return plans
 
     def _plan(self, image0: torch.Tensor, organ: torch.Tensor, seed: int, affine, lesions):
-        if image0.is_cuda:
-            from ._cuda import planning_views
-
-            img_v, org_v, index = planning_views(image0, organ)
-        else:
-            from .planning import host_readable
-
-            # (bfloat16, which NumPy lacks, through its float32 values)
-            img_v, org_v, index = host_readable(image0), organ.numpy(), None
-        # the lesions already in the patch (rare: copied to the host whole, a patch's size)
+        # (planning reads CUDA tensors through views of the organ's box, CPU tensors, bfloat16
+        # included, through NumPy views; the lesions already in the patch, rare, are copied
+        # to the host whole, a patch's size)
         les_v = None if lesions is None else lesions.cpu().numpy()
         try:
-            return self.synthesizer.plan(
-                img_v, org_v, seed=seed, affine=affine, organ_index=index, lesion_mask=les_v
-            )
+            return self.synthesizer.plan(image0, organ, seed=seed, affine=affine, lesion_mask=les_v)
         except PlacementError:  # organ too small for the preset's tumors: leave the sample
             return None  # alone (a bad affine, NaN in the organ's box: raised)
 
