@@ -96,6 +96,11 @@ class BatchOptions:
         twice = sorted({o for o in self.organs if self.organs.count(o) > 1})
         if twice:  # two plans of one organ: nnU-Net ids 3/4 without 1/2, a doubled record
             raise ValueError(f"organ(s) given more than once: {', '.join(twice)}")
+        if self.size is not None:  # (every sample would fail: refused at once)
+            from .presets import load_preset
+
+            for o in self.organs:
+                load_preset(self.presets.get(o, o)).size_class(self.size)
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the run it continues."""

@@ -424,10 +424,6 @@ def synth(
             preview=preview,
             mass_effect=mass_effect,
         )
-        if size is not None:  # a usage error, as in batch: not a failed sample in OUT
-            from synthgen.presets import load_preset
-
-            load_preset(presets.get(organs[0], organs[0])).size_class(size)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     _run_batch([case], opts, out, source=str(ct), resume=resume)
@@ -525,11 +521,6 @@ def batch(
             preview=preview,
             mass_effect=mass_effect,
         )
-        if size is not None:
-            from synthgen.presets import load_preset
-
-            for o in organs:
-                load_preset(presets.get(o, o)).size_class(size)
         shard_in = parse_shard(shard)
         found_layout, cases = discover(input, organs, layout, lesion_ids=lesion)
     except ValueError as e:
