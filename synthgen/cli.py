@@ -690,7 +690,13 @@ def stream(
     import os
 
     from synthgen.layouts import discover
-    from synthgen.stream import DEFAULT_AUTHKEY, Producer, serve
+    from synthgen.stream import (
+        DEFAULT_AUTHKEY,
+        Producer,
+        exit_on_termination,
+        format_address,
+        serve,
+    )
 
     organs = _organ_list(organ)
     if len(organs) != 1:
@@ -714,14 +720,14 @@ def stream(
             rank=rank,
             world_size=world_size,
         )
-        _exit_on_termination()  # (SIGTERM: a clean stop, the socket file and workers gone)
+        exit_on_termination()  # (SIGTERM: a clean stop, the socket file and workers gone)
         sent = serve(
             prod,
             address,
             authkey=key,
             accept_timeout=accept_timeout,
             on_listen=lambda a: console.print(
-                f"serving {len(cases)} cases ({organs[0]}) on {esc(_address_text(a))}; waiting "
+                f"serving {len(cases)} cases ({organs[0]}) on {esc(format_address(a))}; waiting "
                 "for a consumer"
             ),
         )
@@ -729,28 +735,6 @@ def stream(
         console.print(f"[red]error:[/red] {esc(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"stream ended: {sent} samples sent")
-
-
-def _address_text(a: object) -> str:
-    """A listener's address as connect() takes it: ``host:port`` or ``unix:/path``."""
-    if isinstance(a, tuple) and len(a) == 2:
-        return f"{a[0]}:{a[1]}"
-    return f"unix:{a}" if isinstance(a, str) and not a.startswith("unix:") else str(a)
-
-
-def _exit_on_termination() -> None:
-    """Make SIGTERM and SIGHUP exit through Python (code 128 + signal), so that ``serve``
-    stops its producer's workers and removes its Unix socket: their default action kills the
-    process at once (``kill``, ``systemctl stop``, a batch system's time limit)."""
-    import signal
-
-    def on_term(signum, frame) -> None:
-        raise SystemExit(128 + signum)
-
-    for name in ("SIGTERM", "SIGHUP"):
-        num = getattr(signal, name, None)
-        if num is not None and signal.getsignal(num) is not signal.SIG_IGN:  # (nohup)
-            signal.signal(num, on_term)
 
 
 @presets_app.command("list")

@@ -112,6 +112,22 @@ class _Flag:
         return bool(self._v.value)
 
 
+def exit_on_termination(exc: type[SystemExit] = SystemExit) -> None:
+    """Make SIGTERM and SIGHUP (a terminal closed: SIGHUP to its process group) raise
+    ``exc(128 + signal)``, so that cleanup runs (``finally`` blocks, a served socket file
+    removed, workers joined): their default action kills the process at once (``kill``,
+    ``systemctl stop``, a batch system's time limit). Signals ignored (nohup) stay so."""
+    import signal
+
+    def on_term(signum, frame) -> None:
+        raise exc(128 + signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        num = getattr(signal, name, None)
+        if num is not None and signal.getsignal(num) is not signal.SIG_IGN:
+            signal.signal(num, on_term)
+
+
 class _Terminated(SystemExit):
     """A worker's SIGTERM or SIGHUP, raised as an exit (code 128 + signal) so that its
     cleanup runs."""
@@ -139,20 +155,13 @@ def _worker(
     their small, fixed-size messages, which a pipe writes atomically: a worker killed at any
     moment cannot leave a half-written message that would block the consumer.
     """
-    import signal
 
     os.environ.setdefault("SYNTHGEN_NUM_THREADS", "1")
     parent = mp.parent_process()
 
-    def on_term(signum, frame) -> None:
-        # (SIGTERM's default kills at once: this 'finally' would not run, and a SIGTERM to the
-        # whole process group, the consumer's too, left the spool behind)
-        raise _Terminated(128 + signum)
-
-    for sig in ("SIGTERM", "SIGHUP"):  # (a terminal closed: SIGHUP to its process group)
-        num = getattr(signal, sig, None)
-        if num is not None and signal.getsignal(num) is not signal.SIG_IGN:  # (nohup)
-            signal.signal(num, on_term)
+    # (SIGTERM's default kills at once: this 'finally' would not run, and a SIGTERM to the
+    # whole process group, the consumer's too, left the spool behind)
+    exit_on_termination(_Terminated)
 
     def go_on() -> bool:
         return not stop.is_set() and (parent is None or parent.is_alive())
@@ -462,6 +471,14 @@ class Producer:
 # --------------------------------------------------------------------------------------
 # across processes
 # --------------------------------------------------------------------------------------
+
+
+def format_address(a: Any) -> str:
+    """A listener's address as :func:`connect` takes it (the inverse of
+    :func:`parse_address`): ``host:port`` or ``unix:/path``."""
+    if isinstance(a, tuple) and len(a) == 2:
+        return f"{a[0]}:{a[1]}"
+    return f"unix:{a}" if isinstance(a, str) and not a.startswith("unix:") else str(a)
 
 
 def parse_address(address: str) -> tuple[Any, str]:
