@@ -618,22 +618,6 @@ def run_case(
     return list(_process(_load_or_error(case, opts), case, samples, opts, out, tag))
 
 
-def _rooted(case: Case, root: str) -> Case:
-    """``case`` with its relative paths joined to ``root``."""
-    import dataclasses
-
-    def src(s):
-        return dataclasses.replace(s, path=Path(root) / s.path)
-
-    return dataclasses.replace(
-        case,
-        ct=Path(root) / case.ct,
-        organs={o: tuple(map(src, v)) for o, v in case.organs.items()},
-        lesions={o: tuple(map(src, v)) for o, v in case.lesions.items()},
-        vessels=tuple(map(src, case.vessels)),
-    )
-
-
 def run_case_from(
     cwd: str, case: Case, samples: Sequence[Sample], opts: BatchOptions, out: str, tag: str
 ) -> list[dict[str, Any]]:
@@ -647,7 +631,7 @@ def run_case_from(
     except OSError:  # no working folder, or no ``cwd`` here (the paths then name it)
         here = False
     if not here:
-        case, out = _rooted(case, cwd), os.path.join(cwd, out)
+        case, out = case.rooted(cwd), os.path.join(cwd, out)
     return run_case(case, samples, opts, out, tag)
 
 

@@ -35,7 +35,7 @@ import re
 import stat
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +120,33 @@ class Case:
     missing: dict[str, str] = field(default_factory=dict)
     vessels: tuple[MaskSource, ...] = ()
 
+    def rooted(self, root: str | Path) -> Case:
+        """The case with its relative paths joined to ``root`` (not normalised, so symbolic
+        links keep their meaning); absolute paths stay as they are."""
+
+        def src(s: MaskSource) -> MaskSource:
+            return replace(s, path=Path(root) / s.path)
+
+        return replace(
+            self,
+            ct=Path(root) / self.ct,
+            organs={o: tuple(map(src, v)) for o, v in self.organs.items()},
+            lesions={o: tuple(map(src, v)) for o, v in self.lesions.items()},
+            vessels=tuple(map(src, self.vessels)),
+        )
+
     def to_dict(self, absolute: bool = False) -> dict[str, Any]:
-        """The case as JSON; ``absolute``: relative paths joined to the current folder (not
-        normalised, so symbolic links keep their meaning)."""
-        a = absolute
+        """The case as JSON; ``absolute``: relative paths joined to the current folder
+        (:meth:`rooted`)."""
+        if absolute:
+            return self.rooted(Path.cwd()).to_dict()
         return {
             "case_id": self.case_id,
-            "ct": str(self.ct.absolute() if a else self.ct),
-            "organs": {o: [s.to_dict(a) for s in v] for o, v in self.organs.items()},
-            "lesions": {o: [s.to_dict(a) for s in v] for o, v in self.lesions.items()},
+            "ct": str(self.ct),
+            "organs": {o: [s.to_dict() for s in v] for o, v in self.organs.items()},
+            "lesions": {o: [s.to_dict() for s in v] for o, v in self.lesions.items()},
             "missing": dict(self.missing),
-            "vessels": [s.to_dict(a) for s in self.vessels],
+            "vessels": [s.to_dict() for s in self.vessels],
         }
 
 
