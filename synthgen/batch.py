@@ -1393,7 +1393,9 @@ def run_batch(
             ) from None
         lock.take()  # (when OUT or the manifest did not exist yet)
         _check_running_options(out, opts, lock)
-        if not (out / "batch.json").is_file() or not read_manifest(out):
+        # (no batch.json, or no record yet: prepare read the manifests, not parsed again)
+        recorded = any(p.stat().st_size for p in out.glob(MANIFEST_GLOB))
+        if not (out / "batch.json").is_file() or not recorded:
             from . import __version__
 
             _save_json(
