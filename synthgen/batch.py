@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from ._pool import usable_cpus
-from .layouts import Case, _unoriented, grid_notes, load_mask, load_organ, read_once
+from .layouts import (
+    Case,
+    _unoriented,
+    grid_notes,
+    load_mask,
+    load_mask_file,
+    load_organ,
+    read_once,
+)
 from .presets import LESION_NAMES, ORGANS
 
 __all__ = [
@@ -256,7 +264,7 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
         # each file alone: an unusable one loses only its own vessels, and the samples' records
         # say so (it used to drop every vessel mask of the case without a word)
         try:
-            m = load_mask([src], image.shape, affine, unoriented=unoriented)
+            m = load_mask_file(src, image.shape, affine, unoriented=unoriented)[0]
         except ValueError as e:
             notes.append(
                 f"{_naming(_short(e), [src], str(src.path))}: vessel mask not used (tumors keep "
