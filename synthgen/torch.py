@@ -251,13 +251,18 @@ def _to_numpy(x: Any) -> tuple[np.ndarray, Any]:
     return np.asarray(x), x
 
 
+def _is_meta_tensor(x: Any) -> bool:
+    """Whether ``x`` is a MONAI MetaTensor (told without importing MONAI)."""
+    return isinstance(x, torch.Tensor) and hasattr(x, "meta") and hasattr(x, "copy_meta_from")
+
+
 def _like(arr: np.ndarray, ref: Any, *, label: bool = False) -> Any:
     """``arr`` in the type and dtype of ``ref``; a label map of a boolean ``ref`` stays
     uint8 (0/1/tumor label: a bool cannot hold the tumor label)."""
     if isinstance(ref, torch.Tensor):
         t = torch.from_numpy(np.ascontiguousarray(arr))
         t = t if label and ref.dtype == torch.bool else t.to(ref.dtype)
-        if hasattr(ref, "meta") and hasattr(ref, "copy_meta_from"):
+        if _is_meta_tensor(ref):
             # a MONAI MetaTensor: one again, its metadata kept (a batch of fired and unfired
             # items must collate, and the affine travel on)
             from monai.utils import convert_to_dst_type
@@ -331,7 +336,7 @@ class TumorSynthesisWrapper(Dataset):
             return np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, np.float64)
         for key in (self.image_key, self.label_key):  # a MONAI MetaTensor's own affine
             x = item.get(key)
-            a = getattr(x, "affine", None) if type(x).__module__.startswith("monai") else None
+            a = x.affine if _is_meta_tensor(x) else None
             if isinstance(a, torch.Tensor) and tuple(a.shape) == (4, 4):
                 return np.asarray(a.detach().cpu(), np.float64)
         if self.spacing is not None:
