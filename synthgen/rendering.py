@@ -667,12 +667,14 @@ def label_arg(label_out: Any, shape: Sequence[int], tumor_label: Any) -> Any:
         raise ValueError(f"label_out must be an array, got {type(label_out).__name__}")
     if tuple(label_out.shape) != tuple(shape):
         raise ValueError(f"label_out has shape {tuple(label_out.shape)}, the image {tuple(shape)}")
+    cannot = (
+        f"label_out has dtype {label_out.dtype}, which synthgen cannot write: pass an integer "
+        "or float array (or a boolean one, for tumor_label 1)"
+    )
     try:
         dt = np.dtype(str(label_out.dtype).replace("torch.", ""))
-    except TypeError:
-        raise ValueError(
-            f"label_out has dtype {label_out.dtype}, which synthgen cannot write"
-        ) from None
+    except TypeError:  # (a torch dtype NumPy does not know, e.g. bfloat16 without ml_dtypes)
+        raise ValueError(cannot) from None
     if dt == np.bool_:
         if value != 1:
             raise ValueError(
@@ -687,7 +689,7 @@ def label_arg(label_out: Any, shape: Sequence[int], tumor_label: Any) -> Any:
         if abs(value) > 2**24:
             raise ValueError(f"tumor_label {value} is not exact in label_out's dtype {dt}")
     else:
-        raise ValueError(f"label_out must be an integer or float array, got dtype {dt}")
+        raise ValueError(cannot)  # (complex; bfloat16 where ml_dtypes registers it: kind V)
     check_writable("label_out", label_out)
     return label_out.numpy() if array_kind(label_out) == "torch-cpu" else label_out
 

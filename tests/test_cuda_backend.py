@@ -681,6 +681,23 @@ def test_label_out_checks(small_phantom, organ_masks):
         synthgen.render(plan, ph.image, mask, label_out=bf16)
 
 
+def test_label_out_of_a_registered_bfloat16_is_refused(small_phantom):
+    """Where ml_dtypes is imported (CuPy 14 imports it), NumPy knows bfloat16 (kind 'V'): a
+    bfloat16 label map, a NumPy array or a torch tensor, gets the same error as where it
+    does not (it said "must be an integer or float array, got dtype bfloat16" there)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    ph = small_phantom
+    mask = ph.mask("liver")
+    plan = synthgen.Synthesizer("liver-classic", spacing=ph.spacing).plan(ph.image, mask, seed=1)
+    labs = [np.zeros(ph.image.shape, ml_dtypes.bfloat16)]
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        labs.append(torch.zeros(ph.image.shape, dtype=torch.bfloat16))
+    for lab in labs:
+        with pytest.raises(ValueError, match="cannot write: pass an integer or float"):
+            synthgen.render(plan, ph.image, mask, label_out=lab)
+
+
 def test_label_out_follows_the_mass_effect(small_phantom):
     """With a preset that pushes tissue, label_out is warped with the image (organ labels
     move) and then gets the tumor label: what the adapters' implant_tumors returns."""
