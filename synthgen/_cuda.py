@@ -277,16 +277,38 @@ def _stream_for(stream, arrays):
     from ._device import array_kind
 
     if stream is not None:
-        if isinstance(stream, (cupy.cuda.Stream, cupy.cuda.ExternalStream)):
+        if isinstance(stream, cupy.cuda.Stream) or type(stream).__name__ == "ExternalStream":
             return stream
-        ptr = getattr(stream, "cuda_stream", stream)
-        return cupy.cuda.ExternalStream(int(ptr))
+        return _external_stream(cupy, int(getattr(stream, "cuda_stream", stream)))
     for a in arrays:
         if array_kind(a) == "torch-cuda":
             import torch
 
-            return cupy.cuda.ExternalStream(torch.cuda.current_stream(a.device).cuda_stream)
+            return _external_stream(cupy, torch.cuda.current_stream(a.device).cuda_stream)
     return cupy.cuda.get_current_stream()
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` under the CUDA stream protocol (``__cuda_stream__``: version 0,
+    the handle), which CuPy 14's ``Stream.from_external`` takes."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def _external_stream(cupy, ptr: int):
+    """A CuPy stream on someone else's stream handle (torch's, a caller's): CuPy 14's
+    ``Stream.from_external`` (it deprecated ``ExternalStream``, warning at every call), else
+    ``ExternalStream``."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(int(ptr)))
+    return cupy.cuda.ExternalStream(int(ptr))
 
 
 @contextlib.contextmanager

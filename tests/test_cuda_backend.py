@@ -2501,3 +2501,37 @@ def test_wall_tumors_of_a_batch_render_on_threads(view_backend, small_phantom, o
         assert (len(set(threads)) > 1) == (n > 1), threads
     for a, b in zip(images[1], images[4], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_foreign_stream_handles_use_the_stream_protocol_where_cupy_has_it():
+    """A raw stream handle (a caller's, torch's) becomes a CuPy stream through CuPy 14's
+    ``Stream.from_external`` (``__cuda_stream__``: version 0, the handle), which deprecated
+    ``ExternalStream`` (a warning at every render of torch CUDA data on the H200 run); an
+    older CuPy without it still gets ``ExternalStream``."""
+    import types
+
+    from synthgen import _cuda
+
+    made = []
+
+    class Stream:
+        @classmethod
+        def from_external(cls, obj):
+            made.append(("from_external", obj.__cuda_stream__()))
+            return "new"
+
+    def external(ptr):
+        made.append(("ExternalStream", ptr))
+        return "old"
+
+    new = types.SimpleNamespace(cuda=types.SimpleNamespace(Stream=Stream))
+    assert _cuda._external_stream(new, 0xBEEF) == "new"
+
+    class OldStream:
+        pass
+
+    old = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(Stream=OldStream, ExternalStream=external)
+    )
+    assert _cuda._external_stream(old, 0xBEEF) == "old"
+    assert made == [("from_external", (0, 0xBEEF)), ("ExternalStream", 0xBEEF)]
