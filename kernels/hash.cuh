@@ -53,3 +53,18 @@ SG_FN void sg_unravel3(long long t, int n1, int n2, int* i, int* j, int* k) {
     *j = (int)((t / n2) % n1);
     *i = (int)(t / ((long long)n1 * n2));
 }
+
+// The next voxel of a walk s elements on (s = n1 n2 di + n2 dj + dk, unravelled once by
+// sg_unravel3): (i, j, k) of t advanced to those of t + s with one carry per axis (k + dk <
+// 2 n2, j + dj + 1 < 2 n1), instead of two divisions per voxel. The streaming kernels step
+// their SG_ILP elements of a step, blockDim.x apart, so.
+SG_FN void sg_advance3(int* i, int* j, int* k, int di, int dj, int dk, int n1, int n2) {
+    int c;
+    *k += dk;
+    c = *k >= n2;
+    if (c) *k -= n2;
+    *j += dj + c;
+    c = *j >= n1;
+    if (c) *j -= n1;
+    *i += di + c;
+}

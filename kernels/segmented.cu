@@ -782,6 +782,8 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     const int clip = (int)r[SG_CLIP];
     const int off0 = (int)r[SG_OFF0], off1 = (int)r[SG_OFF1], off2 = (int)r[SG_OFF2];
     long long total = (long long)nx * ny * nz;
+    int si, sj, sk;  // the walk's step between a thread's elements (blockDim.x) per axis
+    sg_unravel3(blockDim.x, ny, nz, &si, &sj, &sk);
     SG_SEG_LOOP_ILP(total) {
         float bs[SG_ILP], vs[SG_ILP];
 #pragma unroll
@@ -791,16 +793,19 @@ extern "C" __global__ void __launch_bounds__(256, 4)
                 vs[u] = orig[SG_ILP_T(u)];
             }
         }
+        // element u's voxel: one set of divisions a step, then a carry per element (the
+        // divisions per reached voxel were a large part of the kernel's instructions)
+        int i, j, k;
+        sg_unravel3(t0, ny, nz, &i, &j, &k);
 #pragma unroll
         for (int u = 0; u < SG_ILP; ++u) {
             const long long t = SG_ILP_T(u);
             if (t >= total) break;
+            if (u) sg_advance3(&i, &j, &k, si, sj, sk, ny, nz);
             float b = bs[u];
             float v = vs[u];
             float d = 0.0f;
             if (!(b <= 0.0f || v < tlo || v > thi)) {
-                int i, j, k;  // (the divisions only for voxels the tumor reaches)
-                sg_unravel3(t, ny, nz, &i, &j, &k);
                 const int i0 = ixs[i], i1 = ixs[nx + j], i2 = ixs[nx + ny + k];
                 const float f0 = fxs[i], f1 = fxs[nx + j], f2 = fxs[nx + ny + k];
                 float tex = sg_texture_at_t<true>(tgrid, gy, gz, i0, f0, i1, f1, i2, f2, fac);
@@ -867,7 +872,8 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                          long long ds1, long long ds2, int sg_b, int sg_nb,
                          const long long* __restrict__ T, int F,
                          const long long* __restrict__ part, int np, int to0, int to1,
-                         int to2, float* __restrict__ merged, int* n_out, double* acc_out)
+                         int to2, const SG_SHARED_PTR int* ov, float* __restrict__ merged, int* n_out,
+                         double* acc_out)
 {
     int n = 0;
     double acc = 0.0;
@@ -882,21 +888,24 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                 ms[u] = mask[SG_ILP_T(u)];
             }
         }
+        // element u's voxel: one set of divisions a step, then a carry per element
+        int i, j, k;
+        sg_unravel3(t0, ny, nz, &i, &j, &k);
 #pragma unroll
         for (int u = 0; u < SG_ILP; ++u) {
             const long long t = SG_ILP_T(u);
             if (t >= total) break;
+            if (u) sg_advance3(&i, &j, &k, ov[6], ov[7], ov[8], ny, nz);
             float o = os[u];
             float d = ds[u];
             float w = o;
-            int i, j, k;  // (the divisions only for voxels that change, or all with partners)
-            if (PART) {
-                sg_unravel3(t, ny, nz, &i, &j, &k);
+            // the partners' changes only inside the box that holds every overlap (ov: its
+            // origin and sizes in this box; most of a box with partners is outside it)
+            if (PART && (unsigned)(i - ov[0]) < (unsigned)ov[3] &&
+                (unsigned)(j - ov[1]) < (unsigned)ov[4] && (unsigned)(k - ov[2]) < (unsigned)ov[5])
                 d = sg_merged_at(d, T, F, part, np, to0 + i, to1 + j, to2 + k);
-            }
             if (merged) merged[t] = d;
             if (d != 0.0f) {
-                if (!PART) sg_unravel3(t, ny, nz, &i, &j, &k);
                 w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
                 dst[dbase + ds0 * i + ds1 * j + ds2 * k] = (D)w;
             }
@@ -908,6 +917,39 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
     }
     *n_out = n;
     *acc_out = acc;
+}
+
+// The box that holds every voxel a row shares with its merge partners (part, np of them):
+// the union of the overlaps of its tight box (origin `to` in the scan, sizes n) with theirs,
+// as its origin in the row's box (ov[0..3)) and sizes (ov[3..6)); sizes 0 where none
+// overlaps. The write-back looks up the partners' changes inside it only: in a batch of large
+// liver tumors 77% of the voxels were in boxes with partners, 24% inside this box.
+SG_FN void sg_overlap_box(const long long* __restrict__ T, int F,
+                          const long long* __restrict__ part, int np, const int (&to)[3],
+                          const int (&n)[3], int* ov)
+{
+    int lo[3] = {n[0], n[1], n[2]}, hi[3] = {0, 0, 0};
+    for (int p = 0; p < np; ++p) {
+        const long long* q = T + part[p] * F;
+        int a[3], b[3];
+        bool any = true;
+        for (int x = 0; x < 3; ++x) {
+            const int o = (int)q[SG_TO0 + x] - to[x];
+            a[x] = o > 0 ? o : 0;
+            const int e = o + (int)q[SG_TN0 + x];
+            b[x] = e < n[x] ? e : n[x];
+            any = any && b[x] > a[x];
+        }
+        if (!any) continue;
+        for (int x = 0; x < 3; ++x) {
+            lo[x] = a[x] < lo[x] ? a[x] : lo[x];
+            hi[x] = b[x] > hi[x] ? b[x] : hi[x];
+        }
+    }
+    for (int x = 0; x < 3; ++x) {
+        ov[x] = lo[x];
+        ov[3 + x] = hi[x] > lo[x] ? hi[x] - lo[x] : 0;
+    }
 }
 
 SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
@@ -934,15 +976,26 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     long long total = (long long)nx * ny * nz;
     int n = 0;  // (an idle block too runs on: it counts itself done in sg_row_sums)
     double acc = 0.0;
+    // the box of the overlaps with the partners (ov[0..6)) and the walk's step between a
+    // thread's elements (blockDim.x) per axis (ov[6..9)), in shared memory, written by thread
+    // 0 (in registers they took the kernel past its 64 registers: 288 bytes spilled on sm_90)
+    __shared__ int ov[9];
+    if (threadIdx.x == 0) {
+        int w[9] = {0, 0, 0, 0, 0, 0};
+        if (np) sg_overlap_box(T, F, part, np, {to0, to1, to2}, {nx, ny, nz}, w);
+        sg_unravel3(blockDim.x, ny, nz, &w[6], &w[7], &w[8]);
+        for (int x = 0; x < 9; ++x) ov[x] = w[x];
+    }
+    __syncthreads();
 #define SG_APPLY_AS(D)                                                                        \
     if (np)                                                                                   \
         sg_apply_loop<D, true>((D*)dst, total, ny, nz, orig, delta, mask, cmin, cmax, lo, hi, \
                                round_int, dbase, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, np,  \
-                               to0, to1, to2, merged, &n, &acc);                              \
+                               to0, to1, to2, ov, merged, &n, &acc);                          \
     else                                                                                      \
         sg_apply_loop<D, false>((D*)dst, total, ny, nz, orig, delta, mask, cmin, cmax, lo,    \
                                 hi, round_int, dbase, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, \
-                                0, 0, 0, 0, merged, &n, &acc)
+                                0, 0, 0, 0, ov, merged, &n, &acc)
     switch (code) {
         case SG_CODE_F32: SG_APPLY_AS(float); break;
         case SG_CODE_F64: SG_APPLY_AS(double); break;

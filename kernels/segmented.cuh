@@ -3,6 +3,16 @@
 #pragma once
 #include "hash.cuh"
 
+// A pointer parameter to __shared__ memory: the host stand-ins' __shared__ variables are
+// volatile statics (the SIMT stand-in, which defines __CUDACC__, defines this to volatile).
+#ifndef SG_SHARED_PTR
+#ifdef __CUDACC__
+#define SG_SHARED_PTR
+#else
+#define SG_SHARED_PTR volatile
+#endif
+#endif
+
 // ---- int64 table T: sizes, indices, addresses ------------------------------------------
 // phase A: the conservative box (dims, origin in the image), the image and the organ mask
 // (address, dtype code, strides in elements), the shape inputs, the phase-A buffers

@@ -26,6 +26,7 @@
 // so that the compiler reloads it after a barrier (a barrier is a function call it might
 // otherwise see through for a variable whose address never escapes).
 #define __shared__ static volatile
+#define SG_SHARED_PTR volatile  // (kernels/segmented.cuh: pointers to __shared__)
 struct sg_dim3 { unsigned int x, y, z; };
 namespace sg_emu {
 enum { RUN, SYNC, WARP, DONE };
