@@ -126,6 +126,10 @@ SG_FN int sg_segment_of(const int* __restrict__ S, int n, int b)
     for (long long t0 = sg_b * (int)blockDim.x * SG_ILP + (int)threadIdx.x; t0 < (total);     \
          t0 += sg_nb * (int)blockDim.x * SG_ILP)
 #define SG_ILP_T(u) (t0 + (long long)(u) * blockDim.x)
+// The walk's first element of the thread, and the distance from a step's last element to
+// the next step's first (the block-stride less the SG_ILP - 1 steps within a step).
+#define SG_ILP_T0 ((long long)sg_b * (int)blockDim.x * SG_ILP + (int)threadIdx.x)
+#define SG_ILP_REST ((long long)(sg_nb * SG_ILP - (SG_ILP - 1)) * (int)blockDim.x)
 
 // A block with no element of its segment leaves at once: before a block reduction, whose
 // barriers it would otherwise wait through. (A schedule gives a segment no more blocks than
@@ -782,8 +786,15 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     const int clip = (int)r[SG_CLIP];
     const int off0 = (int)r[SG_OFF0], off1 = (int)r[SG_OFF1], off2 = (int)r[SG_OFF2];
     long long total = (long long)nx * ny * nz;
-    int si, sj, sk;  // the walk's step between a thread's elements (blockDim.x) per axis
+    // the voxel (i, j, k) of the thread's element, advanced with a carry per axis from one
+    // element to the next (sg_advance3: by blockDim.x within a step, by the rest of the
+    // block-stride between steps), not unravelled by divisions per voxel, nor per step (on
+    // the H200 the step's divisions were 8% of the kernel's instructions and the most
+    // sampled stall: each waits on the last)
+    int si, sj, sk, gi, gj, gk, i, j, k;
     sg_unravel3(blockDim.x, ny, nz, &si, &sj, &sk);
+    sg_unravel3(SG_ILP_REST, ny, nz, &gi, &gj, &gk);
+    sg_unravel3(SG_ILP_T0, ny, nz, &i, &j, &k);
     SG_SEG_LOOP_ILP(total) {
         float bs[SG_ILP], vs[SG_ILP];
 #pragma unroll
@@ -793,10 +804,7 @@ extern "C" __global__ void __launch_bounds__(256, 4)
                 vs[u] = orig[SG_ILP_T(u)];
             }
         }
-        // element u's voxel: one set of divisions a step, then a carry per element (the
-        // divisions per reached voxel were a large part of the kernel's instructions)
-        int i, j, k;
-        sg_unravel3(t0, ny, nz, &i, &j, &k);
+        if (t0 != SG_ILP_T0) sg_advance3(&i, &j, &k, gi, gj, gk, ny, nz);
 #pragma unroll
         for (int u = 0; u < SG_ILP; ++u) {
             const long long t = SG_ILP_T(u);
@@ -862,21 +870,24 @@ SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
 // stored voxel took the kernel to 76 registers, 37.5% occupancy; typed loops needed 53, and
 // with the merge of the partners' changes 64, so four blocks of 256 threads still fit an SM,
 // by ptxas for sm_90 and sm_80; the kernels' launch bounds hold them there). PART: the
-// segment has merge partners (np of them, at part; its tight box at to0, to1, to2 of the
-// scan; int coordinates: with long long ones the merge took the kernel to 72 registers).
+// segment has merge partners (np of them, at part; int coordinates: with long long ones the
+// merge took the kernel to 72 registers). ov: the shared values of sg_step_apply (the box of
+// the overlaps, the walk's steps, the tight box's origin in the scan). dst: the image at the
+// tight box's origin.
 template <class D, bool PART>
 SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                          const float* __restrict__ orig, const float* __restrict__ delta,
                          const unsigned char* __restrict__ mask, float cmin, float cmax,
-                         float lo, float hi, int round_int, long long dbase, long long ds0,
-                         long long ds1, long long ds2, int sg_b, int sg_nb,
-                         const long long* __restrict__ T, int F,
-                         const long long* __restrict__ part, int np, int to0, int to1,
-                         int to2, const SG_SHARED_PTR int* ov, float* __restrict__ merged, int* n_out,
+                         float lo, float hi, int round_int, long long ds0, long long ds1,
+                         long long ds2, int sg_b, int sg_nb, const long long* __restrict__ T,
+                         int F, const long long* __restrict__ part, int np,
+                         const SG_SHARED_PTR int* ov, float* __restrict__ merged, int* n_out,
                          double* acc_out)
 {
     int n = 0;
     double acc = 0.0;
+    int i, j, k;  // element's voxel, advanced as the blend's (the steps: ov[6..12))
+    sg_unravel3(SG_ILP_T0, ny, nz, &i, &j, &k);
     SG_SEG_LOOP_ILP(total) {
         float os[SG_ILP], ds[SG_ILP];
         unsigned char ms[SG_ILP];
@@ -888,9 +899,7 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                 ms[u] = mask[SG_ILP_T(u)];
             }
         }
-        // element u's voxel: one set of divisions a step, then a carry per element
-        int i, j, k;
-        sg_unravel3(t0, ny, nz, &i, &j, &k);
+        if (t0 != SG_ILP_T0) sg_advance3(&i, &j, &k, ov[9], ov[10], ov[11], ny, nz);
 #pragma unroll
         for (int u = 0; u < SG_ILP; ++u) {
             const long long t = SG_ILP_T(u);
@@ -903,11 +912,11 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
             // origin and sizes in this box; most of a box with partners is outside it)
             if (PART && (unsigned)(i - ov[0]) < (unsigned)ov[3] &&
                 (unsigned)(j - ov[1]) < (unsigned)ov[4] && (unsigned)(k - ov[2]) < (unsigned)ov[5])
-                d = sg_merged_at(d, T, F, part, np, to0 + i, to1 + j, to2 + k);
+                d = sg_merged_at(d, T, F, part, np, ov[12] + i, ov[13] + j, ov[14] + k);
             if (merged) merged[t] = d;
             if (d != 0.0f) {
                 w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
-                dst[dbase + ds0 * i + ds1 * j + ds2 * k] = (D)w;
+                dst[ds0 * i + ds1 * j + ds2 * k] = (D)w;
             }
             if (ms[u]) {
                 ++n;
@@ -976,26 +985,29 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     long long total = (long long)nx * ny * nz;
     int n = 0;  // (an idle block too runs on: it counts itself done in sg_row_sums)
     double acc = 0.0;
-    // the box of the overlaps with the partners (ov[0..6)) and the walk's step between a
-    // thread's elements (blockDim.x) per axis (ov[6..9)), in shared memory, written by thread
-    // 0 (in registers they took the kernel past its 64 registers: 288 bytes spilled on sm_90)
-    __shared__ int ov[9];
+    // the box of the overlaps with the partners (ov[0..6)) and the walk's steps per axis,
+    // between a thread's elements of a step (blockDim.x: ov[6..9)) and from a step's last
+    // to the next's first (ov[9..12)), and the tight box's origin in the scan (ov[12..15)), in
+    // shared memory, written by thread 0 (in registers they took the kernel past its 64
+    // registers: up to 288 bytes spilled on sm_90)
+    __shared__ int ov[15];
     if (threadIdx.x == 0) {
-        int w[9] = {0, 0, 0, 0, 0, 0};
+        int w[15] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, to0, to1, to2};
         if (np) sg_overlap_box(T, F, part, np, {to0, to1, to2}, {nx, ny, nz}, w);
         sg_unravel3(blockDim.x, ny, nz, &w[6], &w[7], &w[8]);
-        for (int x = 0; x < 9; ++x) ov[x] = w[x];
+        sg_unravel3(SG_ILP_REST, ny, nz, &w[9], &w[10], &w[11]);
+        for (int x = 0; x < 15; ++x) ov[x] = w[x];
     }
     __syncthreads();
 #define SG_APPLY_AS(D)                                                                        \
     if (np)                                                                                   \
-        sg_apply_loop<D, true>((D*)dst, total, ny, nz, orig, delta, mask, cmin, cmax, lo, hi, \
-                               round_int, dbase, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, np,  \
-                               to0, to1, to2, ov, merged, &n, &acc);                          \
+        sg_apply_loop<D, true>((D*)dst + dbase, total, ny, nz, orig, delta, mask, cmin, cmax, \
+                               lo, hi, round_int, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, np, \
+                               ov, merged, &n, &acc);                                         \
     else                                                                                      \
-        sg_apply_loop<D, false>((D*)dst, total, ny, nz, orig, delta, mask, cmin, cmax, lo,    \
-                                hi, round_int, dbase, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, \
-                                0, 0, 0, 0, ov, merged, &n, &acc)
+        sg_apply_loop<D, false>((D*)dst + dbase, total, ny, nz, orig, delta, mask, cmin, cmax, \
+                                lo, hi, round_int, ds0, ds1, ds2, sg_b, sg_nb, T, F, part,    \
+                                0, ov, merged, &n, &acc)
     switch (code) {
         case SG_CODE_F32: SG_APPLY_AS(float); break;
         case SG_CODE_F64: SG_APPLY_AS(double); break;
