@@ -859,6 +859,42 @@ SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
     return v;
 }
 
+// The overlapping merge partners of a write-back row, at most SG_PMAX, cached in shared
+// memory by sg_overlap_box (in ascending order, as SG_PART lists them): per partner its tight
+// box's origin in the row's box and its sizes (six ints at pb), and its change buffer (pd).
+// sg_merged_cached is sg_merged_at over them, for a voxel (i, j, k) of the row's box: no
+// partner index, table row or 64-bit box arithmetic per voxel (the merge was some 100
+// instructions a partner a voxel through the table, a quarter of the write-back's on the
+// H200's bandwidth batch). A row with more overlapping partners uses sg_merged_at.
+#ifndef SG_PMAX  // (the test suite compiles the host stand-in with 1 too)
+#define SG_PMAX 8
+#endif
+// how a write-back row merges its partners' changes: none (no partners), from the shared
+// cache (sg_merged_cached), through the table (sg_merged_at: more than SG_PMAX overlap it).
+// Separate loops: with both merges in one, the kernel spilled on sm_90.
+#define SG_PART_NONE 0
+#define SG_PART_CACHED 1
+#define SG_PART_TABLE 2
+// sg_step_apply's shared ints (ov: 16, then the cached partners' boxes), then the cached
+// partners' change buffers (pd), 8-byte aligned after them
+#define SG_OV_INTS (16 + 6 * SG_PMAX)
+#define SG_PD(ov) ((SG_SHARED_PTR long long*)((ov) + SG_OV_INTS))
+SG_FN float sg_merged_cached(float v, int npc, const SG_SHARED_PTR int* pb,
+                             const SG_SHARED_PTR long long* pd, int i, int j, int k)
+{
+    for (int p = 0; p < npc; ++p) {
+        const SG_SHARED_PTR int* e = pb + 6 * p;
+        const int a = i - e[0], b = j - e[1], c = k - e[2];
+        const int n1 = e[4], n2 = e[5];
+        if ((unsigned)a >= (unsigned)e[3] || (unsigned)b >= (unsigned)n1 ||
+            (unsigned)c >= (unsigned)n2)
+            continue;
+        float w = ((const float*)pd[p])[((long long)a * n1 + b) * n2 + c];
+        if (fabsf(w) > fabsf(v) || (fabsf(w) == fabsf(v) && w > v)) v = w;
+    }
+    return v;
+}
+
 // Write-back: input - change into the image (any dtype, any strides) where the change is not
 // zero, or into a float32 buffer for host-resident images; per-segment tumor statistics
 // (voxels, summed change) into stats row s (sg_row_sums, with the slots part_sums and the
@@ -874,15 +910,15 @@ SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
 // merge took the kernel to 72 registers). ov: the shared values of sg_step_apply (the box of
 // the overlaps, the walk's steps, the tight box's origin in the scan). dst: the image at the
 // tight box's origin.
-template <class D, bool PART>
+template <class D, int PART>
 SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                          const float* __restrict__ orig, const float* __restrict__ delta,
                          const unsigned char* __restrict__ mask, float cmin, float cmax,
                          float lo, float hi, int round_int, long long ds0, long long ds1,
                          long long ds2, int sg_b, int sg_nb, const long long* __restrict__ T,
                          int F, const long long* __restrict__ part, int np,
-                         const SG_SHARED_PTR int* ov, float* __restrict__ merged, int* n_out,
-                         double* acc_out)
+                         const SG_SHARED_PTR int* ov, const SG_SHARED_PTR long long* pd,
+                         float* __restrict__ merged, int* n_out, double* acc_out)
 {
     int n = 0;
     double acc = 0.0;
@@ -910,9 +946,11 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
             float w = o;
             // the partners' changes only inside the box that holds every overlap (ov: its
             // origin and sizes in this box; most of a box with partners is outside it)
-            if (PART && (unsigned)(i - ov[0]) < (unsigned)ov[3] &&
+            if (PART != SG_PART_NONE && (unsigned)(i - ov[0]) < (unsigned)ov[3] &&
                 (unsigned)(j - ov[1]) < (unsigned)ov[4] && (unsigned)(k - ov[2]) < (unsigned)ov[5])
-                d = sg_merged_at(d, T, F, part, np, ov[12] + i, ov[13] + j, ov[14] + k);
+                d = PART == SG_PART_CACHED
+                        ? sg_merged_cached(d, ov[15], ov + 16, pd, i, j, k)
+                        : sg_merged_at(d, T, F, part, np, ov[12] + i, ov[13] + j, ov[14] + k);
             if (merged) merged[t] = d;
             if (d != 0.0f) {
                 w = sg_apply(o, d, cmin, cmax, lo, hi, round_int);
@@ -932,20 +970,31 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
 // the union of the overlaps of its tight box (origin `to` in the scan, sizes n) with theirs,
 // as its origin in the row's box (ov[0..3)) and sizes (ov[3..6)); sizes 0 where none
 // overlaps. The write-back looks up the partners' changes inside it only: in a batch of large
-// liver tumors 77% of the voxels were in boxes with partners, 24% inside this box.
-SG_FN void sg_overlap_box(const long long* __restrict__ T, int F,
+// liver tumors 77% of the voxels were in boxes with partners, 24% inside this box. It also
+// caches the overlapping partners for sg_merged_cached (pb, pd; *npc of them, -1 where more
+// than SG_PMAX overlap).
+// (not inlined: thread 0 calls it once a block; inlined, it took the write-back's loops on
+// sm_90 past their 64 registers, 8 bytes spilled)
+#ifdef __CUDACC__
+__device__ __noinline__
+#else
+static
+#endif
+void sg_overlap_box(const long long* __restrict__ T, int F,
                           const long long* __restrict__ part, int np, const int (&to)[3],
-                          const int (&n)[3], int* ov)
+                          const int (&n)[3], int* ov, SG_SHARED_PTR int* pb,
+                          SG_SHARED_PTR long long* pd, int* npc)
 {
     int lo[3] = {n[0], n[1], n[2]}, hi[3] = {0, 0, 0};
+    int c = 0;  // the overlapping partners cached (sg_merged_cached); -1: more than SG_PMAX
     for (int p = 0; p < np; ++p) {
         const long long* q = T + part[p] * F;
-        int a[3], b[3];
+        int a[3], b[3], o[3];
         bool any = true;
         for (int x = 0; x < 3; ++x) {
-            const int o = (int)q[SG_TO0 + x] - to[x];
-            a[x] = o > 0 ? o : 0;
-            const int e = o + (int)q[SG_TN0 + x];
+            o[x] = (int)q[SG_TO0 + x] - to[x];
+            a[x] = o[x] > 0 ? o[x] : 0;
+            const int e = o[x] + (int)q[SG_TN0 + x];
             b[x] = e < n[x] ? e : n[x];
             any = any && b[x] > a[x];
         }
@@ -954,7 +1003,18 @@ SG_FN void sg_overlap_box(const long long* __restrict__ T, int F,
             lo[x] = a[x] < lo[x] ? a[x] : lo[x];
             hi[x] = b[x] > hi[x] ? b[x] : hi[x];
         }
+        if (c >= 0 && c < SG_PMAX) {
+            for (int x = 0; x < 3; ++x) {
+                pb[6 * c + x] = o[x];
+                pb[6 * c + 3 + x] = (int)q[SG_TN0 + x];
+            }
+            pd[c] = q[SG_DELTA];
+            ++c;
+        } else {
+            c = -1;
+        }
     }
+    *npc = c;
     for (int x = 0; x < 3; ++x) {
         ov[x] = lo[x];
         ov[3 + x] = hi[x] > lo[x] ? hi[x] - lo[x] : 0;
@@ -990,24 +1050,32 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     // to the next's first (ov[9..12)), and the tight box's origin in the scan (ov[12..15)), in
     // shared memory, written by thread 0 (in registers they took the kernel past its 64
     // registers: up to 288 bytes spilled on sm_90)
-    __shared__ int ov[15];
+    // (ov[15]: the overlapping partners cached from ov[16] and at SG_PD(ov), sg_overlap_box's;
+    // one array, so the loop holds one pointer to it: with two the kernel spilled on sm_90)
+    __shared__ int ov[SG_OV_INTS];
+    __shared__ long long pd[SG_PMAX];
     if (threadIdx.x == 0) {
-        int w[15] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, to0, to1, to2};
-        if (np) sg_overlap_box(T, F, part, np, {to0, to1, to2}, {nx, ny, nz}, w);
+        int w[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, to0, to1, to2, 0};
+        if (np) sg_overlap_box(T, F, part, np, {to0, to1, to2}, {nx, ny, nz}, w, ov + 16, pd,
+                               &w[15]);
         sg_unravel3(blockDim.x, ny, nz, &w[6], &w[7], &w[8]);
         sg_unravel3(SG_ILP_REST, ny, nz, &w[9], &w[10], &w[11]);
-        for (int x = 0; x < 15; ++x) ov[x] = w[x];
+        for (int x = 0; x < 16; ++x) ov[x] = w[x];
     }
     __syncthreads();
 #define SG_APPLY_AS(D)                                                                        \
-    if (np)                                                                                   \
-        sg_apply_loop<D, true>((D*)dst + dbase, total, ny, nz, orig, delta, mask, cmin, cmax, \
-                               lo, hi, round_int, ds0, ds1, ds2, sg_b, sg_nb, T, F, part, np, \
-                               ov, merged, &n, &acc);                                         \
+    if (np == 0)                                                                              \
+        sg_apply_loop<D, SG_PART_NONE>((D*)dst + dbase, total, ny, nz, orig, delta, mask,     \
+                                       cmin, cmax, lo, hi, round_int, ds0, ds1, ds2, sg_b,    \
+                                       sg_nb, T, F, part, 0, ov, pd, merged, &n, &acc);           \
+    else if (ov[15] >= 0)                                                                     \
+        sg_apply_loop<D, SG_PART_CACHED>((D*)dst + dbase, total, ny, nz, orig, delta, mask,   \
+                                         cmin, cmax, lo, hi, round_int, ds0, ds1, ds2, sg_b,  \
+                                         sg_nb, T, F, part, np, ov, pd, merged, &n, &acc);        \
     else                                                                                      \
-        sg_apply_loop<D, false>((D*)dst + dbase, total, ny, nz, orig, delta, mask, cmin, cmax, \
-                                lo, hi, round_int, ds0, ds1, ds2, sg_b, sg_nb, T, F, part,    \
-                                0, ov, merged, &n, &acc)
+        sg_apply_loop<D, SG_PART_TABLE>((D*)dst + dbase, total, ny, nz, orig, delta, mask,    \
+                                        cmin, cmax, lo, hi, round_int, ds0, ds1, ds2, sg_b,   \
+                                        sg_nb, T, F, part, np, ov, pd, merged, &n, &acc)
     switch (code) {
         case SG_CODE_F32: SG_APPLY_AS(float); break;
         case SG_CODE_F64: SG_APPLY_AS(double); break;

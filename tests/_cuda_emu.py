@@ -230,7 +230,7 @@ class HostBackend:
 
     def __init__(self, build_dir: Path, block_rule: tuple[int, int] = (1 << 62, 1),
                  most_blocks: int = 0, threads: int = 1,
-                 kernels: Path = KERNELS) -> None:  # fmt: skip
+                 kernels: Path = KERNELS, defines: tuple[str, ...] = ()) -> None:  # fmt: skip
         # the flat schedules' rule (elements per block, most blocks per segment): by default
         # one block per segment, which walks all its elements, in order (so sums come out as
         # on the CPU); a finer rule runs the kernels' block-stride walks as a GPU would
@@ -258,7 +258,10 @@ class HostBackend:
         if not simt:
             prelude = build_dir / "sg_host_prelude.h"
             prelude.write_text(PRELUDE)
-        flags = ["-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off"]
+        # defines: macros the kernels take from outside (e.g. "SG_PMAX=1": the write-back's
+        # partner cache holds one partner, so its table path runs)
+        flags = ["-O2", "-std=c++14", "-shared", "-fPIC", "-ffp-contract=off",
+                 *(f"-D{d}" for d in defines)]  # fmt: skip
         if simt:
             # (a fortified longjmp refuses to jump to another stack: the SIMT threads';
             # -fno-gnu-unique: a template's static, a __shared__ variable of sg_block_reduce,

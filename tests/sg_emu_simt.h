@@ -20,6 +20,7 @@
 #define __CUDACC__ 1
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __global__
 #define __launch_bounds__(...)
 // Shared memory: one copy for all the block's threads (blocks run one at a time). Volatile,

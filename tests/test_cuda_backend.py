@@ -2143,14 +2143,28 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
     np.testing.assert_array_equal(out, tgt)
 
 
-def test_merge_ties_give_every_row_the_same_value(backend):
+@pytest.fixture(scope="module")
+def emu_table_backend(tmp_path_factory):
+    """The host stand-in with a write-back partner cache of one partner (``SG_PMAX=1``):
+    rows that two or more partners overlap merge through the table (``sg_merged_at``), as
+    rows with more than eight do with the kernels as built."""
+    return HostBackend(tmp_path_factory.mktemp("cuda-emu-pmax1"), defines=("SG_PMAX=1",))
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["cached", "table"])
+def test_merge_ties_give_every_row_the_same_value(backend, table, request):
     """Overlapping tumors whose changes at a voxel are equally strong with opposite signs:
     the merge takes the larger value (the darkening), whatever the order in which the
     changes meet, on the CPU (merge_strongest, either way round) and in the write-back of
     every row, so the rows' writes of the voxel agree and the image does not depend on the
     order the GPU runs its blocks in. Three rows over one line of voxels, merged changes
-    written for all."""
+    written for all; their partners merged from the write-back's shared cache, and (the
+    stand-in built with a cache of one) through the table."""
     be, dev = backend
+    if table:
+        if request.node.callspec.params["backend"] != "emu":
+            pytest.skip("the table path is checked on the plain host stand-in")
+        be = request.getfixturevalue("emu_table_backend")
     rows = _Rows(be, dev, 3)
     C = rows.C
     n = 6
