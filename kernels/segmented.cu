@@ -791,6 +791,7 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     // block-stride between steps), not unravelled by divisions per voxel, nor per step (on
     // the H200 the step's divisions were 8% of the kernel's instructions and the most
     // sampled stall: each waits on the last)
+    if (total == 0) return;  // (a box with a side 0: the divisions below would be by 0)
     int si, sj, sk, gi, gj, gk, i, j, k;
     sg_unravel3(blockDim.x, ny, nz, &si, &sj, &sk);
     sg_unravel3(SG_ILP_REST, ny, nz, &gi, &gj, &gk);
@@ -875,10 +876,9 @@ SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
 #define SG_PART_NONE 0
 #define SG_PART_CACHED 1
 #define SG_PART_TABLE 2
-// sg_step_apply's shared ints (ov: 16, then the cached partners' boxes), then the cached
-// partners' change buffers (pd), 8-byte aligned after them
+// sg_step_apply's shared ints (ov): 16, then the cached partners' boxes (their change
+// buffers are a shared array of their own, pd)
 #define SG_OV_INTS (16 + 6 * SG_PMAX)
-#define SG_PD(ov) ((SG_SHARED_PTR long long*)((ov) + SG_OV_INTS))
 SG_FN float sg_merged_cached(float v, int npc, const SG_SHARED_PTR int* pb,
                              const SG_SHARED_PTR long long* pd, int i, int j, int k)
 {
@@ -922,8 +922,8 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
 {
     int n = 0;
     double acc = 0.0;
-    int i, j, k;  // element's voxel, advanced as the blend's (the steps: ov[6..12))
-    sg_unravel3(SG_ILP_T0, ny, nz, &i, &j, &k);
+    int i = 0, j = 0, k = 0;  // element's voxel, advanced as the blend's (steps: ov[6..12))
+    if (total > 0) sg_unravel3(SG_ILP_T0, ny, nz, &i, &j, &k);
     SG_SEG_LOOP_ILP(total) {
         float os[SG_ILP], ds[SG_ILP];
         unsigned char ms[SG_ILP];
@@ -1050,16 +1050,18 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     // to the next's first (ov[9..12)), and the tight box's origin in the scan (ov[12..15)), in
     // shared memory, written by thread 0 (in registers they took the kernel past its 64
     // registers: up to 288 bytes spilled on sm_90)
-    // (ov[15]: the overlapping partners cached from ov[16] and at SG_PD(ov), sg_overlap_box's;
-    // one array, so the loop holds one pointer to it: with two the kernel spilled on sm_90)
+    // (ov[15]: how many overlapping partners sg_overlap_box cached, from ov[16] and in pd;
+    // -1: more than SG_PMAX, merged through the table)
     __shared__ int ov[SG_OV_INTS];
     __shared__ long long pd[SG_PMAX];
     if (threadIdx.x == 0) {
         int w[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, to0, to1, to2, 0};
         if (np) sg_overlap_box(T, F, part, np, {to0, to1, to2}, {nx, ny, nz}, w, ov + 16, pd,
                                &w[15]);
-        sg_unravel3(blockDim.x, ny, nz, &w[6], &w[7], &w[8]);
-        sg_unravel3(SG_ILP_REST, ny, nz, &w[9], &w[10], &w[11]);
+        if (total > 0) {  // (an empty box: no divisions by its 0 side; the block still counts)
+            sg_unravel3(blockDim.x, ny, nz, &w[6], &w[7], &w[8]);
+            sg_unravel3(SG_ILP_REST, ny, nz, &w[9], &w[10], &w[11]);
+        }
         for (int x = 0; x < 16; ++x) ov[x] = w[x];
     }
     __syncthreads();
