@@ -466,7 +466,7 @@ class BatchTumorSynthesis:
         """Implant in place; returns one :class:`~synthgen.Plan` (or ``None``) per sample."""
         from .augment import affine_for, check_channels, lesions_of
         from .mass_effect import prepare_render
-        from .rendering import render_batch
+        from .rendering import label_arg, render_batch
 
         if image.ndim != 5 or label.ndim != 5 or label.shape[1] != 1:
             raise ValueError(
@@ -483,6 +483,10 @@ class BatchTumorSynthesis:
                 f"{self.tumor_label}; pass an integer (or float) label map, e.g. "
                 "label.to(torch.uint8)"
             )
+        # the render's own rule for a label map (the tumor label fits its dtype, a dtype it can
+        # write, writable), before a step is taken or an image warped: render_batch would
+        # refuse the same map only after the mass effect had changed the batch
+        label_arg(label[0, 0], label.shape[2:], self.tumor_label)
         check_channels(self.synthesizer.preset, image.shape[1])
         step = self.step if step is None else int(step)
         self.step = step + 1

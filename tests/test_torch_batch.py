@@ -119,6 +119,18 @@ def test_boolean_label_is_refused_with_a_clear_message(batch):
     np.testing.assert_array_equal(img_t.numpy(), imgs)
 
 
+def test_a_label_map_that_cannot_hold_the_tumor_label_is_refused_before_a_step(batch):
+    """A uint8 label map and tumor_label 300: refused by the render's own rule before the
+    step counter moves or an image is touched (it was raised by the render, after both)."""
+    imgs, labs = batch
+    synth = BatchTumorSynthesis("liver", spacing=SP, tumor_label=300)
+    img_t, lab_t = torch.from_numpy(imgs.copy()), torch.from_numpy(labs.astype(np.uint8))
+    with pytest.raises(ValueError, match="does not fit"):
+        synth(img_t, lab_t)
+    assert synth.step == 0
+    np.testing.assert_array_equal(img_t.numpy(), imgs)
+
+
 def test_bfloat16_cpu_batch_renders_through_float32(batch):
     """A bfloat16 CPU batch (AMP) is planned from its float32 values and rendered in place
     like that float32 batch, cast back. (Before: TypeError, unsupported ScalarType
