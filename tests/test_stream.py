@@ -136,12 +136,28 @@ def env_with_repo() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-def start_stream(root: Path, sock: Path, *args: str) -> subprocess.Popen:
+def stream_command(root: Path, address: str, *args: str) -> list[str]:
     cmd = [sys.executable, "-m", "synthgen.cli", "stream", str(root), "--organ", "liver"]
-    cmd += ["--address", f"unix:{sock}", *args]
+    return [*cmd, "--address", address, *args]
+
+
+def start_stream(root: Path, sock: Path | str, *args: str) -> subprocess.Popen:
+    """``synthgen stream`` on the Unix socket ``sock`` (or on ``sock``, an address string)."""
+    address = sock if isinstance(sock, str) else f"unix:{sock}"
     return subprocess.Popen(
-        cmd, env=env_with_repo(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        stream_command(root, address, *args),
+        env=env_with_repo(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+
+
+def free_tcp_address() -> str:
+    """``127.0.0.1:PORT`` with a port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def wait_for_socket(proc: subprocess.Popen, sock: Path, timeout: float = 60.0) -> None:
@@ -646,22 +662,8 @@ def test_a_second_consumer_is_told_the_stream_is_taken(
     root, _ = dataset
     sock = short_tmp / "s.sock"
     args = ["--patch-size", "16,16,16", "--epochs", "0", "--workers", "1", "--prob", "0"]
-    if tcp:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        address = f"127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "synthgen.cli", "stream", str(root), "--organ", "liver"]
-        proc = subprocess.Popen(
-            [*cmd, "--address", address, *args],
-            env=env_with_repo(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    else:
-        address = f"unix:{sock}"
-        proc = start_stream(root, sock, *args)
+    address = free_tcp_address() if tcp else f"unix:{sock}"
+    proc = start_stream(root, address, *args)
     workers: list[int] = []
     try:
         if tcp:
@@ -711,28 +713,19 @@ def test_stream_survives_other_clients_and_keeps_its_address(
     sock = short_tmp / "s.sock"
     args = ["--patch-size", "16,16,16", "--epochs", "1", "--workers", "1", "--prob", "0"]
     proc = start_stream(root, sock, *args)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "synthgen.cli", "stream", str(root), "--organ", "liver"]
-    tcp = subprocess.Popen(
-        [*cmd, "--address", f"127.0.0.1:{port}", *args],
-        env=env_with_repo(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    tcp_address = free_tcp_address()
+    tcp = start_stream(root, tcp_address, *args)
     try:
         wait_for_socket(proc, sock)
         with pytest.raises(StreamError):
             list(connect(f"unix:{sock}", authkey=b"another key", timeout=30))
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        for address in (f"unix:{sock}", f"127.0.0.1:{port}"):
+        for address in (f"unix:{sock}", tcp_address):
             if address[0] == "1":
                 assert tcp.stdout is not None
                 assert "waiting for a consumer" in tcp.stdout.readline()
             second = subprocess.run(
-                [*cmd, "--address", address, *args, "--accept-timeout", "20"],
+                stream_command(root, address, *args, "--accept-timeout", "20"),
                 env=env_with_repo(),
                 capture_output=True,
                 text=True,
@@ -740,7 +733,7 @@ def test_stream_survives_other_clients_and_keeps_its_address(
             )
             assert second.returncode == 2, second.stdout + second.stderr
             assert "in use" in second.stdout, second.stdout
-        for address, p in ((f"unix:{sock}", proc), (f"127.0.0.1:{port}", tcp)):
+        for address, p in ((f"unix:{sock}", proc), (tcp_address, tcp)):
             samples = list(connect(address, timeout=60))
             assert len(samples) == N_CASES
             assert p.wait(timeout=30) == 0
