@@ -267,17 +267,15 @@ def render_batch(
     :func:`render`): plans whose tumors push tissue get their image (into its ``out`` or a
     copy), organ mask (a copy) and label map of ``label_outs`` (in place) warped first; the
     others are rendered as given."""
-    from .rendering import check_writable, label_args, per_plan, sequential_groups
+    from .rendering import check_job, check_writable, label_args, per_plan, sequential_groups
 
     ims, oms, os_ = per_plan(len(plans), images=images, organ_masks=organ_masks, outs=outs)
     labs = label_args(plans, label_outs, tumor_label)  # checked before anything is warped
     for o in os_:
         check_writable("out", o)
     if any(p.get_preset().mass_effect.enabled for p in plans):
-        from .mass_effect import check_shapes
-
         for p, im, om, o in zip(plans, ims, oms, os_, strict=True):
-            check_shapes(p, im, om, o)  # all of them before the first warp writes
+            check_job(p, im, om, o)  # all of them before the first warp writes
     afs = per_plan(len(plans), affines=affines)[0]
     if any(map(unreadable, (*ims, *oms, *os_, *labs))):  # non-native byte order or float16
         todo = zip(plans, ims, oms, os_, afs, labs, strict=True)

@@ -803,28 +803,6 @@ class PreparedRender:
     fields: list[MassEffectField]
 
 
-def check_shapes(plan: Any, image: Any, organ_mask: Any, out: Any = None) -> None:
-    """The render's checks of the arrays (3-D, image and mask alike, the plan's shape,
-    ``out``'s shape and dtype), made before a warp writes into ``out``: a mismatch fails
-    with the caller's arrays untouched."""
-    from .rendering import _check_job
-
-    _check_job(plan, image, organ_mask, None)
-    if out is not None and tuple(getattr(out, "shape", ())) != tuple(image.shape):
-        raise ValueError(
-            f"out must have the image's shape {tuple(image.shape)}, got "
-            f"{tuple(out.shape) if hasattr(out, 'shape') else type(out).__name__}"
-        )
-    if out is not None:  # (the warp would render into it as the image, of its own dtype)
-        od, idt = out.dtype, image.dtype
-        if isinstance(od, np.dtype) and isinstance(idt, np.dtype):
-            same = od.newbyteorder("=") == idt.newbyteorder("=")
-        else:
-            same = str(od) == str(idt)
-        if not same:
-            raise ValueError(f"out has dtype {od}, image has {idt}")
-
-
 def prepare_render(
     plan: Any,
     image: Any,
@@ -846,10 +824,10 @@ def prepare_render(
     fields' boxes are computed; NumPy arrays are warped in place, GPU arrays (CuPy, torch
     CUDA) box by box through the host. Nothing is copied when no tumor pushes.
     """
-    from .rendering import check_writable
+    from .rendering import check_job, check_writable
 
     check_writable("out", out)  # before the warp writes into it
-    check_shapes(plan, image, organ_mask, out)  # (the render's checks come after the warp)
+    check_job(plan, image, organ_mask, out)  # (the render's checks come after the warp)
     fields = plan_fields(plan, settings)
     labs, rebuild = _label_list(labels)
     if not fields:

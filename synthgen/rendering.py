@@ -565,7 +565,10 @@ def _render_tumor(
     return new_box, orig, delta, mask
 
 
-def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
+def check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
+    """The render's checks of the arrays (3-D, image and mask alike, the plan's shape,
+    ``out``'s shape and dtype, in any byte order). The mass effect makes them before its
+    warp writes into ``out``: a mismatch fails with the caller's arrays untouched."""
     if len(image.shape) != 3 or tuple(image.shape) != tuple(organ_mask.shape):
         raise ValueError(
             f"image {tuple(image.shape)} and organ_mask {tuple(organ_mask.shape)} must be 3-D "
@@ -573,11 +576,20 @@ def _check_job(plan: Plan, image: Any, organ_mask: Any, out: Any) -> None:
         )
     if tuple(image.shape) != tuple(plan.shape):
         raise ValueError(f"plan is for shape {tuple(plan.shape)}, image is {tuple(image.shape)}")
-    if out is not None:
-        if tuple(out.shape) != tuple(image.shape):
-            raise ValueError("out must have the image's shape")
-        if str(out.dtype) != str(image.dtype):
-            raise ValueError(f"out has dtype {out.dtype}, image has {image.dtype}")
+    if out is None:
+        return
+    if tuple(getattr(out, "shape", ())) != tuple(image.shape):
+        raise ValueError(
+            f"out must have the image's shape {tuple(image.shape)}, got "
+            f"{tuple(out.shape) if hasattr(out, 'shape') else type(out).__name__}"
+        )
+    od, idt = out.dtype, image.dtype
+    if isinstance(od, np.dtype) and isinstance(idt, np.dtype):
+        same = od.newbyteorder("=") == idt.newbyteorder("=")
+    else:
+        same = str(od) == str(idt)
+    if not same:
+        raise ValueError(f"out has dtype {od}, image has {idt}")
 
 
 def needs_readable(image: Any, organ_mask: Any, out: Any, label_out: Any = None) -> bool:
@@ -878,7 +890,7 @@ def render_batch(
     from ._cuda import render_on_gpu
 
     for p, im, om, o in zip(plans, images, organ_masks, outs, strict=True):
-        _check_job(p, im, om, o)
+        check_job(p, im, om, o)
     return render_on_gpu(
         plans,
         images,
@@ -957,7 +969,7 @@ def render(
     if where.kind == "cuda":
         from ._cuda import render_on_gpu
 
-        _check_job(plan, image, organ_mask, out)
+        check_job(plan, image, organ_mask, out)
         return render_on_gpu(
             [plan], [image], [organ_mask], device_id=where.index, outs=[out], affines=[affine],
             label_outs=[label_out], tumor_label=tumor_label,
