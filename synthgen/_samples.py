@@ -54,9 +54,11 @@ def _case_index(src: CaseSource, organ: np.ndarray, index_organ) -> Any:
     if index is not None and index.count != int(np.count_nonzero(organ)):
         index = None
     if index is None:
+        from .planning import PlacementError
+
         try:
             index = index_organ(organ)
-        except ValueError:  # no organ: implant_tumors leaves the sample alone
+        except PlacementError:  # no organ: implant_tumors leaves the sample alone
             return None
         _INDEXES[key] = index
         while len(_INDEXES) > _INDEXES_MAX:
