@@ -970,9 +970,9 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
 // the union of the overlaps of its tight box (origin `to` in the scan, sizes n) with theirs,
 // as its origin in the row's box (ov[0..3)) and sizes (ov[3..6)); sizes 0 where none
 // overlaps. The write-back looks up the partners' changes inside it only: in a batch of large
-// liver tumors 77% of the voxels were in boxes with partners, 24% inside this box. It also
-// caches the overlapping partners for sg_merged_cached (pb, pd; *npc of them, -1 where more
-// than SG_PMAX overlap).
+// liver tumors 79% of the voxels are in boxes with partners, 34% inside this box
+// (benchmarks/count_lanes.py --plans 48). It also caches the overlapping partners for
+// sg_merged_cached (pb, pd; *npc of them, -1 where more than SG_PMAX overlap).
 // (not inlined: thread 0 calls it once a block; inlined, it took the write-back's loops on
 // sm_90 past their 64 registers, 8 bytes spilled)
 #ifdef __CUDACC__
