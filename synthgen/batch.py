@@ -228,7 +228,7 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     uses = [
         s.path for o in opts.organs for s in (*case.organs.get(o, ()), *case.lesions.get(o, ()))
     ]
-    with read_once(uses):
+    with read_once(uses), grid_notes() as caught:  # (GridWarnings: notes of the samples)
         for organ in opts.organs:
             if organ not in case.organs:
                 skipped.setdefault(organ, f"no {organ} mask")
@@ -236,18 +236,12 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             srcs = case.organs[organ]
             names = ", ".join(str(s.path) for s in srcs)
             try:
-                with grid_notes() as caught:  # (GridWarnings: notes of the samples)
-                    region, plain, absent = load_organ(
-                        srcs, image.shape, affine, unoriented=unoriented
-                    )
-                    absent = [" ".join(a.split()) for a in absent]  # (files lacking the ids)
-                    les = None
-                    if case.lesions.get(organ):
-                        les = load_mask(
-                            case.lesions[organ], image.shape, affine, unoriented=unoriented
-                        )
-                        region |= les
-                notes.extend(caught)
+                region, plain, absent = load_organ(srcs, image.shape, affine, unoriented=unoriented)
+                absent = [" ".join(a.split()) for a in absent]  # (files lacking the ids)
+                les = None
+                if case.lesions.get(organ):
+                    les = load_mask(case.lesions[organ], image.shape, affine, unoriented=unoriented)
+                    region |= les
             except Exception as e:  # unreadable, corrupt or unmappable file: the case's error
                 files = [*srcs, *case.lesions.get(organ, ())]
                 raise ValueError(_naming(_short(e), files, f"{names}: {organ}")) from None
@@ -259,6 +253,7 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
             organs[organ], lesions[organ], indexes[organ] = region, les, index
             if plain and les is None:
                 verbatim[organ] = srcs[0].path
+    notes.extend(caught)
     vessels = None
     for src in case.vessels if organs else ():
         # each file alone: an unusable one loses only its own vessels, and the samples' records
