@@ -1105,13 +1105,15 @@ def _check_foreign(out: Path, work) -> None:
     ``dataset.json``, ``imagesTr``, ``labelsTr``, so what is there (another dataset, a
     folder of a sample's name) would be lost. A batch's own OUT always has a manifest from
     its start on; other files (a scheduler's log, ``lost+found``) are no obstacle."""
+    from fnmatch import fnmatch
+
     try:
         names = {p.name for p in out.iterdir() if not p.name.startswith(".")}
     except FileNotFoundError:
         return
     except OSError as e:
         raise ValueError(f"{out}: cannot read the output folder ({e.strerror or e})") from None
-    if not names or "batch.json" in names or any(out.glob(MANIFEST_GLOB)):
+    if not names or "batch.json" in names or any(fnmatch(n, MANIFEST_GLOB) for n in names):
         return
     mine = {"dataset.json", "imagesTr", "labelsTr", "synthgen_tumors"}
     mine |= {s.sample_id for _, samples in work for s in samples}

@@ -752,6 +752,16 @@ def test_an_out_holding_other_files_is_refused(ds4: Path, tmp_path: Path) -> Non
         run_batch(cases, BatchOptions(organs=("liver",), format="nnunet"), nn)
 
 
+def test_an_out_with_only_an_empty_manifest_is_a_batch(ds4: Path, tmp_path: Path) -> None:
+    """A batch's OUT has a manifest from its start on: one killed before its first record
+    (an empty manifest of another shard, a sample's folder) is not taken for other files."""
+    _, cases = discover(ds4, ["liver"])
+    out = tmp_path / "out"
+    (out / "BDMAP_00000001_s000").mkdir(parents=True)
+    (out / "manifest-shard-1-of-2.jsonl").touch()
+    assert run_batch(cases, BatchOptions(organs=("liver",)), out).done == 4
+
+
 def test_resume_redoes_deleted_samples_and_refuses_misuse(
     ds6: Path, liver_ref: Path, tmp_path: Path
 ) -> None:
