@@ -705,6 +705,7 @@ class Manifest:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._broken = False  # (a write failed: the close may fail on its torn line)
         path.parent.mkdir(parents=True, exist_ok=True)
         torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
         self._f = open(path, "a", encoding="utf-8")
@@ -729,7 +730,7 @@ class Manifest:
         try:
             self._f.close()
         except OSError:
-            if not getattr(self, "_broken", False):
+            if not self._broken:
                 raise
             # the line a failed write left in the buffer: torn in the file, as a kill leaves
             # it, and told already
