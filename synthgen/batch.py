@@ -255,18 +255,21 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
                 verbatim[organ] = srcs[0].path
     notes.extend(caught)
     vessels = None
-    for src in case.vessels if organs else ():
-        # each file alone: an unusable one loses only its own vessels, and the samples' records
-        # say so (it used to drop every vessel mask of the case without a word)
-        try:
-            m = load_mask_file(src, image.shape, affine, unoriented=unoriented)[0]
-        except ValueError as e:
-            notes.append(
-                f"{_naming(_short(e), [src], str(src.path))}: vessel mask not used (tumors keep "
-                "clear of the case's other vessel masks, or of bright voxels if none is left)"
-            )
-            continue
-        vessels = m if vessels is None else np.logical_or(vessels, m, out=vessels)
+    with grid_notes() as caught:  # (a vessel mask on another grid: noted as the organs')
+        for src in case.vessels if organs else ():
+            # each file alone: an unusable one loses only its own vessels, and the samples'
+            # records say so (it used to drop every vessel mask of the case without a word)
+            try:
+                m = load_mask_file(src, image.shape, affine, unoriented=unoriented)[0]
+            except ValueError as e:
+                notes.append(
+                    f"{_naming(_short(e), [src], str(src.path))}: vessel mask not used (tumors "
+                    "keep clear of the case's other vessel masks, or of bright voxels if none is "
+                    "left)"
+                )
+                continue
+            vessels = m if vessels is None else np.logical_or(vessels, m, out=vessels)
+    notes.extend(caught)
     info = {o: _lesion_record(m) for o, m in lesions.items() if m is not None}
     return LoadedCase(
         case, image, affine, header, organs, indexes, lesions, verbatim, skipped, vessels, notes,

@@ -1356,6 +1356,27 @@ def test_unreadable_vessel_mask_is_noted_and_the_others_kept(tmp_path: Path) -> 
     assert read_manifest(out)["BDMAP_00000000_s000"]["notes"] == [note]
 
 
+def test_a_vessel_mask_on_another_grid_is_noted_like_an_organ_mask(tmp_path: Path) -> None:
+    """A vessel mask on another grid is mapped with a GridWarning, which goes to the samples'
+    notes as an organ mask's does (it was printed on the loading process's stderr, or a
+    worker's, and the records said nothing)."""
+    import warnings
+
+    from synthgen.batch import load_case
+    from synthgen.layouts import GridWarning
+
+    root = write_dataset(tmp_path / "ds", "atlas1", 1)
+    aorta = root / "BDMAP_00000000" / "segmentations" / "aorta.nii.gz"
+    img = nib.load(aorta)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.eye(4)), aorta)
+    _, cases = discover(root, ["liver"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GridWarning)  # (none may escape the notes)
+        lc = load_case(cases[0], BatchOptions(organs=("liver",)))
+    assert lc.vessels is not None
+    assert any("aorta.nii.gz" in n and "another grid" in n for n in lc.notes), lc.notes
+
+
 def test_out_that_is_a_file_is_a_clear_error(ds4: Path, tmp_path: Path) -> None:
     """``--out`` naming an existing file (or a folder below one) crashed with a traceback
     (FileExistsError) in batch, synth and the dry run; now exit 2 with a one-line reason,
