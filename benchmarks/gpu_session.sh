@@ -8,7 +8,7 @@
 #     mkdir _baseline && git archive <rev> | tar -x -C _baseline
 # then run, from the repository root on the GPU machine:
 #     bash benchmarks/gpu_session.sh [_baseline]
-# (about 3-4 minutes on an H100; remove _baseline afterwards).
+# (about 4 minutes on an H100 or H200; remove _baseline afterwards).
 set -o pipefail
 export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/nbc} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -27,11 +27,20 @@ if [ -n "$base" ] && [ -d "$base" ]; then
 fi
 if command -v ncu > /dev/null; then
     echo "=== ncu: blend and write-back on the bandwidth batch"
-    timeout 100 ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section MemoryWorkloadAnalysis \
-        -k regex:'sg_seg_(apply|blend)' --launch-count 2 \
-        python3 benchmarks/gpu_check.py --skip-tests --only-bandwidth > "$OUT/ncu.txt" 2>&1
+    # (the report, its details page, and its source page per SASS instruction, summed by
+    # region with benchmarks/ncu_regions.py: docs/gpu-host-work.md, "The fused kernels on an
+    # H200")
+    timeout 150 ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section InstructionStats \
+        --section SourceCounters -k regex:'sg_seg_(apply|blend)$' --launch-count 2 \
+        -o "$OUT/prof" -f python3 benchmarks/gpu_check.py --skip-tests --only-bandwidth \
+        > "$OUT/ncu.log" 2>&1
     echo "ncu rc=$?"
+    ncu --import "$OUT/prof.ncu-rep" --page details > "$OUT/ncu.txt" 2>&1
+    ncu --import "$OUT/prof.ncu-rep" --page source --print-source sass --csv 2> /dev/null \
+        | gzip > "$OUT/src.csv.gz"
+    rm -f "$OUT/ncu.log"
     grep -E "sg_seg_|Registers Per Thread|Achieved Occupancy|Memory Throughput|DRAM Throughput|Duration" \
         "$OUT/ncu.txt" | head -40
+    python3 benchmarks/ncu_regions.py "$OUT/src.csv.gz" --min-share 0.03
 fi
