@@ -15,21 +15,29 @@ SG_FN float sg_rescaled(float v, float fac) {
     return v < 1.0f ? v : 1.0f;
 }
 
-// Texture T at a voxel: bilinear in (i, j) on the grid rows a0/a0+1, a1/a1+1 at columns c
-// and c+1, then linear along k: as the CPU kernel, which builds the bilinear row once per
-// (i, j). tgrid is (gx, gy, gz) float32, C order. RESCALE: each grid value read is first
-// rescaled by fac (sg_rescaled), where the grid has not been rescaled in place.
+// The bilinear weights of a texture grid's four rows at fractions (u0, u1), in float64 and
+// rounded to float32 as the CPU kernel's w00, w01, w10, w11 (once per (i, j) there; the
+// segmented blend reads them from sg_seg_interp's per-(i, j) table, which calls this).
+SG_FN void sg_bilinear(float u0, float u1, float* w) {
+    w[0] = (float)((1.0 - (double)u0) * (1.0 - (double)u1));
+    w[1] = (float)((1.0 - (double)u0) * (double)u1);
+    w[2] = (float)((double)u0 * (1.0 - (double)u1));
+    w[3] = (float)((double)u0 * (double)u1);
+}
+
+// Texture T from the bilinear weights w of the grid rows t00 (the first of the four: row
+// (a0, a1)), t00 + gz (a0, a1 + 1), t00 + gy * gz (a0 + 1, a1), t00 + (gy + 1) * gz, at
+// columns c and c + 1, then linear along k with fraction u2: as the CPU kernel, which builds
+// the bilinear row once per (i, j). tgrid is (gx, gy, gz) float32, C order. RESCALE: each
+// grid value read is first rescaled by fac (sg_rescaled), where the grid has not been
+// rescaled in place.
 template <bool RESCALE>
-SG_FN float sg_texture_at_t(const float* tgrid, int gy, int gz, int a0, float u0, int a1,
-                            float u1, int c, float u2, float fac) {
-    float w00 = (float)((1.0 - (double)u0) * (1.0 - (double)u1));
-    float w01 = (float)((1.0 - (double)u0) * (double)u1);
-    float w10 = (float)((double)u0 * (1.0 - (double)u1));
-    float w11 = (float)((double)u0 * (double)u1);
-    const float* t00 = tgrid + ((long long)a0 * gy + a1) * gz;
+SG_FN float sg_texture_w(const float* t00, int gy, int gz, const float* w, int c, float u2,
+                         float fac) {
     const float* t01 = t00 + gz;
     const float* t10 = t00 + (long long)gy * gz;
     const float* t11 = t10 + gz;
+    const float w00 = w[0], w01 = w[1], w10 = w[2], w11 = w[3];
 #define SG_TV(p) (RESCALE ? sg_rescaled((p), fac) : (p))
     float r0 = w00 * SG_TV(t00[c]) + w01 * SG_TV(t01[c]) + w10 * SG_TV(t10[c]) +
                w11 * SG_TV(t11[c]);
@@ -37,6 +45,16 @@ SG_FN float sg_texture_at_t(const float* tgrid, int gy, int gz, int a0, float u0
                w11 * SG_TV(t11[c + 1]);
 #undef SG_TV
     return r0 + (r1 - r0) * u2;
+}
+
+// Texture T at a voxel: bilinear in (i, j) on the grid rows a0/a0+1, a1/a1+1 (fractions u0,
+// u1), at column c with fraction u2 (sg_texture_w).
+template <bool RESCALE>
+SG_FN float sg_texture_at_t(const float* tgrid, int gy, int gz, int a0, float u0, int a1,
+                            float u1, int c, float u2, float fac) {
+    float w[4];
+    sg_bilinear(u0, u1, w);
+    return sg_texture_w<RESCALE>(tgrid + ((long long)a0 * gy + a1) * gz, gy, gz, w, c, u2, fac);
 }
 
 SG_FN float sg_texture_at(const float* tgrid, int gy, int gz, int a0, float u0, int a1,

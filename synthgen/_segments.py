@@ -138,7 +138,7 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
       kernel) reads its organ byte and, with appearance modes, its q2 unless the organ byte
       stops a clipped tumor; every voxel's change is written (0 where there is none); the
       texture grid counts once (its gathers mostly hit the cache). The per-row parameters
-      are not counted.
+      and sg_seg_interp's tables (per axis index, per (i, j) of a box) are not counted.
     * write-back: every voxel reads its original value, change and mask byte, and where a
       merge partner's box holds it that partner's change; a merged change that is not 0
       writes the image (its dtype's size); a row whose merged change the host reads writes
