@@ -839,7 +839,7 @@ extern "C" __global__ void __launch_bounds__(256, 4)
             float d = 0.0f;
             if (!(b <= 0.0f || v < tlo || v > thi)) {
                 const int e = i * ny + j;
-                float tex = sg_texture_w<true>(tgrid + oij[e], gy, gz, wij + 4 * e,
+                float tex = sg_texture_w<true>(tgrid, oij[e], gy, gz, wij + 4 * e,
                                                ixs[nx + ny + k], fxs[nx + ny + k], fac);
                 if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
                     int inside = organ[t];
