@@ -7,8 +7,10 @@
 # non-ignored folder travels with the working tree):
 #     mkdir _baseline && git archive <rev> | tar -x -C _baseline
 # then run, from the repository root on the GPU machine:
-#     bash benchmarks/gpu_session.sh [_baseline]
-# (about 4 minutes on an H100 or H200; remove _baseline afterwards).
+#     bash benchmarks/gpu_session.sh [_baseline [_tree ...]]
+# (about 4 minutes on an H100 or H200; remove _baseline afterwards). Each further tree (made
+# the same way, e.g. the commits between the baseline and this tree) gets the fused kernels'
+# bandwidth only (`--only-bandwidth`, about 25 s each): which commit moved it, on one machine.
 set -o pipefail
 export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/nbc} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -25,6 +27,15 @@ if [ -n "$base" ] && [ -d "$base" ]; then
     grep -A8 "^| class" "$OUT/base.log"
     grep -A4 "^| kernel" "$OUT/base.log"
 fi
+shift 2> /dev/null
+for tree in "$@"; do
+    [ -d "$tree" ] || { echo "=== $tree: not a folder, skipped"; continue; }
+    name=$(basename "$tree")
+    echo "=== bandwidth of $tree (--only-bandwidth, same machine)"
+    (cd "$tree" && timeout 90 python3 benchmarks/gpu_check.py --skip-tests --only-bandwidth \
+        > "$OUT/bw-$name.log" 2>&1; echo "rc=$?")
+    grep "'kernel'" "$OUT/bw-$name.log" | head -12
+done
 if command -v ncu > /dev/null; then
     echo "=== ncu: blend and write-back on the bandwidth batch"
     # (the report, its details page, and its source page per SASS instruction, summed by
