@@ -16,7 +16,9 @@ liver), with the image resident on the GPU and rendered in place:
   sample on the same machine (the numba path, every core), their ratio, samples/s in
   batched mode (``render_batch`` of many plans into as many device images) and the CPU's
   time against a sample's share of a batched call (the 20x target is checked both ways: the
-  issue does not say which);
+  issue does not say which); and that host work of one call split by kind: the time in the
+  backend's launches, allocations, fills, uploads, fences and stream context (CuPy calls,
+  with their counts) and the rest, the driver's own Python and numba work;
 * a mix sample with a uint8 label map on the device: the render writing the tumor label
   itself (``label_outs``) against the render followed by the per-tumor labelling from the
   result's boxes;
@@ -151,15 +153,49 @@ class Gpu:
 class _WaitTimer:
     """The backend with the time its downloads (the driver's synchronisations) block
     counted (a call's wall time less that wait is its host work), and the downloads and
-    their bytes (``copies``, ``nbytes``)."""
+    their bytes (``copies``, ``nbytes``); and the host time of its other device calls by
+    kind (``split``: kind -> [seconds, calls]): launches, allocations, fills, uploads,
+    fences and the stream context (made, entered, left). The rest of a call's host work is
+    the driver's own (Python, numba): what a single-plan call's host time is made of."""
 
     def __init__(self, be) -> None:
         self._be = be
         self.wait_s = 0.0
         self.copies = self.nbytes = 0
+        self.split: dict[str, list] = {}
 
     def __getattr__(self, name):
-        return getattr(self._be, name)
+        attr = getattr(self._be, name)  # (the driver asks hasattr(be, "fence"))
+        if name == "fence":
+            return lambda: self._timed("fences", attr)
+        return attr
+
+    def _timed(self, kind: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            acc = self.split.setdefault(kind, [0.0, 0])
+            acc[0] += time.perf_counter() - t0
+            acc[1] += 1
+
+    def launch_flat(self, *args):
+        return self._timed("launches", self._be.launch_flat, *args)
+
+    def alloc(self, *args):
+        return self._timed("allocations", self._be.alloc, *args)
+
+    def fill(self, *args):
+        return self._timed("fills", self._be.fill, *args)
+
+    def copy_in(self, *args):
+        return self._timed("uploads", self._be.copy_in, *args)
+
+    def upload(self, *args):
+        return self._timed("uploads", self._be.upload, *args)
+
+    def context(self, stream, arrays):
+        return _TimedContext(self, self._timed("stream context", self._be.context, stream, arrays))
 
     def download(self, dev):
         t0 = time.perf_counter()
@@ -172,6 +208,23 @@ class _WaitTimer:
             self.wait_s += time.perf_counter() - t0
 
 
+class _TimedContext:
+    """A context whose entry and exit count in its :class:`_WaitTimer`'s split."""
+
+    def __init__(self, timer: _WaitTimer, ctx) -> None:
+        self._timer, self._ctx = timer, ctx
+
+    def __enter__(self):
+        return self._timer._timed("stream context", self._ctx.__enter__)
+
+    def __exit__(self, *exc):
+        return self._timer._timed("stream context", self._ctx.__exit__, *exc)
+
+
+#: The kinds of :attr:`_WaitTimer.split`, in the order the split table prints them.
+SPLIT_KINDS = ("launches", "allocations", "fills", "uploads", "fences", "stream context")
+
+
 def _median_ms(fn, n: int) -> float:
     ts = []
     for i in range(n):
@@ -179,6 +232,19 @@ def _median_ms(fn, n: int) -> float:
         fn(i)
         ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts)
+
+
+def _split_row(host_ms: list[float], splits: list[dict[str, list]]) -> dict[str, float]:
+    """The medians over calls of each :data:`SPLIT_KINDS` kind's host ms and calls, and of
+    the rest of the host work (``driver_ms``: the driver's own)."""
+    row: dict[str, float] = {}
+    for kind in SPLIT_KINDS:
+        row[kind + "_ms"] = statistics.median(sp.get(kind, (0.0, 0))[0] * 1e3 for sp in splits)
+        row[kind + "_n"] = statistics.median(sp.get(kind, (0.0, 0))[1] for sp in splits)
+    row["driver_ms"] = statistics.median(
+        h - sum(acc[0] for acc in sp.values()) * 1e3 for h, sp in zip(host_ms, splits, strict=True)
+    )
+    return row
 
 
 def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
@@ -201,17 +267,22 @@ def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
             tbe = _WaitTimer(be)
             host_ms: list[float] = []
 
-            def one(i, work_d=work_d, plans=plans, tbe=tbe, host_ms=host_ms):
+            splits: list[dict[str, list]] = []
+
+            def one(i, work_d=work_d, plans=plans, tbe=tbe, host_ms=host_ms, splits=splits):
                 tbe.wait_s = 0.0
+                tbe.split = {}
                 t0 = time.perf_counter()
                 _cuda.render_on_gpu(
                     [plans[i % len(plans)]], [work_d], [mask_d], device_id=0, outs=[work_d], be=tbe
                 )
                 host_ms.append((time.perf_counter() - t0 - tbe.wait_s) * 1e3)
+                splits.append(tbe.split)
                 g.sync()
 
             one(0)  # warm-up (kernel modules loaded, allocator pools filled)
             host_ms.clear()
+            splits.clear()
             gpu_ms = _median_ms(one, n_gpu)
             # batched: every plan into its own device image, one call
             outs = [img_d.copy() for _ in plans]
@@ -238,6 +309,7 @@ def bench_classes(g: Gpu, sc: Scene, quick: bool) -> list[dict]:
                     "plan_ms": plan_ms,
                     "gpu_ms": gpu_ms,
                     "host_ms": statistics.median(host_ms),
+                    "host_split": _split_row(host_ms, splits),
                     "batched_sps": len(plans) / best,
                     "batch": len(plans),
                     "plans": plans,
@@ -685,6 +757,14 @@ def main() -> int:
               f"{r['gpu_ms']:.2f} | {r['host_ms']:.2f} | {r['cpu_ms']:.1f} | "
               f"{r['speedup']:.1f}x | {r['batched_sps']:.0f} ({r['batch']}) | "
               f"{r['speedup_batched']:.1f}x |")  # fmt: skip
+    print()
+    print("| class: host ms of one call | all | " + " | ".join(SPLIT_KINDS)
+          + " | the driver's own |")  # fmt: skip
+    print("|---|---|" + "---|" * len(SPLIT_KINDS) + "---|")
+    for r in rows:
+        sp = r["host_split"]
+        cells = " | ".join(f"{sp[k + '_ms']:.3f} ({sp[k + '_n']:.0f})" for k in SPLIT_KINDS)
+        print(f"| {r['class']} | {r['host_ms']:.3f} | {cells} | {sp['driver_ms']:.3f} |")
     print()
     print("| mix sample with a device label map (uint8) | ms/sample |")
     print("|---|---|")
