@@ -1215,11 +1215,25 @@ def _check_running_options(out: Path, opts: BatchOptions, lock: _ShardLock) -> N
             )
 
 
+# OUT's manifest of shard I of N, and the run tag (its ``.partial`` folder) read back from a
+# manifest's name, and its shard count: one naming, read and written here only.
+def _manifest_name(shard: tuple[int, int]) -> str:
+    """``manifest.jsonl`` unsharded, else ``manifest-shard-I-of-N.jsonl``."""
+    return "manifest.jsonl" if shard[1] == 1 else f"manifest-shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
 def _tag_of(manifest_name: str) -> str:
     """The ``.partial`` folder of the run that writes ``manifest_name``."""
     if manifest_name == "manifest.jsonl":
         return "main"
     return manifest_name.removeprefix("manifest-").removesuffix(".jsonl")
+
+
+def _shards_of(manifest_name: str) -> str:
+    """The shard count N of the run that writes ``manifest_name`` (``"1"`` unsharded)."""
+    if manifest_name == "manifest.jsonl":
+        return "1"
+    return manifest_name.removesuffix(".jsonl").rpartition("-of-")[2]
 
 
 class _ShardLock:
@@ -1295,10 +1309,10 @@ class _ShardLock:
         the other (or both stop)."""
         n = self.shard[1]
         for other in self.running(fcntl):
-            m = 1 if other.name == "manifest.jsonl" else other.stem.rpartition("-of-")[2]
-            if str(m) == str(n):
+            m = _shards_of(other.name)
+            if m == str(n):
                 continue
-            how = "unsharded" if str(m) == "1" else f"in {m} shards"
+            how = "unsharded" if m == "1" else f"in {m} shards"
             mine = "unsharded" if n == 1 else f"in {n} shards"
             raise ValueError(
                 f"{other.parent} is being written by a synthgen batch {how} now (it holds "
@@ -1388,8 +1402,8 @@ def run_batch(
                 f"{out}: the output folder is the input dataset {source}; synthgen only reads "
                 "its input: choose another --out (e.g. a folder beside it)"
             )
-    tag = "main" if shard[1] == 1 else f"shard-{shard[0]}-of-{shard[1]}"
-    name = "manifest.jsonl" if shard[1] == 1 else f"manifest-{tag}.jsonl"
+    name = _manifest_name(shard)
+    tag = _tag_of(name)
     # one run per shard of OUT at a time, locked before what is done there is read (when
     # the manifest exists already): two would remove each other's partial samples
     with _ShardLock(out / name, shard) as lock:
