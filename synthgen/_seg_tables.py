@@ -331,6 +331,12 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part, host_out):
         if r >= ne:
             continue
         ln, bs, gs = n_lat[r], blocks[r], grid[r]
+        # (the blend's texture reads and its per-(i, j) table take 32-bit offsets)
+        if gs[0] * gs[1] * gs[2] >= 2**31 or 4 * tn[r, 0] * tn[r, 1] >= 2**31:
+            raise ValueError(
+                "a tumor's texture grid or tight box is past the GPU kernels' 32-bit offsets "
+                "(2^31 values): render it on the CPU (device='cpu')"
+            )
         # the tight box's buffers, then the texture's: the lattice noise, the three band
         # passes' outputs, the block fractions and the three grid passes' outputs
         for c in (_TORIG, _BX0, _BX1, _BLUR, _DELTA):

@@ -1495,14 +1495,16 @@ def test_kernel_interp(backend):
     (the CPU blend's); nothing is written past a segment's tables, and host rows are left."""
     be, dev = backend
     rng = np.random.default_rng(33)
-    n_seg = 7
+    n_seg = 8
     rows = _Rows(be, dev, n_seg)
     C = rows.C
     cases, outs = [], []
     for s in range(n_seg):
         n, to, centre, sp = _random_box(rng, 30, 40, 0.4)
         if s == 4:
-            n[1] = 0  # an empty axis
+            n[1] = 0  # an empty axis: no (i, j) entries
+        if s == 7:
+            n[2] = 0  # an empty last axis: (i, j) entries all the same
         origin = rng.uniform(-60.0, 10.0, 3)
         step = float(rng.uniform(1.0, 6.0))
         grid = rng.integers(1, 20, 3)
@@ -1540,6 +1542,33 @@ def test_kernel_interp(backend):
             ic.append((i0, f))
         # the per-(i, j) weights and offsets, every word of them the host's
         assert got[:-1].tobytes() == _interp_table(ic, grid).tobytes(), s
+
+
+def test_interp_table_size():
+    """Phase B's scratch sizes (phase_b_sizes_nb) hold at SG_INTERP the words sg_seg_interp
+    writes (those of _interp_table), empty axes included; a texture grid or a tight box past
+    the kernels' 32-bit offsets is refused with a message, not rendered wrong."""
+    from synthgen._seg_tables import F32, phase_b_sizes_nb
+
+    def sizes(tn, grid):
+        tn, grid = np.asarray(tn, np.int64), np.asarray(grid, np.int64)
+        m = len(tn)
+        ones = np.ones((m, 3), np.int64)
+        return phase_b_sizes_nb(tn, m, ones, ones, grid, np.zeros(m, bool),
+                                np.zeros(m, np.int64), np.zeros(m, bool))[0]  # fmt: skip
+
+    tn = [(7, 5, 3), (4, 0, 6), (3, 2, 0), (1, 1, 1)]
+    grid = [(5, 6, 4), (3, 3, 3), (2, 2, 2), (1, 2, 3)]
+    f32 = sizes(tn, grid)
+    for r, (n, g) in enumerate(zip(tn, grid, strict=True)):
+        ic = [k.interp_coords_nb(np.arange(n[a], dtype=np.float64), 0.0, 1.0, g[a])
+              for a in range(3)]  # fmt: skip
+        assert f32[r, F32.index("interp")] == len(_interp_table(ic, g)), r
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        sizes([(1 << 15, 1 << 14, 1)], [(2, 2, 2)])  # 4 words a (i, j): 2^31
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        sizes([(8, 8, 8)], [(1 << 11, 1 << 10, 1 << 10)])  # a grid of 2^31 values
+    sizes([(1 << 14, 1 << 14, 1)], [(1 << 10, 1 << 10, 1 << 10)])  # (below both: taken)
 
 
 def test_kernel_weights(backend):
