@@ -64,10 +64,13 @@ def _tool(name: str) -> str | None:
 
 
 def _entry(ptx: str, kernel: str) -> list[str]:
-    """The PTX instructions of ``kernel``'s entry (its body up to the closing brace)."""
-    body = ptx[ptx.index(f".entry {kernel}(") :]
-    body = body[: body.index("\n}\n")]
-    return [line.strip() for line in body.splitlines()
+    """The PTX instructions of ``kernel``'s entry (its body up to the closing brace), each
+    without its predicate guard (``@%p1 bra ...`` is ``bra ...``)."""
+    at = ptx.find(f".entry {kernel}(")
+    if at < 0:
+        raise SystemExit(f"count_sass: no kernel {kernel!r} in {SOURCE}")
+    body = ptx[at : ptx.index("\n}\n", at)]
+    return [re.sub(r"^@!?%\w+\s+", "", line.strip()) for line in body.splitlines()
             if ";" in line and not line.strip().startswith(("//", ".", "$", "{", "}"))]  # fmt: skip
 
 
@@ -124,7 +127,7 @@ def count(kernels_dir: Path, tree: str, kernels, arch: str) -> list[dict]:
             "ptx_cvt_f64": sum(i.startswith("cvt") for i in f64),
             "ptx_div_rcp": sum(i.startswith(("div", "rcp")) for i in ins),
             "registers": regs[k].get("registers"),
-            "spilled": regs[k].get("spill_stores", 0) + regs[k].get("spill_loads", 0),
+            "spilled": regs[k].get("spill_stores", 0) + regs[k].get("spill_loads", 0),  # (bytes)
             "sass": len(sass) if sass is not None else None,
             "top": ", ".join(f"{o} {n}" for o, n in ops.most_common(8)) if ops else "-",
         })  # fmt: skip
@@ -151,7 +154,7 @@ def main() -> int:
         ap.add_argument("--kernel", nargs="+", default=list(KERNELS))
 
     columns = ["tree", "kernel", "PTX", "PTX f64", "PTX cvt f64", "PTX div/rcp", "registers",
-               "spilled bytes", "SASS", "most frequent SASS opcodes"]  # fmt: skip
+               "spill stores + loads, bytes", "SASS", "most frequent SASS opcodes"]  # fmt: skip
 
     def cells(r: dict) -> list:
         sass = "-" if r["sass"] is None else r["sass"]

@@ -18,7 +18,8 @@ liver), with the image resident on the GPU and rendered in place:
   time against a sample's share of a batched call (the 20x target is checked both ways: the
   issue does not say which); and that host work of one call split by kind: the time in the
   backend's launches, allocations, fills, uploads, fences and stream context (CuPy calls,
-  with their counts) and the rest, the driver's own Python and numba work;
+  with their counts) and the rest, the driver's own Python and numba work (and CuPy calls
+  made outside the backend);
 * a mix sample with a uint8 label map on the device: the render writing the tumor label
   itself (``label_outs``) against the render followed by the per-tumor labelling from the
   result's boxes;
@@ -156,7 +157,9 @@ class _WaitTimer:
     their bytes (``copies``, ``nbytes``); and the host time of its other device calls by
     kind (``split``: kind -> [seconds, calls]): launches, allocations, fills, uploads,
     fences and the stream context (made, entered, left). The rest of a call's host work is
-    the driver's own (Python, numba): what a single-plan call's host time is made of."""
+    the driver's own (Python, numba) and the few CuPy calls the backend does not make (a
+    stream lookup, the device views of a call's inputs): what a single-plan call's host
+    time is made of. (The timing wraps add about a microsecond a call each.)"""
 
     def __init__(self, be) -> None:
         self._be = be
@@ -759,7 +762,7 @@ def main() -> int:
               f"{r['speedup_batched']:.1f}x |")  # fmt: skip
     print()
     print("| class: host ms of one call | all | " + " | ".join(SPLIT_KINDS)
-          + " | the driver's own |")  # fmt: skip
+          + " | the rest: the driver's own |")  # fmt: skip
     print("|---|---|" + "---|" * len(SPLIT_KINDS) + "---|")
     for r in rows:
         sp = r["host_split"]

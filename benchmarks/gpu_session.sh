@@ -10,7 +10,9 @@
 #     bash benchmarks/gpu_session.sh [_baseline [_tree ...]]
 # (about 4 minutes on an H100 or H200; remove _baseline afterwards). Each further tree (made
 # the same way, e.g. the commits between the baseline and this tree) gets the fused kernels'
-# bandwidth only (`--only-bandwidth`, about 25 s each): which commit moved it, on one machine.
+# bandwidth only (`--only-bandwidth`; its numba cache and NVRTC compiles are cold: allow
+# 30-60 s each, and keep to one or two so the call stays within the device's 600 s): which
+# commit moved it, on one machine.
 set -o pipefail
 export NUMBA_CACHE_DIR=${NUMBA_CACHE_DIR:-/tmp/nbc} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}
@@ -30,9 +32,9 @@ fi
 shift 2> /dev/null
 for tree in "$@"; do
     [ -d "$tree" ] || { echo "=== $tree: not a folder, skipped"; continue; }
-    name=$(basename "$tree")
+    name=$(printf %s "$tree" | tr -c 'A-Za-z0-9._-' _)
     echo "=== bandwidth of $tree (--only-bandwidth, same machine)"
-    (cd "$tree" && timeout 90 python3 benchmarks/gpu_check.py --skip-tests --only-bandwidth \
+    (cd "$tree" && timeout 75 python3 benchmarks/gpu_check.py --skip-tests --only-bandwidth \
         > "$OUT/bw-$name.log" 2>&1; echo "rc=$?")
     grep "'kernel'" "$OUT/bw-$name.log" | head -12
 done
