@@ -6,6 +6,8 @@
 # Before the call, on the development machine (the device copy has no .git; an untracked,
 # non-ignored folder travels with the working tree):
 #     mkdir _baseline && git archive <rev> | tar -x -C _baseline
+# (or `bash benchmarks/prepare_gpu_session.sh REV [REV ...]`, which makes _baseline, _t1, ...
+# and prints this script's command line)
 # then run, from the repository root on the GPU machine:
 #     bash benchmarks/gpu_session.sh [_baseline [_tree ...]]
 # (about 4 minutes on an H100 or H200; remove _baseline afterwards). Each further tree (made
