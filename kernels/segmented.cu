@@ -857,6 +857,19 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     }
 }
 
+// The stronger of v and a merge partner's change at (a, b, c) of the partner's tight box
+// (sizes n0, n1, n2; change buffer d), v where the voxel is outside that box (a negative
+// index is a large unsigned one: out of the box too). Of equal magnitudes the larger value,
+// so every row of an overlap takes the same value whatever the order, and their writes of
+// the voxel agree. (int coordinates: fewer registers than long long)
+SG_FN float sg_stronger_at(float v, const float* d, int a, int b, int c, int n0, int n1, int n2)
+{
+    if ((unsigned)a >= (unsigned)n0 || (unsigned)b >= (unsigned)n1 || (unsigned)c >= (unsigned)n2)
+        return v;
+    const float w = d[((long long)a * n1 + b) * n2 + c];
+    return fabsf(w) > fabsf(v) || (fabsf(w) == fabsf(v) && w > v) ? w : v;
+}
+
 // Overlapping tumors: the change v of a segment at voxel (x, y, z) of the scan made the
 // strongest among v and the changes of the segment's merge partners (the segments listed at
 // SG_PART, in ascending order, whose tight boxes overlap its own) that hold the voxel, read
@@ -867,18 +880,10 @@ extern "C" __global__ void __launch_bounds__(256, 4)
 SG_FN float sg_merged_at(float v, const long long* __restrict__ T, int F,
                          const long long* __restrict__ part, int np, int x, int y, int z)
 {
-    for (int p = 0; p < np; ++p) {  // (int coordinates: fewer registers than long long)
+    for (int p = 0; p < np; ++p) {
         const long long* q = T + part[p] * F;
-        const int n1 = (int)q[SG_TN1], n2 = (int)q[SG_TN2];
-        const int a = x - (int)q[SG_TO0], b = y - (int)q[SG_TO1], c = z - (int)q[SG_TO2];
-        // (a negative index is a large unsigned one: out of the box too)
-        if ((unsigned)a >= (unsigned)q[SG_TN0] || (unsigned)b >= (unsigned)n1 ||
-            (unsigned)c >= (unsigned)n2)
-            continue;
-        float w = ((const float*)q[SG_DELTA])[((long long)a * n1 + b) * n2 + c];
-        // (equal magnitudes: the larger value, so every row of an overlap takes the same
-        // value whatever the order, and their writes of the voxel agree)
-        if (fabsf(w) > fabsf(v) || (fabsf(w) == fabsf(v) && w > v)) v = w;
+        v = sg_stronger_at(v, (const float*)q[SG_DELTA], x - (int)q[SG_TO0], y - (int)q[SG_TO1],
+                           z - (int)q[SG_TO2], (int)q[SG_TN0], (int)q[SG_TN1], (int)q[SG_TN2]);
     }
     return v;
 }
@@ -907,13 +912,8 @@ SG_FN float sg_merged_cached(float v, int npc, const SG_SHARED_PTR int* pb,
 {
     for (int p = 0; p < npc; ++p) {
         const SG_SHARED_PTR int* e = pb + 6 * p;
-        const int a = i - e[0], b = j - e[1], c = k - e[2];
-        const int n1 = e[4], n2 = e[5];
-        if ((unsigned)a >= (unsigned)e[3] || (unsigned)b >= (unsigned)n1 ||
-            (unsigned)c >= (unsigned)n2)
-            continue;
-        float w = ((const float*)pd[p])[((long long)a * n1 + b) * n2 + c];
-        if (fabsf(w) > fabsf(v) || (fabsf(w) == fabsf(v) && w > v)) v = w;
+        v = sg_stronger_at(v, (const float*)pd[p], i - e[0], j - e[1], k - e[2], e[3], e[4],
+                           e[5]);
     }
     return v;
 }
