@@ -50,18 +50,12 @@ SG_FN float sg_texture_w(const float* tgrid, int o, int gy, int gz, const float*
 }
 
 // Texture T at a voxel: bilinear in (i, j) on the grid rows a0/a0+1, a1/a1+1 (fractions u0,
-// u1), at column c with fraction u2 (sg_texture_w).
-template <bool RESCALE>
-SG_FN float sg_texture_at_t(const float* tgrid, int gy, int gz, int a0, float u0, int a1,
-                            float u1, int c, float u2, float fac) {
-    float w[4];
-    sg_bilinear(u0, u1, w);
-    return sg_texture_w<RESCALE>(tgrid, (a0 * gy + a1) * gz, gy, gz, w, c, u2, fac);
-}
-
+// u1), at column c with fraction u2 (sg_texture_w on a grid rescaled in place).
 SG_FN float sg_texture_at(const float* tgrid, int gy, int gz, int a0, float u0, int a1,
                           float u1, int c, float u2) {
-    return sg_texture_at_t<false>(tgrid, gy, gz, a0, u0, a1, u1, c, u2, 1.0f);
+    float w[4];
+    sg_bilinear(u0, u1, w);
+    return sg_texture_w<false>(tgrid, (a0 * gy + a1) * gz, gy, gz, w, c, u2, 1.0f);
 }
 
 // The change d (output = input - d) one tumor asks of a voxel; 0 when it leaves it alone.
