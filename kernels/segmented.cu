@@ -667,16 +667,17 @@ extern "C" __global__ void sg_seg_tex_scale(const int* __restrict__ S, int nS,
     SG_SEG_LOOP(total) g[t] = sg_rescaled(g[t], fac);
 }
 
-// Phase B: the blend's trilinear texture coordinates, once per index of each tight-box axis
-// (element t: axis 0's nx, then axis 1's ny, then axis 2's nz indices), from the voxel's
-// position (index - centre) * spacing mm and the texture grid's origin and step: the CPU
-// path's interp_coords tables, the same float64 operations (sg_interp), which the blend
-// would otherwise redo for every voxel it reaches. Then, per (i, j) of the box's first two
-// axes (elements past those, i-major), the bilinear weights of the grid's four rows
-// (sg_bilinear: the CPU blend's w00..w11) and the first row's offset in the grid: the blend
-// reads them (five words, the same for every voxel of a grid row, so mostly one load a warp)
-// instead of making them per voxel (six float64 conversions, four products and the offset's
-// arithmetic). Layout at SG_INTERP: segmented.cuh.
+// Phase B: the blend's trilinear texture coordinates. Per index k of the tight box's last axis
+// (elements t < n2), its base index and fraction on the texture grid, from the voxel's
+// position (index - centre) * spacing mm and the grid's origin and step: the CPU path's
+// interp_coords table, the same float64 operations (sg_interp), which the blend would
+// otherwise redo for every voxel it reaches. Then per (i, j) of the box's first two axes
+// (the elements past those, i-major), the bilinear weights of the grid's four rows
+// (sg_bilinear of the two axes' sg_interp fractions: the CPU blend's w00..w11) and the first
+// row's offset in the grid: the blend reads them (five words, the same for every voxel of a
+// grid row, so mostly one load a warp) instead of making them per voxel (six float64
+// conversions, four products and the offset's arithmetic). Layout at SG_INTERP:
+// segmented.cuh.
 SG_FN void sg_step_interp(int sg_s, int sg_b, int sg_nb, const long long* __restrict__ T, int F,
                           const double* __restrict__ TD, int FD)
 {
@@ -684,23 +685,19 @@ SG_FN void sg_step_interp(int sg_s, int sg_b, int sg_nb, const long long* __rest
     if (r[SG_KIND]) return;
     const double* rd = TD + (long long)sg_s * FD;
     const long long n0 = r[SG_TN0], n1 = r[SG_TN1], n2 = r[SG_TN2];
-    const long long m = n0 + n1 + n2;
     int* ixs = (int*)r[SG_INTERP];
-    float* fxs = (float*)(ixs + m);
-    float* wij = fxs + m;
+    float* fxs = (float*)(ixs + n2);
+    float* wij = fxs + n2;
     int* oij = (int*)(wij + 4 * n0 * n1);
-    SG_SEG_LOOP(m + n0 * n1) {
-        if (t < m) {
-            long long q;
-            const int a = sg_axis_of(t, n0, n1, &q);
-            const double pos = sg_pos(r[SG_TO0 + a] + q - r[SG_C0 + a], rd[SG_D_SP0 + a]);
-            int b;
-            fxs[t] = sg_interp(pos, rd[SG_D_TX0 + a], rd[SG_D_STEP], (int)r[SG_G_0 + a], &b);
-            ixs[t] = b;
+    SG_SEG_LOOP(n2 + n0 * n1) {
+        int a0, a1;
+        if (t < n2) {
+            fxs[t] = sg_interp(sg_pos(r[SG_TO2] + t - r[SG_C2], rd[SG_D_SP2]), rd[SG_D_TX2],
+                               rd[SG_D_STEP], (int)r[SG_G_2], &a0);
+            ixs[t] = a0;
         } else {
-            const long long e = t - m;  // (n1 > 0 here: there are n0 * n1 such elements)
+            const long long e = t - n2;  // (n1 > 0 here: there are n0 * n1 such elements)
             const long long i = e / n1, j = e - i * n1;
-            int a0, a1;
             const float u0 = sg_interp(sg_pos(r[SG_TO0] + i - r[SG_C0], rd[SG_D_SP0]),
                                        rd[SG_D_TX0], rd[SG_D_STEP], (int)r[SG_G_0], &a0);
             const float u1 = sg_interp(sg_pos(r[SG_TO1] + j - r[SG_C1], rd[SG_D_SP1]),
@@ -795,8 +792,8 @@ extern "C" __global__ void __launch_bounds__(256, 4)
     // or conversion per voxel here): along axis 2 per index k, the bilinear weights of the
     // grid rows and the first row's offset per (i, j)
     const int* ixs = (const int*)r[SG_INTERP];
-    const float* fxs = (const float*)(ixs + nx + ny + nz);
-    const float* wij = fxs + nx + ny + nz;
+    const float* fxs = (const float*)(ixs + nz);
+    const float* wij = fxs + nz;
     const int* oij = (const int*)(wij + 4 * (long long)nx * ny);
     float* delta = (float*)r[SG_DELTA];
     float tlo = rf[SG_F_TLO], thi = rf[SG_F_THI];
@@ -839,8 +836,8 @@ extern "C" __global__ void __launch_bounds__(256, 4)
             float d = 0.0f;
             if (!(b <= 0.0f || v < tlo || v > thi)) {
                 const int e = i * ny + j;
-                float tex = sg_texture_w<true>(tgrid, oij[e], gy, gz, wij + 4 * e,
-                                               ixs[nx + ny + k], fxs[nx + ny + k], fac);
+                float tex = sg_texture_w<true>(tgrid, oij[e], gy, gz, wij + 4 * e, ixs[k],
+                                               fxs[k], fac);
                 if (app) {  // appearance modes (rim, necrosis, specks, noise): see blend.cuh
                     int inside = organ[t];
                     if (inside || !clip)

@@ -168,11 +168,11 @@
 #define SG_LBL_VAL 142
 // phase A: the B-spline prefilter of the tumor's control grid (g x g float64, row major)
 #define SG_PRE 143
-// phase B: the blend's trilinear texture coordinates (sg_seg_interp): per index of each
-// tight-box axis (the CPU path's interp_coords tables) nx + ny + nz int32 base indices (axis
-// 0's, then 1's, then 2's), then as many float32 fractions; then per (i, j) of axes 0 and 1
-// (i-major) the four float32 bilinear weights of the texture grid's rows (4 nx ny floats),
-// then the int32 offset of the first of those rows in the grid (nx ny ints)
+// phase B: the blend's trilinear texture coordinates (sg_seg_interp): per index of the
+// tight box's last axis (the CPU path's interp_coords table) nz int32 base indices, then as
+// many float32 fractions; then per (i, j) of axes 0 and 1 (i-major) the four float32
+// bilinear weights of the texture grid's rows (4 nx ny floats), then the int32 offset of the
+// first of those rows in the grid (nx ny ints)
 #define SG_INTERP 144
 #define SG_T_WIDTH 145
 

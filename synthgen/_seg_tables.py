@@ -351,10 +351,10 @@ def phase_b_sizes_nb(tn, ne, n_lat, blocks, grid, has_app, n_part, host_out):
         f32[r, _GRID] = gs[0] * gs[1] * gs[2]
         f32[r, _TQ2] = v if has_app[r] else 0
         # the blend's texture coordinates: an int32 index and a float32 fraction per index
-        # of each axis, then four float32 weights and an int32 offset per (i, j) of axes 0
-        # and 1 (sg_seg_interp makes one entry per index and per (i, j): its schedule has
+        # of the last axis, then four float32 weights and an int32 offset per (i, j) of axes
+        # 0 and 1 (sg_seg_interp makes one entry per index and per (i, j): its schedule has
         # blocks for more elements than it walks, the surplus leaves at once)
-        f32[r, _INTERP] = 2 * (tn[r, 0] + tn[r, 1] + tn[r, 2]) + 5 * tn[r, 0] * tn[r, 1]
+        f32[r, _INTERP] = 2 * tn[r, 2] + 5 * tn[r, 0] * tn[r, 1]
         u8[r, 0] = v
         u8[r, 1] = v
     return f32, u8

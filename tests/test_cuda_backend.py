@@ -1470,29 +1470,30 @@ def _random_box(rng, n_hi: int, c_hi: int, sp_lo: float):
 def _interp_table(ic, grid_shape) -> np.ndarray:
     """What sg_seg_interp leaves at SG_INTERP for the per-axis texture coordinates ``ic``
     (``interp_coords_nb``'s (indices, fractions) of axes 0, 1, 2) on a grid of
-    ``grid_shape``, made on the host: the indices of the three axes, their fractions, then
-    per (i, j) of axes 0 and 1 the CPU blend's bilinear weights w00, w01, w10, w11 and the
-    offset of grid row (a0, a1) (as float32 words)."""
-    (i0, f0), (i1, f1) = ic[0], ic[1]
+    ``grid_shape``, made on the host: axis 2's indices and fractions, then per (i, j) of
+    axes 0 and 1 the CPU blend's bilinear weights w00, w01, w10, w11 and the offset of grid
+    row (a0, a1) (as float32 words)."""
+    (i0, f0), (i1, f1), (i2, f2) = ic
     u0 = f0.astype(np.float64)[:, None]
     u1 = f1.astype(np.float64)[None, :]
     # (the CPU blend's expressions, float64 products rounded to float32)
     w = np.stack([(1.0 - u0) * (1.0 - u1), (1.0 - u0) * u1, u0 * (1.0 - u1), u0 * u1], -1)
     off = (i0.astype(np.int64)[:, None] * grid_shape[1] + i1[None, :]) * grid_shape[2]
     return np.concatenate([
-        np.concatenate([c[0] for c in ic]).astype(np.int32).view(np.float32),
-        np.concatenate([c[1] for c in ic]).astype(np.float32),
+        i2.astype(np.int32).view(np.float32),
+        f2.astype(np.float32),
         w.astype(np.float32).ravel(),
         off.astype(np.int32).ravel().view(np.float32),
     ])  # fmt: skip
 
 
 def test_kernel_interp(backend):
-    """sg_seg_interp: the blend's texture coordinates per index of each axis of a segment's
-    tight box are the CPU's interp_coords_nb of its positions (index - centre) * spacing,
-    bit for bit: positions before, inside and beyond the grid, a grid of one or two points,
-    an empty axis; so are the per-(i, j) bilinear weights and grid row offsets after them
-    (the CPU blend's); nothing is written past a segment's tables, and host rows are left."""
+    """sg_seg_interp: the blend's texture coordinates per index of the last axis of a
+    segment's tight box are the CPU's interp_coords_nb of its positions (index - centre) *
+    spacing, bit for bit: positions before, inside and beyond the grid, a grid of one or two
+    points, an empty axis; so are the per-(i, j) bilinear weights (of axes 0 and 1's
+    interp_coords_nb fractions) and grid row offsets after them (the CPU blend's); nothing is
+    written past a segment's tables, and host rows are left."""
     be, dev = backend
     rng = np.random.default_rng(33)
     n_seg = 8
@@ -1518,29 +1519,26 @@ def test_kernel_interp(backend):
         rows.TD[s, C.D_SP0 : C.D_SP0 + 3] = sp
         rows.TD[s, C.D_TX0 : C.D_TX0 + 3] = origin
         rows.TD[s, C.D_STEP] = step
-        size = 2 * int(n.sum()) + 5 * int(n[0] * n[1])
+        size = 2 * int(n[2]) + 5 * int(n[0] * n[1])
         out = rows.put(s, "INTERP", np.full(size + 1, np.nan, np.float32))
         cases.append((n, to, centre, sp, origin, step, grid))
         outs.append(out)
-    rows.launch("sg_seg_interp", [int(c[0].sum() + c[0][0] * c[0][1]) for c in cases], td=True)
+    rows.launch("sg_seg_interp", [int(c[0][2] + c[0][0] * c[0][1]) for c in cases], td=True)
     for s, (case, out) in enumerate(zip(cases, outs, strict=True)):
         n, to, centre, sp, origin, step, grid = case
         got = be.download(out)
-        m = int(n.sum())
         assert np.isnan(got[-1])  # nothing past the tables
         if s == 6:
             assert np.isnan(got).all()
             continue
-        ix, fx = got[:m].view(np.int32), got[m : 2 * m]
-        at, ic = 0, []
+        ic = []
         for a in range(3):
             pos = (np.arange(to[a], to[a] + n[a]) - centre[a]) * sp[a]
-            i0, f = k.interp_coords_nb(pos, origin[a], step, int(grid[a]))
-            np.testing.assert_array_equal(ix[at : at + n[a]], i0)
-            assert fx[at : at + n[a]].tobytes() == f.tobytes(), (s, a)
-            at += n[a]
-            ic.append((i0, f))
-        # the per-(i, j) weights and offsets, every word of them the host's
+            ic.append(k.interp_coords_nb(pos, origin[a], step, int(grid[a])))
+        m = int(n[2])
+        np.testing.assert_array_equal(got[:m].view(np.int32), ic[2][0])
+        assert got[m : 2 * m].tobytes() == ic[2][1].tobytes(), s
+        # the per-(i, j) weights and offsets too: every word of them the host's
         assert got[:-1].tobytes() == _interp_table(ic, grid).tobytes(), s
 
 
