@@ -119,7 +119,7 @@ class CaseSource:
                 raise ValueError(f"case {self.case_id}: {case.missing.get(organ, 'no mask')}")
             # as in a batch (no organ in any file: samples without tumors)
             srcs, les_srcs = case.organs[organ], case.lesions.get(organ, ())
-            with read_once([s.path for s in (*srcs, *les_srcs)]):  # (one label map: read once)
+            with read_once(case.mask_paths([organ])):  # (one label map: read once)
                 region = load_organ(srcs, image.shape, affine, unoriented=unoriented)[0]
                 label = region.view(np.uint8)
                 if les_srcs:

@@ -224,11 +224,9 @@ def load_case(case: Case, opts: BatchOptions) -> LoadedCase:
     lesions: dict[str, np.ndarray | None] = {}
     verbatim: dict[str, Path] = {}
     skipped: dict[str, str] = dict(case.missing)
-    # (an organ's and its lesions' ids, or several organs', in one label map: read once)
-    uses = [
-        s.path for o in opts.organs for s in (*case.organs.get(o, ()), *case.lesions.get(o, ()))
-    ]
-    with read_once(uses), grid_notes() as caught:  # (GridWarnings: notes of the samples)
+    # (an organ's and its lesions' ids, or several organs', in one label map: read once;
+    # GridWarnings: notes of the samples)
+    with read_once(case.mask_paths(opts.organs)), grid_notes() as caught:
         for organ in opts.organs:
             if organ not in case.organs:
                 skipped.setdefault(organ, f"no {organ} mask")

@@ -95,9 +95,8 @@ class MaskSource:
     path: Path
     label_ids: tuple[int, ...] | None = None
 
-    def to_dict(self, absolute: bool = False) -> dict[str, Any]:
-        path = self.path.absolute() if absolute else self.path
-        return {"path": str(path), "label_ids": self.label_ids}
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "label_ids": self.label_ids}
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,12 @@ class Case:
             lesions={o: tuple(map(src, v)) for o, v in self.lesions.items()},
             vessels=tuple(map(src, self.vessels)),
         )
+
+    def mask_paths(self, organs: Sequence[str]) -> list[Path]:
+        """The files that loading ``organs`` (those the case has) reads, organ masks then
+        lesion masks, a path once per load: what :func:`read_once` is given."""
+        return [s.path for o in organs if o in self.organs
+                for s in (*self.organs[o], *self.lesions.get(o, ()))]  # fmt: skip
 
     def to_dict(self, absolute: bool = False) -> dict[str, Any]:
         """The case as JSON; ``absolute``: relative paths joined to the current folder
@@ -655,12 +660,12 @@ def read_once(paths: Sequence[Path]) -> Iterator[None]:
     kept only until its last use."""
     from collections import Counter
 
-    prev = getattr(_READS, "uses", None)
+    prev = getattr(_READS, "uses", None), getattr(_READS, "data", {})
     _READS.uses, _READS.data = Counter(Path(p) for p in paths), {}
     try:
         yield
     finally:
-        _READS.uses, _READS.data = prev, {}
+        _READS.uses, _READS.data = prev
 
 
 def _read_mask_file(path: Path) -> tuple[np.ndarray, np.ndarray, Any]:
