@@ -512,7 +512,7 @@ def serve(
 
     addr, family = parse_address(address)
     if family == "AF_UNIX" and os.path.exists(addr):
-        if _listening(addr):
+        if _knock(addr):  # (a process listens there; else the socket file is stale)
             raise ValueError(
                 f"{address} is in use: another stream (or program) listens there; choose "
                 "another address"
@@ -602,11 +602,6 @@ def _knock(address: Any, family: str = "AF_UNIX", timeout: float = 2.0) -> bool:
         except OSError:  # refused (nobody listens), not a socket, gone
             return False
     return True
-
-
-def _listening(path: str) -> bool:
-    """Whether a process listens on the Unix socket ``path`` (else it is stale)."""
-    return _knock(path)
 
 
 def _turn_away(listener: Any, address: str, done: threading.Event) -> None:
