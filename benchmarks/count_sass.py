@@ -4,8 +4,8 @@ No GPU needed, and no timing: what the compiler makes of ``kernels/segmented.cu`
 kernels named (default the fused blend and write-back), for this tree and optionally a git
 revision's ``kernels/`` (``--rev``), per kernel:
 
-* PTX (``compute_XX``): instructions, of them float64 ones (``.f64``) and conversions to or
-  from float64 (``cvt`` with ``.f64``), divisions and reciprocals;
+* PTX (of the same ``sm_XX`` compile): instructions, of them float64 ones (``.f64``) and
+  conversions to or from float64 (``cvt`` with ``.f64``), divisions and reciprocals;
 * machine code (``sm_XX``, ptxas inside NVRTC): registers and spilled bytes;
 * SASS, where ``cuobjdump`` and ``nvdisasm`` are found (on ``PATH``, or the pip wheels
   ``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm``, ``nvidia/cu13/bin``): instructions
@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import collections
-import ctypes
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from _common import ROOT, count_script_main, ensure_root_on_path
 ensure_root_on_path("tests")
 
 import _nvrtc  # noqa: E402  (tests/_nvrtc.py: the NVRTC wheel, found and driven by ctypes)
+from ncu_regions import opcode  # noqa: E402
 
 SOURCE = "segmented.cu"
 KERNELS = ("sg_seg_blend", "sg_seg_apply")
@@ -74,17 +74,6 @@ def _entry(ptx: str, kernel: str) -> list[str]:
             if ";" in line and not line.strip().startswith(("//", ".", "$", "{", "}"))]  # fmt: skip
 
 
-def _cubin(source: Path, arch: str, lib: str | None) -> bytes:
-    def get(nv, prog, log) -> bytes:
-        size = ctypes.c_size_t()
-        nv.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        out = ctypes.create_string_buffer(size.value)
-        nv.nvrtcGetCUBIN(prog, out)
-        return out.raw
-
-    return _nvrtc._compile(source, f"sm_{arch}", [source.parent], [], get, lib)
-
-
 def _sass(cubin: bytes, kernel: str) -> list[str] | None:
     """The SASS instructions of ``kernel`` (None without cuobjdump and nvdisasm)."""
     cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
@@ -100,25 +89,15 @@ def _sass(cubin: bytes, kernel: str) -> list[str] | None:
             for line in out.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]  # fmt: skip
 
 
-def _opcode(ins: str) -> str:
-    words = ins.split()
-    if words and words[0].startswith("@"):  # (a predicate guard)
-        words = words[1:]
-    return words[0].split(".")[0] if words else ""
-
-
 def count(kernels_dir: Path, tree: str, kernels, arch: str) -> list[dict]:
     source = kernels_dir / SOURCE
-    lib = _lib()
-    ptx = _nvrtc.compile_to_ptx(source, f"compute_{arch}", [kernels_dir], lib)
-    regs = _nvrtc.register_report(source, f"sm_{arch}", [kernels_dir], lib)
-    cubin = _cubin(source, arch, lib)
+    ptx, cubin, regs = _nvrtc.compile_to_cubin(source, f"sm_{arch}", [kernels_dir], _lib())
     rows = []
     for k in kernels:
         ins = _entry(ptx, k)
         f64 = [i for i in ins if ".f64" in i]
         sass = _sass(cubin, k)
-        ops = collections.Counter(_opcode(i) for i in sass) if sass is not None else None
+        ops = collections.Counter(opcode(i) for i in sass) if sass is not None else None
         rows.append({
             "tree": tree,
             "kernel": k,

@@ -47,8 +47,9 @@ def _num(row: dict[str, str], col: str) -> float:
         return 0.0
 
 
-def _op(row: dict[str, str]) -> str:
-    words = row["Source"].split()
+def opcode(ins: str) -> str:
+    """A SASS instruction's opcode: ``@P0 LDG.E.64 R2, ...`` -> ``LDG``."""
+    words = ins.split()
     if words and words[0].startswith("@"):  # (a predicate)
         words = words[1:]
     return words[0].split(".")[0] if words else "?"
@@ -62,7 +63,7 @@ def report(name: str, rows: list[dict[str, str]], steps: float, min_share: float
           f"{total / steps:.0f} per warp step")  # fmt: skip
     ops: collections.Counter[str] = collections.Counter()
     for r, e in zip(rows, ex, strict=True):
-        ops[_op(r)] += e
+        ops[opcode(r["Source"])] += e
     print("instruction classes: " + ", ".join(
         f"{k} {v / total:.0%}" for k, v in ops.most_common(10)))  # fmt: skip
     stalls = {c[len("stall_"):]: sum(_num(r, c) for r in rows) for c in rows[0]
@@ -77,9 +78,9 @@ def report(name: str, rows: list[dict[str, str]], steps: float, min_share: float
         if runs and abs(runs[-1][2] - e) <= 0.02 * max(e, 1.0):
             runs[-1][1] = i
             runs[-1][3] += s
-            runs[-1][4].append(_op(r))
+            runs[-1][4].append(opcode(r["Source"]))
         else:
-            runs.append([i, i, e, s, [_op(r)]])
+            runs.append([i, i, e, s, [opcode(r["Source"])]])
     for first, last, e, s, o in runs:
         n = last - first + 1
         if e * n / total >= min_share:

@@ -88,24 +88,45 @@ def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path],
     return _compile(source, arch, include_dirs, [], ptx, lib_path)
 
 
+def _ptxas_report(log: str) -> dict[str, dict]:
+    """``{"registers", "spill_stores", "spill_loads"}`` (bytes) per kernel, from a
+    ``--ptxas-options=-v`` compile log."""
+    out: dict[str, dict] = {}
+    name = None
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            name = m[1]
+            out[name] = {}
+        elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
+                                      line)):  # fmt: skip
+            out[name].update(spill_stores=int(m[1]), spill_loads=int(m[2]))
+        elif name and (m := re.search(r"Used (\d+) registers", line)):
+            out[name]["registers"] = int(m[1])
+    return out
+
+
 def register_report(source: Path, arch: str, include_dirs: list[Path],
                     lib_path: str | None = None) -> dict[str, dict]:  # fmt: skip
     """What ptxas (inside NVRTC) reports per kernel of ``source`` compiled to machine code
     for ``arch`` (e.g. ``"sm_90"``): ``{"registers", "spill_stores", "spill_loads"}`` (bytes),
     from its ``-v`` log."""
+    return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"],
+                    lambda lib, prog, log: _ptxas_report(log), lib_path)  # fmt: skip
 
-    def parse(lib, prog, log) -> dict[str, dict]:
-        out: dict[str, dict] = {}
-        name = None
-        for line in log.splitlines():
-            if m := re.search(r"Compiling entry function '(\w+)'", line):
-                name = m[1]
-                out[name] = {}
-            elif name and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads",
-                                          line)):  # fmt: skip
-                out[name].update(spill_stores=int(m[1]), spill_loads=int(m[2]))
-            elif name and (m := re.search(r"Used (\d+) registers", line)):
-                out[name]["registers"] = int(m[1])
-        return out
 
-    return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"], parse, lib_path)
+def compile_to_cubin(source: Path, arch: str, include_dirs: list[Path],
+                     lib_path: str | None = None) -> tuple[str, bytes, dict]:  # fmt: skip
+    """One compile of ``source`` to machine code for ``arch`` (e.g. ``"sm_90"``): its PTX,
+    its cubin and :func:`register_report`'s figures."""
+
+    def get(lib, prog, log):
+        size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, cubin)
+        return ptx.value.decode(), cubin.raw, _ptxas_report(log)
+
+    return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"], get, lib_path)
