@@ -52,13 +52,8 @@ def run() -> list[dict]:
     for size, k in CASES:
         plans = sc.plans(9_000, k, size)
         outs = [to_device(sc.img_h) for _ in plans]
-        _segments.KEEP_LAST = True
-        try:
-            _cuda.render_on_gpu(plans, outs, [sc.mask_d] * k, device_id=0, outs=outs, be=be)
-            last = dict(_segments.LAST)
-        finally:
-            _segments.KEEP_LAST = False
-            _segments.LAST.clear()
+        last = _segments.kept_render(_cuda.render_on_gpu, plans, outs, [sc.mask_d] * k,
+                                     device_id=0, outs=outs, be=be)  # fmt: skip
         T, f32 = last["T"], last["f32"]
         vox = [math.prod(int(x) for x in T[q, C.TN0 : C.TN0 + 3]) for q in range(last["n"])]
         with_part = [q for q in range(last["n"]) if last["partners"][q]]

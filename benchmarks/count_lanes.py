@@ -8,7 +8,9 @@ test suite's stand-in backend (``tests/_cuda_emu.py``) and keeps its last batch
 voxels of a box, the lanes of one load), the share that:
 
 * the blend reaches (blur > 0 and the value in the tissue window: its texture path);
-* the write-back changes (the merged change is not 0: its clip and image store);
+* the write-back changes (the merged change, the row's or an overlapping partner's
+  strongest, is not 0: its clip and image store; ``_segments.row_paths``, which
+  ``moved_bytes`` counts from too);
 * lies in a row with merge partners, and inside the box of that row's overlaps with them
   (the write-back's merge runs there only, since b7ece65).
 
@@ -36,23 +38,6 @@ ensure_root_on_path("tests", "benchmarks")
 WARP = 32
 
 
-def _overlap_box(T, C, q: int, partners) -> tuple[list[int], list[int]] | None:
-    """Origin and end, in row q's tight box, of the union of its overlaps with its partners
-    (the kernel's sg_overlap_box); None where none overlaps."""
-    to = [int(x) for x in T[q, C.TO0 : C.TO0 + 3]]
-    tn = [int(x) for x in T[q, C.TN0 : C.TN0 + 3]]
-    lo, hi = list(tn), [0, 0, 0]
-    for p in partners:
-        po = [int(x) for x in T[p, C.TO0 : C.TO0 + 3]]
-        pn = [int(x) for x in T[p, C.TN0 : C.TN0 + 3]]
-        a = [max(po[x] - to[x], 0) for x in range(3)]
-        b = [min(po[x] + pn[x] - to[x], tn[x]) for x in range(3)]
-        if all(b[x] > a[x] for x in range(3)):
-            lo = [min(lo[x], a[x]) for x in range(3)]
-            hi = [max(hi[x], b[x]) for x in range(3)]
-    return (lo, hi) if all(hi[x] > lo[x] for x in range(3)) else None
-
-
 def run(args) -> list[dict]:
     import numpy as np
     from _common import Scene
@@ -65,16 +50,10 @@ def run(args) -> list[dict]:
     n = args.plans
     plans = sc.plans(7_000_000, n, "large")
     outs = [sc.img_d.copy() for _ in plans]
-    _segments.KEEP_LAST = True
-    try:
-        _cuda.render_on_gpu(plans, [sc.img_d] * n, [sc.mask_d] * n, device_id=0, outs=outs,
-                            be=be)  # fmt: skip
-        last = dict(_segments.LAST)
-    finally:
-        _segments.KEEP_LAST = False
-        _segments.LAST.clear()
+    last = _segments.kept_render(_cuda.render_on_gpu, plans, [sc.img_d] * n, [sc.mask_d] * n,
+                                 device_id=0, outs=outs, be=be)  # fmt: skip
     C = _segments._columns()
-    T, TF, f32 = last["T"], last["TF"], last["f32"]
+    T = last["T"]
     vox = {"all": 0, "reached": 0, "changed": 0, "partnered": 0, "overlap": 0}
     warps = {"all": 0, "reached": 0, "changed": 0, "overlap": 0}
 
@@ -85,21 +64,21 @@ def run(args) -> list[dict]:
     for q in range(last["ne"]):
         shape = [int(x) for x in T[q, C.TN0 : C.TN0 + 3]]
         m = math.prod(shape)
-        blur, orig = f32.at(T[q, C.BLUR], m), f32.at(T[q, C.TORIG], m)
-        reached = ~((blur <= 0) | (orig < TF[q, C.F_TLO]) | (orig > TF[q, C.F_THI]))
-        changed = f32.at(T[q, C.DELTA], m) != 0
+        reached, changed, overlaps = _segments.row_paths(last, q)
+        # the box of the overlaps (the kernel's sg_overlap_box): the union of the partners'
         inbox = np.zeros(shape, dtype=bool)
         if last["partners"][q]:
             vox["partnered"] += m
-            if (box := _overlap_box(T, C, q, last["partners"][q])) is not None:
-                lo, hi = box
-                inbox[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
-        inbox = inbox.ravel()
+        if overlaps:
+            lo = [min(o[x].start for o in overlaps) for x in range(3)]
+            hi = [max(o[x].stop for o in overlaps) for x in range(3)]
+            inbox[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
         vox["all"] += m
         warps["all"] += -(-m // WARP)
-        for key, a in (("reached", reached), ("changed", changed), ("overlap", inbox)):
+        for key, a in (("reached", reached), ("changed", changed.ravel()),
+                       ("overlap", inbox.ravel())):  # fmt: skip
             vox[key] += int(a.sum())
-            warps[key] += any_lane(a)
+            warps[key] += any_lane(np.asarray(a))
     row = {"plans": n, "rows": int(last["ne"]), "voxels": vox["all"], "warp_steps": warps["all"]}
     row.update({f"voxels_{k}": vox[k] / vox["all"] for k in vox if k != "all"})
     row.update({f"warps_{k}": warps[k] / warps["all"] for k in warps if k != "all"})

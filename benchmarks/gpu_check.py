@@ -643,16 +643,13 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     moved = None
     for scale, limit in variants:
         outs = [img_d.copy() for _ in plans]
-        _segments.KEEP_LAST = True
         _segments.BLOCK_SCALE, _segments.LIMIT_BLOCKS = scale, limit
         try:
-            _cuda.render_on_gpu(plans, [img_d] * n_plans, [mask_d] * n_plans, device_id=0,
-                                outs=outs, be=be)  # fmt: skip
-            last = dict(_segments.LAST)
+            last = _segments.kept_render(_cuda.render_on_gpu, plans, [img_d] * n_plans,
+                                         [mask_d] * n_plans, device_id=0, outs=outs,
+                                         be=be)  # fmt: skip
         finally:
-            _segments.KEEP_LAST = False
             _segments.BLOCK_SCALE, _segments.LIMIT_BLOCKS = 1, True
-            _segments.LAST.clear()
         g.sync()
         n, vox = last["n"], last["voxels"]
         if moved is None:  # (blend, write-back), as the kernels take them (the same plans after)

@@ -128,6 +128,20 @@ KEEP_LAST = False
 LAST: dict[str, Any] = {}
 
 
+def kept_render(render, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``render(*args, **kwargs)`` with ``KEEP_LAST`` on, and what it kept: ``LAST``'s
+    entries (its buffers alive in the dict returned), ``LAST`` then cleared and
+    ``KEEP_LAST`` off."""
+    global KEEP_LAST
+    KEEP_LAST = True
+    try:
+        render(*args, **kwargs)
+        return dict(LAST)
+    finally:
+        KEEP_LAST = False
+        LAST.clear()
+
+
 def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
     """The bytes the fused blend and the write-back of a render kept in ``last`` (``LAST``
     after a render with ``KEEP_LAST``; its buffers still hold the render's values) read and
@@ -138,7 +152,8 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
       kernel) reads its organ byte and, with appearance modes, its q2 unless the organ byte
       stops a clipped tumor; every voxel's change is written (0 where there is none); the
       texture grid counts once (its gathers mostly hit the cache). The per-row parameters
-      and sg_seg_interp's tables (per axis index, per (i, j) of a box) are not counted.
+      and sg_seg_interp's tables (per index of a box's last axis, per (i, j)) are not
+      counted.
     * write-back: every voxel reads its original value, change and mask byte, and where a
       merge partner's box holds it that partner's change; a merged change that is not 0
       writes the image (its dtype's size); a row whose merged change the host reads writes
@@ -149,52 +164,64 @@ def moved_bytes(be, last: dict[str, Any]) -> tuple[int, int]:
     if last["n"] != last["ne"]:
         raise ValueError("moved_bytes counts renders of ellipsoid tumors only")
     C = _columns()
-    T, TF, f32, u8 = last["T"], last["TF"], last["f32"], last["u8"]
+    T, u8 = last["T"], last["u8"]
     xp = be.xp
     size = {code: np.dtype(dt).itemsize for dt, code in _CODES.items()}
-
-    def view(arena: _Arena, q: int, col: int, n: int):
-        return arena.at(T[q, col], n)
 
     def count(a) -> int:
         return int(xp.count_nonzero(a))
 
-    partners = last["partners"]
-
-    def box(q: int):  # (tight box origin, shape)
-        return [int(x) for x in T[q, C.TO0 : C.TO0 + 3]], [int(x) for x in T[q, C.TN0 : C.TN0 + 3]]
-
-    def delta(q: int):
-        _, shp = box(q)
-        return view(f32, q, C.DELTA, math.prod(shp)).reshape(shp)
-
     blend = apply = 0
     for q in range(last["ne"]):
         n = math.prod(int(x) for x in T[q, C.TN0 : C.TN0 + 3])
-        b, o = view(f32, q, C.BLUR, n), view(f32, q, C.TORIG, n)
-        kept = ~((b <= 0) | (o < TF[q, C.F_TLO]) | (o > TF[q, C.F_THI]))
-        n_kept = count(kept)
+        kept, changed, overlaps = row_paths(last, q)
         grid = math.prod(int(x) for x in T[q, C.G_0 : C.G_0 + 3])
-        blend += 12 * n + n_kept + 4 * grid
+        blend += 12 * n + count(kept) + 4 * grid
         if T[q, C.TQ2]:  # appearance modes: q2 where the organ byte does not stop it
-            q2 = kept & (view(u8, q, C.TORGAN, n) != 0) if T[q, C.CLIP] else kept
+            q2 = kept & (u8.at(T[q, C.TORGAN], n) != 0) if T[q, C.CLIP] else kept
             blend += 4 * count(q2)
-        # the write-back's merge: its merged change (the strongest) is not 0 where the
-        # row's or an overlapping partner's change is not 0
-        (to_q, tn_q), changed, reads = box(q), delta(q) != 0, 0
-        for p in partners[q]:
-            to_p, tn_p = box(p)
-            lo = [max(to_q[a], to_p[a]) for a in range(3)]
-            hi = [min(to_q[a] + tn_q[a], to_p[a] + tn_p[a]) for a in range(3)]
-            if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
-                continue
-            in_q = tuple(slice(lo[a] - to_q[a], hi[a] - to_q[a]) for a in range(3))
-            in_p = tuple(slice(lo[a] - to_p[a], hi[a] - to_p[a]) for a in range(3))
-            changed[in_q] |= delta(p)[in_p] != 0
-            reads += math.prod(h - lo_ for lo_, h in zip(lo, hi, strict=True))
+        reads = sum(math.prod(x.stop - x.start for x in in_q) for in_q in overlaps)
         apply += 9 * n + 4 * reads + size[int(T[q, C.DST_CODE])] * count(changed)
         apply += 4 * n if T[q, C.MERGED] else 0
     return blend, apply
+
+
+def row_paths(last: dict[str, Any], q: int) -> tuple[Any, Any, list[tuple[slice, ...]]]:
+    """Which voxels of row ``q``'s tight box take the fused kernels' paths, in a render kept
+    in ``LAST`` (its buffers still hold the render's values): ``kept`` (flat), those the
+    blend's test keeps (``b > 0`` and the value in the tissue window; a NaN passes, as in the
+    kernel); ``changed`` (the box's shape), those whose merged change is not 0 (the strongest
+    of the row's and its overlapping merge partners' changes: the write-back's test before
+    it clips and stores); ``overlaps``, per overlapping partner the overlap as slices of this
+    box (where the write-back reads that partner's change)."""
+    C = _columns()
+    T, TF, f32 = last["T"], last["TF"], last["f32"]
+
+    def box(r: int):  # (tight box origin, shape)
+        return [int(x) for x in T[r, C.TO0 : C.TO0 + 3]], [int(x) for x in T[r, C.TN0 : C.TN0 + 3]]
+
+    def delta(r: int):
+        _, shp = box(r)
+        return f32.at(T[r, C.DELTA], math.prod(shp)).reshape(shp)
+
+    (to_q, tn_q) = box(q)
+    n = math.prod(tn_q)
+    b, o = f32.at(T[q, C.BLUR], n), f32.at(T[q, C.TORIG], n)
+    kept = ~((b <= 0) | (o < TF[q, C.F_TLO]) | (o > TF[q, C.F_THI]))
+    # the write-back's merge: its merged change (the strongest) is not 0 where the row's or
+    # an overlapping partner's change is not 0
+    changed, overlaps = delta(q) != 0, []
+    for p in last["partners"][q]:
+        to_p, tn_p = box(p)
+        lo = [max(to_q[a], to_p[a]) for a in range(3)]
+        hi = [min(to_q[a] + tn_q[a], to_p[a] + tn_p[a]) for a in range(3)]
+        if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+            continue
+        in_q = tuple(slice(lo[a] - to_q[a], hi[a] - to_q[a]) for a in range(3))
+        in_p = tuple(slice(lo[a] - to_p[a], hi[a] - to_p[a]) for a in range(3))
+        changed[in_q] |= delta(p)[in_p] != 0
+        overlaps.append(in_q)
+    return kept, changed, overlaps
 
 
 @functools.cache
