@@ -2,7 +2,7 @@
 
 Issue 3: "Host-side planning must not become the bottleneck (profile it; vectorise it)". On a
 GPU, ``render_on_gpu`` of one ``liver-classic`` mix sample (about 18 tumors) is host work (box
-tables, per-tumor weight tables, texture recipes, packing, one upload) around 14 launches and
+tables, per-tumor weight tables, texture recipes, packing, one upload) around 15 launches and
 one small download. The device's own time is small, so the 2 ms mix target is a bound on this
 host time above all.
 

@@ -34,7 +34,7 @@ liver), with the image resident on the GPU and rendered in place:
 * the device time of each kernel of one render of a mix sample and of a mix batch of 16
   (CUDA events around each launch; ``--only-kernels`` runs just this, e.g. under ``ncu``);
 * the flat block schedules (by default a launch past 32 blocks per SM gets longer blocks,
-  and phase B's independent steps run side by side, 14 launches a call) against the same
+  and phase B's independent steps run side by side, 15 launches a call) against the same
   with one launch per step (21), without that limit, the 2-D grid of the kernels before
   them (every row launched with the largest row's blocks) and flat schedules of 4x the
   elements per block,

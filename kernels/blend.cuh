@@ -26,26 +26,19 @@ SG_FN void sg_bilinear(float u0, float u1, float* w) {
 }
 
 // Texture T from the bilinear weights w of four rows of the grid tgrid ((gx, gy, gz) float32,
-// C order): row (a0, a1) at element o of the grid, (a0, a1 + 1), (a0 + 1, a1), (a0 + 1,
-// a1 + 1), each at columns c and c + 1, then linear along k with fraction u2: as the CPU
-// kernel, which builds the bilinear row once per (i, j). Offsets in 32 bits (a grid has
-// far fewer than 2^31 values): one wide address a read, the + 1 an immediate. RESCALE: each
-// grid value read is first rescaled by fac (sg_rescaled), where the grid has not been
-// rescaled in place.
-template <bool RESCALE>
+// C order, rescaled): row (a0, a1) at element o of the grid, (a0, a1 + 1), (a0 + 1, a1),
+// (a0 + 1, a1 + 1), each at columns c and c + 1, then linear along k with fraction u2: as
+// the CPU kernel, which builds the bilinear row once per (i, j). Offsets in 32 bits (a grid
+// has far fewer than 2^31 values): one wide address a read, the + 1 an immediate.
 SG_FN float sg_texture_w(const float* tgrid, int o, int gy, int gz, const float* w, int c,
-                         float u2, float fac) {
+                         float u2) {
     const float* t00 = tgrid + (o + c);
     const float* t01 = tgrid + (o + c + gz);
     const float* t10 = tgrid + (o + c + gy * gz);
     const float* t11 = tgrid + (o + c + gy * gz + gz);
     const float w00 = w[0], w01 = w[1], w10 = w[2], w11 = w[3];
-#define SG_TV(p) (RESCALE ? sg_rescaled((p), fac) : (p))
-    float r0 = w00 * SG_TV(t00[0]) + w01 * SG_TV(t01[0]) + w10 * SG_TV(t10[0]) +
-               w11 * SG_TV(t11[0]);
-    float r1 = w00 * SG_TV(t00[1]) + w01 * SG_TV(t01[1]) + w10 * SG_TV(t10[1]) +
-               w11 * SG_TV(t11[1]);
-#undef SG_TV
+    float r0 = w00 * t00[0] + w01 * t01[0] + w10 * t10[0] + w11 * t11[0];
+    float r1 = w00 * t00[1] + w01 * t01[1] + w10 * t10[1] + w11 * t11[1];
     return r0 + (r1 - r0) * u2;
 }
 
@@ -55,7 +48,7 @@ SG_FN float sg_texture_at(const float* tgrid, int gy, int gz, int a0, float u0, 
                           float u1, int c, float u2) {
     float w[4];
     sg_bilinear(u0, u1, w);
-    return sg_texture_w<false>(tgrid, (a0 * gy + a1) * gz, gy, gz, w, c, u2, 1.0f);
+    return sg_texture_w(tgrid, (a0 * gy + a1) * gz, gy, gz, w, c, u2);
 }
 
 // The change d (output = input - d) one tumor asks of a voxel; 0 when it leaves it alone.

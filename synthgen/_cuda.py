@@ -7,7 +7,7 @@ modules compiled by NVRTC once per device, launches, transfers, device addresses
 arrays and torch CUDA tensors (DLPack, no copies), the caller's stream, planning views of
 device data and the entry point :func:`render_on_gpu`. The render itself is
 :mod:`synthgen._segments`: every tumor of a batch in one launch per step or group of
-independent steps (14 launches and one host wait per batch, whatever the number of
+independent steps (15 launches and one host wait per batch, whatever the number of
 tumors), each kernel the CUDA C twin of a numba kernel of the CPU path (same operations,
 same order, compiled without FMA contraction), every random number from the same
 counter-based hash, so one plan renders the same tumor on both backends.

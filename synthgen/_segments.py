@@ -6,14 +6,14 @@ int64 table (sizes, indices, device addresses), one float32 and one float64 tabl
 into one buffer, uploads it with one copy and launches each step of the render once for the
 whole batch (``kernels/segmented.cu``): 4 launches in phase A (the B-spline weight rows of
 the boxes, the shape test's B-spline sum per box row, gather + the per-voxel shape test, box
-reduction), then one copy back of all boxes, then 10 launches in phase B: the steps that do
+reduction), then one copy back of all boxes, then 11 launches in phase B: the steps that do
 not depend on each other run side by side, each block one step of one row (tight-box gather,
 lattice noise and the blend's texture coordinates in one launch; three mask-blur passes,
 each beside one of the texture's three band sums; the write-back, beside the label write
 where label maps on the device take the tumor label, merging overlapping tumors' changes
 as it reads them), then Bernoulli blocks, three grid passes (the last measuring the
-rescale's statistics too) and the fused blend (rescaling the texture grid as it reads it),
-one launch each: 14 launches a call instead of the 21 (22) of one launch per step. The
+rescale's statistics too), the rescale of the grid in place and the fused blend, one
+launch each: 15 launches a call instead of the 21 (22) of one launch per step. The
 statistics come back in one copy: when
 first read where the images, masks and label maps all stay on the device, at once
 otherwise.
@@ -117,10 +117,9 @@ BLOCK_SCALE = 1
 #: benchmarks: ``gpu_check`` times the render and the fused kernels with and without it).
 LIMIT_BLOCKS = True
 #: Run phase B's independent steps side by side, one launch per group of them
-#: (``_seg_tables.CHAINS_B``), the rescale's statistics in the texture grid's last smoothing
-#: pass and the rescale in the blend's reads of the grid: 14 launches a call instead of 21
-#: (22 with label maps) of one launch per step (benchmarks: ``gpu_check`` times both; tests
-#: compare them).
+#: (``_seg_tables.CHAINS_B``), and the rescale's statistics in the texture grid's last
+#: smoothing pass: 15 launches a call instead of 21 (22 with label maps) of one launch per
+#: step (benchmarks: ``gpu_check`` times both; tests compare them).
 FUSE_STEPS = True
 #: Keep the last batch's phase-B launch arguments in :data:`LAST` (benchmarks re-launch the
 #: fused kernels on them to measure their bandwidth).
@@ -967,12 +966,10 @@ def _render(
             launch("sg_seg_conv_stats", buf, TDd, DD, txs, *tex_sums, *conv)
         else:
             launch("sg_seg_conv", buf, *conv)
-    if FUSE_STEPS:  # the blend rescales the grid as it reads it
-        blend = (TFd, FF, TDd, DD, txs)
-    else:
+    if not FUSE_STEPS:
         launch("sg_seg_tex_stats", "grid", TDd, DD, txs, *tex_sums)
-        launch("sg_seg_tex_scale", "grid", TDd, DD, txs)
-        blend = (TFd, FF, TDd, DD, be.pointer(0, np.float64))  # (no rescale in the blend)
+    launch("sg_seg_tex_scale", "grid", TDd, DD, txs)  # the grid rescaled in place
+    blend = (TFd, FF)
     launch("sg_seg_blend", "torig", *blend)
     apply = ("sg_seg_apply", (TFd, FF, pack.arg(be, st_ref), *out_sums))
     if J.lab_on.any():  # the label maps on the device: every row's mask, beside the write-back

@@ -1273,11 +1273,11 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
                                                       monkeypatch):  # fmt: skip
     """FUSE_STEPS: phase B's independent steps in one launch per group (CHAINS_B: the
     gather, the lattice and the texture coordinates; three mask-blur passes each beside a
-    band pass; the write-back beside the label write), the rescale's statistics in the
-    grid's last smoothing pass and the rescale in the blend's reads of the grid give what one
-    launch per step gives: a batch with host rows (a colon's wall tumors) and label maps on
-    the device, the images, label maps, masks and statistics. On the stand-ins, bit for bit
-    (the texture's sums in the same order), and 14 launches against 22; on a GPU (whose
+    band pass; the write-back beside the label write) and the rescale's statistics in the
+    grid's last smoothing pass give what one launch per step gives: a batch with host rows (a
+    colon's wall tumors) and label maps on the device, the images, label maps, masks and
+    statistics. On the stand-ins, bit for bit (the texture's sums in the same order), and 15
+    launches against 22; on a GPU (whose
     texture sums are atomics in any order) within the CPU comparison's bounds."""
     be, dev = backend
     ph = small_phantom
@@ -1306,11 +1306,11 @@ def test_steps_side_by_side_are_the_steps_one_by_one(backend, small_phantom, org
     (imgs_1, labs_1, masks_1, recs_1, launched_1) = got[False]
     assert all(m.any() for m in masks_f)
     if hasattr(be, "launches"):  # the stand-ins: the same arithmetic in the same order
-        assert len(launched_f) == 14 and len(launched_1) == 22
+        assert len(launched_f) == 15 and len(launched_1) == 22
         assert {"sg_seg_first", "sg_seg_conv_band", "sg_seg_apply_label",
-                "sg_seg_conv_stats"} <= set(launched_f)  # fmt: skip
+                "sg_seg_conv_stats", "sg_seg_tex_scale"} <= set(launched_f)  # fmt: skip
         assert not {"sg_seg_gather", "sg_seg_lattice", "sg_seg_label", "sg_seg_tex_stats",
-                    "sg_seg_tex_scale", "sg_seg_merge"} & set(launched_f)  # fmt: skip
+                    "sg_seg_merge"} & set(launched_f)  # fmt: skip
         for a, b in zip(imgs_f + labs_f + masks_f, imgs_1 + labs_1 + masks_1, strict=True):
             np.testing.assert_array_equal(a, b)
         assert recs_f == recs_1
@@ -2075,9 +2075,9 @@ def test_kernel_shape_gathers_any_layout(backend, small_phantom, organ_masks):
 
 
 def test_kernel_blend_apply(backend, small_phantom, organ_masks):
-    """Blend (plain and with appearance) and the write-back of two overlapping tumors, which
-    merges their changes as it reads them, into a strided int16 image, against the CPU
-    kernels."""
+    """The texture grid's rescale in place, the blend (plain and with appearance) and the
+    write-back of two overlapping tumors, which merges their changes as it reads them, into a
+    strided int16 image, against the CPU kernels."""
     from synthgen._appearance import N_APP
 
     be, dev = backend
@@ -2087,7 +2087,7 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
     rows = _Rows(be, dev, 2)
     C = rows.C
     origins = [(2, 3, 4), (6, 5, 6)]  # overlapping boxes
-    cases = []
+    cases, grids = [], []
     for s in range(2):
         o = origins[s]
         box = tuple(slice(o[a], o[a] + shp[a]) for a in range(3))
@@ -2108,7 +2108,7 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
         rows.put(s, "TORGAN", organ)
         rows.put(s, "TMASK", mask)
         rows.put(s, "BLUR", blur)
-        rows.put(s, "GRID", g)
+        grids.append(rows.put(s, "GRID", g))
         rows.set(s, "G_0", *g.shape)
         # the texture coordinates of voxel positions i * 1.3 on a grid at -0.5 + 2 j, as
         # sg_seg_interp leaves them
@@ -2148,27 +2148,27 @@ def test_kernel_blend_apply(backend, small_phantom, organ_masks):
                       -4, -3, -2)  # fmt: skip
         return d
 
-    # the texture's statistics (sum above the threshold, count, sum of all): the blend then
-    # rescales each grid value it reads, clip(g * u0 / mean, 0, 1), as sg_seg_tex_scale would
-    # have in place (row 1: none above, the mean of all)
+    # the texture's statistics (sum above the threshold, count, sum of all): sg_seg_tex_scale
+    # rescales the grid in place, clip(g * u0 / mean, 0, 1) (row 1: none above, the mean of
+    # all), and the blend reads it
     tex_stats = np.array([[30.0, 50.0, 80.0], [0.0, 0.0, 36.0]])
     rows.TD[:, C.D_U0] = (0.9, 0.4)
-    for with_stats in (True, False):
-        for dl in deltas:  # (poisoned: the blend writes every element)
-            dl[...] = np.nan
-        st = dev(tex_stats) if with_stats else be.pointer(0, np.float64)
-        rows.launch("sg_seg_blend", 504, st, tf=True, td=True)
-        ref_d = []
-        for s in range(2):
-            g = cases[s][5]
-            if with_stats:  # (float32 products, as the kernel's)
-                mean = tex_stats[s, 0] / tex_stats[s, 1] if tex_stats[s, 1] else (
-                    tex_stats[s, 2] / g.size)  # fmt: skip
-                g = np.clip(g * np.float32(rows.TD[s, C.D_U0] / mean), 0, 1).astype(np.float32)
-                assert (g == 1).any() and (g < 1).any()
-            d = blend_ref(s, g)
-            np.testing.assert_array_equal(be.download(deltas[s]), d)
-            ref_d.append(d)
+    rows.launch("sg_seg_tex_scale", 120, dev(tex_stats), td=True)
+    for dl in deltas:  # (poisoned: the blend writes every element)
+        dl[...] = np.nan
+    rows.launch("sg_seg_blend", 504, tf=True)
+    ref_d = []
+    for s in range(2):
+        g = cases[s][5]
+        mean = tex_stats[s, 0] / tex_stats[s, 1] if tex_stats[s, 1] else (
+            tex_stats[s, 2] / g.size)  # fmt: skip
+        # (float32 products, as the kernel's)
+        g = np.clip(g * np.float32(rows.TD[s, C.D_U0] / mean), 0, 1).astype(np.float32)
+        assert (g == 1).any() and (g < 1).any()
+        np.testing.assert_array_equal(be.download(grids[s]), g)
+        d = blend_ref(s, g)
+        np.testing.assert_array_equal(be.download(deltas[s]), d)
+        ref_d.append(d)
     # the write-back merges each row's change with its partner's as it reads them; row 0's
     # merged change is written too (the host reads it where its image is on the host), row
     # 1's not (0: no buffer)
