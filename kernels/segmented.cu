@@ -931,8 +931,8 @@ template <class D, int PART>
 SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                          const float* __restrict__ orig, const float* __restrict__ delta,
                          const unsigned char* __restrict__ mask, float cmin, float cmax,
-                         float lo, float hi, int round_int, long long ds0, long long ds1,
-                         long long ds2, int sg_b, int sg_nb, const long long* __restrict__ T,
+                         float lo, float hi, int round_int, int ds0, int ds1, int ds2,
+                         int sg_b, int sg_nb, const long long* __restrict__ T,
                          int F, const long long* __restrict__ part, int np,
                          const SG_SHARED_PTR int* ov, const SG_SHARED_PTR long long* pd,
                          float* __restrict__ merged, int* n_out, double* acc_out)
@@ -1056,8 +1056,12 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
     int round_int = (int)r[SG_ROUND];
     // the row's values in registers (the image stores could alias the tables)
     const float cmin = rf[SG_F_CMIN], cmax = rf[SG_F_CMAX], lo = rf[SG_F_LO], hi = rf[SG_F_HI];
-    const long long ds0 = r[SG_DS0], ds1 = r[SG_DS1], ds2 = r[SG_DS2];
-    const long long dbase = ds0 * r[SG_DO0] + ds1 * r[SG_DO1] + ds2 * r[SG_DO2];
+    // the image's strides in 32 bits: a voxel's offset from the tight box's origin fits
+    // (phase_b_nb refuses a row whose box spans 2^31 elements or more); the origin's offset
+    // in 64 (a scan may hold more)
+    const int ds0 = (int)r[SG_DS0], ds1 = (int)r[SG_DS1], ds2 = (int)r[SG_DS2];
+    const long long dbase =
+        r[SG_DS0] * r[SG_DO0] + r[SG_DS1] * r[SG_DO1] + r[SG_DS2] * r[SG_DO2];
     const int to0 = (int)r[SG_TO0], to1 = (int)r[SG_TO1], to2 = (int)r[SG_TO2];
     long long total = (long long)nx * ny * nz;
     int n = 0;  // (an idle block too runs on: it counts itself done in sg_row_sums)

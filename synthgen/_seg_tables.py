@@ -455,8 +455,16 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         T[r, NPART] = n_part[r]
         if img_on[j]:
             _put_access(T, r, DST, DST_CODE, DS0, img[j])
+            span = 0
             for a in range(3):
                 T[r, DO0 + a] = to[r, a]
+                span += abs(T[r, DS0 + a]) * max(tn[r, a] - 1, 0)
+            # (the write-back addresses a voxel from the tight box's origin in 32 bits)
+            if span >= 2**31:
+                raise ValueError(
+                    "a tumor's box spans 2^31 or more elements of its image, past the GPU "
+                    "kernels' 32-bit offsets: render it on the CPU (device='cpu')"
+                )
         else:  # a host image: the row's own out buffer, C order
             T[r, DST] = f32_base + 4 * f32_offs[r, _OUT]
             T[r, DST_CODE] = 0

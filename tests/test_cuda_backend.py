@@ -12,6 +12,7 @@ is a warp applied before the engine on either backend).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import pickle
@@ -1567,6 +1568,44 @@ def test_interp_table_size():
     with pytest.raises(ValueError, match="32-bit offsets"):
         sizes([(8, 8, 8)], [(1 << 11, 1 << 10, 1 << 10)])  # a grid of 2^31 values
     sizes([(1 << 14, 1 << 14, 1)], [(1 << 10, 1 << 10, 1 << 10)])  # (below both: taken)
+
+
+def test_write_back_offsets_past_32_bits_refused(backend, small_phantom, organ_masks,
+                                                 monkeypatch):  # fmt: skip
+    """The write-back addresses a voxel from its tight box's origin in 32 bits: a row whose
+    box spans 2^31 or more elements of its device image is refused by phase B's table with
+    a message, not written wrong. (No such image is allocated: phase B's table is made once
+    with the image's stride along axis 0 inflated, which must pass just below the bound and
+    raise at it, then again with the image's own strides for the launches.)"""
+    be, dev = backend
+    ph = small_phantom
+    real = _segments.phase_b_nb
+    plan = _plan(ph, organ_masks["liver"], "liver-classic", 3, "large")
+    spans = []
+
+    def inflated(below: bool):
+        def phase_b(T, TF, TD, ne, tn, to, job, img_on, img, *rest):
+            n0 = int(tn[:, 0].max())  # (the largest box along axis 0: at least 2 voxels)
+            big = img.copy()  # (address, dtype code, strides along axes 0, 1, 2) per job
+            # (below: room left for the other axes' terms of the span)
+            big[:, 2] = (2**31 - 2**24) // (n0 - 1) if below else -(-(2**31) // (n0 - 1))
+            spans.append(int(big[0, 2]) * (n0 - 1))
+            real(T, TF, TD, ne, tn, to, job, img_on, big, *rest)
+            return real(T, TF, TD, ne, tn, to, job, img_on, img, *rest)
+
+        return phase_b
+
+    for below in (True, False):
+        monkeypatch.setattr(_segments, "phase_b_nb", inflated(below))
+        img, organ = dev(ph.image), dev(organ_masks["liver"])
+        render = functools.partial(_cuda.render_on_gpu, [plan], [img], [organ], device_id=0,
+                                   be=be, outs=[img])  # fmt: skip
+        if below:
+            assert render()[0].tumor_mask is not None
+        else:
+            with pytest.raises(ValueError, match="32-bit offsets"):
+                render()
+    assert spans[0] < 2**31 <= spans[1]
 
 
 def test_kernel_weights(backend):
