@@ -124,24 +124,23 @@ SG_FN float sg_appear_delta(float v, int inside, float b, float td, float q2, fl
 // below cmin (a brightened one above cmax) unless it already was; integer outputs rounded
 // half to even; clipped to [lo, hi] widened to o (a value already outside, -3024 HU padding
 // or an extended-HU metal clip, is never clamped into the range). A NaN voxel (no data, a
-// float scan's padding) stays NaN, as on the CPU.
+// float scan's padding) stays NaN, as on the CPU. The bounds by fminf and fmaxf, one
+// instruction each on a GPU where the CPU's comparisons take a compare and a select (in the
+// write-back's loop, 512 SASS instructions a step of four elements instead of 576, sm_90):
+// the same values, o being a number and a NaN v (a NaN change) giving the bound, as the
+// comparisons do; only the sign of a zero can differ, where o equals a bound of 0.
 SG_FN float sg_apply(float o, float d, float cmin, float cmax, float lo, float hi,
                      int round_int) {
     if (o != o) return o;
     float v = o - d;
-    if (d > 0.0f) {
-        float floor_v = o < cmin ? o : cmin;
-        v = v > floor_v ? v : floor_v;
-    } else {
-        float ceil_v = o > cmax ? o : cmax;
-        v = v < ceil_v ? v : ceil_v;
-    }
+    if (d > 0.0f)
+        v = fmaxf(v, fminf(o, cmin));
+    else
+        v = fminf(v, fmaxf(o, cmax));
 #ifdef __CUDACC__
     if (round_int) v = rintf(v);
 #else
     if (round_int) v = __builtin_rintf(v);
 #endif
-    float lo_v = o < lo ? o : lo, hi_v = o > hi ? o : hi;
-    v = v > lo_v ? v : lo_v;
-    return v < hi_v ? v : hi_v;
+    return fminf(fmaxf(v, fminf(o, lo)), fmaxf(o, hi));
 }
