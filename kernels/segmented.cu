@@ -823,7 +823,6 @@ extern "C" __global__ void __launch_bounds__(256, 4)
                 vs[u] = orig[SG_ILP_T(u)];
             }
         }
-        if (t0 != SG_ILP_T0) sg_advance3(&i, &j, &k, gi, gj, gk, ny, nz);
 #pragma unroll
         for (int u = 0; u < SG_ILP; ++u) {
             const long long t = SG_ILP_T(u);
@@ -848,6 +847,7 @@ extern "C" __global__ void __launch_bounds__(256, 4)
             // there is none, as the CPU's zeroed buffer keeps it; a NaN or -0 change is 0)
             delta[t] = fabsf(d) > 0.0f ? d : 0.0f;
         }
+        sg_advance3(&i, &j, &k, gi, gj, gk, ny, nz);  // (to the next step's first element)
     }
 }
 
@@ -952,7 +952,6 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                 ms[u] = mask[SG_ILP_T(u)];
             }
         }
-        if (t0 != SG_ILP_T0) sg_advance3(&i, &j, &k, ov[9], ov[10], ov[11], ny, nz);
 #pragma unroll
         for (int u = 0; u < SG_ILP; ++u) {
             const long long t = SG_ILP_T(u);
@@ -978,6 +977,7 @@ SG_FN void sg_apply_loop(D* __restrict__ dst, long long total, int ny, int nz,
                 acc += (double)(o - w);
             }
         }
+        sg_advance3(&i, &j, &k, ov[9], ov[10], ov[11], ny, nz);  // (to the next step's first)
     }
     *n_out = n;
     *acc_out = acc;
