@@ -16,24 +16,35 @@ every branch counts whatever share of warps takes it, so a change shows here as 
 removes from a path, not as time. The GPU's own figures are gpu_check's bandwidth table and
 the Nsight Compute profile of ``benchmarks/gpu_session.sh``.
 
+``--per-element`` (needs the SASS tools) also counts the code of one element of the hot
+loops, on the paths of ``gpu_check``'s bandwidth batch (``liver-classic``: no appearance
+modes; an int16 image; rows without and with merge partners): each path's kernel compiled
+alone (``PATHS``: the other branches edited out of a copy of the source), the SASS
+instructions from one element's store of its output to the next element's, in the loop
+unrolled four elements a step (the median of those distances; a tumor's voxel out of
+reach skips some of it), and how many copies of the four elements the compiler made of the
+loop (unswitched on a row's constant, or its first step peeled).
+
 Usage::
 
-    PYTHONPATH=. python benchmarks/count_sass.py [--rev REV] [--arch 90]
+    PYTHONPATH=. python benchmarks/count_sass.py [--rev REV] [--arch 90] [--per-element]
                                                 [--kernel sg_seg_blend ...] [--json FILE]
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, count_script_main, ensure_root_on_path
+from _common import ROOT, count_script_main, ensure_root_on_path, markdown_table
 
 ensure_root_on_path("tests")
 
@@ -42,6 +53,19 @@ from ncu_regions import opcode  # noqa: E402
 
 SOURCE = "segmented.cu"
 KERNELS = ("sg_seg_blend", "sg_seg_apply")
+
+_I16 = [(r"switch \(code\) \{.*?\n    \}\n", "SG_APPLY_AS(short);\n")]
+#: ``--per-element``'s paths: (name, kernel, the mnemonic of its element's output store,
+#: edits of the source: (regular expression, replacement), each required to match once)
+PATHS = (
+    ("blend, no appearance modes", "sg_seg_blend", "STG.E",
+     [(r"if \(app\) \{  // appearance", "if (0) {  // appearance")]),
+    ("write-back, int16 image, no merge partners", "sg_seg_apply", "ST.E.U16",
+     [*_I16, (r"if \(np == 0\)  ", "if (1)  ")]),
+    ("write-back, int16 image, cached merge partners", "sg_seg_apply", "ST.E.U16",
+     [*_I16, (r"if \(np == 0\)  ", "if (0)  "),
+      (r"else if \(ov\[15\] >= 0\)  ", "else if (1)  ")]),
+)  # fmt: skip
 
 
 def _lib() -> str | None:
@@ -74,8 +98,9 @@ def _entry(ptx: str, kernel: str) -> list[str]:
             if ";" in line and not line.strip().startswith(("//", ".", "$", "{", "}"))]  # fmt: skip
 
 
-def _sass(cubin: bytes, kernel: str) -> list[str] | None:
-    """The SASS instructions of ``kernel`` (None without cuobjdump and nvdisasm)."""
+def _sass(cubin: bytes, kernel: str, addresses: bool = False) -> list | None:
+    """The SASS instructions of ``kernel`` (None without cuobjdump and nvdisasm); with
+    ``addresses``, ``(byte address, instruction)`` pairs."""
     cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
     if not (cuobjdump and nvdisasm):
         return None
@@ -85,8 +110,34 @@ def _sass(cubin: bytes, kernel: str) -> list[str] | None:
         env = {**os.environ, "PATH": f"{Path(nvdisasm).parent}{os.pathsep}{os.environ['PATH']}"}
         out = subprocess.run([cuobjdump, "-sass", "-fun", kernel, str(f)], env=env, check=True,
                              capture_output=True, text=True).stdout  # fmt: skip
-    return [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+", "", line).split(";")[0]
-            for line in out.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]  # fmt: skip
+    found = [re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+([^;]*)", line) for line in out.splitlines()]
+    pairs = [(int(m.group(1), 16), m.group(2).strip()) for m in found if m]
+    return pairs if addresses else [ins for _, ins in pairs]
+
+
+def per_element(kernels_dir: Path, tree: str, arch: str) -> list[dict]:
+    """``PATHS``' counts for ``kernels_dir``'s source (see the module docstring)."""
+    rows = []
+    for name, kernel, store, edits in PATHS:
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copytree(kernels_dir, d, dirs_exist_ok=True)
+            src = Path(d) / SOURCE
+            text = src.read_text()
+            for pattern, repl in edits:
+                text, n = re.subn(pattern, repl, text, flags=re.S)
+                if n != 1:
+                    raise SystemExit(f"count_sass: {pattern!r} matches {n} times in {tree}")
+            src.write_text(text)
+            _, cubin, _ = _nvrtc.compile_to_cubin(src, f"sm_{arch}", [Path(d)], _lib())
+        sass = _sass(cubin, kernel, addresses=True)
+        if sass is None:
+            raise SystemExit("count_sass: --per-element needs cuobjdump and nvdisasm")
+        at = [a for a, ins in sass if re.sub(r"^@!?\w+\s+", "", ins).split()[0] == store]
+        gaps = [(b - a) // 16 for a, b in itertools.pairwise(at)]
+        rows.append({"tree": tree, "path": name,
+                     "per_element": statistics.median(gaps) if gaps else None,
+                     "copies": len(at) / 4})  # fmt: skip
+    return rows
 
 
 def count(kernels_dir: Path, tree: str, kernels, arch: str) -> list[dict]:
@@ -114,15 +165,27 @@ def count(kernels_dir: Path, tree: str, kernels, arch: str) -> list[dict]:
 
 
 def run(args) -> list[dict]:
-    rows = []
-    if args.rev:
-        with tempfile.TemporaryDirectory() as d:
+    rows, paths = [], []
+    with tempfile.TemporaryDirectory() as d:
+        trees = [(ROOT / "kernels", "this tree")]
+        if args.rev:
             tar = Path(d) / "k.tar"
             subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(tar), args.rev,
                             "kernels"], check=True)  # fmt: skip
             subprocess.run(["tar", "-xf", str(tar), "-C", d], check=True)
-            rows += count(Path(d) / "kernels", args.rev, args.kernel, args.arch)
-    rows += count(ROOT / "kernels", "this tree", args.kernel, args.arch)
+            trees.insert(0, (Path(d) / "kernels", args.rev))
+        for kdir, tree in trees:
+            rows += count(kdir, tree, args.kernel, args.arch)
+            if args.per_element:
+                paths += per_element(kdir, tree, args.arch)
+    if paths:
+        print()
+        print(markdown_table({
+            "title": "SASS instructions of one element of the fused kernels' loops (sm_"
+                     f"{args.arch}; see --per-element)",
+            "columns": ["tree", "path", "instructions per element", "copies of the step"],
+            "rows": [[p["tree"], p["path"], p["per_element"], p["copies"]] for p in paths],
+        }))  # fmt: skip
     return rows
 
 
@@ -131,6 +194,11 @@ def main() -> int:
         ap.add_argument("--rev", help="also count a git revision's kernels/")
         ap.add_argument("--arch", default="90", help="compute capability, e.g. 80 or 90")
         ap.add_argument("--kernel", nargs="+", default=list(KERNELS))
+        ap.add_argument(
+            "--per-element",
+            action="store_true",
+            help="also count one element of the hot loops' paths (PATHS)",
+        )
 
     columns = ["tree", "kernel", "PTX", "PTX f64", "PTX cvt f64", "PTX div/rcp", "registers",
                "spill stores + loads, bytes", "SASS", "most frequent SASS opcodes"]  # fmt: skip
