@@ -2,7 +2,7 @@
 # On the development machine, before a GPU-machine call: the trees gpu_session.sh compares
 # this working tree with, one per git revision, as untracked folders at the repository root
 # (the device copy of the working tree carries untracked, non-ignored files, not .git):
-#     bash benchmarks/prepare_gpu_session.sh b7ece65 ab05627
+#     bash benchmarks/prepare_gpu_session.sh b7ece65 ab05627 edb4cd1
 # makes _baseline (the first revision: a full `gpu_check --quick` on the GPU machine) and
 # _t1, _t2, ... (the others: the fused kernels' bandwidth only), checks what the call would
 # carry, and prints the command to run there. `bash benchmarks/prepare_gpu_session.sh --clean`
