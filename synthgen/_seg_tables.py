@@ -97,6 +97,22 @@ def _put_access(T, r, col, code_col, stride_col, v):
 
 
 @nb.njit(inline="always", **_OPTS)
+def check_span(T, r, tn):
+    """Row ``r``'s write-back destination (strides from column DS0, tight box ``tn[r]``)
+    within the 32-bit offsets the write-back addresses a voxel with from the box's origin:
+    ValueError where the box spans 2^31 or more elements of its image (or of the row's own
+    buffer, for a host image: 2^31 voxels)."""
+    span = 0
+    for a in range(3):
+        span += abs(T[r, DS0 + a]) * max(tn[r, a] - 1, 0)
+    if span >= 2**31:
+        raise ValueError(
+            "a tumor's box spans 2^31 or more elements of its image, past the GPU kernels' "
+            "32-bit offsets: render it on the CPU (device='cpu')"
+        )
+
+
+@nb.njit(inline="always", **_OPTS)
 def _put3(T, r, col, x, y, z):
     """Three consecutive columns of row ``r`` from ``col``."""
     T[r, col] = x
@@ -455,22 +471,15 @@ def phase_b_nb(T, TF, TD, ne, tn, to, job, img_on, img, jround, ranges, tissue, 
         T[r, NPART] = n_part[r]
         if img_on[j]:
             _put_access(T, r, DST, DST_CODE, DS0, img[j])
-            span = 0
             for a in range(3):
                 T[r, DO0 + a] = to[r, a]
-                span += abs(T[r, DS0 + a]) * max(tn[r, a] - 1, 0)
-            # (the write-back addresses a voxel from the tight box's origin in 32 bits)
-            if span >= 2**31:
-                raise ValueError(
-                    "a tumor's box spans 2^31 or more elements of its image, past the GPU "
-                    "kernels' 32-bit offsets: render it on the CPU (device='cpu')"
-                )
         else:  # a host image: the row's own out buffer, C order
             T[r, DST] = f32_base + 4 * f32_offs[r, _OUT]
             T[r, DST_CODE] = 0
             T[r, DS0] = tn[r, 1] * tn[r, 2]
             T[r, DS0 + 1] = tn[r, 2]
             T[r, DS0 + 2] = 1
+        check_span(T, r, tn)
         T[r, ROUND] = jround[j]
         if lab_on[j]:
             _put_access(T, r, LBL, LBL_CODE, LBLS0, lab[j])

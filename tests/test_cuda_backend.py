@@ -1573,39 +1573,68 @@ def test_interp_table_size():
 def test_write_back_offsets_past_32_bits_refused(backend, small_phantom, organ_masks,
                                                  monkeypatch):  # fmt: skip
     """The write-back addresses a voxel from its tight box's origin in 32 bits: a row whose
-    box spans 2^31 or more elements of its device image is refused by phase B's table with
-    a message, not written wrong. (No such image is allocated: phase B's table is made once
-    with the image's stride along axis 0 inflated, which must pass just below the bound and
-    raise at it, then again with the image's own strides for the launches.)"""
+    box spans 2^31 or more elements of its device image, or a host image's row whose box
+    (its own buffer) holds 2^31 voxels or more, is refused by phase B's table with a
+    message, not written wrong. (No such image is allocated: phase B's table is made once
+    with the image's stride along axis 0, or the boxes' size along it, inflated, then again
+    as it is for the launches; the bound itself: test_span_bound_is_exact.)"""
     be, dev = backend
     ph = small_phantom
     real = _segments.phase_b_nb
     plan = _plan(ph, organ_masks["liver"], "liver-classic", 3, "large")
     spans = []
 
-    def inflated(below: bool):
+    def inflated(case: str):
         def phase_b(T, TF, TD, ne, tn, to, job, img_on, img, *rest):
             n0 = int(tn[:, 0].max())  # (the largest box along axis 0: at least 2 voxels)
-            big = img.copy()  # (address, dtype code, strides along axes 0, 1, 2) per job
-            # (below: room left for the other axes' terms of the span)
-            big[:, 2] = (2**31 - 2**24) // (n0 - 1) if below else -(-(2**31) // (n0 - 1))
-            spans.append(int(big[0, 2]) * (n0 - 1))
-            real(T, TF, TD, ne, tn, to, job, img_on, big, *rest)
+            big, big_tn = img.copy(), tn.copy()  # (img: address, dtype code, 3 strides a job)
+            if case == "host":
+                big_tn[:, 0] = 2**31 // int(tn[:, 1:].prod(axis=1).min()) + 2
+            elif case == "below":  # (room left for the other axes' terms of the span)
+                big[:, 2] = (2**31 - 2**24) // (n0 - 1)
+            else:
+                big[:, 2] = 2**31 // (n0 - 1) + 1
+            if case != "host":
+                spans.append(int(big[0, 2]) * (n0 - 1))
+            # (ne=0: the rows' common columns only, where the destination is checked; an
+            # ellipsoid row's texture tables are not made for the inflated boxes)
+            real(T, TF, TD, 0, big_tn, to, job, img_on, big, *rest)
             return real(T, TF, TD, ne, tn, to, job, img_on, img, *rest)
 
         return phase_b
 
-    for below in (True, False):
-        monkeypatch.setattr(_segments, "phase_b_nb", inflated(below))
+    for case in ("below", "above", "host"):
+        monkeypatch.setattr(_segments, "phase_b_nb", inflated(case))
         img, organ = dev(ph.image), dev(organ_masks["liver"])
+        if case == "host":  # the image on the host: its rows write their own buffers
+            img = ph.image.copy()
         render = functools.partial(_cuda.render_on_gpu, [plan], [img], [organ], device_id=0,
                                    be=be, outs=[img])  # fmt: skip
-        if below:
+        if case == "below":
             assert render()[0].tumor_mask is not None
         else:
             with pytest.raises(ValueError, match="32-bit offsets"):
                 render()
     assert spans[0] < 2**31 <= spans[1]
+
+
+def test_span_bound_is_exact():
+    """check_span: a write-back row's span sum(|stride| * (size - 1)) of 2^31 - 1 elements is
+    taken, one of 2^31 refused, whatever the strides' signs."""
+    from synthgen._seg_tables import check_span
+
+    C = _segments._columns()
+    T = np.zeros((1, C.T_WIDTH), np.int64)
+    tn = np.array([[3, 2, 1]], np.int64)  # span: 2 |s0| + |s1|
+    cases = [((2**30 - 1, 1, 7), True), ((2**30 - 1, 2, 7), False), ((-(2**30), 0, 0), False),
+             ((-(2**30) + 1, -1, 1 << 40), True)]  # fmt: skip
+    for strides, ok in cases:
+        T[0, C.DS0 : C.DS0 + 3] = strides
+        if ok:
+            check_span(T, 0, tn)
+        else:
+            with pytest.raises(ValueError, match="32-bit offsets"):
+                check_span(T, 0, tn)
 
 
 def test_kernel_weights(backend):
