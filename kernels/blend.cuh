@@ -124,15 +124,18 @@ SG_FN float sg_appear_delta(float v, int inside, float b, float td, float q2, fl
 // below cmin (a brightened one above cmax) unless it already was; integer outputs rounded
 // half to even; clipped to [lo, hi] widened to o (a value already outside, -3024 HU padding
 // or an extended-HU metal clip, is never clamped into the range). A NaN voxel (no data, a
-// float scan's padding) stays NaN, as on the CPU. The bounds by fminf and fmaxf, one
-// instruction each on a GPU where the CPU's comparisons take a compare and a select (in the
-// write-back's loop, 512 SASS instructions a step of four elements instead of 576, sm_90):
-// the same values, o being a number and a NaN v (a NaN change) giving the bound, as the
-// comparisons do; only the sign of a zero can differ, where o equals a bound of 0.
+// float scan's padding) stays NaN, as on the CPU, and so does a NaN o - d (an infinite
+// voxel and change of the same sign), as the CPU's min and max leave it. The bounds by fminf
+// and fmaxf, one instruction each on a GPU where comparisons take a compare and a select
+// (benchmarks/count_sass.py --per-element): the CPU twin's values, bit for bit against
+// bounds that are not 0 (against a bound of 0 a zero result's sign may differ: fminf and
+// fmaxf break a tie of zeros their own way; with -ftz=true a subnormal voxel at a bound
+// reads as 0, some 1e-38 HU).
 SG_FN float sg_apply(float o, float d, float cmin, float cmax, float lo, float hi,
                      int round_int) {
     if (o != o) return o;
     float v = o - d;
+    if (v != v) return v;
     if (d > 0.0f)
         v = fmaxf(v, fminf(o, cmin));
     else

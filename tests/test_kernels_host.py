@@ -289,6 +289,36 @@ def test_blend_and_apply_match_numba(host_lib: ctypes.CDLL, clipped: bool) -> No
     assert gap.size and np.isnan(target.flat[gap]).all()
 
 
+@pytest.mark.parametrize("round_int", [0, 1])
+@pytest.mark.parametrize("bounds", [(-50.0, 200.0, -1024.0, 3071.0), (0.0, -0.0, -0.0, 0.0),
+                                    (-0.0, 0.0, 0.0, -0.0)])  # fmt: skip
+def test_write_back_special_values_match_numba(host_lib: ctypes.CDLL, bounds, round_int) -> None:
+    """sg_apply is the numba apply_delta on special values: voxels and changes of both signs,
+    zeros of both signs, infinities and NaN (an infinite voxel and change of the same sign
+    make NaN, which stays), float32 images. Bit for bit against ordinary bounds; against
+    bounds of 0 the same values, where the sign of a zero result may differ (fminf and fmaxf
+    break a tie of zeros their own way)."""
+    vals = np.array([-np.inf, -3024.0, -50.0, -1.5, -0.0, 0.0, 1e-3, 0.5, 200.0, 3071.0,
+                     30000.0, np.inf, np.nan], np.float32)  # fmt: skip
+    changes = np.array([-np.inf, -1e4, -5.5, -0.5, -0.0, 0.0, 1e-3, 2.5, 1e4, np.inf, np.nan],
+                       np.float32)  # fmt: skip
+    orig, delta = (np.ascontiguousarray(a, np.float32) for a in np.meshgrid(vals, changes))
+    orig, delta = orig.reshape(1, *orig.shape), delta.reshape(1, *delta.shape)
+    mask = np.ones(orig.shape, bool)
+    cmin, cmax, lo, hi = bounds
+    target = orig.copy()
+    cnt, acc = k.apply_delta(target, orig, delta, mask, cmin, cmax, lo, hi, bool(round_int))
+    host_out = orig.copy()
+    stats = np.zeros(2)
+    host_lib.sg_host_apply(host_out, orig, delta, mask.view(np.uint8), cmin, cmax, lo, hi,
+                           round_int, orig.size, stats)  # fmt: skip
+    np.testing.assert_array_equal(host_out, target)  # (NaN where NaN; -0 equals 0)
+    if 0.0 not in bounds:
+        np.testing.assert_array_equal(host_out.view(np.uint32), target.view(np.uint32))
+    assert np.isnan(target).any() and np.isinf(target).any()
+    assert stats[0] == cnt and np.array_equal(stats[1], acc, equal_nan=True)
+
+
 @pytest.mark.parametrize("clipped", [True, False])
 @pytest.mark.parametrize("modes", ["all", "rim", "necrosis", "specks", "noise"])
 def test_appearance_blend_matches_numba(host_lib: ctypes.CDLL, clipped: bool, modes: str) -> None:
