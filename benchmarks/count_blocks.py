@@ -8,8 +8,8 @@ launch's largest row launched before (every row given that row's count: the grid
 launch per step, as then (``_segments.FUSE_STEPS`` off); then the same render as by
 default: the schedules of a GPU of 132 SMs (H100, H200), which hold a launch to 32 blocks
 per SM (``CupyBackend.most_blocks``: longer blocks past it), phase B's independent steps
-side by side (the blocks of the steps a launch runs, and none of the rescale's two
-launches).
+side by side (the blocks of the steps a launch runs; of the rescale's two launches, the
+statistics now run in the grid's last smoothing pass and the rescale in one of its own).
 ``liver-classic`` on the 1 mm benchmark phantom, image on the "device", rendered in place.
 
 Usage::

@@ -40,7 +40,9 @@ liver), with the image resident on the GPU and rendered in place:
   elements per block,
   alternating on the same plans: a mix sample, a mix batch of 16 and a tiny batch of 64,
   call wall time and kernel device time;
-* the achieved bandwidth of the fused segmented kernels (blend, write-back), re-launched on
+* the achieved bandwidth of the fused segmented kernels (blend, write-back, and the blend
+  with the texture grid's rescale before it, which it made itself up to edb4cd1: the target
+  reads this one and the write-back), re-launched on
   the tables of a batch of 48 large-tumor samples, against a measured device-to-device copy,
   on the default schedules and without the block limit at 1, 2, 4 and 8 times the default
   elements per block (the target reads the default;
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -615,6 +618,18 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
     return rows
 
 
+BLEND_WITH_SCALE = "sg_seg_tex_scale + sg_seg_blend (the blend with its grid's rescale)"
+
+
+def _grid_values(last: dict) -> int:
+    """The texture grids' values of a render kept in ``_segments.LAST``."""
+    from synthgen import _segments
+
+    C = _segments._columns()
+    T = last["T"]
+    return sum(math.prod(int(x) for x in T[q, C.G_0 : C.G_0 + 3]) for q in range(last["ne"]))
+
+
 def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
     """Bandwidth of the fused segmented kernels on a batch of large tumors (re-launched on the
     batch's own tables) against a device-to-device copy: on the default schedules (a launch
@@ -669,6 +684,18 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
                 moved[1],
                 4 + 4 + 1 + 2,
             ),
+            # the blend with the grid's rescale in place before it (the blend did the rescale
+            # itself up to edb4cd1: this row compares with the trees before): the grid's
+            # values read and written once more (the rescale's repeats here move them on,
+            # which changes no kernel's work)
+            BLEND_WITH_SCALE: (
+                lambda last=last: (
+                    be.launch_flat("sg_seg_tex_scale", *last["scale"]),
+                    be.launch_flat("sg_seg_blend", *last["blend"]),
+                ),
+                moved[0] + 8 * _grid_values(last),
+                4 + 1 + 4 + 4,
+            ),
         }
         for name, (fn, nbytes_k, per_voxel) in kernels.items():
             fn()
@@ -679,6 +706,8 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
             gbs = nbytes_k / (ms * 1e-3) / 1e9
             nominal = vox * per_voxel / (ms * 1e-3) / 1e9
             launches = int(last["blend" if "blend" in name else "apply"][0])
+            if name == BLEND_WITH_SCALE:
+                launches += int(last["scale"][0])
             label = (
                 f"{name}, {launches} blocks"
                 if limit
@@ -814,7 +843,9 @@ def main() -> int:
         print(f"| {r['plans']} | {r['kernel']}{extra} | {r['launches']} | {r['ms']:.3f} | "
               f"{100 * r['share']:.0f}% |")  # fmt: skip
     by = {r["class"]: r for r in rows}
-    fused = [r for r in bw if r["kernel"].startswith("sg_seg") and r["limit_blocks"]]
+    # (the write-back, and the blend with the grid's rescale it did itself up to edb4cd1)
+    fused = [r for r in bw if r["kernel"].startswith(("sg_seg_apply", BLEND_WITH_SCALE))
+             and r["limit_blocks"]]  # fmt: skip
 
     def check(need, fn):
         return fn() if need else None  # None: not measured (a class or kernel failed)

@@ -986,6 +986,7 @@ def _render(
             partners=[part_flat[part_off[q] : part_off[q] + n_part[q]].tolist()
                       for q in range(nl)],
             blend=(nblk_b[k_vox], pack.arg(be, sb_ref, k_vox), nS, Td, WW, *blend),
+            scale=(nblk_b[k_grid], pack.arg(be, sb_ref, k_grid), nS, Td, WW, TDd, DD, txs),
             apply=(nblk_b[k_all], pack.arg(be, sb_ref, k_all), nS, Td, WW, TFd, FF,
                    pack.arg(be, st_ref), *out_sums),
         )  # fmt: skip
