@@ -687,7 +687,8 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
             # the blend with the grid's rescale in place before it (the blend did the rescale
             # itself up to edb4cd1: this row compares with the trees before): the grid's
             # values read and written once more (the rescale's repeats here move them on,
-            # which changes no kernel's work)
+            # and so the blend's changes: timed last, after the write-back, whose stores
+            # follow the changes)
             BLEND_WITH_SCALE: (
                 lambda last=last: (
                     be.launch_flat("sg_seg_tex_scale", *last["scale"]),
