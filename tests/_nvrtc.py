@@ -105,19 +105,11 @@ def _ptxas_report(log: str) -> dict[str, dict]:
     return out
 
 
-def register_report(source: Path, arch: str, include_dirs: list[Path],
-                    lib_path: str | None = None) -> dict[str, dict]:  # fmt: skip
-    """What ptxas (inside NVRTC) reports per kernel of ``source`` compiled to machine code
-    for ``arch`` (e.g. ``"sm_90"``): ``{"registers", "spill_stores", "spill_loads"}`` (bytes),
-    from its ``-v`` log."""
-    return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"],
-                    lambda lib, prog, log: _ptxas_report(log), lib_path)  # fmt: skip
-
-
 def compile_to_cubin(source: Path, arch: str, include_dirs: list[Path],
                      lib_path: str | None = None) -> tuple[str, bytes, dict]:  # fmt: skip
     """One compile of ``source`` to machine code for ``arch`` (e.g. ``"sm_90"``): its PTX,
-    its cubin and :func:`register_report`'s figures."""
+    its cubin and what ptxas (inside NVRTC) reports per kernel, from its ``-v`` log:
+    ``{"registers", "spill_stores", "spill_loads"}`` (bytes)."""
 
     def get(lib, prog, log):
         size = ctypes.c_size_t()
