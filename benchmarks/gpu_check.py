@@ -62,6 +62,7 @@ The whole check is sized to finish in well under 6 minutes on an H100.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -154,6 +155,11 @@ class Gpu:
         return lambda: self.elapsed_ms(a, self.event())
 
 
+#: The backend's device calls :class:`_WaitTimer` times, by kind of its split.
+_TIMED_CALLS = {"launch_flat": "launches", "alloc": "allocations", "fill": "fills",
+                "copy_in": "uploads", "upload": "uploads", "fence": "fences"}  # fmt: skip
+
+
 class _WaitTimer:
     """The backend with the time its downloads (the driver's synchronisations) block
     counted (a call's wall time less that wait is its host work), and the downloads and
@@ -172,9 +178,8 @@ class _WaitTimer:
 
     def __getattr__(self, name):
         attr = getattr(self._be, name)  # (the driver asks hasattr(be, "fence"))
-        if name == "fence":
-            return lambda: self._timed("fences", attr)
-        return attr
+        kind = _TIMED_CALLS.get(name)
+        return attr if kind is None else functools.partial(self._timed, kind, attr)
 
     def _timed(self, kind: str, fn, *args):
         t0 = time.perf_counter()
@@ -184,21 +189,6 @@ class _WaitTimer:
             acc = self.split.setdefault(kind, [0.0, 0])
             acc[0] += time.perf_counter() - t0
             acc[1] += 1
-
-    def launch_flat(self, *args):
-        return self._timed("launches", self._be.launch_flat, *args)
-
-    def alloc(self, *args):
-        return self._timed("allocations", self._be.alloc, *args)
-
-    def fill(self, *args):
-        return self._timed("fills", self._be.fill, *args)
-
-    def copy_in(self, *args):
-        return self._timed("uploads", self._be.copy_in, *args)
-
-    def upload(self, *args):
-        return self._timed("uploads", self._be.upload, *args)
 
     def context(self, stream, arrays):
         return _TimedContext(self, self._timed("stream context", self._be.context, stream, arrays))
@@ -619,6 +609,8 @@ def bench_schedules(g: Gpu, sc: Scene) -> list[dict]:
 
 
 BLEND_WITH_SCALE = "sg_seg_tex_scale + sg_seg_blend (the blend with its grid's rescale)"
+#: The kernel of each launch a render keeps in ``_segments.LAST`` (its arguments there).
+_KEPT_KERNELS = {"blend": "sg_seg_blend", "apply": "sg_seg_apply", "scale": "sg_seg_tex_scale"}
 
 
 def _grid_values(last: dict) -> int:
@@ -670,35 +662,27 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
         if moved is None:  # (blend, write-back), as the kernels take them (the same plans after)
             moved = _segments.moved_bytes(be, last)
         kernels = {
-            # name: (launch, bytes moved, bytes per voxel of the tight boxes as counted before
-            # (the figure of the README's 467e559 run, with the blend's read of the change
-            # that is gone: blur, organ, image, change written; original, change, mask, an
-            # int16 image): every voxel counted as reached and changed)
-            "sg_seg_blend (fused blend)": (
-                lambda last=last: be.launch_flat("sg_seg_blend", *last["blend"]),
-                moved[0],
-                4 + 1 + 4 + 4,
-            ),
-            "sg_seg_apply (fused write-back)": (
-                lambda last=last: be.launch_flat("sg_seg_apply", *last["apply"]),
-                moved[1],
-                4 + 4 + 1 + 2,
-            ),
+            # name: (the launches kept in ``last``, in order; bytes moved; bytes per voxel of
+            # the tight boxes as counted before (the figure of the README's 467e559 run, with
+            # the blend's read of the change that is gone: blur, organ, image, change
+            # written; original, change, mask, an int16 image): every voxel counted as
+            # reached and changed)
+            "sg_seg_blend (fused blend)": (("blend",), moved[0], 4 + 1 + 4 + 4),
+            "sg_seg_apply (fused write-back)": (("apply",), moved[1], 4 + 4 + 1 + 2),
             # the blend with the grid's rescale in place before it (the blend did the rescale
             # itself up to edb4cd1: this row compares with the trees before): the grid's
             # values read and written once more (the rescale's repeats here move them on,
             # and so the blend's changes: timed last, after the write-back, whose stores
             # follow the changes)
-            BLEND_WITH_SCALE: (
-                lambda last=last: (
-                    be.launch_flat("sg_seg_tex_scale", *last["scale"]),
-                    be.launch_flat("sg_seg_blend", *last["blend"]),
-                ),
-                moved[0] + 8 * _grid_values(last),
-                4 + 1 + 4 + 4,
-            ),
-        }
-        for name, (fn, nbytes_k, per_voxel) in kernels.items():
+            BLEND_WITH_SCALE: (("scale", "blend"), moved[0] + 8 * _grid_values(last),
+                               4 + 1 + 4 + 4),
+        }  # fmt: skip
+        for name, (keys, nbytes_k, per_voxel) in kernels.items():
+
+            def fn(keys=keys, last=last):
+                for k in keys:
+                    be.launch_flat(_KEPT_KERNELS[k], *last[k])
+
             fn()
             stop = g.timer()
             for _ in range(reps):
@@ -706,9 +690,7 @@ def bench_bandwidth(g: Gpu, sc: Scene) -> list[dict]:
             ms = stop() / reps
             gbs = nbytes_k / (ms * 1e-3) / 1e9
             nominal = vox * per_voxel / (ms * 1e-3) / 1e9
-            launches = int(last["blend" if "blend" in name else "apply"][0])
-            if name == BLEND_WITH_SCALE:
-                launches += int(last["scale"][0])
+            launches = sum(int(last[k][0]) for k in keys)
             label = (
                 f"{name}, {launches} blocks"
                 if limit
