@@ -768,9 +768,9 @@ extern "C" __global__ void sg_seg_conv_stats(const int* __restrict__ S, int nS,
 // zeroing pass before it wrote 4 bytes a voxel more than the zeros written here). It reads
 // the texture grid as sg_seg_tex_scale left it, rescaled in place. (Rescaling each grid value
 // as it was read, which saved that launch, cost three instructions a value, eight values a
-// voxel: a step of the loop, four elements without appearance modes, is 436-441 SASS
-// instructions on sm_90 instead of 547. The grid has about an eighth of the box's voxels,
-// so the rescale's own pass moves about one byte a voxel against the blend's 13 to 17.)
+// voxel, where the rescale's own pass over the grid, a fraction of the box's size, moves
+// about a byte a voxel more: benchmarks/count_sass.py --per-element counts the former,
+// gpu_check's bandwidth rows, the blend with and without its rescale, the latter.)
 // (at most 64 registers: four blocks of 256 threads per SM; ptxas needs no spills for it)
 extern "C" __global__ void __launch_bounds__(256, 4)
     sg_seg_blend(const int* __restrict__ S, int nS, const long long* __restrict__ T, int F,
