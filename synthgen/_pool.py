@@ -15,6 +15,7 @@ __all__ = ["map_threads", "set_num_threads", "usable_cpus"]
 _NUM_THREADS: int | None = None
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
 
 
 def set_num_threads(n: int | None) -> None:
@@ -47,8 +48,9 @@ def _threads() -> int:
 
 
 def _drop_pool() -> None:
-    global _POOL, _POOL_SIZE
+    global _POOL, _POOL_SIZE, _POOL_LOCK
     _POOL, _POOL_SIZE = None, 0
+    _POOL_LOCK = threading.Lock()  # (a thread of the parent may have held it at the fork)
 
 
 if hasattr(os, "register_at_fork"):  # a forked child must not reuse the parent's threads
@@ -62,6 +64,20 @@ MIN_PARALLEL_ITEM = 100_000
 ALWAYS_PARALLEL_WORK = 2_000_000
 
 
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The shared pool, with at least ``workers`` threads (made, or grown, under a lock:
+    maps on several threads, or one inside another, may ask at once; a pool replaced by a
+    larger one finishes the work it was given)."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE < workers:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="synthgen")
+            _POOL_SIZE = workers
+        return _POOL
+
+
 def map_threads(fn, items, work: int | None = None):
     """``list(map(fn, items))``, on the shared thread pool when there is enough work.
 
@@ -71,8 +87,9 @@ def map_threads(fn, items, work: int | None = None):
         work: Total work in voxels. The map runs serially below ``MIN_PARALLEL_WORK``, and
             below ``ALWAYS_PARALLEL_WORK`` when items average under ``MIN_PARALLEL_ITEM``.
     """
-    global _POOL, _POOL_SIZE
     items = list(items)
+    if len(items) <= 1:  # (before the thread count: its affinity query is a system call)
+        return [fn(x) for x in items]
     n = min(_threads(), len(items))
     if work is not None and items:
         small_items = work / len(items) < MIN_PARALLEL_ITEM and work < ALWAYS_PARALLEL_WORK
@@ -80,11 +97,7 @@ def map_threads(fn, items, work: int | None = None):
             n = 1
     if n <= 1:
         return [fn(x) for x in items]
-    if _POOL is None or _POOL_SIZE < n - 1:
-        if _POOL is not None:
-            _POOL.shutdown(wait=False)
-        _POOL = concurrent.futures.ThreadPoolExecutor(n - 1, thread_name_prefix="synthgen")
-        _POOL_SIZE = n - 1
+    pool = _pool(n - 1)
     # The calling thread works too; every thread takes the next item until none is left.
     results: list = [None] * len(items)
     order = iter(range(len(items)))
@@ -98,10 +111,16 @@ def map_threads(fn, items, work: int | None = None):
                 return
             results[i] = fn(items[i])
 
-    helpers = [_POOL.submit(drain) for _ in range(n - 1)]
+    helpers = [pool.submit(drain) for _ in range(n - 1)]
     try:
         drain()
     finally:
+        # A helper not started by now has nothing left to do: cancelled, so that a map
+        # inside an item of another map (the pool's threads all busy with the outer one)
+        # never waits for a thread that only its own caller could free.
         for h in helpers:
-            h.result()
+            h.cancel()
+        for h in helpers:
+            if not h.cancelled():
+                h.result()
     return results
