@@ -51,6 +51,7 @@ __all__ = [
     "trilinear_box",
     "wall_arc",
     "wall_blend",
+    "wall_blend_rows",
     "wall_component",
 ]
 
@@ -1527,10 +1528,26 @@ def wall_blend(
     component), bool label, and the inclusive bounds of the changed voxels (``hi0 < lo0``
     when none changed).
     """
-    f32 = np.float32
     c0, c1, c2 = comp.shape
     delta = np.zeros((c0, c1, c2), dtype=np.float32)
     mask = np.zeros((c0, c1, c2), dtype=np.bool_)
+    lo0, hi0, lo1, hi1, lo2, hi2 = wall_blend_rows(
+        comp, orig, dist, x0, x1, x2, y0, y1, y2, prm, grid, ti0, tf0, ti1, tf1, ti2, tf2, keys,
+        off, delta, mask, 0, c0
+    )  # fmt: skip
+    return delta, mask, lo0, hi0, lo1, hi1, lo2, hi2
+
+
+@nb.njit(**_OPTS)
+def wall_blend_rows(
+    comp, orig, dist, x0, x1, x2, y0, y1, y2, prm, grid, ti0, tf0, ti1, tf1, ti2, tf2, keys, off,
+    delta, mask, r0, r1
+):  # fmt: skip
+    """:func:`wall_blend` on the rows ``[r0, r1)`` of the box's first axis, into ``delta``
+    and ``mask`` (zeros where they are not written): the bounds of the changed voxels among
+    them (each voxel's numbers are its own: ranges of rows give the same bits)."""
+    f32 = np.float32
+    c0, c1, c2 = comp.shape
     polyp = prm[0] != 0.0
     a0, a1, a2 = prm[1], prm[2], prm[3]
     n0, n1, n2 = prm[4], prm[5], prm[6]
@@ -1541,7 +1558,7 @@ def wall_blend(
     two_sigma = 2.0 * sigma
     one = f32(1.0)
     lo0, hi0, lo1, hi1, lo2, hi2 = c0, -1, c1, -1, c2, -1
-    for a in range(c0):
+    for a in range(r0, r1):
         for b in range(c1):
             for c in range(c2):
                 if not comp[a, b, c]:
@@ -1583,7 +1600,7 @@ def wall_blend(
                     lo0, hi0 = min(lo0, a), max(hi0, a)
                     lo1, hi1 = min(lo1, b), max(hi1, b)
                     lo2, hi2 = min(lo2, c), max(hi2, c)
-    return delta, mask, lo0, hi0, lo1, hi1, lo2, hi2
+    return lo0, hi0, lo1, hi1, lo2, hi2
 
 
 @nb.njit(**_OPTS)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._cpu_kernels import _OPTS, nb
-from ._pool import _threads, map_threads
+from ._pool import map_threads, row_ranges
 
 __all__ = ["distance_transform_edt"]
 
@@ -194,13 +194,6 @@ def _distances(ft, s, out, i0, i1):
 PARALLEL_VOXELS = 32_768
 
 
-def _parts(n: int, k: int) -> list[tuple[int, int]]:
-    """``[0, n)`` in ``k`` nearly equal ranges (none empty)."""
-    k = max(1, min(k, n))
-    cuts = [n * p // k for p in range(k + 1)]
-    return [(cuts[p], cuts[p + 1]) for p in range(k)]
-
-
 def distance_transform_edt(mask, sampling=None, *, parts: int | None = None) -> np.ndarray:
     """``scipy.ndimage.distance_transform_edt(mask, sampling=sampling)`` of a 3-D mask,
     the same float64 values: each voxel's distance (mm for ``sampling`` in mm) to the
@@ -220,20 +213,17 @@ def distance_transform_edt(mask, sampling=None, *, parts: int | None = None) -> 
     s = np.ascontiguousarray(s)
     n0, n1, n2 = m.shape
     out = np.empty(m.shape, dtype=np.float64)
-    if parts is None:
-        threads = _threads() if m.size >= PARALLEL_VOXELS else 1
-        parts = 4 * threads if threads > 1 else 1  # (several a thread: lines differ in cost)
-    if parts <= 1 or m.size == 0:
+    rows = row_ranges(n0, m.size, PARALLEL_VOXELS, parts)
+    if len(rows) <= 1:
         ft = feature_transform(m, s)
         _distances(ft, s, out, 0, n0)
         return out
     # The lines of a pass are independent (each reads and writes only its own voxels'
     # features), so its lines split between threads give the same features bit for bit.
-    k = parts
     ft = np.zeros((3, m.size), dtype=np.int32)
-    map_threads(lambda r: _pass0(m, ft, *r), _parts(n1, k))
-    map_threads(lambda r: _pass12(m, ft, s, 1, *r), _parts(n0, k))
-    map_threads(lambda r: _pass12(m, ft, s, 2, *r), _parts(n0, k))
+    map_threads(lambda r: _pass0(m, ft, *r), row_ranges(n1, m.size, 0, len(rows)))
+    map_threads(lambda r: _pass12(m, ft, s, 1, *r), rows)
+    map_threads(lambda r: _pass12(m, ft, s, 2, *r), rows)
     ft4 = ft.reshape(3, n0, n1, n2)
-    map_threads(lambda r: _distances(ft4, s, out, *r), _parts(n0, k))
+    map_threads(lambda r: _distances(ft4, s, out, *r), rows)
     return out

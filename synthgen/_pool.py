@@ -10,7 +10,7 @@ import concurrent.futures
 import os
 import threading
 
-__all__ = ["map_threads", "set_num_threads", "usable_cpus"]
+__all__ = ["map_threads", "row_ranges", "set_num_threads", "usable_cpus"]
 
 _NUM_THREADS: int | None = None
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -124,3 +124,15 @@ def map_threads(fn, items, work: int | None = None):
             if not h.cancelled():
                 h.result()
     return results
+
+
+def row_ranges(n: int, voxels: int, min_voxels: int, parts: int | None = None):
+    """``[0, n)`` (the rows of a box of ``voxels`` voxels) as nearly equal ranges, none
+    empty, to map on the threads: ``parts`` of them, by default four a thread (rows differ
+    in cost) from ``min_voxels`` voxels with more than one thread, else one."""
+    if parts is None:
+        threads = _threads() if voxels >= min_voxels else 1
+        parts = 4 * threads if threads > 1 else 1
+    k = max(1, min(int(parts), n))
+    cuts = [n * p // k for p in range(k + 1)]
+    return [(cuts[p], cuts[p + 1]) for p in range(k)]

@@ -491,16 +491,31 @@ def _wall_variants(t, ph):
     yield dataclasses.replace(t, wall={**w, "center_vox": [float(v) for v in c]})
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["serial", "split"])
 @pytest.mark.parametrize("organ", HOLLOW)
-def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ, monkeypatch):
+def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ, split, monkeypatch):
     """The compiled render (flood fill testing the cylinder as it goes, the component's box,
     one pass for texture, weight, noise and change) gives the NumPy reference's box, values
     and label bit for bit, signed zeros included, for every mode and branch (the flood fill
     from the cylinder's voxel nearest an off-organ centre, no shoulders, a thickness made
     negative by the lobulation), float32 and float64 scans, bool and uint8 organ masks. Only
-    outside the component, where nothing changes, is a change of 0 always +0."""
-    from synthgen import _cpu_kernels
+    outside the component, where nothing changes, is a change of 0 always +0. ``split``:
+    the distance transform's passes and the blend's rows in ranges on three threads (from
+    ``PARALLEL_VOXELS`` voxels: here every box), else all on one."""
+    from synthgen import _cpu_kernels, _edt, _pool
     from synthgen._hollow import render_wall, wall_box
+
+    ranges = []
+    monkeypatch.setattr(_pool, "_NUM_THREADS", 3 if split else 1)
+    if split:
+        monkeypatch.setattr(_edt, "PARALLEL_VOXELS", 1)
+        rows = _cpu_kernels.wall_blend_rows
+
+        def spy(*a):
+            ranges.append(a[-2:])
+            return rows(*a)
+
+        monkeypatch.setattr(_cpu_kernels, "wall_blend_rows", spy)
 
     ph = small_phantom
     m = ph.mask(organ)
@@ -538,6 +553,7 @@ def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ, mo
     assert {mode for mode, _ in seen} == {"annular", "eccentric", "polypoid"}, seen
     assert {v for _, v in seen} == {0, 1, 2, 3}, seen  # every variant changed something
     assert starts["nearest"] >= 5 and starts["centre"] >= 30, starts
+    assert any(r0 > 0 for r0, _ in ranges) == split
 
 
 @pytest.mark.parametrize("organ", HOLLOW)
