@@ -223,3 +223,46 @@ def test_soft_tissue_residuals_match_scipy_bit_for_bit():
     assert n_res > 50_000
     for shape in ((0, 5, 5), (5, 0, 5), (5, 5, 0)):
         assert soft_residuals(np.zeros(shape, np.float32), lo, hi).size == 0
+
+
+def test_flood_fill_is_the_seeds_ndimage_label():
+    """``component_box`` and ``wall_component`` (the flood fill, testing the cylinder where it
+    reaches) against ``ndimage.label`` (26-connected) of the mask, and of the mask in the
+    cylinder: the seed's component cropped to its box (grown by ``pad`` within the mask's),
+    that box's origin, or -1 when the seed is not in; boxes touching every face included."""
+    from synthgen._cpu_kernels import component_box, cylinder_mask, wall_component
+
+    rng = np.random.default_rng(3)
+    full = np.ones((3, 3, 3), bool)
+    found = 0
+    for _ in range(160):
+        shape = tuple(int(n) for n in rng.integers(1, 24, 3))
+        m = ndimage.gaussian_filter(rng.random(shape), rng.uniform(0.6, 2.0))
+        m = np.ascontiguousarray(m > rng.uniform(0.42, 0.58))
+        seed = tuple(int(rng.integers(0, n)) for n in shape)
+        x = [np.ascontiguousarray((np.arange(n) - rng.uniform(0, n)) * rng.uniform(0.6, 3.0))
+             for n in shape]  # fmt: skip
+        ax = rng.normal(size=3)
+        ax /= np.linalg.norm(ax)
+        axial, reach = rng.uniform(2.0, 25.0), rng.uniform(2.0, 15.0)
+        pad = int(rng.integers(0, 3))
+        for cyl in (False, True):
+            if cyl:
+                got = wall_component(m, *seed, *x, *ax, axial, reach)
+                inside = cylinder_mask(m, *x, *ax, axial, reach)
+                p = 0
+            else:
+                got = component_box(m, *seed, pad)
+                inside, p = m, pad
+            if not inside[seed]:
+                assert got[1] == -1 and got[0].size == 0
+                continue
+            lab, _ = ndimage.label(inside, full)
+            want = lab == lab[seed]
+            idx = np.nonzero(want)
+            lo = [max(int(i.min()) - p, 0) for i in idx]
+            hi = [min(int(i.max()) + p + 1, n) for i, n in zip(idx, shape, strict=True)]
+            assert list(got[1:]) == lo
+            np.testing.assert_array_equal(got[0], want[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
+            found += 1
+    assert found > 100
