@@ -76,6 +76,9 @@ WALL_MODES = ("annular", "eccentric", "polypoid")
 LABEL_MIN_HU = -150.0
 #: Planning estimates the lumen's geometry on a grid this far apart (mm).
 PLAN_GRID_MM = 3.0
+#: Voxels of a component's box from which its blend runs in ranges of rows on the thread
+#: pool (some 6 ns a voxel of the box on one thread).
+BLEND_PARALLEL_VOXELS = 65_536
 #: Half-size of the box around the wall voxel where the scan's noise is measured (mm).
 NOISE_BOX_MM = 20.0
 #: Hash stream of a wall tumor's tissue noise (the appearance modes use 3 to 6).
@@ -350,7 +353,7 @@ def render_wall(
         wall_blend_rows,
         wall_component,
     )
-    from ._edt import PARALLEL_VOXELS, distance_transform_edt
+    from ._edt import distance_transform_edt
     from ._pool import map_threads, row_ranges
     from ._texture import texture_lookup
 
@@ -426,7 +429,7 @@ def render_wall(
         ]
     )
     args = (comp, orig, dist, *x, *y, prm, grid, *(v for p in ti for v in p), keys, off)
-    rows = row_ranges(comp.shape[0], comp.size, PARALLEL_VOXELS)
+    rows = row_ranges(comp.shape[0], comp.size, BLEND_PARALLEL_VOXELS)
     if len(rows) <= 1:
         delta, mask, lo0, hi0, lo1, hi1, lo2, hi2 = wall_blend(*args)
     else:  # ranges of rows on the thread pool, their bounds merged

@@ -501,14 +501,16 @@ def test_render_wall_is_the_numpy_reference_bit_for_bit(small_phantom, organ, sp
     negative by the lobulation), float32 and float64 scans, bool and uint8 organ masks. Only
     outside the component, where nothing changes, is a change of 0 always +0. ``split``:
     the distance transform's passes and the blend's rows in ranges on three threads (from
-    ``PARALLEL_VOXELS`` voxels: here every box), else all on one."""
-    from synthgen import _cpu_kernels, _edt, _pool
+    ``PARALLEL_VOXELS`` and ``BLEND_PARALLEL_VOXELS`` voxels: here every box), else all on
+    one."""
+    from synthgen import _cpu_kernels, _edt, _hollow, _pool
     from synthgen._hollow import render_wall, wall_box
 
     ranges = []
     monkeypatch.setattr(_pool, "_NUM_THREADS", 3 if split else 1)
     if split:
         monkeypatch.setattr(_edt, "PARALLEL_VOXELS", 1)
+        monkeypatch.setattr(_hollow, "BLEND_PARALLEL_VOXELS", 1)
         rows = _cpu_kernels.wall_blend_rows
 
         def spy(*a):
