@@ -66,13 +66,12 @@ ALWAYS_PARALLEL_WORK = 2_000_000
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     """The shared pool, with at least ``workers`` threads (made, or grown, under a lock:
-    maps on several threads, or one inside another, may ask at once; a pool replaced by a
-    larger one finishes the work it was given)."""
+    maps on several threads, or one inside another, may ask at once). A pool replaced by a
+    larger one is not shut down: a map that took it before may still submit to it (a shut
+    down pool refuses); its idle threads exit once the last such map has let it go."""
     global _POOL, _POOL_SIZE
     with _POOL_LOCK:
         if _POOL is None or _POOL_SIZE < workers:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
             _POOL = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="synthgen")
             _POOL_SIZE = workers
         return _POOL

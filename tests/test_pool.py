@@ -100,3 +100,19 @@ def test_pool_grows_under_concurrent_maps():
         assert _pool._POOL_SIZE == 5
     finally:
         _pool.set_num_threads(None)
+
+
+def test_a_map_on_a_pool_replaced_by_a_larger_one_still_runs():
+    """A map holding the pool while another thread grows it (a new, larger pool) submits to
+    the one it holds: that pool must still take work (a shut-down pool raises)."""
+    _pool._drop_pool()  # (a fresh pool: earlier tests grew the shared one)
+    _pool.set_num_threads(2)
+    try:
+        held = _pool._pool(1)
+        _pool.set_num_threads(5)
+        assert _pool._pool(4) is not held  # grown: a new pool
+        fut = held.submit(lambda: 7)  # what a map that took ``held`` does next
+        assert fut.result(timeout=10) == 7
+        assert _pool.map_threads(lambda x: x + 1, range(8)) == list(range(1, 9))
+    finally:
+        _pool.set_num_threads(None)
