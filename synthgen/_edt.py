@@ -198,10 +198,11 @@ PARALLEL_VOXELS = 16_384
 def distance_transform_edt(mask, sampling=None, *, parts: int | None = None) -> np.ndarray:
     """``scipy.ndimage.distance_transform_edt(mask, sampling=sampling)`` of a 3-D mask,
     the same float64 values: each voxel's distance (mm for ``sampling`` in mm) to the
-    nearest voxel where ``mask`` is false (0 there). From :data:`PARALLEL_VOXELS` voxels,
-    each pass's lines are split into ``parts`` ranges (default: four a thread of
-    :func:`synthgen.set_num_threads`) run on the shared thread pool; ``parts=1`` runs on
-    the calling thread alone. The values do not depend on it."""
+    nearest voxel where ``mask`` is false (0 there). Each pass's lines are split into
+    ``parts`` ranges run on the shared thread pool: by default four a thread of
+    :func:`synthgen.set_num_threads` from :data:`PARALLEL_VOXELS` voxels on, else one;
+    ``parts=1`` runs on the calling thread alone, any other count at any size. The values
+    do not depend on it."""
     m = np.asarray(mask)
     if m.ndim != 3:
         raise ValueError(f"a 3-D mask expected, got shape {m.shape}")

@@ -97,38 +97,50 @@ def map_threads(fn, items, work: int | None = None):
     if n <= 1:
         return [fn(x) for x in items]
     pool = _pool(n - 1)
-    # The calling thread works too; every thread takes the next item until none is left.
+    # The calling thread works too; every thread takes the next item until none is left, or
+    # until an item has raised (the others are not started then).
     results: list = [None] * len(items)
     order = iter(range(len(items)))
     lock = threading.Lock()
+    failed = False
 
     def drain() -> None:
+        nonlocal failed
         while True:
             with lock:
-                i = next(order, None)
+                i = None if failed else next(order, None)
             if i is None:
                 return
-            results[i] = fn(items[i])
+            try:
+                results[i] = fn(items[i])
+            except BaseException:
+                failed = True
+                raise
 
     helpers = [pool.submit(drain) for _ in range(n - 1)]
+    errors = []
     try:
         drain()
     finally:
         # A helper not started by now has nothing left to do: cancelled, so that a map
         # inside an item of another map (the pool's threads all busy with the outer one)
-        # never waits for a thread that only its own caller could free.
+        # never waits for a thread that only its own caller could free. (An error of the
+        # caller's own item goes on up; a helper's is raised after.)
         for h in helpers:
             h.cancel()
         for h in helpers:
-            if not h.cancelled():
-                h.result()
+            if not h.cancelled() and h.exception() is not None:
+                errors.append(h.exception())
+    if errors:
+        raise errors[0]
     return results
 
 
 def row_ranges(n: int, voxels: int, min_voxels: int, parts: int | None = None):
-    """``[0, n)`` (the rows of a box of ``voxels`` voxels) as nearly equal ranges, none
-    empty, to map on the threads: ``parts`` of them, by default four a thread (rows differ
-    in cost) from ``min_voxels`` voxels with more than one thread, else one."""
+    """``[0, n)`` (the rows of a box of ``voxels`` voxels) as nearly equal ranges to map on
+    the threads: ``parts`` of them (at most ``n``, none empty; ``[(0, 0)]`` for no rows), by
+    default four a thread (rows differ in cost) from ``min_voxels`` voxels with more than
+    one thread, else one."""
     if parts is None:
         threads = _threads() if voxels >= min_voxels else 1
         parts = 4 * threads if threads > 1 else 1

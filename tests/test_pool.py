@@ -12,6 +12,15 @@ import pytest
 from synthgen import _pool
 
 
+@pytest.fixture(autouse=True)
+def fresh_pool():
+    """Each test on a new pool: the shared one only grows, and a pool grown by earlier
+    tests (or a machine with many CPUs) would hide what a test means to show."""
+    _pool._drop_pool()
+    yield
+    _pool._drop_pool()
+
+
 @pytest.fixture
 def threads4():
     _pool.set_num_threads(4)
@@ -80,6 +89,39 @@ def test_an_item_error_reaches_the_caller(threads4):
     assert _pool.map_threads(lambda x: x, range(6)) == list(range(6))  # the pool still works
 
 
+def test_an_error_stops_the_items_not_started(threads4):
+    """Once an item has raised, no thread starts another; the caller's own error is the one
+    raised, another thread's only when the caller's items all ran."""
+    ran = []
+
+    def fn(x):
+        ran.append(x)
+        if x == 0:
+            raise ValueError("item 0")
+        time.sleep(0.005)
+        return x
+
+    with pytest.raises(ValueError, match="item 0"):
+        _pool.map_threads(fn, range(200))
+    assert len(ran) < 20, len(ran)  # (it ran all 200, a second, before the change)
+
+    me, raised, started = threading.get_ident(), [], threading.Event()
+
+    def both(x):
+        if threading.get_ident() == me:
+            started.set()
+            time.sleep(0.02)  # (the helpers raise first)
+            raise ValueError("caller's item")
+        started.wait(10)  # (until the caller has an item of its own)
+        raised.append(x)
+        raise ValueError("helper's item")
+
+    with pytest.raises(ValueError, match="caller's item") as err:
+        _pool.map_threads(both, range(8))
+    assert raised  # (a helper did raise)
+    assert err.value.__context__ is None
+
+
 def test_pool_grows_under_concurrent_maps():
     """Maps on several threads asking for more threads at once: one pool, every result."""
     _pool.set_num_threads(2)
@@ -105,7 +147,6 @@ def test_pool_grows_under_concurrent_maps():
 def test_a_map_on_a_pool_replaced_by_a_larger_one_still_runs():
     """A map holding the pool while another thread grows it (a new, larger pool) submits to
     the one it holds: that pool must still take work (a shut-down pool raises)."""
-    _pool._drop_pool()  # (a fresh pool: earlier tests grew the shared one)
     _pool.set_num_threads(2)
     try:
         held = _pool._pool(1)
