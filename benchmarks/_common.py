@@ -48,6 +48,7 @@ class Scene:
         self.img_h = np.ascontiguousarray(ph.image)
         self.mask_h = np.ascontiguousarray(ph.mask("liver"))
         self.idx = synthgen.index_organ(self.mask_h)
+        self.spacing = ph.spacing
         self.syn = synthgen.Synthesizer("liver-classic", spacing=ph.spacing)
         self.img_d, self.mask_d = upload(self.img_h), upload(self.mask_h)
         self._upload, self._outs = upload, [self.img_d]

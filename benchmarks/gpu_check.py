@@ -26,6 +26,9 @@ liver), with the image resident on the GPU and rendered in place:
 * every preset in its organ of a whole-scan phantom, one plan per call: GPU ms per sample
   (``synthgen.render``: mass effect and wall tumors, made on the host, included) against
   the CPU path;
+* the mass effect's warp of device data (``liver``, large tumors: image, organ mask and a
+  label map) on the GPU (``synthgen._mass_gpu``) against the route through the host it
+  replaced, ms per sample;
 * the hollow organs' wall tumors (colon, esophagus; rendered on the host while the device
   works): a batch of 16 plans in one call, GPU ms per sample with them on one thread and on
   the thread pool;
@@ -96,7 +99,7 @@ TARGET_BW_FRACTION = 0.5
 def run_tests(emulate: bool, log: Path | None = None) -> tuple[str, int]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short",
            "tests/test_cuda_backend.py", "tests/test_torch_batch.py",
-           "tests/test_kernels_nvrtc.py"]  # fmt: skip
+           "tests/test_kernels_nvrtc.py", "tests/test_mass_gpu.py"]  # fmt: skip
     # not the host stand-ins' runs of the backend tests (CI runs them; here they would spend
     # about a minute of the GPU session on the CPU)
     cmd += ["-k", "not emu and not simt"]
@@ -381,6 +384,50 @@ def bench_presets(g: Gpu, sc: Scene) -> list[dict]:
         row["cpu_ms"] = _median_ms(cpu, n_cpu)
         row["speedup"] = row["cpu_ms"] / row["gpu_ms"]
         print(f"  {row}", flush=True)
+    return rows
+
+
+def bench_mass_effect(g: Gpu, sc: Scene) -> list[dict]:
+    """The mass effect's warp of device data (``mass_effect.prepare_render``: image, organ
+    mask and a uint8 label map, in place, and a synchronisation) for ``liver`` plans of the
+    large class on the 1 mm phantom (2-3 tumors of 24-40 mm, most of which push): on the GPU
+    (``synthgen._mass_gpu``) against the route through the host it replaces, alternating,
+    ms per sample. Emulated: the stand-in's arrays are NumPy, both rows the host kernel."""
+    from synthgen import _mass_gpu, mass_effect
+
+    syn = synthgen.Synthesizer("liver", spacing=sc.spacing)
+    n = 2 if g.emulate else 10
+    plans = [syn.plan(sc.img_h, sc.mask_h, seed=4242 + i, size="large", organ_index=sc.idx)
+             for i in range(n)]  # fmt: skip
+    fields = [len(mass_effect.plan_fields(p)) for p in plans]
+    work_d = sc.img_d.copy()
+    mask_d = g.be.upload(sc.mask_h.astype(np.uint8))
+    lab_d = g.be.upload(sc.mask_h.astype(np.uint8))
+    real = _mass_gpu.warp_on_device
+
+    def warp(i, device: bool) -> None:
+        _mass_gpu.warp_on_device = real if device else (lambda *a, **k: False)
+        try:
+            mass_effect.prepare_render(plans[i % n], work_d, mask_d, out=work_d,
+                                       organ_inplace=True, label_out=lab_d)  # fmt: skip
+            g.sync()
+        finally:
+            _mass_gpu.warp_on_device = real
+
+    rows = []
+    for device in (True, False):  # (kernels compiled, pools filled)
+        warp(0, device)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(n):
+        for device in (True, False):
+            t0 = time.perf_counter()
+            warp(i, device)
+            times[device].append((time.perf_counter() - t0) * 1e3)
+    rows.append({"plans": n, "fields": statistics.mean(fields),
+                 "device_ms": statistics.median(times[True]),
+                 "host_ms": statistics.median(times[False])})  # fmt: skip
+    rows[-1]["speedup"] = rows[-1]["host_ms"] / rows[-1]["device_ms"]
+    print(f"  {rows[-1]}", flush=True)
     return rows
 
 
@@ -754,6 +801,7 @@ def main() -> int:
     plan_rows = part("planning from device data", bench_planning)
     preset_rows = part("every preset, one plan per call", bench_presets)
     wall_rows = part("wall tumors of a batch: one thread, the pool", bench_walls)
+    me_rows = part("mass effect of device data: on the GPU, through the host", bench_mass_effect)
     kern = part("device time per kernel", bench_kernels)
     bw = part("fused kernel bandwidth", bench_bandwidth)
     sched = part("launch geometries: flat schedules, 2-D grid, longer blocks", bench_schedules)
@@ -803,6 +851,13 @@ def main() -> int:
     for r in wall_rows:
         print(f"| {r['preset']} | {r['plans']} | {r['walls']} | {r['one_thread_ms']:.2f} | "
               f"{r['pool_ms']:.2f} | {r['speedup']:.1f}x |")  # fmt: skip
+    print()
+    print("| mass effect of device data (liver, large) | plans | fields a plan | "
+          "ms/sample on the GPU | through the host | speed-up |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in me_rows:
+        print(f"| warp of image, organ mask, label map | {r['plans']} | {r['fields']:.1f} | "
+              f"{r['device_ms']:.2f} | {r['host_ms']:.2f} | {r['speedup']:.1f}x |")  # fmt: skip
     print()
     print("| kernel | ms | bytes/voxel moved | GB/s | of copy | of copy, 13 and 11 B/voxel |")
     print("|---|---|---|---|---|---|")

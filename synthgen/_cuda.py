@@ -63,6 +63,8 @@ KERNELS = {
         "sg_seg_conv_stats",
     )
 }
+# the mass effect's warp of GPU data (synthgen._mass_gpu)
+KERNELS.update({name: "mass_effect.cu" for name in ("sg_me_warp", "sg_me_gather")})
 
 #: No FMA contraction: the kernels round as the CPU path does.
 NVRTC_OPTIONS = ("--std=c++14", "--fmad=false")

@@ -686,12 +686,17 @@ def _put(a: Any, box: tuple[slice, ...], host: np.ndarray) -> None:
 
 
 def _warp_any(img: Any, labs: list[Any], fields: list[MassEffectField]) -> None:
-    """:func:`_warp_inplace` for arrays anywhere (NumPy, CuPy, torch): NumPy in place;
-    other arrays one group box at a time through the host (the warp is a CPU kernel)."""
+    """:func:`_warp_inplace` for arrays anywhere (NumPy, CuPy, torch): NumPy in place; all on
+    one GPU, there (:func:`synthgen._mass_gpu.warp_on_device`: the same result); other
+    arrays one group box at a time through the host."""
     if not fields:
         return
     if isinstance(img, np.ndarray) and all(isinstance(lab, np.ndarray) for lab in labs):
         _warp_inplace(img, labs, fields)
+        return
+    from ._mass_gpu import warp_on_device
+
+    if warp_on_device(img, labs, fields):
         return
     for group in _clusters(fields):
         bb = _bbox(group)
@@ -822,7 +827,8 @@ def prepare_render(
     ``organ_inplace``); ``labels`` into copies, or in place with ``labels_inplace``;
     ``label_out`` (the map the render will write the tumor label into) in place. Only the
     fields' boxes are computed; NumPy arrays are warped in place, GPU arrays (CuPy, torch
-    CUDA) box by box through the host. Nothing is copied when no tumor pushes.
+    CUDA) on their GPU (:mod:`synthgen._mass_gpu`; box by box through the host where it
+    does not take them). Nothing is copied when no tumor pushes.
     """
     from .rendering import check_job, check_writable
 

@@ -511,7 +511,7 @@ class BatchTumorSynthesis:
             plans.append(plan)
         if jobs:
             # The preset's mass effect (if any) warps image and label map alike, per sample
-            # (GPU data box by box through the host); then one batched render that writes
+            # (GPU data on the GPU, synthgen._mass_gpu); then one batched render that writes
             # the tumor label into the label maps too (on a GPU: one launch for the batch).
             preps = [
                 prepare_render(p, image[b, 0], o, out=image[b, 0], label_out=label[b, 0])

@@ -134,12 +134,13 @@ def _trampolines(source: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _poison_shared(dll, lib: Path) -> None:
+def _poison_shared(dll, lib: Path, needed: bool = True) -> None:
     """Tells the SIMT stand-in where the kernels' ``__shared__`` variables are (the
     library's writable function-local statics, ``_ZZ...`` in its symbol table), which it
     fills at the start of each block (0xff bytes, or a byte drawn per block), as a GPU's
     shared memory holds whatever was there: a read of a value the block has not written
-    shows."""
+    shows. ``needed``: the source declares some (none found is then an error; a source
+    that declares none, ``mass_effect.cu``, has nothing to fill)."""
     nm = shutil.which("nm")
     if nm is None:
         raise RuntimeError("no nm (binutils) for the SIMT stand-in")
@@ -156,6 +157,8 @@ def _poison_shared(dll, lib: Path) -> None:
     # writable data only (a static const table, or assert's __func__, is read-only: r, R)
     ranges = [v for name, (a, n, kind) in sorted(syms.items())
               if name.startswith("_ZZ") and kind in "bBdDvV" for v in (base + a, n)]  # fmt: skip
+    if not ranges and not needed:
+        return
     if not ranges or len(ranges) > 256:
         raise RuntimeError(f"{lib.name}: {len(ranges) // 2} __shared__ variables found")
     r = np.array(ranges, dtype=np.uint64)
@@ -293,7 +296,7 @@ class HostBackend:
                 dll.sg_emu_error.restype = ctypes.c_char_p
                 dll.sg_emu_watchdog.argtypes = [ctypes.c_double]
                 self._watchdog[src.stem] = dll.sg_emu_watchdog
-                _poison_shared(dll, lib)
+                _poison_shared(dll, lib, "__shared__" in src.read_text())
             else:
                 self._set_block[src.stem] = dll.sg_emu_set_block
             for name, params in signatures(src.read_text()).items():

@@ -1,0 +1,137 @@
+"""The mass-effect warp of GPU data on the GPU (``kernels/mass_effect.cu``).
+
+:func:`synthgen.mass_effect.prepare_render` warps the image and the label maps before a
+render. For arrays on a GPU (CuPy arrays, torch CUDA tensors) each group's box went through
+the host: copied back, warped by the numba kernel, copied up again. :func:`warp_on_device`
+does it where the data are: per group of overlapping fields (``mass_effect._clusters``), a
+copy of the image's box on the device, one launch of ``sg_me_warp`` (the numba kernel's
+twin: the same warped box, bit for bit, as the host route gave) writing the image box in
+place and, with label maps, the index of each moved voxel's label source, then per label map
+a copy of its box and one launch of ``sg_me_gather``. The work is ordered on the stream
+``synthgen._cuda`` renders on (torch's current stream for torch data), so the render that
+follows sees it; nothing waits for the device.
+
+Taken only when the image and every label map are on one GPU, the image's dtype is one the
+kernels store (``_segments.dtype_code``) and each label map's elements are 1, 2, 4 or 8 bytes
+(their bits are copied, so bool and any integer or float type); otherwise the host route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["warp_on_device"]
+
+
+def _device_of(img: Any, labs: list[Any]) -> int | None:
+    """The GPU holding ``img`` and every one of ``labs`` (CuPy or torch CUDA), else None."""
+    from ._device import _array_device, array_kind
+
+    if array_kind(img) not in ("cupy", "torch-cuda"):
+        return None
+    dev = _array_device(img)
+    if any(_array_device(lab) != dev for lab in labs):
+        return None
+    return dev
+
+
+def _takes(img: Any, labs: list[Any]) -> bool:
+    """Whether the kernels take these dtypes (CuPy views): see the module docstring."""
+    from ._segments import dtype_code
+
+    try:
+        dtype_code(img.dtype)
+    except ValueError:
+        return False
+    return all(lab.itemsize in (1, 2, 4, 8) for lab in labs)
+
+
+def warp_on_device(img: Any, labs: list[Any], fields: list, be=None) -> bool:
+    """Warp ``img`` and ``labs`` in place by ``fields`` on their GPU; False (nothing done)
+    where the device route does not take them (see the module docstring). ``be``: the
+    backend (``synthgen._cuda.CupyBackend`` of their GPU by default; the test suite's host
+    stand-in, with its device arrays)."""
+    if not fields:
+        return True
+    arrays = [img, *labs]  # (as given: the stream of torch data is torch's)
+    if be is None:
+        dev = _device_of(img, labs)
+        if dev is None:
+            return False
+        from ._cuda import _as_cupy, backend
+
+        img, labs = _as_cupy(img), [_as_cupy(lab) for lab in labs]
+        if not _takes(img, labs):
+            return False
+        be = backend(dev)
+    with be.context(None, arrays):
+        for group in _clusters(fields):
+            _warp_group(be, img, labs, group)
+    return True
+
+
+def _clusters(fields):
+    from .mass_effect import _clusters as clusters
+
+    return clusters(fields)
+
+
+#: Blocks of a launch at most (each thread walks the box in a grid stride).
+_MAX_BLOCKS = 4096
+
+
+def _warp_group(be, img, labs, group) -> None:
+    from ._cuda import THREADS
+    from ._segments import dtype_code
+    from .mass_effect import _bbox, _value_range
+
+    bb = _bbox(group)
+    box = img[bb]
+    n = box.shape
+    total = int(np.prod(n))
+    if total == 0:
+        return
+    if total >= 2**31:
+        raise ValueError("mass-effect box too large (more than 2**31 voxels)")
+    start = np.array([b.start for b in bb], dtype=np.int64)
+    # per field: centre in the box (as mass_effect._shifted makes it), metric, strength, reach
+    prm = np.array(
+        [[*(float(c - s) for c, s in zip(f.center_vox, start.tolist(), strict=True)),
+          *np.asarray(f.metric, dtype=np.float64).reshape(9).tolist(),
+          float(f.strength), float(f.reach)] for f in group],
+        dtype=np.float64,
+    )  # fmt: skip
+    p_dev = be.upload(prm)
+    src = box.copy()  # (C order: the kernel's source, never a view of the box it writes)
+    nn = be.xp.empty(total if labs else 1, dtype=np.int32)
+    threads = getattr(be, "threads", THREADS)  # (the stand-in's blocks: 1 or a few fibers)
+    blocks = max(1, min(_MAX_BLOCKS, -(-total // (4 * threads))))
+    lo, hi = _value_range(np.dtype(img.dtype))
+    i64, i32, f64 = np.int64, np.int32, np.float64
+    be.launch_flat(
+        "sg_me_warp", blocks, i64(be.ptr(p_dev)), i32(len(group)), i32(n[0]), i32(n[1]),
+        i32(n[2]), i64(be.ptr(src)), *_view(be, box), i32(dtype_code(img.dtype)),
+        i32(np.dtype(img.dtype).kind in "iu"), f64(lo), f64(hi),
+        i64(be.ptr(nn) if labs else 0), i32(blocks),
+    )  # fmt: skip
+    for lab in labs:
+        lbox = lab[bb]
+        lsrc = lbox.copy()
+        be.launch_flat(
+            "sg_me_gather", blocks, i64(be.ptr(lsrc)), *_view(be, lbox), i32(n[0]), i32(n[1]),
+            i32(n[2]), i32(lbox.itemsize), i64(be.ptr(nn)), i32(blocks),
+        )  # fmt: skip
+        # (the sources stay referenced until the launches are queued; CuPy's pool frees
+        # them in stream order)
+        del lsrc
+    del src, p_dev
+
+
+def _view(be, a) -> tuple:
+    """``(address, three strides in elements)`` of a device box (as int64 scalars)."""
+    item = a.itemsize
+    if any(s % item for s in a.strides):
+        raise ValueError(f"a device array with strides {a.strides} not in whole elements")
+    return (np.int64(be.ptr(a)), *(np.int64(s // item) for s in a.strides))

@@ -1,0 +1,209 @@
+"""The mass effect's warp of GPU data on the GPU (``synthgen._mass_gpu``,
+``kernels/mass_effect.cu``) against the host route it replaces (each group's box copied to
+the host as a C-ordered array, warped by the numba kernel, copied back): the same image and
+label maps bit for bit.
+
+Without a GPU the driver runs on the test suite's stand-ins (``tests/_cuda_emu.py``: the CUDA
+C compiled for the host): one thread a block, and the SIMT stand-in (64 fibers a block, run
+in shuffled orders); these ``emu`` tests are CI's (``benchmarks/gpu_check.py`` leaves them
+out). On a GPU (``@pytest.mark.gpu``) the driver runs through CuPy and torch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _cuda_emu import KERNELS, HostBackend, gpu_backend, to_device
+from scipy import ndimage
+
+from synthgen import _mass_gpu
+from synthgen import mass_effect as me
+
+
+@dataclass
+class Tumor:
+    center_vox: tuple[float, float, float]
+    radii_mm: tuple[float, float, float]
+    rotation: tuple[float, ...] | None = None
+    index: int = 0
+
+
+def _rot(seed: int) -> tuple[float, ...]:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((3, 3)))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return tuple(float(x) for x in q.ravel())
+
+
+def _kernels(tmp: Path) -> Path:
+    """A folder with ``mass_effect.cu`` and the headers alone (the stand-in compiles every
+    ``.cu`` of its folder; the segmented kernels are the other tests' and take long)."""
+    d = tmp / "kernels"
+    d.mkdir()
+    for f in [*KERNELS.glob("*.cuh"), KERNELS / "mass_effect.cu"]:
+        shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """The stand-in (one thread a block, blocks shuffled) and the SIMT stand-in."""
+    tmp = tmp_path_factory.mktemp("me-gpu")
+    ks = _kernels(tmp)
+    (tmp / "one").mkdir()
+    (tmp / "simt").mkdir()
+    try:
+        one = HostBackend(tmp / "one", kernels=ks)
+        simt = HostBackend(tmp / "simt", threads=64, kernels=ks)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    one.block_order = 3
+    simt.block_order = simt.thread_order = 4
+    return {"one thread a block": one, "SIMT, 64 threads a block": simt}
+
+
+def _scene(dtype, seed: int = 0):
+    """A smooth image of ``dtype`` (integers in a range that rounding and clipping reach),
+    label maps of several element sizes, and fields: two overlapping tumors (one rotated),
+    one apart, one at the scan's corner (its box clipped)."""
+    rng = np.random.default_rng(seed)
+    shape = (70, 64, 50)
+    base = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 2.0)
+    base = base / np.abs(base).max()
+    dt = np.dtype(dtype)
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        lo, hi = max(info.min, -30000), min(info.max, 30000)
+        img = np.clip(np.rint((base * 0.6 + 0.5) * (hi - lo) + lo), lo, hi).astype(dt)
+        img[5, 5, 5], img[6, 5, 5] = lo, hi  # (the range's ends)
+    else:
+        img = (base * 400.0 - 50.0).astype(dt)
+    tumors = [
+        Tumor((24.0, 22.5, 20.0), (9.0, 9.0, 9.0), index=0),
+        Tumor((32.0, 27.0, 24.5), (8.0, 10.0, 6.5), _rot(seed + 1), index=1),
+        Tumor((62.0, 55.0, 40.0), (3.0, 4.0, 3.0), _rot(seed + 2), index=2),
+        Tumor((2.0, 61.0, 47.5), (6.0, 6.0, 6.0), index=3),
+    ]
+    fields = me.mass_effect_fields(tumors, (1.0, 0.9, 1.4), shape, strength=0.45,
+                                   min_radius_mm=0.0, ramp_mm=0.0, reach=1.7)  # fmt: skip
+    organ = base > 0.1
+    labels = [
+        organ,  # bool
+        (rng.integers(0, 4, shape)).astype(np.uint8),
+        (rng.integers(-5, 300, shape)).astype(np.int16),
+        rng.normal(size=shape).astype(np.float32),
+        (rng.integers(0, 2**40, shape)).astype(np.int64),
+    ]
+    return img, labels, fields
+
+
+def _host_route(img, labels, fields):
+    """What ``mass_effect._warp_any`` did with GPU data: per group, the box as a C-ordered
+    host copy, warped by the numba kernel, written back."""
+    img, labels = img.copy(), [lab.copy() for lab in labels]
+    for group in me._clusters(fields):
+        bb = me._bbox(group)
+        start = [b.start for b in bb]
+        h_img = np.ascontiguousarray(img[bb])
+        h_labs = [np.ascontiguousarray(lab[bb]) for lab in labels]
+        me._warp_inplace(h_img, h_labs, [me._shifted(f, start) for f in group])
+        img[bb] = h_img
+        for lab, h in zip(labels, h_labs, strict=True):
+            lab[bb] = h
+    return img, labels
+
+
+def _same(a, b) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.ascontiguousarray(a).view(np.uint8),
+                                  np.ascontiguousarray(b).view(np.uint8))  # fmt: skip
+
+
+DTYPES = [np.int16, np.float32, np.uint8, np.float64, np.int32, np.uint16, np.int8, np.int64,
+          np.uint32]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_emu_warp_is_the_host_route(stand_ins, dtype):
+    img, labels, fields = _scene(dtype)
+    assert len(me._clusters(fields)) == 3  # two tumors composed, two alone
+    want_img, want_labs = _host_route(img, labels, fields)
+    assert not np.array_equal(want_img, img)  # (something moved)
+    for be in stand_ins.values():
+        d_img = to_device(img)
+        d_labs = [to_device(lab) for lab in labels]
+        assert _mass_gpu.warp_on_device(d_img, d_labs, fields, be=be)
+        _same(np.asarray(d_img), want_img)
+        for got, want in zip(d_labs, want_labs, strict=True):
+            _same(np.asarray(got), want)
+
+
+def test_emu_strided_boxes_and_no_label_maps(stand_ins):
+    """Image and label maps that are views with any strides (a batch's sample, a transposed
+    scan): written through their strides, the voxels around them untouched; without label
+    maps no index is kept."""
+    img, labels, fields = _scene(np.int16, seed=1)
+    want_img, want_labs = _host_route(img, labels[:2], fields)
+    be = stand_ins["one thread a block"]
+    big = to_device(np.full((2, *img.shape), 77, dtype=np.int16))
+    big[1] = img
+    lab_t = to_device(np.zeros(img.shape[::-1], dtype=np.uint8))
+    lab_t.T[...] = labels[1]
+    organ = to_device(labels[0])
+    assert _mass_gpu.warp_on_device(big[1], [organ, lab_t.T], fields, be=be)
+    _same(np.asarray(big[1]), want_img)
+    assert (np.asarray(big[0]) == 77).all()
+    _same(np.asarray(organ), want_labs[0])
+    _same(np.ascontiguousarray(np.asarray(lab_t).T), want_labs[1])
+    alone = to_device(img)
+    assert _mass_gpu.warp_on_device(alone, [], fields, be=be)
+    _same(np.asarray(alone), _host_route(img, [], fields)[0])
+
+
+def test_nothing_to_do_and_arrays_it_does_not_take():
+    """No fields: done, nothing touched; host arrays and mixed placements: not taken (the
+    caller's host route runs)."""
+    img, labels, fields = _scene(np.int16)
+    assert _mass_gpu.warp_on_device(img, labels, [])
+    assert not _mass_gpu.warp_on_device(img, labels, fields)  # NumPy: not on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint8], ids=lambda d: np.dtype(d).name)
+def test_gpu_warp_is_the_host_route(dtype):
+    """On a GPU, through CuPy: every voxel of image and label maps the host route's."""
+    _, upload = gpu_backend()
+    import cupy
+
+    img, labels, fields = _scene(dtype, seed=2)
+    want_img, want_labs = _host_route(img, labels, fields)
+    d_img = upload(img)
+    d_labs = [upload(lab) for lab in labels]
+    assert _mass_gpu.warp_on_device(d_img, d_labs, fields)
+    _same(cupy.asnumpy(d_img), want_img)
+    for got, want in zip(d_labs, want_labs, strict=True):
+        _same(cupy.asnumpy(got), want)
+
+
+@pytest.mark.gpu
+def test_gpu_warp_of_torch_tensors_on_their_stream():
+    """torch CUDA tensors (a bool organ mask, an int64 label map) warped on torch's current
+    stream, a side stream: the host route's result once that stream is done."""
+    gpu_backend()
+    torch = pytest.importorskip("torch")
+    img, labels, fields = _scene(np.int16, seed=3)
+    labels = [labels[0], labels[4]]
+    want_img, want_labs = _host_route(img, labels, fields)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        t_img = torch.from_numpy(img).cuda()
+        t_labs = [torch.from_numpy(lab).cuda() for lab in labels]
+        assert _mass_gpu.warp_on_device(t_img, t_labs, fields)
+    s.synchronize()
+    _same(t_img.cpu().numpy(), want_img)
+    for got, want in zip(t_labs, want_labs, strict=True):
+        _same(got.cpu().numpy(), want)
