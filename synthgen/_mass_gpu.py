@@ -12,8 +12,14 @@ a copy of its box and one launch of ``sg_me_gather``. The work is ordered on the
 follows sees it; nothing waits for the device.
 
 Taken only when the image and every label map are on one GPU, the image's dtype is one the
-kernels store (``_segments.dtype_code``) and each label map's elements are 1, 2, 4 or 8 bytes
-(their bits are copied, so bool and any integer or float type); otherwise the host route.
+kernels store (``_segments.dtype_code``; not bool), each label map's elements are 1, 2, 4 or
+8 bytes (their bits are copied, so bool and any integer or float type) and every stride is a
+whole number of elements; otherwise (and for torch tensors without CuPy) the host route.
+
+The same bits as the host route, with two exceptions only a GPU shows: CuPy compiles with
+``-ftz=true``, so a float32 image's subnormal values (and differences) read as zero; and an
+int64 image's value clipped to the top of its range (2**63 as a float64) is stored
+saturated, where the host's conversion wraps to the bottom.
 """
 
 from __future__ import annotations
@@ -38,14 +44,20 @@ def _device_of(img: Any, labs: list[Any]) -> int | None:
 
 
 def _takes(img: Any, labs: list[Any]) -> bool:
-    """Whether the kernels take these dtypes (CuPy views): see the module docstring."""
+    """Whether the kernels take these arrays (CuPy views): an image of a dtype they store,
+    not bool (the host route stores a warped bool voxel as ``v != 0``, a cast would
+    truncate), label maps of 1, 2, 4 or 8-byte elements, strides in whole elements."""
     from ._segments import dtype_code
 
+    if img.dtype.kind == "b":
+        return False
     try:
         dtype_code(img.dtype)
     except ValueError:
         return False
-    return all(lab.itemsize in (1, 2, 4, 8) for lab in labs)
+    if not all(lab.itemsize in (1, 2, 4, 8) for lab in labs):
+        return False
+    return all(s % a.itemsize == 0 for a in (img, *labs) for s in a.strides)
 
 
 def warp_on_device(img: Any, labs: list[Any], fields: list, be=None) -> bool:
@@ -60,12 +72,17 @@ def warp_on_device(img: Any, labs: list[Any], fields: list, be=None) -> bool:
         dev = _device_of(img, labs)
         if dev is None:
             return False
-        from ._cuda import _as_cupy, backend
+        try:
+            from ._cuda import _as_cupy, backend
 
-        img, labs = _as_cupy(img), [_as_cupy(lab) for lab in labs]
+            img, labs = _as_cupy(img), [_as_cupy(lab) for lab in labs]
+        except ImportError:  # (torch CUDA tensors without CuPy: the host route)
+            return False
         if not _takes(img, labs):
             return False
         be = backend(dev)
+    elif not _takes(img, labs):
+        return False
     with be.context(None, arrays):
         for group in _clusters(fields):
             _warp_group(be, img, labs, group)
@@ -104,7 +121,11 @@ def _warp_group(be, img, labs, group) -> None:
         dtype=np.float64,
     )  # fmt: skip
     p_dev = be.upload(prm)
+    # every source copied before anything is written (a label map given twice, or one that
+    # is a view of another, reads the unwarped voxels, as on the host route)
     src = box.copy()  # (C order: the kernel's source, never a view of the box it writes)
+    lboxes = [lab[bb] for lab in labs]
+    lsrcs = [lbox.copy() for lbox in lboxes]
     nn = be.xp.empty(total if labs else 1, dtype=np.int32)
     threads = getattr(be, "threads", THREADS)  # (the stand-in's blocks: 1 or a few fibers)
     blocks = max(1, min(_MAX_BLOCKS, -(-total // (4 * threads))))
@@ -116,22 +137,18 @@ def _warp_group(be, img, labs, group) -> None:
         i32(np.dtype(img.dtype).kind in "iu"), f64(lo), f64(hi),
         i64(be.ptr(nn) if labs else 0), i32(blocks),
     )  # fmt: skip
-    for lab in labs:
-        lbox = lab[bb]
-        lsrc = lbox.copy()
+    for lbox, lsrc in zip(lboxes, lsrcs, strict=True):
         be.launch_flat(
             "sg_me_gather", blocks, i64(be.ptr(lsrc)), *_view(be, lbox), i32(n[0]), i32(n[1]),
             i32(n[2]), i32(lbox.itemsize), i64(be.ptr(nn)), i32(blocks),
         )  # fmt: skip
-        # (the sources stay referenced until the launches are queued; CuPy's pool frees
-        # them in stream order)
-        del lsrc
-    del src, p_dev
+    # (the temporaries are freed once the launches are queued: CuPy's pool reuses them in
+    # the order of the stream they were made on, the launches')
+    del src, lsrcs, p_dev, nn
 
 
 def _view(be, a) -> tuple:
-    """``(address, three strides in elements)`` of a device box (as int64 scalars)."""
+    """``(address, three strides in elements)`` of a device box (as int64 scalars; strides in
+    whole elements: :func:`_takes`)."""
     item = a.itemsize
-    if any(s % item for s in a.strides):
-        raise ValueError(f"a device array with strides {a.strides} not in whole elements")
     return (np.int64(be.ptr(a)), *(np.int64(s // item) for s in a.strides))

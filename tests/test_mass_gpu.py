@@ -67,9 +67,11 @@ def stand_ins(tmp_path_factory):
 
 
 def _scene(dtype, seed: int = 0):
-    """A smooth image of ``dtype`` (integers in a range that rounding and clipping reach),
-    label maps of several element sizes, and fields: two overlapping tumors (one rotated),
-    one apart, one at the scan's corner (its box clipped)."""
+    """A smooth image of ``dtype`` (8- and 16-bit integers over their whole range, so that
+    rounding and clipping reach its ends), label maps of every element size, and fields:
+    three overlapping tumors (composed in one group, two rotated), one apart, and one whose
+    centre lies outside the scan (its box clipped at the corner, its sample points clamped
+    to the scan)."""
     rng = np.random.default_rng(seed)
     shape = (70, 64, 50)
     base = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 2.0)
@@ -77,16 +79,18 @@ def _scene(dtype, seed: int = 0):
     dt = np.dtype(dtype)
     if dt.kind in "iu":
         info = np.iinfo(dt)
-        lo, hi = max(info.min, -30000), min(info.max, 30000)
-        img = np.clip(np.rint((base * 0.6 + 0.5) * (hi - lo) + lo), lo, hi).astype(dt)
+        lo, hi = (info.min, info.max) if dt.itemsize <= 2 else (-30000, 30000)
+        lo = max(lo, info.min)
+        img = np.clip(np.rint((base * 0.7 + 0.5) * (float(hi) - lo) + lo), lo, hi).astype(dt)
         img[5, 5, 5], img[6, 5, 5] = lo, hi  # (the range's ends)
     else:
         img = (base * 400.0 - 50.0).astype(dt)
     tumors = [
         Tumor((24.0, 22.5, 20.0), (9.0, 9.0, 9.0), index=0),
         Tumor((32.0, 27.0, 24.5), (8.0, 10.0, 6.5), _rot(seed + 1), index=1),
-        Tumor((62.0, 55.0, 40.0), (3.0, 4.0, 3.0), _rot(seed + 2), index=2),
-        Tumor((2.0, 61.0, 47.5), (6.0, 6.0, 6.0), index=3),
+        Tumor((20.0, 33.0, 28.0), (7.0, 6.0, 8.0), _rot(seed + 5), index=2),
+        Tumor((62.0, 55.0, 40.0), (3.0, 4.0, 3.0), _rot(seed + 2), index=3),
+        Tumor((-3.0, 66.5, 52.0), (7.0, 7.0, 7.0), index=4),
     ]
     fields = me.mass_effect_fields(tumors, (1.0, 0.9, 1.4), shape, strength=0.45,
                                    min_radius_mm=0.0, ramp_mm=0.0, reach=1.7)  # fmt: skip
@@ -130,7 +134,7 @@ DTYPES = [np.int16, np.float32, np.uint8, np.float64, np.int32, np.uint16, np.in
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_emu_warp_is_the_host_route(stand_ins, dtype):
     img, labels, fields = _scene(dtype)
-    assert len(me._clusters(fields)) == 3  # two tumors composed, two alone
+    assert [len(g) for g in me._clusters(fields)] == [3, 1, 1]  # three composed, two alone
     want_img, want_labs = _host_route(img, labels, fields)
     assert not np.array_equal(want_img, img)  # (something moved)
     for be in stand_ins.values():
@@ -164,12 +168,31 @@ def test_emu_strided_boxes_and_no_label_maps(stand_ins):
     _same(np.asarray(alone), _host_route(img, [], fields)[0])
 
 
-def test_nothing_to_do_and_arrays_it_does_not_take():
-    """No fields: done, nothing touched; host arrays and mixed placements: not taken (the
-    caller's host route runs)."""
+def test_emu_a_label_map_given_twice_is_warped_once(stand_ins):
+    """Every box is copied before anything is written: a label map passed twice (a render's
+    ``label_out`` that is also among the maps to warp in place) reads unwarped voxels both
+    times, as on the host route."""
+    img, labels, fields = _scene(np.int16, seed=4)
+    lab = labels[2]
+    want_img, want_labs = _host_route(img, [lab], fields)
+    d_img, d_lab = to_device(img), to_device(lab)
+    assert _mass_gpu.warp_on_device(
+        d_img, [d_lab, d_lab], fields, be=stand_ins["one thread a block"]
+    )
+    _same(np.asarray(d_img), want_img)
+    _same(np.asarray(d_lab), want_labs[0])
+
+
+def test_nothing_to_do_and_arrays_it_does_not_take(stand_ins):
+    """No fields: done, nothing touched; host arrays: not taken (the caller's host route
+    runs); a bool image (stored as ``v != 0`` by the host route): not taken either."""
     img, labels, fields = _scene(np.int16)
     assert _mass_gpu.warp_on_device(img, labels, [])
     assert not _mass_gpu.warp_on_device(img, labels, fields)  # NumPy: not on a GPU
+    mask = to_device(img > 0)
+    before = np.asarray(mask).copy()
+    assert not _mass_gpu.warp_on_device(mask, [], fields, be=stand_ins["one thread a block"])
+    assert np.array_equal(np.asarray(mask), before)
 
 
 @pytest.mark.gpu
