@@ -12,31 +12,16 @@ out). On a GPU (``@pytest.mark.gpu``) the driver runs through CuPy and torch.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _cuda_emu import KERNELS, HostBackend, gpu_backend, to_device
 from scipy import ndimage
+from test_mass_effect import Tumor, _rot  # (the tumors and rotations of its tests)
 
 from synthgen import _mass_gpu
 from synthgen import mass_effect as me
-
-
-@dataclass
-class Tumor:
-    center_vox: tuple[float, float, float]
-    radii_mm: tuple[float, float, float]
-    rotation: tuple[float, ...] | None = None
-    index: int = 0
-
-
-def _rot(seed: int) -> tuple[float, ...]:
-    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((3, 3)))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return tuple(float(x) for x in q.ravel())
 
 
 def _kernels(tmp: Path) -> Path:
