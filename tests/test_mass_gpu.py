@@ -168,7 +168,7 @@ def test_emu_a_label_map_given_twice_is_warped_once(stand_ins):
     _same(np.asarray(d_lab), want_labs[0])
 
 
-def test_nothing_to_do_and_arrays_it_does_not_take(stand_ins):
+def test_emu_nothing_to_do_and_arrays_it_does_not_take(stand_ins):
     """No fields: done, nothing touched; host arrays: not taken (the caller's host route
     runs); a bool image (stored as ``v != 0`` by the host route): not taken either."""
     img, labels, fields = _scene(np.int16)
