@@ -50,7 +50,6 @@ __all__ = [
     "toeplitz_contract3",
     "trilinear_box",
     "wall_arc",
-    "wall_blend",
     "wall_blend_rows",
     "wall_component",
 ]
@@ -1523,9 +1522,10 @@ def wall_arc(wall, x0, x1, x2, a0, a1, a2, n0, n1, n2, smax, cmin):
 
 
 @nb.njit(**_OPTS)
-def wall_blend(
-    comp, orig, dist, x0, x1, x2, y0, y1, y2, prm, grid, ti0, tf0, ti1, tf1, ti2, tf2, keys, off
-):
+def wall_blend_rows(
+    comp, orig, dist, x0, x1, x2, y0, y1, y2, prm, grid, ti0, tf0, ti1, tf1, ti2, tf2, keys, off,
+    delta, mask, r0, r1
+):  # fmt: skip
     """A wall tumor's change on its component's box, one pass over the box (see
     ``synthgen._hollow``): the texture at the voxel (``trilinear_box``'s operations), the
     weight of the thickened wall (``dist``: distance to the outer wall, mm) or of the polyp,
@@ -1538,28 +1538,12 @@ def wall_blend(
     mm offsets from the centre per axis, ``y*`` from the polyp's base point. ``off``: the
     box's first voxel in lattice units from the centre (the noise).
 
-    Returns ``(delta, mask, lo0, hi0, lo1, hi1, lo2, hi2)``: float32 change (0 outside the
-    component), bool label, and the inclusive bounds of the changed voxels (``hi0 < lo0``
-    when none changed).
+    This call does the rows ``[r0, r1)`` of the box's first axis, writing ``delta`` (the
+    float32 change; zeros where not written, so 0 outside the component) and ``mask`` (the
+    bool label), and returns the inclusive bounds ``(lo0, hi0, lo1, hi1, lo2, hi2)`` of the
+    changed voxels among them (``hi0 < lo0`` when none changed). Each voxel's numbers are its
+    own, so ranges of rows (on several threads) give the same bits.
     """
-    c0, c1, c2 = comp.shape
-    delta = np.zeros((c0, c1, c2), dtype=np.float32)
-    mask = np.zeros((c0, c1, c2), dtype=np.bool_)
-    lo0, hi0, lo1, hi1, lo2, hi2 = wall_blend_rows(
-        comp, orig, dist, x0, x1, x2, y0, y1, y2, prm, grid, ti0, tf0, ti1, tf1, ti2, tf2, keys,
-        off, delta, mask, 0, c0
-    )  # fmt: skip
-    return delta, mask, lo0, hi0, lo1, hi1, lo2, hi2
-
-
-@nb.njit(**_OPTS)
-def wall_blend_rows(
-    comp, orig, dist, x0, x1, x2, y0, y1, y2, prm, grid, ti0, tf0, ti1, tf1, ti2, tf2, keys, off,
-    delta, mask, r0, r1
-):  # fmt: skip
-    """:func:`wall_blend` on the rows ``[r0, r1)`` of the box's first axis, into ``delta``
-    and ``mask`` (zeros where they are not written): the bounds of the changed voxels among
-    them (each voxel's numbers are its own: ranges of rows give the same bits)."""
     f32 = np.float32
     c0, c1, c2 = comp.shape
     polyp = prm[0] != 0.0

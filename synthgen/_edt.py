@@ -162,17 +162,19 @@ def _pass12(mask, ft, s, d, i0, i1):
                         break
 
 
-@nb.njit(**_OPTS)
-def feature_transform(mask, s):
+def feature_transform(mask, s, rows=None) -> np.ndarray:
     """``(3, *mask.shape)`` int32: for each voxel the indices of its nearest voxel where
-    ``mask`` is False, with spacing ``s`` (``scipy.ndimage``'s ``return_indices``; voxels
-    with no such voxel in reach keep first index -1). One pass along each axis in turn;
-    :func:`distance_transform_edt` runs each pass's lines on several threads."""
+    ``mask`` (C-contiguous bool) is False, with spacing ``s`` (``scipy.ndimage``'s
+    ``return_indices``; voxels with no such voxel in reach keep first index -1). One pass
+    along each axis in turn, each over ranges ``rows`` of the first axis (default one) on
+    the shared thread pool: the lines of a pass are independent (each reads and writes only
+    its own voxels' features), so the features do not depend on the ranges."""
     n0, n1, n2 = mask.shape
-    ft = np.zeros((3, n0 * n1 * n2), dtype=np.int32)
-    _pass0(mask, ft, 0, n1)
-    _pass12(mask, ft, s, 1, 0, n0)
-    _pass12(mask, ft, s, 2, 0, n0)
+    rows = [(0, n0)] if rows is None else rows
+    ft = np.zeros((3, mask.size), dtype=np.int32)
+    map_threads(lambda r: _pass0(mask, ft, *r), row_ranges(n1, mask.size, 0, len(rows)))
+    map_threads(lambda r: _pass12(mask, ft, s, 1, *r), rows)
+    map_threads(lambda r: _pass12(mask, ft, s, 2, *r), rows)
     return ft.reshape(3, n0, n1, n2)
 
 
@@ -213,19 +215,8 @@ def distance_transform_edt(mask, sampling=None, *, parts: int | None = None) -> 
     if s.size != 3:
         raise ValueError(f"sampling: one value or one per axis, got {s.size}")
     s = np.ascontiguousarray(s)
-    n0, n1, n2 = m.shape
+    rows = row_ranges(m.shape[0], m.size, PARALLEL_VOXELS, parts)
+    ft = feature_transform(m, s, rows)
     out = np.empty(m.shape, dtype=np.float64)
-    rows = row_ranges(n0, m.size, PARALLEL_VOXELS, parts)
-    if len(rows) <= 1:
-        ft = feature_transform(m, s)
-        _distances(ft, s, out, 0, n0)
-        return out
-    # The lines of a pass are independent (each reads and writes only its own voxels'
-    # features), so its lines split between threads give the same features bit for bit.
-    ft = np.zeros((3, m.size), dtype=np.int32)
-    map_threads(lambda r: _pass0(m, ft, *r), row_ranges(n1, m.size, 0, len(rows)))
-    map_threads(lambda r: _pass12(m, ft, s, 1, *r), rows)
-    map_threads(lambda r: _pass12(m, ft, s, 2, *r), rows)
-    ft4 = ft.reshape(3, n0, n1, n2)
-    map_threads(lambda r: _distances(ft4, s, out, *r), rows)
+    map_threads(lambda r: _distances(ft, s, out, *r), rows)
     return out

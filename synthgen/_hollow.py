@@ -349,7 +349,6 @@ def render_wall(
         cylinder_mask,
         outer_wall,
         wall_arc,
-        wall_blend,
         wall_blend_rows,
         wall_component,
     )
@@ -429,15 +428,13 @@ def render_wall(
         ]
     )
     args = (comp, orig, dist, *x, *y, prm, grid, *(v for p in ti for v in p), keys, off)
+    delta = np.zeros(comp.shape, dtype=np.float32)
+    mask = np.zeros(comp.shape, dtype=np.bool_)
+    # (large boxes: ranges of rows on the thread pool, their bounds merged)
     rows = row_ranges(comp.shape[0], comp.size, BLEND_PARALLEL_VOXELS)
-    if len(rows) <= 1:
-        delta, mask, lo0, hi0, lo1, hi1, lo2, hi2 = wall_blend(*args)
-    else:  # ranges of rows on the thread pool, their bounds merged
-        delta = np.zeros(comp.shape, dtype=np.float32)
-        mask = np.zeros(comp.shape, dtype=np.bool_)
-        b = np.array(map_threads(lambda r: wall_blend_rows(*args, delta, mask, *r), rows))
-        lo0, lo1, lo2 = (int(b[:, k].min()) for k in (0, 2, 4))
-        hi0, hi1, hi2 = (int(b[:, k].max()) for k in (1, 3, 5))
+    b = np.array(map_threads(lambda r: wall_blend_rows(*args, delta, mask, *r), rows))
+    lo0, lo1, lo2 = (int(b[:, k].min()) for k in (0, 2, 4))
+    hi0, hi1, hi2 = (int(b[:, k].max()) for k in (1, 3, 5))
     if hi0 < lo0:
         return None
     sub = (slice(lo0, hi0 + 1), slice(lo1, hi1 + 1), slice(lo2, hi2 + 1))
