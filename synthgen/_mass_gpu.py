@@ -83,16 +83,12 @@ def warp_on_device(img: Any, labs: list[Any], fields: list, be=None) -> bool:
         be = backend(dev)
     elif not _takes(img, labs):
         return False
+    from .mass_effect import _clusters
+
     with be.context(None, arrays):
         for group in _clusters(fields):
             _warp_group(be, img, labs, group)
     return True
-
-
-def _clusters(fields):
-    from .mass_effect import _clusters as clusters
-
-    return clusters(fields)
 
 
 #: Blocks of a launch at most (each thread walks the box in a grid stride).
@@ -101,54 +97,47 @@ _MAX_BLOCKS = 4096
 
 def _warp_group(be, img, labs, group) -> None:
     from ._cuda import THREADS
-    from ._segments import dtype_code
+    from ._segments import _address
     from .mass_effect import _bbox, _value_range
 
     bb = _bbox(group)
     box = img[bb]
     n = box.shape
-    total = int(np.prod(n))
-    if total == 0:
-        return
+    total = int(np.prod(n))  # (a group's box meets the scan: not empty)
     if total >= 2**31:
         raise ValueError("mass-effect box too large (more than 2**31 voxels)")
-    start = np.array([b.start for b in bb], dtype=np.int64)
     # per field: centre in the box (as mass_effect._shifted makes it), metric, strength, reach
     prm = np.array(
-        [[*(float(c - s) for c, s in zip(f.center_vox, start.tolist(), strict=True)),
+        [[*(float(c - b.start) for c, b in zip(f.center_vox, bb, strict=True)),
           *np.asarray(f.metric, dtype=np.float64).reshape(9).tolist(),
           float(f.strength), float(f.reach)] for f in group],
         dtype=np.float64,
     )  # fmt: skip
+    # the boxes' addresses and element strides (refused where not aligned to their elements)
+    # before anything is written; the label maps' dtype codes are not needed (bits copied)
+    i64, i32, f64 = np.int64, np.int32, np.float64
+    dst, code, *ds = _address(be, box, 0, "image")
+    lviews = [_address(be, lab[bb], 0, "label map", code=-1) for lab in labs]
     p_dev = be.upload(prm)
     # every source copied before anything is written (a label map given twice, or one that
     # is a view of another, reads the unwarped voxels, as on the host route)
     src = box.copy()  # (C order: the kernel's source, never a view of the box it writes)
-    lboxes = [lab[bb] for lab in labs]
-    lsrcs = [lbox.copy() for lbox in lboxes]
+    lsrcs = [lab[bb].copy() for lab in labs]
     nn = be.xp.empty(total if labs else 1, dtype=np.int32)
     threads = getattr(be, "threads", THREADS)  # (the stand-in's blocks: 1 or a few fibers)
     blocks = max(1, min(_MAX_BLOCKS, -(-total // (4 * threads))))
     lo, hi = _value_range(np.dtype(img.dtype))
-    i64, i32, f64 = np.int64, np.int32, np.float64
     be.launch_flat(
         "sg_me_warp", blocks, i64(be.ptr(p_dev)), i32(len(group)), i32(n[0]), i32(n[1]),
-        i32(n[2]), i64(be.ptr(src)), *_view(be, box), i32(dtype_code(img.dtype)),
+        i32(n[2]), i64(be.ptr(src)), i64(dst), *map(i64, ds), i32(code),
         i32(np.dtype(img.dtype).kind in "iu"), f64(lo), f64(hi),
         i64(be.ptr(nn) if labs else 0), i32(blocks),
     )  # fmt: skip
-    for lbox, lsrc in zip(lboxes, lsrcs, strict=True):
+    for (ldst, _, *lds), lsrc in zip(lviews, lsrcs, strict=True):
         be.launch_flat(
-            "sg_me_gather", blocks, i64(be.ptr(lsrc)), *_view(be, lbox), i32(n[0]), i32(n[1]),
-            i32(n[2]), i32(lbox.itemsize), i64(be.ptr(nn)), i32(blocks),
+            "sg_me_gather", blocks, i64(be.ptr(lsrc)), i64(ldst), *map(i64, lds), i32(n[0]),
+            i32(n[1]), i32(n[2]), i32(lsrc.itemsize), i64(be.ptr(nn)), i32(blocks),
         )  # fmt: skip
     # (the temporaries are freed once the launches are queued: CuPy's pool reuses them in
     # the order of the stream they were made on, the launches')
     del src, lsrcs, p_dev, nn
-
-
-def _view(be, a) -> tuple:
-    """``(address, three strides in elements)`` of a device box (as int64 scalars; strides in
-    whole elements: :func:`_takes`)."""
-    item = a.itemsize
-    return (np.int64(be.ptr(a)), *(np.int64(s // item) for s in a.strides))
