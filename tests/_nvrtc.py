@@ -77,15 +77,17 @@ def _compile(source: Path, arch: str, include_dirs: list[Path], extra: list[byte
 def compile_to_ptx(source: Path, arch: str, include_dirs: list[Path],
                    lib_path: str | None = None) -> str:  # fmt: skip
     """PTX of ``source`` for ``arch`` (e.g. ``"compute_80"``); raises NVRTCError with the log."""
+    return _compile(source, arch, include_dirs, [], lambda lib, prog, log: _ptx(lib, prog),
+                    lib_path)  # fmt: skip
 
-    def ptx(lib, prog, log) -> str:
-        size = ctypes.c_size_t()
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        out = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, out)
-        return out.value.decode()
 
-    return _compile(source, arch, include_dirs, [], ptx, lib_path)
+def _ptx(lib, prog) -> str:
+    """The PTX of a compiled NVRTC program."""
+    size = ctypes.c_size_t()
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    out = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, out)
+    return out.value.decode()
 
 
 def _ptxas_report(log: str) -> dict[str, dict]:
@@ -113,12 +115,9 @@ def compile_to_cubin(source: Path, arch: str, include_dirs: list[Path],
 
     def get(lib, prog, log):
         size = ctypes.c_size_t()
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        ptx = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, ptx)
         lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
         cubin = ctypes.create_string_buffer(size.value)
         lib.nvrtcGetCUBIN(prog, cubin)
-        return ptx.value.decode(), cubin.raw, _ptxas_report(log)
+        return _ptx(lib, prog), cubin.raw, _ptxas_report(log)
 
     return _compile(source, arch, include_dirs, [b"--ptxas-options=-v"], get, lib_path)
