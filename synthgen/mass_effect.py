@@ -696,8 +696,13 @@ def _warp_any(img: Any, labs: list[Any], fields: list[MassEffectField]) -> None:
         return
     from ._mass_gpu import warp_on_device
 
-    if warp_on_device(img, labs, fields):
-        return
+    if not warp_on_device(img, labs, fields):
+        _warp_by_boxes(img, labs, fields)
+
+
+def _warp_by_boxes(img: Any, labs: list[Any], fields: list[MassEffectField]) -> None:
+    """:func:`_warp_inplace` one group box at a time through the host: each box copied back
+    (C order), warped there, written back."""
     for group in _clusters(fields):
         bb = _bbox(group)
         start = [b.start for b in bb]

@@ -233,7 +233,8 @@ class HostBackend:
 
     def __init__(self, build_dir: Path, block_rule: tuple[int, int] = (1 << 62, 1),
                  most_blocks: int = 0, threads: int = 1,
-                 kernels: Path = KERNELS, defines: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 kernels: Path = KERNELS, defines: tuple[str, ...] = (),
+                 sources: tuple[str, ...] | None = None) -> None:  # fmt: skip
         # the flat schedules' rule (elements per block, most blocks per segment): by default
         # one block per segment, which walks all its elements, in order (so sums come out as
         # on the CPU); a finer rule runs the kernels' block-stride walks as a GPU would
@@ -278,12 +279,16 @@ class HostBackend:
         self._error: dict[str, ctypes._CFuncPtr] = {}
         self._watchdog: dict[str, ctypes._CFuncPtr] = {}
         self._file: dict[str, str] = {}
+        # sources: the stems of the .cu files to build (default all of ``kernels``)
         for src in sorted(Path(kernels).glob("*.cu")):
+            if sources is not None and src.stem not in sources:
+                continue
+            text = src.read_text()
             lib = build_dir / f"lib{src.stem}.so"
             unit = src
             if simt:
                 unit = build_dir / f"{src.stem}_simt.cpp"
-                unit.write_text(f'#include "{src.resolve()}"\n' + _trampolines(src.read_text()))
+                unit.write_text(f'#include "{src.resolve()}"\n' + _trampolines(text))
             subprocess.run(
                 [cxx, *flags, "-include", str(prelude), f"-I{kernels}", f"-I{_HERE}", "-x", "c++",
                  str(unit), "-o", str(lib),
@@ -296,10 +301,10 @@ class HostBackend:
                 dll.sg_emu_error.restype = ctypes.c_char_p
                 dll.sg_emu_watchdog.argtypes = [ctypes.c_double]
                 self._watchdog[src.stem] = dll.sg_emu_watchdog
-                _poison_shared(dll, lib, "__shared__" in src.read_text())
+                _poison_shared(dll, lib, "__shared__" in text)
             else:
                 self._set_block[src.stem] = dll.sg_emu_set_block
-            for name, params in signatures(src.read_text()).items():
+            for name, params in signatures(text).items():
                 self.sigs[name] = params
                 self._file[name] = src.stem
                 if simt:

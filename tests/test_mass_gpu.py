@@ -11,12 +11,9 @@ out). On a GPU (``@pytest.mark.gpu``) the driver runs through CuPy and torch.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
-from _cuda_emu import KERNELS, HostBackend, gpu_backend, to_device
+from _cuda_emu import HostBackend, gpu_backend, to_device
 from scipy import ndimage
 from test_mass_effect import Tumor, _rot  # (the tumors and rotations of its tests)
 
@@ -24,26 +21,15 @@ from synthgen import _mass_gpu
 from synthgen import mass_effect as me
 
 
-def _kernels(tmp: Path) -> Path:
-    """A folder with ``mass_effect.cu`` and the headers alone (the stand-in compiles every
-    ``.cu`` of its folder; the segmented kernels are the other tests' and take long)."""
-    d = tmp / "kernels"
-    d.mkdir()
-    for f in [*KERNELS.glob("*.cuh"), KERNELS / "mass_effect.cu"]:
-        shutil.copy(f, d / f.name)
-    return d
-
-
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     """The stand-in (one thread a block, blocks shuffled) and the SIMT stand-in."""
     tmp = tmp_path_factory.mktemp("me-gpu")
-    ks = _kernels(tmp)
     (tmp / "one").mkdir()
     (tmp / "simt").mkdir()
-    try:
-        one = HostBackend(tmp / "one", kernels=ks)
-        simt = HostBackend(tmp / "simt", threads=64, kernels=ks)
+    try:  # (mass_effect.cu alone: the segmented kernels are the other tests' and take long)
+        one = HostBackend(tmp / "one", sources=("mass_effect",))
+        simt = HostBackend(tmp / "simt", threads=64, sources=("mass_effect",))
     except RuntimeError as e:
         pytest.skip(str(e))
     one.block_order = 3
@@ -91,18 +77,11 @@ def _scene(dtype, seed: int = 0):
 
 
 def _host_route(img, labels, fields):
-    """What ``mass_effect._warp_any`` did with GPU data: per group, the box as a C-ordered
-    host copy, warped by the numba kernel, written back."""
+    """What ``mass_effect._warp_any`` does with GPU data the device route does not take (and
+    did with all of it before): per group, the box warped on the host
+    (``mass_effect._warp_by_boxes``), on copies of the arrays."""
     img, labels = img.copy(), [lab.copy() for lab in labels]
-    for group in me._clusters(fields):
-        bb = me._bbox(group)
-        start = [b.start for b in bb]
-        h_img = np.ascontiguousarray(img[bb])
-        h_labs = [np.ascontiguousarray(lab[bb]) for lab in labels]
-        me._warp_inplace(h_img, h_labs, [me._shifted(f, start) for f in group])
-        img[bb] = h_img
-        for lab, h in zip(labels, h_labs, strict=True):
-            lab[bb] = h
+    me._warp_by_boxes(img, labels, fields)
     return img, labels
 
 
