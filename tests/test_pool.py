@@ -13,9 +13,11 @@ from synthgen import _pool
 
 
 @pytest.fixture(autouse=True)
-def fresh_pool():
+def fresh_pool(monkeypatch):
     """Each test on a new pool: the shared one only grows, and a pool grown by earlier
-    tests (or a machine with many CPUs) would hide what a test means to show."""
+    tests (or a machine with many CPUs) would hide what a test means to show. The thread
+    count a test sets is undone after it."""
+    monkeypatch.setattr(_pool, "_NUM_THREADS", None)
     _pool._drop_pool()
     yield
     _pool._drop_pool()
@@ -24,10 +26,21 @@ def fresh_pool():
 @pytest.fixture
 def threads4():
     _pool.set_num_threads(4)
-    try:
-        yield
-    finally:
-        _pool.set_num_threads(None)
+
+
+def _failing_at(k: int, delay: float, ran: list | None = None):
+    """An item function that raises at item ``k`` and returns any other item after
+    ``delay`` seconds (recording the items it was given in ``ran``)."""
+
+    def fn(x):
+        if ran is not None:
+            ran.append(x)
+        if x == k:
+            raise ValueError(f"item {k}")
+        time.sleep(delay)
+        return x
+
+    return fn
 
 
 def test_results_in_order_on_several_threads(threads4):
@@ -78,31 +91,17 @@ def test_nested_maps_finish_with_every_thread_busy(threads4):
 
 
 def test_an_item_error_reaches_the_caller(threads4):
-    def fn(x):
-        if x == 5:
-            raise ValueError("item 5")
-        time.sleep(0.001)
-        return x
-
     with pytest.raises(ValueError, match="item 5"):
-        _pool.map_threads(fn, range(12))
+        _pool.map_threads(_failing_at(5, 0.001), range(12))
     assert _pool.map_threads(lambda x: x, range(6)) == list(range(6))  # the pool still works
 
 
 def test_an_error_stops_the_items_not_started(threads4):
     """Once an item has raised, no thread starts another; the caller's own error is the one
     raised, another thread's only when the caller's items all ran."""
-    ran = []
-
-    def fn(x):
-        ran.append(x)
-        if x == 0:
-            raise ValueError("item 0")
-        time.sleep(0.005)
-        return x
-
+    ran: list = []
     with pytest.raises(ValueError, match="item 0"):
-        _pool.map_threads(fn, range(200))
+        _pool.map_threads(_failing_at(0, 0.005, ran), range(200))
     assert len(ran) < 20, len(ran)  # (it ran all 200, a second, before the change)
 
     me, raised, started = threading.get_ident(), [], threading.Event()
@@ -125,35 +124,29 @@ def test_an_error_stops_the_items_not_started(threads4):
 def test_pool_grows_under_concurrent_maps():
     """Maps on several threads asking for more threads at once: one pool, every result."""
     _pool.set_num_threads(2)
-    try:
-        _pool.map_threads(lambda x: x, range(4))  # a pool of one helper
-        _pool.set_num_threads(6)
-        outs: dict = {}
+    _pool.map_threads(lambda x: x, range(4))  # a pool of one helper
+    _pool.set_num_threads(6)
+    outs: dict = {}
 
-        def run(k):
-            outs[k] = _pool.map_threads(lambda x: (time.sleep(0.001), x * k)[1], range(20))
+    def run(k):
+        outs[k] = _pool.map_threads(lambda x: (time.sleep(0.001), x * k)[1], range(20))
 
-        ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(timeout=30)
-        assert outs == {k: [x * k for x in range(20)] for k in range(4)}
-        assert _pool._POOL_SIZE == 5
-    finally:
-        _pool.set_num_threads(None)
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=30)
+    assert outs == {k: [x * k for x in range(20)] for k in range(4)}
+    assert _pool._POOL_SIZE == 5
 
 
 def test_a_map_on_a_pool_replaced_by_a_larger_one_still_runs():
     """A map holding the pool while another thread grows it (a new, larger pool) submits to
     the one it holds: that pool must still take work (a shut-down pool raises)."""
     _pool.set_num_threads(2)
-    try:
-        held = _pool._pool(1)
-        _pool.set_num_threads(5)
-        assert _pool._pool(4) is not held  # grown: a new pool
-        fut = held.submit(lambda: 7)  # what a map that took ``held`` does next
-        assert fut.result(timeout=10) == 7
-        assert _pool.map_threads(lambda x: x + 1, range(8)) == list(range(1, 9))
-    finally:
-        _pool.set_num_threads(None)
+    held = _pool._pool(1)
+    _pool.set_num_threads(5)
+    assert _pool._pool(4) is not held  # grown: a new pool
+    fut = held.submit(lambda: 7)  # what a map that took ``held`` does next
+    assert fut.result(timeout=10) == 7
+    assert _pool.map_threads(lambda x: x + 1, range(8)) == list(range(1, 9))

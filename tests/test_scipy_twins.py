@@ -64,38 +64,34 @@ def test_distance_transform_split_over_threads_matches_scipy(monkeypatch):
     """Each pass's lines split into ranges run on the thread pool: the same distances as
     SciPy's for any number of parts (more than a pass has lines too), and by default from
     ``PARALLEL_VOXELS`` voxels on (a wall tumor's box; here made small)."""
-    import synthgen
-    from synthgen import _edt
+    from synthgen import _edt, _pool
 
     cases = list(_cases())[::7]
-    synthgen.set_num_threads(3)
-    try:
-        for m, sp in cases:
-            d_ref = ndimage.distance_transform_edt(m, sampling=sp)
-            for parts in (2, 3, 7, 40):
-                np.testing.assert_array_equal(distance_transform_edt(m, sp, parts=parts), d_ref)
-        # the default split, past the (lowered) threshold: parts run on other threads
-        monkeypatch.setattr(_edt, "PARALLEL_VOXELS", 1)
-        seen = set()
-        run = _edt.map_threads
+    monkeypatch.setattr(_pool, "_NUM_THREADS", 3)
+    for m, sp in cases:
+        d_ref = ndimage.distance_transform_edt(m, sampling=sp)
+        for parts in (2, 3, 7, 40):
+            np.testing.assert_array_equal(distance_transform_edt(m, sp, parts=parts), d_ref)
+    # the default split, past the (lowered) threshold: parts run on other threads
+    monkeypatch.setattr(_edt, "PARALLEL_VOXELS", 1)
+    seen = set()
+    run = _edt.map_threads
 
-        def spy(fn, items, work=None):
-            def part(r):
-                seen.add(threading.get_ident())
-                time.sleep(0.001)  # (the helpers get parts even on a busy machine)
-                return fn(r)
+    def spy(fn, items, work=None):
+        def part(r):
+            seen.add(threading.get_ident())
+            time.sleep(0.001)  # (the helpers get parts even on a busy machine)
+            return fn(r)
 
-            return run(part, items, work)
+        return run(part, items, work)
 
-        monkeypatch.setattr(_edt, "map_threads", spy)
-        b = ndimage.gaussian_filter(np.random.default_rng(5).random((60, 50, 40)), 2.0) > 0.5
-        m = ~(b & ~ndimage.binary_erosion(b))  # the complement of a wall, as render_wall's
-        sp = (0.8, 0.8, 2.5)
-        np.testing.assert_array_equal(distance_transform_edt(m, sp),
-                                      ndimage.distance_transform_edt(m, sampling=sp))  # fmt: skip
-        assert len(seen) > 1
-    finally:
-        synthgen.set_num_threads(None)
+    monkeypatch.setattr(_edt, "map_threads", spy)
+    b = ndimage.gaussian_filter(np.random.default_rng(5).random((60, 50, 40)), 2.0) > 0.5
+    m = ~(b & ~ndimage.binary_erosion(b))  # the complement of a wall, as render_wall's
+    sp = (0.8, 0.8, 2.5)
+    np.testing.assert_array_equal(distance_transform_edt(m, sp),
+                                  ndimage.distance_transform_edt(m, sampling=sp))  # fmt: skip
+    assert len(seen) > 1
 
 
 def test_large_components_are_ndimage_labels_kept_by_size():
