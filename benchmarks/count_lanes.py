@@ -24,7 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -52,8 +51,6 @@ def run(args) -> list[dict]:
     outs = [sc.img_d.copy() for _ in plans]
     last = _segments.kept_render(_cuda.render_on_gpu, plans, [sc.img_d] * n, [sc.mask_d] * n,
                                  device_id=0, outs=outs, be=be)  # fmt: skip
-    C = _segments._columns()
-    T = last["T"]
     vox = {"all": 0, "reached": 0, "changed": 0, "partnered": 0, "overlap": 0}
     warps = {"all": 0, "reached": 0, "changed": 0, "overlap": 0}
 
@@ -62,9 +59,8 @@ def run(args) -> list[dict]:
         return int(np.concatenate([a, pad]).reshape(-1, WARP).any(axis=1).sum())
 
     for q in range(last["ne"]):
-        shape = [int(x) for x in T[q, C.TN0 : C.TN0 + 3]]
-        m = math.prod(shape)
         reached, changed, overlaps = _segments.row_paths(last, q)
+        shape, m = changed.shape, changed.size
         # the box of the overlaps (the kernel's sg_overlap_box): the union of the partners'
         inbox = np.zeros(shape, dtype=bool)
         if last["partners"][q]:
@@ -78,7 +74,7 @@ def run(args) -> list[dict]:
         for key, a in (("reached", reached), ("changed", changed.ravel()),
                        ("overlap", inbox.ravel())):  # fmt: skip
             vox[key] += int(a.sum())
-            warps[key] += any_lane(np.asarray(a))
+            warps[key] += any_lane(a)
     row = {"plans": n, "rows": int(last["ne"]), "voxels": vox["all"], "warp_steps": warps["all"]}
     row.update({f"voxels_{k}": vox[k] / vox["all"] for k in vox if k != "all"})
     row.update({f"warps_{k}": warps[k] / warps["all"] for k in warps if k != "all"})

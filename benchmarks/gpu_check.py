@@ -414,7 +414,6 @@ def bench_mass_effect(g: Gpu, sc: Scene) -> list[dict]:
         finally:
             _mass_gpu.warp_on_device = real
 
-    rows = []
     for device in (True, False):  # (kernels compiled, pools filled)
         warp(0, device)
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -423,12 +422,12 @@ def bench_mass_effect(g: Gpu, sc: Scene) -> list[dict]:
             t0 = time.perf_counter()
             warp(i, device)
             times[device].append((time.perf_counter() - t0) * 1e3)
-    rows.append({"plans": n, "fields": statistics.mean(fields),
-                 "device_ms": statistics.median(times[True]),
-                 "host_ms": statistics.median(times[False])})  # fmt: skip
-    rows[-1]["speedup"] = rows[-1]["host_ms"] / rows[-1]["device_ms"]
-    print(f"  {rows[-1]}", flush=True)
-    return rows
+    row = {"plans": n, "fields": statistics.mean(fields),
+           "device_ms": statistics.median(times[True]),
+           "host_ms": statistics.median(times[False])}  # fmt: skip
+    row["speedup"] = row["host_ms"] / row["device_ms"]
+    print(f"  {row}", flush=True)
+    return [row]
 
 
 def bench_walls(g: Gpu, sc: Scene) -> list[dict]:

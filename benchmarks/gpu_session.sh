@@ -24,17 +24,21 @@ base=${1:-}
 # caller's timeout_s 560): each step's timeout is its own bound or what is left, and a step
 # with less than 20 s left is skipped, so a slow step costs the later ones, not the output.
 DEADLINE=${GPU_SESSION_SECONDS:-540}
+# (each step takes its budget once, into t, and runs only with t > 0: `timeout 0` would
+# mean no limit at all)
 budget() {
     local left=$((DEADLINE - SECONDS - 5))
     if [ "$left" -lt "$1" ]; then echo $((left > 20 ? left : 0)); else echo "$1"; fi
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 echo "=== gpu_check (this tree)"
-timeout "$(budget 280)" python3 benchmarks/gpu_check.py --json "$OUT/gpu.json" \
+t=$(budget 280)
+[ "$t" -gt 0 ] && timeout "$t" python3 benchmarks/gpu_check.py --json "$OUT/gpu.json" \
     --log "$OUT/tests.log" 2>&1 | tee "$OUT/check.log" | tail -60
-if [ -n "$base" ] && [ -d "$base" ] && [ "$(budget 150)" -gt 0 ]; then
+t=$(budget 150)
+if [ -n "$base" ] && [ -d "$base" ] && [ "$t" -gt 0 ]; then
     echo "=== gpu_check of $base (--quick --skip-tests, same machine)"
-    (cd "$base" && timeout "$(budget 150)" python3 benchmarks/gpu_check.py --skip-tests --quick \
+    (cd "$base" && timeout "$t" python3 benchmarks/gpu_check.py --skip-tests --quick \
         --json "$OUT/base.json" > "$OUT/base.log" 2>&1; echo "rc=$?")
     grep -A8 "^| class" "$OUT/base.log"
     grep -A4 "^| kernel" "$OUT/base.log"
@@ -42,19 +46,21 @@ fi
 shift 2> /dev/null
 for tree in "$@"; do
     [ -d "$tree" ] || { echo "=== $tree: not a folder, skipped"; continue; }
-    [ "$(budget 75)" -gt 0 ] || { echo "=== $tree: no time left, skipped"; continue; }
+    t=$(budget 75)
+    [ "$t" -gt 0 ] || { echo "=== $tree: no time left, skipped"; continue; }
     name=$(printf %s "$tree" | tr -c 'A-Za-z0-9._-' _)
     echo "=== bandwidth of $tree (--only-bandwidth, same machine)"
-    (cd "$tree" && timeout "$(budget 75)" python3 benchmarks/gpu_check.py --skip-tests \
+    (cd "$tree" && timeout "$t" python3 benchmarks/gpu_check.py --skip-tests \
         --only-bandwidth > "$OUT/bw-$name.log" 2>&1; echo "rc=$?")
     grep "'kernel'" "$OUT/bw-$name.log" | head -12
 done
-if command -v ncu > /dev/null && [ "$(budget 150)" -gt 30 ]; then
+t=$(budget 150)
+if command -v ncu > /dev/null && [ "$t" -gt 30 ]; then
     echo "=== ncu: blend and write-back on the bandwidth batch"
     # (the report, its details page, and its source page per SASS instruction, summed by
     # region with benchmarks/ncu_regions.py: docs/gpu-host-work.md, "The fused kernels on an
     # H200")
-    timeout "$(budget 150)" ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
+    timeout "$t" ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section MemoryWorkloadAnalysis --section InstructionStats \
         --section SourceCounters -k regex:'sg_seg_(apply|blend)$' --launch-count 2 \
         -o "$OUT/prof" -f python3 benchmarks/gpu_check.py --skip-tests --only-bandwidth \
