@@ -54,7 +54,11 @@ from ncu_regions import opcode  # noqa: E402
 SOURCE = "segmented.cu"
 KERNELS = ("sg_seg_blend", "sg_seg_apply")
 
-_I16 = [(r"switch \(code\) \{.*?\n    \}\n", "SG_APPLY_AS(short);\n")]
+# (the write-back's typed loop for int16 alone: its dispatch on the dtype code, written out
+# up to this tree's SG_AS_CODE, by the int16 case)
+_I16 = [
+    (r"switch \(code\) \{.*?\n    \}\n|SG_AS_CODE\(code, SG_APPLY_AS\);\n", "SG_APPLY_AS(short);\n")
+]
 #: ``--per-element``'s paths: (name, kernel, the mnemonic of its element's output store,
 #: edits of the source: (regular expression, replacement), each required to match once)
 PATHS = (

@@ -184,17 +184,7 @@ extern "C" __global__ void sg_me_warp(long long P, int K, int n0, int n1, int n2
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += step) \
         sg_me_warp_voxel<T>(prm, K, n0, n1, n2, (const T*)src, d, ds0, ds1, ds2, rnd, lo, hi, \
                             nnp, t)
-    switch (code) {
-        case SG_CODE_F32: SG_ME_WARP_AS(float); break;
-        case SG_CODE_F64: SG_ME_WARP_AS(double); break;
-        case SG_CODE_I16: SG_ME_WARP_AS(short); break;
-        case SG_CODE_U8: SG_ME_WARP_AS(unsigned char); break;
-        case SG_CODE_I32: SG_ME_WARP_AS(int); break;
-        case SG_CODE_U16: SG_ME_WARP_AS(unsigned short); break;
-        case SG_CODE_I8: SG_ME_WARP_AS(signed char); break;
-        case SG_CODE_I64: SG_ME_WARP_AS(long long); break;
-        default: SG_ME_WARP_AS(sg_u32); break;
-    }
+    SG_AS_CODE(code, SG_ME_WARP_AS);
 #undef SG_ME_WARP_AS
 }
 

@@ -1099,17 +1099,7 @@ SG_FN void sg_step_apply(int sg_s, int sg_b, int sg_nb, const long long* __restr
         sg_apply_loop<D, SG_PART_TABLE>((D*)dst + dbase, total, ny, nz, orig, delta, mask,    \
                                         cmin, cmax, lo, hi, round_int, ds0, ds1, ds2, sg_b,   \
                                         sg_nb, T, F, part, np, ov, pd, merged, &n, &acc)
-    switch (code) {
-        case SG_CODE_F32: SG_APPLY_AS(float); break;
-        case SG_CODE_F64: SG_APPLY_AS(double); break;
-        case SG_CODE_I16: SG_APPLY_AS(short); break;
-        case SG_CODE_U8: SG_APPLY_AS(unsigned char); break;
-        case SG_CODE_I32: SG_APPLY_AS(int); break;
-        case SG_CODE_U16: SG_APPLY_AS(unsigned short); break;
-        case SG_CODE_I8: SG_APPLY_AS(signed char); break;
-        case SG_CODE_I64: SG_APPLY_AS(long long); break;
-        default: SG_APPLY_AS(sg_u32); break;
-    }
+    SG_AS_CODE(code, SG_APPLY_AS);
 #undef SG_APPLY_AS
     double v[2] = {(double)n, acc};
     sg_row_sums<2>(v, sg_b, sg_nb, part_sums, done + sg_s, stats + 2 * (long long)sg_s);

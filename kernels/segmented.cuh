@@ -220,6 +220,20 @@
 #define SG_CODE_I8 6
 #define SG_CODE_I64 7
 #define SG_CODE_U32 8
+// AS(T) for the element type T of dtype code `code`: a kernel picks its typed loop once, by
+// the row's or the launch's code, outside the loop (not a switch per voxel)
+#define SG_AS_CODE(code, AS)                         \
+    switch (code) {                                  \
+        case SG_CODE_F32: AS(float); break;          \
+        case SG_CODE_F64: AS(double); break;         \
+        case SG_CODE_I16: AS(short); break;          \
+        case SG_CODE_U8: AS(unsigned char); break;   \
+        case SG_CODE_I32: AS(int); break;            \
+        case SG_CODE_U16: AS(unsigned short); break; \
+        case SG_CODE_I8: AS(signed char); break;     \
+        case SG_CODE_I64: AS(long long); break;      \
+        default: AS(sg_u32); break;                  \
+    }
 
 // A voxel's position on one axis, mm from the tumor centre: (index - centre) * spacing in
 // float64, as the host's (np.arange(..) - centre) * spacing.
