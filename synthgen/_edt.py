@@ -191,9 +191,10 @@ def _distances(ft, s, out, i0, i1):
                 out[i, j, k] = np.sqrt((t0 * t0 + t1 * t1) + t2 * t2)
 
 
-#: Voxels from which a transform's passes run on several threads (35-70 ns a voxel on one;
-#: a map on the pool costs some tens of microseconds: on 2 threads a 27^3 box, a colon
-#: plan's lumen search at 3 mm, took 0.56 ms on one and 0.43 on both).
+#: Voxels from which a transform's passes run on several threads (a map on the pool costs
+#: some tens of microseconds: on 2 threads a 27^3 box, a colon plan's lumen search at 3 mm,
+#: took 0.84 ms in one range and 0.46 split, a 20^3 box 0.18 and 0.24;
+#: ``benchmarks/bench_wall_steps.py --edt``).
 PARALLEL_VOXELS = 16_384
 
 
